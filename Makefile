@@ -1,0 +1,38 @@
+# fleetd: `make run` starts the example fleet, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint demo chaos chaos-short bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	cd config && ../$(BIN)/fleetd start -c example.toml
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check supervisor worker ctl tests bench
+	$(BIN)/mypy supervisor worker ctl
+
+demo: $(STAMP)
+	$(BIN)/python -m tests.demo
+
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --tasks 6000 --duration 180
+
+bench: $(STAMP)
+	$(BIN)/python -m bench --full
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
+
+clean:
+	rm -rf $(VENV) .bench-venv .pytest_cache .mypy_cache .ruff_cache config/state config/queue.db*

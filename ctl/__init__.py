@@ -1,0 +1,1 @@
+"""fleetctl: the command-line client of the control plane and of the queue."""

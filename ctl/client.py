@@ -1,0 +1,208 @@
+"""fleetctl's end of the control plane: ask every host at once, gather replies, tail events.
+
+One DEALER per host endpoint. `call` sends the request to all of them, then returns
+as soon as every host has answered; only a silent host costs the full timeout, and
+it is named in `Result.missing`. A `tcp://` endpoint needs the client's key pair and
+that server's public key (CurveZMQ); an `ipc://` endpoint needs neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from supervisor.control import MAX_MESSAGE_SIZE, VERSION, ControlConfigError, events_endpoint
+
+
+@dataclass
+class Result:
+    """What a broadcast brought back: replies by node, silent hosts, per-endpoint errors."""
+
+    replies: dict[str, Any]
+    missing: list[str]
+    elapsed: float
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The `--json` output: replies, missing and elapsed, and errors if there are any."""
+        out: dict[str, Any] = {
+            "replies": self.replies,
+            "missing": self.missing,
+            "elapsed": round(self.elapsed, 3),
+        }
+        if self.errors:
+            out["errors"] = self.errors
+        return json.dumps(out)
+
+
+class ControlClient:
+    """A connection to the control endpoints of one or more hosts.
+
+    `client_keys` is the (public, secret) z85 pair and `server_keys` maps each tcp
+    endpoint to its server's z85 public key (see ctl.keys). `hosts` maps an endpoint
+    to the host expected behind it, the name `missing` reports for it (default: the
+    endpoint itself). Raises ControlConfigError for an endpoint it cannot use.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        timeout: float,
+        client_keys: tuple[bytes, bytes] | None = None,
+        server_keys: dict[str, bytes] | None = None,
+        hosts: dict[str, str] | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._client_keys = client_keys
+        self._server_keys = server_keys or {}
+        self._hosts = hosts or {}
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        try:
+            for endpoint in dict.fromkeys(endpoints):
+                self._dealers[endpoint] = self._connect(zmq.DEALER, endpoint, endpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def call(
+        self, cmd: str, args: dict[str, Any] | None = None, dest: list[str] | None = None
+    ) -> Result:
+        """Send `cmd` to every endpoint; wait until all answered or the timeout passed."""
+        request_id = uuid.uuid4().hex
+        request = json.dumps(
+            {"v": VERSION, "id": request_id, "cmd": cmd, "args": args or {}, "dest": dest},
+            separators=(",", ":"),
+        ).encode()
+        if len(request) > MAX_MESSAGE_SIZE:
+            raise ValueError(f"the {cmd} request is {len(request)} bytes, over the 1 MiB limit")
+        start = time.monotonic()
+        result = Result(replies={}, missing=[], elapsed=0.0)
+        waiting: dict[zmq.Socket[bytes], str] = {}
+        poller = zmq.Poller()
+        for endpoint, dealer in self._dealers.items():
+            try:
+                dealer.send(request, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                result.errors[endpoint] = f"cannot send: {exc}"
+                continue
+            waiting[dealer] = endpoint
+            poller.register(dealer, zmq.POLLIN)
+        deadline = start + self._timeout
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for dealer, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
+                if _take_reply(dealer, request_id, waiting[dealer], result):
+                    poller.unregister(dealer)
+                    del waiting[dealer]
+        result.missing = [self._hosts.get(endpoint, endpoint) for endpoint in waiting.values()]
+        result.elapsed = time.monotonic() - start
+        return result
+
+    def subscribe_events(
+        self, endpoints: list[str] | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """Yield the events of the hosts at these control endpoints (default: the client's).
+
+        Runs until the caller stops iterating; events published before the
+        subscription reached a host are not seen (ZeroMQ PUB/SUB).
+        """
+        subscribers = [
+            self._connect(zmq.SUB, endpoint, events_endpoint(endpoint))
+            for endpoint in dict.fromkeys(endpoints or list(self._dealers))
+        ]
+        poller = zmq.Poller()
+        for subscriber in subscribers:
+            subscriber.subscribe(b"")
+            poller.register(subscriber, zmq.POLLIN)
+        try:
+            while True:
+                for subscriber, _ in poller.poll():
+                    while True:
+                        try:
+                            data = subscriber.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:
+                            event = json.loads(data)
+                        except (ValueError, RecursionError):
+                            continue
+                        if isinstance(event, dict):
+                            yield event
+        finally:
+            for subscriber in subscribers:
+                subscriber.close(linger=0)
+
+    def close(self) -> None:
+        """Close every socket at once, dropping unsent requests."""
+        self._dealers.clear()
+        self._ctx.destroy(linger=0)
+
+    def _connect(self, kind: int, control_endpoint: str, address: str) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        sock.linger = 0
+        try:
+            if control_endpoint.startswith("tcp://"):
+                self._secure(sock, control_endpoint)
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ControlConfigError(f"cannot connect to {address}: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _secure(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
+        server_key = self._server_keys.get(endpoint)
+        if self._client_keys is None or server_key is None:
+            raise ControlConfigError(
+                f"endpoint {endpoint}: tcp needs a client key pair and the server's public key "
+                "(make keys with fleetctl keygen)"
+            )
+        sock.curve_publickey, sock.curve_secretkey = self._client_keys
+        sock.curve_serverkey = server_key
+
+
+def _take_reply(dealer: zmq.Socket[bytes], request_id: str, endpoint: str, result: Result) -> bool:
+    """Read what `dealer` has; record the reply to `request_id` and say whether it came."""
+    while True:
+        try:
+            data = dealer.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError):
+            result.errors[endpoint] = "the reply is not JSON"
+            return True
+        if not isinstance(message, dict) or message.get("id") != request_id:
+            continue  # the late answer to an earlier call
+        if "error" in message:
+            result.errors[endpoint] = str(message["error"])
+        elif isinstance(message.get("replies"), dict):
+            result.replies.update(message["replies"])
+        else:
+            result.errors[endpoint] = "the reply has no replies"
+        return True

@@ -1,0 +1,1 @@
+"""The fleetd arbiter: config, process supervision, signals, control server, operations."""

@@ -1,0 +1,585 @@
+"""The arbiter: one per host, starts and supervises the workers, answers for the host.
+
+`Arbiter.run()` is the whole lifecycle, top to bottom. Signal handlers only enqueue;
+the loop dispatches `handle_<signame>`, reads the workers' sockets and the control
+sockets, reaps every child (its own and re-parented orphans), and restarts workers
+that died. It never runs user code and never talks to a broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+import worker.commands  # noqa: F401 - the built-in worker commands, to check their arguments
+from worker.control import COMMANDS, CommandError, register
+from worker.protocol import FrameReader, ProtocolError, encode
+
+from . import config as configmod
+from . import orphans
+from .control import ControlServer, Request
+from .logs import log_env
+from .metrics import Metrics, MetricsServer
+from .notify import Notifier
+from .pidfile import remove_pidfile, write_pidfile
+from .signals import SignalQueue, name
+
+log = logging.getLogger("fleetd.arbiter")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+# Supervised worker states, as supervisord names them.
+STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
+    "STARTING", "RUNNING", "BACKOFF", "STOPPING", "STOPPED", "FATAL")
+
+START_SECS = 3.0  # a worker that dies sooner than this after its start died "fast"
+FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
+BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
+BACKOFF_MAX = 10.0
+COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
+DEFAULT_COMMAND_TIMEOUT = 1.0
+
+
+@dataclass
+class WorkerProc:
+    """One supervised worker process (one generation of one `[[worker]]`)."""
+
+    spec: configmod.WorkerSpec
+    generation: int
+    pid: int = 0
+    sock: socket.socket | None = None
+    reader: FrameReader = field(default_factory=FrameReader)
+    state: str = STARTING
+    owner: str = ""
+    started_at: float = 0.0  # monotonic
+    fast_deaths: int = 0
+    backoff_until: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
+
+    @property
+    def node(self) -> str:
+        return self.spec.node
+
+
+@dataclass
+class PendingCommand:
+    request: Request
+    waiting: dict[str, str]  # message id sent to a worker -> node
+    replies: dict[str, Any]
+    deadline: float
+
+
+class Arbiter:
+    def __init__(self, config: configmod.Config, log_level: str = "info",
+                 log_format: str = "text", pidfile: str | None = None) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.log_format = log_format
+        self.pidfile = pidfile or os.path.join(config.state_dir, "fleetd.pid")
+        self.workers: list[WorkerProc] = []
+        self.by_fd: dict[int, WorkerProc] = {}
+        self.generation = 0
+        self.halting: str | None = None  # None, "warm" or "cold"
+        self.cold_deadline = 0.0
+        self.interrupts = 0
+        self.reloading = False
+        self.dead_owners: list[str] = []  # tasks to give back through a live worker
+        self.pending: dict[str, PendingCommand] = {}
+        self.message_seq = 0
+        self.notifier = Notifier()
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.ready_announced = False
+        self.next_tick = 0.0
+        self.tasks_done = 0
+        self.run_record = orphans.RunRecord(config.state_dir)
+
+    # --- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        self.start()
+        try:
+            while not self.done():
+                self.step()
+        finally:
+            self.stop()
+        return EXIT_OK
+
+    def start(self) -> None:
+        self.lock_fd = orphans.lock_state_dir(self.config.state_dir)
+        orphans.become_subreaper()
+        orphans.end_leftovers(self.run_record.read())
+        self.dead_owners += self.run_record.read().get("owners", [])
+        write_pidfile(self.pidfile)
+        self.signals = SignalQueue()
+        self.ctx = zmq.Context()
+        self.control = ControlServer(self.ctx, self.config.control.bind,
+                                     self.config.control.curve_secret_key,
+                                     self.config.control.authorized_keys, self.config.node)
+        self.poller = zmq.Poller()
+        self.poller.register(self.signals.read_fd, zmq.POLLIN)
+        for sock in self.control.sockets():
+            self.poller.register(sock, zmq.POLLIN)
+        if self.config.metrics_bind:
+            self.metrics_server = MetricsServer(self.config.metrics_bind, self.metrics)
+            self.metrics_server.start()
+        self.watchdog_every = self.notifier.watchdog_interval()
+        self.next_watchdog = 0.0
+        for spec in self.config.workers:
+            self.spawn_worker(spec, self.generation)
+        log.info("fleetd started: %d workers, control on %s", len(self.workers),
+                 ", ".join(self.config.control.bind))
+
+    def step(self) -> None:
+        timeout = self.poll_timeout()
+        for target, _ in self.poller.poll(timeout * 1000):
+            if target == self.signals.read_fd:
+                continue  # drained below
+            if isinstance(target, zmq.Socket):
+                self.read_control(target)
+            elif target in self.by_fd:
+                self.read_worker(self.by_fd[target])
+        for signum in self.signals.drain():
+            getattr(self, f"handle_{name(signum)}")()
+        now = time.monotonic()
+        self.expire_commands(now)
+        self.manage_workers(now)
+        self.tick(now)
+
+    def done(self) -> bool:
+        return self.halting is not None and not any(w.pid for w in self.workers)
+
+    def stop(self) -> None:
+        self.write_run_record()
+        for pending in list(self.pending.values()):
+            self.control.reply(pending.request, pending.replies)
+        self.control.close()
+        if self.metrics_server:
+            self.metrics_server.close()
+        self.ctx.term()
+        remove_pidfile(self.pidfile)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.config.state_dir, "run.json"))
+        log.info("fleetd stopped")
+
+    def poll_timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [self.next_tick]
+        deadlines += [p.deadline for p in self.pending.values()]
+        deadlines += [w.backoff_until for w in self.workers if w.state == BACKOFF]
+        if self.halting == "cold":
+            deadlines.append(self.cold_deadline)
+        return max(0.0, min(min(deadlines) - now, 1.0))
+
+    # --- signals (DESIGN section 2) ----------------------------------------------
+    def handle_term(self) -> None:
+        self.halt("warm")
+
+    def handle_int(self) -> None:
+        self.interrupts += 1
+        self.halt("warm" if self.interrupts == 1 else "cold")
+
+    def handle_quit(self) -> None:
+        self.halt("cold")
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_ttin(self) -> None:
+        self.broadcast_signal(signal.SIGTTIN)
+
+    def handle_ttou(self) -> None:
+        self.broadcast_signal(signal.SIGTTOU)
+
+    def handle_usr1(self) -> None:
+        log.info("status: %s", json.dumps(self.status()))
+        self.broadcast_signal(signal.SIGUSR1)
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def broadcast_signal(self, signum: int) -> None:
+        for w in self.workers:
+            if w.pid and w.state in (STARTING, RUNNING):
+                self.kill_worker(w, signum)
+
+    # --- workers -----------------------------------------------------------------
+    def spawn_worker(self, spec: configmod.WorkerSpec, generation: int,
+                     replacing: WorkerProc | None = None) -> WorkerProc:
+        w = replacing or WorkerProc(spec, generation)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.set_inheritable(True)
+        env = dict(os.environ)
+        env.update(log_env(self.log_level, self.log_format))
+        env["FLEETD_WORKER_SPEC"] = json.dumps(spec.to_json())
+        env["FLEETD_WORKER_FD"] = str(theirs.fileno())
+        env["FLEETD_ARBITER_PID"] = str(os.getpid())
+        env["FLEETD_GENERATION"] = str(generation)
+        argv = [sys.executable, "-m", "worker", spec.node]
+        w.pid = os.posix_spawn(sys.executable, argv, env,
+                               setsigdef=[s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)],
+                               setsigmask=set())
+        theirs.close()
+        w.sock = ours
+        w.reader = FrameReader()
+        w.state = STARTING
+        w.started_at = time.monotonic()
+        self.by_fd[ours.fileno()] = w
+        self.poller.register(ours.fileno(), zmq.POLLIN)
+        if w not in self.workers:
+            self.workers.append(w)
+        self.write_run_record()
+        log.info("spawned worker %s pid=%d generation=%d", w.node, w.pid, generation)
+        return w
+
+    def kill_worker(self, w: WorkerProc, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signum)
+
+    def stop_worker(self, w: WorkerProc, signum: int = signal.SIGTERM) -> None:
+        """Ask a worker to leave (warm with TERM); it is not restarted."""
+        if w.pid:
+            w.state = STOPPING
+            self.kill_worker(w, signum)
+        elif w.state in (BACKOFF, FATAL, STARTING):
+            w.state = STOPPED
+
+    def reap_workers(self) -> None:
+        for pid, status in orphans.reap_all():
+            w = next((w for w in self.workers if w.pid == pid), None)
+            if w is None:
+                log.debug("reaped orphan pid=%d", pid)
+                continue
+            self.worker_exited(w, status)
+
+    def worker_exited(self, w: WorkerProc, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        self.close_channel(w)
+        w.pid = 0
+        if w.owner:
+            self.dead_owners.append(w.owner)  # a live worker gives its tasks back at once
+            w.owner = ""
+        self.metrics.forget_node(w.node)
+        if w.state == STOPPING or self.halting:
+            w.state = STOPPED
+            log.info("worker %s exited (%s)", w.node, describe_exit(code))
+        else:
+            lived = time.monotonic() - w.started_at
+            w.fast_deaths = w.fast_deaths + 1 if lived < START_SECS else 0
+            self.metrics.apply({"type": "worker-restarted", "node": w.node})
+            if w.fast_deaths >= FATAL_AFTER:
+                w.state = FATAL
+                log.error("worker %s died %d times in a row right after start: FATAL, left down (%s)",
+                          w.node, w.fast_deaths, describe_exit(code))
+            else:
+                delay = 0.0 if w.fast_deaths <= 1 else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
+                w.state = BACKOFF
+                w.backoff_until = time.monotonic() + delay
+                log.warning("worker %s died (%s); restarting in %.2fs", w.node, describe_exit(code), delay)
+        self.write_run_record()
+
+    def close_channel(self, w: WorkerProc) -> None:
+        if w.sock is not None:
+            fd = w.sock.fileno()
+            self.by_fd.pop(fd, None)
+            with contextlib.suppress(KeyError):
+                self.poller.unregister(fd)
+            w.sock.close()
+            w.sock = None
+
+    def manage_workers(self, now: float) -> None:
+        """Restart workers whose backoff ran out; drop stopped old generations."""
+        for w in list(self.workers):
+            if w.state == BACKOFF and now >= w.backoff_until and not self.halting:
+                self.spawn_worker(w.spec, w.generation, replacing=w)
+            elif w.state == STOPPED and w.generation < self.generation:
+                self.workers.remove(w)
+        if self.halting == "cold" and now >= self.cold_deadline:
+            for w in self.workers:
+                if w.pid:
+                    log.warning("worker %s did not exit on QUIT: killing it", w.node)
+                    self.kill_worker(w, signal.SIGKILL)
+            self.cold_deadline = now + COLD_KILL_AFTER
+
+    # --- worker channel ------------------------------------------------------------
+    def send(self, w: WorkerProc, message: dict[str, Any]) -> bool:
+        if w.sock is None:
+            return False
+        try:
+            w.sock.sendall(encode(message))
+            return True
+        except OSError:
+            return False
+
+    def read_worker(self, w: WorkerProc) -> None:
+        assert w.sock is not None
+        try:
+            data = w.sock.recv(262144)
+            messages = w.reader.feed(data) if data else None
+        except (OSError, ProtocolError) as exc:
+            log.warning("channel to %s broke: %s", w.node, exc)
+            messages = None
+        if messages is None:  # the worker is exiting; the reap settles it
+            self.close_channel(w)
+            return
+        for message in messages:
+            self.on_worker_message(w, message)
+
+    def on_worker_message(self, w: WorkerProc, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "ready":
+            self.worker_ready(w, str(message.get("owner", "")))
+        elif kind == "reply":
+            self.command_reply(str(message.get("id")), w.node, message.get("reply"))
+        elif kind == "stats":
+            w.stats = message
+            self.metrics.apply({"type": "worker-stats", "node": w.node, **message})
+        elif kind == "events":
+            for event in message.get("events", []):
+                self.metrics.apply(event)
+                if event.get("type") in ("task-succeeded", "task-failed"):
+                    self.tasks_done += 1
+                self.control.publish(event)
+
+    def worker_ready(self, w: WorkerProc, owner: str) -> None:
+        w.state = RUNNING if w.state == STARTING else w.state
+        w.owner = owner
+        self.write_run_record()
+        while self.dead_owners:
+            self.send(w, {"type": "recover", "owner": self.dead_owners.pop()})
+        for old in w.retire_when_ready:
+            log.info("reload: %s generation %d is up, stopping generation %d", w.node, w.generation, old.generation)
+            self.stop_worker(old)
+        w.retire_when_ready = []
+        self.check_ready()
+
+    def check_ready(self) -> None:
+        """Tell systemd once every current worker consumes (at start, and after a reload)."""
+        current = [w for w in self.workers if w.generation == self.generation and w.state not in (STOPPED, STOPPING)]
+        if current and all(w.state in (RUNNING, FATAL) for w in current) and not self.halting:
+            if not self.ready_announced or self.reloading:
+                self.notifier.ready(self.status_line())
+                self.ready_announced = True
+                if self.reloading:
+                    log.info("reload complete: generation %d", self.generation)
+                self.reloading = False
+
+    # --- reload and halt ---------------------------------------------------------------
+    def reload(self) -> None:
+        """Start a new generation of every worker from the re-read config, then stop the old
+        one as each new worker is ready: there is never a moment without a consumer."""
+        if self.halting:
+            return
+        try:
+            new = configmod.load(self.config.path, node=self.config.node)
+        except configmod.ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        refused = non_reloadable_changes(self.config, new)
+        if refused:
+            log.error("reload refused, keeping the running config: %s cannot change without a restart",
+                      ", ".join(refused))
+            return
+        self.notifier.reloading()
+        self.reloading = True
+        self.config = new
+        self.generation += 1
+        old_by_name: dict[str, list[WorkerProc]] = {}
+        for w in self.workers:
+            if w.state not in (STOPPED, STOPPING):
+                old_by_name.setdefault(w.spec.name, []).append(w)
+        for spec in new.workers:
+            fresh = self.spawn_worker(spec, self.generation)
+            fresh.retire_when_ready = old_by_name.pop(spec.name, [])
+        for gone in old_by_name.values():  # removed from the config
+            for w in gone:
+                self.stop_worker(w)
+        log.info("reload: generation %d starting", self.generation)
+
+    def halt(self, mode: str) -> None:
+        if self.halting == "cold" or self.halting == mode:
+            return
+        if not self.halting:
+            self.notifier.stopping()
+        self.halting = mode
+        log.info("%s shutdown", mode)
+        signum = signal.SIGTERM if mode == "warm" else signal.SIGQUIT
+        self.cold_deadline = time.monotonic() + COLD_KILL_AFTER
+        for w in self.workers:
+            if w.pid:
+                w.state = STOPPING
+                self.kill_worker(w, signum)
+            else:
+                w.state = STOPPED
+
+    # --- control plane -------------------------------------------------------------
+    def read_control(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(100):  # bounded: a flood cannot starve the rest of the loop
+            request = self.control.recv(sock)
+            if request is None:
+                with contextlib.suppress(zmq.ZMQError):
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        return
+                continue
+            self.run_command(request)
+
+    def targets(self, dest: list[str] | None) -> list[WorkerProc]:
+        """The live workers addressed by `dest` (nodes or host names; None = all)."""
+        live = [w for w in self.workers if w.pid and w.state in (STARTING, RUNNING)]
+        if dest is None:
+            return live
+        return [w for w in live if w.node in dest or self.config.node in dest]
+
+    def run_command(self, request: Request) -> None:
+        command = COMMANDS.get(request.cmd)
+        if command is None:
+            self.control.reply_error(request, f"unknown command {request.cmd!r}")
+            return
+        timeout = request.args.pop("_timeout", DEFAULT_COMMAND_TIMEOUT)
+        try:
+            args = command.validate(request.args)
+        except CommandError as exc:
+            self.control.reply_error(request, str(exc))
+            return
+        if command.scope == "host":
+            assert command.effect is not None
+            self.control.reply(request, command.effect(self, request.dest, **args))
+            return
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            timeout = DEFAULT_COMMAND_TIMEOUT
+        pending = PendingCommand(request, {}, {}, time.monotonic() + min(max(timeout, 0.01), 60.0))
+        for w in self.targets(request.dest):
+            self.message_seq += 1
+            mid = str(self.message_seq)
+            if self.send(w, {"type": "cmd", "id": mid, "cmd": request.cmd, "args": args}):
+                pending.waiting[mid] = w.node
+                self.pending[mid] = pending
+        if not pending.waiting:
+            self.control.reply(request, pending.replies)
+
+    def command_reply(self, mid: str, node: str, reply: Any) -> None:
+        pending = self.pending.pop(mid, None)
+        if pending is None:
+            return  # too late: its command was answered without it
+        del pending.waiting[mid]
+        pending.replies[node] = reply
+        if not pending.waiting:
+            self.control.reply(pending.request, pending.replies)
+
+    def expire_commands(self, now: float) -> None:
+        """Answer commands whose deadline passed, naming the nodes that did not reply."""
+        for mid, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                del self.pending[mid]
+                node = pending.waiting.pop(mid)
+                pending.replies[node] = {"error": "no reply before the deadline"}
+                if not pending.waiting:
+                    self.control.reply(pending.request, pending.replies)
+
+    # --- status, notify, run record ------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if self.watchdog_every and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.watchdog_every
+        if now >= self.next_tick:
+            self.next_tick = now + 1.0
+            self.notifier.status(self.status_line())
+            self.write_run_record()
+
+    def status_line(self) -> str:
+        running = sum(1 for w in self.workers if w.state == RUNNING)
+        children = sum(int(w.stats.get("children", w.spec.concurrency)) for w in self.workers if w.state == RUNNING)
+        return f"{running} nodes running, {children} children, {self.tasks_done} tasks done"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "host": self.config.node,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "workers": [
+                {"node": w.node, "pid": w.pid, "state": w.state, "generation": w.generation,
+                 "uptime": time.monotonic() - w.started_at if w.pid else None,
+                 **{k: v for k, v in w.stats.items() if k in ("reserved", "active", "children")}}
+                for w in self.workers
+            ],
+        }
+
+    def write_run_record(self) -> None:
+        processes = []
+        for w in self.workers:
+            if not w.pid:
+                continue
+            record = orphans.process_record(w.pid)
+            if record:
+                processes.append(record)
+            with contextlib.suppress(Exception):
+                import psutil
+
+                for child in psutil.Process(w.pid).children():
+                    processes.append({"pid": child.pid, "create_time": child.create_time(), "group": True})
+        owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
+        self.run_record.write({"arbiter": orphans.process_record(os.getpid()),
+                               "processes": processes, "owners": owners})
+
+
+def non_reloadable_changes(old: configmod.Config, new: configmod.Config) -> list[str]:
+    """Config keys a reload cannot apply (they need a restart)."""
+    checks = {
+        "control.bind": (old.control.bind, new.control.bind),
+        "control.curve_secret_key": (old.control.curve_secret_key, new.control.curve_secret_key),
+        "control.authorized_keys": (old.control.authorized_keys, new.control.authorized_keys),
+        "fleet.state_dir": (old.state_dir, new.state_dir),
+        "fleet.node": (old.node, new.node),
+        "metrics.bind": (old.metrics_bind, new.metrics_bind),
+    }
+    return [key for key, (a, b) in checks.items() if a != b]
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+# --- host-scope control commands: shared code paths with the signals ----------------------
+def _host_nodes(arbiter: Arbiter, dest: list[str] | None) -> tuple[list[WorkerProc], bool]:
+    """The workers addressed, and whether that is the whole host."""
+    whole = dest is None or arbiter.config.node in dest
+    chosen = [w for w in arbiter.workers if w.state not in (STOPPED,) and (whole or (dest and w.node in dest))]
+    return chosen, whole
+
+
+@register("shutdown", "Warm-shut-down the addressed nodes (a whole host: as TERM).", scope="host")
+def shutdown(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, whole = _host_nodes(arbiter, dest)
+    if whole:
+        arbiter.handle_term()
+    else:
+        for w in chosen:
+            arbiter.stop_worker(w)
+    return {w.node: {"ok": "shutting down"} for w in chosen}
+
+
+@register("reload", "Graceful reload of the host (as HUP): fresh code, new config.", scope="host")
+def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, _ = _host_nodes(arbiter, dest)
+    arbiter.handle_hup()
+    return {w.node: {"ok": "reloading"} for w in chosen}
+
+
+@register("status", "Hosts, nodes and their states.", scope="host")
+def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, _ = _host_nodes(arbiter, dest)
+    full = arbiter.status()
+    return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}

@@ -1,0 +1,97 @@
+"""`fleetd start|check|stop|reload -c CONFIG`: the arbiter's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from . import config as configmod
+from .logs import FORMATS, LEVELS, setup_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("fleetd.cli")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fleetd", description="Run a fleet of task workers on this host.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    start = sub.add_parser("start", help="run the arbiter in the foreground")
+    start.add_argument("-c", "--config", required=True, help="the fleet's TOML config")
+    start.add_argument("--node", help="this host's name (default: [fleet] node, or the host name)")
+    start.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
+    start.add_argument("--log-level", default="info", choices=LEVELS)
+    start.add_argument("--log-format", default="text", choices=FORMATS)
+    check = sub.add_parser("check", help="validate a config and exit (2 if it is bad)")
+    check.add_argument("-c", "--config", required=True)
+    for verb, text in (("stop", "warm-shut-down the running arbiter (TERM)"),
+                       ("reload", "graceful reload of the running arbiter (HUP)")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("-c", "--config", required=True)
+        cmd.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
+        if verb == "stop":
+            cmd.add_argument("--timeout", type=float, default=None,
+                             help="seconds to wait for a warm exit before a cold one (QUIT)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = configmod.load(args.config, node=getattr(args, "node", None),
+                             check_imports=args.command in ("start", "check"))
+    except configmod.ConfigError as exc:
+        print(f"fleetd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check":
+        print(f"{args.config}: ok ({len(cfg.workers)} workers: {', '.join(w.node for w in cfg.workers)})")
+        return EXIT_OK
+    if args.command == "start":
+        return start(cfg, args)
+    return signal_running(cfg, args)
+
+
+def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    from .arbiter import Arbiter
+    from .control import ControlConfigError
+    from .orphans import AlreadyRunning
+    from .pidfile import PidfileError
+
+    setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
+    try:
+        return Arbiter(cfg, args.log_level, args.log_format, args.pidfile).run()
+    except (AlreadyRunning, PidfileError, ControlConfigError) as exc:
+        print(f"fleetd: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ControlConfigError) else EXIT_FAILED
+
+
+def signal_running(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    from .pidfile import PidfileError, read_live_pid, stop
+
+    path = args.pidfile or os.path.join(cfg.state_dir, "fleetd.pid")
+    try:
+        pid = read_live_pid(path)
+    except PidfileError as exc:
+        print(f"fleetd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "reload":
+        os.kill(pid, signal.SIGHUP)
+        print(f"fleetd: reload sent to pid {pid}")
+        return EXIT_OK
+    if stop(pid, timeout=args.timeout):
+        print(f"fleetd: pid {pid} stopped")
+        return EXIT_OK
+    print(f"fleetd: pid {pid} did not exit", file=sys.stderr)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Load and validate a fleetd TOML config; every error names the file, the key and the problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.machinery
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:[iI]?[bB])?\s*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(Exception):
+    """A config problem, as one line: `FILE: KEY: problem`."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        super().__init__(f"{path}: {key}: {problem}")
+        self.path, self.key, self.problem = path, key, problem
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one named worker process needs; sent to it as JSON at spawn."""
+
+    name: str
+    node: str  # name@host
+    queues: list[str]
+    concurrency: int
+    prefetch: int = 1
+    max_tasks_per_child: int = 0
+    max_memory_per_child: int = 0  # bytes; 0 = no limit
+    time_limit: float = 0
+    soft_time_limit: float = 0
+    acks_late: bool = True
+    max_deliveries: int = 3
+    shutdown_timeout: float = 0
+    rate_limits: dict[str, str] = field(default_factory=dict)
+    broker: str = ""
+    durability: str = "default"
+    lease: float = 30
+    imports: list[str] = field(default_factory=list)
+    pythonpath: list[str] = field(default_factory=list)
+    state_dir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    bind: list[str]
+    endpoints: list[str] = field(default_factory=list)
+    curve_secret_key: str = ""
+    authorized_keys: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node: str  # the host's name
+    broker: str
+    state_dir: str
+    imports: list[str]
+    pythonpath: list[str]
+    lease: float
+    durability: str
+    result_ttl: int
+    control: ControlConfig
+    workers: list[WorkerSpec]
+    rate_limits: dict[str, str]
+    metrics_bind: str = ""
+
+
+# Each key: (type check, default). A default of REQUIRED must be given.
+REQUIRED = object()
+DEFAULT_KEYS: dict[str, tuple[str, Any]] = {
+    "concurrency": ("pos_int", None),  # None: the CPU count
+    "prefetch": ("nonneg_int", 1),
+    "max_tasks_per_child": ("nonneg_int", 0),
+    "max_memory_per_child": ("size", "0"),
+    "time_limit": ("nonneg_num", 0),
+    "soft_time_limit": ("nonneg_num", 0),
+    "acks_late": ("bool", True),
+    "max_deliveries": ("pos_int", 3),
+    "shutdown_timeout": ("nonneg_num", 0),
+}
+FLEET_KEYS: dict[str, tuple[str, Any]] = {
+    "node": ("name", None),
+    "broker": ("str", "sqlite:///queue.db"),
+    "state_dir": ("str", "state"),
+    "imports": ("str_list", []),
+    "pythonpath": ("str_list", ["."]),
+    "lease": ("pos_num", 30),
+    "durability": ("durability", "default"),
+    "result_ttl": ("pos_int", 86400),
+}
+CONTROL_KEYS: dict[str, tuple[str, Any]] = {
+    "bind": ("str_list", None),
+    "endpoints": ("str_list", []),
+    "curve_secret_key": ("str", ""),
+    "authorized_keys": ("str", ""),
+}
+WORKER_KEYS: dict[str, tuple[str, Any]] = {
+    "name": ("name", REQUIRED),
+    "queues": ("nonempty_str_list", None),
+    **DEFAULT_KEYS,
+}
+METRICS_KEYS: dict[str, tuple[str, Any]] = {"bind": ("host_port", "")}
+SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics"}
+
+
+def parse_rate(text: str) -> float:
+    """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed."""
+    match = RATE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"rate {text!r} is not N, N/s, N/m or N/h")
+    number = float(match.group(1))
+    return number / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+
+
+def parse_size(text: str) -> int:
+    """`"512MB"` -> bytes; `"0"` -> 0."""
+    match = SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"size {text!r} is not like 512MB, 2GB or 0")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def _check(path: str, key: str, kind: str, value: Any) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(path, key, f"must be {expected}, got {value!r}")
+
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind == "name":
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise bad("a name of letters, digits, '.', '_' or '-'")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind in ("str_list", "nonempty_str_list"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad("a list of strings")
+        if kind == "nonempty_str_list" and not value:
+            raise bad("a non-empty list of strings")
+    elif kind == "pos_int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad("an integer >= 1")
+    elif kind == "nonneg_int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad("an integer >= 0")
+    elif kind == "pos_num":
+        if not is_num or value <= 0:
+            raise bad("a number > 0")
+    elif kind == "nonneg_num":
+        if not is_num or value < 0:
+            raise bad("a number >= 0")
+    elif kind == "size":
+        try:
+            return parse_size(value)
+        except ValueError:
+            raise bad('a size like "512MB" or "0"') from None
+    elif kind == "durability":
+        if value not in ("default", "fsync"):
+            raise bad('"default" or "fsync"')
+    elif kind == "host_port":
+        if not isinstance(value, str) or (value and not re.match(r"^[\w.\-\[\]:]+:\d+$", value)):
+            raise bad('"host:port"')
+    return value
+
+
+def _section(
+    path: str, name: str, data: Any, keys: dict[str, tuple[str, Any]], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(path, name, "must be a table")
+    for key in data:
+        if key not in keys:
+            raise ConfigError(path, f"{name}.{key}", f"unknown key (known: {', '.join(keys)})")
+    out: dict[str, Any] = {}
+    for key, (kind, default) in keys.items():
+        if key in data:
+            out[key] = _check(path, f"{name}.{key}", kind, data[key])
+        elif key in defaults:
+            out[key] = defaults[key]
+        elif default is REQUIRED:
+            raise ConfigError(path, f"{name}.{key}", "is required")
+        else:
+            out[key] = _check(path, f"{name}.{key}", kind, default) if default is not None else None
+    return out
+
+
+def _resolve(folder: str, value: str) -> str:
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(folder, value))
+
+
+def resolve_broker_url(folder: str, url: str) -> str:
+    """Make a relative `sqlite:///rel.db` absolute against the config file's folder."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + _resolve(folder, url[len("sqlite:///") :])
+    return url
+
+
+def _resolve_endpoint(folder: str, endpoint: str) -> str:
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc:///"):
+        return "ipc://" + _resolve(folder, endpoint[len("ipc://") :])
+    return endpoint
+
+
+def module_exists(name: str, paths: list[str]) -> bool:
+    """Find a module on `paths` + sys.path without importing (and so running) any of it."""
+    search: list[str] | None = paths + sys.path
+    for part in name.split("."):
+        spec = importlib.machinery.PathFinder.find_spec(part, search)
+        if spec is None:
+            return False
+        search = list(spec.submodule_search_locations or [])
+    return True
+
+
+def load(path: str, node: str | None = None, check_imports: bool = True) -> Config:
+    """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"TOML syntax error: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(path, "-", f"cannot read: {exc.strerror}") from None
+    return from_dict(raw, path, node=node, check_imports=check_imports)
+
+
+def from_dict(
+    raw: dict[str, Any], path: str, node: str | None = None, check_imports: bool = True
+) -> Config:
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
+    fleet = _section(path, "fleet", raw.get("fleet", {}), FLEET_KEYS, {})
+    host = node or fleet["node"] or socket.gethostname().split(".")[0]
+    state_dir = _resolve(folder, fleet["state_dir"])
+    pythonpath = [_resolve(folder, p) for p in fleet["pythonpath"]]
+    broker = resolve_broker_url(folder, fleet["broker"])
+    if not broker.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+        raise ConfigError(path, "fleet.broker", f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r}")
+    if check_imports:
+        for module in fleet["imports"]:
+            if not module_exists(module, pythonpath):
+                raise ConfigError(
+                    path, "fleet.imports", f"module {module!r} not found on pythonpath {pythonpath}"
+                )
+
+    control_raw = _section(path, "control", raw.get("control", {}), CONTROL_KEYS, {})
+    bind = control_raw["bind"]
+    if bind is None:
+        bind = [f"ipc://{os.path.join(state_dir, 'control.sock')}"]
+    bind = [_resolve_endpoint(folder, b) for b in bind]
+    for endpoint in bind + control_raw["endpoints"]:
+        if not endpoint.startswith(("ipc://", "tcp://")):
+            raise ConfigError(path, "control.bind", f"endpoint {endpoint!r} must be ipc:// or tcp://")
+    key_file = control_raw["curve_secret_key"] and _resolve(folder, control_raw["curve_secret_key"])
+    auth_dir = control_raw["authorized_keys"] and _resolve(folder, control_raw["authorized_keys"])
+    if any(b.startswith("tcp://") for b in bind) and not (key_file and auth_dir):
+        raise ConfigError(
+            path,
+            "control.bind",
+            "a tcp:// bind needs control.curve_secret_key and control.authorized_keys"
+            " (make keys with `fleetctl keygen DIR`)",
+        )
+    control = ControlConfig(bind, control_raw["endpoints"], key_file, auth_dir)
+
+    defaults = _section(path, "defaults", raw.get("defaults", {}), DEFAULT_KEYS, {})
+    if defaults["concurrency"] is None:
+        defaults["concurrency"] = os.cpu_count() or 1
+
+    rate_limits = raw.get("rate_limits", {})
+    if not isinstance(rate_limits, dict):
+        raise ConfigError(path, "rate_limits", "must be a table of task name = \"N/s|m|h\"")
+    for task_name, rate in rate_limits.items():
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise ConfigError(path, f"rate_limits.{task_name}", str(exc)) from None
+
+    metrics = _section(path, "metrics", raw.get("metrics", {}), METRICS_KEYS, {})
+
+    worker_list = raw.get("worker", [])
+    if not isinstance(worker_list, list) or not worker_list:
+        raise ConfigError(path, "worker", "needs at least one [[worker]] table")
+    workers: list[WorkerSpec] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(worker_list):
+        where = f"worker[{index}]"
+        data = _section(path, where, entry, WORKER_KEYS, defaults)
+        if data["name"] in seen:
+            raise ConfigError(path, f"{where}.name", f"duplicate worker name {data['name']!r}")
+        seen.add(data["name"])
+        if data["queues"] is None:
+            data["queues"] = [data["name"]]
+        if data["soft_time_limit"] and data["time_limit"] and data["soft_time_limit"] >= data["time_limit"]:
+            raise ConfigError(path, f"{where}.soft_time_limit", "must be below time_limit")
+        workers.append(
+            WorkerSpec(
+                node=f"{data['name']}@{host}",
+                rate_limits=dict(rate_limits),
+                broker=broker,
+                durability=fleet["durability"],
+                lease=fleet["lease"],
+                imports=list(fleet["imports"]),
+                pythonpath=pythonpath,
+                state_dir=state_dir,
+                **data,
+            )
+        )
+    return Config(
+        path=os.path.abspath(path),
+        node=host,
+        broker=broker,
+        state_dir=state_dir,
+        imports=fleet["imports"],
+        pythonpath=pythonpath,
+        lease=fleet["lease"],
+        durability=fleet["durability"],
+        result_ttl=fleet["result_ttl"],
+        control=control,
+        workers=workers,
+        rate_limits=dict(rate_limits),
+        metrics_bind=metrics["bind"],
+    )

@@ -1,0 +1,392 @@
+"""The arbiter's end of the control plane: bind, secure and validate its ZeroMQ sockets.
+
+One ROUTER takes the requests of every `ipc://` endpoint and another those of every
+`tcp://` endpoint, because CurveZMQ is set per socket: ipc is protected by its 0700
+folder, tcp by CURVE with only the keys in `authorized_keys` let in. Each control
+endpoint has an events endpoint beside it, on a PUB socket under the same rules:
+`ipc:///x/control.sock` -> `ipc:///x/events.sock`, `tcp://h:7950` -> `tcp://h:7951`.
+
+`curve_secret_key` is the path of a secret key file as `fleetctl keygen` writes it
+(`fleet.key_secret`); `authorized_keys` is a folder of client public key files
+(`*.key`), read once at start. A context holds one ZAP authenticator, so one
+ControlServer with tcp endpoints per zmq.Context.
+
+Nothing a peer sends can make this module raise: a bad request is answered with an
+error reply and logged, and a frame over 1 MiB makes libzmq drop the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from ctl.keys import KeyFileError, load_keypair
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MAX_MESSAGE_SIZE = 1024 * 1024
+EVENTS_SOCKET_NAME = "events.sock"
+ZAP_DOMAIN = "fleetd"
+
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class ControlConfigError(Exception):
+    """A control endpoint cannot be bound as configured; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid control request, and where its reply goes."""
+
+    socket: zmq.Socket[bytes]
+    routing_id: bytes
+    id: str
+    cmd: str
+    args: dict[str, Any]
+    dest: list[str] | None
+
+
+def events_endpoint(control_endpoint: str) -> str:
+    """Return the events (PUB) endpoint that goes with a control endpoint."""
+    if control_endpoint.startswith("ipc://"):
+        directory = os.path.dirname(control_endpoint[len("ipc://") :])
+        return "ipc://" + os.path.join(directory, EVENTS_SOCKET_NAME)
+    if control_endpoint.startswith("tcp://"):
+        address, _, port = control_endpoint[len("tcp://") :].rpartition(":")
+        if address and port.isdigit() and 0 < int(port) < 65535:
+            return f"tcp://{address}:{int(port) + 1}"
+        raise ControlConfigError(
+            f"control endpoint {control_endpoint}: give a fixed port below 65535; "
+            "events use the next one"
+        )
+    raise ControlConfigError(
+        f"control endpoint {control_endpoint}: only ipc:// and tcp:// are supported"
+    )
+
+
+class ControlServer:
+    """The bound control sockets of one arbiter; the arbiter polls `sockets()`."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        bind: list[str],
+        curve_secret_key: str,
+        authorized_keys: str,
+        host: str,
+    ) -> None:
+        self._ctx = ctx
+        self._host = host
+        self._routers: list[zmq.Socket[bytes]] = []
+        self._publishers: list[zmq.Socket[bytes]] = []
+        self._socket_files: list[str] = []
+        self._authenticator: ThreadAuthenticator | None = None
+        ipc = [endpoint for endpoint in bind if endpoint.startswith("ipc://")]
+        tcp = [endpoint for endpoint in bind if endpoint.startswith("tcp://")]
+        for endpoint in bind:
+            events_endpoint(endpoint)
+            if endpoint in ipc:
+                _check_ipc_path(endpoint)
+        server_secret = _curve_server_secret(tcp, curve_secret_key, authorized_keys)
+        try:
+            if ipc:
+                self._bind_ipc(zmq.ROUTER, ipc)
+                self._bind_ipc(zmq.PUB, [events_endpoint(endpoint) for endpoint in ipc])
+            if tcp:
+                self._start_authenticator(authorized_keys)
+                events = [events_endpoint(endpoint) for endpoint in tcp]
+                self._bind_tcp(zmq.ROUTER, tcp, server_secret)
+                self._bind_tcp(zmq.PUB, events, server_secret)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        """The ROUTER sockets to register for POLLIN in the arbiter's zmq.Poller."""
+        return list(self._routers)
+
+    def recv(self, sock: zmq.Socket[bytes]) -> Request | None:
+        """Read one message without blocking; None if there was none or it was refused."""
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return None
+        routing_id = frames[0]
+        try:
+            return _parse_request(sock, routing_id, frames[1:])
+        except _Refused as refused:
+            log.warning("control request refused peer=%s reason=%s", routing_id.hex(), refused)
+            self._send_error(sock, routing_id, refused.request_id, str(refused))
+            return None
+
+    def reply(self, req: Request, replies: dict[str, Any]) -> None:
+        """Answer `req` with this host's replies, one per node."""
+        try:
+            data = _encode_json(
+                {"v": VERSION, "id": req.id, "host": self._host, "replies": replies}
+            )
+        except (TypeError, ValueError) as exc:
+            log.error("control reply is not JSON cmd=%s error=%s", req.cmd, exc)
+            self.reply_error(req, f"the reply to {req.cmd} could not be encoded: {exc}")
+            return
+        self._send(req.socket, req.routing_id, data)
+
+    def reply_error(self, req: Request, message: str) -> None:
+        """Answer `req` with an error instead of replies."""
+        self._send_error(req.socket, req.routing_id, req.id, message)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Send an event to every subscriber; dropped, never waited on, when they lag."""
+        try:
+            data = _encode_json(event).encode()
+        except (TypeError, ValueError) as exc:
+            log.error("event is not JSON error=%s", exc)
+            return
+        for publisher in self._publishers:
+            try:
+                publisher.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("event dropped error=%s", exc)
+
+    def close(self) -> None:
+        """Close the sockets, stop the authenticator, remove the socket files. Idempotent."""
+        for sock in self._routers + self._publishers:
+            sock.close(linger=0)
+        self._routers.clear()
+        self._publishers.clear()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+        for path in self._socket_files:
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._socket_files.clear()
+
+    def _bind_ipc(self, kind: int, endpoints: list[str]) -> None:
+        sock = self._new_socket(kind)
+        for endpoint in dict.fromkeys(endpoints):
+            path = endpoint[len("ipc://") :]
+            _secure_directory(os.path.dirname(os.path.abspath(path)), endpoint)
+            _remove_stale_socket(path, endpoint)
+            previous_umask = os.umask(0o077)
+            try:
+                _bind(sock, endpoint)
+            finally:
+                os.umask(previous_umask)
+            self._socket_files.append(path)
+
+    def _bind_tcp(self, kind: int, endpoints: list[str], server_secret: bytes) -> None:
+        sock = self._new_socket(kind)
+        sock.curve_server = True
+        sock.curve_secretkey = server_secret
+        # With a ZAP domain set and enforced, libzmq refuses every client when no
+        # authenticator answers, instead of admitting all of them. (Enforcing with an
+        # empty domain would skip the authenticator altogether.)
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        for endpoint in endpoints:
+            _bind(sock, endpoint)
+
+    def _new_socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        sock.linger = 0
+        sock.maxmsgsize = MAX_MESSAGE_SIZE
+        (self._routers if kind == zmq.ROUTER else self._publishers).append(sock)
+        return sock
+
+    def _start_authenticator(self, authorized_keys: str) -> None:
+        authenticator = ThreadAuthenticator(self._ctx, log=log)
+        try:
+            authenticator.start()
+        except (zmq.ZMQError, RuntimeError) as exc:
+            authenticator.stop()
+            raise ControlConfigError(
+                f"cannot start the CURVE authenticator: {exc} (one per zmq.Context)"
+            ) from None
+        self._authenticator = authenticator
+        authenticator.configure_curve(domain=ZAP_DOMAIN, location=authorized_keys)
+
+    def _send_error(
+        self, sock: zmq.Socket[bytes], routing_id: bytes, request_id: str | None, message: str
+    ) -> None:
+        self._send(
+            sock, routing_id, _encode_json({"v": VERSION, "id": request_id, "error": message})
+        )
+
+    def _send(self, sock: zmq.Socket[bytes], routing_id: bytes, data: str) -> None:
+        try:
+            sock.send_multipart([routing_id, data.encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("control reply dropped peer=%s error=%s", routing_id.hex(), exc)
+
+
+class _Refused(Exception):
+    """A request that breaks the protocol; the message is the error reply."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
+
+
+def _parse_request(sock: zmq.Socket[bytes], routing_id: bytes, body: list[bytes]) -> Request:
+    size = sum(len(frame) for frame in body)
+    if size > MAX_MESSAGE_SIZE:
+        raise _Refused(f"message of {size} bytes is over 1 MiB")
+    if len(body) != 1:
+        raise _Refused(f"expected 1 frame, got {len(body)}")
+    try:
+        message = json.loads(body[0])
+    except (ValueError, RecursionError):
+        raise _Refused("message is not JSON") from None
+    if not isinstance(message, dict):
+        raise _Refused("message is not a JSON object")
+    request_id = message.get("id")
+    if not isinstance(request_id, str):
+        raise _Refused('"id" must be a string')
+    version = message.get("v")
+    if type(version) is not int or version != VERSION:
+        raise _Refused(f'"v" is {_brief(version)}; this server speaks {VERSION}', request_id)
+    cmd = message.get("cmd")
+    if not isinstance(cmd, str):
+        raise _Refused('"cmd" must be a string', request_id)
+    args = message.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise _Refused('"args" must be an object', request_id)
+    dest = message.get("dest")
+    if dest is not None and not (
+        isinstance(dest, list) and all(isinstance(node, str) for node in dest)
+    ):
+        raise _Refused('"dest" must be null or a list of strings', request_id)
+    return Request(sock, routing_id, request_id, cmd, args, dest)
+
+
+def _check_ipc_path(endpoint: str) -> None:
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@"):
+        raise ControlConfigError(
+            f"control endpoint {endpoint}: give a socket file path, which a 0700 folder protects"
+        )
+    if os.path.basename(path) == EVENTS_SOCKET_NAME:
+        raise ControlConfigError(
+            f"control endpoint {endpoint}: {EVENTS_SOCKET_NAME} is the events socket's name"
+        )
+
+
+def _curve_server_secret(tcp: list[str], curve_secret_key: str, authorized_keys: str) -> bytes:
+    """Check the CURVE settings that tcp endpoints need; return the server's secret key."""
+    if not tcp:
+        return b""
+    if not curve_secret_key or not authorized_keys:
+        raise ControlConfigError(
+            f"control endpoint {tcp[0]}: a tcp:// bind needs [control] curve_secret_key and "
+            "authorized_keys (make keys with fleetctl keygen)"
+        )
+    try:
+        _, secret = load_keypair(curve_secret_key)
+    except KeyFileError as exc:
+        raise ControlConfigError(f"[control] curve_secret_key: {exc}") from None
+    if not os.path.isdir(authorized_keys):
+        raise ControlConfigError(f"[control] authorized_keys: {authorized_keys} is not a folder")
+    try:
+        allowed = zmq.auth.load_certificates(authorized_keys)
+    except (OSError, ValueError) as exc:
+        raise ControlConfigError(f"[control] authorized_keys: {exc}") from None
+    if not allowed:
+        log.warning("no *.key file in %s: no client can connect over tcp", authorized_keys)
+    return secret
+
+
+def _secure_directory(directory: str, endpoint: str) -> None:
+    """Make the socket's folder exist, be ours and be 0700."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError as exc:
+        raise ControlConfigError(f"control endpoint {endpoint}: {exc}") from None
+    if info.st_uid != os.geteuid():
+        raise ControlConfigError(
+            f"control endpoint {endpoint}: {directory} belongs to uid {info.st_uid}, not to us; "
+            "give the socket a folder of its own"
+        )
+    if stat.S_IMODE(info.st_mode) == 0o700:
+        return
+    if info.st_mode & stat.S_ISVTX:
+        raise ControlConfigError(
+            f"control endpoint {endpoint}: {directory} is a shared folder; "
+            "give the socket a folder of its own"
+        )
+    log.warning("chmod 0700 %s, the folder of %s", directory, endpoint)
+    try:
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise ControlConfigError(f"control endpoint {endpoint}: {exc}") from None
+
+
+def _remove_stale_socket(path: str, endpoint: str) -> None:
+    """Unlink a socket file left by a dead process; refuse one that someone still listens on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlConfigError(f"control endpoint {endpoint}: {exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ControlConfigError(f"control endpoint {endpoint}: {path} exists and is no socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        except OSError:
+            return
+        else:
+            raise ControlConfigError(
+                f"control endpoint {endpoint} is in use by another process (a running fleetd?)"
+            )
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ControlConfigError(f"control endpoint {endpoint}: {exc}") from None
+
+
+def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ControlConfigError(f"cannot bind control endpoint {endpoint}: {exc}") from None
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

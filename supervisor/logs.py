@@ -1,0 +1,106 @@
+"""Logging for every fleetd process: text for people, one JSON object per line for machines.
+
+Every line carries `node` and `pid` (workers share the arbiter's stderr), then the
+structured fields passed as `extra=` (`task=`, `worker=`, ...), which win over those two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+LEVEL_ENV = "FLEETD_LOG_LEVEL"
+FORMAT_ENV = "FLEETD_LOG_FORMAT"
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def setup_logging(level: str, fmt: str, node: str) -> None:
+    """Send this process's logs (root logger) to stderr, as `fmt` "text" or "json"."""
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}: use one of {', '.join(LEVELS)}")
+    handler: logging.Handler
+    if fmt == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(node))
+    elif fmt == "text" and sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(TextFormatter(node, "%(name)s: %(message)s"))
+    elif fmt == "text":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter(node, TEXT_FORMAT))
+    else:
+        raise ValueError(f"unknown log format {fmt!r}: use one of {', '.join(FORMATS)}")
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def setup_logging_from_env(node: str) -> None:
+    """`setup_logging` for a worker, with the level and format its arbiter passed in the env."""
+    setup_logging(os.environ.get(LEVEL_ENV, "info"), os.environ.get(FORMAT_ENV, "text"), node)
+
+
+def log_env(level: str, fmt: str) -> dict[str, str]:
+    """The environment that makes `setup_logging_from_env` log like the arbiter."""
+    return {LEVEL_ENV: level, FORMAT_ENV: fmt}
+
+
+def _record_fields(record: logging.LogRecord, node: str) -> dict[str, Any]:
+    """The structured fields of a record: node, pid, then its `extra=` fields."""
+    extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS}
+    return {"node": node, "pid": record.process, **extra}
+
+
+class TextFormatter(logging.Formatter):
+    """`fmt`, then the structured fields as `key=value`."""
+
+    def __init__(self, node: str, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+        self.node = node
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(f"{k}={_logfmt(v)}" for k, v in _record_fields(record, self.node).items())
+        return f"{super().formatMessage(record)} {pairs}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, node, pid, extras, traceback."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_record_fields(record, self.node),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n'):
+        return text
+    return json.dumps(text)

@@ -1,0 +1,268 @@
+"""The arbiter's Prometheus metrics: a small registry, worker events into it, GET /metrics."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import socket
+import socketserver
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RUNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)  # then +Inf
+
+
+@dataclass(frozen=True)
+class Family:
+    """A metric family: its name, type, help text and label names."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+FAMILIES = (
+    Family("fleetd_tasks_total", "counter", "Tasks finished, by task name and state.",
+           ("name", "state")),
+    Family("fleetd_task_runtime_seconds", "histogram", "Task run time in a child, in seconds.",
+           ("name",), RUNTIME_BUCKETS),
+    Family("fleetd_queue_depth", "gauge", "Tasks waiting in a queue.", ("queue",)),
+    Family("fleetd_reserved", "gauge", "Tasks a worker reserved but has not started.", ("node",)),
+    Family("fleetd_active", "gauge", "Tasks a worker is running now.", ("node",)),
+    Family("fleetd_children", "gauge", "Pool processes of a worker.", ("node",)),
+    Family("fleetd_worker_restarts_total", "counter", "Times the arbiter restarted a worker.",
+           ("node",)),
+    Family("fleetd_child_recycles_total", "counter",
+           "Children replaced after max_tasks_per_child or max_memory_per_child.", ("node",)),
+    Family("fleetd_time_limit_kills_total", "counter",
+           "Children killed for exceeding a task's hard time limit.", ("node",)),
+    Family("fleetd_redeliveries_total", "counter",
+           "Tasks handed out again after their child or worker died.", ("node",)),
+    Family("fleetd_dead_letters_total", "counter", "Tasks moved to the dead-letter list.",
+           ("node",)),
+)  # fmt: skip
+
+TASK_STATES = {
+    "task-succeeded": "SUCCESS",
+    "task-failed": "FAILURE",
+    "task-revoked": "REVOKED",
+    "task-retried": "RETRY",
+}
+NODE_COUNTERS = {
+    "worker-restarted": "fleetd_worker_restarts_total",
+    "child-recycled": "fleetd_child_recycles_total",
+    "time-limit-kill": "fleetd_time_limit_kills_total",
+    "redelivered": "fleetd_redeliveries_total",
+    "dead-lettered": "fleetd_dead_letters_total",
+}
+WORKER_GAUGES = {
+    "reserved": "fleetd_reserved",
+    "active": "fleetd_active",
+    "children": "fleetd_children",
+}
+
+LabelValues = tuple[str, ...]
+
+
+@dataclass
+class _Histogram:
+    counts: list[int]  # per bucket, not cumulative; the last one is +Inf
+    sum: float = 0.0
+
+
+class Metrics:
+    """Counters, gauges and histograms by label values; safe to use from several threads."""
+
+    def __init__(self, families: tuple[Family, ...] = FAMILIES) -> None:
+        self._families = {f.name: f for f in families}
+        self._samples: dict[str, dict[LabelValues, float]] = {f.name: {} for f in families}
+        self._histograms: dict[str, dict[LabelValues, _Histogram]] = {f.name: {} for f in families}
+        self._lock = threading.Lock()
+
+    def inc(self, name: str, labels: Mapping[str, str], value: float = 1) -> None:
+        family = self._family(name, "counter", "gauge")
+        if family.kind == "counter" and value < 0:
+            raise ValueError(f"counter {name} cannot decrease (inc by {value})")
+        key = self._key(family, labels)
+        with self._lock:
+            samples = self._samples[name]
+            samples[key] = samples.get(key, 0.0) + value
+
+    def set(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        key = self._key(self._family(name, "gauge"), labels)
+        with self._lock:
+            self._samples[name][key] = float(value)
+
+    def observe(self, name: str, labels: Mapping[str, str], seconds: float) -> None:
+        family = self._family(name, "histogram")
+        key = self._key(family, labels)
+        with self._lock:
+            hist = self._histograms[name].setdefault(
+                key, _Histogram([0] * (len(family.buckets) + 1))
+            )
+            hist.counts[bisect.bisect_left(family.buckets, seconds)] += 1
+            hist.sum += seconds
+
+    def forget_node(self, node: str) -> None:
+        """Drop the gauges of a worker that is gone; its counters stay."""
+        with self._lock:
+            for name in WORKER_GAUGES.values():
+                self._samples[name].pop((node,), None)
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Count a worker event; return False (and log why) for one it does not know."""
+        try:
+            kind = event["type"]
+            if kind in TASK_STATES:
+                task = {"name": str(event["name"])}
+                runtime = event.get("runtime")
+                runtime = None if runtime is None else float(runtime)
+                self.inc("fleetd_tasks_total", {**task, "state": TASK_STATES[kind]})
+                if runtime is not None:
+                    self.observe("fleetd_task_runtime_seconds", task, runtime)
+            elif kind in NODE_COUNTERS:
+                self.inc(NODE_COUNTERS[kind], {"node": event["node"]})
+            elif kind == "worker-stats":
+                node = {"node": event["node"]}
+                values = {name: float(event[field]) for field, name in WORKER_GAUGES.items()}
+                for name, value in values.items():
+                    self.set(name, node, value)
+            else:
+                log.debug("metrics: ignoring event type %r", kind)
+                return False
+        except (KeyError, TypeError, ValueError) as exc:
+            log.debug("metrics: bad event %r: %r", event, exc)
+            return False
+        return True
+
+    def render(self) -> str:
+        """All families in the Prometheus text exposition format 0.0.4."""
+        lines: list[str] = []
+        with self._lock:
+            for family in self._families.values():
+                lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+                lines.append(f"# TYPE {family.name} {family.kind}")
+                for key, value in sorted(self._samples[family.name].items()):
+                    lines.append(_sample(family.name, family.labels, key, value))
+                for key, hist in sorted(self._histograms[family.name].items()):
+                    lines.extend(_histogram_samples(family, key, hist))
+        return "\n".join(lines) + "\n"
+
+    def _family(self, name: str, *kinds: str) -> Family:
+        family = self._families.get(name)
+        if family is None or family.kind not in kinds:
+            raise ValueError(f"no {' or '.join(kinds)} metric named {name}")
+        return family
+
+    def _key(self, family: Family, labels: Mapping[str, str]) -> LabelValues:
+        if set(labels) != set(family.labels):
+            raise ValueError(f"{family.name} takes labels {family.labels}, not {tuple(labels)}")
+        return tuple(str(labels[label]) for label in family.labels)
+
+
+def _histogram_samples(family: Family, key: LabelValues, hist: _Histogram) -> list[str]:
+    lines = []
+    cumulative = 0
+    for bound, count in zip((*family.buckets, math.inf), hist.counts, strict=True):
+        cumulative += count
+        labels = (*family.labels, "le")
+        lines.append(_sample(f"{family.name}_bucket", labels, (*key, _number(bound)), cumulative))
+    lines.append(_sample(f"{family.name}_sum", family.labels, key, hist.sum))
+    lines.append(_sample(f"{family.name}_count", family.labels, key, cumulative))
+    return lines
+
+
+def _sample(name: str, labels: tuple[str, ...], values: LabelValues, value: float) -> str:
+    pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(labels, values, strict=True))
+    return f"{name}{{{pairs}}} {_number(value)}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return "NaN" if math.isnan(value) else repr(float(value))
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class MetricsServer:
+    """Serves `metrics.render()` at GET /metrics from a daemon thread."""
+
+    def __init__(self, bind: str, metrics: Metrics) -> None:
+        host, _, port = bind.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"metrics bind {bind!r} is not host:port")
+        self.address = (host.strip("[]") or "0.0.0.0", int(port))
+        self.metrics = metrics
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0), once started."""
+        if self._server is None:
+            raise RuntimeError("metrics server not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._server = _Server(self.address, _handler(self.metrics))
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+        log.info("serving metrics on http://%s:%d/metrics", self.address[0], self.port)
+
+    def close(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can hang on a broken DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = metrics.render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("metrics request from %s: " + format, self.client_address[0], *args)
+
+    return MetricsHandler

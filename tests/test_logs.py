@@ -1,0 +1,139 @@
+"""Log lines as a process writes them to stderr: a pipe, a terminal, text or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from supervisor.logs import FORMAT_ENV, LEVEL_ENV, JsonFormatter, log_env, setup_logging
+
+# A process entry point that logs a debug, an info with fields, and an exception.
+PROGRAM = """
+import logging, sys
+from supervisor.logs import setup_logging, setup_logging_from_env
+if len(sys.argv) > 1:
+    setup_logging(sys.argv[1], sys.argv[2], "images@host1")
+else:
+    setup_logging_from_env("images@host1")
+log = logging.getLogger("demo")
+log.debug("hidden")
+log.info("hello", extra={"task": "t1", "worker": "email@host1"})
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("failed\\non two lines", extra={"task": "t 2"})
+"""
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", PROGRAM, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        check=True,
+    )
+
+
+def test_json_format_writes_one_object_per_line_with_node_pid_and_fields() -> None:
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    result = run("info", "json")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2
+    info, error = (json.loads(line) for line in lines)
+    assert set(info) == {"time", "level", "logger", "message", "node", "pid", "task", "worker"}
+    assert info["level"] == "INFO" and info["logger"] == "demo" and info["message"] == "hello"
+    assert info["node"] == "images@host1" and info["task"] == "t1"
+    assert info["worker"] == "email@host1"
+    assert info["pid"] == error["pid"] != os.getpid()
+    assert info["time"].endswith("Z")
+    logged_at = datetime.fromisoformat(info["time"].replace("Z", "+00:00"))
+    assert before <= logged_at <= datetime.now(timezone.utc)
+    assert error["level"] == "ERROR" and error["message"] == "failed\non two lines"
+    assert error["traceback"].startswith("Traceback (most recent call last):")
+    assert error["traceback"].endswith("ZeroDivisionError: division by zero")
+
+
+def test_text_format_on_a_pipe_is_plain_lines_with_key_value_fields() -> None:
+    lines = run("info", "text").stderr.splitlines()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO demo: hello "
+        r"node=images@host1 pid=\d+ task=t1 worker=email@host1",
+        lines[0],
+    )
+    assert re.fullmatch(r".* ERROR demo: failed", lines[1])
+    assert re.fullmatch(r'on two lines node=images@host1 pid=\d+ task="t 2"', lines[2])
+    assert lines[3] == "Traceback (most recent call last):"
+    assert lines[-1] == "ZeroDivisionError: division by zero"
+
+
+def test_level_and_format_come_from_the_environment_for_workers() -> None:
+    result = run(env=log_env("error", "json"))
+    [line] = result.stderr.splitlines()
+    assert json.loads(line)["message"] == "failed\non two lines"
+
+
+def test_debug_level_shows_debug_lines() -> None:
+    result = run(env={LEVEL_ENV: "debug", FORMAT_ENV: "json"})
+    messages = [json.loads(line)["message"] for line in result.stderr.splitlines()]
+    assert messages == ["hidden", "hello", "failed\non two lines"]
+
+
+def test_text_format_on_a_terminal_uses_rich() -> None:
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PROGRAM, "info", "text"],
+            stderr=terminal,
+            env={**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"},
+        )
+        os.close(terminal)
+        output = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([controller], [], [], deadline - time.monotonic())
+            try:
+                chunk = os.read(controller, 65536) if readable else b""
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=10) == 0
+    finally:
+        os.close(controller)
+    text = output.decode()
+    assert "\x1b[" in text  # colours: rich is drawing, not the plain formatter
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert re.search(r"INFO\s+demo: hello node=images@host1 pid=\d+ task=t1", plain)
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO", plain)
+
+
+def test_json_formatter_lets_extra_node_and_pid_name_another_process() -> None:
+    record = logging.makeLogRecord({"msg": "worker exited", "node": "email@host1", "pid": 42})
+    entry = json.loads(JsonFormatter("host1").format(record))
+    assert (entry["node"], entry["pid"]) == ("email@host1", 42)
+
+
+def test_json_formatter_turns_unserialisable_fields_into_text() -> None:
+    record = logging.makeLogRecord({"msg": "m", "when": timedelta(days=1)})
+    assert json.loads(JsonFormatter("host1").format(record))["when"] == "1 day, 0:00:00"
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("loud", "text"), ("info", "xml")])
+def test_setup_logging_rejects_an_unknown_level_or_format(level: str, fmt: str) -> None:
+    handlers = logging.getLogger().handlers[:]
+    with pytest.raises(ValueError, match="unknown log"):
+        setup_logging(level, fmt, "host1")
+    assert logging.getLogger().handlers == handlers

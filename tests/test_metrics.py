@@ -1,0 +1,174 @@
+"""Prometheus metrics: worker events in, text exposition format out, over real HTTP."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.metrics import FAMILIES, Metrics, MetricsServer
+
+SAMPLE = re.compile(r'[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} (-?[0-9.e+-]+|\+Inf|-Inf|NaN)')
+
+
+def samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, checking that every line is HELP, TYPE or a valid sample."""
+    result = {}
+    for line in text.splitlines():
+        if line.startswith(("# HELP ", "# TYPE ")):
+            continue
+        assert SAMPLE.fullmatch(line), line
+        key, value = line.rsplit(" ", 1)
+        result[key] = float(value)
+    return result
+
+
+def test_every_family_has_help_and_type_even_before_any_sample() -> None:
+    assert Metrics().render().splitlines() == [
+        line
+        for f in FAMILIES
+        for line in (f"# HELP {f.name} {f.help}", f"# TYPE {f.name} {f.kind}")
+    ]
+    assert all(f.help for f in FAMILIES)
+
+
+def test_task_events_count_by_name_and_state_and_time_the_run() -> None:
+    metrics = Metrics()
+    runs = [
+        ("task-succeeded", 0.003),
+        ("task-succeeded", 0.5),
+        ("task-failed", 100.0),
+        ("task-revoked", None),
+        ("task-retried", 0.1),
+    ]
+    for kind, runtime in runs:
+        event = {"type": kind, "name": "tasks.resize", "node": "images@h1", "runtime": runtime}
+        assert metrics.apply(event)
+    got = samples(metrics.render())
+    total = 'fleetd_tasks_total{name="tasks.resize",state="%s"}'
+    assert got[total % "SUCCESS"] == 2
+    assert got[total % "FAILURE"] == 1
+    assert got[total % "REVOKED"] == 1
+    assert got[total % "RETRY"] == 1
+    bucket = 'fleetd_task_runtime_seconds_bucket{name="tasks.resize",le="%s"}'
+    expected = {"0.001": 0, "0.005": 1, "0.05": 1, "0.1": 2, "0.5": 3, "60.0": 3, "+Inf": 4}
+    assert {le: got[bucket % le] for le in expected} == expected
+    assert got['fleetd_task_runtime_seconds_count{name="tasks.resize"}'] == 4
+    assert got['fleetd_task_runtime_seconds_sum{name="tasks.resize"}'] == pytest.approx(100.603)
+
+
+def test_histogram_lists_every_bucket_in_order() -> None:
+    metrics = Metrics()
+    metrics.observe("fleetd_task_runtime_seconds", {"name": "t"}, 2)
+    les = re.findall(r'le="([^"]+)"', metrics.render())
+    assert " ".join(les) == "0.001 0.005 0.01 0.05 0.1 0.5 1.0 5.0 10.0 60.0 +Inf"
+
+
+@pytest.mark.parametrize(
+    ("kind", "family"),
+    [
+        ("worker-restarted", "fleetd_worker_restarts_total"),
+        ("child-recycled", "fleetd_child_recycles_total"),
+        ("time-limit-kill", "fleetd_time_limit_kills_total"),
+        ("redelivered", "fleetd_redeliveries_total"),
+        ("dead-lettered", "fleetd_dead_letters_total"),
+    ],
+)
+def test_node_events_count_per_node(kind: str, family: str) -> None:
+    metrics = Metrics()
+    for node in ("images@h1", "images@h1", "email@h1"):
+        assert metrics.apply({"type": kind, "node": node})
+    got = samples(metrics.render())
+    assert got[f'{family}{{node="images@h1"}}'] == 2
+    assert got[f'{family}{{node="email@h1"}}'] == 1
+
+
+def test_worker_stats_set_gauges_that_forget_node_drops() -> None:
+    metrics = Metrics()
+    stats = {"type": "worker-stats", "node": "images@h1", "children": 4}
+    assert metrics.apply({**stats, "reserved": 3, "active": 2})
+    assert metrics.apply({**stats, "reserved": 1, "active": 0})
+    metrics.apply({"type": "worker-restarted", "node": "images@h1"})
+    got = samples(metrics.render())
+    assert got['fleetd_reserved{node="images@h1"}'] == 1
+    assert got['fleetd_active{node="images@h1"}'] == 0
+    assert got['fleetd_children{node="images@h1"}'] == 4
+    metrics.forget_node("images@h1")
+    assert list(samples(metrics.render())) == ['fleetd_worker_restarts_total{node="images@h1"}']
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "party"},
+        {"node": "images@h1"},
+        {"type": "task-succeeded", "node": "images@h1"},
+        {"type": "worker-stats", "node": "images@h1", "reserved": "many", "active": 1},
+        {"type": "task-failed", "name": "t", "runtime": "slow"},
+    ],
+)
+def test_unknown_or_malformed_events_are_refused_without_raising(event: dict[str, object]) -> None:
+    assert not Metrics().apply(event)
+
+
+def test_queue_depth_gauge_and_label_escaping() -> None:
+    metrics = Metrics()
+    metrics.set("fleetd_queue_depth", {"queue": 'odd "q"\\\n'}, 7)
+    assert samples(metrics.render()) == {'fleetd_queue_depth{queue="odd \\"q\\"\\\\\\n"}': 7}
+
+
+def test_misuse_is_refused() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="cannot decrease"):
+        metrics.inc("fleetd_tasks_total", {"name": "t", "state": "SUCCESS"}, -1)
+    with pytest.raises(ValueError, match="takes labels"):
+        metrics.inc("fleetd_tasks_total", {"name": "t"})
+    with pytest.raises(ValueError, match="no gauge metric named fleetd_tasks_total"):
+        metrics.set("fleetd_tasks_total", {"name": "t", "state": "SUCCESS"}, 1)
+    with pytest.raises(ValueError, match="no histogram metric"):
+        metrics.observe("fleetd_nothing", {}, 1)
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    metrics = Metrics()
+    metrics.apply({"type": "dead-lettered", "node": "images@h1"})
+    server = MetricsServer("127.0.0.1:0", metrics)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_server_serves_metrics_over_http(server: MetricsServer) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        body = reply.read().decode()
+    assert body == server.metrics.render()
+    assert samples(body) == {'fleetd_dead_letters_total{node="images@h1"}': 1}
+
+
+def test_server_answers_404_elsewhere(server: MetricsServer) -> None:
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=10)
+    assert error.value.code == 404
+
+
+def test_closed_server_refuses_connections() -> None:
+    server = MetricsServer("127.0.0.1:0", Metrics())
+    server.start()
+    port = server.port
+    server.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "localhost:http", ""])
+def test_bind_must_be_host_and_port(bind: str) -> None:
+    with pytest.raises(ValueError, match="not host:port"):
+        MetricsServer(bind, Metrics())

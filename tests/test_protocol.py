@@ -1,0 +1,117 @@
+"""The length-prefixed JSON framing of worker/protocol.py, over real pipes."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from worker import protocol
+from worker.protocol import MAX_FRAME_SIZE, FrameReader, ProtocolError, encode, write_frame
+
+pytestmark = pytest.mark.timeout(30)
+
+MESSAGES = [
+    {"op": "run", "task": "tasks.resize", "args": [42], "kwargs": {}},
+    [1, 2.5, None, True, "x"],
+    "ünïcödé and a lone surrogate \udc80",
+    0,
+    {},
+]
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_fd, write_fd = os.pipe()
+    yield read_fd, write_fd
+    for fd in (read_fd, write_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_frame_is_a_big_endian_length_then_compact_json() -> None:
+    assert encode({"a": [1, 2]}) == b'\x00\x00\x00\x0b{"a":[1,2]}'
+
+
+def test_frames_fed_one_byte_at_a_time_come_out_whole_and_in_order() -> None:
+    stream = b"".join(encode(message) for message in MESSAGES)
+    reader = FrameReader()
+    out = []
+    for i in range(len(stream)):
+        out.extend(reader.feed(stream[i : i + 1]))
+    assert out == MESSAGES
+
+
+def test_many_frames_in_one_chunk_all_come_out() -> None:
+    frames = [{"n": n} for n in range(1000)]
+    assert FrameReader().feed(b"".join(encode(frame) for frame in frames)) == frames
+
+
+def test_a_chunk_split_inside_the_header_keeps_the_rest_for_later() -> None:
+    stream = encode(MESSAGES[0]) + encode(MESSAGES[1])
+    cut = len(encode(MESSAGES[0])) + 2
+    reader = FrameReader()
+    assert reader.feed(stream[:cut]) == [MESSAGES[0]]
+    assert reader.feed(stream[cut:]) == [MESSAGES[1]]
+    assert reader.feed(b"") == []
+
+
+def test_read_frames_returns_frames_then_empty_then_none_at_eof(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    os.set_blocking(read_fd, False)
+    reader = FrameReader()
+    assert reader.read_frames(read_fd) == []
+    data = encode(MESSAGES[0])
+    os.write(write_fd, data[:5])
+    assert reader.read_frames(read_fd) == []
+    os.write(write_fd, data[5:] + encode(MESSAGES[1]))
+    assert reader.read_frames(read_fd) == MESSAGES[:2]
+    os.close(write_fd)
+    assert reader.read_frames(read_fd) is None
+
+
+def test_write_frame_delivers_a_frame_larger_than_the_pipe_buffer(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    big = {"blob": "x" * (3 * 1024 * 1024)}
+    received: list[object] = []
+
+    def read_all() -> None:
+        reader = FrameReader()
+        while not received:
+            frames = reader.read_frames(read_fd)
+            assert frames is not None
+            received.extend(frames)
+
+    reader_thread = threading.Thread(target=read_all)
+    reader_thread.start()
+    write_frame(write_fd, big)
+    reader_thread.join(timeout=20)
+    assert received == [big]
+
+
+def test_header_announcing_more_than_64_mib_is_refused_at_once() -> None:
+    with pytest.raises(ProtocolError, match="over"):
+        FrameReader().feed(struct.pack(">I", MAX_FRAME_SIZE + 1))
+
+
+def test_encoding_a_frame_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "MAX_FRAME_SIZE", 16)
+    assert FrameReader().feed(encode("0123456789abc")) == ["0123456789abc"]
+    with pytest.raises(ProtocolError):
+        encode("0123456789abcdef")
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"\xff\xfe", b"[" * 100_000])
+def test_a_frame_that_is_not_json_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="not JSON"):
+        FrameReader().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_what_json_cannot_hold_is_refused_by_encode() -> None:
+    with pytest.raises(TypeError):
+        encode({"when": object()})

@@ -1,0 +1,196 @@
+"""The broker interface: the few verbs a worker and a client need, nothing more.
+
+A broker stores task messages (an opaque JSON text body per task), hands them out
+under a lease to one owner at a time, and keeps results, dead letters and revokes.
+Every verb takes and returns batches, so that a worker spends one round trip (one
+transaction) per batch, never one per task. `tests/brokers/` runs the same
+contract suite against every implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import Any
+
+# User-facing task states (DESIGN section 7).
+PENDING = "PENDING"
+STARTED = "STARTED"
+RETRY = "RETRY"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A task message on its way into the broker."""
+
+    id: str
+    queue: str
+    name: str
+    body: str  # JSON text, decoded by the worker (a bad body is dead-lettered, not dropped)
+    eta: float | None = None  # epoch seconds; None = ready now
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A task message handed to one owner under a lease."""
+
+    id: str
+    queue: str
+    name: str
+    body: str
+    deliveries: int  # counts this delivery: 1 the first time a task is handed out
+
+
+@dataclass
+class Outcome:
+    """How a delivered task ended; `Broker.finish` acks it and stores it as the result."""
+
+    id: str
+    state: str  # SUCCESS | FAILURE | REVOKED
+    result: Any = None
+    exc_type: str | None = None
+    exc_message: str | None = None
+    traceback: str | None = None
+    node: str | None = None
+    runtime: float | None = None
+    dead_letter: bool = False  # keep the raw message in the dead-letter list too
+    name: str | None = None  # for records of tasks the broker never saw (undecodable)
+
+
+@dataclass
+class Retry:
+    """A delivered task going back to the broker with an ETA (state RETRY)."""
+
+    id: str
+    body: str  # the body to deliver next time (with its retry count raised)
+    eta: float
+    exc_type: str | None = None
+    exc_message: str | None = None
+
+
+@dataclass
+class QueueDepth:
+    queue: str
+    ready: int = 0  # due now, waiting for a worker
+    scheduled: int = 0  # waiting for their ETA
+    reserved: int = 0  # handed to a worker (started or not)
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    queue: str
+    name: str
+    body: str
+    reason: str
+    at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Wakeup(abc.ABC):
+    """A file descriptor that becomes readable when new work may be available.
+
+    An idle worker polls it (with its children's pipes) instead of sleeping.
+    Spurious wake-ups are allowed; missed ones are not, once `arm` returned.
+    """
+
+    @abc.abstractmethod
+    def fileno(self) -> int: ...
+
+    @abc.abstractmethod
+    def arm(self) -> None:
+        """Get ready to sleep: after this, new work makes `fileno()` readable."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Consume the readiness after a wake-up (never blocks)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Broker(abc.ABC):
+    """One broker connection. Not shared across fork: open a new one in each process."""
+
+    url: str
+
+    # --- producing -------------------------------------------------------------
+    @abc.abstractmethod
+    def enqueue(self, envelopes: Sequence[Envelope]) -> None:
+        """Store the messages (one transaction) and wake idle consumers of their queues."""
+
+    # --- consuming -------------------------------------------------------------
+    @abc.abstractmethod
+    def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
+        """Hand out up to `n` due messages, oldest first, to `owner` until now + `lease`.
+
+        Two concurrent callers never get the same message. Each delivery raises the
+        message's delivery count. Due ETA messages are included.
+        """
+
+    @abc.abstractmethod
+    def mark_started(self, ids: list[str], node: str) -> None:
+        """Record that these delivered tasks started running (state STARTED)."""
+
+    @abc.abstractmethod
+    def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
+        """Ack delivered tasks and store their results, all in one transaction.
+
+        Retries go back with their ETA and state RETRY. Outcomes for ids the broker
+        does not hold (an undecodable message with a made-up id) are stored as results.
+        """
+
+    @abc.abstractmethod
+    def release(self, ids: list[str], started: bool) -> None:
+        """Give delivered tasks back to their queue at once.
+
+        `started=False` (returned before running, e.g. on warm shutdown) takes back the
+        delivery count this delivery added; `started=True` (the child died) keeps it.
+        """
+
+    @abc.abstractmethod
+    def extend(self, ids: list[str], owner: str, lease: float) -> None:
+        """Renew the lease of tasks this owner still holds."""
+
+    @abc.abstractmethod
+    def recover(self, owner: str) -> int:
+        """Give back every task held by a consumer known to be dead; returns how many."""
+
+    @abc.abstractmethod
+    def recover_expired(self, queues: list[str]) -> int:
+        """Give back tasks whose lease ran out (their owner is presumed gone)."""
+
+    @abc.abstractmethod
+    def wakeup(self, queues: list[str]) -> Wakeup:
+        """A wake-up descriptor for new work on these queues."""
+
+    @abc.abstractmethod
+    def next_due(self, queues: list[str]) -> float | None:
+        """Epoch seconds of the earliest scheduled (ETA) message, or None."""
+
+    # --- results, dead letters, revokes --------------------------------------
+    @abc.abstractmethod
+    def get_result(self, task_id: str) -> dict[str, Any] | None:
+        """The task's info dict (id, name, state, result, exc_type, exc_message,
+        traceback, deliveries, node, queue), or None if the broker never saw it."""
+
+    @abc.abstractmethod
+    def depths(self) -> list[QueueDepth]: ...
+
+    @abc.abstractmethod
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    @abc.abstractmethod
+    def revoke(self, ids: list[str]) -> None:
+        """Remember these ids as revoked (persistently); queued ones end REVOKED at once."""
+
+    @abc.abstractmethod
+    def revoked(self) -> set[str]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,363 @@
+"""The embedded broker: one SQLite file in WAL mode, one transaction per batch.
+
+A task is one row of `tasks`: `status` says where it is for the broker (queued,
+held by an owner under a lease, done) and `state` what a user sees. Idle
+consumers sleep on a FIFO each (in `<db>-wake/`), which producers poke after
+every commit, so a task starts within a millisecond of its submit without any
+polling loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .base import (
+    PENDING,
+    RETRY,
+    REVOKED,
+    STARTED,
+    Broker,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    Outcome,
+    QueueDepth,
+    Retry,
+    Wakeup,
+)
+
+QUEUED, HELD, DONE = 0, 1, 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    eta REAL NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    exc_type TEXT,
+    exc_message TEXT,
+    traceback TEXT,
+    node TEXT,
+    runtime REAL,
+    created REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, eta, seq) WHERE status = 0;
+CREATE INDEX IF NOT EXISTS tasks_held ON tasks (owner) WHERE status = 1;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY, queue TEXT, name TEXT, body TEXT, reason TEXT, at REAL, extra TEXT
+);
+CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, at REAL NOT NULL);
+"""
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///rel.db` -> `rel.db`, `sqlite:////abs/q.db` -> `/abs/q.db` (SQLAlchemy's form)."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///relative.db or sqlite:////abs.db)")
+    path = url[len("sqlite:///") :]
+    if not path:
+        raise ValueError(f"sqlite URL without a file path: {url!r}")
+    return path
+
+
+class FifoWakeup(Wakeup):
+    """A named pipe in the wake folder; producers write a byte to every pipe there."""
+
+    def __init__(self, folder: str) -> None:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkfifo(self.path, 0o600)
+        self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own writer keeps the pipe from reporting hang-up when a producer closes it.
+        self._keep_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def arm(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._keep_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def poke(folder: str) -> None:
+    """Wake every consumer sleeping on a pipe in `folder`; remove pipes nobody reads."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
+            with contextlib.suppress(OSError):
+                if stat.S_ISFIFO(os.lstat(path).st_mode):
+                    os.unlink(path)
+            continue
+        try:
+            os.write(fd, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full: that consumer is awake already
+        finally:
+            os.close(fd)
+
+
+class SQLiteBroker(Broker):
+    def __init__(self, url: str, durability: str = "default") -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self.wake_folder = self.path + "-wake"
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        self._lock = threading.Lock()  # a Client may be shared between threads
+        self.db = sqlite3.connect(
+            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
+        self.db.execute("PRAGMA journal_mode=WAL")
+        sync = "FULL" if durability == "fsync" else "NORMAL"
+        self.db.execute(f"PRAGMA synchronous={sync}")
+        self.db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the write lock up front so it never deadlocks."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # --- producing -------------------------------------------------------------
+    def enqueue(self, envelopes: Sequence[Envelope]) -> None:
+        now = time.time()
+        rows = [
+            (e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes
+        ]
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
+                f" VALUES (?, ?, ?, ?, {QUEUED}, ?, ?, ?)",
+                rows,
+            )
+        poke(self.wake_folder)
+
+    # --- consuming -------------------------------------------------------------
+    def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
+        if n <= 0 or not queues:
+            return []
+        now = time.time()
+        marks = ",".join("?" * len(queues))
+        with self._write() as db:
+            rows = db.execute(
+                f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
+                " deliveries = deliveries + 1"
+                " WHERE seq IN (SELECT seq FROM tasks WHERE status = 0"
+                f" AND queue IN ({marks}) AND eta <= ? ORDER BY eta, seq LIMIT ?)"
+                " RETURNING seq, id, queue, name, body, deliveries",
+                (owner, now + lease, *queues, now, n),
+            ).fetchall()
+        rows.sort()
+        return [Delivery(r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def mark_started(self, ids: list[str], node: str) -> None:
+        if not ids:
+            return
+        with self._write() as db:
+            db.executemany(
+                f"UPDATE tasks SET state = '{STARTED}', node = ? WHERE id = ? AND status = {HELD}",
+                [(node, i) for i in ids],
+            )
+
+    def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
+        if not outcomes and not retries:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                f"UPDATE tasks SET status = {DONE}, state = ?, result = ?, exc_type = ?,"
+                " exc_message = ?, traceback = ?, node = coalesce(?, node), runtime = ?,"
+                " finished = ?, owner = NULL WHERE id = ?",
+                [
+                    (
+                        o.state,
+                        json.dumps(o.result),
+                        o.exc_type,
+                        o.exc_message,
+                        o.traceback,
+                        o.node,
+                        o.runtime,
+                        now,
+                        o.id,
+                    )
+                    for o in outcomes
+                ],
+            )
+            dead = [o for o in outcomes if o.dead_letter]
+            if dead:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dead_letters (id, queue, name, body, reason, at, extra)"
+                    " SELECT id, queue, name, body, ?, ?, ? FROM tasks WHERE id = ?",
+                    [
+                        (o.exc_type, now, json.dumps({"message": o.exc_message}), o.id)
+                        for o in dead
+                    ],
+                )
+            db.executemany(
+                f"UPDATE tasks SET status = {QUEUED}, state = '{RETRY}', body = ?, eta = ?,"
+                " exc_type = ?, exc_message = ?, owner = NULL, lease_until = NULL,"
+                " deliveries = 0 WHERE id = ?",
+                [(r.body, r.eta, r.exc_type, r.exc_message, r.id) for r in retries],
+            )
+        if retries:
+            poke(self.wake_folder)
+
+    def release(self, ids: list[str], started: bool) -> None:
+        if not ids:
+            return
+        taken_back = "0" if started else "1"
+        with self._write() as db:
+            db.executemany(
+                f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"
+                f" deliveries = deliveries - {taken_back},"
+                f" state = CASE WHEN state = '{STARTED}' THEN '{PENDING}' ELSE state END"
+                f" WHERE id = ? AND status = {HELD}",
+                [(i,) for i in ids],
+            )
+        poke(self.wake_folder)
+
+    def extend(self, ids: list[str], owner: str, lease: float) -> None:
+        if not ids:
+            return
+        until = time.time() + lease
+        with self._write() as db:
+            db.executemany(
+                f"UPDATE tasks SET lease_until = ? WHERE id = ? AND owner = ? AND status = {HELD}",
+                [(until, i, owner) for i in ids],
+            )
+
+    def _requeue_where(self, where: str, params: Sequence[Any]) -> int:
+        with self._write() as db:
+            count = db.execute(
+                f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"
+                f" state = CASE WHEN state = '{STARTED}' THEN '{PENDING}' ELSE state END"
+                f" WHERE status = {HELD} AND {where}",
+                params,
+            ).rowcount
+        if count:
+            poke(self.wake_folder)
+        return count
+
+    def recover(self, owner: str) -> int:
+        return self._requeue_where("owner = ?", (owner,))
+
+    def recover_expired(self, queues: list[str]) -> int:
+        marks = ",".join("?" * len(queues))
+        return self._requeue_where(
+            f"lease_until < ? AND queue IN ({marks})", (time.time(), *queues)
+        )
+
+    def wakeup(self, queues: list[str]) -> Wakeup:
+        return FifoWakeup(self.wake_folder)
+
+    def next_due(self, queues: list[str]) -> float | None:
+        marks = ",".join("?" * len(queues))
+        row = self.db.execute(
+            f"SELECT min(eta) FROM tasks WHERE status = {QUEUED} AND queue IN ({marks}) AND eta > ?",
+            (*queues, time.time()),
+        ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    # --- results, dead letters, revokes --------------------------------------
+    def get_result(self, task_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, name, queue, state, result, exc_type, exc_message, traceback,"
+            " deliveries, node, runtime, status FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        done = row[11] == DONE
+        return {
+            "id": row[0],
+            "name": row[1],
+            "queue": row[2],
+            "state": row[3],
+            "result": json.loads(row[4]) if done and row[4] is not None else None,
+            "exc_type": row[5],
+            "exc_message": row[6],
+            "traceback": row[7],
+            "deliveries": row[8],
+            "node": row[9],
+            "runtime": row[10],
+        }
+
+    def depths(self) -> list[QueueDepth]:
+        now = time.time()
+        rows = self.db.execute(
+            f"SELECT queue, sum(status = {QUEUED} AND eta <= ?), sum(status = {QUEUED} AND eta > ?),"
+            f" sum(status = {HELD}) FROM tasks WHERE status < {DONE} GROUP BY queue ORDER BY queue",
+            (now, now),
+        ).fetchall()
+        return [QueueDepth(q, ready, scheduled, held) for q, ready, scheduled, held in rows]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self.db.execute(
+            "SELECT id, queue, name, body, reason, at, extra FROM dead_letters"
+            " ORDER BY at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}")) for r in rows
+        ]
+
+    def revoke(self, ids: list[str]) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO revoked (id, at) VALUES (?, ?)", [(i, now) for i in ids]
+            )
+            db.executemany(
+                f"UPDATE tasks SET status = {DONE}, state = '{REVOKED}', finished = ?"
+                f" WHERE id = ? AND status = {QUEUED}",
+                [(now, i) for i in ids],
+            )
+
+    def revoked(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM revoked")}
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+

@@ -1,0 +1,114 @@
+"""A pool child: runs one task at a time, read from its pipe, and writes back the outcome.
+
+The worker sends each task as the raw JSON body the broker held; the child answers
+with one frame per task: `{"id", "s": state, "r": result | "t"/"m"/"tb": error,
+"c": countdown for a retry, "rt": runtime}`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from .protocol import FrameReader, encode
+from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+class Child:
+    def __init__(self, task_fd: int, result_fd: int) -> None:
+        self.task_fd = task_fd
+        self.result_fd = result_fd
+        self.busy = False
+        self.stop_when_idle = False
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        if not self.busy:
+            os._exit(0)
+        self.stop_when_idle = True
+
+    def on_soft_limit(self, signum: int, frame: Any) -> None:
+        if self.busy:
+            raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGUSR1, self.on_soft_limit)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        reader = FrameReader()
+        while True:
+            try:
+                frames = reader.read_frames(self.task_fd)
+            except InterruptedError:
+                continue
+            if frames is None:  # the worker closed our pipe: retire
+                return
+            for body in frames:
+                self.busy = True
+                reply = self.execute(body)
+                self.busy = False
+                os.write(self.result_fd, encode(reply))
+                if self.stop_when_idle:
+                    return
+
+    def execute(self, body: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        task_id = body.get("id") if isinstance(body, dict) else None
+        try:
+            name = body["name"]
+            task = REGISTRY[name]
+            args, kwargs = body.get("args", []), body.get("kwargs", {})
+            task.request = Request(task_id, int(body.get("retries", 0)), int(body.get("deliveries", 1)))
+            result = task(*args, **kwargs)
+            encode(result)  # not JSON-able must fail the task, not the pipe
+            return {"id": task_id, "s": "SUCCESS", "r": result, "rt": time.perf_counter() - start}
+        except RetryTask as retry:
+            return {"id": task_id, "s": "RETRY", "c": retry.countdown,
+                    "t": type(retry.exc).__name__ if retry.exc else None,
+                    "m": str(retry.exc) if retry.exc else None}
+        except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
+            return {
+                "id": task_id,
+                "s": "FAILURE",
+                "t": type(exc).__name__,
+                "m": str(exc)[:2000],
+                "tb": traceback.format_exc()[-8000:],
+                "rt": time.perf_counter() - start,
+            }
+        finally:
+            sys.stdout.flush()
+
+
+def child_main(task_fd: int, result_fd: int, worker_pid: int) -> None:
+    """Entry point in a freshly forked child; never returns."""
+    code = 0
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != worker_pid:  # the worker died before the death signal was set
+        os._exit(1)
+    try:
+        Child(task_fd, result_fd).run()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)

@@ -1,0 +1,704 @@
+"""The worker process: reserves tasks, feeds them to its forked children, acks the outcomes.
+
+One thread, one poll loop (`Worker.run`), reading top to bottom as the lifecycle:
+signals, arbiter messages, children's outcomes and deaths, time limits, then
+reserve, dispatch and flush to the broker in batches. No threads and no ZeroMQ
+here: the worker forks its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import json
+import logging
+import os
+import random
+import select
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from supervisor.config import WorkerSpec
+
+from .brokers import open_broker
+from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
+from .child import child_main, set_parent_death_signal
+from .control import COMMANDS, CommandError
+from .protocol import FrameReader, ProtocolError, encode
+from .ratelimit import RateLimits
+from .task import REGISTRY
+
+log = logging.getLogger("fleetd.worker")
+
+POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+EXIT_OK = 0
+EXIT_IMPORT_ERROR = 4
+TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
+
+
+@dataclass
+class Running:
+    delivery: Delivery
+    started: float  # monotonic
+    soft_deadline: float | None
+    hard_deadline: float | None
+    soft_sent: bool = False
+    terminated_at: float | None = None  # revoked with terminate: settled already, child retires
+
+
+@dataclass
+class ChildProc:
+    pid: int
+    task_fd: int  # worker writes tasks here
+    result_fd: int  # worker reads outcomes here
+    reader: FrameReader = field(default_factory=FrameReader)
+    running: Running | None = None
+    tasks_done: int = 0
+    recycle_after: int = 0  # 0 = never
+    retiring: bool = False
+    born: float = field(default_factory=time.time)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, arbiter_fd: int | None) -> None:
+        self.spec = spec
+        self.node = spec.node
+        self.arbiter_fd = arbiter_fd
+        self.arbiter_reader = FrameReader()
+        self.children: dict[int, ChildProc] = {}  # by result_fd
+        self.reserved: deque[Delivery] = deque()
+        self.outcomes: list[Outcome] = []
+        self.retries: list[Retry] = []
+        self.to_release: list[str] = []
+        self.started_ids: list[str] = []
+        self.revoked: set[str] = set()
+        self.rate_limits = RateLimits(spec.rate_limits)
+        self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
+        self.target_children = spec.concurrency
+        self.signals: deque[int] = deque()
+        self.shutdown: str | None = None  # None, "warm" or "cold"
+        self.shutdown_deadline: float | None = None
+        self.events_enabled = False
+        self.events: list[dict[str, Any]] = []
+        self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "revoked": 0,
+                       "redelivered": 0, "dead_lettered": 0, "recycled": 0, "time_limit_kills": 0}
+        self.started_at = time.time()
+        self.pid = os.getpid()
+        self.owner = ""
+        self.poller = select.poll()
+        self.next_renew = 0.0
+        self.rate_wait_until = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        self.setup_signals()
+        self.import_tasks()
+        self.broker = open_broker(self.spec.broker, durability=self.spec.durability)
+        me = psutil.Process()
+        self.owner = f"{self.node}:{me.pid}:{int(me.create_time() * 1000)}"
+        self.revoked = self.broker.revoked()
+        self.wakeup = self.broker.wakeup(self.spec.queues)
+        self.poller.register(self.wakeup.fileno(), select.POLLIN)
+        if self.arbiter_fd is not None:
+            self.poller.register(self.arbiter_fd, POLL_IN)
+        for _ in range(self.target_children):
+            self.spawn_child()
+        self.broker.recover_expired(self.spec.queues)
+        self.send({"type": "ready", "owner": self.owner, "pid": os.getpid()})
+        self.emit("worker-online")
+        log.info("consuming %s with %d children", ",".join(self.spec.queues), len(self.children),
+                 extra={"node": self.node})
+        while not self.finished():
+            self.step(self.poll_timeout())
+        self.close()
+        return EXIT_OK
+
+    def step(self, timeout: float) -> None:
+        """One turn of the loop: wait, take in what happened, act on it, flush."""
+        self.wakeup.arm()
+        for fd, _ in self.poller.poll(timeout * 1000):
+            if fd == self.wakeup.fileno():
+                self.wakeup.clear()
+            elif fd == self.arbiter_fd:
+                self.read_arbiter()
+            elif fd in self.children:
+                self.read_child(self.children[fd])
+        self.handle_signals()
+        now = time.monotonic()
+        self.enforce_time_limits(now)
+        if self.shutdown is None:
+            self.manage_children()
+            self.reserve_more()
+            self.dispatch(now)
+        else:
+            self.continue_shutdown(now)
+        self.flush()
+        if now >= self.next_renew:
+            self.renew(now)
+
+    def finished(self) -> bool:
+        return self.shutdown is not None and not self.children
+
+    def poll_timeout(self) -> float:
+        if self.shutdown is None and self.has_work_to_dispatch():
+            return 0.0
+        now = time.monotonic()
+        deadlines = [self.next_renew]
+        for child in self.children.values():
+            if child.running:
+                if child.running.soft_deadline and not child.running.soft_sent:
+                    deadlines.append(child.running.soft_deadline)
+                if child.running.hard_deadline:
+                    deadlines.append(child.running.hard_deadline)
+                if child.running.terminated_at is not None:
+                    deadlines.append(child.running.terminated_at + TERMINATE_GRACE)
+        if self.reserved and self.rate_wait_until:
+            deadlines.append(self.rate_wait_until)
+        if self.shutdown_deadline:
+            deadlines.append(self.shutdown_deadline)
+        if self.shutdown is None and self.held() < self.capacity():
+            due = self.broker.next_due(self.spec.queues)
+            if due is not None:
+                deadlines.append(now + max(0.0, due - time.time()))
+        return max(0.0, min(min(deadlines) - now, 1.0))
+
+    def has_work_to_dispatch(self) -> bool:
+        return bool(self.reserved) and self.idle_child() is not None and not self.rate_wait_until
+
+    def close(self) -> None:
+        self.flush()
+        self.emit("worker-offline")
+        self.send_events()
+        self.wakeup.close()
+        self.broker.close()
+        log.info("stopped", extra={"node": self.node})
+
+    # --- setup -------------------------------------------------------------------
+    def setup_signals(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signal_fd = read_fd
+        self.poller.register(read_fd, select.POLLIN)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self.on_signal)
+        set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
+        if os.environ.get("FLEETD_ARBITER_PID") and os.getppid() != int(os.environ["FLEETD_ARBITER_PID"]):
+            self.signals.append(signal.SIGTERM)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)  # only enqueue: the loop acts on it
+
+    def import_tasks(self) -> None:
+        for path in reversed(self.spec.pythonpath):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        for module in self.spec.imports:
+            importlib.import_module(module)
+        for name, task in REGISTRY.items():
+            if task.time_limit or task.soft_time_limit:
+                self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
+            if task.rate_limit and name not in self.spec.rate_limits:
+                self.rate_limits.set(name, task.rate_limit)
+
+    # --- signals -----------------------------------------------------------------
+    def handle_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.signal_fd, 512):
+                pass
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.begin_shutdown("warm")
+            elif signum == signal.SIGQUIT:
+                self.begin_shutdown("cold")
+            elif signum == signal.SIGTTIN:
+                self.target_children += 1
+            elif signum == signal.SIGTTOU:
+                self.target_children = max(1, self.target_children - 1)
+            elif signum == signal.SIGUSR1:
+                log.info("status %s", json.dumps(self.stats()), extra={"node": self.node})
+            elif signum == signal.SIGCHLD:
+                self.reap_children()
+
+    # --- children ----------------------------------------------------------------
+    def spawn_child(self) -> ChildProc:
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        keep_closed = [task_w, result_r, self.signal_fd, self.wakeup.fileno()]
+        if self.arbiter_fd is not None:
+            keep_closed.append(self.arbiter_fd)
+        for other in self.children.values():
+            keep_closed += [other.task_fd, other.result_fd]
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for fd in keep_closed:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            child_main(task_r, result_w, self.pid)
+        os.close(task_r)
+        os.close(result_w)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        os.set_blocking(result_r, False)
+        child = ChildProc(pid, task_w, result_r)
+        if self.spec.max_tasks_per_child:
+            jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
+            child.recycle_after = self.spec.max_tasks_per_child + jitter
+        self.children[result_r] = child
+        self.poller.register(result_r, POLL_IN)
+        return child
+
+    def drain_child(self, child: ChildProc) -> None:
+        """Take in every outcome a (dead) child wrote before it went."""
+        while child.result_fd in self.children:
+            try:
+                data = os.read(child.result_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                self.child_gone(child, reaped=True)
+                return
+            for reply in child.reader.feed(data):
+                self.task_done(child, reply)
+
+    def read_child(self, child: ChildProc) -> None:
+        try:
+            frames = child.reader.read_frames(child.result_fd)
+        except ProtocolError as exc:
+            log.error("child %d sent garbage (%s); killing it", child.pid, exc, extra={"node": self.node})
+            frames = None
+            self.kill_group(child.pid)
+        if frames is None:
+            self.child_gone(child)
+            return
+        for reply in frames:
+            self.task_done(child, reply)
+
+    def task_done(self, child: ChildProc, reply: dict[str, Any]) -> None:
+        running = child.running
+        child.running = None
+        child.tasks_done += 1
+        if running is None:
+            return
+        if running.terminated_at is not None:
+            self.retire_child(child)
+            return
+        delivery = running.delivery
+        state = reply.get("s")
+        runtime = reply.get("rt")
+        if state == "RETRY":
+            body = json.loads(delivery.body)
+            body["retries"] = int(body.get("retries", 0)) + 1
+            self.retries.append(Retry(delivery.id, json.dumps(body), time.time() + float(reply.get("c") or 0),
+                                      reply.get("t"), reply.get("m")))
+            self.counts["retried"] += 1
+            self.emit("task-retried", delivery)
+        elif state == SUCCESS:
+            self.outcomes.append(Outcome(delivery.id, SUCCESS, result=reply.get("r"), node=self.node, runtime=runtime))
+            self.counts["succeeded"] += 1
+            self.emit("task-succeeded", delivery, runtime=runtime)
+        else:
+            self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type=reply.get("t"), exc_message=reply.get("m"),
+                                         traceback=reply.get("tb"), node=self.node, runtime=runtime))
+            self.counts["failed"] += 1
+            self.emit("task-failed", delivery, runtime=runtime, exc_type=reply.get("t"))
+        if self.should_recycle(child):
+            self.retire_child(child)
+
+    def should_recycle(self, child: ChildProc) -> bool:
+        if child.retiring or self.shutdown is not None:
+            return False
+        if child.recycle_after and child.tasks_done >= child.recycle_after:
+            return True
+        if self.spec.max_memory_per_child:
+            with contextlib.suppress(psutil.Error):
+                return bool(psutil.Process(child.pid).memory_info().rss > self.spec.max_memory_per_child)
+        return False
+
+    def retire_child(self, child: ChildProc) -> None:
+        """Replace a child after its task: the new one is forked first, so the pool never shrinks."""
+        child.retiring = True
+        self.counts["recycled"] += 1
+        self.emit("child-recycled")
+        if self.live_children() < self.target_children:
+            self.spawn_child()
+        with contextlib.suppress(OSError):
+            os.close(child.task_fd)  # EOF: the child exits when it reads it
+        child.task_fd = -1
+
+    def live_children(self) -> int:
+        return sum(1 for c in self.children.values() if not c.retiring)
+
+    def child_gone(self, child: ChildProc, reaped: bool = False) -> None:
+        """The child exited or was killed (its pipe closed, or it was reaped): settle its task."""
+        self.poller.unregister(child.result_fd)
+        del self.children[child.result_fd]
+        os.close(child.result_fd)
+        if child.task_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(child.task_fd)
+        self.kill_group(child.pid)  # whatever its task started dies with it
+        if not reaped:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
+        if child.running is not None and child.running.terminated_at is None:
+            self.task_lost(child.running.delivery)
+            log.warning("child %d died running task %s", child.pid, child.running.delivery.id,
+                        extra={"node": self.node, "task": child.running.delivery.id})
+
+    def task_lost(self, delivery: Delivery) -> None:
+        """A child died mid-task: redeliver at once, or dead-letter after max_deliveries."""
+        if delivery.deliveries >= self.spec.max_deliveries:
+            self.dead_letter(delivery, "WorkerLost",
+                             f"the process running it died {delivery.deliveries} times")
+        else:
+            self.release_now([delivery.id], started=True)
+            self.counts["redelivered"] += 1
+            self.emit("redelivered")
+
+    def dead_letter(self, delivery: Delivery, exc_type: str, message: str) -> None:
+        self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type=exc_type, exc_message=message,
+                                     node=self.node, dead_letter=True))
+        self.counts["dead_lettered"] += 1
+        self.emit("task-failed", delivery, exc_type=exc_type)
+        self.emit("dead-lettered")
+
+    def release_now(self, ids: list[str], started: bool) -> None:
+        self.flush()
+        self.broker.release(ids, started=started)
+
+    def kill_group(self, pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def reap_children(self) -> None:
+        """Collect exit statuses; a child's death itself is noticed through its pipe."""
+        known = {c.pid for c in self.children.values()}
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in known:
+                for child in list(self.children.values()):
+                    if child.pid == pid:
+                        self.drain_child(child)
+                        if child.result_fd in self.children:
+                            self.child_gone(child, reaped=True)
+
+    def manage_children(self) -> None:
+        while self.live_children() < self.target_children:
+            self.spawn_child()
+        extra = self.live_children() - self.target_children
+        for child in list(self.children.values()):
+            if extra <= 0:
+                break
+            if not child.retiring and child.running is None:
+                child.retiring = True
+                with contextlib.suppress(OSError):
+                    os.close(child.task_fd)
+                child.task_fd = -1
+                extra -= 1
+
+    def idle_child(self) -> ChildProc | None:
+        for child in self.children.values():
+            if child.running is None and not child.retiring:
+                return child
+        return None
+
+    def terminate(self, child: ChildProc, signum: int) -> None:
+        """Revoke the running task with a signal to its child's group: REVOKED, never redelivered.
+
+        The child is replaced; if the signal does not end it, it is killed after a grace period.
+        """
+        running = child.running
+        if running is None or running.terminated_at is not None:
+            return
+        running.terminated_at = time.monotonic()
+        self.outcomes.append(Outcome(running.delivery.id, REVOKED, node=self.node))
+        self.counts["revoked"] += 1
+        self.emit("task-revoked", running.delivery, terminated=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signum)
+
+    # --- time limits -------------------------------------------------------------
+    def enforce_time_limits(self, now: float) -> None:
+        for child in list(self.children.values()):
+            running = child.running
+            if running is None:
+                continue
+            if running.terminated_at is not None:
+                if now - running.terminated_at >= TERMINATE_GRACE:
+                    self.kill_group(child.pid)
+                continue
+            if running.soft_deadline and not running.soft_sent and now >= running.soft_deadline:
+                running.soft_sent = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGUSR1)
+            if running.hard_deadline and now >= running.hard_deadline:
+                delivery = running.delivery
+                child.running = None
+                self.kill_group(child.pid)
+                self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type="TimeLimitExceeded",
+                                             exc_message=f"hard time limit ({running.hard_deadline - running.started:g}s) exceeded",
+                                             node=self.node))
+                self.counts["time_limit_kills"] += 1
+                self.counts["failed"] += 1
+                self.emit("time-limit-kill")
+                self.emit("task-failed", delivery, exc_type="TimeLimitExceeded")
+                log.warning("task %s killed: hard time limit", delivery.id, extra={"node": self.node, "task": delivery.id})
+
+    # --- broker ------------------------------------------------------------------
+    def capacity(self) -> int:
+        return self.target_children * (1 + self.spec.prefetch)
+
+    def held(self) -> int:
+        return len(self.reserved) + sum(1 for c in self.children.values() if c.running)
+
+    def reserve_more(self) -> None:
+        """Top up the reserved buffer, in batches: only once it is half empty."""
+        want = self.capacity() - self.held()
+        if want <= 0 or (self.reserved and want < max(1, self.capacity() // 2)):
+            return
+        for delivery in self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease):
+            self.accept(delivery)
+
+    def accept(self, delivery: Delivery) -> None:
+        """Take in a reservation: run it later, or settle it now if it must not run."""
+        if delivery.id in self.revoked:
+            self.outcomes.append(Outcome(delivery.id, REVOKED, node=self.node))
+            self.counts["revoked"] += 1
+            self.emit("task-revoked", delivery)
+        elif delivery.deliveries > self.spec.max_deliveries:
+            self.dead_letter(delivery, "WorkerLost", f"delivered {delivery.deliveries - 1} times without finishing")
+        elif delivery.name not in REGISTRY:
+            self.dead_letter(delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}")
+        elif not self.valid_body(delivery):
+            self.dead_letter(delivery, "BadMessage", "the message body is not a JSON task")
+        else:
+            self.reserved.append(delivery)
+            self.emit("task-received", delivery)
+
+    @staticmethod
+    def valid_body(delivery: Delivery) -> bool:
+        try:
+            body = json.loads(delivery.body)
+        except ValueError:
+            return False
+        return (isinstance(body, dict) and isinstance(body.get("args", []), list)
+                and isinstance(body.get("kwargs", {}), dict))
+
+    def dispatch(self, now: float) -> None:
+        """Give reserved tasks to idle children, honouring rate limits."""
+        self.rate_wait_until = 0.0
+        skipped: list[Delivery] = []
+        while self.reserved:
+            child = self.idle_child()
+            if child is None:
+                break
+            delivery = self.reserved.popleft()
+            if delivery.id in self.revoked:
+                self.outcomes.append(Outcome(delivery.id, REVOKED, node=self.node))
+                self.emit("task-revoked", delivery)
+                continue
+            wait = self.rate_limits.take(delivery.name, now)
+            if wait:
+                skipped.append(delivery)
+                until = now + wait
+                self.rate_wait_until = min(self.rate_wait_until or until, until)
+                continue
+            self.start(child, delivery, now)
+        self.reserved.extendleft(reversed(skipped))
+
+    def start(self, child: ChildProc, delivery: Delivery, now: float) -> None:
+        soft, hard = self.time_limits.get(delivery.name, (self.spec.soft_time_limit, self.spec.time_limit))
+        child.running = Running(delivery, now, now + soft if soft else None, now + hard if hard else None)
+        try:
+            os.write(child.task_fd, encode_task(delivery))
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            return  # the child is dying; its EOF settles the task
+        self.started_ids.append(delivery.id)
+        self.emit("task-started", delivery)
+
+    def flush(self) -> None:
+        """Write what happened to the broker: one transaction per kind, per turn."""
+        if self.started_ids:
+            ids, self.started_ids = self.started_ids, []
+            self.broker.mark_started(ids, self.node)
+        if self.outcomes or self.retries:
+            outcomes, retries = self.outcomes, self.retries
+            self.outcomes, self.retries = [], []
+            self.broker.finish(outcomes, retries)
+        self.send_events()
+
+    def renew(self, now: float) -> None:
+        """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
+        self.next_renew = now + max(0.5, self.spec.lease / 3)
+        held = [d.id for d in self.reserved] + [c.running.delivery.id for c in self.children.values() if c.running]
+        self.broker.extend(held, self.owner, self.spec.lease)
+        if self.shutdown is None:
+            self.broker.recover_expired(self.spec.queues)
+            self.revoked |= self.broker.revoked()
+        self.send({"type": "stats", **self.stats_counts()})
+
+    # --- shutdown ----------------------------------------------------------------
+    def begin_shutdown(self, mode: str) -> None:
+        if self.shutdown == "cold" or self.shutdown == mode:
+            return
+        log.info("%s shutdown", mode, extra={"node": self.node})
+        self.shutdown = mode
+        returned = [d.id for d in self.reserved]
+        self.reserved.clear()
+        if returned:
+            self.release_now(returned, started=False)
+        if mode == "cold":
+            self.kill_running()
+        elif self.spec.shutdown_timeout:
+            self.shutdown_deadline = time.monotonic() + self.spec.shutdown_timeout
+
+    def kill_running(self) -> None:
+        """Kill every child at once; their tasks go back to the broker (redelivered)."""
+        lost = []
+        for child in list(self.children.values()):
+            self.kill_group(child.pid)
+            if child.running is not None:
+                lost.append(child.running.delivery.id)
+                child.running = None
+        if lost:
+            self.release_now(lost, started=True)
+
+    def continue_shutdown(self, now: float) -> None:
+        if self.shutdown_deadline and now >= self.shutdown_deadline:
+            log.warning("shutdown_timeout passed: killing running tasks (they are redelivered)",
+                        extra={"node": self.node})
+            self.shutdown_deadline = None
+            self.kill_running()
+        for child in self.children.values():
+            if child.running is None and not child.retiring:
+                child.retiring = True
+                with contextlib.suppress(OSError):
+                    os.close(child.task_fd)
+                child.task_fd = -1
+
+    # --- arbiter channel ---------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        if self.arbiter_fd is None:
+            return
+        try:
+            os.write(self.arbiter_fd, encode(message))
+        except OSError:
+            self.arbiter_fd = None
+            self.begin_shutdown("warm")
+
+    def read_arbiter(self) -> None:
+        assert self.arbiter_fd is not None
+        try:
+            frames = self.arbiter_reader.read_frames(self.arbiter_fd)
+        except (ProtocolError, OSError):
+            frames = None
+        if frames is None:
+            self.poller.unregister(self.arbiter_fd)
+            self.arbiter_fd = None
+            self.begin_shutdown("warm")
+            return
+        for message in frames:
+            self.handle_message(message)
+
+    def handle_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "recover":
+            count = self.broker.recover(str(message.get("owner")))
+            log.info("gave back %d tasks of dead consumer %s", count, message.get("owner"),
+                     extra={"node": self.node})
+        elif kind == "cmd":
+            self.send({"type": "reply", "id": message.get("id"), "reply": self.run_command(message)})
+
+    def run_command(self, message: dict[str, Any]) -> Any:
+        command = COMMANDS.get(str(message.get("cmd")))
+        if command is None or command.scope != "worker" or command.effect is None:
+            return {"error": f"unknown command {message.get('cmd')!r}"}
+        try:
+            args = command.validate(message.get("args", {}))
+            return command.effect(self, **args)
+        except CommandError as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a custom command must not take the worker down
+            log.exception("command %s failed", command.name, extra={"node": self.node})
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    # --- events and status ---------------------------------------------------------
+    def emit(self, kind: str, delivery: Delivery | None = None, **fields: Any) -> None:
+        if not self.events_enabled and not kind.startswith(("child-", "time-", "redel", "dead-")):
+            return
+        event: dict[str, Any] = {"type": kind, "node": self.node, "ts": time.time()}
+        if delivery is not None:
+            event["id"] = delivery.id
+            event["name"] = delivery.name
+        event.update(fields)
+        self.events.append(event)
+
+    def send_events(self) -> None:
+        if self.events:
+            events, self.events = self.events, []
+            self.send({"type": "events", "events": events})
+
+    def stats_counts(self) -> dict[str, Any]:
+        return {"reserved": len(self.reserved),
+                "active": sum(1 for c in self.children.values() if c.running),
+                "children": len(self.children), **self.counts}
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "node": self.node,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "queues": self.spec.queues,
+            "concurrency": self.target_children,
+            "children": [
+                {"pid": c.pid, "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
+                 "task": c.running.delivery.id if c.running else None,
+                 "task_name": c.running.delivery.name if c.running else None,
+                 "runtime": now - c.running.started if c.running else None,
+                 "tasks_done": c.tasks_done}
+                for c in self.children.values()
+            ],
+            **self.stats_counts(),
+        }
+
+
+def encode_task(delivery: Delivery) -> bytes:
+    """The frame a child reads: the broker's body as it is (it is JSON already)."""
+    body = delivery.body.encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def main() -> int:
+    """`python -m worker`: run one worker; the arbiter passes the spec and a socket fd."""
+    from supervisor.logs import setup_logging
+
+    spec = WorkerSpec.from_json(json.loads(os.environ["FLEETD_WORKER_SPEC"]))
+    setup_logging(os.environ.get("FLEETD_LOG_LEVEL", "info"), os.environ.get("FLEETD_LOG_FORMAT", "text"), spec.node)
+    fd = os.environ.get("FLEETD_WORKER_FD")
+    arbiter_fd = int(fd) if fd else None
+    from . import commands  # noqa: F401 - registers the worker's built-in control commands
+
+    worker = Worker(spec, arbiter_fd)
+    try:
+        return worker.run()
+    except ImportError as exc:
+        log.error("cannot import task modules: %s", exc, extra={"node": spec.node})
+        return EXIT_IMPORT_ERROR

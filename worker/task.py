@@ -1,0 +1,173 @@
+"""The `@task` decorator, the task registry of a process, and the exceptions tasks see."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Client, Handle
+
+DEFAULT_QUEUE = "default"
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task when its soft time limit passes; the task may clean up."""
+
+
+class RetryTask(Exception):
+    """Raised by `Task.retry`: the child sends the task back with an ETA."""
+
+    def __init__(self, countdown: float, exc: BaseException | None = None) -> None:
+        super().__init__(f"retry in {countdown}s")
+        self.countdown = countdown
+        self.exc = exc
+
+
+@dataclass
+class Request:
+    """What a bound task knows of the current delivery."""
+
+    id: str
+    retries: int
+    deliveries: int
+
+
+class Task:
+    """A registered task function with its options; call `.delay()` to run it in the fleet."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        queue: str,
+        bind: bool,
+        rate_limit: str | None,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+        max_retries: int,
+        default_retry_delay: float,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.bind = bind
+        self.rate_limit = rate_limit
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.max_retries = max_retries
+        self.default_retry_delay = default_retry_delay
+        self.request: Request | None = None  # set in the child while the task runs
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name} queue={self.queue}>"
+
+    def delay(self, *args: Any, **kwargs: Any) -> Handle:
+        return self.apply_async(args=args, kwargs=kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        client: Client | None = None,
+    ) -> Handle:
+        from .client import default_client
+
+        return (client or default_client()).submit(
+            self.name,
+            *args,
+            kwargs=kwargs,
+            countdown=countdown,
+            eta=eta,
+            queue=queue or self.queue,
+            task_id=task_id,
+        )
+
+    def retry(
+        self,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        exc: BaseException | None = None,
+    ) -> RetryTask:
+        """Send the running task back with an ETA; raise what this returns (or it raises).
+
+        Past `max_retries` it re-raises `exc` (or a RuntimeError) so the task fails.
+        """
+        limit = self.max_retries if max_retries is None else max_retries
+        retries = self.request.retries if self.request else 0
+        if retries >= limit:
+            if exc is not None:
+                raise exc
+            raise RuntimeError(f"{self.name}: gave up after {retries} retries")
+        raise RetryTask(self.default_retry_delay if countdown is None else countdown, exc)
+
+
+REGISTRY: dict[str, Task] = {}
+
+
+def task(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    bind: bool = False,
+    rate_limit: str | None = None,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    max_retries: int = 3,
+    default_retry_delay: float = 3.0,
+) -> Any:
+    """Register a function as a task: `@task` or `@task(queue="images", time_limit=120)`."""
+
+    def register(f: Callable[..., Any]) -> Task:
+        task_name = name or f"{f.__module__}.{f.__qualname__}"
+        if rate_limit is not None:
+            from supervisor.config import parse_rate
+
+            parse_rate(rate_limit)  # fail at import, not at the first run
+        t = Task(
+            f, task_name, queue, bind, rate_limit, time_limit, soft_time_limit, max_retries,
+            default_retry_delay,
+        )
+        REGISTRY[task_name] = t
+        return t
+
+    return register(fn) if fn is not None else register
+
+
+def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) -> float | None:
+    """Epoch seconds for an ETA given as a datetime, epoch seconds, or a countdown."""
+    if countdown:
+        import time
+
+        return time.time() + float(countdown)
+    if eta is None:
+        return None
+    if isinstance(eta, datetime.datetime):
+        if eta.tzinfo is None:
+            eta = eta.astimezone()
+        return eta.timestamp()
+    return float(eta)
+
+
+def env_broker_source() -> tuple[str, str] | None:
+    """Where `.delay()` finds its broker: ("config", path) or ("broker", url) from the environment."""
+    if os.environ.get("FLEET_CONFIG"):
+        return ("config", os.environ["FLEET_CONFIG"])
+    if os.environ.get("FLEET_BROKER"):
+        return ("broker", os.environ["FLEET_BROKER"])
+    return None
