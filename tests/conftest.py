@@ -1,0 +1,28 @@
+"""Fixtures: a fresh fleet folder per test, stopped by pid at the end whatever happens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fleet import Fleet
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    """`make_fleet(workers=[...], defaults={...})` -> a Fleet (not started), stopped at teardown."""
+    fleets: list[Fleet] = []
+
+    def make(name: str = "host", **kwargs: Any) -> Fleet:
+        fleet = Fleet(tmp_path / name, **kwargs)
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        fleet.stop()
+    leftovers = [pid for fleet in fleets for pid in fleet.leftovers()]
+    assert not leftovers, f"processes left behind: {leftovers}"

@@ -1,0 +1,274 @@
+"""A real fleet for end-to-end tests: writes a config, starts `fleetd`, stops it by pid.
+
+Every wait is bounded; every process a test starts is ended by its pid in `stop()`,
+also when the test fails, and `descendants()` lets a test check nothing is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from worker import Client
+
+BIN = Path(sys.executable).parent
+FLEETD = str(BIN / "fleetd")
+FLEETCTL = str(BIN / "fleetctl")
+
+TASKS = '''
+import os, signal, subprocess, sys, time
+from worker import task, control_command, SoftTimeLimitExceeded
+
+@task
+def add(a, b):
+    return a + b
+
+@task
+def noop():
+    return None
+
+@task
+def fail(message="bad"):
+    raise ValueError(message)
+
+@task
+def sleep(seconds, marker=None):
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"start {os.getpid()}\\n")
+    time.sleep(seconds)
+    return os.getpid()
+
+@task
+def pid():
+    return os.getpid()
+
+@task
+def record(path, value):
+    with open(path, "a") as f:
+        f.write(f"{value}\\n")
+    return value
+
+@task
+def suicide():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@task(time_limit=1)
+def spawn_and_hang(pidfile):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pidfile, "w") as f:
+        f.write(str(proc.pid))
+    time.sleep(600)
+
+@task(soft_time_limit=0.5, time_limit=5)
+def soft_limited():
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+
+@task(bind=True, max_retries=2)
+def flaky(self, path):
+    with open(path, "a") as f:
+        f.write("try\\n")
+    if self.request.retries < 2:
+        raise self.retry(countdown=0.1)
+    return self.request.retries
+
+@control_command
+def hello(worker, who="world"):
+    return {"ok": f"hello {who} from {worker.node}"}
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class Fleet:
+    """One fleetd host in `folder`, with the test task module `tasks.py`."""
+
+    def __init__(self, folder: Path, workers: list[dict[str, Any]] | None = None,
+                 defaults: dict[str, Any] | None = None, fleet: dict[str, Any] | None = None,
+                 control: dict[str, Any] | None = None, rate_limits: dict[str, str] | None = None,
+                 extra: str = "", node: str = "h1") -> None:
+        self.folder = folder
+        self.node = node
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "tasks.py").exists():
+            (folder / "tasks.py").write_text(textwrap.dedent(TASKS))
+        fleet_table = {"node": node, "broker": "sqlite:///queue.db", "state_dir": "state",
+                       "imports": ["tasks"], "lease": 30, **(fleet or {})}
+        defaults_table = {"concurrency": 2, **(defaults or {})}
+        workers = workers or [{"name": "w", "queues": ["default"]}]
+        lines = ["[fleet]", *toml_items(fleet_table), "", "[defaults]", *toml_items(defaults_table)]
+        if control:
+            lines += ["", "[control]", *toml_items(control)]
+        if rate_limits:
+            lines += ["", "[rate_limits]", *toml_items(rate_limits)]
+        for w in workers:
+            lines += ["", "[[worker]]", *toml_items(w)]
+        self.config = folder / "fleet.toml"
+        self.config.write_text("\n".join(lines) + "\n" + extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = folder / "fleetd.log"
+        self.client = Client.from_config(str(self.config))
+        self.seen_pids: set[int] = set()
+
+    # --- running ---------------------------------------------------------------------
+    def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Fleet:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([FLEETD, "start", "-c", str(self.config), "--log-level", "debug", *args],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                     env={**os.environ, **(env or {})})
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, count: int | None = None, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """Wait until every worker answers ping (`count` nodes, default: all in the config)."""
+        import tomllib
+
+        expected = count if count is not None else len(tomllib.loads(self.config.read_text())["worker"])
+
+        def ready() -> Any:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fleetd exited with {self.proc.returncode}:\n{self.log()}")
+            out = self.ctl("--json", "--timeout", "0.5", "ping", check=False)
+            try:
+                replies = json.loads(out.stdout)["replies"]
+            except (ValueError, KeyError):
+                return None
+            return replies if len(replies) >= expected else None
+
+        return wait_for(ready, timeout, 0.05, "every worker to answer ping")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.remember_pids()
+        os.kill(self.proc.pid, signum)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"fleetd did not exit within {timeout}s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        """End fleetd and everything it started, by pid: TERM, QUIT if tasks hold it up, then KILL."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.remember_pids()
+            for signum, grace in ((signal.SIGTERM, 10), (signal.SIGQUIT, 15), (signal.SIGKILL, 5)):
+                self.proc.send_signal(signum)
+                try:
+                    self.proc.wait(grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        for pid in self.leftovers():
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        self.client.close()
+
+    # --- looking -----------------------------------------------------------------------
+    def descendants(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        return []
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        with contextlib.suppress(psutil.Error):
+            return [p.pid for p in psutil.Process(self.proc.pid).children() if "worker" in " ".join(p.cmdline())]
+        return []
+
+    def child_pids(self, worker_pid: int | None = None) -> list[int]:
+        pids = [worker_pid] if worker_pid else self.worker_pids()
+        out = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                out += [c.pid for c in psutil.Process(pid).children()]
+        return out
+
+    def remember_pids(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.seen_pids |= {p.pid for p in self.descendants()}
+
+    def leftovers(self) -> list[int]:
+        """Processes this fleet started (seen so far) that are still alive (zombies excluded)."""
+        self.remember_pids()
+        alive = []
+        for pid in self.seen_pids:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+        return alive
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([FLEETCTL, "-c", str(self.config), *args], capture_output=True, text=True,
+                             timeout=timeout, cwd=self.folder)
+        if check and out.returncode != 0:
+            raise AssertionError(f"fleetctl {' '.join(args)} exited {out.returncode}: {out.stdout}{out.stderr}")
+        return out
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def infos(self, ids: list[str]) -> list[dict[str, Any]]:
+        return [self.client.handle(i).info() for i in ids]
+
+    def wait_all_final(self, ids: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+        def final() -> Any:
+            infos = self.infos(ids)
+            return infos if all(i["state"] in ("SUCCESS", "FAILURE", "REVOKED") for i in infos) else None
+
+        return wait_for(final, timeout, 0.05, f"{len(ids)} tasks to finish")
+
+
+def toml_items(table: dict[str, Any]) -> list[str]:
+    return [f"{json.dumps(k) if not k.isidentifier() else k} = {json.dumps(v)}" for k, v in table.items()]
+
+
+@contextlib.contextmanager
+def running(fleet: Fleet, *args: str) -> Iterator[Fleet]:
+    try:
+        yield fleet.start(*args)
+    finally:
+        fleet.stop()
