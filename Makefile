@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/mypy supervisor worker ctl
 
 demo: $(STAMP)
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m examples.demo
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --tasks 6000 --duration 180

@@ -317,7 +317,7 @@ def from_dict(
             raise ConfigError(path, f"{where}.name", f"duplicate worker name {data['name']!r}")
         seen.add(data["name"])
         if data["queues"] is None:
-            data["queues"] = [data["name"]]
+            data["queues"] = ["default"]  # where @task puts tasks unless told otherwise
         if data["soft_time_limit"] and data["time_limit"] and data["soft_time_limit"] >= data["time_limit"]:
             raise ConfigError(path, f"{where}.soft_time_limit", "must be below time_limit")
         workers.append(

@@ -356,8 +356,9 @@ class Worker:
                         extra={"node": self.node, "task": child.running.delivery.id})
 
     def task_lost(self, delivery: Delivery) -> None:
-        """A child died mid-task: redeliver at once, or dead-letter after max_deliveries."""
-        if delivery.deliveries >= self.spec.max_deliveries:
+        """A child died mid-task: redeliver at once, or dead-letter after max_deliveries
+        (at once with acks_late off: such a task is never run twice)."""
+        if not self.spec.acks_late or delivery.deliveries >= self.spec.max_deliveries:
             self.dead_letter(delivery, "WorkerLost",
                              f"the process running it died {delivery.deliveries} times")
         else:
@@ -663,6 +664,7 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
+            **self.stats_counts(),  # first: its "children" count gives way to the list below
             "node": self.node,
             "pid": os.getpid(),
             "uptime": time.time() - self.started_at,
@@ -676,7 +678,6 @@ class Worker:
                  "tasks_done": c.tasks_done}
                 for c in self.children.values()
             ],
-            **self.stats_counts(),
         }
 
 

@@ -1,0 +1,1 @@
+"""Example tasks and the `make demo` script."""
