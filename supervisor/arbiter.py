@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -67,6 +68,7 @@ class WorkerProc:
     backoff_until: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
+    commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
 
     @property
     def node(self) -> str:
@@ -103,7 +105,7 @@ class Arbiter:
         self.metrics_server: MetricsServer | None = None
         self.ready_announced = False
         self.next_tick = 0.0
-        self.tasks_done = 0
+        self.tasks_done = 0  # by workers that are gone; live ones report their own
         self.run_record = orphans.RunRecord(config.state_dir)
 
     # --- lifecycle ---------------------------------------------------------------
@@ -226,6 +228,8 @@ class Arbiter:
         env["FLEETD_WORKER_FD"] = str(theirs.fileno())
         env["FLEETD_ARBITER_PID"] = str(os.getpid())
         env["FLEETD_GENERATION"] = str(generation)
+        env["FLEETD_METRICS"] = "1" if self.config.metrics_bind else "0"
+        env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
         argv = [sys.executable, "-m", "worker", spec.node]
         w.pid = os.posix_spawn(sys.executable, argv, env,
                                setsigdef=[s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)],
@@ -271,6 +275,8 @@ class Arbiter:
             self.dead_owners.append(w.owner)  # a live worker gives its tasks back at once
             w.owner = ""
         self.metrics.forget_node(w.node)
+        self.tasks_done += int(w.stats.get("succeeded", 0)) + int(w.stats.get("failed", 0))
+        w.stats = {}
         if w.state == STOPPING or self.halting:
             w.state = STOPPED
             log.info("worker %s exited (%s)", w.node, describe_exit(code))
@@ -314,10 +320,18 @@ class Arbiter:
 
     # --- worker channel ------------------------------------------------------------
     def send(self, w: WorkerProc, message: dict[str, Any]) -> bool:
+        """Write a frame to a worker; False if it is gone or does not read (hung, stopped).
+
+        A frame that fits one write (below ~64 KiB: every message but a custom command
+        with big arguments) goes whole or not at all, so a hung worker never blocks us.
+        """
         if w.sock is None:
             return False
+        frame = encode(message)
         try:
-            w.sock.sendall(encode(message))
+            sent = w.sock.send(frame, socket.MSG_DONTWAIT)
+            if sent < len(frame):
+                w.sock.sendall(frame[sent:])
             return True
         except OSError:
             return False
@@ -339,18 +353,20 @@ class Arbiter:
     def on_worker_message(self, w: WorkerProc, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "ready":
+            w.commands = frozenset(message.get("commands", ()))
             self.worker_ready(w, str(message.get("owner", "")))
         elif kind == "reply":
             self.command_reply(str(message.get("id")), w.node, message.get("reply"))
         elif kind == "stats":
             w.stats = message
-            self.metrics.apply({"type": "worker-stats", "node": w.node, **message})
+            self.metrics.apply({**message, "type": "worker-stats", "node": w.node})
+            for queue, depth in message.get("depths", {}).items():
+                self.metrics.set("fleetd_queue_depth", {"queue": queue}, depth)
         elif kind == "events":
             for event in message.get("events", []):
                 self.metrics.apply(event)
-                if event.get("type") in ("task-succeeded", "task-failed"):
-                    self.tasks_done += 1
-                self.control.publish(event)
+                if message.get("publish"):
+                    self.control.publish(event)
 
     def worker_ready(self, w: WorkerProc, owner: str) -> None:
         w.state = RUNNING if w.state == STARTING else w.state
@@ -442,21 +458,24 @@ class Arbiter:
         return [w for w in live if w.node in dest or self.config.node in dest]
 
     def run_command(self, request: Request) -> None:
-        command = COMMANDS.get(request.cmd)
-        if command is None:
-            self.control.reply_error(request, f"unknown command {request.cmd!r}")
-            return
         timeout = request.args.pop("_timeout", DEFAULT_COMMAND_TIMEOUT)
+        command = COMMANDS.get(request.cmd)
         try:
-            args = command.validate(request.args)
+            if command is not None:
+                args = command.validate(request.args)
+            elif any(request.cmd in w.commands for w in self.workers):
+                args = request.args  # a custom command: its workers check the arguments
+            else:
+                raise CommandError(f"unknown command {request.cmd[:40]!r}")
         except CommandError as exc:
+            log.warning("control request refused id=%s: %s", request.id[:40], exc)
             self.control.reply_error(request, str(exc))
             return
-        if command.scope == "host":
+        if command is not None and command.scope == "host":
             assert command.effect is not None
             self.control.reply(request, command.effect(self, request.dest, **args))
             return
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
             timeout = DEFAULT_COMMAND_TIMEOUT
         pending = PendingCommand(request, {}, {}, time.monotonic() + min(max(timeout, 0.01), 60.0))
         for w in self.targets(request.dest):
@@ -465,6 +484,8 @@ class Arbiter:
             if self.send(w, {"type": "cmd", "id": mid, "cmd": request.cmd, "args": args}):
                 pending.waiting[mid] = w.node
                 self.pending[mid] = pending
+            else:
+                pending.replies[w.node] = {"error": "the node does not read commands (hung or stopped)"}
         if not pending.waiting:
             self.control.reply(request, pending.replies)
 
@@ -499,8 +520,10 @@ class Arbiter:
 
     def status_line(self) -> str:
         running = sum(1 for w in self.workers if w.state == RUNNING)
-        children = sum(int(w.stats.get("children", w.spec.concurrency)) for w in self.workers if w.state == RUNNING)
-        return f"{running} nodes running, {children} children, {self.tasks_done} tasks done"
+        live = [w.stats for w in self.workers if w.state == RUNNING]
+        children = sum(int(s.get("children", 0)) for s in live)
+        done = self.tasks_done + sum(int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live)
+        return f"{running} nodes running, {children} children, {done} tasks done"
 
     def status(self) -> dict[str, Any]:
         return {

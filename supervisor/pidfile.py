@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -100,11 +101,19 @@ def stop(pid: int, timeout: float | None = None, quit_after: float = 10.0) -> bo
 
 
 def _exited(proc: psutil.Process, timeout: float | None) -> bool:
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
-        return False
-    return True
+    """Wait for `proc` to end; a zombie has ended (its parent, not us, reaps it)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+            proc.wait(0.05)
+            return True
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.NoSuchProcess:
+            return True
+    return False
 
 
 def _parse_pid(text: str) -> int:

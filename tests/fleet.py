@@ -86,6 +86,70 @@ def flaky(self, path):
         raise self.retry(countdown=0.1)
     return self.request.retries
 
+@task
+def poison(marker):
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@task
+def spawn_and_wait(pidfile, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pidfile, "w") as f:
+        f.write(str(proc.pid))
+    time.sleep(seconds)
+    proc.kill()
+    proc.wait()
+    return proc.pid
+
+@task
+def catch_soft(seconds, linger=0):
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        time.sleep(linger)
+        return "cleaned up"
+    return "not interrupted"
+
+@task(bind=True)
+def retry_once(self, path, countdown):
+    with open(path, "a") as f:
+        f.write(f"{time.time()}\\n")
+    if self.request.retries < 1:
+        raise self.retry(countdown=countdown)
+    return self.request.retries
+
+@task(bind=True)
+def always_retry(self, path):
+    with open(path, "a") as f:
+        f.write("try\\n")
+    raise self.retry(countdown=0.05, max_retries=2)
+
+HOARD = []
+
+@task
+def hog(mb):
+    HOARD.append(b"x" * (mb << 20))
+    return os.getpid()
+
+@task(bind=True)
+def journal(self, path, seconds=0.0):
+    """Writes "S id pid" when it starts and "E id pid" when it ends: a log of every execution."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        if seconds:
+            time.sleep(seconds)
+        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+    return os.getpid()
+
+@task
+def say(text):
+    print(text, flush=True)
+    return text
+
 @control_command
 def hello(worker, who="world"):
     return {"ok": f"hello {who} from {worker.node}"}
@@ -140,8 +204,14 @@ class Fleet:
         self.config.write_text("\n".join(lines) + "\n" + extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "fleetd.log"
-        self.client = Client.from_config(str(self.config))
+        self._client: Client | None = None
         self.seen_pids: set[int] = set()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client.from_config(str(self.config))
+        return self._client
 
     # --- running ---------------------------------------------------------------------
     def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Fleet:
@@ -204,7 +274,8 @@ class Fleet:
         for pid in self.leftovers():
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
     # --- looking -----------------------------------------------------------------------
     def descendants(self) -> list[psutil.Process]:

@@ -30,16 +30,19 @@ from supervisor.config import WorkerSpec
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
 from .child import child_main, set_parent_death_signal
-from .control import COMMANDS, CommandError
+from .commands import pool_grow, pool_shrink
+from .control import COMMANDS, CommandError, worker_command_names
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
 from .task import REGISTRY
 
 log = logging.getLogger("fleetd.worker")
+child_log = logging.getLogger("fleetd.child")
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
+STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
 TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 
 
@@ -94,6 +97,8 @@ class Worker:
         self.owner = ""
         self.poller = select.poll()
         self.next_renew = 0.0
+        self.next_report = 0.0
+        self.metrics_enabled = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until = 0.0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -111,7 +116,8 @@ class Worker:
         for _ in range(self.target_children):
             self.spawn_child()
         self.broker.recover_expired(self.spec.queues)
-        self.send({"type": "ready", "owner": self.owner, "pid": os.getpid()})
+        self.send({"type": "ready", "owner": self.owner, "pid": os.getpid(),
+                   "commands": worker_command_names()})
         self.emit("worker-online")
         log.info("consuming %s with %d children", ",".join(self.spec.queues), len(self.children),
                  extra={"node": self.node})
@@ -128,6 +134,8 @@ class Worker:
                 self.wakeup.clear()
             elif fd == self.arbiter_fd:
                 self.read_arbiter()
+            elif fd == self.output_fd:
+                self.log_output()
             elif fd in self.children:
                 self.read_child(self.children[fd])
         self.handle_signals()
@@ -142,6 +150,8 @@ class Worker:
         self.flush()
         if now >= self.next_renew:
             self.renew(now)
+        if now >= self.next_report:
+            self.report(now)
 
     def finished(self) -> bool:
         return self.shutdown is not None and not self.children
@@ -150,7 +160,7 @@ class Worker:
         if self.shutdown is None and self.has_work_to_dispatch():
             return 0.0
         now = time.monotonic()
-        deadlines = [self.next_renew]
+        deadlines = [self.next_renew, self.next_report]
         for child in self.children.values():
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
@@ -190,6 +200,11 @@ class Worker:
                     signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self.on_signal)
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
+        # The children's stdout and stderr: logged line by line, marked with our node.
+        self.output_fd, self.output_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.output_fd, False)
+        self.output_tail = b""
+        self.poller.register(self.output_fd, select.POLLIN)
         if os.environ.get("FLEETD_ARBITER_PID") and os.getppid() != int(os.environ["FLEETD_ARBITER_PID"]):
             self.signals.append(signal.SIGTERM)
 
@@ -220,9 +235,9 @@ class Worker:
             elif signum == signal.SIGQUIT:
                 self.begin_shutdown("cold")
             elif signum == signal.SIGTTIN:
-                self.target_children += 1
+                pool_grow(self, 1)
             elif signum == signal.SIGTTOU:
-                self.target_children = max(1, self.target_children - 1)
+                pool_shrink(self, 1)
             elif signum == signal.SIGUSR1:
                 log.info("status %s", json.dumps(self.stats()), extra={"node": self.node})
             elif signum == signal.SIGCHLD:
@@ -240,6 +255,9 @@ class Worker:
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
+            os.dup2(self.output_w, 1)
+            os.dup2(self.output_w, 2)
+            keep_closed += [self.output_fd, self.output_w]
             for fd in keep_closed:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -256,6 +274,17 @@ class Worker:
         self.children[result_r] = child
         self.poller.register(result_r, POLL_IN)
         return child
+
+    def log_output(self) -> None:
+        """Log what the children printed, a line at a time."""
+        with contextlib.suppress(BlockingIOError):
+            data = self.output_tail + os.read(self.output_fd, 65536)
+            *lines, self.output_tail = data.split(b"\n")
+            if len(self.output_tail) > 65536:
+                lines.append(self.output_tail)
+                self.output_tail = b""
+            for line in lines:
+                child_log.info("%s", line.decode(errors="replace"))
 
     def drain_child(self, child: ChildProc) -> None:
         """Take in every outcome a (dead) child wrote before it went."""
@@ -450,6 +479,7 @@ class Worker:
             if running.hard_deadline and now >= running.hard_deadline:
                 delivery = running.delivery
                 child.running = None
+                child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
                 self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type="TimeLimitExceeded",
                                              exc_message=f"hard time limit ({running.hard_deadline - running.started:g}s) exceeded",
@@ -553,7 +583,16 @@ class Worker:
         if self.shutdown is None:
             self.broker.recover_expired(self.spec.queues)
             self.revoked |= self.broker.revoked()
-        self.send({"type": "stats", **self.stats_counts()})
+
+    def report(self, now: float) -> None:
+        """Once a second: counters (and queue depths, with metrics on) to the arbiter."""
+        self.next_report = now + STATS_EVERY
+        message: dict[str, Any] = {"type": "stats", **self.stats_counts()}
+        if self.metrics_enabled:
+            message["depths"] = {d.queue: d.ready for d in self.broker.depths() if d.queue in self.spec.queues}
+        if self.events_enabled:
+            self.emit("worker-heartbeat", **self.stats_counts())
+        self.send(message)
 
     # --- shutdown ----------------------------------------------------------------
     def begin_shutdown(self, mode: str) -> None:
@@ -625,7 +664,12 @@ class Worker:
             log.info("gave back %d tasks of dead consumer %s", count, message.get("owner"),
                      extra={"node": self.node})
         elif kind == "cmd":
-            self.send({"type": "reply", "id": message.get("id"), "reply": self.run_command(message)})
+            reply = self.run_command(message)
+            try:
+                encode(reply)
+            except (TypeError, ValueError, ProtocolError) as exc:
+                reply = {"error": f"the reply of {message.get('cmd')} is not JSON: {exc}"}
+            self.send({"type": "reply", "id": message.get("id"), "reply": reply})
 
     def run_command(self, message: dict[str, Any]) -> Any:
         command = COMMANDS.get(str(message.get("cmd")))
@@ -642,7 +686,8 @@ class Worker:
 
     # --- events and status ---------------------------------------------------------
     def emit(self, kind: str, delivery: Delivery | None = None, **fields: Any) -> None:
-        if not self.events_enabled and not kind.startswith(("child-", "time-", "redel", "dead-")):
+        if not (self.events_enabled or self.metrics_enabled) and not kind.startswith(
+                ("child-", "time-", "redel", "dead-")):
             return
         event: dict[str, Any] = {"type": kind, "node": self.node, "ts": time.time()}
         if delivery is not None:
@@ -654,7 +699,7 @@ class Worker:
     def send_events(self) -> None:
         if self.events:
             events, self.events = self.events, []
-            self.send({"type": "events", "events": events})
+            self.send({"type": "events", "events": events, "publish": self.events_enabled})
 
     def stats_counts(self) -> dict[str, Any]:
         return {"reserved": len(self.reserved),
@@ -670,15 +715,23 @@ class Worker:
             "uptime": time.time() - self.started_at,
             "queues": self.spec.queues,
             "concurrency": self.target_children,
+            "rss": rss(os.getpid()),
             "children": [
                 {"pid": c.pid, "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
                  "task": c.running.delivery.id if c.running else None,
                  "task_name": c.running.delivery.name if c.running else None,
                  "runtime": now - c.running.started if c.running else None,
-                 "tasks_done": c.tasks_done}
+                 "tasks_done": c.tasks_done, "rss": rss(c.pid), "uptime": time.time() - c.born}
                 for c in self.children.values()
             ],
         }
+
+
+def rss(pid: int) -> int | None:
+    """Resident memory of a process in bytes; None if it is gone."""
+    with contextlib.suppress(psutil.Error):
+        return int(psutil.Process(pid).memory_info().rss)
+    return None
 
 
 def encode_task(delivery: Delivery) -> bytes:
@@ -695,8 +748,6 @@ def main() -> int:
     setup_logging(os.environ.get("FLEETD_LOG_LEVEL", "info"), os.environ.get("FLEETD_LOG_FORMAT", "text"), spec.node)
     fd = os.environ.get("FLEETD_WORKER_FD")
     arbiter_fd = int(fd) if fd else None
-    from . import commands  # noqa: F401 - registers the worker's built-in control commands
-
     worker = Worker(spec, arbiter_fd)
     try:
         return worker.run()

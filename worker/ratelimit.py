@@ -17,8 +17,9 @@ class TokenBucket:
         self.stamp = time.monotonic()
 
     def _refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        if now > self.stamp:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     def take(self, now: float | None = None) -> bool:
         """Take a token if one is there."""

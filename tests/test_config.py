@@ -1,0 +1,113 @@
+"""Config loading: defaults, inheritance, relative paths, and one clear line for every bad file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ConfigError, load, parse_rate, parse_size
+from tests.fleet import FLEETD
+
+GOOD = """
+[fleet]
+node = "h1"
+imports = ["tasks"]
+[defaults]
+concurrency = 3
+time_limit = 60
+[[worker]]
+name = "a"
+[[worker]]
+name = "b"
+queues = ["images"]
+concurrency = 1
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "tasks.py").write_text("")
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_inherited_and_paths_resolved_against_the_config_folder(tmp_path: Path) -> None:
+    config = load(str(write(tmp_path, GOOD)))
+    a, b = config.workers
+    assert (a.node, a.concurrency, a.time_limit, a.queues) == ("a@h1", 3, 60, ["default"])
+    assert (b.node, b.concurrency, b.time_limit, b.queues) == ("b@h1", 1, 60, ["images"])
+    assert config.broker == f"sqlite:///{tmp_path}/queue.db"
+    assert config.state_dir == str(tmp_path / "state")
+    assert config.pythonpath == [str(tmp_path)]
+    assert config.control.bind == [f"ipc://{tmp_path}/state/control.sock"]
+    assert a.prefetch == 1 and a.acks_late is True and a.max_deliveries == 3 and a.lease == 30
+
+
+def test_absolute_sqlite_url_is_kept(tmp_path: Path) -> None:
+    config = load(str(write(tmp_path, GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "sqlite:////var/q.db"'))))
+    assert config.broker == "sqlite:////var/q.db"
+
+
+BAD = [
+    ("[fleet\n", "-", "TOML syntax error"),
+    (GOOD + "\n[fleet2]\n", "fleet2", "unknown section"),
+    (GOOD.replace("[defaults]", "[defaults]\nconcurency = 2"), "defaults.concurency", "unknown key"),
+    (GOOD.replace("concurrency = 3", 'concurrency = "three"'), "defaults.concurrency", "integer"),
+    (GOOD.replace("concurrency = 3", "concurrency = 0"), "defaults.concurrency", ">= 1"),
+    (GOOD.replace('name = "b"', 'name = "a"'), "worker[1].name", "duplicate worker name"),
+    (GOOD.replace('imports = ["tasks"]', 'imports = ["missing_module"]'), "fleet.imports", "not found"),
+    (GOOD.replace("time_limit = 60", 'time_limit = 60\nmax_memory_per_child = "lots"'),
+     "defaults.max_memory_per_child", "size"),
+    (GOOD + '\n[rate_limits]\n"tasks.x" = "fast"\n', "rate_limits.tasks.x", "not N"),
+    (GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "amqp://x"'), "fleet.broker", "sqlite"),
+    (GOOD + '\n[control]\nbind = ["tcp://127.0.0.1:7950"]\n', "control.bind", "curve_secret_key"),
+    (GOOD.replace("[[worker]]\nname = \"a\"\n", "[[worker]]\nqueues = [\"x\"]\n"), "worker[0].name", "required"),
+    ('[fleet]\nimports = []\n', "worker", "at least one"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), BAD)
+def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert err.value.key == key
+    assert problem in err.value.problem
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("command", ["check", "start"])
+@pytest.mark.parametrize(("text", "key", "problem"), BAD[:7])
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, command: str, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    out = subprocess.run([FLEETD, command, "-c", str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and key in out.stderr and problem in out.stderr
+    assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
+
+
+def test_check_accepts_the_example_config() -> None:
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([FLEETD, "check", "-c", str(root / "config" / "example.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("text", "per_second"), [("200/m", 200 / 60), ("5/s", 5), ("5", 5), ("36/h", 0.01), ("0", 0)])
+def test_parse_rate(text: str, per_second: float) -> None:
+    assert parse_rate(text) == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["fast", "5/d", "-1/s", ""])
+def test_parse_rate_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rate(text)
+
+
+@pytest.mark.parametrize(("text", "size"), [("512MB", 512 * 2**20), ("2GB", 2 * 2**30), ("0", 0), ("100kb", 102400)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
