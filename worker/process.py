@@ -98,6 +98,7 @@ class Worker:
         self.poller = select.poll()
         self.next_renew = 0.0
         self.next_report = 0.0
+        self.queue_dry = True  # the last reserve got less than it asked for: look at ETAs
         self.metrics_enabled = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until = 0.0
 
@@ -130,7 +131,9 @@ class Worker:
         """One turn of the loop: wait, take in what happened, act on it, flush."""
         self.wakeup.arm()
         for fd, _ in self.poller.poll(timeout * 1000):
-            if fd == self.wakeup.fileno():
+            if fd == self.signal_fd:
+                self.handle_signals()
+            elif fd == self.wakeup.fileno():
                 self.wakeup.clear()
             elif fd == self.arbiter_fd:
                 self.read_arbiter()
@@ -138,7 +141,8 @@ class Worker:
                 self.log_output()
             elif fd in self.children:
                 self.read_child(self.children[fd])
-        self.handle_signals()
+        if self.signals:  # a signal that came in while we were busy
+            self.handle_signals()
         now = time.monotonic()
         self.enforce_time_limits(now)
         if self.shutdown is None:
@@ -173,7 +177,7 @@ class Worker:
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
-        if self.shutdown is None and self.held() < self.capacity():
+        if self.shutdown is None and self.queue_dry:
             due = self.broker.next_due(self.spec.queues)
             if due is not None:
                 deadlines.append(now + max(0.0, due - time.time()))
@@ -502,7 +506,9 @@ class Worker:
         want = self.capacity() - self.held()
         if want <= 0 or (self.reserved and want < max(1, self.capacity() // 2)):
             return
-        for delivery in self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease):
+        deliveries = self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease)
+        self.queue_dry = len(deliveries) < want
+        for delivery in deliveries:
             self.accept(delivery)
 
     def accept(self, delivery: Delivery) -> None:
@@ -566,13 +572,10 @@ class Worker:
 
     def flush(self) -> None:
         """Write what happened to the broker: one transaction per kind, per turn."""
-        if self.started_ids:
-            ids, self.started_ids = self.started_ids, []
-            self.broker.mark_started(ids, self.node)
-        if self.outcomes or self.retries:
-            outcomes, retries = self.outcomes, self.retries
-            self.outcomes, self.retries = [], []
-            self.broker.finish(outcomes, retries)
+        if self.started_ids or self.outcomes or self.retries:
+            started, outcomes, retries = self.started_ids, self.outcomes, self.retries
+            self.started_ids, self.outcomes, self.retries = [], [], []
+            self.broker.flush(started, self.node, outcomes, retries)
         self.send_events()
 
     def renew(self, now: float) -> None:

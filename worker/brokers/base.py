@@ -122,7 +122,11 @@ class Broker(abc.ABC):
     # --- producing -------------------------------------------------------------
     @abc.abstractmethod
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
-        """Store the messages (one transaction) and wake idle consumers of their queues."""
+        """Store the messages (one transaction) and wake idle consumers of their queues.
+
+        An id that is still queued or held is left as it is; an id whose task ended
+        starts over as a new task.
+        """
 
     # --- consuming -------------------------------------------------------------
     @abc.abstractmethod
@@ -144,6 +148,17 @@ class Broker(abc.ABC):
         Retries go back with their ETA and state RETRY. Outcomes for ids the broker
         does not hold (an undecodable message with a made-up id) are stored as results.
         """
+
+    def flush(self, started: list[str], node: str, outcomes: Sequence[Outcome],
+              retries: Sequence[Retry] = ()) -> None:
+        """`mark_started` and `finish` together: what a worker writes after each loop turn.
+
+        A broker that can do both in one round trip (one transaction) overrides this.
+        """
+        if started:
+            self.mark_started(started, node)
+        if outcomes or retries:
+            self.finish(outcomes, retries)
 
     @abc.abstractmethod
     def release(self, ids: list[str], started: bool) -> None:

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, eta, seq) WHERE status = 0;
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (owner) WHERE status = 1;
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks (queue) WHERE status < 2;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, queue TEXT, name TEXT, body TEXT, reason TEXT, at REAL, extra TEXT
 );
@@ -168,7 +169,12 @@ class SQLiteBroker(Broker):
         with self._write() as db:
             db.executemany(
                 "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
-                f" VALUES (?, ?, ?, ?, {QUEUED}, ?, ?, ?)",
+                f" VALUES (?, ?, ?, ?, {QUEUED}, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, name = excluded.name,"
+                f" body = excluded.body, status = {QUEUED}, state = excluded.state,"
+                " eta = excluded.eta, created = excluded.created, deliveries = 0, result = NULL,"
+                " exc_type = NULL, exc_message = NULL, traceback = NULL, finished = NULL"
+                f" WHERE tasks.status = {DONE}",
                 rows,
             )
         poke(self.wake_folder)
@@ -185,27 +191,48 @@ class SQLiteBroker(Broker):
                 " deliveries = deliveries + 1"
                 " WHERE seq IN (SELECT seq FROM tasks WHERE status = 0"
                 f" AND queue IN ({marks}) AND eta <= ? ORDER BY eta, seq LIMIT ?)"
-                " RETURNING seq, id, queue, name, body, deliveries",
+                " RETURNING eta, seq, id, queue, name, body, deliveries",
                 (owner, now + lease, *queues, now, n),
             ).fetchall()
-        rows.sort()
-        return [Delivery(r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        rows.sort()  # RETURNING comes in no set order: due order, then queue order
+        return [Delivery(*r[2:]) for r in rows]
 
     def mark_started(self, ids: list[str], node: str) -> None:
         if not ids:
             return
         with self._write() as db:
+            self._mark_started(db, ids, node)
+
+    @staticmethod
+    def _mark_started(db: sqlite3.Connection, ids: list[str], node: str) -> None:
+        if ids:
             db.executemany(
                 f"UPDATE tasks SET state = '{STARTED}', node = ? WHERE id = ? AND status = {HELD}",
                 [(node, i) for i in ids],
             )
 
+    def flush(self, started: list[str], node: str, outcomes: Sequence[Outcome],
+              retries: Sequence[Retry] = ()) -> None:
+        if not (started or outcomes or retries):
+            return
+        with self._write() as db:
+            self._mark_started(db, started, node)
+            self._finish(db, outcomes, retries)
+        if retries:
+            poke(self.wake_folder)
+
     def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
         if not outcomes and not retries:
             return
-        now = time.time()
         with self._write() as db:
-            db.executemany(
+            self._finish(db, outcomes, retries)
+        if retries:
+            poke(self.wake_folder)
+
+    def _finish(self, db: sqlite3.Connection, outcomes: Sequence[Outcome], retries: Sequence[Retry]) -> None:
+        now = time.time()
+        if outcomes:
+            updated = db.executemany(
                 f"UPDATE tasks SET status = {DONE}, state = ?, result = ?, exc_type = ?,"
                 " exc_message = ?, traceback = ?, node = coalesce(?, node), runtime = ?,"
                 " finished = ?, owner = NULL WHERE id = ?",
@@ -223,7 +250,15 @@ class SQLiteBroker(Broker):
                     )
                     for o in outcomes
                 ],
-            )
+            ).rowcount
+            if updated < len(outcomes):  # records for ids never stored: keep them as results
+                db.executemany(
+                    "INSERT OR IGNORE INTO tasks (id, queue, name, body, status, state, result,"
+                    " exc_type, exc_message, traceback, node, created, finished)"
+                    f" VALUES (?, '', coalesce(?, ''), '', {DONE}, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(o.id, o.name, o.state, json.dumps(o.result), o.exc_type, o.exc_message,
+                      o.traceback, o.node, now, now) for o in outcomes],
+                )
             dead = [o for o in outcomes if o.dead_letter]
             if dead:
                 db.executemany(
@@ -234,14 +269,13 @@ class SQLiteBroker(Broker):
                         for o in dead
                     ],
                 )
+        if retries:
             db.executemany(
                 f"UPDATE tasks SET status = {QUEUED}, state = '{RETRY}', body = ?, eta = ?,"
                 " exc_type = ?, exc_message = ?, owner = NULL, lease_until = NULL,"
                 " deliveries = 0 WHERE id = ?",
                 [(r.body, r.eta, r.exc_type, r.exc_message, r.id) for r in retries],
             )
-        if retries:
-            poke(self.wake_folder)
 
     def release(self, ids: list[str], started: bool) -> None:
         if not ids:

@@ -1,0 +1,1 @@
+"""The broker contract suite (SQLite and Redis) and the Redis-only tests."""

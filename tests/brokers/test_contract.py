@@ -1,0 +1,408 @@
+"""The broker contract: every test runs against SQLite and against Redis."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import select
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from worker.brokers.base import (
+    FAILURE,
+    PENDING,
+    RETRY,
+    REVOKED,
+    STARTED,
+    SUCCESS,
+    Broker,
+    Delivery,
+    Envelope,
+    Outcome,
+    QueueDepth,
+    Retry,
+    Wakeup,
+)
+
+if TYPE_CHECKING:
+    from .conftest import BrokerFactory
+
+INFO_KEYS = {"id", "name", "queue", "state", "result", "exc_type", "exc_message", "traceback",
+             "deliveries", "node", "runtime"}
+
+
+def envelope(queue: str = "q1", eta: float | None = None, body: str | None = None) -> Envelope:
+    task_id = str(uuid.uuid4())
+    return Envelope(task_id, queue, "tasks.add", body or json.dumps({"id": task_id}), eta)
+
+
+def ids(items: Sequence[Envelope | Delivery]) -> list[str]:
+    return [item.id for item in items]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not true within {timeout} s")
+        time.sleep(0.02)
+
+
+def sleep_until(epoch: float) -> None:
+    time.sleep(max(0.0, epoch - time.time()) + 0.02)
+
+
+def readable(wake: Wakeup, timeout: float) -> bool:
+    return bool(select.select([wake.fileno()], [], [], timeout)[0])
+
+
+# --- reserving -------------------------------------------------------------------
+def test_reserve_hands_out_tasks_oldest_first_with_their_message(broker: Broker) -> None:
+    tasks = [envelope() for _ in range(5)]
+    broker.enqueue(tasks)
+
+    first = broker.reserve(["q1"], 2, "w1", 30)
+
+    assert first[0] == Delivery(tasks[0].id, "q1", "tasks.add", tasks[0].body, 1)
+    assert ids(first) == ids(tasks[:2])
+    assert ids(broker.reserve(["q1"], 10, "w1", 30)) == ids(tasks[2:])
+    assert broker.reserve(["q1"], 10, "w1", 30) == []
+
+
+def test_reserve_takes_at_most_n_from_the_given_queues_oldest_first(broker: Broker) -> None:
+    a, b, c, d, e = (envelope(q) for q in ("q1", "q2", "q3", "q1", "q2"))
+    broker.enqueue([a, b, c, d, e])
+
+    assert broker.reserve(["q2", "q1"], 0, "w1", 30) == []
+    assert ids(broker.reserve(["q2", "q1"], 3, "w1", 30)) == [a.id, b.id, d.id]
+    assert ids(broker.reserve(["q3"], 5, "w1", 30)) == [c.id]
+    assert ids(broker.reserve(["q1", "q2", "q3"], 5, "w1", 30)) == [e.id]
+
+
+def test_each_task_is_claimed_by_exactly_one_of_many_concurrent_consumers(
+    connect: BrokerFactory, tmp_path: Path
+) -> None:
+    tasks = [envelope() for _ in range(2000)]
+    connect().enqueue(tasks)
+    fork = multiprocessing.get_context("fork")
+    go = fork.Event()
+
+    def consume(index: int) -> None:
+        mine = connect()
+        go.wait(10)
+        claimed: list[str] = []
+        while batch := mine.reserve(["q1"], 1 + 5 * index, f"w{index}", 60):
+            claimed += ids(batch)
+        (tmp_path / f"claimed-{index}.json").write_text(json.dumps(claimed))
+        mine.close()
+
+    consumers = [fork.Process(target=consume, args=(i,)) for i in range(4)]
+    try:
+        for process in consumers:
+            process.start()
+        go.set()
+        for process in consumers:
+            process.join(60)
+            assert process.exitcode == 0
+    finally:
+        for process in consumers:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    claimed = [json.loads((tmp_path / f"claimed-{i}.json").read_text()) for i in range(4)]
+    everything = [task_id for part in claimed for task_id in part]
+    assert len(everything) == len(set(everything)) == 2000
+    assert set(everything) == set(ids(tasks))
+
+
+# --- giving back -----------------------------------------------------------------
+def test_release_unstarted_gives_the_task_back_with_its_count_unchanged(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    [first] = broker.reserve(["q1"], 1, "w1", 30)
+
+    broker.release([task.id], started=False)
+
+    [again] = broker.reserve(["q1"], 1, "w2", 30)
+    assert (first.deliveries, again.id, again.deliveries) == (1, task.id, 1)
+
+
+def test_release_started_gives_the_task_back_with_its_count_raised(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.mark_started([task.id], "w1@host")
+
+    broker.release([task.id], started=True)
+
+    info = broker.get_result(task.id)
+    assert info is not None and info["state"] == PENDING
+    [again] = broker.reserve(["q1"], 1, "w2", 30)
+    assert (again.id, again.deliveries) == (task.id, 2)
+
+
+def test_expired_lease_is_taken_over_by_another_owner(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 0.3)
+    assert broker.recover_expired(["q1"]) == 0
+    assert broker.reserve(["q1"], 1, "w2", 30) == []
+
+    wait_for(lambda: broker.recover_expired(["q1"]) == 1)
+
+    [again] = broker.reserve(["q1"], 1, "w2", 30)
+    assert (again.id, again.deliveries) == (task.id, 2)
+
+
+def test_recover_expired_looks_only_at_the_given_queues(broker: Broker) -> None:
+    broker.enqueue([envelope("q2")])
+    broker.reserve(["q2"], 1, "w1", 0.1)
+    time.sleep(0.3)
+
+    assert broker.recover_expired(["q1"]) == 0
+    assert broker.recover_expired(["q2"]) == 1
+
+
+def test_extend_renews_the_lease_for_its_owner_only(broker: Broker) -> None:
+    kept, lost = envelope(), envelope()
+    broker.enqueue([kept, lost])
+    broker.reserve(["q1"], 2, "w1", 1.5)
+    time.sleep(0.9)
+
+    broker.extend([kept.id], "w1", 1.5)
+    broker.extend([lost.id], "w2", 1.5)  # not its owner: no effect
+    time.sleep(0.9)
+
+    assert broker.recover_expired(["q1"]) == 1
+    assert ids(broker.reserve(["q1"], 10, "w3", 30)) == [lost.id]
+
+
+def test_recover_gives_back_only_that_owners_tasks(broker: Broker) -> None:
+    broker.enqueue([envelope() for _ in range(4)])
+    mine = broker.reserve(["q1"], 2, "w1", 30)
+    broker.reserve(["q1"], 2, "w2", 30)
+
+    assert broker.recover("w1") == 2
+
+    back = broker.reserve(["q1"], 10, "w3", 30)
+    assert ids(back) == ids(mine)
+    assert [d.deliveries for d in back] == [2, 2]
+    assert broker.recover("w1") == 0
+    assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=4)]
+
+
+def test_delivery_count_rises_with_each_redelivery(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    counts = [broker.reserve(["q1"], 1, "w1", 30)[0].deliveries]
+    broker.release([task.id], started=True)
+    counts.append(broker.reserve(["q1"], 1, "w2", 30)[0].deliveries)
+    broker.recover("w2")
+    counts.append(broker.reserve(["q1"], 1, "w3", 0.2)[0].deliveries)
+    wait_for(lambda: broker.recover_expired(["q1"]) == 1)
+    counts.append(broker.reserve(["q1"], 1, "w4", 30)[0].deliveries)
+
+    assert counts == [1, 2, 3, 4]
+    info = broker.get_result(task.id)
+    assert info is not None and info["deliveries"] == 4
+
+
+# --- ETA -------------------------------------------------------------------------
+def test_eta_task_waits_until_due_and_the_earliest_due_goes_first(broker: Broker) -> None:
+    now = time.time()
+    later, sooner, ready = envelope(eta=now + 0.8), envelope(eta=now + 0.4), envelope()
+    broker.enqueue([later, sooner, ready])
+
+    assert ids(broker.reserve(["q1"], 10, "w1", 30)) == [ready.id]
+    assert broker.next_due(["q1"]) == pytest.approx(sooner.eta)
+    assert broker.next_due(["q2"]) is None
+    sleep_until(later.eta or 0)
+
+    assert ids(broker.reserve(["q1"], 1, "w1", 30)) == [sooner.id]
+    assert ids(broker.reserve(["q1"], 1, "w1", 30)) == [later.id]
+    assert broker.next_due(["q1"]) is None
+
+
+def test_due_eta_tasks_reserved_together_come_in_eta_order(
+    broker: Broker, connect: BrokerFactory, request: pytest.FixtureRequest
+) -> None:
+    now = time.time()
+    later, sooner = envelope(eta=now + 0.5), envelope(eta=now + 0.3)
+    broker.enqueue([later, sooner])
+    sleep_until(later.eta or 0)
+
+    assert ids(broker.reserve(["q1"], 10, "w1", 30)) == [sooner.id, later.id]
+
+
+# --- results ---------------------------------------------------------------------
+def test_finish_stores_results_and_acks_for_good(broker: Broker) -> None:
+    ok, bad = envelope(), envelope()
+    broker.enqueue([ok, bad])
+    broker.reserve(["q1"], 2, "w1", 0.2)
+
+    broker.finish([
+        Outcome(ok.id, SUCCESS, result={"sum": 3}, node="w1@host", runtime=0.25),
+        Outcome(bad.id, FAILURE, exc_type="ValueError", exc_message="no", traceback="Tb",
+                node="w1@host"),
+    ])
+
+    assert broker.get_result(ok.id) == {
+        "id": ok.id, "name": "tasks.add", "queue": "q1", "state": SUCCESS, "result": {"sum": 3},
+        "exc_type": None, "exc_message": None, "traceback": None, "deliveries": 1,
+        "node": "w1@host", "runtime": 0.25,
+    }
+    failed = broker.get_result(bad.id)
+    assert failed is not None
+    assert (failed["state"], failed["exc_type"], failed["exc_message"], failed["traceback"],
+            failed["result"]) == (FAILURE, "ValueError", "no", "Tb", None)
+    time.sleep(0.4)  # past the lease: an acked task must not come back
+    assert broker.recover_expired(["q1"]) == 0
+    assert broker.reserve(["q1"], 10, "w2", 30) == []
+    assert broker.depths() == []
+
+
+def test_finish_after_the_task_was_given_back_keeps_it_from_running_again(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 0.1)
+    wait_for(lambda: broker.recover_expired(["q1"]) == 1)
+
+    broker.finish([Outcome(task.id, SUCCESS, result=1)])
+
+    assert broker.reserve(["q1"], 10, "w2", 30) == []
+    info = broker.get_result(task.id)
+    assert info is not None and info["state"] == SUCCESS
+
+
+def test_queued_task_reports_pending_with_every_info_key(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+
+    info = broker.get_result(task.id)
+
+    assert info is not None and set(info) == INFO_KEYS
+    assert (info["id"], info["state"], info["deliveries"]) == (task.id, PENDING, 0)
+    assert info["result"] is None
+    assert broker.get_result("never-seen") is None
+
+
+def test_mark_started_sets_state_started_for_held_tasks(broker: Broker) -> None:
+    held, queued = envelope(), envelope()
+    broker.enqueue([held])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.enqueue([queued])
+
+    broker.mark_started([held.id, queued.id], "w1@host")
+
+    info = broker.get_result(held.id)
+    assert info is not None and (info["state"], info["node"]) == (STARTED, "w1@host")
+    info = broker.get_result(queued.id)
+    assert info is not None and info["state"] == PENDING
+
+
+def test_retry_goes_back_with_its_eta_and_state_retry(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+    eta = time.time() + 0.4
+
+    broker.finish([], [Retry(task.id, '{"retries": 1}', eta, "IOError", "flaky")])
+
+    info = broker.get_result(task.id)
+    assert info is not None
+    assert (info["state"], info["exc_type"], info["exc_message"]) == (RETRY, "IOError", "flaky")
+    assert broker.reserve(["q1"], 1, "w1", 30) == []
+    assert broker.next_due(["q1"]) == pytest.approx(eta)
+    assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=1, reserved=0)]
+    sleep_until(eta)
+    [again] = broker.reserve(["q1"], 1, "w1", 30)
+    assert (again.id, again.body, again.deliveries) == (task.id, '{"retries": 1}', 1)
+
+
+def test_dead_letters_keep_the_raw_body_newest_first(broker: Broker) -> None:
+    first, second = envelope(body="not json {"), envelope()
+    broker.enqueue([first, second])
+    broker.reserve(["q1"], 2, "w1", 30)
+
+    broker.finish([Outcome(first.id, FAILURE, exc_type="BadMessage", exc_message="not JSON",
+                           dead_letter=True)])
+    broker.finish([Outcome(second.id, FAILURE, exc_type="WorkerLost", exc_message="lost",
+                           dead_letter=True)])
+
+    newest, oldest = broker.dead_letters()
+    assert (oldest.id, oldest.queue, oldest.name, oldest.body, oldest.reason, oldest.extra) == (
+        first.id, "q1", "tasks.add", "not json {", "BadMessage", {"message": "not JSON"})
+    assert oldest.at == pytest.approx(time.time(), abs=60)
+    assert newest.id == second.id
+    assert [letter.id for letter in broker.dead_letters(limit=1)] == [second.id]
+    info = broker.get_result(first.id)
+    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+
+
+def test_outcome_for_an_id_the_broker_never_held_is_stored(
+    broker: Broker, connect: BrokerFactory, request: pytest.FixtureRequest
+) -> None:
+    broker.finish([Outcome("made-up", FAILURE, exc_type="BadMessage", exc_message="?", name="?")])
+
+    info = broker.get_result("made-up")
+    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+
+
+# --- revokes, depths, wake-ups ---------------------------------------------------
+def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    held, queued, scheduled = envelope(), envelope(), envelope(eta=time.time() + 60)
+    broker.enqueue([held])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.enqueue([queued, scheduled])
+
+    broker.revoke([held.id, queued.id, scheduled.id, "never-seen"])
+
+    states = [(broker.get_result(t.id) or {}).get("state") for t in (held, queued, scheduled)]
+    assert states == [PENDING, REVOKED, REVOKED]  # the worker holding one skips it itself
+    assert broker.reserve(["q1"], 10, "w2", 30) == []
+    assert broker.next_due(["q1"]) is None
+    assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=1)]
+    broker.close()
+    assert connect().revoked() == {held.id, queued.id, scheduled.id, "never-seen"}
+
+
+def test_depths_count_ready_scheduled_and_reserved_per_queue(broker: Broker) -> None:
+    later = time.time() + 60
+    broker.enqueue([envelope("q1") for _ in range(3)] + [envelope("q1", eta=later)]
+                   + [envelope("q2") for _ in range(2)])
+
+    broker.reserve(["q1"], 1, "w1", 30)
+
+    assert broker.depths() == [
+        QueueDepth("q1", ready=2, scheduled=1, reserved=1),
+        QueueDepth("q2", ready=2, scheduled=0, reserved=0),
+    ]
+
+
+def test_wakeup_becomes_readable_on_enqueue_from_another_connection(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    wake = broker.wakeup(["q1"])
+    try:
+        wake.arm()
+        assert not readable(wake, 0.2)
+
+        connect().enqueue([envelope("q1")])
+
+        assert readable(wake, 5)
+        started = time.monotonic()
+        wake.clear()
+        wake.clear()  # nothing left: returns at once
+        assert time.monotonic() - started < 0.5
+        wake.arm()
+        assert not readable(wake, 0.1)
+    finally:
+        wake.close()
