@@ -1,4 +1,19 @@
-"""`fleetctl`: steer the fleet over the control plane, and submit and inspect tasks."""
+"""`fleetctl`: steer the fleet over the control plane, and submit and inspect tasks.
+
+Which hosts it asks: every `--endpoint URL`, else those of the config (`-c` or
+$FLEET_CONFIG): the host's own control endpoint (its ipc:// one if it has one)
+and the other hosts' in `[control] endpoints`.
+
+Keys, for tcp:// endpoints only (CurveZMQ; `fleetctl keygen DIR` writes a pair):
+- this client's key pair is `--key FILE` ($FLEETCTL_KEY), a `fleet.key_secret`;
+  its `fleet.key` must be in each server's `authorized_keys` folder;
+- the servers' public key is `--server-key FILE` ($FLEETCTL_SERVER_KEY), the
+  `fleet.key` of the pair the servers name in `curve_secret_key` (one server
+  pair for the whole fleet).
+Either defaults to the config's `curve_secret_key`: on a fleet host, with its
+config, fleetctl uses the host's own pair (whose `fleet.key` must then be in
+`authorized_keys` too).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +22,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
+NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
+TOP_EVERY = 1.0  # seconds between refreshes of `top`
 
 
 class UsageError(Exception):
@@ -25,51 +44,78 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Steer a fleetd fleet and its queue.")
     p.add_argument("-c", "--config", default=os.environ.get("FLEET_CONFIG"),
                    help="the fleet's config (default: $FLEET_CONFIG)")
     p.add_argument("--endpoint", action="append", default=[],
-                   help="a control endpoint to ask (repeatable; default: the config's)")
-    p.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for replies")
+                   help="a host's control endpoint to ask (repeatable; default: the config's)")
+    p.add_argument("--timeout", type=positive, default=1.0,
+                   help="seconds to wait for the hosts' answers (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--key", default=os.environ.get("FLEETCTL_KEY"),
-                   help="this client's secret key file for tcp:// endpoints (default: the config's"
-                        " curve_secret_key)")
+                   help="tcp:// only: this client's fleet.key_secret (default: $FLEETCTL_KEY, else"
+                        " the config's curve_secret_key)")
+    p.add_argument("--server-key", default=os.environ.get("FLEETCTL_SERVER_KEY"),
+                   help="tcp:// only: the servers' public fleet.key (default: $FLEETCTL_SERVER_KEY,"
+                        " else the config's curve_secret_key)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def dest(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        cmd.add_argument("--dest", action="append", help="a node (name@host) or a host; repeatable")
+        cmd.add_argument("--dest", action="append",
+                         help="a node (name@host) or a host: every node on it; repeatable")
         return cmd
 
     ping = dest(sub.add_parser("ping", help="check that nodes answer"))
-    ping.add_argument("--limit", type=int, help="return after this many node replies")
-    dest(sub.add_parser("shutdown", help="warm-shut-down nodes or hosts"))
-    dest(sub.add_parser("reload", help="graceful reload (fresh code) of hosts"))
-    rl = dest(sub.add_parser("rate-limit", help="limit a task to N/s, N/m or N/h (0 clears)"))
+    ping.add_argument("--limit", type=count, help="return once this many nodes replied")
+    dest(sub.add_parser("shutdown", help="warm-shut-down nodes or hosts (a host: as SIGTERM)"))
+    dest(sub.add_parser("reload", help="graceful reload of hosts, fresh code (as SIGHUP)"))
+    rl = dest(sub.add_parser("rate-limit",
+                             help="limit a task name to N/s, N/m or N/h per node; 0 clears"))
     rl.add_argument("task")
     rl.add_argument("rate")
-    tl = dest(sub.add_parser("time-limit", help="soft/hard time limits of a task, from now on"))
+    tl = dest(sub.add_parser("time-limit", help="soft and hard time limits of a task name, for the"
+                                                " tasks that start from now on"))
     tl.add_argument("task")
-    tl.add_argument("--soft", type=float, required=True)
-    tl.add_argument("--hard", type=float, required=True)
-    rv = sub.add_parser("revoke", help="revoke task ids (they never start)")
+    tl.add_argument("--soft", type=float, required=True, help="seconds; 0 = none")
+    tl.add_argument("--hard", type=float, required=True, help="seconds; 0 = none")
+    rv = sub.add_parser("revoke", help="revoke task ids, for good: they never start")
     rv.add_argument("ids", nargs="+")
     rv.add_argument("--terminate", action="store_true", help="signal the child running one")
-    rv.add_argument("--signal", default="TERM")
-    ins = dest(sub.add_parser("inspect", help="what nodes hold and know"))
+    rv.add_argument("--signal", default="TERM", help="with --terminate (default: TERM)")
+    ins = dest(sub.add_parser("inspect", help="what nodes run, hold and know"))
     ins.add_argument("what", choices=INSPECT)
-    ev = sub.add_parser("events", help="task events")
+    ev = dest(sub.add_parser("events", help="turn task events on or off; tail them"))
     ev.add_argument("action", choices=("enable", "disable", "tail"))
-    ev.add_argument("--dest", action="append")
-    pool = dest(sub.add_parser("pool", help="grow or shrink pools"))
+    pool = dest(sub.add_parser("pool", help="grow or shrink pools (shrink retires idle children)"))
     pool.add_argument("action", choices=("grow", "shrink"))
-    pool.add_argument("n", nargs="?", type=int, default=1)
-    dest(sub.add_parser("status", help="a table of the fleet"))
-    dest(sub.add_parser("top", help="a live view of the fleet"))
+    pool.add_argument("n", nargs="?", type=count, default=1)
+    dest(sub.add_parser("status", help="a table of hosts, nodes and children"))
+    dest(sub.add_parser("top", help="the status table, live"))
     call = dest(sub.add_parser("call", help="run a custom @control_command"))
     call.add_argument("name")
-    call.add_argument("--args", default="{}", help="a JSON object of arguments")
+    call.add_argument("args", nargs="*", metavar="KEY=VALUE",
+                      help="an argument (VALUE is JSON, else a string)")
     submit = sub.add_parser("submit", help="submit a task")
     submit.add_argument("task")
     submit.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
@@ -96,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
 
 
 # --- the queue: straight to the broker ---------------------------------------------
@@ -117,7 +163,7 @@ def make_client(args: argparse.Namespace) -> Any:
     if not args.config and os.environ.get("FLEET_BROKER"):
         return Client(os.environ["FLEET_BROKER"])
     config = load_config(args)
-    return Client(config.broker, durability=config.durability)
+    return Client(config.broker, durability=config.durability, result_ttl=config.result_ttl)
 
 
 def parse_value(text: str) -> Any:
@@ -147,7 +193,9 @@ def cmd_result(args: argparse.Namespace, console: Console) -> int:
     return show_result(make_client(args), args.id, args.wait, args.json, console)
 
 
-def show_result(client: Any, task_id: str, wait: float | None, as_json: bool, console: Console) -> int:
+def show_result(
+    client: Any, task_id: str, wait: float | None, as_json: bool, console: Console
+) -> int:
     from worker import TaskFailed, TaskRevoked
 
     handle = client.handle(task_id)
@@ -166,7 +214,8 @@ def show_result(client: Any, task_id: str, wait: float | None, as_json: bool, co
         print(json.dumps(info))
     else:
         table = Table(show_header=False)
-        for key in ("id", "name", "state", "result", "exc_type", "exc_message", "deliveries", "node"):
+        for key in ("id", "name", "state", "result", "exc_type", "exc_message", "deliveries",
+                    "node"):
             if info.get(key) is not None:
                 table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
         console.print(table)
@@ -195,7 +244,8 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
     for column in ("id", "name", "queue", "reason", "when"):
         letters.add_column(column)
     for d in dead:
-        letters.add_row(d.id, d.name, d.queue, d.reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at)))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at))
+        letters.add_row(d.id, d.name, d.queue, d.reason, when)
     console.print(letters)
     return EXIT_OK
 
@@ -211,7 +261,8 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-QUEUE_COMMANDS = {"submit": cmd_submit, "result": cmd_result, "queues": cmd_queues, "keygen": cmd_keygen}
+QUEUE_COMMANDS = {"submit": cmd_submit, "result": cmd_result, "queues": cmd_queues,
+                  "keygen": cmd_keygen}
 
 
 # --- the control plane -------------------------------------------------------------------
@@ -219,10 +270,25 @@ def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The registry command and arguments a fleetctl command line stands for."""
     c = args.command
     if c == "rate-limit":
+        from supervisor.config import parse_rate
+
+        try:
+            parse_rate(args.rate)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         return "rate_limit", {"task": args.task, "rate": args.rate}
     if c == "time-limit":
+        from worker.commands import time_limits_problem
+
+        problem = time_limits_problem(args.soft, args.hard)
+        if problem:
+            raise UsageError(problem)
         return "time_limit", {"task": args.task, "soft": args.soft, "hard": args.hard}
     if c == "revoke":
+        from worker.commands import signal_number
+
+        if signal_number(args.signal) is None:
+            raise UsageError(f"--signal {args.signal}: no such signal")
         return "revoke", {"ids": args.ids, "terminate": args.terminate, "signal": args.signal}
     if c == "inspect":
         return args.what, {}
@@ -230,120 +296,253 @@ def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "events", {"enable": args.action == "enable"}
     if c == "pool":
         return f"pool_{args.action}", {"n": args.n}
-    if c in ("status", "top"):
-        return "stats", {}
     if c == "call":
-        try:
-            custom = json.loads(args.args)
-        except ValueError as exc:
-            raise UsageError(f"--args is not JSON: {exc}") from None
-        if not isinstance(custom, dict):
-            raise UsageError("--args must be a JSON object")
-        return args.name, custom
+        return args.name, dict(key_value(a) for a in args.args)
     return c, {}
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"{text!r}: give arguments as KEY=VALUE")
+    return key, parse_value(value)
+
+
 def open_control(args: argparse.Namespace) -> Any:
+    """A ControlClient for the hosts and keys the command line and the config name."""
     from ctl.client import ControlClient
     from ctl.keys import KeyFileError, load_keypair, load_public
     from supervisor.control import ControlConfigError
 
     endpoints = list(args.endpoint)
-    key_file = args.key
-    if not endpoints or (any(e.startswith("tcp://") for e in endpoints) and not key_file):
+    tcp = any(e.startswith("tcp://") for e in endpoints)
+    config = None
+    if not endpoints or (tcp and not (args.key and args.server_key) and args.config):
         config = load_config(args)
-        if not endpoints:
-            endpoints = [b for b in config.control.bind if b.startswith("ipc://")] or config.control.bind[:1]
-            endpoints += config.control.endpoints
-        key_file = key_file or config.control.curve_secret_key
+    hosts: dict[str, str] = {}
+    if config is not None and not endpoints:
+        own = [b for b in config.control.bind if b.startswith("ipc://")] or config.control.bind[:1]
+        hosts = {**config.control.hosts, **{e: config.node for e in own}}
+        endpoints = own + config.control.endpoints
     client_keys = server_keys = None
     if any(e.startswith("tcp://") for e in endpoints):
-        if not key_file:
-            raise UsageError("tcp:// endpoints need a key: --key FILE, $FLEETCTL_KEY or [control] curve_secret_key")
+        default = config.control.curve_secret_key if config is not None else ""
+        key_file, server_key_file = args.key or default, args.server_key or default
+        if not key_file or not server_key_file:
+            raise UsageError("tcp:// endpoints need --key (this client's fleet.key_secret) and"
+                             " --server-key (the servers' fleet.key), or a config with"
+                             " curve_secret_key")
         try:
             client_keys = load_keypair(key_file)
-            server_public = load_public(os.environ.get("FLEETCTL_SERVER_KEY") or key_file)
-        except (KeyFileError, OSError) as exc:
+            server_public = load_public(server_key_file)
+        except KeyFileError as exc:
             raise UsageError(str(exc)) from None
         server_keys = {e: server_public for e in endpoints if e.startswith("tcp://")}
     try:
-        return ControlClient(endpoints, args.timeout, client_keys, server_keys)
+        return ControlClient(endpoints, args.timeout, client_keys, server_keys, hosts)
     except ControlConfigError as exc:
         raise UsageError(str(exc)) from None
 
 
 def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
-    dest = getattr(args, "dest", None)
+    dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
+    cmd_args["_timeout"] = args.timeout * NODE_SHARE
+    if limit:
+        cmd_args["_limit"] = limit  # each host answers once it has that many
     client = open_control(args)
     try:
         if args.command == "events" and args.action == "tail":
-            for event in client.subscribe_events():
-                console.print_json(json.dumps(event)) if not args.json else print(json.dumps(event), flush=True)
-            return EXIT_OK
+            return tail_events(client.subscribe_events(), dest, args.json)
         if args.command == "top":
-            return show_top(client, dest, console)
-        result = client.call(cmd, cmd_args, dest)
+            return show_top(client, dest, args.timeout, console)
+        if args.command == "status":
+            result = fleet_status(client, dest, args.timeout)
+        else:
+            result = client.call(cmd, cmd_args, dest, limit)
     finally:
-        if args.command != "top":
-            client.close()
-    limit = getattr(args, "limit", None)
-    if limit:
-        result.replies = dict(list(result.replies.items())[:limit])
-    failed = bool(result.missing or result.errors) or any(
-        isinstance(r, dict) and "error" in r for r in result.replies.values())
-    if dest and not result.replies and not result.missing:
-        failed = True
+        client.close()
+    if not (limit and len(result.replies) >= limit):
+        result.missing += [d for d in unanswered(dest, result.replies) if d not in result.missing]
     if args.json:
         print(result.to_json())
     elif args.command == "status":
-        console.print(status_table(result.replies))
+        console.print(status_table(result))
     else:
-        render(console, cmd, result)
-    return EXIT_FAILED if failed else EXIT_OK
+        console.print(reply_table(cmd, result))
+    return EXIT_FAILED if failed(result) else EXIT_OK
 
 
-def render(console: Console, cmd: str, result: Any) -> None:
-    table = Table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)")
+def unanswered(dest: list[str] | None, replies: dict[str, Any]) -> list[str]:
+    """The nodes and hosts of --dest that no reply came from."""
+    return [d for d in dest or () if d not in replies and not any(host_of(n) == d for n in replies)]
+
+
+def host_of(node: str) -> str:
+    return node.rpartition("@")[2]
+
+
+def failed(result: Any) -> bool:
+    """Did a host not answer, or a node fail, or is one down?"""
+    return bool(result.missing or result.errors) or any(
+        isinstance(r, dict) and ("error" in r or r.get("state") in ("FATAL", "BACKOFF"))
+        for r in result.replies.values())
+
+
+def reply_table(cmd: str, result: Any) -> Table:
+    table = Table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
     table.add_column("node")
     table.add_column("reply")
     for node, reply in sorted(result.replies.items()):
-        text = reply.get("ok") if isinstance(reply, dict) and set(reply) <= {"ok"} else json.dumps(reply, indent=1)
-        table.add_row(node, str(text))
+        if isinstance(reply, dict) and "error" in reply:
+            table.add_row(escape(node), f"[red]{escape(str(reply['error']))}[/red]")
+        else:
+            table.add_row(escape(node), escape(describe(reply)))
     for host in result.missing:
-        table.add_row(f"[red]{host}[/red]", "[red]no reply[/red]")
+        table.add_row(f"[red]{escape(host)}[/red]", "[red]no reply[/red]")
     for endpoint, error in result.errors.items():
-        table.add_row(f"[red]{endpoint}[/red]", f"[red]{error}[/red]")
-    console.print(table)
-
-
-def status_table(replies: dict[str, Any]) -> Table:
-    table = Table(title="fleet")
-    for column in ("node", "pid", "child", "state", "task", "runtime", "done", "uptime"):
-        table.add_column(column)
-    for node, stats in sorted(replies.items()):
-        if not isinstance(stats, dict) or "error" in stats:
-            table.add_row(node, "", "", "[red]error[/red]", str(stats), "", "", "")
-            continue
-        table.add_row(node, str(stats.get("pid")), "", "running", "", "",
-                      str(stats.get("succeeded", 0) + stats.get("failed", 0)), f"{stats.get('uptime', 0):.0f}s")
-        for child in stats.get("children", []):
-            runtime = child.get("runtime")
-            table.add_row("", "", str(child.get("pid")), child.get("state", ""), child.get("task_name") or "",
-                          f"{runtime:.1f}s" if runtime else "", str(child.get("tasks_done", 0)), "")
+        table.add_row(f"[red]{escape(endpoint)}[/red]", f"[red]{escape(error)}[/red]")
     return table
 
 
-def show_top(client: Any, dest: list[str] | None, console: Console) -> int:
+def describe(reply: Any) -> str:
+    """A reply as text a person reads: `ok` alone, one line per item or per key."""
+    if isinstance(reply, dict):
+        if set(reply) == {"ok"}:
+            return str(reply["ok"])
+        return "\n".join(f"{key}: {compact(value)}" for key, value in reply.items())
+    if isinstance(reply, list):
+        return "\n".join(compact(item) for item in reply) if reply else "-"
+    return compact(reply)
+
+
+def compact(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value in ({}, [], None):
+        return "-"
+    if isinstance(value, dict):
+        return "  ".join(f"{k}={compact(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return json.dumps(value)
+
+
+# --- status and top ------------------------------------------------------------------------
+def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
+    """Every node as its arbiter sees it (down ones too), with the pool its worker reports."""
+    from ctl.client import Result
+
+    args = {"_timeout": timeout * NODE_SHARE}
+    supervised = client.call("status", args, dest)
+    pools = client.call("stats", args, dest)
+    nodes = {}
+    for node, view in supervised.replies.items():
+        stats = pools.replies.get(node)
+        if isinstance(view, dict) and isinstance(stats, dict):
+            if isinstance(stats.get("children"), list):
+                view = {**stats, "state": view.get("state"), "generation": view.get("generation")}
+            elif "error" in stats:
+                view = {**view, "error": stats["error"]}
+        nodes[node] = view
+    return Result(nodes, sorted(set(supervised.missing) | set(pools.missing)),
+                  supervised.elapsed + pools.elapsed, {**pools.errors, **supervised.errors})
+
+
+def status_table(result: Any) -> Table:
+    table = Table(title=f"fleet ({result.elapsed * 1000:.1f} ms)", title_justify="left")
+    for column in ("host / node / child", "pid", "state", "task", "rss", "uptime", "done"):
+        numeric = column in ("pid", "rss", "uptime", "done")
+        table.add_column(column, justify="right" if numeric else "left")
+    by_host: dict[str, list[str]] = {}
+    for node in sorted(result.replies):
+        by_host.setdefault(host_of(node), []).append(node)
+    for host in sorted(by_host):
+        table.add_row(f"[bold]{escape(host)}[/bold]", "", "", "", "", "", "")
+        for node in by_host[host]:
+            add_node_rows(table, node, result.replies[node])
+    for host in result.missing:
+        table.add_row(f"[red]{escape(host)}[/red]", "", "[red]no reply[/red]", "", "", "", "")
+    for endpoint, error in result.errors.items():
+        table.add_row(f"[red]{escape(endpoint)}[/red]", "", "[red]error[/red]", escape(error),
+                      "", "", "")
+    return table
+
+
+def add_node_rows(table: Table, node: str, view: Any) -> None:
+    if not isinstance(view, dict):
+        table.add_row(f"  {escape(node)}", "", "[red]?[/red]", escape(compact(view)), "", "", "")
+        return
+    state = str(view.get("state") or "")
+    colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
+    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
+    done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
+    table.add_row(f"  {escape(node)}", str(view.get("pid") or "-"), f"[{colour}]{state}[/{colour}]",
+                  task, size(view.get("rss")), duration(view.get("uptime")), str(done))
+    children = view.get("children")
+    for child in children if isinstance(children, list) else ():
+        task = ""
+        if child.get("task"):
+            runtime = duration(child.get("runtime"))
+            task = f"{child.get('task_name')} {str(child['task'])[:8]} ({runtime})"
+        table.add_row("    child", str(child.get("pid")), str(child.get("state", "")), escape(task),
+                      size(child.get("rss")), duration(child.get("uptime")),
+                      str(child.get("tasks_done", "")))
+
+
+def size(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return ""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
+    """The status table, refreshed every second until Ctrl-C."""
     from rich.live import Live
 
-    try:
-        with Live(console=console, refresh_per_second=2) as live:
-            while True:
-                live.update(status_table(client.call("stats", {}, dest).replies))
-                time.sleep(1.0)
-    finally:
-        client.close()
+    timeout = min(timeout, TOP_EVERY)
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            started = time.monotonic()
+            live.update(status_table(fleet_status(client, dest, timeout)), refresh=True)
+            time.sleep(max(0.0, TOP_EVERY - (time.monotonic() - started)))
+
+
+# --- events --------------------------------------------------------------------------------
+def tail_events(events: Iterable[dict[str, Any]], dest: list[str] | None, as_json: bool) -> int:
+    """Print events as they arrive (of the --dest nodes or hosts only, if given), until Ctrl-C."""
+    for event in events:
+        node = str(event.get("node", ""))
+        if dest and node not in dest and host_of(node) not in dest:
+            continue
+        print(json.dumps(event) if as_json else event_line(event), flush=True)
+    return EXIT_OK
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """`12:00:01.123 images@h1 task-succeeded tasks.resize 3f2a... runtime=0.012`"""
+    ts = event.get("ts")
+    when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}" \
+        if isinstance(ts, (int, float)) else "-"
+    words = [when, str(event.get("node", "-")), str(event.get("type", "-"))]
+    words += [str(event[k]) for k in ("name", "id") if event.get(k) is not None]
+    shown = ("ts", "node", "type", "name", "id")
+    words += [f"{k}={compact(v)}" for k, v in event.items() if k not in shown]
+    return " ".join(words)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from supervisor.control import MAX_MESSAGE_SIZE, VERSION, ControlConfigError, ev
 
 @dataclass
 class Result:
-    """What a broadcast brought back: replies by node, silent hosts, per-endpoint errors."""
+    """What a broadcast brought back: replies by node, silent hosts, the hosts' errors.
+
+    Hosts are named as the client's `hosts` map names them, else by their endpoint.
+    """
 
     replies: dict[str, Any]
     missing: list[str]
@@ -48,8 +51,8 @@ class ControlClient:
 
     `client_keys` is the (public, secret) z85 pair and `server_keys` maps each tcp
     endpoint to its server's z85 public key (see ctl.keys). `hosts` maps an endpoint
-    to the host expected behind it, the name `missing` reports for it (default: the
-    endpoint itself). Raises ControlConfigError for an endpoint it cannot use.
+    to the host expected behind it, the name `missing` and `errors` use for it (default:
+    the endpoint itself). Raises ControlConfigError for an endpoint it cannot use.
     """
 
     def __init__(
@@ -85,9 +88,17 @@ class ControlClient:
         self.close()
 
     def call(
-        self, cmd: str, args: dict[str, Any] | None = None, dest: list[str] | None = None
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        dest: list[str] | None = None,
+        limit: int | None = None,
     ) -> Result:
-        """Send `cmd` to every endpoint; wait until all answered or the timeout passed."""
+        """Send `cmd` to every endpoint; wait until all answered or the timeout passed.
+
+        With `limit`, return as soon as that many nodes replied (hosts that had not
+        answered by then are not missing: they were not needed).
+        """
         request_id = uuid.uuid4().hex
         request = json.dumps(
             {"v": VERSION, "id": request_id, "cmd": cmd, "args": args or {}, "dest": dest},
@@ -103,20 +114,21 @@ class ControlClient:
             try:
                 dealer.send(request, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                result.errors[endpoint] = f"cannot send: {exc}"
+                result.errors[self._name(endpoint)] = f"cannot send: {exc}"
                 continue
             waiting[dealer] = endpoint
             poller.register(dealer, zmq.POLLIN)
         deadline = start + self._timeout
-        while waiting:
+        while waiting and not (limit and len(result.replies) >= limit):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             for dealer, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
-                if _take_reply(dealer, request_id, waiting[dealer], result):
+                if _take_reply(dealer, request_id, self._name(waiting[dealer]), result):
                     poller.unregister(dealer)
                     del waiting[dealer]
-        result.missing = [self._hosts.get(endpoint, endpoint) for endpoint in waiting.values()]
+        if not (limit and len(result.replies) >= limit):
+            result.missing = [self._name(endpoint) for endpoint in waiting.values()]
         result.elapsed = time.monotonic() - start
         return result
 
@@ -159,6 +171,10 @@ class ControlClient:
         self._dealers.clear()
         self._ctx.destroy(linger=0)
 
+    def _name(self, endpoint: str) -> str:
+        """The host expected behind an endpoint, or the endpoint itself: how results name it."""
+        return self._hosts.get(endpoint, endpoint)
+
     def _connect(self, kind: int, control_endpoint: str, address: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.linger = 0
@@ -185,7 +201,7 @@ class ControlClient:
         sock.curve_serverkey = server_key
 
 
-def _take_reply(dealer: zmq.Socket[bytes], request_id: str, endpoint: str, result: Result) -> bool:
+def _take_reply(dealer: zmq.Socket[bytes], request_id: str, host: str, result: Result) -> bool:
     """Read what `dealer` has; record the reply to `request_id` and say whether it came."""
     while True:
         try:
@@ -195,14 +211,14 @@ def _take_reply(dealer: zmq.Socket[bytes], request_id: str, endpoint: str, resul
         try:
             message = json.loads(data)
         except (ValueError, RecursionError):
-            result.errors[endpoint] = "the reply is not JSON"
+            result.errors[host] = "the reply is not JSON"
             return True
         if not isinstance(message, dict) or message.get("id") != request_id:
             continue  # the late answer to an earlier call
         if "error" in message:
-            result.errors[endpoint] = str(message["error"])
+            result.errors[host] = str(message["error"])
         elif isinstance(message.get("replies"), dict):
             result.replies.update(message["replies"])
         else:
-            result.errors[endpoint] = "the reply has no replies"
+            result.errors[host] = "the reply has no replies"
         return True

@@ -68,6 +68,7 @@ class WorkerProc:
     backoff_until: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
+    children: list[dict[str, Any]] = field(default_factory=list)  # its pool at the last run record
     commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
 
     @property
@@ -81,6 +82,7 @@ class PendingCommand:
     waiting: dict[str, str]  # message id sent to a worker -> node
     replies: dict[str, Any]
     deadline: float
+    limit: int = 0  # answer once this many nodes replied (`ping --limit`); 0: wait for all
 
 
 class Arbiter:
@@ -100,6 +102,7 @@ class Arbiter:
         self.dead_owners: list[str] = []  # tasks to give back through a live worker
         self.pending: dict[str, PendingCommand] = {}
         self.message_seq = 0
+        self.events_on: set[str] = set()  # nodes with events enabled: so are their next processes
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
@@ -171,8 +174,9 @@ class Arbiter:
             self.metrics_server.close()
         self.ctx.term()
         remove_pidfile(self.pidfile)
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(self.config.state_dir, "run.json"))
+        if not self.dead_owners:  # else the next start gives their tasks back, not the lease
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.config.state_dir, "run.json"))
         log.info("fleetd stopped")
 
     def poll_timeout(self) -> float:
@@ -229,6 +233,7 @@ class Arbiter:
         env["FLEETD_ARBITER_PID"] = str(os.getpid())
         env["FLEETD_GENERATION"] = str(generation)
         env["FLEETD_METRICS"] = "1" if self.config.metrics_bind else "0"
+        env["FLEETD_EVENTS"] = "1" if spec.node in self.events_on else "0"
         env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
         argv = [sys.executable, "-m", "worker", spec.node]
         w.pid = os.posix_spawn(sys.executable, argv, env,
@@ -271,9 +276,12 @@ class Arbiter:
         code = os.waitstatus_to_exitcode(status)
         self.close_channel(w)
         w.pid = 0
+        orphans.kill_groups(w.children)  # what its children's tasks started dies with them
+        w.children = []
         if w.owner:
-            self.dead_owners.append(w.owner)  # a live worker gives its tasks back at once
+            self.dead_owners.append(w.owner)
             w.owner = ""
+            self.give_back_tasks()
         self.metrics.forget_node(w.node)
         self.tasks_done += int(w.stats.get("succeeded", 0)) + int(w.stats.get("failed", 0))
         w.stats = {}
@@ -294,6 +302,14 @@ class Arbiter:
                 w.backoff_until = time.monotonic() + delay
                 log.warning("worker %s died (%s); restarting in %.2fs", w.node, describe_exit(code), delay)
         self.write_run_record()
+
+    def give_back_tasks(self) -> None:
+        """Have a live worker release the tasks of dead consumers at once, not after their lease."""
+        live = next((w for w in self.workers if w.state == RUNNING and w.sock is not None), None)
+        while live is not None and self.dead_owners:
+            if not self.send(live, {"type": "recover", "owner": self.dead_owners[-1]}):
+                return
+            self.dead_owners.pop()
 
     def close_channel(self, w: WorkerProc) -> None:
         if w.sock is not None:
@@ -372,8 +388,7 @@ class Arbiter:
         w.state = RUNNING if w.state == STARTING else w.state
         w.owner = owner
         self.write_run_record()
-        while self.dead_owners:
-            self.send(w, {"type": "recover", "owner": self.dead_owners.pop()})
+        self.give_back_tasks()
         for old in w.retire_when_ready:
             log.info("reload: %s generation %d is up, stopping generation %d", w.node, w.generation, old.generation)
             self.stop_worker(old)
@@ -392,21 +407,22 @@ class Arbiter:
                 self.reloading = False
 
     # --- reload and halt ---------------------------------------------------------------
-    def reload(self) -> None:
+    def reload(self) -> str | None:
         """Start a new generation of every worker from the re-read config, then stop the old
-        one as each new worker is ready: there is never a moment without a consumer."""
+        one as each new worker is ready: there is never a moment without a consumer.
+        Returns why the reload was refused, if it was."""
         if self.halting:
-            return
+            return "the host is shutting down"
         try:
             new = configmod.load(self.config.path, node=self.config.node)
         except configmod.ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
-            return
+            return f"reload refused, keeping the running config: {exc}"
         refused = non_reloadable_changes(self.config, new)
         if refused:
             log.error("reload refused, keeping the running config: %s cannot change without a restart",
                       ", ".join(refused))
-            return
+            return f"reload refused: {', '.join(refused)} cannot change without a restart"
         self.notifier.reloading()
         self.reloading = True
         self.config = new
@@ -422,6 +438,7 @@ class Arbiter:
             for w in gone:
                 self.stop_worker(w)
         log.info("reload: generation %d starting", self.generation)
+        return None
 
     def halt(self, mode: str) -> None:
         if self.halting == "cold" or self.halting == mode:
@@ -459,6 +476,7 @@ class Arbiter:
 
     def run_command(self, request: Request) -> None:
         timeout = request.args.pop("_timeout", DEFAULT_COMMAND_TIMEOUT)
+        limit = request.args.pop("_limit", 0)
         command = COMMANDS.get(request.cmd)
         try:
             if command is not None:
@@ -477,8 +495,11 @@ class Arbiter:
             return
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
             timeout = DEFAULT_COMMAND_TIMEOUT
-        pending = PendingCommand(request, {}, {}, time.monotonic() + min(max(timeout, 0.01), 60.0))
+        pending = PendingCommand(request, {}, {}, time.monotonic() + min(max(timeout, 0.01), 60.0),
+                                 limit if isinstance(limit, int) and not isinstance(limit, bool) else 0)
         for w in self.targets(request.dest):
+            if request.cmd == "events":  # remembered for the node's next process (restart, reload)
+                (self.events_on.add if args["enable"] else self.events_on.discard)(w.node)
             self.message_seq += 1
             mid = str(self.message_seq)
             if self.send(w, {"type": "cmd", "id": mid, "cmd": request.cmd, "args": args}):
@@ -495,6 +516,10 @@ class Arbiter:
             return  # too late: its command was answered without it
         del pending.waiting[mid]
         pending.replies[node] = reply
+        if pending.limit > 0 and len(pending.replies) >= pending.limit:
+            for other in pending.waiting:  # not needed: their replies will come too late
+                del self.pending[other]
+            pending.waiting.clear()
         if not pending.waiting:
             self.control.reply(pending.request, pending.replies)
 
@@ -549,8 +574,9 @@ class Arbiter:
             with contextlib.suppress(Exception):
                 import psutil
 
-                for child in psutil.Process(w.pid).children():
-                    processes.append({"pid": child.pid, "create_time": child.create_time(), "group": True})
+                w.children = [{"pid": child.pid, "create_time": child.create_time(), "group": True}
+                              for child in psutil.Process(w.pid).children()]
+            processes += w.children
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
         self.run_record.write({"arbiter": orphans.process_record(os.getpid()),
                                "processes": processes, "owners": owners})
@@ -596,9 +622,12 @@ def shutdown(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 
 @register("reload", "Graceful reload of the host (as HUP): fresh code, new config.", scope="host")
 def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
-    chosen, _ = _host_nodes(arbiter, dest)
-    arbiter.handle_hup()
-    return {w.node: {"ok": "reloading"} for w in chosen}
+    chosen, whole = _host_nodes(arbiter, dest)
+    if not whole:
+        return {w.node: {"error": f"a reload is for a whole host: --dest {arbiter.config.node}"}
+                for w in chosen}
+    refused = arbiter.reload()  # what HUP runs
+    return {w.node: {"error": refused} if refused else {"ok": "reloading"} for w in chosen}
 
 
 @register("status", "Hosts, nodes and their states.", scope="host")

@@ -50,6 +50,7 @@ class WorkerSpec:
     broker: str = ""
     durability: str = "default"
     lease: float = 30
+    result_ttl: int = 86400
     imports: list[str] = field(default_factory=list)
     pythonpath: list[str] = field(default_factory=list)
     state_dir: str = ""
@@ -68,6 +69,7 @@ class ControlConfig:
     endpoints: list[str] = field(default_factory=list)
     curve_secret_key: str = ""
     authorized_keys: str = ""
+    hosts: dict[str, str] = field(default_factory=dict)  # endpoint -> the host it names
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ FLEET_KEYS: dict[str, tuple[str, Any]] = {
 }
 CONTROL_KEYS: dict[str, tuple[str, Any]] = {
     "bind": ("str_list", None),
-    "endpoints": ("str_list", []),
+    "endpoints": ("endpoints", []),
     "curve_secret_key": ("str", ""),
     "authorized_keys": ("str", ""),
 }
@@ -156,6 +158,12 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
+    elif kind == "endpoints":  # a list, or a table that names the host behind each endpoint
+        named = isinstance(value, dict) and all(NAME_RE.match(host) for host in value)
+        entries = list(value.values()) if named else value
+        if not (named or isinstance(value, list)) or not all(
+                isinstance(e, str) and e for e in entries):
+            raise bad('a list of endpoints, or a table of host = "endpoint"')
     elif kind in ("str_list", "nonempty_str_list"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise bad("a list of strings")
@@ -276,9 +284,12 @@ def from_dict(
     if bind is None:
         bind = [f"ipc://{os.path.join(state_dir, 'control.sock')}"]
     bind = [_resolve_endpoint(folder, b) for b in bind]
-    for endpoint in bind + control_raw["endpoints"]:
+    named = control_raw["endpoints"] if isinstance(control_raw["endpoints"], dict) else {}
+    endpoints = list(named.values()) if named else list(control_raw["endpoints"])
+    keyed = [("control.bind", b) for b in bind] + [("control.endpoints", e) for e in endpoints]
+    for key, endpoint in keyed:
         if not endpoint.startswith(("ipc://", "tcp://")):
-            raise ConfigError(path, "control.bind", f"endpoint {endpoint!r} must be ipc:// or tcp://")
+            raise ConfigError(path, key, f"endpoint {endpoint!r} must be ipc:// or tcp://")
     key_file = control_raw["curve_secret_key"] and _resolve(folder, control_raw["curve_secret_key"])
     auth_dir = control_raw["authorized_keys"] and _resolve(folder, control_raw["authorized_keys"])
     if any(b.startswith("tcp://") for b in bind) and not (key_file and auth_dir):
@@ -288,7 +299,8 @@ def from_dict(
             "a tcp:// bind needs control.curve_secret_key and control.authorized_keys"
             " (make keys with `fleetctl keygen DIR`)",
         )
-    control = ControlConfig(bind, control_raw["endpoints"], key_file, auth_dir)
+    hosts = {endpoint: host for host, endpoint in named.items()}
+    control = ControlConfig(bind, endpoints, key_file, auth_dir, hosts)
 
     defaults = _section(path, "defaults", raw.get("defaults", {}), DEFAULT_KEYS, {})
     if defaults["concurrency"] is None:
@@ -327,6 +339,7 @@ def from_dict(
                 broker=broker,
                 durability=fleet["durability"],
                 lease=fleet["lease"],
+                result_ttl=fleet["result_ttl"],
                 imports=list(fleet["imports"]),
                 pythonpath=pythonpath,
                 state_dir=state_dir,

@@ -111,6 +111,28 @@ def find_leftovers(previous: dict[str, Any]) -> list[psutil.Process]:
     return list(found.values())
 
 
+def kill_groups(leaders: list[dict[str, Any]]) -> int:
+    """SIGKILL whatever lives on in the process groups these records led (a killed worker's
+    children, and the subprocesses their tasks started); returns how many. A group whose
+    pid now belongs to another process is left alone."""
+    groups: dict[int, float] = {}
+    for record in leaders:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            groups[int(record["pid"])] = float(record["create_time"])
+    for pgid, born in list(groups.items()):
+        with contextlib.suppress(psutil.Error):
+            if not _matches(psutil.Process(pgid), {"create_time": born}):
+                del groups[pgid]  # the pid was reused: no longer our group
+    killed = 0
+    for proc in psutil.process_iter(["create_time"]) if groups else ():
+        with contextlib.suppress(psutil.Error, OSError):
+            born = groups.get(os.getpgid(proc.pid))
+            if born is not None and proc.info["create_time"] >= born - 0.05:
+                proc.kill()
+                killed += 1
+    return killed
+
+
 def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> int:
     """TERM what a previous run left alive, KILL it after `grace`; returns how many there were."""
     leftovers = find_leftovers(previous)

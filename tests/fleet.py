@@ -6,6 +6,7 @@ also when the test fails, and `descendants()` lets a test check nothing is left.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -164,6 +165,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def executions(journal: Path) -> collections.Counter[str]:
+    """How many times each task id started, from a `tasks.journal` file."""
+    lines = journal.read_text().splitlines() if journal.exists() else []
+    return collections.Counter(line.split()[1] for line in lines if line.startswith("S "))
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
              message: str = "condition") -> Any:
     """Poll `condition` until it returns something truthy; AssertionError after `timeout`."""
@@ -183,9 +190,10 @@ class Fleet:
     def __init__(self, folder: Path, workers: list[dict[str, Any]] | None = None,
                  defaults: dict[str, Any] | None = None, fleet: dict[str, Any] | None = None,
                  control: dict[str, Any] | None = None, rate_limits: dict[str, str] | None = None,
-                 extra: str = "", node: str = "h1") -> None:
+                 extra: str = "", node: str = "h1", launcher: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.node = node
+        self.launcher = launcher  # words before `fleetd start`: `ip netns exec NS` (it execs)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "tasks.py").exists():
             (folder / "tasks.py").write_text(textwrap.dedent(TASKS))
@@ -216,7 +224,8 @@ class Fleet:
     # --- running ---------------------------------------------------------------------
     def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Fleet:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([FLEETD, "start", "-c", str(self.config), "--log-level", "debug", *args],
+        self.proc = subprocess.Popen([*self.launcher, FLEETD, "start", "-c", str(self.config),
+                                      "--log-level", "debug", *args],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
                                      env={**os.environ, **(env or {})})
         log.close()

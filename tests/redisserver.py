@@ -37,11 +37,13 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process with its data folder; `restart` keeps port and data."""
 
-    def __init__(self, binary: str, folder: Path, port: int, appendonly: bool) -> None:
+    def __init__(self, binary: str, folder: Path, port: int, appendonly: bool,
+                 bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.binary = binary
         self.folder = folder
         self.port = port
         self.appendonly = appendonly
+        self.bind = bind  # addresses it listens on; 127.0.0.1 must be one (the start check)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,11 +52,13 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [self.binary, "--port", str(self.port), "--bind", " ".join(self.bind),
                 "--dir", str(self.folder), "--save", "", "--daemonize", "no",
                 "--logfile", str(self.folder / "redis.log")]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
+        if self.bind != ("127.0.0.1",):  # protected mode refuses all but loopback clients
+            args += ["--protected-mode", "no"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
@@ -102,17 +106,18 @@ class RedisServer:
         self.start()
 
 
-def start_redis(tmp_path: Path, appendonly: bool = True) -> RedisServer:
+def start_redis(tmp_path: Path, appendonly: bool = True,
+                bind: tuple[str, ...] = ("127.0.0.1",)) -> RedisServer:
     """A running private server with its data in `tmp_path/redis`; stop it when done."""
     binary = redis_server_binary()
     folder = tmp_path / "redis"
     folder.mkdir(exist_ok=True)
-    server = RedisServer(binary, folder, free_port(), appendonly)
+    server = RedisServer(binary, folder, free_port(), appendonly, bind)
     for _ in range(2):  # the free port may be taken between our probe and the server's bind
         try:
             server.start()
             return server
         except RuntimeError:
-            server = RedisServer(binary, folder, free_port(), appendonly)
+            server = RedisServer(binary, folder, free_port(), appendonly, bind)
     server.start()
     return server

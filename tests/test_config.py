@@ -66,7 +66,16 @@ BAD = [
     (GOOD + '\n[control]\nbind = ["tcp://127.0.0.1:7950"]\n', "control.bind", "curve_secret_key"),
     (GOOD.replace("[[worker]]\nname = \"a\"\n", "[[worker]]\nqueues = [\"x\"]\n"), "worker[0].name", "required"),
     ('[fleet]\nimports = []\n', "worker", "at least one"),
+    (GOOD + '\n[control]\nendpoints = { "h 2" = "tcp://h2:7950" }\n', "control.endpoints", "table"),
+    (GOOD + '\n[control]\nendpoints = ["h2:7950"]\n', "control.endpoints", "ipc:// or tcp://"),
 ]
+
+
+def test_endpoints_given_as_a_table_name_their_hosts(tmp_path: Path) -> None:
+    text = GOOD + '\n[control]\nendpoints = { h2 = "tcp://10.0.0.2:7950", h3 = "tcp://h3:7950" }\n'
+    control = load(str(write(tmp_path, text))).control
+    assert control.endpoints == ["tcp://10.0.0.2:7950", "tcp://h3:7950"]
+    assert control.hosts == {"tcp://10.0.0.2:7950": "h2", "tcp://h3:7950": "h3"}
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), BAD)

@@ -31,7 +31,8 @@ class Child:
     def __init__(self, task_fd: int, result_fd: int) -> None:
         self.task_fd = task_fd
         self.result_fd = result_fd
-        self.busy = False
+        self.busy = False  # from reading a task until its outcome is written: TERM waits
+        self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
 
     def on_term(self, signum: int, frame: Any) -> None:
@@ -40,7 +41,7 @@ class Child:
         self.stop_when_idle = True
 
     def on_soft_limit(self, signum: int, frame: Any) -> None:
-        if self.busy:
+        if self.in_task:
             raise SoftTimeLimitExceeded("soft time limit exceeded")
 
     def run(self) -> None:
@@ -62,8 +63,10 @@ class Child:
             for body in frames:
                 self.busy = True
                 reply = self.execute(body)
-                self.busy = False
+                if self.stop_when_idle:
+                    reply["exit"] = True  # the worker must not hand us another task
                 os.write(self.result_fd, encode(reply))
+                self.busy = False
                 if self.stop_when_idle:
                     return
 
@@ -75,7 +78,11 @@ class Child:
             task = REGISTRY[name]
             args, kwargs = body.get("args", []), body.get("kwargs", {})
             task.request = Request(task_id, int(body.get("retries", 0)), int(body.get("deliveries", 1)))
-            result = task(*args, **kwargs)
+            self.in_task = True
+            try:
+                result = task(*args, **kwargs)
+            finally:
+                self.in_task = False
             encode(result)  # not JSON-able must fail the task, not the pipe
             return {"id": task_id, "s": "SUCCESS", "r": result, "rt": time.perf_counter() - start}
         except RetryTask as retry:

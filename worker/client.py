@@ -79,9 +79,10 @@ class Handle:
 class Client:
     """A producer and result reader on one broker: `Client("redis://...")` or `Client.from_config(path)`."""
 
-    def __init__(self, url: str, durability: str = "default") -> None:
+    def __init__(self, url: str, durability: str = "default", result_ttl: int = 86400) -> None:
         self.url = url
         self._durability = durability
+        self._result_ttl = result_ttl
         self._broker: Broker | None = None
         self._lock = threading.Lock()
 
@@ -90,14 +91,15 @@ class Client:
         from supervisor.config import load
 
         config = load(path, check_imports=False)
-        return cls(config.broker, durability=config.durability)
+        return cls(config.broker, durability=config.durability, result_ttl=config.result_ttl)
 
     @property
     def broker(self) -> Broker:
         if self._broker is None:
             with self._lock:
                 if self._broker is None:
-                    self._broker = open_broker(self.url, durability=self._durability)
+                    self._broker = open_broker(self.url, durability=self._durability,
+                                               result_ttl=self._result_ttl)
         return self._broker
 
     def submit(

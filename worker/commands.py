@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,6 +13,7 @@ if TYPE_CHECKING:
     from .process import Worker
 
 NUM = (int, float)
+MAX_POOL = 1024  # children per worker: `pool grow 10000` is a typo, not a plan
 
 
 @register("ping", "Check that the node answers.")
@@ -42,9 +41,11 @@ def reserved(worker: Worker) -> list[dict[str, Any]]:
     return [{"id": d.id, "name": d.name, "deliveries": d.deliveries} for d in worker.reserved]
 
 
-@register("scheduled", "ETA tasks of the node's queues: when each is due.")
+@register("scheduled", "ETA tasks waiting in the node's queues: how many, when the next is due.")
 def scheduled(worker: Worker) -> dict[str, Any]:
-    return {"next_due": worker.broker.next_due(worker.spec.queues)}
+    queues = worker.spec.queues
+    waiting = {d.queue: d.scheduled for d in worker.broker.depths() if d.queue in queues}
+    return {"next_due": worker.broker.next_due(worker.spec.queues), "scheduled": waiting}
 
 
 @register("registered", "Task names the node can run.")
@@ -74,69 +75,78 @@ def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
     return {"ok": f"rate limit of {task} set to {rate}"}
 
 
-@register("time_limit", "Soft and hard time limits (seconds) for tasks of a name that start from now.",
+@register("time_limit", "Soft and hard time limits (seconds) of a task name, for tasks that start"
+          " from now on.",
           {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0)})
 def time_limit(worker: Worker, task: str, soft: float, hard: float) -> dict[str, Any]:
-    if soft < 0 or hard < 0 or (soft and hard and soft >= hard):
-        return {"error": "time limits must be >= 0 and soft below hard"}
+    problem = time_limits_problem(soft, hard)
+    if problem:
+        return {"error": problem}
     worker.time_limits[task] = (float(soft), float(hard))
     return {"ok": f"time limits of {task} set to soft={soft} hard={hard}"}
 
 
-@register("revoke", "Revoke task ids: they will not start; with terminate, running ones get a signal.",
+def time_limits_problem(soft: float, hard: float) -> str | None:
+    """What is wrong with a pair of time limits (0 = none), if anything."""
+    if soft < 0 or hard < 0 or (soft and hard and soft >= hard):
+        return "time limits must be >= 0, and soft below hard"
+    return None
+
+
+@register("revoke", "Revoke task ids, for good: they never start; with terminate, running ones get "
+          "the signal (TERM unless given).",
           {"ids": ((list,), REQUIRED), "terminate": ((bool,), False), "signal": ((str,), "TERM")})
 def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict[str, Any]:
+    if not ids or not all(isinstance(i, str) and i for i in ids):
+        return {"error": "ids must be a non-empty list of task ids"}
     signum = signal_number(signal)
     if signum is None:
         return {"error": f"unknown signal {signal!r}"}
-    wanted = {str(i) for i in ids}
-    worker.revoked |= wanted
+    # In the broker, so that it holds for every worker and across restarts. Every
+    # worker of every host addressed writes it: the same ids, so no harm done.
+    worker.broker.revoke(ids)
+    worker.revoked.update(ids)
     terminated = []
     if terminate:
         for child in list(worker.children.values()):
-            if child.running and child.running.delivery.id in wanted:
+            running = child.running
+            if running and running.delivery.id in ids and running.terminated_at is None:
+                terminated.append(running.delivery.id)
                 worker.terminate(child, signum)
-                terminated.append(child.running.delivery.id if child.running else None)
-    return {"ok": f"revoked {len(wanted)}", "terminated": [t for t in terminated if t]}
+    return {"ok": f"revoked {len(set(ids))}", "terminated": terminated}
 
 
 def signal_number(name: str) -> int | None:
+    """`"TERM"`, `"sigkill"` or `"9"` -> the signal's number; None if there is no such signal."""
+    if name.isdigit():
+        return int(name) if int(name) in signal.valid_signals() else None
     name = name.upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    return getattr(signal, name, None)
+    try:
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except KeyError:
+        return None
 
 
-@register("pool_grow", "Add N children to the node's pool.", {"n": ((int,), 1)})
+@register("pool_grow", "Add N children to the node's pool (as SIGTTIN does, one at a time).",
+          {"n": ((int,), 1)})
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
-    if n < 1:
-        return {"error": "n must be >= 1"}
-    worker.target_children += n
-    worker.manage_children()
+    if n < 1 or worker.target_children + n > MAX_POOL:
+        return {"error": f"n must be >= 1, and the pool at most {MAX_POOL}"}
+    worker.target_children += n  # the worker's loop forks the children
     return {"ok": f"pool is {worker.target_children}"}
 
 
-@register("pool_shrink", "Retire N idle children of the node's pool.", {"n": ((int,), 1)})
+@register("pool_shrink", "Retire N children of the node's pool, each once it is idle (as SIGTTOU"
+          " does, one at a time); never below one.", {"n": ((int,), 1)})
 def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
     if n < 1:
         return {"error": "n must be >= 1"}
-    worker.target_children = max(1, worker.target_children - n)
-    worker.manage_children()
+    worker.target_children = max(1, worker.target_children - n)  # the loop retires idle ones
     return {"ok": f"pool is {worker.target_children}"}
 
 
-@register("events", "Turn task events on or off for the node.", {"enable": ((bool,), REQUIRED)})
+@register("events", "Turn task events and heartbeats on or off for the node.",
+          {"enable": ((bool,), REQUIRED)})
 def events(worker: Worker, enable: bool) -> dict[str, Any]:
     worker.events_enabled = enable
     return {"ok": "events " + ("enabled" if enable else "disabled")}
-
-
-@register("memory", "Resident memory of the worker and each child.")
-def memory(worker: Worker) -> dict[str, Any]:
-    import psutil
-
-    out: dict[str, Any] = {"worker": psutil.Process(os.getpid()).memory_info().rss, "children": {}}
-    for child in worker.children.values():
-        with contextlib.suppress(psutil.Error):
-            out["children"][str(child.pid)] = psutil.Process(child.pid).memory_info().rss
-    return out

@@ -7,6 +7,7 @@ come from task modules with `@control_command`, and run in the workers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 # An argument spec: name -> (accepted types, default); a default of REQUIRED must be given.
 REQUIRED = object()
 ArgSpec = dict[str, tuple[tuple[type, ...], Any]]
+JSON_TYPES: tuple[type, ...] = (str, int, float, bool, list, dict, type(None))
 
 
 class CommandError(Exception):
@@ -82,19 +84,21 @@ def control_command(
     """
 
     def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        command_name = name or f.__name__
+        if command_name in COMMANDS:
+            raise ValueError(f"control command {command_name!r} exists already: rename yours")
         spec = args
         if spec is None:
-            import inspect
-
             spec = {}
             for p in list(inspect.signature(f).parameters.values())[1:]:
                 default = REQUIRED if p.default is inspect.Parameter.empty else p.default
-                spec[p.name] = ((str, int, float, bool, list, dict, type(None)), default)
-        COMMANDS[name or f.__name__] = Command(name or f.__name__, (f.__doc__ or "").strip(), spec, "worker", f)
+                spec[p.name] = (JSON_TYPES, default)
+        COMMANDS[command_name] = Command(command_name, (f.__doc__ or "").strip(), spec, "worker", f)
         return f
 
     return wrap(fn) if fn is not None else wrap
 
 
-NUM = (int, float)
-STR_LIST = (list,)
+def worker_command_names() -> list[str]:
+    """The commands a worker runs, custom ones included: it tells its arbiter at start."""
+    return sorted(name for name, command in COMMANDS.items() if command.scope == "worker")

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,10 @@ EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
 STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
 TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
+BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
+BROKER_BACKOFF_MAX = 5.0
+SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
+RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
 
 
 @dataclass
@@ -88,7 +93,7 @@ class Worker:
         self.signals: deque[int] = deque()
         self.shutdown: str | None = None  # None, "warm" or "cold"
         self.shutdown_deadline: float | None = None
-        self.events_enabled = False
+        self.events_enabled = os.environ.get("FLEETD_EVENTS") == "1"  # the arbiter remembers
         self.events: list[dict[str, Any]] = []
         self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "revoked": 0,
                        "redelivered": 0, "dead_lettered": 0, "recycled": 0, "time_limit_kills": 0}
@@ -101,22 +106,28 @@ class Worker:
         self.queue_dry = True  # the last reserve got less than it asked for: look at ETAs
         self.metrics_enabled = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until = 0.0
+        self.rate_limited = 0  # reserved tasks that wait for a rate-limit token
+        self.broker_backoff = 0.0  # > 0 while the broker is unreachable: seconds between tries
+        self.broker_retry_at = 0.0  # monotonic: no broker call before this
+        self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
 
     # --- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
         self.setup_signals()
         self.import_tasks()
-        self.broker = open_broker(self.spec.broker, durability=self.spec.durability)
+        self.broker = open_broker(self.spec.broker, durability=self.spec.durability,
+                                  result_ttl=self.spec.result_ttl, fail_fast=True)
         me = psutil.Process()
         self.owner = f"{self.node}:{me.pid}:{int(me.create_time() * 1000)}"
-        self.revoked = self.broker.revoked()
+        with self.broker_call("read revokes"):
+            self.revoked = self.broker.revoked()
+            self.broker.recover_expired(self.spec.queues)
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:
             self.poller.register(self.arbiter_fd, POLL_IN)
         for _ in range(self.target_children):
             self.spawn_child()
-        self.broker.recover_expired(self.spec.queues)
         self.send({"type": "ready", "owner": self.owner, "pid": os.getpid(),
                    "commands": worker_command_names()})
         self.emit("worker-online")
@@ -177,17 +188,25 @@ class Worker:
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
-        if self.shutdown is None and self.queue_dry:
-            due = self.broker.next_due(self.spec.queues)
-            if due is not None:
-                deadlines.append(now + max(0.0, due - time.time()))
+        if self.shutdown is None and self.queue_dry and self.broker_available():
+            with self.broker_call("read ETAs"):
+                due = self.broker.next_due(self.spec.queues)
+                if due is not None:
+                    deadlines.append(now + max(0.0, due - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
         return bool(self.reserved) and self.idle_child() is not None and not self.rate_wait_until
 
     def close(self) -> None:
+        give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
         self.flush()
+        while self.unflushed() and time.monotonic() < give_up:
+            time.sleep(max(0.0, min(self.broker_retry_at, give_up) - time.monotonic()))
+            self.flush()
+        if self.unflushed():
+            log.warning("broker unreachable: %d finished tasks not acked, they will run again",
+                        len(self.outcomes) + len(self.retries), extra={"node": self.node})
         self.emit("worker-offline")
         self.send_events()
         self.wakeup.close()
@@ -320,6 +339,8 @@ class Worker:
         running = child.running
         child.running = None
         child.tasks_done += 1
+        if reply.get("exit"):
+            child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
         if running is None:
             return
         if running.terminated_at is not None:
@@ -407,8 +428,12 @@ class Worker:
         self.emit("dead-lettered")
 
     def release_now(self, ids: list[str], started: bool) -> None:
+        """Give tasks back at once. While the broker is unreachable they stay ours, unrenewed,
+        and their lease gives them back."""
         self.flush()
-        self.broker.release(ids, started=started)
+        if self.broker_available():
+            with self.broker_call("give tasks back"):
+                self.broker.release(ids, started=started)
 
     def kill_group(self, pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -499,17 +524,23 @@ class Worker:
         return self.target_children * (1 + self.spec.prefetch)
 
     def held(self) -> int:
-        return len(self.reserved) + sum(1 for c in self.children.values() if c.running)
+        """Tasks that count against the prefetch. Those waiting for a rate-limit token do not
+        (up to RATE_LIMITED_MAX): other task types queued behind them still come in and run."""
+        running = sum(1 for c in self.children.values() if c.running)
+        return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + running
 
     def reserve_more(self) -> None:
         """Top up the reserved buffer, in batches: only once it is half empty."""
         want = self.capacity() - self.held()
         if want <= 0 or (self.reserved and want < max(1, self.capacity() // 2)):
             return
-        deliveries = self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease)
-        self.queue_dry = len(deliveries) < want
-        for delivery in deliveries:
-            self.accept(delivery)
+        if not self.broker_available():
+            return
+        with self.broker_call("reserve"):
+            deliveries = self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease)
+            self.queue_dry = len(deliveries) < want
+            for delivery in deliveries:
+                self.accept(delivery)
 
     def accept(self, delivery: Delivery) -> None:
         """Take in a reservation: run it later, or settle it now if it must not run."""
@@ -557,6 +588,7 @@ class Worker:
                 continue
             self.start(child, delivery, now)
         self.reserved.extendleft(reversed(skipped))
+        self.rate_limited = len(skipped)
 
     def start(self, child: ChildProc, delivery: Delivery, now: float) -> None:
         soft, hard = self.time_limits.get(delivery.name, (self.spec.soft_time_limit, self.spec.time_limit))
@@ -571,28 +603,71 @@ class Worker:
         self.emit("task-started", delivery)
 
     def flush(self) -> None:
-        """Write what happened to the broker: one transaction per kind, per turn."""
-        if self.started_ids or self.outcomes or self.retries:
-            started, outcomes, retries = self.started_ids, self.outcomes, self.retries
-            self.started_ids, self.outcomes, self.retries = [], [], []
-            self.broker.flush(started, self.node, outcomes, retries)
+        """Write what happened to the broker: one transaction per turn. While the broker is
+        unreachable it stays buffered here, and goes out whole once the broker answers."""
+        if self.unflushed() and self.broker_available():
+            with self.broker_call("ack"):
+                self.broker.flush(self.started_ids, self.node, self.outcomes, self.retries)
+                self.started_ids, self.outcomes, self.retries = [], [], []
         self.send_events()
+
+    def unflushed(self) -> bool:
+        return bool(self.started_ids or self.outcomes or self.retries)
 
     def renew(self, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
         held = [d.id for d in self.reserved] + [c.running.delivery.id for c in self.children.values() if c.running]
-        self.broker.extend(held, self.owner, self.spec.lease)
-        if self.shutdown is None:
-            self.broker.recover_expired(self.spec.queues)
-            self.revoked |= self.broker.revoked()
+        with self.broker_call("renew leases"):
+            self.broker.extend(held, self.owner, self.spec.lease)
+            if self.shutdown is None:
+                self.broker.recover_expired(self.spec.queues)
+                self.revoked |= self.broker.revoked()
+        self.recover_dead_owners()
+
+    def recover_dead_owners(self) -> None:
+        """Give back the tasks of the consumers the arbiter saw die (later, if the broker is
+        unreachable now)."""
+        while self.dead_owners and self.broker_available():
+            with self.broker_call("give back a dead consumer's tasks"):
+                count = self.broker.recover(self.dead_owners[-1])
+                log.info("gave back %d tasks of dead consumer %s", count, self.dead_owners.pop(),
+                         extra={"node": self.node})
+
+    def broker_available(self) -> bool:
+        """False while backing off from an unreachable broker."""
+        return time.monotonic() >= self.broker_retry_at
+
+    @contextlib.contextmanager
+    def broker_call(self, doing: str) -> Iterator[None]:
+        """Around broker calls: an unreachable broker (down, restarting, locked) is waited out.
+
+        The loop goes on meanwhile with what it holds: children run the tasks reserved,
+        outcomes stay buffered (the caller keeps its state when the call fails), and the
+        broker is tried again with a growing backoff; leases are renewed first thing.
+        """
+        try:
+            yield
+        except self.broker.unavailable as exc:
+            level = logging.DEBUG if self.broker_backoff else logging.WARNING
+            self.broker_backoff = min(BROKER_BACKOFF_MAX,
+                                      max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff))
+            self.broker_retry_at = self.next_renew = time.monotonic() + self.broker_backoff
+            log.log(level, "broker unreachable (%s: %s) to %s; trying again in %.1fs",
+                    type(exc).__name__, exc, doing, self.broker_backoff, extra={"node": self.node})
+            return
+        if self.broker_backoff:
+            self.broker_backoff = 0.0
+            log.info("broker reachable again", extra={"node": self.node})
 
     def report(self, now: float) -> None:
         """Once a second: counters (and queue depths, with metrics on) to the arbiter."""
         self.next_report = now + STATS_EVERY
         message: dict[str, Any] = {"type": "stats", **self.stats_counts()}
-        if self.metrics_enabled:
-            message["depths"] = {d.queue: d.ready for d in self.broker.depths() if d.queue in self.spec.queues}
+        if self.metrics_enabled and self.broker_available():
+            with self.broker_call("read queue depths"):
+                message["depths"] = {d.queue: d.ready for d in self.broker.depths()
+                                     if d.queue in self.spec.queues}
         if self.events_enabled:
             self.emit("worker-heartbeat", **self.stats_counts())
         self.send(message)
@@ -663,9 +738,8 @@ class Worker:
     def handle_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "recover":
-            count = self.broker.recover(str(message.get("owner")))
-            log.info("gave back %d tasks of dead consumer %s", count, message.get("owner"),
-                     extra={"node": self.node})
+            self.dead_owners.append(str(message.get("owner")))
+            self.recover_dead_owners()
         elif kind == "cmd":
             reply = self.run_command(message)
             try:

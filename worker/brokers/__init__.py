@@ -5,14 +5,22 @@ from __future__ import annotations
 from .base import Broker
 
 
-def open_broker(url: str, durability: str = "default") -> Broker:
-    """A new connection to the broker at `url`; raises ValueError for an unknown scheme."""
+def open_broker(url: str, durability: str = "default", result_ttl: int = 86400,
+                fail_fast: bool = False) -> Broker:
+    """A new connection to the broker at `url`; raises ValueError for an unknown scheme.
+
+    `result_ttl`: seconds a Redis broker keeps an ended task's record (SQLite keeps it).
+    `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly
+    before it raises `broker.unavailable`, for a caller that retries on its own and has
+    other work meanwhile (the worker's loop); otherwise it rides out a Redis restart.
+    """
     if url.startswith("sqlite:"):
         from .sqlite import SQLiteBroker
 
         return SQLiteBroker(url, durability=durability)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import RedisBroker
+        from .redis import CALL_RETRIES, FAIL_FAST_RETRIES, RedisBroker
 
-        return RedisBroker(url)
+        retries = FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES
+        return RedisBroker(url, result_ttl=result_ttl, call_retries=retries)
     raise ValueError(f"unknown broker URL {url!r}: use sqlite:///path.db or redis://host:port/db")

@@ -118,6 +118,9 @@ class Broker(abc.ABC):
     """One broker connection. Not shared across fork: open a new one in each process."""
 
     url: str
+    # What a call raises when the broker cannot be reached or is busy for now (down,
+    # restarting, locked): nothing was lost, and the same call can be made again later.
+    unavailable: tuple[type[Exception], ...] = ()
 
     # --- producing -------------------------------------------------------------
     @abc.abstractmethod

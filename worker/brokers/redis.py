@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +42,13 @@ from .base import Broker, DeadLetter, Delivery, Envelope, Outcome, QueueDepth, R
 # A call cut off by a lost connection is retried this often, backing off up to 2 s
 # (about 15 s in all): long enough to ride out a Redis restart.
 CALL_RETRIES = 10
+FAIL_FAST_RETRIES = 2  # for a caller that retries on its own (the worker's loop): about 0.3 s
 CALL_BACKOFF = EqualJitterBackoff(cap=2.0, base=0.1)
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
+# unanswered is cut off and retried, never waited on forever. Every call is short.
+SOCKET_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
 
 # Shared by every write script. ARGV: prefix, call token, now (epoch seconds), JSON args.
@@ -490,17 +496,29 @@ class PubSubWakeup(Wakeup):
 
 
 class RedisBroker(Broker):
-    """A connection to a Redis broker; every call may be retried after a lost connection."""
+    """A connection to a Redis broker; every call may be retried after a lost connection.
 
-    def __init__(self, url: str, prefix: str = "fleetd", result_ttl: int = 86400) -> None:
+    The key prefix is `prefix`, else the URL's `?prefix=` (fleets, or tests, sharing one
+    Redis database keep apart by it), else `fleetd`. A call cut off by a lost connection
+    is sent again up to `call_retries` times (backing off) before it raises.
+    """
+
+    unavailable = (redis.ConnectionError, redis.TimeoutError)
+
+    def __init__(self, url: str, prefix: str | None = None, result_ttl: int = 86400,
+                 call_retries: int = CALL_RETRIES) -> None:
         self.url = url
-        self.prefix = prefix
+        address, _, query_text = url.partition("?")
+        query = urllib.parse.parse_qs(query_text)
+        self.prefix = prefix or query.pop("prefix", ["fleetd"])[0]
         self.result_ttl = result_ttl
         self.redis = redis.Redis.from_url(
-            url,
+            address + ("?" + urllib.parse.urlencode(query, doseq=True) if query else ""),
             decode_responses=True,
             protocol=2,
-            retry=ConnectionRetry(CALL_BACKOFF, CALL_RETRIES),
+            retry=ConnectionRetry(CALL_BACKOFF, call_retries),
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
         )
         self._scripts: dict[str, Script] = {
             name: self.redis.register_script(PRELUDE + body + EPILOGUE)

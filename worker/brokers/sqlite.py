@@ -133,6 +133,8 @@ def poke(folder: str) -> None:
 
 
 class SQLiteBroker(Broker):
+    unavailable = (sqlite3.OperationalError,)  # locked past the busy timeout, disk I/O errors
+
     def __init__(self, url: str, durability: str = "default") -> None:
         self.url = url
         self.path = path_from_url(url)
@@ -155,10 +157,11 @@ class SQLiteBroker(Broker):
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # a failed COMMIT (busy, I/O) leaves it open
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     # --- producing -------------------------------------------------------------
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
