@@ -19,6 +19,9 @@ from .protocol import FrameReader, encode
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
 PR_SET_PDEATHSIG = 1
+# The exit code of a child that stopped between tasks (TERM, or the end of its pipe):
+# every task it was given and did not answer never started.
+CLEAN_STOP = 86
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -28,16 +31,18 @@ def set_parent_death_signal(signum: int) -> None:
 
 
 class Child:
-    def __init__(self, task_fd: int, result_fd: int) -> None:
+    def __init__(self, task_fd: int, result_fd: int, revoke_fd: int) -> None:
         self.task_fd = task_fd
         self.result_fd = result_fd
+        self.revoke_fd = revoke_fd  # ids revoked while their task waited in our pipe
+        self.revoked: set[str] = set()
         self.busy = False  # from reading a task until its outcome is written: TERM waits
         self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
 
     def on_term(self, signum: int, frame: Any) -> None:
         if not self.busy:
-            os._exit(0)
+            os._exit(CLEAN_STOP)
         self.stop_when_idle = True
 
     def on_soft_limit(self, signum: int, frame: Any) -> None:
@@ -62,13 +67,25 @@ class Child:
                 return
             for body in frames:
                 self.busy = True
-                reply = self.execute(body)
+                reply = self.skip_revoked(body) or self.execute(body)
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
                 os.write(self.result_fd, encode(reply))
                 self.busy = False
                 if self.stop_when_idle:
                     return
+
+    def skip_revoked(self, body: Any) -> dict[str, Any] | None:
+        """A REVOKED outcome if this task was revoked while it waited in our pipe."""
+        try:
+            while data := os.read(self.revoke_fd, 65536):
+                self.revoked.update(data.decode().split())
+        except BlockingIOError:
+            pass
+        task_id = body.get("id") if isinstance(body, dict) else None
+        if task_id in self.revoked:
+            return {"id": task_id, "s": "REVOKED"}
+        return None
 
     def execute(self, body: Any) -> dict[str, Any]:
         start = time.perf_counter()
@@ -102,9 +119,9 @@ class Child:
             sys.stdout.flush()
 
 
-def child_main(task_fd: int, result_fd: int, worker_pid: int) -> None:
+def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
     """Entry point in a freshly forked child; never returns."""
-    code = 0
+    code = CLEAN_STOP
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -113,7 +130,7 @@ def child_main(task_fd: int, result_fd: int, worker_pid: int) -> None:
     if os.getppid() != worker_pid:  # the worker died before the death signal was set
         os._exit(1)
     try:
-        Child(task_fd, result_fd).run()
+        Child(task_fd, result_fd, revoke_fd).run()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         code = 1

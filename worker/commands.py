@@ -36,16 +36,19 @@ def active(worker: Worker) -> list[dict[str, Any]]:
     ]
 
 
-@register("reserved", "Tasks reserved by the node, not started yet.")
+@register("reserved", "Tasks reserved by the node, not started yet (also those waiting in a child's pipe).")
 def reserved(worker: Worker) -> list[dict[str, Any]]:
-    return [{"id": d.id, "name": d.name, "deliveries": d.deliveries} for d in worker.reserved]
+    waiting = [(r.delivery, c.pid) for c in worker.children.values() for r in list(c.tasks)[1:]]
+    return [{"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": pid}
+            for d, pid in waiting] + [
+        {"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": None} for d in worker.reserved]
 
 
 @register("scheduled", "ETA tasks waiting in the node's queues: how many, when the next is due.")
 def scheduled(worker: Worker) -> dict[str, Any]:
     queues = worker.spec.queues
     waiting = {d.queue: d.scheduled for d in worker.broker.depths() if d.queue in queues}
-    return {"next_due": worker.broker.next_due(worker.spec.queues), "scheduled": waiting}
+    return {"next_due": worker.broker.next_due(queues), "scheduled": waiting}
 
 
 @register("registered", "Task names the node can run.")
@@ -102,10 +105,8 @@ def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict
     signum = signal_number(signal)
     if signum is None:
         return {"error": f"unknown signal {signal!r}"}
-    # In the broker, so that it holds for every worker and across restarts. Every
-    # worker of every host addressed writes it: the same ids, so no harm done.
-    worker.broker.revoke(ids)
     worker.revoked.update(ids)
+    worker.revoke_waiting(set(ids))
     terminated = []
     if terminate:
         for child in list(worker.children.values()):
@@ -113,6 +114,10 @@ def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict
             if running and running.delivery.id in ids and running.terminated_at is None:
                 terminated.append(running.delivery.id)
                 worker.terminate(child, signum)
+    # In the broker too, so that it holds for every worker and across restarts (an
+    # unreachable broker makes this raise: the reply is then that error). Every worker
+    # of every host addressed writes it: the same ids, so no harm done.
+    worker.broker.revoke(ids)
     return {"ok": f"revoked {len(set(ids))}", "terminated": terminated}
 
 

@@ -30,7 +30,7 @@ from supervisor.config import WorkerSpec
 
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
-from .child import child_main, set_parent_death_signal
+from .child import CLEAN_STOP, child_main, set_parent_death_signal
 from .commands import pool_grow, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .protocol import FrameReader, ProtocolError, encode
@@ -44,6 +44,7 @@ POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
 STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
+STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next transaction
 TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
 BROKER_BACKOFF_MAX = 5.0
@@ -53,12 +54,15 @@ RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of th
 
 @dataclass
 class Running:
+    """A task handed to a child: running if it is the child's first, else waiting in its pipe."""
+
     delivery: Delivery
-    started: float  # monotonic
-    soft_deadline: float | None
-    hard_deadline: float | None
+    started: float = 0.0  # monotonic; set when it becomes the child's first task
+    soft_deadline: float | None = None
+    hard_deadline: float | None = None
     soft_sent: bool = False
-    terminated_at: float | None = None  # revoked with terminate: settled already, child retires
+    settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
+    terminated_at: float | None = None  # revoked with terminate: killed after a grace period
 
 
 @dataclass
@@ -66,12 +70,18 @@ class ChildProc:
     pid: int
     task_fd: int  # worker writes tasks here
     result_fd: int  # worker reads outcomes here
+    revoke_fd: int  # worker writes ids revoked while their task waits in the task pipe
     reader: FrameReader = field(default_factory=FrameReader)
-    running: Running | None = None
+    tasks: deque[Running] = field(default_factory=deque)  # in the order the child runs them
     tasks_done: int = 0
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
     born: float = field(default_factory=time.time)
+
+    @property
+    def running(self) -> Running | None:
+        """The task the child runs now (the first of those handed to it), if any."""
+        return self.tasks[0] if self.tasks else None
 
 
 class Worker:
@@ -104,6 +114,7 @@ class Worker:
         self.next_renew = 0.0
         self.next_report = 0.0
         self.queue_dry = True  # the last reserve got less than it asked for: look at ETAs
+        self.started_flush_at = 0.0  # when started-marks go out if no turn took them along
         self.metrics_enabled = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until = 0.0
         self.rate_limited = 0  # reserved tasks that wait for a rate-limit token
@@ -162,7 +173,11 @@ class Worker:
             self.dispatch(now)
         else:
             self.continue_shutdown(now)
-        self.flush()
+        if self.outcomes or self.retries or (self.started_ids and now >= self.started_flush_at):
+            self.flush()
+        elif self.started_ids and not self.started_flush_at:
+            self.started_flush_at = now + STARTED_FLUSH_DELAY
+        self.send_events()
         if now >= self.next_renew:
             self.renew(now)
         if now >= self.next_report:
@@ -176,6 +191,8 @@ class Worker:
             return 0.0
         now = time.monotonic()
         deadlines = [self.next_renew, self.next_report]
+        if self.started_flush_at:
+            deadlines.append(self.started_flush_at)
         for child in self.children.values():
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
@@ -196,7 +213,7 @@ class Worker:
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
-        return bool(self.reserved) and self.idle_child() is not None and not self.rate_wait_until
+        return bool(self.reserved) and self.child_with_room() is not None and not self.rate_wait_until
 
     def close(self) -> None:
         give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
@@ -270,11 +287,12 @@ class Worker:
     def spawn_child(self) -> ChildProc:
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
-        keep_closed = [task_w, result_r, self.signal_fd, self.wakeup.fileno()]
+        revoke_r, revoke_w = os.pipe()
+        keep_closed = [task_w, result_r, revoke_w, self.signal_fd, self.wakeup.fileno()]
         if self.arbiter_fd is not None:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
-            keep_closed += [other.task_fd, other.result_fd]
+            keep_closed += [other.task_fd, other.result_fd, other.revoke_fd]
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
@@ -284,13 +302,16 @@ class Worker:
             for fd in keep_closed:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            child_main(task_r, result_w, self.pid)
+            os.set_blocking(revoke_r, False)
+            child_main(task_r, result_w, revoke_r, self.pid)
         os.close(task_r)
         os.close(result_w)
+        os.close(revoke_r)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
         os.set_blocking(result_r, False)
-        child = ChildProc(pid, task_w, result_r)
+        os.set_blocking(revoke_w, False)
+        child = ChildProc(pid, task_w, result_r, revoke_w)
         if self.spec.max_tasks_per_child:
             jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
             child.recycle_after = self.spec.max_tasks_per_child + jitter
@@ -309,7 +330,7 @@ class Worker:
             for line in lines:
                 child_log.info("%s", line.decode(errors="replace"))
 
-    def drain_child(self, child: ChildProc) -> None:
+    def drain_child(self, child: ChildProc, status: int) -> None:
         """Take in every outcome a (dead) child wrote before it went."""
         while child.result_fd in self.children:
             try:
@@ -317,7 +338,7 @@ class Worker:
             except BlockingIOError:
                 return
             if not data:
-                self.child_gone(child, reaped=True)
+                self.child_gone(child, status)
                 return
             for reply in child.reader.feed(data):
                 self.task_done(child, reply)
@@ -336,20 +357,26 @@ class Worker:
             self.task_done(child, reply)
 
     def task_done(self, child: ChildProc, reply: dict[str, Any]) -> None:
-        running = child.running
-        child.running = None
+        if not child.tasks:
+            return
+        running = child.tasks.popleft()
         child.tasks_done += 1
+        if child.tasks:  # the next one in its pipe starts now
+            self.begin(child.tasks[0], time.monotonic())
         if reply.get("exit"):
             child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
-        if running is None:
-            return
-        if running.terminated_at is not None:
-            self.retire_child(child)
+        if running.settled:
+            if running.terminated_at is not None:
+                self.retire_child(child)
             return
         delivery = running.delivery
         state = reply.get("s")
         runtime = reply.get("rt")
-        if state == "RETRY":
+        if state == REVOKED:  # revoked while it waited in the child's pipe
+            self.outcomes.append(Outcome(delivery.id, REVOKED, node=self.node))
+            self.counts["revoked"] += 1
+            self.emit("task-revoked", delivery)
+        elif state == "RETRY":
             body = json.loads(delivery.body)
             body["retries"] = int(body.get("retries", 0)) + 1
             self.retries.append(Retry(delivery.id, json.dumps(body), time.time() + float(reply.get("c") or 0),
@@ -392,22 +419,34 @@ class Worker:
     def live_children(self) -> int:
         return sum(1 for c in self.children.values() if not c.retiring)
 
-    def child_gone(self, child: ChildProc, reaped: bool = False) -> None:
-        """The child exited or was killed (its pipe closed, or it was reaped): settle its task."""
+    def child_gone(self, child: ChildProc, status: int | None = None) -> None:
+        """The child exited or was killed (its pipe closed, or it was reaped): settle its tasks.
+
+        Of the tasks it was handed and did not answer, only the first can have started, and
+        only if the child did not stop cleanly; the others go back as never started.
+        """
         self.poller.unregister(child.result_fd)
         del self.children[child.result_fd]
-        os.close(child.result_fd)
-        if child.task_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(child.task_fd)
+        for fd in (child.result_fd, child.task_fd, child.revoke_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.kill_group(child.pid)  # whatever its task started dies with it
-        if not reaped:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
-        if child.running is not None and child.running.terminated_at is None:
-            self.task_lost(child.running.delivery)
-            log.warning("child %d died running task %s", child.pid, child.running.delivery.id,
-                        extra={"node": self.node, "task": child.running.delivery.id})
+        if status is None:
+            try:
+                status = os.waitpid(child.pid, 0)[1]
+            except ChildProcessError:
+                status = -1
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
+        unanswered = [r for r in child.tasks if not r.settled]
+        if unanswered and not clean and unanswered[0] is child.tasks[0]:
+            lost = unanswered.pop(0).delivery
+            self.task_lost(lost)
+            log.warning("child %d died running task %s", child.pid, lost.id,
+                        extra={"node": self.node, "task": lost.id})
+        if unanswered:
+            self.release_now([r.delivery.id for r in unanswered], started=False)
+        child.tasks.clear()
 
     def task_lost(self, delivery: Delivery) -> None:
         """A child died mid-task: redeliver at once, or dead-letter after max_deliveries
@@ -444,7 +483,7 @@ class Worker:
         known = {c.pid for c in self.children.values()}
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -452,9 +491,9 @@ class Worker:
             if pid in known:
                 for child in list(self.children.values()):
                     if child.pid == pid:
-                        self.drain_child(child)
+                        self.drain_child(child, status)
                         if child.result_fd in self.children:
-                            self.child_gone(child, reaped=True)
+                            self.child_gone(child, status)
 
     def manage_children(self) -> None:
         while self.live_children() < self.target_children:
@@ -472,9 +511,31 @@ class Worker:
 
     def idle_child(self) -> ChildProc | None:
         for child in self.children.values():
-            if child.running is None and not child.retiring:
+            if not child.tasks and not child.retiring:
                 return child
         return None
+
+    def child_with_room(self) -> ChildProc | None:
+        """The child with the fewest tasks, if it can take one more: an idle child at once,
+        else one whose pipe holds fewer than `prefetch` waiting tasks (so it never waits
+        for us between tasks). Never one about to be recycled."""
+        best: ChildProc | None = None
+        for child in self.children.values():
+            if child.retiring or len(child.tasks) > self.spec.prefetch:
+                continue
+            if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
+                continue
+            if best is None or len(child.tasks) < len(best.tasks):
+                best = child
+        return best
+
+    def revoke_waiting(self, ids: set[str]) -> None:
+        """Tell the children holding revoked tasks in their pipe not to start them."""
+        for child in self.children.values():
+            waiting = [r.delivery.id for r in list(child.tasks)[1:] if r.delivery.id in ids]
+            if waiting:
+                with contextlib.suppress(OSError):
+                    os.write(child.revoke_fd, ("\n".join(waiting) + "\n").encode())
 
     def terminate(self, child: ChildProc, signum: int) -> None:
         """Revoke the running task with a signal to its child's group: REVOKED, never redelivered.
@@ -482,8 +543,9 @@ class Worker:
         The child is replaced; if the signal does not end it, it is killed after a grace period.
         """
         running = child.running
-        if running is None or running.terminated_at is not None:
+        if running is None or running.settled:
             return
+        running.settled = True
         running.terminated_at = time.monotonic()
         self.outcomes.append(Outcome(running.delivery.id, REVOKED, node=self.node))
         self.counts["revoked"] += 1
@@ -497,8 +559,8 @@ class Worker:
             running = child.running
             if running is None:
                 continue
-            if running.terminated_at is not None:
-                if now - running.terminated_at >= TERMINATE_GRACE:
+            if running.settled:
+                if running.terminated_at is not None and now - running.terminated_at >= TERMINATE_GRACE:
                     self.kill_group(child.pid)
                 continue
             if running.soft_deadline and not running.soft_sent and now >= running.soft_deadline:
@@ -507,7 +569,7 @@ class Worker:
                     os.kill(child.pid, signal.SIGUSR1)
             if running.hard_deadline and now >= running.hard_deadline:
                 delivery = running.delivery
-                child.running = None
+                running.settled = True
                 child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
                 self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type="TimeLimitExceeded",
@@ -526,8 +588,8 @@ class Worker:
     def held(self) -> int:
         """Tasks that count against the prefetch. Those waiting for a rate-limit token do not
         (up to RATE_LIMITED_MAX): other task types queued behind them still come in and run."""
-        running = sum(1 for c in self.children.values() if c.running)
-        return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + running
+        handed = sum(len(c.tasks) for c in self.children.values())
+        return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + handed
 
     def reserve_more(self) -> None:
         """Top up the reserved buffer, in batches: only once it is half empty."""
@@ -537,7 +599,11 @@ class Worker:
         if not self.broker_available():
             return
         with self.broker_call("reserve"):
-            deliveries = self.broker.reserve(self.spec.queues, want, self.owner, self.spec.lease)
+            # What the last turns did goes in the same transaction.
+            deliveries = self.broker.exchange(self.started_ids, self.node, self.outcomes,
+                                              self.retries, self.spec.queues, want, self.owner,
+                                              self.spec.lease)
+            self.started_ids, self.outcomes, self.retries = [], [], []
             self.queue_dry = len(deliveries) < want
             for delivery in deliveries:
                 self.accept(delivery)
@@ -572,7 +638,7 @@ class Worker:
         self.rate_wait_until = 0.0
         skipped: list[Delivery] = []
         while self.reserved:
-            child = self.idle_child()
+            child = self.child_with_room()
             if child is None:
                 break
             delivery = self.reserved.popleft()
@@ -591,8 +657,12 @@ class Worker:
         self.rate_limited = len(skipped)
 
     def start(self, child: ChildProc, delivery: Delivery, now: float) -> None:
-        soft, hard = self.time_limits.get(delivery.name, (self.spec.soft_time_limit, self.spec.time_limit))
-        child.running = Running(delivery, now, now + soft if soft else None, now + hard if hard else None)
+        """Hand a task to a child: it runs at once if the child is idle, else right after
+        the child's current task (without waiting for us)."""
+        running = Running(delivery)
+        child.tasks.append(running)
+        if len(child.tasks) == 1:
+            self.begin(running, now)
         try:
             os.write(child.task_fd, encode_task(delivery))
         except OSError as exc:
@@ -602,9 +672,18 @@ class Worker:
         self.started_ids.append(delivery.id)
         self.emit("task-started", delivery)
 
+    def begin(self, running: Running, now: float) -> None:
+        """The task is now its child's current one: its time limits count from here."""
+        soft, hard = self.time_limits.get(running.delivery.name,
+                                          (self.spec.soft_time_limit, self.spec.time_limit))
+        running.started = now
+        running.soft_deadline = now + soft if soft else None
+        running.hard_deadline = now + hard if hard else None
+
     def flush(self) -> None:
-        """Write what happened to the broker: one transaction per turn. While the broker is
+        """Write what happened to the broker in one transaction. While the broker is
         unreachable it stays buffered here, and goes out whole once the broker answers."""
+        self.started_flush_at = 0.0
         if self.unflushed() and self.broker_available():
             with self.broker_call("ack"):
                 self.broker.flush(self.started_ids, self.node, self.outcomes, self.retries)
@@ -617,7 +696,7 @@ class Worker:
     def renew(self, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
-        held = [d.id for d in self.reserved] + [c.running.delivery.id for c in self.children.values() if c.running]
+        held = [d.id for d in self.reserved] + [r.delivery.id for c in self.children.values() for r in c.tasks]
         with self.broker_call("renew leases"):
             self.broker.extend(held, self.owner, self.spec.lease)
             if self.shutdown is None:
@@ -684,19 +763,27 @@ class Worker:
             self.release_now(returned, started=False)
         if mode == "cold":
             self.kill_running()
-        elif self.spec.shutdown_timeout:
+            return
+        for child in self.children.values():  # finish the current task, start no other
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        if self.spec.shutdown_timeout:
             self.shutdown_deadline = time.monotonic() + self.spec.shutdown_timeout
 
     def kill_running(self) -> None:
         """Kill every child at once; their tasks go back to the broker (redelivered)."""
-        lost = []
+        lost, waiting = [], []
         for child in list(self.children.values()):
             self.kill_group(child.pid)
-            if child.running is not None:
-                lost.append(child.running.delivery.id)
-                child.running = None
+            unanswered = [r for r in child.tasks if not r.settled]
+            if unanswered and unanswered[0] is child.tasks[0]:
+                lost.append(unanswered.pop(0).delivery.id)
+            waiting += [r.delivery.id for r in unanswered]
+            child.tasks.clear()
         if lost:
             self.release_now(lost, started=True)
+        if waiting:
+            self.release_now(waiting, started=False)
 
     def continue_shutdown(self, now: float) -> None:
         if self.shutdown_deadline and now >= self.shutdown_deadline:
@@ -705,7 +792,7 @@ class Worker:
             self.shutdown_deadline = None
             self.kill_running()
         for child in self.children.values():
-            if child.running is None and not child.retiring:
+            if not child.tasks and not child.retiring:
                 child.retiring = True
                 with contextlib.suppress(OSError):
                     os.close(child.task_fd)
@@ -756,6 +843,7 @@ class Worker:
             args = command.validate(message.get("args", {}))
             return command.effect(self, **args)
         except CommandError as exc:
+            log.warning("command refused: %s", exc, extra={"node": self.node})
             return {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a custom command must not take the worker down
             log.exception("command %s failed", command.name, extra={"node": self.node})

@@ -186,17 +186,33 @@ class SQLiteBroker(Broker):
     def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
         if n <= 0 or not queues:
             return []
+        with self._write() as db:
+            return self._reserve(db, queues, n, owner, lease)
+
+    def exchange(self, started: list[str], node: str, outcomes: Sequence[Outcome],
+                 retries: Sequence[Retry], queues: list[str], n: int, owner: str,
+                 lease: float) -> list[Delivery]:
+        with self._write() as db:
+            self._mark_started(db, started, node)
+            self._finish(db, outcomes, retries)
+            deliveries = self._reserve(db, queues, n, owner, lease) if n > 0 and queues else []
+        if retries:
+            poke(self.wake_folder)
+        return deliveries
+
+    @staticmethod
+    def _reserve(db: sqlite3.Connection, queues: list[str], n: int, owner: str,
+                 lease: float) -> list[Delivery]:
         now = time.time()
         marks = ",".join("?" * len(queues))
-        with self._write() as db:
-            rows = db.execute(
-                f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
-                " deliveries = deliveries + 1"
-                " WHERE seq IN (SELECT seq FROM tasks WHERE status = 0"
-                f" AND queue IN ({marks}) AND eta <= ? ORDER BY eta, seq LIMIT ?)"
-                " RETURNING eta, seq, id, queue, name, body, deliveries",
-                (owner, now + lease, *queues, now, n),
-            ).fetchall()
+        rows = db.execute(
+            f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
+            " deliveries = deliveries + 1"
+            " WHERE seq IN (SELECT seq FROM tasks WHERE status = 0"
+            f" AND queue IN ({marks}) AND eta <= ? ORDER BY eta, seq LIMIT ?)"
+            " RETURNING eta, seq, id, queue, name, body, deliveries",
+            (owner, now + lease, *queues, now, n),
+        ).fetchall()
         rows.sort()  # RETURNING comes in no set order: due order, then queue order
         return [Delivery(*r[2:]) for r in rows]
 
