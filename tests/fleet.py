@@ -104,7 +104,10 @@ def spawn_and_wait(pidfile, seconds):
     return proc.pid
 
 @task
-def catch_soft(seconds, linger=0):
+def catch_soft(seconds, linger=0, marker=None):
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"start {os.getpid()}\\n")
     try:
         time.sleep(seconds)
     except SoftTimeLimitExceeded:

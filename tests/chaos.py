@@ -1,0 +1,286 @@
+"""`python -m tests.chaos --tasks N --duration S`: a bounded stress run under kills and reloads.
+
+It starts a real fleet, submits N journaled tasks at a steady rate over S seconds and,
+spread over the same time, SIGKILLs random pool children (preferably busy ones) and
+workers, HUPs the arbiter and TERM-restarts it. Then it waits for every task and prints
+what happened: submitted, completed, lost, duplicated, and the kills it made.
+
+Every task writes "S id pid" when it starts and "E id pid" when it ends, so the run
+knows exactly which executions a kill interrupted. The contract (DESIGN section 3):
+nothing is lost, and only an interrupted task may run twice, so duplicates are bounded by
+the tasks running in killed processes. The exit code is 1 when either fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.fleet import Fleet, wait_for
+from worker import Client
+
+EXIT_OK, EXIT_BROKEN = 0, 1
+
+WORKERS = [
+    {"name": "alpha", "queues": ["default"], "concurrency": 2},
+    {"name": "beta", "queues": ["default"], "concurrency": 2},
+    {"name": "gamma", "queues": ["default"], "concurrency": 1},
+]
+DEFAULTS = {
+    "prefetch": 2,
+    "max_deliveries": 10,
+}  # a task unlucky enough to be hit twice still completes
+BATCH = 20
+MAX_TASK_SECONDS = 0.1
+
+
+@dataclass
+class Chaos:
+    fleet: Fleet
+    journal: Path
+    rng: random.Random
+    kills: collections.Counter[str] = field(default_factory=collections.Counter)
+    killed_pids: set[int] = field(default_factory=set)
+    held_by_killed: dict[int, set[str]] = field(default_factory=dict)  # worker pid -> ids it held
+
+    # --- the fleet's processes -------------------------------------------------------------
+    def workers(self) -> list[int]:
+        return self.fleet.worker_pids()
+
+    def busy_children(self, children: list[int]) -> list[int]:
+        """Children with a started, unfinished execution in the journal."""
+        running: dict[int, int] = collections.Counter()
+        for line in self.journal.read_text().splitlines() if self.journal.exists() else []:
+            words = line.split()
+            if len(words) == 3 and words[2].isdigit():  # the last line may be half written
+                running[int(words[2])] += 1 if words[0] == "S" else -1
+        return [c for c in children if running.get(c, 0) > 0]
+
+    # --- the events --------------------------------------------------------------------------
+    def kill_child(self) -> bool:
+        children = self.fleet.child_pids()
+        if not children:
+            return False
+        try:  # a busy one if there is one soon: a kill should interrupt a task
+            busy = wait_for(lambda: self.busy_children(self.fleet.child_pids()), 2, 0.01)
+        except AssertionError:
+            busy = []
+        victim = self.rng.choice(busy or children)
+        self.killed_pids.add(victim)
+        os.kill(victim, signal.SIGKILL)
+        self.kills["child"] += 1
+        return True
+
+    def kill_worker(self) -> bool:
+        workers = self.workers()
+        if not workers:
+            return False
+        victim = self.rng.choice(workers)
+        # stopped, it neither reserves nor acks: what it holds now is what it holds when it dies
+        os.kill(victim, signal.SIGSTOP)
+        self.killed_pids |= set(self.fleet.child_pids(victim))
+        rows = self.fleet.client.broker.db.execute(  # type: ignore[attr-defined]
+            "SELECT id FROM tasks WHERE status = 1 AND owner LIKE ?", (f"%:{victim}:%",)
+        ).fetchall()
+        self.held_by_killed[victim] = {r[0] for r in rows}
+        os.kill(victim, signal.SIGKILL)
+        self.kills["worker"] += 1
+        return True
+
+    def hup(self) -> bool:
+        before = self.fleet.log().count("reload complete")
+        self.fleet.signal(signal.SIGHUP)
+        wait_for(
+            lambda: self.fleet.log().count("reload complete") > before,
+            60,
+            0.1,
+            "the reload to complete",
+        )
+        self.kills["hup"] += 1
+        return True
+
+    def restart(self) -> bool:
+        self.fleet.signal(signal.SIGTERM)
+        code = self.fleet.wait_exit(120)
+        if code != 0:
+            raise AssertionError(f"fleetd exited {code} on TERM")
+        self.fleet.start()
+        self.kills["restart"] += 1
+        return True
+
+
+def plan(rng: random.Random, duration: float, counts: dict[str, int]) -> list[tuple[float, str]]:
+    """The events, shuffled, at even intervals over the run (a restart never first or last)."""
+    events = [kind for kind, n in counts.items() for _ in range(n)]
+    rng.shuffle(events)
+    if "restart" in events and len(events) > 2:
+        events.remove("restart")
+        events.insert(rng.randrange(1, len(events)), "restart")
+    step = duration / (len(events) + 1)
+    return [(step * (i + 1), kind) for i, kind in enumerate(events)]
+
+
+def submit_steadily(
+    client: Client,
+    journal: Path,
+    n: int,
+    duration: float,
+    ids: list[str],
+    rng: random.Random,
+    failure: list[BaseException],
+) -> None:
+    """Submit `n` tasks in batches at an even rate over `duration` seconds."""
+    try:
+        start = time.monotonic()
+        batches = max(1, n // BATCH)
+        for b in range(batches):
+            size = n - len(ids) if b == batches - 1 else BATCH
+            calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+                ("tasks.journal", (str(journal), round(rng.uniform(0, MAX_TASK_SECONDS), 3)), {})
+                for _ in range(size)
+            ]
+            ids.extend(h.id for h in client.submit_many(calls))
+            delay = start + duration * (b + 1) / batches - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        failure.append(exc)
+
+
+def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
+    states = collections.Counter(i["state"] for i in fleet.infos(ids))
+    starts: collections.Counter[str] = collections.Counter()
+    unfinished: set[tuple[str, int]] = set()
+    started_by: dict[str, set[int]] = collections.defaultdict(set)
+    for line in chaos.journal.read_text().splitlines():
+        kind, task_id, pid_text = line.split()
+        pid = int(pid_text)
+        if kind == "S":
+            starts[task_id] += 1
+            unfinished.add((task_id, pid))
+            started_by[task_id].add(pid)
+        else:
+            unfinished.discard((task_id, pid))
+    # executions a kill interrupted: started in a killed process and never ended there, or
+    # ended but not yet acknowledged by a worker that was killed while it held them
+    interrupted = {task_id for task_id, pid in unfinished if pid in chaos.killed_pids}
+    for held in chaos.held_by_killed.values():
+        interrupted |= {t for t in held if started_by[t] & chaos.killed_pids}
+    duplicated = {t for t, n in starts.items() if n > 1}
+    return {
+        "submitted": len(ids),
+        "completed": states.get("SUCCESS", 0),
+        "lost": len(ids) - states.get("SUCCESS", 0),
+        "duplicated": len(duplicated),
+        "running_in_killed": len(interrupted),
+        "unexplained_duplicates": len(duplicated - interrupted),
+        "never_ran": sum(1 for i in ids if not starts[i]),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="fleetd-chaos-"))
+    rng = random.Random(args.seed)
+    fleet = Fleet(folder, workers=WORKERS, defaults=DEFAULTS)
+    journal = folder / "journal.txt"
+    chaos = Chaos(fleet, journal, rng)
+    ids: list[str] = []
+    failure: list[BaseException] = []
+    counts = {
+        "child": args.child_kills,
+        "worker": args.worker_kills,
+        "hup": args.hups,
+        "restart": args.restarts,
+    }
+    started = time.monotonic()
+    try:
+        fleet.start()
+        producer_client = Client.from_config(str(fleet.config))
+        producer = threading.Thread(
+            target=submit_steadily,
+            daemon=True,
+            args=(producer_client, journal, args.tasks, args.duration, ids, rng, failure),
+        )
+        producer.start()
+        actions = {
+            "child": chaos.kill_child,
+            "worker": chaos.kill_worker,
+            "hup": chaos.hup,
+            "restart": chaos.restart,
+        }
+        for at, kind in plan(rng, args.duration, counts):
+            delay = started + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            wait_for(actions[kind], 30, 0.05, f"a process to {kind}")
+        producer.join(args.duration + 120)
+        producer_client.close()
+        if failure:
+            raise failure[0]
+        settled = time.monotonic()
+        try:
+            fleet.wait_all_final(ids, args.drain_timeout)
+        except AssertionError as exc:
+            print(f"chaos: {exc}", file=sys.stderr)
+        drained = time.monotonic() - settled
+        figures: dict[str, Any] = tally(fleet, chaos, ids)
+    finally:
+        fleet.stop()
+    left = fleet.leftovers()
+    figures.update(
+        {f"{k}_kills" if k in ("child", "worker") else f"{k}s": chaos.kills[k] for k in counts}
+    )
+    figures["left_behind"] = len(left)
+    figures["seconds"] = round(time.monotonic() - started, 1)
+    figures["drain_seconds"] = round(drained, 1)
+    print(
+        json.dumps(figures) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in figures.items())
+    )
+    broken = (
+        figures["lost"] > 0
+        or figures["duplicated"] > figures["running_in_killed"]
+        or figures["unexplained_duplicates"] > 0
+        or left
+    )
+    if broken:
+        print(f"chaos: BROKEN; the fleet's folder is kept: {folder}", file=sys.stderr)
+    elif not args.folder:
+        shutil.rmtree(folder, ignore_errors=True)
+    return EXIT_BROKEN if broken else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.chaos", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--tasks", type=int, default=6000)
+    parser.add_argument(
+        "--duration", type=float, default=180, help="seconds of submitting and killing"
+    )
+    parser.add_argument("--child-kills", type=int, default=24)
+    parser.add_argument("--worker-kills", type=int, default=4)
+    parser.add_argument("--hups", type=int, default=3)
+    parser.add_argument("--restarts", type=int, default=1, help="TERM-restarts of the arbiter")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=120, help="seconds to wait for the last tasks"
+    )
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--folder", help="run here and keep it (default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

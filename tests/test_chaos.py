@@ -1,0 +1,45 @@
+"""The short `make chaos`: hundreds of tasks, seconds not minutes, the same contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import chaos
+
+
+def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = chaos.main(
+        [
+            "--tasks",
+            "800",
+            "--duration",
+            "20",
+            "--child-kills",
+            "8",
+            "--worker-kills",
+            "2",
+            "--hups",
+            "2",
+            "--restarts",
+            "1",
+            "--drain-timeout",
+            "30",
+            "--json",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == chaos.EXIT_OK, out.out + out.err
+    figures = json.loads(out.out.splitlines()[-1])
+    assert figures["submitted"] == figures["completed"] == 800 and figures["lost"] == 0
+    assert figures["duplicated"] <= figures["running_in_killed"]
+    assert (
+        figures["child_kills"],
+        figures["worker_kills"],
+        figures["hups"],
+        figures["restarts"],
+    ) == (8, 2, 2, 1)
+    assert figures["left_behind"] == 0

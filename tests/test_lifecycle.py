@@ -1,0 +1,702 @@
+"""Lifecycle guarantees end to end (DESIGN sections 1-3): real fleets, real signals, real outcomes.
+
+Each test starts a real `fleetd`, acts on its processes by pid (SIGKILL, TERM, HUP, ...)
+and asserts what became of every task: nothing lost, nothing run twice unless it was
+interrupted mid-run, and no process left behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.fleet import TASKS, Fleet, executions, wait_for
+from worker import TaskFailed, task
+from worker.brokers.base import Envelope
+
+
+# --- helpers ------------------------------------------------------------------------------
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def started_pids(marker: Path) -> list[int]:
+    """Child pids from a `tasks.sleep` marker file, one per start."""
+    return [int(line.split()[1]) for line in lines(marker)]
+
+
+def inspect(fleet: Fleet, what: str) -> dict[str, Any]:
+    """`fleetctl inspect WHAT`: the reply of each node."""
+    out = fleet.ctl("--json", "--timeout", "2", "inspect", what)
+    return json.loads(out.stdout)["replies"]
+
+
+def pool_sizes(fleet: Fleet) -> dict[str, int]:
+    return {node: len(s["children"]) for node, s in inspect(fleet, "stats").items()}
+
+
+def logged_json(log: str, prefix: str) -> Any:
+    """The JSON object logged right after the first `prefix` in `log`."""
+    return json.JSONDecoder().raw_decode(log.split(prefix, 1)[1])[0]
+
+
+def wait_reloads(fleet: Fleet, n: int) -> None:
+    """Wait until the arbiter logged `n` completed reloads."""
+    wait_for(lambda: fleet.log().count("reload complete") >= n, 15, message=f"reload {n}")
+
+
+def submit_journal(fleet: Fleet, journal: Path, n: int, seconds: float = 0.0) -> list[str]:
+    handles = fleet.client.submit_many(
+        [("tasks.journal", (str(journal), seconds), {}) for _ in range(n)]
+    )
+    return [h.id for h in handles]
+
+
+def assert_each_ran_once(fleet: Fleet, ids: list[str], journal: Path) -> None:
+    infos = fleet.wait_all_final(ids, 60)
+    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": len(ids)}
+    runs = executions(journal)
+    assert {i: runs[i] for i in ids if runs[i] != 1} == {}, "tasks lost or run twice"
+
+
+# --- DESIGN section 3: what happens to a task ------------------------------------------------
+def test_retry_goes_back_to_the_broker_with_its_countdown_then_succeeds(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    runs = tmp_path / "runs.txt"
+    handle = fleet.client.submit("tasks.retry_once", str(runs), 1.0)
+    wait_for(lambda: handle.state == "RETRY", 10, message="the RETRY state")
+    assert [d.scheduled for d in fleet.client.broker.depths()] == [1], (
+        "the retry is held by the broker"
+    )
+    assert handle.get(timeout=10) == 1
+    first, second = (float(t) for t in lines(runs))
+    assert second - first >= 1.0
+
+
+def test_retry_past_max_retries_fails_the_task(make_fleet, tmp_path: Path) -> None:
+    fleet = make_fleet().start()
+    runs = tmp_path / "runs.txt"
+    with pytest.raises(TaskFailed) as err:
+        fleet.client.submit("tasks.always_retry", str(runs)).get(timeout=10)
+    assert err.value.exc_type == "RuntimeError" and "gave up after 2 retries" in err.value.message
+    assert len(lines(runs)) == 3
+
+
+def test_countdown_and_eta_are_held_by_the_broker_across_a_restart(make_fleet) -> None:
+    fleet = make_fleet().start()
+    add = task(name="tasks.add")(lambda a, b: a + b)
+    submitted = time.time()
+    by_countdown = add.apply_async(args=(1, 2), countdown=2.5, client=fleet.client)
+    at = datetime.datetime.now() + datetime.timedelta(seconds=2.5)
+    by_eta = add.apply_async(args=(3, 4), eta=at, client=fleet.client)
+    assert [d.scheduled for d in fleet.client.broker.depths()] == [2]
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
+    assert by_countdown.state == by_eta.state == "PENDING"
+    fleet.start()
+    assert by_countdown.get(timeout=15) == 3 and by_eta.get(timeout=15) == 7
+    conn = fleet.client.broker.db
+    finished = [
+        conn.execute("SELECT finished FROM tasks WHERE id = ?", (h.id,)).fetchone()[0]
+        for h in (by_countdown, by_eta)
+    ]
+    assert min(finished) >= submitted + 2.5, "an ETA task ran before it was due"
+
+
+def test_child_killed_mid_task_is_redelivered_at_once_and_completes(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()  # lease 30 s: a redelivery in seconds did not wait for it
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 0.5, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    [victim] = started_pids(marker)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(lines(marker)) == 2, 5, message="the task to be redelivered")
+    assert handle.get(timeout=10) == started_pids(marker)[1] != victim
+    assert fleet.client.handle(handle.id).info()["deliveries"] == 2
+    wait_for(lambda: list(pool_sizes(fleet).values()) == [2], 10, message="a replacement child")
+    assert victim not in fleet.child_pids()
+
+
+def test_poison_task_ends_worker_lost_after_exactly_max_deliveries_while_the_fleet_serves(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 2, "max_deliveries": 3}).start()
+    marker = tmp_path / "poison.txt"
+    poison = fleet.client.submit("tasks.poison", str(marker))
+    others = fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(40)])
+    with pytest.raises(TaskFailed) as err:
+        poison.get(timeout=20)
+    assert err.value.exc_type == "WorkerLost"
+    assert len(lines(marker)) == 3, "delivered exactly max_deliveries times"
+    assert poison.info()["deliveries"] == 3
+    assert [(d.id, d.reason) for d in fleet.client.broker.dead_letters()] == [
+        (poison.id, "WorkerLost")
+    ]
+    assert [h.get(timeout=20) for h in others] == [2 * i for i in range(40)]
+    time.sleep(0.5)  # nothing delivers it a fourth time
+    assert len(lines(marker)) == 3
+
+
+def test_hard_time_limit_kills_the_childs_group_with_its_grandchild_and_is_not_redelivered(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    pidfile = tmp_path / "grandchild.pid"
+    handle = fleet.client.submit("tasks.spawn_and_hang", str(pidfile))
+    wait_for(
+        lambda: pidfile.exists() and pidfile.read_text(), 10, message="the grandchild to start"
+    )
+    grandchild = int(pidfile.read_text())
+    child = psutil.Process(grandchild).ppid()
+    with pytest.raises(TaskFailed) as err:
+        handle.get(timeout=10)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    wait_for(
+        lambda: not alive(grandchild) and not alive(child), 5, message="the child's group to die"
+    )
+    assert handle.info()["deliveries"] == 1
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    wait_for(lambda: list(pool_sizes(fleet).values()) == [2], 10, message="a fresh child")
+    time.sleep(0.3)
+    assert handle.info()["deliveries"] == 1 and handle.state == "FAILURE", "not redelivered"
+
+
+def test_task_waiting_behind_a_time_limit_kill_is_not_charged_a_delivery(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 4}).start()
+    killed = fleet.client.submit("tasks.spawn_and_hang", str(tmp_path / "grandchild.pid"))
+    waiting = fleet.client.submit_many([("tasks.add", (i, 1), {}) for i in range(4)])
+    assert [h.get(timeout=10) for h in waiting] == [1, 2, 3, 4]
+    assert killed.state == "FAILURE"
+    assert [h.info()["deliveries"] for h in waiting] == [1, 1, 1, 1]
+
+
+def test_worker_time_limits_apply_to_every_task(make_fleet) -> None:
+    fleet = make_fleet(defaults={"concurrency": 2, "soft_time_limit": 0.3, "time_limit": 1}).start()
+    soft = fleet.client.submit("tasks.catch_soft", 5)
+    hard = fleet.client.submit("tasks.catch_soft", 5, 5)  # cleans up for too long
+    assert soft.get(timeout=10) == "cleaned up"
+    with pytest.raises(TaskFailed) as err:
+        hard.get(timeout=10)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
+
+
+def test_soft_time_limit_raises_inside_the_task(make_fleet) -> None:
+    fleet = make_fleet().start()
+    assert fleet.client.submit("tasks.soft_limited").get(timeout=10) == "cleaned up"
+
+
+def test_revoked_before_start_is_skipped_and_never_runs(make_fleet, tmp_path: Path) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 2}).start()
+    marker = tmp_path / "started.txt"
+    blocker = fleet.client.submit("tasks.sleep", 3.0, str(marker))  # long enough for two fleetctl
+    wait_for(marker.exists, 10, message="the blocker to start")
+    reserved = fleet.client.submit("tasks.sleep", 0, str(marker))  # held by the worker, not started
+    wait_for(lambda: any(inspect(fleet, "reserved").values()), 5, message="the task to be reserved")
+    fleet.ctl("revoke", reserved.id)
+    queued = fleet.client.submit("tasks.sleep", 0, str(marker), countdown=0.5)
+    fleet.client.revoke([queued.id])
+    assert blocker.get(timeout=10)
+    wait_for(
+        lambda: reserved.state == "REVOKED" and queued.state == "REVOKED", 10, message="REVOKED"
+    )
+    time.sleep(0.7)
+    assert len(lines(marker)) == 1, "a revoked task started"
+
+
+def test_revoke_with_terminate_signals_the_child_and_is_not_redelivered(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 30, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    [victim] = started_pids(marker)
+    fleet.ctl("revoke", handle.id, "--terminate", "--signal", "KILL")
+    wait_for(lambda: handle.state == "REVOKED", 5, message="REVOKED")
+    wait_for(lambda: not alive(victim), 5, message="the child to die")
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    time.sleep(0.3)
+    assert len(lines(marker)) == 1 and handle.info()["deliveries"] == 1, "redelivered"
+
+
+def test_undecodable_message_is_dead_lettered_with_its_raw_body(make_fleet) -> None:
+    fleet = make_fleet().start()
+    raw = "{not json"
+    fleet.client.broker.enqueue([Envelope("bad-1", "default", "tasks.add", raw)])
+    with pytest.raises(TaskFailed) as err:
+        fleet.client.handle("bad-1").get(timeout=10)
+    assert err.value.exc_type == "BadMessage"
+    assert [(d.id, d.body, d.reason) for d in fleet.client.broker.dead_letters()] == [
+        ("bad-1", raw, "BadMessage")
+    ]
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+
+
+def test_lease_gives_back_a_vanished_hosts_tasks_and_renewal_keeps_a_long_task_owned(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(
+        fleet={"lease": 1},
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}],
+    )
+    # a consumer on a host that lost power: it reserved a task and is never heard from again
+    ghost = fleet.client.submit("tasks.add", 5, 5)
+    assert [d.id for d in fleet.client.broker.reserve(["default"], 1, "ghost@h9:1:1", 2.0)] == [
+        ghost.id
+    ]
+    lapses = time.time() + 2.0
+    fleet.start()
+    marker = tmp_path / "started.txt"
+    long = fleet.client.submit("tasks.sleep", 3, str(marker))  # three leases long
+    assert ghost.get(timeout=10) == 10
+    assert ghost.info()["deliveries"] == 2
+    conn = fleet.client.broker.db
+    assert (
+        conn.execute("SELECT finished FROM tasks WHERE id = ?", (ghost.id,)).fetchone()[0] >= lapses
+    )
+    assert long.get(timeout=10)
+    assert len(lines(marker)) == 1 and long.info()["deliveries"] == 1, (
+        "a running task's lease lapsed"
+    )
+
+
+# --- DESIGN section 2: signals to the arbiter ------------------------------------------------
+def test_arbiter_quit_is_a_cold_shutdown_whose_running_tasks_are_redelivered(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    marker = tmp_path / "started.txt"
+    handles = fleet.client.submit_many([("tasks.sleep", (30, str(marker)), {}) for _ in range(2)])
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="2 tasks to start")
+    fleet.signal(signal.SIGQUIT)
+    assert fleet.wait_exit(10) == 0
+    assert fleet.leftovers() == []
+    assert [h.info()["state"] for h in handles] == ["PENDING", "PENDING"], "back in the broker"
+    assert [h.info()["deliveries"] for h in handles] == [1, 1], "an interrupted delivery counts"
+
+
+def test_arbiter_int_is_warm_then_cold_on_the_second(make_fleet, tmp_path: Path) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 1}).start()
+    marker = tmp_path / "started.txt"
+    first = fleet.client.submit("tasks.sleep", 1.0, str(marker))
+    slow = fleet.client.submit("tasks.sleep", 30, str(marker))
+    wait_for(marker.exists, 10, message="the first task to start")
+    fleet.signal(signal.SIGINT)  # warm: the running task finishes, the reserved one goes back
+    assert first.get(timeout=10)
+    wait_for(
+        lambda: len(lines(marker)) == 1 and slow.state == "PENDING",
+        5,
+        message="the reserved task back",
+    )
+    assert fleet.proc is not None and fleet.wait_exit(10) == 0
+    fleet.start()
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="the slow task to start")
+    fleet.signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert fleet.proc.poll() is None, "the first INT waits for the running task"
+    fleet.signal(signal.SIGINT)
+    assert fleet.wait_exit(10) == 0
+    assert slow.info()["state"] == "PENDING" and slow.info()["deliveries"] == 1
+
+
+def test_arbiter_hup_starts_fresh_code_before_stopping_the_old_generation(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 0}).start()
+    marker = tmp_path / "started.txt"
+    long = fleet.client.submit("tasks.sleep", 4, str(marker))
+    wait_for(marker.exists, 10, message="the long task to start")
+    [old_worker] = fleet.worker_pids()
+    (fleet.folder / "tasks.py").write_text(
+        TASKS.replace(
+            "def add(a, b):\n    return a + b", "def add(a, b):\n    return f'new {a + b}'"
+        )
+    )
+    fleet.signal(signal.SIGHUP)
+    # the new generation consumes while the old one still finishes its task
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == "new 3"
+    assert alive(old_worker) and long.state == "STARTED"
+    assert long.get(timeout=10) and long.info()["deliveries"] == 1
+    wait_for(lambda: not alive(old_worker), 10, message="the old generation to exit")
+    assert len(fleet.worker_pids()) == 1
+    log = fleet.log()
+    assert log.index("generation 1 is up, stopping generation 0") < log.index("reload complete")
+
+
+def test_arbiter_hup_applies_added_removed_and_changed_workers(make_fleet) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
+    ).start()
+    assert pool_sizes(fleet) == {"a@h1": 2, "b@h1": 2}
+    text = fleet.config.read_text()
+    text = text.replace(
+        'name = "b"\nqueues = ["default"]', 'name = "c"\nqueues = ["other"]\nconcurrency = 1'
+    )
+    text = text.replace(
+        'name = "a"\nqueues = ["default"]', 'name = "a"\nqueues = ["default"]\nconcurrency = 3'
+    )
+    fleet.config.write_text(text)
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 3, "c@h1": 1}, 15, message="the new fleet")
+    assert fleet.client.submit("tasks.add", 1, 1, queue="other").get(timeout=10) == 2
+    wait_for(lambda: len(fleet.worker_pids()) == 2, 10, message="b to be stopped")
+
+
+def test_arbiter_hup_with_a_bad_config_keeps_the_old_one_running(make_fleet) -> None:
+    fleet = make_fleet().start()
+    workers = fleet.worker_pids()
+    good = fleet.config.read_text()
+    fleet.config.write_text(good + '\n[[worker]]\nname = "w"\nconcurrency = -1\n')
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in fleet.log(), 5, message="the refusal in the log")
+    fleet.config.write_text(good + '\n[control]\nbind = ["ipc:///tmp/elsewhere.sock"]\n')
+    fleet.signal(signal.SIGHUP)
+    wait_for(
+        lambda: "control.bind cannot change without a restart" in fleet.log(),
+        5,
+        message="the refusal",
+    )
+    assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
+    assert fleet.worker_pids() == workers
+
+
+def test_arbiter_hup_to_code_that_cannot_start_keeps_the_old_generation_serving(make_fleet) -> None:
+    fleet = make_fleet().start()
+    [old_worker] = fleet.worker_pids()
+    (fleet.folder / "tasks.py").write_text(TASKS + "\nthis is not python\n")
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "restarting in" in fleet.log(), 10, message="the new generation to fail")
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    assert alive(old_worker)
+    (fleet.folder / "tasks.py").write_text(TASKS)
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="the fixed reload")
+    wait_for(
+        lambda: not alive(old_worker) and len(fleet.worker_pids()) == 1,
+        10,
+        message="generations 0 and 1 to stop",
+    )
+    assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
+
+
+def test_arbiter_hup_under_steady_load_loses_nothing_and_runs_nothing_twice(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}],
+        defaults={"concurrency": 2, "prefetch": 2},
+    ).start()
+    journal = tmp_path / "journal.txt"
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            ids.extend(submit_journal(fleet, journal, 10, 0.01))
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for reloads in range(1, 4):
+            time.sleep(0.7)
+            fleet.signal(signal.SIGHUP)
+            wait_reloads(fleet, reloads)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        producer.join()
+    assert len(ids) >= 300
+    assert_each_ran_once(fleet, ids, journal)
+
+
+def test_arbiter_ttin_and_ttou_grow_and_shrink_every_pool_by_one(make_fleet) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
+    ).start()
+    fleet.signal(signal.SIGTTIN)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 3, "b@h1": 3}, 10, message="pools of 3")
+    fleet.signal(signal.SIGTTOU)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 2, "b@h1": 2}, 10, message="pools of 2")
+    # one at a time: two signals of a kind in flight may merge into one
+    fleet.signal(signal.SIGTTOU)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 1, "b@h1": 1}, 10, message="pools of 1")
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+
+
+def test_arbiter_usr1_logs_a_status_dump_of_every_worker_and_child(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    marker = tmp_path / "started.txt"
+    fleet.client.submit("tasks.sleep", 1.0, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    fleet.signal(signal.SIGUSR1)
+    [worker_pid] = fleet.worker_pids()
+    wait_for(
+        lambda: "status: {" in fleet.log() and "status {" in fleet.log(),
+        5,
+        message="the status dumps",
+    )
+    arbiter_status = logged_json(fleet.log(), "status: ")
+    assert [(w["node"], w["pid"], w["state"]) for w in arbiter_status["workers"]] == [
+        ("w@h1", worker_pid, "RUNNING")
+    ]
+    worker_status = logged_json(fleet.log(), "status ")
+    assert worker_status["node"] == "w@h1" and len(worker_status["children"]) == 2
+    assert "tasks.sleep" in [c["task_name"] for c in worker_status["children"]]
+
+
+def test_arbiter_killed_its_workers_warm_shut_down_by_themselves(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 2, "prefetch": 2}).start()
+    marker = tmp_path / "started.txt"
+    handles = fleet.client.submit_many([("tasks.sleep", (1.0, str(marker)), {}) for _ in range(6)])
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="2 tasks to start")
+    fleet.remember_pids()
+    processes = [p.pid for p in fleet.descendants()]
+    fleet.signal(signal.SIGKILL)
+    fleet.wait_exit(5)
+    wait_for(
+        lambda: not any(alive(p) for p in processes), 10, message="the workers and children to exit"
+    )
+    # the running tasks finished, the reserved ones went back
+    states = collections.Counter(h.state for h in handles)
+    assert states == {"SUCCESS": 2, "PENDING": 4}, states
+    assert len(lines(marker)) == 2
+
+
+def test_new_start_after_arbiter_kill_ends_every_process_of_the_old_run(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    pidfile = tmp_path / "grandchild.pid"
+    marker = tmp_path / "started.txt"
+    hanging = fleet.client.submit("tasks.spawn_and_wait", str(pidfile), 60)
+    slow = fleet.client.submit("tasks.sleep", 60, str(marker))
+    wait_for(
+        lambda: pidfile.exists() and pidfile.read_text() and marker.exists(),
+        10,
+        message="both tasks to start",
+    )
+    fleet.remember_pids()
+    old_run = [p.pid for p in fleet.descendants()]
+    grandchild = int(pidfile.read_text())
+    assert grandchild in old_run and len(old_run) == 4  # worker, 2 children, 1 grandchild
+    fleet.signal(signal.SIGKILL)
+    fleet.wait_exit(5)
+    time.sleep(0.5)
+    assert [p for p in old_run if alive(p)] != [], "warm shutdown waits for the running tasks"
+    fleet.start()
+    assert [p for p in old_run if alive(p)] == [], "a process of the old run survived the new start"
+    assert "ending 4 processes left by a previous run" in fleet.log()
+    # the old run's tasks were interrupted: they are redelivered to the new run
+    wait_for(
+        lambda: len(lines(marker)) == 2 and hanging.info()["deliveries"] == 2,
+        10,
+        message="redelivery",
+    )
+    assert slow.info()["deliveries"] == 2
+    fleet.signal(signal.SIGQUIT)  # no need to wait a minute for them
+    assert fleet.wait_exit(10) == 0
+
+
+def test_worker_killed_during_a_warm_shutdown_has_its_tasks_back_at_the_next_start(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()  # lease 30 s
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 30, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    [worker_pid] = fleet.worker_pids()
+    fleet.signal(signal.SIGTERM)  # waits for the task
+    wait_for(lambda: "warm shutdown" in fleet.log(), 5, message="the warm shutdown")
+    os.kill(worker_pid, signal.SIGKILL)
+    assert fleet.wait_exit(10) == 0
+    assert handle.info()["state"] == "STARTED"  # held by a dead consumer
+    fleet.start()
+    wait_for(
+        lambda: len(lines(marker)) == 2, 10, message="the task to be given back and redelivered"
+    )
+    assert handle.info()["deliveries"] == 2
+    fleet.signal(signal.SIGQUIT)
+    assert fleet.wait_exit(10) == 0
+
+
+def test_two_arbiters_never_share_a_state_dir(make_fleet) -> None:
+    fleet = make_fleet().start()
+    second = make_fleet("host")  # the same folder and config
+    second.start(wait=False)
+    assert second.wait_exit(10) == 1
+    assert "already runs on state_dir" in second.log()
+    assert fleet.proc is not None and fleet.proc.poll() is None
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+
+
+# --- DESIGN section 2: signals to a worker ---------------------------------------------------
+def test_worker_killed_loses_its_children_and_their_subprocesses_and_its_tasks_come_back_at_once(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 2, "prefetch": 2}).start()  # lease 30 s
+    pidfile = tmp_path / "grandchild.pid"
+    marker = tmp_path / "started.txt"
+    hanging = fleet.client.submit("tasks.spawn_and_wait", str(pidfile), 0.5)
+    slow = fleet.client.submit_many([("tasks.sleep", (0.5, str(marker)), {}) for _ in range(4)])
+    wait_for(
+        lambda: pidfile.exists() and pidfile.read_text() and marker.exists(),
+        10,
+        message="tasks to start",
+    )
+    [worker_pid] = fleet.worker_pids()
+    fleet.remember_pids()
+    old = fleet.child_pids(worker_pid) + [int(pidfile.read_text())]
+    os.kill(worker_pid, signal.SIGKILL)
+    wait_for(
+        lambda: not any(alive(p) for p in old),
+        5,
+        message="its children and their subprocesses to die",
+    )
+    wait_for(
+        lambda: fleet.worker_pids() and fleet.worker_pids() != [worker_pid],
+        10,
+        message="a new worker",
+    )
+    infos = fleet.wait_all_final([hanging.id] + [h.id for h in slow], 20)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 5
+    assert hanging.info()["deliveries"] == 2
+
+
+def test_worker_term_finishes_its_running_task_returns_the_rest_and_is_restarted(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 3}).start()
+    journal = tmp_path / "journal.txt"
+    ids = submit_journal(fleet, journal, 4, 0.5)
+    wait_for(lambda: executions(journal), 10, message="the first task to start")
+    [worker_pid] = fleet.worker_pids()
+    os.kill(worker_pid, signal.SIGTERM)
+    wait_for(
+        lambda: fleet.worker_pids() and fleet.worker_pids() != [worker_pid],
+        10,
+        message="a new worker",
+    )
+    assert_each_ran_once(fleet, ids, journal)
+    assert [i["deliveries"] for i in fleet.infos(ids)] == [1, 1, 1, 1]
+
+
+def test_worker_quit_kills_its_children_and_their_tasks_are_redelivered(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    marker = tmp_path / "started.txt"
+    handles = fleet.client.submit_many([("tasks.sleep", (0.5, str(marker)), {}) for _ in range(2)])
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="2 tasks to start")
+    [worker_pid] = fleet.worker_pids()
+    children = fleet.child_pids(worker_pid)
+    os.kill(worker_pid, signal.SIGQUIT)
+    wait_for(lambda: not any(alive(p) for p in children), 5, message="the children to be killed")
+    infos = fleet.wait_all_final([h.id for h in handles], 20)
+    assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 2)] * 2
+    assert len(lines(marker)) == 4
+
+
+def test_worker_ttin_ttou_resize_its_own_pool_and_usr1_logs_its_status(make_fleet) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
+    ).start()
+    a_pid = inspect(fleet, "stats")["a@h1"]["pid"]
+    os.kill(a_pid, signal.SIGTTIN)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 3, "b@h1": 2}, 10, message="a pool of 3")
+    os.kill(a_pid, signal.SIGTTIN)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 4, "b@h1": 2}, 10, message="a pool of 4")
+    os.kill(a_pid, signal.SIGTTOU)
+    wait_for(lambda: pool_sizes(fleet) == {"a@h1": 3, "b@h1": 2}, 10, message="a pool of 3")
+    os.kill(a_pid, signal.SIGUSR1)
+    wait_for(lambda: "status {" in fleet.log(), 5, message="the status line")
+    assert logged_json(fleet.log(), "status ")["concurrency"] == 3
+
+
+# --- DESIGN section 2: signals to a child ----------------------------------------------------
+def test_child_term_finishes_its_task_then_exits_and_is_replaced(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 3}).start()
+    journal = tmp_path / "journal.txt"
+    ids = submit_journal(fleet, journal, 4, 0.3)
+    wait_for(lambda: executions(journal), 10, message="the first task to start")
+    [child] = fleet.child_pids()
+    os.kill(child, signal.SIGTERM)
+    assert_each_ran_once(fleet, ids, journal)
+    assert [i["deliveries"] for i in fleet.infos(ids)] == [1, 1, 1, 1]
+    wait_for(lambda: not alive(child) and len(fleet.child_pids()) == 1, 5, message="a replacement")
+
+
+def test_child_ignores_int_and_usr1_raises_soft_time_limit_in_its_task(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1}).start()
+    [child] = fleet.child_pids()
+    marker = tmp_path / "started.txt"
+    survivor = fleet.client.submit("tasks.sleep", 0.5, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    os.kill(child, signal.SIGINT)
+    assert survivor.get(timeout=10) == child
+    soft = fleet.client.submit("tasks.catch_soft", 30, 0, str(marker))
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="the task to start")
+    os.kill(child, signal.SIGUSR1)
+    assert soft.get(timeout=10) == "cleaned up"
+    assert fleet.child_pids() == [child]
+
+
+# --- DESIGN section 1: the process tree --------------------------------------------------------
+def test_every_child_leads_its_own_process_group(make_fleet) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
+    ).start()
+    children = fleet.child_pids()
+    assert len(children) == 4
+    assert all(os.getpgid(c) == c for c in children)
+
+
+# --- recycling -----------------------------------------------------------------------------------
+def test_max_tasks_per_child_spreads_tasks_over_fresh_children(make_fleet) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "max_tasks_per_child": 5}).start()
+    handles = fleet.client.submit_many([("tasks.pid", (), {}) for _ in range(20)])
+    pids = collections.Counter(h.get(timeout=20) for h in handles)
+    assert len(pids) >= 4 and max(pids.values()) <= 5, pids
+    wait_for(lambda: len(fleet.child_pids()) == 1, 5, message="the last retiring child to go")
+
+
+def test_max_memory_per_child_recycles_a_child_that_grew_past_it(make_fleet) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "max_memory_per_child": "150MB"}).start()
+    small = [fleet.client.submit("tasks.hog", 1).get(timeout=10) for _ in range(3)]
+    assert len(set(small)) == 1, "recycled below the limit"
+    big = fleet.client.submit("tasks.hog", 200).get(timeout=10)
+    after = fleet.client.submit("tasks.pid").get(timeout=10)
+    assert big == small[0] and after != big
+    wait_for(lambda: not alive(big), 5, message="the grown child to exit")
