@@ -24,11 +24,12 @@ import socket
 import stat
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 from ctl.keys import KeyFileError, load_keypair
 
@@ -221,6 +222,8 @@ class ControlServer:
         return sock
 
     def _start_authenticator(self, authorized_keys: str) -> None:
+        from zmq.auth.thread import ThreadAuthenticator  # only tcp needs it (and asyncio)
+
         authenticator = ThreadAuthenticator(self._ctx, log=log)
         try:
             authenticator.start()
@@ -316,6 +319,8 @@ def _curve_server_secret(tcp: list[str], curve_secret_key: str, authorized_keys:
     if not os.path.isdir(authorized_keys):
         raise ControlConfigError(f"[control] authorized_keys: {authorized_keys} is not a folder")
     try:
+        import zmq.auth
+
         allowed = zmq.auth.load_certificates(authorized_keys)
     except (OSError, ValueError) as exc:
         raise ControlConfigError(f"[control] authorized_keys: {exc}") from None

@@ -13,8 +13,6 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from rich.console import Console
-from rich.logging import RichHandler
 
 LEVEL_ENV = "FLEETD_LOG_LEVEL"
 FORMAT_ENV = "FLEETD_LOG_FORMAT"
@@ -35,6 +33,9 @@ def setup_logging(level: str, fmt: str, node: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter(node))
     elif fmt == "text" and sys.stderr.isatty():
+        from rich.console import Console  # only on a terminal: it costs start-up time
+        from rich.logging import RichHandler
+
         handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(TextFormatter(node, "%(name)s: %(message)s"))
     elif fmt == "text":

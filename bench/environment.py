@@ -1,0 +1,89 @@
+"""The benchmark's surroundings: the peers' own venv, the machine, and every system's version."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+from bench.systems.base import PEERS_BIN, PROJECT_BIN, REPO
+
+REQUIREMENTS = Path(__file__).with_name("requirements-peers.txt")
+PEERS_VENV = PEERS_BIN.parent
+MARKER = PEERS_VENV / "bench-requirements.txt"  # what the venv was last installed from
+
+
+def ensure_peers_venv() -> None:
+    """Create `.bench-venv` and install the peers into it, unless it already matches."""
+    wanted = REQUIREMENTS.read_text()
+    if MARKER.exists() and MARKER.read_text() == wanted and (PEERS_BIN / "python").exists():
+        return
+    print(f"bench: installing the peers into {PEERS_VENV} ...", flush=True)
+    if not (PEERS_BIN / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    subprocess.run(
+        [str(PEERS_BIN / "python"), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
+        check=True,
+    )
+    MARKER.write_text(wanted)
+
+
+def fleetd_missing() -> str | None:
+    """Why fleetd cannot be benchmarked yet, or None when it can."""
+    if not (PROJECT_BIN / "fleetd").exists():
+        return "fleetd not built (.venv/bin/fleetd missing)"
+    check = subprocess.run(
+        [str(PROJECT_BIN / "python"), "-c", "from worker import Client, task"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        return f"fleetd not built: {check.stderr.strip().splitlines()[-1]}"
+    return None
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": str(psutil.cpu_count()),
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "load average at start (1, 5, 15 min)": load_average(),
+    }
+
+
+def load_average() -> str:
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
+def versions(redis_version: str, peers: list[str]) -> dict[str, str]:
+    """Versions of fleetd, of the peers' distributions, of redis-py on each side and of Redis."""
+    found = {
+        "redis-server": redis_version,
+        "fleetd": metadata.version("fleetd"),
+        "redis-py (fleetd)": metadata.version("redis"),
+    }
+    if peers:
+        script = (
+            "import json, sys; from importlib import metadata as m;"
+            " print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))"
+        )
+        command = [str(PEERS_BIN / "python"), "-c", script, *peers, "redis"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        peer_versions = json.loads(done.stdout)
+        peer_versions["redis-py (peers)"] = peer_versions.pop("redis")
+        found.update(peer_versions)
+    return found

@@ -1,0 +1,96 @@
+"""What every system driver provides: how the harness starts its workers, how a producer feeds it.
+
+A driver is two classes in one module. `System` is the harness side: it runs in the project's
+venv, never imports the system, and says which commands start its workers. `Producer` is the
+client side: it runs inside `bench.agent`, in the system's own venv, and enqueues and waits.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT_BIN = REPO / ".venv" / "bin"
+PEERS_BIN = REPO / ".bench-venv" / "bin"
+QUEUE = "default"
+
+
+class NotAvailable(Exception):
+    """A figure that does not apply to this system, or a feature that is not built yet."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one session of one system runs: its private folder and the shared Redis server."""
+
+    workdir: Path
+    redis_url: str
+
+
+class Producer(abc.ABC):
+    """The client side of a system: submits the benchmark task and waits for its result."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def submit(self, key: str) -> Any:
+        """Enqueue one `stamp(key)` task and return the system's handle on it."""
+
+    def submit_batch(self, key: str, n: int) -> None:
+        """Enqueue n `stamp(key)` tasks with the system's own batch API."""
+        raise NotAvailable("no batched enqueue API")
+
+    @abc.abstractmethod
+    def wait(self, handle: Any, timeout: float) -> None:
+        """Block until the task's result is stored (raise if it failed or timed out)."""
+
+    def ping(self) -> float:
+        """One control-plane ping of every node, in-process; return its round trip in seconds."""
+        raise NotAvailable("no control plane")
+
+    def close(self) -> None:  # noqa: B027 - a hook: most producers hold nothing to release
+        """Release what the producer holds open (the agent is about to exit)."""
+
+
+class System(abc.ABC):
+    """The harness side of a system: what to run, with which settings, in which venv."""
+
+    name: ClassVar[str]  # key in the results, e.g. "fleetd-redis"
+    label: ClassVar[str]  # column header in RESULTS.md
+    distributions: ClassVar[tuple[str, ...]]  # pip distributions whose versions are reported
+    settings: ClassVar[str]  # one line for RESULTS.md: how its workers run
+    batch_api: ClassVar[str | None] = None  # the batched-enqueue call; None: the system has none
+    recycle_option: ClassVar[str | None] = None  # how max-tasks-per-child is set; None: not offered
+    is_fleetd: ClassVar[bool] = False
+    producer: ClassVar[type[Producer]]
+
+    @property
+    def bin(self) -> Path:
+        return PROJECT_BIN if self.is_fleetd else PEERS_BIN
+
+    @property
+    def python(self) -> Path:
+        return self.bin / "python"
+
+    def env(self, site: Site) -> dict[str, str]:
+        """The environment of every process of this system: where the task module and Redis are."""
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+        env.update(BENCH_REDIS_URL=site.redis_url, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        return env
+
+    @abc.abstractmethod
+    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
+        """Write whatever config the workers need; return the command that starts them."""
+
+    def ping_command(self, site: Site) -> list[str] | None:
+        """The command-line ping of every node, or None when the system has no control plane."""
+        return None
+
+    def producer_config(self, site: Site) -> dict[str, Any]:
+        """What the producer needs beyond BENCH_REDIS_URL (passed to `Producer.__init__`)."""
+        return {}

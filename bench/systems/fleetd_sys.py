@@ -1,0 +1,115 @@
+"""fleetd: one arbiter, one worker "w" with a pool of N children, on the Redis or SQLite broker."""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any
+
+from bench.systems.base import QUEUE, REPO, NotAvailable, Producer, Site, System
+
+TASK = "bench.tasks.fleetd_tasks.stamp"
+CONFIG = "fleetd.toml"
+PREFETCH = 3  # 8 tasks in flight with 2 processes: what Celery holds by default (multiplier 4)
+
+
+class FleetdProducer(Producer):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        from worker import Client
+
+        self.client = Client(config["broker"])
+        self.control: Any = None
+
+    def submit(self, key: str) -> Any:
+        return self.client.submit(TASK, key, queue=QUEUE)
+
+    def submit_batch(self, key: str, n: int) -> None:
+        self.client.submit_many([(TASK, (key,), {})] * n, queue=QUEUE)
+
+    def wait(self, handle: Any, timeout: float) -> None:
+        handle.get(timeout=timeout)
+
+    def ping(self) -> float:
+        if self.control is None:
+            try:
+                from ctl.client import ControlClient
+                from supervisor.config import load
+            except ImportError as exc:
+                raise NotAvailable("control plane not built") from exc
+            bind = load(self.config["config"], check_imports=False).control.bind
+            self.control = ControlClient([b for b in bind if b.startswith("ipc://")], timeout=5.0)
+        start = time.perf_counter()
+        reply = self.control.call("ping")
+        elapsed = time.perf_counter() - start
+        if reply.missing or not reply.replies:
+            raise RuntimeError(f"ping: no reply from {reply.missing or 'any node'}")
+        return elapsed
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+
+
+class FleetdSystem(System):
+    is_fleetd = True
+    distributions = ("fleetd",)
+    batch_api = "`Client.submit_many(...)`"
+    recycle_option = "`max_tasks_per_child`"
+    producer = FleetdProducer
+
+    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
+        config = site.workdir / CONFIG
+        config.write_text(
+            "[fleet]\n"
+            'node = "bench"\n'
+            f'broker = "{self.broker_url(site, relative=True)}"\n'
+            'state_dir = "state"\n'
+            'imports = ["bench.tasks.fleetd_tasks"]\n'
+            f'pythonpath = ["{REPO}"]\n'
+            "[control]\n"
+            'bind = ["ipc://state/control.sock"]\n'
+            "[defaults]\n"
+            f"concurrency = {processes}\n"
+            f"prefetch = {PREFETCH}\n"
+            f"max_tasks_per_child = {max_tasks_per_child}\n"
+            "[[worker]]\n"
+            'name = "w"\n'
+            f'queues = ["{QUEUE}"]\n'
+        )
+        return [str(self.bin / "fleetd"), "start", "-c", str(config), "--log-level", "warning"]
+
+    def ping_command(self, site: Site) -> list[str] | None:
+        return [str(self.bin / "fleetctl"), "-c", str(site.workdir / CONFIG), "--json", "ping"]
+
+    def producer_config(self, site: Site) -> dict[str, Any]:
+        return {
+            "broker": self.broker_url(site, relative=False),
+            "config": str(site.workdir / CONFIG),
+        }
+
+    @abc.abstractmethod
+    def broker_url(self, site: Site, relative: bool) -> str:
+        """The broker as the config file names it (relative) or as a producer elsewhere does."""
+
+
+class FleetdRedis(FleetdSystem):
+    name = "fleetd-redis"
+    label = "fleetd (Redis)"
+    settings = (
+        "`fleetd start`, broker Redis Streams, `concurrency = N`, `prefetch = 3` (8 tasks in flight with 2 processes, as Celery's default multiplier of 4), acks_late on, results stored"
+    )
+
+    def broker_url(self, site: Site, relative: bool) -> str:
+        return site.redis_url
+
+
+class FleetdSQLite(FleetdSystem):
+    name = "fleetd-sqlite"
+    label = "fleetd (SQLite)"
+    settings = (
+        "`fleetd start`, broker SQLite (WAL), `concurrency = N`, `prefetch = 3` (8 tasks in flight with 2 processes, as Celery's default multiplier of 4), acks_late on, results stored"
+    )
+
+    def broker_url(self, site: Site, relative: bool) -> str:
+        return "sqlite:///queue.db" if relative else f"sqlite:///{site.workdir / 'queue.db'}"

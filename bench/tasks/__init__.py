@@ -1,0 +1,1 @@
+"""One task module per system, each registering the same body from `bench.tasks.body`."""

@@ -1,0 +1,11 @@
+"""fleetd's copy of the benchmark task: the shared body as a fleetd task (queue "default")."""
+
+from __future__ import annotations
+
+from bench.tasks import body
+from worker import task
+
+
+@task
+def stamp(key: str) -> float:
+    return body.stamp(key)
