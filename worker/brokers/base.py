@@ -217,5 +217,9 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def revoked(self) -> set[str]: ...
 
+    def maintain(self) -> None:  # noqa: B027 - optional hook
+        """Housekeeping a worker runs when it is idle (nothing held); must be cheap when
+        there is nothing to do."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
