@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -511,14 +512,21 @@ def duration(seconds: Any) -> str:
 
 
 def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
-    """The status table, refreshed every second until Ctrl-C."""
+    """The status table, redrawn every second until Ctrl-C; into a pipe or a file, one
+    table after the other (as `top -b` does)."""
     from rich.live import Live
 
     timeout = min(timeout, TOP_EVERY)
-    with Live(console=console, auto_refresh=False) as live:
+    screen = Live(console=console, auto_refresh=False) if console.is_terminal else nullcontext()
+    with screen as live:
         while True:
             started = time.monotonic()
-            live.update(status_table(fleet_status(client, dest, timeout)), refresh=True)
+            table = status_table(fleet_status(client, dest, timeout))
+            if live is None:
+                console.print(table)
+                console.file.flush()
+            else:
+                live.update(table, refresh=True)
             time.sleep(max(0.0, TOP_EVERY - (time.monotonic() - started)))
 
 

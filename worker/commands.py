@@ -10,6 +10,7 @@ from .control import REQUIRED, register
 from .task import REGISTRY
 
 if TYPE_CHECKING:
+    from .brokers.base import Delivery
     from .process import Worker
 
 NUM = (int, float)
@@ -36,12 +37,14 @@ def active(worker: Worker) -> list[dict[str, Any]]:
     ]
 
 
-@register("reserved", "Tasks reserved by the node, not started yet (also those waiting in a child's pipe).")
+@register("reserved", "Tasks reserved by the node, not started yet (also those waiting in a"
+          " child's pipe).")
 def reserved(worker: Worker) -> list[dict[str, Any]]:
-    waiting = [(r.delivery, c.pid) for c in worker.children.values() for r in list(c.tasks)[1:]]
+    waiting: list[tuple[Delivery, int | None]] = [
+        (r.delivery, c.pid) for c in worker.children.values() for r in list(c.tasks)[1:]]
+    waiting += [(d, None) for d in worker.reserved]
     return [{"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": pid}
-            for d, pid in waiting] + [
-        {"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": None} for d in worker.reserved]
+            for d, pid in waiting]
 
 
 @register("scheduled", "ETA tasks waiting in the node's queues: how many, when the next is due.")
@@ -111,7 +114,7 @@ def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict
     if terminate:
         for child in list(worker.children.values()):
             running = child.running
-            if running and running.delivery.id in ids and running.terminated_at is None:
+            if running and running.delivery.id in ids and not running.settled:
                 terminated.append(running.delivery.id)
                 worker.terminate(child, signum)
     # In the broker too, so that it holds for every worker and across restarts (an

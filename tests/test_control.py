@@ -1,0 +1,744 @@
+"""The control plane end to end: every fleetctl command against real fleetd processes.
+
+Each test starts its own fleet (a real arbiter with real workers and children), acts
+through `fleetctl` as a user types it, and checks the outcome in the replies, the
+processes and the broker. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+
+from ctl.client import ControlClient
+from tests.fleet import FLEETCTL, FLEETD, Fleet, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+# Task and command helpers of these tests, beside the shared tests.fleet TASKS module.
+CTL_TASKS = """
+import time
+from worker import task, control_command
+
+@task
+def stamp(path):
+    with open(path, "a") as f:
+        f.write(f"{time.time()}\\n")
+
+@control_command
+def boom(worker):
+    raise RuntimeError("boom")
+
+@control_command
+def not_json(worker):
+    return {"pids": {1, 2}}
+"""
+
+TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
+
+
+def fleet_with_ctltasks(make_fleet: Callable[..., Fleet], **kwargs: Any) -> Fleet:
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "ctltasks"], **kwargs.pop("fleet", {})}, **kwargs
+    )
+    (fleet.folder / "ctltasks.py").write_text(CTL_TASKS)
+    return fleet
+
+
+def ctl_json(fleet: Fleet, *args: str) -> tuple[int, dict[str, Any]]:
+    """Run `fleetctl --json ARGS` against the fleet; its exit code and output."""
+    out = fleet.ctl("--json", *args, check=False)
+    try:
+        return out.returncode, json.loads(out.stdout)
+    except ValueError:
+        raise AssertionError(f"fleetctl {args} printed no JSON: {out.stdout}{out.stderr}") from None
+
+
+def fleetctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """fleetctl without a config: the test names the endpoints."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FLEET_CONFIG", "FLEETCTL_KEY")}
+    return subprocess.run(
+        [FLEETCTL, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def endpoint(fleet: Fleet) -> str:
+    return f"ipc://{fleet.folder}/state/control.sock"
+
+
+def node_pids(fleet: Fleet) -> dict[str, int]:
+    _, data = ctl_json(fleet, "inspect", "stats")
+    return {node: stats["pid"] for node, stats in data["replies"].items()}
+
+
+def concurrency(fleet: Fleet) -> dict[str, int]:
+    _, data = ctl_json(fleet, "inspect", "conf")
+    return {node: conf["concurrency"] for node, conf in data["replies"].items()}
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP a process for the block: as hung as a process gets."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class Lines:
+    """The stdout lines of a process, read in a thread, so that waits on them stay bounded."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait(self, condition: Callable[[list[str]], Any], timeout: float, message: str) -> Any:
+        return wait_for(lambda: condition(list(self.lines)), timeout, 0.05, message)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(5)
+        self.thread.join(5)
+        return code
+
+
+@contextlib.contextmanager
+def running_ctl(fleet: Fleet, *args: str) -> Iterator[Lines]:
+    proc = subprocess.Popen(
+        [FLEETCTL, "-c", str(fleet.config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=fleet.folder,
+    )
+    lines = Lines(proc)
+    try:
+        yield lines
+    finally:
+        lines.stop()
+
+
+# --- ping, --dest, --limit, deadlines -------------------------------------------------------
+def test_ping_over_two_nodes_returns_well_before_a_5s_timeout(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    started = time.monotonic()
+    code, data = ctl_json(fleet, "--timeout", "5", "ping")
+    wall = time.monotonic() - started
+    assert code == 0
+    assert data == {
+        "replies": {"a@h1": {"ok": "pong"}, "b@h1": {"ok": "pong"}},
+        "missing": [],
+        "elapsed": data["elapsed"],
+    }
+    assert data["elapsed"] < 0.5 and wall < 3  # wall: fleetctl's Python start-up included
+    with ControlClient([endpoint(fleet)], 5) as client:
+        result = client.call("ping")
+    assert set(result.replies) == {"a@h1", "b@h1"} and result.elapsed < 0.5
+    text = fleet.ctl("ping").stdout
+    assert "a@h1" in text and "b@h1" in text and "pong" in text
+
+
+def test_dest_reaches_only_the_named_node_or_host(make_fleet: Callable[..., Fleet]) -> None:
+    h1 = make_fleet("h1", workers=TWO_NODES, node="h1").start()
+    h2 = make_fleet("h2", workers=[{"name": "c"}], node="h2").start()
+    both = ["--endpoint", endpoint(h1), "--endpoint", endpoint(h2)]
+
+    def ping(*dest: str) -> dict[str, Any]:
+        args = [a for d in dest for a in ("--dest", d)]
+        out = fleetctl(*both, "--json", "--timeout", "5", "ping", *args)
+        return {"code": out.returncode, **json.loads(out.stdout)}
+
+    assert set(ping()["replies"]) == {"a@h1", "b@h1", "c@h2"}
+    assert set(ping("b@h1")["replies"]) == {"b@h1"}
+    assert set(ping("h2")["replies"]) == {"c@h2"}
+    assert set(ping("h1")["replies"]) == {"a@h1", "b@h1"}
+    assert set(ping("a@h1", "h2")["replies"]) == {"a@h1", "c@h2"}
+    unknown = ping("x@h1", "h9")
+    assert (
+        unknown["code"] == 1 and unknown["replies"] == {} and unknown["missing"] == ["x@h1", "h9"]
+    )
+    # The effect lands only where it was sent.
+    out = fleetctl(*both, "pool", "grow", "2", "--dest", "b@h1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert concurrency(h1) == {"a@h1": 2, "b@h1": 4} and concurrency(h2) == {"c@h2": 2}
+    # A silent host costs the timeout, once, and is named; the other answers.
+    with stopped(h2.pid):
+        started = time.monotonic()
+        out = fleetctl(*both, "--json", "--timeout", "1", "ping")
+        wall = time.monotonic() - started
+    data = json.loads(out.stdout)
+    assert out.returncode == 1 and set(data["replies"]) == {"a@h1", "b@h1"}
+    assert data["missing"] == [endpoint(h2)] and 1 <= data["elapsed"] < 1.5 and wall < 4
+
+
+def test_a_hung_worker_is_reported_and_never_delays_the_others(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    pids = node_pids(fleet)
+    with stopped(pids["b@h1"]):
+        code, data = ctl_json(fleet, "--timeout", "2", "ping")
+        assert code == 1 and data["missing"] == [] and data["elapsed"] < 2
+        assert data["replies"]["a@h1"] == {"ok": "pong"}
+        assert "deadline" in data["replies"]["b@h1"]["error"]
+        # --limit: back after the first reply, without waiting for the hung node.
+        code, data = ctl_json(fleet, "--timeout", "5", "ping", "--limit", "1")
+        assert code == 0 and data["replies"] == {"a@h1": {"ok": "pong"}} and data["elapsed"] < 1
+        # Thousands of commands for the hung node fill its channel: the arbiter stops
+        # writing to it (it never blocks) and says so at once.
+        request = {"cmd": "ping", "dest": ["b@h1"], "args": {"_timeout": 0.02}}
+        errors = flood(endpoint(fleet), request, until="does not read")
+        assert any("does not read" in e for e in errors), set(errors)
+        code, data = ctl_json(fleet, "--timeout", "2", "ping", "--dest", "a@h1")
+        assert code == 0 and data["elapsed"] < 0.5
+    wait_for(lambda: ctl_json(fleet, "ping")[0] == 0, 20, 0.2, "the woken node to answer again")
+
+
+def flood(address: str, request: dict[str, Any], until: str, most: int = 20_000) -> list[str]:
+    """Send copies of a request, 200 at a time, until a node error contains `until`; the
+    node errors of the replies. (Batches: a ROUTER drops replies a slow reader lets pile up.)"""
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(address)
+        errors: list[str] = []
+        for batch in range(0, most, 200):
+            for i in range(batch, batch + 200):
+                dealer.send(json.dumps({"v": 1, "id": str(i), **request}).encode())
+            for _ in range(200):
+                assert dealer.poll(10_000), "the arbiter stopped answering"
+                for reply in json.loads(dealer.recv()).get("replies", {}).values():
+                    errors.append(reply.get("error", ""))
+            if any(until in e for e in errors):
+                break
+        return errors
+    finally:
+        ctx.destroy(linger=0)
+
+
+# --- rate and time limits -----------------------------------------------------------------
+def test_rate_limit_of_5_per_second_holds_over_20_tasks(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = fleet_with_ctltasks(make_fleet).start()
+    stamps = tmp_path / "stamps.txt"
+    assert "5/s" in fleet.ctl("rate-limit", "ctltasks.stamp", "5/s").stdout
+    handles = fleet.client.submit_many([("ctltasks.stamp", (str(stamps),), {}) for _ in range(20)])
+    # Another task type, queued behind all 20, does not wait for their tokens.
+    assert fleet.client.submit("tasks.add", 2, 3).get(timeout=10) == 5
+    assert len(stamps.read_text().splitlines()) < 15
+    fleet.wait_all_final([h.id for h in handles], 30)
+    starts = sorted(float(t) for t in stamps.read_text().split())
+    assert len(starts) == 20
+    assert starts[-1] - starts[0] >= 19 / 5 - 0.25
+    assert min(starts[i + 5] - starts[i] for i in range(15)) >= 0.9  # never 6 within a second
+    # 0 clears the limit.
+    fleet.ctl("rate-limit", "ctltasks.stamp", "0")
+    stamps.unlink()
+    started = time.monotonic()
+    handles = fleet.client.submit_many([("ctltasks.stamp", (str(stamps),), {}) for _ in range(20)])
+    fleet.wait_all_final([h.id for h in handles], 30)
+    assert time.monotonic() - started < 2.5
+    _, data = ctl_json(fleet, "inspect", "conf")
+    assert data["replies"]["w@h1"]["rate_limits"] == {}
+
+
+def test_time_limit_holds_for_tasks_that_start_afterwards(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet().start()
+    before = fleet.client.submit("tasks.sleep", 2.5)
+    wait_for(lambda: before.state == "STARTED", 10, message="the first task to start")
+    out = fleet.ctl("time-limit", "tasks.sleep", "--soft", "0", "--hard", "1")
+    assert "hard=1" in out.stdout
+    after = fleet.client.submit("tasks.sleep", 2.5)
+    infos = fleet.wait_all_final([before.id, after.id], 20)
+    assert infos[0]["state"] == "SUCCESS"  # started before the limit: not held to it
+    assert infos[1]["state"] == "FAILURE" and infos[1]["exc_type"] == "TimeLimitExceeded"
+    assert (
+        fleet.ctl("time-limit", "tasks.sleep", "--soft", "2", "--hard", "1", check=False).returncode
+        == 2
+    )
+
+
+# --- revoke -----------------------------------------------------------------------------
+def test_revoked_eta_task_never_runs_and_ends_revoked(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    ran = tmp_path / "ran.txt"
+    later = fleet.client.submit("tasks.record", str(ran), "eta", countdown=1.5)
+    _, data = ctl_json(fleet, "inspect", "scheduled")
+    assert data["replies"]["w@h1"]["scheduled"] == {"default": 1}
+    assert fleet.ctl("revoke", later.id).returncode == 0
+    assert later.state == "REVOKED"
+    time.sleep(2.0)  # past its ETA
+    assert later.state == "REVOKED" and not ran.exists()
+    _, data = ctl_json(fleet, "inspect", "revoked")
+    assert later.id in data["replies"]["w@h1"]
+
+
+def test_revoked_ids_persist_in_the_broker_across_restarts(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    ran = tmp_path / "ran.txt"
+    fleet.ctl("revoke", "future-task-1", "future-task-2")
+    fleet.stop()
+    fleet.start()
+    _, data = ctl_json(fleet, "inspect", "revoked")
+    assert {"future-task-1", "future-task-2"} <= set(data["replies"]["w@h1"])
+    handle = fleet.client.submit("tasks.record", str(ran), "x", task_id="future-task-1")
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    assert fleet.wait_all_final([handle.id], 10)[0]["state"] == "REVOKED"
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "KILL"])
+def test_revoke_with_terminate_ends_the_running_task(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, signal_name: str
+) -> None:
+    fleet = make_fleet().start()
+    journal = tmp_path / "journal.txt"
+    handle = fleet.client.submit("tasks.journal", str(journal), 30)
+    wait_for(lambda: journal.exists() and journal.read_text(), 10, message="the task to start")
+    child = int(journal.read_text().split()[2])
+    code, data = ctl_json(fleet, "revoke", handle.id, "--terminate", "--signal", signal_name)
+    assert code == 0 and data["replies"]["w@h1"]["terminated"] == [handle.id]
+    assert fleet.wait_all_final([handle.id], 10)[0]["state"] == "REVOKED"
+    wait_for(
+        lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie",
+        10,
+        message="the child that ran it to go",
+    )
+    assert journal.read_text().split()[0] == "S" and "E" not in journal.read_text().split()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3  # the pool carries on
+    assert fleet.ctl("revoke", "x", "--terminate", "--signal", "NOPE", check=False).returncode == 2
+
+
+# --- inspect ---------------------------------------------------------------------------------
+def test_inspect_lists_active_reserved_registered_stats_and_conf(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 1}).start()
+    marker = tmp_path / "started.txt"
+    running = fleet.client.submit("tasks.sleep", 3, str(marker))
+    queued = fleet.client.submit("tasks.sleep", 0.1)
+    wait_for(marker.exists, 10, message="the first task to start")
+
+    def inspect(what: str) -> Any:
+        code, data = ctl_json(fleet, "inspect", what)
+        assert code == 0
+        return data["replies"]["w@h1"]
+
+    [active] = wait_for(lambda: inspect("active"), 5, message="an active task")
+    assert active["id"] == running.id and active["name"] == "tasks.sleep"
+    assert active["pid"] in fleet.child_pids() and active["runtime"] >= 0
+    assert [
+        r["id"] for r in wait_for(lambda: inspect("reserved"), 5, message="a reserved task")
+    ] == [queued.id]
+    assert {"tasks.add", "tasks.sleep"} <= set(inspect("registered"))
+    stats = inspect("stats")
+    assert stats["pid"] in fleet.worker_pids() and stats["active"] == 1
+    assert [c["task"] for c in stats["children"]] == [running.id]
+    assert stats["children"][0]["rss"] > 1 << 20
+    conf = inspect("conf")
+    assert conf["concurrency"] == 1 and conf["queues"] == ["default"]
+    text = fleet.ctl("inspect", "active").stdout
+    assert running.id in text and "tasks.sleep" in text
+    fleet.wait_all_final([running.id, queued.id], 15)
+    assert inspect("active") == [] and inspect("reserved") == []
+
+
+# --- events ------------------------------------------------------------------------------
+def test_events_tail_prints_task_and_worker_events_as_they_arrive(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    code, data = ctl_json(fleet, "events", "enable", "--dest", "a@h1")
+    assert code == 0 and set(data["replies"]) == {"a@h1"}
+    with running_ctl(fleet, "--json", "events", "tail") as tail:
+        tail.wait(
+            lambda lines: any("worker-heartbeat" in line for line in lines), 10, "a heartbeat"
+        )
+        journal = tmp_path / "journal.txt"
+        handles = [
+            fleet.client.submit("tasks.add", 1, 2, queue="a"),
+            fleet.client.submit("tasks.fail", queue="a"),
+            fleet.client.submit("tasks.flaky", str(tmp_path / "flaky"), queue="a"),
+            fleet.client.submit("tasks.journal", str(journal), 30, queue="a"),
+            fleet.client.submit("tasks.add", 1, 2, queue="b"),
+        ]  # b has events off
+        wait_for(
+            lambda: journal.exists() and journal.read_text(), 10, message="the long task to start"
+        )
+        fleet.ctl("revoke", handles[3].id, "--terminate")
+        fleet.wait_all_final([h.id for h in handles], 20)
+
+        def types(lines: list[str]) -> set[str]:
+            return {json.loads(line)["type"] for line in lines if line.startswith("{")}
+
+        task_events = {
+            "task-received",
+            "task-started",
+            "task-succeeded",
+            "task-failed",
+            "task-retried",
+            "task-revoked",
+        }
+        tail.wait(lambda lines: task_events <= types(lines), 10, f"the events {task_events}")
+        # The arbiter remembers: a restarted worker comes up with its events on.
+        a_pid = node_pids(fleet)["a@h1"]
+        os.kill(a_pid, signal.SIGKILL)
+        tail.wait(lambda lines: "worker-online" in types(lines), 15, "worker-online")
+        fleet.ctl("shutdown", "--dest", "a@h1")
+        tail.wait(lambda lines: "worker-offline" in types(lines), 15, "worker-offline")
+        events = [json.loads(line) for line in tail.lines if line.startswith("{")]
+    assert tail.proc.returncode == 0
+    assert {e["node"] for e in events} == {"a@h1"}
+    assert all(e["id"] != handles[4].id for e in events if "id" in e)
+
+
+def test_events_disable_stops_them_and_tail_filters_by_dest(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    fleet.ctl("events", "enable")
+    with running_ctl(fleet, "events", "tail", "--dest", "b@h1") as tail:
+        tail.wait(
+            lambda lines: any("worker-heartbeat" in line for line in lines), 10, "a heartbeat"
+        )
+        fleet.client.submit("tasks.add", 1, 2, queue="a").get(timeout=10)
+        fleet.client.submit("tasks.add", 1, 2, queue="b").get(timeout=10)
+        tail.wait(
+            lambda lines: any("task-succeeded tasks.add" in line for line in lines), 10, "b's task"
+        )
+        fleet.ctl("events", "disable")
+        time.sleep(0.3)
+        seen = len(tail.lines)
+        fleet.client.submit("tasks.add", 1, 2, queue="b").get(timeout=10)
+        time.sleep(1.5)  # longer than a heartbeat interval
+        assert len(tail.lines) == seen
+    assert all(" b@h1 " in line for line in tail.lines), tail.lines
+
+
+# --- pool, shutdown, reload, signals -------------------------------------------------------
+def test_pool_grow_adds_children_and_shrink_retires_only_idle_ones(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet().start()
+    [worker_pid] = fleet.worker_pids()
+    assert "pool is 4" in fleet.ctl("pool", "grow", "2").stdout
+    wait_for(lambda: len(fleet.child_pids(worker_pid)) == 4, 10, message="4 children")
+    marker = tmp_path / "started.txt"
+    handles = fleet.client.submit_many([("tasks.sleep", (1.5, str(marker)), {}) for _ in range(4)])
+    wait_for(
+        lambda: marker.exists() and len(marker.read_text().splitlines()) == 4,
+        10,
+        message="4 tasks running",
+    )
+    busy = set(fleet.child_pids(worker_pid))
+    assert "pool is 1" in fleet.ctl("pool", "shrink", "3").stdout
+    time.sleep(0.5)
+    assert set(fleet.child_pids(worker_pid)) == busy  # all busy: none retired yet
+    infos = fleet.wait_all_final([h.id for h in handles], 15)
+    assert {i["state"] for i in infos} == {"SUCCESS"}
+    wait_for(lambda: len(fleet.child_pids(worker_pid)) == 1, 10, message="the pool to shrink to 1")
+    # SIGTTIN on the arbiter takes the same path as `pool grow`.
+    fleet.signal(signal.SIGTTIN)
+    wait_for(lambda: concurrency(fleet) == {"w@h1": 2}, 10, message="SIGTTIN to grow the pool")
+    assert fleet.ctl("pool", "shrink", "0", check=False).returncode == 2
+
+
+def test_shutdown_of_one_node_leaves_the_others_and_of_the_host_is_a_warm_stop(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    code, data = ctl_json(fleet, "shutdown", "--dest", "a@h1")
+    assert code == 0 and data["replies"] == {"a@h1": {"ok": "shutting down"}}
+    wait_for(
+        lambda: set(ctl_json(fleet, "ping")[1]["replies"]) == {"b@h1"}, 10, message="a to stop"
+    )
+    code, data = ctl_json(fleet, "shutdown")
+    assert code == 0 and set(data["replies"]) == {"b@h1"}
+    assert fleet.wait_exit(20) == 0
+
+
+def test_reload_starts_fresh_workers_and_refuses_a_broken_config(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    before = node_pids(fleet)
+    code, data = ctl_json(fleet, "reload", "--dest", "a@h1")
+    assert code == 1 and "whole host" in data["replies"]["a@h1"]["error"]
+    code, data = ctl_json(fleet, "reload")
+    assert code == 0 and data["replies"] == {
+        "a@h1": {"ok": "reloading"},
+        "b@h1": {"ok": "reloading"},
+    }
+    wait_for(
+        lambda: (
+            (p := node_pids(fleet)) and len(p) == 2 and not set(p.values()) & set(before.values())
+        ),
+        20,
+        0.2,
+        "a new generation of both workers",
+    )
+    good = fleet.config.read_text()
+    fleet.config.write_text(
+        good.replace('imports = ["tasks"]', 'imports = ["tasks", "no_such_module"]')
+    )
+    code, data = ctl_json(fleet, "reload")
+    assert code == 1 and "no_such_module" in data["replies"]["a@h1"]["error"]
+    fleet.config.write_text(good)
+    assert ctl_json(fleet, "ping")[0] == 0
+
+
+# --- status and top ---------------------------------------------------------------------------
+def test_status_shows_hosts_nodes_and_children_with_pid_task_rss_and_uptime(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    marker = tmp_path / "started.txt"
+    fleet.client.submit("tasks.sleep", 3, str(marker), queue="a")
+    wait_for(marker.exists, 10, message="a task to start")
+    code, data = ctl_json(fleet, "status")
+    assert code == 0 and set(data["replies"]) == {"a@h1", "b@h1"}
+    a = data["replies"]["a@h1"]
+    assert a["state"] == "RUNNING" and a["pid"] in fleet.worker_pids() and a["rss"] > 1 << 20
+    busy = [c for c in a["children"] if c["state"] == "busy"]
+    assert len(busy) == 1 and busy[0]["task_name"] == "tasks.sleep" and busy[0]["rss"] > 1 << 20
+    assert all(c["pid"] in fleet.child_pids() for c in a["children"])
+    text = fleet.ctl("status").stdout
+    for word in ("h1", "a@h1", "b@h1", "RUNNING", "tasks.sleep", "MiB", str(busy[0]["pid"])):
+        assert word in text, (word, text)
+
+
+def test_top_shows_the_fleet_until_interrupted(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet().start()
+    with running_ctl(fleet, "top") as top:  # into a pipe: a table a second, as `top -b`
+
+        def tables(lines: list[str]) -> int:
+            return sum("RUNNING" in line and "w@h1" in line for line in lines)
+
+        top.wait(lambda lines: tables(lines) >= 2, 15, "two tables")
+    assert top.proc.returncode == 0
+
+
+# --- custom commands -------------------------------------------------------------------------
+def test_custom_control_commands_run_in_every_worker(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = fleet_with_ctltasks(make_fleet, workers=TWO_NODES).start()
+    code, data = ctl_json(fleet, "call", "hello", "who=ops")
+    assert code == 0
+    assert data["replies"] == {
+        "a@h1": {"ok": "hello ops from a@h1"},
+        "b@h1": {"ok": "hello ops from b@h1"},
+    }
+    code, data = ctl_json(fleet, "call", "hello", "nobody=1")
+    assert code == 1 and "unknown argument 'nobody'" in data["replies"]["a@h1"]["error"]
+    code, data = ctl_json(fleet, "call", "boom", "--dest", "b@h1")
+    assert code == 1 and data["replies"] == {"b@h1": {"error": "RuntimeError: boom"}}
+    code, data = ctl_json(fleet, "call", "not_json", "--dest", "a@h1")
+    assert code == 1 and "not JSON" in data["replies"]["a@h1"]["error"]
+    code, data = ctl_json(fleet, "call", "nonexistent")
+    assert code == 1 and data["replies"] == {} and "unknown command" in data["errors"]["h1"]
+    assert ctl_json(fleet, "ping")[0] == 0
+
+
+# --- security -------------------------------------------------------------------------------
+def free_port_pair() -> int:
+    """A free tcp port whose next one is free too: the control port and its events port."""
+    for _ in range(100):
+        with socket.socket() as control, socket.socket() as events:
+            control.bind(("127.0.0.1", 0))
+            port = int(control.getsockname()[1])
+            with contextlib.suppress(OSError):
+                events.bind(("127.0.0.1", port + 1))
+                return port
+    raise AssertionError("no two free ports in a row")
+
+
+def keygen(folder: Path) -> tuple[Path, Path]:
+    out = fleetctl("keygen", str(folder))
+    assert out.returncode == 0, out.stderr
+    return folder / "fleet.key", folder / "fleet.key_secret"
+
+
+def test_over_tcp_only_a_client_with_an_authorized_key_gets_an_answer(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    server_public, server_secret = keygen(tmp_path / "server")
+    client_public, client_secret = keygen(tmp_path / "client")
+    _, stranger_secret = keygen(tmp_path / "stranger")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    (authorized / "ops.key").write_text(client_public.read_text())
+    for attempt in range(5):  # another process may take the ports between our probe and bind
+        tcp = f"tcp://127.0.0.1:{free_port_pair()}"
+        fleet = make_fleet(
+            f"host{attempt}",
+            control={
+                "bind": ["ipc://state/control.sock", tcp],
+                "curve_secret_key": str(server_secret),
+                "authorized_keys": str(authorized),
+            },
+        ).start(wait=False)
+        with contextlib.suppress(AssertionError):
+            fleet.wait_ready()
+            break
+        assert "Address already in use" in fleet.log(), fleet.log()
+
+    def ping(key: Path) -> subprocess.CompletedProcess[str]:
+        return fleetctl(
+            "--endpoint",
+            tcp,
+            "--key",
+            str(key),
+            "--server-key",
+            str(server_public),
+            "--json",
+            "--timeout",
+            "1",
+            "ping",
+        )
+
+    ok = ping(client_secret)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["replies"] == {"w@h1": {"ok": "pong"}}
+    refused = ping(stranger_secret)
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout) == {
+        "replies": {},
+        "missing": [tcp],
+        "elapsed": json.loads(refused.stdout)["elapsed"],
+    }
+    missing_keys = fleetctl("--endpoint", tcp, "ping")
+    assert missing_keys.returncode == 2 and "--key" in missing_keys.stderr
+    # The ipc socket lives in a folder only its owner can enter.
+    assert (fleet.folder / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_tcp_bind_without_keys_is_refused_by_check_and_start(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(control={"bind": [f"tcp://127.0.0.1:{free_port()}"]})
+    for command in ("check", "start"):
+        out = subprocess.run(
+            [FLEETD, command, "-c", str(fleet.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=fleet.folder,
+        )
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        assert "control.bind" in out.stderr and "curve_secret_key" in out.stderr
+
+
+def test_keygen_writes_a_pair_and_never_overwrites_it(tmp_path: Path) -> None:
+    public, secret = keygen(tmp_path / "keys")
+    assert secret.stat().st_mode & 0o777 == 0o600 and "public-key" in public.read_text()
+    again = fleetctl("keygen", str(tmp_path / "keys"))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_ping(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    before = node_pids(fleet)
+    rng = random.Random(5)
+    valid = {"v": 1, "id": "x", "cmd": "ping"}
+    bad_requests: list[list[bytes]] = [
+        [b"{not json"],
+        [b"[1, 2]"],
+        [b"\xff" * 10],
+        [b""],
+        [b"{}", b"{}"],
+        [json.dumps({**valid, "v": 2}).encode()],
+        [json.dumps({**valid, "cmd": "no_such_command"}).encode()],
+        [json.dumps({**valid, "cmd": "pool_grow", "args": {"n": "lots"}}).encode()],
+        [json.dumps({**valid, "cmd": "rate_limit", "args": {"task": 5, "rate": "1/s"}}).encode()],
+        [json.dumps({**valid, "cmd": "shutdown", "args": {"now": True}}).encode()],
+        [json.dumps({**valid, "cmd": "revoke", "args": {"ids": "not-a-list"}}).encode()],
+        [json.dumps({**valid, "dest": "h1"}).encode()],
+        [b'{"v": 1, "id": "x", "cmd": "ping", "args": {"_timeout": NaN}}'],
+        [b"[" * 100_000],
+        [b"a" * 600_000, b"b" * 600_000],
+    ]
+    ctx = zmq.Context()
+    try:
+        peer = ctx.socket(zmq.DEALER)
+        peer.linger = 0
+        peer.connect(endpoint(fleet))
+        sent = 0
+        for i in range(600):
+            if i % 3:
+                frames = rng.choice(bad_requests)
+            else:
+                frames = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(rng.randrange(1, 4))]
+            peer.send_multipart(frames)
+            sent += 1
+        with contextlib.closing(ctx.socket(zmq.DEALER)) as oversize:  # libzmq drops its connection
+            oversize.linger = 0
+            oversize.connect(endpoint(fleet))
+            oversize.send(b"x" * (2 << 20))
+        started = time.monotonic()
+        code, data = ctl_json(fleet, "--timeout", "5", "ping")
+        assert code == 0 and set(data["replies"]) == {"a@h1", "b@h1"} and data["elapsed"] < 1
+        assert time.monotonic() - started < 3
+        answers = []
+        while len(answers) < sent and peer.poll(5000):
+            answers.append(json.loads(peer.recv()))
+    finally:
+        ctx.destroy(linger=0)
+    errors = [a for a in answers if "error" in a]
+    assert len(answers) == sent and len(errors) >= sent * 0.6, (len(answers), len(errors))
+    assert node_pids(fleet) == before and fleet.proc is not None and fleet.proc.poll() is None
+    assert "refused" in fleet.log()
+
+
+# --- exit codes ------------------------------------------------------------------------------
+def test_exit_codes_are_0_ok_1_no_answer_2_usage(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    assert fleetctl("frobnicate").returncode == 2
+    assert fleetctl("ping").returncode == 2  # no config, no endpoint
+    assert fleetctl("--timeout", "-1", "ping").returncode == 2
+    nobody = f"ipc://{tmp_path}/nobody/control.sock"
+    started = time.monotonic()
+    out = fleetctl("--endpoint", nobody, "--timeout", "0.3", "--json", "ping")
+    assert out.returncode == 1 and json.loads(out.stdout)["missing"] == [nobody]
+    assert time.monotonic() - started < 3
+    fleet = make_fleet().start()
+    assert fleet.ctl("ping").returncode == 0
+    assert fleet.ctl("rate-limit", "tasks.add", "fast", check=False).returncode == 2
+    assert fleet.ctl("call", "hello", "who", check=False).returncode == 2

@@ -1,0 +1,245 @@
+"""fleetctl's command lines and rendering, without a fleet: what each line asks for, and shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from ctl import cli
+from ctl.client import Result
+from ctl.keys import keygen
+
+
+def request(*argv: str) -> tuple[str, dict[str, Any]]:
+    return cli.control_request(cli.build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["ping"], ("ping", {})),
+        (
+            ["rate-limit", "tasks.resize", "200/m"],
+            ("rate_limit", {"task": "tasks.resize", "rate": "200/m"}),
+        ),
+        (
+            ["rate-limit", "tasks.resize", "0"],
+            ("rate_limit", {"task": "tasks.resize", "rate": "0"}),
+        ),
+        (
+            ["time-limit", "tasks.resize", "--soft", "1", "--hard", "2"],
+            ("time_limit", {"task": "tasks.resize", "soft": 1.0, "hard": 2.0}),
+        ),
+        (
+            ["revoke", "a", "b"],
+            ("revoke", {"ids": ["a", "b"], "terminate": False, "signal": "TERM"}),
+        ),
+        (
+            ["revoke", "a", "--terminate", "--signal", "KILL"],
+            ("revoke", {"ids": ["a"], "terminate": True, "signal": "KILL"}),
+        ),
+        (["inspect", "active"], ("active", {})),
+        (["inspect", "conf"], ("conf", {})),
+        (["events", "enable"], ("events", {"enable": True})),
+        (["events", "disable"], ("events", {"enable": False})),
+        (["pool", "grow"], ("pool_grow", {"n": 1})),
+        (["pool", "shrink", "3"], ("pool_shrink", {"n": 3})),
+        (["shutdown", "--dest", "h2"], ("shutdown", {})),
+        (
+            ["call", "hello", "who=ops", "n=3", "tags=[1, 2]", "raw={x"],
+            ("hello", {"who": "ops", "n": 3, "tags": [1, 2], "raw": "{x"}),
+        ),
+    ],
+)
+def test_each_command_line_stands_for_one_registry_command(argv: list[str], expected: Any) -> None:
+    assert request(*argv) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rate-limit", "tasks.resize", "fast"],
+        ["time-limit", "tasks.resize", "--soft", "3", "--hard", "2"],
+        ["time-limit", "tasks.resize", "--soft", "-1", "--hard", "2"],
+        ["revoke", "a", "--signal", "NOPE"],
+        ["call", "hello", "who"],
+        ["call", "hello", "=x"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(cli.UsageError):
+        request(*argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--timeout", "0", "ping"],
+        ["--timeout", "nan", "ping"],
+        ["ping", "--limit", "0"],
+        ["pool", "grow", "0"],
+        ["inspect", "everything"],
+        ["nonsense"],
+    ],
+)
+def test_bad_command_lines_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(argv)
+    assert exit_.value.code == cli.EXIT_USAGE
+
+
+def test_dest_that_nothing_answered_for_is_named() -> None:
+    replies = {"a@h1": {}, "b@h1": {}, "c@h2": {}}
+    assert cli.unanswered(["a@h1", "h2", "x@h1", "h3"], replies) == ["x@h1", "h3"]
+    assert cli.unanswered(None, replies) == []
+
+
+def test_a_node_error_a_down_node_or_a_silent_host_is_a_failure() -> None:
+    def result(replies: dict[str, Any], missing: list[str] | None = None) -> Result:
+        return Result(replies, missing or [], 0.001)
+
+    assert not cli.failed(result({"a@h1": {"ok": "pong"}, "b@h1": {"state": "RUNNING"}}))
+    assert cli.failed(result({"a@h1": {"error": "no reply before the deadline"}}))
+    assert cli.failed(result({"a@h1": {"state": "FATAL"}}))
+    assert cli.failed(result({}, ["h2"]))
+    assert cli.failed(Result({}, [], 0.0, {"h1": "unknown command 'x'"}))
+
+
+def test_replies_read_as_text() -> None:
+    assert cli.describe({"ok": "pong"}) == "pong"
+    assert cli.describe([]) == "-"
+    assert cli.describe(["tasks.add", "tasks.sleep"]) == "tasks.add\ntasks.sleep"
+    assert cli.describe([{"id": "t1", "runtime": 1.23456}]) == "id=t1  runtime=1.235"
+    assert cli.describe({"ok": "revoked 1", "terminated": []}) == "ok: revoked 1\nterminated: -"
+
+
+def render(table: Any) -> str:
+    console = Console(width=160, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_reply_table_names_nodes_errors_and_silent_hosts() -> None:
+    result = Result(
+        {"a@h1": {"ok": "pong"}, "b@h1": {"error": "no reply before the deadline"}},
+        ["tcp://h2:7950"],
+        0.0021,
+        {"h3": "unknown command 'x'"},
+    )
+    text = render(cli.reply_table("ping", result))
+    for words in (
+        "ping (2.1 ms)",
+        "a@h1",
+        "pong",
+        "no reply before the deadline",
+        "tcp://h2:7950",
+        "no reply",
+        "h3",
+        "unknown command 'x'",
+    ):
+        assert words in text
+
+
+def test_status_table_groups_nodes_by_host_with_children_rss_and_uptime() -> None:
+    running = {
+        "pid": 10,
+        "state": "RUNNING",
+        "rss": 30 << 20,
+        "uptime": 3725.0,
+        "succeeded": 5,
+        "failed": 1,
+        "children": [
+            {
+                "pid": 11,
+                "state": "busy",
+                "task": "0123456789",
+                "task_name": "tasks.resize",
+                "runtime": 2.5,
+                "rss": 20 << 20,
+                "uptime": 100.0,
+                "tasks_done": 6,
+            },
+            {"pid": 12, "state": "idle", "task": None, "rss": None, "uptime": 5.0, "tasks_done": 0},
+        ],
+    }
+    down = {"node": "email@h2", "pid": 0, "state": "FATAL", "uptime": None}
+    text = render(cli.status_table(Result({"images@h1": running, "email@h2": down}, ["h3"], 0.004)))
+    lines = text.splitlines()
+    order = [
+        next(i for i, line in enumerate(lines) if word in line)
+        for word in ("h1", "images@h1", "h2")
+    ]
+    assert order == sorted(order)
+    for words in (
+        "RUNNING",
+        "30 MiB",
+        "1h02m",
+        "tasks.resize 01234567 (2.5s)",
+        "20 MiB",
+        "FATAL",
+        "h3",
+        "no reply",
+    ):
+        assert words in text, words
+    node_row = next(line for line in lines if "images@h1" in line)
+    assert [cell.strip() for cell in node_row.split("│")][-2] == "6"  # done: succeeded + failed
+
+
+def test_tail_prints_one_line_per_event_and_filters_by_dest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events = [
+        {"type": "task-started", "node": "a@h1", "ts": 1.5, "id": "t1", "name": "tasks.add"},
+        {"type": "worker-heartbeat", "node": "b@h2", "ts": 2.0, "active": 0},
+        {
+            "type": "task-failed",
+            "node": "c@h1",
+            "ts": 3.0,
+            "id": "t2",
+            "name": "tasks.x",
+            "exc_type": "ValueError",
+        },
+    ]
+    assert cli.tail_events(events, ["h1"], as_json=False) == cli.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("a@h1 task-started tasks.add t1")
+    assert lines[1].endswith("c@h1 task-failed tasks.x t2 exc_type=ValueError")
+    cli.tail_events(events, ["b@h2"], as_json=True)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [events[1]]
+
+
+def write_config(folder: Path, control: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "fleet.toml"
+    config.write_text(f'[fleet]\nnode = "h1"\n\n[control]\n{control}\n\n[[worker]]\nname = "w"\n')
+    return config
+
+
+def test_tcp_endpoints_without_keys_are_a_usage_error(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["--endpoint", "tcp://127.0.0.1:7950", "ping"])
+    args.key = args.server_key = args.config = None
+    with pytest.raises(cli.UsageError, match="--key"):
+        cli.open_control(args)
+
+
+def test_keys_default_to_the_config_and_the_own_host_is_named(tmp_path: Path) -> None:
+    public, secret = keygen(tmp_path / "server")
+    (tmp_path / "authorized").mkdir()
+    config = write_config(
+        tmp_path,
+        f'bind = ["tcp://127.0.0.1:7950"]\ncurve_secret_key = "{secret}"\n'
+        f'authorized_keys = "{tmp_path / "authorized"}"',
+    )
+    args = cli.build_parser().parse_args(["-c", str(config), "--timeout", "0.05", "ping"])
+    args.key = args.server_key = None
+    with cli.open_control(args) as client:
+        result = client.call("ping")
+    assert result.missing == ["h1"]  # nobody listens; the config names the host behind it
+    args = cli.build_parser().parse_args(["-c", str(config), "--key", str(public), "ping"])
+    with pytest.raises(cli.UsageError, match="secret"):
+        cli.open_control(args)
