@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair into DIR")
     keygen.add_argument("dir")
+    for command in sub.choices.values():  # the global options also after the command
+        command.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--timeout", type=positive, default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
     return p
 
 
