@@ -67,36 +67,62 @@ def count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Steer a fleetd fleet and its queue.")
-    p.add_argument("-c", "--config", default=os.environ.get("FLEET_CONFIG"),
-                   help="the fleet's config (default: $FLEET_CONFIG)")
-    p.add_argument("--endpoint", action="append", default=[],
-                   help="a host's control endpoint to ask (repeatable; default: the config's)")
-    p.add_argument("--timeout", type=positive, default=1.0,
-                   help="seconds to wait for the hosts' answers (default: 1)")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("FLEET_CONFIG"),
+        help="the fleet's config (default: $FLEET_CONFIG)",
+    )
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        help="a host's control endpoint to ask (repeatable; default: the config's)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive,
+        default=1.0,
+        help="seconds to wait for the hosts' answers (default: 1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--key", default=os.environ.get("FLEETCTL_KEY"),
-                   help="tcp:// only: this client's fleet.key_secret (default: $FLEETCTL_KEY, else"
-                        " the config's curve_secret_key)")
-    p.add_argument("--server-key", default=os.environ.get("FLEETCTL_SERVER_KEY"),
-                   help="tcp:// only: the servers' public fleet.key (default: $FLEETCTL_SERVER_KEY,"
-                        " else the config's curve_secret_key)")
+    p.add_argument(
+        "--key",
+        default=os.environ.get("FLEETCTL_KEY"),
+        help="tcp:// only: this client's fleet.key_secret (default: $FLEETCTL_KEY, else"
+        " the config's curve_secret_key)",
+    )
+    p.add_argument(
+        "--server-key",
+        default=os.environ.get("FLEETCTL_SERVER_KEY"),
+        help="tcp:// only: the servers' public fleet.key (default: $FLEETCTL_SERVER_KEY,"
+        " else the config's curve_secret_key)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def dest(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        cmd.add_argument("--dest", action="append",
-                         help="a node (name@host) or a host: every node on it; repeatable")
+        cmd.add_argument(
+            "--dest",
+            action="append",
+            help="a node (name@host) or a host: every node on it; repeatable",
+        )
         return cmd
 
     ping = dest(sub.add_parser("ping", help="check that nodes answer"))
     ping.add_argument("--limit", type=count, help="return once this many nodes replied")
     dest(sub.add_parser("shutdown", help="warm-shut-down nodes or hosts (a host: as SIGTERM)"))
     dest(sub.add_parser("reload", help="graceful reload of hosts, fresh code (as SIGHUP)"))
-    rl = dest(sub.add_parser("rate-limit",
-                             help="limit a task name to N/s, N/m or N/h per node; 0 clears"))
+    rl = dest(
+        sub.add_parser("rate-limit", help="limit a task name to N/s, N/m or N/h per node; 0 clears")
+    )
     rl.add_argument("task")
     rl.add_argument("rate")
-    tl = dest(sub.add_parser("time-limit", help="soft and hard time limits of a task name, for the"
-                                                " tasks that start from now on"))
+    tl = dest(
+        sub.add_parser(
+            "time-limit",
+            help="soft and hard time limits of a task name, for the tasks that start from now on",
+        )
+    )
     tl.add_argument("task")
     tl.add_argument("--soft", type=float, required=True, help="seconds; 0 = none")
     tl.add_argument("--hard", type=float, required=True, help="seconds; 0 = none")
@@ -115,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     dest(sub.add_parser("top", help="the status table, live"))
     call = dest(sub.add_parser("call", help="run a custom @control_command"))
     call.add_argument("name")
-    call.add_argument("args", nargs="*", metavar="KEY=VALUE",
-                      help="an argument (VALUE is JSON, else a string)")
+    call.add_argument(
+        "args", nargs="*", metavar="KEY=VALUE", help="an argument (VALUE is JSON, else a string)"
+    )
     submit = sub.add_parser("submit", help="submit a task")
     submit.add_argument("task")
     submit.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
@@ -132,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("dir")
     for command in sub.choices.values():  # the global options also after the command
         command.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        command.add_argument("--timeout", type=positive, default=argparse.SUPPRESS,
-                             help=argparse.SUPPRESS)
-        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                             help=argparse.SUPPRESS)
+        command.add_argument(
+            "--timeout", type=positive, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        command.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return p
 
 
@@ -188,8 +217,13 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object")
     client = make_client(args)
-    handle = client.submit(args.task, *[parse_value(a) for a in args.args], kwargs=kwargs,
-                           queue=args.queue, countdown=args.countdown)
+    handle = client.submit(
+        args.task,
+        *[parse_value(a) for a in args.args],
+        kwargs=kwargs,
+        queue=args.queue,
+        countdown=args.countdown,
+    )
     if args.wait is None:
         print(json.dumps({"id": handle.id}) if args.json else handle.id)
         return EXIT_OK
@@ -221,8 +255,16 @@ def show_result(
         print(json.dumps(info))
     else:
         table = Table(show_header=False)
-        for key in ("id", "name", "state", "result", "exc_type", "exc_message", "deliveries",
-                    "node"):
+        for key in (
+            "id",
+            "name",
+            "state",
+            "result",
+            "exc_type",
+            "exc_message",
+            "deliveries",
+            "node",
+        ):
             if info.get(key) is not None:
                 table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
         console.print(table)
@@ -234,12 +276,31 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
     depths = broker.depths()
     dead = broker.dead_letters(limit=50)
     if args.json:
-        print(json.dumps({
-            "queues": {d.queue: {"ready": d.ready, "scheduled": d.scheduled, "reserved": d.reserved}
-                       for d in depths},
-            "dead_letters": [{"id": d.id, "queue": d.queue, "name": d.name, "reason": d.reason,
-                              "at": d.at, "body": d.body} for d in dead],
-        }))
+        print(
+            json.dumps(
+                {
+                    "queues": {
+                        d.queue: {
+                            "ready": d.ready,
+                            "scheduled": d.scheduled,
+                            "reserved": d.reserved,
+                        }
+                        for d in depths
+                    },
+                    "dead_letters": [
+                        {
+                            "id": d.id,
+                            "queue": d.queue,
+                            "name": d.name,
+                            "reason": d.reason,
+                            "at": d.at,
+                            "body": d.body,
+                        }
+                        for d in dead
+                    ],
+                }
+            )
+        )
         return EXIT_OK
     table = Table(title="queues")
     for column in ("queue", "ready", "scheduled", "reserved"):
@@ -268,8 +329,12 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-QUEUE_COMMANDS = {"submit": cmd_submit, "result": cmd_result, "queues": cmd_queues,
-                  "keygen": cmd_keygen}
+QUEUE_COMMANDS = {
+    "submit": cmd_submit,
+    "result": cmd_result,
+    "queues": cmd_queues,
+    "keygen": cmd_keygen,
+}
 
 
 # --- the control plane -------------------------------------------------------------------
@@ -336,9 +401,11 @@ def open_control(args: argparse.Namespace) -> Any:
         default = config.control.curve_secret_key if config is not None else ""
         key_file, server_key_file = args.key or default, args.server_key or default
         if not key_file or not server_key_file:
-            raise UsageError("tcp:// endpoints need --key (this client's fleet.key_secret) and"
-                             " --server-key (the servers' fleet.key), or a config with"
-                             " curve_secret_key")
+            raise UsageError(
+                "tcp:// endpoints need --key (this client's fleet.key_secret) and"
+                " --server-key (the servers' fleet.key), or a config with"
+                " curve_secret_key"
+            )
         try:
             client_keys = load_keypair(key_file)
             server_public = load_public(server_key_file)
@@ -393,7 +460,8 @@ def failed(result: Any) -> bool:
     """Did a host not answer, or a node fail, or is one down?"""
     return bool(result.missing or result.errors) or any(
         isinstance(r, dict) and ("error" in r or r.get("state") in ("FATAL", "BACKOFF"))
-        for r in result.replies.values())
+        for r in result.replies.values()
+    )
 
 
 def reply_table(cmd: str, result: Any) -> Table:
@@ -452,8 +520,12 @@ def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
             elif "error" in stats:
                 view = {**view, "error": stats["error"]}
         nodes[node] = view
-    return Result(nodes, sorted(set(supervised.missing) | set(pools.missing)),
-                  supervised.elapsed + pools.elapsed, {**pools.errors, **supervised.errors})
+    return Result(
+        nodes,
+        sorted(set(supervised.missing) | set(pools.missing)),
+        supervised.elapsed + pools.elapsed,
+        {**pools.errors, **supervised.errors},
+    )
 
 
 def status_table(result: Any) -> Table:
@@ -471,8 +543,9 @@ def status_table(result: Any) -> Table:
     for host in result.missing:
         table.add_row(f"[red]{escape(host)}[/red]", "", "[red]no reply[/red]", "", "", "", "")
     for endpoint, error in result.errors.items():
-        table.add_row(f"[red]{escape(endpoint)}[/red]", "", "[red]error[/red]", escape(error),
-                      "", "", "")
+        table.add_row(
+            f"[red]{escape(endpoint)}[/red]", "", "[red]error[/red]", escape(error), "", "", ""
+        )
     return table
 
 
@@ -484,17 +557,30 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
     colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
     task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
     done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
-    table.add_row(f"  {escape(node)}", str(view.get("pid") or "-"), f"[{colour}]{state}[/{colour}]",
-                  task, size(view.get("rss")), duration(view.get("uptime")), str(done))
+    table.add_row(
+        f"  {escape(node)}",
+        str(view.get("pid") or "-"),
+        f"[{colour}]{state}[/{colour}]",
+        task,
+        size(view.get("rss")),
+        duration(view.get("uptime")),
+        str(done),
+    )
     children = view.get("children")
     for child in children if isinstance(children, list) else ():
         task = ""
         if child.get("task"):
             runtime = duration(child.get("runtime"))
             task = f"{child.get('task_name')} {str(child['task'])[:8]} ({runtime})"
-        table.add_row("    child", str(child.get("pid")), str(child.get("state", "")), escape(task),
-                      size(child.get("rss")), duration(child.get("uptime")),
-                      str(child.get("tasks_done", "")))
+        table.add_row(
+            "    child",
+            str(child.get("pid")),
+            str(child.get("state", "")),
+            escape(task),
+            size(child.get("rss")),
+            duration(child.get("uptime")),
+            str(child.get("tasks_done", "")),
+        )
 
 
 def size(n: Any) -> str:
@@ -550,8 +636,11 @@ def tail_events(events: Iterable[dict[str, Any]], dest: list[str] | None, as_jso
 def event_line(event: dict[str, Any]) -> str:
     """`12:00:01.123 images@h1 task-succeeded tasks.resize 3f2a... runtime=0.012`"""
     ts = event.get("ts")
-    when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}" \
-        if isinstance(ts, (int, float)) else "-"
+    when = (
+        time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+        if isinstance(ts, (int, float))
+        else "-"
+    )
     words = [when, str(event.get("node", "-")), str(event.get("type", "-"))]
     words += [str(event[k]) for k in ("name", "id") if event.get(k) is not None]
     shown = ("ts", "node", "type", "name", "id")

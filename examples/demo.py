@@ -40,8 +40,12 @@ queues = ["images"]
 
 def start(folder: Path) -> subprocess.Popen[bytes]:
     log = open(folder / "fleetd.log", "ab")
-    return subprocess.Popen([str(Path(sys.executable).parent / "fleetd"), "start", "-c", "fleet.toml"],
-                            cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "fleetd"), "start", "-c", "fleet.toml"],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def main() -> int:
@@ -52,11 +56,17 @@ def main() -> int:
         client = Client.from_config(str(folder / "fleet.toml"))
         fleet = start(folder)
         try:
-            handles = client.submit_many([("examples.tasks.resize", (i,), {}) for i in range(TASKS)],
-                                         queue="images")
+            handles = client.submit_many(
+                [("examples.tasks.resize", (i,), {}) for i in range(TASKS)], queue="images"
+            )
             done: set[str] = set()
             reloaded = restarted = False
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
             with Progress(*columns, console=console) as progress:
                 bar = progress.add_task("tasks", total=TASKS)
                 deadline = time.monotonic() + 120
@@ -66,7 +76,9 @@ def main() -> int:
                             done.add(h.id)
                     progress.update(bar, completed=len(done))
                     if not reloaded and len(done) >= TASKS // 3:
-                        progress.console.print("[bold]reload (HUP): a new generation of workers, fresh code")
+                        progress.console.print(
+                            "[bold]reload (HUP): a new generation of workers, fresh code"
+                        )
                         os.kill(fleet.pid, signal.SIGHUP)
                         reloaded = True
                     elif not restarted and len(done) >= 2 * TASKS // 3:

@@ -1,4 +1,7 @@
-"""Example tasks for `make run` and `make demo`: `fleetctl -c config/example.toml submit examples.add 1 2`."""
+"""Example tasks for `make run` and `make demo`.
+
+Try: `fleetctl -c config/example.toml submit examples.tasks.add 1 2 --wait 5`
+"""
 
 import random
 import time

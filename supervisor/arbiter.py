@@ -42,7 +42,13 @@ EXIT_FAILED = 1
 
 # Supervised worker states, as supervisord names them.
 STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
-    "STARTING", "RUNNING", "BACKOFF", "STOPPING", "STOPPED", "FATAL")
+    "STARTING",
+    "RUNNING",
+    "BACKOFF",
+    "STOPPING",
+    "STOPPED",
+    "FATAL",
+)
 
 START_SECS = 3.0  # a worker that dies sooner than this after its start died "fast"
 FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
@@ -86,8 +92,13 @@ class PendingCommand:
 
 
 class Arbiter:
-    def __init__(self, config: configmod.Config, log_level: str = "info",
-                 log_format: str = "text", pidfile: str | None = None) -> None:
+    def __init__(
+        self,
+        config: configmod.Config,
+        log_level: str = "info",
+        log_format: str = "text",
+        pidfile: str | None = None,
+    ) -> None:
         self.config = config
         self.log_level = log_level
         self.log_format = log_format
@@ -129,9 +140,13 @@ class Arbiter:
         write_pidfile(self.pidfile)
         self.signals = SignalQueue()
         self.ctx = zmq.Context()
-        self.control = ControlServer(self.ctx, self.config.control.bind,
-                                     self.config.control.curve_secret_key,
-                                     self.config.control.authorized_keys, self.config.node)
+        self.control = ControlServer(
+            self.ctx,
+            self.config.control.bind,
+            self.config.control.curve_secret_key,
+            self.config.control.authorized_keys,
+            self.config.node,
+        )
         self.poller = zmq.Poller()
         self.poller.register(self.signals.read_fd, zmq.POLLIN)
         for sock in self.control.sockets():
@@ -143,12 +158,15 @@ class Arbiter:
         self.next_watchdog = 0.0
         for spec in self.config.workers:
             self.spawn_worker(spec, self.generation)
-        log.info("fleetd started: %d workers, control on %s", len(self.workers),
-                 ", ".join(self.config.control.bind))
+        log.info(
+            "fleetd started: %d workers, control on %s",
+            len(self.workers),
+            ", ".join(self.config.control.bind),
+        )
 
     def step(self) -> None:
         timeout = self.poll_timeout()
-        for target, _ in self.poller.poll(timeout * 1000):
+        for target, _ in self.poller.poll(math.ceil(timeout * 1000)):
             if target == self.signals.read_fd:
                 continue  # drained below
             if isinstance(target, zmq.Socket):
@@ -221,8 +239,9 @@ class Arbiter:
                 self.kill_worker(w, signum)
 
     # --- workers -----------------------------------------------------------------
-    def spawn_worker(self, spec: configmod.WorkerSpec, generation: int,
-                     replacing: WorkerProc | None = None) -> WorkerProc:
+    def spawn_worker(
+        self, spec: configmod.WorkerSpec, generation: int, replacing: WorkerProc | None = None
+    ) -> WorkerProc:
         w = replacing or WorkerProc(spec, generation)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         theirs.set_inheritable(True)
@@ -236,9 +255,15 @@ class Arbiter:
         env["FLEETD_EVENTS"] = "1" if spec.node in self.events_on else "0"
         env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
         argv = [sys.executable, "-m", "worker", spec.node]
-        w.pid = os.posix_spawn(sys.executable, argv, env,
-                               setsigdef=[s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)],
-                               setsigmask=set())
+        w.pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            env,
+            setsigdef=[
+                s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
+            ],
+            setsigmask=set(),
+        )
         theirs.close()
         w.sock = ours
         w.reader = FrameReader()
@@ -294,13 +319,23 @@ class Arbiter:
             self.metrics.apply({"type": "worker-restarted", "node": w.node})
             if w.fast_deaths >= FATAL_AFTER:
                 w.state = FATAL
-                log.error("worker %s died %d times in a row right after start: FATAL, left down (%s)",
-                          w.node, w.fast_deaths, describe_exit(code))
+                log.error(
+                    "worker %s died %d times in a row right after start: FATAL, left down (%s)",
+                    w.node,
+                    w.fast_deaths,
+                    describe_exit(code),
+                )
             else:
-                delay = 0.0 if w.fast_deaths <= 1 else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
+                delay = (
+                    0.0
+                    if w.fast_deaths <= 1
+                    else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
+                )
                 w.state = BACKOFF
                 w.backoff_until = time.monotonic() + delay
-                log.warning("worker %s died (%s); restarting in %.2fs", w.node, describe_exit(code), delay)
+                log.warning(
+                    "worker %s died (%s); restarting in %.2fs", w.node, describe_exit(code), delay
+                )
         self.write_run_record()
 
     def give_back_tasks(self) -> None:
@@ -390,14 +425,23 @@ class Arbiter:
         self.write_run_record()
         self.give_back_tasks()
         for old in w.retire_when_ready:
-            log.info("reload: %s generation %d is up, stopping generation %d", w.node, w.generation, old.generation)
+            log.info(
+                "reload: %s generation %d is up, stopping generation %d",
+                w.node,
+                w.generation,
+                old.generation,
+            )
             self.stop_worker(old)
         w.retire_when_ready = []
         self.check_ready()
 
     def check_ready(self) -> None:
         """Tell systemd once every current worker consumes (at start, and after a reload)."""
-        current = [w for w in self.workers if w.generation == self.generation and w.state not in (STOPPED, STOPPING)]
+        current = [
+            w
+            for w in self.workers
+            if w.generation == self.generation and w.state not in (STOPPED, STOPPING)
+        ]
         if current and all(w.state in (RUNNING, FATAL) for w in current) and not self.halting:
             if not self.ready_announced or self.reloading:
                 self.notifier.ready(self.status_line())
@@ -420,8 +464,10 @@ class Arbiter:
             return f"reload refused, keeping the running config: {exc}"
         refused = non_reloadable_changes(self.config, new)
         if refused:
-            log.error("reload refused, keeping the running config: %s cannot change without a restart",
-                      ", ".join(refused))
+            log.error(
+                "reload refused, keeping the running config: %s cannot change without a restart",
+                ", ".join(refused),
+            )
             return f"reload refused: {', '.join(refused)} cannot change without a restart"
         self.notifier.reloading()
         self.reloading = True
@@ -462,7 +508,7 @@ class Arbiter:
             request = self.control.recv(sock)
             if request is None:
                 with contextlib.suppress(zmq.ZMQError):
-                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         return
                 continue
             self.run_command(request)
@@ -493,10 +539,19 @@ class Arbiter:
             assert command.effect is not None
             self.control.reply(request, command.effect(self, request.dest, **args))
             return
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout):
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+        ):
             timeout = DEFAULT_COMMAND_TIMEOUT
-        pending = PendingCommand(request, {}, {}, time.monotonic() + min(max(timeout, 0.01), 60.0),
-                                 limit if isinstance(limit, int) and not isinstance(limit, bool) else 0)
+        pending = PendingCommand(
+            request,
+            {},
+            {},
+            time.monotonic() + min(max(timeout, 0.01), 60.0),
+            limit if isinstance(limit, int) and not isinstance(limit, bool) else 0,
+        )
         for w in self.targets(request.dest):
             if request.cmd == "events":  # remembered for the node's next process (restart, reload)
                 (self.events_on.add if args["enable"] else self.events_on.discard)(w.node)
@@ -506,7 +561,9 @@ class Arbiter:
                 pending.waiting[mid] = w.node
                 self.pending[mid] = pending
             else:
-                pending.replies[w.node] = {"error": "the node does not read commands (hung or stopped)"}
+                pending.replies[w.node] = {
+                    "error": "the node does not read commands (hung or stopped)"
+                }
         if not pending.waiting:
             self.control.reply(request, pending.replies)
 
@@ -547,7 +604,9 @@ class Arbiter:
         running = sum(1 for w in self.workers if w.state == RUNNING)
         live = [w.stats for w in self.workers if w.state == RUNNING]
         children = sum(int(s.get("children", 0)) for s in live)
-        done = self.tasks_done + sum(int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live)
+        done = self.tasks_done + sum(
+            int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live
+        )
         return f"{running} nodes running, {children} children, {done} tasks done"
 
     def status(self) -> dict[str, Any]:
@@ -556,9 +615,14 @@ class Arbiter:
             "pid": os.getpid(),
             "generation": self.generation,
             "workers": [
-                {"node": w.node, "pid": w.pid, "state": w.state, "generation": w.generation,
-                 "uptime": time.monotonic() - w.started_at if w.pid else None,
-                 **{k: v for k, v in w.stats.items() if k in ("reserved", "active", "children")}}
+                {
+                    "node": w.node,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "generation": w.generation,
+                    "uptime": time.monotonic() - w.started_at if w.pid else None,
+                    **{k: v for k, v in w.stats.items() if k in ("reserved", "active", "children")},
+                }
                 for w in self.workers
             ],
         }
@@ -574,12 +638,19 @@ class Arbiter:
             with contextlib.suppress(Exception):
                 import psutil
 
-                w.children = [{"pid": child.pid, "create_time": child.create_time(), "group": True}
-                              for child in psutil.Process(w.pid).children()]
+                w.children = [
+                    {"pid": child.pid, "create_time": child.create_time(), "group": True}
+                    for child in psutil.Process(w.pid).children()
+                ]
             processes += w.children
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
-        self.run_record.write({"arbiter": orphans.process_record(os.getpid()),
-                               "processes": processes, "owners": owners})
+        self.run_record.write(
+            {
+                "arbiter": orphans.process_record(os.getpid()),
+                "processes": processes,
+                "owners": owners,
+            }
+        )
 
 
 def non_reloadable_changes(old: configmod.Config, new: configmod.Config) -> list[str]:
@@ -605,7 +676,11 @@ def describe_exit(code: int) -> str:
 def _host_nodes(arbiter: Arbiter, dest: list[str] | None) -> tuple[list[WorkerProc], bool]:
     """The workers addressed, and whether that is the whole host."""
     whole = dest is None or arbiter.config.node in dest
-    chosen = [w for w in arbiter.workers if w.state not in (STOPPED,) and (whole or (dest and w.node in dest))]
+    chosen = [
+        w
+        for w in arbiter.workers
+        if w.state not in (STOPPED,) and (whole or (dest and w.node in dest))
+    ]
     return chosen, whole
 
 
@@ -624,8 +699,10 @@ def shutdown(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     chosen, whole = _host_nodes(arbiter, dest)
     if not whole:
-        return {w.node: {"error": f"a reload is for a whole host: --dest {arbiter.config.node}"}
-                for w in chosen}
+        return {
+            w.node: {"error": f"a reload is for a whole host: --dest {arbiter.config.node}"}
+            for w in chosen
+        }
     refused = arbiter.reload()  # what HUP runs
     return {w.node: {"error": refused} if refused else {"ok": "reloading"} for w in chosen}
 

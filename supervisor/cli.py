@@ -32,27 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-format", default="text", choices=FORMATS)
     check = sub.add_parser("check", help="validate a config and exit (2 if it is bad)")
     check.add_argument("-c", "--config", required=True)
-    for verb, text in (("stop", "warm-shut-down the running arbiter (TERM)"),
-                       ("reload", "graceful reload of the running arbiter (HUP)")):
+    for verb, text in (
+        ("stop", "warm-shut-down the running arbiter (TERM)"),
+        ("reload", "graceful reload of the running arbiter (HUP)"),
+    ):
         cmd = sub.add_parser(verb, help=text)
         cmd.add_argument("-c", "--config", required=True)
         cmd.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
         if verb == "stop":
-            cmd.add_argument("--timeout", type=float, default=None,
-                             help="seconds to wait for a warm exit before a cold one (QUIT)")
+            cmd.add_argument(
+                "--timeout",
+                type=float,
+                default=None,
+                help="seconds to wait for a warm exit before a cold one (QUIT)",
+            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = configmod.load(args.config, node=getattr(args, "node", None),
-                             check_imports=args.command in ("start", "check"))
+        cfg = configmod.load(
+            args.config,
+            node=getattr(args, "node", None),
+            check_imports=args.command in ("start", "check"),
+        )
     except configmod.ConfigError as exc:
         print(f"fleetd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
-        print(f"{args.config}: ok ({len(cfg.workers)} workers: {', '.join(w.node for w in cfg.workers)})")
+        print(
+            f"{args.config}: ok ({len(cfg.workers)} workers:"
+            f" {', '.join(w.node for w in cfg.workers)})"
+        )
         return EXIT_OK
     if args.command == "start":
         return start(cfg, args)

@@ -162,7 +162,8 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
         named = isinstance(value, dict) and all(NAME_RE.match(host) for host in value)
         entries = list(value.values()) if named else value
         if not (named or isinstance(value, list)) or not all(
-                isinstance(e, str) and e for e in entries):
+            isinstance(e, str) and e for e in entries
+        ):
             raise bad('a list of endpoints, or a table of host = "endpoint"')
     elif kind in ("str_list", "nonempty_str_list"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -271,7 +272,9 @@ def from_dict(
     pythonpath = [_resolve(folder, p) for p in fleet["pythonpath"]]
     broker = resolve_broker_url(folder, fleet["broker"])
     if not broker.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
-        raise ConfigError(path, "fleet.broker", f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r}")
+        raise ConfigError(
+            path, "fleet.broker", f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r}"
+        )
     if check_imports:
         for module in fleet["imports"]:
             if not module_exists(module, pythonpath):
@@ -308,7 +311,7 @@ def from_dict(
 
     rate_limits = raw.get("rate_limits", {})
     if not isinstance(rate_limits, dict):
-        raise ConfigError(path, "rate_limits", "must be a table of task name = \"N/s|m|h\"")
+        raise ConfigError(path, "rate_limits", 'must be a table of task name = "N/s|m|h"')
     for task_name, rate in rate_limits.items():
         try:
             parse_rate(rate)
@@ -330,7 +333,11 @@ def from_dict(
         seen.add(data["name"])
         if data["queues"] is None:
             data["queues"] = ["default"]  # where @task puts tasks unless told otherwise
-        if data["soft_time_limit"] and data["time_limit"] and data["soft_time_limit"] >= data["time_limit"]:
+        if (
+            data["soft_time_limit"]
+            and data["time_limit"]
+            and data["soft_time_limit"] >= data["time_limit"]
+        ):
             raise ConfigError(path, f"{where}.soft_time_limit", "must be below time_limit")
         workers.append(
             WorkerSpec(

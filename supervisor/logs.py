@@ -13,7 +13,6 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-
 LEVEL_ENV = "FLEETD_LOG_LEVEL"
 FORMAT_ENV = "FLEETD_LOG_FORMAT"
 LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -126,8 +126,8 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
     killed = 0
     for proc in psutil.process_iter(["create_time"]) if groups else ():
         with contextlib.suppress(psutil.Error, OSError):
-            born = groups.get(os.getpgid(proc.pid))
-            if born is not None and proc.info["create_time"] >= born - 0.05:
+            leader_born = groups.get(os.getpgid(proc.pid))
+            if leader_born is not None and proc.info["create_time"] >= leader_born - 0.05:
                 proc.kill()
                 killed += 1
     return killed
@@ -138,8 +138,11 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
     leftovers = find_leftovers(previous)
     if not leftovers:
         return 0
-    log.warning("ending %d processes left by a previous run: %s", len(leftovers),
-                ", ".join(str(p.pid) for p in leftovers))
+    log.warning(
+        "ending %d processes left by a previous run: %s",
+        len(leftovers),
+        ", ".join(str(p.pid) for p in leftovers),
+    )
     for proc in leftovers:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
@@ -153,7 +156,7 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
 
 def reap_all() -> list[tuple[int, int]]:
     """Collect every ended child (ours or re-parented to us): [(pid, wait status)]."""
-    ended = []
+    ended: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

@@ -174,8 +174,12 @@ def executions(journal: Path) -> collections.Counter[str]:
     return collections.Counter(line.split()[1] for line in lines if line.startswith("S "))
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-             message: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
     """Poll `condition` until it returns something truthy; AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -190,18 +194,32 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 class Fleet:
     """One fleetd host in `folder`, with the test task module `tasks.py`."""
 
-    def __init__(self, folder: Path, workers: list[dict[str, Any]] | None = None,
-                 defaults: dict[str, Any] | None = None, fleet: dict[str, Any] | None = None,
-                 control: dict[str, Any] | None = None, rate_limits: dict[str, str] | None = None,
-                 extra: str = "", node: str = "h1", launcher: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        workers: list[dict[str, Any]] | None = None,
+        defaults: dict[str, Any] | None = None,
+        fleet: dict[str, Any] | None = None,
+        control: dict[str, Any] | None = None,
+        rate_limits: dict[str, str] | None = None,
+        extra: str = "",
+        node: str = "h1",
+        launcher: tuple[str, ...] = (),
+    ) -> None:
         self.folder = folder
         self.node = node
         self.launcher = launcher  # words before `fleetd start`: `ip netns exec NS` (it execs)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "tasks.py").exists():
             (folder / "tasks.py").write_text(textwrap.dedent(TASKS))
-        fleet_table = {"node": node, "broker": "sqlite:///queue.db", "state_dir": "state",
-                       "imports": ["tasks"], "lease": 30, **(fleet or {})}
+        fleet_table = {
+            "node": node,
+            "broker": "sqlite:///queue.db",
+            "state_dir": "state",
+            "imports": ["tasks"],
+            "lease": 30,
+            **(fleet or {}),
+        }
         defaults_table = {"concurrency": 2, **(defaults or {})}
         workers = workers or [{"name": "w", "queues": ["default"]}]
         lines = ["[fleet]", *toml_items(fleet_table), "", "[defaults]", *toml_items(defaults_table)]
@@ -227,10 +245,22 @@ class Fleet:
     # --- running ---------------------------------------------------------------------
     def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Fleet:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*self.launcher, FLEETD, "start", "-c", str(self.config),
-                                      "--log-level", "debug", *args],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [
+                *self.launcher,
+                FLEETD,
+                "start",
+                "-c",
+                str(self.config),
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
+            env={**os.environ, **(env or {})},
+        )
         log.close()
         if wait:
             self.wait_ready()
@@ -240,7 +270,9 @@ class Fleet:
         """Wait until every worker answers ping (`count` nodes, default: all in the config)."""
         import tomllib
 
-        expected = count if count is not None else len(tomllib.loads(self.config.read_text())["worker"])
+        expected = (
+            count if count is not None else len(tomllib.loads(self.config.read_text())["worker"])
+        )
 
         def ready() -> Any:
             assert self.proc is not None
@@ -273,7 +305,8 @@ class Fleet:
             raise AssertionError(f"fleetd did not exit within {timeout}s:\n{self.log()}") from None
 
     def stop(self) -> None:
-        """End fleetd and everything it started, by pid: TERM, QUIT if tasks hold it up, then KILL."""
+        """End fleetd and everything it started, by pid: TERM, QUIT if tasks hold it up,
+        then KILL."""
         if self.proc is not None and self.proc.poll() is None:
             self.remember_pids()
             for signum, grace in ((signal.SIGTERM, 10), (signal.SIGQUIT, 15), (signal.SIGKILL, 5)):
@@ -299,7 +332,11 @@ class Fleet:
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
         with contextlib.suppress(psutil.Error):
-            return [p.pid for p in psutil.Process(self.proc.pid).children() if "worker" in " ".join(p.cmdline())]
+            return [
+                p.pid
+                for p in psutil.Process(self.proc.pid).children()
+                if "worker" in " ".join(p.cmdline())
+            ]
         return []
 
     def child_pids(self, worker_pid: int | None = None) -> list[int]:
@@ -324,11 +361,20 @@ class Fleet:
                     alive.append(pid)
         return alive
 
-    def ctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([FLEETCTL, "-c", str(self.config), *args], capture_output=True, text=True,
-                             timeout=timeout, cwd=self.folder)
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [FLEETCTL, "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.folder,
+        )
         if check and out.returncode != 0:
-            raise AssertionError(f"fleetctl {' '.join(args)} exited {out.returncode}: {out.stdout}{out.stderr}")
+            raise AssertionError(
+                f"fleetctl {' '.join(args)} exited {out.returncode}: {out.stdout}{out.stderr}"
+            )
         return out
 
     def log(self) -> str:
@@ -340,13 +386,20 @@ class Fleet:
     def wait_all_final(self, ids: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
         def final() -> Any:
             infos = self.infos(ids)
-            return infos if all(i["state"] in ("SUCCESS", "FAILURE", "REVOKED") for i in infos) else None
+            return (
+                infos
+                if all(i["state"] in ("SUCCESS", "FAILURE", "REVOKED") for i in infos)
+                else None
+            )
 
         return wait_for(final, timeout, 0.05, f"{len(ids)} tasks to finish")
 
 
 def toml_items(table: dict[str, Any]) -> list[str]:
-    return [f"{json.dumps(k) if not k.isidentifier() else k} = {json.dumps(v)}" for k, v in table.items()]
+    return [
+        f"{json.dumps(k) if not k.isidentifier() else k} = {json.dumps(v)}"
+        for k, v in table.items()
+    ]
 
 
 @contextlib.contextmanager

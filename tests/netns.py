@@ -27,8 +27,9 @@ COMMAND_TIMEOUT = 10.0
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
-                          timeout=COMMAND_TIMEOUT)
+    return subprocess.run(
+        ["ip", *args], capture_output=True, text=True, check=check, timeout=COMMAND_TIMEOUT
+    )
 
 
 def require_netns() -> None:

@@ -37,8 +37,14 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process with its data folder; `restart` keeps port and data."""
 
-    def __init__(self, binary: str, folder: Path, port: int, appendonly: bool,
-                 bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    def __init__(
+        self,
+        binary: str,
+        folder: Path,
+        port: int,
+        appendonly: bool,
+        bind: tuple[str, ...] = ("127.0.0.1",),
+    ) -> None:
         self.binary = binary
         self.folder = folder
         self.port = port
@@ -52,9 +58,21 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
-        args = [self.binary, "--port", str(self.port), "--bind", " ".join(self.bind),
-                "--dir", str(self.folder), "--save", "", "--daemonize", "no",
-                "--logfile", str(self.folder / "redis.log")]
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            " ".join(self.bind),
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.folder / "redis.log"),
+        ]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.bind != ("127.0.0.1",):  # protected mode refuses all but loopback clients
@@ -65,8 +83,9 @@ class RedisServer:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}:"
-                                       f" {self.log_tail()}")
+                    raise RuntimeError(
+                        f"redis-server exited with {self.process.returncode}: {self.log_tail()}"
+                    )
                 try:
                     if client.ping():
                         return
@@ -74,8 +93,10 @@ class RedisServer:
                     pass  # not listening yet, or still loading its data (LOADING)
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"redis-server on port {self.port} did not answer PING"
-                                       f" within {START_TIMEOUT} s")
+                    raise RuntimeError(
+                        f"redis-server on port {self.port} did not answer PING"
+                        f" within {START_TIMEOUT} s"
+                    )
                 time.sleep(0.02)
         finally:
             client.close()
@@ -106,8 +127,9 @@ class RedisServer:
         self.start()
 
 
-def start_redis(tmp_path: Path, appendonly: bool = True,
-                bind: tuple[str, ...] = ("127.0.0.1",)) -> RedisServer:
+def start_redis(
+    tmp_path: Path, appendonly: bool = True, bind: tuple[str, ...] = ("127.0.0.1",)
+) -> RedisServer:
     """A running private server with its data in `tmp_path/redis`; stop it when done."""
     binary = redis_server_binary()
     folder = tmp_path / "redis"

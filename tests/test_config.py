@@ -34,7 +34,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_inherited_and_paths_resolved_against_the_config_folder(tmp_path: Path) -> None:
+def test_defaults_are_inherited_and_paths_resolved_against_the_config_folder(
+    tmp_path: Path,
+) -> None:
     config = load(str(write(tmp_path, GOOD)))
     a, b = config.workers
     assert (a.node, a.concurrency, a.time_limit, a.queues) == ("a@h1", 3, 60, ["default"])
@@ -47,25 +49,46 @@ def test_defaults_are_inherited_and_paths_resolved_against_the_config_folder(tmp
 
 
 def test_absolute_sqlite_url_is_kept(tmp_path: Path) -> None:
-    config = load(str(write(tmp_path, GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "sqlite:////var/q.db"'))))
+    config = load(
+        str(
+            write(
+                tmp_path, GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "sqlite:////var/q.db"')
+            )
+        )
+    )
     assert config.broker == "sqlite:////var/q.db"
 
 
 BAD = [
     ("[fleet\n", "-", "TOML syntax error"),
     (GOOD + "\n[fleet2]\n", "fleet2", "unknown section"),
-    (GOOD.replace("[defaults]", "[defaults]\nconcurency = 2"), "defaults.concurency", "unknown key"),
+    (
+        GOOD.replace("[defaults]", "[defaults]\nconcurency = 2"),
+        "defaults.concurency",
+        "unknown key",
+    ),
     (GOOD.replace("concurrency = 3", 'concurrency = "three"'), "defaults.concurrency", "integer"),
     (GOOD.replace("concurrency = 3", "concurrency = 0"), "defaults.concurrency", ">= 1"),
     (GOOD.replace('name = "b"', 'name = "a"'), "worker[1].name", "duplicate worker name"),
-    (GOOD.replace('imports = ["tasks"]', 'imports = ["missing_module"]'), "fleet.imports", "not found"),
-    (GOOD.replace("time_limit = 60", 'time_limit = 60\nmax_memory_per_child = "lots"'),
-     "defaults.max_memory_per_child", "size"),
+    (
+        GOOD.replace('imports = ["tasks"]', 'imports = ["missing_module"]'),
+        "fleet.imports",
+        "not found",
+    ),
+    (
+        GOOD.replace("time_limit = 60", 'time_limit = 60\nmax_memory_per_child = "lots"'),
+        "defaults.max_memory_per_child",
+        "size",
+    ),
     (GOOD + '\n[rate_limits]\n"tasks.x" = "fast"\n', "rate_limits.tasks.x", "not N"),
     (GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "amqp://x"'), "fleet.broker", "sqlite"),
     (GOOD + '\n[control]\nbind = ["tcp://127.0.0.1:7950"]\n', "control.bind", "curve_secret_key"),
-    (GOOD.replace("[[worker]]\nname = \"a\"\n", "[[worker]]\nqueues = [\"x\"]\n"), "worker[0].name", "required"),
-    ('[fleet]\nimports = []\n', "worker", "at least one"),
+    (
+        GOOD.replace('[[worker]]\nname = "a"\n', '[[worker]]\nqueues = ["x"]\n'),
+        "worker[0].name",
+        "required",
+    ),
+    ("[fleet]\nimports = []\n", "worker", "at least one"),
     (GOOD + '\n[control]\nendpoints = { "h 2" = "tcp://h2:7950" }\n', "control.endpoints", "table"),
     (GOOD + '\n[control]\nendpoints = ["h2:7950"]\n', "control.endpoints", "ipc:// or tcp://"),
 ]
@@ -79,7 +102,9 @@ def test_endpoints_given_as_a_table_name_their_hosts(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), BAD)
-def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, key: str, problem: str) -> None:
+def test_bad_config_names_file_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load(str(path))
@@ -91,9 +116,13 @@ def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, key: s
 
 @pytest.mark.parametrize("command", ["check", "start"])
 @pytest.mark.parametrize(("text", "key", "problem"), BAD[:7])
-def test_bad_config_exits_2_with_one_line(tmp_path: Path, command: str, text: str, key: str, problem: str) -> None:
+def test_bad_config_exits_2_with_one_line(
+    tmp_path: Path, command: str, text: str, key: str, problem: str
+) -> None:
     path = write(tmp_path, text)
-    out = subprocess.run([FLEETD, command, "-c", str(path)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [FLEETD, command, "-c", str(path)], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and key in out.stderr and problem in out.stderr
     assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
@@ -101,12 +130,18 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path, command: str, text: st
 
 def test_check_accepts_the_example_config() -> None:
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([FLEETD, "check", "-c", str(root / "config" / "example.toml")],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [FLEETD, "check", "-c", str(root / "config" / "example.toml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize(("text", "per_second"), [("200/m", 200 / 60), ("5/s", 5), ("5", 5), ("36/h", 0.01), ("0", 0)])
+@pytest.mark.parametrize(
+    ("text", "per_second"), [("200/m", 200 / 60), ("5/s", 5), ("5", 5), ("36/h", 0.01), ("0", 0)]
+)
 def test_parse_rate(text: str, per_second: float) -> None:
     assert parse_rate(text) == pytest.approx(per_second)
 
@@ -117,6 +152,8 @@ def test_parse_rate_refuses_nonsense(text: str) -> None:
         parse_rate(text)
 
 
-@pytest.mark.parametrize(("text", "size"), [("512MB", 512 * 2**20), ("2GB", 2 * 2**30), ("0", 0), ("100kb", 102400)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("512MB", 512 * 2**20), ("2GB", 2 * 2**30), ("0", 0), ("100kb", 102400)]
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size

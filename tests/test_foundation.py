@@ -46,7 +46,11 @@ def test_term_finishes_running_returns_reserved_and_exits_clean(make_fleet, tmp_
     fleet = make_fleet(defaults={"concurrency": 2, "prefetch": 2}).start()
     marker = tmp_path / "started.txt"
     handles = fleet.client.submit_many([("tasks.sleep", (1.0, str(marker)), {}) for _ in range(8)])
-    wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) == 2, 10, message="2 tasks started")
+    wait_for(
+        lambda: marker.exists() and len(marker.read_text().splitlines()) == 2,
+        10,
+        message="2 tasks started",
+    )
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(30) == 0
     assert fleet.leftovers() == []
@@ -69,11 +73,24 @@ def test_worker_killed_is_restarted_and_its_tasks_come_back(make_fleet, tmp_path
     children = fleet.child_pids(worker_pid)
     fleet.remember_pids()
     psutil.Process(worker_pid).kill()
-    wait_for(lambda: fleet.worker_pids() and fleet.worker_pids() != [worker_pid], 10, message="a new worker")
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in children),
-             10, message="the dead worker's children to go")
+    wait_for(
+        lambda: fleet.worker_pids() and fleet.worker_pids() != [worker_pid],
+        10,
+        message="a new worker",
+    )
+    wait_for(
+        lambda: (
+            not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in children
+            )
+        ),
+        10,
+        message="the dead worker's children to go",
+    )
     # The slow task was held by the dead worker: it is given back at once, not after the lease.
-    wait_for(lambda: len(marker.read_text().splitlines()) == 2, 10, message="the task to be redelivered")
+    wait_for(
+        lambda: len(marker.read_text().splitlines()) == 2, 10, message="the task to be redelivered"
+    )
     assert fleet.client.handle(slow.id).info()["deliveries"] == 2
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
 

@@ -43,10 +43,12 @@ class MultiHost:
 
 def control_section(ns: netns.Namespace, others: dict[str, str], keys: Path) -> str:
     endpoints = ", ".join(f'{host} = "{endpoint}"' for host, endpoint in others.items())
-    return (f'\n[control]\nbind = ["tcp://{ns.address}:{CONTROL_PORT}"]\n'
-            f"endpoints = {{ {endpoints} }}\n"
-            f'curve_secret_key = "{keys / "server" / "fleet.key_secret"}"\n'
-            f'authorized_keys = "{keys / "authorized"}"\n')
+    return (
+        f'\n[control]\nbind = ["tcp://{ns.address}:{CONTROL_PORT}"]\n'
+        f"endpoints = {{ {endpoints} }}\n"
+        f'curve_secret_key = "{keys / "server" / "fleet.key_secret"}"\n'
+        f'authorized_keys = "{keys / "authorized"}"\n'
+    )
 
 
 @pytest.fixture
@@ -60,17 +62,26 @@ def multihost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Multi
     monkeypatch.setenv("FLEETCTL_SERVER_KEY", str(keys / "server" / "fleet.key"))
     with netns.hosts(HOSTS) as namespaces:
         server = start_redis(tmp_path, bind=("127.0.0.1", *(ns.root_address for ns in namespaces)))
-        endpoints = {f"host{i}": f"tcp://{ns.address}:{CONTROL_PORT}"
-                     for i, ns in enumerate(namespaces, 1)}
+        endpoints = {
+            f"host{i}": f"tcp://{ns.address}:{CONTROL_PORT}" for i, ns in enumerate(namespaces, 1)
+        }
         hosts: list[Fleet] = []
         try:
             for i, ns in enumerate(namespaces, 1):
                 node = f"host{i}"
                 others = {host: e for host, e in endpoints.items() if host != node}
-                hosts.append(Fleet(tmp_path / node, node=node, launcher=tuple(ns.command()),
-                                   fleet={"broker": f"redis://{ns.root_address}:{server.port}/0",
-                                          "lease": LEASE},
-                                   extra=control_section(ns, others, keys)))
+                hosts.append(
+                    Fleet(
+                        tmp_path / node,
+                        node=node,
+                        launcher=tuple(ns.command()),
+                        fleet={
+                            "broker": f"redis://{ns.root_address}:{server.port}/0",
+                            "lease": LEASE,
+                        },
+                        extra=control_section(ns, others, keys),
+                    )
+                )
             for host in hosts:
                 host.start(wait=False)
             for host in hosts:
@@ -98,7 +109,8 @@ def ping(host: Fleet, *args: str, timeout: float = 1.0) -> dict[str, Any]:
 
 
 def test_fleetctl_broadcasts_to_every_host_over_curve_tcp_and_dest_reaches_only_that_host(
-        multihost: MultiHost) -> None:
+    multihost: MultiHost,
+) -> None:
     every = ping(multihost.hosts[0])
     assert set(every["replies"]) == {"w@host1", "w@host2", "w@host3"}
     assert every["missing"] == [] and every["elapsed"] < 0.5  # all answered: no waiting out 1 s
@@ -109,7 +121,8 @@ def test_fleetctl_broadcasts_to_every_host_over_curve_tcp_and_dest_reaches_only_
 
 
 def test_host_killed_mid_load_has_all_its_tasks_completed_by_the_others(
-        multihost: MultiHost, tmp_path: Path) -> None:
+    multihost: MultiHost, tmp_path: Path
+) -> None:
     client = multihost.hosts[0].client
     journal = tmp_path / "journal"
     ids = [h.id for h in client.submit_many([("tasks.journal", (str(journal), 0.2), {})] * 60)]
@@ -139,5 +152,7 @@ def test_host_killed_mid_load_has_all_its_tasks_completed_by_the_others(
     finally:
         store.close()
     assert took < LEASE + 8  # the lease, then the queue's tail: 20 tasks/s on the two left
-    print(f"\nhost3 killed holding {len(held)} tasks; all done on the others {took:.2f} s later"
-          f" (lease {LEASE} s)")
+    print(
+        f"\nhost3 killed holding {len(held)} tasks; all done on the others {took:.2f} s later"
+        f" (lease {LEASE} s)"
+    )

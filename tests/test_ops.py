@@ -44,12 +44,19 @@ def test_notify_socket_sees_ready_reloading_ready_stopping(make_fleet, tmp_path:
 def test_stop_and_reload_work_by_pidfile(make_fleet) -> None:
     fleet = make_fleet().start()
     old_workers = set(fleet.worker_pids())
-    out = subprocess.run([FLEETD, "reload", "-c", str(fleet.config)], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(
+        [FLEETD, "reload", "-c", str(fleet.config)], capture_output=True, text=True, timeout=10
+    )
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: set(fleet.worker_pids()) and not set(fleet.worker_pids()) & old_workers, 20,
-             message="a new generation of workers")
+    wait_for(
+        lambda: set(fleet.worker_pids()) and not set(fleet.worker_pids()) & old_workers,
+        20,
+        message="a new generation of workers",
+    )
     fleet.remember_pids()
-    out = subprocess.run([FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert fleet.wait_exit(5) == 0
     assert not (fleet.folder / "state" / "fleetd.pid").exists()
@@ -62,15 +69,23 @@ def test_stale_pidfile_is_reported_never_signalled(make_fleet) -> None:
     try:
         pidfile.write_text(str(bystander.pid))
         for verb in ("stop", "reload"):
-            out = subprocess.run([FLEETD, verb, "-c", str(fleet.config), "--pidfile", str(pidfile)],
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                [FLEETD, verb, "-c", str(fleet.config), "--pidfile", str(pidfile)],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             assert out.returncode == 1 and "not fleetd" in out.stderr, out.stderr
         assert bystander.poll() is None
         dead = subprocess.Popen(["true"])
         dead.wait()
         pidfile.write_text(str(dead.pid))
-        out = subprocess.run([FLEETD, "stop", "-c", str(fleet.config), "--pidfile", str(pidfile)],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            [FLEETD, "stop", "-c", str(fleet.config), "--pidfile", str(pidfile)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         assert out.returncode == 1 and "stale pidfile" in out.stderr
     finally:
         bystander.kill()
@@ -98,27 +113,47 @@ def test_metrics_endpoint_serves_families_that_move(make_fleet) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             return response.read().decode()
 
-    for family in ("fleetd_tasks_total", "fleetd_task_runtime_seconds", "fleetd_queue_depth",
-                   "fleetd_reserved", "fleetd_active", "fleetd_children", "fleetd_worker_restarts_total",
-                   "fleetd_child_recycles_total", "fleetd_time_limit_kills_total",
-                   "fleetd_redeliveries_total", "fleetd_dead_letters_total"):
+    for family in (
+        "fleetd_tasks_total",
+        "fleetd_task_runtime_seconds",
+        "fleetd_queue_depth",
+        "fleetd_reserved",
+        "fleetd_active",
+        "fleetd_children",
+        "fleetd_worker_restarts_total",
+        "fleetd_child_recycles_total",
+        "fleetd_time_limit_kills_total",
+        "fleetd_redeliveries_total",
+        "fleetd_dead_letters_total",
+    ):
         assert f"# TYPE {family} " in scrape()
     for h in fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(10)]):
         h.get(timeout=10)
     fleet.client.submit("tasks.fail").get  # noqa: B018 - submitted, outcome checked through metrics
-    wait_for(lambda: 'fleetd_tasks_total{name="tasks.add",state="SUCCESS"} 10' in scrape(), 10,
-             message="10 successes counted")
+    wait_for(
+        lambda: 'fleetd_tasks_total{name="tasks.add",state="SUCCESS"} 10' in scrape(),
+        10,
+        message="10 successes counted",
+    )
     wait_for(lambda: 'fleetd_children{node="w@h1"} 2' in scrape(), 10, message="the children gauge")
     [worker] = fleet.worker_pids()
     psutil.Process(worker).kill()
-    wait_for(lambda: 'fleetd_worker_restarts_total{node="w@h1"} 1' in scrape(), 10, message="a restart counted")
+    wait_for(
+        lambda: 'fleetd_worker_restarts_total{node="w@h1"} 1' in scrape(),
+        10,
+        message="a restart counted",
+    )
     fleet.wait_ready()
-    assert 'fleetd_tasks_total{name="tasks.add",state="SUCCESS"} 10' in scrape()  # survives the restart
+    assert (
+        'fleetd_tasks_total{name="tasks.add",state="SUCCESS"} 10' in scrape()
+    )  # survives the restart
 
 
 def test_bad_config_refuses_to_start(make_fleet) -> None:
     fleet = make_fleet(defaults={"concurrency": 0})
-    out = subprocess.run([FLEETD, "start", "-c", str(fleet.config)], capture_output=True, text=True, timeout=20)
+    out = subprocess.run(
+        [FLEETD, "start", "-c", str(fleet.config)], capture_output=True, text=True, timeout=20
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "defaults.concurrency" in out.stderr
     assert not os.path.exists(fleet.folder / "state" / "fleetd.pid")

@@ -50,7 +50,8 @@ def test_url_prefix_is_the_key_prefix_and_other_url_options_pass_through_to_redi
 
 
 def test_fleet_keeps_to_the_url_prefix_and_results_expire_after_result_ttl(
-        make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str]) -> None:
+    make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str]
+) -> None:
     url, prefix = shared_redis
     fleet = make_fleet(fleet={"broker": url, "result_ttl": 120}).start()
     handles = fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(20)])
@@ -64,7 +65,8 @@ def test_fleet_keeps_to_the_url_prefix_and_results_expire_after_result_ttl(
 
 
 def test_worker_killed_on_redis_has_its_tasks_given_back_at_once_not_after_the_lease(
-        make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str], tmp_path: Path) -> None:
+    make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str], tmp_path: Path
+) -> None:
     fleet = make_fleet(fleet={"broker": shared_redis[0], "lease": 60}).start()
     journal = tmp_path / "journal"
     handles = fleet.client.submit_many([("tasks.journal", (str(journal), 1.0), {})] * 4)
@@ -80,7 +82,8 @@ def test_worker_killed_on_redis_has_its_tasks_given_back_at_once_not_after_the_l
 
 
 def test_redis_killed_and_restarted_under_load_loses_no_task_and_the_fleet_recovers_by_itself(
-        make_fleet: Callable[..., Fleet], tmp_path: Path) -> None:
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
     server = start_redis(tmp_path, appendonly=True)
     try:
         fleet = make_fleet(fleet={"broker": server.url, "lease": 10}).start()
@@ -111,12 +114,12 @@ def test_redis_killed_and_restarted_under_load_loses_no_task_and_the_fleet_recov
 
 
 def test_five_thousand_noop_tasks_on_redis_with_concurrency_2(
-        make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str]) -> None:
+    make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str]
+) -> None:
     fleet = make_fleet(fleet={"broker": shared_redis[0]}, defaults={"concurrency": 2}).start()
     client = fleet.client
     start = time.perf_counter()
-    ids = [h.id for _ in range(10)
-           for h in client.submit_many([("tasks.noop", (), {})] * 500)]
+    ids = [h.id for _ in range(10) for h in client.submit_many([("tasks.noop", (), {})] * 500)]
 
     def drained() -> bool:
         return not any(d.ready or d.reserved for d in client.broker.depths())
@@ -124,5 +127,7 @@ def test_five_thousand_noop_tasks_on_redis_with_concurrency_2(
     wait_for(drained, 60, 0.01, "5,000 tasks to run")
     seconds = time.perf_counter() - start
     assert states(client, ids) == {"SUCCESS": 5000}
-    print(f"\n5,000 no-op tasks on Redis, concurrency 2: {seconds:.2f} s,"
-          f" {5000 / seconds:,.0f} tasks/s")
+    print(
+        f"\n5,000 no-op tasks on Redis, concurrency 2: {seconds:.2f} s,"
+        f" {5000 / seconds:,.0f} tasks/s"
+    )

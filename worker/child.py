@@ -94,7 +94,9 @@ class Child:
             name = body["name"]
             task = REGISTRY[name]
             args, kwargs = body.get("args", []), body.get("kwargs", {})
-            task.request = Request(task_id, int(body.get("retries", 0)), int(body.get("deliveries", 1)))
+            task.request = Request(
+                str(task_id), int(body.get("retries", 0)), int(body.get("deliveries", 1))
+            )
             self.in_task = True
             try:
                 result = task(*args, **kwargs)
@@ -103,9 +105,13 @@ class Child:
             encode(result)  # not JSON-able must fail the task, not the pipe
             return {"id": task_id, "s": "SUCCESS", "r": result, "rt": time.perf_counter() - start}
         except RetryTask as retry:
-            return {"id": task_id, "s": "RETRY", "c": retry.countdown,
-                    "t": type(retry.exc).__name__ if retry.exc else None,
-                    "m": str(retry.exc) if retry.exc else None}
+            return {
+                "id": task_id,
+                "s": "RETRY",
+                "c": retry.countdown,
+                "t": type(retry.exc).__name__ if retry.exc else None,
+                "m": str(retry.exc) if retry.exc else None,
+            }
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
             return {
                 "id": task_id,

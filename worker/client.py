@@ -33,9 +33,13 @@ class TaskRevoked(Exception):
     """The task was revoked and will not run."""
 
 
-def encode_body(task_id: str, name: str, args: Sequence[Any], kwargs: dict[str, Any], retries: int = 0) -> str:
+def encode_body(
+    task_id: str, name: str, args: Sequence[Any], kwargs: dict[str, Any], retries: int = 0
+) -> str:
     """The JSON text a task travels as; arguments must be JSON-serialisable."""
-    return _encode({"id": task_id, "name": name, "args": list(args), "kwargs": kwargs, "retries": retries})
+    return _encode(
+        {"id": task_id, "name": name, "args": list(args), "kwargs": kwargs, "retries": retries}
+    )
 
 
 class Handle:
@@ -66,18 +70,28 @@ class Handle:
             if info["state"] in FINAL_STATES:
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {self.id} not done after {timeout}s (state {info['state']})")
+                raise TimeoutError(
+                    f"task {self.id} not done after {timeout}s (state {info['state']})"
+                )
             time.sleep(pause)
             pause = min(pause * 1.5, 0.05)
         if info["state"] == FAILURE:
-            raise TaskFailed(self.id, info.get("exc_type") or "Error", info.get("exc_message") or "", info.get("traceback"))
+            raise TaskFailed(
+                self.id,
+                info.get("exc_type") or "Error",
+                info.get("exc_message") or "",
+                info.get("traceback"),
+            )
         if info["state"] == REVOKED:
             raise TaskRevoked(self.id)
         return info["result"]
 
 
 class Client:
-    """A producer and result reader on one broker: `Client("redis://...")` or `Client.from_config(path)`."""
+    """A producer and result reader on one broker.
+
+    `Client("redis://...")`, `Client("sqlite:///queue.db")` or `Client.from_config(path)`.
+    """
 
     def __init__(self, url: str, durability: str = "default", result_ttl: int = 86400) -> None:
         self.url = url
@@ -98,8 +112,9 @@ class Client:
         if self._broker is None:
             with self._lock:
                 if self._broker is None:
-                    self._broker = open_broker(self.url, durability=self._durability,
-                                               result_ttl=self._result_ttl)
+                    self._broker = open_broker(
+                        self.url, durability=self._durability, result_ttl=self._result_ttl
+                    )
         return self._broker
 
     def submit(
@@ -113,7 +128,13 @@ class Client:
         task_id: str | None = None,
     ) -> Handle:
         """Submit one task by name; its queue defaults to the task's own (if imported here)."""
-        return self.submit_many([(name, args, kwargs or {})], queue=queue, countdown=countdown, eta=eta, ids=[task_id] if task_id else None)[0]
+        return self.submit_many(
+            [(name, args, kwargs or {})],
+            queue=queue,
+            countdown=countdown,
+            eta=eta,
+            ids=[task_id] if task_id else None,
+        )[0]
 
     def submit_many(
         self,
@@ -130,7 +151,9 @@ class Client:
             task_id = ids[index] if ids else str(uuid.uuid4())
             registered = REGISTRY.get(name)
             target = queue or (registered.queue if registered else DEFAULT_QUEUE)
-            envelopes.append(Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when))
+            envelopes.append(
+                Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when)
+            )
         self.broker.enqueue(envelopes)
         return [Handle(self, e.id) for e in envelopes]
 
@@ -156,7 +179,9 @@ def default_client() -> Client:
     if _default is None:
         source = env_broker_source()
         if source is None:
-            raise RuntimeError("set FLEET_CONFIG (a config file) or FLEET_BROKER (a broker URL) to submit tasks")
+            raise RuntimeError(
+                "set FLEET_CONFIG (a config file) or FLEET_BROKER (a broker URL) to submit tasks"
+            )
         kind, value = source
         _default = Client.from_config(value) if kind == "config" else Client(value)
     return _default

@@ -31,20 +31,30 @@ def stats(worker: Worker) -> dict[str, Any]:
 def active(worker: Worker) -> list[dict[str, Any]]:
     now = time.monotonic()
     return [
-        {"id": c.running.delivery.id, "name": c.running.delivery.name, "pid": c.pid,
-         "runtime": now - c.running.started, "deliveries": c.running.delivery.deliveries}
-        for c in worker.children.values() if c.running
+        {
+            "id": c.running.delivery.id,
+            "name": c.running.delivery.name,
+            "pid": c.pid,
+            "runtime": now - c.running.started,
+            "deliveries": c.running.delivery.deliveries,
+        }
+        for c in worker.children.values()
+        if c.running
     ]
 
 
-@register("reserved", "Tasks reserved by the node, not started yet (also those waiting in a"
-          " child's pipe).")
+@register(
+    "reserved",
+    "Tasks reserved by the node, not started yet (also those waiting in a child's pipe).",
+)
 def reserved(worker: Worker) -> list[dict[str, Any]]:
     waiting: list[tuple[Delivery, int | None]] = [
-        (r.delivery, c.pid) for c in worker.children.values() for r in list(c.tasks)[1:]]
+        (r.delivery, c.pid) for c in worker.children.values() for r in list(c.tasks)[1:]
+    ]
     waiting += [(d, None) for d in worker.reserved]
-    return [{"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": pid}
-            for d, pid in waiting]
+    return [
+        {"id": d.id, "name": d.name, "deliveries": d.deliveries, "child": pid} for d, pid in waiting
+    ]
 
 
 @register("scheduled", "ETA tasks waiting in the node's queues: how many, when the next is due.")
@@ -66,13 +76,19 @@ def revoked(worker: Worker) -> list[str]:
 
 @register("conf", "The node's effective settings.")
 def conf(worker: Worker) -> dict[str, Any]:
-    return {**worker.spec.to_json(), "rate_limits": dict(worker.rate_limits.rates),
-            "time_limits": {k: {"soft": s, "hard": h} for k, (s, h) in worker.time_limits.items()},
-            "concurrency": worker.target_children}
+    return {
+        **worker.spec.to_json(),
+        "rate_limits": dict(worker.rate_limits.rates),
+        "time_limits": {k: {"soft": s, "hard": h} for k, (s, h) in worker.time_limits.items()},
+        "concurrency": worker.target_children,
+    }
 
 
-@register("rate_limit", "Limit a task name to N/s, N/m or N/h on the node; 0 clears.",
-          {"task": ((str,), REQUIRED), "rate": ((str, int, float), REQUIRED)})
+@register(
+    "rate_limit",
+    "Limit a task name to N/s, N/m or N/h on the node; 0 clears.",
+    {"task": ((str,), REQUIRED), "rate": ((str, int, float), REQUIRED)},
+)
 def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
     try:
         worker.rate_limits.set(task, str(rate))
@@ -81,9 +97,11 @@ def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
     return {"ok": f"rate limit of {task} set to {rate}"}
 
 
-@register("time_limit", "Soft and hard time limits (seconds) of a task name, for tasks that start"
-          " from now on.",
-          {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0)})
+@register(
+    "time_limit",
+    "Soft and hard time limits (seconds) of a task name, for tasks that start from now on.",
+    {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0)},
+)
 def time_limit(worker: Worker, task: str, soft: float, hard: float) -> dict[str, Any]:
     problem = time_limits_problem(soft, hard)
     if problem:
@@ -99,9 +117,12 @@ def time_limits_problem(soft: float, hard: float) -> str | None:
     return None
 
 
-@register("revoke", "Revoke task ids, for good: they never start; with terminate, running ones get "
-          "the signal (TERM unless given).",
-          {"ids": ((list,), REQUIRED), "terminate": ((bool,), False), "signal": ((str,), "TERM")})
+@register(
+    "revoke",
+    "Revoke task ids, for good: they never start; with terminate, running ones get "
+    "the signal (TERM unless given).",
+    {"ids": ((list,), REQUIRED), "terminate": ((bool,), False), "signal": ((str,), "TERM")},
+)
 def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict[str, Any]:
     if not ids or not all(isinstance(i, str) and i for i in ids):
         return {"error": "ids must be a non-empty list of task ids"}
@@ -135,8 +156,11 @@ def signal_number(name: str) -> int | None:
         return None
 
 
-@register("pool_grow", "Add N children to the node's pool (as SIGTTIN does, one at a time).",
-          {"n": ((int,), 1)})
+@register(
+    "pool_grow",
+    "Add N children to the node's pool (as SIGTTIN does, one at a time).",
+    {"n": ((int,), 1)},
+)
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
     if n < 1 or worker.target_children + n > MAX_POOL:
         return {"error": f"n must be >= 1, and the pool at most {MAX_POOL}"}
@@ -144,8 +168,12 @@ def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
     return {"ok": f"pool is {worker.target_children}"}
 
 
-@register("pool_shrink", "Retire N children of the node's pool, each once it is idle (as SIGTTOU"
-          " does, one at a time); never below one.", {"n": ((int,), 1)})
+@register(
+    "pool_shrink",
+    "Retire N children of the node's pool, each once it is idle (as SIGTTOU"
+    " does, one at a time); never below one.",
+    {"n": ((int,), 1)},
+)
 def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
     if n < 1:
         return {"error": "n must be >= 1"}
@@ -153,8 +181,11 @@ def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
     return {"ok": f"pool is {worker.target_children}"}
 
 
-@register("events", "Turn task events and heartbeats on or off for the node.",
-          {"enable": ((bool,), REQUIRED)})
+@register(
+    "events",
+    "Turn task events and heartbeats on or off for the node.",
+    {"enable": ((bool,), REQUIRED)},
+)
 def events(worker: Worker, enable: bool) -> dict[str, Any]:
     worker.events_enabled = enable
     return {"ok": "events " + ("enabled" if enable else "disabled")}

@@ -105,8 +105,16 @@ class Worker:
         self.shutdown_deadline: float | None = None
         self.events_enabled = os.environ.get("FLEETD_EVENTS") == "1"  # the arbiter remembers
         self.events: list[dict[str, Any]] = []
-        self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "revoked": 0,
-                       "redelivered": 0, "dead_lettered": 0, "recycled": 0, "time_limit_kills": 0}
+        self.counts = {
+            "succeeded": 0,
+            "failed": 0,
+            "retried": 0,
+            "revoked": 0,
+            "redelivered": 0,
+            "dead_lettered": 0,
+            "recycled": 0,
+            "time_limit_kills": 0,
+        }
         self.started_at = time.time()
         self.pid = os.getpid()
         self.owner = ""
@@ -126,8 +134,12 @@ class Worker:
     def run(self) -> int:
         self.setup_signals()
         self.import_tasks()
-        self.broker = open_broker(self.spec.broker, durability=self.spec.durability,
-                                  result_ttl=self.spec.result_ttl, fail_fast=True)
+        self.broker = open_broker(
+            self.spec.broker,
+            durability=self.spec.durability,
+            result_ttl=self.spec.result_ttl,
+            fail_fast=True,
+        )
         me = psutil.Process()
         self.owner = f"{self.node}:{me.pid}:{int(me.create_time() * 1000)}"
         with self.broker_call("read revokes"):
@@ -139,11 +151,21 @@ class Worker:
             self.poller.register(self.arbiter_fd, POLL_IN)
         for _ in range(self.target_children):
             self.spawn_child()
-        self.send({"type": "ready", "owner": self.owner, "pid": os.getpid(),
-                   "commands": worker_command_names()})
+        self.send(
+            {
+                "type": "ready",
+                "owner": self.owner,
+                "pid": os.getpid(),
+                "commands": worker_command_names(),
+            }
+        )
         self.emit("worker-online")
-        log.info("consuming %s with %d children", ",".join(self.spec.queues), len(self.children),
-                 extra={"node": self.node})
+        log.info(
+            "consuming %s with %d children",
+            ",".join(self.spec.queues),
+            len(self.children),
+            extra={"node": self.node},
+        )
         while not self.finished():
             self.step(self.poll_timeout())
         self.close()
@@ -216,7 +238,9 @@ class Worker:
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
-        return bool(self.reserved) and self.child_with_room() is not None and not self.rate_wait_until
+        return (
+            bool(self.reserved) and self.child_with_room() is not None and not self.rate_wait_until
+        )
 
     def close(self) -> None:
         give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
@@ -225,8 +249,11 @@ class Worker:
             time.sleep(max(0.0, min(self.broker_retry_at, give_up) - time.monotonic()))
             self.flush()
         if self.unflushed():
-            log.warning("broker unreachable: %d finished tasks not acked, they will run again",
-                        len(self.outcomes) + len(self.retries), extra={"node": self.node})
+            log.warning(
+                "broker unreachable: %d finished tasks not acked, they will run again",
+                len(self.outcomes) + len(self.retries),
+                extra={"node": self.node},
+            )
         self.emit("worker-offline")
         self.send_events()
         self.wakeup.close()
@@ -239,8 +266,16 @@ class Worker:
         self.signal_fd = read_fd
         self.poller.register(read_fd, select.POLLIN)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU,
-                    signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGQUIT,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+            signal.SIGUSR1,
+            signal.SIGHUP,
+            signal.SIGCHLD,
+        ):
             signal.signal(sig, self.on_signal)
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
         # The children's stdout and stderr: logged line by line, marked with our node.
@@ -248,7 +283,9 @@ class Worker:
         os.set_blocking(self.output_fd, False)
         self.output_tail = b""
         self.poller.register(self.output_fd, select.POLLIN)
-        if os.environ.get("FLEETD_ARBITER_PID") and os.getppid() != int(os.environ["FLEETD_ARBITER_PID"]):
+        if os.environ.get("FLEETD_ARBITER_PID") and os.getppid() != int(
+            os.environ["FLEETD_ARBITER_PID"]
+        ):
             self.signals.append(signal.SIGTERM)
 
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -350,7 +387,9 @@ class Worker:
         try:
             frames = child.reader.read_frames(child.result_fd)
         except ProtocolError as exc:
-            log.error("child %d sent garbage (%s); killing it", child.pid, exc, extra={"node": self.node})
+            log.error(
+                "child %d sent garbage (%s); killing it", child.pid, exc, extra={"node": self.node}
+            )
             frames = None
             self.kill_group(child.pid)
         if frames is None:
@@ -382,17 +421,37 @@ class Worker:
         elif state == "RETRY":
             body = json.loads(delivery.body)
             body["retries"] = int(body.get("retries", 0)) + 1
-            self.retries.append(Retry(delivery.id, json.dumps(body), time.time() + float(reply.get("c") or 0),
-                                      reply.get("t"), reply.get("m")))
+            self.retries.append(
+                Retry(
+                    delivery.id,
+                    json.dumps(body),
+                    time.time() + float(reply.get("c") or 0),
+                    reply.get("t"),
+                    reply.get("m"),
+                )
+            )
             self.counts["retried"] += 1
             self.emit("task-retried", delivery)
         elif state == SUCCESS:
-            self.outcomes.append(Outcome(delivery.id, SUCCESS, result=reply.get("r"), node=self.node, runtime=runtime))
+            self.outcomes.append(
+                Outcome(
+                    delivery.id, SUCCESS, result=reply.get("r"), node=self.node, runtime=runtime
+                )
+            )
             self.counts["succeeded"] += 1
             self.emit("task-succeeded", delivery, runtime=runtime)
         else:
-            self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type=reply.get("t"), exc_message=reply.get("m"),
-                                         traceback=reply.get("tb"), node=self.node, runtime=runtime))
+            self.outcomes.append(
+                Outcome(
+                    delivery.id,
+                    FAILURE,
+                    exc_type=reply.get("t"),
+                    exc_message=reply.get("m"),
+                    traceback=reply.get("tb"),
+                    node=self.node,
+                    runtime=runtime,
+                )
+            )
             self.counts["failed"] += 1
             self.emit("task-failed", delivery, runtime=runtime, exc_type=reply.get("t"))
         if self.should_recycle(child):
@@ -405,11 +464,14 @@ class Worker:
             return True
         if self.spec.max_memory_per_child:
             with contextlib.suppress(psutil.Error):
-                return bool(psutil.Process(child.pid).memory_info().rss > self.spec.max_memory_per_child)
+                return bool(
+                    psutil.Process(child.pid).memory_info().rss > self.spec.max_memory_per_child
+                )
         return False
 
     def retire_child(self, child: ChildProc) -> None:
-        """Replace a child after its task: the new one is forked first, so the pool never shrinks."""
+        """Replace a child after its task: the new one is forked first, so the pool never
+        shrinks."""
         child.retiring = True
         self.counts["recycled"] += 1
         self.emit("child-recycled")
@@ -445,8 +507,12 @@ class Worker:
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
             self.task_lost(lost)
-            log.warning("child %d died running task %s", child.pid, lost.id,
-                        extra={"node": self.node, "task": lost.id})
+            log.warning(
+                "child %d died running task %s",
+                child.pid,
+                lost.id,
+                extra={"node": self.node, "task": lost.id},
+            )
         if unanswered:
             self.release_now([r.delivery.id for r in unanswered], started=False)
         child.tasks.clear()
@@ -455,16 +521,25 @@ class Worker:
         """A child died mid-task: redeliver at once, or dead-letter after max_deliveries
         (at once with acks_late off: such a task is never run twice)."""
         if not self.spec.acks_late or delivery.deliveries >= self.spec.max_deliveries:
-            self.dead_letter(delivery, "WorkerLost",
-                             f"the process running it died {delivery.deliveries} times")
+            self.dead_letter(
+                delivery, "WorkerLost", f"the process running it died {delivery.deliveries} times"
+            )
         else:
             self.release_now([delivery.id], started=True)
             self.counts["redelivered"] += 1
             self.emit("redelivered")
 
     def dead_letter(self, delivery: Delivery, exc_type: str, message: str) -> None:
-        self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type=exc_type, exc_message=message,
-                                     node=self.node, dead_letter=True))
+        self.outcomes.append(
+            Outcome(
+                delivery.id,
+                FAILURE,
+                exc_type=exc_type,
+                exc_message=message,
+                node=self.node,
+                dead_letter=True,
+            )
+        )
         self.counts["dead_lettered"] += 1
         self.emit("task-failed", delivery, exc_type=exc_type)
         self.emit("dead-lettered")
@@ -563,7 +638,10 @@ class Worker:
             if running is None:
                 continue
             if running.settled:
-                if running.terminated_at is not None and now - running.terminated_at >= TERMINATE_GRACE:
+                if (
+                    running.terminated_at is not None
+                    and now - running.terminated_at >= TERMINATE_GRACE
+                ):
                     self.kill_group(child.pid)
                 continue
             if running.soft_deadline and not running.soft_sent and now >= running.soft_deadline:
@@ -575,14 +653,25 @@ class Worker:
                 running.settled = True
                 child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
-                self.outcomes.append(Outcome(delivery.id, FAILURE, exc_type="TimeLimitExceeded",
-                                             exc_message=f"hard time limit ({running.hard_deadline - running.started:g}s) exceeded",
-                                             node=self.node))
+                limit = running.hard_deadline - running.started
+                self.outcomes.append(
+                    Outcome(
+                        delivery.id,
+                        FAILURE,
+                        exc_type="TimeLimitExceeded",
+                        exc_message=f"hard time limit ({limit:g}s) exceeded",
+                        node=self.node,
+                    )
+                )
                 self.counts["time_limit_kills"] += 1
                 self.counts["failed"] += 1
                 self.emit("time-limit-kill")
                 self.emit("task-failed", delivery, exc_type="TimeLimitExceeded")
-                log.warning("task %s killed: hard time limit", delivery.id, extra={"node": self.node, "task": delivery.id})
+                log.warning(
+                    "task %s killed: hard time limit",
+                    delivery.id,
+                    extra={"node": self.node, "task": delivery.id},
+                )
 
     # --- broker ------------------------------------------------------------------
     def capacity(self) -> int:
@@ -603,9 +692,16 @@ class Worker:
             return
         with self.broker_call("reserve"):
             # What the last turns did goes in the same transaction.
-            deliveries = self.broker.exchange(self.started_ids, self.node, self.outcomes,
-                                              self.retries, self.spec.queues, want, self.owner,
-                                              self.spec.lease)
+            deliveries = self.broker.exchange(
+                self.started_ids,
+                self.node,
+                self.outcomes,
+                self.retries,
+                self.spec.queues,
+                want,
+                self.owner,
+                self.spec.lease,
+            )
             self.started_ids, self.outcomes, self.retries = [], [], []
             self.queue_dry = len(deliveries) < want
             for delivery in deliveries:
@@ -618,9 +714,15 @@ class Worker:
             self.counts["revoked"] += 1
             self.emit("task-revoked", delivery)
         elif delivery.deliveries > self.spec.max_deliveries:
-            self.dead_letter(delivery, "WorkerLost", f"delivered {delivery.deliveries - 1} times without finishing")
+            self.dead_letter(
+                delivery,
+                "WorkerLost",
+                f"delivered {delivery.deliveries - 1} times without finishing",
+            )
         elif delivery.name not in REGISTRY:
-            self.dead_letter(delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}")
+            self.dead_letter(
+                delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}"
+            )
         elif not self.valid_body(delivery):
             self.dead_letter(delivery, "BadMessage", "the message body is not a JSON task")
         else:
@@ -633,8 +735,11 @@ class Worker:
             body = json.loads(delivery.body)
         except ValueError:
             return False
-        return (isinstance(body, dict) and isinstance(body.get("args", []), list)
-                and isinstance(body.get("kwargs", {}), dict))
+        return (
+            isinstance(body, dict)
+            and isinstance(body.get("args", []), list)
+            and isinstance(body.get("kwargs", {}), dict)
+        )
 
     def dispatch(self, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""
@@ -677,8 +782,9 @@ class Worker:
 
     def begin(self, running: Running, now: float) -> None:
         """The task is now its child's current one: its time limits count from here."""
-        soft, hard = self.time_limits.get(running.delivery.name,
-                                          (self.spec.soft_time_limit, self.spec.time_limit))
+        soft, hard = self.time_limits.get(
+            running.delivery.name, (self.spec.soft_time_limit, self.spec.time_limit)
+        )
         running.started = now
         running.soft_deadline = now + soft if soft else None
         running.hard_deadline = now + hard if hard else None
@@ -699,7 +805,9 @@ class Worker:
     def renew(self, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
-        held = [d.id for d in self.reserved] + [r.delivery.id for c in self.children.values() for r in c.tasks]
+        held = [d.id for d in self.reserved] + [
+            r.delivery.id for c in self.children.values() for r in c.tasks
+        ]
         with self.broker_call("renew leases"):
             self.broker.extend(held, self.owner, self.spec.lease)
             if self.shutdown is None:
@@ -713,8 +821,12 @@ class Worker:
         while self.dead_owners and self.broker_available():
             with self.broker_call("give back a dead consumer's tasks"):
                 count = self.broker.recover(self.dead_owners[-1])
-                log.info("gave back %d tasks of dead consumer %s", count, self.dead_owners.pop(),
-                         extra={"node": self.node})
+                log.info(
+                    "gave back %d tasks of dead consumer %s",
+                    count,
+                    self.dead_owners.pop(),
+                    extra={"node": self.node},
+                )
 
     def broker_available(self) -> bool:
         """False while backing off from an unreachable broker."""
@@ -732,11 +844,19 @@ class Worker:
             yield
         except self.broker.unavailable as exc:
             level = logging.DEBUG if self.broker_backoff else logging.WARNING
-            self.broker_backoff = min(BROKER_BACKOFF_MAX,
-                                      max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff))
+            self.broker_backoff = min(
+                BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)
+            )
             self.broker_retry_at = self.next_renew = time.monotonic() + self.broker_backoff
-            log.log(level, "broker unreachable (%s: %s) to %s; trying again in %.1fs",
-                    type(exc).__name__, exc, doing, self.broker_backoff, extra={"node": self.node})
+            log.log(
+                level,
+                "broker unreachable (%s: %s) to %s; trying again in %.1fs",
+                type(exc).__name__,
+                exc,
+                doing,
+                self.broker_backoff,
+                extra={"node": self.node},
+            )
             return
         if self.broker_backoff:
             self.broker_backoff = 0.0
@@ -748,8 +868,9 @@ class Worker:
         message: dict[str, Any] = {"type": "stats", **self.stats_counts()}
         if self.metrics_enabled and self.broker_available():
             with self.broker_call("read queue depths"):
-                message["depths"] = {d.queue: d.ready for d in self.broker.depths()
-                                     if d.queue in self.spec.queues}
+                message["depths"] = {
+                    d.queue: d.ready for d in self.broker.depths() if d.queue in self.spec.queues
+                }
         if self.events_enabled:
             self.emit("worker-heartbeat", **self.stats_counts())
         self.send(message)
@@ -790,8 +911,10 @@ class Worker:
 
     def continue_shutdown(self, now: float) -> None:
         if self.shutdown_deadline and now >= self.shutdown_deadline:
-            log.warning("shutdown_timeout passed: killing running tasks (they are redelivered)",
-                        extra={"node": self.node})
+            log.warning(
+                "shutdown_timeout passed: killing running tasks (they are redelivered)",
+                extra={"node": self.node},
+            )
             self.shutdown_deadline = None
             self.kill_running()
         for child in self.children.values():
@@ -855,7 +978,8 @@ class Worker:
     # --- events and status ---------------------------------------------------------
     def emit(self, kind: str, delivery: Delivery | None = None, **fields: Any) -> None:
         if not (self.events_enabled or self.metrics_enabled) and not kind.startswith(
-                ("child-", "time-", "redel", "dead-")):
+            ("child-", "time-", "redel", "dead-")
+        ):
             return
         event: dict[str, Any] = {"type": kind, "node": self.node, "ts": time.time()}
         if delivery is not None:
@@ -870,9 +994,12 @@ class Worker:
             self.send({"type": "events", "events": events, "publish": self.events_enabled})
 
     def stats_counts(self) -> dict[str, Any]:
-        return {"reserved": len(self.reserved),
-                "active": sum(1 for c in self.children.values() if c.running),
-                "children": len(self.children), **self.counts}
+        return {
+            "reserved": len(self.reserved),
+            "active": sum(1 for c in self.children.values() if c.running),
+            "children": len(self.children),
+            **self.counts,
+        }
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -885,11 +1012,16 @@ class Worker:
             "concurrency": self.target_children,
             "rss": rss(os.getpid()),
             "children": [
-                {"pid": c.pid, "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
-                 "task": c.running.delivery.id if c.running else None,
-                 "task_name": c.running.delivery.name if c.running else None,
-                 "runtime": now - c.running.started if c.running else None,
-                 "tasks_done": c.tasks_done, "rss": rss(c.pid), "uptime": time.time() - c.born}
+                {
+                    "pid": c.pid,
+                    "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
+                    "task": c.running.delivery.id if c.running else None,
+                    "task_name": c.running.delivery.name if c.running else None,
+                    "runtime": now - c.running.started if c.running else None,
+                    "tasks_done": c.tasks_done,
+                    "rss": rss(c.pid),
+                    "uptime": time.time() - c.born,
+                }
                 for c in self.children.values()
             ],
         }
@@ -913,7 +1045,11 @@ def main() -> int:
     from supervisor.logs import setup_logging
 
     spec = WorkerSpec.from_json(json.loads(os.environ["FLEETD_WORKER_SPEC"]))
-    setup_logging(os.environ.get("FLEETD_LOG_LEVEL", "info"), os.environ.get("FLEETD_LOG_FORMAT", "text"), spec.node)
+    setup_logging(
+        os.environ.get("FLEETD_LOG_LEVEL", "info"),
+        os.environ.get("FLEETD_LOG_FORMAT", "text"),
+        spec.node,
+    )
     fd = os.environ.get("FLEETD_WORKER_FD")
     arbiter_fd = int(fd) if fd else None
     worker = Worker(spec, arbiter_fd)

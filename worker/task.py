@@ -140,7 +140,14 @@ def task(
 
             parse_rate(rate_limit)  # fail at import, not at the first run
         t = Task(
-            f, task_name, queue, bind, rate_limit, time_limit, soft_time_limit, max_retries,
+            f,
+            task_name,
+            queue,
+            bind,
+            rate_limit,
+            time_limit,
+            soft_time_limit,
+            max_retries,
             default_retry_delay,
         )
         REGISTRY[task_name] = t
@@ -165,7 +172,8 @@ def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) 
 
 
 def env_broker_source() -> tuple[str, str] | None:
-    """Where `.delay()` finds its broker: ("config", path) or ("broker", url) from the environment."""
+    """Where `.delay()` finds its broker, from the environment: ("config", path) or
+    ("broker", url)."""
     if os.environ.get("FLEET_CONFIG"):
         return ("config", os.environ["FLEET_CONFIG"])
     if os.environ.get("FLEET_BROKER"):

@@ -11,6 +11,10 @@ from bench.systems.base import QUEUE, REPO, NotAvailable, Producer, Site, System
 TASK = "bench.tasks.fleetd_tasks.stamp"
 CONFIG = "fleetd.toml"
 PREFETCH = 3  # 8 tasks in flight with 2 processes: what Celery holds by default (multiplier 4)
+FLEETD_SETTINGS = (
+    "`concurrency = N`, `prefetch = 3` (8 tasks in flight with 2 processes, as Celery's"
+    " default multiplier of 4), acks_late on, results stored"
+)
 
 
 class FleetdProducer(Producer):
@@ -96,9 +100,7 @@ class FleetdSystem(System):
 class FleetdRedis(FleetdSystem):
     name = "fleetd-redis"
     label = "fleetd (Redis)"
-    settings = (
-        "`fleetd start`, broker Redis Streams, `concurrency = N`, `prefetch = 3` (8 tasks in flight with 2 processes, as Celery's default multiplier of 4), acks_late on, results stored"
-    )
+    settings = "`fleetd start`, broker Redis Streams, " + FLEETD_SETTINGS
 
     def broker_url(self, site: Site, relative: bool) -> str:
         return site.redis_url
@@ -107,9 +109,7 @@ class FleetdRedis(FleetdSystem):
 class FleetdSQLite(FleetdSystem):
     name = "fleetd-sqlite"
     label = "fleetd (SQLite)"
-    settings = (
-        "`fleetd start`, broker SQLite (WAL), `concurrency = N`, `prefetch = 3` (8 tasks in flight with 2 processes, as Celery's default multiplier of 4), acks_late on, results stored"
-    )
+    settings = "`fleetd start`, broker SQLite (WAL), " + FLEETD_SETTINGS
 
     def broker_url(self, site: Site, relative: bool) -> str:
         return "sqlite:///queue.db" if relative else f"sqlite:///{site.workdir / 'queue.db'}"

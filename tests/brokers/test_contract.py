@@ -32,8 +32,19 @@ from worker.brokers.base import (
 if TYPE_CHECKING:
     from .conftest import BrokerFactory
 
-INFO_KEYS = {"id", "name", "queue", "state", "result", "exc_type", "exc_message", "traceback",
-             "deliveries", "node", "runtime"}
+INFO_KEYS = {
+    "id",
+    "name",
+    "queue",
+    "state",
+    "result",
+    "exc_type",
+    "exc_message",
+    "traceback",
+    "deliveries",
+    "node",
+    "runtime",
+}
 
 
 def envelope(queue: str = "q1", eta: float | None = None, body: str | None = None) -> Envelope:
@@ -246,21 +257,42 @@ def test_finish_stores_results_and_acks_for_good(broker: Broker) -> None:
     broker.enqueue([ok, bad])
     broker.reserve(["q1"], 2, "w1", 0.2)
 
-    broker.finish([
-        Outcome(ok.id, SUCCESS, result={"sum": 3}, node="w1@host", runtime=0.25),
-        Outcome(bad.id, FAILURE, exc_type="ValueError", exc_message="no", traceback="Tb",
-                node="w1@host"),
-    ])
+    broker.finish(
+        [
+            Outcome(ok.id, SUCCESS, result={"sum": 3}, node="w1@host", runtime=0.25),
+            Outcome(
+                bad.id,
+                FAILURE,
+                exc_type="ValueError",
+                exc_message="no",
+                traceback="Tb",
+                node="w1@host",
+            ),
+        ]
+    )
 
     assert broker.get_result(ok.id) == {
-        "id": ok.id, "name": "tasks.add", "queue": "q1", "state": SUCCESS, "result": {"sum": 3},
-        "exc_type": None, "exc_message": None, "traceback": None, "deliveries": 1,
-        "node": "w1@host", "runtime": 0.25,
+        "id": ok.id,
+        "name": "tasks.add",
+        "queue": "q1",
+        "state": SUCCESS,
+        "result": {"sum": 3},
+        "exc_type": None,
+        "exc_message": None,
+        "traceback": None,
+        "deliveries": 1,
+        "node": "w1@host",
+        "runtime": 0.25,
     }
     failed = broker.get_result(bad.id)
     assert failed is not None
-    assert (failed["state"], failed["exc_type"], failed["exc_message"], failed["traceback"],
-            failed["result"]) == (FAILURE, "ValueError", "no", "Tb", None)
+    assert (
+        failed["state"],
+        failed["exc_type"],
+        failed["exc_message"],
+        failed["traceback"],
+        failed["result"],
+    ) == (FAILURE, "ValueError", "no", "Tb", None)
     time.sleep(0.4)  # past the lease: an acked task must not come back
     assert broker.recover_expired(["q1"]) == 0
     assert broker.reserve(["q1"], 10, "w2", 30) == []
@@ -330,14 +362,26 @@ def test_dead_letters_keep_the_raw_body_newest_first(broker: Broker) -> None:
     broker.enqueue([first, second])
     broker.reserve(["q1"], 2, "w1", 30)
 
-    broker.finish([Outcome(first.id, FAILURE, exc_type="BadMessage", exc_message="not JSON",
-                           dead_letter=True)])
-    broker.finish([Outcome(second.id, FAILURE, exc_type="WorkerLost", exc_message="lost",
-                           dead_letter=True)])
+    broker.finish(
+        [
+            Outcome(
+                first.id, FAILURE, exc_type="BadMessage", exc_message="not JSON", dead_letter=True
+            )
+        ]
+    )
+    broker.finish(
+        [Outcome(second.id, FAILURE, exc_type="WorkerLost", exc_message="lost", dead_letter=True)]
+    )
 
     newest, oldest = broker.dead_letters()
     assert (oldest.id, oldest.queue, oldest.name, oldest.body, oldest.reason, oldest.extra) == (
-        first.id, "q1", "tasks.add", "not json {", "BadMessage", {"message": "not JSON"})
+        first.id,
+        "q1",
+        "tasks.add",
+        "not json {",
+        "BadMessage",
+        {"message": "not JSON"},
+    )
     assert oldest.at == pytest.approx(time.time(), abs=60)
     assert newest.id == second.id
     assert [letter.id for letter in broker.dead_letters(limit=1)] == [second.id]
@@ -376,8 +420,11 @@ def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
 
 def test_depths_count_ready_scheduled_and_reserved_per_queue(broker: Broker) -> None:
     later = time.time() + 60
-    broker.enqueue([envelope("q1") for _ in range(3)] + [envelope("q1", eta=later)]
-                   + [envelope("q2") for _ in range(2)])
+    broker.enqueue(
+        [envelope("q1") for _ in range(3)]
+        + [envelope("q1", eta=later)]
+        + [envelope("q2") for _ in range(2)]
+    )
 
     broker.reserve(["q1"], 1, "w1", 30)
 

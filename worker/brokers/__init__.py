@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import Broker
 
 
-def open_broker(url: str, durability: str = "default", result_ttl: int = 86400,
-                fail_fast: bool = False) -> Broker:
+def open_broker(
+    url: str, durability: str = "default", result_ttl: int = 86400, fail_fast: bool = False
+) -> Broker:
     """A new connection to the broker at `url`; raises ValueError for an unknown scheme.
 
     `result_ttl`: seconds a Redis broker keeps an ended task's record (SQLite keeps it).

@@ -10,8 +10,8 @@ contract suite against every implementation.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 # User-facing task states (DESIGN section 7).
@@ -152,8 +152,13 @@ class Broker(abc.ABC):
         does not hold (an undecodable message with a made-up id) are stored as results.
         """
 
-    def flush(self, started: list[str], node: str, outcomes: Sequence[Outcome],
-              retries: Sequence[Retry] = ()) -> None:
+    def flush(
+        self,
+        started: list[str],
+        node: str,
+        outcomes: Sequence[Outcome],
+        retries: Sequence[Retry] = (),
+    ) -> None:
         """`mark_started` and `finish` together: what a worker writes after each loop turn.
 
         A broker that can do both in one round trip (one transaction) overrides this.
@@ -163,9 +168,17 @@ class Broker(abc.ABC):
         if outcomes or retries:
             self.finish(outcomes, retries)
 
-    def exchange(self, started: list[str], node: str, outcomes: Sequence[Outcome],
-                 retries: Sequence[Retry], queues: list[str], n: int, owner: str,
-                 lease: float) -> list[Delivery]:
+    def exchange(
+        self,
+        started: list[str],
+        node: str,
+        outcomes: Sequence[Outcome],
+        retries: Sequence[Retry],
+        queues: list[str],
+        n: int,
+        owner: str,
+        lease: float,
+    ) -> list[Delivery]:
         """`flush`, then `reserve`: a worker's whole turn, in one round trip where possible."""
         self.flush(started, node, outcomes, retries)
         return self.reserve(queues, n, owner, lease)

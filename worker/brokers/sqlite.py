@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, at REAL NOT NULL);
 def path_from_url(url: str) -> str:
     """`sqlite:///rel.db` -> `rel.db`, `sqlite:////abs/q.db` -> `/abs/q.db` (SQLAlchemy's form)."""
     if not url.startswith("sqlite:///"):
-        raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///relative.db or sqlite:////abs.db)")
+        raise ValueError(
+            f"not a sqlite URL: {url!r} (expected sqlite:///relative.db or sqlite:////abs.db)"
+        )
     path = url[len("sqlite:///") :]
     if not path:
         raise ValueError(f"sqlite URL without a file path: {url!r}")
@@ -174,9 +176,7 @@ class SQLiteBroker(Broker):
     # --- producing -------------------------------------------------------------
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
         now = time.time()
-        rows = [
-            (e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes
-        ]
+        rows = [(e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes]
         with self._write() as db:
             db.executemany(
                 "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
@@ -197,9 +197,17 @@ class SQLiteBroker(Broker):
         with self._write() as db:
             return self._reserve(db, queues, n, owner, lease)
 
-    def exchange(self, started: list[str], node: str, outcomes: Sequence[Outcome],
-                 retries: Sequence[Retry], queues: list[str], n: int, owner: str,
-                 lease: float) -> list[Delivery]:
+    def exchange(
+        self,
+        started: list[str],
+        node: str,
+        outcomes: Sequence[Outcome],
+        retries: Sequence[Retry],
+        queues: list[str],
+        n: int,
+        owner: str,
+        lease: float,
+    ) -> list[Delivery]:
         with self._write() as db:
             self._mark_started(db, started, node)
             self._finish(db, outcomes, retries)
@@ -209,8 +217,9 @@ class SQLiteBroker(Broker):
         return deliveries
 
     @staticmethod
-    def _reserve(db: sqlite3.Connection, queues: list[str], n: int, owner: str,
-                 lease: float) -> list[Delivery]:
+    def _reserve(
+        db: sqlite3.Connection, queues: list[str], n: int, owner: str, lease: float
+    ) -> list[Delivery]:
         now = time.time()
         marks = ",".join("?" * len(queues))
         rows = db.execute(
@@ -238,8 +247,13 @@ class SQLiteBroker(Broker):
                 [(node, i) for i in ids],
             )
 
-    def flush(self, started: list[str], node: str, outcomes: Sequence[Outcome],
-              retries: Sequence[Retry] = ()) -> None:
+    def flush(
+        self,
+        started: list[str],
+        node: str,
+        outcomes: Sequence[Outcome],
+        retries: Sequence[Retry] = (),
+    ) -> None:
         if not (started or outcomes or retries):
             return
         with self._write() as db:
@@ -256,7 +270,9 @@ class SQLiteBroker(Broker):
         if retries:
             poke(self.wake_folder)
 
-    def _finish(self, db: sqlite3.Connection, outcomes: Sequence[Outcome], retries: Sequence[Retry]) -> None:
+    def _finish(
+        self, db: sqlite3.Connection, outcomes: Sequence[Outcome], retries: Sequence[Retry]
+    ) -> None:
         now = time.time()
         if outcomes:
             updated = db.executemany(
@@ -283,18 +299,28 @@ class SQLiteBroker(Broker):
                     "INSERT OR IGNORE INTO tasks (id, queue, name, body, status, state, result,"
                     " exc_type, exc_message, traceback, node, created, finished)"
                     f" VALUES (?, '', coalesce(?, ''), '', {DONE}, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(o.id, o.name, o.state, json.dumps(o.result), o.exc_type, o.exc_message,
-                      o.traceback, o.node, now, now) for o in outcomes],
+                    [
+                        (
+                            o.id,
+                            o.name,
+                            o.state,
+                            json.dumps(o.result),
+                            o.exc_type,
+                            o.exc_message,
+                            o.traceback,
+                            o.node,
+                            now,
+                            now,
+                        )
+                        for o in outcomes
+                    ],
                 )
             dead = [o for o in outcomes if o.dead_letter]
             if dead:
                 db.executemany(
                     "INSERT OR REPLACE INTO dead_letters (id, queue, name, body, reason, at, extra)"
                     " SELECT id, queue, name, body, ?, ?, ? FROM tasks WHERE id = ?",
-                    [
-                        (o.exc_type, now, json.dumps({"message": o.exc_message}), o.id)
-                        for o in dead
-                    ],
+                    [(o.exc_type, now, json.dumps({"message": o.exc_message}), o.id) for o in dead],
                 )
         if retries:
             db.executemany(
@@ -355,7 +381,8 @@ class SQLiteBroker(Broker):
     def next_due(self, queues: list[str]) -> float | None:
         marks = ",".join("?" * len(queues))
         row = self.db.execute(
-            f"SELECT min(eta) FROM tasks WHERE status = {QUEUED} AND queue IN ({marks}) AND eta > ?",
+            f"SELECT min(eta) FROM tasks WHERE status = {QUEUED}"
+            f" AND queue IN ({marks}) AND eta > ?",
             (*queues, time.time()),
         ).fetchone()
         return row[0] if row and row[0] is not None else None
@@ -387,7 +414,8 @@ class SQLiteBroker(Broker):
     def depths(self) -> list[QueueDepth]:
         now = time.time()
         rows = self.db.execute(
-            f"SELECT queue, sum(status = {QUEUED} AND eta <= ?), sum(status = {QUEUED} AND eta > ?),"
+            f"SELECT queue, sum(status = {QUEUED} AND eta <= ?),"
+            f" sum(status = {QUEUED} AND eta > ?),"
             f" sum(status = {HELD}) FROM tasks WHERE status < {DONE} GROUP BY queue ORDER BY queue",
             (now, now),
         ).fetchall()
@@ -429,4 +457,3 @@ class SQLiteBroker(Broker):
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
-
