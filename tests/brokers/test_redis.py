@@ -1,17 +1,31 @@
-"""What only the Redis broker promises: surviving Redis restarts, retried calls, key expiry."""
+"""What only the Redis broker promises: surviving Redis restarts, retried calls, key expiry,
+one call to Redis per worker turn."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from tests.redisserver import RedisServer, start_redis
-from worker.brokers.base import PENDING, SUCCESS, Outcome, QueueDepth
-from worker.brokers.redis import RedisBroker
+from worker.brokers.base import (
+    PENDING,
+    RETRY,
+    STARTED,
+    SUCCESS,
+    Envelope,
+    Outcome,
+    QueueDepth,
+    Retry,
+)
+from worker.brokers.redis import Link, RedisBroker
 
 from .test_contract import envelope, ids, readable, sleep_until, wait_for
 
@@ -95,15 +109,141 @@ def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:
         broker.close()
 
 
-def test_a_retried_write_runs_only_once(redis_broker: RedisBroker) -> None:
-    redis_broker.enqueue([envelope(), envelope()])
-    args = {"queues": ["q1"], "n": 1, "owner": "w1", "lease_ms": 30000}
+def lose_next_reply(broker: RedisBroker, meanwhile: Callable[[], None] = lambda: None) -> None:
+    """The broker's next call runs in Redis but its reply is lost with the connection (after
+    `meanwhile` ran), so that redis-py's retry sends the call again."""
+    [link] = broker._idle
+    connection = link.connection
+    read = connection.read_response
 
-    first = redis_broker._run("reserve", args, token="one-call")
-    again = redis_broker._run("reserve", args, token="one-call")  # as redis-py resends it
+    def read_then_drop(*args: Any, **kwargs: Any) -> Any:
+        read(*args, **kwargs)  # raises for a script Redis does not have yet: not this reply
+        del connection.read_response  # the next read is a normal one again
+        meanwhile()
+        connection.disconnect()
+        raise redis.ConnectionError("connection lost before the reply was read (test)")
 
-    assert again == first and first[0][4] == 1
+    connection.read_response = read_then_drop  # type: ignore[method-assign]
+
+
+def test_a_reserve_whose_reply_was_lost_hands_out_the_same_tasks_once(
+    redis_broker: RedisBroker,
+) -> None:
+    first, second = envelope(), envelope()
+    redis_broker.enqueue([first, second])
+    lose_next_reply(redis_broker)
+
+    [held] = redis_broker.reserve(["q1"], 1, "w1", 30)
+
+    assert (held.id, held.deliveries) == (first.id, 1)
     assert redis_broker.depths() == [QueueDepth("q1", ready=1, scheduled=0, reserved=1)]
+
+
+def test_an_enqueue_retried_after_its_task_ended_does_not_start_it_again(
+    redis_broker: RedisBroker,
+) -> None:
+    task = envelope()
+    worker = RedisBroker(redis_broker.url, prefix=redis_broker.prefix)
+
+    def run_it_meanwhile() -> None:
+        [delivery] = worker.reserve(["q1"], 1, "w1", 30)
+        worker.finish([Outcome(delivery.id, SUCCESS, result=1)])
+
+    redis_broker.depths()  # opens the connection whose reply gets lost
+    lose_next_reply(redis_broker, meanwhile=run_it_meanwhile)
+    redis_broker.enqueue([task])
+
+    assert worker.reserve(["q1"], 1, "w1", 30) == []
+    info = redis_broker.get_result(task.id)
+    assert info is not None and (info["state"], info["result"]) == (SUCCESS, 1)
+    worker.close()
+
+
+def test_a_worker_turn_is_one_call_to_redis(
+    redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done, retried, running, *fresh = tasks = [envelope() for _ in range(5)]
+    redis_broker.enqueue(tasks)
+    redis_broker.reserve(["q1"], 3, "w1", 30)
+    commands: list[str] = []
+    execute = Link.execute
+
+    def execute_and_note(link: Link, *args: Any) -> Any:
+        commands.append(args[0])
+        return execute(link, *args)
+
+    monkeypatch.setattr(Link, "execute", execute_and_note)
+
+    new = redis_broker.exchange(
+        [done.id, running.id],
+        "w1@host",
+        [Outcome(done.id, SUCCESS, result=2, node="w1@host")],
+        [Retry(retried.id, '{"retries": 1}', time.time() + 60, "IOError", "flaky")],
+        ["q1"],
+        10,
+        "w1",
+        30,
+    )
+
+    assert commands == ["EVALSHA"]
+    assert ids(new) == ids(fresh)
+    monkeypatch.undo()
+    states = [(redis_broker.get_result(t.id) or {}).get("state") for t in (done, retried, running)]
+    assert states == [SUCCESS, RETRY, STARTED]
+    assert redis_broker.depths() == [QueueDepth("q1", ready=0, scheduled=1, reserved=3)]
+
+
+def test_a_task_started_and_ended_in_one_turn_keeps_the_node_its_outcome_names(
+    redis_broker: RedisBroker,
+) -> None:
+    named, unnamed = envelope(), envelope()
+    redis_broker.enqueue([named, unnamed])
+    redis_broker.reserve(["q1"], 2, "w1", 30)
+
+    redis_broker.flush(
+        [named.id, unnamed.id],
+        "w1@host",
+        [Outcome(named.id, SUCCESS, node="w1@other"), Outcome(unnamed.id, SUCCESS)],
+    )
+
+    infos = [redis_broker.get_result(t.id) or {} for t in (named, unnamed)]
+    assert [(info["state"], info["node"]) for info in infos] == [
+        (SUCCESS, "w1@other"),
+        (SUCCESS, "w1@host"),
+    ]
+
+
+def test_scripts_are_sent_again_when_redis_has_forgotten_them(server: RedisServer) -> None:
+    broker = RedisBroker(server.url)
+    try:
+        broker.enqueue([envelope()])
+        broker.redis.script_flush()
+
+        broker.enqueue([envelope()])
+
+        assert len(broker.reserve(["q1"], 10, "w1", 30)) == 2
+    finally:
+        broker.close()
+
+
+def test_a_broker_used_on_both_sides_of_a_fork_keeps_their_calls_apart(
+    redis_broker: RedisBroker,
+) -> None:
+    mine, childs = envelope(), Envelope(str(uuid.uuid4()), "q1", "tasks.other", "{}")
+    redis_broker.enqueue([mine, childs])  # the parent's connection is open when it forks
+
+    def read_many() -> None:
+        for _ in range(300):
+            info = redis_broker.get_result(childs.id)
+            assert info is not None and info["name"] == "tasks.other"
+
+    child = multiprocessing.get_context("fork").Process(target=read_many)
+    child.start()
+    for _ in range(300):
+        info = redis_broker.get_result(mine.id)
+        assert info is not None and info["name"] == "tasks.add"
+    child.join(30)
+    assert child.exitcode == 0
 
 
 def test_enqueueing_an_id_that_is_already_queued_is_ignored(redis_broker: RedisBroker) -> None:
@@ -129,3 +269,15 @@ def test_results_expire_after_result_ttl(redis_broker: RedisBroker) -> None:
     info = short.get_result(task.id)
     assert info is not None and info["state"] != PENDING
     short.close()
+
+
+def test_recover_expired_forgets_the_consumers_it_left_holding_nothing(
+    redis_broker: RedisBroker,
+) -> None:
+    redis_broker.enqueue([envelope()])
+    redis_broker.reserve(["q1"], 1, "w1", 0.1)
+    time.sleep(0.3)
+
+    assert redis_broker.recover_expired(["q1"]) == 1
+
+    assert redis_broker.redis.xinfo_consumers(f"{redis_broker.prefix}:q:q1", "workers") == []
