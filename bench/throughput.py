@@ -1,0 +1,97 @@
+"""fleetd alone, quickly: no-op throughput, cold start and latency on one broker.
+
+`python -m bench.throughput [--broker sqlite|redis] [--tasks 5000] [--prefetch 1]`
+starts a fleet with `concurrency = 2` in a temp dir (Redis: a private server),
+and prints tasks/s for a pre-filled queue and for enqueue-while-draining, the
+time from `fleetd start` to the first task done, and submit-to-result latency.
+`make bench` is the side-by-side comparison; this is the figure to watch while
+changing fleetd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.redis_server import RedisServer
+from worker import Client
+
+FLEETD = str(Path(sys.executable).parent / "fleetd")
+TASKS = "from worker import task\n\n\n@task\ndef noop():\n    return None\n"
+
+
+def write_config(folder: Path, broker: str, prefetch: int) -> Path:
+    (folder / "tput_tasks.py").write_text(TASKS)
+    config = folder / "fleet.toml"
+    config.write_text(
+        f'[fleet]\nnode = "tput"\nbroker = "{broker}"\nimports = ["tput_tasks"]\n'
+        f"[defaults]\nconcurrency = 2\nprefetch = {prefetch}\n"
+        '[[worker]]\nname = "w"\n'
+    )
+    return config
+
+
+def drain(client: Client, handles: list) -> None:
+    for handle in handles:
+        handle.get(timeout=120)
+
+
+def measure(config: Path, tasks: int) -> dict[str, float]:
+    client = Client.from_config(str(config))
+    out: dict[str, float] = {}
+    first = client.submit("tput_tasks.noop")
+    started = time.perf_counter()
+    fleet = subprocess.Popen([FLEETD, "start", "-c", str(config), "--log-level", "warning"])
+    try:
+        first.get(timeout=30)
+        out["cold start to first task (s)"] = time.perf_counter() - started
+        handles = client.submit_many([("tput_tasks.noop", (), {})] * tasks)
+        started = time.perf_counter()
+        drain(client, handles)
+        out["pre-filled drain (tasks/s)"] = tasks / (time.perf_counter() - started)
+        started = time.perf_counter()
+        handles = []
+        for _ in range(0, tasks, 100):
+            handles += client.submit_many([("tput_tasks.noop", (), {})] * 100)
+        drain(client, handles)
+        out["enqueue while draining (tasks/s)"] = tasks / (time.perf_counter() - started)
+        latencies = []
+        for _ in range(500):
+            started = time.perf_counter()
+            client.submit("tput_tasks.noop").get(timeout=10)
+            latencies.append(time.perf_counter() - started)
+        latencies.sort()
+        out["submit to result p50 (ms)"] = latencies[len(latencies) // 2] * 1000
+        out["submit to result p99 (ms)"] = latencies[int(len(latencies) * 0.99)] * 1000
+    finally:
+        fleet.terminate()
+        fleet.wait(60)
+        client.close()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite")
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--prefetch", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fleetd-tput-") as tmp:
+        folder = Path(tmp)
+        if args.broker == "redis":
+            with RedisServer(folder / "redis") as redis:
+                figures = measure(write_config(folder, redis.url, args.prefetch), args.tasks)
+        else:
+            figures = measure(write_config(folder, "sqlite:///queue.db", args.prefetch), args.tasks)
+    print(f"fleetd on {args.broker}, concurrency 2, prefetch {args.prefetch}, {args.tasks} tasks")
+    for name, value in figures.items():
+        print(f"  {name:36} {value:10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
