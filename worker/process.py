@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import importlib
 import json
 import logging
@@ -333,6 +334,7 @@ class Worker:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
             keep_closed += [other.task_fd, other.result_fd, other.revoke_fd]
+        gc.freeze()  # a child's collector then leaves the inherited objects (and their pages) alone
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)

@@ -36,7 +36,9 @@ from .base import (
 )
 
 QUEUED, HELD, DONE = 0, 1, 2
-SAFETY_CHECKPOINT_PAGES = 20000  # ~80 MB of WAL
+SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
+LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.005  # seconds between tries for the lock
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 
 SCHEMA = """
@@ -147,7 +149,7 @@ class SQLiteBroker(Broker):
         os.makedirs(folder, exist_ok=True)
         self._lock = threading.Lock()  # a Client may be shared between threads
         self.db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            self.path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=False
         )
         self.db.execute("PRAGMA journal_mode=WAL")
         sync = "FULL" if durability == "fsync" else "NORMAL"
@@ -159,11 +161,31 @@ class SQLiteBroker(Broker):
         self.dirty_since = 0.0  # monotonic time of our first commit since the last checkpoint
         self.db.executescript(SCHEMA)
 
+    def _begin(self) -> None:
+        """Take the write lock, retrying every fraction of a millisecond while another
+        connection holds it. SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between
+        tries, so two workers writing at once (a reload, say) stalled each other for
+        hundreds of ms; reads never wait in WAL mode and keep the ordinary timeout."""
+        self.db.execute("PRAGMA busy_timeout = 0")
+        try:
+            delay, give_up = LOCK_RETRY_FIRST, time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= give_up:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, LOCK_RETRY_MAX)
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taking the write lock up front so it never deadlocks."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 yield self.db
                 self.db.execute("COMMIT")
