@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint demo chaos chaos-short bench bench-quick clean
+.PHONY: run test lint demo chaos bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check supervisor worker ctl tests bench
+	$(BIN)/ruff check supervisor worker ctl tests bench examples
+	$(BIN)/ruff format --check supervisor worker ctl tests bench examples
 	$(BIN)/mypy supervisor worker ctl
 
 demo: $(STAMP)
