@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 import psutil
@@ -165,13 +164,3 @@ def reap_all() -> list[tuple[int, int]]:
         if pid == 0:
             return ended
         ended.append((pid, status))
-
-
-def wait_for_exit(pids: list[int], timeout: float) -> bool:
-    """Poll until none of `pids` lives (used only where the loop is gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(p) for p in pids):
-            return True
-        time.sleep(0.02)
-    return False

@@ -95,7 +95,6 @@ class Worker:
         self.reserved: deque[Delivery] = deque()
         self.outcomes: list[Outcome] = []
         self.retries: list[Retry] = []
-        self.to_release: list[str] = []
         self.started_ids: list[str] = []
         self.revoked: set[str] = set()
         self.rate_limits = RateLimits(spec.rate_limits)
@@ -588,12 +587,6 @@ class Worker:
                     os.close(child.task_fd)
                 child.task_fd = -1
                 extra -= 1
-
-    def idle_child(self) -> ChildProc | None:
-        for child in self.children.values():
-            if not child.tasks and not child.retiring:
-                return child
-        return None
 
     def child_with_room(self) -> ChildProc | None:
         """The child with the fewest tasks, if it can take one more: an idle child at once,
