@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import zmq
 
 import worker.commands  # noqa: F401 - the built-in worker commands, to check their arguments
@@ -74,6 +75,7 @@ class WorkerProc:
     backoff_until: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
+    record: dict[str, Any] | None = None  # pid and start time, taken at spawn
     children: list[dict[str, Any]] = field(default_factory=list)  # its pool at the last run record
     commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
 
@@ -265,6 +267,7 @@ class Arbiter:
             setsigmask=set(),
         )
         theirs.close()
+        w.record = orphans.process_record(w.pid)
         w.sock = ours
         w.reader = FrameReader()
         w.state = STARTING
@@ -632,12 +635,9 @@ class Arbiter:
         for w in self.workers:
             if not w.pid:
                 continue
-            record = orphans.process_record(w.pid)
-            if record:
-                processes.append(record)
-            with contextlib.suppress(Exception):
-                import psutil
-
+            if w.record:
+                processes.append(w.record)
+            with contextlib.suppress(psutil.Error):
                 w.children = [
                     {"pid": child.pid, "create_time": child.create_time(), "group": True}
                     for child in psutil.Process(w.pid).children()

@@ -478,8 +478,14 @@ class Worker:
         self.emit("child-recycled")
         if self.live_children() < self.target_children:
             self.spawn_child()
+        self.let_go(child)
+
+    @staticmethod
+    def let_go(child: ChildProc) -> None:
+        """Hand the child nothing more: it runs what its pipe holds, reads EOF and exits."""
+        child.retiring = True
         with contextlib.suppress(OSError):
-            os.close(child.task_fd)  # EOF: the child exits when it reads it
+            os.close(child.task_fd)
         child.task_fd = -1
 
     def live_children(self) -> int:
@@ -582,10 +588,7 @@ class Worker:
             if extra <= 0:
                 break
             if not child.retiring and child.running is None:
-                child.retiring = True
-                with contextlib.suppress(OSError):
-                    os.close(child.task_fd)
-                child.task_fd = -1
+                self.let_go(child)
                 extra -= 1
 
     def child_with_room(self) -> ChildProc | None:
@@ -914,10 +917,7 @@ class Worker:
             self.kill_running()
         for child in self.children.values():
             if not child.tasks and not child.retiring:
-                child.retiring = True
-                with contextlib.suppress(OSError):
-                    os.close(child.task_fd)
-                child.task_fd = -1
+                self.let_go(child)
 
     # --- arbiter channel ---------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
