@@ -200,9 +200,12 @@ class Worker:
         elif self.started_ids and not self.started_flush_at:
             self.started_flush_at = now + STARTED_FLUSH_DELAY
         self.send_events()
-        if not self.held() and self.shutdown is None and self.broker_available():
-            with self.broker_call("checkpoint"):
-                self.broker.maintain()
+        if self.shutdown is None and self.broker_available():
+            with self.broker_call("tidy up"):
+                if self.held():  # a fleet that is never idle must still drop old results
+                    self.broker.expire()
+                else:
+                    self.broker.maintain()
         if now >= self.next_renew:
             self.renew(now)
         if now >= self.next_report:

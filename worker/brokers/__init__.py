@@ -10,7 +10,7 @@ def open_broker(
 ) -> Broker:
     """A new connection to the broker at `url`; raises ValueError for an unknown scheme.
 
-    `result_ttl`: seconds a Redis broker keeps an ended task's record (SQLite keeps it).
+    `result_ttl`: seconds an ended task's record is kept.
     `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly
     before it raises `broker.unavailable`, for a caller that retries on its own and has
     other work meanwhile (the worker's loop); otherwise it rides out a Redis restart.
@@ -18,7 +18,7 @@ def open_broker(
     if url.startswith("sqlite:"):
         from .sqlite import SQLiteBroker
 
-        return SQLiteBroker(url, durability=durability)
+        return SQLiteBroker(url, durability=durability, result_ttl=result_ttl)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import CALL_RETRIES, FAIL_FAST_RETRIES, RedisBroker
 

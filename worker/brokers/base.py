@@ -234,5 +234,13 @@ class Broker(abc.ABC):
         """Housekeeping a worker runs when it is idle (nothing held); must be cheap when
         there is nothing to do."""
 
+    def expire(self) -> int:
+        """Delete records of tasks that ended more than `result_ttl` seconds ago; returns
+        how many. A worker calls it on every turn it holds tasks, and `maintain` (which
+        should call it too) on the others: it must be cheap until due, and may leave a
+        backlog to later calls rather than hold a turn up. Brokers whose records expire on
+        their own (Redis keys carry a TTL) keep this no-op."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -1,10 +1,10 @@
 """The embedded broker: one SQLite file in WAL mode, one transaction per batch.
 
 A task is one row of `tasks`: `status` says where it is for the broker (queued,
-held by an owner under a lease, done) and `state` what a user sees. Idle
-consumers sleep on a FIFO each (in `<db>-wake/`), which producers poke after
-every commit, so a task starts within a millisecond of its submit without any
-polling loop.
+held by an owner under a lease, done: deleted `result_ttl` seconds after it
+ended) and `state` what a user sees. Idle consumers sleep on a FIFO each (in
+`<db>-wake/`), which producers poke after every commit, so a task starts within
+a millisecond of its submit without any polling loop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
 LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
 LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.005  # seconds between tries for the lock
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
+EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
+EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -66,6 +68,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, eta, seq) WHERE status = 0;
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (owner) WHERE status = 1;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks (queue) WHERE status < 2;
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished) WHERE status = 2;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, queue TEXT, name TEXT, body TEXT, reason TEXT, at REAL, extra TEXT
 );
@@ -141,8 +144,10 @@ def poke(folder: str) -> None:
 class SQLiteBroker(Broker):
     unavailable = (sqlite3.OperationalError,)  # locked past the busy timeout, disk I/O errors
 
-    def __init__(self, url: str, durability: str = "default") -> None:
+    def __init__(self, url: str, durability: str = "default", result_ttl: int = 86400) -> None:
         self.url = url
+        self.result_ttl = result_ttl
+        self.expire_at = 0.0  # monotonic time from which `expire` looks again
         self.path = path_from_url(url)
         self.wake_folder = self.path + "-wake"
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -468,13 +473,35 @@ class SQLiteBroker(Broker):
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM revoked")}
 
+    def expire(self) -> int:
+        """Delete up to EXPIRE_BATCH records of tasks that ended more than `result_ttl`
+        seconds ago, in one short transaction; returns how many. Queued and held tasks stay
+        whatever their age, and so do dead letters and revokes (records of their own).
+
+        A backlog goes one batch per call, so neither other writers (the lock) nor the
+        worker's loop ever wait long; once a batch comes back short, nothing more is
+        due for EXPIRE_EVERY seconds."""
+        if time.monotonic() < self.expire_at:
+            return 0
+        with self._write() as db:
+            count = db.execute(
+                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks"
+                f" WHERE status = {DONE} AND finished < ? LIMIT {EXPIRE_BATCH})",
+                (time.time() - self.result_ttl,),
+            ).rowcount
+        if count < EXPIRE_BATCH:
+            self.expire_at = time.monotonic() + EXPIRE_EVERY
+        return count
+
     def maintain(self) -> None:
         """Move the WAL into the database (a PASSIVE checkpoint: it never waits for other
-        connections) once our commits are IDLE_CHECKPOINT_AFTER seconds old."""
+        connections) once our commits are IDLE_CHECKPOINT_AFTER seconds old; expire
+        results when due."""
         if self.dirty_since and time.monotonic() - self.dirty_since >= IDLE_CHECKPOINT_AFTER:
             self.dirty_since = 0.0
             with self._lock:
                 self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.expire()
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

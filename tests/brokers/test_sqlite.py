@@ -1,0 +1,143 @@
+"""SQLite broker only: ended tasks' records are deleted `result_ttl` seconds after they end.
+
+Age is made by moving `finished` back in the database file itself, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fleet import Fleet, wait_for
+from worker.brokers import open_broker
+from worker.brokers.base import SUCCESS, Outcome, QueueDepth
+from worker.brokers.sqlite import EXPIRE_BATCH, SQLiteBroker
+
+from .test_contract import envelope
+
+TTL = 60
+
+
+@pytest.fixture
+def sqlite_broker(tmp_path: Path) -> Iterator[SQLiteBroker]:
+    opened = open_broker(f"sqlite:///{tmp_path / 'queue.db'}", result_ttl=TTL)
+    assert isinstance(opened, SQLiteBroker)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def finished(broker: SQLiteBroker, count: int = 1) -> list[str]:
+    """Ids of `count` tasks run to SUCCESS just now."""
+    tasks = [envelope() for _ in range(count)]
+    broker.enqueue(tasks)
+    broker.reserve(["q1"], count, "w1", 30)
+    broker.finish([Outcome(t.id, SUCCESS, result=1) for t in tasks])
+    return [t.id for t in tasks]
+
+
+def age(db_path: str, ids: list[str], seconds: float) -> None:
+    """Date these tasks' creation and end `seconds` back."""
+    then = time.time() - seconds
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
+        db.executemany(
+            "UPDATE tasks SET created = ?, finished = ? WHERE id = ?",
+            [(then, then, i) for i in ids],
+        )
+
+
+def test_record_older_than_result_ttl_is_deleted_and_a_fresher_one_kept(
+    sqlite_broker: SQLiteBroker,
+) -> None:
+    old, fresh = finished(sqlite_broker, 2)
+    age(sqlite_broker.path, [old], TTL + 1)
+    age(sqlite_broker.path, [fresh], TTL - 5)
+
+    assert sqlite_broker.expire() == 1
+
+    assert sqlite_broker.get_result(old) is None
+    info = sqlite_broker.get_result(fresh)
+    assert info is not None and info["state"] == SUCCESS
+
+
+def test_queued_and_held_tasks_are_kept_whatever_their_age(sqlite_broker: SQLiteBroker) -> None:
+    held, queued = envelope(), envelope()
+    sqlite_broker.enqueue([held])
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 1, "w1", 30)] == [held.id]
+    sqlite_broker.enqueue([queued])
+    # Even with an old `finished` (which they never have), only ended tasks expire.
+    age(sqlite_broker.path, [held.id, queued.id], 10 * TTL)
+
+    assert sqlite_broker.expire() == 0
+
+    assert sqlite_broker.depths() == [QueueDepth("q1", ready=1, reserved=1)]
+    sqlite_broker.finish([Outcome(held.id, SUCCESS)])
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 1, "w1", 30)] == [queued.id]
+
+
+def test_dead_letters_and_revokes_outlive_the_task_records(sqlite_broker: SQLiteBroker) -> None:
+    dead, revoked = envelope(), envelope()
+    sqlite_broker.enqueue([dead])
+    sqlite_broker.reserve(["q1"], 1, "w1", 30)
+    sqlite_broker.enqueue([revoked])
+    sqlite_broker.finish([Outcome(dead.id, "FAILURE", exc_type="WorkerLost", dead_letter=True)])
+    sqlite_broker.revoke([revoked.id])
+    age(sqlite_broker.path, [dead.id, revoked.id], TTL + 1)
+
+    assert sqlite_broker.expire() == 2
+
+    assert [sqlite_broker.get_result(i) for i in (dead.id, revoked.id)] == [None, None]
+    assert [d.id for d in sqlite_broker.dead_letters()] == [dead.id]
+    assert sqlite_broker.revoked() == {revoked.id}
+
+
+def test_a_backlog_goes_one_batch_per_call_then_expiry_rests(sqlite_broker: SQLiteBroker) -> None:
+    backlog = finished(sqlite_broker, 2 * EXPIRE_BATCH + 1)
+    age(sqlite_broker.path, backlog, TTL + 1)
+
+    assert [sqlite_broker.expire() for _ in range(3)] == [EXPIRE_BATCH, EXPIRE_BATCH, 1]
+    assert all(sqlite_broker.get_result(i) is None for i in backlog)
+
+    # Caught up: the next look is EXPIRE_EVERY seconds away, so nothing goes meanwhile.
+    (late,) = finished(sqlite_broker)
+    age(sqlite_broker.path, [late], TTL + 1)
+    assert sqlite_broker.expire() == 0
+    assert sqlite_broker.get_result(late) is not None
+
+
+def test_maintain_expires_results_when_a_worker_is_idle(sqlite_broker: SQLiteBroker) -> None:
+    (old,) = finished(sqlite_broker)
+    age(sqlite_broker.path, [old], TTL + 1)
+
+    sqlite_broker.maintain()
+
+    assert sqlite_broker.get_result(old) is None
+
+
+def test_fleet_under_constant_load_still_expires_results_after_result_ttl(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The worker holds a 30 s task from its first turn on, so it is never idle: the
+    record goes through the busy path, with `result_ttl` from the config."""
+    fleet = make_fleet(fleet={"result_ttl": TTL}, defaults={"concurrency": 1, "prefetch": 0})
+    client = fleet.client
+    busy = client.submit("tasks.sleep", 30)
+    old, fresh = "old-record", "fresh-record"
+    client.broker.finish([Outcome(old, SUCCESS, name="tasks.add"), Outcome(fresh, SUCCESS)])
+    age(str(fleet.folder / "queue.db"), [old], 10 * TTL)
+
+    fleet.start()
+    wait_for(lambda: busy.state == "STARTED", 10, message="the 30 s task to start")
+    wait_for(lambda: client.broker.get_result(old) is None, 10, message="the old record to go")
+
+    assert busy.state == "STARTED"  # still running: the worker was never idle
+    assert client.broker.get_result(fresh) is not None
+    fleet.signal(signal.SIGQUIT)  # a cold shutdown: no waiting out the 30 s task
+    assert fleet.wait_exit(15) == 0
