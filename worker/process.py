@@ -25,8 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from supervisor.config import WorkerSpec
 
 from .brokers import open_broker
@@ -50,6 +48,7 @@ TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
 BROKER_BACKOFF_MAX = 5.0
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
 
 
@@ -140,8 +139,8 @@ class Worker:
             result_ttl=self.spec.result_ttl,
             fail_fast=True,
         )
-        me = psutil.Process()
-        self.owner = f"{self.node}:{me.pid}:{int(me.create_time() * 1000)}"
+        # Who holds our tasks in the broker: pid and start time, so a reused pid is not us.
+        self.owner = f"{self.node}:{os.getpid()}:{int(time.time() * 1000)}"
         with self.broker_call("read revokes"):
             self.revoked = self.broker.revoked()
             self.broker.recover_expired(self.spec.queues)
@@ -467,10 +466,7 @@ class Worker:
         if child.recycle_after and child.tasks_done >= child.recycle_after:
             return True
         if self.spec.max_memory_per_child:
-            with contextlib.suppress(psutil.Error):
-                return bool(
-                    psutil.Process(child.pid).memory_info().rss > self.spec.max_memory_per_child
-                )
+            return (rss(child.pid) or 0) > self.spec.max_memory_per_child
         return False
 
     def retire_child(self, child: ChildProc) -> None:
@@ -1026,10 +1022,13 @@ class Worker:
 
 
 def rss(pid: int) -> int | None:
-    """Resident memory of a process in bytes; None if it is gone."""
-    with contextlib.suppress(psutil.Error):
-        return int(psutil.Process(pid).memory_info().rss)
-    return None
+    """Resident memory of a process in bytes; None if it is gone (read from /proc, as
+    psutil does, without importing psutil into every worker)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def encode_task(delivery: Delivery) -> bytes:
