@@ -34,6 +34,14 @@ def ensure_peers_venv() -> None:
     MARKER.write_text(wanted)
 
 
+def compile_bytecode() -> None:
+    """Byte-compile fleetd and the benchmark's task modules, as pip does for every peer it
+    installs: fleetd runs from an editable install, and with PYTHONDONTWRITEBYTECODE set
+    (or a read-only tree) each of its processes would compile its modules at every start."""
+    folders = ["supervisor", "worker", "ctl", "bench/tasks"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], cwd=REPO, check=True)
+
+
 def fleetd_missing() -> str | None:
     """Why fleetd cannot be benchmarked yet, or None when it can."""
     if not (PROJECT_BIN / "fleetd").exists():
