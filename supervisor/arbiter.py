@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -51,6 +52,7 @@ STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
     "FATAL",
 )
 
+CAP_SYS_NICE = 23  # capabilities(7)
 START_SECS = 3.0  # a worker that dies sooner than this after its start died "fast"
 FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
 BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
@@ -123,6 +125,7 @@ class Arbiter:
         self.next_tick = 0.0
         self.tasks_done = 0  # by workers that are gone; live ones report their own
         self.run_record = orphans.RunRecord(config.state_dir)
+        self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
 
     # --- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
@@ -242,9 +245,17 @@ class Arbiter:
 
     # --- workers -----------------------------------------------------------------
     def spawn_worker(
-        self, spec: configmod.WorkerSpec, generation: int, replacing: WorkerProc | None = None
+        self,
+        spec: configmod.WorkerSpec,
+        generation: int,
+        replacing: WorkerProc | None = None,
+        polite: bool = False,
     ) -> WorkerProc:
+        """Start a worker process. `polite`: another generation serves its queues meanwhile,
+        so it boots (imports, connects) at idle CPU priority (SCHED_IDLE), leaving the CPU to
+        the tasks running, and returns to our scheduling policy before it forks its children."""
         w = replacing or WorkerProc(spec, generation)
+        polite = polite and self.may_leave_idle
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         theirs.set_inheritable(True)
         env = dict(os.environ)
@@ -256,6 +267,9 @@ class Arbiter:
         env["FLEETD_METRICS"] = "1" if self.config.metrics_bind else "0"
         env["FLEETD_EVENTS"] = "1" if spec.node in self.events_on else "0"
         env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
+        env.pop("FLEETD_SCHED_POLICY", None)
+        if polite:  # the policy the worker returns to once booted
+            env["FLEETD_SCHED_POLICY"] = str(os.sched_getscheduler(0))
         argv = [sys.executable, "-m", "worker", spec.node]
         w.pid = os.posix_spawn(
             sys.executable,
@@ -267,6 +281,9 @@ class Arbiter:
             setsigmask=set(),
         )
         theirs.close()
+        if polite:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(w.pid, os.SCHED_IDLE, os.sched_param(0))
         w.record = orphans.process_record(w.pid)
         w.sock = ours
         w.reader = FrameReader()
@@ -481,8 +498,9 @@ class Arbiter:
             if w.state not in (STOPPED, STOPPING):
                 old_by_name.setdefault(w.spec.name, []).append(w)
         for spec in new.workers:
-            fresh = self.spawn_worker(spec, self.generation)
-            fresh.retire_when_ready = old_by_name.pop(spec.name, [])
+            old = old_by_name.pop(spec.name, [])
+            fresh = self.spawn_worker(spec, self.generation, polite=bool(old))
+            fresh.retire_when_ready = old
         for gone in old_by_name.values():  # removed from the config
             for w in gone:
                 self.stop_worker(w)
@@ -651,6 +669,19 @@ class Arbiter:
                 "owners": owners,
             }
         )
+
+
+def may_leave_idle_priority() -> bool:
+    """Whether a process we spawn (it has our credentials and limits), once put at idle CPU
+    priority, may return to ours: that takes CAP_SYS_NICE, or an RLIMIT_NICE that reaches
+    our nice value (systemd: LimitNICE=), as lowering a nice value does (sched(7))."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or soft >= 20 - os.getpriority(os.PRIO_PROCESS, 0):
+        return True
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:
+        effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+        return bool(int(effective, 16) >> CAP_SYS_NICE & 1)
+    return False
 
 
 def non_reloadable_changes(old: configmod.Config, new: configmod.Config) -> list[str]:

@@ -347,6 +347,34 @@ def test_arbiter_hup_starts_fresh_code_before_stopping_the_old_generation(
     assert log.index("generation 1 is up, stopping generation 0") < log.index("reload complete")
 
 
+def test_arbiter_hup_boots_the_new_generation_at_idle_priority_then_restores_it(
+    make_fleet,
+) -> None:
+    """The serving generation keeps the CPU while the next one imports; nothing stays idle."""
+    from supervisor.arbiter import may_leave_idle_priority
+
+    fleet = make_fleet().start()
+    [old_worker] = fleet.worker_pids()
+    gate = fleet.folder / "gate"
+    # the new generation's import waits for the gate: long enough to look at its priority
+    (fleet.folder / "tasks.py").write_text(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.01)\n" + TASKS
+    )
+    fleet.signal(signal.SIGHUP)
+    new_worker = wait_for(
+        lambda: [p for p in fleet.worker_pids() if p != old_worker], 10, message="generation 1"
+    )[0]
+    booting = os.SCHED_IDLE if may_leave_idle_priority() else os.SCHED_OTHER
+    wait_for(lambda: os.sched_getscheduler(new_worker) == booting, 5, message="its boot policy")
+    assert os.sched_getscheduler(old_worker) == os.SCHED_OTHER
+    gate.touch()
+    wait_for(lambda: "reload complete: generation 1" in fleet.log(), 15, message="the reload")
+    children = fleet.child_pids(new_worker)
+    assert len(children) == 2
+    assert [os.sched_getscheduler(p) for p in [new_worker, *children]] == [os.SCHED_OTHER] * 3
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+
+
 def test_arbiter_hup_applies_added_removed_and_changed_workers(make_fleet) -> None:
     fleet = make_fleet(
         workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]

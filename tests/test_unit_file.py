@@ -35,6 +35,7 @@ def test_unit_declares_what_the_arbiter_relies_on() -> None:
         ("Service", "ExecReload"): "/bin/kill -HUP $MAINPID",
         ("Service", "KillMode"): "mixed",
         ("Service", "Restart"): "on-failure",
+        ("Service", "LimitNICE"): "20",
         ("Service", "RuntimeDirectory"): "fleetd",
         ("Service", "RuntimeDirectoryMode"): "0700",
         ("Service", "StateDirectory"): "fleetd",

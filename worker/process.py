@@ -148,6 +148,7 @@ class Worker:
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:
             self.poller.register(self.arbiter_fd, POLL_IN)
+        self.end_polite_boot()
         for _ in range(self.target_children):
             self.spawn_child()
         self.send(
@@ -263,6 +264,17 @@ class Worker:
         log.info("stopped", extra={"node": self.node})
 
     # --- setup -------------------------------------------------------------------
+    def end_polite_boot(self) -> None:
+        """A reload's worker boots at idle CPU priority (the arbiter set it), so the generation
+        still serving keeps the CPU; back to the fleet's policy before the children fork."""
+        policy = os.environ.get("FLEETD_SCHED_POLICY")
+        if policy is None:
+            return
+        try:
+            os.sched_setscheduler(0, int(policy), os.sched_param(0))
+        except (OSError, ValueError) as exc:
+            log.warning("still at idle CPU priority after booting: %s", exc)
+
     def setup_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.signal_fd = read_fd
