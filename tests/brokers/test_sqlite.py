@@ -6,6 +6,8 @@ Age is made by moving `finished` back in the database file itself, never by slee
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import sqlite3
 import time
@@ -17,7 +19,7 @@ import pytest
 from tests.fleet import Fleet, wait_for
 from worker.brokers import open_broker
 from worker.brokers.base import SUCCESS, Outcome, QueueDepth
-from worker.brokers.sqlite import EXPIRE_BATCH, SQLiteBroker
+from worker.brokers.sqlite import EXPIRE_BATCH, FifoWakeup, Poker, SQLiteBroker
 
 from .test_contract import envelope
 
@@ -141,3 +143,36 @@ def test_fleet_under_constant_load_still_expires_results_after_result_ttl(
     assert client.broker.get_result(fresh) is not None
     fleet.signal(signal.SIGQUIT)  # a cold shutdown: no waiting out the 30 s task
     assert fleet.wait_exit(15) == 0
+
+
+# --- wake-ups: producers poke the consumers' pipes ---------------------------------------
+def readable(wakeup: FifoWakeup) -> bool:
+    return bool(select.select([wakeup.fileno()], [], [], 0)[0])
+
+
+def test_a_consumer_that_comes_right_after_a_poke_is_woken_by_the_next(tmp_path: Path) -> None:
+    poker = Poker(str(tmp_path / "wake"))
+    first = FifoWakeup(str(tmp_path / "wake"))
+    poker.poke()
+    assert readable(first)
+    # made right after the listing (on a coarse file-system clock: within the same tick)
+    second = FifoWakeup(str(tmp_path / "wake"))
+    poker.poke()
+    assert readable(second)
+    for wakeup in (first, second):
+        wakeup.close()
+    poker.close()
+
+
+def test_a_dead_consumers_pipe_is_dropped_and_removed(tmp_path: Path) -> None:
+    poker = Poker(str(tmp_path / "wake"))
+    live, dead = FifoWakeup(str(tmp_path / "wake")), FifoWakeup(str(tmp_path / "wake"))
+    poker.poke()
+    assert dead.path in poker.pipes
+    os.close(dead.fileno())  # a killed consumer: its pipe stays, nobody reads it
+    os.close(dead._keep_fd)
+    poker.poke()
+    assert dead.path not in poker.pipes and not os.path.exists(dead.path)
+    assert readable(live) and live.path in poker.pipes
+    live.close()
+    poker.close()

@@ -45,7 +45,7 @@ EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long f
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- FIFO order; no AUTOINCREMENT: a page less to write per submit
     id TEXT NOT NULL UNIQUE,
     queue TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, eta, seq) WHERE status = 0;
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (owner) WHERE status = 1;
-CREATE INDEX IF NOT EXISTS tasks_open ON tasks (queue) WHERE status < 2;
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished) WHERE status = 2;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, queue TEXT, name TEXT, body TEXT, reason TEXT, at REAL, extra TEXT
@@ -118,27 +117,66 @@ class FifoWakeup(Wakeup):
             os.unlink(self.path)
 
 
-def poke(folder: str) -> None:
-    """Wake every consumer sleeping on a pipe in `folder`; remove pipes nobody reads."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return
-    for name in names:
-        path = os.path.join(folder, name)
+class Poker:
+    """Wakes every consumer sleeping on a pipe in the wake folder by writing a byte to it.
+
+    The pipes stay open between pokes, and the folder is listed again only when its
+    mtime says a consumer came or went: a poke is then one stat and one write per
+    consumer. An mtime younger than FRESH_MTIME_NS is not trusted (the file system's
+    clock is coarse: a pipe made in the same tick would leave it unchanged)."""
+
+    FRESH_MTIME_NS = 50_000_000
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.listed_mtime: int | None = None  # the folder's mtime when it was last listed
+        self.pipes: dict[str, int] = {}  # path -> our write end
+        self._lock = threading.Lock()
+
+    def poke(self) -> None:
+        with self._lock:
+            try:
+                mtime = os.stat(self.folder).st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            if mtime is None or mtime != self.listed_mtime:
+                self._list(mtime)
+            for path, fd in list(self.pipes.items()):
+                try:
+                    os.write(fd, b"!")
+                except BlockingIOError:
+                    pass  # the pipe is full: that consumer is awake already
+                except OSError:  # EPIPE: its consumer is gone
+                    self._drop(path, unlink=True)
+
+    def _list(self, mtime: int | None) -> None:
+        trusted = mtime is not None and time.time_ns() - mtime > self.FRESH_MTIME_NS
+        self.listed_mtime = mtime if trusted else None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
+            paths = {os.path.join(self.folder, name) for name in os.listdir(self.folder)}
+        except FileNotFoundError:
+            paths = set()
+        for path in set(self.pipes) - paths:
+            self._drop(path, unlink=False)
+        for path in paths - set(self.pipes):
+            try:
+                self.pipes[path] = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
+                with contextlib.suppress(OSError):
+                    if stat.S_ISFIFO(os.lstat(path).st_mode):
+                        os.unlink(path)
+
+    def _drop(self, path: str, unlink: bool) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.pipes.pop(path))
+        if unlink:
             with contextlib.suppress(OSError):
-                if stat.S_ISFIFO(os.lstat(path).st_mode):
-                    os.unlink(path)
-            continue
-        try:
-            os.write(fd, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full: that consumer is awake already
-        finally:
-            os.close(fd)
+                os.unlink(path)
+
+    def close(self) -> None:
+        with self._lock:
+            for path in list(self.pipes):
+                self._drop(path, unlink=False)
 
 
 class SQLiteBroker(Broker):
@@ -150,6 +188,7 @@ class SQLiteBroker(Broker):
         self.expire_at = 0.0  # monotonic time from which `expire` looks again
         self.path = path_from_url(url)
         self.wake_folder = self.path + "-wake"
+        self.poker = Poker(self.wake_folder)
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         self._lock = threading.Lock()  # a Client may be shared between threads
@@ -215,7 +254,7 @@ class SQLiteBroker(Broker):
                 f" WHERE tasks.status = {DONE}",
                 rows,
             )
-        poke(self.wake_folder)
+        self.poker.poke()
 
     # --- consuming -------------------------------------------------------------
     def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
@@ -240,7 +279,7 @@ class SQLiteBroker(Broker):
             self._finish(db, outcomes, retries)
             deliveries = self._reserve(db, queues, n, owner, lease) if n > 0 and queues else []
         if retries:
-            poke(self.wake_folder)
+            self.poker.poke()
         return deliveries
 
     @staticmethod
@@ -287,7 +326,7 @@ class SQLiteBroker(Broker):
             self._mark_started(db, started, node)
             self._finish(db, outcomes, retries)
         if retries:
-            poke(self.wake_folder)
+            self.poker.poke()
 
     def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
         if not outcomes and not retries:
@@ -295,7 +334,7 @@ class SQLiteBroker(Broker):
         with self._write() as db:
             self._finish(db, outcomes, retries)
         if retries:
-            poke(self.wake_folder)
+            self.poker.poke()
 
     def _finish(
         self, db: sqlite3.Connection, outcomes: Sequence[Outcome], retries: Sequence[Retry]
@@ -369,7 +408,7 @@ class SQLiteBroker(Broker):
                 f" WHERE id = ? AND status = {HELD}",
                 [(i,) for i in ids],
             )
-        poke(self.wake_folder)
+        self.poker.poke()
 
     def extend(self, ids: list[str], owner: str, lease: float) -> None:
         if not ids:
@@ -390,7 +429,7 @@ class SQLiteBroker(Broker):
                 params,
             ).rowcount
         if count:
-            poke(self.wake_folder)
+            self.poker.poke()
         return count
 
     def recover(self, owner: str) -> int:
@@ -440,13 +479,18 @@ class SQLiteBroker(Broker):
 
     def depths(self) -> list[QueueDepth]:
         now = time.time()
-        rows = self.db.execute(
-            f"SELECT queue, sum(status = {QUEUED} AND eta <= ?),"
-            f" sum(status = {QUEUED} AND eta > ?),"
-            f" sum(status = {HELD}) FROM tasks WHERE status < {DONE} GROUP BY queue ORDER BY queue",
+        depth: dict[str, list[int]] = {}
+        for queue, ready, scheduled in self.db.execute(
+            f"SELECT queue, sum(eta <= ?), sum(eta > ?) FROM tasks WHERE status = {QUEUED}"
+            " GROUP BY queue",
             (now, now),
-        ).fetchall()
-        return [QueueDepth(q, ready, scheduled, held) for q, ready, scheduled, held in rows]
+        ):
+            depth[queue] = [ready, scheduled, 0]
+        for queue, held in self.db.execute(
+            f"SELECT queue, count(*) FROM tasks WHERE status = {HELD} GROUP BY queue"
+        ):
+            depth.setdefault(queue, [0, 0, 0])[2] = held
+        return [QueueDepth(q, *depth[q]) for q in sorted(depth)]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         rows = self.db.execute(
@@ -504,5 +548,6 @@ class SQLiteBroker(Broker):
         self.expire()
 
     def close(self) -> None:
+        self.poker.close()
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
