@@ -14,30 +14,32 @@ import logging
 import math
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-import zmq
-
-import worker.commands  # noqa: F401 - the built-in worker commands, to check their arguments
 from worker.control import COMMANDS, CommandError, register
 from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans
-from .control import ControlServer, Request
 from .logs import log_env
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pidfile import remove_pidfile, write_pidfile
 from .signals import SignalQueue, name
 
+if TYPE_CHECKING:
+    import zmq
+
+    from .control import Request
+
 log = logging.getLogger("fleetd.arbiter")
+POLLIN = select.POLLIN  # what zmq.Poller takes for plain descriptors too (zmq.POLLIN == 1)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -121,6 +123,7 @@ class Arbiter:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.poller: zmq.Poller | None = None  # made with the control plane, after the spawns
         self.ready_announced = False
         self.next_tick = 0.0
         self.tasks_done = 0  # by workers that are gone; live ones report their own
@@ -144,6 +147,30 @@ class Arbiter:
         self.dead_owners += self.run_record.read().get("owners", [])
         write_pidfile(self.pidfile)
         self.signals = SignalQueue()
+        # The workers first: they import their task modules on the other cores while the
+        # control plane (pyzmq, its sockets and keys) is set up here.
+        for spec in self.config.workers:
+            self.spawn_worker(spec, self.generation)
+        try:
+            self.open_control_plane()
+        except BaseException:
+            self.abort_start()
+            raise
+        self.watchdog_every = self.notifier.watchdog_interval()
+        self.next_watchdog = 0.0
+        log.info(
+            "fleetd started: %d workers, control on %s",
+            len(self.workers),
+            ", ".join(self.config.control.bind),
+        )
+
+    def open_control_plane(self) -> None:
+        import zmq
+
+        import worker.commands  # noqa: F401 - the built-in worker commands, to check their arguments
+
+        from .control import ControlServer
+
         self.ctx = zmq.Context()
         self.control = ControlServer(
             self.ctx,
@@ -152,29 +179,36 @@ class Arbiter:
             self.config.control.authorized_keys,
             self.config.node,
         )
+        self.control_sockets = set(self.control.sockets())
         self.poller = zmq.Poller()
-        self.poller.register(self.signals.read_fd, zmq.POLLIN)
-        for sock in self.control.sockets():
-            self.poller.register(sock, zmq.POLLIN)
+        for target in [self.signals.read_fd, *self.control_sockets, *self.by_fd]:
+            self.poller.register(target, POLLIN)
         if self.config.metrics_bind:
             self.metrics_server = MetricsServer(self.config.metrics_bind, self.metrics)
             self.metrics_server.start()
-        self.watchdog_every = self.notifier.watchdog_interval()
-        self.next_watchdog = 0.0
-        for spec in self.config.workers:
-            self.spawn_worker(spec, self.generation)
-        log.info(
-            "fleetd started: %d workers, control on %s",
-            len(self.workers),
-            ", ".join(self.config.control.bind),
-        )
+
+    def abort_start(self) -> None:
+        """The control plane could not start: stop the workers spawned meanwhile, KILLing
+        those still there after COLD_KILL_AFTER, before the error ends the arbiter."""
+        for w in self.workers:
+            self.kill_worker(w, signal.SIGTERM)
+        deadline = time.monotonic() + COLD_KILL_AFTER
+        for w in self.workers:
+            while os.waitpid(w.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() >= deadline:
+                    self.kill_worker(w, signal.SIGKILL)
+                    os.waitpid(w.pid, 0)
+                    break
+                time.sleep(0.01)
+        remove_pidfile(self.pidfile)
 
     def step(self) -> None:
         timeout = self.poll_timeout()
+        assert self.poller is not None  # made by start()
         for target, _ in self.poller.poll(math.ceil(timeout * 1000)):
             if target == self.signals.read_fd:
                 continue  # drained below
-            if isinstance(target, zmq.Socket):
+            if target in self.control_sockets:
                 self.read_control(target)
             elif target in self.by_fd:
                 self.read_worker(self.by_fd[target])
@@ -290,7 +324,8 @@ class Arbiter:
         w.state = STARTING
         w.started_at = time.monotonic()
         self.by_fd[ours.fileno()] = w
-        self.poller.register(ours.fileno(), zmq.POLLIN)
+        if self.poller is not None:  # else the control plane's start registers it
+            self.poller.register(ours.fileno(), POLLIN)
         if w not in self.workers:
             self.workers.append(w)
         self.write_run_record()
@@ -370,8 +405,9 @@ class Arbiter:
         if w.sock is not None:
             fd = w.sock.fileno()
             self.by_fd.pop(fd, None)
-            with contextlib.suppress(KeyError):
-                self.poller.unregister(fd)
+            if self.poller is not None:
+                with contextlib.suppress(KeyError):
+                    self.poller.unregister(fd)
             w.sock.close()
             w.sock = None
 
@@ -528,9 +564,8 @@ class Arbiter:
         for _ in range(100):  # bounded: a flood cannot starve the rest of the loop
             request = self.control.recv(sock)
             if request is None:
-                with contextlib.suppress(zmq.ZMQError):
-                    if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                        return
+                if not self.control.waiting(sock):
+                    return
                 continue
             self.run_command(request)
 
@@ -655,6 +690,8 @@ class Arbiter:
                 continue
             if w.record:
                 processes.append(w.record)
+            import psutil  # not before the workers are spawned (cold start)
+
             with contextlib.suppress(psutil.Error):
                 w.children = [
                     {"pid": child.pid, "create_time": child.create_time(), "group": True}

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     from .arbiter import Arbiter
-    from .control import ControlConfigError
+    from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
 

@@ -30,6 +30,10 @@ class ConfigError(Exception):
         self.path, self.key, self.problem = path, key, problem
 
 
+class ControlConfigError(Exception):
+    """A control endpoint cannot be bound as configured; the message says which and why."""
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything one named worker process needs; sent to it as JSON at spawn."""

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 from ctl.keys import KeyFileError, load_keypair
 
+from .config import ControlConfigError
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -41,10 +43,6 @@ EVENTS_SOCKET_NAME = "events.sock"
 ZAP_DOMAIN = "fleetd"
 
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
-
-
-class ControlConfigError(Exception):
-    """A control endpoint cannot be bound as configured; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +140,13 @@ class ControlServer:
             log.warning("control request refused peer=%s reason=%s", routing_id.hex(), refused)
             self._send_error(sock, routing_id, refused.request_id, str(refused))
             return None
+
+    def waiting(self, sock: zmq.Socket[bytes]) -> bool:
+        """Whether another message waits on `sock`."""
+        try:
+            return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
 
     def reply(self, req: Request, replies: dict[str, Any]) -> None:
         """Answer `req` with this host's replies, one per node."""

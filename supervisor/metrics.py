@@ -6,12 +6,13 @@ import bisect
 import logging
 import math
 import socket
-import socketserver
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when a server starts: most fleets serve no metrics
+    from http.server import ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class MetricsServer:
             raise ValueError(f"metrics bind {bind!r} is not host:port")
         self.address = (host.strip("[]") or "0.0.0.0", int(port))
         self.metrics = metrics
-        self._server: _Server | None = None
+        self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -220,7 +221,7 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self._server = _Server(self.address, _handler(self.metrics))
+        self._server = _http_server(self.address, self.metrics)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
         )
@@ -236,20 +237,20 @@ class MetricsServer:
         self._server = self._thread = None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+def _http_server(address: tuple[str, int], metrics: Metrics) -> ThreadingHTTPServer:
+    """A bound HTTP server answering GET /metrics with `metrics.render()`."""
+    import socketserver
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, handler)
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can hang on a broken DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind resolves the host's FQDN, which can hang on a broken DNS.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
-
-def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
     class MetricsHandler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?", 1)[0] != "/metrics":
@@ -265,4 +266,4 @@ def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("metrics request from %s: " + format, self.client_address[0], *args)
 
-    return MetricsHandler
+    return Server(address, MetricsHandler)

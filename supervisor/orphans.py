@@ -1,4 +1,7 @@
-"""Nothing left behind: the run record, the state-dir lock, subreaping and ending leftovers."""
+"""Nothing left behind: the run record, the state-dir lock, subreaping and ending leftovers.
+
+psutil is imported where it is used: an arbiter spawns its workers before it needs it.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import json
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger("fleetd.orphans")
 
@@ -50,6 +54,8 @@ def lock_state_dir(state_dir: str) -> int:
 
 def process_record(pid: int) -> dict[str, Any] | None:
     """`{"pid", "create_time"}`: enough to recognise this very process later."""
+    import psutil
+
     try:
         return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
     except psutil.Error:
@@ -83,6 +89,8 @@ class RunRecord:
 
 
 def _matches(proc: psutil.Process, record: dict[str, Any]) -> bool:
+    import psutil
+
     with contextlib.suppress(psutil.Error, KeyError, TypeError):
         return abs(proc.create_time() - float(record["create_time"])) < 0.05
     return False
@@ -91,6 +99,8 @@ def _matches(proc: psutil.Process, record: dict[str, Any]) -> bool:
 def find_leftovers(previous: dict[str, Any]) -> list[psutil.Process]:
     """Processes of a previous run still alive: recorded ones, and members of recorded
     children's process groups (a task's subprocesses), never a process that merely reused a pid."""
+    import psutil
+
     recorded = [r for r in previous.get("processes", []) if isinstance(r, dict)]
     me = os.getpid()
     found: dict[int, psutil.Process] = {}
@@ -114,6 +124,8 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
     """SIGKILL whatever lives on in the process groups these records led (a killed worker's
     children, and the subprocesses their tasks started); returns how many. A group whose
     pid now belongs to another process is left alone."""
+    import psutil
+
     groups: dict[int, float] = {}
     for record in leaders:
         with contextlib.suppress(KeyError, TypeError, ValueError):
@@ -134,6 +146,8 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
 
 def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> int:
     """TERM what a previous run left alive, KILL it after `grace`; returns how many there were."""
+    import psutil
+
     leftovers = find_leftovers(previous)
     if not leftovers:
         return 0

@@ -7,8 +7,10 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil  # imported where used: a first start (no pidfile yet) never needs it
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def read_live_pid(path: StrPath) -> int:
         pid = _parse_pid(text)
     except ValueError:
         raise PidfileError(f"pidfile {path} holds {text[:40]!r}, not a pid") from None
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -84,6 +88,8 @@ def stop(pid: int, timeout: float | None = None, quit_after: float = 10.0) -> bo
     """TERM `pid` (warm shutdown) and wait up to `timeout` seconds (None: as long as it takes);
     then QUIT it (cold shutdown) and wait `quit_after` seconds more (0: send no QUIT).
     Return whether it exited."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         proc.send_signal(signal.SIGTERM)
@@ -102,6 +108,8 @@ def stop(pid: int, timeout: float | None = None, quit_after: float = 10.0) -> bo
 
 def _exited(proc: psutil.Process, timeout: float | None) -> bool:
     """Wait for `proc` to end; a zombie has ended (its parent, not us, reaps it)."""
+    import psutil
+
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         try:

@@ -662,6 +662,40 @@ def test_tcp_bind_without_keys_is_refused_by_check_and_start(
         assert "control.bind" in out.stderr and "curve_secret_key" in out.stderr
 
 
+def test_a_control_port_in_use_ends_the_start_and_the_workers_it_spawned(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """The workers are spawned before the control plane binds; a bind that fails stops them."""
+    _, server_secret = keygen(tmp_path / "server")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fleet = make_fleet(
+            control={
+                "bind": ["ipc://state/control.sock", f"tcp://127.0.0.1:{port}"],
+                "curve_secret_key": str(server_secret),
+                "authorized_keys": str(tmp_path),
+            }
+        )
+        out = subprocess.run(
+            [FLEETD, "start", "-c", str(fleet.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=fleet.folder,
+        )
+    assert out.returncode == 2, out.stderr
+    assert "in use" in out.stderr
+    spawned = json.loads((fleet.folder / "state" / "run.json").read_text())["processes"]
+    assert spawned, "the worker was spawned before the bind"
+    for record in spawned:
+        assert not psutil.pid_exists(record["pid"]) or (
+            psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+        )
+    assert not (fleet.folder / "state" / "fleetd.pid").exists()
+
+
 def test_keygen_writes_a_pair_and_never_overwrites_it(tmp_path: Path) -> None:
     public, secret = keygen(tmp_path / "keys")
     assert secret.stat().st_mode & 0o777 == 0o600 and "public-key" in public.read_text()

@@ -1,8 +1,14 @@
 """fleetd's task API: `@task`, `Client`, handles and the errors a caller or a task sees."""
 
-from .client import Client, Handle, TaskFailed, TaskRevoked
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .control import control_command
 from .task import SoftTimeLimitExceeded, Task, task
+
+if TYPE_CHECKING:
+    from .client import Client, Handle, TaskFailed, TaskRevoked
 
 __all__ = [
     "Client",
@@ -14,3 +20,12 @@ __all__ = [
     "control_command",
     "task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The client side, imported on first use: a worker, and the arbiter, never need it."""
+    if name in ("Client", "Handle", "TaskFailed", "TaskRevoked"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")
