@@ -38,7 +38,7 @@ from .base import (
 QUEUED, HELD, DONE = 0, 1, 2
 SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
 LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
-LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.005  # seconds between tries for the lock
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for the lock
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
 EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
@@ -115,6 +115,14 @@ class FifoWakeup(Wakeup):
                 os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def unfinished(started: list[str], outcomes: Sequence[Outcome]) -> list[str]:
+    """The STARTED marks that no outcome in the same transaction overwrites anyway."""
+    if not outcomes:
+        return started
+    done = {o.id for o in outcomes}
+    return [i for i in started if i not in done]
 
 
 class Poker:
@@ -275,7 +283,7 @@ class SQLiteBroker(Broker):
         lease: float,
     ) -> list[Delivery]:
         with self._write() as db:
-            self._mark_started(db, started, node)
+            self._mark_started(db, unfinished(started, outcomes), node)
             self._finish(db, outcomes, retries)
             deliveries = self._reserve(db, queues, n, owner, lease) if n > 0 and queues else []
         if retries:
@@ -323,7 +331,7 @@ class SQLiteBroker(Broker):
         if not (started or outcomes or retries):
             return
         with self._write() as db:
-            self._mark_started(db, started, node)
+            self._mark_started(db, unfinished(started, outcomes), node)
             self._finish(db, outcomes, retries)
         if retries:
             self.poker.poke()
