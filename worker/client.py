@@ -64,7 +64,7 @@ class Handle:
     def get(self, timeout: float | None = None) -> Any:
         """Wait for the outcome: the result, or TaskFailed / TaskRevoked / TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0005
+        pause = 0.0002
         while True:
             info = self.info()
             if info["state"] in FINAL_STATES:
@@ -74,7 +74,7 @@ class Handle:
                     f"task {self.id} not done after {timeout}s (state {info['state']})"
                 )
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.05)
+            pause = min(pause * 1.25, 0.05)
         if info["state"] == FAILURE:
             raise TaskFailed(
                 self.id,
