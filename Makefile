@@ -36,4 +36,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
 
 clean:
-	rm -rf $(VENV) .bench-venv .pytest_cache .mypy_cache .ruff_cache config/state config/queue.db*
+	rm -rf $(VENV) .bench-venv .bench-fleetd-venv .pytest_cache .mypy_cache .ruff_cache config/state config/queue.db*

@@ -7,12 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import psutil
 
-from bench.systems.base import PEERS_BIN, PROJECT_BIN, REPO
+from bench.systems.base import FLEETD_BIN, PEERS_BIN, PROJECT_BIN, REPO
 
 REQUIREMENTS = Path(__file__).with_name("requirements-peers.txt")
 PEERS_VENV = PEERS_BIN.parent
@@ -34,6 +33,31 @@ def ensure_peers_venv() -> None:
     MARKER.write_text(wanted)
 
 
+def install_fleetd() -> None:
+    """(Re)install fleetd from the working tree into `.bench-fleetd-venv`, as a user would."""
+    print("bench: installing fleetd from the working tree ...", flush=True)
+    if not (FLEETD_BIN / "python").exists():
+        subprocess.run(
+            [str(PROJECT_BIN / "python"), "-m", "venv", str(FLEETD_BIN.parent)], check=True
+        )
+        subprocess.run(
+            [str(FLEETD_BIN / "python"), "-m", "pip", "install", "-q", str(REPO)], check=True
+        )
+    subprocess.run(
+        [
+            str(FLEETD_BIN / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--force-reinstall",
+            str(REPO),
+        ],
+        check=True,
+    )
+
+
 def compile_bytecode() -> None:
     """Byte-compile fleetd and the benchmark's task modules, as pip does for every peer it
     installs: fleetd runs from an editable install, and with PYTHONDONTWRITEBYTECODE set
@@ -44,10 +68,10 @@ def compile_bytecode() -> None:
 
 def fleetd_missing() -> str | None:
     """Why fleetd cannot be benchmarked yet, or None when it can."""
-    if not (PROJECT_BIN / "fleetd").exists():
-        return "fleetd not built (.venv/bin/fleetd missing)"
+    if not (FLEETD_BIN / "fleetd").exists():
+        return f"fleetd not installed ({FLEETD_BIN / 'fleetd'} missing)"
     check = subprocess.run(
-        [str(PROJECT_BIN / "python"), "-c", "from worker import Client, task"],
+        [str(FLEETD_BIN / "python"), "-c", "from worker import Client, task"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -79,19 +103,24 @@ def load_average() -> str:
 
 def versions(redis_version: str, peers: list[str]) -> dict[str, str]:
     """Versions of fleetd, of the peers' distributions, of redis-py on each side and of Redis."""
-    found = {
-        "redis-server": redis_version,
-        "fleetd": metadata.version("fleetd"),
-        "redis-py (fleetd)": metadata.version("redis"),
-    }
+    found = {"redis-server": redis_version}
+    if (FLEETD_BIN / "python").exists():
+        fleetd = _installed(FLEETD_BIN, ["fleetd", "redis"])
+        found["fleetd"] = fleetd["fleetd"]
+        found["redis-py (fleetd)"] = fleetd["redis"]
     if peers:
-        script = (
-            "import json, sys; from importlib import metadata as m;"
-            " print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))"
-        )
-        command = [str(PEERS_BIN / "python"), "-c", script, *peers, "redis"]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        peer_versions = json.loads(done.stdout)
+        peer_versions = _installed(PEERS_BIN, [*peers, "redis"])
         peer_versions["redis-py (peers)"] = peer_versions.pop("redis")
         found.update(peer_versions)
     return found
+
+
+def _installed(bin_dir: Path, distributions: list[str]) -> dict[str, str]:
+    """The versions of `distributions` in the venv of `bin_dir`."""
+    script = (
+        "import json, sys; from importlib import metadata as m;"
+        " print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))"
+    )
+    command = [str(bin_dir / "python"), "-c", script, *distributions]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return dict(json.loads(done.stdout))

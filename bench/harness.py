@@ -34,6 +34,8 @@ def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     systems = [s for s in all_systems() if names is None or s.name in names]
     environment.ensure_peers_venv()
     environment.compile_bytecode()
+    if any(s.is_fleetd for s in systems):
+        environment.install_fleetd()
     missing = environment.fleetd_missing() if any(s.is_fleetd for s in systems) else None
     runnable = [s for s in systems if not (s.is_fleetd and missing)]
     if missing:

@@ -102,8 +102,9 @@ def method(plan: Plan) -> list[str]:
         ' backend, RQ and fleetd by default). "Start" and "done" are read from those lists,'
         " so measuring costs every system the same one round trip per task.",
         "- Producers run in a separate process (`bench/agent.py`), in the system's own venv:"
-        " peers in `.bench-venv`, fleetd in the project's `.venv` (an editable install, whose"
-        " modules the harness byte-compiles first, as pip does for the peers it installs).",
+        " peers in `.bench-venv`, fleetd in `.bench-fleetd-venv`, where the harness installs it"
+        " from the working tree at every run (`pip install .`, as a user would; not the"
+        " project's editable install, whose import hook costs every process start).",
         f"- Repetitions: {plan.reps}. In each, every system runs once, in an order rotated by one"
         " each repetition so that drift of the machine hits all alike. A figure is the median"
         " over the repetitions, [min–max] beside it.",

@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT_BIN = REPO / ".venv" / "bin"
+# fleetd as users install it (`pip install .`: a wheel, no editable-install import hook),
+# rebuilt from the working tree at every run; the peers are regular installs too.
+FLEETD_BIN = REPO / ".bench-fleetd-venv" / "bin"
 PEERS_BIN = REPO / ".bench-venv" / "bin"
 QUEUE = "default"
 
@@ -71,7 +74,7 @@ class System(abc.ABC):
 
     @property
     def bin(self) -> Path:
-        return PROJECT_BIN if self.is_fleetd else PEERS_BIN
+        return FLEETD_BIN if self.is_fleetd else PEERS_BIN
 
     @property
     def python(self) -> Path:

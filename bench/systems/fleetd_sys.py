@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import importlib
 import time
 from typing import Any
 
@@ -22,6 +23,10 @@ class FleetdProducer(Producer):
         super().__init__(config)
         from worker import Client
 
+        # The broker module now, as every peer's producer imports redis-py when it is made:
+        # the Client would import it at its first submit, inside the timed enqueue.
+        scheme = "redis" if config["broker"].startswith("redis") else "sqlite"
+        importlib.import_module(f"worker.brokers.{scheme}")
         self.client = Client(config["broker"])
         self.control: Any = None
 
