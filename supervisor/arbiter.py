@@ -354,6 +354,7 @@ class Arbiter:
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
+        self.read_last_words(w)
         self.close_channel(w)
         w.pid = 0
         orphans.kill_groups(w.children)  # what its children's tasks started dies with them
@@ -456,6 +457,20 @@ class Arbiter:
             return
         for message in messages:
             self.on_worker_message(w, message)
+
+    def read_last_words(self, w: WorkerProc) -> None:
+        """Take in what a worker wrote just before it exited (its last events, its final
+        stats): its exit can be seen before its channel has been read."""
+        while w.sock is not None:
+            try:
+                data = w.sock.recv(262144, socket.MSG_DONTWAIT)
+                if not data:
+                    return
+                messages = w.reader.feed(data)
+            except (OSError, ProtocolError):  # BlockingIOError: all read
+                return
+            for message in messages:
+                self.on_worker_message(w, message)
 
     def on_worker_message(self, w: WorkerProc, message: dict[str, Any]) -> None:
         kind = message.get("type")
