@@ -24,10 +24,14 @@ PR_SET_PDEATHSIG = 1
 CLEAN_STOP = 86
 
 
+# Looked up once, in the worker: every forked child then shares it instead of building
+# its own ctypes library object.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent exits (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 class Child:
