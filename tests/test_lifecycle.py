@@ -158,6 +158,20 @@ def test_poison_task_ends_worker_lost_after_exactly_max_deliveries_while_the_fle
     assert len(lines(marker)) == 3
 
 
+def test_a_task_exiting_with_the_clean_stop_code_counts_as_lost_not_as_never_started(
+    make_fleet, tmp_path: Path
+) -> None:
+    """A child stops cleanly only after saying so: exit code 86 alone would hand the task
+    back as never started, over and over."""
+    fleet = make_fleet(defaults={"max_deliveries": 2}).start()
+    marker = tmp_path / "ran.txt"
+    handle = fleet.client.submit("tasks.exit_like_a_clean_stop", str(marker))
+    with pytest.raises(TaskFailed) as err:
+        handle.get(timeout=20)
+    assert err.value.exc_type == "WorkerLost"
+    assert len(lines(marker)) == 2 and handle.info()["deliveries"] == 2
+
+
 def test_hard_time_limit_kills_the_childs_group_with_its_grandchild_and_is_not_redelivered(
     make_fleet, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ with one frame per task: `{"id", "s": state, "r": result | "t"/"m"/"tb": error,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -19,9 +20,11 @@ from .protocol import FrameReader, encode
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
 PR_SET_PDEATHSIG = 1
-# The exit code of a child that stopped between tasks (TERM, or the end of its pipe):
-# every task it was given and did not answer never started.
+# How a child that stops between tasks (TERM, or the end of its pipe) leaves: a BYE frame,
+# then this exit code. Every task it was given and did not answer never started. (The
+# frame, which a task that calls os._exit(86) does not write, makes the code unforgeable.)
 CLEAN_STOP = 86
+BYE = encode({"bye": True})
 
 
 # Looked up once, in the worker: every forked child then shares it instead of building
@@ -46,8 +49,14 @@ class Child:
 
     def on_term(self, signum: int, frame: Any) -> None:
         if not self.busy:
-            os._exit(CLEAN_STOP)
+            self.leave()
         self.stop_when_idle = True
+
+    def leave(self) -> None:
+        """Stop cleanly, between tasks."""
+        with contextlib.suppress(OSError):
+            os.write(self.result_fd, BYE)
+        os._exit(CLEAN_STOP)
 
     def on_soft_limit(self, signum: int, frame: Any) -> None:
         if self.in_task:
@@ -131,7 +140,6 @@ class Child:
 
 def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
     """Entry point in a freshly forked child; never returns."""
-    code = CLEAN_STOP
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -139,10 +147,10 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != worker_pid:  # the worker died before the death signal was set
         os._exit(1)
+    child = Child(task_fd, result_fd, revoke_fd)
     try:
-        Child(task_fd, result_fd, revoke_fd).run()
+        child.run()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
+        os._exit(1)
+    child.leave()

@@ -81,6 +81,7 @@ class ChildProc:
     tasks_done: int = 0
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
+    said_bye: bool = False  # it wrote BYE: it stops cleanly, between tasks
     born: float = field(default_factory=time.time)
 
     @property
@@ -419,6 +420,9 @@ class Worker:
             self.task_done(child, reply)
 
     def task_done(self, child: ChildProc, reply: dict[str, Any]) -> None:
+        if reply.get("bye"):  # not an outcome: the child is leaving between tasks
+            child.said_bye = True
+            return
         if not child.tasks:
             return
         running = child.tasks.popleft()
@@ -525,7 +529,7 @@ class Worker:
                 status = os.waitpid(child.pid, 0)[1]
             except ChildProcessError:
                 status = -1
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
+        clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
