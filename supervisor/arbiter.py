@@ -354,7 +354,7 @@ class Arbiter:
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
-        self.read_last_words(w)
+        self.read_worker(w)
         self.close_channel(w)
         w.pid = 0
         orphans.kill_groups(w.children)  # what its children's tasks started dies with them
@@ -445,29 +445,20 @@ class Arbiter:
             return False
 
     def read_worker(self, w: WorkerProc) -> None:
-        assert w.sock is not None
-        try:
-            data = w.sock.recv(262144)
-            messages = w.reader.feed(data) if data else None
-        except (OSError, ProtocolError) as exc:
-            log.warning("channel to %s broke: %s", w.node, exc)
-            messages = None
-        if messages is None:  # the worker is exiting; the reap settles it
-            self.close_channel(w)
-            return
-        for message in messages:
-            self.on_worker_message(w, message)
-
-    def read_last_words(self, w: WorkerProc) -> None:
-        """Take in what a worker wrote just before it exited (its last events, its final
-        stats): its exit can be seen before its channel has been read."""
+        """Take in every message waiting on a worker's channel, and close it at its end (the
+        worker exits; the reap settles the rest). The reap calls it too: an exit can be seen
+        before the worker's last messages (its final events and stats) were read."""
         while w.sock is not None:
             try:
                 data = w.sock.recv(262144, socket.MSG_DONTWAIT)
-                if not data:
-                    return
-                messages = w.reader.feed(data)
-            except (OSError, ProtocolError):  # BlockingIOError: all read
+                messages = w.reader.feed(data) if data else None
+            except BlockingIOError:
+                return
+            except (OSError, ProtocolError) as exc:
+                log.warning("channel to %s broke: %s", w.node, exc)
+                messages = None
+            if messages is None:
+                self.close_channel(w)
                 return
             for message in messages:
                 self.on_worker_message(w, message)
@@ -699,14 +690,14 @@ class Arbiter:
         }
 
     def write_run_record(self) -> None:
+        import psutil  # here, not at the top: the workers are spawned before it is needed
+
         processes = []
         for w in self.workers:
             if not w.pid:
                 continue
             if w.record:
                 processes.append(w.record)
-            import psutil  # not before the workers are spawned (cold start)
-
             with contextlib.suppress(psutil.Error):
                 w.children = [
                     {"pid": child.pid, "create_time": child.create_time(), "group": True}
