@@ -11,57 +11,42 @@ from pathlib import Path
 
 import psutil
 
-from bench.systems.base import FLEETD_BIN, PEERS_BIN, PROJECT_BIN, REPO
+from bench.systems.base import FLEETD_BIN, PEERS_BIN, REPO
 
 REQUIREMENTS = Path(__file__).with_name("requirements-peers.txt")
-PEERS_VENV = PEERS_BIN.parent
-MARKER = PEERS_VENV / "bench-requirements.txt"  # what the venv was last installed from
+
+
+def _ensure_venv(bin_dir: Path, what: str, install: list[str], wanted: str) -> None:
+    """Create the venv of `bin_dir` and `pip install` `install` into it, unless it was last
+    installed from the same `wanted` text (a requirements or pyproject file)."""
+    marker = bin_dir.parent / "bench-installed-from.txt"
+    if marker.exists() and marker.read_text() == wanted and (bin_dir / "python").exists():
+        return
+    print(f"bench: installing {what} into {bin_dir.parent} ...", flush=True)
+    if not (bin_dir / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(bin_dir.parent)], check=True)
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", *install], check=True)
+    marker.write_text(wanted)
 
 
 def ensure_peers_venv() -> None:
-    """Create `.bench-venv` and install the peers into it, unless it already matches."""
-    wanted = REQUIREMENTS.read_text()
-    if MARKER.exists() and MARKER.read_text() == wanted and (PEERS_BIN / "python").exists():
-        return
-    print(f"bench: installing the peers into {PEERS_VENV} ...", flush=True)
-    if not (PEERS_BIN / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-    subprocess.run(
-        [str(PEERS_BIN / "python"), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
-        check=True,
-    )
-    MARKER.write_text(wanted)
+    """`.bench-venv`: the peers, as pinned in requirements-peers.txt."""
+    _ensure_venv(PEERS_BIN, "the peers", ["-r", str(REQUIREMENTS)], REQUIREMENTS.read_text())
 
 
-def install_fleetd() -> None:
-    """(Re)install fleetd from the working tree into `.bench-fleetd-venv`, as a user would."""
-    print("bench: installing fleetd from the working tree ...", flush=True)
-    if not (FLEETD_BIN / "python").exists():
-        subprocess.run(
-            [str(PROJECT_BIN / "python"), "-m", "venv", str(FLEETD_BIN.parent)], check=True
-        )
-        subprocess.run(
-            [str(FLEETD_BIN / "python"), "-m", "pip", "install", "-q", str(REPO)], check=True
-        )
-    subprocess.run(
-        [
-            str(FLEETD_BIN / "python"),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--force-reinstall",
-            str(REPO),
-        ],
-        check=True,
-    )
+def ensure_fleetd_venv() -> None:
+    """`.bench-fleetd-venv`: fleetd's dependencies and commands as `pip install .` makes them,
+    without the project's editable install, whose import hook costs every process start.
+    The code itself runs from the working tree (the harness puts it on PYTHONPATH for every
+    system, byte-compiled by `compile_bytecode`), so a code change needs no reinstall."""
+    pyproject = REPO / "pyproject.toml"
+    _ensure_venv(FLEETD_BIN, "fleetd", [str(REPO)], pyproject.read_text())
 
 
 def compile_bytecode() -> None:
     """Byte-compile fleetd and the benchmark's task modules, as pip does for every peer it
-    installs: fleetd runs from an editable install, and with PYTHONDONTWRITEBYTECODE set
-    (or a read-only tree) each of its processes would compile its modules at every start."""
+    installs: they run from the working tree, and with PYTHONDONTWRITEBYTECODE set (or a
+    read-only tree) each process would compile its modules at every start."""
     folders = ["supervisor", "worker", "ctl", "bench/tasks"]
     subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], cwd=REPO, check=True)
 

@@ -35,7 +35,7 @@ def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     environment.ensure_peers_venv()
     environment.compile_bytecode()
     if any(s.is_fleetd for s in systems):
-        environment.install_fleetd()
+        environment.ensure_fleetd_venv()
     missing = environment.fleetd_missing() if any(s.is_fleetd for s in systems) else None
     runnable = [s for s in systems if not (s.is_fleetd and missing)]
     if missing:

@@ -102,9 +102,10 @@ def method(plan: Plan) -> list[str]:
         ' backend, RQ and fleetd by default). "Start" and "done" are read from those lists,'
         " so measuring costs every system the same one round trip per task.",
         "- Producers run in a separate process (`bench/agent.py`), in the system's own venv:"
-        " peers in `.bench-venv`, fleetd in `.bench-fleetd-venv`, where the harness installs it"
-        " from the working tree at every run (`pip install .`, as a user would; not the"
-        " project's editable install, whose import hook costs every process start).",
+        " peers in `.bench-venv`, fleetd in `.bench-fleetd-venv` (its commands and dependencies"
+        " as `pip install .` makes them, not the project's editable install, whose import hook"
+        " costs every process start; the code runs from the working tree, byte-compiled first,"
+        " as pip does for the peers).",
         f"- Repetitions: {plan.reps}. In each, every system runs once, in an order rotated by one"
         " each repetition so that drift of the machine hits all alike. A figure is the median"
         " over the repetitions, [min–max] beside it.",

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT_BIN = REPO / ".venv" / "bin"
-# fleetd as users install it (`pip install .`: a wheel, no editable-install import hook),
-# rebuilt from the working tree at every run; the peers are regular installs too.
+# fleetd's commands and dependencies from `pip install .` (no editable-install import hook;
+# the peers are regular installs too); its code runs from the working tree.
 FLEETD_BIN = REPO / ".bench-fleetd-venv" / "bin"
 PEERS_BIN = REPO / ".bench-venv" / "bin"
 QUEUE = "default"
