@@ -9,7 +9,11 @@ here: the worker forks its children.
 from __future__ import annotations
 
 import contextlib
-import encodings.idna  # noqa: F401 - see below
+
+# The IDNA codec (with unicodedata and stringprep) is imported by a process's first
+# connection to a host by name, which most tasks make: imported here, before the fork,
+# the children share it instead of each importing its own copy.
+import encodings.idna  # noqa: F401
 import errno
 import gc
 import importlib
@@ -36,10 +40,6 @@ from .control import COMMANDS, CommandError, worker_command_names
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
 from .task import REGISTRY
-
-# encodings.idna (with unicodedata and stringprep) is imported by the first connection to a
-# host by name, which most tasks make: imported here, the children share it instead of
-# each importing its own copy.
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
