@@ -690,18 +690,17 @@ class Arbiter:
         }
 
     def write_run_record(self) -> None:
-        import psutil  # here, not at the top: the workers are spawned before it is needed
-
         processes = []
         for w in self.workers:
             if not w.pid:
                 continue
             if w.record:
                 processes.append(w.record)
-            with contextlib.suppress(psutil.Error):
+            if orphans.create_time(w.pid) is not None:  # not a zombie, whose children left it
                 w.children = [
-                    {"pid": child.pid, "create_time": child.create_time(), "group": True}
-                    for child in psutil.Process(w.pid).children()
+                    {**record, "group": True}
+                    for child in orphans.children(w.pid)
+                    if (record := orphans.process_record(child)) is not None
                 ]
             processes += w.children
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners

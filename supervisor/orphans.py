@@ -1,6 +1,8 @@
 """Nothing left behind: the run record, the state-dir lock, subreaping and ending leftovers.
 
-psutil is imported where it is used: an arbiter spawns its workers before it needs it.
+Processes are recognised by pid and start time, read from /proc as psutil reads them (the
+same seconds since the epoch as `psutil.Process.create_time()`), so the arbiter never
+carries psutil's memory for this bookkeeping.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import json
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import psutil
+import time
+from functools import cache
+from typing import Any
 
 log = logging.getLogger("fleetd.orphans")
 
 PR_SET_CHILD_SUBREAPER = 36
 LEFTOVER_GRACE = 5.0  # seconds between TERM and KILL for processes of a previous run
+SAME_START = 0.05  # seconds: two start times this close are the same process
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class AlreadyRunning(Exception):
@@ -52,14 +55,64 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
+@cache
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise RuntimeError("no btime line in /proc/stat")
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/{pid}/stat after the command name (state, ppid, pgrp, ...); None if
+    there is no such process or it is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return None if not fields or fields[0] == b"Z" else fields
+
+
+def _started(fields: list[bytes]) -> float:
+    return int(fields[19]) / CLOCK_TICKS + _boot_time()
+
+
+def create_time(pid: int) -> float | None:
+    """When `pid` started, in seconds since the epoch; None if it is gone."""
+    fields = _stat(pid)
+    return None if fields is None else _started(fields)
+
+
+def _alive(pid: int, born: float) -> bool:
+    started = create_time(pid)
+    return started is not None and abs(started - born) < SAME_START
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s children (a worker has one thread, whose children file says it
+    all; without that file, every process's parent is looked up)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(child) for child in f.read().split()]
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            return []
+    except OSError:
+        return []
+    return [p for p in _all_pids() if (fields := _stat(p)) is not None and int(fields[1]) == pid]
+
+
 def process_record(pid: int) -> dict[str, Any] | None:
     """`{"pid", "create_time"}`: enough to recognise this very process later."""
-    import psutil
-
-    try:
-        return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
-    except psutil.Error:
-        return None
+    started = create_time(pid)
+    return None if started is None else {"pid": pid, "create_time": started}
 
 
 class RunRecord:
@@ -88,83 +141,81 @@ class RunRecord:
             return {}
 
 
-def _matches(proc: psutil.Process, record: dict[str, Any]) -> bool:
-    import psutil
-
-    with contextlib.suppress(psutil.Error, KeyError, TypeError):
-        return abs(proc.create_time() - float(record["create_time"])) < 0.05
-    return False
-
-
-def find_leftovers(previous: dict[str, Any]) -> list[psutil.Process]:
-    """Processes of a previous run still alive: recorded ones, and members of recorded
-    children's process groups (a task's subprocesses), never a process that merely reused a pid."""
-    import psutil
-
+def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
+    """Processes of a previous run still alive, as (pid, start time): recorded ones, and
+    members of recorded children's process groups (a task's subprocesses), never a process
+    that merely reused a pid."""
     recorded = [r for r in previous.get("processes", []) if isinstance(r, dict)]
     me = os.getpid()
-    found: dict[int, psutil.Process] = {}
+    found: dict[int, float] = {}
     for record in recorded:
-        with contextlib.suppress(psutil.Error, KeyError, TypeError, ValueError):
-            proc = psutil.Process(int(record["pid"]))
-            if proc.pid != me and _matches(proc, record):
-                found[proc.pid] = proc
-    groups = {int(r["pid"]): float(r["create_time"]) for r in recorded if r.get("group")}
-    if groups:
-        for proc in psutil.process_iter(["pid", "create_time"]):
-            with contextlib.suppress(psutil.Error, OSError):
-                pgid = os.getpgid(proc.pid)
-                born = groups.get(pgid)
-                if born is not None and proc.pid != me and proc.info["create_time"] >= born - 0.05:
-                    found[proc.pid] = proc
-    return list(found.values())
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            pid, born = int(record["pid"]), float(record["create_time"])
+            if pid != me and _alive(pid, born):
+                found[pid] = born
+    groups = {}
+    for record in recorded:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            if record.get("group"):
+                groups[int(record["pid"])] = float(record["create_time"])
+    found.update(_group_members(groups, me))
+    return list(found.items())
+
+
+def _group_members(groups: dict[int, float], me: int) -> dict[int, float]:
+    """{pid: start time} of every process in these groups {pgid: leader's start time} that
+    started after its leader did (an older one is in a reused group id, not ours)."""
+    members: dict[int, float] = {}
+    for pid in _all_pids() if groups else ():
+        fields = _stat(pid)
+        if fields is None or pid == me:
+            continue
+        leader_born = groups.get(int(fields[2]))
+        started = _started(fields)
+        if leader_born is not None and started >= leader_born - SAME_START:
+            members[pid] = started
+    return members
 
 
 def kill_groups(leaders: list[dict[str, Any]]) -> int:
     """SIGKILL whatever lives on in the process groups these records led (a killed worker's
     children, and the subprocesses their tasks started); returns how many. A group whose
     pid now belongs to another process is left alone."""
-    import psutil
-
     groups: dict[int, float] = {}
     for record in leaders:
         with contextlib.suppress(KeyError, TypeError, ValueError):
-            groups[int(record["pid"])] = float(record["create_time"])
-    for pgid, born in list(groups.items()):
-        with contextlib.suppress(psutil.Error):
-            if not _matches(psutil.Process(pgid), {"create_time": born}):
-                del groups[pgid]  # the pid was reused: no longer our group
+            pgid, born = int(record["pid"]), float(record["create_time"])
+            started = create_time(pgid)
+            if started is None or abs(started - born) < SAME_START:
+                groups[pgid] = born  # else the pid was reused: no longer our group
     killed = 0
-    for proc in psutil.process_iter(["create_time"]) if groups else ():
-        with contextlib.suppress(psutil.Error, OSError):
-            leader_born = groups.get(os.getpgid(proc.pid))
-            if leader_born is not None and proc.info["create_time"] >= leader_born - 0.05:
-                proc.kill()
-                killed += 1
+    for pid in _group_members(groups, os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
     return killed
 
 
 def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> int:
     """TERM what a previous run left alive, KILL it after `grace`; returns how many there were."""
-    import psutil
-
     leftovers = find_leftovers(previous)
-    if not leftovers:
+    found = len(leftovers)
+    if not found:
         return 0
     log.warning(
         "ending %d processes left by a previous run: %s",
         len(leftovers),
-        ", ".join(str(p.pid) for p in leftovers),
+        ", ".join(str(pid) for pid, _ in leftovers),
     )
-    for proc in leftovers:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(leftovers, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=2)
-    return len(leftovers)
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        for pid, _ in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + wait
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.01)
+            leftovers = [(pid, born) for pid, born in leftovers if _alive(pid, born)]
+    return found
 
 
 def reap_all() -> list[tuple[int, int]]:
