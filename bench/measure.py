@@ -56,6 +56,7 @@ FIGURES = [
     Figure("arbiter_rss", "Idle fleet: arbiter RSS", "MiB", False, 1, True),
     Figure("worker_rss", "Idle fleet: worker RSS", "MiB", False, 1, True),
     Figure("child_uss", "Idle fleet: USS per pool child", "MiB", False, 1, True),
+    Figure("extra_child_uss", "Idle fleet: USS of a child added by TTIN", "MiB", False, 1, True),
     Figure("hup_steady", "HUP under load: steady median per 100 ms", "tasks", True, 0, True),
     Figure("hup_min", "HUP under load: smallest 100 ms bucket after HUP", "tasks", True, 0, True),
     Figure("hup_dip", "HUP under load: smallest bucket / steady median", "ratio", True, 2, True),
@@ -153,7 +154,7 @@ class Session:
             self.phase(["throughput_concurrent"], lambda: self.concurrent(fleet))
             latency = ["start_p50", "start_p99", "result_p50", "result_p99"]
             self.phase(latency, lambda: self.latency(fleet))
-            fleetd_memory = ["arbiter_rss", "worker_rss", "child_uss"]
+            fleetd_memory = ["arbiter_rss", "worker_rss", "child_uss", "extra_child_uss"]
             memory = ["idle_uss", *(fleetd_memory if self.system.is_fleetd else [])]
             self.phase(memory, lambda: self.idle_memory(fleet))
             self.phase(["ping_cli"], self.ping_cli)
@@ -271,7 +272,23 @@ class Session:
             values["arbiter_rss"] = memory[arbiter.pid]["rss"]
             values["worker_rss"] = statistics.mean(memory[w.pid]["rss"] for w in workers)
             values["child_uss"] = statistics.mean(memory[c.pid]["uss"] for c in children)
+            values["extra_child_uss"] = self.extra_child(workers[0])
         return values
+
+    def extra_child(self, worker: Any) -> float:
+        """USS of a child that TTIN (`pool grow`) adds to the idle worker, 0.5 s after it was
+        forked and before it ran a task; TTOU then takes the pool back to its size."""
+        before = {child.pid for child in worker.children()}
+        worker.send_signal(signal.SIGTTIN)
+        deadline = time.monotonic() + 10
+        while not (added := [c for c in worker.children() if c.pid not in before]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no child added 10 s after TTIN")
+            time.sleep(POLL)
+        time.sleep(0.5)
+        uss = process_memory(added[0])["uss"]
+        worker.send_signal(signal.SIGTTOU)
+        return uss
 
     def ping_cli(self) -> dict[str, float]:
         command = self.system.ping_command(self.site)

@@ -124,7 +124,10 @@ def method(plan: Plan) -> list[str]:
         " (blocking XREAD), Dramatiq `Message.get_result(block=True)` (blocking list pop), Huey"
         " `Result.get(blocking=True)` with `notify_result=True` (BLPOP), fleetd `Handle.get()`.",
         "- Idle memory: after the latency run, 0.5 s idle; USS (memory_full_info) of every"
-        " process of the fleet, summed.",
+        " process of the fleet, summed. For fleetd also the RSS of arbiter and worker, the USS"
+        " of each pool child (each has run tasks, so each has opened its own Redis connection"
+        " in the task body), and the USS of a child that TTIN adds to the idle worker, 0.5 s"
+        " after it was forked and before it ran a task (TTOU then shrinks the pool back).",
         f"- Control ping: the command line ({plan.cli_pings} run(s), launch to exit: `fleetctl"
         " --json ping` against `celery inspect ping`), and in process, the median of"
         f" {plan.rtt_pings} round trips after a first one that connects (fleetd's ControlClient"
