@@ -97,16 +97,15 @@ def _all_pids() -> list[int]:
 
 def children(pid: int) -> list[int]:
     """The pids of `pid`'s children (a worker has one thread, whose children file says it
-    all; without that file, every process's parent is looked up)."""
+    all; a kernel without that file has every process's parent looked up)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
             return [int(child) for child in f.read().split()]
     except FileNotFoundError:
-        if not os.path.exists(f"/proc/{pid}"):
-            return []
+        stats = {other: _stat(other) for other in _all_pids()}
+        return [other for other, fields in stats.items() if fields and int(fields[1]) == pid]
     except OSError:
         return []
-    return [p for p in _all_pids() if (fields := _stat(p)) is not None and int(fields[1]) == pid]
 
 
 def process_record(pid: int) -> dict[str, Any] | None:
@@ -148,23 +147,22 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
     recorded = [r for r in previous.get("processes", []) if isinstance(r, dict)]
     me = os.getpid()
     found: dict[int, float] = {}
+    groups: dict[int, float] = {}
     for record in recorded:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             pid, born = int(record["pid"]), float(record["create_time"])
+            if record.get("group"):
+                groups[pid] = born
             if pid != me and _alive(pid, born):
                 found[pid] = born
-    groups = {}
-    for record in recorded:
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            if record.get("group"):
-                groups[int(record["pid"])] = float(record["create_time"])
-    found.update(_group_members(groups, me))
+    found.update(_group_members(groups))
     return list(found.items())
 
 
-def _group_members(groups: dict[int, float], me: int) -> dict[int, float]:
+def _group_members(groups: dict[int, float]) -> dict[int, float]:
     """{pid: start time} of every process in these groups {pgid: leader's start time} that
     started after its leader did (an older one is in a reused group id, not ours)."""
+    me = os.getpid()
     members: dict[int, float] = {}
     for pid in _all_pids() if groups else ():
         fields = _stat(pid)
@@ -189,7 +187,7 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
             if started is None or abs(started - born) < SAME_START:
                 groups[pgid] = born  # else the pid was reused: no longer our group
     killed = 0
-    for pid in _group_members(groups, os.getpid()):
+    for pid in _group_members(groups):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed += 1
@@ -204,7 +202,7 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
         return 0
     log.warning(
         "ending %d processes left by a previous run: %s",
-        len(leftovers),
+        found,
         ", ".join(str(pid) for pid, _ in leftovers),
     )
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
