@@ -19,9 +19,9 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check supervisor worker ctl tests bench examples
-	$(BIN)/ruff format --check supervisor worker ctl tests bench examples
-	$(BIN)/mypy supervisor worker ctl
+	$(BIN)/ruff check fleetd supervisor worker ctl tests bench examples
+	$(BIN)/ruff format --check fleetd supervisor worker ctl tests bench examples
+	$(BIN)/mypy fleetd supervisor worker ctl
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo

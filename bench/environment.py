@@ -47,7 +47,7 @@ def compile_bytecode() -> None:
     """Byte-compile fleetd and the benchmark's task modules, as pip does for every peer it
     installs: they run from the working tree, and with PYTHONDONTWRITEBYTECODE set (or a
     read-only tree) each process would compile its modules at every start."""
-    folders = ["supervisor", "worker", "ctl", "bench/tasks"]
+    folders = ["fleetd", "supervisor", "worker", "ctl", "bench/tasks"]
     subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], cwd=REPO, check=True)
 
 
@@ -56,7 +56,7 @@ def fleetd_missing() -> str | None:
     if not (FLEETD_BIN / "fleetd").exists():
         return f"fleetd not installed ({FLEETD_BIN / 'fleetd'} missing)"
     check = subprocess.run(
-        [str(FLEETD_BIN / "python"), "-c", "from worker import Client, task"],
+        [str(FLEETD_BIN / "python"), "-c", "from fleetd import Client, task"],
         cwd=REPO,
         capture_output=True,
         text=True,

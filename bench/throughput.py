@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from bench.redis_server import RedisServer
-from worker import Client
+from fleetd import Client
 
 FLEETD = str(Path(sys.executable).parent / "fleetd")
-TASKS = "from worker import task\n\n\n@task\ndef noop():\n    return None\n"
+TASKS = "from fleetd import task\n\n\n@task\ndef noop():\n    return None\n"
 
 
 def write_config(folder: Path, broker: str, prefetch: int) -> Path:

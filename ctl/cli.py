@@ -30,6 +30,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from supervisor.cli import version
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
 NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
@@ -67,6 +69,7 @@ def count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Steer a fleetd fleet and its queue.")
+    p.add_argument("--version", action="version", version=f"fleetctl {version()}")
     p.add_argument(
         "-c",
         "--config",

@@ -1,4 +1,5 @@
-"""`make demo`: a fleet in the background, 600 tasks, a reload and a restart midway, none lost."""
+"""`make demo`: a fleet in the background, 600 tasks; midway a child and a worker are killed
+with SIGKILL, the fleet is reloaded (HUP) and restarted (TERM); none is lost."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker import Client
+from fleetd import Client
 
 TASKS = 600
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +51,29 @@ def start(folder: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def kill_a_child(fleet: subprocess.Popen[bytes]) -> str:
+    """SIGKILL one pool child (its task is redelivered at once)."""
+    for worker in psutil.Process(fleet.pid).children():
+        for child in worker.children():
+            child.kill()
+            return f"kill -9 child {child.pid} of worker {worker.pid}: its task comes back at once"
+    return "no child to kill yet"
+
+
+def kill_a_worker(fleet: subprocess.Popen[bytes]) -> str:
+    """SIGKILL one worker (the arbiter restarts it; the tasks it held go back at once)."""
+    workers = psutil.Process(fleet.pid).children()
+    if not workers:
+        return "no worker to kill yet"
+    workers[-1].kill()
+    return f"kill -9 worker {workers[-1].pid}: restarted, its tasks given back"
+
+
+def reload(fleet: subprocess.Popen[bytes]) -> str:
+    os.kill(fleet.pid, signal.SIGHUP)
+    return "reload (HUP): a new generation of workers, fresh code"
+
+
 def main() -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="fleetd-demo-") as tmp:
@@ -60,7 +86,13 @@ def main() -> int:
                 [("examples.tasks.resize", (i,), {}) for i in range(TASKS)], queue="images"
             )
             done: set[str] = set()
-            reloaded = restarted = False
+            # (share of the tasks done, what to do then): each at most once.
+            steps: list[tuple[float, Callable[[subprocess.Popen[bytes]], str]]] = [
+                (1 / 6, kill_a_child),
+                (2 / 6, kill_a_worker),
+                (3 / 6, reload),
+            ]
+            restarted = False
             columns = (
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -75,13 +107,9 @@ def main() -> int:
                         if h.id not in done and h.state == "SUCCESS":
                             done.add(h.id)
                     progress.update(bar, completed=len(done))
-                    if not reloaded and len(done) >= TASKS // 3:
-                        progress.console.print(
-                            "[bold]reload (HUP): a new generation of workers, fresh code"
-                        )
-                        os.kill(fleet.pid, signal.SIGHUP)
-                        reloaded = True
-                    elif not restarted and len(done) >= 2 * TASKS // 3:
+                    if steps and len(done) >= steps[0][0] * TASKS:
+                        progress.console.print(f"[bold]{steps.pop(0)[1](fleet)}")
+                    elif not restarted and len(done) >= 4 * TASKS // 6:
                         progress.console.print("[bold]restart (TERM, then a new fleetd start)")
                         fleet.terminate()
                         fleet.wait(60)

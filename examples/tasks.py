@@ -6,7 +6,7 @@ Try: `fleetctl -c config/example.toml submit examples.tasks.add 1 2 --wait 5`
 import random
 import time
 
-from worker import task
+from fleetd import task
 
 
 @task

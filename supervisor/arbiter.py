@@ -61,6 +61,9 @@ BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
 BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
 DEFAULT_COMMAND_TIMEOUT = 1.0
+# `python -P`: the worker's folder (the arbiter's cwd) is not put first on sys.path, so a
+# project's own `worker.py` there cannot stand in for fleetd's worker package (3.11+).
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
 
 @dataclass
@@ -304,7 +307,7 @@ class Arbiter:
         env.pop("FLEETD_SCHED_POLICY", None)
         if polite:  # the policy the worker returns to once booted
             env["FLEETD_SCHED_POLICY"] = str(os.sched_getscheduler(0))
-        argv = [sys.executable, "-m", "worker", spec.node]
+        argv = [sys.executable, *SAFE_PATH, "-m", "worker", spec.node]
         w.pid = os.posix_spawn(
             sys.executable,
             argv,

@@ -23,6 +23,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fleetd", description="Run a fleet of task workers on this host.")
+    parser.add_argument("--version", action="version", version=f"fleetd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     start = sub.add_parser("start", help="run the arbiter in the foreground")
     start.add_argument("-c", "--config", required=True, help="the fleet's TOML config")
@@ -47,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                 help="seconds to wait for a warm exit before a cold one (QUIT)",
             )
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's own if it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("fleetd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,23 @@ def wait_for(
         time.sleep(interval)
 
 
+# How long a test watches for something that must NOT happen (a redelivery, a second start,
+# a process that should stay). What would happen shows within one turn of a worker's loop,
+# which an idle worker takes at once (the broker's wakeup fd wakes it): a few tens of ms.
+# QUIET leaves ten times that for a loaded 2-core machine.
+QUIET = 0.5
+
+
+def holds(condition: Callable[[], Any], seconds: float = QUIET, interval: float = 0.02) -> bool:
+    """Whether `condition` stays truthy for `seconds` (polled; False the moment it is not)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(interval)
+    return bool(condition())
+
+
 class Fleet:
     """One fleetd host in `folder`, with the test task module `tasks.py`."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -95,10 +94,10 @@ def test_worker_killed_is_restarted_and_its_tasks_come_back(make_fleet, tmp_path
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
 
 
-def test_startup_to_first_task_is_fast(make_fleet) -> None:
+def test_task_submitted_before_the_fleet_starts_runs_once_it_is_up(make_fleet) -> None:
+    # How fast that is (cold start) is a figure of `make bench`, not an assertion here.
     fleet = make_fleet()
     handle = fleet.client.submit("tasks.add", 1, 1)
-    started = time.monotonic()
     fleet.start(wait=False)
     assert handle.get(timeout=15) == 2
-    assert time.monotonic() - started < 15
+    assert handle.info()["deliveries"] == 1

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.fleet import TASKS, Fleet, executions, wait_for
+from tests.fleet import TASKS, Fleet, executions, holds, wait_for
 from worker import TaskFailed, task
 from worker.brokers.base import Envelope
 
@@ -154,8 +154,7 @@ def test_poison_task_ends_worker_lost_after_exactly_max_deliveries_while_the_fle
         (poison.id, "WorkerLost")
     ]
     assert [h.get(timeout=20) for h in others] == [2 * i for i in range(40)]
-    time.sleep(0.5)  # nothing delivers it a fourth time
-    assert len(lines(marker)) == 3
+    assert holds(lambda: len(lines(marker)) == 3), "delivered a fourth time"
 
 
 def test_a_task_exiting_with_the_clean_stop_code_counts_as_lost_not_as_never_started(
@@ -192,8 +191,9 @@ def test_hard_time_limit_kills_the_childs_group_with_its_grandchild_and_is_not_r
     assert handle.info()["deliveries"] == 1
     assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
     wait_for(lambda: list(pool_sizes(fleet).values()) == [2], 10, message="a fresh child")
-    time.sleep(0.3)
-    assert handle.info()["deliveries"] == 1 and handle.state == "FAILURE", "not redelivered"
+    assert holds(lambda: handle.info()["deliveries"] == 1 and handle.state == "FAILURE"), (
+        "redelivered"
+    )
 
 
 def test_task_waiting_behind_a_time_limit_kill_is_not_charged_a_delivery(
@@ -237,8 +237,7 @@ def test_revoked_before_start_is_skipped_and_never_runs(make_fleet, tmp_path: Pa
     wait_for(
         lambda: reserved.state == "REVOKED" and queued.state == "REVOKED", 10, message="REVOKED"
     )
-    time.sleep(0.7)
-    assert len(lines(marker)) == 1, "a revoked task started"
+    assert holds(lambda: len(lines(marker)) == 1), "a revoked task started"
 
 
 def test_revoke_with_terminate_signals_the_child_and_is_not_redelivered(
@@ -253,8 +252,9 @@ def test_revoke_with_terminate_signals_the_child_and_is_not_redelivered(
     wait_for(lambda: handle.state == "REVOKED", 5, message="REVOKED")
     wait_for(lambda: not alive(victim), 5, message="the child to die")
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
-    time.sleep(0.3)
-    assert len(lines(marker)) == 1 and handle.info()["deliveries"] == 1, "redelivered"
+    assert holds(lambda: len(lines(marker)) == 1 and handle.info()["deliveries"] == 1), (
+        "redelivered"
+    )
 
 
 def test_undecodable_message_is_dead_lettered_with_its_raw_body(make_fleet) -> None:
@@ -330,8 +330,7 @@ def test_arbiter_int_is_warm_then_cold_on_the_second(make_fleet, tmp_path: Path)
     fleet.start()
     wait_for(lambda: len(lines(marker)) == 2, 10, message="the slow task to start")
     fleet.signal(signal.SIGINT)
-    time.sleep(0.3)
-    assert fleet.proc.poll() is None, "the first INT waits for the running task"
+    assert holds(lambda: fleet.proc.poll() is None), "the first INT waits for the running task"
     fleet.signal(signal.SIGINT)
     assert fleet.wait_exit(10) == 0
     assert slow.info()["state"] == "PENDING" and slow.info()["deliveries"] == 1
@@ -465,10 +464,10 @@ def test_arbiter_hup_under_steady_load_loses_nothing_and_runs_nothing_twice(
     producer.start()
     try:
         for reloads in range(1, 4):
-            time.sleep(0.7)
+            time.sleep(0.7)  # tasks flow through each generation before the next reload
             fleet.signal(signal.SIGHUP)
             wait_reloads(fleet, reloads)
-        time.sleep(0.5)
+        time.sleep(0.5)  # and through the last one
     finally:
         stop.set()
         producer.join()
@@ -552,8 +551,9 @@ def test_new_start_after_arbiter_kill_ends_every_process_of_the_old_run(
     assert grandchild in old_run and len(old_run) == 4  # worker, 2 children, 1 grandchild
     fleet.signal(signal.SIGKILL)
     fleet.wait_exit(5)
-    time.sleep(0.5)
-    assert [p for p in old_run if alive(p)] != [], "warm shutdown waits for the running tasks"
+    assert holds(lambda: [p for p in old_run if alive(p)] != []), (
+        "warm shutdown waits for the running tasks"
+    )
     fleet.start()
     assert [p for p in old_run if alive(p)] == [], "a process of the old run survived the new start"
     assert "ending 4 processes left by a previous run" in fleet.log()

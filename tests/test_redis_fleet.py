@@ -113,21 +113,15 @@ def test_redis_killed_and_restarted_under_load_loses_no_task_and_the_fleet_recov
         server.kill()
 
 
-def test_five_thousand_noop_tasks_on_redis_with_concurrency_2(
+def test_five_thousand_tasks_on_redis_all_succeed(
     make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str]
 ) -> None:
     fleet = make_fleet(fleet={"broker": shared_redis[0]}, defaults={"concurrency": 2}).start()
     client = fleet.client
-    start = time.perf_counter()
     ids = [h.id for _ in range(10) for h in client.submit_many([("tasks.noop", (), {})] * 500)]
 
     def drained() -> bool:
         return not any(d.ready or d.reserved for d in client.broker.depths())
 
     wait_for(drained, 60, 0.01, "5,000 tasks to run")
-    seconds = time.perf_counter() - start
-    assert states(client, ids) == {"SUCCESS": 5000}
-    print(
-        f"\n5,000 no-op tasks on Redis, concurrency 2: {seconds:.2f} s,"
-        f" {5000 / seconds:,.0f} tasks/s"
-    )
+    assert states(client, ids) == {"SUCCESS": 5000}  # the rate is `make bench`'s to measure

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.tasks import body
-from worker import task
+from fleetd import task
 
 
 @task
