@@ -52,6 +52,17 @@ def sleep(seconds, marker=None):
     return os.getpid()
 
 @task
+def hold(gate, marker=None, limit=60):
+    """Run until the test creates `gate` (at most `limit` seconds): no timing to guess."""
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"start {os.getpid()}\\n")
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+@task
 def pid():
     return os.getpid()
 

@@ -350,7 +350,8 @@ def test_inspect_lists_active_reserved_registered_stats_and_conf(
 ) -> None:
     fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 1}).start()
     marker = tmp_path / "started.txt"
-    running = fleet.client.submit("tasks.sleep", 3, str(marker))
+    gate = tmp_path / "gate"
+    running = fleet.client.submit("tasks.hold", str(gate), str(marker))
     queued = fleet.client.submit("tasks.sleep", 0.1)
     wait_for(marker.exists, 10, message="the first task to start")
 
@@ -360,7 +361,7 @@ def test_inspect_lists_active_reserved_registered_stats_and_conf(
         return data["replies"]["w@h1"]
 
     [active] = wait_for(lambda: inspect("active"), 5, message="an active task")
-    assert active["id"] == running.id and active["name"] == "tasks.sleep"
+    assert active["id"] == running.id and active["name"] == "tasks.hold"
     assert active["pid"] in fleet.child_pids() and active["runtime"] >= 0
     assert [
         r["id"] for r in wait_for(lambda: inspect("reserved"), 5, message="a reserved task")
@@ -373,7 +374,8 @@ def test_inspect_lists_active_reserved_registered_stats_and_conf(
     conf = inspect("conf")
     assert conf["concurrency"] == 1 and conf["queues"] == ["default"]
     text = fleet.ctl("inspect", "active").stdout
-    assert running.id in text and "tasks.sleep" in text
+    assert running.id in text and "tasks.hold" in text
+    gate.touch()
     fleet.wait_all_final([running.id, queued.id], 15)
     assert inspect("active") == [] and inspect("reserved") == []
 
