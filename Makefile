@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fleetd supervisor worker ctl tests bench examples
 	$(BIN)/ruff format --check fleetd supervisor worker ctl tests bench examples
 	$(BIN)/mypy fleetd supervisor worker ctl
+	$(BIN)/lint-imports
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo

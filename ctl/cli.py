@@ -322,7 +322,7 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
-    from ctl.keys import keygen
+    from supervisor.keys import keygen
 
     try:
         public, secret = keygen(args.dir)
@@ -386,8 +386,8 @@ def key_value(text: str) -> tuple[str, Any]:
 def open_control(args: argparse.Namespace) -> Any:
     """A ControlClient for the hosts and keys the command line and the config name."""
     from ctl.client import ControlClient
-    from ctl.keys import KeyFileError, load_keypair, load_public
     from supervisor.control import ControlConfigError
+    from supervisor.keys import KeyFileError, load_keypair, load_public
 
     endpoints = list(args.endpoint)
     tcp = any(e.startswith("tcp://") for e in endpoints)

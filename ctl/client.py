@@ -50,7 +50,7 @@ class ControlClient:
     """A connection to the control endpoints of one or more hosts.
 
     `client_keys` is the (public, secret) z85 pair and `server_keys` maps each tcp
-    endpoint to its server's z85 public key (see ctl.keys). `hosts` maps an endpoint
+    endpoint to its server's z85 public key (see supervisor.keys). `hosts` maps an endpoint
     to the host expected behind it, the name `missing` and `errors` use for it (default:
     the endpoint itself). Raises ControlConfigError for an endpoint it cannot use.
     """

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.control import COMMANDS, CommandError, register
+from worker.logs import log_env
 from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans
-from .logs import log_env
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pidfile import remove_pidfile, write_pidfile

@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 
+from worker.logs import FORMATS, LEVELS, setup_logging
+
 from . import config as configmod
-from .logs import FORMATS, LEVELS, setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.machinery
 import os
 import re
@@ -11,15 +10,24 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.spec import WorkerSpec, parse_rate, parse_size
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "WorkerSpec",
+    "load",
+    "parse_rate",
+    "parse_size",
+]
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:[iI]?[bB])?\s*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 class ConfigError(Exception):
@@ -32,39 +40,6 @@ class ConfigError(Exception):
 
 class ControlConfigError(Exception):
     """A control endpoint cannot be bound as configured; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything one named worker process needs; sent to it as JSON at spawn."""
-
-    name: str
-    node: str  # name@host
-    queues: list[str]
-    concurrency: int
-    prefetch: int = 1
-    max_tasks_per_child: int = 0
-    max_memory_per_child: int = 0  # bytes; 0 = no limit
-    time_limit: float = 0
-    soft_time_limit: float = 0
-    acks_late: bool = True
-    max_deliveries: int = 3
-    shutdown_timeout: float = 0
-    rate_limits: dict[str, str] = field(default_factory=dict)
-    broker: str = ""
-    durability: str = "default"
-    lease: float = 30
-    result_ttl: int = 86400
-    imports: list[str] = field(default_factory=list)
-    pythonpath: list[str] = field(default_factory=list)
-    state_dir: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -129,23 +104,6 @@ WORKER_KEYS: dict[str, tuple[str, Any]] = {
 }
 METRICS_KEYS: dict[str, tuple[str, Any]] = {"bind": ("host_port", "")}
 SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics"}
-
-
-def parse_rate(text: str) -> float:
-    """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed."""
-    match = RATE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"rate {text!r} is not N, N/s, N/m or N/h")
-    number = float(match.group(1))
-    return number / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
-
-
-def parse_size(text: str) -> int:
-    """`"512MB"` -> bytes; `"0"` -> 0."""
-    match = SIZE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"size {text!r} is not like 512MB, 2GB or 0")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
 def _check(path: str, key: str, kind: str, value: Any) -> Any:

@@ -31,9 +31,8 @@ import zmq
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
-from ctl.keys import KeyFileError, load_keypair
-
 from .config import ControlConfigError
+from .keys import KeyFileError, load_keypair
 
 log = logging.getLogger(__name__)
 

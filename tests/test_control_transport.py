@@ -20,7 +20,6 @@ import pytest
 import zmq
 
 from ctl.client import ControlClient, Result
-from ctl.keys import keygen, load_keypair, load_public
 from supervisor.control import (
     MAX_MESSAGE_SIZE,
     ControlConfigError,
@@ -28,6 +27,7 @@ from supervisor.control import (
     Request,
     events_endpoint,
 )
+from supervisor.keys import keygen, load_keypair, load_public
 
 pytestmark = pytest.mark.timeout(60)
 

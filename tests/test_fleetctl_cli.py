@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ctl import cli
 from ctl.client import Result
-from ctl.keys import keygen
+from supervisor.keys import keygen
 
 
 def request(*argv: str) -> tuple[str, dict[str, Any]]:

@@ -15,12 +15,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from supervisor.logs import FORMAT_ENV, LEVEL_ENV, JsonFormatter, log_env, setup_logging
+from worker.logs import FORMAT_ENV, LEVEL_ENV, JsonFormatter, log_env, setup_logging
 
 # A process entry point that logs a debug, an info with fields, and an exception.
 PROGRAM = """
 import logging, sys
-from supervisor.logs import setup_logging, setup_logging_from_env
+from worker.logs import setup_logging, setup_logging_from_env
 if len(sys.argv) > 1:
     setup_logging(sys.argv[1], sys.argv[2], "images@host1")
 else:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from ctl.keys import keygen
+from supervisor.keys import keygen
 from tests import netns
 from tests.fleet import Fleet, executions, wait_for
 from tests.redisserver import RedisServer, start_redis

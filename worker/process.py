@@ -30,8 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.config import WorkerSpec
-
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
 from .child import CLEAN_STOP, child_main, set_parent_death_signal
@@ -39,6 +37,7 @@ from .commands import pool_grow, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
+from .spec import WorkerSpec
 from .task import REGISTRY
 
 log = logging.getLogger("fleetd.worker")
@@ -1060,7 +1059,7 @@ def encode_task(delivery: Delivery) -> bytes:
 
 def main() -> int:
     """`python -m worker`: run one worker; the arbiter passes the spec and a socket fd."""
-    from supervisor.logs import setup_logging
+    from .logs import setup_logging
 
     spec = WorkerSpec.from_json(json.loads(os.environ["FLEETD_WORKER_SPEC"]))
     setup_logging(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from supervisor.config import parse_rate
+from .spec import parse_rate
 
 
 class TokenBucket:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .spec import parse_rate
+
 if TYPE_CHECKING:
     from .client import Client, Handle
 
@@ -136,8 +138,6 @@ def task(
     def register(f: Callable[..., Any]) -> Task:
         task_name = name or f"{f.__module__}.{f.__qualname__}"
         if rate_limit is not None:
-            from supervisor.config import parse_rate
-
             parse_rate(rate_limit)  # fail at import, not at the first run
         t = Task(
             f,

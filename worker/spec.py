@@ -1,0 +1,66 @@
+"""What one worker process is told at spawn (`WorkerSpec`), and the rate and size notations.
+
+A leaf of the `worker` package: the arbiter builds a spec from the config, the worker
+reads it back from JSON; both sides need it, so it lives here, below both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:[iI]?[bB])?\s*$")
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one named worker process needs; sent to it as JSON at spawn."""
+
+    name: str
+    node: str  # name@host
+    queues: list[str]
+    concurrency: int
+    prefetch: int = 1
+    max_tasks_per_child: int = 0
+    max_memory_per_child: int = 0  # bytes; 0 = no limit
+    time_limit: float = 0
+    soft_time_limit: float = 0
+    acks_late: bool = True
+    max_deliveries: int = 3
+    shutdown_timeout: float = 0
+    rate_limits: dict[str, str] = field(default_factory=dict)
+    broker: str = ""
+    durability: str = "default"
+    lease: float = 30
+    result_ttl: int = 86400
+    imports: list[str] = field(default_factory=list)
+    pythonpath: list[str] = field(default_factory=list)
+    state_dir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
+        return cls(**data)
+
+
+def parse_rate(text: str) -> float:
+    """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed."""
+    match = RATE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"rate {text!r} is not N, N/s, N/m or N/h")
+    number = float(match.group(1))
+    return number / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+
+
+def parse_size(text: str) -> int:
+    """`"512MB"` -> bytes; `"0"` -> 0."""
+    match = SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"size {text!r} is not like 512MB, 2GB or 0")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
