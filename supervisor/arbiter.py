@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.control import COMMANDS, CommandError, register
+from worker.imports import SAFE_PATH
 from worker.logs import log_env
 from worker.protocol import FrameReader, ProtocolError, encode
 
@@ -61,9 +62,6 @@ BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
 BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
 DEFAULT_COMMAND_TIMEOUT = 1.0
-# `python -P`: the worker's folder (the arbiter's cwd) is not put first on sys.path, so a
-# project's own `worker.py` there cannot stand in for fleetd's worker package (3.11+).
-SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
 
 @dataclass

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 
+from worker.imports import SAFE_PATH
 from worker.logs import FORMATS, LEVELS, setup_logging
 
 from . import config as configmod
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+IMPORT_TIMEOUT = 60.0  # seconds `fleetd check` gives the task modules to import
 
 log = logging.getLogger("fleetd.cli")
 
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
+        failure = probe_imports(cfg)
+        if failure:
+            print(f"fleetd: {args.config}: fleet.imports: {failure}", file=sys.stderr)
+            return EXIT_USAGE
         print(
             f"{args.config}: ok ({len(cfg.workers)} workers:"
             f" {', '.join(w.node for w in cfg.workers)})"
@@ -82,6 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         return start(cfg, args)
     return signal_running(cfg, args)
+
+
+def probe_imports(cfg: configmod.Config) -> str | None:
+    """Import the task modules as a worker will (its pythonpath, a process of its own): why
+    that fails, in one line naming the module and file:line, or None."""
+    argv = [sys.executable, *SAFE_PATH, "-m", "worker.imports"]
+    argv += [json.dumps(cfg.pythonpath), json.dumps(cfg.imports)]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=IMPORT_TIMEOUT,
+            cwd=os.path.dirname(cfg.path),
+        )
+    except subprocess.TimeoutExpired:
+        return f"importing {', '.join(cfg.imports)} took over {IMPORT_TIMEOUT:g}s"
+    lines = done.stdout.strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict):
+        return f"importing {', '.join(cfg.imports)} ended its process (exit code {done.returncode})"
+    if verdict.get("ok"):
+        return None
+    where = f"{verdict.get('file')}:{verdict.get('line')}" if verdict.get("file") else "?"
+    return f"module {verdict.get('module')!r} failed to import ({where}): {verdict.get('error')}"
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:

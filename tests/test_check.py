@@ -1,0 +1,54 @@
+"""`fleetd check` imports the task modules as a worker will, and names the one that fails."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fleet import FLEETD
+
+CONFIG = '[fleet]\nimports = ["tasks", "more"]\n\n[[worker]]\nname = "w"\n'
+
+
+def check(folder: Path, tasks: str, more: str = "X = 1\n") -> subprocess.CompletedProcess[str]:
+    (folder / "fleet.toml").write_text(CONFIG)
+    (folder / "tasks.py").write_text(tasks)
+    (folder / "more.py").write_text(more)
+    return subprocess.run(
+        [FLEETD, "check", "-c", str(folder / "fleet.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "error"),
+    [
+        ("import os\n\nraise RuntimeError('no database')\n", 3, "RuntimeError: no database"),
+        ("def broken(:\n    pass\n", 1, "SyntaxError"),
+        ("X = 1\nimport no_such_module_here\n", 2, "ModuleNotFoundError"),
+    ],
+)
+def test_a_module_that_fails_at_import_is_named_with_file_and_line(
+    tmp_path: Path, source: str, line: int, error: str
+) -> None:
+    done = check(tmp_path, "X = 1\n", more=source)
+    assert done.returncode == 2
+    [message] = done.stderr.strip().splitlines()
+    assert "fleet.imports" in message and "'more'" in message
+    assert f"{tmp_path / 'more.py'}:{line}" in message and error in message
+
+
+def test_a_module_that_exits_at_import_is_reported(tmp_path: Path) -> None:
+    done = check(tmp_path, "import os\nos._exit(3)\n")
+    assert done.returncode == 2
+    assert "exit code 3" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_modules_that_import_cleanly_pass_even_when_they_print(tmp_path: Path) -> None:
+    done = check(tmp_path, "print('hello from tasks')\n")
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
