@@ -29,7 +29,7 @@ from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans
-from .metrics import Metrics, MetricsServer
+from .metrics import Metrics, MetricsServer, Probe
 from .notify import Notifier
 from .pidfile import remove_pidfile, write_pidfile
 from .signals import SignalQueue, name
@@ -62,6 +62,7 @@ BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
 BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
 DEFAULT_COMMAND_TIMEOUT = 1.0
+HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
 
 
 @dataclass
@@ -83,6 +84,7 @@ class WorkerProc:
     record: dict[str, Any] | None = None  # pid and start time, taken at spawn
     children: list[dict[str, Any]] = field(default_factory=list)  # its pool at the last run record
     commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
+    heard_at: float = 0.0  # monotonic: the last time it wrote to us (stats come every second)
 
     @property
     def node(self) -> str:
@@ -128,6 +130,7 @@ class Arbiter:
         self.ready_announced = False
         self.next_tick = 0.0
         self.tasks_done = 0  # by workers that are gone; live ones report their own
+        self.booted: set[str] = set()  # worker names that have been ready once: /readyz
         self.run_record = orphans.RunRecord(config.state_dir)
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
 
@@ -320,6 +323,9 @@ class Arbiter:
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(w.pid, os.SCHED_IDLE, os.sched_param(0))
         w.record = orphans.process_record(w.pid)
+        self.metrics.declare_node(spec.node)
+        for queue in spec.queues:
+            self.metrics.declare_queue(queue)
         w.sock = ours
         w.reader = FrameReader()
         w.state = STARTING
@@ -452,6 +458,7 @@ class Arbiter:
         while w.sock is not None:
             try:
                 data = w.sock.recv(262144, socket.MSG_DONTWAIT)
+                w.heard_at = time.monotonic()
                 messages = w.reader.feed(data) if data else None
             except BlockingIOError:
                 return
@@ -484,6 +491,7 @@ class Arbiter:
 
     def worker_ready(self, w: WorkerProc, owner: str) -> None:
         w.state = RUNNING if w.state == STARTING else w.state
+        self.booted.add(w.spec.name)
         w.owner = owner
         self.write_run_record()
         self.give_back_tasks()
@@ -662,6 +670,9 @@ class Arbiter:
             self.next_tick = now + 1.0
             self.notifier.status(self.status_line())
             self.write_run_record()
+            if self.metrics_server:
+                self.metrics_server.health = self.health(now)
+                self.metrics_server.readiness = self.readiness()
 
     def status_line(self) -> str:
         running = sum(1 for w in self.workers if w.state == RUNNING)
@@ -671,6 +682,26 @@ class Arbiter:
             int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live
         )
         return f"{running} nodes running, {children} children, {done} tasks done"
+
+    def health(self, now: float) -> Probe:
+        """/healthz: every configured worker runs and was heard from lately; else the first
+        one that does not, and why."""
+        for spec in self.config.workers:
+            serving = [w for w in self.workers if w.spec.name == spec.name and w.state == RUNNING]
+            if not serving:
+                states = [w.state for w in self.workers if w.spec.name == spec.name]
+                return Probe(False, f"{spec.node} is {states[-1] if states else 'not started'}")
+            silent = min(now - w.heard_at for w in serving)
+            if silent > HEALTHY_SILENCE:
+                return Probe(False, f"{spec.node} silent for {silent:.0f}s")
+        return Probe(True, f"{len(self.config.workers)} workers running")
+
+    def readiness(self) -> Probe:
+        """/readyz: every configured worker has booted (once; a restart later is /healthz's)."""
+        waiting = [s.node for s in self.config.workers if s.name not in self.booted]
+        if waiting:
+            return Probe(False, f"not booted yet: {', '.join(waiting)}")
+        return Probe(True, "every worker has booted")
 
     def status(self) -> dict[str, Any]:
         return {

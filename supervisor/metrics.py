@@ -1,4 +1,5 @@
-"""The arbiter's Prometheus metrics: a small registry, worker events into it, GET /metrics."""
+"""The arbiter's Prometheus metrics and health: a small registry, worker events into it, and
+GET /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -113,11 +114,24 @@ class Metrics:
             hist.counts[bisect.bisect_left(family.buckets, seconds)] += 1
             hist.sum += seconds
 
+    def declare_node(self, node: str) -> None:
+        """Give a node every per-node series at 0 from its start: an alert on a counter or
+        gauge sees 0, not "absent", before the first event."""
+        with self._lock:
+            for name in (*NODE_COUNTERS.values(), *WORKER_GAUGES.values()):
+                self._samples[name].setdefault((node,), 0.0)
+
+    def declare_queue(self, queue: str) -> None:
+        """A configured queue has its depth series from the start (0 until a worker reports)."""
+        with self._lock:
+            self._samples["fleetd_queue_depth"].setdefault((queue,), 0.0)
+
     def forget_node(self, node: str) -> None:
-        """Drop the gauges of a worker that is gone; its counters stay."""
+        """A worker that is gone holds, runs and has nothing: its gauges go to 0 (they stay
+        series, without holes); its counters stay as they are."""
         with self._lock:
             for name in WORKER_GAUGES.values():
-                self._samples[name].pop((node,), None)
+                self._samples[name][(node,)] = 0.0
 
     def apply(self, event: Mapping[str, Any]) -> bool:
         """Count a worker event; return False (and log why) for one it does not know."""
@@ -131,7 +145,8 @@ class Metrics:
                 if runtime is not None:
                     self.observe("fleetd_task_runtime_seconds", task, runtime)
             elif kind in NODE_COUNTERS:
-                self.inc(NODE_COUNTERS[kind], {"node": event["node"]})
+                count = int(event.get("count", 1))  # several at once: a dead worker's tasks
+                self.inc(NODE_COUNTERS[kind], {"node": event["node"]}, count)
             elif kind == "worker-stats":
                 node = {"node": event["node"]}
                 values = {name: float(event[field]) for field, name in WORKER_GAUGES.items()}
@@ -201,8 +216,21 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """An answer of /healthz or /readyz: the arbiter's loop replaces it whole, the server's
+    thread reads it (one reference: no lock needed)."""
+
+    ok: bool
+    reason: str
+
+
 class MetricsServer:
-    """Serves `metrics.render()` at GET /metrics from a daemon thread."""
+    """Serves `metrics.render()` at GET /metrics, and the arbiter's last verdicts at /healthz
+    and /readyz (200, or 503 with the reason in one line), from a daemon thread."""
+
+    health = Probe(False, "starting")
+    readiness = Probe(False, "starting")
 
     def __init__(self, bind: str, metrics: Metrics) -> None:
         host, _, port = bind.rpartition(":")
@@ -221,7 +249,7 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self._server = _http_server(self.address, self.metrics)
+        self._server = _http_server(self.address, self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
         )
@@ -237,8 +265,8 @@ class MetricsServer:
         self._server = self._thread = None
 
 
-def _http_server(address: tuple[str, int], metrics: Metrics) -> ThreadingHTTPServer:
-    """A bound HTTP server answering GET /metrics with `metrics.render()`."""
+def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHTTPServer:
+    """A bound HTTP server answering GET /metrics, /healthz and /readyz."""
     import socketserver
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -253,12 +281,20 @@ def _http_server(address: tuple[str, int], metrics: Metrics) -> ThreadingHTTPSer
 
     class MetricsHandler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] != "/metrics":
-                self.send_error(404, "only /metrics is served here")
-                return
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self.answer(200, CONTENT_TYPE, served.metrics.render())
+            elif path in ("/healthz", "/readyz"):
+                probe = served.health if path == "/healthz" else served.readiness
+                text = f"{'ok' if probe.ok else 'not ok'}: {probe.reason}\n"
+                self.answer(200 if probe.ok else 503, "text/plain; charset=utf-8", text)
+            else:
+                self.send_error(404, "served here: /metrics, /healthz, /readyz")
+
+        def answer(self, status: int, content_type: str, text: str) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -86,7 +86,7 @@ def test_node_events_count_per_node(kind: str, family: str) -> None:
     assert got[f'{family}{{node="email@h1"}}'] == 1
 
 
-def test_worker_stats_set_gauges_that_forget_node_drops() -> None:
+def test_worker_stats_set_gauges_that_forget_node_zeroes() -> None:
     metrics = Metrics()
     stats = {"type": "worker-stats", "node": "images@h1", "children": 4}
     assert metrics.apply({**stats, "reserved": 3, "active": 2})
@@ -97,7 +97,35 @@ def test_worker_stats_set_gauges_that_forget_node_drops() -> None:
     assert got['fleetd_active{node="images@h1"}'] == 0
     assert got['fleetd_children{node="images@h1"}'] == 4
     metrics.forget_node("images@h1")
-    assert list(samples(metrics.render())) == ['fleetd_worker_restarts_total{node="images@h1"}']
+    got = samples(metrics.render())
+    assert got['fleetd_worker_restarts_total{node="images@h1"}'] == 1
+    assert [got[f'fleetd_{g}{{node="images@h1"}}'] for g in ("reserved", "active", "children")] == [
+        0,
+        0,
+        0,
+    ]
+
+
+def test_declared_nodes_and_queues_have_every_series_at_zero_from_the_start() -> None:
+    metrics = Metrics()
+    metrics.declare_node("images@h1")
+    metrics.declare_queue("images")
+    got = samples(metrics.render())
+    for family in (
+        "fleetd_worker_restarts_total",
+        "fleetd_child_recycles_total",
+        "fleetd_time_limit_kills_total",
+        "fleetd_redeliveries_total",
+        "fleetd_dead_letters_total",
+        "fleetd_reserved",
+        "fleetd_active",
+        "fleetd_children",
+    ):
+        assert got[f'{family}{{node="images@h1"}}'] == 0
+    assert got['fleetd_queue_depth{queue="images"}'] == 0
+    metrics.apply({"type": "redelivered", "node": "images@h1", "count": 3})
+    metrics.declare_node("images@h1")  # a restart declares again: nothing resets
+    assert samples(metrics.render())['fleetd_redeliveries_total{node="images@h1"}'] == 3
 
 
 @pytest.mark.parametrize(

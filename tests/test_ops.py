@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 
 from tests.fleet import FLEETD, free_port, wait_for
+from tests.test_metrics import samples
 
 
 def test_notify_socket_sees_ready_reloading_ready_stopping(make_fleet, tmp_path: Path) -> None:
@@ -147,6 +149,65 @@ def test_metrics_endpoint_serves_families_that_move(make_fleet) -> None:
     assert (
         'fleetd_tasks_total{name="tasks.add",state="SUCCESS"} 10' in scrape()
     )  # survives the restart
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_healthz_and_readyz_say_which_worker_is_not_well(make_fleet) -> None:
+    port = free_port()
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}],
+        extra=f'\n[metrics]\nbind = "127.0.0.1:{port}"\n',
+    ).start()
+    wait_for(lambda: probe(port, "/readyz")[0] == 200, 10, message="/readyz 200")
+    wait_for(lambda: probe(port, "/healthz")[0] == 200, 10, message="/healthz 200")
+    [b_pid] = [p for p in fleet.worker_pids() if "b@h1" in " ".join(psutil.Process(p).cmdline())]
+    os.kill(b_pid, signal.SIGSTOP)
+    try:
+        status, text = wait_for(
+            lambda: (answer := probe(port, "/healthz"))[0] == 503 and answer, 15, message="503"
+        )
+        assert text.count("\n") == 1 and "b@h1 silent for" in text
+    finally:
+        os.kill(b_pid, signal.SIGCONT)
+    wait_for(lambda: probe(port, "/healthz")[0] == 200, 10, message="healthy again")
+    fleet.ctl("shutdown", "--dest", "b@h1")
+    wait_for(
+        lambda: probe(port, "/healthz") == (503, "not ok: b@h1 is STOPPED\n"),
+        10,
+        message="503 naming the stopped worker",
+    )
+    assert probe(port, "/readyz")[0] == 200  # it booted once: readiness is not liveness
+
+
+def test_metrics_have_every_series_from_the_start_and_count_a_dead_workers_tasks(
+    make_fleet, tmp_path: Path
+) -> None:
+    port = free_port()
+    fleet = make_fleet(
+        defaults={"concurrency": 1}, extra=f'\n[metrics]\nbind = "127.0.0.1:{port}"\n'
+    ).start()
+    first = samples(probe(port, "/metrics")[1])
+    assert first['fleetd_redeliveries_total{node="w@h1"}'] == 0
+    assert first['fleetd_dead_letters_total{node="w@h1"}'] == 0
+    assert first['fleetd_queue_depth{queue="default"}'] == 0
+    marker = tmp_path / "started.txt"
+    held = fleet.client.submit("tasks.sleep", 2, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    [worker] = fleet.worker_pids()
+    psutil.Process(worker).kill()
+    assert held.get(timeout=20) > 0
+    wait_for(
+        lambda: samples(probe(port, "/metrics")[1])['fleetd_redeliveries_total{node="w@h1"}'] == 1,
+        10,
+        message="the dead worker's task counted as a redelivery",
+    )
 
 
 def test_bad_config_refuses_to_start(make_fleet) -> None:

@@ -838,6 +838,9 @@ class Worker:
         while self.dead_owners and self.broker_available():
             with self.broker_call("give back a dead consumer's tasks"):
                 count = self.broker.recover(self.dead_owners[-1])
+                if count:  # counted as a child's death counts its task
+                    self.counts["redelivered"] += count
+                    self.emit("redelivered", count=count)
                 log.info(
                     "gave back %d tasks of dead consumer %s",
                     count,
