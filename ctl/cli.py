@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     tl.add_argument("task")
-    tl.add_argument("--soft", type=float, required=True, help="seconds; 0 = none")
-    tl.add_argument("--hard", type=float, required=True, help="seconds; 0 = none")
+    tl.add_argument("--soft", type=float, help="seconds; 0 = none")
+    tl.add_argument("--hard", type=float, help="seconds; 0 = none")
+    tl.add_argument("--clear", action="store_true", help="back to the task's own limits")
     rv = sub.add_parser("revoke", help="revoke task ids, for good: they never start")
     rv.add_argument("ids", nargs="+")
     rv.add_argument("--terminate", action="store_true", help="signal the child running one")
@@ -355,6 +356,10 @@ def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if c == "time-limit":
         from worker.commands import time_limits_problem
 
+        if args.clear:
+            return "time_limit", {"task": args.task, "clear": True}
+        if args.soft is None or args.hard is None:
+            raise UsageError("time-limit needs --soft S and --hard S, or --clear")
         problem = time_limits_problem(args.soft, args.hard)
         if problem:
             raise UsageError(problem)

@@ -289,6 +289,44 @@ def test_time_limit_holds_for_tasks_that_start_afterwards(make_fleet: Callable[.
     )
 
 
+def test_limits_set_at_run_time_survive_a_reload_and_a_restart_until_cleared(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(rate_limits={"tasks.add": "100/m"}).start()
+    fleet.ctl("rate-limit", "tasks.add", "7/s")
+    fleet.ctl("time-limit", "tasks.sleep", "--soft", "0", "--hard", "1")
+
+    def limits() -> dict[str, Any]:
+        _, data = ctl_json(fleet, "inspect", "conf")
+        return data["replies"]["w@h1"]
+
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in fleet.log(), 15, message="the reload")
+    fleet.wait_ready()
+    conf = limits()
+    assert conf["rate_limits"]["tasks.add"] == "7/s"
+    assert conf["time_limits"]["tasks.sleep"] == {"soft": 0, "hard": 1}
+    assert conf["limits_from"]["rate_limits"]["tasks.add"] == "fleetctl"
+    assert conf["limits_from"]["time_limits"]["tasks.sleep"] == "fleetctl"
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(15) == 0
+    fleet.start()
+    assert limits()["rate_limits"]["tasks.add"] == "7/s"
+    failed = fleet.client.submit("tasks.sleep", 5)
+    assert fleet.wait_all_final([failed.id], 15)[0]["exc_type"] == "TimeLimitExceeded"
+    assert "cleared" in fleet.ctl("rate-limit", "tasks.add", "0").stdout
+    assert "cleared" in fleet.ctl("time-limit", "tasks.sleep", "--clear").stdout
+    conf = limits()
+    assert conf["rate_limits"]["tasks.add"] == "100/m"  # the config's again
+    assert conf["limits_from"]["rate_limits"]["tasks.add"] == "config"
+    assert "tasks.sleep" not in conf["time_limits"]
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(15) == 0
+    fleet.start()
+    assert limits()["rate_limits"] == {"tasks.add": "100/m"}
+    assert fleet.ctl("time-limit", "tasks.sleep", check=False).returncode == 2
+
+
 # --- revoke -----------------------------------------------------------------------------
 def test_revoked_eta_task_never_runs_and_ends_revoked(
     make_fleet: Callable[..., Fleet], tmp_path: Path

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .control import REQUIRED, register
+from .spec import parse_rate
 from .task import REGISTRY
 
 if TYPE_CHECKING:
@@ -74,40 +75,80 @@ def revoked(worker: Worker) -> list[str]:
     return sorted(worker.revoked)
 
 
-@register("conf", "The node's effective settings.")
+@register("conf", "The node's effective settings, and where each task's limits come from.")
 def conf(worker: Worker) -> dict[str, Any]:
     return {
         **worker.spec.to_json(),
         "rate_limits": dict(worker.rate_limits.rates),
         "time_limits": {k: {"soft": s, "hard": h} for k, (s, h) in worker.time_limits.items()},
+        "limits_from": {
+            "rate_limits": {
+                name: limit_source(worker, name, "rate") for name in worker.rate_limits.rates
+            },
+            "time_limits": {
+                name: limit_source(worker, name, "time") for name in worker.time_limits
+            },
+        },
         "concurrency": worker.target_children,
     }
 
 
+def limit_source(worker: Worker, name: str, kind: str) -> str:
+    """ "fleetctl" (saved in the state_dir), "config" ([rate_limits]) or "task" (@task)."""
+    saved = worker.runtime_limits.rates if kind == "rate" else worker.runtime_limits.times
+    if name in saved:
+        return "fleetctl"
+    return "config" if kind == "rate" and name in worker.spec.rate_limits else "task"
+
+
 @register(
     "rate_limit",
-    "Limit a task name to N/s, N/m or N/h on the node; 0 clears.",
+    "Limit a task name to N/s, N/m or N/h on the node, kept across reloads and restarts;"
+    " 0 clears it (back to the config's or the task's own limit).",
     {"task": ((str,), REQUIRED), "rate": ((str, int, float), REQUIRED)},
 )
 def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
     try:
-        worker.rate_limits.set(task, str(rate))
+        clear = parse_rate(str(rate)) <= 0
     except ValueError as exc:
         return {"error": str(exc)}
-    return {"ok": f"rate limit of {task} set to {rate}"}
+    saved = worker.runtime_limits
+    if clear:
+        saved.rates.pop(task, None)
+        worker.rate_limits.set(task, worker.configured_rates.get(task, "0"))
+        done = f"rate limit of {task} cleared: {worker.rate_limits.rates.get(task, 'none')}"
+    else:
+        saved.rates[task] = str(rate)
+        worker.rate_limits.set(task, str(rate))
+        done = f"rate limit of {task} set to {rate}"
+    return kept(worker, done)
 
 
 @register(
     "time_limit",
-    "Soft and hard time limits (seconds) of a task name, for tasks that start from now on.",
-    {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0)},
+    "Soft and hard time limits (seconds) of a task name, for tasks that start from now on,"
+    " kept across reloads and restarts; clear: back to the task's own.",
+    {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0), "clear": ((bool,), False)},
 )
-def time_limit(worker: Worker, task: str, soft: float, hard: float) -> dict[str, Any]:
+def time_limit(worker: Worker, task: str, soft: float, hard: float, clear: bool) -> dict[str, Any]:
+    saved = worker.runtime_limits
+    if clear:
+        saved.times.pop(task, None)
+        worker.time_limits.pop(task, None)
+        if task in worker.configured_times:
+            worker.time_limits[task] = worker.configured_times[task]
+        return kept(worker, f"time limits of {task} cleared")
     problem = time_limits_problem(soft, hard)
     if problem:
         return {"error": problem}
-    worker.time_limits[task] = (float(soft), float(hard))
-    return {"ok": f"time limits of {task} set to soft={soft} hard={hard}"}
+    worker.time_limits[task] = saved.times[task] = (float(soft), float(hard))
+    return kept(worker, f"time limits of {task} set to soft={soft} hard={hard}")
+
+
+def kept(worker: Worker, done: str) -> dict[str, Any]:
+    """The reply of a limit change: saved for the next start, or in force until then only."""
+    problem = worker.runtime_limits.save()
+    return {"ok": done} if problem is None else {"ok": f"{done}; {problem}"}
 
 
 def time_limits_problem(soft: float, hard: float) -> str | None:

@@ -35,6 +35,7 @@ from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
 from .child import CLEAN_STOP, child_main, set_parent_death_signal
 from .commands import pool_grow, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
+from .limits import RuntimeLimits
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
@@ -321,6 +322,13 @@ class Worker:
                 self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
             if task.rate_limit and name not in self.spec.rate_limits:
                 self.rate_limits.set(name, task.rate_limit)
+        # What the config and the decorators say; fleetctl's saved limits go over them.
+        self.configured_rates = dict(self.rate_limits.rates)
+        self.configured_times = dict(self.time_limits)
+        self.runtime_limits = RuntimeLimits.load(self.spec.state_dir, self.node)
+        for name, rate in self.runtime_limits.rates.items():
+            self.rate_limits.set(name, rate)
+        self.time_limits.update(self.runtime_limits.times)
 
     # --- signals -----------------------------------------------------------------
     def handle_signals(self) -> None:
