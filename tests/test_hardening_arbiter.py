@@ -1,0 +1,184 @@
+"""The arbiter and its workers under hostile conditions: a full disk, a hung worker, a worker
+killed right after a fork, a pool bigger than the open-files limit.
+
+Real fleets, real signals, a real full filesystem (a small tmpfs, which needs root): each
+test asserts that the arbiter keeps serving and that no task is lost, run twice or leaves
+a process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.fleet import Fleet, executions, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+HARD_TASKS = '''
+import os, subprocess, time
+from worker import task, control_command
+
+HELD = []
+
+@task
+def spawn_sleep(pidfile):
+    """`sleep 600` in the child's own process group; its pid goes to `pidfile`. A redelivery
+    (after the kill that the test makes) has nothing more to show and returns."""
+    if os.path.exists(pidfile):
+        return "redelivered"
+    proc = subprocess.Popen(["sleep", "600"])
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(proc.pid))
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(600)
+
+@control_command
+def size_of(worker, blob=""):
+    return {"ok": len(blob)}
+
+@control_command
+def hold_fds(worker):
+    """Open /dev/null until the worker has no descriptor left."""
+    try:
+        while True:
+            HELD.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    return {"ok": len(HELD)}
+
+@control_command
+def release_fds(worker):
+    count = len(HELD)
+    while HELD:
+        os.close(HELD.pop())
+    return {"ok": count}
+'''
+
+TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
+FD_LIMIT = 128  # the open-files limit the fd tests start fleetd under
+
+
+def hard_fleet(make_fleet: Callable[..., Fleet], **kwargs: Any) -> Fleet:
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "hardtasks"], **kwargs.pop("fleet", {})}, **kwargs
+    )
+    (fleet.folder / "hardtasks.py").write_text(HARD_TASKS)
+    return fleet
+
+
+def replies(fleet: Fleet, *args: str) -> dict[str, Any]:
+    out = fleet.ctl("--json", *args, check=False)
+    try:
+        return dict(json.loads(out.stdout)["replies"])
+    except (ValueError, KeyError):
+        raise AssertionError(f"fleetctl {args}: {out.stdout}{out.stderr}") from None
+
+
+def serving(fleet: Fleet) -> bool:
+    assert fleet.proc is not None
+    assert fleet.proc.poll() is None, f"fleetd exited with {fleet.proc.returncode}:\n{fleet.log()}"
+    return True
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Whether this very process (pid and start time) still runs."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --- a full disk ------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/host/state`: an 8 MiB tmpfs, a disk that a test can really fill. Ask for it
+    before make_fleet, so that the fleet is stopped before it is unmounted."""
+    if os.geteuid() != 0:
+        message = "mounting a tmpfs needs root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    mount = tmp_path / "host" / "state"
+    mount.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        for _ in range(50):  # processes killed by the fleet's stop may still hold files
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem has no byte left."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+        with pytest.raises(OSError) as full:
+            os.write(fd, b"\0")
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twice(
+    small_disk: Path, make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    # The documented layout: the run record and the SQLite queue in one folder.
+    fleet = make_fleet(
+        fleet={"broker": "sqlite:///state/queue.db", "state_dir": "state"},
+        defaults={"concurrency": 2, "max_tasks_per_child": 1},  # a new child (and record) per task
+    ).start()
+    journal = tmp_path / "journal.txt"
+    ids = [
+        h.id for h in fleet.client.submit_many([("tasks.journal", (str(journal), 0.2), {})] * 30)
+    ]
+    wait_for(lambda: len(executions(journal)) >= 2, 10, message="the first tasks to start")
+    filler = fill(small_disk)
+    fleet.ctl("pool", "grow", "1")  # a new child for the run record, whatever the tasks do
+    wait_for(
+        lambda: serving(fleet) and "cannot write" in fleet.log(),
+        10,
+        message="the arbiter to fail to write its run record",
+    )
+    # Retried every second, logged once.
+    wait_for(
+        lambda: serving(fleet) and fleet.log().count("still cannot write") >= 2,
+        10,
+        message="two more tries",
+    )
+    assert replies(fleet, "--timeout", "2", "ping") == {"w@h1": {"ok": "pong"}}
+    assert len(re.findall(r"WARNING.*cannot write .*run\.json", fleet.log())) == 1, fleet.log()
+    filler.unlink()
+    wait_for(lambda: "written again" in fleet.log(), 10, message="the run record to be written")
+    infos = fleet.wait_all_final(ids, 60)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
+    assert executions(journal) == {i: 1 for i in ids}
+    record = json.loads((small_disk / "run.json").read_text())
+    assert fleet.worker_pids()[0] in [p["pid"] for p in record["processes"]]
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
+    assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
