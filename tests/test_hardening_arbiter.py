@@ -22,7 +22,9 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
+from supervisor.arbiter import FATAL_AFTER
 from tests.fleet import Fleet, executions, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -182,3 +184,137 @@ def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twi
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
     assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
+
+
+# --- a hung worker ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def dealer(fleet: Fleet) -> Iterator[zmq.Socket[bytes]]:
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(f"ipc://{fleet.folder}/state/control.sock")
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
+
+
+def ask(sock: zmq.Socket[bytes], cmd: str, args: dict[str, Any], timeout: float) -> Any:
+    """One request through a raw DEALER (fleetctl's arguments cannot carry 900 KB)."""
+    sock.send(json.dumps({"v": 1, "id": cmd, "cmd": cmd, "args": args, "dest": None}).encode())
+    assert sock.poll(timeout * 1000), f"no answer to {cmd} within {timeout}s"
+    return json.loads(sock.recv())["replies"]
+
+
+def test_a_stopped_worker_never_freezes_the_arbiter_on_a_900kb_broadcast(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = hard_fleet(make_fleet, workers=TWO_NODES).start()
+    hung = replies(fleet, "inspect", "stats")["b@h1"]["pid"]
+    blob = "x" * 900_000
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        with dealer(fleet) as sock:
+            sock.send(
+                json.dumps(
+                    {"v": 1, "id": "big", "cmd": "size_of", "args": {"blob": blob, "_timeout": 2}}
+                ).encode()
+            )
+            began = time.monotonic()
+            assert replies(fleet, "--timeout", "2", "ping", "--dest", "a@h1") == {
+                "a@h1": {"ok": "pong"}
+            }
+            assert time.monotonic() - began < 1.5, "the arbiter answered ping late"
+            assert sock.poll(5000), "no answer to the 900 KB broadcast"
+            first = json.loads(sock.recv())["replies"]
+            assert first["a@h1"] == {"ok": 900_000} and "deadline" in first["b@h1"]["error"]
+            # The stopped node's backlog grows until the arbiter refuses it more, at once.
+            for _ in range(5):
+                began = time.monotonic()
+                answer = ask(sock, "size_of", {"blob": blob, "_timeout": 0.5}, 5)
+                assert answer["a@h1"] == {"ok": 900_000}
+                if "does not read" in answer["b@h1"].get("error", ""):
+                    assert time.monotonic() - began < 0.5
+                    break
+            else:
+                raise AssertionError(f"the stopped node's backlog was never refused: {answer}")
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait_exit(10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+
+
+def test_clients_that_never_read_never_slow_the_arbiter(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet().start()
+    fleet.ctl("events", "enable")
+    ctx = zmq.Context()
+    try:
+        deaf = ctx.socket(zmq.DEALER)  # asks and asks, and reads no reply
+        deaf.linger = 0
+        deaf.connect(f"ipc://{fleet.folder}/state/control.sock")
+        mute = ctx.socket(zmq.SUB)  # subscribes to every event, and reads none
+        mute.linger = 0
+        mute.subscribe(b"")
+        mute.connect(f"ipc://{fleet.folder}/state/events.sock")
+        request = {"v": 1, "cmd": "ping", "args": {}, "dest": None}
+        for i in range(5000):
+            deaf.send(json.dumps({**request, "id": str(i)}).encode())
+        ids = [h.id for h in fleet.client.submit_many([("tasks.noop", (), {})] * 300)]
+        began = time.monotonic()
+        assert replies(fleet, "--timeout", "2", "ping") == {"w@h1": {"ok": "pong"}}
+        assert time.monotonic() - began < 2
+        fleet.wait_all_final(ids, 30)
+    finally:
+        ctx.destroy(linger=0)
+
+
+# --- a worker killed right after a fork --------------------------------------------------------
+def test_a_worker_killed_right_after_forking_a_child_leaves_none_of_its_subprocesses(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = hard_fleet(make_fleet, defaults={"concurrency": 1, "max_tasks_per_child": 1}).start()
+    # Every kill is a death soon after a start: stay below the count that makes the node FATAL.
+    for attempt in range(FATAL_AFTER - 1):
+        [worker] = wait_for(fleet.worker_pids, 10, message="the worker")
+        pidfile = tmp_path / f"sleep-{attempt}.pid"
+        # The first task recycles the pool's child: the second runs in a child forked just now.
+        fleet.client.submit_many(
+            [("tasks.noop", (), {}), ("hardtasks.spawn_sleep", (str(pidfile),), {})]
+        )
+        sleeper = psutil.Process(
+            int(wait_for(lambda p=pidfile: p.exists() and p.read_text(), 10, message="sleep"))
+        )
+        fleet.remember_pids()
+        os.kill(worker, signal.SIGKILL)
+        try:
+            wait_for(lambda s=sleeper: not alive(s), 5, message=f"sleep {sleeper.pid} to end")
+        finally:
+            with contextlib.suppress(psutil.Error):
+                sleeper.kill()
+        fleet.wait_ready()
+
+
+def test_a_restart_ends_the_subprocesses_of_a_child_forked_just_before_a_kill_of_everything(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = hard_fleet(make_fleet, defaults={"concurrency": 1, "max_tasks_per_child": 1}).start()
+    [worker] = fleet.worker_pids()
+    pidfile = tmp_path / "sleep.pid"
+    fleet.client.submit_many(
+        [("tasks.noop", (), {}), ("hardtasks.spawn_sleep", (str(pidfile),), {})]
+    )
+    sleeper = psutil.Process(
+        int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, message="sleep"))
+    )
+    try:
+        fleet.remember_pids()
+        fleet.signal(signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        fleet.wait_exit(5)
+        assert alive(sleeper)  # no arbiter was left to end it: the next start must
+        fleet.start()
+        wait_for(lambda: not alive(sleeper), 10, message=f"sleep {sleeper.pid} to end")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            sleeper.kill()

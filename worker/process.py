@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config import WorkerSpec
+from supervisor.orphans import create_time
 
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
@@ -370,6 +371,8 @@ class Worker:
         os.close(revoke_r)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
+        # Before any task reaches the child: if we are killed, the arbiter ends its group.
+        self.send({"type": "child", "pid": pid, "create_time": create_time(pid)})
         os.set_blocking(result_r, False)
         os.set_blocking(revoke_w, False)
         child = ChildProc(pid, task_w, result_r, revoke_w)
