@@ -318,3 +318,60 @@ def test_a_restart_ends_the_subprocesses_of_a_child_forked_just_before_a_kill_of
     finally:
         with contextlib.suppress(psutil.Error):
             sleeper.kill()
+
+
+# --- the open-files limit ----------------------------------------------------------------------
+def limited(make_fleet: Callable[..., Fleet], **kwargs: Any) -> Fleet:
+    """A fleet whose fleetd (and so every worker) starts under an open-files limit of FD_LIMIT."""
+    return hard_fleet(
+        make_fleet, launcher=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"), **kwargs
+    )
+
+
+def test_pool_grow_past_the_open_files_limit_stops_there_says_so_and_the_worker_lives(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = limited(make_fleet).start()
+    [worker] = fleet.worker_pids()
+    reply = replies(fleet, "pool", "grow", "400")["w@h1"]
+    found = re.fullmatch(
+        rf"pool is (\d+): the open-files limit \({FD_LIMIT}\) allows no more",
+        reply.get("error", ""),
+    )
+    assert found, reply
+    size = int(found.group(1))
+    assert 2 < size < FD_LIMIT // 3
+    wait_for(lambda: len(fleet.child_pids(worker)) == size, 20, message=f"a pool of {size}")
+    assert replies(fleet, "pool", "grow", "1")["w@h1"] == reply  # full: no more
+    handles = fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(2 * size)])
+    assert [h.get(timeout=30) for h in handles] == [2 * i for i in range(2 * size)]
+    assert fleet.worker_pids() == [worker]
+
+
+def test_a_pool_configured_past_the_open_files_limit_boots_with_what_it_can_hold(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = limited(make_fleet, defaults={"concurrency": 100}).start()
+    [worker] = fleet.worker_pids()
+    size = replies(fleet, "inspect", "conf")["w@h1"]["concurrency"]
+    assert 2 < size < FD_LIMIT // 3
+    assert f"the open-files limit ({FD_LIMIT}) allows no more" in fleet.log()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert fleet.worker_pids() == [worker]
+
+
+def test_a_child_that_cannot_be_forked_is_retried_and_never_kills_the_worker(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = limited(make_fleet, defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    [worker] = fleet.worker_pids()
+    assert replies(fleet, "call", "hold_fds")["w@h1"]["ok"] > 0  # no descriptor left for a pipe
+    journal = tmp_path / "journal.txt"
+    ids = [h.id for h in fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 6)]
+    wait_for(lambda: "cannot fork a child" in fleet.log(), 10, message="a failed fork")
+    assert fleet.worker_pids() == [worker]
+    replies(fleet, "call", "release_fds")
+    infos = fleet.wait_all_final(ids, 30)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
+    assert executions(journal) == {i: 1 for i in ids}
+    assert fleet.worker_pids() == [worker]
