@@ -14,11 +14,11 @@ import logging
 import math
 import os
 import resource
-import select
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from . import config as configmod
 from . import orphans
 from .metrics import Metrics, MetricsServer, Probe
 from .notify import Notifier
-from .pidfile import remove_pidfile, write_pidfile
+from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
 from .signals import SignalQueue, name
 
 if TYPE_CHECKING:
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from .control import Request
 
 log = logging.getLogger("fleetd.arbiter")
-POLLIN = select.POLLIN  # what zmq.Poller takes for plain descriptors too (zmq.POLLIN == 1)
+# zmq.POLLIN and zmq.POLLOUT, which zmq.Poller takes for plain descriptors too (select.POLLOUT
+# is another number); zmq itself is imported once the workers are spawned.
+POLLIN, POLLOUT = 1, 2
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -63,6 +65,43 @@ BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
 DEFAULT_COMMAND_TIMEOUT = 1.0
 HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
+# Bytes of frames a worker may leave unread behind the one it is taking: past that it does not
+# read (hung, stopped), and commands for it are answered with an error instead of queued.
+OUTBOX_LIMIT = 512 * 1024
+
+
+class Outbox:
+    """The frames on their way to one worker, written as fast as its socket takes them: a
+    worker that stops reading never blocks the arbiter (DESIGN section 8)."""
+
+    def __init__(self) -> None:
+        self.frames: deque[memoryview] = deque()
+        self.behind = 0  # bytes of the frames after the first
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+    def full(self) -> bool:
+        return self.behind > OUTBOX_LIMIT
+
+    def push(self, frame: bytes) -> None:
+        if self.frames:
+            self.behind += len(frame)
+        self.frames.append(memoryview(frame))
+
+    def flush(self, sock: socket.socket) -> None:
+        """Write what the socket takes now; OSError if the channel broke."""
+        while self.frames:
+            try:
+                sent = sock.send(self.frames[0], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                return
+            if sent < len(self.frames[0]):
+                self.frames[0] = self.frames[0][sent:]
+                return
+            self.frames.popleft()
+            if self.frames:
+                self.behind -= len(self.frames[0])
 
 
 @dataclass
@@ -74,6 +113,7 @@ class WorkerProc:
     pid: int = 0
     sock: socket.socket | None = None
     reader: FrameReader = field(default_factory=FrameReader)
+    outbox: Outbox = field(default_factory=Outbox)
     state: str = STARTING
     owner: str = ""
     started_at: float = 0.0  # monotonic
@@ -82,7 +122,8 @@ class WorkerProc:
     stats: dict[str, Any] = field(default_factory=dict)
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
     record: dict[str, Any] | None = None  # pid and start time, taken at spawn
-    children: list[dict[str, Any]] = field(default_factory=list)  # its pool at the last run record
+    children: dict[int, dict[str, Any]] = field(default_factory=dict)  # its pool, as it reports it
+    ended: set[int] = field(default_factory=set)  # children seen gone at the last refresh
     commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
     heard_at: float = 0.0  # monotonic: the last time it wrote to us (stats come every second)
 
@@ -132,6 +173,8 @@ class Arbiter:
         self.tasks_done = 0  # by workers that are gone; live ones report their own
         self.booted: set[str] = set()  # worker names that have been ready once: /readyz
         self.run_record = orphans.RunRecord(config.state_dir)
+        self.record_due = False  # the run record changed: written at the end of the loop's turn
+        self.unwritten_pidfile: orphans.StateFile | None = None  # tried again every second
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
 
     # --- lifecycle ---------------------------------------------------------------
@@ -149,12 +192,17 @@ class Arbiter:
         orphans.become_subreaper()
         orphans.end_leftovers(self.run_record.read())
         self.dead_owners += self.run_record.read().get("owners", [])
-        write_pidfile(self.pidfile)
+        try:
+            write_pidfile(self.pidfile)
+        except PidfileWriteError:  # a full disk, say: `fleetd stop` needs it, the fleet does not
+            self.unwritten_pidfile = orphans.StateFile(self.pidfile)
+            self.retry_pidfile()
         self.signals = SignalQueue()
         # The workers first: they import their task modules on the other cores while the
         # control plane (pyzmq, its sockets and keys) is set up here.
         for spec in self.config.workers:
             self.spawn_worker(spec, self.generation)
+        self.write_run_record()
         try:
             self.open_control_plane()
         except BaseException:
@@ -209,19 +257,24 @@ class Arbiter:
     def step(self) -> None:
         timeout = self.poll_timeout()
         assert self.poller is not None  # made by start()
-        for target, _ in self.poller.poll(math.ceil(timeout * 1000)):
+        for target, events in self.poller.poll(math.ceil(timeout * 1000)):
             if target == self.signals.read_fd:
                 continue  # drained below
             if target in self.control_sockets:
                 self.read_control(target)
             elif target in self.by_fd:
-                self.read_worker(self.by_fd[target])
+                if events & POLLOUT:
+                    self.flush(self.by_fd[target])
+                if events & ~POLLOUT and target in self.by_fd:
+                    self.read_worker(self.by_fd[target])
         for signum in self.signals.drain():
             getattr(self, f"handle_{name(signum)}")()
         now = time.monotonic()
         self.expire_commands(now)
         self.manage_workers(now)
         self.tick(now)
+        if self.record_due:
+            self.write_run_record()
 
     def done(self) -> bool:
         return self.halting is not None and not any(w.pid for w in self.workers)
@@ -293,8 +346,15 @@ class Arbiter:
         so it boots (imports, connects) at idle CPU priority (SCHED_IDLE), leaving the CPU to
         the tasks running, and returns to our scheduling policy before it forks its children."""
         w = replacing or WorkerProc(spec, generation)
+        w.started_at = time.monotonic()
         polite = polite and self.may_leave_idle
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if w not in self.workers:
+            self.workers.append(w)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE, ENFILE, ENOMEM: a failed start, not the arbiter's end
+            self.restart_later(w, f"cannot start it: {exc}")
+            return w
         theirs.set_inheritable(True)
         env = dict(os.environ)
         env.update(log_env(self.log_level, self.log_format))
@@ -309,16 +369,22 @@ class Arbiter:
         if polite:  # the policy the worker returns to once booted
             env["FLEETD_SCHED_POLICY"] = str(os.sched_getscheduler(0))
         argv = [sys.executable, *SAFE_PATH, "-m", "worker", spec.node]
-        w.pid = os.posix_spawn(
-            sys.executable,
-            argv,
-            env,
-            setsigdef=[
-                s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
-            ],
-            setsigmask=set(),
-        )
-        theirs.close()
+        try:
+            w.pid = os.posix_spawn(
+                sys.executable,
+                argv,
+                env,
+                setsigdef=[
+                    s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
+                ],
+                setsigmask=set(),
+            )
+        except OSError as exc:  # EAGAIN, ENOMEM: as above
+            ours.close()
+            self.restart_later(w, f"cannot start it: {exc}")
+            return w
+        finally:
+            theirs.close()
         if polite:
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(w.pid, os.SCHED_IDLE, os.sched_param(0))
@@ -329,13 +395,10 @@ class Arbiter:
         w.sock = ours
         w.reader = FrameReader()
         w.state = STARTING
-        w.started_at = time.monotonic()
         self.by_fd[ours.fileno()] = w
         if self.poller is not None:  # else the control plane's start registers it
             self.poller.register(ours.fileno(), POLLIN)
-        if w not in self.workers:
-            self.workers.append(w)
-        self.write_run_record()
+        self.record_due = True
         log.info("spawned worker %s pid=%d generation=%d", w.node, w.pid, generation)
         return w
 
@@ -346,10 +409,15 @@ class Arbiter:
     def stop_worker(self, w: WorkerProc, signum: int = signal.SIGTERM) -> None:
         """Ask a worker to leave (warm with TERM); it is not restarted."""
         if w.pid:
-            w.state = STOPPING
-            self.kill_worker(w, signum)
+            self.ask_to_leave(w, signum)
         elif w.state in (BACKOFF, FATAL, STARTING):
             w.state = STOPPED
+
+    def ask_to_leave(self, w: WorkerProc, signum: int) -> None:
+        """Relay TERM or QUIT, then CONT, as systemd does: a stopped worker must run to leave."""
+        w.state = STOPPING
+        self.kill_worker(w, signum)
+        self.kill_worker(w, signal.SIGCONT)
 
     def reap_workers(self) -> None:
         for pid, status in orphans.reap_all():
@@ -364,8 +432,9 @@ class Arbiter:
         self.read_worker(w)
         self.close_channel(w)
         w.pid = 0
-        orphans.kill_groups(w.children)  # what its children's tasks started dies with them
-        w.children = []
+        orphans.kill_groups(list(w.children.values()))  # their tasks' subprocesses die with them
+        w.children = {}
+        w.ended = set()
         if w.owner:
             self.dead_owners.append(w.owner)
             w.owner = ""
@@ -377,37 +446,41 @@ class Arbiter:
             w.state = STOPPED
             log.info("worker %s exited (%s)", w.node, describe_exit(code))
         else:
-            lived = time.monotonic() - w.started_at
-            w.fast_deaths = w.fast_deaths + 1 if lived < START_SECS else 0
             self.metrics.apply({"type": "worker-restarted", "node": w.node})
-            if w.fast_deaths >= FATAL_AFTER:
-                w.state = FATAL
-                log.error(
-                    "worker %s died %d times in a row right after start: FATAL, left down (%s)",
-                    w.node,
-                    w.fast_deaths,
-                    describe_exit(code),
-                )
-            else:
-                delay = (
-                    0.0
-                    if w.fast_deaths <= 1
-                    else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
-                )
-                w.state = BACKOFF
-                w.backoff_until = time.monotonic() + delay
-                log.warning(
-                    "worker %s died (%s); restarting in %.2fs", w.node, describe_exit(code), delay
-                )
-        self.write_run_record()
+            self.restart_later(w, f"died ({describe_exit(code)})")
+        self.record_due = True
+
+    def restart_later(self, w: WorkerProc, why: str) -> None:
+        """A worker died or could not start: start it again after a backoff that grows with
+        each fast death in a row, or leave it FATAL after FATAL_AFTER of them."""
+        lived = time.monotonic() - w.started_at
+        w.fast_deaths = w.fast_deaths + 1 if lived < START_SECS else 0
+        if w.fast_deaths >= FATAL_AFTER:
+            w.state = FATAL
+            log.error(
+                "worker %s %s, %d times in a row right after start: FATAL, left down",
+                w.node,
+                why,
+                w.fast_deaths,
+            )
+            return
+        delay = (
+            0.0 if w.fast_deaths <= 1 else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
+        )
+        w.state = BACKOFF
+        w.backoff_until = time.monotonic() + delay
+        log.warning("worker %s %s; restarting in %.2fs", w.node, why, delay)
 
     def give_back_tasks(self) -> None:
-        """Have a live worker release the tasks of dead consumers at once, not after their lease."""
-        live = next((w for w in self.workers if w.state == RUNNING and w.sock is not None), None)
-        while live is not None and self.dead_owners:
-            if not self.send(live, {"type": "recover", "owner": self.dead_owners[-1]}):
-                return
-            self.dead_owners.pop()
+        """Have a live worker release the tasks of dead consumers at once, not after their lease
+        (a worker that does not read is passed over; the tick tries again)."""
+        for live in self.workers:
+            while (
+                live.state == RUNNING
+                and self.dead_owners
+                and self.send(live, {"type": "recover", "owner": self.dead_owners[-1]})
+            ):
+                self.dead_owners.pop()
 
     def close_channel(self, w: WorkerProc) -> None:
         if w.sock is not None:
@@ -418,6 +491,7 @@ class Arbiter:
                     self.poller.unregister(fd)
             w.sock.close()
             w.sock = None
+            w.outbox = Outbox()
 
     def manage_workers(self, now: float) -> None:
         """Restart workers whose backoff ran out; drop stopped old generations."""
@@ -435,21 +509,28 @@ class Arbiter:
 
     # --- worker channel ------------------------------------------------------------
     def send(self, w: WorkerProc, message: dict[str, Any]) -> bool:
-        """Write a frame to a worker; False if it is gone or does not read (hung, stopped).
+        """Queue a frame for a worker and write what its socket takes now, the rest as it
+        reads; False if it is gone or has left OUTBOX_LIMIT bytes unread (hung, stopped)."""
+        if w.sock is None or w.outbox.full():
+            return False
+        w.outbox.push(encode(message))
+        return self.flush(w)
 
-        A frame that fits one write (below ~64 KiB: every message but a custom command
-        with big arguments) goes whole or not at all, so a hung worker never blocks us.
-        """
+    def flush(self, w: WorkerProc) -> bool:
+        """Write what a worker's socket takes of its outbox, and poll for room for the rest;
+        False if the channel broke (the worker is going: its reap settles the rest)."""
         if w.sock is None:
             return False
-        frame = encode(message)
+        broken = False
         try:
-            sent = w.sock.send(frame, socket.MSG_DONTWAIT)
-            if sent < len(frame):
-                w.sock.sendall(frame[sent:])
-            return True
-        except OSError:
-            return False
+            w.outbox.flush(w.sock)
+        except OSError as exc:
+            log.warning("channel to %s broke: %s", w.node, exc)
+            w.outbox = Outbox()
+            broken = True
+        if self.poller is not None:
+            self.poller.register(w.sock.fileno(), POLLIN | (POLLOUT if w.outbox else 0))
+        return not broken
 
     def read_worker(self, w: WorkerProc) -> None:
         """Take in every message waiting on a worker's channel, and close it at its end (the
@@ -465,6 +546,9 @@ class Arbiter:
             except (OSError, ProtocolError) as exc:
                 log.warning("channel to %s broke: %s", w.node, exc)
                 messages = None
+            if messages is not None and not all(isinstance(m, dict) for m in messages):
+                log.warning("channel to %s broke: a frame is not a JSON object", w.node)
+                messages = None
             if messages is None:
                 self.close_channel(w)
                 return
@@ -476,6 +560,8 @@ class Arbiter:
         if kind == "ready":
             w.commands = frozenset(message.get("commands", ()))
             self.worker_ready(w, str(message.get("owner", "")))
+        elif kind == "child":  # forked just now, before it got any task
+            self.child_forked(w, message)
         elif kind == "reply":
             self.command_reply(str(message.get("id")), w.node, message.get("reply"))
         elif kind == "stats":
@@ -489,11 +575,22 @@ class Arbiter:
                 if message.get("publish"):
                     self.control.publish(event)
 
+    def child_forked(self, w: WorkerProc, message: dict[str, Any]) -> None:
+        """Record a worker's new child at once, in memory and in the run record: if the worker
+        dies a moment later, its child's group (with what its task started) dies with it."""
+        pid = message.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return
+        record = orphans.process_record(pid)
+        if record is not None:  # else it is gone already, and with it what it could start
+            w.children[pid] = {**record, "group": True}
+            self.record_due = True
+
     def worker_ready(self, w: WorkerProc, owner: str) -> None:
         w.state = RUNNING if w.state == STARTING else w.state
         self.booted.add(w.spec.name)
         w.owner = owner
-        self.write_run_record()
+        self.record_due = True
         self.give_back_tasks()
         for old in w.retire_when_ready:
             log.info(
@@ -569,8 +666,7 @@ class Arbiter:
         self.cold_deadline = time.monotonic() + COLD_KILL_AFTER
         for w in self.workers:
             if w.pid:
-                w.state = STOPPING
-                self.kill_worker(w, signum)
+                self.ask_to_leave(w, signum)
             else:
                 w.state = STOPPED
 
@@ -669,7 +765,12 @@ class Arbiter:
         if now >= self.next_tick:
             self.next_tick = now + 1.0
             self.notifier.status(self.status_line())
+            for w in self.workers:
+                self.refresh_children(w)
             self.write_run_record()
+            self.give_back_tasks()
+            if self.unwritten_pidfile is not None:
+                self.retry_pidfile()
             if self.metrics_server:
                 self.metrics_server.health = self.health(now)
                 self.metrics_server.readiness = self.readiness()
@@ -721,20 +822,27 @@ class Arbiter:
             ],
         }
 
+    def refresh_children(self, w: WorkerProc) -> None:
+        """Once a second, against the worker's reports: add the children /proc shows (a report
+        still on its way), drop those gone since the last refresh or before (their worker has
+        ended their groups by then; until it does, a kill of the worker still ends them)."""
+        if not w.pid or orphans.create_time(w.pid) is None:  # a zombie: its children left it
+            return
+        for pid in orphans.children(w.pid):
+            if pid not in w.children and (record := orphans.process_record(pid)) is not None:
+                w.children[pid] = {**record, "group": True}
+        gone = {pid for pid, r in w.children.items() if not orphans.alive(pid, r["create_time"])}
+        for pid in gone & w.ended:
+            del w.children[pid]
+        w.ended = gone - w.ended
+
     def write_run_record(self) -> None:
+        self.record_due = False
         processes = []
         for w in self.workers:
-            if not w.pid:
-                continue
-            if w.record:
-                processes.append(w.record)
-            if orphans.create_time(w.pid) is not None:  # not a zombie, whose children left it
-                w.children = [
-                    {**record, "group": True}
-                    for child in orphans.children(w.pid)
-                    if (record := orphans.process_record(child)) is not None
-                ]
-            processes += w.children
+            if w.pid:
+                processes += [w.record] if w.record else []
+                processes += w.children.values()
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
         self.run_record.write(
             {
@@ -743,6 +851,12 @@ class Arbiter:
                 "owners": owners,
             }
         )
+
+    def retry_pidfile(self) -> None:
+        """Try the pidfile again: a start on a full disk could not write it."""
+        assert self.unwritten_pidfile is not None
+        if self.unwritten_pidfile.write(f"{os.getpid()}\n"):
+            self.unwritten_pidfile = None
 
 
 def may_leave_idle_priority() -> bool:

@@ -50,8 +50,9 @@ def lock_state_dir(state_dir: str) -> int:
         raise AlreadyRunning(
             f"another fleetd (pid {holder}) already runs on state_dir {state_dir}"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    with contextlib.suppress(OSError):  # a full disk: the lock holds without the pid in it
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
     return fd
 
 
@@ -86,7 +87,8 @@ def create_time(pid: int) -> float | None:
     return None if fields is None else _started(fields)
 
 
-def _alive(pid: int, born: float) -> bool:
+def alive(pid: int, born: float) -> bool:
+    """Whether the process that started at `born` still runs as `pid` (not a zombie)."""
     started = create_time(pid)
     return started is not None and abs(started - born) < SAME_START
 
@@ -114,22 +116,54 @@ def process_record(pid: int) -> dict[str, Any] | None:
     return None if started is None else {"pid": pid, "create_time": started}
 
 
+class StateFile:
+    """One of the arbiter's own files, replaced whole by each write. A write that fails (a full
+    disk, an I/O error) is logged once and never raised: the arbiter serves on, and its next
+    write, a second later at the most, tries again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.failing = False
+
+    def write(self, text: str) -> bool:
+        """Whether `text` is in the file now."""
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # what it holds goes back to a full disk
+            if self.failing:
+                log.debug("still cannot write %s: %s", self.path, exc.strerror or exc)
+            else:
+                log.warning(
+                    "cannot write %s: %s; it is out of date until a try succeeds (every second)",
+                    self.path,
+                    exc.strerror or exc,
+                )
+            self.failing = True
+            return False
+        if self.failing:
+            log.info("%s written again", self.path)
+            self.failing = False
+        return True
+
+
 class RunRecord:
     """`{state_dir}/run.json`: every process this run started, written whenever that changes."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, "run.json")
+        self.file = StateFile(self.path)
         self.last: str = ""
 
     def write(self, record: dict[str, Any]) -> None:
+        """Write `record` if it changed; a failed write is tried again by the next call."""
         text = json.dumps(record, sort_keys=True)
-        if text == self.last:
-            return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
-        self.last = text
+        if text != self.last and self.file.write(text):
+            self.last = text
 
     def read(self) -> dict[str, Any]:
         try:
@@ -153,7 +187,7 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
             pid, born = int(record["pid"]), float(record["create_time"])
             if record.get("group"):
                 groups[pid] = born
-            if pid != me and _alive(pid, born):
+            if pid != me and alive(pid, born):
                 found[pid] = born
     found.update(_group_members(groups))
     return list(found.items())
@@ -212,7 +246,7 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
         deadline = time.monotonic() + wait
         while leftovers and time.monotonic() < deadline:
             time.sleep(0.01)
-            leftovers = [(pid, born) for pid, born in leftovers if _alive(pid, born)]
+            leftovers = [(pid, born) for pid, born in leftovers if alive(pid, born)]
     return found
 
 

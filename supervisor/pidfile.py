@@ -21,6 +21,10 @@ class PidfileError(Exception):
     """A pidfile that cannot be written or does not point at a running fleetd (one-line message)."""
 
 
+class PidfileWriteError(PidfileError):
+    """The pidfile is ours to take but could not be written (a full disk, say)."""
+
+
 def write_pidfile(path: StrPath) -> None:
     """Record our pid in `path`, unless a live fleetd other than us already holds it."""
     path = Path(path)
@@ -43,7 +47,7 @@ def write_pidfile(path: StrPath) -> None:
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror}") from exc
+        raise PidfileWriteError(f"cannot write pidfile {path}: {exc.strerror}") from exc
 
 
 def remove_pidfile(path: StrPath) -> None:

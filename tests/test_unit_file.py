@@ -36,6 +36,7 @@ def test_unit_declares_what_the_arbiter_relies_on() -> None:
         ("Service", "KillMode"): "mixed",
         ("Service", "Restart"): "on-failure",
         ("Service", "LimitNICE"): "20",
+        ("Service", "LimitNOFILE"): "65536",  # a pool of 1024 children holds 3072 in its worker
         ("Service", "RuntimeDirectory"): "fleetd",
         ("Service", "RuntimeDirectoryMode"): "0700",
         ("Service", "StateDirectory"): "fleetd",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import resource
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,8 +17,12 @@ if TYPE_CHECKING:
     from .brokers.base import Delivery
     from .process import Worker
 
+log = logging.getLogger("fleetd.worker")
+
 NUM = (int, float)
 MAX_POOL = 1024  # children per worker: `pool grow 10000` is a typo, not a plan
+FDS_PER_CHILD = 3  # its worker's ends of a child's task, result and revoke pipes
+FDS_SPARE = 32  # for the broker's files and connections, /proc reads, a fork's other pipe ends
 
 
 @register("ping", "Check that the node answers.")
@@ -205,8 +212,30 @@ def signal_number(name: str) -> int | None:
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
     if n < 1 or worker.target_children + n > MAX_POOL:
         return {"error": f"n must be >= 1, and the pool at most {MAX_POOL}"}
-    worker.target_children += n  # the worker's loop forks the children
+    size, limit = pool_room(worker, worker.target_children + n)
+    worker.target_children = max(worker.target_children, size)  # the worker's loop forks them
+    if limit:
+        message = f"pool is {worker.target_children}: {limit}"
+        log.warning("%s", message, extra={"node": worker.node})
+        return {"error": message}
     return {"ok": f"pool is {worker.target_children}"}
+
+
+def pool_room(worker: Worker, wanted: int) -> tuple[int, str | None]:
+    """The pool size, up to `wanted`, that the worker's open-files limit lets it hold, and
+    what stops it short of `wanted` (None if nothing does)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted, None
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no descriptor left even to count them
+        in_use = soft
+    others = in_use - FDS_PER_CHILD * len(worker.children)
+    room = max(0, (soft - others - FDS_SPARE) // FDS_PER_CHILD)
+    if wanted <= room:
+        return wanted, None
+    return room, f"the open-files limit ({soft}) allows no more"
 
 
 @register(

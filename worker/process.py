@@ -33,7 +33,7 @@ from typing import Any
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
 from .child import CLEAN_STOP, child_main, set_parent_death_signal
-from .commands import pool_grow, pool_shrink
+from .commands import pool_grow, pool_room, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .limits import RuntimeLimits
 from .protocol import FrameReader, ProtocolError, encode
@@ -52,6 +52,8 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next trans
 TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
 BROKER_BACKOFF_MAX = 5.0
+SPAWN_BACKOFF_MIN = 0.5  # seconds before forking again after a failed fork; doubles each time
+SPAWN_BACKOFF_MAX = 5.0
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
@@ -134,6 +136,8 @@ class Worker:
         self.broker_backoff = 0.0  # > 0 while the broker is unreachable: seconds between tries
         self.broker_retry_at = 0.0  # monotonic: no broker call before this
         self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
+        self.spawn_backoff = 0.0  # > 0 while forks fail: seconds between tries
+        self.spawn_retry_at = 0.0  # monotonic: no fork before this
 
     # --- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
@@ -155,8 +159,17 @@ class Worker:
         if self.arbiter_fd is not None:
             self.poller.register(self.arbiter_fd, POLL_IN)
         self.end_polite_boot()
-        for _ in range(self.target_children):
-            self.spawn_child()
+        size, limit = pool_room(self, self.target_children)
+        if limit:
+            log.warning(
+                "pool is %d, not %d: %s",
+                size,
+                self.target_children,
+                limit,
+                extra={"node": self.node},
+            )
+            self.target_children = max(1, size)
+        self.fill_pool()
         self.send(
             {
                 "type": "ready",
@@ -351,17 +364,49 @@ class Worker:
                 self.reap_children()
 
     # --- children ----------------------------------------------------------------
+    def fill_pool(self) -> None:
+        """Fork children up to the target. A pipe or fork that fails (EMFILE, EAGAIN, ENOMEM)
+        is logged and tried again after a backoff, never the worker's death."""
+        while self.live_children() < self.target_children:
+            if time.monotonic() < self.spawn_retry_at:
+                return
+            try:
+                self.spawn_child()
+            except OSError as exc:
+                level = logging.DEBUG if self.spawn_backoff else logging.WARNING
+                self.spawn_backoff = min(
+                    SPAWN_BACKOFF_MAX, max(SPAWN_BACKOFF_MIN, 2 * self.spawn_backoff)
+                )
+                self.spawn_retry_at = time.monotonic() + self.spawn_backoff
+                log.log(
+                    level,
+                    "cannot fork a child (%s): pool is %d of %d; trying again in %.1fs",
+                    exc,
+                    self.live_children(),
+                    self.target_children,
+                    self.spawn_backoff,
+                    extra={"node": self.node},
+                )
+                return
+            if self.spawn_backoff:
+                self.spawn_backoff = 0.0
+                log.info("forking children again", extra={"node": self.node})
+
     def spawn_child(self) -> ChildProc:
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
-        revoke_r, revoke_w = os.pipe()
+        """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
+        pipes = open_pipes(3)
+        task_r, task_w, result_r, result_w, revoke_r, revoke_w = pipes
         keep_closed = [task_w, result_r, revoke_w, self.signal_fd, self.wakeup.fileno()]
         if self.arbiter_fd is not None:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
             keep_closed += [other.task_fd, other.result_fd, other.revoke_fd]
         gc.freeze()  # a child's collector then leaves the inherited objects (and their pages) alone
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            close_all(pipes)
+            raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
             os.dup2(self.output_w, 1)
@@ -377,6 +422,8 @@ class Worker:
         os.close(revoke_r)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
+        # Before any task reaches the child: if we are killed, the arbiter ends its group.
+        self.send({"type": "child", "pid": pid})
         os.set_blocking(result_r, False)
         os.set_blocking(revoke_w, False)
         child = ChildProc(pid, task_w, result_r, revoke_w)
@@ -503,8 +550,7 @@ class Worker:
         child.retiring = True
         self.counts["recycled"] += 1
         self.emit("child-recycled")
-        if self.live_children() < self.target_children:
-            self.spawn_child()
+        self.fill_pool()
         self.let_go(child)
 
     @staticmethod
@@ -608,8 +654,7 @@ class Worker:
                             self.child_gone(child, status)
 
     def manage_children(self) -> None:
-        while self.live_children() < self.target_children:
-            self.spawn_child()
+        self.fill_pool()
         extra = self.live_children() - self.target_children
         for child in list(self.children.values()):
             if extra <= 0:
@@ -1060,6 +1105,25 @@ def rss(pid: int) -> int | None:
             return int(statm.read().split()[1]) * PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def open_pipes(count: int) -> list[int]:
+    """The read and write ends of `count` new pipes; OSError, with none left open, if one
+    cannot be made."""
+    fds: list[int] = []
+    try:
+        for _ in range(count):
+            fds += os.pipe()
+    except OSError:
+        close_all(fds)
+        raise
+    return fds
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def encode_task(delivery: Delivery) -> bytes:

@@ -1,0 +1,377 @@
+"""The arbiter and its workers under hostile conditions: a full disk, a hung worker, a worker
+killed right after a fork, a pool bigger than the open-files limit.
+
+Real fleets, real signals, a real full filesystem (a small tmpfs, which needs root): each
+test asserts that the arbiter keeps serving and that no task is lost, run twice or leaves
+a process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+
+from supervisor.arbiter import FATAL_AFTER
+from tests.fleet import Fleet, executions, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+HARD_TASKS = '''
+import os, subprocess, time
+from worker import task, control_command
+
+HELD = []
+
+@task
+def spawn_sleep(pidfile):
+    """`sleep 600` in the child's own process group; its pid goes to `pidfile`. A redelivery
+    (after the kill that the test makes) has nothing more to show and returns."""
+    if os.path.exists(pidfile):
+        return "redelivered"
+    proc = subprocess.Popen(["sleep", "600"])
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(proc.pid))
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(600)
+
+@control_command
+def size_of(worker, blob=""):
+    return {"ok": len(blob)}
+
+@control_command
+def hold_fds(worker):
+    """Open /dev/null until the worker has no descriptor left."""
+    try:
+        while True:
+            HELD.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    return {"ok": len(HELD)}
+
+@control_command
+def release_fds(worker):
+    count = len(HELD)
+    while HELD:
+        os.close(HELD.pop())
+    return {"ok": count}
+'''
+
+TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
+FD_LIMIT = 128  # the open-files limit the fd tests start fleetd under
+
+
+def hard_fleet(make_fleet: Callable[..., Fleet], **kwargs: Any) -> Fleet:
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "hardtasks"], **kwargs.pop("fleet", {})}, **kwargs
+    )
+    (fleet.folder / "hardtasks.py").write_text(HARD_TASKS)
+    return fleet
+
+
+def replies(fleet: Fleet, *args: str) -> dict[str, Any]:
+    out = fleet.ctl("--json", *args, check=False)
+    try:
+        return dict(json.loads(out.stdout)["replies"])
+    except (ValueError, KeyError):
+        raise AssertionError(f"fleetctl {args}: {out.stdout}{out.stderr}") from None
+
+
+def serving(fleet: Fleet) -> bool:
+    assert fleet.proc is not None
+    assert fleet.proc.poll() is None, f"fleetd exited with {fleet.proc.returncode}:\n{fleet.log()}"
+    return True
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Whether this very process (pid and start time) still runs."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --- a full disk ------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/host/state`: an 8 MiB tmpfs, a disk that a test can really fill. Ask for it
+    before make_fleet, so that the fleet is stopped before it is unmounted."""
+    if os.geteuid() != 0:
+        message = "mounting a tmpfs needs root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    mount = tmp_path / "host" / "state"
+    mount.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        for _ in range(50):  # processes killed by the fleet's stop may still hold files
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem has no byte left."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+        with pytest.raises(OSError) as full:
+            os.write(fd, b"\0")
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twice(
+    small_disk: Path, make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    # The documented layout: the run record and the SQLite queue in one folder.
+    fleet = make_fleet(
+        fleet={"broker": "sqlite:///state/queue.db", "state_dir": "state"},
+        defaults={"concurrency": 2, "max_tasks_per_child": 1},  # a new child (and record) per task
+    ).start()
+    journal = tmp_path / "journal.txt"
+    ids = [
+        h.id for h in fleet.client.submit_many([("tasks.journal", (str(journal), 0.2), {})] * 30)
+    ]
+    wait_for(lambda: len(executions(journal)) >= 2, 10, message="the first tasks to start")
+    filler = fill(small_disk)
+    fleet.ctl("pool", "grow", "1")  # a new child for the run record, whatever the tasks do
+    wait_for(
+        lambda: serving(fleet) and "cannot write" in fleet.log(),
+        10,
+        message="the arbiter to fail to write its run record",
+    )
+    # Retried every second, logged once.
+    wait_for(
+        lambda: serving(fleet) and fleet.log().count("still cannot write") >= 2,
+        10,
+        message="two more tries",
+    )
+    assert replies(fleet, "--timeout", "2", "ping") == {"w@h1": {"ok": "pong"}}
+    assert len(re.findall(r"WARNING.*cannot write .*run\.json", fleet.log())) == 1, fleet.log()
+    filler.unlink()
+    wait_for(lambda: "written again" in fleet.log(), 10, message="the run record to be written")
+    infos = fleet.wait_all_final(ids, 60)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
+    assert executions(journal) == {i: 1 for i in ids}
+    record = json.loads((small_disk / "run.json").read_text())
+    assert fleet.worker_pids()[0] in [p["pid"] for p in record["processes"]]
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
+    assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
+
+
+# --- a hung worker ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def dealer(fleet: Fleet) -> Iterator[zmq.Socket[bytes]]:
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(f"ipc://{fleet.folder}/state/control.sock")
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
+
+
+def ask(sock: zmq.Socket[bytes], cmd: str, args: dict[str, Any], timeout: float) -> Any:
+    """One request through a raw DEALER (fleetctl's arguments cannot carry 900 KB)."""
+    sock.send(json.dumps({"v": 1, "id": cmd, "cmd": cmd, "args": args, "dest": None}).encode())
+    assert sock.poll(timeout * 1000), f"no answer to {cmd} within {timeout}s"
+    return json.loads(sock.recv())["replies"]
+
+
+def test_a_stopped_worker_never_freezes_the_arbiter_on_a_900kb_broadcast(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = hard_fleet(make_fleet, workers=TWO_NODES).start()
+    hung = replies(fleet, "inspect", "stats")["b@h1"]["pid"]
+    blob = "x" * 900_000
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        with dealer(fleet) as sock:
+            sock.send(
+                json.dumps(
+                    {"v": 1, "id": "big", "cmd": "size_of", "args": {"blob": blob, "_timeout": 2}}
+                ).encode()
+            )
+            began = time.monotonic()
+            assert replies(fleet, "--timeout", "2", "ping", "--dest", "a@h1") == {
+                "a@h1": {"ok": "pong"}
+            }
+            assert time.monotonic() - began < 1.5, "the arbiter answered ping late"
+            assert sock.poll(5000), "no answer to the 900 KB broadcast"
+            first = json.loads(sock.recv())["replies"]
+            assert first["a@h1"] == {"ok": 900_000} and "deadline" in first["b@h1"]["error"]
+            # The stopped node's backlog grows until the arbiter refuses it more, at once.
+            for _ in range(5):
+                began = time.monotonic()
+                answer = ask(sock, "size_of", {"blob": blob, "_timeout": 0.5}, 5)
+                assert answer["a@h1"] == {"ok": 900_000}
+                if "does not read" in answer["b@h1"].get("error", ""):
+                    assert time.monotonic() - began < 0.5
+                    break
+            else:
+                raise AssertionError(f"the stopped node's backlog was never refused: {answer}")
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait_exit(10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+
+
+def test_clients_that_never_read_never_slow_the_arbiter(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet().start()
+    fleet.ctl("events", "enable")
+    ctx = zmq.Context()
+    try:
+        deaf = ctx.socket(zmq.DEALER)  # asks and asks, and reads no reply
+        deaf.linger = 0
+        deaf.connect(f"ipc://{fleet.folder}/state/control.sock")
+        mute = ctx.socket(zmq.SUB)  # subscribes to every event, and reads none
+        mute.linger = 0
+        mute.subscribe(b"")
+        mute.connect(f"ipc://{fleet.folder}/state/events.sock")
+        request = {"v": 1, "cmd": "ping", "args": {}, "dest": None}
+        for i in range(5000):
+            deaf.send(json.dumps({**request, "id": str(i)}).encode())
+        ids = [h.id for h in fleet.client.submit_many([("tasks.noop", (), {})] * 300)]
+        began = time.monotonic()
+        assert replies(fleet, "--timeout", "2", "ping") == {"w@h1": {"ok": "pong"}}
+        assert time.monotonic() - began < 2
+        fleet.wait_all_final(ids, 30)
+    finally:
+        ctx.destroy(linger=0)
+
+
+# --- a worker killed right after a fork --------------------------------------------------------
+def test_a_worker_killed_right_after_forking_a_child_leaves_none_of_its_subprocesses(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = hard_fleet(make_fleet, defaults={"concurrency": 1, "max_tasks_per_child": 1}).start()
+    # Every kill is a death soon after a start: stay below the count that makes the node FATAL.
+    for attempt in range(FATAL_AFTER - 1):
+        [worker] = wait_for(fleet.worker_pids, 10, message="the worker")
+        pidfile = tmp_path / f"sleep-{attempt}.pid"
+        # The first task recycles the pool's child: the second runs in a child forked just now.
+        fleet.client.submit_many(
+            [("tasks.noop", (), {}), ("hardtasks.spawn_sleep", (str(pidfile),), {})]
+        )
+        sleeper = psutil.Process(
+            int(wait_for(lambda p=pidfile: p.exists() and p.read_text(), 10, message="sleep"))
+        )
+        fleet.remember_pids()
+        os.kill(worker, signal.SIGKILL)
+        try:
+            wait_for(lambda s=sleeper: not alive(s), 5, message=f"sleep {sleeper.pid} to end")
+        finally:
+            with contextlib.suppress(psutil.Error):
+                sleeper.kill()
+        fleet.wait_ready()
+
+
+def test_a_restart_ends_the_subprocesses_of_a_child_forked_just_before_a_kill_of_everything(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = hard_fleet(make_fleet, defaults={"concurrency": 1, "max_tasks_per_child": 1}).start()
+    [worker] = fleet.worker_pids()
+    pidfile = tmp_path / "sleep.pid"
+    fleet.client.submit_many(
+        [("tasks.noop", (), {}), ("hardtasks.spawn_sleep", (str(pidfile),), {})]
+    )
+    sleeper = psutil.Process(
+        int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, message="sleep"))
+    )
+    try:
+        fleet.remember_pids()
+        fleet.signal(signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        fleet.wait_exit(5)
+        assert alive(sleeper)  # no arbiter was left to end it: the next start must
+        fleet.start()
+        wait_for(lambda: not alive(sleeper), 10, message=f"sleep {sleeper.pid} to end")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            sleeper.kill()
+
+
+# --- the open-files limit ----------------------------------------------------------------------
+def limited(make_fleet: Callable[..., Fleet], **kwargs: Any) -> Fleet:
+    """A fleet whose fleetd (and so every worker) starts under an open-files limit of FD_LIMIT."""
+    return hard_fleet(
+        make_fleet, launcher=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"), **kwargs
+    )
+
+
+def test_pool_grow_past_the_open_files_limit_stops_there_says_so_and_the_worker_lives(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = limited(make_fleet).start()
+    [worker] = fleet.worker_pids()
+    reply = replies(fleet, "pool", "grow", "400")["w@h1"]
+    found = re.fullmatch(
+        rf"pool is (\d+): the open-files limit \({FD_LIMIT}\) allows no more",
+        reply.get("error", ""),
+    )
+    assert found, reply
+    size = int(found.group(1))
+    assert 2 < size < FD_LIMIT // 3
+    wait_for(lambda: len(fleet.child_pids(worker)) == size, 20, message=f"a pool of {size}")
+    assert replies(fleet, "pool", "grow", "1")["w@h1"] == reply  # full: no more
+    handles = fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(2 * size)])
+    assert [h.get(timeout=30) for h in handles] == [2 * i for i in range(2 * size)]
+    assert fleet.worker_pids() == [worker]
+
+
+def test_a_pool_configured_past_the_open_files_limit_boots_with_what_it_can_hold(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = limited(make_fleet, defaults={"concurrency": 100}).start()
+    [worker] = fleet.worker_pids()
+    size = replies(fleet, "inspect", "conf")["w@h1"]["concurrency"]
+    assert 2 < size < FD_LIMIT // 3
+    assert f"the open-files limit ({FD_LIMIT}) allows no more" in fleet.log()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert fleet.worker_pids() == [worker]
+
+
+def test_a_child_that_cannot_be_forked_is_retried_and_never_kills_the_worker(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = limited(make_fleet, defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    [worker] = fleet.worker_pids()
+    assert replies(fleet, "call", "hold_fds")["w@h1"]["ok"] > 0  # no descriptor left for a pipe
+    journal = tmp_path / "journal.txt"
+    ids = [h.id for h in fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 6)]
+    wait_for(lambda: "cannot fork a child" in fleet.log(), 10, message="a failed fork")
+    assert fleet.worker_pids() == [worker]
+    replies(fleet, "call", "release_fds")
+    infos = fleet.wait_all_final(ids, 30)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
+    assert executions(journal) == {i: 1 for i in ids}
+    assert fleet.worker_pids() == [worker]
