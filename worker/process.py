@@ -39,7 +39,7 @@ from .commands import pool_grow, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
-from .task import REGISTRY
+from .task import REGISTRY, is_task_body
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
@@ -749,15 +749,7 @@ class Worker:
 
     @staticmethod
     def valid_body(delivery: Delivery) -> bool:
-        try:
-            body = json.loads(delivery.body)
-        except ValueError:
-            return False
-        return (
-            isinstance(body, dict)
-            and isinstance(body.get("args", []), list)
-            and isinstance(body.get("kwargs", {}), dict)
-        )
+        return is_task_body(delivery.body)
 
     def dispatch(self, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""

@@ -506,7 +506,8 @@ class SQLiteBroker(Broker):
     def dead_letters(
         self, limit: int | None = 100, ids: Sequence[str] | None = None
     ) -> list[DeadLetter]:
-        query, params = "SELECT id, queue, name, body, reason, at, extra FROM dead_letters", []
+        query = "SELECT id, queue, name, body, reason, at, extra FROM dead_letters"
+        params: list[Any] = []
         if ids is not None:
             query += " WHERE id IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(list(ids)))
