@@ -38,6 +38,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
 NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
+PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
 EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
 
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.brokers.base import BrokerUnavailable
 
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
     try:
         handler = QUEUE_COMMANDS.get(args.command) or control_command
         return handler(args, console)
@@ -385,7 +386,7 @@ def letter_json(letter: Any) -> dict[str, Any]:
 def letters_table(dead: list[Any], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("id", "name", "queue", "error", "when"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "id")  # ids are there to be copied
     for d in dead:
         message = d.extra.get("message")
         error = f"{d.reason}: {message}" if message else d.reason

@@ -512,7 +512,8 @@ class SQLiteBroker(Broker):
             query += " WHERE id IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(list(ids)))
         params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
-        rows = self.db.execute(query + " ORDER BY at DESC LIMIT ?", params).fetchall()
+        # Letters of one transaction share `at`: the later row (rowid) is the newer.
+        rows = self.db.execute(query + " ORDER BY at DESC, rowid DESC LIMIT ?", params).fetchall()
         return [
             DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}")) for r in rows
         ]
