@@ -20,12 +20,12 @@ from tests.fleet import Fleet
 from worker import TaskFailed
 from worker.brokers.base import Envelope
 
-LATER = '''
+LATER = """
 
 @task
 def later(n):
     return n * 2
-'''
+"""
 
 
 @pytest.fixture(params=["sqlite", "redis"])

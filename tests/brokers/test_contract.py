@@ -487,7 +487,7 @@ def test_retry_dead_puts_the_task_back_pending_with_no_deliveries_and_off_the_li
     )
     assert broker.depths() == [QueueDepth("q2", ready=1)]
     [again] = broker.reserve(["q2"], 1, "w2", 30)
-    assert (again.id, again.name, again.body, again.deliveries) == (task.id, task.name, task.body, 1)
+    assert (again.id, again.body, again.deliveries) == (task.id, task.body, 1)
     assert broker.retry_dead([task.id]) == []  # not a dead letter any more
 
 
