@@ -737,7 +737,9 @@ def show_top(client: Any, dest: list[str] | None, timeout: float, console: Conso
         if console.is_terminal
         else contextlib.nullcontext()
     )
-    with screen as live, keys(sys.stdin) as keyboard:
+    # Keys only for the live view: into a pipe, `q` is the pager's (and a job in the
+    # background must not touch the terminal's modes).
+    with screen as live, keys(sys.stdin if console.is_terminal else None) as keyboard:
         while True:
             started = time.monotonic()
             table = status_table(fleet_status(client, dest, timeout))
@@ -751,10 +753,10 @@ def show_top(client: Any, dest: list[str] | None, timeout: float, console: Conso
 
 
 @contextlib.contextmanager
-def keys(stream: IO[str]) -> Iterator[int | None]:
+def keys(stream: IO[str] | None) -> Iterator[int | None]:
     """The descriptor of a terminal that sends each key as it is pressed (cbreak), put back
     as it was afterwards; None if `stream` is not a terminal."""
-    if not stream.isatty():
+    if stream is None or not stream.isatty():
         yield None
         return
     fd = stream.fileno()
