@@ -18,13 +18,17 @@ config, fleetctl uses the host's own pair (whose `fleet.key` must then be in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
+import select
 import sys
+import termios
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
-from typing import Any
+import tty
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +40,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
 NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
+PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
+EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
 
 
 class UsageError(Exception):
@@ -159,28 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("id")
     result.add_argument("--wait", type=float)
     sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
+    dead = sub.add_parser("dead", help="the dead-letter list: list, retry or purge it")
+    dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=Parser)
+    dead_sub.add_parser("list", help="every dead letter, newest first")
+    retry = dead_sub.add_parser(
+        "retry", help="put dead letters back on their queue as new tasks (PENDING)"
+    )
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every dead letter")
+    purge = dead_sub.add_parser("purge", help="delete every dead letter")
+    purge.add_argument("--yes", action="store_true", help="yes, delete them all")
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair into DIR")
     keygen.add_argument("dir")
-    for command in sub.choices.values():  # the global options also after the command
-        command.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        command.add_argument(
-            "--timeout", type=positive, default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
-        command.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
+    for command in [*sub.choices.values(), *dead_sub.choices.values()]:
+        add_global_options(command)  # the global options also after the command
     return p
 
 
+def add_global_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    command.add_argument(
+        "--timeout", type=positive, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    command.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from worker.brokers.base import BrokerUnavailable
+
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
     try:
         handler = QUEUE_COMMANDS.get(args.command) or control_command
         return handler(args, console)
     except UsageError as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokerUnavailable as exc:
+        print(f"fleetctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
 
@@ -198,12 +223,25 @@ def load_config(args: argparse.Namespace) -> Any:
 
 
 def make_client(args: argparse.Namespace) -> Any:
+    """A Client of the config's broker (else $FLEET_BROKER's) that gives up within seconds
+    on a broker it cannot reach, raising BrokerUnavailable."""
     from worker import Client
 
     if not args.config and os.environ.get("FLEET_BROKER"):
-        return Client(os.environ["FLEET_BROKER"])
-    config = load_config(args)
-    return Client(config.broker, durability=config.durability, result_ttl=config.result_ttl)
+        client = Client(os.environ["FLEET_BROKER"], fail_fast=True)
+    else:
+        config = load_config(args)
+        client = Client(
+            config.broker,
+            durability=config.durability,
+            result_ttl=config.result_ttl,
+            fail_fast=True,
+        )
+    try:
+        client.broker  # noqa: B018 - opened now: a URL of no known scheme is a usage error
+    except ValueError as exc:
+        raise UsageError(f"FLEET_BROKER: {exc}") from None
+    return client
 
 
 def parse_value(text: str) -> Any:
@@ -248,11 +286,15 @@ def show_result(
     if wait is not None:
         try:
             handle.get(timeout=wait)
-        except (TaskFailed, TaskRevoked):
+        except (TaskFailed, TaskRevoked, TimeoutError):
             code = EXIT_FAILED
-        except TimeoutError:
-            code = EXIT_FAILED
-    info = handle.info()
+    info = client.find(task_id)
+    if info is None:
+        print(
+            f"fleetctl: no task {task_id}: the broker never saw it (or its record expired)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if info.get("state") == "FAILURE":
         code = EXIT_FAILED
     if as_json:
@@ -276,35 +318,15 @@ def show_result(
 
 
 def cmd_queues(args: argparse.Namespace, console: Console) -> int:
-    broker = make_client(args).broker
-    depths = broker.depths()
-    dead = broker.dead_letters(limit=50)
+    client = make_client(args)
+    depths = client.depths()
+    dead = client.dead_letters(limit=50)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "queues": {
-                        d.queue: {
-                            "ready": d.ready,
-                            "scheduled": d.scheduled,
-                            "reserved": d.reserved,
-                        }
-                        for d in depths
-                    },
-                    "dead_letters": [
-                        {
-                            "id": d.id,
-                            "queue": d.queue,
-                            "name": d.name,
-                            "reason": d.reason,
-                            "at": d.at,
-                            "body": d.body,
-                        }
-                        for d in dead
-                    ],
-                }
-            )
-        )
+        queues = {
+            d.queue: {"ready": d.ready, "scheduled": d.scheduled, "reserved": d.reserved}
+            for d in depths
+        }
+        print(json.dumps({"queues": queues, "dead_letters": [letter_json(d) for d in dead]}))
         return EXIT_OK
     table = Table(title="queues")
     for column in ("queue", "ready", "scheduled", "reserved"):
@@ -312,14 +334,73 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
     for d in depths:
         table.add_row(d.queue, str(d.ready), str(d.scheduled), str(d.reserved))
     console.print(table)
-    letters = Table(title=f"dead letters ({len(dead)} newest)")
-    for column in ("id", "name", "queue", "reason", "when"):
-        letters.add_column(column)
-    for d in dead:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at))
-        letters.add_row(d.id, d.name, d.queue, d.reason, when)
-    console.print(letters)
+    console.print(letters_table(dead, f"dead letters ({len(dead)} newest)"))
     return EXIT_OK
+
+
+def cmd_dead(args: argparse.Namespace, console: Console) -> int:
+    if args.action == "retry" and bool(args.ids) == args.all:
+        raise UsageError("dead retry: give the IDs to retry, or --all (not both)")
+    if args.action == "purge" and not args.yes:
+        raise UsageError("dead purge deletes every dead letter for good: add --yes")
+    client = make_client(args)
+    if args.action == "list":
+        dead = client.dead_letters(limit=None)
+        if args.json:
+            print(json.dumps({"dead_letters": [letter_json(d) for d in dead]}))
+        else:
+            console.print(letters_table(dead, f"dead letters ({len(dead)})"))
+        return EXIT_OK
+    if args.action == "purge":
+        purged = client.purge_dead()
+        print(json.dumps({"purged": purged}) if args.json else f"purged {purged} dead letters")
+        return EXIT_OK
+    return show_retried(client.retry_dead(None if args.all else args.ids), args.json)
+
+
+def show_retried(outcomes: dict[str, str | None], as_json: bool) -> int:
+    """Each id retried, on stdout, and each that could not be, with why, on stderr."""
+    retried = [task_id for task_id, problem in outcomes.items() if problem is None]
+    failed = {task_id: problem for task_id, problem in outcomes.items() if problem}
+    if as_json:
+        print(json.dumps({"retried": retried, "failed": failed}))
+    else:
+        for task_id in retried:
+            print(f"{task_id}: back on its queue, PENDING")
+        for task_id, problem in failed.items():
+            print(f"fleetctl: {task_id}: {problem}", file=sys.stderr)
+        if not outcomes:
+            print("no dead letters")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def letter_json(letter: Any) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "queue": letter.queue,
+        "name": letter.name,
+        "reason": letter.reason,
+        "message": letter.extra.get("message"),
+        "at": letter.at,
+        "at_iso": iso_time(letter.at),
+        "body": letter.body,
+    }
+
+
+def letters_table(dead: list[Any], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "name", "queue", "error", "when"):
+        table.add_column(column, no_wrap=column == "id")  # ids are there to be copied
+    for d in dead:
+        message = d.extra.get("message")
+        error = f"{d.reason}: {message}" if message else d.reason
+        table.add_row(escape(d.id), escape(d.name), escape(d.queue), escape(error), iso_time(d.at))
+    return table
+
+
+def iso_time(epoch: float) -> str:
+    """Epoch seconds as an ISO 8601 local time that states its UTC offset."""
+    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
 def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
@@ -337,6 +418,7 @@ QUEUE_COMMANDS = {
     "submit": cmd_submit,
     "result": cmd_result,
     "queues": cmd_queues,
+    "dead": cmd_dead,
     "keygen": cmd_keygen,
 }
 
@@ -432,10 +514,11 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd_args["_timeout"] = args.timeout * NODE_SHARE
     if limit:
         cmd_args["_limit"] = limit  # each host answers once it has that many
+    ahead = revoked_ahead(args) if args.command == "revoke" else []
     client = open_control(args)
     try:
         if args.command == "events" and args.action == "tail":
-            return tail_events(client.subscribe_events(), dest, args.json)
+            return tail_events_of_fleet(client, dest, args.timeout, args.json)
         if args.command == "top":
             return show_top(client, dest, args.timeout, console)
         if args.command == "status":
@@ -447,12 +530,34 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
     if not (limit and len(result.replies) >= limit):
         result.missing += [d for d in unanswered(dest, result.replies) if d not in result.missing]
     if args.json:
-        print(result.to_json())
+        add_iso_times(result.replies)
+        print(result.to_json(**({"revoked_ahead": ahead} if args.command == "revoke" else {})))
     elif args.command == "status":
         console.print(status_table(result))
     else:
         console.print(reply_table(cmd, result))
+        for task_id in ahead:
+            print(f"{task_id}: no such task yet: revoked ahead, it will never start")
     return EXIT_FAILED if failed(result) else EXIT_OK
+
+
+def revoked_ahead(args: argparse.Namespace) -> list[str]:
+    """The ids of a revoke that the broker has never seen (it still revokes them, for good).
+
+    Without a broker to ask (no config), or one that does not answer, none: the nodes'
+    replies say what became of the revoke."""
+    from worker.brokers.base import BrokerUnavailable
+
+    try:
+        client = make_client(args)
+    except UsageError:
+        return []
+    try:
+        return [task_id for task_id in dict.fromkeys(args.ids) if client.find(task_id) is None]
+    except BrokerUnavailable:
+        return []
+    finally:
+        client.close()
 
 
 def unanswered(dest: list[str] | None, replies: dict[str, Any]) -> list[str]:
@@ -489,14 +594,32 @@ def reply_table(cmd: str, result: Any) -> Table:
 
 
 def describe(reply: Any) -> str:
-    """A reply as text a person reads: `ok` alone, one line per item or per key."""
+    """A reply as text a person reads: `ok` alone, one line per item or per key, times
+    (EPOCH_FIELDS) as ISO times."""
     if isinstance(reply, dict):
         if set(reply) == {"ok"}:
             return str(reply["ok"])
-        return "\n".join(f"{key}: {compact(value)}" for key, value in reply.items())
+        return "\n".join(
+            f"{key}: {iso_time(value) if is_epoch(key, value) else compact(value)}"
+            for key, value in reply.items()
+        )
     if isinstance(reply, list):
         return "\n".join(compact(item) for item in reply) if reply else "-"
     return compact(reply)
+
+
+def is_epoch(key: str, value: Any) -> bool:
+    return key in EPOCH_FIELDS and isinstance(value, (int, float))
+
+
+def add_iso_times(replies: dict[str, Any]) -> None:
+    """Beside each time in epoch seconds (EPOCH_FIELDS) of the replies, the same as an ISO
+    time: `next_due_iso`. JSON readers keep the number."""
+    for reply in replies.values():
+        if isinstance(reply, dict):
+            for key, value in list(reply.items()):
+                if is_epoch(key, value):
+                    reply[f"{key}_iso"] = iso_time(value)
 
 
 def compact(value: Any) -> str:
@@ -612,13 +735,19 @@ def duration(seconds: Any) -> str:
 
 
 def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
-    """The status table, redrawn every second until Ctrl-C; into a pipe or a file, one
-    table after the other (as `top -b` does)."""
+    """The status table, redrawn every second until `q` (from a terminal) or Ctrl-C; into a
+    pipe or a file, one table after the other (as `top -b` does)."""
     from rich.live import Live
 
     timeout = min(timeout, TOP_EVERY)
-    screen = Live(console=console, auto_refresh=False) if console.is_terminal else nullcontext()
-    with screen as live:
+    screen = (
+        Live(console=console, auto_refresh=False)
+        if console.is_terminal
+        else contextlib.nullcontext()
+    )
+    # Keys only for the live view: into a pipe, `q` is the pager's (and a job in the
+    # background must not touch the terminal's modes).
+    with screen as live, keys(sys.stdin if console.is_terminal else None) as keyboard:
         while True:
             started = time.monotonic()
             table = status_table(fleet_status(client, dest, timeout))
@@ -627,10 +756,60 @@ def show_top(client: Any, dest: list[str] | None, timeout: float, console: Conso
                 console.file.flush()
             else:
                 live.update(table, refresh=True)
-            time.sleep(max(0.0, TOP_EVERY - (time.monotonic() - started)))
+            if quit_pressed(keyboard, TOP_EVERY - (time.monotonic() - started)):
+                return EXIT_OK
+
+
+@contextlib.contextmanager
+def keys(stream: IO[str] | None) -> Iterator[int | None]:
+    """The descriptor of a terminal that sends each key as it is pressed (cbreak), put back
+    as it was afterwards; None if `stream` is not a terminal."""
+    if stream is None or not stream.isatty():
+        yield None
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def quit_pressed(keyboard: int | None, seconds: float) -> bool:
+    """Wait `seconds`; True as soon as q is pressed on the keyboard (if there is one)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if keyboard is None or not select.select([keyboard], [], [], left)[0]:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            return False
+        pressed = os.read(keyboard, 64)
+        if b"q" in pressed.lower():
+            return True
+        if not pressed:  # the terminal is gone: no more keys
+            keyboard = None
+    return False
 
 
 # --- events --------------------------------------------------------------------------------
+def tail_events_of_fleet(client: Any, dest: list[str] | None, timeout: float, as_json: bool) -> int:
+    """Subscribe, then ping: if no node answers within `timeout` there is nothing to tail
+    (exit 1); hosts that stay silent are named, and the others' events are tailed."""
+    events = client.subscribe_events()
+    answer = client.call("ping", {"_timeout": timeout * NODE_SHARE}, dest)
+    silent = answer.missing + list(answer.errors) + unanswered(dest, answer.replies)
+    if not answer.replies:
+        print(
+            f"fleetctl: no node answered within {timeout:g}s"
+            f" ({', '.join(silent) or 'no such node'}): no events to tail",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if silent:
+        print(f"fleetctl: no answer from {', '.join(silent)}; tailing the others", file=sys.stderr)
+    return tail_events(events, dest, as_json)
+
+
 def tail_events(events: Iterable[dict[str, Any]], dest: list[str] | None, as_json: bool) -> int:
     """Print events as they arrive (of the --dest nodes or hosts only, if given), until Ctrl-C."""
     for event in events:

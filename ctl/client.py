@@ -34,8 +34,9 @@ class Result:
     elapsed: float
     errors: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> str:
-        """The `--json` output: replies, missing and elapsed, and errors if there are any."""
+    def to_json(self, **extra: Any) -> str:
+        """The `--json` output: replies, missing and elapsed, errors if there are any, and
+        what a command adds (`extra`)."""
         out: dict[str, Any] = {
             "replies": self.replies,
             "missing": self.missing,
@@ -43,7 +44,7 @@ class Result:
         }
         if self.errors:
             out["errors"] = self.errors
-        return json.dumps(out)
+        return json.dumps({**out, **extra})
 
 
 class ControlClient:
@@ -135,7 +136,8 @@ class ControlClient:
     def subscribe_events(
         self, endpoints: list[str] | None = None
     ) -> Generator[dict[str, Any], None, None]:
-        """Yield the events of the hosts at these control endpoints (default: the client's).
+        """Subscribe to the events of the hosts at these control endpoints (default: the
+        client's) now, and yield them as they come.
 
         Runs until the caller stops iterating; events published before the
         subscription reached a host are not seen (ZeroMQ PUB/SUB).
@@ -144,27 +146,9 @@ class ControlClient:
             self._connect(zmq.SUB, endpoint, events_endpoint(endpoint))
             for endpoint in dict.fromkeys(endpoints or list(self._dealers))
         ]
-        poller = zmq.Poller()
         for subscriber in subscribers:
             subscriber.subscribe(b"")
-            poller.register(subscriber, zmq.POLLIN)
-        try:
-            while True:
-                for subscriber, _ in poller.poll():
-                    while True:
-                        try:
-                            data = subscriber.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            event = json.loads(data)
-                        except (ValueError, RecursionError):
-                            continue
-                        if isinstance(event, dict):
-                            yield event
-        finally:
-            for subscriber in subscribers:
-                subscriber.close(linger=0)
+        return _events(subscribers)
 
     def close(self) -> None:
         """Close every socket at once, dropping unsent requests."""
@@ -199,6 +183,30 @@ class ControlClient:
             )
         sock.curve_publickey, sock.curve_secretkey = self._client_keys
         sock.curve_serverkey = server_key
+
+
+def _events(subscribers: list[zmq.Socket[bytes]]) -> Generator[dict[str, Any], None, None]:
+    """The events the subscribers receive, as dicts, until the caller stops iterating."""
+    poller = zmq.Poller()
+    for subscriber in subscribers:
+        poller.register(subscriber, zmq.POLLIN)
+    try:
+        while True:
+            for subscriber, _ in poller.poll():
+                while True:
+                    try:
+                        data = subscriber.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        event = json.loads(data)
+                    except (ValueError, RecursionError):
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+    finally:
+        for subscriber in subscribers:
+            subscriber.close(linger=0)
 
 
 def _take_reply(dealer: zmq.Socket[bytes], request_id: str, host: str, result: Result) -> bool:

@@ -45,7 +45,7 @@ def _internal(name: str) -> ModuleType:
 if TYPE_CHECKING:
     import worker as _worker
     from worker import SoftTimeLimitExceeded, Task, control_command, task
-    from worker.client import Client, Handle, TaskFailed, TaskRevoked
+    from worker.client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked
 else:
     _worker = _internal("worker")
     SoftTimeLimitExceeded = _worker.SoftTimeLimitExceeded
@@ -54,6 +54,7 @@ else:
     task = _worker.task
 
 __all__ = [
+    "BrokerUnavailable",
     "Client",
     "Handle",
     "SoftTimeLimitExceeded",
@@ -67,6 +68,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use, as `worker` does: a worker never needs it."""
-    if name in ("Client", "Handle", "TaskFailed", "TaskRevoked"):
+    if name in ("BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"):
         return getattr(_worker, name)
     raise AttributeError(f"module 'fleetd' has no attribute {name!r}")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 from worker.imports import SAFE_PATH
 from worker.logs import FORMATS, LEVELS, setup_logging
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as exc:
         print(f"fleetd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command in ("start", "check"):
+        problems = folder_problems(cfg, args.config)
+        for problem in problems:
+            print(f"fleetd: {problem}", file=sys.stderr)
+        if problems:
+            return EXIT_USAGE
     if args.command == "check":
         failure = probe_imports(cfg)
         if failure:
@@ -120,12 +127,67 @@ def probe_imports(cfg: configmod.Config) -> str | None:
     return f"module {verdict.get('module')!r} failed to import ({where}): {verdict.get('error')}"
 
 
+def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
+    """One line for each folder of the config that fleetd would fail to make or write in:
+    the state_dir, and a SQLite broker's."""
+    folders = [("fleet.state_dir", cfg.state_dir)]
+    if cfg.broker.startswith("sqlite:///"):  # made absolute by the config: sqlite:////abs
+        folders.append(("fleet.broker", os.path.dirname(cfg.broker[len("sqlite:///") :])))
+    problems = []
+    for key, folder in folders:
+        problem = folder_problem(folder)
+        if problem:
+            problems.append(str(configmod.ConfigError(config_path, key, problem)))
+    return problems
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why `folder` cannot be made (parents too) or written in, if it cannot: found by making,
+    and removing, a folder in it or else in its nearest parent that exists."""
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot make {folder}: {existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fleetd-check-", dir=existing))
+    except OSError as exc:
+        verb = "write in" if existing == folder else "make"
+        return f"cannot {verb} {folder}: {exc.strerror} (in {existing})"
+    return None
+
+
+def broker_problem(url: str) -> str | None:
+    """Why the broker cannot be reached, if it cannot. A forked child asks it, so that the
+    arbiter never imports a broker's client library nor holds its memory."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its message is the parent's to show
+        os.close(read_fd)
+        try:
+            from worker.client import Client
+
+            Client(url, fail_fast=True).ping()
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the answer
+            os.write(write_fd, str(exc).encode() or type(exc).__name__.encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as answer:
+        problem = answer.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return problem or None
+
+
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     from .arbiter import Arbiter
     from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
 
+    problem = broker_problem(cfg.broker)
+    if problem:
+        print(f"fleetd: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
     try:
         return Arbiter(cfg, args.log_level, args.log_format, args.pidfile).run()

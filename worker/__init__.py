@@ -8,9 +8,10 @@ from .control import control_command
 from .task import SoftTimeLimitExceeded, Task, task
 
 if TYPE_CHECKING:
-    from .client import Client, Handle, TaskFailed, TaskRevoked
+    from .client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked
 
 __all__ = [
+    "BrokerUnavailable",
     "Client",
     "Handle",
     "SoftTimeLimitExceeded",
@@ -24,7 +25,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use: a worker, and the arbiter, never need it."""
-    if name in ("Client", "Handle", "TaskFailed", "TaskRevoked"):
+    if name in ("BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"):
         from . import client
 
         return getattr(client, name)

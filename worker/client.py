@@ -7,12 +7,32 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from .brokers import open_broker
-from .brokers.base import FAILURE, FINAL_STATES, PENDING, REVOKED, Broker, Envelope
-from .task import DEFAULT_QUEUE, REGISTRY, env_broker_source, eta_seconds
+from .brokers.base import (
+    FAILURE,
+    FINAL_STATES,
+    PENDING,
+    REVOKED,
+    Broker,
+    BrokerUnavailable,
+    DeadLetter,
+    Envelope,
+    QueueDepth,
+    unavailable_error,
+)
+from .task import DEFAULT_QUEUE, REGISTRY, env_broker_source, eta_seconds, is_task_body
+
+__all__ = ["BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"]
+
+T = TypeVar("T")
+# A client that fails fast (a command line) gives up on a new Redis connection after this
+# many seconds, and sends a call cut off by a lost connection again only briefly.
+FAIL_FAST_CONNECT_TIMEOUT = 2.0
+NOT_DEAD = "not a dead letter"
+NOT_A_TASK = "its body is not a JSON task, so it cannot run; it stays a dead letter"
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -42,6 +62,15 @@ def encode_body(
     )
 
 
+def retry_problem(letter: DeadLetter | None) -> str | None:
+    """Why a dead letter cannot go back on its queue as a task, if it cannot."""
+    if letter is None:
+        return NOT_DEAD
+    if not is_task_body(letter.body):
+        return NOT_A_TASK
+    return None
+
+
 class Handle:
     """A submitted task, by id."""
 
@@ -54,7 +83,7 @@ class Handle:
 
     def info(self) -> dict[str, Any]:
         """id, name, state, result, exc_type, exc_message, traceback, deliveries, node."""
-        found = self.client.broker.get_result(self.id)
+        found = self.client.find(self.id)
         return found or {"id": self.id, "state": PENDING, "result": None}
 
     @property
@@ -91,12 +120,22 @@ class Client:
     """A producer and result reader on one broker.
 
     `Client("redis://...")`, `Client("sqlite:///queue.db")` or `Client.from_config(path)`.
+    A broker that cannot be reached or opened raises BrokerUnavailable, whose message names
+    it and says why. `fail_fast`: give up on an unreachable broker within seconds (a command
+    line) instead of riding out a Redis restart (a program that lives on).
     """
 
-    def __init__(self, url: str, durability: str = "default", result_ttl: int = 86400) -> None:
+    def __init__(
+        self,
+        url: str,
+        durability: str = "default",
+        result_ttl: int = 86400,
+        fail_fast: bool = False,
+    ) -> None:
         self.url = url
         self._durability = durability
         self._result_ttl = result_ttl
+        self._fail_fast = fail_fast
         self._broker: Broker | None = None
         self._lock = threading.Lock()
 
@@ -113,9 +152,21 @@ class Client:
             with self._lock:
                 if self._broker is None:
                     self._broker = open_broker(
-                        self.url, durability=self._durability, result_ttl=self._result_ttl
+                        self.url,
+                        durability=self._durability,
+                        result_ttl=self._result_ttl,
+                        fail_fast=self._fail_fast,
+                        connect_timeout=FAIL_FAST_CONNECT_TIMEOUT if self._fail_fast else None,
                     )
         return self._broker
+
+    def _reach(self, call: Callable[[Broker], T]) -> T:
+        """`call(broker)`, its "cannot reach the broker" errors raised as BrokerUnavailable."""
+        broker = self.broker
+        try:
+            return call(broker)
+        except broker.unavailable as exc:
+            raise unavailable_error(self.url, exc) from exc
 
     def submit(
         self,
@@ -154,15 +205,56 @@ class Client:
             envelopes.append(
                 Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when)
             )
-        self.broker.enqueue(envelopes)
+        self._reach(lambda broker: broker.enqueue(envelopes))
         return [Handle(self, e.id) for e in envelopes]
 
     def handle(self, task_id: str) -> Handle:
         return Handle(self, task_id)
 
+    def find(self, task_id: str) -> dict[str, Any] | None:
+        """The task's info dict (as `Handle.info`), or None if the broker never saw the id
+        (or its record expired)."""
+        return self._reach(lambda broker: broker.get_result(task_id))
+
     def revoke(self, ids: list[str]) -> None:
         """Mark tasks revoked in the broker: queued ones end REVOKED, none of them starts."""
-        self.broker.revoke(ids)
+        self._reach(lambda broker: broker.revoke(ids))
+
+    def depths(self) -> list[QueueDepth]:
+        """Ready, scheduled and reserved tasks per queue."""
+        return self._reach(lambda broker: broker.depths())
+
+    def dead_letters(
+        self, limit: int | None = 100, ids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first: the `limit` newest (None: all), of `ids` only if given."""
+        return self._reach(lambda broker: broker.dead_letters(limit, ids))
+
+    def retry_dead(self, ids: Sequence[str] | None = None) -> dict[str, str | None]:
+        """Put dead letters (all of them if `ids` is None) back on their queue as new tasks:
+        state PENDING, no deliveries, off the dead-letter list.
+
+        Returns, for each id, None if it went back, else why not: it is not a dead letter,
+        or its body is not a task (an undecodable BadMessage), which stays a dead letter.
+        """
+        letters: dict[str, DeadLetter] = {}
+        for letter in self.dead_letters(limit=None, ids=ids):
+            letters.setdefault(letter.id, letter)  # the newest, if an id has several
+        wanted = list(dict.fromkeys(ids)) if ids is not None else list(reversed(letters))
+        problems = {i: retry_problem(letters.get(i)) for i in wanted}
+        runnable = [i for i, problem in problems.items() if problem is None]
+        retried = set(self._reach(lambda broker: broker.retry_dead(runnable)))
+        # One that someone else retried or purged meanwhile is no dead letter any more.
+        return {i: p or (None if i in retried else NOT_DEAD) for i, p in problems.items()}
+
+    def purge_dead(self) -> int:
+        """Delete every dead letter; returns how many. Their tasks' records stay until they
+        expire."""
+        return self._reach(lambda broker: broker.purge_dead())
+
+    def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+        self._reach(lambda broker: broker.ping())
 
     def close(self) -> None:
         if self._broker is not None:

@@ -39,7 +39,7 @@ from .limits import RuntimeLimits
 from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
-from .task import REGISTRY
+from .task import REGISTRY, is_task_body
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
@@ -801,15 +801,7 @@ class Worker:
 
     @staticmethod
     def valid_body(delivery: Delivery) -> bool:
-        try:
-            body = json.loads(delivery.body)
-        except ValueError:
-            return False
-        return (
-            isinstance(body, dict)
-            and isinstance(body.get("args", []), list)
-            and isinstance(body.get("kwargs", {}), dict)
-        )
+        return is_task_body(delivery.body)
 
     def dispatch(self, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""
@@ -844,20 +836,21 @@ class Worker:
         try:
             os.write(child.task_fd, encode_task(delivery))
         except OSError as exc:
-            if exc.errno != errno.EPIPE:
+            if exc.errno != errno.EPIPE:  # EPIPE: the child is dying; its EOF settles the task
                 raise
-            return  # the child is dying; its EOF settles the task
-        self.started_ids.append(delivery.id)
-        self.emit("task-started", delivery)
 
     def begin(self, running: Running, now: float) -> None:
-        """The task is now its child's current one: its time limits count from here."""
+        """The task is now its child's current one: it is STARTED (one waiting in the pipe is
+        not), and its time limits count from here."""
         soft, hard = self.time_limits.get(
             running.delivery.name, (self.spec.soft_time_limit, self.spec.time_limit)
         )
         running.started = now
         running.soft_deadline = now + soft if soft else None
         running.hard_deadline = now + hard if hard else None
+        if running.delivery.id not in self.revoked:  # the child skips it: REVOKED, not run
+            self.started_ids.append(running.delivery.id)
+            self.emit("task-started", running.delivery)
 
     def flush(self) -> None:
         """Write what happened to the broker in one transaction. While the broker is
@@ -1064,8 +1057,9 @@ class Worker:
             self.send({"type": "events", "events": events, "publish": self.events_enabled})
 
     def stats_counts(self) -> dict[str, Any]:
+        waiting = sum(max(0, len(c.tasks) - 1) for c in self.children.values())  # in a pipe
         return {
-            "reserved": len(self.reserved),
+            "reserved": len(self.reserved) + waiting,
             "active": sum(1 for c in self.children.values() if c.running),
             "children": len(self.children),
             **self.counts,

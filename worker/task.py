@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,20 @@ def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) 
             eta = eta.astimezone()
         return eta.timestamp()
     return float(eta)
+
+
+def is_task_body(text: str) -> bool:
+    """Is a message body a task a child can run: a JSON object whose args (if any) are a
+    list and whose kwargs are an object? A worker dead-letters one that is not (BadMessage)."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("args", []), list)
+        and isinstance(body.get("kwargs", {}), dict)
+    )
 
 
 def env_broker_source() -> tuple[str, str] | None:

@@ -453,3 +453,104 @@ def test_wakeup_becomes_readable_on_enqueue_from_another_connection(
         assert not readable(wake, 0.1)
     finally:
         wake.close()
+
+
+# --- acting on dead letters --------------------------------------------------------
+def dead_lettered(broker: Broker, *tasks: Envelope) -> None:
+    """Deliver each task, then end it as a dead letter, one after the other (oldest first)."""
+    broker.enqueue(list(tasks))
+    for task in tasks:
+        [delivery] = broker.reserve([task.queue], 1, "w1", 30)
+        outcome = Outcome(
+            delivery.id, FAILURE, exc_type="WorkerLost", exc_message="died", dead_letter=True
+        )
+        broker.finish([outcome])
+        time.sleep(0.002)  # each its own `at`: newest first is then an order
+
+
+def test_retry_dead_puts_the_task_back_pending_with_no_deliveries_and_off_the_list(
+    broker: Broker,
+) -> None:
+    task = envelope("q2")
+    dead_lettered(broker, task)
+
+    assert broker.retry_dead([task.id, "never-dead"]) == [task.id]
+
+    assert broker.dead_letters() == []
+    info = broker.get_result(task.id)
+    assert info is not None
+    assert (info["state"], info["deliveries"], info["queue"], info["exc_type"]) == (
+        PENDING,
+        0,
+        "q2",
+        None,
+    )
+    assert broker.depths() == [QueueDepth("q2", ready=1)]
+    [again] = broker.reserve(["q2"], 1, "w2", 30)
+    assert (again.id, again.body, again.deliveries) == (task.id, task.body, 1)
+    assert broker.retry_dead([task.id]) == []  # not a dead letter any more
+
+
+def test_retry_dead_keeps_the_other_letters_in_their_order(broker: Broker) -> None:
+    first, second, third = envelope(), envelope(), envelope()
+    dead_lettered(broker, first, second, third)
+
+    assert broker.retry_dead([second.id]) == [second.id]
+
+    assert [d.id for d in broker.dead_letters()] == [third.id, first.id]
+    assert [d.id for d in broker.reserve(["q1"], 10, "w2", 30)] == [second.id]
+
+
+def test_retry_dead_of_many_gives_back_each_once(broker: Broker) -> None:
+    tasks = [envelope() for _ in range(5)]
+    dead_lettered(broker, *tasks)
+
+    retried = broker.retry_dead([t.id for t in tasks] + [tasks[0].id])
+
+    assert sorted(retried) == sorted(ids(tasks))
+    assert broker.dead_letters() == []
+    assert sorted(ids(broker.reserve(["q1"], 10, "w2", 30))) == sorted(ids(tasks))
+
+
+def test_dead_letters_of_given_ids_and_without_a_limit(broker: Broker) -> None:
+    tasks = [envelope() for _ in range(3)]
+    dead_lettered(broker, *tasks)
+
+    assert [d.id for d in broker.dead_letters(ids=[tasks[0].id, "x", tasks[2].id])] == [
+        tasks[2].id,
+        tasks[0].id,
+    ]
+    assert [d.id for d in broker.dead_letters(limit=None)] == [t.id for t in reversed(tasks)]
+    assert broker.dead_letters(limit=1, ids=[tasks[0].id, tasks[1].id]) == broker.dead_letters(
+        ids=[tasks[1].id]
+    )
+
+
+def test_purge_dead_deletes_every_letter_and_says_how_many(broker: Broker) -> None:
+    tasks = [envelope(), envelope()]
+    dead_lettered(broker, *tasks)
+
+    assert broker.purge_dead() == 2
+
+    assert broker.dead_letters() == []
+    assert broker.purge_dead() == 0
+    info = broker.get_result(tasks[0].id)
+    assert info is not None and info["exc_type"] == "WorkerLost"  # the record stays
+    assert broker.retry_dead(ids(tasks)) == []
+
+
+def test_ping_answers(broker: Broker) -> None:
+    broker.ping()
+
+
+def test_retry_dead_of_a_task_submitted_again_leaves_the_new_one_as_it_is(broker: Broker) -> None:
+    task = envelope()
+    dead_lettered(broker, task)
+    broker.enqueue([Envelope(task.id, "q1", task.name, '{"new": true}')])
+
+    assert broker.retry_dead([task.id]) == [task.id]
+
+    assert broker.dead_letters() == []
+    assert [(d.id, d.body) for d in broker.reserve(["q1"], 10, "w2", 30)] == [
+        (task.id, '{"new": true}')
+    ]

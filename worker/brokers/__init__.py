@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
-from .base import Broker
+from .base import Broker, unavailable_error
 
 
 def open_broker(
-    url: str, durability: str = "default", result_ttl: int = 86400, fail_fast: bool = False
+    url: str,
+    durability: str = "default",
+    result_ttl: int = 86400,
+    fail_fast: bool = False,
+    connect_timeout: float | None = None,
 ) -> Broker:
-    """A new connection to the broker at `url`; raises ValueError for an unknown scheme.
+    """A new connection to the broker at `url`; raises ValueError for an unknown scheme and
+    BrokerUnavailable for a broker that cannot be opened (a SQLite path that cannot be made).
 
     `result_ttl`: seconds an ended task's record is kept.
     `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly
     before it raises `broker.unavailable`, for a caller that retries on its own and has
     other work meanwhile (the worker's loop); otherwise it rides out a Redis restart.
+    `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
     """
     if url.startswith("sqlite:"):
         from .sqlite import SQLiteBroker
 
-        return SQLiteBroker(url, durability=durability, result_ttl=result_ttl)
+        try:
+            return SQLiteBroker(url, durability=durability, result_ttl=result_ttl)
+        except (OSError, *SQLiteBroker.unavailable) as exc:
+            raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import CALL_RETRIES, FAIL_FAST_RETRIES, RedisBroker
+        from .redis import CALL_RETRIES, CONNECT_TIMEOUT, FAIL_FAST_RETRIES, RedisBroker
 
-        retries = FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES
-        return RedisBroker(url, result_ttl=result_ttl, call_retries=retries)
+        return RedisBroker(
+            url,
+            result_ttl=result_ttl,
+            call_retries=FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES,
+            connect_timeout=connect_timeout or CONNECT_TIMEOUT,
+        )
     raise ValueError(f"unknown broker URL {url!r}: use sqlite:///path.db or redis://host:port/db")

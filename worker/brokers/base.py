@@ -10,6 +10,7 @@ contract suite against every implementation.
 from __future__ import annotations
 
 import abc
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,30 @@ SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached or opened (down, refused, a path that cannot be made):
+    one line naming the broker's URL (its password hidden) and why."""
+
+
+def unavailable_error(url: str, exc: BaseException) -> BrokerUnavailable:
+    """The BrokerUnavailable that `exc`, raised by the broker at `url`, stands for."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        reason = str(exc) or type(exc).__name__
+    return BrokerUnavailable(f"broker {shown_url(url)}: {reason}")
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password, if it has one, replaced by ***: fit for a message."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -221,7 +246,22 @@ class Broker(abc.ABC):
     def depths(self) -> list[QueueDepth]: ...
 
     @abc.abstractmethod
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+    def dead_letters(
+        self, limit: int | None = 100, ids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first: the `limit` newest (None: all), of `ids` only if given."""
+
+    @abc.abstractmethod
+    def retry_dead(self, ids: Sequence[str]) -> list[str]:
+        """Put these dead letters back on their queue with their raw body as new tasks (state
+        PENDING, no deliveries) and off the dead-letter list, in one transaction; returns the
+        ids that were dead letters. An id that is queued or held again already stays as it is.
+        """
+
+    @abc.abstractmethod
+    def purge_dead(self) -> int:
+        """Delete every dead letter (their tasks' records stay until they expire); returns
+        how many."""
 
     @abc.abstractmethod
     def revoke(self, ids: list[str]) -> None:
@@ -229,6 +269,10 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def revoked(self) -> set[str]: ...
+
+    def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raise one of `unavailable` if the broker does not answer; a broker that answered when it
+        was opened (a file) keeps this no-op."""
 
     def maintain(self) -> None:  # noqa: B027 - optional hook
         """Housekeeping a worker runs when it is idle (nothing held); must be cheap when

@@ -117,6 +117,21 @@ local function schedule(id, q, eta, fields)
   woken[q] = true
 end
 
+-- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
+-- waiting or held is left as it is; an ended one starts over as a new task.
+local function submit(id, q, name, body, eta)
+  local status = redis.call('HGET', task_key(id), 'status')
+  if status and status ~= 'done' then return end
+  if status then redis.call('DEL', task_key(id)) end
+  local fields = {'id', id, 'queue', q, 'name', name, 'body', body, 'state', 'PENDING',
+    'deliveries', 0}
+  if eta ~= '' and tonumber(eta) > tonumber(NOW) then
+    schedule(id, q, eta, fields)
+  else
+    append(id, q, fields)
+  end
+end
+
 -- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
 -- is kept `ttl` seconds for its result to be read.
 local function close_record(id, ttl, fields, unset)
@@ -210,21 +225,7 @@ return reply
 # that submitting the same id twice does not run it twice; an ended one starts over.
 ENQUEUE = """
 local function main()
-  local now = tonumber(NOW)
-  for _, e in ipairs(A) do
-    local id, q, eta = e[1], e[2], e[5]
-    local status = redis.call('HGET', task_key(id), 'status')
-    if not status or status == 'done' then
-      if status then redis.call('DEL', task_key(id)) end
-      local fields = {'id', id, 'queue', q, 'name', e[3], 'body', e[4], 'state', 'PENDING',
-        'deliveries', 0}
-      if eta ~= '' and tonumber(eta) > now then
-        schedule(id, q, eta, fields)
-      else
-        append(id, q, fields)
-      end
-    end
-  end
+  for _, e in ipairs(A) do submit(e[1], e[2], e[3], e[4], e[5]) end
   return 0
 end
 """
@@ -447,6 +448,48 @@ local function main()
 end
 """
 
+# A: ids. The dead letters of these ids go back to their queue as new tasks (the newest
+# letter of an id, if it has several) and off the list, which is written anew in one pass
+# (LREM per letter would read the whole list each time). Returns the ids that were there.
+RETRY_DEAD = """
+local function main()
+  local wanted, found = {}, {}
+  for _, id in ipairs(A) do wanted[id] = true end
+  local key, kept, letters = P .. ':dead', {}, {}
+  for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local d = cjson.decode(text)
+    if wanted[d.id] then
+      if not found[d.id] then
+        found[d.id] = true
+        letters[#letters + 1] = d
+      end
+    else
+      kept[#kept + 1] = text
+    end
+  end
+  if #letters == 0 then return {} end
+  redis.call('DEL', key)
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', key, unpack(kept, i, math.min(i + 999, #kept)))
+  end
+  local reply = {}
+  for i = #letters, 1, -1 do  -- oldest first: they go back in the order they died
+    local d = letters[i]
+    submit(d.id, d.queue, d.name, d.body, '')
+    reply[#reply + 1] = d.id
+  end
+  return reply
+end
+"""
+
+PURGE_DEAD = """
+local function main()
+  local count = redis.call('LLEN', P .. ':dead')
+  redis.call('DEL', P .. ':dead')
+  return count
+end
+"""
+
 # Read-only, so not wrapped: ARGV prefix, now. One consistent snapshot of every queue.
 DEPTHS = """
 local P, NOW = ARGV[1], ARGV[2]
@@ -486,6 +529,8 @@ WRITE_SCRIPTS = {
         "recover": RECOVER,
         "recover_expired": RECOVER_EXPIRED,
         "revoke": REVOKE,
+        "retry_dead": RETRY_DEAD,
+        "purge_dead": PURGE_DEAD,
     }.items()
 }
 DEPTHS_SCRIPT = LuaScript(DEPTHS)
@@ -622,6 +667,7 @@ class RedisBroker(Broker):
         prefix: str | None = None,
         result_ttl: int = 86400,
         call_retries: int = CALL_RETRIES,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.url = url
         address, _, query_text = url.partition("?")
@@ -634,7 +680,7 @@ class RedisBroker(Broker):
             protocol=2,
             retry=ConnectionRetry(CALL_BACKOFF, call_retries),
             socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_connect_timeout=connect_timeout,
         )
         self._idle: list[Link] = []
         self._pid = os.getpid()
@@ -819,17 +865,32 @@ class RedisBroker(Broker):
             key=lambda depth: depth.queue,
         )
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        if limit <= 0:
+    def dead_letters(
+        self, limit: int | None = 100, ids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        if limit is not None and limit <= 0:
             return []
+        wanted = None if ids is None else set(ids)
+        last = -1 if limit is None or wanted is not None else limit - 1
         letters = []
-        for text in self.redis.lrange(self._key("dead"), 0, limit - 1):
+        for text in self.redis.lrange(self._key("dead"), 0, last):
             d = json.loads(text)
-            extra = d.get("extra") or {}
-            letters.append(
-                DeadLetter(d["id"], d["queue"], d["name"], d["body"], d["reason"], d["at"], extra)
-            )
-        return letters
+            if wanted is None or d["id"] in wanted:
+                extra = d.get("extra") or {}
+                letters.append(
+                    DeadLetter(
+                        d["id"], d["queue"], d["name"], d["body"], d["reason"], d["at"], extra
+                    )
+                )
+        return letters[:limit]
+
+    def retry_dead(self, ids: Sequence[str]) -> list[str]:
+        if not ids:
+            return []
+        return list(self._run("retry_dead", list(dict.fromkeys(ids))))  # none: {}
+
+    def purge_dead(self) -> int:
+        return int(self._run("purge_dead", {}))
 
     def revoke(self, ids: list[str]) -> None:
         if ids:
@@ -837,6 +898,9 @@ class RedisBroker(Broker):
 
     def revoked(self) -> set[str]:
         return {str(task_id) for task_id in self.redis.smembers(self._key("revoked"))}
+
+    def ping(self) -> None:
+        self._call(lambda link: link.execute("PING"))
 
     def close(self) -> None:
         for link in self._idle:

@@ -74,6 +74,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
+# One new task per row (id, queue, name, body, state, eta, created). An id still queued or
+# held is left as it is; an ended one starts over (a new task under the same id).
+ENQUEUE = (
+    "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
+    f" VALUES (?, ?, ?, ?, {QUEUED}, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, name = excluded.name,"
+    f" body = excluded.body, status = {QUEUED}, state = excluded.state,"
+    " eta = excluded.eta, created = excluded.created, deliveries = 0, result = NULL,"
+    " exc_type = NULL, exc_message = NULL, traceback = NULL, node = NULL, runtime = NULL,"
+    f" finished = NULL WHERE tasks.status = {DONE}"
+)
+
 
 def path_from_url(url: str) -> str:
     """`sqlite:///rel.db` -> `rel.db`, `sqlite:////abs/q.db` -> `/abs/q.db` (SQLAlchemy's form)."""
@@ -252,16 +264,7 @@ class SQLiteBroker(Broker):
         now = time.time()
         rows = [(e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes]
         with self._write() as db:
-            db.executemany(
-                "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
-                f" VALUES (?, ?, ?, ?, {QUEUED}, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, name = excluded.name,"
-                f" body = excluded.body, status = {QUEUED}, state = excluded.state,"
-                " eta = excluded.eta, created = excluded.created, deliveries = 0, result = NULL,"
-                " exc_type = NULL, exc_message = NULL, traceback = NULL, finished = NULL"
-                f" WHERE tasks.status = {DONE}",
-                rows,
-            )
+            db.executemany(ENQUEUE, rows)
         self.poker.poke()
 
     # --- consuming -------------------------------------------------------------
@@ -500,15 +503,39 @@ class SQLiteBroker(Broker):
             depth.setdefault(queue, [0, 0, 0])[2] = held
         return [QueueDepth(q, *depth[q]) for q in sorted(depth)]
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self.db.execute(
-            "SELECT id, queue, name, body, reason, at, extra FROM dead_letters"
-            " ORDER BY at DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
+    def dead_letters(
+        self, limit: int | None = 100, ids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        query = "SELECT id, queue, name, body, reason, at, extra FROM dead_letters"
+        params: list[Any] = []
+        if ids is not None:
+            query += " WHERE id IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(list(ids)))
+        params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
+        # Letters of one transaction share `at`: the later row (rowid) is the newer.
+        rows = self.db.execute(query + " ORDER BY at DESC, rowid DESC LIMIT ?", params).fetchall()
         return [
             DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}")) for r in rows
         ]
+
+    def retry_dead(self, ids: Sequence[str]) -> list[str]:
+        now = time.time()
+        retried = []
+        with self._write() as db:
+            for task_id in dict.fromkeys(ids):
+                letter = db.execute(
+                    "DELETE FROM dead_letters WHERE id = ? RETURNING queue, name, body", (task_id,)
+                ).fetchone()
+                if letter is not None:
+                    db.execute(ENQUEUE, (task_id, *letter, PENDING, 0.0, now))
+                    retried.append(task_id)
+        if retried:
+            self.poker.poke()
+        return retried
+
+    def purge_dead(self) -> int:
+        with self._write() as db:
+            return int(db.execute("DELETE FROM dead_letters").rowcount)
 
     def revoke(self, ids: list[str]) -> None:
         now = time.time()

@@ -1,0 +1,174 @@
+"""A broker that cannot be reached, a folder that cannot be made: one line, the right exit
+code, in seconds, from fleetctl, from `fleetd start` and `fleetd check`, and from `Client`.
+
+Redis is "down" on a loopback port where nothing listens; a path cannot be made when a
+plain file stands where a folder should be (the tests run as root, for whom permission
+bits do not stop anything).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fleet import FLEETD, Fleet, free_port
+from worker import BrokerUnavailable, Client
+
+# The longest an unreachable broker may hold a command up (the process's start included):
+# without the fix, redis-py's retries took 11 s.
+FAST = 5.0
+
+
+def timed(run: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.monotonic()
+    out = run()
+    return time.monotonic() - started, out
+
+
+def fleetd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FLEETD, *args], capture_output=True, text=True, timeout=60)
+
+
+def in_the_way(folder: Path) -> Path:
+    """A plain file where a config's folders would go."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "a-file"
+    path.write_text("not a folder\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "tasks.add", "1", "2"],
+        ["submit", "tasks.add", "1", "2", "--wait", "5"],
+        ["result", "some-id"],
+        ["queues"],
+        ["dead", "list"],
+        ["dead", "retry", "--all"],
+        ["dead", "purge", "--yes"],
+    ],
+)
+def test_fleetctl_with_redis_down_says_so_in_one_line_within_seconds(
+    make_fleet: Callable[..., Fleet], argv: list[str]
+) -> None:
+    port = free_port()
+    fleet = make_fleet(fleet={"broker": f"redis://127.0.0.1:{port}/0"})
+
+    elapsed, out = timed(lambda: fleet.ctl(*argv, check=False))
+
+    assert (out.returncode, out.stdout) == (1, "")
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"fleetctl: broker redis://127.0.0.1:{port}/0: ")
+    assert "Connection refused" in line
+    assert elapsed < FAST
+
+
+def test_a_password_in_the_url_is_not_shown(make_fleet: Callable[..., Fleet]) -> None:
+    port = free_port()
+    fleet = make_fleet(fleet={"broker": f"redis://:hunter2@127.0.0.1:{port}/0"})
+
+    out = fleet.ctl("queues", check=False)
+
+    assert out.returncode == 1
+    assert f"broker redis://:***@127.0.0.1:{port}/0: " in out.stderr
+    assert "hunter2" not in out.stderr
+
+
+def test_fleetctl_with_a_sqlite_path_that_cannot_be_made_names_it(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    blocker = in_the_way(tmp_path / "host")
+    fleet = make_fleet(fleet={"broker": f"sqlite:///{blocker}/queue.db"})
+
+    out = fleet.ctl("submit", "tasks.add", "1", "2", check=False)
+
+    assert (out.returncode, out.stdout) == (1, "")
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"fleetctl: broker sqlite:///{blocker}/queue.db: ")
+    assert str(blocker) in line.partition("queue.db: ")[2]
+
+
+def test_fleetd_start_with_redis_down_exits_1_in_one_line_and_starts_nothing(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    port = free_port()
+    fleet = make_fleet(fleet={"broker": f"redis://127.0.0.1:{port}/0"})
+
+    elapsed, out = timed(lambda: fleetd("start", "-c", str(fleet.config)))
+
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"fleetd: broker redis://127.0.0.1:{port}/0: ")
+    assert "Traceback" not in out.stdout + out.stderr
+    assert elapsed < FAST
+    assert not (fleet.folder / "state" / "fleetd.pid").exists()
+
+
+@pytest.mark.parametrize("command", ["start", "check"])
+def test_fleetd_names_a_state_dir_it_cannot_make_and_exits_2(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, command: str
+) -> None:
+    blocker = in_the_way(tmp_path / "host")
+    fleet = make_fleet(fleet={"state_dir": f"{blocker}/state"})
+
+    out = fleetd(command, "-c", str(fleet.config))
+
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [
+        f"fleetd: {fleet.config}: fleet.state_dir: cannot make {blocker}/state:"
+        f" {blocker} is not a folder"
+    ]
+
+
+def test_fleetd_check_names_every_folder_it_would_fail_on(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    blocker = in_the_way(tmp_path / "host")
+    fleet = make_fleet(
+        fleet={"state_dir": f"{blocker}/state", "broker": f"sqlite:///{blocker}/db/queue.db"}
+    )
+
+    out = fleetd("check", "-c", str(fleet.config))
+
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"fleetd: {fleet.config}: fleet.state_dir: cannot make {blocker}/state:"
+        f" {blocker} is not a folder",
+        f"fleetd: {fleet.config}: fleet.broker: cannot make {blocker}/db:"
+        f" {blocker} is not a folder",
+    ]
+
+
+def test_fleetd_check_of_folders_under_proc_says_why_they_cannot_be_made(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(fleet={"state_dir": "/proc/fleetd-test/state"})
+
+    out = fleetd("check", "-c", str(fleet.config))
+
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"fleetd: {fleet.config}: fleet.state_dir: cannot make /proc/fleetd-test/state:"
+        " No such file or directory (in /proc)"
+    ]
+
+
+def test_client_raises_broker_unavailable_naming_the_broker(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Client(url, fail_fast=True)
+    with pytest.raises(BrokerUnavailable, match=f"^broker {url}: .*Connection refused"):
+        client.submit("tasks.add", 1, 2)
+    with pytest.raises(BrokerUnavailable):
+        client.handle("some-id").get(timeout=1)
+    client.close()
+
+    blocker = in_the_way(tmp_path)
+    with pytest.raises(BrokerUnavailable, match=f"^broker sqlite:///{blocker}/q.db: "):
+        Client(f"sqlite:///{blocker}/q.db").submit("tasks.add", 1, 2)
