@@ -33,6 +33,7 @@ T = TypeVar("T")
 FAIL_FAST_CONNECT_TIMEOUT = 2.0
 NOT_DEAD = "not a dead letter"
 NOT_A_TASK = "its body is not a JSON task, so it cannot run; it stays a dead letter"
+ROUTES_FRESH = 1.0  # seconds before a name missing from the published routes is looked up again
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -137,6 +138,8 @@ class Client:
         self._result_ttl = result_ttl
         self._fail_fast = fail_fast
         self._broker: Broker | None = None
+        self._routes: dict[str, str] = {}  # task name -> queue, as the workers published them
+        self._routes_read = -ROUTES_FRESH  # monotonic: when they were read
         self._lock = threading.Lock()
 
     @classmethod
@@ -200,13 +203,24 @@ class Client:
         envelopes = []
         for index, (name, args, kwargs) in enumerate(calls):
             task_id = ids[index] if ids else str(uuid.uuid4())
-            registered = REGISTRY.get(name)
-            target = queue or (registered.queue if registered else DEFAULT_QUEUE)
+            target = queue or self.queue_of(name)
             envelopes.append(
                 Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when)
             )
         self._reach(lambda broker: broker.enqueue(envelopes))
         return [Handle(self, e.id) for e in envelopes]
+
+    def queue_of(self, name: str) -> str:
+        """The queue a task goes to when the caller names none: its @task's, from the task
+        itself where it is imported here, else as the workers published it in the broker
+        (read again for a name not seen, at most every ROUTES_FRESH s), else "default"."""
+        registered = REGISTRY.get(name)
+        if registered is not None:
+            return registered.queue
+        if name not in self._routes and time.monotonic() - self._routes_read >= ROUTES_FRESH:
+            self._routes = self._reach(lambda broker: broker.routes())
+            self._routes_read = time.monotonic()
+        return self._routes.get(name, DEFAULT_QUEUE)
 
     def handle(self, task_id: str) -> Handle:
         return Handle(self, task_id)

@@ -154,6 +154,8 @@ class Worker:
         with self.broker_call("read revokes"):
             self.revoked = self.broker.revoked()
             self.broker.recover_expired(self.spec.queues)
+            # Where each task goes, for clients that submit by name without its code.
+            self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:

@@ -418,6 +418,16 @@ def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
     assert connect().revoked() == {held.id, queued.id, scheduled.id, "never-seen"}
 
 
+def test_routes_published_by_workers_are_read_back_and_replaced(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    assert broker.routes() == {}
+    broker.set_routes({"tasks.resize": "images", "tasks.add": "default"})
+    broker.set_routes({"tasks.resize": "thumbnails"})  # a deploy moved it
+    broker.close()
+    assert connect().routes() == {"tasks.resize": "thumbnails", "tasks.add": "default"}
+
+
 def test_depths_count_ready_scheduled_and_reserved_per_queue(broker: Broker) -> None:
     later = time.time() + 60
     broker.enqueue(

@@ -270,6 +270,15 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def revoked(self) -> set[str]: ...
 
+    @abc.abstractmethod
+    def set_routes(self, routes: dict[str, str]) -> None:
+        """Record the queue each task name goes to (workers publish their @task queues at
+        boot), so that a client submitting by name without the task's code finds it."""
+
+    @abc.abstractmethod
+    def routes(self) -> dict[str, str]:
+        """Task name -> queue, as the workers last published them."""
+
     def ping(self) -> None:  # noqa: B027 - optional hook
         """Raise one of `unavailable` if the broker does not answer; a broker that answered when it
         was opened (a file) keeps this no-op."""

@@ -11,6 +11,7 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:queues        set of known queue names        {p}:seq     counter of entry ids
     {p}:dead          list of dead letters (JSON), newest first
     {p}:revoked       set of revoked ids (never expires, like Celery's statedb)
+    {p}:routes        hash: task name -> its queue, as the workers published them
     {p}:wake:{queue}  pub/sub channel that every write touching the queue publishes to
     {p}:call:{link}   token and reply of the last write sent over one link (below), kept
                       2 minutes so that a retry of that write can't run it twice
@@ -898,6 +899,14 @@ class RedisBroker(Broker):
 
     def revoked(self) -> set[str]:
         return {str(task_id) for task_id in self.redis.smembers(self._key("revoked"))}
+
+    def set_routes(self, routes: dict[str, str]) -> None:
+        if routes:  # HSET is idempotent: a retried call does no harm
+            pairs: list[Any] = [word for pair in routes.items() for word in pair]
+            self.redis.hset(self._key("routes"), items=pairs)
+
+    def routes(self) -> dict[str, str]:
+        return {str(n): str(q) for n, q in self.redis.hgetall(self._key("routes")).items()}
 
     def ping(self) -> None:
         self._call(lambda link: link.execute("PING"))

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, queue TEXT, name TEXT, body TEXT, reason TEXT, at REAL, extra TEXT
 );
 CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS routes (name TEXT PRIMARY KEY, queue TEXT NOT NULL);
 """
 
 # One new task per row (id, queue, name, body, state, eta, created). An id still queued or
@@ -551,6 +552,17 @@ class SQLiteBroker(Broker):
 
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM revoked")}
+
+    def set_routes(self, routes: dict[str, str]) -> None:
+        if self.routes() == routes:
+            return  # a restart or reload of an unchanged fleet writes nothing
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO routes (name, queue) VALUES (?, ?)", list(routes.items())
+            )
+
+    def routes(self) -> dict[str, str]:
+        return {str(n): str(q) for n, q in self.db.execute("SELECT name, queue FROM routes")}
 
     def expire(self) -> int:
         """Delete up to EXPIRE_BATCH records of tasks that ended more than `result_ttl`
