@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -42,6 +43,9 @@ LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for t
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
 EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
+FILE_CHECK_EVERY = 1.0  # seconds between two looks at whether the queue file was replaced
+
+log = logging.getLogger("fleetd.broker")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -213,18 +217,48 @@ class SQLiteBroker(Broker):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         self._lock = threading.Lock()  # a Client may be shared between threads
-        self.db = sqlite3.connect(
+        self.durability = durability
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the queue file (made, with its schema, if it is not there) and note which
+        file it is, so that one deleted or replaced under us is noticed. Raises one of
+        `unavailable` if it cannot, leaving the connection we had."""
+        db = sqlite3.connect(
             self.path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=False
         )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        sync = "FULL" if durability == "fsync" else "NORMAL"
-        self.db.execute(f"PRAGMA synchronous={sync}")
-        # Checkpoints sync the database file: left to commits, they land on whichever
-        # submit or turn comes next, as a tail of tens of ms. Workers run them when idle
-        # (`maintain`); this is only the safety net for a fleet that is never idle.
-        self.db.execute(f"PRAGMA wal_autocheckpoint={SAFETY_CHECKPOINT_PAGES}")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            sync = "FULL" if self.durability == "fsync" else "NORMAL"
+            db.execute(f"PRAGMA synchronous={sync}")
+            # Checkpoints sync the database file: left to commits, they land on whichever
+            # submit or turn comes next, as a tail of tens of ms. Workers run them when idle
+            # (`maintain`); this is only the safety net for a fleet that is never idle.
+            db.execute(f"PRAGMA wal_autocheckpoint={SAFETY_CHECKPOINT_PAGES}")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
         self.dirty_since = 0.0  # monotonic time of our first commit since the last checkpoint
-        self.db.executescript(SCHEMA)
+        self.identity = _file_identity(self.path)
+        self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
+
+    def follow_file(self) -> None:
+        """Reopen the queue file if it was deleted or replaced since we opened it (a restore
+        from a backup, a cleanup): the old file's tasks are gone with it, and a task
+        submitted into the new one must not wait while we commit into a file nobody sees."""
+        if time.monotonic() < self.check_file_at:
+            return
+        self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
+        if _file_identity(self.path) == self.identity:
+            return
+        log.warning("queue file %s was deleted or replaced: opening it anew", self.path)
+        with self._lock:
+            old = self.db
+            self._connect()
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
 
     def _begin(self) -> None:
         """Take the write lock, retrying every fraction of a millisecond while another
@@ -571,7 +605,9 @@ class SQLiteBroker(Broker):
 
         A backlog goes one batch per call, so neither other writers (the lock) nor the
         worker's loop ever wait long; once a batch comes back short, nothing more is
-        due for EXPIRE_EVERY seconds."""
+        due for EXPIRE_EVERY seconds. A worker calls it (or `maintain`) on every turn, so
+        it also looks, once a second, whether the queue file was replaced."""
+        self.follow_file()
         if time.monotonic() < self.expire_at:
             return 0
         with self._write() as db:
@@ -598,3 +634,12 @@ class SQLiteBroker(Broker):
         self.poker.close()
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None if there is none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
