@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
 from typing import Any
 
 MAX_FRAME_SIZE = 64 * 1024 * 1024
@@ -84,10 +85,64 @@ class FrameReader:
 
 def write_frame(fd: int, obj: Any) -> None:
     """Write `obj` as one frame to a blocking `fd`, looping over partial writes."""
-    data = encode(obj)
+    write_all(fd, encode(obj))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a blocking `fd`: a signal may cut a write short."""
     written = os.write(fd, data)
     if written == len(data):
         return
     with memoryview(data) as view:
         while written < len(data):
             written += os.write(fd, view[written:])
+
+
+class Outbox:
+    """Frames on their way out through a non-blocking fd, in order, never waited for.
+
+    `send` writes a frame at once when none waits before it (one write: the common case)
+    and keeps what the fd did not take; `flush` writes more once poll says the fd is
+    writable. Only a full fd is handled here: any other OSError (EPIPE: the reader is
+    gone) is the caller's, who then drops the outbox.
+    """
+
+    __slots__ = ("_waiting", "fd", "size")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = 0  # bytes waiting
+        self._waiting: deque[memoryview] = deque()
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def send(self, frame: bytes) -> None:
+        written = 0
+        if not self.size:
+            try:
+                written = os.write(self.fd, frame)
+            except BlockingIOError:
+                pass
+            if written == len(frame):
+                return
+        rest = memoryview(frame)[written:]
+        self._waiting.append(rest)
+        self.size += len(rest)
+
+    def flush(self) -> None:
+        while self._waiting:
+            view = self._waiting[0]
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                return
+            self.size -= written
+            if written < len(view):
+                self._waiting[0] = view[written:]
+                return
+            self._waiting.popleft()
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self.size = 0
