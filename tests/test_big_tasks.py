@@ -13,6 +13,7 @@ import signal
 import statistics
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import pytest
 from ctl.client import ControlClient
 from tests.fleet import Fleet, executions, free_port, wait_for
 from worker import protocol
-from worker.brokers.base import FINAL_STATES
+from worker.brokers.base import FINAL_STATES, Envelope
 from worker.child import encode_reply
-from worker.protocol import FrameReader
+from worker.client import TaskTooLarge, encode_body
+from worker.protocol import MAX_TASK_SIZE, FrameReader
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,7 +117,9 @@ def test_a_write_cut_short_by_a_signal_strands_no_task(make_fleet: Callable[...,
     assert [i["result"] for i in infos] == [2, len(blob(10 << 20)), 3]
 
 
-@pytest.mark.parametrize("body_size", [200 << 10, 10 << 20], ids=["200KiB", "10MiB"])
+@pytest.mark.parametrize(
+    "body_size", [200 << 10, 10 << 20, MAX_TASK_SIZE], ids=["200KiB", "10MiB", "largest"]
+)
 def test_a_big_task_behind_a_running_one_never_blocks_the_worker(
     make_fleet: Callable[..., Fleet], body_size: int
 ) -> None:
@@ -145,6 +149,27 @@ def test_a_big_task_behind_a_running_one_never_blocks_the_worker(
     assert ended["state"] == "FAILURE" and ended["exc_type"] == "TimeLimitExceeded"
     assert done["state"] == "SUCCESS" and done["result"] == len(blob(body_size))
     assert executions(journal) == {overrun.id: 1, big.id: 1}
+
+
+def test_a_task_over_the_size_limit_fails_cleanly_and_the_queue_goes_on(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = big_fleet(make_fleet)
+    journal = str(fleet.folder / "journal")
+    with pytest.raises(TaskTooLarge, match=f"over the {MAX_TASK_SIZE}-byte limit"):
+        fleet.client.submit("bigtasks.size", journal, blob(MAX_TASK_SIZE + 1024))
+    # A producer that does not check (another language, an older client) reaches the worker.
+    task_id = str(uuid.uuid4())
+    body = encode_body(task_id, "bigtasks.size", [journal, blob(MAX_TASK_SIZE + 1024)], {})
+    fleet.client.broker.enqueue([Envelope(task_id, "default", "bigtasks.size", body)])
+    after = fleet.client.submit("tasks.add", 1, 2)
+    too_big, added = fleet.wait_all_final([task_id, after.id], timeout=30)
+    assert too_big["state"] == "FAILURE" and too_big["exc_type"] == "TaskTooLarge"
+    assert f"over the {MAX_TASK_SIZE}-byte limit" in too_big["exc_message"]
+    assert [d.id for d in fleet.client.broker.dead_letters()] == [task_id]
+    assert added["state"] == "SUCCESS" and added["result"] == 3
+    assert not executions(Path(journal))
+    assert "Traceback" not in fleet.log(), fleet.log()[-2000:]
 
 
 def test_a_stopped_arbiter_does_not_stop_its_workers(make_fleet: Callable[..., Fleet]) -> None:

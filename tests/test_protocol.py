@@ -14,10 +14,12 @@ import pytest
 from worker import protocol
 from worker.protocol import (
     MAX_FRAME_SIZE,
+    MAX_TASK_SIZE,
     FrameReader,
     Outbox,
     ProtocolError,
     encode,
+    oversize,
     write_all,
     write_frame,
 )
@@ -193,3 +195,13 @@ def test_outbox_leaves_a_gone_reader_to_its_caller(pipe: tuple[int, int]) -> Non
     os.close(read_fd)
     with pytest.raises(BrokenPipeError):
         Outbox(write_fd).send(encode(MESSAGES[0]))
+
+
+def test_task_size_counts_utf8_bytes_up_to_the_limit() -> None:
+    assert oversize("x" * MAX_TASK_SIZE) is None
+    assert oversize("é" * (MAX_TASK_SIZE // 2)) is None  # two bytes each in UTF-8
+    reason = oversize("é" * (MAX_TASK_SIZE // 2 + 1))
+    assert (
+        reason
+        == f"the task is {MAX_TASK_SIZE + 2} bytes of JSON, over the {MAX_TASK_SIZE}-byte limit"
+    )

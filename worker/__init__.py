@@ -8,7 +8,7 @@ from .control import control_command
 from .task import SoftTimeLimitExceeded, Task, task
 
 if TYPE_CHECKING:
-    from .client import Client, Handle, TaskFailed, TaskRevoked
+    from .client import Client, Handle, TaskFailed, TaskRevoked, TaskTooLarge
 
 __all__ = [
     "Client",
@@ -17,6 +17,7 @@ __all__ = [
     "Task",
     "TaskFailed",
     "TaskRevoked",
+    "TaskTooLarge",
     "control_command",
     "task",
 ]
@@ -24,7 +25,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use: a worker, and the arbiter, never need it."""
-    if name in ("Client", "Handle", "TaskFailed", "TaskRevoked"):
+    if name in ("Client", "Handle", "TaskFailed", "TaskRevoked", "TaskTooLarge"):
         from . import client
 
         return getattr(client, name)

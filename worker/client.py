@@ -12,6 +12,7 @@ from typing import Any
 
 from .brokers import open_broker
 from .brokers.base import FAILURE, FINAL_STATES, PENDING, REVOKED, Broker, Envelope
+from .protocol import oversize
 from .task import DEFAULT_QUEUE, REGISTRY, env_broker_source, eta_seconds
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -31,6 +32,10 @@ class TaskFailed(Exception):
 
 class TaskRevoked(Exception):
     """The task was revoked and will not run."""
+
+
+class TaskTooLarge(ValueError):
+    """The task's JSON is over protocol.MAX_TASK_SIZE: it was not submitted."""
 
 
 def encode_body(
@@ -144,16 +149,18 @@ class Client:
         eta: datetime.datetime | float | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[Handle]:
-        """Submit many `(name, args, kwargs)` calls in one broker transaction."""
+        """Submit many `(name, args, kwargs)` calls in one broker transaction (none of
+        them if one is over the size limit: TaskTooLarge)."""
         when = eta_seconds(eta, countdown)
         envelopes = []
         for index, (name, args, kwargs) in enumerate(calls):
             task_id = ids[index] if ids else str(uuid.uuid4())
             registered = REGISTRY.get(name)
             target = queue or (registered.queue if registered else DEFAULT_QUEUE)
-            envelopes.append(
-                Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when)
-            )
+            body = encode_body(task_id, name, args, kwargs)
+            if too_large := oversize(body):
+                raise TaskTooLarge(f"{name}: {too_large}")
+            envelopes.append(Envelope(task_id, target, name, body, when))
         self.broker.enqueue(envelopes)
         return [Handle(self, e.id) for e in envelopes]
 

@@ -36,7 +36,7 @@ from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
 from .child import CLEAN_STOP, child_main, set_parent_death_signal
 from .commands import pool_grow, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
-from .protocol import FrameReader, Outbox, ProtocolError, encode
+from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
 from .task import REGISTRY
 
@@ -462,7 +462,8 @@ class Worker:
             self.retries.append(
                 Retry(
                     delivery.id,
-                    json.dumps(body),
+                    # Compact, non-ASCII kept: as the client wrote it, no bigger (size limit).
+                    json.dumps(body, separators=(",", ":"), ensure_ascii=False),
                     time.time() + float(reply.get("c") or 0),
                     reply.get("t"),
                     reply.get("m"),
@@ -802,6 +803,8 @@ class Worker:
             self.dead_letter(
                 delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}"
             )
+        elif too_large := oversize(delivery.body):
+            self.dead_letter(delivery, "TaskTooLarge", too_large)
         elif not self.valid_body(delivery):
             self.dead_letter(delivery, "BadMessage", "the message body is not a JSON task")
         else:

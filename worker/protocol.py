@@ -14,6 +14,11 @@ from collections import deque
 from typing import Any
 
 MAX_FRAME_SIZE = 64 * 1024 * 1024
+# The largest task body (its JSON text, in UTF-8). It is a frame to a child, but the bound is
+# the broker's cost: the worker's broker calls run in its loop and take time in proportion to
+# the bodies they move (SQLite rewrites a task's whole row at each change of state or lease,
+# ~7 ms a MiB), so a 16 MiB task holds the loop at most ~0.1 s a call.
+MAX_TASK_SIZE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 
 _HEADER = struct.Struct(">I")
@@ -81,6 +86,16 @@ class FrameReader:
         if not data:
             return None
         return self.feed(data)
+
+
+def oversize(body: str) -> str | None:
+    """Why a task body is too large to run (one line), or None if it fits MAX_TASK_SIZE."""
+    if len(body) * 4 <= MAX_TASK_SIZE:  # UTF-8 spends at most 4 bytes on a character
+        return None
+    size = len(body.encode(errors="surrogatepass"))
+    if size <= MAX_TASK_SIZE:
+        return None
+    return f"the task is {size} bytes of JSON, over the {MAX_TASK_SIZE}-byte limit"
 
 
 def write_frame(fd: int, obj: Any) -> None:
