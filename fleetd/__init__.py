@@ -45,7 +45,14 @@ def _internal(name: str) -> ModuleType:
 if TYPE_CHECKING:
     import worker as _worker
     from worker import SoftTimeLimitExceeded, Task, control_command, task
-    from worker.client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked
+    from worker.client import (
+        BrokerUnavailable,
+        Client,
+        Handle,
+        TaskFailed,
+        TaskRevoked,
+        TaskTooLarge,
+    )
 else:
     _worker = _internal("worker")
     SoftTimeLimitExceeded = _worker.SoftTimeLimitExceeded
@@ -61,6 +68,7 @@ __all__ = [
     "Task",
     "TaskFailed",
     "TaskRevoked",
+    "TaskTooLarge",
     "control_command",
     "task",
 ]
@@ -68,6 +76,13 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use, as `worker` does: a worker never needs it."""
-    if name in ("BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"):
+    if name in (
+        "BrokerUnavailable",
+        "Client",
+        "Handle",
+        "TaskFailed",
+        "TaskRevoked",
+        "TaskTooLarge",
+    ):
         return getattr(_worker, name)
     raise AttributeError(f"module 'fleetd' has no attribute {name!r}")

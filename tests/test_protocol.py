@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from worker import protocol
-from worker.protocol import MAX_FRAME_SIZE, FrameReader, ProtocolError, encode, write_frame
+from worker.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_TASK_SIZE,
+    FrameReader,
+    Outbox,
+    ProtocolError,
+    encode,
+    oversize,
+    write_all,
+    write_frame,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,3 +127,81 @@ def test_a_frame_that_is_not_json_is_a_protocol_error(body: bytes) -> None:
 def test_what_json_cannot_hold_is_refused_by_encode() -> None:
     with pytest.raises(TypeError):
         encode({"when": object()})
+
+
+def test_write_all_finishes_a_write_that_a_signal_cut_short(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    data = b"x" * (1 << 20)  # far past the pipe's buffer: the write sleeps, the signal lands
+    received = bytearray()
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+
+    def signal_then_read() -> None:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        os.set_blocking(read_fd, False)
+        give_up = time.monotonic() + 10  # bounded: a write cut short never sends the rest
+        while len(received) < len(data) and time.monotonic() < give_up:
+            try:
+                received.extend(os.read(read_fd, 1 << 20))
+            except BlockingIOError:
+                time.sleep(0.01)
+
+    reader = threading.Thread(target=signal_then_read)
+    reader.start()
+    try:
+        write_all(write_fd, data)
+    finally:
+        reader.join(timeout=20)
+        signal.signal(signal.SIGUSR1, previous)
+    assert bytes(received) == data
+
+
+def test_outbox_writes_a_frame_the_fd_takes_at_once_and_keeps_nothing(
+    pipe: tuple[int, int],
+) -> None:
+    read_fd, write_fd = pipe
+    os.set_blocking(write_fd, False)
+    outbox = Outbox(write_fd)
+    outbox.send(encode(MESSAGES[0]))
+    assert not outbox and outbox.size == 0
+    assert FrameReader().feed(os.read(read_fd, 65536)) == [MESSAGES[0]]
+
+
+def test_outbox_keeps_what_a_full_pipe_does_not_take_and_flushes_it_in_order(
+    pipe: tuple[int, int],
+) -> None:
+    read_fd, write_fd = pipe
+    os.set_blocking(write_fd, False)
+    os.set_blocking(read_fd, False)
+    frames = [{"n": n, "blob": "x" * 100_000} for n in range(5)]  # ~500 KB: many pipefuls
+    outbox = Outbox(write_fd)
+    for frame in frames:
+        outbox.send(encode(frame))  # never blocks
+    assert outbox and outbox.size < sum(len(encode(f)) for f in frames)
+    reader = FrameReader()
+    received: list[object] = []
+    deadline = time.monotonic() + 10
+    while outbox or len(received) < len(frames):
+        received += reader.read_frames(read_fd) or []
+        outbox.flush()
+        assert time.monotonic() < deadline
+    assert received == frames and outbox.size == 0
+
+
+def test_outbox_leaves_a_gone_reader_to_its_caller(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    os.set_blocking(write_fd, False)
+    os.close(read_fd)
+    with pytest.raises(BrokenPipeError):
+        Outbox(write_fd).send(encode(MESSAGES[0]))
+
+
+def test_task_size_counts_utf8_bytes_up_to_the_limit() -> None:
+    assert oversize("x" * MAX_TASK_SIZE) is None
+    assert oversize("é" * (MAX_TASK_SIZE // 2)) is None  # two bytes each in UTF-8
+    reason = oversize("é" * (MAX_TASK_SIZE // 2 + 1))
+    assert (
+        reason
+        == f"the task is {MAX_TASK_SIZE + 2} bytes of JSON, over the {MAX_TASK_SIZE}-byte limit"
+    )

@@ -8,7 +8,7 @@ from .control import control_command
 from .task import SoftTimeLimitExceeded, Task, task
 
 if TYPE_CHECKING:
-    from .client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked
+    from .client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked, TaskTooLarge
 
 __all__ = [
     "BrokerUnavailable",
@@ -18,6 +18,7 @@ __all__ = [
     "Task",
     "TaskFailed",
     "TaskRevoked",
+    "TaskTooLarge",
     "control_command",
     "task",
 ]
@@ -25,7 +26,14 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use: a worker, and the arbiter, never need it."""
-    if name in ("BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"):
+    if name in (
+        "BrokerUnavailable",
+        "Client",
+        "Handle",
+        "TaskFailed",
+        "TaskRevoked",
+        "TaskTooLarge",
+    ):
         from . import client
 
         return getattr(client, name)

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-from .protocol import FrameReader, encode
+from .protocol import FrameReader, ProtocolError, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
 PR_SET_PDEATHSIG = 1
@@ -43,6 +43,7 @@ class Child:
         self.result_fd = result_fd
         self.revoke_fd = revoke_fd  # ids revoked while their task waited in our pipe
         self.revoked: set[str] = set()
+        self.revoke_tail = b""  # the start of an id whose end is not in the pipe yet
         self.busy = False  # from reading a task until its outcome is written: TERM waits
         self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
@@ -83,7 +84,7 @@ class Child:
                 reply = self.skip_revoked(body) or self.execute(body)
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
-                os.write(self.result_fd, encode(reply))
+                write_all(self.result_fd, encode_reply(reply))
                 self.busy = False
                 if self.stop_when_idle:
                     return
@@ -92,7 +93,8 @@ class Child:
         """A REVOKED outcome if this task was revoked while it waited in our pipe."""
         try:
             while data := os.read(self.revoke_fd, 65536):
-                self.revoked.update(data.decode().split())
+                *ids, self.revoke_tail = (self.revoke_tail + data).split(b"\n")
+                self.revoked.update(i.decode() for i in ids)
         except BlockingIOError:
             pass
         task_id = body.get("id") if isinstance(body, dict) else None
@@ -115,7 +117,6 @@ class Child:
                 result = task(*args, **kwargs)
             finally:
                 self.in_task = False
-            encode(result)  # not JSON-able must fail the task, not the pipe
             return {"id": task_id, "s": "SUCCESS", "r": result, "rt": time.perf_counter() - start}
         except RetryTask as retry:
             return {
@@ -136,6 +137,19 @@ class Child:
             }
         finally:
             sys.stdout.flush()
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """The reply's frame. A result that JSON cannot hold, or too large for a frame, fails
+    the task: the worker must always get a frame it can read."""
+    try:
+        return encode(reply)
+    except (TypeError, ValueError, RecursionError, ProtocolError) as exc:
+        failure = {key: reply[key] for key in ("id", "rt", "exit") if key in reply}
+        kind = "ResultTooLarge" if isinstance(exc, ProtocolError) else type(exc).__name__
+        return encode(
+            {**failure, "s": "FAILURE", "t": kind, "m": f"its outcome cannot be sent: {exc}"}
+        )
 
 
 def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:

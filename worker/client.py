@@ -23,9 +23,10 @@ from .brokers.base import (
     QueueDepth,
     unavailable_error,
 )
+from .protocol import oversize
 from .task import DEFAULT_QUEUE, REGISTRY, env_broker_source, eta_seconds, is_task_body
 
-__all__ = ["BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked"]
+__all__ = ["BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked", "TaskTooLarge"]
 
 T = TypeVar("T")
 # A client that fails fast (a command line) gives up on a new Redis connection after this
@@ -52,6 +53,10 @@ class TaskFailed(Exception):
 
 class TaskRevoked(Exception):
     """The task was revoked and will not run."""
+
+
+class TaskTooLarge(ValueError):
+    """The task's JSON is over protocol.MAX_TASK_SIZE: it was not submitted."""
 
 
 def encode_body(
@@ -198,15 +203,17 @@ class Client:
         eta: datetime.datetime | float | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[Handle]:
-        """Submit many `(name, args, kwargs)` calls in one broker transaction."""
+        """Submit many `(name, args, kwargs)` calls in one broker transaction (none of
+        them if one is over the size limit: TaskTooLarge)."""
         when = eta_seconds(eta, countdown)
         envelopes = []
         for index, (name, args, kwargs) in enumerate(calls):
             task_id = ids[index] if ids else str(uuid.uuid4())
             target = queue or self.queue_of(name)
-            envelopes.append(
-                Envelope(task_id, target, name, encode_body(task_id, name, args, kwargs), when)
-            )
+            body = encode_body(task_id, name, args, kwargs)
+            if too_large := oversize(body):
+                raise TaskTooLarge(f"{name}: {too_large}")
+            envelopes.append(Envelope(task_id, target, name, body, when))
         self._reach(lambda broker: broker.enqueue(envelopes))
         return [Handle(self, e.id) for e in envelopes]
 

@@ -14,7 +14,6 @@ import contextlib
 # connection to a host by name, which most tasks make: imported here, before the fork,
 # the children share it instead of each importing its own copy.
 import encodings.idna  # noqa: F401
-import errno
 import gc
 import importlib
 import json
@@ -36,7 +35,7 @@ from .child import CLEAN_STOP, child_main, set_parent_death_signal
 from .commands import pool_grow, pool_room, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .limits import RuntimeLimits
-from .protocol import FrameReader, ProtocolError, encode
+from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
 from .task import REGISTRY, is_task_body
@@ -57,6 +56,10 @@ SPAWN_BACKOFF_MAX = 5.0
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
+# Bytes waiting for an arbiter that reads nothing (stopped, hung) past which events and
+# stats are dropped, counted; ready and replies never are.
+ARBITER_BACKLOG_MAX = 4 << 20
+ARBITER_DRAIN_WAIT = 1.0  # seconds an exiting worker gives its arbiter to read its last words
 
 
 @dataclass
@@ -74,10 +77,13 @@ class Running:
 
 @dataclass
 class ChildProc:
+    """A child and its pipes. The worker never waits on a child: its task and revoke pipes
+    are non-blocking, and what they do not take now waits in their outbox."""
+
     pid: int
-    task_fd: int  # worker writes tasks here
+    tasks_out: Outbox  # task frames, to the child's task pipe (fd -1 once closed)
     result_fd: int  # worker reads outcomes here
-    revoke_fd: int  # worker writes ids revoked while their task waits in the task pipe
+    revokes_out: Outbox  # ids revoked while their task waits in the task pipe, one a line
     reader: FrameReader = field(default_factory=FrameReader)
     tasks: deque[Running] = field(default_factory=deque)  # in the order the child runs them
     tasks_done: int = 0
@@ -97,8 +103,11 @@ class Worker:
         self.spec = spec
         self.node = spec.node
         self.arbiter_fd = arbiter_fd
+        self.arbiter_out = None if arbiter_fd is None else Outbox(arbiter_fd)
         self.arbiter_reader = FrameReader()
+        self.arbiter_stalled = False  # it read nothing for a while: events are dropped
         self.children: dict[int, ChildProc] = {}  # by result_fd
+        self.writing: dict[int, ChildProc] = {}  # children's pipes polled for room, by fd
         self.reserved: deque[Delivery] = deque()
         self.outcomes: list[Outcome] = []
         self.retries: list[Retry] = []
@@ -121,6 +130,7 @@ class Worker:
             "dead_lettered": 0,
             "recycled": 0,
             "time_limit_kills": 0,
+            "events_dropped": 0,  # the arbiter read nothing for a while: see send()
         }
         self.started_at = time.time()
         self.pid = os.getpid()
@@ -159,6 +169,7 @@ class Worker:
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:
+            os.set_blocking(self.arbiter_fd, False)
             self.poller.register(self.arbiter_fd, POLL_IN)
         self.end_polite_boot()
         size, limit = pool_room(self, self.target_children)
@@ -195,17 +206,19 @@ class Worker:
     def step(self, timeout: float) -> None:
         """One turn of the loop: wait, take in what happened, act on it, flush."""
         self.wakeup.arm()
-        for fd, _ in self.poller.poll(timeout * 1000):
+        for fd, events in self.poller.poll(timeout * 1000):
             if fd == self.signal_fd:
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
                 self.wakeup.clear()
             elif fd == self.arbiter_fd:
-                self.read_arbiter()
+                self.talk_to_arbiter(events)
             elif fd == self.output_fd:
                 self.log_output()
             elif fd in self.children:
                 self.read_child(self.children[fd])
+            elif fd in self.writing:
+                self.feed_child(self.writing[fd])
         if self.signals:  # a signal that came in while we were busy
             self.handle_signals()
         now = time.monotonic()
@@ -280,6 +293,7 @@ class Worker:
             )
         self.emit("worker-offline")
         self.send_events()
+        self.drain_arbiter(ARBITER_DRAIN_WAIT)
         self.wakeup.close()
         self.broker.close()
         log.info("stopped", extra={"node": self.node})
@@ -402,7 +416,7 @@ class Worker:
         if self.arbiter_fd is not None:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
-            keep_closed += [other.task_fd, other.result_fd, other.revoke_fd]
+            keep_closed += [other.tasks_out.fd, other.result_fd, other.revokes_out.fd]
         gc.freeze()  # a child's collector then leaves the inherited objects (and their pages) alone
         try:
             pid = os.fork()
@@ -426,9 +440,9 @@ class Worker:
             os.setpgid(pid, pid)
         # Before any task reaches the child: if we are killed, the arbiter ends its group.
         self.send({"type": "child", "pid": pid})
-        os.set_blocking(result_r, False)
-        os.set_blocking(revoke_w, False)
-        child = ChildProc(pid, task_w, result_r, revoke_w)
+        for fd in (task_w, result_r, revoke_w):
+            os.set_blocking(fd, False)
+        child = ChildProc(pid, Outbox(task_w), result_r, Outbox(revoke_w))
         if self.spec.max_tasks_per_child:
             jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
             child.recycle_after = self.spec.max_tasks_per_child + jitter
@@ -504,7 +518,8 @@ class Worker:
             self.retries.append(
                 Retry(
                     delivery.id,
-                    json.dumps(body),
+                    # Compact, non-ASCII kept: as the client wrote it, no bigger (size limit).
+                    json.dumps(body, separators=(",", ":"), ensure_ascii=False),
                     time.time() + float(reply.get("c") or 0),
                     reply.get("t"),
                     reply.get("m"),
@@ -555,13 +570,58 @@ class Worker:
         self.fill_pool()
         self.let_go(child)
 
-    @staticmethod
-    def let_go(child: ChildProc) -> None:
-        """Hand the child nothing more: it runs what its pipe holds, reads EOF and exits."""
+    def let_go(self, child: ChildProc) -> None:
+        """Hand the child nothing more: it runs what its pipe holds, reads EOF and exits.
+        (The pipe closes once it holds every task the child was given: see feed_child.)"""
         child.retiring = True
+        if not child.tasks_out:
+            self.close_task_pipe(child)
+
+    def close_task_pipe(self, child: ChildProc) -> None:
+        if child.tasks_out.fd < 0:
+            return
+        self.unwatch(child.tasks_out.fd)
         with contextlib.suppress(OSError):
-            os.close(child.task_fd)
-        child.task_fd = -1
+            os.close(child.tasks_out.fd)
+        child.tasks_out.fd = -1
+
+    def write_child(self, child: ChildProc, outbox: Outbox, frame: bytes) -> bool:
+        """Write to a child's pipe without waiting: what the pipe does not take now goes as
+        the child reads. False if the child is gone (its EOF settles its tasks)."""
+        try:
+            outbox.send(frame)
+        except BrokenPipeError:
+            self.child_unreachable(child)
+            return False
+        if outbox:
+            self.writing[outbox.fd] = child
+            self.poller.register(outbox.fd, select.POLLOUT)
+        return True
+
+    def feed_child(self, child: ChildProc) -> None:
+        """A pipe of the child has room: write what waits for it."""
+        for outbox in (child.tasks_out, child.revokes_out):
+            try:
+                outbox.flush()
+            except BrokenPipeError:
+                self.child_unreachable(child)
+                return
+            if not outbox:
+                self.unwatch(outbox.fd)
+        if child.retiring and not child.tasks_out:
+            self.close_task_pipe(child)  # let go (or dying): its pipe now holds all it gets
+
+    def child_unreachable(self, child: ChildProc) -> None:
+        """The child closed its pipes: it is dying. Nothing more goes to it; what it was
+        handed is settled by its EOF (child_gone)."""
+        child.retiring = True
+        for outbox in (child.tasks_out, child.revokes_out):
+            outbox.clear()
+            self.unwatch(outbox.fd)
+
+    def unwatch(self, fd: int) -> None:
+        if self.writing.pop(fd, None) is not None:
+            self.poller.unregister(fd)
 
     def live_children(self) -> int:
         return sum(1 for c in self.children.values() if not c.retiring)
@@ -574,7 +634,8 @@ class Worker:
         """
         self.poller.unregister(child.result_fd)
         del self.children[child.result_fd]
-        for fd in (child.result_fd, child.task_fd, child.revoke_fd):
+        self.child_unreachable(child)
+        for fd in (child.result_fd, child.tasks_out.fd, child.revokes_out.fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -684,8 +745,9 @@ class Worker:
         for child in self.children.values():
             waiting = [r.delivery.id for r in list(child.tasks)[1:] if r.delivery.id in ids]
             if waiting:
-                with contextlib.suppress(OSError):
-                    os.write(child.revoke_fd, ("\n".join(waiting) + "\n").encode())
+                self.write_child(
+                    child, child.revokes_out, "".join(f"{i}\n" for i in waiting).encode()
+                )
 
     def terminate(self, child: ChildProc, signum: int) -> None:
         """Revoke the running task with a signal to its child's group: REVOKED, never redelivered.
@@ -795,6 +857,8 @@ class Worker:
             self.dead_letter(
                 delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}"
             )
+        elif too_large := oversize(delivery.body):
+            self.dead_letter(delivery, "TaskTooLarge", too_large)
         elif not self.valid_body(delivery):
             self.dead_letter(delivery, "BadMessage", "the message body is not a JSON task")
         else:
@@ -835,11 +899,7 @@ class Worker:
         child.tasks.append(running)
         if len(child.tasks) == 1:
             self.begin(running, now)
-        try:
-            os.write(child.task_fd, encode_task(delivery))
-        except OSError as exc:
-            if exc.errno != errno.EPIPE:  # EPIPE: the child is dying; its EOF settles the task
-                raise
+        self.write_child(child, child.tasks_out, encode_task(delivery))
 
     def begin(self, running: Running, now: float) -> None:
         """The task is now its child's current one: it is STARTED (one waiting in the pipe is
@@ -941,7 +1001,7 @@ class Worker:
                 }
         if self.events_enabled:
             self.emit("worker-heartbeat", **self.stats_counts())
-        self.send(message)
+        self.send(message, droppable=True)
 
     # --- shutdown ----------------------------------------------------------------
     def begin_shutdown(self, mode: str) -> None:
@@ -990,14 +1050,73 @@ class Worker:
                 self.let_go(child)
 
     # --- arbiter channel ---------------------------------------------------------
-    def send(self, message: dict[str, Any]) -> None:
-        if self.arbiter_fd is None:
+    def send(self, message: dict[str, Any], droppable: bool = False) -> None:
+        """Write a frame to the arbiter without waiting for it: what the socket does not take
+        now goes when it has room. While the arbiter reads nothing, a `droppable` message
+        (stats, events) is dropped once ARBITER_BACKLOG_MAX bytes wait."""
+        out = self.arbiter_out
+        if out is None:
+            return
+        if droppable and out.size > ARBITER_BACKLOG_MAX:
+            self.drop(message)
             return
         try:
-            os.write(self.arbiter_fd, encode(message))
+            out.send(encode(message))
         except OSError:
-            self.arbiter_fd = None
-            self.begin_shutdown("warm")
+            self.lose_arbiter()
+            return
+        if out:
+            self.poller.modify(out.fd, POLL_IN | select.POLLOUT)
+
+    def drop(self, message: dict[str, Any]) -> None:
+        if not self.arbiter_stalled:
+            self.arbiter_stalled = True
+            log.warning(
+                "the arbiter reads nothing: dropping events and stats until it does",
+                extra={"node": self.node},
+            )
+        self.counts["events_dropped"] += len(message.get("events", ()))
+
+    def talk_to_arbiter(self, events: int) -> None:
+        if events & select.POLLOUT:
+            self.flush_arbiter()
+        if events & POLL_IN and self.arbiter_fd is not None:
+            self.read_arbiter()
+
+    def flush_arbiter(self) -> None:
+        """The socket has room: write what waits for the arbiter."""
+        out = self.arbiter_out
+        assert out is not None
+        try:
+            out.flush()
+        except OSError:
+            self.lose_arbiter()
+            return
+        if out:
+            return
+        self.poller.modify(out.fd, POLL_IN)
+        if self.arbiter_stalled:
+            self.arbiter_stalled = False
+            log.warning(
+                "the arbiter reads again; %d events dropped in all",
+                self.counts["events_dropped"],
+                extra={"node": self.node},
+            )
+
+    def drain_arbiter(self, wait: float) -> None:
+        """Give the arbiter up to `wait` seconds to read what still waits for it."""
+        out = self.arbiter_out
+        if not out:
+            return
+        writable = select.poll()
+        writable.register(out.fd, select.POLLOUT)
+        give_up = time.monotonic() + wait
+        while out and time.monotonic() < give_up:
+            writable.poll(max(0.0, give_up - time.monotonic()) * 1000)
+            try:
+                out.flush()
+            except OSError:
+                return
 
     def read_arbiter(self) -> None:
         assert self.arbiter_fd is not None
@@ -1006,12 +1125,20 @@ class Worker:
         except (ProtocolError, OSError):
             frames = None
         if frames is None:
-            self.poller.unregister(self.arbiter_fd)
-            self.arbiter_fd = None
-            self.begin_shutdown("warm")
+            self.lose_arbiter()
             return
         for message in frames:
             self.handle_message(message)
+
+    def lose_arbiter(self) -> None:
+        """The channel broke or ended: the arbiter is gone, shut down warm (as on TERM)."""
+        if self.arbiter_fd is None:
+            return
+        self.poller.unregister(self.arbiter_fd)
+        with contextlib.suppress(OSError):
+            os.close(self.arbiter_fd)
+        self.arbiter_fd = self.arbiter_out = None
+        self.begin_shutdown("warm")
 
     def handle_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -1056,7 +1183,10 @@ class Worker:
     def send_events(self) -> None:
         if self.events:
             events, self.events = self.events, []
-            self.send({"type": "events", "events": events, "publish": self.events_enabled})
+            self.send(
+                {"type": "events", "events": events, "publish": self.events_enabled},
+                droppable=True,
+            )
 
     def stats_counts(self) -> dict[str, Any]:
         waiting = sum(max(0, len(c.tasks) - 1) for c in self.children.values())  # in a pipe

@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
 from typing import Any
 
 MAX_FRAME_SIZE = 64 * 1024 * 1024
+# The largest task body (its JSON text, in UTF-8). It is a frame to a child, but the bound is
+# the broker's cost: the worker's broker calls run in its loop and take time in proportion to
+# the bodies they move (SQLite rewrites a task's whole row at each change of state or lease,
+# ~7 ms a MiB), so a 16 MiB task holds the loop at most ~0.1 s a call.
+MAX_TASK_SIZE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 
 _HEADER = struct.Struct(">I")
@@ -82,12 +88,76 @@ class FrameReader:
         return self.feed(data)
 
 
+def oversize(body: str) -> str | None:
+    """Why a task body is too large to run (one line), or None if it fits MAX_TASK_SIZE."""
+    if len(body) * 4 <= MAX_TASK_SIZE:  # UTF-8 spends at most 4 bytes on a character
+        return None
+    size = len(body.encode(errors="surrogatepass"))
+    if size <= MAX_TASK_SIZE:
+        return None
+    return f"the task is {size} bytes of JSON, over the {MAX_TASK_SIZE}-byte limit"
+
+
 def write_frame(fd: int, obj: Any) -> None:
     """Write `obj` as one frame to a blocking `fd`, looping over partial writes."""
-    data = encode(obj)
+    write_all(fd, encode(obj))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a blocking `fd`: a signal may cut a write short."""
     written = os.write(fd, data)
     if written == len(data):
         return
     with memoryview(data) as view:
         while written < len(data):
             written += os.write(fd, view[written:])
+
+
+class Outbox:
+    """Frames on their way out through a non-blocking fd, in order, never waited for.
+
+    `send` writes a frame at once when none waits before it (one write: the common case)
+    and keeps what the fd did not take; `flush` writes more once poll says the fd is
+    writable. Only a full fd is handled here: any other OSError (EPIPE: the reader is
+    gone) is the caller's, who then drops the outbox.
+    """
+
+    __slots__ = ("_waiting", "fd", "size")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = 0  # bytes waiting
+        self._waiting: deque[memoryview] = deque()
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def send(self, frame: bytes) -> None:
+        written = 0
+        if not self.size:
+            try:
+                written = os.write(self.fd, frame)
+            except BlockingIOError:
+                pass
+            if written == len(frame):
+                return
+        rest = memoryview(frame)[written:]
+        self._waiting.append(rest)
+        self.size += len(rest)
+
+    def flush(self) -> None:
+        while self._waiting:
+            view = self._waiting[0]
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                return
+            self.size -= written
+            if written < len(view):
+                self._waiting[0] = view[written:]
+                return
+            self._waiting.popleft()
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self.size = 0
