@@ -299,6 +299,7 @@ def test_a_stored_result_that_is_not_json_fails_get_with_bad_result(tmp_path: Pa
         {"s": 5},
         {"s": "SUCCESS"},
         {"s": "SUCCESS", "r": {"not": "text"}},
+        {"s": "SUCCESS", "r": '"\udcff"'},  # JSON, but not text UTF-8 can hold
         {"s": "RETRY"},
         {"s": "RETRY", "c": "soon"},
         {"s": "RETRY", "c": float("nan")},

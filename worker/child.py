@@ -20,7 +20,16 @@ import time
 import traceback
 from typing import Any
 
-from .brokers.base import BAD_MESSAGE, FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
+from .brokers.base import (
+    BAD_MESSAGE,
+    FAILURE,
+    REVOKED,
+    SUCCESS,
+    Delivery,
+    Outcome,
+    Retry,
+    utf8_text,
+)
 from .protocol import FrameReader, ProtocolError, Undecodable, encode
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
@@ -240,7 +249,7 @@ def outcome_of(delivery: Delivery, reply: dict[str, Any], node: str) -> Outcome 
         return Outcome(delivery.id, REVOKED, node=node)
     if state == "RETRY":
         return retry_of(delivery, reply, node)
-    if state == SUCCESS and isinstance(reply.get("r"), str):
+    if state == SUCCESS and utf8_text(reply.get("r")):
         return Outcome(delivery.id, SUCCESS, result_json=reply["r"], node=node, runtime=runtime)
     if state == FAILURE:
         return Outcome(

@@ -428,24 +428,30 @@ def test_a_body_that_is_not_utf8_is_handed_out_with_its_bytes_kept(broker: Broke
     assert (letter.id, raw(letter.body)) == ("t-1", b'{"x": "\xff"}')
 
 
-def test_a_record_whose_id_is_not_text_ends_bad_message_and_the_others_are_handed_out(
+def test_a_record_whose_id_or_name_is_not_text_ends_bad_message_and_the_others_go_out(
     broker: Broker,
 ) -> None:
     before, after = envelope(), envelope()
     broker.enqueue([before])
-    write_raw(broker, [RawTask(b"t-\xff", b'{"x": "\xfe"}', queue=b"q1")])
+    write_raw(
+        broker,
+        [
+            RawTask(b"t-\xff", b'{"x": "\xfe"}', queue=b"q1"),
+            RawTask(b"t-2", b"{}", name=b"tasks.\xfd", queue=b"q1"),
+        ],
+    )
     broker.enqueue([after])
 
-    assert ids(broker.reserve(["q1"], 3, "w1", 30)) == [before.id, after.id]
-    assert broker.reserve(["q1"], 3, "w2", 30) == []
-    [letter] = broker.dead_letters()
-    assert (raw(letter.id), raw(letter.body), letter.reason) == (
-        b"t-\xff",
-        b'{"x": "\xfe"}',
-        "BadMessage",
-    )
-    info = broker.get_result(letter.id)
-    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+    assert ids(broker.reserve(["q1"], 4, "w1", 30)) == [before.id, after.id]
+    assert broker.reserve(["q1"], 4, "w2", 30) == []
+    letters = sorted(broker.dead_letters(), key=lambda d: d.id)
+    assert [(raw(d.id), raw(d.name), raw(d.body), d.reason) for d in letters] == [
+        (b"t-2", b"tasks.\xfd", b"{}", "BadMessage"),
+        (b"t-\xff", b"tasks.add", b'{"x": "\xfe"}', "BadMessage"),
+    ]
+    for letter in letters:
+        info = broker.get_result(letter.id)
+        assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
     assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=2)]
 
 

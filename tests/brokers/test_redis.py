@@ -345,3 +345,15 @@ def test_dead_letters_written_by_others_read_as_what_they_hold(
     garbage, odd = redis_broker.dead_letters()
     assert (garbage.id, garbage.body.encode("utf-8", "surrogateescape")) == ("", b"not json \xff")
     assert (odd.id, odd.at, odd.extra) == ("d-1", 0.0, {"raw": 5})
+
+
+def test_a_delivery_count_that_is_not_a_whole_number_starts_over(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    write_redis(direct, redis_broker.prefix, [RawTask(b"t-1", b"{}", queue=b"q1")])
+    direct.hset(f"{redis_broker.prefix}:r:t-1", "deliveries", "1.5e400")
+
+    [delivery] = redis_broker.reserve(["q1"], 1, "w1", 30)
+    assert delivery.deliveries == 1
+    redis_broker.release(["t-1"], started=False)
+    assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]

@@ -9,8 +9,10 @@ contract suite against every implementation.
 A broker holds whatever a producer wrote, so no read may fail on a stored value: text
 that is not UTF-8 comes back with its undecodable bytes as lone surrogates
 (`surrogateescape`: `text.encode("utf-8", "surrogateescape")` gives the bytes back), and
-a record `reserve` cannot hand out (an id that is not text, a missing field) ends there
-and then as FAILURE `BadMessage`, kept whole in the dead-letter list.
+a record `reserve` cannot hand out (an id or name that is not UTF-8 text, no record
+behind a Redis entry) ends there and then as FAILURE `BadMessage`, kept whole in the
+dead-letter list. So a Delivery's id, queue and name are always text; its body is as
+stored, for the worker to judge.
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ def stored_text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     return str(value)
+
+
+def utf8_text(value: Any) -> bool:
+    """Whether `value` is a str that UTF-8 can hold: no lone surrogate (as bytes that were
+    not UTF-8 read back) in it."""
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def stored_number(value: Any) -> float | None:

@@ -312,7 +312,7 @@ end
 -- added (ids Redis chose) come after ours.
 local function seq(entry) return tonumber(string.match(entry, '^0%-(%d+)$')) or math.huge end
 
--- Whether s is UTF-8 (a byte at a time past the ASCII check: for ids, which are short).
+-- Whether s is UTF-8 (a byte at a time past the ASCII check: for ids and names, short).
 local function is_utf8(s)
   if not string.find(s, '[\\128-\\255]') then return true end
   local i = 1
@@ -337,6 +337,13 @@ local function is_utf8(s)
   return true
 end
 
+-- A stored count, whatever the field holds: a whole number from 0, else 0.
+local function stored_count(value)
+  local n = tonumber(value)
+  if n and n >= 0 and n < 2^53 then return math.floor(n) end
+  return 0
+end
+
 -- The value of `name` in a stream entry's flat field list, or nil.
 local function entry_field(fields, name)
   for i = 1, #fields, 2 do
@@ -352,7 +359,7 @@ local function bury(q, entry, fields, record)
   local message = 'the stream entry has no task record'
   local name, body = '', nil
   if record then
-    message, name, body = 'the task id is not UTF-8 text', record[3] or '', record[4] or ''
+    message, name, body = 'its id or name is not UTF-8 text', record[3] or '', record[4] or ''
   else
     local all = {}
     for i = 1, #fields, 2 do all[fields[i]] = fields[i + 1] end
@@ -416,10 +423,11 @@ local function reserve()
       local entry, id = e[1], entry_field(e[2], 'id')
       local v = id and redis.call('HMGET', task_key(id), 'status', 'entry', 'name', 'body',
         'deliveries')
-      if not (v and v[1]) or (v[1] == 'queued' and v[2] == entry and not is_utf8(id)) then
+      local mine = v and v[1] == 'queued' and v[2] == entry
+      if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
         bury(q, entry, e[2], v and v[1] and v)
-      elseif v[1] == 'queued' and v[2] == entry then
-        local deliveries = (tonumber(v[5]) or 0) + 1
+      elseif mine then
+        local deliveries = stored_count(v[5]) + 1
         redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
           A.lease_ms, 'deliveries', deliveries)
         delivered[#delivered + 1] = {seq = seq(entry),
@@ -500,7 +508,7 @@ end
 # holding nothing are removed (one that is alive is re-created by its next reserve).
 RECOVER_EXPIRED = """
 local function expired(idle, id)
-  return idle > tonumber(redis.call('HGET', task_key(id), 'lease_ms') or 0)
+  return idle > (tonumber(redis.call('HGET', task_key(id), 'lease_ms')) or 0)
 end
 
 local function main()

@@ -40,6 +40,7 @@ from .base import (
     dead_letter_from,
     stored_text,
     task_info,
+    utf8_text,
 )
 
 QUEUED, HELD, DONE = 0, 1, 2
@@ -113,19 +114,6 @@ def reserve_sql(marks: str, picked: str) -> str:
     )
 
 
-def is_utf8(text: Any) -> bool:
-    """Whether a column read back is text that was stored as UTF-8 (see TEXT_FACTORY)."""
-    if not isinstance(text, str):
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def unreadable(row: tuple[Any, ...]) -> str | None:
     """Why a reserved row (as `reserve_sql` returns it) cannot be handed out, if it cannot:
     the worker addresses a task by its id, and a body is the worker's to judge."""
@@ -133,7 +121,7 @@ def unreadable(row: tuple[Any, ...]) -> str | None:
     if not isinstance(eta, (int, float)):
         return "its ETA is not a number"
     for column, value in (("id", task_id), ("queue", queue), ("name", name)):
-        if not is_utf8(value):
+        if not utf8_text(value):
             return f"its {column} is not UTF-8 text"
     return None
 
@@ -562,7 +550,7 @@ class SQLiteBroker(Broker):
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key: str | bytes = task_id
         where = "id = ?"
-        if not is_utf8(task_id):  # an id read back from a row stored with bytes, not UTF-8
+        if not utf8_text(task_id):  # an id read back from a row stored with bytes, not UTF-8
             key, where = task_id.encode("utf-8", "surrogateescape"), "id = CAST(? AS TEXT)"
         row = self.db.execute(
             f"SELECT {', '.join(INFO_COLUMNS)} FROM tasks WHERE {where}", (key,)
