@@ -110,6 +110,7 @@ class DeadLetter:
 BAD_MESSAGE = "BadMessage"  # the reason for a message that is not a task
 BAD_RESULT = "BadResult"  # what a stored result that is not JSON reads as
 TEXT_FIELDS = ("name", "queue", "state", "exc_type", "exc_message", "traceback", "node")
+INFO_FIELDS = (*TEXT_FIELDS, "result", "deliveries", "runtime")  # what task_info reads
 
 
 def stored_text(value: Any) -> str | None:

@@ -44,6 +44,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
 from .base import (
+    INFO_FIELDS,
     Broker,
     DeadLetter,
     Delivery,
@@ -589,20 +590,8 @@ DEPTHS_SCRIPT = LuaScript(DEPTHS)
 # Script arguments as compact JSON; everything passed is made of str, int, float, bool, None.
 encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
-# The fields of a task record that get_result reports (status: whether there is one).
-RESULT_FIELDS = (
-    "status",
-    "name",
-    "queue",
-    "state",
-    "result",
-    "exc_type",
-    "exc_message",
-    "traceback",
-    "deliveries",
-    "node",
-    "runtime",
-)
+# The fields of a task record that get_result reads (status: whether there is one).
+RESULT_FIELDS = ("status", *INFO_FIELDS)
 
 
 def fields_of(text: str | bytes) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from .base import (
     BAD_MESSAGE,
     FAILURE,
+    INFO_FIELDS,
     PENDING,
     RETRY,
     REVOKED,
@@ -88,19 +89,7 @@ TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape"
 DUE = "eta <= ? ORDER BY eta, seq"
 # TEXT and BLOB values sort after every number, from '' on: an ETA that is not a number.
 NOT_A_NUMBER = "eta >= ''"
-INFO_COLUMNS = (
-    "name",
-    "queue",
-    "state",
-    "result",
-    "exc_type",
-    "exc_message",
-    "traceback",
-    "deliveries",
-    "node",
-    "runtime",
-    "status",
-)
+INFO_COLUMNS = (*INFO_FIELDS, "status")
 DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
 
 
