@@ -200,7 +200,7 @@ def test_a_result_too_large_for_a_frame_fails_its_task_not_its_child(
     monkeypatch.setattr(protocol, "MAX_FRAME_SIZE", 1000)
     frame = encode_reply({"id": "t", "s": "SUCCESS", "r": "x" * 990, "rt": 0.5})
     (reply,) = FrameReader().feed(frame)
-    assert reply["s"] == "FAILURE" and reply["t"] == "ResultTooLarge" and reply["rt"] == 0.5
+    assert reply["s"] == "FAILURE" and reply["t"] == "EncodeError" and reply["rt"] == 0.5
     assert "over the 1000 limit" in reply["m"] and "r" not in reply
 
 
@@ -209,6 +209,6 @@ def test_a_result_json_cannot_hold_fails_its_task() -> None:
     assert reply == {
         "id": "t",
         "s": "FAILURE",
-        "t": "TypeError",
+        "t": "EncodeError",
         "m": "its outcome cannot be sent: Object of type set is not JSON serializable",
     }

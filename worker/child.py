@@ -1,14 +1,18 @@
 """A pool child: runs one task at a time, read from its pipe, and writes back the outcome.
 
-The worker sends each task as the raw JSON body the broker held; the child answers
-with one frame per task: `{"id", "s": state, "r": result | "t"/"m"/"tb": error,
-"c": countdown for a retry, "rt": runtime}`.
+The worker sends each task as `[deliveries, body]`, the raw JSON body the broker held
+behind its delivery count; the child answers with one frame per task, in order: `{"id",
+"s": state, "r": the result as JSON text | "t"/"m"/"tb": error, "c": countdown for a
+retry, "rt": runtime}`. Whatever a task returns or raises, the answer is a frame the
+worker can store: a value JSON cannot hold fails the task, never the child.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import math
 import os
 import signal
 import sys
@@ -16,7 +20,17 @@ import time
 import traceback
 from typing import Any
 
-from .protocol import FrameReader, ProtocolError, encode, write_all
+from .brokers.base import (
+    BAD_MESSAGE,
+    FAILURE,
+    REVOKED,
+    SUCCESS,
+    Delivery,
+    Outcome,
+    Retry,
+    utf8_text,
+)
+from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
 PR_SET_PDEATHSIG = 1
@@ -25,6 +39,55 @@ PR_SET_PDEATHSIG = 1
 # frame, which a task that calls os._exit(86) does not write, makes the code unforgeable.)
 CLEAN_STOP = 86
 BYE = encode({"bye": True})
+TYPE_NAME_LIMIT = 200  # characters kept of an error's type name
+MESSAGE_LIMIT = 2000  # and of its message
+TRACEBACK_LIMIT = 8000  # and of its traceback (the end of it)
+ENCODE_ERROR = "EncodeError"  # a result or outcome JSON cannot hold (kombu's name for it)
+BAD_REPLY = "BadReply"  # the worker read something else than an outcome from the child
+
+# Results are JSON in the strict sense: NaN and Infinity are not, and no other client reads them.
+encode_result = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def printable(value: Any, limit: int) -> str:
+    """`value` as text a broker can store: at most `limit` characters, lone surrogates (which
+    UTF-8 cannot hold) written as escapes. A non-str is shown as its repr."""
+    text = (value if isinstance(value, str) else repr(value))[:limit]
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()[:limit]
+    return text
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """An exception's type name and message, whatever its class does when asked for them."""
+    try:
+        name = printable(type(exc).__name__, TYPE_NAME_LIMIT)
+    except BaseException:  # noqa: BLE001 - a metaclass may do anything
+        name = "Exception"
+    try:
+        message = printable(str(exc), MESSAGE_LIMIT)
+    except BaseException as error:  # noqa: BLE001 - its __str__ raised
+        message = f"<{name}: str() raised {type(error).__name__}>"
+    return name, message
+
+
+def traceback_text() -> str:
+    """The traceback of the exception being handled, its end if it is long."""
+    try:
+        return printable(traceback.format_exc()[-TRACEBACK_LIMIT:], TRACEBACK_LIMIT)
+    except BaseException:  # noqa: BLE001 - formatting calls the exception's own methods
+        return ""
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """The reply's frame. An outcome that JSON cannot hold, or too large for a frame, fails
+    the task: the worker must always get a frame it can read."""
+    try:
+        return encode(reply)
+    except (TypeError, ValueError, RecursionError, ProtocolError) as exc:
+        failure = {key: reply[key] for key in ("id", "rt", "exit") if key in reply}
+        message = printable(f"its outcome cannot be sent: {exc}", MESSAGE_LIMIT)
+        return encode({**failure, "s": "FAILURE", "t": ENCODE_ERROR, "m": message})
 
 
 # Looked up once, in the worker: every forked child then shares it instead of building
@@ -71,7 +134,7 @@ class Child:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        reader = FrameReader()
+        reader = FrameReader(tolerant=True)
         while True:
             try:
                 frames = reader.read_frames(self.task_fd)
@@ -79,15 +142,22 @@ class Child:
                 continue
             if frames is None:  # the worker closed our pipe: retire
                 return
-            for body in frames:
+            for frame in frames:
                 self.busy = True
-                reply = self.skip_revoked(body) or self.execute(body)
+                reply = self.answer(frame)
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
                 self.busy = False
                 if self.stop_when_idle:
                     return
+
+    def answer(self, frame: Any) -> dict[str, Any]:
+        """The outcome of one task frame, `[deliveries, body]`."""
+        if isinstance(frame, Undecodable):  # the worker read it, but we may not (nesting)
+            return {"s": "FAILURE", "t": BAD_MESSAGE, "m": printable(frame.reason, MESSAGE_LIMIT)}
+        deliveries, body = frame
+        return self.skip_revoked(body) or self.execute(body, deliveries)
 
     def skip_revoked(self, body: Any) -> dict[str, Any] | None:
         """A REVOKED outcome if this task was revoked while it waited in our pipe."""
@@ -102,54 +172,49 @@ class Child:
             return {"id": task_id, "s": "REVOKED"}
         return None
 
-    def execute(self, body: Any) -> dict[str, Any]:
+    def execute(self, body: dict[str, Any], deliveries: int) -> dict[str, Any]:
         start = time.perf_counter()
-        task_id = body.get("id") if isinstance(body, dict) else None
+        task_id = body.get("id")
         try:
-            name = body["name"]
-            task = REGISTRY[name]
-            args, kwargs = body.get("args", []), body.get("kwargs", {})
-            task.request = Request(
-                str(task_id), int(body.get("retries", 0)), int(body.get("deliveries", 1))
-            )
+            task = REGISTRY[body["name"]]
+            task.request = Request(str(task_id), int(body.get("retries", 0)), deliveries)
             self.in_task = True
             try:
-                result = task(*args, **kwargs)
+                result = task(*body.get("args", []), **body.get("kwargs", {}))
             finally:
                 self.in_task = False
-            return {"id": task_id, "s": "SUCCESS", "r": result, "rt": time.perf_counter() - start}
         except RetryTask as retry:
-            return {
-                "id": task_id,
-                "s": "RETRY",
-                "c": retry.countdown,
-                "t": type(retry.exc).__name__ if retry.exc else None,
-                "m": str(retry.exc) if retry.exc else None,
-            }
+            reply: dict[str, Any] = {"id": task_id, "s": "RETRY", "c": retry.countdown}
+            if retry.exc is not None:
+                reply["t"], reply["m"] = describe(retry.exc)
+            return reply
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
-            return {
-                "id": task_id,
-                "s": "FAILURE",
-                "t": type(exc).__name__,
-                "m": str(exc)[:2000],
-                "tb": traceback.format_exc()[-8000:],
-                "rt": time.perf_counter() - start,
-            }
+            return self.failure(task_id, exc, start)
         finally:
             sys.stdout.flush()
+        try:
+            result_json = encode_result(result)
+        except BaseException as exc:  # noqa: BLE001 - a result JSON cannot hold fails the task
+            name, message = describe(exc)
+            failure = self.failure(task_id, exc, start)
+            failure.update(
+                t=ENCODE_ERROR,
+                m=printable(f"the result is not JSON ({name}: {message})", MESSAGE_LIMIT),
+            )
+            return failure
+        return {"id": task_id, "s": "SUCCESS", "r": result_json, "rt": time.perf_counter() - start}
 
-
-def encode_reply(reply: dict[str, Any]) -> bytes:
-    """The reply's frame. A result that JSON cannot hold, or too large for a frame, fails
-    the task: the worker must always get a frame it can read."""
-    try:
-        return encode(reply)
-    except (TypeError, ValueError, RecursionError, ProtocolError) as exc:
-        failure = {key: reply[key] for key in ("id", "rt", "exit") if key in reply}
-        kind = "ResultTooLarge" if isinstance(exc, ProtocolError) else type(exc).__name__
-        return encode(
-            {**failure, "s": "FAILURE", "t": kind, "m": f"its outcome cannot be sent: {exc}"}
-        )
+    @staticmethod
+    def failure(task_id: Any, exc: BaseException, start: float) -> dict[str, Any]:
+        name, message = describe(exc)
+        return {
+            "id": task_id,
+            "s": "FAILURE",
+            "t": name,
+            "m": message,
+            "tb": traceback_text(),
+            "rt": time.perf_counter() - start,
+        }
 
 
 def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
@@ -168,3 +233,67 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
         traceback.print_exc()
         os._exit(1)
     child.leave()
+
+
+# --- in the worker: what a child's reply says, trusting nothing in it ---------------
+def outcome_of(delivery: Delivery, reply: dict[str, Any], node: str) -> Outcome | Retry:
+    """What a child's reply says of its task. A reply that makes no sense (a broken child,
+    or a task that wrote to its pipe) fails the task; nothing in it can raise here."""
+    state = reply.get("s")
+    runtime = seconds_or_none(reply.get("rt"))
+    if state == REVOKED:
+        return Outcome(delivery.id, REVOKED, node=node)
+    if state == "RETRY":
+        return retry_of(delivery, reply, node)
+    if state == SUCCESS and utf8_text(reply.get("r")):
+        return Outcome(delivery.id, SUCCESS, result_json=reply["r"], node=node, runtime=runtime)
+    if state == FAILURE:
+        return Outcome(
+            delivery.id,
+            FAILURE,
+            exc_type=printable(reply.get("t"), TYPE_NAME_LIMIT),
+            exc_message=printable(reply.get("m"), MESSAGE_LIMIT),
+            traceback=printable(reply.get("tb") or "", TRACEBACK_LIMIT),
+            node=node,
+            runtime=runtime,
+        )
+    return bad_reply(delivery, f"no outcome in it: {printable(reply, 200)}", node)
+
+
+def retry_of(delivery: Delivery, reply: dict[str, Any], node: str) -> Outcome | Retry:
+    """The task back to the broker with its retry count raised, after the reply's countdown."""
+    countdown = seconds_or_none(reply.get("c"))
+    if countdown is None:
+        return bad_reply(delivery, f"no countdown to retry after: {printable(reply, 200)}", node)
+    try:  # a body `body_problem` passed, but read deeper in the stack here
+        body = json.loads(delivery.body)
+        body["retries"] += 1
+        text = json.dumps(body)
+    except RecursionError as exc:
+        return Outcome(delivery.id, FAILURE, exc_type=BAD_MESSAGE, exc_message=str(exc), node=node)
+    exc_type, message = reply.get("t"), reply.get("m")
+    return Retry(
+        delivery.id,
+        text,
+        time.time() + countdown,
+        None if exc_type is None else printable(exc_type, TYPE_NAME_LIMIT),
+        None if message is None else printable(message, MESSAGE_LIMIT),
+    )
+
+
+def bad_reply(delivery: Delivery, what: str, node: str) -> Outcome:
+    return Outcome(
+        delivery.id,
+        FAILURE,
+        exc_type=BAD_REPLY,
+        exc_message=f"the child's reply: {what}",
+        node=node,
+    )
+
+
+def seconds_or_none(value: Any) -> float | None:
+    """A duration from a child's reply: a finite number of seconds, not below 0, or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value) and value >= 0:
+            return float(value)
+    return None

@@ -30,15 +30,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .brokers import open_broker
-from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
-from .child import CLEAN_STOP, child_main, set_parent_death_signal
+from .brokers.base import BAD_MESSAGE, FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
+from .child import (
+    CLEAN_STOP,
+    MESSAGE_LIMIT,
+    TYPE_NAME_LIMIT,
+    child_main,
+    outcome_of,
+    printable,
+    set_parent_death_signal,
+)
 from .commands import pool_grow, pool_room, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .limits import RuntimeLimits
 from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
-from .task import REGISTRY, is_task_body
+from .task import REGISTRY
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
@@ -489,7 +497,9 @@ class Worker:
         for reply in frames:
             self.task_done(child, reply)
 
-    def task_done(self, child: ChildProc, reply: dict[str, Any]) -> None:
+    def task_done(self, child: ChildProc, reply: Any) -> None:
+        if not isinstance(reply, dict):  # a task can write to its child's pipe: trust nothing
+            reply = {}
         if reply.get("bye"):  # not an outcome: the child is leaving between tasks
             child.said_bye = True
             return
@@ -505,52 +515,29 @@ class Worker:
             if running.terminated_at is not None:
                 self.retire_child(child)
             return
-        delivery = running.delivery
-        state = reply.get("s")
-        runtime = reply.get("rt")
-        if state == REVOKED:  # revoked while it waited in the child's pipe
-            self.outcomes.append(Outcome(delivery.id, REVOKED, node=self.node))
-            self.counts["revoked"] += 1
-            self.emit("task-revoked", delivery)
-        elif state == "RETRY":
-            body = json.loads(delivery.body)
-            body["retries"] = int(body.get("retries", 0)) + 1
-            self.retries.append(
-                Retry(
-                    delivery.id,
-                    # Compact, non-ASCII kept: as the client wrote it, no bigger (size limit).
-                    json.dumps(body, separators=(",", ":"), ensure_ascii=False),
-                    time.time() + float(reply.get("c") or 0),
-                    reply.get("t"),
-                    reply.get("m"),
-                )
-            )
-            self.counts["retried"] += 1
-            self.emit("task-retried", delivery)
-        elif state == SUCCESS:
-            self.outcomes.append(
-                Outcome(
-                    delivery.id, SUCCESS, result=reply.get("r"), node=self.node, runtime=runtime
-                )
-            )
-            self.counts["succeeded"] += 1
-            self.emit("task-succeeded", delivery, runtime=runtime)
-        else:
-            self.outcomes.append(
-                Outcome(
-                    delivery.id,
-                    FAILURE,
-                    exc_type=reply.get("t"),
-                    exc_message=reply.get("m"),
-                    traceback=reply.get("tb"),
-                    node=self.node,
-                    runtime=runtime,
-                )
-            )
-            self.counts["failed"] += 1
-            self.emit("task-failed", delivery, runtime=runtime, exc_type=reply.get("t"))
+        self.settle(running.delivery, reply)
         if self.should_recycle(child):
             self.retire_child(child)
+
+    def settle(self, delivery: Delivery, reply: dict[str, Any]) -> None:
+        """Take in the outcome a child reported for its task."""
+        ended = outcome_of(delivery, reply, self.node)
+        if isinstance(ended, Retry):
+            self.retries.append(ended)
+            self.counts["retried"] += 1
+            self.emit("task-retried", delivery)
+        elif ended.state == REVOKED:  # revoked while it waited in the child's pipe
+            self.outcomes.append(ended)
+            self.counts["revoked"] += 1
+            self.emit("task-revoked", delivery)
+        elif ended.state == SUCCESS:
+            self.outcomes.append(ended)
+            self.counts["succeeded"] += 1
+            self.emit("task-succeeded", delivery, runtime=ended.runtime)
+        else:
+            self.outcomes.append(ended)
+            self.counts["failed"] += 1
+            self.emit("task-failed", delivery, runtime=ended.runtime, exc_type=ended.exc_type)
 
     def should_recycle(self, child: ChildProc) -> bool:
         if child.retiring or self.shutdown is not None:
@@ -853,21 +840,16 @@ class Worker:
                 "WorkerLost",
                 f"delivered {delivery.deliveries - 1} times without finishing",
             )
-        elif delivery.name not in REGISTRY:
-            self.dead_letter(
-                delivery, "NotRegistered", f"no task named {delivery.name!r} on {self.node}"
-            )
         elif too_large := oversize(delivery.body):
             self.dead_letter(delivery, "TaskTooLarge", too_large)
-        elif not self.valid_body(delivery):
-            self.dead_letter(delivery, "BadMessage", "the message body is not a JSON task")
+        elif (problem := body_problem(delivery)) is not None:
+            self.dead_letter(delivery, BAD_MESSAGE, problem)
+        elif delivery.name not in REGISTRY:
+            name = printable(delivery.name, TYPE_NAME_LIMIT)
+            self.dead_letter(delivery, "NotRegistered", f"no task named {name!r} on {self.node}")
         else:
             self.reserved.append(delivery)
             self.emit("task-received", delivery)
-
-    @staticmethod
-    def valid_body(delivery: Delivery) -> bool:
-        return is_task_body(delivery.body)
 
     def dispatch(self, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""
@@ -1253,9 +1235,33 @@ def close_all(fds: list[int]) -> None:
 
 
 def encode_task(delivery: Delivery) -> bytes:
-    """The frame a child reads: the broker's body as it is (it is JSON already)."""
-    body = delivery.body.encode()
-    return len(body).to_bytes(4, "big") + body
+    """The frame a child reads: `[deliveries, body]` around the broker's body as it is (JSON
+    already, checked by `body_problem`), so that no body is decoded and encoded again."""
+    head, body = b"[%d," % delivery.deliveries, delivery.body.encode()
+    return b"".join(((len(head) + len(body) + 1).to_bytes(4, "big"), head, body, b"]"))
+
+
+def body_problem(delivery: Delivery) -> str | None:
+    """Why a delivered body is not a task a child can run, or None if it is one: the JSON
+    object `{"id", "name", "args", "kwargs", "retries"}` that `encode_body` writes for it."""
+    try:
+        delivery.body.encode()
+    except UnicodeEncodeError:
+        return "the body is not UTF-8"
+    try:
+        body = json.loads(delivery.body)
+    except (ValueError, RecursionError) as exc:
+        return printable(f"the body is not JSON: {exc}", MESSAGE_LIMIT)
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    if body.get("id") != delivery.id or body.get("name") != delivery.name:
+        return "the body's id or name is not the task's"
+    if not isinstance(body.get("args"), list) or not isinstance(body.get("kwargs"), dict):
+        return "the body's args are not a list or its kwargs not an object"
+    retries = body.get("retries")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        return "the body's retries are not a count"
+    return None
 
 
 def main() -> int:

@@ -38,13 +38,26 @@ def encode(obj: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+class Undecodable:
+    """A frame that is not JSON, from a tolerant FrameReader: its length was sound, so the
+    frames after it are too."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 class FrameReader:
-    """Reassembles frames from the chunks a stream delivers, whatever their boundaries."""
+    """Reassembles frames from the chunks a stream delivers, whatever their boundaries.
 
-    __slots__ = ("_pending",)
+    `tolerant`: a frame that is not JSON comes out as an Undecodable instead of raising."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_pending", "_tolerant")
+
+    def __init__(self, tolerant: bool = False) -> None:
         self._pending = bytearray()
+        self._tolerant = tolerant
 
     def feed(self, data: bytes) -> list[Any]:
         """Take the next chunk of the stream; return the frames it completed, in order."""
@@ -69,7 +82,9 @@ class FrameReader:
                 try:
                     frames.append(_decode_json(str(view[pos + 4 : end], "utf-8")))
                 except (ValueError, RecursionError) as exc:
-                    raise ProtocolError(f"frame is not JSON: {exc}") from None
+                    if not self._tolerant:
+                        raise ProtocolError(f"frame is not JSON: {exc}") from None
+                    frames.append(Undecodable(f"frame is not JSON: {exc}"))
                 pos = end
             if buffer is data and pos < size:
                 self._pending = bytearray(view[pos:])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,11 +24,17 @@ class SoftTimeLimitExceeded(Exception):
 
 
 class RetryTask(Exception):
-    """Raised by `Task.retry`: the child sends the task back with an ETA."""
+    """Raised by `Task.retry`: the child sends the task back with an ETA.
+
+    A countdown below 0 retries at once; one that is no finite number of seconds, or an
+    `exc` that is no exception, raises TypeError or ValueError here (in the task, which
+    fails with it)."""
 
     def __init__(self, countdown: float, exc: BaseException | None = None) -> None:
-        super().__init__(f"retry in {countdown}s")
-        self.countdown = countdown
+        if exc is not None and not isinstance(exc, BaseException):
+            raise TypeError(f"retry(exc=...) takes an exception, not {type(exc).__name__}")
+        self.countdown = max(0.0, seconds(countdown, "retry countdown"))
+        super().__init__(f"retry in {self.countdown}s")
         self.exc = exc
 
 
@@ -105,17 +113,26 @@ class Task:
         countdown: float | None = None,
         max_retries: int | None = None,
         exc: BaseException | None = None,
+        eta: datetime.datetime | float | None = None,
     ) -> RetryTask:
-        """Send the running task back with an ETA; raise what this returns (or it raises).
+        """Send the running task back after `countdown` seconds or at `eta` (a datetime or
+        epoch seconds; one in the past retries at once); raise what this returns (or it
+        raises).
 
         Past `max_retries` it re-raises `exc` (or a RuntimeError) so the task fails.
         """
         limit = self.max_retries if max_retries is None else max_retries
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError(f"max_retries must be a whole number, not {limit!r:.80}")
         retries = self.request.retries if self.request else 0
         if retries >= limit:
-            if exc is not None:
+            if isinstance(exc, BaseException):
                 raise exc
             raise RuntimeError(f"{self.name}: gave up after {retries} retries")
+        if eta is not None:
+            if countdown is not None:
+                raise TypeError("retry takes a countdown or an eta, not both")
+            countdown = seconds(eta_seconds(eta, None), "retry eta") - time.time()
         raise RetryTask(self.default_retry_delay if countdown is None else countdown, exc)
 
 
@@ -157,19 +174,27 @@ def task(
     return register(fn) if fn is not None else register
 
 
+def seconds(value: Any, what: str) -> float:
+    """`value` as a finite number of seconds; TypeError or ValueError naming `what` if it
+    is not one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{what} must be a number of seconds, not {value!r:.80}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
+    return float(value)
+
+
 def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) -> float | None:
     """Epoch seconds for an ETA given as a datetime, epoch seconds, or a countdown."""
-    if countdown:
-        import time
-
-        return time.time() + float(countdown)
+    if countdown:  # 0 or None: ready now, unless `eta` says otherwise
+        return time.time() + seconds(countdown, "countdown")
     if eta is None:
         return None
     if isinstance(eta, datetime.datetime):
         if eta.tzinfo is None:
             eta = eta.astimezone()
         return eta.timestamp()
-    return float(eta)
+    return seconds(eta, "eta")
 
 
 def is_task_body(text: str) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.poison import RawTask, overwrite_fields, write_raw
 from worker.brokers.base import (
     FAILURE,
     PENDING,
@@ -396,6 +397,87 @@ def test_outcome_for_an_id_the_broker_never_held_is_stored(
 
     info = broker.get_result("made-up")
     assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+
+
+def test_finish_stores_a_result_given_as_json_text_as_it_is(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+
+    broker.finish([Outcome(task.id, SUCCESS, result_json='{"a": [1, 2.5, "\\udce9"]}')])
+
+    info = broker.get_result(task.id)
+    assert info is not None and info["result"] == {"a": [1, 2.5, "\udce9"]}
+
+
+# --- records a producer wrote by hand ----------------------------------------------
+def raw(text: str) -> bytes:
+    """The bytes a broker stored, from the text it read them back as."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def test_a_body_that_is_not_utf8_is_handed_out_with_its_bytes_kept(broker: Broker) -> None:
+    write_raw(broker, [RawTask(b"t-1", b'{"x": "\xff"}', queue=b"q1")])
+
+    [delivery] = broker.reserve(["q1"], 1, "w1", 30)
+    assert (delivery.id, raw(delivery.body)) == ("t-1", b'{"x": "\xff"}')
+    broker.finish(
+        [Outcome("t-1", FAILURE, exc_type="BadMessage", exc_message="?", dead_letter=True)]
+    )
+    [letter] = broker.dead_letters()
+    assert (letter.id, raw(letter.body)) == ("t-1", b'{"x": "\xff"}')
+
+
+def test_a_record_whose_id_or_name_is_not_text_ends_bad_message_and_the_others_go_out(
+    broker: Broker,
+) -> None:
+    before, after = envelope(), envelope()
+    broker.enqueue([before])
+    write_raw(
+        broker,
+        [
+            RawTask(b"t-\xff", b'{"x": "\xfe"}', queue=b"q1"),
+            RawTask(b"t-2", b"{}", name=b"tasks.\xfd", queue=b"q1"),
+        ],
+    )
+    broker.enqueue([after])
+
+    assert ids(broker.reserve(["q1"], 4, "w1", 30)) == [before.id, after.id]
+    assert broker.reserve(["q1"], 4, "w2", 30) == []
+    letters = sorted(broker.dead_letters(), key=lambda d: d.id)
+    assert [(raw(d.id), raw(d.name), raw(d.body), d.reason) for d in letters] == [
+        (b"t-2", b"tasks.\xfd", b"{}", "BadMessage"),
+        (b"t-\xff", b"tasks.add", b'{"x": "\xfe"}', "BadMessage"),
+    ]
+    for letter in letters:
+        info = broker.get_result(letter.id)
+        assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+    assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=2)]
+
+
+def test_stored_values_that_do_not_decode_read_as_what_they_are_never_raise(
+    broker: Broker,
+) -> None:
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.finish([Outcome(task.id, SUCCESS, result=1, runtime=0.5)])
+
+    overwrite_fields(
+        broker,
+        task.id,
+        {"result": b"[\xff", "deliveries": b"x", "runtime": b"soon", "node": b"n\xfe"},
+    )
+
+    info = broker.get_result(task.id)
+    assert info is not None
+    assert (info["state"], info["exc_type"], info["deliveries"], info["runtime"]) == (
+        FAILURE,
+        "BadResult",
+        0,
+        None,
+    )
+    assert raw(info["node"]) == b"n\xfe"
 
 
 # --- revokes, depths, wake-ups ---------------------------------------------------

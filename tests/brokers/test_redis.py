@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.poison import RawTask, write_redis
 from tests.redisserver import RedisServer, start_redis
 from worker.brokers.base import (
     PENDING,
@@ -27,6 +28,7 @@ from worker.brokers.base import (
 )
 from worker.brokers.redis import Link, RedisBroker
 
+from .conftest import REDIS_URL
 from .test_contract import envelope, ids, readable, sleep_until, wait_for
 
 
@@ -281,3 +283,77 @@ def test_recover_expired_forgets_the_consumers_it_left_holding_nothing(
     assert redis_broker.recover_expired(["q1"]) == 1
 
     assert redis_broker.redis.xinfo_consumers(f"{redis_broker.prefix}:q:q1", "workers") == []
+
+
+# --- what other producers write -----------------------------------------------------
+@pytest.fixture
+def direct(redis_broker: RedisBroker) -> Iterator[redis.Redis]:
+    """A plain client of the broker's Redis, bytes in and out."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_entries_another_producer_added_are_dead_lettered_and_ours_still_go_in(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    first = envelope()
+    redis_broker.enqueue([first])
+    stream = f"{redis_broker.prefix}:q:q1"
+    direct.xadd(stream, {b"id": b"orphan-\xff"})  # an id Redis picks, above all of ours
+    direct.xadd(stream, {b"body": b"no id \xfe"})
+    last = envelope()
+    redis_broker.enqueue([last])
+
+    assert ids(redis_broker.reserve(["q1"], 10, "w1", 30)) == [first.id, last.id]
+    letters = {d.id.encode("utf-8", "surrogateescape"): d for d in redis_broker.dead_letters()}
+    assert len(letters) == 2 and {d.reason for d in letters.values()} == {"BadMessage"}
+    info = redis_broker.get_result(letters[b"orphan-\xff"].id)
+    assert info is not None and (info["state"], info["exc_type"]) == ("FAILURE", "BadMessage")
+    (no_id,) = (d for i, d in letters.items() if i != b"orphan-\xff")
+    assert b"no id \xfe" in no_id.body.encode("utf-8", "surrogateescape")
+    assert redis_broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=2)]
+
+
+def test_a_stream_made_without_our_group_is_read_all_the_same(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    write_redis(direct, redis_broker.prefix, [RawTask(b"t-1", b"{}", queue=b"q1")], group=False)
+
+    assert ids(redis_broker.reserve(["q1", "q2"], 10, "w1", 30)) == ["t-1"]
+
+
+def test_a_record_without_its_body_is_handed_out_with_an_empty_one(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    write_redis(
+        direct, redis_broker.prefix, [RawTask(b"t-1", b"{}", queue=b"q1")], fields=(b"body",)
+    )
+
+    [delivery] = redis_broker.reserve(["q1"], 1, "w1", 30)
+    assert (delivery.id, delivery.body, delivery.deliveries) == ("t-1", "", 1)
+
+
+def test_dead_letters_written_by_others_read_as_what_they_hold(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    direct.lpush(f"{redis_broker.prefix}:dead", b'{"id": "d-1", "at": "then", "extra": 5}')
+    direct.lpush(f"{redis_broker.prefix}:dead", b"not json \xff")
+
+    garbage, odd = redis_broker.dead_letters()
+    assert (garbage.id, garbage.body.encode("utf-8", "surrogateescape")) == ("", b"not json \xff")
+    assert (odd.id, odd.at, odd.extra) == ("d-1", 0.0, {"raw": 5})
+
+
+def test_a_delivery_count_that_is_not_a_whole_number_starts_over(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    write_redis(direct, redis_broker.prefix, [RawTask(b"t-1", b"{}", queue=b"q1")])
+    direct.hset(f"{redis_broker.prefix}:r:t-1", "deliveries", "1.5e400")
+
+    [delivery] = redis_broker.reserve(["q1"], 1, "w1", 30)
+    assert delivery.deliveries == 1
+    redis_broker.release(["t-1"], started=False)
+    assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]

@@ -176,3 +176,39 @@ def test_a_dead_consumers_pipe_is_dropped_and_removed(tmp_path: Path) -> None:
     assert readable(live) and live.path in poker.pipes
     live.close()
     poker.close()
+
+
+def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
+    sqlite_broker: SQLiteBroker,
+) -> None:
+    ready = envelope()
+    sqlite_broker.enqueue([ready, envelope(eta=time.time() + 60)])
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        db.execute(
+            "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
+            " VALUES ('soon', 'q1', 'tasks.add', '{}', 0, 'PENDING', 'soon', 0)"
+        )
+
+    assert sqlite_broker.next_due(["q1"]) == pytest.approx(time.time() + 60, abs=5)
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w1", 30)] == [ready.id]
+    [letter] = sqlite_broker.dead_letters()
+    assert (letter.id, letter.reason) == ("soon", "BadMessage")
+
+
+def test_dead_letters_written_by_others_read_as_what_they_hold(
+    sqlite_broker: SQLiteBroker,
+) -> None:
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        db.execute(
+            "INSERT INTO dead_letters (id, queue, name, body, reason, at, extra)"
+            " VALUES ('d-1', 'q1', 'tasks.add', CAST(? AS BLOB), 'BadMessage', 'then', '{bad')",
+            (b"\xff\xfe",),
+        )
+
+    [letter] = sqlite_broker.dead_letters()
+    assert (letter.id, letter.body.encode("utf-8", "surrogateescape"), letter.at) == (
+        "d-1",
+        b"\xff\xfe",
+        0.0,
+    )
+    assert letter.extra == {"raw": "{bad"}

@@ -5,11 +5,21 @@ under a lease to one owner at a time, and keeps results, dead letters and revoke
 Every verb takes and returns batches, so that a worker spends one round trip (one
 transaction) per batch, never one per task. `tests/brokers/` runs the same
 contract suite against every implementation.
+
+A broker holds whatever a producer wrote, so no read may fail on a stored value: text
+that is not UTF-8 comes back with its undecodable bytes as lone surrogates
+(`surrogateescape`: `text.encode("utf-8", "surrogateescape")` gives the bytes back), and
+a record `reserve` cannot hand out (an id or name that is not UTF-8 text, no record
+behind a Redis entry) ends there and then as FAILURE `BadMessage`, kept whole in the
+dead-letter list. So a Delivery's id, queue and name are always text; its body is as
+stored, for the worker to judge.
 """
 
 from __future__ import annotations
 
 import abc
+import json
+import math
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +77,7 @@ class Delivery:
     id: str
     queue: str
     name: str
-    body: str
+    body: str  # as stored: the worker checks that it is a task (see the module docstring)
     deliveries: int  # counts this delivery: 1 the first time a task is handed out
 
 
@@ -85,6 +95,11 @@ class Outcome:
     runtime: float | None = None
     dead_letter: bool = False  # keep the raw message in the dead-letter list too
     name: str | None = None  # for records of tasks the broker never saw (undecodable)
+    result_json: str | None = None  # the result as JSON text already (a child's): kept as is
+
+    def stored_result(self) -> str:
+        """The result as the JSON text to store."""
+        return self.result_json if self.result_json is not None else json.dumps(self.result)
 
 
 @dataclass
@@ -115,6 +130,86 @@ class DeadLetter:
     reason: str
     at: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+BAD_MESSAGE = "BadMessage"  # the reason for a message that is not a task
+BAD_RESULT = "BadResult"  # what a stored result that is not JSON reads as
+TEXT_FIELDS = ("name", "queue", "state", "exc_type", "exc_message", "traceback", "node")
+INFO_FIELDS = (*TEXT_FIELDS, "result", "deliveries", "runtime")  # what task_info reads
+
+
+def stored_text(value: Any) -> str | None:
+    """A stored field as text: raw bytes (a BLOB) as the module docstring says."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def utf8_text(value: Any) -> bool:
+    """Whether `value` is a str that UTF-8 can hold: no lone surrogate (as bytes that were
+    not UTF-8 read back) in it."""
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def stored_number(value: Any) -> float | None:
+    """A stored field as a finite number, None if it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def task_info(task_id: str, fields: dict[str, Any], done: bool) -> dict[str, Any]:
+    """A task's info dict (`Broker.get_result`) from its stored fields, whatever they hold.
+
+    A result that does not decode reads as FAILURE `BadResult`, never as an exception."""
+    info: dict[str, Any] = {key: stored_text(fields.get(key)) for key in TEXT_FIELDS}
+    info["id"] = task_id
+    deliveries = stored_number(fields.get("deliveries"))
+    info["deliveries"] = int(deliveries) if deliveries is not None else 0
+    info["runtime"] = stored_number(fields.get("runtime"))
+    info["result"] = None
+    result = stored_text(fields.get("result"))
+    if done and result is not None:
+        try:
+            info["result"] = json.loads(result)
+        except (ValueError, RecursionError) as exc:
+            info.update(
+                state=FAILURE,
+                exc_type=BAD_RESULT,
+                exc_message=f"the stored result is not JSON: {exc}",
+            )
+    return info
+
+
+def dead_letter_from(fields: dict[str, Any]) -> DeadLetter:
+    """A DeadLetter from its stored fields, whatever they hold."""
+    extra = fields.get("extra")
+    if not isinstance(extra, dict):
+        try:
+            extra = json.loads(stored_text(extra) or "{}")
+        except (ValueError, RecursionError):
+            extra = {"raw": stored_text(extra)}
+    return DeadLetter(
+        id=stored_text(fields.get("id")) or "",
+        queue=stored_text(fields.get("queue")) or "",
+        name=stored_text(fields.get("name")) or "",
+        body=stored_text(fields.get("body")) or "",
+        reason=stored_text(fields.get("reason")) or "",
+        at=stored_number(fields.get("at")) or 0.0,
+        extra=extra if isinstance(extra, dict) else {"raw": extra},
+    )
 
 
 class Wakeup(abc.ABC):

@@ -44,7 +44,19 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
-from .base import Broker, DeadLetter, Delivery, Envelope, Outcome, QueueDepth, Retry, Wakeup
+from .base import (
+    INFO_FIELDS,
+    Broker,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    Outcome,
+    QueueDepth,
+    Retry,
+    Wakeup,
+    dead_letter_from,
+    task_info,
+)
 
 # A call cut off by a lost connection is retried this often, backing off up to 2 s
 # (about 15 s in all): long enough to ride out a Redis restart.
@@ -105,7 +117,10 @@ end
 local function append(id, q, fields)
   open_queue(q)
   local entry = '0-' .. redis.call('INCR', P .. ':seq')
-  redis.call('XADD', stream_key(q), entry, 'id', id)
+  if type(redis.pcall('XADD', stream_key(q), entry, 'id', id)) ~= 'string' then
+    -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
+    entry = redis.call('XADD', stream_key(q), '*', 'id', id)
+  end
   redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, unpack(fields))
   woken[q] = true
 end
@@ -248,11 +263,14 @@ local function mark_started(id)
   end
 end
 
+local function push_dead(id, q, name, body, reason, message)
+  redis.call('LPUSH', P .. ':dead', cjson.encode({id = id, queue = q, name = name,
+    body = body, reason = reason, at = tonumber(NOW), extra = {message = message}}))
+end
+
 local function dead_letter(o)
   local v = redis.call('HMGET', task_key(o[1]), 'queue', 'name', 'body')
-  redis.call('LPUSH', P .. ':dead', cjson.encode({id = o[1], queue = v[1] or '',
-    name = v[2] or o[2], body = v[3] or '', reason = o[6], at = tonumber(NOW),
-    extra = {message = o[7]}}))
+  push_dead(o[1], v[1] or '', v[2] or o[2], v[3] or '', o[6], o[7])
 end
 
 local function finish(o)
@@ -283,17 +301,94 @@ local function retry(r)
   end
 end
 
+-- The id of the last entry the group read; a stream someone else made has no group yet.
 local function last_delivered(q)
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream_key(q))) do
     local info = {}
     for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
     if info['name'] == GROUP then return info['last-delivered-id'] end
   end
+  return '0-0'
+end
+
+-- Our entry ids are 0-N: N says which entry of all the queues is older. Entries that others
+-- added (ids Redis chose) come after ours.
+local function seq(entry) return tonumber(string.match(entry, '^0%-(%d+)$')) or math.huge end
+
+-- Whether s is UTF-8 (a byte at a time past the ASCII check: for ids and names, short).
+local function is_utf8(s)
+  if not string.find(s, '[\\128-\\255]') then return true end
+  local i = 1
+  while i <= #s do
+    local c, size, low, high = string.byte(s, i), 0, 128, 191
+    if c < 128 then size = 1
+    elseif c >= 194 and c <= 223 then size = 2
+    elseif c == 224 then size, low = 3, 160
+    elseif c == 237 then size, high = 3, 159
+    elseif c >= 225 and c <= 239 then size = 3
+    elseif c == 240 then size, low = 4, 144
+    elseif c >= 241 and c <= 243 then size = 4
+    elseif c == 244 then size, high = 4, 143
+    else return false end
+    for j = 1, size - 1 do
+      local b = string.byte(s, i + j)
+      if not b or b < low or b > high then return false end
+      low, high = 128, 191
+    end
+    i = i + size
+  end
+  return true
+end
+
+-- A stored count, whatever the field holds: a whole number from 0, else 0.
+local function stored_count(value)
+  local n = tonumber(value)
+  if n and n >= 0 and n < 2^53 then return math.floor(n) end
+  return 0
+end
+
+-- The value of `name` in a stream entry's flat field list, or nil.
+local function entry_field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
   return nil
 end
 
--- Entry ids are 0-N: N says which entry of all the queues is older.
-local function seq(entry) return tonumber(string.sub(entry, 3)) end
+-- End a queued entry that is no task we can hand out (no record, an id that is not text):
+-- BadMessage, with what it holds in the dead-letter list.
+local function bury(q, entry, fields, record)
+  local id = entry_field(fields, 'id')
+  local message = 'the stream entry has no task record'
+  local name, body = '', nil
+  if record then
+    message, name, body = 'its id or name is not UTF-8 text', record[3] or '', record[4] or ''
+  else
+    local all = {}
+    for i = 1, #fields, 2 do all[fields[i]] = fields[i + 1] end
+    body = cjson.encode(all)
+  end
+  push_dead(id or entry, q, name, body, 'BadMessage', message)
+  if id then
+    close_record(id, A.ttl, {'id', id, 'queue', q, 'name', name, 'state', 'FAILURE',
+      'exc_type', 'BadMessage', 'exc_message', message, 'deliveries', 0}, {})
+  end
+  spent[q] = spent[q] or {}
+  table.insert(spent[q], entry)
+end
+
+-- Read up to `count` new entries of the queue; a stream someone else made gets its group.
+local function read_new(q, count)
+  if not stream_exists(q) then return {} end
+  local args = {'XREADGROUP', 'GROUP', GROUP, A.owner, 'COUNT', count, 'STREAMS',
+    stream_key(q), '>'}
+  local read = redis.pcall(unpack(args))
+  if read and read.err then
+    redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0')
+    read = redis.call(unpack(args))
+  end
+  return read and read[1][2] or {}
+end
 
 -- How many entries to read from each queue: the n oldest undelivered of them all.
 local function counts_to_read()
@@ -327,18 +422,20 @@ local function reserve()
   end
   local delivered = {}
   for q, count in pairs(counts_to_read()) do
-    local read = stream_exists(q) and redis.call('XREADGROUP', 'GROUP', GROUP, A.owner,
-      'COUNT', count, 'STREAMS', stream_key(q), '>')
-    for _, e in ipairs(read and read[1][2] or {}) do
-      local entry, id = e[1], e[2][2]
-      local key = task_key(id)
-      local v = redis.call('HMGET', key, 'status', 'entry', 'name', 'body', 'deliveries')
-      if v[1] == 'queued' and v[2] == entry then
-        local deliveries = tonumber(v[5] or 0) + 1
-        redis.call('HSET', key, 'status', 'held', 'owner', A.owner, 'lease_ms', A.lease_ms,
-          'deliveries', deliveries)
-        delivered[#delivered + 1] = {seq = seq(entry), reply = {id, q, v[3], v[4], deliveries}}
-      else
+    for _, e in ipairs(read_new(q, count)) do
+      local entry, id = e[1], entry_field(e[2], 'id')
+      local v = id and redis.call('HMGET', task_key(id), 'status', 'entry', 'name', 'body',
+        'deliveries')
+      local mine = v and v[1] == 'queued' and v[2] == entry
+      if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
+        bury(q, entry, e[2], v and v[1] and v)
+      elseif mine then
+        local deliveries = stored_count(v[5]) + 1
+        redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
+          A.lease_ms, 'deliveries', deliveries)
+        delivered[#delivered + 1] = {seq = seq(entry),
+          reply = {id, q, v[3] or '', v[4] or '', deliveries}}
+      else  -- a stale entry: its task is queued again, held or ended
         redis.call('XACK', stream_key(q), GROUP, entry)
         redis.call('XDEL', stream_key(q), entry)
       end
@@ -414,7 +511,7 @@ end
 # holding nothing are removed (one that is alive is re-created by its next reserve).
 RECOVER_EXPIRED = """
 local function expired(idle, id)
-  return idle > tonumber(redis.call('HGET', task_key(id), 'lease_ms') or 0)
+  return idle > (tonumber(redis.call('HGET', task_key(id), 'lease_ms')) or 0)
 end
 
 local function main()
@@ -539,20 +636,17 @@ DEPTHS_SCRIPT = LuaScript(DEPTHS)
 # Script arguments as compact JSON; everything passed is made of str, int, float, bool, None.
 encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
-# The fields of a task record that get_result reports (status: whether there is one).
-RESULT_FIELDS = (
-    "status",
-    "name",
-    "queue",
-    "state",
-    "result",
-    "exc_type",
-    "exc_message",
-    "traceback",
-    "deliveries",
-    "node",
-    "runtime",
-)
+# The fields of a task record that get_result reads (status: whether there is one).
+RESULT_FIELDS = ("status", *INFO_FIELDS)
+
+
+def fields_of(text: str | bytes) -> dict[str, Any]:
+    """A dead letter's JSON object; one that is not (someone else's writing) as its body."""
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError):
+        fields = None
+    return fields if isinstance(fields, dict) else {"body": text}
 
 
 def _exact(value: float) -> str:
@@ -678,6 +772,7 @@ class RedisBroker(Broker):
         self.redis = redis.Redis.from_url(
             address + ("?" + urllib.parse.urlencode(query, doseq=True) if query else ""),
             decode_responses=True,
+            encoding_errors="surrogateescape",  # stored bytes as the base module says
             protocol=2,
             retry=ConnectionRetry(CALL_BACKOFF, call_retries),
             socket_timeout=SOCKET_TIMEOUT,
@@ -754,7 +849,7 @@ class RedisBroker(Broker):
                     o.name or "",
                     o.dead_letter,
                     o.state,
-                    json.dumps(o.result),
+                    o.stored_result(),
                     o.exc_type,
                     o.exc_message,
                     o.traceback,
@@ -828,34 +923,11 @@ class RedisBroker(Broker):
     # --- results, dead letters, revokes --------------------------------------
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key = self._key("r", task_id)
-        (
-            status,
-            name,
-            queue,
-            state,
-            result,
-            exc_type,
-            exc_message,
-            traceback,
-            deliveries,
-            node,
-            runtime,
-        ) = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
-        if status is None:
+        values = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
+        fields = dict(zip(RESULT_FIELDS, values, strict=True))
+        if fields["status"] is None:
             return None
-        return {
-            "id": task_id,
-            "name": name,
-            "queue": queue,
-            "state": state,
-            "result": json.loads(result) if status == "done" and result is not None else None,
-            "exc_type": exc_type,
-            "exc_message": exc_message,
-            "traceback": traceback,
-            "deliveries": int(deliveries or 0),
-            "node": node,
-            "runtime": float(runtime) if runtime is not None else None,
-        }
+        return task_info(task_id, fields, done=fields["status"] == "done")
 
     def depths(self) -> list[QueueDepth]:
         rows = self._call(
@@ -873,16 +945,12 @@ class RedisBroker(Broker):
             return []
         wanted = None if ids is None else set(ids)
         last = -1 if limit is None or wanted is not None else limit - 1
-        letters = []
-        for text in self.redis.lrange(self._key("dead"), 0, last):
-            d = json.loads(text)
-            if wanted is None or d["id"] in wanted:
-                extra = d.get("extra") or {}
-                letters.append(
-                    DeadLetter(
-                        d["id"], d["queue"], d["name"], d["body"], d["reason"], d["at"], extra
-                    )
-                )
+        letters = [
+            dead_letter_from(fields_of(text))
+            for text in self.redis.lrange(self._key("dead"), 0, last)
+        ]
+        if wanted is not None:
+            letters = [letter for letter in letters if letter.id in wanted]
         return letters[:limit]
 
     def retry_dead(self, ids: Sequence[str]) -> list[str]:

@@ -10,8 +10,10 @@ a millisecond of its submit without any polling loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -22,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .base import (
+    BAD_MESSAGE,
+    FAILURE,
+    INFO_FIELDS,
     PENDING,
     RETRY,
     REVOKED,
@@ -34,6 +39,10 @@ from .base import (
     QueueDepth,
     Retry,
     Wakeup,
+    dead_letter_from,
+    stored_text,
+    task_info,
+    utf8_text,
 )
 
 QUEUED, HELD, DONE = 0, 1, 2
@@ -90,6 +99,52 @@ ENQUEUE = (
     " exc_type = NULL, exc_message = NULL, traceback = NULL, node = NULL, runtime = NULL,"
     f" finished = NULL WHERE tasks.status = {DONE}"
 )
+# Text columns as str whatever bytes a producer stored (see the base module): sqlite3's own
+# decoding raises OperationalError, which would read as "the broker is unavailable".
+TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+DUE = "eta <= ? ORDER BY eta, seq"
+# TEXT and BLOB values sort after every number, from '' on: an ETA that is not a number.
+NOT_A_NUMBER = "eta >= ''"
+INFO_COLUMNS = (*INFO_FIELDS, "status")
+DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
+
+
+def reserve_sql(marks: str, picked: str) -> str:
+    """Hand out the queued rows of the queues `marks` stands for that `picked` selects."""
+    return (
+        f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
+        " deliveries = deliveries + 1"
+        f" WHERE seq IN (SELECT seq FROM tasks WHERE status = {QUEUED} AND queue IN ({marks})"
+        f" AND {picked} LIMIT ?) RETURNING eta, seq, id, queue, name, body, deliveries"
+    )
+
+
+def unreadable(row: tuple[Any, ...]) -> str | None:
+    """Why a reserved row (as `reserve_sql` returns it) cannot be handed out, if it cannot:
+    the worker addresses a task by its id, and a body is the worker's to judge."""
+    eta, _, task_id, queue, name, _, _ = row
+    if not isinstance(eta, (int, float)):
+        return "its ETA is not a number"
+    for column, value in (("id", task_id), ("queue", queue), ("name", name)):
+        if not utf8_text(value):
+            return f"its {column} is not UTF-8 text"
+    return None
+
+
+def dead_letter(
+    db: sqlite3.Connection, by: str, letters: list[tuple[Any, str | None, str | None]], now: float
+) -> None:
+    """Copy tasks' rows whole into the dead-letter list: (`by`'s value, reason, message)."""
+    db.executemany(
+        "INSERT OR REPLACE INTO dead_letters (id, queue, name, body, reason, at, extra)"
+        f" SELECT id, queue, name, body, ?, ?, ? FROM tasks WHERE {by} = ?",
+        [(reason, now, json.dumps({"message": message}), key) for key, reason, message in letters],
+    )
+
+
+def due_order(row: tuple[Any, ...]) -> tuple[float, int]:
+    eta = row[0]
+    return (eta if isinstance(eta, (int, float)) else math.inf, row[1])
 
 
 def path_from_url(url: str) -> str:
@@ -227,6 +282,7 @@ class SQLiteBroker(Broker):
         db = sqlite3.connect(
             self.path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=False
         )
+        db.text_factory = TEXT_FACTORY
         try:
             db.execute("PRAGMA journal_mode=WAL")
             sync = "FULL" if self.durability == "fsync" else "NORMAL"
@@ -328,22 +384,43 @@ class SQLiteBroker(Broker):
             self.poker.poke()
         return deliveries
 
-    @staticmethod
+    @classmethod
     def _reserve(
-        db: sqlite3.Connection, queues: list[str], n: int, owner: str, lease: float
+        cls, db: sqlite3.Connection, queues: list[str], n: int, owner: str, lease: float
     ) -> list[Delivery]:
         now = time.time()
         marks = ",".join("?" * len(queues))
-        rows = db.execute(
-            f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
-            " deliveries = deliveries + 1"
-            " WHERE seq IN (SELECT seq FROM tasks WHERE status = 0"
-            f" AND queue IN ({marks}) AND eta <= ? ORDER BY eta, seq LIMIT ?)"
-            " RETURNING eta, seq, id, queue, name, body, deliveries",
-            (owner, now + lease, *queues, now, n),
-        ).fetchall()
-        rows.sort()  # RETURNING comes in no set order: due order, then queue order
-        return [Delivery(*r[2:]) for r in rows]
+        rows = db.execute(reserve_sql(marks, DUE), (owner, now + lease, *queues, now, n)).fetchall()
+        if len(rows) < n:  # never due, so never handed out: take them while the queue is dry
+            rows += db.execute(
+                reserve_sql(marks, NOT_A_NUMBER), (owner, now + lease, *queues, n - len(rows))
+            ).fetchall()
+        rows.sort(key=due_order)  # RETURNING comes in no set order: due order, then queue order
+        deliveries, bad = [], []
+        for row in rows:
+            problem = unreadable(row)
+            if problem:
+                bad.append((row[1], problem))
+            else:
+                _, _, task_id, queue, name, body, count = row
+                deliveries.append(
+                    Delivery(task_id, queue, name, stored_text(body) or "", int(count))
+                )
+        if bad:
+            cls._bury(db, bad, now)
+        return deliveries
+
+    @staticmethod
+    def _bury(db: sqlite3.Connection, rows: list[tuple[int, str]], now: float) -> None:
+        """End rows (by seq) that cannot be handed out as BadMessage, whole in the
+        dead-letter list."""
+        messages = [(seq, f"the record cannot be read: {problem}") for seq, problem in rows]
+        dead_letter(db, "seq", [(seq, BAD_MESSAGE, m) for seq, m in messages], now)
+        db.executemany(
+            f"UPDATE tasks SET status = {DONE}, state = '{FAILURE}', exc_type = ?,"
+            " exc_message = ?, owner = NULL, lease_until = NULL, finished = ? WHERE seq = ?",
+            [(BAD_MESSAGE, m, now, seq) for seq, m in messages],
+        )
 
     def mark_started(self, ids: list[str], node: str) -> None:
         if not ids:
@@ -394,7 +471,7 @@ class SQLiteBroker(Broker):
                 [
                     (
                         o.state,
-                        json.dumps(o.result),
+                        o.stored_result(),
                         o.exc_type,
                         o.exc_message,
                         o.traceback,
@@ -416,7 +493,7 @@ class SQLiteBroker(Broker):
                             o.id,
                             o.name,
                             o.state,
-                            json.dumps(o.result),
+                            o.stored_result(),
                             o.exc_type,
                             o.exc_message,
                             o.traceback,
@@ -427,13 +504,9 @@ class SQLiteBroker(Broker):
                         for o in outcomes
                     ],
                 )
-            dead = [o for o in outcomes if o.dead_letter]
+            dead = [(o.id, o.exc_type, o.exc_message) for o in outcomes if o.dead_letter]
             if dead:
-                db.executemany(
-                    "INSERT OR REPLACE INTO dead_letters (id, queue, name, body, reason, at, extra)"
-                    " SELECT id, queue, name, body, ?, ?, ? FROM tasks WHERE id = ?",
-                    [(o.exc_type, now, json.dumps({"message": o.exc_message}), o.id) for o in dead],
-                )
+                dead_letter(db, "id", dead, now)
         if retries:
             db.executemany(
                 f"UPDATE tasks SET status = {QUEUED}, state = '{RETRY}', body = ?, eta = ?,"
@@ -494,34 +567,24 @@ class SQLiteBroker(Broker):
         marks = ",".join("?" * len(queues))
         row = self.db.execute(
             f"SELECT min(eta) FROM tasks WHERE status = {QUEUED}"
-            f" AND queue IN ({marks}) AND eta > ?",
+            f" AND queue IN ({marks}) AND eta > ? AND typeof(eta) IN ('integer', 'real')",
             (*queues, time.time()),
         ).fetchone()
         return row[0] if row and row[0] is not None else None
 
     # --- results, dead letters, revokes --------------------------------------
     def get_result(self, task_id: str) -> dict[str, Any] | None:
+        key: str | bytes = task_id
+        where = "id = ?"
+        if not utf8_text(task_id):  # an id read back from a row stored with bytes, not UTF-8
+            key, where = task_id.encode("utf-8", "surrogateescape"), "id = CAST(? AS TEXT)"
         row = self.db.execute(
-            "SELECT id, name, queue, state, result, exc_type, exc_message, traceback,"
-            " deliveries, node, runtime, status FROM tasks WHERE id = ?",
-            (task_id,),
+            f"SELECT {', '.join(INFO_COLUMNS)} FROM tasks WHERE {where}", (key,)
         ).fetchone()
         if row is None:
             return None
-        done = row[11] == DONE
-        return {
-            "id": row[0],
-            "name": row[1],
-            "queue": row[2],
-            "state": row[3],
-            "result": json.loads(row[4]) if done and row[4] is not None else None,
-            "exc_type": row[5],
-            "exc_message": row[6],
-            "traceback": row[7],
-            "deliveries": row[8],
-            "node": row[9],
-            "runtime": row[10],
-        }
+        fields = dict(zip(INFO_COLUMNS, row, strict=True))
+        return task_info(task_id, fields, done=fields["status"] == DONE)
 
     def depths(self) -> list[QueueDepth]:
         now = time.time()
@@ -531,17 +594,17 @@ class SQLiteBroker(Broker):
             " GROUP BY queue",
             (now, now),
         ):
-            depth[queue] = [ready, scheduled, 0]
+            depth[str(stored_text(queue))] = [ready, scheduled, 0]
         for queue, held in self.db.execute(
             f"SELECT queue, count(*) FROM tasks WHERE status = {HELD} GROUP BY queue"
         ):
-            depth.setdefault(queue, [0, 0, 0])[2] = held
+            depth.setdefault(str(stored_text(queue)), [0, 0, 0])[2] = held
         return [QueueDepth(q, *depth[q]) for q in sorted(depth)]
 
     def dead_letters(
         self, limit: int | None = 100, ids: Sequence[str] | None = None
     ) -> list[DeadLetter]:
-        query = "SELECT id, queue, name, body, reason, at, extra FROM dead_letters"
+        query = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM dead_letters"
         params: list[Any] = []
         if ids is not None:
             query += " WHERE id IN (SELECT value FROM json_each(?))"
@@ -549,9 +612,7 @@ class SQLiteBroker(Broker):
         params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
         # Letters of one transaction share `at`: the later row (rowid) is the newer.
         rows = self.db.execute(query + " ORDER BY at DESC, rowid DESC LIMIT ?", params).fetchall()
-        return [
-            DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}")) for r in rows
-        ]
+        return [dead_letter_from(dict(zip(DEAD_LETTER_COLUMNS, r, strict=True))) for r in rows]
 
     def retry_dead(self, ids: Sequence[str]) -> list[str]:
         now = time.time()
@@ -585,7 +646,7 @@ class SQLiteBroker(Broker):
             )
 
     def revoked(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT id FROM revoked")}
+        return {r[0] for r in self.db.execute("SELECT id FROM revoked WHERE typeof(id) = 'text'")}
 
     def set_routes(self, routes: dict[str, str]) -> None:
         if self.routes() == routes:
