@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import select
@@ -31,9 +30,18 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from ctl.render import (
+    add_iso_times,
+    event_line,
+    host_of,
+    letter_json,
+    letters_table,
+    queues_table,
+    reply_table,
+    status_table,
+    task_table,
+)
 from supervisor.cli import version
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,7 +49,6 @@ INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", 
 NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
 PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
-EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
 
 
 class UsageError(Exception):
@@ -300,20 +307,7 @@ def show_result(
     if as_json:
         print(json.dumps(info))
     else:
-        table = Table(show_header=False)
-        for key in (
-            "id",
-            "name",
-            "state",
-            "result",
-            "exc_type",
-            "exc_message",
-            "deliveries",
-            "node",
-        ):
-            if info.get(key) is not None:
-                table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
-        console.print(table)
+        console.print(task_table(info))
     return code
 
 
@@ -328,12 +322,7 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
         }
         print(json.dumps({"queues": queues, "dead_letters": [letter_json(d) for d in dead]}))
         return EXIT_OK
-    table = Table(title="queues")
-    for column in ("queue", "ready", "scheduled", "reserved"):
-        table.add_column(column, justify="right" if column != "queue" else "left")
-    for d in depths:
-        table.add_row(d.queue, str(d.ready), str(d.scheduled), str(d.reserved))
-    console.print(table)
+    console.print(queues_table(depths))
     console.print(letters_table(dead, f"dead letters ({len(dead)} newest)"))
     return EXIT_OK
 
@@ -372,35 +361,6 @@ def show_retried(outcomes: dict[str, str | None], as_json: bool) -> int:
         if not outcomes:
             print("no dead letters")
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def letter_json(letter: Any) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "queue": letter.queue,
-        "name": letter.name,
-        "reason": letter.reason,
-        "message": letter.extra.get("message"),
-        "at": letter.at,
-        "at_iso": iso_time(letter.at),
-        "body": letter.body,
-    }
-
-
-def letters_table(dead: list[Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("id", "name", "queue", "error", "when"):
-        table.add_column(column, no_wrap=column == "id")  # ids are there to be copied
-    for d in dead:
-        message = d.extra.get("message")
-        error = f"{d.reason}: {message}" if message else d.reason
-        table.add_row(escape(d.id), escape(d.name), escape(d.queue), escape(error), iso_time(d.at))
-    return table
-
-
-def iso_time(epoch: float) -> str:
-    """Epoch seconds as an ISO 8601 local time that states its UTC offset."""
-    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
 def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
@@ -565,73 +525,12 @@ def unanswered(dest: list[str] | None, replies: dict[str, Any]) -> list[str]:
     return [d for d in dest or () if d not in replies and not any(host_of(n) == d for n in replies)]
 
 
-def host_of(node: str) -> str:
-    return node.rpartition("@")[2]
-
-
 def failed(result: Any) -> bool:
     """Did a host not answer, or a node fail, or is one down?"""
     return bool(result.missing or result.errors) or any(
         isinstance(r, dict) and ("error" in r or r.get("state") in ("FATAL", "BACKOFF"))
         for r in result.replies.values()
     )
-
-
-def reply_table(cmd: str, result: Any) -> Table:
-    table = Table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
-    table.add_column("node")
-    table.add_column("reply")
-    for node, reply in sorted(result.replies.items()):
-        if isinstance(reply, dict) and "error" in reply:
-            table.add_row(escape(node), f"[red]{escape(str(reply['error']))}[/red]")
-        else:
-            table.add_row(escape(node), escape(describe(reply)))
-    for host in result.missing:
-        table.add_row(f"[red]{escape(host)}[/red]", "[red]no reply[/red]")
-    for endpoint, error in result.errors.items():
-        table.add_row(f"[red]{escape(endpoint)}[/red]", f"[red]{escape(error)}[/red]")
-    return table
-
-
-def describe(reply: Any) -> str:
-    """A reply as text a person reads: `ok` alone, one line per item or per key, times
-    (EPOCH_FIELDS) as ISO times."""
-    if isinstance(reply, dict):
-        if set(reply) == {"ok"}:
-            return str(reply["ok"])
-        return "\n".join(
-            f"{key}: {iso_time(value) if is_epoch(key, value) else compact(value)}"
-            for key, value in reply.items()
-        )
-    if isinstance(reply, list):
-        return "\n".join(compact(item) for item in reply) if reply else "-"
-    return compact(reply)
-
-
-def is_epoch(key: str, value: Any) -> bool:
-    return key in EPOCH_FIELDS and isinstance(value, (int, float))
-
-
-def add_iso_times(replies: dict[str, Any]) -> None:
-    """Beside each time in epoch seconds (EPOCH_FIELDS) of the replies, the same as an ISO
-    time: `next_due_iso`. JSON readers keep the number."""
-    for reply in replies.values():
-        if isinstance(reply, dict):
-            for key, value in list(reply.items()):
-                if is_epoch(key, value):
-                    reply[f"{key}_iso"] = iso_time(value)
-
-
-def compact(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if value in ({}, [], None):
-        return "-"
-    if isinstance(value, dict):
-        return "  ".join(f"{k}={compact(v)}" for k, v in value.items())
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return json.dumps(value)
 
 
 # --- status and top ------------------------------------------------------------------------
@@ -657,81 +556,6 @@ def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
         supervised.elapsed + pools.elapsed,
         {**pools.errors, **supervised.errors},
     )
-
-
-def status_table(result: Any) -> Table:
-    table = Table(title=f"fleet ({result.elapsed * 1000:.1f} ms)", title_justify="left")
-    for column in ("host / node / child", "pid", "state", "task", "rss", "uptime", "done"):
-        numeric = column in ("pid", "rss", "uptime", "done")
-        table.add_column(column, justify="right" if numeric else "left")
-    by_host: dict[str, list[str]] = {}
-    for node in sorted(result.replies):
-        by_host.setdefault(host_of(node), []).append(node)
-    for host in sorted(by_host):
-        table.add_row(f"[bold]{escape(host)}[/bold]", "", "", "", "", "", "")
-        for node in by_host[host]:
-            add_node_rows(table, node, result.replies[node])
-    for host in result.missing:
-        table.add_row(f"[red]{escape(host)}[/red]", "", "[red]no reply[/red]", "", "", "", "")
-    for endpoint, error in result.errors.items():
-        table.add_row(
-            f"[red]{escape(endpoint)}[/red]", "", "[red]error[/red]", escape(error), "", "", ""
-        )
-    return table
-
-
-def add_node_rows(table: Table, node: str, view: Any) -> None:
-    if not isinstance(view, dict):
-        table.add_row(f"  {escape(node)}", "", "[red]?[/red]", escape(compact(view)), "", "", "")
-        return
-    state = str(view.get("state") or "")
-    colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
-    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
-    done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
-    table.add_row(
-        f"  {escape(node)}",
-        str(view.get("pid") or "-"),
-        f"[{colour}]{state}[/{colour}]",
-        task,
-        size(view.get("rss")),
-        duration(view.get("uptime")),
-        str(done),
-    )
-    children = view.get("children")
-    for child in children if isinstance(children, list) else ():
-        task = ""
-        if child.get("task"):
-            runtime = duration(child.get("runtime"))
-            task = f"{child.get('task_name')} {str(child['task'])[:8]} ({runtime})"
-        table.add_row(
-            "    child",
-            str(child.get("pid")),
-            str(child.get("state", "")),
-            escape(task),
-            size(child.get("rss")),
-            duration(child.get("uptime")),
-            str(child.get("tasks_done", "")),
-        )
-
-
-def size(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return ""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
@@ -818,21 +642,6 @@ def tail_events(events: Iterable[dict[str, Any]], dest: list[str] | None, as_jso
             continue
         print(json.dumps(event) if as_json else event_line(event), flush=True)
     return EXIT_OK
-
-
-def event_line(event: dict[str, Any]) -> str:
-    """`12:00:01.123 images@h1 task-succeeded tasks.resize 3f2a... runtime=0.012`"""
-    ts = event.get("ts")
-    when = (
-        time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
-        if isinstance(ts, (int, float))
-        else "-"
-    )
-    words = [when, str(event.get("node", "-")), str(event.get("type", "-"))]
-    words += [str(event[k]) for k in ("name", "id") if event.get(k) is not None]
-    shown = ("ts", "node", "type", "name", "id")
-    words += [f"{k}={compact(v)}" for k, v in event.items() if k not in shown]
-    return " ".join(words)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ctl import cli
 from ctl.client import Result
+from ctl.render import describe, reply_table, status_table
 from supervisor.keys import keygen
 
 
@@ -110,11 +111,11 @@ def test_a_node_error_a_down_node_or_a_silent_host_is_a_failure() -> None:
 
 
 def test_replies_read_as_text() -> None:
-    assert cli.describe({"ok": "pong"}) == "pong"
-    assert cli.describe([]) == "-"
-    assert cli.describe(["tasks.add", "tasks.sleep"]) == "tasks.add\ntasks.sleep"
-    assert cli.describe([{"id": "t1", "runtime": 1.23456}]) == "id=t1  runtime=1.235"
-    assert cli.describe({"ok": "revoked 1", "terminated": []}) == "ok: revoked 1\nterminated: -"
+    assert describe({"ok": "pong"}) == "pong"
+    assert describe([]) == "-"
+    assert describe(["tasks.add", "tasks.sleep"]) == "tasks.add\ntasks.sleep"
+    assert describe([{"id": "t1", "runtime": 1.23456}]) == "id=t1  runtime=1.235"
+    assert describe({"ok": "revoked 1", "terminated": []}) == "ok: revoked 1\nterminated: -"
 
 
 def render(table: Any) -> str:
@@ -130,7 +131,7 @@ def test_reply_table_names_nodes_errors_and_silent_hosts() -> None:
         0.0021,
         {"h3": "unknown command 'x'"},
     )
-    text = render(cli.reply_table("ping", result))
+    text = render(reply_table("ping", result))
     for words in (
         "ping (2.1 ms)",
         "a@h1",
@@ -167,7 +168,7 @@ def test_status_table_groups_nodes_by_host_with_children_rss_and_uptime() -> Non
         ],
     }
     down = {"node": "email@h2", "pid": 0, "state": "FATAL", "uptime": None}
-    text = render(cli.status_table(Result({"images@h1": running, "email@h2": down}, ["h3"], 0.004)))
+    text = render(status_table(Result({"images@h1": running, "email@h2": down}, ["h3"], 0.004)))
     lines = text.splitlines()
     order = [
         next(i for i, line in enumerate(lines) if word in line)
