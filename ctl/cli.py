@@ -46,7 +46,6 @@ from supervisor.cli import version
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
-NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
 PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
 
@@ -430,8 +429,9 @@ def key_value(text: str) -> tuple[str, Any]:
     return key, parse_value(value)
 
 
-def open_control(args: argparse.Namespace) -> Any:
-    """A ControlClient for the hosts and keys the command line and the config name."""
+def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
+    """A ControlClient for the hosts and keys the command line and the config name, that
+    waits `timeout` (default: --timeout) for them."""
     from ctl.client import ControlClient
     from supervisor.control import ControlConfigError
     from supervisor.keys import KeyFileError, load_keypair, load_public
@@ -463,7 +463,7 @@ def open_control(args: argparse.Namespace) -> Any:
             raise UsageError(str(exc)) from None
         server_keys = {e: server_public for e in endpoints if e.startswith("tcp://")}
     try:
-        return ControlClient(endpoints, args.timeout, client_keys, server_keys, hosts)
+        return ControlClient(endpoints, timeout or args.timeout, client_keys, server_keys, hosts)
     except ControlConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -471,22 +471,17 @@ def open_control(args: argparse.Namespace) -> Any:
 def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
     dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
-    cmd_args["_timeout"] = args.timeout * NODE_SHARE
-    if limit:
-        cmd_args["_limit"] = limit  # each host answers once it has that many
     ahead = revoked_ahead(args) if args.command == "revoke" else []
-    client = open_control(args)
-    try:
+    if args.command == "top":
+        with open_control(args, timeout=min(args.timeout, TOP_EVERY)) as client:
+            return show_top(client, dest, console)
+    with open_control(args) as client:
         if args.command == "events" and args.action == "tail":
             return tail_events_of_fleet(client, dest, args.timeout, args.json)
-        if args.command == "top":
-            return show_top(client, dest, args.timeout, console)
         if args.command == "status":
-            result = fleet_status(client, dest, args.timeout)
+            result = fleet_status(client, dest)
         else:
             result = client.call(cmd, cmd_args, dest, limit)
-    finally:
-        client.close()
     if not (limit and len(result.replies) >= limit):
         result.missing += [d for d in unanswered(dest, result.replies) if d not in result.missing]
     if args.json:
@@ -534,13 +529,12 @@ def failed(result: Any) -> bool:
 
 
 # --- status and top ------------------------------------------------------------------------
-def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
+def fleet_status(client: Any, dest: list[str] | None) -> Any:
     """Every node as its arbiter sees it (down ones too), with the pool its worker reports."""
     from ctl.client import Result
 
-    args = {"_timeout": timeout * NODE_SHARE}
-    supervised = client.call("status", args, dest)
-    pools = client.call("stats", args, dest)
+    supervised = client.call("status", {}, dest)
+    pools = client.call("stats", {}, dest)
     nodes = {}
     for node, view in supervised.replies.items():
         stats = pools.replies.get(node)
@@ -558,12 +552,11 @@ def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
     )
 
 
-def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
+def show_top(client: Any, dest: list[str] | None, console: Console) -> int:
     """The status table, redrawn every second until `q` (from a terminal) or Ctrl-C; into a
     pipe or a file, one table after the other (as `top -b` does)."""
     from rich.live import Live
 
-    timeout = min(timeout, TOP_EVERY)
     screen = (
         Live(console=console, auto_refresh=False)
         if console.is_terminal
@@ -574,7 +567,7 @@ def show_top(client: Any, dest: list[str] | None, timeout: float, console: Conso
     with screen as live, keys(sys.stdin if console.is_terminal else None) as keyboard:
         while True:
             started = time.monotonic()
-            table = status_table(fleet_status(client, dest, timeout))
+            table = status_table(fleet_status(client, dest))
             if live is None:
                 console.print(table)
                 console.file.flush()
@@ -620,7 +613,7 @@ def tail_events_of_fleet(client: Any, dest: list[str] | None, timeout: float, as
     """Subscribe, then ping: if no node answers within `timeout` there is nothing to tail
     (exit 1); hosts that stay silent are named, and the others' events are tailed."""
     events = client.subscribe_events()
-    answer = client.call("ping", {"_timeout": timeout * NODE_SHARE}, dest)
+    answer = client.call("ping", {}, dest)
     silent = answer.missing + list(answer.errors) + unanswered(dest, answer.replies)
     if not answer.replies:
         print(

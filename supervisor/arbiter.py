@@ -63,7 +63,7 @@ FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
 BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
 BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
-DEFAULT_COMMAND_TIMEOUT = 1.0
+MAX_COMMAND_TIMEOUT = 60.0  # seconds a host holds a request at most, whatever it asks for
 HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
 # Bytes of frames a worker may leave unread behind the one it is taking: past that it does not
 # read (hung, stopped), and commands for it are answered with an error instead of queued.
@@ -138,7 +138,6 @@ class PendingCommand:
     waiting: dict[str, str]  # message id sent to a worker -> node
     replies: dict[str, Any]
     deadline: float
-    limit: int = 0  # answer once this many nodes replied (`ping --limit`); 0: wait for all
 
 
 class Arbiter:
@@ -688,8 +687,6 @@ class Arbiter:
         return [w for w in live if w.node in dest or self.config.node in dest]
 
     def run_command(self, request: Request) -> None:
-        timeout = request.args.pop("_timeout", DEFAULT_COMMAND_TIMEOUT)
-        limit = request.args.pop("_limit", 0)
         command = COMMANDS.get(request.cmd)
         try:
             if command is not None:
@@ -706,19 +703,8 @@ class Arbiter:
             assert command.effect is not None
             self.control.reply(request, command.effect(self, request.dest, **args))
             return
-        if (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-        ):
-            timeout = DEFAULT_COMMAND_TIMEOUT
-        pending = PendingCommand(
-            request,
-            {},
-            {},
-            time.monotonic() + min(max(timeout, 0.01), 60.0),
-            limit if isinstance(limit, int) and not isinstance(limit, bool) else 0,
-        )
+        deadline = time.monotonic() + min(request.timeout, MAX_COMMAND_TIMEOUT)
+        pending = PendingCommand(request, {}, {}, deadline)
         for w in self.targets(request.dest):
             if request.cmd == "events":  # remembered for the node's next process (restart, reload)
                 (self.events_on.add if args["enable"] else self.events_on.discard)(w.node)
@@ -740,7 +726,8 @@ class Arbiter:
             return  # too late: its command was answered without it
         del pending.waiting[mid]
         pending.replies[node] = reply
-        if pending.limit > 0 and len(pending.replies) >= pending.limit:
+        limit = pending.request.limit
+        if limit is not None and len(pending.replies) >= limit:
             for other in pending.waiting:  # not needed: their replies will come too late
                 del self.pending[other]
             pending.waiting.clear()
