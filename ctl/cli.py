@@ -26,11 +26,12 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
 
+import supervisor.commands  # noqa: F401 - the host commands, to join the worker ones in the table
 from ctl.render import (
     add_iso_times,
     event_line,
@@ -43,9 +44,9 @@ from ctl.render import (
     task_table,
 )
 from supervisor.cli import version
+from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
 PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
 
@@ -69,14 +70,19 @@ def positive(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def word_type(arg: Arg) -> Callable[[str], Any]:
+    """The argparse `type` of a table argument: its own parse, a usage error if it fails."""
+
+    def parse(word: str) -> Any:
+        try:
+            return arg.parse(word)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+count = word_type(Arg((int,), minimum=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,52 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         " else the config's curve_secret_key)",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    def dest(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        cmd.add_argument(
-            "--dest",
-            action="append",
-            help="a node (name@host) or a host: every node on it; repeatable",
-        )
-        return cmd
-
-    ping = dest(sub.add_parser("ping", help="check that nodes answer"))
-    ping.add_argument("--limit", type=count, help="return once this many nodes replied")
-    dest(sub.add_parser("shutdown", help="warm-shut-down nodes or hosts (a host: as SIGTERM)"))
-    dest(sub.add_parser("reload", help="graceful reload of hosts, fresh code (as SIGHUP)"))
-    rl = dest(
-        sub.add_parser("rate-limit", help="limit a task name to N/s, N/m or N/h per node; 0 clears")
-    )
-    rl.add_argument("task")
-    rl.add_argument("rate")
-    tl = dest(
-        sub.add_parser(
-            "time-limit",
-            help="soft and hard time limits of a task name, for the tasks that start from now on",
-        )
-    )
-    tl.add_argument("task")
-    tl.add_argument("--soft", type=float, help="seconds; 0 = none")
-    tl.add_argument("--hard", type=float, help="seconds; 0 = none")
-    tl.add_argument("--clear", action="store_true", help="back to the task's own limits")
-    rv = sub.add_parser("revoke", help="revoke task ids, for good: they never start")
-    rv.add_argument("ids", nargs="+")
-    rv.add_argument("--terminate", action="store_true", help="signal the child running one")
-    rv.add_argument("--signal", default="TERM", help="with --terminate (default: TERM)")
-    ins = dest(sub.add_parser("inspect", help="what nodes run, hold and know"))
-    ins.add_argument("what", choices=INSPECT)
-    ev = dest(sub.add_parser("events", help="turn task events on or off; tail them"))
-    ev.add_argument("action", choices=("enable", "disable", "tail"))
-    pool = dest(sub.add_parser("pool", help="grow or shrink pools (shrink retires idle children)"))
-    pool.add_argument("action", choices=("grow", "shrink"))
-    pool.add_argument("n", nargs="?", type=count, default=1)
-    dest(sub.add_parser("status", help="a table of hosts, nodes and children"))
-    dest(sub.add_parser("top", help="the status table, live"))
-    call = dest(sub.add_parser("call", help="run a custom @control_command"))
+    groups = add_control_lines(sub)
+    tail = groups["events"].add_parser("tail", help="print task events as they arrive")
+    add_dest(tail).set_defaults(handler=cmd_tail)
+    add_dest(sub.add_parser("top", help="the status table, live")).set_defaults(handler=cmd_top)
+    call = add_dest(sub.add_parser("call", help="run a custom @control_command"))
     call.add_argument("name")
     call.add_argument(
         "args", nargs="*", metavar="KEY=VALUE", help="an argument (VALUE is JSON, else a string)"
     )
+    call.set_defaults(handler=control_command)
     submit = sub.add_parser("submit", help="submit a task")
     submit.add_argument("task")
     submit.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
@@ -167,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--queue")
     submit.add_argument("--countdown", type=float)
     submit.add_argument("--wait", type=float, help="wait up to S seconds for the result")
+    submit.set_defaults(handler=cmd_submit)
     result = sub.add_parser("result", help="a task's state and result")
     result.add_argument("id")
     result.add_argument("--wait", type=float)
-    sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
+    result.set_defaults(handler=cmd_result)
+    queues = sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
+    queues.set_defaults(handler=cmd_queues)
     dead = sub.add_parser("dead", help="the dead-letter list: list, retry or purge it")
+    dead.set_defaults(handler=cmd_dead)
     dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=Parser)
     dead_sub.add_parser("list", help="every dead letter, newest first")
     retry = dead_sub.add_parser(
@@ -183,9 +157,69 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--yes", action="store_true", help="yes, delete them all")
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair into DIR")
     keygen.add_argument("dir")
-    for command in [*sub.choices.values(), *dead_sub.choices.values()]:
-        add_global_options(command)  # the global options also after the command
+    keygen.set_defaults(handler=cmd_keygen)
+    for group in [sub, dead_sub, *groups.values()]:
+        for command in group.choices.values():
+            add_global_options(command)  # the global options also after the command
     return p
+
+
+# The two-word command lines of the table, by their first word (`pool grow`, `pool shrink`).
+GROUPS = {
+    "inspect": "what nodes run, hold and know",
+    "pool": "grow or shrink pools (shrink retires idle children)",
+    "events": "turn task events on or off; tail them",
+}
+
+
+def add_control_lines(sub: Any) -> dict[str, Any]:
+    """A parser for each command line of the command table, under `sub`: a word (`rate-limit`)
+    or a group's word (`pool grow`); returns the subparsers of each group."""
+    groups: dict[str, Any] = {}
+    for command in COMMANDS.values():
+        for words, fixed in command.lines.items():
+            group, _, word = words.rpartition(" ")
+            if group and group not in groups:
+                parent = sub.add_parser(group, help=GROUPS[group])
+                groups[group] = parent.add_subparsers(
+                    dest="action", required=True, parser_class=Parser
+                )
+            line = (groups[group] if group else sub).add_parser(word, help=command.help)
+            line.set_defaults(handler=control_command, control=command.name, fixed=fixed)
+            for key, arg in command.args.items():
+                if key not in fixed:
+                    add_argument(line, key, arg)
+            if "dest" in command.envelope:
+                add_dest(line)
+            if "limit" in command.envelope:
+                line.add_argument("--limit", type=count, help="return once this many nodes replied")
+    return groups
+
+
+def add_argument(line: argparse.ArgumentParser, key: str, arg: Arg) -> None:
+    """A table argument as fleetctl takes it: a positional if REQUIRED (a list: one word or
+    more) or `positional` (then it may be left out), else an --option (a bool: a flag).
+    OPTIONAL ones left out are not sent."""
+    default = argparse.SUPPRESS if arg.default is OPTIONAL else arg.default
+    flag = "--" + key.replace("_", "-")
+    if arg.types == (bool,):
+        line.add_argument(flag, dest=key, action="store_true", default=default, help=arg.help)
+    elif arg.default is REQUIRED:
+        nargs = "+" if list in arg.types else None
+        line.add_argument(key, nargs=nargs, type=word_type(arg), metavar=key.upper(), help=arg.help)
+    elif arg.positional:
+        line.add_argument(
+            key, nargs="?", type=word_type(arg), default=default, metavar=key.upper(), help=arg.help
+        )
+    else:
+        line.add_argument(flag, dest=key, type=word_type(arg), default=default, help=arg.help)
+
+
+def add_dest(line: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    line.add_argument(
+        "--dest", action="append", help="a node (name@host) or a host: every node on it; repeatable"
+    )
+    return line
 
 
 def add_global_options(command: argparse.ArgumentParser) -> None:
@@ -204,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
     try:
-        handler = QUEUE_COMMANDS.get(args.command) or control_command
-        return handler(args, console)
+        return int(args.handler(args, console))
     except UsageError as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -373,53 +406,21 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-QUEUE_COMMANDS = {
-    "submit": cmd_submit,
-    "result": cmd_result,
-    "queues": cmd_queues,
-    "dead": cmd_dead,
-    "keygen": cmd_keygen,
-}
-
-
 # --- the control plane -------------------------------------------------------------------
 def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The registry command and arguments a fleetctl command line stands for."""
-    c = args.command
-    if c == "rate-limit":
-        from supervisor.config import parse_rate
-
-        try:
-            parse_rate(args.rate)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        return "rate_limit", {"task": args.task, "rate": args.rate}
-    if c == "time-limit":
-        from worker.commands import time_limits_problem
-
-        if args.clear:
-            return "time_limit", {"task": args.task, "clear": True}
-        if args.soft is None or args.hard is None:
-            raise UsageError("time-limit needs --soft S and --hard S, or --clear")
-        problem = time_limits_problem(args.soft, args.hard)
-        if problem:
-            raise UsageError(problem)
-        return "time_limit", {"task": args.task, "soft": args.soft, "hard": args.hard}
-    if c == "revoke":
-        from worker.commands import signal_number
-
-        if signal_number(args.signal) is None:
-            raise UsageError(f"--signal {args.signal}: no such signal")
-        return "revoke", {"ids": args.ids, "terminate": args.terminate, "signal": args.signal}
-    if c == "inspect":
-        return args.what, {}
-    if c == "events":
-        return "events", {"enable": args.action == "enable"}
-    if c == "pool":
-        return f"pool_{args.action}", {"n": args.n}
-    if c == "call":
+    """The table's command and the arguments a fleetctl command line stands for, held to
+    that command's own check (a usage error if they fail it): fleetctl cannot ask for what
+    the nodes would refuse."""
+    if args.command == "call":
         return args.name, dict(key_value(a) for a in args.args)
-    return c, {}
+    command = COMMANDS[args.control]
+    request = {key: getattr(args, key) for key in command.args if hasattr(args, key)}
+    request.update(args.fixed)
+    try:
+        command.validate(request)
+    except CommandError as exc:
+        raise UsageError(str(exc)) from None
+    return command.name, request
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -472,12 +473,7 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
     dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
     ahead = revoked_ahead(args) if args.command == "revoke" else []
-    if args.command == "top":
-        with open_control(args, timeout=min(args.timeout, TOP_EVERY)) as client:
-            return show_top(client, dest, console)
     with open_control(args) as client:
-        if args.command == "events" and args.action == "tail":
-            return tail_events_of_fleet(client, dest, args.timeout, args.json)
         if args.command == "status":
             result = fleet_status(client, dest)
         else:
@@ -552,6 +548,11 @@ def fleet_status(client: Any, dest: list[str] | None) -> Any:
     )
 
 
+def cmd_top(args: argparse.Namespace, console: Console) -> int:
+    with open_control(args, timeout=min(args.timeout, TOP_EVERY)) as client:
+        return show_top(client, args.dest, console)
+
+
 def show_top(client: Any, dest: list[str] | None, console: Console) -> int:
     """The status table, redrawn every second until `q` (from a terminal) or Ctrl-C; into a
     pipe or a file, one table after the other (as `top -b` does)."""
@@ -609,6 +610,11 @@ def quit_pressed(keyboard: int | None, seconds: float) -> bool:
 
 
 # --- events --------------------------------------------------------------------------------
+def cmd_tail(args: argparse.Namespace, console: Console) -> int:
+    with open_control(args) as client:
+        return tail_events_of_fleet(client, args.dest, args.timeout, args.json)
+
+
 def tail_events_of_fleet(client: Any, dest: list[str] | None, timeout: float, as_json: bool) -> int:
     """Subscribe, then ping: if no node answers within `timeout` there is nothing to tail
     (exit 1); hosts that stay silent are named, and the others' events are tailed."""
