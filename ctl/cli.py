@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import select
@@ -27,21 +26,29 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+import supervisor.commands  # noqa: F401 - the host commands, to join the worker ones in the table
+from ctl.render import (
+    add_iso_times,
+    event_line,
+    host_of,
+    letter_json,
+    letters_table,
+    queues_table,
+    reply_table,
+    status_table,
+    task_table,
+)
 from supervisor.cli import version
+from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-INSPECT = ("active", "reserved", "scheduled", "registered", "stats", "revoked", "conf")
-NODE_SHARE = 0.8  # of --timeout that a node gets: its host then still answers in time, naming it
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
 PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
-EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
 
 
 class UsageError(Exception):
@@ -63,14 +70,19 @@ def positive(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def word_type(arg: Arg) -> Callable[[str], Any]:
+    """The argparse `type` of a table argument: its own parse, a usage error if it fails."""
+
+    def parse(word: str) -> Any:
+        try:
+            return arg.parse(word)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+count = word_type(Arg((int,), minimum=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,52 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         " else the config's curve_secret_key)",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    def dest(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        cmd.add_argument(
-            "--dest",
-            action="append",
-            help="a node (name@host) or a host: every node on it; repeatable",
-        )
-        return cmd
-
-    ping = dest(sub.add_parser("ping", help="check that nodes answer"))
-    ping.add_argument("--limit", type=count, help="return once this many nodes replied")
-    dest(sub.add_parser("shutdown", help="warm-shut-down nodes or hosts (a host: as SIGTERM)"))
-    dest(sub.add_parser("reload", help="graceful reload of hosts, fresh code (as SIGHUP)"))
-    rl = dest(
-        sub.add_parser("rate-limit", help="limit a task name to N/s, N/m or N/h per node; 0 clears")
-    )
-    rl.add_argument("task")
-    rl.add_argument("rate")
-    tl = dest(
-        sub.add_parser(
-            "time-limit",
-            help="soft and hard time limits of a task name, for the tasks that start from now on",
-        )
-    )
-    tl.add_argument("task")
-    tl.add_argument("--soft", type=float, help="seconds; 0 = none")
-    tl.add_argument("--hard", type=float, help="seconds; 0 = none")
-    tl.add_argument("--clear", action="store_true", help="back to the task's own limits")
-    rv = sub.add_parser("revoke", help="revoke task ids, for good: they never start")
-    rv.add_argument("ids", nargs="+")
-    rv.add_argument("--terminate", action="store_true", help="signal the child running one")
-    rv.add_argument("--signal", default="TERM", help="with --terminate (default: TERM)")
-    ins = dest(sub.add_parser("inspect", help="what nodes run, hold and know"))
-    ins.add_argument("what", choices=INSPECT)
-    ev = dest(sub.add_parser("events", help="turn task events on or off; tail them"))
-    ev.add_argument("action", choices=("enable", "disable", "tail"))
-    pool = dest(sub.add_parser("pool", help="grow or shrink pools (shrink retires idle children)"))
-    pool.add_argument("action", choices=("grow", "shrink"))
-    pool.add_argument("n", nargs="?", type=count, default=1)
-    dest(sub.add_parser("status", help="a table of hosts, nodes and children"))
-    dest(sub.add_parser("top", help="the status table, live"))
-    call = dest(sub.add_parser("call", help="run a custom @control_command"))
+    groups = add_control_lines(sub)
+    tail = groups["events"].add_parser("tail", help="print task events as they arrive")
+    add_dest(tail).set_defaults(handler=cmd_tail)
+    add_dest(sub.add_parser("top", help="the status table, live")).set_defaults(handler=cmd_top)
+    call = add_dest(sub.add_parser("call", help="run a custom @control_command"))
     call.add_argument("name")
     call.add_argument(
         "args", nargs="*", metavar="KEY=VALUE", help="an argument (VALUE is JSON, else a string)"
     )
+    call.set_defaults(handler=control_command)
     submit = sub.add_parser("submit", help="submit a task")
     submit.add_argument("task")
     submit.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
@@ -161,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--queue")
     submit.add_argument("--countdown", type=float)
     submit.add_argument("--wait", type=float, help="wait up to S seconds for the result")
+    submit.set_defaults(handler=cmd_submit)
     result = sub.add_parser("result", help="a task's state and result")
     result.add_argument("id")
     result.add_argument("--wait", type=float)
-    sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
+    result.set_defaults(handler=cmd_result)
+    queues = sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
+    queues.set_defaults(handler=cmd_queues)
     dead = sub.add_parser("dead", help="the dead-letter list: list, retry or purge it")
+    dead.set_defaults(handler=cmd_dead)
     dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=Parser)
     dead_sub.add_parser("list", help="every dead letter, newest first")
     retry = dead_sub.add_parser(
@@ -177,9 +157,69 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--yes", action="store_true", help="yes, delete them all")
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair into DIR")
     keygen.add_argument("dir")
-    for command in [*sub.choices.values(), *dead_sub.choices.values()]:
-        add_global_options(command)  # the global options also after the command
+    keygen.set_defaults(handler=cmd_keygen)
+    for group in [sub, dead_sub, *groups.values()]:
+        for command in group.choices.values():
+            add_global_options(command)  # the global options also after the command
     return p
+
+
+# The two-word command lines of the table, by their first word (`pool grow`, `pool shrink`).
+GROUPS = {
+    "inspect": "what nodes run, hold and know",
+    "pool": "grow or shrink pools (shrink retires idle children)",
+    "events": "turn task events on or off; tail them",
+}
+
+
+def add_control_lines(sub: Any) -> dict[str, Any]:
+    """A parser for each command line of the command table, under `sub`: a word (`rate-limit`)
+    or a group's word (`pool grow`); returns the subparsers of each group."""
+    groups: dict[str, Any] = {}
+    for command in COMMANDS.values():
+        for words, fixed in command.lines.items():
+            group, _, word = words.rpartition(" ")
+            if group and group not in groups:
+                parent = sub.add_parser(group, help=GROUPS[group])
+                groups[group] = parent.add_subparsers(
+                    dest="action", required=True, parser_class=Parser
+                )
+            line = (groups[group] if group else sub).add_parser(word, help=command.help)
+            line.set_defaults(handler=control_command, control=command.name, fixed=fixed)
+            for key, arg in command.args.items():
+                if key not in fixed:
+                    add_argument(line, key, arg)
+            if "dest" in command.envelope:
+                add_dest(line)
+            if "limit" in command.envelope:
+                line.add_argument("--limit", type=count, help="return once this many nodes replied")
+    return groups
+
+
+def add_argument(line: argparse.ArgumentParser, key: str, arg: Arg) -> None:
+    """A table argument as fleetctl takes it: a positional if REQUIRED (a list: one word or
+    more) or `positional` (then it may be left out), else an --option (a bool: a flag).
+    OPTIONAL ones left out are not sent."""
+    default = argparse.SUPPRESS if arg.default is OPTIONAL else arg.default
+    flag = "--" + key.replace("_", "-")
+    if arg.types == (bool,):
+        line.add_argument(flag, dest=key, action="store_true", default=default, help=arg.help)
+    elif arg.default is REQUIRED:
+        nargs = "+" if list in arg.types else None
+        line.add_argument(key, nargs=nargs, type=word_type(arg), metavar=key.upper(), help=arg.help)
+    elif arg.positional:
+        line.add_argument(
+            key, nargs="?", type=word_type(arg), default=default, metavar=key.upper(), help=arg.help
+        )
+    else:
+        line.add_argument(flag, dest=key, type=word_type(arg), default=default, help=arg.help)
+
+
+def add_dest(line: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    line.add_argument(
+        "--dest", action="append", help="a node (name@host) or a host: every node on it; repeatable"
+    )
+    return line
 
 
 def add_global_options(command: argparse.ArgumentParser) -> None:
@@ -198,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
     try:
-        handler = QUEUE_COMMANDS.get(args.command) or control_command
-        return handler(args, console)
+        return int(args.handler(args, console))
     except UsageError as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -300,20 +339,7 @@ def show_result(
     if as_json:
         print(json.dumps(info))
     else:
-        table = Table(show_header=False)
-        for key in (
-            "id",
-            "name",
-            "state",
-            "result",
-            "exc_type",
-            "exc_message",
-            "deliveries",
-            "node",
-        ):
-            if info.get(key) is not None:
-                table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
-        console.print(table)
+        console.print(task_table(info))
     return code
 
 
@@ -328,12 +354,7 @@ def cmd_queues(args: argparse.Namespace, console: Console) -> int:
         }
         print(json.dumps({"queues": queues, "dead_letters": [letter_json(d) for d in dead]}))
         return EXIT_OK
-    table = Table(title="queues")
-    for column in ("queue", "ready", "scheduled", "reserved"):
-        table.add_column(column, justify="right" if column != "queue" else "left")
-    for d in depths:
-        table.add_row(d.queue, str(d.ready), str(d.scheduled), str(d.reserved))
-    console.print(table)
+    console.print(queues_table(depths))
     console.print(letters_table(dead, f"dead letters ({len(dead)} newest)"))
     return EXIT_OK
 
@@ -374,35 +395,6 @@ def show_retried(outcomes: dict[str, str | None], as_json: bool) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def letter_json(letter: Any) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "queue": letter.queue,
-        "name": letter.name,
-        "reason": letter.reason,
-        "message": letter.extra.get("message"),
-        "at": letter.at,
-        "at_iso": iso_time(letter.at),
-        "body": letter.body,
-    }
-
-
-def letters_table(dead: list[Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("id", "name", "queue", "error", "when"):
-        table.add_column(column, no_wrap=column == "id")  # ids are there to be copied
-    for d in dead:
-        message = d.extra.get("message")
-        error = f"{d.reason}: {message}" if message else d.reason
-        table.add_row(escape(d.id), escape(d.name), escape(d.queue), escape(error), iso_time(d.at))
-    return table
-
-
-def iso_time(epoch: float) -> str:
-    """Epoch seconds as an ISO 8601 local time that states its UTC offset."""
-    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
-
-
 def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     from supervisor.keys import keygen
 
@@ -414,53 +406,21 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-QUEUE_COMMANDS = {
-    "submit": cmd_submit,
-    "result": cmd_result,
-    "queues": cmd_queues,
-    "dead": cmd_dead,
-    "keygen": cmd_keygen,
-}
-
-
 # --- the control plane -------------------------------------------------------------------
 def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The registry command and arguments a fleetctl command line stands for."""
-    c = args.command
-    if c == "rate-limit":
-        from supervisor.config import parse_rate
-
-        try:
-            parse_rate(args.rate)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        return "rate_limit", {"task": args.task, "rate": args.rate}
-    if c == "time-limit":
-        from worker.commands import time_limits_problem
-
-        if args.clear:
-            return "time_limit", {"task": args.task, "clear": True}
-        if args.soft is None or args.hard is None:
-            raise UsageError("time-limit needs --soft S and --hard S, or --clear")
-        problem = time_limits_problem(args.soft, args.hard)
-        if problem:
-            raise UsageError(problem)
-        return "time_limit", {"task": args.task, "soft": args.soft, "hard": args.hard}
-    if c == "revoke":
-        from worker.commands import signal_number
-
-        if signal_number(args.signal) is None:
-            raise UsageError(f"--signal {args.signal}: no such signal")
-        return "revoke", {"ids": args.ids, "terminate": args.terminate, "signal": args.signal}
-    if c == "inspect":
-        return args.what, {}
-    if c == "events":
-        return "events", {"enable": args.action == "enable"}
-    if c == "pool":
-        return f"pool_{args.action}", {"n": args.n}
-    if c == "call":
+    """The table's command and the arguments a fleetctl command line stands for, held to
+    that command's own check (a usage error if they fail it): fleetctl cannot ask for what
+    the nodes would refuse."""
+    if args.command == "call":
         return args.name, dict(key_value(a) for a in args.args)
-    return c, {}
+    command = COMMANDS[args.control]
+    request = {key: getattr(args, key) for key in command.args if hasattr(args, key)}
+    request.update(args.fixed)
+    try:
+        command.validate(request)
+    except CommandError as exc:
+        raise UsageError(str(exc)) from None
+    return command.name, request
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -470,8 +430,9 @@ def key_value(text: str) -> tuple[str, Any]:
     return key, parse_value(value)
 
 
-def open_control(args: argparse.Namespace) -> Any:
-    """A ControlClient for the hosts and keys the command line and the config name."""
+def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
+    """A ControlClient for the hosts and keys the command line and the config name, that
+    waits `timeout` (default: --timeout) for them."""
     from ctl.client import ControlClient
     from supervisor.control import ControlConfigError
     from supervisor.keys import KeyFileError, load_keypair, load_public
@@ -503,7 +464,7 @@ def open_control(args: argparse.Namespace) -> Any:
             raise UsageError(str(exc)) from None
         server_keys = {e: server_public for e in endpoints if e.startswith("tcp://")}
     try:
-        return ControlClient(endpoints, args.timeout, client_keys, server_keys, hosts)
+        return ControlClient(endpoints, timeout or args.timeout, client_keys, server_keys, hosts)
     except ControlConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -511,22 +472,12 @@ def open_control(args: argparse.Namespace) -> Any:
 def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
     dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
-    cmd_args["_timeout"] = args.timeout * NODE_SHARE
-    if limit:
-        cmd_args["_limit"] = limit  # each host answers once it has that many
     ahead = revoked_ahead(args) if args.command == "revoke" else []
-    client = open_control(args)
-    try:
-        if args.command == "events" and args.action == "tail":
-            return tail_events_of_fleet(client, dest, args.timeout, args.json)
-        if args.command == "top":
-            return show_top(client, dest, args.timeout, console)
+    with open_control(args) as client:
         if args.command == "status":
-            result = fleet_status(client, dest, args.timeout)
+            result = fleet_status(client, dest)
         else:
             result = client.call(cmd, cmd_args, dest, limit)
-    finally:
-        client.close()
     if not (limit and len(result.replies) >= limit):
         result.missing += [d for d in unanswered(dest, result.replies) if d not in result.missing]
     if args.json:
@@ -565,10 +516,6 @@ def unanswered(dest: list[str] | None, replies: dict[str, Any]) -> list[str]:
     return [d for d in dest or () if d not in replies and not any(host_of(n) == d for n in replies)]
 
 
-def host_of(node: str) -> str:
-    return node.rpartition("@")[2]
-
-
 def failed(result: Any) -> bool:
     """Did a host not answer, or a node fail, or is one down?"""
     return bool(result.missing or result.errors) or any(
@@ -577,71 +524,13 @@ def failed(result: Any) -> bool:
     )
 
 
-def reply_table(cmd: str, result: Any) -> Table:
-    table = Table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
-    table.add_column("node")
-    table.add_column("reply")
-    for node, reply in sorted(result.replies.items()):
-        if isinstance(reply, dict) and "error" in reply:
-            table.add_row(escape(node), f"[red]{escape(str(reply['error']))}[/red]")
-        else:
-            table.add_row(escape(node), escape(describe(reply)))
-    for host in result.missing:
-        table.add_row(f"[red]{escape(host)}[/red]", "[red]no reply[/red]")
-    for endpoint, error in result.errors.items():
-        table.add_row(f"[red]{escape(endpoint)}[/red]", f"[red]{escape(error)}[/red]")
-    return table
-
-
-def describe(reply: Any) -> str:
-    """A reply as text a person reads: `ok` alone, one line per item or per key, times
-    (EPOCH_FIELDS) as ISO times."""
-    if isinstance(reply, dict):
-        if set(reply) == {"ok"}:
-            return str(reply["ok"])
-        return "\n".join(
-            f"{key}: {iso_time(value) if is_epoch(key, value) else compact(value)}"
-            for key, value in reply.items()
-        )
-    if isinstance(reply, list):
-        return "\n".join(compact(item) for item in reply) if reply else "-"
-    return compact(reply)
-
-
-def is_epoch(key: str, value: Any) -> bool:
-    return key in EPOCH_FIELDS and isinstance(value, (int, float))
-
-
-def add_iso_times(replies: dict[str, Any]) -> None:
-    """Beside each time in epoch seconds (EPOCH_FIELDS) of the replies, the same as an ISO
-    time: `next_due_iso`. JSON readers keep the number."""
-    for reply in replies.values():
-        if isinstance(reply, dict):
-            for key, value in list(reply.items()):
-                if is_epoch(key, value):
-                    reply[f"{key}_iso"] = iso_time(value)
-
-
-def compact(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if value in ({}, [], None):
-        return "-"
-    if isinstance(value, dict):
-        return "  ".join(f"{k}={compact(v)}" for k, v in value.items())
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return json.dumps(value)
-
-
 # --- status and top ------------------------------------------------------------------------
-def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
+def fleet_status(client: Any, dest: list[str] | None) -> Any:
     """Every node as its arbiter sees it (down ones too), with the pool its worker reports."""
     from ctl.client import Result
 
-    args = {"_timeout": timeout * NODE_SHARE}
-    supervised = client.call("status", args, dest)
-    pools = client.call("stats", args, dest)
+    supervised = client.call("status", {}, dest)
+    pools = client.call("stats", {}, dest)
     nodes = {}
     for node, view in supervised.replies.items():
         stats = pools.replies.get(node)
@@ -659,87 +548,16 @@ def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
     )
 
 
-def status_table(result: Any) -> Table:
-    table = Table(title=f"fleet ({result.elapsed * 1000:.1f} ms)", title_justify="left")
-    for column in ("host / node / child", "pid", "state", "task", "rss", "uptime", "done"):
-        numeric = column in ("pid", "rss", "uptime", "done")
-        table.add_column(column, justify="right" if numeric else "left")
-    by_host: dict[str, list[str]] = {}
-    for node in sorted(result.replies):
-        by_host.setdefault(host_of(node), []).append(node)
-    for host in sorted(by_host):
-        table.add_row(f"[bold]{escape(host)}[/bold]", "", "", "", "", "", "")
-        for node in by_host[host]:
-            add_node_rows(table, node, result.replies[node])
-    for host in result.missing:
-        table.add_row(f"[red]{escape(host)}[/red]", "", "[red]no reply[/red]", "", "", "", "")
-    for endpoint, error in result.errors.items():
-        table.add_row(
-            f"[red]{escape(endpoint)}[/red]", "", "[red]error[/red]", escape(error), "", "", ""
-        )
-    return table
+def cmd_top(args: argparse.Namespace, console: Console) -> int:
+    with open_control(args, timeout=min(args.timeout, TOP_EVERY)) as client:
+        return show_top(client, args.dest, console)
 
 
-def add_node_rows(table: Table, node: str, view: Any) -> None:
-    if not isinstance(view, dict):
-        table.add_row(f"  {escape(node)}", "", "[red]?[/red]", escape(compact(view)), "", "", "")
-        return
-    state = str(view.get("state") or "")
-    colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
-    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
-    done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
-    table.add_row(
-        f"  {escape(node)}",
-        str(view.get("pid") or "-"),
-        f"[{colour}]{state}[/{colour}]",
-        task,
-        size(view.get("rss")),
-        duration(view.get("uptime")),
-        str(done),
-    )
-    children = view.get("children")
-    for child in children if isinstance(children, list) else ():
-        task = ""
-        if child.get("task"):
-            runtime = duration(child.get("runtime"))
-            task = f"{child.get('task_name')} {str(child['task'])[:8]} ({runtime})"
-        table.add_row(
-            "    child",
-            str(child.get("pid")),
-            str(child.get("state", "")),
-            escape(task),
-            size(child.get("rss")),
-            duration(child.get("uptime")),
-            str(child.get("tasks_done", "")),
-        )
-
-
-def size(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return ""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def show_top(client: Any, dest: list[str] | None, timeout: float, console: Console) -> int:
+def show_top(client: Any, dest: list[str] | None, console: Console) -> int:
     """The status table, redrawn every second until `q` (from a terminal) or Ctrl-C; into a
     pipe or a file, one table after the other (as `top -b` does)."""
     from rich.live import Live
 
-    timeout = min(timeout, TOP_EVERY)
     screen = (
         Live(console=console, auto_refresh=False)
         if console.is_terminal
@@ -750,7 +568,7 @@ def show_top(client: Any, dest: list[str] | None, timeout: float, console: Conso
     with screen as live, keys(sys.stdin if console.is_terminal else None) as keyboard:
         while True:
             started = time.monotonic()
-            table = status_table(fleet_status(client, dest, timeout))
+            table = status_table(fleet_status(client, dest))
             if live is None:
                 console.print(table)
                 console.file.flush()
@@ -792,11 +610,16 @@ def quit_pressed(keyboard: int | None, seconds: float) -> bool:
 
 
 # --- events --------------------------------------------------------------------------------
+def cmd_tail(args: argparse.Namespace, console: Console) -> int:
+    with open_control(args) as client:
+        return tail_events_of_fleet(client, args.dest, args.timeout, args.json)
+
+
 def tail_events_of_fleet(client: Any, dest: list[str] | None, timeout: float, as_json: bool) -> int:
     """Subscribe, then ping: if no node answers within `timeout` there is nothing to tail
     (exit 1); hosts that stay silent are named, and the others' events are tailed."""
     events = client.subscribe_events()
-    answer = client.call("ping", {"_timeout": timeout * NODE_SHARE}, dest)
+    answer = client.call("ping", {}, dest)
     silent = answer.missing + list(answer.errors) + unanswered(dest, answer.replies)
     if not answer.replies:
         print(
@@ -818,21 +641,6 @@ def tail_events(events: Iterable[dict[str, Any]], dest: list[str] | None, as_jso
             continue
         print(json.dumps(event) if as_json else event_line(event), flush=True)
     return EXIT_OK
-
-
-def event_line(event: dict[str, Any]) -> str:
-    """`12:00:01.123 images@h1 task-succeeded tasks.resize 3f2a... runtime=0.012`"""
-    ts = event.get("ts")
-    when = (
-        time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
-        if isinstance(ts, (int, float))
-        else "-"
-    )
-    words = [when, str(event.get("node", "-")), str(event.get("type", "-"))]
-    words += [str(event[k]) for k in ("name", "id") if event.get(k) is not None]
-    shown = ("ts", "node", "type", "name", "id")
-    words += [f"{k}={compact(v)}" for k, v in event.items() if k not in shown]
-    return " ".join(words)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 One DEALER per host endpoint. `call` sends the request to all of them, then returns
 as soon as every host has answered; only a silent host costs the full timeout, and
-it is named in `Result.missing`. A `tcp://` endpoint needs the client's key pair and
-that server's public key (CurveZMQ); an `ipc://` endpoint needs neither.
+it is named in `Result.missing`. Each host gets NODE_SHARE of that timeout for its own
+nodes: a host with a silent node still answers in time, naming the node. A `tcp://`
+endpoint needs the client's key pair and that server's public key (CurveZMQ); an
+`ipc://` endpoint needs neither.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import zmq
 
 from supervisor.control import MAX_MESSAGE_SIZE, VERSION, ControlConfigError, events_endpoint
+
+NODE_SHARE = 0.8  # of the timeout that a host waits for its nodes
 
 
 @dataclass
@@ -98,11 +102,20 @@ class ControlClient:
         """Send `cmd` to every endpoint; wait until all answered or the timeout passed.
 
         With `limit`, return as soon as that many nodes replied (hosts that had not
-        answered by then are not missing: they were not needed).
+        answered by then are not missing: they were not needed); each host answers once
+        that many of its own nodes did.
         """
         request_id = uuid.uuid4().hex
         request = json.dumps(
-            {"v": VERSION, "id": request_id, "cmd": cmd, "args": args or {}, "dest": dest},
+            {
+                "v": VERSION,
+                "id": request_id,
+                "cmd": cmd,
+                "args": args or {},
+                "dest": dest,
+                "timeout": self._timeout * NODE_SHARE,
+                "limit": limit or None,
+            },
             separators=(",", ":"),
         ).encode()
         if len(request) > MAX_MESSAGE_SIZE:

@@ -22,13 +22,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from worker.control import COMMANDS, CommandError, register
 from worker.imports import SAFE_PATH
 from worker.logs import log_env
 from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans
+from .commands import Router
 from .metrics import Metrics, MetricsServer, Probe
 from .notify import Notifier
 from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
@@ -36,8 +36,6 @@ from .signals import SignalQueue, name
 
 if TYPE_CHECKING:
     import zmq
-
-    from .control import Request
 
 log = logging.getLogger("fleetd.arbiter")
 # zmq.POLLIN and zmq.POLLOUT, which zmq.Poller takes for plain descriptors too (select.POLLOUT
@@ -63,7 +61,6 @@ FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
 BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
 BACKOFF_MAX = 10.0
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
-DEFAULT_COMMAND_TIMEOUT = 1.0
 HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
 # Bytes of frames a worker may leave unread behind the one it is taking: past that it does not
 # read (hung, stopped), and commands for it are answered with an error instead of queued.
@@ -132,15 +129,6 @@ class WorkerProc:
         return self.spec.node
 
 
-@dataclass
-class PendingCommand:
-    request: Request
-    waiting: dict[str, str]  # message id sent to a worker -> node
-    replies: dict[str, Any]
-    deadline: float
-    limit: int = 0  # answer once this many nodes replied (`ping --limit`); 0: wait for all
-
-
 class Arbiter:
     def __init__(
         self,
@@ -161,8 +149,7 @@ class Arbiter:
         self.interrupts = 0
         self.reloading = False
         self.dead_owners: list[str] = []  # tasks to give back through a live worker
-        self.pending: dict[str, PendingCommand] = {}
-        self.message_seq = 0
+        self.router = Router(self)
         self.events_on: set[str] = set()  # nodes with events enabled: so are their next processes
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -219,8 +206,6 @@ class Arbiter:
     def open_control_plane(self) -> None:
         import zmq
 
-        import worker.commands  # noqa: F401 - the built-in worker commands, to check their arguments
-
         from .control import ControlServer
 
         self.ctx = zmq.Context()
@@ -270,7 +255,7 @@ class Arbiter:
         for signum in self.signals.drain():
             getattr(self, f"handle_{name(signum)}")()
         now = time.monotonic()
-        self.expire_commands(now)
+        self.router.expire(now)
         self.manage_workers(now)
         self.tick(now)
         if self.record_due:
@@ -281,8 +266,7 @@ class Arbiter:
 
     def stop(self) -> None:
         self.write_run_record()
-        for pending in list(self.pending.values()):
-            self.control.reply(pending.request, pending.replies)
+        self.router.answer_all()
         self.control.close()
         if self.metrics_server:
             self.metrics_server.close()
@@ -296,7 +280,7 @@ class Arbiter:
     def poll_timeout(self) -> float:
         now = time.monotonic()
         deadlines = [self.next_tick]
-        deadlines += [p.deadline for p in self.pending.values()]
+        deadlines += self.router.deadlines()
         deadlines += [w.backoff_until for w in self.workers if w.state == BACKOFF]
         if self.halting == "cold":
             deadlines.append(self.cold_deadline)
@@ -563,7 +547,7 @@ class Arbiter:
         elif kind == "child":  # forked just now, before it got any task
             self.child_forked(w, message)
         elif kind == "reply":
-            self.command_reply(str(message.get("id")), w.node, message.get("reply"))
+            self.router.on_reply(str(message.get("id")), w.node, message.get("reply"))
         elif kind == "stats":
             w.stats = message
             self.metrics.apply({**message, "type": "worker-stats", "node": w.node})
@@ -678,7 +662,7 @@ class Arbiter:
                 if not self.control.waiting(sock):
                     return
                 continue
-            self.run_command(request)
+            self.router.run(request)
 
     def targets(self, dest: list[str] | None) -> list[WorkerProc]:
         """The live workers addressed by `dest` (nodes or host names; None = all)."""
@@ -687,75 +671,14 @@ class Arbiter:
             return live
         return [w for w in live if w.node in dest or self.config.node in dest]
 
-    def run_command(self, request: Request) -> None:
-        timeout = request.args.pop("_timeout", DEFAULT_COMMAND_TIMEOUT)
-        limit = request.args.pop("_limit", 0)
-        command = COMMANDS.get(request.cmd)
-        try:
-            if command is not None:
-                args = command.validate(request.args)
-            elif any(request.cmd in w.commands for w in self.workers):
-                args = request.args  # a custom command: its workers check the arguments
-            else:
-                raise CommandError(f"unknown command {request.cmd[:40]!r}")
-        except CommandError as exc:
-            log.warning("control request refused id=%s: %s", request.id[:40], exc)
-            self.control.reply_error(request, str(exc))
-            return
-        if command is not None and command.scope == "host":
-            assert command.effect is not None
-            self.control.reply(request, command.effect(self, request.dest, **args))
-            return
-        if (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-        ):
-            timeout = DEFAULT_COMMAND_TIMEOUT
-        pending = PendingCommand(
-            request,
-            {},
-            {},
-            time.monotonic() + min(max(timeout, 0.01), 60.0),
-            limit if isinstance(limit, int) and not isinstance(limit, bool) else 0,
-        )
-        for w in self.targets(request.dest):
-            if request.cmd == "events":  # remembered for the node's next process (restart, reload)
-                (self.events_on.add if args["enable"] else self.events_on.discard)(w.node)
-            self.message_seq += 1
-            mid = str(self.message_seq)
-            if self.send(w, {"type": "cmd", "id": mid, "cmd": request.cmd, "args": args}):
-                pending.waiting[mid] = w.node
-                self.pending[mid] = pending
-            else:
-                pending.replies[w.node] = {
-                    "error": "the node does not read commands (hung or stopped)"
-                }
-        if not pending.waiting:
-            self.control.reply(request, pending.replies)
-
-    def command_reply(self, mid: str, node: str, reply: Any) -> None:
-        pending = self.pending.pop(mid, None)
-        if pending is None:
-            return  # too late: its command was answered without it
-        del pending.waiting[mid]
-        pending.replies[node] = reply
-        if pending.limit > 0 and len(pending.replies) >= pending.limit:
-            for other in pending.waiting:  # not needed: their replies will come too late
-                del self.pending[other]
-            pending.waiting.clear()
-        if not pending.waiting:
-            self.control.reply(pending.request, pending.replies)
-
-    def expire_commands(self, now: float) -> None:
-        """Answer commands whose deadline passed, naming the nodes that did not reply."""
-        for mid, pending in list(self.pending.items()):
-            if now >= pending.deadline:
-                del self.pending[mid]
-                node = pending.waiting.pop(mid)
-                pending.replies[node] = {"error": "no reply before the deadline"}
-                if not pending.waiting:
-                    self.control.reply(pending.request, pending.replies)
+    def addressed(self, dest: list[str] | None) -> tuple[list[WorkerProc], bool]:
+        """The supervised workers addressed by `dest`, down ones too, and whether that is
+        the whole host (for the host commands)."""
+        whole = dest is None or self.config.node in dest
+        chosen = [
+            w for w in self.workers if w.state != STOPPED and (whole or w.node in (dest or ()))
+        ]
+        return chosen, whole
 
     # --- status, notify, run record ------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -889,45 +812,3 @@ def describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-# --- host-scope control commands: shared code paths with the signals ----------------------
-def _host_nodes(arbiter: Arbiter, dest: list[str] | None) -> tuple[list[WorkerProc], bool]:
-    """The workers addressed, and whether that is the whole host."""
-    whole = dest is None or arbiter.config.node in dest
-    chosen = [
-        w
-        for w in arbiter.workers
-        if w.state not in (STOPPED,) and (whole or (dest and w.node in dest))
-    ]
-    return chosen, whole
-
-
-@register("shutdown", "Warm-shut-down the addressed nodes (a whole host: as TERM).", scope="host")
-def shutdown(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
-    chosen, whole = _host_nodes(arbiter, dest)
-    if whole:
-        arbiter.handle_term()
-    else:
-        for w in chosen:
-            arbiter.stop_worker(w)
-    return {w.node: {"ok": "shutting down"} for w in chosen}
-
-
-@register("reload", "Graceful reload of the host (as HUP): fresh code, new config.", scope="host")
-def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
-    chosen, whole = _host_nodes(arbiter, dest)
-    if not whole:
-        return {
-            w.node: {"error": f"a reload is for a whole host: --dest {arbiter.config.node}"}
-            for w in chosen
-        }
-    refused = arbiter.reload()  # what HUP runs
-    return {w.node: {"error": refused} if refused else {"ok": "reloading"} for w in chosen}
-
-
-@register("status", "Hosts, nodes and their states.", scope="host")
-def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
-    chosen, _ = _host_nodes(arbiter, dest)
-    full = arbiter.status()
-    return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -37,6 +38,7 @@ from .keys import KeyFileError, load_keypair
 log = logging.getLogger(__name__)
 
 VERSION = 1
+DEFAULT_TIMEOUT = 1.0  # seconds a host waits for its nodes' replies unless a request says
 MAX_MESSAGE_SIZE = 1024 * 1024
 EVENTS_SOCKET_NAME = "events.sock"
 ZAP_DOMAIN = "fleetd"
@@ -46,7 +48,12 @@ _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 @dataclass(frozen=True)
 class Request:
-    """A valid control request, and where its reply goes."""
+    """A valid control request, and where its reply goes.
+
+    `{"v": 1, "id": ..., "cmd": ..., "args": {...}, "dest": [...] | null}`, and optionally
+    `"timeout"`: seconds the host waits for its nodes' replies (a number > 0; null: 1), and
+    `"limit"`: the host answers once that many nodes replied (an integer >= 1; null: all).
+    """
 
     socket: zmq.Socket[bytes]
     routing_id: bytes
@@ -54,6 +61,8 @@ class Request:
     cmd: str
     args: dict[str, Any]
     dest: list[str] | None
+    timeout: float = DEFAULT_TIMEOUT
+    limit: int | None = None
 
 
 def events_endpoint(control_endpoint: str) -> str:
@@ -292,7 +301,21 @@ def _parse_request(sock: zmq.Socket[bytes], routing_id: bytes, body: list[bytes]
         isinstance(dest, list) and all(isinstance(node, str) for node in dest)
     ):
         raise _Refused('"dest" must be null or a list of strings', request_id)
-    return Request(sock, routing_id, request_id, cmd, args, dest)
+    timeout, limit = _timeout_and_limit(message, request_id)
+    return Request(sock, routing_id, request_id, cmd, args, dest, timeout, limit)
+
+
+def _timeout_and_limit(message: dict[str, Any], request_id: str) -> tuple[float, int | None]:
+    timeout = message.get("timeout")
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if not number or not 0 < timeout < math.inf:
+        raise _Refused('"timeout" must be a number of seconds > 0', request_id)
+    limit = message.get("limit")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise _Refused('"limit" must be null or an integer >= 1', request_id)
+    return float(timeout), limit
 
 
 def _check_ipc_path(endpoint: str) -> None:

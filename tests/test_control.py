@@ -90,6 +90,14 @@ def concurrency(fleet: Fleet) -> dict[str, int]:
     return {node: conf["concurrency"] for node, conf in data["replies"].items()}
 
 
+def gone(pid: int) -> bool:
+    """Whether a process has exited (a zombie has); it may do so while we look."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
     """SIGSTOP a process for the block: as hung as a process gets."""
@@ -215,12 +223,39 @@ def test_a_hung_worker_is_reported_and_never_delays_the_others(
         assert code == 0 and data["replies"] == {"a@h1": {"ok": "pong"}} and data["elapsed"] < 1
         # Thousands of commands for the hung node fill its channel: the arbiter stops
         # writing to it (it never blocks) and says so at once.
-        request = {"cmd": "ping", "dest": ["b@h1"], "args": {"_timeout": 0.02}}
+        request = {"cmd": "ping", "dest": ["b@h1"], "timeout": 0.02}
         errors = flood(endpoint(fleet), request, until="does not read")
         assert any("does not read" in e for e in errors), set(errors)
         code, data = ctl_json(fleet, "--timeout", "2", "ping", "--dest", "a@h1")
         assert code == 0 and data["elapsed"] < 0.5
     wait_for(lambda: ctl_json(fleet, "ping")[0] == 0, 20, 0.2, "the woken node to answer again")
+
+
+def test_a_requests_timeout_and_limit_hold_at_the_host(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet(workers=TWO_NODES).start()
+    pids = node_pids(fleet)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(endpoint(fleet))
+
+        def ask(**fields: Any) -> tuple[dict[str, Any], float]:
+            started = time.monotonic()
+            dealer.send(json.dumps({"v": 1, "id": "r", "cmd": "ping", **fields}).encode())
+            assert dealer.poll(10_000), f"no answer to {fields}"
+            return json.loads(dealer.recv()), time.monotonic() - started
+
+        with stopped(pids["b@h1"]):
+            # Longer than the default second: the hung node's error comes at 2.5 s, not 1 s.
+            answer, elapsed = ask(timeout=2.5)
+            assert "deadline" in answer["replies"]["b@h1"]["error"] and elapsed >= 2.5
+            answer, elapsed = ask(timeout=5, limit=1)
+            assert answer["replies"] == {"a@h1": {"ok": "pong"}} and elapsed < 2
+        answer, _ = ask(args={"_timeout": 5})
+        assert "unknown argument '_timeout'" in answer["error"]
+    finally:
+        ctx.destroy(linger=0)
 
 
 def flood(address: str, request: dict[str, Any], until: str, most: int = 20_000) -> list[str]:
@@ -372,11 +407,7 @@ def test_revoke_with_terminate_ends_the_running_task(
     code, data = ctl_json(fleet, "revoke", handle.id, "--terminate", "--signal", signal_name)
     assert code == 0 and data["replies"]["w@h1"]["terminated"] == [handle.id]
     assert fleet.wait_all_final([handle.id], 10)[0]["state"] == "REVOKED"
-    wait_for(
-        lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie",
-        10,
-        message="the child that ran it to go",
-    )
+    wait_for(lambda: gone(child), 10, message="the child that ran it to go")
     assert journal.read_text().split()[0] == "S" and "E" not in journal.read_text().split()
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3  # the pool carries on
     assert fleet.ctl("revoke", "x", "--terminate", "--signal", "NOPE", check=False).returncode == 2
@@ -729,9 +760,7 @@ def test_a_control_port_in_use_ends_the_start_and_the_workers_it_spawned(
     spawned = json.loads((fleet.folder / "state" / "run.json").read_text())["processes"]
     assert spawned, "the worker was spawned before the bind"
     for record in spawned:
-        assert not psutil.pid_exists(record["pid"]) or (
-            psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
-        )
+        assert gone(record["pid"])
     assert not (fleet.folder / "state" / "fleetd.pid").exists()
 
 
@@ -763,7 +792,8 @@ def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_p
         [json.dumps({**valid, "cmd": "shutdown", "args": {"now": True}}).encode()],
         [json.dumps({**valid, "cmd": "revoke", "args": {"ids": "not-a-list"}}).encode()],
         [json.dumps({**valid, "dest": "h1"}).encode()],
-        [b'{"v": 1, "id": "x", "cmd": "ping", "args": {"_timeout": NaN}}'],
+        [b'{"v": 1, "id": "x", "cmd": "ping", "timeout": NaN}'],
+        [json.dumps({**valid, "limit": 0}).encode()],
         [b"[" * 100_000],
         [b"a" * 600_000, b"b" * 600_000],
     ]

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import zmq
 
-from ctl.client import ControlClient, Result
+from ctl.client import NODE_SHARE, ControlClient, Result
 from supervisor.control import (
+    DEFAULT_TIMEOUT,
     MAX_MESSAGE_SIZE,
     ControlConfigError,
     ControlServer,
@@ -181,6 +182,30 @@ def test_request_round_trips_over_ipc(ipc_server: ControlServer, ipc_endpoint: s
     assert [(req.cmd, req.dest) for req in received] == [("rate_limit", ["images@h1"])]
 
 
+def test_timeout_and_limit_are_fields_of_the_request_not_arguments(
+    ipc_server: ControlServer, ipc_endpoint: str
+) -> None:
+    with serving(ipc_server) as received, ControlClient([ipc_endpoint], 5) as client:
+        client.call("ping", {}, None, limit=2)
+        client.call("ping")
+    assert [(req.args, req.timeout, req.limit) for req in received] == [
+        ({}, 5 * NODE_SHARE, 2),
+        ({}, 5 * NODE_SHARE, None),
+    ]
+
+
+def test_a_request_without_timeout_or_limit_gets_the_defaults(
+    ipc_server: ControlServer, peer: zmq.Socket[bytes]
+) -> None:
+    with serving(ipc_server) as received:
+        peer.send(b'{"v": 1, "id": "old", "cmd": "ping", "args": {}, "dest": null}')
+        peer.send(b'{"v": 1, "id": "nulls", "cmd": "ping", "timeout": null, "limit": null}')
+        for _ in range(2):
+            assert peer.poll(5000)
+            peer.recv()
+    assert [(req.timeout, req.limit) for req in received] == [(DEFAULT_TIMEOUT, None)] * 2
+
+
 def test_reply_carries_version_id_and_host(
     ipc_server: ControlServer, peer: zmq.Socket[bytes]
 ) -> None:
@@ -319,6 +344,16 @@ def test_tcp_events_are_refused_to_an_unauthorized_subscriber(
         ([b'{"v": 1, "id": "a", "cmd": "ping", "args": [1]}'], '"args"', "a"),
         ([b'{"v": 1, "id": "a", "cmd": "ping", "dest": "h1"}'], '"dest"', "a"),
         ([b'{"v": 1, "id": "a", "cmd": "ping", "dest": [1]}'], '"dest"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": "1"}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": 0}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": -1}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": true}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": NaN}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "timeout": Infinity}'], '"timeout"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "limit": 0}'], '"limit"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "limit": 1.5}'], '"limit"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "limit": "2"}'], '"limit"', "a"),
+        ([b'{"v": 1, "id": "a", "cmd": "ping", "limit": true}'], '"limit"', "a"),
         ([b"{}", b"{}"], "frame", None),
         ([b"a" * 600_000, b"b" * 600_000], "over 1 MiB", None),
         ([b"[" * 500_000], "not JSON", None),

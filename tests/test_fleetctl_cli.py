@@ -11,7 +11,9 @@ from rich.console import Console
 
 from ctl import cli
 from ctl.client import Result
+from ctl.render import describe, reply_table, status_table
 from supervisor.keys import keygen
+from worker.control import COMMANDS, CommandError
 
 
 def request(*argv: str) -> tuple[str, dict[str, Any]]:
@@ -66,6 +68,7 @@ def test_each_command_line_stands_for_one_registry_command(argv: list[str], expe
         ["time-limit", "tasks.resize", "--soft", "3", "--hard", "2"],
         ["time-limit", "tasks.resize", "--soft", "-1", "--hard", "2"],
         ["revoke", "a", "--signal", "NOPE"],
+        ["time-limit", "tasks.resize"],
         ["call", "hello", "who"],
         ["call", "hello", "=x"],
     ],
@@ -82,6 +85,8 @@ def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
         ["--timeout", "nan", "ping"],
         ["ping", "--limit", "0"],
         ["pool", "grow", "0"],
+        ["time-limit", "tasks.resize", "--soft", "nan", "--hard", "2"],
+        ["time-limit", "tasks.resize", "--soft", "1", "--hard", "inf"],
         ["inspect", "everything"],
         ["nonsense"],
     ],
@@ -110,11 +115,11 @@ def test_a_node_error_a_down_node_or_a_silent_host_is_a_failure() -> None:
 
 
 def test_replies_read_as_text() -> None:
-    assert cli.describe({"ok": "pong"}) == "pong"
-    assert cli.describe([]) == "-"
-    assert cli.describe(["tasks.add", "tasks.sleep"]) == "tasks.add\ntasks.sleep"
-    assert cli.describe([{"id": "t1", "runtime": 1.23456}]) == "id=t1  runtime=1.235"
-    assert cli.describe({"ok": "revoked 1", "terminated": []}) == "ok: revoked 1\nterminated: -"
+    assert describe({"ok": "pong"}) == "pong"
+    assert describe([]) == "-"
+    assert describe(["tasks.add", "tasks.sleep"]) == "tasks.add\ntasks.sleep"
+    assert describe([{"id": "t1", "runtime": 1.23456}]) == "id=t1  runtime=1.235"
+    assert describe({"ok": "revoked 1", "terminated": []}) == "ok: revoked 1\nterminated: -"
 
 
 def render(table: Any) -> str:
@@ -130,7 +135,7 @@ def test_reply_table_names_nodes_errors_and_silent_hosts() -> None:
         0.0021,
         {"h3": "unknown command 'x'"},
     )
-    text = render(cli.reply_table("ping", result))
+    text = render(reply_table("ping", result))
     for words in (
         "ping (2.1 ms)",
         "a@h1",
@@ -167,7 +172,7 @@ def test_status_table_groups_nodes_by_host_with_children_rss_and_uptime() -> Non
         ],
     }
     down = {"node": "email@h2", "pid": 0, "state": "FATAL", "uptime": None}
-    text = render(cli.status_table(Result({"images@h1": running, "email@h2": down}, ["h3"], 0.004)))
+    text = render(status_table(Result({"images@h1": running, "email@h2": down}, ["h3"], 0.004)))
     lines = text.splitlines()
     order = [
         next(i for i, line in enumerate(lines) if word in line)
@@ -243,3 +248,56 @@ def test_keys_default_to_the_config_and_the_own_host_is_named(tmp_path: Path) ->
     args = cli.build_parser().parse_args(["-c", str(config), "--key", str(public), "ping"])
     with pytest.raises(cli.UsageError, match="secret"):
         cli.open_control(args)
+
+
+INSPECTED = ["active", "reserved", "scheduled", "registered", "stats", "revoked", "conf"]
+# Every control command line of DESIGN section 6, with each of its flags.
+DESIGN_LINES = [
+    ["ping", "--dest", "a@h1", "--dest", "h2", "--limit", "2"],
+    ["shutdown", "--dest", "a@h1"],
+    ["reload", "--dest", "h1"],
+    ["rate-limit", "tasks.add", "10/s", "--dest", "a@h1"],
+    ["time-limit", "tasks.add", "--soft", "1", "--hard", "2", "--dest", "a@h1"],
+    ["time-limit", "tasks.add", "--clear"],
+    ["revoke", "id1", "id2", "--terminate", "--signal", "KILL"],
+    *(["inspect", what, "--dest", "a@h1"] for what in INSPECTED),
+    ["events", "enable", "--dest", "a@h1"],
+    ["events", "disable"],
+    ["pool", "grow", "2", "--dest", "a@h1"],
+    ["pool", "shrink"],
+    ["status", "--dest", "h1"],
+]
+
+
+@pytest.mark.parametrize("argv", DESIGN_LINES, ids=" ".join)
+def test_each_design_command_line_passes_its_commands_own_check(argv: list[str]) -> None:
+    cmd, args = request(*argv)
+    COMMANDS[cmd].validate(args)  # what the arbiter and the nodes run on the request
+
+
+def test_every_command_line_of_the_table_is_a_design_one() -> None:
+    table_lines = {words for command in COMMANDS.values() for words in command.lines}
+    design = {" ".join(argv[:2] if argv[0] in cli.GROUPS else argv[:1]) for argv in DESIGN_LINES}
+    assert table_lines == design
+
+
+@pytest.mark.parametrize(
+    ("cmd", "args", "error"),
+    [
+        ("time_limit", {"task": "t"}, "give soft and hard, or clear"),
+        ("time_limit", {"task": "t", "soft": float("nan"), "hard": 2}, "finite"),
+        ("time_limit", {"task": "t", "soft": 2, "hard": 1}, "soft below hard"),
+        ("rate_limit", {"task": "t", "rate": "fast"}, "rate 'fast'"),
+        ("revoke", {"ids": []}, "non-empty list"),
+        ("revoke", {"ids": ["a"], "signal": "NOPE"}, "unknown signal"),
+        ("pool_grow", {"n": 0}, "n must be >= 1"),
+        ("pool_shrink", {"n": True}, "n must be an integer"),
+        ("ping", {"_timeout": 2}, "unknown argument '_timeout'"),
+    ],
+)
+def test_a_request_the_table_refuses_never_reaches_a_node(
+    cmd: str, args: dict[str, Any], error: str
+) -> None:
+    """The arbiter runs `validate` before it sends a command on: these are the host's errors."""
+    with pytest.raises(CommandError, match=error):
+        COMMANDS[cmd].validate(args)

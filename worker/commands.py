@@ -9,7 +9,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from .control import REQUIRED, register
+from .control import OPTIONAL, Arg, register
 from .spec import parse_rate
 from .task import REGISTRY
 
@@ -20,22 +20,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetd.worker")
 
 NUM = (int, float)
+TASK = Arg((str,), help="a task name")
+POOL_N = Arg((int,), 1, "how many children (default: 1)", positional=True, minimum=1)
 MAX_POOL = 1024  # children per worker: `pool grow 10000` is a typo, not a plan
 FDS_PER_CHILD = 3  # its worker's ends of a child's task, result and revoke pipes
 FDS_SPARE = 32  # for the broker's files and connections, /proc reads, a fork's other pipe ends
 
 
-@register("ping", "Check that the node answers.")
+@register("ping", "Check that the node answers.", envelope=("dest", "limit"))
 def ping(worker: Worker) -> dict[str, Any]:
     return {"ok": "pong"}
 
 
-@register("stats", "Counters, pool and uptime of the node.")
+@register("stats", "Counters, pool and uptime of the node.", lines={"inspect stats": {}})
 def stats(worker: Worker) -> dict[str, Any]:
     return worker.stats()
 
 
-@register("active", "Tasks running now, with their child pid and runtime.")
+@register(
+    "active",
+    "Tasks running now, with their child pid and runtime.",
+    lines={"inspect active": {}},
+)
 def active(worker: Worker) -> list[dict[str, Any]]:
     now = time.monotonic()
     return [
@@ -54,6 +60,7 @@ def active(worker: Worker) -> list[dict[str, Any]]:
 @register(
     "reserved",
     "Tasks reserved by the node, not started yet (also those waiting in a child's pipe).",
+    lines={"inspect reserved": {}},
 )
 def reserved(worker: Worker) -> list[dict[str, Any]]:
     waiting: list[tuple[Delivery, int | None]] = [
@@ -65,24 +72,32 @@ def reserved(worker: Worker) -> list[dict[str, Any]]:
     ]
 
 
-@register("scheduled", "ETA tasks waiting in the node's queues: how many, when the next is due.")
+@register(
+    "scheduled",
+    "ETA tasks waiting in the node's queues: how many, when the next is due.",
+    lines={"inspect scheduled": {}},
+)
 def scheduled(worker: Worker) -> dict[str, Any]:
     queues = worker.spec.queues
     waiting = {d.queue: d.scheduled for d in worker.broker.depths() if d.queue in queues}
     return {"next_due": worker.broker.next_due(queues), "scheduled": waiting}
 
 
-@register("registered", "Task names the node can run.")
+@register("registered", "Task names the node can run.", lines={"inspect registered": {}})
 def registered(worker: Worker) -> list[str]:
     return sorted(REGISTRY)
 
 
-@register("revoked", "Revoked task ids the node knows.")
+@register("revoked", "Revoked task ids the node knows.", lines={"inspect revoked": {}})
 def revoked(worker: Worker) -> list[str]:
     return sorted(worker.revoked)
 
 
-@register("conf", "The node's effective settings, and where each task's limits come from.")
+@register(
+    "conf",
+    "The node's effective settings, and where each task's limits come from.",
+    lines={"inspect conf": {}},
+)
 def conf(worker: Worker) -> dict[str, Any]:
     return {
         **worker.spec.to_json(),
@@ -108,19 +123,24 @@ def limit_source(worker: Worker, name: str, kind: str) -> str:
     return "config" if kind == "rate" and name in worker.spec.rate_limits else "task"
 
 
+def rate_problem(args: dict[str, Any]) -> str | None:
+    try:
+        parse_rate(str(args["rate"]))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @register(
     "rate_limit",
     "Limit a task name to N/s, N/m or N/h on the node, kept across reloads and restarts;"
     " 0 clears it (back to the config's or the task's own limit).",
-    {"task": ((str,), REQUIRED), "rate": ((str, int, float), REQUIRED)},
+    {"task": TASK, "rate": Arg((str, int, float), help="N/s, N/m or N/h; 0 clears it")},
+    check=rate_problem,
 )
 def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
-    try:
-        clear = parse_rate(str(rate)) <= 0
-    except ValueError as exc:
-        return {"error": str(exc)}
     saved = worker.runtime_limits
-    if clear:
+    if parse_rate(str(rate)) <= 0:
         saved.rates.pop(task, None)
         worker.rate_limits.set(task, worker.configured_rates.get(task, "0"))
         done = f"rate limit of {task} cleared: {worker.rate_limits.rates.get(task, 'none')}"
@@ -131,13 +151,33 @@ def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
     return kept(worker, done)
 
 
+def time_limit_problem(args: dict[str, Any]) -> str | None:
+    """Soft and hard (0 = none), soft below hard; or clear."""
+    if args.get("clear"):
+        return None
+    soft, hard = args.get("soft"), args.get("hard")
+    if soft is None or hard is None:
+        return "give soft and hard, or clear"
+    if soft < 0 or hard < 0 or (soft and hard and soft >= hard):
+        return "time limits must be >= 0, and soft below hard"
+    return None
+
+
 @register(
     "time_limit",
     "Soft and hard time limits (seconds) of a task name, for tasks that start from now on,"
     " kept across reloads and restarts; clear: back to the task's own.",
-    {"task": ((str,), REQUIRED), "soft": (NUM, 0), "hard": (NUM, 0), "clear": ((bool,), False)},
+    {
+        "task": TASK,
+        "soft": Arg(NUM, OPTIONAL, "seconds; 0 = none"),
+        "hard": Arg(NUM, OPTIONAL, "seconds; 0 = none"),
+        "clear": Arg((bool,), OPTIONAL, "back to the task's own limits"),
+    },
+    check=time_limit_problem,
 )
-def time_limit(worker: Worker, task: str, soft: float, hard: float, clear: bool) -> dict[str, Any]:
+def time_limit(
+    worker: Worker, task: str, soft: float = 0, hard: float = 0, clear: bool = False
+) -> dict[str, Any]:
     saved = worker.runtime_limits
     if clear:
         saved.times.pop(task, None)
@@ -145,9 +185,6 @@ def time_limit(worker: Worker, task: str, soft: float, hard: float, clear: bool)
         if task in worker.configured_times:
             worker.time_limits[task] = worker.configured_times[task]
         return kept(worker, f"time limits of {task} cleared")
-    problem = time_limits_problem(soft, hard)
-    if problem:
-        return {"error": problem}
     worker.time_limits[task] = saved.times[task] = (float(soft), float(hard))
     return kept(worker, f"time limits of {task} set to soft={soft} hard={hard}")
 
@@ -158,10 +195,12 @@ def kept(worker: Worker, done: str) -> dict[str, Any]:
     return {"ok": done} if problem is None else {"ok": f"{done}; {problem}"}
 
 
-def time_limits_problem(soft: float, hard: float) -> str | None:
-    """What is wrong with a pair of time limits (0 = none), if anything."""
-    if soft < 0 or hard < 0 or (soft and hard and soft >= hard):
-        return "time limits must be >= 0, and soft below hard"
+def revoke_problem(args: dict[str, Any]) -> str | None:
+    ids = args["ids"]
+    if not ids or not all(isinstance(i, str) and i for i in ids):
+        return "ids must be a non-empty list of task ids"
+    if signal_number(args["signal"]) is None:
+        return f"unknown signal {args['signal']!r}"
     return None
 
 
@@ -169,18 +208,20 @@ def time_limits_problem(soft: float, hard: float) -> str | None:
     "revoke",
     "Revoke task ids, for good: they never start; with terminate, running ones get "
     "the signal (TERM unless given).",
-    {"ids": ((list,), REQUIRED), "terminate": ((bool,), False), "signal": ((str,), "TERM")},
+    {
+        "ids": Arg((list,), help="task ids"),
+        "terminate": Arg((bool,), False, "signal the child running one"),
+        "signal": Arg((str,), "TERM", "with --terminate (default: TERM)"),
+    },
+    check=revoke_problem,
+    envelope=(),  # fleetctl: every node, as the broker's record of it holds for every node
 )
 def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict[str, Any]:
-    if not ids or not all(isinstance(i, str) and i for i in ids):
-        return {"error": "ids must be a non-empty list of task ids"}
     signum = signal_number(signal)
-    if signum is None:
-        return {"error": f"unknown signal {signal!r}"}
     worker.revoked.update(ids)
     worker.revoke_waiting(set(ids))
     terminated = []
-    if terminate:
+    if terminate and signum is not None:  # never None: revoke_problem checked it
         for child in list(worker.children.values()):
             running = child.running
             if running and running.delivery.id in ids and not running.settled:
@@ -207,11 +248,12 @@ def signal_number(name: str) -> int | None:
 @register(
     "pool_grow",
     "Add N children to the node's pool (as SIGTTIN does, one at a time).",
-    {"n": ((int,), 1)},
+    {"n": POOL_N},
+    lines={"pool grow": {}},
 )
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
-    if n < 1 or worker.target_children + n > MAX_POOL:
-        return {"error": f"n must be >= 1, and the pool at most {MAX_POOL}"}
+    if worker.target_children + n > MAX_POOL:
+        return {"error": f"the pool can be at most {MAX_POOL}"}
     size, limit = pool_room(worker, worker.target_children + n)
     worker.target_children = max(worker.target_children, size)  # the worker's loop forks them
     if limit:
@@ -242,11 +284,10 @@ def pool_room(worker: Worker, wanted: int) -> tuple[int, str | None]:
     "pool_shrink",
     "Retire N children of the node's pool, each once it is idle (as SIGTTOU"
     " does, one at a time); never below one.",
-    {"n": ((int,), 1)},
+    {"n": POOL_N},
+    lines={"pool shrink": {}},
 )
 def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
-    if n < 1:
-        return {"error": "n must be >= 1"}
     worker.target_children = max(1, worker.target_children - n)  # the loop retires idle ones
     return {"ok": f"pool is {worker.target_children}"}
 
@@ -254,7 +295,8 @@ def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
 @register(
     "events",
     "Turn task events and heartbeats on or off for the node.",
-    {"enable": ((bool,), REQUIRED)},
+    {"enable": Arg((bool,))},
+    lines={"events enable": {"enable": True}, "events disable": {"enable": False}},
 )
 def events(worker: Worker, enable: bool) -> dict[str, Any]:
     worker.events_enabled = enable

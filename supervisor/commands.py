@@ -1,0 +1,156 @@
+"""The arbiter's control commands: the host ones, its half of the worker ones, and the routing.
+
+A request for a host command (`scope="host"`) is answered here at once; one for a worker
+command goes to each addressed worker, after that command's `before_send` (the arbiter's
+half), and its replies are gathered into one answer: when all came, when `limit` of them
+came, or at the request's deadline, naming the nodes that did not reply. Host commands
+share their code path with the signals: `shutdown` of a host is TERM, `reload` is HUP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import worker.commands  # noqa: F401 - the built-in worker commands: to check their arguments
+from worker.control import COMMANDS, CommandError, before_send, register
+
+if TYPE_CHECKING:
+    from .arbiter import Arbiter, WorkerProc
+    from .control import Request
+
+log = logging.getLogger("fleetd.arbiter")
+
+MAX_COMMAND_TIMEOUT = 60.0  # seconds a host holds a request at most, whatever it asks for
+
+
+@dataclass
+class PendingCommand:
+    request: Request
+    waiting: dict[str, str]  # message id sent to a worker -> node
+    replies: dict[str, Any]
+    deadline: float
+
+
+class Router:
+    """Runs each control request of one arbiter, and gathers its workers' replies."""
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        self.pending: dict[str, PendingCommand] = {}
+        self.message_seq = 0
+
+    def run(self, request: Request) -> None:
+        command = COMMANDS.get(request.cmd)
+        try:
+            if command is not None:
+                args = command.validate(request.args)
+            elif any(request.cmd in w.commands for w in self.arbiter.workers):
+                args = request.args  # a custom command: its workers check the arguments
+            else:
+                raise CommandError(f"unknown command {request.cmd[:40]!r}")
+        except CommandError as exc:
+            log.warning("control request refused id=%s: %s", request.id[:40], exc)
+            self.arbiter.control.reply_error(request, str(exc))
+            return
+        if command is not None and command.scope == "host":
+            assert command.effect is not None
+            self.arbiter.control.reply(request, command.effect(self.arbiter, request.dest, **args))
+            return
+        deadline = time.monotonic() + min(request.timeout, MAX_COMMAND_TIMEOUT)
+        pending = PendingCommand(request, {}, {}, deadline)
+        for w in self.arbiter.targets(request.dest):
+            if command is not None and command.before_send is not None:
+                command.before_send(self.arbiter, w, **args)
+            self.send(pending, w, args)
+        if not pending.waiting:
+            self.arbiter.control.reply(request, pending.replies)
+
+    def send(self, pending: PendingCommand, w: WorkerProc, args: dict[str, Any]) -> None:
+        self.message_seq += 1
+        mid = str(self.message_seq)
+        message = {"type": "cmd", "id": mid, "cmd": pending.request.cmd, "args": args}
+        if self.arbiter.send(w, message):
+            pending.waiting[mid] = w.node
+            self.pending[mid] = pending
+        else:
+            pending.replies[w.node] = {"error": "the node does not read commands (hung or stopped)"}
+
+    def on_reply(self, mid: str, node: str, reply: Any) -> None:
+        """A worker's reply to the command sent to it as message `mid`."""
+        pending = self.pending.pop(mid, None)
+        if pending is None:
+            return  # too late: its command was answered without it
+        del pending.waiting[mid]
+        pending.replies[node] = reply
+        limit = pending.request.limit
+        if limit is not None and len(pending.replies) >= limit:
+            for other in pending.waiting:  # not needed: their replies will come too late
+                del self.pending[other]
+            pending.waiting.clear()
+        if not pending.waiting:
+            self.arbiter.control.reply(pending.request, pending.replies)
+
+    def expire(self, now: float) -> None:
+        """Answer commands whose deadline passed, naming the nodes that did not reply."""
+        for mid, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                del self.pending[mid]
+                node = pending.waiting.pop(mid)
+                pending.replies[node] = {"error": "no reply before the deadline"}
+                if not pending.waiting:
+                    self.arbiter.control.reply(pending.request, pending.replies)
+
+    def deadlines(self) -> list[float]:
+        return [p.deadline for p in self.pending.values()]
+
+    def answer_all(self) -> None:
+        """Answer every command still waiting, now: the arbiter stops."""
+        for pending in list(self.pending.values()):
+            for node in pending.waiting.values():
+                pending.replies[node] = {"error": "the host stopped before the node replied"}
+            if pending.waiting:
+                pending.waiting.clear()
+                self.arbiter.control.reply(pending.request, pending.replies)
+        self.pending.clear()
+
+
+# --- the arbiter's half of worker commands --------------------------------------------------
+@before_send("events")
+def remember_events(arbiter: Arbiter, w: WorkerProc, enable: bool) -> None:
+    """A node's events setting outlives its process: the next one (a restart, a reload)
+    starts with it."""
+    (arbiter.events_on.add if enable else arbiter.events_on.discard)(w.node)
+
+
+# --- host commands: the code paths of the signals ------------------------------------------
+@register("shutdown", "Warm-shut-down the addressed nodes (a whole host: as TERM).", scope="host")
+def shutdown(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, whole = arbiter.addressed(dest)
+    if whole:
+        arbiter.handle_term()
+    else:
+        for w in chosen:
+            arbiter.stop_worker(w)
+    return {w.node: {"ok": "shutting down"} for w in chosen}
+
+
+@register("reload", "Graceful reload of the host (as HUP): fresh code, new config.", scope="host")
+def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, whole = arbiter.addressed(dest)
+    if not whole:
+        return {
+            w.node: {"error": f"a reload is for a whole host: --dest {arbiter.config.node}"}
+            for w in chosen
+        }
+    refused = arbiter.reload()  # what HUP runs
+    return {w.node: {"error": refused} if refused else {"ok": "reloading"} for w in chosen}
+
+
+@register("status", "Hosts, nodes and their states.", scope="host")
+def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    chosen, _ = arbiter.addressed(dest)
+    full = arbiter.status()
+    return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}
