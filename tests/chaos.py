@@ -2,8 +2,12 @@
 
 It starts a real fleet, submits N journaled tasks at a steady rate over S seconds and,
 spread over the same time, SIGKILLs random pool children (preferably busy ones) and
-workers, HUPs the arbiter and TERM-restarts it. Then it waits for every task and prints
-what happened: submitted, completed, lost, duplicated, and the kills it made.
+workers, HUPs the arbiter, TERM-restarts it, and sends bursts of USR1 to the workers
+(signals that land while frames are written). Mixed into the load: big tasks (a body of
+BIG_TASK bytes, past a pipe's buffer) and poison records written straight into the queue
+file, as a hostile producer would (each must end FAILURE BadMessage, costing nothing
+else). Then it waits for every task and prints what happened: submitted, completed,
+lost, duplicated, poisons dead-lettered, and the kills it made.
 
 Every task writes "S id pid" when it starts and "E id pid" when it ends, so the run
 knows exactly which executions a kill interrupted. The contract (DESIGN section 3):
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fleet import Fleet, wait_for
+from tests.poison import RawTask, poison_bodies, write_sqlite
 from worker import Client
 
 EXIT_OK, EXIT_BROKEN = 0, 1
@@ -44,6 +50,10 @@ DEFAULTS = {
 }  # a task unlucky enough to be hit twice still completes
 BATCH = 20
 MAX_TASK_SECONDS = 0.1
+BIG_EVERY = 10  # batches between two big tasks
+BIG_TASK = 1 << 20  # bytes of padding in a big task: past any pipe's buffer
+POISON_EVERY = 7  # batches between two poison records
+USR1_BURST = 20  # USR1 signals per burst, each worker
 
 
 @dataclass
@@ -54,6 +64,7 @@ class Chaos:
     kills: collections.Counter[str] = field(default_factory=collections.Counter)
     killed_pids: set[int] = field(default_factory=set)
     held_by_killed: dict[int, set[str]] = field(default_factory=dict)  # worker pid -> ids it held
+    poisons: list[str] = field(default_factory=list)  # ids of the records written past the Client
 
     # --- the fleet's processes -------------------------------------------------------------
     def workers(self) -> list[int]:
@@ -111,6 +122,17 @@ class Chaos:
         self.kills["hup"] += 1
         return True
 
+    def usr1(self) -> bool:
+        """A burst of USR1 at every worker: each lands in whatever the worker writes then."""
+        workers = self.workers()
+        for _ in range(USR1_BURST):
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.005)
+        self.kills["usr1"] += 1
+        return bool(workers)
+
     def restart(self) -> bool:
         self.fleet.signal(signal.SIGTERM)
         code = self.fleet.wait_exit(120)
@@ -138,10 +160,14 @@ def submit_steadily(
     n: int,
     duration: float,
     ids: list[str],
+    poisons: list[str],
     rng: random.Random,
     failure: list[BaseException],
 ) -> None:
-    """Submit `n` tasks in batches at an even rate over `duration` seconds."""
+    """Submit `n` tasks in batches at an even rate over `duration` seconds, a big one every
+    BIG_EVERY batches, and a poison record every POISON_EVERY."""
+    kinds = sorted(poison_bodies("x"))
+    kinds.remove("x-huge")  # 64 MiB a record: the size limit has tests of its own
     try:
         start = time.monotonic()
         batches = max(1, n // BATCH)
@@ -151,7 +177,16 @@ def submit_steadily(
                 ("tasks.journal", (str(journal), round(rng.uniform(0, MAX_TASK_SECONDS), 3)), {})
                 for _ in range(size)
             ]
+            if b % BIG_EVERY == BIG_EVERY - 1:
+                calls[-1] = ("tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
             ids.extend(h.id for h in client.submit_many(calls))
+            if b % POISON_EVERY == POISON_EVERY - 1:
+                kind = kinds[len(poisons) % len(kinds)].removeprefix("x-")
+                task_id = f"poison-{len(poisons)}-{kind}"
+                raw = poison_bodies(f"poison-{len(poisons)}")[f"poison-{len(poisons)}-{kind}"]
+                queue_file = client.broker.path  # type: ignore[attr-defined]
+                write_sqlite(queue_file, [RawTask(task_id.encode(), raw)])
+                poisons.append(task_id)
             delay = start + duration * (b + 1) / batches - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -179,7 +214,12 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
     for held in chaos.held_by_killed.values():
         interrupted |= {t for t in held if started_by[t] & chaos.killed_pids}
     duplicated = {t for t, n in starts.items() if n > 1}
+    ended = fleet.infos(chaos.poisons)
     return {
+        "poisons": len(chaos.poisons),
+        "poisons_dead_lettered": sum(
+            1 for i in ended if (i["state"], i.get("exc_type")) == ("FAILURE", "BadMessage")
+        ),
         "submitted": len(ids),
         "completed": states.get("SUCCESS", 0),
         "lost": len(ids) - states.get("SUCCESS", 0),
@@ -203,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "worker": args.worker_kills,
         "hup": args.hups,
         "restart": args.restarts,
+        "usr1": args.usr1_bursts,
     }
     started = time.monotonic()
     try:
@@ -211,7 +252,16 @@ def run(args: argparse.Namespace) -> int:
         producer = threading.Thread(
             target=submit_steadily,
             daemon=True,
-            args=(producer_client, journal, args.tasks, args.duration, ids, rng, failure),
+            args=(
+                producer_client,
+                journal,
+                args.tasks,
+                args.duration,
+                ids,
+                chaos.poisons,
+                rng,
+                failure,
+            ),
         )
         producer.start()
         actions = {
@@ -219,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
             "worker": chaos.kill_worker,
             "hup": chaos.hup,
             "restart": chaos.restart,
+            "usr1": chaos.usr1,
         }
         for at, kind in plan(rng, args.duration, counts):
             delay = started + at - time.monotonic()
@@ -231,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             raise failure[0]
         settled = time.monotonic()
         try:
-            fleet.wait_all_final(ids, args.drain_timeout)
+            fleet.wait_all_final(ids + chaos.poisons, args.drain_timeout)
         except AssertionError as exc:
             print(f"chaos: {exc}", file=sys.stderr)
         drained = time.monotonic() - settled
@@ -250,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     )
     broken = (
         figures["lost"] > 0
+        or figures["poisons_dead_lettered"] != figures["poisons"]
         or figures["duplicated"] > figures["running_in_killed"]
         or figures["unexplained_duplicates"] > 0
         or left
@@ -273,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-kills", type=int, default=4)
     parser.add_argument("--hups", type=int, default=3)
     parser.add_argument("--restarts", type=int, default=1, help="TERM-restarts of the arbiter")
+    parser.add_argument("--usr1-bursts", type=int, default=6, help="USR1 bursts at the workers")
     parser.add_argument(
         "--drain-timeout", type=float, default=120, help="seconds to wait for the last tasks"
     )

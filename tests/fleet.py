@@ -154,8 +154,9 @@ def hog(mb):
     return os.getpid()
 
 @task(bind=True)
-def journal(self, path, seconds=0.0):
-    """Writes "S id pid" when it starts and "E id pid" when it ends: a log of every execution."""
+def journal(self, path, seconds=0.0, pad=""):
+    """Writes "S id pid" when it starts and "E id pid" when it ends: a log of every execution.
+    (`pad` makes a big task of it.)"""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())

@@ -26,6 +26,8 @@ def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
             "2",
             "--restarts",
             "1",
+            "--usr1-bursts",
+            "3",
             "--drain-timeout",
             "30",
             "--json",
@@ -42,4 +44,6 @@ def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
         figures["hups"],
         figures["restarts"],
     ) == (8, 2, 2, 1)
+    assert figures["usr1s"] == 3
+    assert figures["poisons"] > 0 and figures["poisons_dead_lettered"] == figures["poisons"]
     assert figures["left_behind"] == 0
