@@ -594,7 +594,7 @@ class Worker:
                 extra={"node": self.node, "task": lost.id},
             )
         if unanswered:
-            self.release_now([r.delivery.id for r in unanswered], started=False)
+            self.release_now([r.delivery.id for r in unanswered], died=False)
         child.tasks.clear()
 
     def task_lost(self, delivery: Delivery) -> None:
@@ -605,7 +605,7 @@ class Worker:
                 delivery, "WorkerLost", f"the process running it died {delivery.deliveries} times"
             )
         else:
-            self.release_now([delivery.id], started=True)
+            self.release_now([delivery.id], died=True)
             self.counts["redelivered"] += 1
             self.emit("redelivered")
 
@@ -624,13 +624,13 @@ class Worker:
         self.emit("task-failed", delivery, exc_type=exc_type)
         self.emit("dead-lettered")
 
-    def release_now(self, ids: list[str], started: bool) -> None:
+    def release_now(self, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they stay ours, unrenewed,
         and their lease gives them back."""
         self.flush()
         if self.broker_available():
             with self.broker_call("give tasks back"):
-                self.broker.release(ids, started=started)
+                self.broker.release(ids, died=died)
 
     def kill_group(self, pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -950,7 +950,7 @@ class Worker:
         returned = [d.id for d in self.reserved]
         self.reserved.clear()
         if returned:
-            self.release_now(returned, started=False)
+            self.release_now(returned, died=False)
         if mode == "cold":
             self.kill_running()
             return
@@ -961,19 +961,15 @@ class Worker:
             self.shutdown_deadline = time.monotonic() + self.spec.shutdown_timeout
 
     def kill_running(self) -> None:
-        """Kill every child at once; their tasks go back to the broker (redelivered)."""
-        lost, waiting = [], []
+        """Kill every child at once; their tasks go back to the broker (redelivered). The
+        operator stopped them: no delivery counts as a death (max_deliveries)."""
+        stopped = []
         for child in list(self.children.values()):
             self.kill_group(child.pid)
-            unanswered = [r for r in child.tasks if not r.settled]
-            if unanswered and unanswered[0] is child.tasks[0]:
-                lost.append(unanswered.pop(0).delivery.id)
-            waiting += [r.delivery.id for r in unanswered]
+            stopped += [r.delivery.id for r in child.tasks if not r.settled]
             child.tasks.clear()
-        if lost:
-            self.release_now(lost, started=True)
-        if waiting:
-            self.release_now(waiting, started=False)
+        if stopped:
+            self.release_now(stopped, died=False)
 
     def continue_shutdown(self, now: float) -> None:
         if self.shutdown_deadline and now >= self.shutdown_deadline:
