@@ -32,7 +32,7 @@ from typing import Any
 
 from .brokers import open_broker
 from .brokers.base import FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
-from .child import CLEAN_STOP, child_main, set_parent_death_signal
+from .child import CLEAN_STOP, become_subreaper, child_main, set_parent_death_signal
 from .commands import pool_grow, pool_room, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
 from .limits import RuntimeLimits
@@ -40,6 +40,7 @@ from .protocol import FrameReader, ProtocolError, encode
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
 from .task import REGISTRY, is_task_body
+from .tree import end_adopted
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
@@ -142,6 +143,7 @@ class Worker:
     # --- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
         self.setup_signals()
+        become_subreaper()  # what outlives a dead child comes to us (child_gone ends it)
         self.import_tasks()
         self.broker = open_broker(
             self.spec.broker,
@@ -582,6 +584,8 @@ class Worker:
                 status = os.waitpid(child.pid, 0)[1]
             except ChildProcessError:
                 status = -1
+        # What its tasks started in other groups and sessions came to us when it died.
+        end_adopted({c.pid for c in self.children.values()})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
