@@ -5,6 +5,9 @@ spread over the same time, SIGKILLs random pool children (preferably busy ones) 
 workers, HUPs the arbiter and TERM-restarts it. Then it waits for every task and prints
 what happened: submitted, completed, lost, duplicated, and the kills it made.
 
+Some tasks also start a process in a session of its own (`Popen(start_new_session=True)`)
+that would sleep for ten minutes: once the fleet is stopped, none of them may be left.
+
 Every task writes "S id pid" when it starts and "E id pid" when it ends, so the run
 knows exactly which executions a kill interrupted. The contract (DESIGN section 3):
 nothing is lost, and only an interrupted task may run twice, so duplicates are bounded by
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -22,11 +26,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tests.fleet import Fleet, wait_for
 from worker import Client
@@ -44,6 +51,28 @@ DEFAULTS = {
 }  # a task unlucky enough to be hit twice still completes
 BATCH = 20
 MAX_TASK_SECONDS = 0.1
+ESCAPE_SHARE = 0.05  # of the tasks, those that also start a process in a session of its own
+ESCAPE_TASKS = '''
+import os, subprocess, time
+from worker import task
+
+def append(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+@task(bind=True)
+def escape(self, path, seconds, pidfile):
+    """As tasks.journal, and a sleeper that leaves the task's process group and session."""
+    append(path, f"S {self.request.id} {os.getpid()}\\n")
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    append(pidfile, f"{sleeper.pid}\\n")
+    time.sleep(seconds)
+    append(path, f"E {self.request.id} {os.getpid()}\\n")
+    return os.getpid()
+'''
 
 
 @dataclass
@@ -147,16 +176,37 @@ def submit_steadily(
         batches = max(1, n // BATCH)
         for b in range(batches):
             size = n - len(ids) if b == batches - 1 else BATCH
-            calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-                ("tasks.journal", (str(journal), round(rng.uniform(0, MAX_TASK_SECONDS), 3)), {})
-                for _ in range(size)
-            ]
+            calls = [journaled(journal, rng) for _ in range(size)]
             ids.extend(h.id for h in client.submit_many(calls))
             delay = start + duration * (b + 1) / batches - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
     except BaseException as exc:  # noqa: BLE001 - reported by the main thread
         failure.append(exc)
+
+
+def journaled(journal: Path, rng: random.Random) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """A journaled task: one in ESCAPE_SHARE also starts a process in a session of its own."""
+    seconds = round(rng.uniform(0, MAX_TASK_SECONDS), 3)
+    if rng.random() < ESCAPE_SHARE:
+        return "chaos_tasks.escape", (str(journal), seconds, str(escapees_file(journal))), {}
+    return "tasks.journal", (str(journal), seconds), {}
+
+
+def escapees_file(journal: Path) -> Path:
+    return journal.with_name("escapees.txt")
+
+
+def escapees(journal: Path) -> list[psutil.Process]:
+    """The processes the tasks started in sessions of their own that are still alive."""
+    path = escapees_file(journal)
+    alive = []
+    for pid in path.read_text().split() if path.exists() else []:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(int(pid))
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
 
 
 def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
@@ -193,7 +243,10 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="fleetd-chaos-"))
     rng = random.Random(args.seed)
-    fleet = Fleet(folder, workers=WORKERS, defaults=DEFAULTS)
+    fleet = Fleet(
+        folder, workers=WORKERS, defaults=DEFAULTS, fleet={"imports": ["tasks", "chaos_tasks"]}
+    )
+    (folder / "chaos_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
     journal = folder / "journal.txt"
     chaos = Chaos(fleet, journal, rng)
     ids: list[str] = []
@@ -236,13 +289,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"chaos: {exc}", file=sys.stderr)
         drained = time.monotonic() - settled
         figures: dict[str, Any] = tally(fleet, chaos, ids)
+        fleet.signal(signal.SIGTERM)  # its own stop: the harness's ends what it finds left
+        fleet.wait_exit(120)
+        escaped = escapees(journal)
     finally:
         fleet.stop()
+        for process in escapees(journal):
+            process.kill()
     left = fleet.leftovers()
     figures.update(
         {f"{k}_kills" if k in ("child", "worker") else f"{k}s": chaos.kills[k] for k in counts}
     )
     figures["left_behind"] = len(left)
+    path = escapees_file(journal)
+    figures["escapees"] = len(path.read_text().split()) if path.exists() else 0
+    figures["escapees_left"] = len(escaped)
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["drain_seconds"] = round(drained, 1)
     print(
@@ -253,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         or figures["duplicated"] > figures["running_in_killed"]
         or figures["unexplained_duplicates"] > 0
         or left
+        or escaped
     )
     if broken:
         print(f"chaos: BROKEN; the fleet's folder is kept: {folder}", file=sys.stderr)
