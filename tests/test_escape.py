@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor import orphans
 from tests.fleet import Fleet, holds, wait_for
-from worker import TaskFailed
+from worker import TaskFailed, tree
 
 ESCAPE_TASKS = '''
 import os, subprocess, sys, time
@@ -279,3 +282,64 @@ def test_a_child_reaps_the_daemons_its_tasks_left_between_tasks(escape_fleet) ->
 
     assert fleet.client.submit("tasks.pid").get(timeout=15) == child
     assert len(zombies()) <= 1, "the daemons of earlier tasks were never reaped"
+
+
+# --- the pieces, on plain processes ------------------------------------------------------------
+FORKER = """
+import os, subprocess, sys, time
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+kids = [subprocess.Popen(sleeper, start_new_session=True), subprocess.Popen(sleeper)]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+while True:  # keeps forking: the tree grows while it is being ended
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.005)
+"""
+
+
+@pytest.fixture
+def forker() -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """A process that started a child in a session of its own and one in its group, and
+    forks a new child every few milliseconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    kids = [int(pid) for pid in proc.stdout.readline().split()]
+    seen: set[int] = set()
+    try:
+        yield proc, kids
+    finally:
+        with contextlib.suppress(psutil.Error):
+            seen |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        for pid in [*kids, *seen]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_end_tree_ends_a_growing_tree_and_what_left_its_session(forker) -> None:
+    proc, kids = forker
+    wait_for(lambda: len(tree.descendants(proc.pid)) >= 5, 10, message="the tree to grow")
+    everyone = [proc.pid, *tree.descendants(proc.pid)]
+    assert tree.end_tree(proc.pid) >= len(everyone)
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(alive(pid) for pid in [*everyone, *kids]), 10, message="the tree")
+
+
+def test_the_next_start_finds_the_processes_marked_with_the_previous_run() -> None:
+    marked = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, orphans.RUN_MARK: "run-1"},
+        start_new_session=True,
+    )
+    try:
+        found = dict(orphans.find_leftovers({"run": "run-1"}))
+        assert found.get(marked.pid) == pytest.approx(orphans.create_time(marked.pid))
+        assert marked.pid not in dict(orphans.find_leftovers({"run": "run-2"}))
+        assert marked.pid not in dict(orphans.find_leftovers({}))
+    finally:
+        marked.kill()
+        marked.wait(timeout=10)
