@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import FLEETD, Fleet, wait_for
 from worker.client import Handle
 
@@ -26,19 +24,6 @@ HOLD_LIMIT = 30  # seconds: a long task, stopped each time long before it could 
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield "sqlite:///queue.db"
-        return
-    require_redis(REDIS_URL)
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    try:
-        yield f"{REDIS_URL}?prefix={prefix}"
-    finally:
-        delete_prefix(REDIS_URL, prefix)
 
 
 def start_held(fleet: Fleet, handle: Handle | None, tmp_path: Path) -> Handle:
