@@ -70,14 +70,14 @@ def end_tree(root: int) -> int:
     may hold processes that left the tree earlier); returns how many processes were in the
     tree. Each is stopped (SIGSTOP) as it is found, so none forks or moves away between the
     walk and the kill, and the walk is repeated until it finds nothing new."""
-    stopped: list[int] = []
+    stopped: set[int] = set()
     for _ in range(MAX_WALKS):
         new = [pid for pid in [root, *descendants(root)] if pid not in stopped]
         if not new:
             break
         for pid in new:
             _signal(pid, signal.SIGSTOP)
-        stopped += new
+        stopped.update(new)
     ours = os.getpgrp()
     for pid in stopped:
         try:
