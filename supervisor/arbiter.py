@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,7 @@ class Arbiter:
         self.tasks_done = 0  # by workers that are gone; live ones report their own
         self.booted: set[str] = set()  # worker names that have been ready once: /readyz
         self.run_record = orphans.RunRecord(config.state_dir)
+        self.run_id = uuid.uuid4().hex  # the mark of every process this run starts
         self.record_due = False  # the run record changed: written at the end of the loop's turn
         self.unwritten_pidfile: orphans.StateFile | None = None  # tried again every second
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
@@ -177,8 +179,10 @@ class Arbiter:
     def start(self) -> None:
         self.lock_fd = orphans.lock_state_dir(self.config.state_dir)
         orphans.become_subreaper()
-        orphans.end_leftovers(self.run_record.read())
-        self.dead_owners += self.run_record.read().get("owners", [])
+        previous = self.run_record.read()
+        orphans.end_leftovers(previous)
+        self.dead_owners += previous.get("owners", [])
+        self.write_run_record()  # our mark is on disk before any process carries it
         try:
             write_pidfile(self.pidfile)
         except PidfileWriteError:  # a full disk, say: `fleetd stop` needs it, the fleet does not
@@ -265,6 +269,7 @@ class Arbiter:
         return self.halting is not None and not any(w.pid for w in self.workers)
 
     def stop(self) -> None:
+        orphans.end_strays_and_wait({w.pid for w in self.workers if w.pid})
         self.write_run_record()
         self.router.answer_all()
         self.control.close()
@@ -348,6 +353,7 @@ class Arbiter:
         env["FLEETD_GENERATION"] = str(generation)
         env["FLEETD_METRICS"] = "1" if self.config.metrics_bind else "0"
         env["FLEETD_EVENTS"] = "1" if spec.node in self.events_on else "0"
+        env[orphans.RUN_MARK] = self.run_id
         env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
         env.pop("FLEETD_SCHED_POLICY", None)
         if polite:  # the policy the worker returns to once booted
@@ -404,12 +410,15 @@ class Arbiter:
         self.kill_worker(w, signal.SIGCONT)
 
     def reap_workers(self) -> None:
-        for pid, status in orphans.reap_all():
+        reaped = orphans.reap_all()
+        for pid, status in reaped:
             w = next((w for w in self.workers if w.pid == pid), None)
             if w is None:
                 log.debug("reaped orphan pid=%d", pid)
                 continue
             self.worker_exited(w, status)
+        if reaped:  # a worker that died left its children, and what they started, to us
+            orphans.end_strays({w.pid for w in self.workers if w.pid})
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -770,6 +779,7 @@ class Arbiter:
         self.run_record.write(
             {
                 "arbiter": orphans.process_record(os.getpid()),
+                "run": self.run_id,
                 "processes": processes,
                 "owners": owners,
             }

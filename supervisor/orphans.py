@@ -8,7 +8,6 @@ carries psutil's memory for this bookkeeping.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -18,12 +17,19 @@ import time
 from functools import cache
 from typing import Any
 
+from worker import child as pool_child
+from worker.tree import all_pids, end_adopted
+from worker.tree import children as children  # the arbiter reads its workers' pools with it
+
 log = logging.getLogger("fleetd.orphans")
 
-PR_SET_CHILD_SUBREAPER = 36
 LEFTOVER_GRACE = 5.0  # seconds between TERM and KILL for processes of a previous run
 SAME_START = 0.05  # seconds: two start times this close are the same process
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STRAYS_WAIT = 2.0  # seconds an exiting arbiter waits for the processes it KILLed to be reaped
+# In the environment of every process a run starts, inherited by whatever its tasks start:
+# the next start ends the processes that carry the mark of the run before it.
+RUN_MARK = "FLEETD_RUN"
 
 
 class AlreadyRunning(Exception):
@@ -32,9 +38,8 @@ class AlreadyRunning(Exception):
 
 def become_subreaper() -> None:
     """Orphaned descendants (a task's subprocess, a killed worker's children) come to us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        log.warning("could not become a child subreaper (errno %d)", ctypes.get_errno())
+    if not pool_child.become_subreaper():
+        log.warning("could not become a child subreaper: orphans of the fleet go to init")
 
 
 def lock_state_dir(state_dir: str) -> int:
@@ -91,23 +96,6 @@ def alive(pid: int, born: float) -> bool:
     """Whether the process that started at `born` still runs as `pid` (not a zombie)."""
     started = create_time(pid)
     return started is not None and abs(started - born) < SAME_START
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def children(pid: int) -> list[int]:
-    """The pids of `pid`'s children (a worker has one thread, whose children file says it
-    all; a kernel without that file has every process's parent looked up)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return [int(child) for child in f.read().split()]
-    except FileNotFoundError:
-        stats = {other: _stat(other) for other in _all_pids()}
-        return [other for other, fields in stats.items() if fields and int(fields[1]) == pid]
-    except OSError:
-        return []
 
 
 def process_record(pid: int) -> dict[str, Any] | None:
@@ -175,9 +163,10 @@ class RunRecord:
 
 
 def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
-    """Processes of a previous run still alive, as (pid, start time): recorded ones, and
-    members of recorded children's process groups (a task's subprocesses), never a process
-    that merely reused a pid."""
+    """Processes of a previous run still alive, as (pid, start time): recorded ones, members
+    of recorded children's process groups (a task's subprocesses), and every process that
+    carries the run's mark (what a task started in another session), never a process that
+    merely reused a pid."""
     recorded = [r for r in previous.get("processes", []) if isinstance(r, dict)]
     me = os.getpid()
     found: dict[int, float] = {}
@@ -190,7 +179,29 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
             if pid != me and alive(pid, born):
                 found[pid] = born
     found.update(_group_members(groups))
+    run = previous.get("run")
+    if isinstance(run, str) and run:
+        found.update(_marked(run))
     return list(found.items())
+
+
+def _marked(run: str) -> dict[int, float]:
+    """{pid: start time} of every live process whose environment carries `run`'s mark (those
+    of another user are not readable, and not ours)."""
+    mark = f"{RUN_MARK}={run}".encode()
+    me = os.getpid()
+    found: dict[int, float] = {}
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0") or pid == me:
+                    continue
+        except OSError:
+            continue
+        fields = _stat(pid)
+        if fields is not None:
+            found[pid] = _started(fields)
+    return found
 
 
 def _group_members(groups: dict[int, float]) -> dict[int, float]:
@@ -198,7 +209,7 @@ def _group_members(groups: dict[int, float]) -> dict[int, float]:
     started after its leader did (an older one is in a reused group id, not ours)."""
     me = os.getpid()
     members: dict[int, float] = {}
-    for pid in _all_pids() if groups else ():
+    for pid in all_pids() if groups else ():
         fields = _stat(pid)
         if fields is None or pid == me:
             continue
@@ -248,6 +259,26 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
             time.sleep(0.01)
             leftovers = [(pid, born) for pid, born in leftovers if alive(pid, born)]
     return found
+
+
+def end_strays(workers: set[int]) -> None:
+    """End every process that came to us as their subreaper and is not one of `workers`: a
+    dead worker's children and whatever their tasks started, in any group or session."""
+    ended = end_adopted(workers)
+    if ended:
+        log.info("ended %d processes that a dead worker left behind", ended)
+
+
+def end_strays_and_wait(workers: set[int]) -> None:
+    """At exit: end whatever came to us and is not one of `workers` (none are left after a
+    stop), and reap it, so that nothing the fleet started outlives us; STRAYS_WAIT at most."""
+    deadline = time.monotonic() + STRAYS_WAIT
+    while True:
+        reap_all()
+        end_adopted(workers)
+        if set(children(os.getpid())) <= workers or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 def reap_all() -> list[tuple[int, int]]:

@@ -9,6 +9,9 @@ file, as a hostile producer would (each must end FAILURE BadMessage, costing not
 else). Then it waits for every task and prints what happened: submitted, completed,
 lost, duplicated, poisons dead-lettered, and the kills it made.
 
+Some tasks also start a process in a session of its own (`Popen(start_new_session=True)`)
+that would sleep for ten minutes: once the fleet is stopped, none of them may be left.
+
 Every task writes "S id pid" when it starts and "E id pid" when it ends, so the run
 knows exactly which executions a kill interrupted. The contract (DESIGN section 3):
 nothing is lost, and only an interrupted task may run twice, so duplicates are bounded by
@@ -27,11 +30,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tests.fleet import Fleet, wait_for
 from tests.poison import RawTask, poison_bodies, write_sqlite
@@ -54,6 +60,28 @@ BIG_EVERY = 10  # batches between two big tasks
 BIG_TASK = 1 << 20  # bytes of padding in a big task: past any pipe's buffer
 POISON_EVERY = 7  # batches between two poison records
 USR1_BURST = 20  # USR1 signals per burst, each worker
+ESCAPE_SHARE = 0.05  # of the tasks, those that also start a process in a session of its own
+ESCAPE_TASKS = '''
+import os, subprocess, time
+from worker import task
+
+def append(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+@task(bind=True)
+def escape(self, path, seconds, pidfile):
+    """As tasks.journal, and a sleeper that leaves the task's process group and session."""
+    append(path, f"S {self.request.id} {os.getpid()}\\n")
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    append(pidfile, f"{sleeper.pid}\\n")
+    time.sleep(seconds)
+    append(path, f"E {self.request.id} {os.getpid()}\\n")
+    return os.getpid()
+'''
 
 
 @dataclass
@@ -125,13 +153,15 @@ class Chaos:
     def usr1(self) -> bool:
         """A burst of USR1 at every worker: each lands in whatever the worker writes then."""
         workers = self.workers()
+        if not workers:
+            return False
         for _ in range(USR1_BURST):
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
             time.sleep(0.005)
         self.kills["usr1"] += 1
-        return bool(workers)
+        return True
 
     def restart(self) -> bool:
         self.fleet.signal(signal.SIGTERM)
@@ -173,10 +203,7 @@ def submit_steadily(
         batches = max(1, n // BATCH)
         for b in range(batches):
             size = n - len(ids) if b == batches - 1 else BATCH
-            calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-                ("tasks.journal", (str(journal), round(rng.uniform(0, MAX_TASK_SECONDS), 3)), {})
-                for _ in range(size)
-            ]
+            calls = [journaled(journal, rng) for _ in range(size)]
             if b % BIG_EVERY == BIG_EVERY - 1:
                 calls[-1] = ("tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
             ids.extend(h.id for h in client.submit_many(calls))
@@ -192,6 +219,30 @@ def submit_steadily(
                 time.sleep(delay)
     except BaseException as exc:  # noqa: BLE001 - reported by the main thread
         failure.append(exc)
+
+
+def journaled(journal: Path, rng: random.Random) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """A journaled task: one in ESCAPE_SHARE also starts a process in a session of its own."""
+    seconds = round(rng.uniform(0, MAX_TASK_SECONDS), 3)
+    if rng.random() < ESCAPE_SHARE:
+        return "chaos_tasks.escape", (str(journal), seconds, str(escapees_file(journal))), {}
+    return "tasks.journal", (str(journal), seconds), {}
+
+
+def escapees_file(journal: Path) -> Path:
+    return journal.with_name("escapees.txt")
+
+
+def escapees(journal: Path) -> list[psutil.Process]:
+    """The processes the tasks started in sessions of their own that are still alive."""
+    path = escapees_file(journal)
+    alive = []
+    for pid in path.read_text().split() if path.exists() else []:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(int(pid))
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
 
 
 def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
@@ -233,7 +284,10 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="fleetd-chaos-"))
     rng = random.Random(args.seed)
-    fleet = Fleet(folder, workers=WORKERS, defaults=DEFAULTS)
+    fleet = Fleet(
+        folder, workers=WORKERS, defaults=DEFAULTS, fleet={"imports": ["tasks", "chaos_tasks"]}
+    )
+    (folder / "chaos_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
     journal = folder / "journal.txt"
     chaos = Chaos(fleet, journal, rng)
     ids: list[str] = []
@@ -287,13 +341,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"chaos: {exc}", file=sys.stderr)
         drained = time.monotonic() - settled
         figures: dict[str, Any] = tally(fleet, chaos, ids)
+        fleet.signal(signal.SIGTERM)  # its own stop: the harness's ends what it finds left
+        fleet.wait_exit(120)
+        escaped = escapees(journal)
     finally:
         fleet.stop()
+        for process in escapees(journal):
+            process.kill()
     left = fleet.leftovers()
     figures.update(
         {f"{k}_kills" if k in ("child", "worker") else f"{k}s": chaos.kills[k] for k in counts}
     )
     figures["left_behind"] = len(left)
+    path = escapees_file(journal)
+    figures["escapees"] = len(path.read_text().split()) if path.exists() else 0
+    figures["escapees_left"] = len(escaped)
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["drain_seconds"] = round(drained, 1)
     print(
@@ -305,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         or figures["duplicated"] > figures["running_in_killed"]
         or figures["unexplained_duplicates"] > 0
         or left
+        or escaped
     )
     if broken:
         print(f"chaos: BROKEN; the fleet's folder is kept: {folder}", file=sys.stderr)

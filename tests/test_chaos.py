@@ -46,4 +46,5 @@ def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
     ) == (8, 2, 2, 1)
     assert figures["usr1s"] == 3
     assert figures["poisons"] > 0 and figures["poisons_dead_lettered"] == figures["poisons"]
-    assert figures["left_behind"] == 0
+    assert figures["left_behind"] == figures["escapees_left"] == 0
+    assert figures["escapees"] > 0

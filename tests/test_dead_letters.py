@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet
 from worker import TaskFailed
 from worker.brokers.base import Envelope
@@ -26,20 +24,6 @@ LATER = """
 def later(n):
     return n * 2
 """
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The fleet's broker: its own SQLite file, or the shared Redis under a prefix of its own."""
-    if request.param == "sqlite":
-        yield "sqlite:///queue.db"
-        return
-    require_redis(REDIS_URL)
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    try:
-        yield f"{REDIS_URL}?prefix={prefix}"
-    finally:
-        delete_prefix(REDIS_URL, prefix)
 
 
 def dead_letter_unknown_tasks(fleet: Fleet, count: int) -> list[str]:

@@ -34,6 +34,7 @@ from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 # How a child that stops between tasks (TERM, or the end of its pipe) leaves: a BYE frame,
 # then this exit code. Every task it was given and did not answer never started. (The
 # frame, which a task that calls os._exit(86) does not write, makes the code unforgeable.)
@@ -100,6 +101,20 @@ def set_parent_death_signal(signum: int) -> None:
     _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
+def become_subreaper() -> bool:
+    """Have orphaned descendants (a daemon's double fork, a dead child's subprocesses) become
+    this process's children, not init's (Linux); False if the kernel refused."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_adopted() -> None:
+    """Collect the descendants that ended after they were re-parented to us. Only between
+    tasks: during one, a `subprocess.Popen` of the task must get its own child's status."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
 class Child:
     def __init__(self, task_fd: int, result_fd: int, revoke_fd: int) -> None:
         self.task_fd = task_fd
@@ -136,6 +151,7 @@ class Child:
             signal.signal(sig, signal.SIG_DFL)
         reader = FrameReader(tolerant=True)
         while True:
+            reap_adopted()
             try:
                 frames = reader.read_frames(self.task_fd)
             except InterruptedError:
@@ -224,6 +240,7 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
     except OSError:
         pass
     set_parent_death_signal(signal.SIGKILL)
+    become_subreaper()  # what a task starts stays below us, where the worker can end it
     if os.getppid() != worker_pid:  # the worker died before the death signal was set
         os._exit(1)
     child = Child(task_fd, result_fd, revoke_fd)

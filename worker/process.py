@@ -35,6 +35,7 @@ from .child import (
     CLEAN_STOP,
     MESSAGE_LIMIT,
     TYPE_NAME_LIMIT,
+    become_subreaper,
     child_main,
     outcome_of,
     printable,
@@ -47,6 +48,7 @@ from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
 from .spec import WorkerSpec
 from .task import REGISTRY
+from .tree import end_adopted
 
 log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
@@ -160,6 +162,7 @@ class Worker:
     # --- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
         self.setup_signals()
+        become_subreaper()  # what outlives a dead child comes to us (child_gone ends it)
         self.import_tasks()
         self.broker = open_broker(
             self.spec.broker,
@@ -632,6 +635,8 @@ class Worker:
                 status = os.waitpid(child.pid, 0)[1]
             except ChildProcessError:
                 status = -1
+        # What its tasks started in other groups and sessions came to us when it died.
+        end_adopted({c.pid for c in self.children.values()})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
@@ -644,7 +649,7 @@ class Worker:
                 extra={"node": self.node, "task": lost.id},
             )
         if unanswered:
-            self.release_now([r.delivery.id for r in unanswered], started=False)
+            self.release_now([r.delivery.id for r in unanswered], died=False)
         child.tasks.clear()
 
     def task_lost(self, delivery: Delivery) -> None:
@@ -655,7 +660,7 @@ class Worker:
                 delivery, "WorkerLost", f"the process running it died {delivery.deliveries} times"
             )
         else:
-            self.release_now([delivery.id], started=True)
+            self.release_now([delivery.id], died=True)
             self.counts["redelivered"] += 1
             self.emit("redelivered")
 
@@ -674,13 +679,13 @@ class Worker:
         self.emit("task-failed", delivery, exc_type=exc_type)
         self.emit("dead-lettered")
 
-    def release_now(self, ids: list[str], started: bool) -> None:
+    def release_now(self, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they stay ours, unrenewed,
         and their lease gives them back."""
         self.flush()
         if self.broker_available():
             with self.broker_call("give tasks back"):
-                self.broker.release(ids, started=started)
+                self.broker.release(ids, died=died)
 
     def kill_group(self, pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -994,7 +999,7 @@ class Worker:
         returned = [d.id for d in self.reserved]
         self.reserved.clear()
         if returned:
-            self.release_now(returned, started=False)
+            self.release_now(returned, died=False)
         if mode == "cold":
             self.kill_running()
             return
@@ -1005,19 +1010,15 @@ class Worker:
             self.shutdown_deadline = time.monotonic() + self.spec.shutdown_timeout
 
     def kill_running(self) -> None:
-        """Kill every child at once; their tasks go back to the broker (redelivered)."""
-        lost, waiting = [], []
+        """Kill every child at once; their tasks go back to the broker (redelivered). The
+        operator stopped them: no delivery counts as a death (max_deliveries)."""
+        stopped = []
         for child in list(self.children.values()):
             self.kill_group(child.pid)
-            unanswered = [r for r in child.tasks if not r.settled]
-            if unanswered and unanswered[0] is child.tasks[0]:
-                lost.append(unanswered.pop(0).delivery.id)
-            waiting += [r.delivery.id for r in unanswered]
+            stopped += [r.delivery.id for r in child.tasks if not r.settled]
             child.tasks.clear()
-        if lost:
-            self.release_now(lost, started=True)
-        if waiting:
-            self.release_now(waiting, started=False)
+        if stopped:
+            self.release_now(stopped, died=False)
 
     def continue_shutdown(self, now: float) -> None:
         if self.shutdown_deadline and now >= self.shutdown_deadline:

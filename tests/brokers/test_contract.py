@@ -139,19 +139,36 @@ def test_release_unstarted_gives_the_task_back_with_its_count_unchanged(broker: 
     broker.enqueue([task])
     [first] = broker.reserve(["q1"], 1, "w1", 30)
 
-    broker.release([task.id], started=False)
+    broker.release([task.id], died=False)
 
     [again] = broker.reserve(["q1"], 1, "w2", 30)
     assert (first.deliveries, again.id, again.deliveries) == (1, task.id, 1)
 
 
-def test_release_started_gives_the_task_back_with_its_count_raised(broker: Broker) -> None:
+def test_release_of_a_task_the_operator_stopped_takes_its_delivery_back_every_time(
+    broker: Broker,
+) -> None:
+    """A cold stop kills the child of a started task, but it is no death: no strike."""
+    task = envelope()
+    broker.enqueue([task])
+    for _ in range(4):
+        [delivery] = broker.reserve(["q1"], 1, "w1", 30)
+        broker.mark_started([task.id], "w1@host")
+
+        broker.release([task.id], died=False)
+
+        info = broker.get_result(task.id)
+        assert info is not None
+        assert (delivery.deliveries, info["state"], info["deliveries"]) == (1, PENDING, 0)
+
+
+def test_release_after_a_death_gives_the_task_back_with_its_count_raised(broker: Broker) -> None:
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 30)
     broker.mark_started([task.id], "w1@host")
 
-    broker.release([task.id], started=True)
+    broker.release([task.id], died=True)
 
     info = broker.get_result(task.id)
     assert info is not None and info["state"] == PENDING
@@ -213,7 +230,7 @@ def test_delivery_count_rises_with_each_redelivery(broker: Broker) -> None:
     task = envelope()
     broker.enqueue([task])
     counts = [broker.reserve(["q1"], 1, "w1", 30)[0].deliveries]
-    broker.release([task.id], started=True)
+    broker.release([task.id], died=True)
     counts.append(broker.reserve(["q1"], 1, "w2", 30)[0].deliveries)
     broker.recover("w2")
     counts.append(broker.reserve(["q1"], 1, "w3", 0.2)[0].deliveries)

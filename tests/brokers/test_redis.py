@@ -355,5 +355,5 @@ def test_a_delivery_count_that_is_not_a_whole_number_starts_over(
 
     [delivery] = redis_broker.reserve(["q1"], 1, "w1", 30)
     assert delivery.deliveries == 1
-    redis_broker.release(["t-1"], started=False)
+    redis_broker.release(["t-1"], died=False)
     assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]

@@ -304,11 +304,13 @@ class Broker(abc.ABC):
         return self.reserve(queues, n, owner, lease)
 
     @abc.abstractmethod
-    def release(self, ids: list[str], started: bool) -> None:
+    def release(self, ids: list[str], died: bool) -> None:
         """Give delivered tasks back to their queue at once.
 
-        `started=False` (returned before running, e.g. on warm shutdown) takes back the
-        delivery count this delivery added; `started=True` (the child died) keeps it.
+        `died=True`: the process running them died (a crash, an OOM kill, a SIGKILL); this
+        delivery keeps counting toward `max_deliveries`. `died=False`: they never started
+        (returned on a warm shutdown) or the operator stopped them (a cold shutdown); the
+        delivery count this delivery added is taken back, however often that happens.
         """
 
     @abc.abstractmethod

@@ -464,14 +464,14 @@ local function main()
 end
 """
 
-# A: ids, started.
+# A: ids, died.
 RELEASE = """
 local function main()
   for _, id in ipairs(A.ids) do
     local t = load(id)
     if t and t.status == 'held' then
       requeue(id, t)
-      if not A.started then redis.call('HINCRBY', task_key(id), 'deliveries', -1) end
+      if not A.died then redis.call('HINCRBY', task_key(id), 'deliveries', -1) end
     end
   end
   return 0
@@ -885,9 +885,9 @@ class RedisBroker(Broker):
     def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
         self.flush([], "", outcomes, retries)
 
-    def release(self, ids: list[str], started: bool) -> None:
+    def release(self, ids: list[str], died: bool) -> None:
         if ids:
-            self._run("release", {"ids": ids, "started": started})
+            self._run("release", {"ids": ids, "died": died})
 
     def extend(self, ids: list[str], owner: str, lease: float) -> None:
         if ids:

@@ -515,10 +515,10 @@ class SQLiteBroker(Broker):
                 [(r.body, r.eta, r.exc_type, r.exc_message, r.id) for r in retries],
             )
 
-    def release(self, ids: list[str], started: bool) -> None:
+    def release(self, ids: list[str], died: bool) -> None:
         if not ids:
             return
-        taken_back = "0" if started else "1"
+        taken_back = "0" if died else "1"
         with self._write() as db:
             db.executemany(
                 f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"

@@ -1,0 +1,345 @@
+"""Processes a task started end with it, also those that left its process group.
+
+A task here starts three escapees, each in a session of its own: `Popen(start_new_session=
+True)`, the `setsid` command, and a daemon's double fork (its parent exits at once, so it is
+nobody's child). Each test ends the task one way (hard time limit, revoke --terminate, a
+killed or recycled child, a killed worker, a stop, a killed fleet and a new start) and checks
+every escapee by pid; the escapees are killed by pid at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor import orphans
+from tests.fleet import Fleet, holds, wait_for
+from worker import TaskFailed, tree
+
+ESCAPE_TASKS = '''
+import os, subprocess, sys, time
+from worker import task
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def double_fork():
+    """A daemon's double fork: the sleeper's parent exits at once."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        pid = os.fork()
+        if pid == 0:
+            os.execv(SLEEPER[0], SLEEPER)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    pid = int(os.read(r, 64))
+    os.close(r)
+    return pid
+
+
+def escape(pidfile):
+    """Start three sleepers that leave the task's process group; write their pids."""
+    pids = [
+        subprocess.Popen(SLEEPER, start_new_session=True).pid,
+        subprocess.Popen(["setsid", *SLEEPER]).pid,
+        double_fork(),
+    ]
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.replace(pidfile + ".tmp", pidfile)
+    return pids
+
+
+@task
+def escape_and_hold(pidfile, gate, limit=60):
+    escape(pidfile)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@task(time_limit=1)
+def escape_and_hang(pidfile):
+    escape(pidfile)
+    time.sleep(600)
+
+
+@task
+def escape_and_return(pidfile):
+    return escape(pidfile)
+
+
+@task
+def short_lived_daemon():
+    """A double fork whose daemon exits at once: it is adopted, then a zombie."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:
+            os._exit(0)
+        os._exit(0)
+    os.close(w)
+    os.close(r)
+    os.waitpid(middle, 0)
+    return os.getpid()
+'''
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Escapees:
+    """The pids the task wrote; every one still alive is killed at the end of the test."""
+
+    def __init__(self, pidfile: Path) -> None:
+        self.pidfile = pidfile
+        self.pids: list[int] = []
+
+    def read(self) -> list[int]:
+        wait_for(self.pidfile.exists, 15, message="the task to start its escapees")
+        self.pids = [int(pid) for pid in self.pidfile.read_text().split()]
+        assert len(self.pids) == 3
+        return self.pids
+
+    def wait(self) -> list[int]:
+        """The pids, once the task wrote them; all three are alive while the task runs."""
+        assert all(alive(pid) for pid in self.read())
+        return self.pids
+
+    def living(self) -> list[int]:
+        return [pid for pid in self.pids if alive(pid)]
+
+    def wait_gone(self, timeout: float = 10.0) -> None:
+        wait_for(lambda: not self.living(), timeout, message=f"escapees {self.living()} to end")
+
+    def kill(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
+@pytest.fixture
+def escape_fleet(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> Iterator[Callable[..., tuple[Fleet, Escapees]]]:
+    """`escape_fleet(defaults={...})` -> (a fleet that imports the escaping tasks, its escapees)."""
+    made: list[Escapees] = []
+
+    def make(**kwargs: object) -> tuple[Fleet, Escapees]:
+        fleet = make_fleet(fleet={"imports": ["tasks", "escape_tasks"]}, **kwargs)
+        (fleet.folder / "escape_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
+        escapees = Escapees(tmp_path / f"escapees-{len(made)}.pid")
+        made.append(escapees)
+        return fleet, escapees
+
+    try:
+        yield make
+    finally:
+        for escapees in made:
+            escapees.kill()
+
+
+def test_hard_time_limit_ends_the_processes_the_task_started_in_other_sessions(
+    escape_fleet,
+) -> None:
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    handle = fleet.client.submit("escape_tasks.escape_and_hang", str(escapees.pidfile))
+    escapees.wait()
+    with pytest.raises(TaskFailed) as err:
+        handle.get(timeout=15)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    escapees.wait_gone()
+
+
+def test_revoke_with_terminate_ends_the_processes_the_task_started_in_other_sessions(
+    escape_fleet, tmp_path: Path
+) -> None:
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    handle = fleet.client.submit(
+        "escape_tasks.escape_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+    )
+    escapees.wait()
+    fleet.ctl("revoke", handle.id, "--terminate")  # TERM, then KILL after a grace period
+    wait_for(lambda: handle.state == "REVOKED", 10, message="REVOKED")
+    escapees.wait_gone()
+
+
+def test_a_killed_child_takes_the_processes_its_task_started_in_other_sessions_with_it(
+    escape_fleet, tmp_path: Path
+) -> None:
+    fleet, escapees = escape_fleet(defaults={"max_deliveries": 1})  # no redelivery
+    fleet.start()
+    handle = fleet.client.submit(
+        "escape_tasks.escape_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+    )
+    [child] = {psutil.Process(pid).ppid() for pid in escapees.wait()[:2]}
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(TaskFailed) as err:
+        handle.get(timeout=15)
+    assert err.value.exc_type == "WorkerLost"
+    escapees.wait_gone()
+
+
+def test_a_recycled_child_takes_the_processes_its_tasks_started_in_other_sessions_with_it(
+    escape_fleet,
+) -> None:
+    fleet, escapees = escape_fleet(defaults={"max_tasks_per_child": 1})
+    fleet.start()
+    handle = fleet.client.submit("escape_tasks.escape_and_return", str(escapees.pidfile))
+    assert handle.get(timeout=15) == escapees.read()  # the task returns the pids it started
+    escapees.wait_gone()
+
+
+def test_a_killed_worker_takes_the_processes_its_tasks_started_in_other_sessions_with_it(
+    escape_fleet, tmp_path: Path
+) -> None:
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    fleet.client.submit(
+        "escape_tasks.escape_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+    )
+    escapees.wait()
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    escapees.wait_gone()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["warm", "cold"])
+def test_nothing_a_task_started_outlives_fleetd_stop(
+    escape_fleet, tmp_path: Path, signum: int
+) -> None:
+    """Warm: the task finished, its escapees live on until the stop. Cold: it still runs."""
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    if signum == signal.SIGTERM:
+        handle = fleet.client.submit("escape_tasks.escape_and_return", str(escapees.pidfile))
+        assert handle.get(timeout=15) == escapees.wait()
+        assert holds(lambda: len(escapees.living()) == 3), "ended with a task that succeeded"
+    else:
+        fleet.client.submit(
+            "escape_tasks.escape_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+        )
+        escapees.wait()
+    fleet.signal(signum)
+    assert fleet.wait_exit(20) == 0
+    assert escapees.living() == [], "a process a task started outlived fleetd"
+
+
+def test_next_start_ends_what_a_killed_fleet_left_in_other_sessions(
+    escape_fleet, tmp_path: Path
+) -> None:
+    """The arbiter and every process it knows are SIGKILLed at once (stopped first, so none
+    of them can act): the escapees, in sessions of their own, are nobody's then."""
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    fleet.client.submit(
+        "escape_tasks.escape_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+    )
+    escapees.wait()
+    fleet.remember_pids()
+    known = [fleet.pid, *(p.pid for p in fleet.descendants() if p.pid not in escapees.pids)]
+    for signum in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in known:
+            os.kill(pid, signum)
+    fleet.wait_exit(10)
+    wait_for(lambda: not any(alive(pid) for pid in known), 10, message="the fleet to die")
+    assert len(escapees.living()) == 3
+    fleet.start()
+    escapees.wait_gone(timeout=2)  # the start ended them before it was ready
+
+
+def test_a_child_reaps_the_daemons_its_tasks_left_between_tasks(escape_fleet) -> None:
+    """A daemon a task double-forks is the child's to reap once it ends: no zombies pile up."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    handles = [fleet.client.submit("escape_tasks.short_lived_daemon") for _ in range(5)]
+    [child] = {h.get(timeout=15) for h in handles}
+
+    def zombies() -> list[int]:
+        return [
+            p.pid for p in psutil.Process(child).children() if p.status() == psutil.STATUS_ZOMBIE
+        ]
+
+    assert fleet.client.submit("tasks.pid").get(timeout=15) == child
+    assert len(zombies()) <= 1, "the daemons of earlier tasks were never reaped"
+
+
+# --- the pieces, on plain processes ------------------------------------------------------------
+FORKER = """
+import os, subprocess, sys, time
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+kids = [subprocess.Popen(sleeper, start_new_session=True), subprocess.Popen(sleeper)]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+while True:  # keeps forking: the tree grows while it is being ended
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.005)
+"""
+
+
+@pytest.fixture
+def forker() -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """A process that started a child in a session of its own and one in its group, and
+    forks a new child every few milliseconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    kids = [int(pid) for pid in proc.stdout.readline().split()]
+    seen: set[int] = set()
+    try:
+        yield proc, kids
+    finally:
+        with contextlib.suppress(psutil.Error):
+            seen |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        for pid in [*kids, *seen]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_end_tree_ends_a_growing_tree_and_what_left_its_session(forker) -> None:
+    proc, kids = forker
+    wait_for(lambda: len(tree.descendants(proc.pid)) >= 5, 10, message="the tree to grow")
+    everyone = [proc.pid, *tree.descendants(proc.pid)]
+    assert tree.end_tree(proc.pid) >= len(everyone)
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(alive(pid) for pid in [*everyone, *kids]), 10, message="the tree")
+
+
+def test_the_next_start_finds_the_processes_marked_with_the_previous_run() -> None:
+    marked = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, orphans.RUN_MARK: "run-1"},
+        start_new_session=True,
+    )
+    try:
+        found = dict(orphans.find_leftovers({"run": "run-1"}))
+        assert found.get(marked.pid) == pytest.approx(orphans.create_time(marked.pid))
+        assert marked.pid not in dict(orphans.find_leftovers({"run": "run-2"}))
+        assert marked.pid not in dict(orphans.find_leftovers({}))
+    finally:
+        marked.kill()
+        marked.wait(timeout=10)

@@ -1,0 +1,103 @@
+"""Ending every process a task started: a process's whole tree, wherever its groups went.
+
+Process groups alone miss what left them (`Popen(start_new_session=True)`, `setsid`, a
+daemon's double fork). Children and workers are child subreapers, so such a process stays
+a descendant of the child that started it, or comes to the worker (or the arbiter) when
+that child dies; these functions walk the tree in /proc and end it. They cost a /proc walk,
+so they run only when something is killed or leaves, never per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from functools import cache
+
+# Walks of a tree that is being stopped: each one stops every process it finds, so only
+# what forked in between is new to the next walk; a tree still growing after this many
+# walks (a fork bomb faster than we are) is killed as found.
+MAX_WALKS = 50
+
+
+@cache
+def _has_children_files() -> bool:
+    """Whether this kernel lists children in /proc/PID/task/TID/children."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rfind(b")") + 2 :].split()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s children, those of every one of its threads (an orphan comes to
+    whichever thread of its subreaper is alive); [] if `pid` is gone."""
+    if not _has_children_files():
+        return [other for other in all_pids() if _parent(other) == pid]
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in threads:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            found += [int(child) for child in f.read().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before their children."""
+    found: list[int] = []
+    below = children(pid)
+    while below:
+        found += below
+        below = [grandchild for child in below for grandchild in children(child)]
+    return found
+
+
+def end_tree(root: int) -> int:
+    """SIGKILL `root`, every process below it and the process groups of all of them (a group
+    may hold processes that left the tree earlier); returns how many processes were in the
+    tree. Each is stopped (SIGSTOP) as it is found, so none forks or moves away between the
+    walk and the kill, and the walk is repeated until it finds nothing new."""
+    stopped: set[int] = set()
+    for _ in range(MAX_WALKS):
+        new = [pid for pid in [root, *descendants(root)] if pid not in stopped]
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped.update(new)
+    ours = os.getpgrp()
+    for pid in stopped:
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            group = ours
+        _signal(pid, signal.SIGKILL)
+        if group not in (ours, 0, 1):  # never our own group: the worker or arbiter is in it
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+    return len(stopped)
+
+
+def end_adopted(keep: set[int]) -> int:
+    """End the tree of every child of ours that is not in `keep` (for a worker: its pool
+    children; for the arbiter: its workers), i.e. what a dead descendant left to us as its
+    subreaper; returns how many processes that ended."""
+    return sum(end_tree(pid) for pid in children(os.getpid()) if pid not in keep)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
