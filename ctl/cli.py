@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool = dest(sub.add_parser("pool", help="grow or shrink pools (shrink retires idle children)"))
     pool.add_argument("action", choices=("grow", "shrink"))
     pool.add_argument("n", nargs="?", type=count, default=1)
+    start = sub.add_parser("start", help="start FATAL or shut-down nodes again (no reload)")
+    start.add_argument("dest", nargs="+", metavar="NODE", help="a node (name@host) or a host")
     dest(sub.add_parser("status", help="a table of hosts, nodes and children"))
     dest(sub.add_parser("top", help="the status table, live"))
     call = dest(sub.add_parser("call", help="run a custom @control_command"))
@@ -647,7 +649,8 @@ def fleet_status(client: Any, dest: list[str] | None, timeout: float) -> Any:
         stats = pools.replies.get(node)
         if isinstance(view, dict) and isinstance(stats, dict):
             if isinstance(stats.get("children"), list):
-                view = {**stats, "state": view.get("state"), "generation": view.get("generation")}
+                supervised_keys = ("state", "generation", "reload_failed")
+                view = {**stats, **{k: view[k] for k in supervised_keys if k in view}}
             elif "error" in stats:
                 view = {**view, "error": stats["error"]}
         nodes[node] = view
@@ -687,6 +690,8 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
     state = str(view.get("state") or "")
     colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
     task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
+    if "reload_failed" in view:  # the generation before serves on
+        task = f"[red]reload failed: {escape(str(view['reload_failed']))}[/red]"
     done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
     table.add_row(
         f"  {escape(node)}",
