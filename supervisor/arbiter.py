@@ -509,6 +509,10 @@ class Arbiter:
                 continue
             booting = w.state == STARTING
             silent = now - (w.started_at if booting else w.heard_at)
+            if booting and silent >= timeout:
+                # A boot that waited for a CPU is slow, not hung: a reload's boots run at
+                # idle priority, behind every task that keeps the CPUs busy.
+                silent -= cpu_wait(w.pid)
             if silent < timeout:
                 continue
             w.exit_cause = (
@@ -1000,6 +1004,16 @@ def node_status(procs: list[WorkerProc]) -> dict[str, Any]:
     if newest is not shown and newest.state == FATAL:
         view["reload_failed"] = f"generation {newest.generation} {newest.failure}"
     return view
+
+
+def cpu_wait(pid: int) -> float:
+    """Seconds a process has spent runnable but waiting for a CPU (/proc/PID/schedstat);
+    0 if the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def describe_exit(code: int) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ import psutil
 import pytest
 
 from supervisor import config as configmod
+from supervisor.arbiter import may_leave_idle_priority
 from tests.fleet import TASKS, Fleet, wait_for
 from tests.test_control import ctl_json
 
@@ -83,6 +86,38 @@ def test_a_worker_whose_boot_hangs_is_killed_at_worker_timeout(
     assert f"did not boot within worker_timeout ({TIMEOUT}s)" in fleet.log()
     hang.unlink()
     fleet.wait_ready(timeout=3 * TIMEOUT)
+
+
+def test_a_boot_starved_of_cpu_at_idle_priority_is_slow_not_hung(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    if not may_leave_idle_priority():
+        pytest.skip("without CAP_SYS_NICE or RLIMIT_NICE a reload does not boot at idle priority")
+    fleet = make_fleet(defaults={"worker_timeout": TIMEOUT})
+    heavy = fleet.folder / "heavy-import"
+    tasks = textwrap.dedent(TASKS) + textwrap.dedent(f"""
+        if os.path.exists({str(heavy)!r}):  # an import that needs a second of CPU
+            _end = time.process_time() + 1.0
+            while time.process_time() < _end:
+                pass
+    """)
+    (fleet.folder / "tasks.py").write_text(tasks)
+    fleet.start()
+    heavy.touch()
+    spin = (
+        f"import time\nend = time.monotonic() + {2 * TIMEOUT}\nwhile time.monotonic() < end: pass"
+    )
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        reloaded = time.monotonic()
+        fleet.signal(signal.SIGHUP)
+        wait_for(lambda: "reload complete: generation 1" in fleet.log(), 60, 0.1, "the reload")
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert time.monotonic() - reloaded > TIMEOUT  # else the CPUs were not busy: nothing tested
+    assert "did not boot within" not in fleet.log()
 
 
 @pytest.mark.parametrize("value", [1, -1, "60", float("nan"), float("inf")])
