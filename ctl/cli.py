@@ -536,7 +536,8 @@ def fleet_status(client: Any, dest: list[str] | None) -> Any:
         stats = pools.replies.get(node)
         if isinstance(view, dict) and isinstance(stats, dict):
             if isinstance(stats.get("children"), list):
-                view = {**stats, "state": view.get("state"), "generation": view.get("generation")}
+                supervised_keys = ("state", "generation", "reload_failed")
+                view = {**stats, **{k: view[k] for k in supervised_keys if k in view}}
             elif "error" in stats:
                 view = {**view, "error": stats["error"]}
         nodes[node] = view

@@ -154,6 +154,8 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
     state = str(view.get("state") or "")
     colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
     task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
+    if "reload_failed" in view:  # the generation before serves on
+        task = f"[red]reload failed: {escape(str(view['reload_failed']))}[/red]"
     done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
     table.add_row(
         f"  {escape(node)}",

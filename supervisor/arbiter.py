@@ -28,12 +28,13 @@ from worker.logs import log_env
 from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
-from . import orphans
+from . import orphans, states
 from .commands import Router
 from .metrics import Metrics, MetricsServer, Probe
 from .notify import Notifier
 from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
 from .signals import SignalQueue, name
+from .states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING, State
 
 if TYPE_CHECKING:
     import zmq
@@ -45,22 +46,10 @@ POLLIN, POLLOUT = 1, 2
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-# Supervised worker states, as supervisord names them.
-STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
-    "STARTING",
-    "RUNNING",
-    "BACKOFF",
-    "STOPPING",
-    "STOPPED",
-    "FATAL",
-)
+EXIT_BOOT_ERROR = 3  # a worker could not boot at `fleetd start`: the fleet was ended (gunicorn's)
 
 CAP_SYS_NICE = 23  # capabilities(7)
-START_SECS = 3.0  # a worker that dies sooner than this after its start died "fast"
-FATAL_AFTER = 5  # fast deaths in a row that mark a worker FATAL
-BACKOFF_BASE = 0.25  # seconds; doubles with every fast death after the first
-BACKOFF_MAX = 10.0
+TRANSITIONS_METRIC = "fleetd_worker_transitions_total"
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
 HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
 # Bytes of frames a worker may leave unread behind the one it is taking: past that it does not
@@ -112,10 +101,13 @@ class WorkerProc:
     sock: socket.socket | None = None
     reader: FrameReader = field(default_factory=FrameReader)
     outbox: Outbox = field(default_factory=Outbox)
-    state: str = STARTING
+    state: State = STOPPED  # changed by Arbiter.change_state only
     owner: str = ""
     started_at: float = 0.0  # monotonic
-    fast_deaths: int = 0
+    ready_at: float | None = None  # monotonic: when it said "ready" (None: not since its spawn)
+    exit_cause: str = ""  # why it is ending, when known before its exit: its report, our kill
+    fast_deaths: int = 0  # failed starts in a row (states.failed_start)
+    failure: str = ""  # why it last ended without being asked to: shown while it is down
     backoff_until: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
@@ -146,6 +138,8 @@ class Arbiter:
         self.by_fd: dict[int, WorkerProc] = {}
         self.generation = 0
         self.halting: str | None = None  # None, "warm" or "cold"
+        self.failure = ""  # why `fleetd start` failed (a worker could not boot): the exit's reason
+        self.reload_failure = ""  # why the last reload's new generation could not start
         self.cold_deadline = 0.0
         self.interrupts = 0
         self.reloading = False
@@ -174,7 +168,7 @@ class Arbiter:
                 self.step()
         finally:
             self.stop()
-        return EXIT_OK
+        return EXIT_BOOT_ERROR if self.failure else EXIT_OK
 
     def start(self) -> None:
         self.lock_fd = orphans.lock_state_dir(self.config.state_dir)
@@ -192,7 +186,7 @@ class Arbiter:
         # The workers first: they import their task modules on the other cores while the
         # control plane (pyzmq, its sockets and keys) is set up here.
         for spec in self.config.workers:
-            self.spawn_worker(spec, self.generation)
+            self.spawn_worker(spec, self.generation, "fleetd start")
         self.write_run_record()
         try:
             self.open_control_plane()
@@ -260,6 +254,7 @@ class Arbiter:
             getattr(self, f"handle_{name(signum)}")()
         now = time.monotonic()
         self.router.expire(now)
+        self.murder_workers(now)
         self.manage_workers(now)
         self.tick(now)
         if self.record_due:
@@ -328,17 +323,23 @@ class Arbiter:
         self,
         spec: configmod.WorkerSpec,
         generation: int,
+        reason: str,
         replacing: WorkerProc | None = None,
         polite: bool = False,
     ) -> WorkerProc:
-        """Start a worker process. `polite`: another generation serves its queues meanwhile,
-        so it boots (imports, connects) at idle CPU priority (SCHED_IDLE), leaving the CPU to
-        the tasks running, and returns to our scheduling policy before it forks its children."""
+        """Start a worker process (`reason`: what starts it, for the log). `polite`: another
+        generation serves its queues meanwhile, so it boots (imports, connects) at idle CPU
+        priority (SCHED_IDLE), leaving the CPU to the tasks running, and returns to our
+        scheduling policy before it forks its children."""
         w = replacing or WorkerProc(spec, generation)
-        w.started_at = time.monotonic()
+        w.started_at = w.heard_at = time.monotonic()
+        w.ready_at, w.exit_cause = None, ""
         polite = polite and self.may_leave_idle
         if w not in self.workers:
             self.workers.append(w)
+            for state in State:  # every series at 0 from the start: an alert sees 0, not absent
+                self.metrics.inc(TRANSITIONS_METRIC, {"node": spec.node, "state": state.name}, 0)
+        self.change_state(w, STARTING, reason)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOMEM: a failed start, not the arbiter's end
@@ -384,7 +385,6 @@ class Arbiter:
             self.metrics.declare_queue(queue)
         w.sock = ours
         w.reader = FrameReader()
-        w.state = STARTING
         self.by_fd[ours.fileno()] = w
         if self.poller is not None:  # else the control plane's start registers it
             self.poller.register(ours.fileno(), POLLIN)
@@ -396,16 +396,35 @@ class Arbiter:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, signum)
 
-    def stop_worker(self, w: WorkerProc, signum: int = signal.SIGTERM) -> None:
-        """Ask a worker to leave (warm with TERM); it is not restarted."""
-        if w.pid:
-            self.ask_to_leave(w, signum)
-        elif w.state in (BACKOFF, FATAL, STARTING):
-            w.state = STOPPED
+    def change_state(self, w: WorkerProc, new: State, reason: str) -> None:
+        """The one place a worker's state changes: checked against states.TRANSITIONS, logged
+        with the worker's node and the reason, and counted."""
+        old = w.state
+        if new == old:
+            return
+        if not states.allowed(old, new):  # a bug in the arbiter; the tests fail on this line
+            log.error(
+                "illegal state transition %s -> %s: %s",
+                old.name,
+                new.name,
+                reason,
+                extra={"node": w.node},
+            )
+        w.state = new
+        self.metrics.inc(TRANSITIONS_METRIC, {"node": w.node, "state": new.name})
+        level = {FATAL: logging.ERROR, BACKOFF: logging.WARNING}.get(new, logging.INFO)
+        log.log(level, "%s -> %s: %s", old.name, new.name, reason, extra={"node": w.node})
 
-    def ask_to_leave(self, w: WorkerProc, signum: int) -> None:
+    def stop_worker(self, w: WorkerProc, reason: str = "asked to stop") -> None:
+        """Ask a worker to leave (warm, with TERM); it is not restarted."""
+        if w.pid:
+            self.ask_to_leave(w, signal.SIGTERM, reason)
+        elif w.state in (BACKOFF, FATAL):
+            self.change_state(w, STOPPED, reason)
+
+    def ask_to_leave(self, w: WorkerProc, signum: int, reason: str) -> None:
         """Relay TERM or QUIT, then CONT, as systemd does: a stopped worker must run to leave."""
-        w.state = STOPPING
+        self.change_state(w, STOPPING, f"{reason} ({signal.Signals(signum).name})")
         self.kill_worker(w, signum)
         self.kill_worker(w, signal.SIGCONT)
 
@@ -422,7 +441,7 @@ class Arbiter:
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
-        self.read_worker(w)
+        self.read_worker(w)  # its last words: final stats, events, a boot error
         self.close_channel(w)
         w.pid = 0
         orphans.kill_groups(list(w.children.values()))  # their tasks' subprocesses die with them
@@ -435,34 +454,98 @@ class Arbiter:
         self.metrics.forget_node(w.node)
         self.tasks_done += int(w.stats.get("succeeded", 0)) + int(w.stats.get("failed", 0))
         w.stats = {}
-        if w.state == STOPPING or self.halting:
-            w.state = STOPPED
-            log.info("worker %s exited (%s)", w.node, describe_exit(code))
-        else:
-            self.metrics.apply({"type": "worker-restarted", "node": w.node})
-            self.restart_later(w, f"died ({describe_exit(code)})")
         self.record_due = True
+        if w.state == STOPPING:
+            self.change_state(w, STOPPED, f"exited ({describe_exit(code)})")
+            return
+        why = exit_reason(w, code)
+        if w.state == STARTING and not self.ready_announced:
+            w.failure = why
+            self.change_state(w, FATAL, why)
+            self.fail_start(f"{w.node} {why}")
+            return
+        self.metrics.apply({"type": "worker-restarted", "node": w.node})
+        self.restart_later(w, why)
+
+    def fail_start(self, failure: str) -> None:
+        """A worker could not boot at `fleetd start`: end the fleet (the others warm) and exit
+        EXIT_BOOT_ERROR, so that systemd sees a failed start rather than wait for a READY that
+        would never come (gunicorn's WORKER_BOOT_ERROR)."""
+        self.failure = failure
+        log.error("%s: ending the fleet", failure)
+        self.notifier.status(failure)
+        self.halt("warm")
 
     def restart_later(self, w: WorkerProc, why: str) -> None:
         """A worker died or could not start: start it again after a backoff that grows with
-        each fast death in a row, or leave it FATAL after FATAL_AFTER of them."""
-        lived = time.monotonic() - w.started_at
-        w.fast_deaths = w.fast_deaths + 1 if lived < START_SECS else 0
-        if w.fast_deaths >= FATAL_AFTER:
-            w.state = FATAL
-            log.error(
-                "worker %s %s, %d times in a row right after start: FATAL, left down",
-                w.node,
-                why,
-                w.fast_deaths,
+        each failed start in a row, or leave it FATAL after states.FATAL_AFTER of them."""
+        w.failure = why
+        ran = None if w.ready_at is None else time.monotonic() - w.ready_at
+        w.fast_deaths = w.fast_deaths + 1 if states.failed_start(ran) else 0
+        if states.gives_up(w.fast_deaths):
+            self.change_state(
+                w, FATAL, f"{why}; {w.fast_deaths} failed starts in a row: left down until started"
             )
+            self.check_ready()  # a reload's new generation gave up
             return
-        delay = (
-            0.0 if w.fast_deaths <= 1 else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (w.fast_deaths - 2))
-        )
-        w.state = BACKOFF
+        delay = states.restart_delay(w.fast_deaths)
         w.backoff_until = time.monotonic() + delay
-        log.warning("worker %s %s; restarting in %.2fs", w.node, why, delay)
+        self.change_state(w, BACKOFF, f"{why}; restarting in {delay:.2f}s")
+
+    def murder_workers(self, now: float) -> None:
+        """SIGKILL a worker silent for its worker_timeout (it reports every second: it is
+        stopped, deadlocked, or stuck in a call), and one whose boot (spawn to "ready") takes
+        that long. Its reap restarts it and gives its tasks back at once (gunicorn's)."""
+        for w in self.workers:
+            timeout = w.spec.worker_timeout
+            if not w.pid or not timeout or w.exit_cause:
+                continue
+            booting = w.state == STARTING
+            silent = now - (w.started_at if booting else w.heard_at)
+            if booting and silent >= timeout:
+                # A boot that waited for a CPU is slow, not hung: a reload's boots run at
+                # idle priority, behind every task that keeps the CPUs busy.
+                silent -= cpu_wait(w.pid)
+            if silent < timeout:
+                continue
+            w.exit_cause = (
+                f"did not boot within worker_timeout ({timeout:g}s)"
+                if booting
+                else f"silent for {silent:.1f}s, past worker_timeout ({timeout:g}s)"
+            )
+            log.error("%s: killing it", w.exit_cause, extra={"node": w.node})
+            self.kill_worker(w, signal.SIGKILL)
+
+    def start_nodes(self, dest: list[str] | None) -> dict[str, Any]:
+        """`fleetctl start`: start each addressed node of this host that is FATAL or STOPPED
+        again, from the running config, and say per node what became of it. A node of this
+        host that the config does not name is an error; other hosts answer for theirs."""
+        whole = dest is None or self.config.node in dest
+        nodes = self.by_node()
+        replies = {
+            spec.node: self.start_node(spec, nodes.get(spec.node, []))
+            for spec in self.config.workers
+            if whole or (dest and spec.node in dest)
+        }
+        for node in dest or ():
+            if node.endswith(f"@{self.config.node}") and node not in replies:
+                replies[node] = {"error": f"no such node: {self.config.path} has no {node}"}
+        return replies
+
+    def start_node(self, spec: configmod.WorkerSpec, procs: list[WorkerProc]) -> dict[str, Any]:
+        """Start a node's newest worker again if it is FATAL or STOPPED; the node's reply."""
+        if self.halting:
+            return {"error": "the host is shutting down"}
+        w = procs[-1] if procs else None  # the newest generation
+        if w is not None and w.state == STOPPING:
+            return {"error": "it is STOPPING: start it once it is STOPPED"}
+        if w is not None and w.state not in (FATAL, STOPPED):
+            return {"ok": f"already {w.state.name}"}
+        was = w.state.name if w is not None else STOPPED.name
+        if w is not None:
+            w.fast_deaths = 0  # an operator's start: a fresh count of failed starts
+        self.spawn_worker(spec, self.generation, "fleetctl start", replacing=w)
+        return {"ok": f"starting (was {was})"}
 
     def give_back_tasks(self) -> None:
         """Have a live worker release the tasks of dead consumers at once, not after their lease
@@ -490,7 +573,7 @@ class Arbiter:
         """Restart workers whose backoff ran out; drop stopped old generations."""
         for w in list(self.workers):
             if w.state == BACKOFF and now >= w.backoff_until and not self.halting:
-                self.spawn_worker(w.spec, w.generation, replacing=w)
+                self.spawn_worker(w.spec, w.generation, "backoff over", replacing=w)
             elif w.state == STOPPED and w.generation < self.generation:
                 self.workers.remove(w)
         if self.halting == "cold" and now >= self.cold_deadline:
@@ -555,6 +638,8 @@ class Arbiter:
             self.worker_ready(w, str(message.get("owner", "")))
         elif kind == "child":  # forked just now, before it got any task
             self.child_forked(w, message)
+        elif kind == "boot-error":  # its last words: it exits next
+            w.exit_cause = f"could not boot: {str(message.get('error'))[:1000]}"
         elif kind == "reply":
             self.router.on_reply(str(message.get("id")), w.node, message.get("reply"))
         elif kind == "stats":
@@ -580,7 +665,9 @@ class Arbiter:
             self.record_due = True
 
     def worker_ready(self, w: WorkerProc, owner: str) -> None:
-        w.state = RUNNING if w.state == STARTING else w.state
+        w.ready_at = time.monotonic()
+        if w.state == STARTING:  # else it was asked to leave while it booted
+            self.change_state(w, RUNNING, "ready")
         self.booted.add(w.spec.name)
         w.owner = owner
         self.record_due = True
@@ -592,24 +679,32 @@ class Arbiter:
                 w.generation,
                 old.generation,
             )
-            self.stop_worker(old)
+            self.stop_worker(old, f"reload: generation {w.generation} is up")
         w.retire_when_ready = []
         self.check_ready()
 
     def check_ready(self) -> None:
-        """Tell systemd once every current worker consumes (at start, and after a reload)."""
+        """Tell systemd once every current worker consumes (at start), and once a reload's new
+        generation does or gave up: READY either way, since the old generation serves on where
+        the new one failed; the log and STATUS= say so."""
+        if self.halting or (self.ready_announced and not self.reloading):
+            return
         current = [
             w
             for w in self.workers
             if w.generation == self.generation and w.state not in (STOPPED, STOPPING)
         ]
-        if current and all(w.state in (RUNNING, FATAL) for w in current) and not self.halting:
-            if not self.ready_announced or self.reloading:
-                self.notifier.ready(self.status_line())
-                self.ready_announced = True
-                if self.reloading:
-                    log.info("reload complete: generation %d", self.generation)
-                self.reloading = False
+        if not current or not all(w.state in (RUNNING, FATAL) for w in current):
+            return
+        failed = "; ".join(f"{w.node} {w.failure}" for w in current if w.state == FATAL)
+        if self.reloading and failed:
+            self.reload_failure = f"reload to generation {self.generation} failed: {failed}"
+            log.error("%s; the generation before serves on", self.reload_failure)
+        elif self.reloading:
+            log.info("reload complete: generation %d", self.generation)
+        self.notifier.ready(self.status_line())
+        self.ready_announced = True
+        self.reloading = False
 
     # --- reload and halt ---------------------------------------------------------------
     def reload(self) -> str | None:
@@ -632,6 +727,7 @@ class Arbiter:
             return f"reload refused: {', '.join(refused)} cannot change without a restart"
         self.notifier.reloading()
         self.reloading = True
+        self.reload_failure = ""
         self.config = new
         self.generation += 1
         old_by_name: dict[str, list[WorkerProc]] = {}
@@ -640,11 +736,13 @@ class Arbiter:
                 old_by_name.setdefault(w.spec.name, []).append(w)
         for spec in new.workers:
             old = old_by_name.pop(spec.name, [])
-            fresh = self.spawn_worker(spec, self.generation, polite=bool(old))
+            fresh = self.spawn_worker(
+                spec, self.generation, f"reload to generation {self.generation}", polite=bool(old)
+            )
             fresh.retire_when_ready = old
-        for gone in old_by_name.values():  # removed from the config
+        for gone in old_by_name.values():
             for w in gone:
-                self.stop_worker(w)
+                self.stop_worker(w, "reload: removed from the config")
         log.info("reload: generation %d starting", self.generation)
         return None
 
@@ -659,9 +757,9 @@ class Arbiter:
         self.cold_deadline = time.monotonic() + COLD_KILL_AFTER
         for w in self.workers:
             if w.pid:
-                self.ask_to_leave(w, signum)
+                self.ask_to_leave(w, signum, f"{mode} shutdown")
             else:
-                w.state = STOPPED
+                self.change_state(w, STOPPED, f"{mode} shutdown")
 
     # --- control plane -------------------------------------------------------------
     def read_control(self, sock: zmq.Socket[bytes]) -> None:
@@ -714,7 +812,12 @@ class Arbiter:
         done = self.tasks_done + sum(
             int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live
         )
-        return f"{running} nodes running, {children} children, {done} tasks done"
+        line = f"{running} nodes running, {children} children, {done} tasks done"
+        if self.reload_failure and any(
+            w.state == FATAL and w.generation == self.generation for w in self.workers
+        ):
+            line += f"; {self.reload_failure}"
+        return line
 
     def health(self, now: float) -> Probe:
         """/healthz: every configured worker runs and was heard from lately; else the first
@@ -722,8 +825,8 @@ class Arbiter:
         for spec in self.config.workers:
             serving = [w for w in self.workers if w.spec.name == spec.name and w.state == RUNNING]
             if not serving:
-                states = [w.state for w in self.workers if w.spec.name == spec.name]
-                return Probe(False, f"{spec.node} is {states[-1] if states else 'not started'}")
+                seen = [w.state.name for w in self.workers if w.spec.name == spec.name]
+                return Probe(False, f"{spec.node} is {seen[-1] if seen else 'not started'}")
             silent = min(now - w.heard_at for w in serving)
             if silent > HEALTHY_SILENCE:
                 return Probe(False, f"{spec.node} silent for {silent:.0f}s")
@@ -741,18 +844,16 @@ class Arbiter:
             "host": self.config.node,
             "pid": os.getpid(),
             "generation": self.generation,
-            "workers": [
-                {
-                    "node": w.node,
-                    "pid": w.pid,
-                    "state": w.state,
-                    "generation": w.generation,
-                    "uptime": time.monotonic() - w.started_at if w.pid else None,
-                    **{k: v for k, v in w.stats.items() if k in ("reserved", "active", "children")},
-                }
-                for w in self.workers
-            ],
+            "workers": [node_status(procs) for procs in self.by_node().values()],
         }
+
+    def by_node(self) -> dict[str, list[WorkerProc]]:
+        """The workers of each node: one, or two generations during a reload (or after a
+        failed one)."""
+        nodes: dict[str, list[WorkerProc]] = {}
+        for w in self.workers:
+            nodes.setdefault(w.node, []).append(w)
+        return nodes
 
     def refresh_children(self, w: WorkerProc) -> None:
         """Once a second, against the worker's reports: add the children /proc shows (a report
@@ -818,7 +919,48 @@ def non_reloadable_changes(old: configmod.Config, new: configmod.Config) -> list
     return [key for key, (a, b) in checks.items() if a != b]
 
 
+def node_status(procs: list[WorkerProc]) -> dict[str, Any]:
+    """A node as operators see it: the worker that serves it (its newest RUNNING one), else
+    its newest; a newer generation that failed to start is a `reload_failed` note on it."""
+    newest = procs[-1]  # generations are appended in order
+    shown = next((w for w in reversed(procs) if w.state == RUNNING), newest)
+    view: dict[str, Any] = {
+        "node": shown.node,
+        "pid": shown.pid,
+        "state": shown.state.name,
+        "generation": shown.generation,
+        "uptime": time.monotonic() - shown.started_at if shown.pid else None,
+        **{k: v for k, v in shown.stats.items() if k in ("reserved", "active", "children")},
+    }
+    if shown.state in (BACKOFF, FATAL):
+        view["error"] = shown.failure
+    if newest is not shown and newest.state == FATAL:
+        view["reload_failed"] = f"generation {newest.generation} {newest.failure}"
+    return view
+
+
+def cpu_wait(pid: int) -> float:
+    """Seconds a process has spent runnable but waiting for a CPU (/proc/PID/schedstat);
+    0 if the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+def exit_reason(w: WorkerProc, code: int) -> str:
+    """Why a worker that was not asked to leave ended, in words: what it said or what we did
+    to it, else how it exited."""
+    how = describe_exit(code)
+    if w.exit_cause:
+        return f"{w.exit_cause} ({how})"
+    if code == -signal.SIGKILL:
+        how += ", not by fleetd: out of memory?"
+    return f"exited before it was ready ({how})" if w.state == STARTING else f"died ({how})"

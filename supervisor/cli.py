@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from worker.imports import SAFE_PATH
+from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, setup_logging
 
 from . import config as configmod
@@ -121,10 +121,7 @@ def probe_imports(cfg: configmod.Config) -> str | None:
         verdict = None
     if not isinstance(verdict, dict):
         return f"importing {', '.join(cfg.imports)} ended its process (exit code {done.returncode})"
-    if verdict.get("ok"):
-        return None
-    where = f"{verdict.get('file')}:{verdict.get('line')}" if verdict.get("file") else "?"
-    return f"module {verdict.get('module')!r} failed to import ({where}): {verdict.get('error')}"
+    return None if verdict.get("ok") else describe_failure(verdict)
 
 
 def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
@@ -189,11 +186,15 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
         print(f"fleetd: {problem}", file=sys.stderr)
         return EXIT_FAILED
     setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
+    arbiter = Arbiter(cfg, args.log_level, args.log_format, args.pidfile)
     try:
-        return Arbiter(cfg, args.log_level, args.log_format, args.pidfile).run()
+        code = arbiter.run()
     except (AlreadyRunning, PidfileError, ControlConfigError) as exc:
         print(f"fleetd: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ControlConfigError) else EXIT_FAILED
+    if arbiter.failure:  # a worker could not boot: the fleet was ended (EXIT_BOOT_ERROR)
+        print(f"fleetd: {arbiter.failure}", file=sys.stderr)
+    return code
 
 
 def signal_running(cfg: configmod.Config, args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import worker.commands  # noqa: F401 - the built-in worker commands: to check their arguments
-from worker.control import COMMANDS, CommandError, before_send, register
+from worker.control import COMMANDS, Arg, CommandError, before_send, register
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter, WorkerProc
@@ -154,3 +154,14 @@ def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     chosen, _ = arbiter.addressed(dest)
     full = arbiter.status()
     return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}
+
+
+@register(
+    "start",
+    "Start FATAL or shut-down nodes again, without a reload.",
+    {"nodes": Arg((list,), help="nodes (name@host) or hosts")},
+    scope="host",
+    envelope=(),
+)
+def start(arbiter: Arbiter, dest: list[str] | None, nodes: list[str]) -> dict[str, Any]:
+    return arbiter.start_nodes(nodes)

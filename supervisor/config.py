@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import math
 import os
 import re
 import socket
@@ -28,6 +29,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A worker reports every second (worker.process.STATS_EVERY): a bound under two reports would
+# kill healthy workers that a busy host delayed by a moment.
+MIN_WORKER_TIMEOUT = 2.0
 
 
 class ConfigError(Exception):
@@ -80,6 +84,7 @@ DEFAULT_KEYS: dict[str, tuple[str, Any]] = {
     "acks_late": ("bool", True),
     "max_deliveries": ("pos_int", 3),
     "shutdown_timeout": ("nonneg_num", 0),
+    "worker_timeout": ("worker_timeout", 60),
 }
 FLEET_KEYS: dict[str, tuple[str, Any]] = {
     "node": ("name", None),
@@ -144,6 +149,9 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "nonneg_num":
         if not is_num or value < 0:
             raise bad("a number >= 0")
+    elif kind == "worker_timeout":
+        if not is_num or (value != 0 and not MIN_WORKER_TIMEOUT <= value < math.inf):
+            raise bad(f"0 (no bound) or seconds >= {MIN_WORKER_TIMEOUT:g}")
     elif kind == "size":
         try:
             return parse_size(value)

@@ -13,6 +13,8 @@ import pytest
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet
 
+ILLEGAL = "illegal state transition"  # what the arbiter logs on a bug in its state machine
+
 
 @pytest.fixture
 def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
@@ -29,6 +31,8 @@ def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
         fleet.stop()
     leftovers = [pid for fleet in fleets for pid in fleet.leftovers()]
     assert not leftovers, f"processes left behind: {leftovers}"
+    illegal = [line for fleet in fleets for line in fleet.log().splitlines() if ILLEGAL in line]
+    assert not illegal, f"the arbiter broke its state machine: {illegal}"
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -82,7 +82,9 @@ def endpoint(fleet: Fleet) -> str:
 
 def node_pids(fleet: Fleet) -> dict[str, int]:
     _, data = ctl_json(fleet, "inspect", "stats")
-    return {node: stats["pid"] for node, stats in data["replies"].items()}
+    # A node that did not answer in time (a worker still booting, during a reload) says so
+    # with an error instead of its stats: not there yet.
+    return {node: stats["pid"] for node, stats in data["replies"].items() if "pid" in stats}
 
 
 def concurrency(fleet: Fleet) -> dict[str, int]:

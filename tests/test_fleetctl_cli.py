@@ -266,6 +266,7 @@ DESIGN_LINES = [
     ["pool", "grow", "2", "--dest", "a@h1"],
     ["pool", "shrink"],
     ["status", "--dest", "h1"],
+    ["start", "a@h1", "h2"],
 ]
 
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import zmq
 
-from supervisor.arbiter import FATAL_AFTER
+from supervisor.states import FATAL_AFTER
 from tests.fleet import Fleet, executions, wait_for
 
 pytestmark = pytest.mark.timeout(120)

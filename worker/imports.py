@@ -18,6 +18,27 @@ from typing import Any
 SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
 
+class TaskImportError(Exception):
+    """A task module failed to import: one line naming the module, where, and the error."""
+
+
+def import_modules(pythonpath: list[str], modules: list[str]) -> None:
+    """Import a fleet's task modules, its folders first on sys.path; TaskImportError for the
+    first that fails, whatever it raised."""
+    prepend_paths(pythonpath)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise TaskImportError(describe_failure(import_failure(module, exc))) from exc
+
+
+def describe_failure(failure: dict[str, Any]) -> str:
+    """An `import_failure` as one line."""
+    where = f"{failure.get('file')}:{failure.get('line')}" if failure.get("file") else "?"
+    return f"module {failure.get('module')!r} failed to import ({where}): {failure.get('error')}"
+
+
 def prepend_paths(pythonpath: list[str]) -> None:
     """Put the fleet's folders first on sys.path, in their order."""
     for path in reversed(pythonpath):

@@ -15,14 +15,12 @@ import contextlib
 # the children share it instead of each importing its own copy.
 import encodings.idna  # noqa: F401
 import gc
-import importlib
 import json
 import logging
 import os
 import random
 import select
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from .child import (
 )
 from .commands import pool_grow, pool_room, pool_shrink
 from .control import COMMANDS, CommandError, worker_command_names
+from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
 from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
@@ -352,11 +351,7 @@ class Worker:
         self.signals.append(signum)  # only enqueue: the loop acts on it
 
     def import_tasks(self) -> None:
-        for path in reversed(self.spec.pythonpath):
-            if path not in sys.path:
-                sys.path.insert(0, path)
-        for module in self.spec.imports:
-            importlib.import_module(module)
+        import_modules(self.spec.pythonpath, self.spec.imports)
         for name, task in REGISTRY.items():
             if task.time_limit or task.soft_time_limit:
                 self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
@@ -1280,6 +1275,7 @@ def main() -> int:
     worker = Worker(spec, arbiter_fd)
     try:
         return worker.run()
-    except ImportError as exc:
+    except TaskImportError as exc:
         log.error("cannot import task modules: %s", exc, extra={"node": spec.node})
+        worker.send({"type": "boot-error", "error": f"cannot import task modules: {exc}"})
         return EXIT_IMPORT_ERROR

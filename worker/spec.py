@@ -32,6 +32,7 @@ class WorkerSpec:
     acks_late: bool = True
     max_deliveries: int = 3
     shutdown_timeout: float = 0
+    worker_timeout: float = 60  # seconds without a word before the arbiter kills it; 0 = never
     rate_limits: dict[str, str] = field(default_factory=dict)
     broker: str = ""
     durability: str = "default"

@@ -1,0 +1,120 @@
+"""A worker that cannot boot: at `fleetd start` it ends the fleet with EXIT_BOOT_ERROR and one
+line naming it (systemd sees a failed start); on a reload the generation before serves on."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.arbiter import EXIT_BOOT_ERROR
+from supervisor.states import FATAL_AFTER
+from tests.fleet import TASKS, Fleet, wait_for
+from tests.test_control import ctl_json
+
+# The broken node's boot may take 2 s; the good one has the default bound (60 s).
+GOOD_AND_BROKEN = [{"name": "good"}, {"name": "broken", "queues": ["other"], "worker_timeout": 2}]
+# Task module lines that run only in the worker of the node named "broken".
+IN_BROKEN_NODE = """
+import json as _json, os as _os, time as _time
+if _json.loads(_os.environ.get("FLEETD_WORKER_SPEC", "{{}}")).get("name") == "broken":
+    {action}
+"""
+
+
+def fleet_with(make_fleet: Callable[..., Fleet], action: str) -> tuple[Fleet, int]:
+    """A fleet whose broken node runs `action` at import; and the line `action` is on."""
+    fleet = make_fleet(workers=GOOD_AND_BROKEN)
+    tasks = textwrap.dedent(TASKS) + IN_BROKEN_NODE.format(action=action)
+    (fleet.folder / "tasks.py").write_text(tasks)
+    return fleet, tasks[: tasks.index(action)].count("\n") + 1
+
+
+@contextlib.contextmanager
+def systemd(folder: Path) -> Iterator[tuple[str, Callable[[], list[str]]]]:
+    """A socket standing in for systemd's: its path, and a function that returns the
+    datagrams received so far."""
+    path = str(folder / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    seen: list[str] = []
+
+    def received() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                seen.append(sock.recv(4096).decode())
+        return seen
+
+    try:
+        yield path, received
+    finally:
+        sock.close()
+
+
+def ready_after_reload(messages: list[str]) -> str | None:
+    """The first READY datagram after a RELOADING one."""
+    reloading = [m.startswith("RELOADING=1") for m in messages]
+    after = messages[reloading.index(True) :] if any(reloading) else []
+    return next((m for m in after if "READY=1" in m.split("\n")), None)
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [
+        (
+            'raise RuntimeError("no config for this node")',
+            "broken@h1 could not boot: cannot import task modules: module 'tasks' failed to"
+            " import ({tasks}:{line}): RuntimeError: no config for this node (exit code 4)",
+        ),
+        ("_os._exit(3)", "broken@h1 exited before it was ready (exit code 3)"),
+        (
+            "_time.sleep(60)",
+            "broken@h1 did not boot within worker_timeout (2s) (killed by SIGKILL)",
+        ),
+    ],
+    ids=["import-error", "exit", "hang"],
+)
+def test_a_worker_that_cannot_boot_ends_the_start_with_exit_3_and_one_line_naming_it(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, action: str, reason: str
+) -> None:
+    fleet, action_line = fleet_with(make_fleet, action)
+    with systemd(tmp_path) as (notify_socket, received):
+        fleet.start(wait=False, env={"NOTIFY_SOCKET": notify_socket})
+        assert fleet.wait_exit(30) == EXIT_BOOT_ERROR
+        messages = received()
+    line = reason.format(tasks=fleet.folder / "tasks.py", line=action_line)
+    assert fleet.log().splitlines()[-1] == f"fleetd: {line}"
+    assert not any("READY=1" in m.split("\n") for m in messages), messages
+    assert f"STATUS={line}" in messages and "STOPPING=1" in messages
+    assert "node=good@h1" in next(
+        entry for entry in fleet.log().splitlines() if "-> STOPPED: exited" in entry
+    )
+
+
+def test_a_reload_to_code_that_cannot_boot_keeps_the_old_generation_running_and_says_so(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = make_fleet(workers=[{"name": "w"}])
+    with systemd(tmp_path) as (notify_socket, received):
+        fleet.start(env={"NOTIFY_SOCKET": notify_socket})
+        _, before = ctl_json(fleet, "status")
+        (fleet.folder / "tasks.py").write_text(TASKS + "\nthis is not python\n")
+        fleet.signal(signal.SIGHUP)
+        ready = wait_for(lambda: ready_after_reload(received()), 30, 0.1, "READY after RELOADING")
+        _, after = ctl_json(fleet, "status")
+    view = after["replies"]["w@h1"]
+    assert view["state"] == "RUNNING" and view["generation"] == 0
+    assert view["pid"] == before["replies"]["w@h1"]["pid"]
+    assert view["reload_failed"].startswith("generation 1 could not boot: cannot import task")
+    assert "NameError: name 'this' is not defined" in view["reload_failed"]
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    assert "reload to generation 1 failed: w@h1 could not boot" in ready
+    assert f"{FATAL_AFTER} failed starts in a row" in fleet.log()
+    text = fleet.ctl("status").stdout
+    assert "RUNNING" in text and "reload failed: generation 1" in text
