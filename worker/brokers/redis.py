@@ -17,7 +17,7 @@ Keys, under a prefix (`fleetd` unless given):
                       2 minutes so that a retry of that write can't run it twice
 
 Every write is one Lua script (`redis_*.lua` beside this module): atomic, one round trip
-per batch, and one per worker turn (`exchange` marks started, acks and stores results, and
+per batch, and one per worker turn (`turn` marks started, acks and stores results, and
 reserves more in one script).
 Calls go over connections of our own, "links", each with a random name; a call's token
 counts the calls made over its link. redis-py retries a call cut off by a lost
@@ -54,7 +54,7 @@ from .base import (
     Envelope,
     Outcome,
     QueueDepth,
-    Retry,
+    Turn,
     Wakeup,
     dead_letter_from,
     task_info,
@@ -123,6 +123,13 @@ def fields_of(text: str | bytes) -> dict[str, Any]:
 def _exact(value: float) -> str:
     """A float as text that Redis and Lua read back exactly (JSON numbers lose digits in Lua)."""
     return repr(float(value))
+
+
+def outcome_args(o: Outcome) -> list[Any]:
+    """An outcome as the turn script reads it (see redis_turn.lua)."""
+    runtime = None if o.runtime is None else _exact(o.runtime)
+    result, error = o.stored_result(), [o.exc_type, o.exc_message, o.traceback]
+    return [o.id, o.name or "", o.dead_letter, o.state, result, *error, o.node, runtime]
 
 
 class PubSubWakeup(Wakeup):
@@ -298,63 +305,23 @@ class RedisBroker(Broker):
         self._run("enqueue", tasks)
 
     # --- consuming -------------------------------------------------------------
-    def exchange(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry],
-        queues: list[str],
-        n: int,
-        owner: str,
-        lease: float,
-    ) -> list[Delivery]:
-        if not (started or outcomes or retries) and (n <= 0 or not queues):
+    def turn(self, turn: Turn) -> list[Delivery]:
+        if turn.empty:
             return []
         args = {
-            "started": started,
-            "node": node,
-            "outcomes": [
-                [
-                    o.id,
-                    o.name or "",
-                    o.dead_letter,
-                    o.state,
-                    o.stored_result(),
-                    o.exc_type,
-                    o.exc_message,
-                    o.traceback,
-                    o.node,
-                    None if o.runtime is None else _exact(o.runtime),
-                ]
-                for o in outcomes
+            "started": turn.marks(),
+            "node": turn.node,
+            "outcomes": [outcome_args(o) for o in turn.outcomes],
+            "retries": [
+                [r.id, r.body, _exact(r.eta), r.exc_type, r.exc_message] for r in turn.retries
             ],
-            "retries": [[r.id, r.body, _exact(r.eta), r.exc_type, r.exc_message] for r in retries],
             "ttl": self.result_ttl,
-            "queues": list(dict.fromkeys(queues)),
-            "n": n if queues else 0,
-            "owner": owner,
-            "lease_ms": int(lease * 1000),
+            "queues": list(dict.fromkeys(turn.queues)),
+            "n": turn.wanted,
+            "owner": turn.owner,
+            "lease_ms": int(turn.lease * 1000),
         }
         return [Delivery(*row) for row in self._run("turn", args)]  # no rows: {}
-
-    def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
-        return self.exchange([], "", (), (), queues, n, owner, lease)
-
-    def flush(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry] = (),
-    ) -> None:
-        self.exchange(started, node, outcomes, retries, [], 0, "", 0)
-
-    def mark_started(self, ids: list[str], node: str) -> None:
-        self.flush(ids, node, ())
-
-    def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
-        self.flush([], "", outcomes, retries)
 
     def release(self, ids: list[str], started: bool) -> None:
         if ids:

@@ -1,4 +1,5 @@
--- A worker's turn, each part optional. A.started, A.node: tasks that started running.
+-- A worker's turn (base.Turn), each part optional. A.started, A.node: tasks that started
+-- running (none that an outcome with a node ends in the same turn: base.Turn.marks).
 -- A.outcomes: [[id, name, dead letter?, state, result, exc_type, exc_message, traceback,
 -- node, runtime]]: acked and stored as results (kept A.ttl seconds); a null field is
 -- deleted from the record, but for node. A.retries: [[id, body, eta, exc_type,
@@ -199,14 +200,7 @@ local function reserve()
 end
 
 local function main()
-  -- A task that also ends in this call is not marked: its outcome overwrites state and node.
-  local ending = {}
-  for _, o in ipairs(A.outcomes) do
-    if o[9] ~= null then ending[o[1]] = true end
-  end
-  for _, id in ipairs(A.started) do
-    if not ending[id] then mark_started(id) end
-  end
+  for _, id in ipairs(A.started) do mark_started(id) end
   for _, o in ipairs(A.outcomes) do finish(o) end
   for _, r in ipairs(A.retries) do retry(r) end
   drop_spent()
