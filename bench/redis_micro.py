@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import redis
 
-from worker.brokers.base import SUCCESS, Envelope, Outcome
+from worker.brokers.base import SUCCESS, Envelope, Outcome, Turn
 from worker.brokers.redis import RedisBroker
 
 ROUNDS = 5
 QUEUE = "bench"
-CALLS = {"enqueue(1)": 2000, "enqueue(100)": 40, "reserve(4)": 1000, "exchange(3+3)": 1000}
+CALLS = {"enqueue(1)": 2000, "enqueue(100)": 40, "reserve(4)": 1000, "turn(3+3)": 1000}
 
 
 def envelopes(count: int) -> list[Envelope]:
@@ -60,16 +60,26 @@ def operations(broker: RedisBroker) -> dict[str, Callable[[], None]]:
         if not broker.reserve([QUEUE], 4, "bench-w1", 60):
             raise SystemExit("bench: the queue ran dry; enqueue more before reserving")
 
-    def exchange() -> None:
+    def turn() -> None:
         outcomes = [Outcome(i, SUCCESS, result=3, node="bench@host", runtime=0.001) for i in held]
-        deliveries = broker.exchange(held, "bench@host", outcomes, [], [QUEUE], 3, "bench-w2", 60)
+        deliveries = broker.turn(
+            Turn(
+                node="bench@host",
+                started=held,
+                outcomes=outcomes,
+                queues=[QUEUE],
+                n=3,
+                owner="bench-w2",
+                lease=60,
+            )
+        )
         held[:] = [d.id for d in deliveries]
 
     return {
         "enqueue(1)": enqueue_one,
         "enqueue(100)": enqueue_hundred,
         "reserve(4)": reserve_four,
-        "exchange(3+3)": exchange,
+        "turn(3+3)": turn,
     }
 
 
@@ -97,8 +107,8 @@ def main() -> None:
     client = redis.Redis.from_url(args.url)
     try:
         ops = operations(broker)
-        # Enough tasks queued for every reserve and exchange that follows.
-        reserved = ROUNDS * (CALLS["reserve(4)"] * 4 + CALLS["exchange(3+3)"] * 3)
+        # Enough tasks queued for every reserve and turn that follows.
+        reserved = ROUNDS * (CALLS["reserve(4)"] * 4 + CALLS["turn(3+3)"] * 3)
         for _ in range(reserved // 1000 + 1):
             broker.enqueue(envelopes(1000))
         if args.profile:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .brokers import open_broker
-from .brokers.base import BAD_MESSAGE, FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry
+from .brokers.base import BAD_MESSAGE, FAILURE, REVOKED, SUCCESS, Delivery, Outcome, Retry, Turn
 from .child import (
     CLEAN_STOP,
     MESSAGE_LIMIT,
@@ -813,16 +813,7 @@ class Worker:
             return
         with self.broker_call("reserve"):
             # What the last turns did goes in the same transaction.
-            deliveries = self.broker.exchange(
-                self.started_ids,
-                self.node,
-                self.outcomes,
-                self.retries,
-                self.spec.queues,
-                want,
-                self.owner,
-                self.spec.lease,
-            )
+            deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
             self.queue_dry = len(deliveries) < want
             for delivery in deliveries:
@@ -902,9 +893,22 @@ class Worker:
         self.started_flush_at = 0.0
         if self.unflushed() and self.broker_available():
             with self.broker_call("ack"):
-                self.broker.flush(self.started_ids, self.node, self.outcomes, self.retries)
+                self.broker.turn(self.written_turn())
                 self.started_ids, self.outcomes, self.retries = [], [], []
         self.send_events()
+
+    def written_turn(self, want: int = 0) -> Turn:
+        """What the last turns did, for the broker, and `want` more tasks to reserve."""
+        return Turn(
+            node=self.node,
+            started=self.started_ids,
+            outcomes=self.outcomes,
+            retries=self.retries,
+            queues=self.spec.queues,
+            n=want,
+            owner=self.owner,
+            lease=self.spec.lease,
+        )
 
     def unflushed(self) -> bool:
         return bool(self.started_ids or self.outcomes or self.retries)

@@ -1,4 +1,7 @@
-"""The broker contract: every test runs against SQLite and against Redis."""
+"""The broker contract: every test runs against SQLite and against Redis.
+
+A worker writes to its broker with one verb, `turn` (`reserve` is a turn that only
+reserves), so that is what these tests write with."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from worker.brokers.base import (
     Outcome,
     QueueDepth,
     Retry,
+    Turn,
     Wakeup,
 )
 
@@ -74,11 +78,13 @@ def readable(wake: Wakeup, timeout: float) -> bool:
 
 
 # --- reserving -------------------------------------------------------------------
-def test_reserve_hands_out_tasks_oldest_first_with_their_message(broker: Broker) -> None:
+def test_a_turn_that_only_reserves_hands_out_tasks_oldest_first_with_their_message(
+    broker: Broker,
+) -> None:
     tasks = [envelope() for _ in range(5)]
     broker.enqueue(tasks)
 
-    first = broker.reserve(["q1"], 2, "w1", 30)
+    first = broker.turn(Turn(queues=["q1"], n=2, owner="w1", lease=30))
 
     assert first[0] == Delivery(tasks[0].id, "q1", "tasks.add", tasks[0].body, 1)
     assert ids(first) == ids(tasks[:2])
@@ -153,7 +159,7 @@ def test_release_of_a_task_the_operator_stopped_takes_its_delivery_back_every_ti
     broker.enqueue([task])
     for _ in range(4):
         [delivery] = broker.reserve(["q1"], 1, "w1", 30)
-        broker.mark_started([task.id], "w1@host")
+        broker.turn(Turn(node="w1@host", started=[task.id]))
 
         broker.release([task.id], died=False)
 
@@ -166,7 +172,7 @@ def test_release_after_a_death_gives_the_task_back_with_its_count_raised(broker:
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 30)
-    broker.mark_started([task.id], "w1@host")
+    broker.turn(Turn(node="w1@host", started=[task.id]))
 
     broker.release([task.id], died=True)
 
@@ -270,24 +276,16 @@ def test_due_eta_tasks_reserved_together_come_in_eta_order(
 
 
 # --- results ---------------------------------------------------------------------
-def test_finish_stores_results_and_acks_for_good(broker: Broker) -> None:
+def test_a_turn_that_acks_stores_the_results_and_acks_for_good(broker: Broker) -> None:
     ok, bad = envelope(), envelope()
     broker.enqueue([ok, bad])
     broker.reserve(["q1"], 2, "w1", 0.2)
 
-    broker.finish(
-        [
-            Outcome(ok.id, SUCCESS, result={"sum": 3}, node="w1@host", runtime=0.25),
-            Outcome(
-                bad.id,
-                FAILURE,
-                exc_type="ValueError",
-                exc_message="no",
-                traceback="Tb",
-                node="w1@host",
-            ),
-        ]
+    failed = Outcome(
+        bad.id, FAILURE, exc_type="ValueError", exc_message="no", traceback="Tb", node="w1@host"
     )
+    ok_outcome = Outcome(ok.id, SUCCESS, result={"sum": 3}, node="w1@host", runtime=0.25)
+    assert broker.turn(Turn(outcomes=[ok_outcome, failed])) == []
 
     assert broker.get_result(ok.id) == {
         "id": ok.id,
@@ -302,14 +300,14 @@ def test_finish_stores_results_and_acks_for_good(broker: Broker) -> None:
         "node": "w1@host",
         "runtime": 0.25,
     }
-    failed = broker.get_result(bad.id)
-    assert failed is not None
+    info = broker.get_result(bad.id)
+    assert info is not None
     assert (
-        failed["state"],
-        failed["exc_type"],
-        failed["exc_message"],
-        failed["traceback"],
-        failed["result"],
+        info["state"],
+        info["exc_type"],
+        info["exc_message"],
+        info["traceback"],
+        info["result"],
     ) == (FAILURE, "ValueError", "no", "Tb", None)
     time.sleep(0.4)  # past the lease: an acked task must not come back
     assert broker.recover_expired(["q1"]) == 0
@@ -317,13 +315,13 @@ def test_finish_stores_results_and_acks_for_good(broker: Broker) -> None:
     assert broker.depths() == []
 
 
-def test_finish_after_the_task_was_given_back_keeps_it_from_running_again(broker: Broker) -> None:
+def test_an_ack_after_the_task_was_given_back_keeps_it_from_running_again(broker: Broker) -> None:
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 0.1)
     wait_for(lambda: broker.recover_expired(["q1"]) == 1)
 
-    broker.finish([Outcome(task.id, SUCCESS, result=1)])
+    broker.turn(Turn(outcomes=[Outcome(task.id, SUCCESS, result=1)]))
 
     assert broker.reserve(["q1"], 10, "w2", 30) == []
     info = broker.get_result(task.id)
@@ -342,18 +340,83 @@ def test_queued_task_reports_pending_with_every_info_key(broker: Broker) -> None
     assert broker.get_result("never-seen") is None
 
 
-def test_mark_started_sets_state_started_for_held_tasks(broker: Broker) -> None:
+def test_a_turn_that_starts_tasks_sets_state_started_for_held_ones(broker: Broker) -> None:
     held, queued = envelope(), envelope()
     broker.enqueue([held])
     broker.reserve(["q1"], 1, "w1", 30)
     broker.enqueue([queued])
 
-    broker.mark_started([held.id, queued.id], "w1@host")
+    assert broker.turn(Turn(node="w1@host", started=[held.id, queued.id])) == []
 
     info = broker.get_result(held.id)
     assert info is not None and (info["state"], info["node"]) == (STARTED, "w1@host")
     info = broker.get_result(queued.id)
     assert info is not None and info["state"] == PENDING
+    assert broker.depths() == [QueueDepth("q1", ready=1, scheduled=0, reserved=1)]
+
+
+def test_a_task_started_and_ended_in_one_turn_keeps_its_outcome_s_node_and_runtime(
+    broker: Broker,
+) -> None:
+    named, unnamed = envelope(), envelope()
+    broker.enqueue([named, unnamed])
+    broker.reserve(["q1"], 2, "w1", 30)
+
+    broker.turn(
+        Turn(
+            node="w1@host",
+            started=[named.id, unnamed.id],
+            outcomes=[
+                Outcome(named.id, SUCCESS, node="w1@other", runtime=0.5),
+                Outcome(unnamed.id, FAILURE, exc_type="ValueError", runtime=0.25),
+            ],
+        )
+    )
+
+    infos = [broker.get_result(t.id) or {} for t in (named, unnamed)]
+    assert [(i["state"], i["node"], i["runtime"]) for i in infos] == [
+        (SUCCESS, "w1@other", 0.5),
+        (FAILURE, "w1@host", 0.25),  # no node of its own: the one it started on
+    ]
+
+
+def test_a_turn_that_acks_and_reserves_never_hands_out_what_it_acked(broker: Broker) -> None:
+    given_back, fresh = envelope(), envelope()
+    broker.enqueue([given_back])
+    broker.reserve(["q1"], 1, "w1", 0.1)
+    wait_for(lambda: broker.recover_expired(["q1"]) == 1)  # queued again, first in line
+    broker.enqueue([fresh])
+
+    new = broker.turn(
+        Turn(
+            node="w1@host",
+            started=[given_back.id],
+            outcomes=[Outcome(given_back.id, SUCCESS, result=1, node="w1@host")],
+            queues=["q1"],
+            n=10,
+            owner="w1",
+            lease=30,
+        )
+    )
+
+    assert ids(new) == [fresh.id]
+    info = broker.get_result(given_back.id)
+    assert info is not None and (info["state"], info["result"]) == (SUCCESS, 1)
+    assert broker.reserve(["q1"], 10, "w2", 30) == []
+    assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=1)]
+
+
+def test_an_empty_turn_does_nothing(broker: Broker) -> None:
+    task = envelope()
+    broker.enqueue([task])
+
+    assert broker.turn(Turn()) == []
+    assert broker.turn(Turn(node="w1@host", queues=["q1"], n=0, owner="w1", lease=30)) == []
+    assert broker.turn(Turn(node="w1@host", queues=[], n=5, owner="w1", lease=30)) == []
+
+    assert broker.depths() == [QueueDepth("q1", ready=1, scheduled=0, reserved=0)]
+    info = broker.get_result(task.id)
+    assert info is not None and (info["state"], info["deliveries"]) == (PENDING, 0)
 
 
 def test_retry_goes_back_with_its_eta_and_state_retry(broker: Broker) -> None:
@@ -362,7 +425,7 @@ def test_retry_goes_back_with_its_eta_and_state_retry(broker: Broker) -> None:
     broker.reserve(["q1"], 1, "w1", 30)
     eta = time.time() + 0.4
 
-    broker.finish([], [Retry(task.id, '{"retries": 1}', eta, "IOError", "flaky")])
+    broker.turn(Turn(retries=[Retry(task.id, '{"retries": 1}', eta, "IOError", "flaky")]))
 
     info = broker.get_result(task.id)
     assert info is not None
@@ -380,16 +443,12 @@ def test_dead_letters_keep_the_raw_body_newest_first(broker: Broker) -> None:
     broker.enqueue([first, second])
     broker.reserve(["q1"], 2, "w1", 30)
 
-    broker.finish(
-        [
-            Outcome(
-                first.id, FAILURE, exc_type="BadMessage", exc_message="not JSON", dead_letter=True
-            )
-        ]
-    )
-    broker.finish(
-        [Outcome(second.id, FAILURE, exc_type="WorkerLost", exc_message="lost", dead_letter=True)]
-    )
+    for task, reason, message in (
+        (first, "BadMessage", "not JSON"),
+        (second, "WorkerLost", "lost"),
+    ):
+        outcome = Outcome(task.id, FAILURE, exc_type=reason, exc_message=message, dead_letter=True)
+        broker.turn(Turn(outcomes=[outcome]))
 
     newest, oldest = broker.dead_letters()
     assert (oldest.id, oldest.queue, oldest.name, oldest.body, oldest.reason, oldest.extra) == (
@@ -410,18 +469,20 @@ def test_dead_letters_keep_the_raw_body_newest_first(broker: Broker) -> None:
 def test_outcome_for_an_id_the_broker_never_held_is_stored(
     broker: Broker, connect: BrokerFactory, request: pytest.FixtureRequest
 ) -> None:
-    broker.finish([Outcome("made-up", FAILURE, exc_type="BadMessage", exc_message="?", name="?")])
+    made_up = Outcome("made-up", FAILURE, exc_type="BadMessage", exc_message="?", name="?")
+    broker.turn(Turn(outcomes=[made_up]))
 
     info = broker.get_result("made-up")
     assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
 
 
-def test_finish_stores_a_result_given_as_json_text_as_it_is(broker: Broker) -> None:
+def test_a_result_given_as_json_text_is_stored_as_it_is(broker: Broker) -> None:
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 30)
 
-    broker.finish([Outcome(task.id, SUCCESS, result_json='{"a": [1, 2.5, "\\udce9"]}')])
+    outcome = Outcome(task.id, SUCCESS, result_json='{"a": [1, 2.5, "\\udce9"]}')
+    broker.turn(Turn(outcomes=[outcome]))
 
     info = broker.get_result(task.id)
     assert info is not None and info["result"] == {"a": [1, 2.5, "\udce9"]}
@@ -438,9 +499,8 @@ def test_a_body_that_is_not_utf8_is_handed_out_with_its_bytes_kept(broker: Broke
 
     [delivery] = broker.reserve(["q1"], 1, "w1", 30)
     assert (delivery.id, raw(delivery.body)) == ("t-1", b'{"x": "\xff"}')
-    broker.finish(
-        [Outcome("t-1", FAILURE, exc_type="BadMessage", exc_message="?", dead_letter=True)]
-    )
+    outcome = Outcome("t-1", FAILURE, exc_type="BadMessage", exc_message="?", dead_letter=True)
+    broker.turn(Turn(outcomes=[outcome]))
     [letter] = broker.dead_letters()
     assert (letter.id, raw(letter.body)) == ("t-1", b'{"x": "\xff"}')
 
@@ -478,7 +538,7 @@ def test_stored_values_that_do_not_decode_read_as_what_they_are_never_raise(
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 30)
-    broker.finish([Outcome(task.id, SUCCESS, result=1, runtime=0.5)])
+    broker.turn(Turn(outcomes=[Outcome(task.id, SUCCESS, result=1, runtime=0.5)]))
 
     overwrite_fields(
         broker,
@@ -573,7 +633,7 @@ def dead_lettered(broker: Broker, *tasks: Envelope) -> None:
         outcome = Outcome(
             delivery.id, FAILURE, exc_type="WorkerLost", exc_message="died", dead_letter=True
         )
-        broker.finish([outcome])
+        broker.turn(Turn(outcomes=[outcome]))
         time.sleep(0.002)  # each its own `at`: newest first is then an order
 
 

@@ -25,6 +25,7 @@ from worker.brokers.base import (
     Outcome,
     QueueDepth,
     Retry,
+    Turn,
 )
 from worker.brokers.redis import Link, RedisBroker
 
@@ -64,9 +65,9 @@ def test_nothing_is_lost_when_redis_restarts_and_the_broker_reconnects(server: R
         held = broker.reserve(["q1"], 10, "w1", 30)
         assert ids(held) == ids(ready)
 
-        server.stop()  # between reserve and finish; it comes back while finish is retrying
+        server.stop()  # between reserve and ack; it comes back while the ack is retrying
         restarting = start_later(server, 0.5)
-        broker.finish([Outcome(d.id, SUCCESS, result=d.id) for d in held])
+        broker.turn(Turn(outcomes=[Outcome(d.id, SUCCESS, result=d.id) for d in held]))
         restarting.join()
 
         for delivery in held:
@@ -149,7 +150,7 @@ def test_an_enqueue_retried_after_its_task_ended_does_not_start_it_again(
 
     def run_it_meanwhile() -> None:
         [delivery] = worker.reserve(["q1"], 1, "w1", 30)
-        worker.finish([Outcome(delivery.id, SUCCESS, result=1)])
+        worker.turn(Turn(outcomes=[Outcome(delivery.id, SUCCESS, result=1)]))
 
     redis_broker.depths()  # opens the connection whose reply gets lost
     lose_next_reply(redis_broker, meanwhile=run_it_meanwhile)
@@ -176,15 +177,17 @@ def test_a_worker_turn_is_one_call_to_redis(
 
     monkeypatch.setattr(Link, "execute", execute_and_note)
 
-    new = redis_broker.exchange(
-        [done.id, running.id],
-        "w1@host",
-        [Outcome(done.id, SUCCESS, result=2, node="w1@host")],
-        [Retry(retried.id, '{"retries": 1}', time.time() + 60, "IOError", "flaky")],
-        ["q1"],
-        10,
-        "w1",
-        30,
+    new = redis_broker.turn(
+        Turn(
+            node="w1@host",
+            started=[done.id, running.id],
+            outcomes=[Outcome(done.id, SUCCESS, result=2, node="w1@host")],
+            retries=[Retry(retried.id, '{"retries": 1}', time.time() + 60, "IOError", "flaky")],
+            queues=["q1"],
+            n=10,
+            owner="w1",
+            lease=30,
+        )
     )
 
     assert commands == ["EVALSHA"]
@@ -193,26 +196,6 @@ def test_a_worker_turn_is_one_call_to_redis(
     states = [(redis_broker.get_result(t.id) or {}).get("state") for t in (done, retried, running)]
     assert states == [SUCCESS, RETRY, STARTED]
     assert redis_broker.depths() == [QueueDepth("q1", ready=0, scheduled=1, reserved=3)]
-
-
-def test_a_task_started_and_ended_in_one_turn_keeps_the_node_its_outcome_names(
-    redis_broker: RedisBroker,
-) -> None:
-    named, unnamed = envelope(), envelope()
-    redis_broker.enqueue([named, unnamed])
-    redis_broker.reserve(["q1"], 2, "w1", 30)
-
-    redis_broker.flush(
-        [named.id, unnamed.id],
-        "w1@host",
-        [Outcome(named.id, SUCCESS, node="w1@other"), Outcome(unnamed.id, SUCCESS)],
-    )
-
-    infos = [redis_broker.get_result(t.id) or {} for t in (named, unnamed)]
-    assert [(info["state"], info["node"]) for info in infos] == [
-        (SUCCESS, "w1@other"),
-        (SUCCESS, "w1@host"),
-    ]
 
 
 def test_scripts_are_sent_again_when_redis_has_forgotten_them(server: RedisServer) -> None:
@@ -265,7 +248,7 @@ def test_results_expire_after_result_ttl(redis_broker: RedisBroker) -> None:
     key = f"{short.prefix}:r:{task.id}"
     assert short.redis.ttl(key) == -1  # never while the task is not done
 
-    short.finish([Outcome(task.id, SUCCESS)])
+    short.turn(Turn(outcomes=[Outcome(task.id, SUCCESS)]))
 
     assert 0 < short.redis.ttl(key) <= 60
     info = short.get_result(task.id)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fleet import Fleet, wait_for
 from worker.brokers import open_broker
-from worker.brokers.base import SUCCESS, Outcome, QueueDepth
+from worker.brokers.base import SUCCESS, Outcome, QueueDepth, Turn
 from worker.brokers.sqlite import EXPIRE_BATCH, FifoWakeup, Poker, SQLiteBroker
 
 from .test_contract import envelope
@@ -41,7 +41,7 @@ def finished(broker: SQLiteBroker, count: int = 1) -> list[str]:
     tasks = [envelope() for _ in range(count)]
     broker.enqueue(tasks)
     broker.reserve(["q1"], count, "w1", 30)
-    broker.finish([Outcome(t.id, SUCCESS, result=1) for t in tasks])
+    broker.turn(Turn(outcomes=[Outcome(t.id, SUCCESS, result=1) for t in tasks]))
     return [t.id for t in tasks]
 
 
@@ -80,7 +80,7 @@ def test_queued_and_held_tasks_are_kept_whatever_their_age(sqlite_broker: SQLite
     assert sqlite_broker.expire() == 0
 
     assert sqlite_broker.depths() == [QueueDepth("q1", ready=1, reserved=1)]
-    sqlite_broker.finish([Outcome(held.id, SUCCESS)])
+    sqlite_broker.turn(Turn(outcomes=[Outcome(held.id, SUCCESS)]))
     assert [d.id for d in sqlite_broker.reserve(["q1"], 1, "w1", 30)] == [queued.id]
 
 
@@ -89,7 +89,8 @@ def test_dead_letters_and_revokes_outlive_the_task_records(sqlite_broker: SQLite
     sqlite_broker.enqueue([dead])
     sqlite_broker.reserve(["q1"], 1, "w1", 30)
     sqlite_broker.enqueue([revoked])
-    sqlite_broker.finish([Outcome(dead.id, "FAILURE", exc_type="WorkerLost", dead_letter=True)])
+    lost = Outcome(dead.id, "FAILURE", exc_type="WorkerLost", dead_letter=True)
+    sqlite_broker.turn(Turn(outcomes=[lost]))
     sqlite_broker.revoke([revoked.id])
     age(sqlite_broker.path, [dead.id, revoked.id], TTL + 1)
 
@@ -132,7 +133,9 @@ def test_fleet_under_constant_load_still_expires_results_after_result_ttl(
     client = fleet.client
     busy = client.submit("tasks.sleep", 30)
     old, fresh = "old-record", "fresh-record"
-    client.broker.finish([Outcome(old, SUCCESS, name="tasks.add"), Outcome(fresh, SUCCESS)])
+    client.broker.turn(
+        Turn(outcomes=[Outcome(old, SUCCESS, name="tasks.add"), Outcome(fresh, SUCCESS)])
+    )
     age(str(fleet.folder / "queue.db"), [old], 10 * TTL)
 
     fleet.start()

@@ -83,7 +83,7 @@ class Delivery:
 
 @dataclass
 class Outcome:
-    """How a delivered task ended; `Broker.finish` acks it and stores it as the result."""
+    """How a delivered task ended; a `Turn` that carries it acks it and stores its result."""
 
     id: str
     state: str  # SUCCESS | FAILURE | REVOKED
@@ -111,6 +111,45 @@ class Retry:
     eta: float
     exc_type: str | None = None
     exc_message: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Turn:
+    """What a worker writes to its broker once per loop turn, and what it asks of it: one
+    transaction (one Redis script) with every part optional.
+
+    In that order: the tasks in `started` began running on `node` (state STARTED, if still
+    held); `outcomes` are acked and stored as results, and an outcome for an id the broker
+    does not hold (an undecodable message with a made-up id) is stored as a result too;
+    `retries` go back with their ETA and state RETRY; then up to `n` due tasks of `queues`
+    are reserved for `owner` until now + `lease`.
+    """
+
+    node: str = ""
+    started: Sequence[str] = ()
+    outcomes: Sequence[Outcome] = ()
+    retries: Sequence[Retry] = ()
+    queues: Sequence[str] = ()
+    n: int = 0  # how many to reserve: 0 reserves none
+    owner: str = ""
+    lease: float = 0.0  # seconds
+
+    @property
+    def wanted(self) -> int:
+        """How many tasks to reserve: none without a queue to take them from."""
+        return max(self.n, 0) if self.queues else 0
+
+    @property
+    def empty(self) -> bool:
+        """Whether the turn writes nothing and asks for nothing."""
+        return not (self.started or self.outcomes or self.retries or self.wanted)
+
+    def marks(self) -> list[str]:
+        """The started ids to mark STARTED: not those whose outcome in this turn names a node,
+        which overwrites the state and the node anyway (an outcome without one keeps the
+        node the start wrote)."""
+        ending = {o.id for o in self.outcomes if o.node is not None}
+        return [i for i in self.started if i not in ending] if ending else list(self.started)
 
 
 @dataclass
@@ -253,55 +292,18 @@ class Broker(abc.ABC):
 
     # --- consuming -------------------------------------------------------------
     @abc.abstractmethod
-    def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
-        """Hand out up to `n` due messages, oldest first, to `owner` until now + `lease`.
+    def turn(self, turn: Turn) -> list[Delivery]:
+        """Write what the turn says happened and reserve what it asks for, in one transaction;
+        returns the deliveries, oldest first (due ETA messages included). A task acked in
+        the turn is never among them.
 
         Two concurrent callers never get the same message. Each delivery raises the
-        message's delivery count. Due ETA messages are included.
+        message's delivery count. An empty turn does nothing.
         """
 
-    @abc.abstractmethod
-    def mark_started(self, ids: list[str], node: str) -> None:
-        """Record that these delivered tasks started running (state STARTED)."""
-
-    @abc.abstractmethod
-    def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
-        """Ack delivered tasks and store their results, all in one transaction.
-
-        Retries go back with their ETA and state RETRY. Outcomes for ids the broker
-        does not hold (an undecodable message with a made-up id) are stored as results.
-        """
-
-    def flush(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry] = (),
-    ) -> None:
-        """`mark_started` and `finish` together: what a worker writes after each loop turn.
-
-        A broker that can do both in one round trip (one transaction) overrides this.
-        """
-        if started:
-            self.mark_started(started, node)
-        if outcomes or retries:
-            self.finish(outcomes, retries)
-
-    def exchange(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry],
-        queues: list[str],
-        n: int,
-        owner: str,
-        lease: float,
-    ) -> list[Delivery]:
-        """`flush`, then `reserve`: a worker's whole turn, in one round trip where possible."""
-        self.flush(started, node, outcomes, retries)
-        return self.reserve(queues, n, owner, lease)
+    def reserve(self, queues: Sequence[str], n: int, owner: str, lease: float) -> list[Delivery]:
+        """A turn that only reserves: up to `n` due messages to `owner` until now + `lease`."""
+        return self.turn(Turn(queues=queues, n=n, owner=owner, lease=lease))
 
     @abc.abstractmethod
     def release(self, ids: list[str], died: bool) -> None:

@@ -38,6 +38,7 @@ from .base import (
     Outcome,
     QueueDepth,
     Retry,
+    Turn,
     Wakeup,
     dead_letter_from,
     stored_text,
@@ -187,14 +188,6 @@ class FifoWakeup(Wakeup):
                 os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def unfinished(started: list[str], outcomes: Sequence[Outcome]) -> list[str]:
-    """The STARTED marks that no outcome in the same transaction overwrites anyway."""
-    if not outcomes:
-        return started
-    done = {o.id for o in outcomes}
-    return [i for i in started if i not in done]
 
 
 class Poker:
@@ -359,41 +352,25 @@ class SQLiteBroker(Broker):
         self.poker.poke()
 
     # --- consuming -------------------------------------------------------------
-    def reserve(self, queues: list[str], n: int, owner: str, lease: float) -> list[Delivery]:
-        if n <= 0 or not queues:
+    def turn(self, turn: Turn) -> list[Delivery]:
+        if turn.empty:
             return []
         with self._write() as db:
-            return self._reserve(db, queues, n, owner, lease)
-
-    def exchange(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry],
-        queues: list[str],
-        n: int,
-        owner: str,
-        lease: float,
-    ) -> list[Delivery]:
-        with self._write() as db:
-            self._mark_started(db, unfinished(started, outcomes), node)
-            self._finish(db, outcomes, retries)
-            deliveries = self._reserve(db, queues, n, owner, lease) if n > 0 and queues else []
-        if retries:
+            self._mark_started(db, turn.marks(), turn.node)
+            self._finish(db, turn.outcomes, turn.retries)
+            deliveries = self._reserve(db, turn) if turn.wanted else []
+        if turn.retries:
             self.poker.poke()
         return deliveries
 
     @classmethod
-    def _reserve(
-        cls, db: sqlite3.Connection, queues: list[str], n: int, owner: str, lease: float
-    ) -> list[Delivery]:
-        now = time.time()
-        marks = ",".join("?" * len(queues))
-        rows = db.execute(reserve_sql(marks, DUE), (owner, now + lease, *queues, now, n)).fetchall()
+    def _reserve(cls, db: sqlite3.Connection, turn: Turn) -> list[Delivery]:
+        now, n, queues = time.time(), turn.wanted, turn.queues
+        marks, lease = ",".join("?" * len(queues)), (turn.owner, now + turn.lease)
+        rows = db.execute(reserve_sql(marks, DUE), (*lease, *queues, now, n)).fetchall()
         if len(rows) < n:  # never due, so never handed out: take them while the queue is dry
             rows += db.execute(
-                reserve_sql(marks, NOT_A_NUMBER), (owner, now + lease, *queues, n - len(rows))
+                reserve_sql(marks, NOT_A_NUMBER), (*lease, *queues, n - len(rows))
             ).fetchall()
         rows.sort(key=due_order)  # RETURNING comes in no set order: due order, then queue order
         deliveries, bad = [], []
@@ -422,12 +399,6 @@ class SQLiteBroker(Broker):
             [(BAD_MESSAGE, m, now, seq) for seq, m in messages],
         )
 
-    def mark_started(self, ids: list[str], node: str) -> None:
-        if not ids:
-            return
-        with self._write() as db:
-            self._mark_started(db, ids, node)
-
     @staticmethod
     def _mark_started(db: sqlite3.Connection, ids: list[str], node: str) -> None:
         if ids:
@@ -435,29 +406,6 @@ class SQLiteBroker(Broker):
                 f"UPDATE tasks SET state = '{STARTED}', node = ? WHERE id = ? AND status = {HELD}",
                 [(node, i) for i in ids],
             )
-
-    def flush(
-        self,
-        started: list[str],
-        node: str,
-        outcomes: Sequence[Outcome],
-        retries: Sequence[Retry] = (),
-    ) -> None:
-        if not (started or outcomes or retries):
-            return
-        with self._write() as db:
-            self._mark_started(db, unfinished(started, outcomes), node)
-            self._finish(db, outcomes, retries)
-        if retries:
-            self.poker.poke()
-
-    def finish(self, outcomes: Sequence[Outcome], retries: Sequence[Retry] = ()) -> None:
-        if not outcomes and not retries:
-            return
-        with self._write() as db:
-            self._finish(db, outcomes, retries)
-        if retries:
-            self.poker.poke()
 
     def _finish(
         self, db: sqlite3.Connection, outcomes: Sequence[Outcome], retries: Sequence[Retry]

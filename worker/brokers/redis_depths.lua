@@ -1,0 +1,18 @@
+-- Read-only, so run alone (no prelude or epilogue): ARGV prefix, now. One consistent
+-- snapshot of every queue: [[queue, ready, scheduled, reserved]] for each that holds any.
+local P, NOW = ARGV[1], ARGV[2]
+local reply = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. ':queues')) do
+  local stream, etas = P .. ':q:' .. q, P .. ':eta:' .. q
+  local ready, reserved = 0, 0
+  if redis.call('EXISTS', stream) == 1 then
+    reserved = redis.call('XPENDING', stream, 'workers')[1]
+    ready = redis.call('XLEN', stream) - reserved
+  end
+  ready = ready + redis.call('ZCOUNT', etas, '-inf', NOW)
+  local scheduled = redis.call('ZCOUNT', etas, '(' .. NOW, '+inf')
+  if ready + scheduled + reserved > 0 then
+    table.insert(reply, {q, ready, scheduled, reserved})
+  end
+end
+return reply

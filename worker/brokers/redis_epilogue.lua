@@ -1,0 +1,15 @@
+-- Runs `main` once per call token, wakes the queues it touched and returns main's reply as
+-- JSON text (cheaper to send and read than nested RESP arrays; an empty table comes out as
+-- {}). The call key lasts as long as a retrying call can (redis.py's CALL_RETRIES, each
+-- attempt cut off by the connect or socket timeout, and the backoff between them).
+local call_key = P .. ':call:' .. CONNECTION
+local last = redis.call('GET', call_key)
+if last then
+  local space = string.find(last, ' ', 1, true)
+  if string.sub(last, 1, space - 1) == TOKEN then return string.sub(last, space + 1) end
+end
+local reply = cjson.encode(main())
+drop_spent()
+redis.call('SET', call_key, TOKEN .. ' ' .. reply, 'EX', 120)
+for q in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, '1') end
+return reply

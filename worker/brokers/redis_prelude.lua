@@ -1,0 +1,148 @@
+-- The Redis broker's write scripts: this prelude, then one script's body (which defines
+-- `main`), then the epilogue, as one script (redis.py puts them together).
+-- Shared by every write script. ARGV: prefix, connection name, call token, now (epoch
+-- seconds), JSON args.
+local P, CONNECTION, TOKEN, NOW = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local A = cjson.decode(ARGV[5])
+local null = cjson.null
+local GROUP = 'workers'
+local woken = {}
+
+local function task_key(id) return P .. ':r:' .. id end
+local function stream_key(q) return P .. ':q:' .. q end
+local function eta_key(q) return P .. ':eta:' .. q end
+local function stream_exists(q) return redis.call('EXISTS', stream_key(q)) == 1 end
+
+local function load(id)
+  local v = redis.call('HMGET', task_key(id), 'status', 'queue', 'entry', 'owner', 'state')
+  if not v[1] then return nil end
+  return {status = v[1], queue = v[2], entry = v[3], owner = v[4], state = v[5]}
+end
+
+-- Add a field and its value to the flat list `fields`, or its name to `unset` if null.
+local function put(fields, unset, field, value)
+  if value == null then
+    unset[#unset + 1] = field
+  else
+    fields[#fields + 1] = field
+    fields[#fields + 1] = value
+  end
+end
+
+-- The queue's name in the set of queues, and its stream and group: once per call and queue.
+local opened = {}
+local function open_queue(q)
+  if opened[q] then return end
+  opened[q] = true
+  redis.call('SADD', P .. ':queues', q)
+  if not stream_exists(q) then
+    redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0', 'MKSTREAM')
+  end
+end
+
+-- Put a task at the tail of its queue's stream as a new, undelivered entry. `fields` (a
+-- flat list, no nulls) go to its record in the same HSET; removing stale fields (the
+-- lease, the ETA) is the caller's.
+local function append(id, q, fields)
+  open_queue(q)
+  local entry = '0-' .. redis.call('INCR', P .. ':seq')
+  if type(redis.pcall('XADD', stream_key(q), entry, 'id', id)) ~= 'string' then
+    -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
+    entry = redis.call('XADD', stream_key(q), '*', 'id', id)
+  end
+  redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, unpack(fields))
+  woken[q] = true
+end
+
+-- Hold a task back in its queue's ETA set until it is due (`fields` as for append).
+local function schedule(id, q, eta, fields)
+  open_queue(q)
+  redis.call('ZADD', eta_key(q), eta, id)
+  redis.call('HSET', task_key(id), 'status', 'scheduled', 'eta', eta, unpack(fields))
+  woken[q] = true
+end
+
+-- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
+-- waiting or held is left as it is; an ended one starts over as a new task.
+local function submit(id, q, name, body, eta)
+  local status = redis.call('HGET', task_key(id), 'status')
+  if status and status ~= 'done' then return end
+  if status then redis.call('DEL', task_key(id)) end
+  local fields = {'id', id, 'queue', q, 'name', name, 'body', body, 'state', 'PENDING',
+    'deliveries', 0}
+  if eta ~= '' and tonumber(eta) > tonumber(NOW) then
+    schedule(id, q, eta, fields)
+  else
+    append(id, q, fields)
+  end
+end
+
+-- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
+-- is kept `ttl` seconds for its result to be read.
+local function close_record(id, ttl, fields, unset)
+  local key = task_key(id)
+  redis.call('HSET', key, 'status', 'done', 'finished', NOW, unpack(fields))
+  redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
+  redis.call('EXPIRE', key, ttl)
+end
+
+-- Stream entries of tasks taken out, per queue: drop_spent acks and deletes them, a
+-- thousand per command. The epilogue calls it; a script that reads its streams after
+-- taking tasks out calls it first.
+local spent = {}
+local function drop_spent()
+  for q, entries in pairs(spent) do
+    for i = 1, #entries, 1000 do
+      local last = math.min(i + 999, #entries)
+      redis.call('XACK', stream_key(q), GROUP, unpack(entries, i, last))
+      redis.call('XDEL', stream_key(q), unpack(entries, i, last))
+    end
+  end
+  spent = {}
+end
+
+-- Take a task out of wherever it waits or is held (its stream or its ETA set).
+local function take_out(id, t)
+  if t.status == 'queued' or t.status == 'held' then
+    spent[t.queue] = spent[t.queue] or {}
+    table.insert(spent[t.queue], t.entry)
+  elseif t.status == 'scheduled' then
+    redis.call('ZREM', eta_key(t.queue), id)
+  end
+end
+
+-- Give a held task back to its queue; its delivery count stays as it is.
+local function requeue(id, t)
+  take_out(id, t)
+  append(id, t.queue, t.state == 'STARTED' and {'state', 'PENDING'} or {})
+  redis.call('HDEL', task_key(id), 'owner', 'lease_ms')
+end
+
+-- Give back the pending entries of one queue that `consumer` (or anyone, if false) holds
+-- and that `expired(entry idle ms, task id)` says to give back; returns how many.
+local function give_back(q, consumer, expired)
+  local key, count, start = stream_key(q), 0, '-'
+  while true do
+    local pending
+    if consumer then
+      pending = redis.call('XPENDING', key, GROUP, start, '+', 100, consumer)
+    else
+      pending = redis.call('XPENDING', key, GROUP, start, '+', 100)
+    end
+    if #pending == 0 then return count end
+    for _, p in ipairs(pending) do
+      local entry, idle = p[1], p[3]
+      local found = redis.call('XRANGE', key, entry, entry)[1]
+      local id = found and found[2][2]
+      local t = id and load(id)
+      if not (t and t.status == 'held' and t.entry == entry) then
+        redis.call('XACK', key, GROUP, entry)
+        redis.call('XDEL', key, entry)
+      elseif expired(idle, id) then
+        requeue(id, t)
+        count = count + 1
+      end
+      start = '(' .. entry
+    end
+  end
+end

@@ -1,0 +1,31 @@
+-- A: ids. The dead letters of these ids go back to their queue as new tasks (the newest
+-- letter of an id, if it has several) and off the list, which is written anew in one pass
+-- (LREM per letter would read the whole list each time). Returns the ids that were there.
+local function main()
+  local wanted, found = {}, {}
+  for _, id in ipairs(A) do wanted[id] = true end
+  local key, kept, letters = P .. ':dead', {}, {}
+  for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local d = cjson.decode(text)
+    if wanted[d.id] then
+      if not found[d.id] then
+        found[d.id] = true
+        letters[#letters + 1] = d
+      end
+    else
+      kept[#kept + 1] = text
+    end
+  end
+  if #letters == 0 then return {} end
+  redis.call('DEL', key)
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', key, unpack(kept, i, math.min(i + 999, #kept)))
+  end
+  local reply = {}
+  for i = #letters, 1, -1 do  -- oldest first: they go back in the order they died
+    local d = letters[i]
+    submit(d.id, d.queue, d.name, d.body, '')
+    reply[#reply + 1] = d.id
+  end
+  return reply
+end
