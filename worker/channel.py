@@ -1,0 +1,212 @@
+"""The channel to the arbiter: messages out (through an outbox: the worker never waits
+on its arbiter), commands in, events, stats and status. The arbiter half of `Worker`."""
+
+# The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
+# mypy's rule that a self type be a supertype of its class does not fit a mixin.
+# mypy: disable-error-code="misc"
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from typing import TYPE_CHECKING, Any
+
+from .control import COMMANDS, CommandError
+from .protocol import Outbox, ProtocolError, encode
+
+if TYPE_CHECKING:
+    from .process import Worker
+
+from .pool import POLL_IN, rss
+
+log = logging.getLogger("fleetd.worker")
+
+STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
+# Bytes waiting for an arbiter that reads nothing (stopped, hung) past which events and
+# stats are dropped, counted; ready and replies never are.
+ARBITER_BACKLOG_MAX = 4 << 20
+ARBITER_DRAIN_WAIT = 1.0  # seconds an exiting worker gives its arbiter to read its last words
+
+
+class ArbiterChannel:
+    """What the worker says to its arbiter, and what it does with what the arbiter says."""
+
+    # State of the worker's that this half writes (declared where it is written).
+    arbiter_fd: int | None
+    arbiter_out: Outbox | None
+    events: list[dict[str, Any]]
+
+    def report(self: Worker, now: float) -> None:
+        """Once a second: counters (and queue depths, with metrics on) to the arbiter."""
+        self.next_report = now + STATS_EVERY
+        message: dict[str, Any] = {"type": "stats", **self.stats_counts()}
+        if self.metrics_enabled and self.broker_available():
+            with self.broker_call("read queue depths"):
+                message["depths"] = {
+                    d.queue: d.ready for d in self.broker.depths() if d.queue in self.spec.queues
+                }
+        if self.events_enabled:
+            self.emit("worker-heartbeat", **self.stats_counts())
+        self.send(message, droppable=True)
+
+    def send(self: Worker, message: dict[str, Any], droppable: bool = False) -> None:
+        """Write a frame to the arbiter without waiting for it: what the socket does not take
+        now goes when it has room. While the arbiter reads nothing, a `droppable` message
+        (stats, events) is dropped once ARBITER_BACKLOG_MAX bytes wait."""
+        out = self.arbiter_out
+        if out is None:
+            return
+        if droppable and out.size > ARBITER_BACKLOG_MAX:
+            self.drop(message)
+            return
+        try:
+            out.send(encode(message))
+        except OSError:
+            self.lose_arbiter()
+            return
+        if out:
+            self.poller.modify(out.fd, POLL_IN | select.POLLOUT)
+
+    def drop(self: Worker, message: dict[str, Any]) -> None:
+        if not self.arbiter_stalled:
+            self.arbiter_stalled = True
+            log.warning(
+                "the arbiter reads nothing: dropping events and stats until it does",
+                extra={"node": self.node},
+            )
+        self.counts["events_dropped"] += len(message.get("events", ()))
+
+    def talk_to_arbiter(self: Worker, events: int) -> None:
+        if events & select.POLLOUT:
+            self.flush_arbiter()
+        if events & POLL_IN and self.arbiter_fd is not None:
+            self.read_arbiter()
+
+    def flush_arbiter(self: Worker) -> None:
+        """The socket has room: write what waits for the arbiter."""
+        out = self.arbiter_out
+        assert out is not None
+        try:
+            out.flush()
+        except OSError:
+            self.lose_arbiter()
+            return
+        if out:
+            return
+        self.poller.modify(out.fd, POLL_IN)
+        if self.arbiter_stalled:
+            self.arbiter_stalled = False
+            log.warning(
+                "the arbiter reads again; %d events dropped in all",
+                self.counts["events_dropped"],
+                extra={"node": self.node},
+            )
+
+    def drain_arbiter(self: Worker, wait: float) -> None:
+        """Give the arbiter up to `wait` seconds to read what still waits for it."""
+        out = self.arbiter_out
+        if not out:
+            return
+        writable = select.poll()
+        writable.register(out.fd, select.POLLOUT)
+        give_up = time.monotonic() + wait
+        while out and time.monotonic() < give_up:
+            writable.poll(max(0.0, give_up - time.monotonic()) * 1000)
+            try:
+                out.flush()
+            except OSError:
+                return
+
+    def read_arbiter(self: Worker) -> None:
+        assert self.arbiter_fd is not None
+        try:
+            frames = self.arbiter_reader.read_frames(self.arbiter_fd)
+        except (ProtocolError, OSError):
+            frames = None
+        if frames is None:
+            self.lose_arbiter()
+            return
+        for message in frames:
+            self.handle_message(message)
+
+    def lose_arbiter(self: Worker) -> None:
+        """The channel broke or ended: the arbiter is gone, shut down warm (as on TERM)."""
+        if self.arbiter_fd is None:
+            return
+        self.poller.unregister(self.arbiter_fd)
+        with contextlib.suppress(OSError):
+            os.close(self.arbiter_fd)
+        self.arbiter_fd = self.arbiter_out = None
+        self.begin_shutdown("warm")
+
+    def handle_message(self: Worker, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "recover":
+            self.dead_owners.append(str(message.get("owner")))
+            self.recover_dead_owners()
+        elif kind == "cmd":
+            reply = self.run_command(message)
+            try:
+                encode(reply)
+            except (TypeError, ValueError, ProtocolError) as exc:
+                reply = {"error": f"the reply of {message.get('cmd')} is not JSON: {exc}"}
+            self.send({"type": "reply", "id": message.get("id"), "reply": reply})
+
+    def run_command(self: Worker, message: dict[str, Any]) -> Any:
+        command = COMMANDS.get(str(message.get("cmd")))
+        if command is None or command.scope != "worker" or command.effect is None:
+            return {"error": f"unknown command {message.get('cmd')!r}"}
+        try:
+            args = command.validate(message.get("args", {}))
+            return command.effect(self, **args)
+        except CommandError as exc:
+            log.warning("command refused: %s", exc, extra={"node": self.node})
+            return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a custom command must not take the worker down
+            log.exception("command %s failed", command.name, extra={"node": self.node})
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def send_events(self: Worker) -> None:
+        if self.events:
+            events, self.events = self.events, []
+            self.send(
+                {"type": "events", "events": events, "publish": self.events_enabled},
+                droppable=True,
+            )
+
+    def stats_counts(self: Worker) -> dict[str, Any]:
+        waiting = sum(max(0, len(c.tasks) - 1) for c in self.children.values())  # in a pipe
+        return {
+            "reserved": len(self.reserved) + waiting,
+            "active": sum(1 for c in self.children.values() if c.running),
+            "children": len(self.children),
+            **self.counts,
+        }
+
+    def stats(self: Worker) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            **self.stats_counts(),  # first: its "children" count gives way to the list below
+            "node": self.node,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "queues": self.spec.queues,
+            "concurrency": self.target_children,
+            "rss": rss(os.getpid()),
+            "children": [
+                {
+                    "pid": c.pid,
+                    "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
+                    "task": c.running.delivery.id if c.running else None,
+                    "task_name": c.running.delivery.name if c.running else None,
+                    "runtime": now - c.running.started if c.running else None,
+                    "tasks_done": c.tasks_done,
+                    "rss": rss(c.pid),
+                    "uptime": time.time() - c.born,
+                }
+                for c in self.children.values()
+            ],
+        }

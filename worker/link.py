@@ -1,0 +1,208 @@
+"""The link to the broker: reserving in batches, taking in deliveries, flushing what
+happened, renewing leases, giving tasks back, and waiting out an unreachable broker.
+The broker half of `Worker`."""
+
+# The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
+# mypy's rule that a self type be a supertype of its class does not fit a mixin.
+# mypy: disable-error-code="misc"
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .brokers.base import BAD_MESSAGE, Delivery, Outcome, Retry, Turn
+from .child import (
+    MESSAGE_LIMIT,
+    TYPE_NAME_LIMIT,
+    printable,
+)
+from .protocol import oversize
+from .task import REGISTRY
+
+if TYPE_CHECKING:
+    from .process import Worker
+
+log = logging.getLogger("fleetd.worker")
+
+BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
+BROKER_BACKOFF_MAX = 5.0
+RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
+
+
+class BrokerLink:
+    """One turn to the broker per loop turn where it can (`Broker.turn`)."""
+
+    # State of the worker's that this half writes (declared where it is written).
+    started_ids: list[str]
+    outcomes: list[Outcome]
+    retries: list[Retry]
+
+    def release_now(self: Worker, ids: list[str], died: bool) -> None:
+        """Give tasks back at once. While the broker is unreachable they stay ours, unrenewed,
+        and their lease gives them back."""
+        self.flush()
+        if self.broker_available():
+            with self.broker_call("give tasks back"):
+                self.broker.release(ids, died=died)
+
+    def capacity(self: Worker) -> int:
+        return self.target_children * (1 + self.spec.prefetch)
+
+    def held(self: Worker) -> int:
+        """Tasks that count against the prefetch. Those waiting for a rate-limit token do not
+        (up to RATE_LIMITED_MAX): other task types queued behind them still come in and run."""
+        handed = sum(len(c.tasks) for c in self.children.values())
+        return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + handed
+
+    def reserve_more(self: Worker) -> None:
+        """Top up the reserved buffer, in batches: only once it is half empty."""
+        want = self.capacity() - self.held()
+        if want <= 0 or (self.reserved and want < max(1, self.capacity() // 2)):
+            return
+        if not self.broker_available():
+            return
+        with self.broker_call("reserve"):
+            # What the last turns did goes in the same transaction.
+            deliveries = self.broker.turn(self.written_turn(want))
+            self.started_ids, self.outcomes, self.retries = [], [], []
+            self.queue_dry = len(deliveries) < want
+            for delivery in deliveries:
+                self.accept(delivery)
+
+    def accept(self: Worker, delivery: Delivery) -> None:
+        """Take in a reservation: run it later, or settle it now if it must not run."""
+        if delivery.id in self.revoked:
+            self.revoke_now(delivery)
+        elif delivery.deliveries > self.spec.max_deliveries:
+            self.dead_letter(
+                delivery,
+                "WorkerLost",
+                f"delivered {delivery.deliveries - 1} times without finishing",
+            )
+        elif too_large := oversize(delivery.body):
+            self.dead_letter(delivery, "TaskTooLarge", too_large)
+        elif (problem := body_problem(delivery)) is not None:
+            self.dead_letter(delivery, BAD_MESSAGE, problem)
+        elif delivery.name not in REGISTRY:
+            name = printable(delivery.name, TYPE_NAME_LIMIT)
+            self.dead_letter(delivery, "NotRegistered", f"no task named {name!r} on {self.node}")
+        else:
+            self.reserved.append(delivery)
+            self.emit("task-received", delivery)
+
+    def flush(self: Worker) -> None:
+        """Write what happened to the broker in one transaction. While the broker is
+        unreachable it stays buffered here, and goes out whole once the broker answers."""
+        self.started_flush_at = 0.0
+        if self.unflushed() and self.broker_available():
+            with self.broker_call("ack"):
+                self.broker.turn(self.written_turn())
+                self.started_ids, self.outcomes, self.retries = [], [], []
+        self.send_events()
+
+    def written_turn(self: Worker, want: int = 0) -> Turn:
+        """What the last turns did, for the broker, and `want` more tasks to reserve."""
+        return Turn(
+            node=self.node,
+            started=self.started_ids,
+            outcomes=self.outcomes,
+            retries=self.retries,
+            queues=self.spec.queues,
+            n=want,
+            owner=self.owner,
+            lease=self.spec.lease,
+        )
+
+    def unflushed(self: Worker) -> bool:
+        return bool(self.started_ids or self.outcomes or self.retries)
+
+    def renew(self: Worker, now: float) -> None:
+        """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
+        self.next_renew = now + max(0.5, self.spec.lease / 3)
+        held = [d.id for d in self.reserved] + [
+            r.delivery.id for c in self.children.values() for r in c.tasks
+        ]
+        with self.broker_call("renew leases"):
+            self.broker.extend(held, self.owner, self.spec.lease)
+            if self.shutdown is None:
+                self.broker.recover_expired(self.spec.queues)
+                self.revoked |= self.broker.revoked()
+        self.recover_dead_owners()
+
+    def recover_dead_owners(self: Worker) -> None:
+        """Give back the tasks of the consumers the arbiter saw die (later, if the broker is
+        unreachable now)."""
+        while self.dead_owners and self.broker_available():
+            with self.broker_call("give back a dead consumer's tasks"):
+                count = self.broker.recover(self.dead_owners[-1])
+                if count:  # counted as a child's death counts its task
+                    self.counts["redelivered"] += count
+                    self.emit("redelivered", count=count)
+                log.info(
+                    "gave back %d tasks of dead consumer %s",
+                    count,
+                    self.dead_owners.pop(),
+                    extra={"node": self.node},
+                )
+
+    def broker_available(self: Worker) -> bool:
+        """False while backing off from an unreachable broker."""
+        return time.monotonic() >= self.broker_retry_at
+
+    @contextlib.contextmanager
+    def broker_call(self: Worker, doing: str) -> Iterator[None]:
+        """Around broker calls: an unreachable broker (down, restarting, locked) is waited out.
+
+        The loop goes on meanwhile with what it holds: children run the tasks reserved,
+        outcomes stay buffered (the caller keeps its state when the call fails), and the
+        broker is tried again with a growing backoff; leases are renewed first thing.
+        """
+        try:
+            yield
+        except self.broker.unavailable as exc:
+            level = logging.DEBUG if self.broker_backoff else logging.WARNING
+            self.broker_backoff = min(
+                BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)
+            )
+            self.broker_retry_at = self.next_renew = time.monotonic() + self.broker_backoff
+            log.log(
+                level,
+                "broker unreachable (%s: %s) to %s; trying again in %.1fs",
+                type(exc).__name__,
+                exc,
+                doing,
+                self.broker_backoff,
+                extra={"node": self.node},
+            )
+            return
+        if self.broker_backoff:
+            self.broker_backoff = 0.0
+            log.info("broker reachable again", extra={"node": self.node})
+
+
+def body_problem(delivery: Delivery) -> str | None:
+    """Why a delivered body is not a task a child can run, or None if it is one: the JSON
+    object `{"id", "name", "args", "kwargs", "retries"}` that `encode_body` writes for it."""
+    try:
+        delivery.body.encode()
+    except UnicodeEncodeError:
+        return "the body is not UTF-8"
+    try:
+        body = json.loads(delivery.body)
+    except (ValueError, RecursionError) as exc:
+        return printable(f"the body is not JSON: {exc}", MESSAGE_LIMIT)
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    if body.get("id") != delivery.id or body.get("name") != delivery.name:
+        return "the body's id or name is not the task's"
+    if not isinstance(body.get("args"), list) or not isinstance(body.get("kwargs"), dict):
+        return "the body's args are not a list or its kwargs not an object"
+    retries = body.get("retries")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        return "the body's retries are not a count"
+    return None

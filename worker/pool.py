@@ -1,0 +1,513 @@
+"""The pool: a worker's forked children, their pipes, their tasks, reaping, recycling,
+time limits and terminate. The pool half of `Worker` (worker/process.py)."""
+
+# The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
+# mypy's rule that a self type be a supertype of its class does not fit a mixin.
+# mypy: disable-error-code="misc"
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import random
+import select
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .brokers.base import FAILURE, Delivery, Outcome
+from .child import (
+    CLEAN_STOP,
+    child_main,
+)
+from .protocol import FrameReader, Outbox, ProtocolError
+from .tree import end_adopted
+
+if TYPE_CHECKING:
+    from .process import Worker
+
+log = logging.getLogger("fleetd.worker")
+child_log = logging.getLogger("fleetd.child")
+
+POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
+SPAWN_BACKOFF_MIN = 0.5  # seconds before forking again after a failed fork; doubles each time
+SPAWN_BACKOFF_MAX = 5.0
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Running:
+    """A task handed to a child: running if it is the child's first, else waiting in its pipe."""
+
+    delivery: Delivery
+    started: float = 0.0  # monotonic; set when it becomes the child's first task
+    soft_deadline: float | None = None
+    hard_deadline: float | None = None
+    soft_sent: bool = False
+    settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
+    terminated_at: float | None = None  # revoked with terminate: killed after a grace period
+
+
+@dataclass
+class ChildProc:
+    """A child and its pipes. The worker never waits on a child: its task and revoke pipes
+    are non-blocking, and what they do not take now waits in their outbox."""
+
+    pid: int
+    tasks_out: Outbox  # task frames, to the child's task pipe (fd -1 once closed)
+    result_fd: int  # worker reads outcomes here
+    revokes_out: Outbox  # ids revoked while their task waits in the task pipe, one a line
+    reader: FrameReader = field(default_factory=FrameReader)
+    tasks: deque[Running] = field(default_factory=deque)  # in the order the child runs them
+    tasks_done: int = 0
+    recycle_after: int = 0  # 0 = never
+    retiring: bool = False
+    said_bye: bool = False  # it wrote BYE: it stops cleanly, between tasks
+    born: float = field(default_factory=time.time)
+
+    @property
+    def running(self) -> Running | None:
+        """The task the child runs now (the first of those handed to it), if any."""
+        return self.tasks[0] if self.tasks else None
+
+
+class Pool:
+    """Forks, feeds, reads and ends the children. The worker's loop calls it; it calls the
+    settlement (worker/settle.py) for every outcome it learns and the broker link
+    (worker/link.py) to give tasks back."""
+
+    # State of the worker's that this half writes (declared where it is written).
+    output_tail: bytes
+
+    def fill_pool(self: Worker) -> None:
+        """Fork children up to the target. A pipe or fork that fails (EMFILE, EAGAIN, ENOMEM)
+        is logged and tried again after a backoff, never the worker's death."""
+        while self.live_children() < self.target_children:
+            if time.monotonic() < self.spawn_retry_at:
+                return
+            try:
+                self.spawn_child()
+            except OSError as exc:
+                level = logging.DEBUG if self.spawn_backoff else logging.WARNING
+                self.spawn_backoff = min(
+                    SPAWN_BACKOFF_MAX, max(SPAWN_BACKOFF_MIN, 2 * self.spawn_backoff)
+                )
+                self.spawn_retry_at = time.monotonic() + self.spawn_backoff
+                log.log(
+                    level,
+                    "cannot fork a child (%s): pool is %d of %d; trying again in %.1fs",
+                    exc,
+                    self.live_children(),
+                    self.target_children,
+                    self.spawn_backoff,
+                    extra={"node": self.node},
+                )
+                return
+            if self.spawn_backoff:
+                self.spawn_backoff = 0.0
+                log.info("forking children again", extra={"node": self.node})
+
+    def spawn_child(self: Worker) -> ChildProc:
+        """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
+        pipes = open_pipes(3)
+        task_r, task_w, result_r, result_w, revoke_r, revoke_w = pipes
+        keep_closed = [task_w, result_r, revoke_w, self.signal_fd, self.wakeup.fileno()]
+        if self.arbiter_fd is not None:
+            keep_closed.append(self.arbiter_fd)
+        for other in self.children.values():
+            keep_closed += [other.tasks_out.fd, other.result_fd, other.revokes_out.fd]
+        gc.freeze()  # a child's collector then leaves the inherited objects (and their pages) alone
+        try:
+            pid = os.fork()
+        except OSError:
+            close_all(pipes)
+            raise
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            os.dup2(self.output_w, 1)
+            os.dup2(self.output_w, 2)
+            keep_closed += [self.output_fd, self.output_w]
+            for fd in keep_closed:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            os.set_blocking(revoke_r, False)
+            child_main(task_r, result_w, revoke_r, self.pid)
+        os.close(task_r)
+        os.close(result_w)
+        os.close(revoke_r)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        # Before any task reaches the child: if we are killed, the arbiter ends its group.
+        self.send({"type": "child", "pid": pid})
+        for fd in (task_w, result_r, revoke_w):
+            os.set_blocking(fd, False)
+        child = ChildProc(pid, Outbox(task_w), result_r, Outbox(revoke_w))
+        if self.spec.max_tasks_per_child:
+            jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
+            child.recycle_after = self.spec.max_tasks_per_child + jitter
+        self.children[result_r] = child
+        self.poller.register(result_r, POLL_IN)
+        return child
+
+    def log_output(self: Worker) -> None:
+        """Log what the children printed, a line at a time."""
+        with contextlib.suppress(BlockingIOError):
+            data = self.output_tail + os.read(self.output_fd, 65536)
+            *lines, self.output_tail = data.split(b"\n")
+            if len(self.output_tail) > 65536:
+                lines.append(self.output_tail)
+                self.output_tail = b""
+            for line in lines:
+                child_log.info("%s", line.decode(errors="replace"))
+
+    def drain_child(self: Worker, child: ChildProc, status: int) -> None:
+        """Take in every outcome a (dead) child wrote before it went."""
+        while child.result_fd in self.children:
+            try:
+                data = os.read(child.result_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                self.child_gone(child, status)
+                return
+            for reply in child.reader.feed(data):
+                self.task_done(child, reply)
+
+    def read_child(self: Worker, child: ChildProc) -> None:
+        try:
+            frames = child.reader.read_frames(child.result_fd)
+        except ProtocolError as exc:
+            log.error(
+                "child %d sent garbage (%s); killing it", child.pid, exc, extra={"node": self.node}
+            )
+            frames = None
+            self.kill_group(child.pid)
+        if frames is None:
+            self.child_gone(child)
+            return
+        for reply in frames:
+            self.task_done(child, reply)
+
+    def task_done(self: Worker, child: ChildProc, reply: Any) -> None:
+        if not isinstance(reply, dict):  # a task can write to its child's pipe: trust nothing
+            reply = {}
+        if reply.get("bye"):  # not an outcome: the child is leaving between tasks
+            child.said_bye = True
+            return
+        if not child.tasks:
+            return
+        running = child.tasks.popleft()
+        child.tasks_done += 1
+        if child.tasks:  # the next one in its pipe starts now
+            self.begin(child.tasks[0], time.monotonic())
+        if reply.get("exit"):
+            child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
+        if running.settled:
+            if running.terminated_at is not None:
+                self.retire_child(child)
+            return
+        self.settle(running.delivery, reply)
+        if self.should_recycle(child):
+            self.retire_child(child)
+
+    def should_recycle(self: Worker, child: ChildProc) -> bool:
+        if child.retiring or self.shutdown is not None:
+            return False
+        if child.recycle_after and child.tasks_done >= child.recycle_after:
+            return True
+        if self.spec.max_memory_per_child:
+            return (rss(child.pid) or 0) > self.spec.max_memory_per_child
+        return False
+
+    def retire_child(self: Worker, child: ChildProc) -> None:
+        """Replace a child after its task: the new one is forked first, so the pool never
+        shrinks."""
+        child.retiring = True
+        self.counts["recycled"] += 1
+        self.emit("child-recycled")
+        self.fill_pool()
+        self.let_go(child)
+
+    def let_go(self: Worker, child: ChildProc) -> None:
+        """Hand the child nothing more: it runs what its pipe holds, reads EOF and exits.
+        (The pipe closes once it holds every task the child was given: see feed_child.)"""
+        child.retiring = True
+        if not child.tasks_out:
+            self.close_task_pipe(child)
+
+    def close_task_pipe(self: Worker, child: ChildProc) -> None:
+        if child.tasks_out.fd < 0:
+            return
+        self.unwatch(child.tasks_out.fd)
+        with contextlib.suppress(OSError):
+            os.close(child.tasks_out.fd)
+        child.tasks_out.fd = -1
+
+    def write_child(self: Worker, child: ChildProc, outbox: Outbox, frame: bytes) -> bool:
+        """Write to a child's pipe without waiting: what the pipe does not take now goes as
+        the child reads. False if the child is gone (its EOF settles its tasks)."""
+        try:
+            outbox.send(frame)
+        except BrokenPipeError:
+            self.child_unreachable(child)
+            return False
+        if outbox:
+            self.writing[outbox.fd] = child
+            self.poller.register(outbox.fd, select.POLLOUT)
+        return True
+
+    def feed_child(self: Worker, child: ChildProc) -> None:
+        """A pipe of the child has room: write what waits for it."""
+        for outbox in (child.tasks_out, child.revokes_out):
+            try:
+                outbox.flush()
+            except BrokenPipeError:
+                self.child_unreachable(child)
+                return
+            if not outbox:
+                self.unwatch(outbox.fd)
+        if child.retiring and not child.tasks_out:
+            self.close_task_pipe(child)  # let go (or dying): its pipe now holds all it gets
+
+    def child_unreachable(self: Worker, child: ChildProc) -> None:
+        """The child closed its pipes: it is dying. Nothing more goes to it; what it was
+        handed is settled by its EOF (child_gone)."""
+        child.retiring = True
+        for outbox in (child.tasks_out, child.revokes_out):
+            outbox.clear()
+            self.unwatch(outbox.fd)
+
+    def unwatch(self: Worker, fd: int) -> None:
+        if self.writing.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def live_children(self: Worker) -> int:
+        return sum(1 for c in self.children.values() if not c.retiring)
+
+    def child_gone(self: Worker, child: ChildProc, status: int | None = None) -> None:
+        """The child exited or was killed (its pipe closed, or it was reaped): settle its tasks.
+
+        Of the tasks it was handed and did not answer, only the first can have started, and
+        only if the child did not stop cleanly; the others go back as never started.
+        """
+        self.poller.unregister(child.result_fd)
+        del self.children[child.result_fd]
+        self.child_unreachable(child)
+        for fd in (child.result_fd, child.tasks_out.fd, child.revokes_out.fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.kill_group(child.pid)  # whatever its task started dies with it
+        if status is None:
+            try:
+                status = os.waitpid(child.pid, 0)[1]
+            except ChildProcessError:
+                status = -1
+        # What its tasks started in other groups and sessions came to us when it died.
+        end_adopted({c.pid for c in self.children.values()})
+        clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
+        unanswered = [r for r in child.tasks if not r.settled]
+        if unanswered and not clean and unanswered[0] is child.tasks[0]:
+            lost = unanswered.pop(0).delivery
+            self.task_lost(lost)
+            log.warning(
+                "child %d died running task %s",
+                child.pid,
+                lost.id,
+                extra={"node": self.node, "task": lost.id},
+            )
+        if unanswered:
+            self.release_now([r.delivery.id for r in unanswered], died=False)
+        child.tasks.clear()
+
+    def kill_group(self: Worker, pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def reap_children(self: Worker) -> None:
+        """Collect exit statuses; a child's death itself is noticed through its pipe."""
+        known = {c.pid for c in self.children.values()}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in known:
+                for child in list(self.children.values()):
+                    if child.pid == pid:
+                        self.drain_child(child, status)
+                        if child.result_fd in self.children:
+                            self.child_gone(child, status)
+
+    def manage_children(self: Worker) -> None:
+        self.fill_pool()
+        extra = self.live_children() - self.target_children
+        for child in list(self.children.values()):
+            if extra <= 0:
+                break
+            if not child.retiring and child.running is None:
+                self.let_go(child)
+                extra -= 1
+
+    def child_with_room(self: Worker) -> ChildProc | None:
+        """The child with the fewest tasks, if it can take one more: an idle child at once,
+        else one whose pipe holds fewer than `prefetch` waiting tasks (so it never waits
+        for us between tasks). Never one about to be recycled."""
+        best: ChildProc | None = None
+        for child in self.children.values():
+            if child.retiring or len(child.tasks) > self.spec.prefetch:
+                continue
+            if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
+                continue
+            if best is None or len(child.tasks) < len(best.tasks):
+                best = child
+        return best
+
+    def revoke_waiting(self: Worker, ids: set[str]) -> None:
+        """Tell the children holding revoked tasks in their pipe not to start them."""
+        for child in self.children.values():
+            waiting = [r.delivery.id for r in list(child.tasks)[1:] if r.delivery.id in ids]
+            if waiting:
+                self.write_child(
+                    child, child.revokes_out, "".join(f"{i}\n" for i in waiting).encode()
+                )
+
+    def terminate(self: Worker, child: ChildProc, signum: int) -> None:
+        """Revoke the running task with a signal to its child's group: REVOKED, never redelivered.
+
+        The child is replaced; if the signal does not end it, it is killed after a grace period.
+        """
+        running = child.running
+        if running is None or running.settled:
+            return
+        running.settled = True
+        running.terminated_at = time.monotonic()
+        self.revoke_now(running.delivery, terminated=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signum)
+
+    def enforce_time_limits(self: Worker, now: float) -> None:
+        for child in list(self.children.values()):
+            running = child.running
+            if running is None:
+                continue
+            if running.settled:
+                if (
+                    running.terminated_at is not None
+                    and now - running.terminated_at >= TERMINATE_GRACE
+                ):
+                    self.kill_group(child.pid)
+                continue
+            if running.soft_deadline and not running.soft_sent and now >= running.soft_deadline:
+                running.soft_sent = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGUSR1)
+            if running.hard_deadline and now >= running.hard_deadline:
+                delivery = running.delivery
+                running.settled = True
+                child.retiring = True  # dying: no task may be dispatched to it before its EOF
+                self.kill_group(child.pid)
+                limit = running.hard_deadline - running.started
+                message = f"hard time limit ({limit:g}s) exceeded"
+                ended = Outcome(
+                    delivery.id,
+                    FAILURE,
+                    exc_type="TimeLimitExceeded",
+                    exc_message=message,
+                    node=self.node,
+                )
+                self.record(delivery, ended)
+                self.counts["time_limit_kills"] += 1
+                self.emit("time-limit-kill")
+                log.warning(
+                    "task %s killed: hard time limit",
+                    delivery.id,
+                    extra={"node": self.node, "task": delivery.id},
+                )
+
+    def dispatch(self: Worker, now: float) -> None:
+        """Give reserved tasks to idle children, honouring rate limits."""
+        self.rate_wait_until = 0.0
+        skipped: list[Delivery] = []
+        while self.reserved:
+            child = self.child_with_room()
+            if child is None:
+                break
+            delivery = self.reserved.popleft()
+            if delivery.id in self.revoked:
+                self.revoke_now(delivery)
+                continue
+            wait = self.rate_limits.take(delivery.name, now)
+            if wait:
+                skipped.append(delivery)
+                until = now + wait
+                self.rate_wait_until = min(self.rate_wait_until or until, until)
+                continue
+            self.start(child, delivery, now)
+        self.reserved.extendleft(reversed(skipped))
+        self.rate_limited = len(skipped)
+
+    def start(self: Worker, child: ChildProc, delivery: Delivery, now: float) -> None:
+        """Hand a task to a child: it runs at once if the child is idle, else right after
+        the child's current task (without waiting for us)."""
+        running = Running(delivery)
+        child.tasks.append(running)
+        if len(child.tasks) == 1:
+            self.begin(running, now)
+        self.write_child(child, child.tasks_out, encode_task(delivery))
+
+    def begin(self: Worker, running: Running, now: float) -> None:
+        """The task is now its child's current one: it is STARTED (one waiting in the pipe is
+        not), and its time limits count from here."""
+        soft, hard = self.time_limits.get(
+            running.delivery.name, (self.spec.soft_time_limit, self.spec.time_limit)
+        )
+        running.started = now
+        running.soft_deadline = now + soft if soft else None
+        running.hard_deadline = now + hard if hard else None
+        if running.delivery.id not in self.revoked:  # the child skips it: REVOKED, not run
+            self.started_ids.append(running.delivery.id)
+            self.emit("task-started", running.delivery)
+
+
+def rss(pid: int) -> int | None:
+    """Resident memory of a process in bytes; None if it is gone (read from /proc, as
+    psutil does, without importing psutil into every worker)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def open_pipes(count: int) -> list[int]:
+    """The read and write ends of `count` new pipes; OSError, with none left open, if one
+    cannot be made."""
+    fds: list[int] = []
+    try:
+        for _ in range(count):
+            fds += os.pipe()
+    except OSError:
+        close_all(fds)
+        raise
+    return fds
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def encode_task(delivery: Delivery) -> bytes:
+    """The frame a child reads: `[deliveries, body]` around the broker's body as it is (JSON
+    already, checked by `body_problem`), so that no body is decoded and encoded again."""
+    head, body = b"[%d," % delivery.deliveries, delivery.body.encode()
+    return b"".join(((len(head) + len(body) + 1).to_bytes(4, "big"), head, body, b"]"))
