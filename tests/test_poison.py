@@ -9,15 +9,14 @@ import collections
 import contextlib
 import json
 import sqlite3
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
+from tests.brokers.conftest import REDIS_URL
 from tests.fleet import Fleet, executions, wait_for
 from tests.poison import RawTask, add_entry, body, poison_bodies, write_redis, write_sqlite
 from worker import Client, TaskFailed
@@ -102,21 +101,6 @@ def deliveries(self, path):
         os.kill(os.getpid(), signal.SIGKILL)
     return self.request.deliveries
 """
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The fleet's broker URL: a SQLite file in the fleet's folder, or the shared Redis under a
-    key prefix of this test's own."""
-    if request.param == "sqlite":
-        yield "sqlite:///queue.db"
-        return
-    require_redis(REDIS_URL)
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    try:
-        yield f"{REDIS_URL}?prefix={prefix}"
-    finally:
-        delete_prefix(REDIS_URL, prefix)
 
 
 def fleet_on(make_fleet: Callable[..., Fleet], url: str) -> Fleet:
