@@ -13,28 +13,34 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import socket
-import sys
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from worker.imports import SAFE_PATH
 from worker.logs import log_env
 from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans, states
 from .commands import Router
-from .metrics import Metrics, MetricsServer, Probe
+from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
+from .report import health, host_status, readiness, status_line
 from .signals import SignalQueue, name
 from .states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING, State
+from .workers import (
+    Outbox,
+    WorkerProc,
+    describe_exit,
+    exit_reason,
+    hung,
+    launch,
+    may_leave_idle_priority,
+    refresh_children,
+)
 
 if TYPE_CHECKING:
     import zmq
@@ -48,78 +54,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BOOT_ERROR = 3  # a worker could not boot at `fleetd start`: the fleet was ended (gunicorn's)
 
-CAP_SYS_NICE = 23  # capabilities(7)
 TRANSITIONS_METRIC = "fleetd_worker_transitions_total"
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
-HEALTHY_SILENCE = 5.0  # seconds a running worker may go unheard and still count as healthy
-# Bytes of frames a worker may leave unread behind the one it is taking: past that it does not
-# read (hung, stopped), and commands for it are answered with an error instead of queued.
-OUTBOX_LIMIT = 512 * 1024
-
-
-class Outbox:
-    """The frames on their way to one worker, written as fast as its socket takes them: a
-    worker that stops reading never blocks the arbiter (DESIGN section 8)."""
-
-    def __init__(self) -> None:
-        self.frames: deque[memoryview] = deque()
-        self.behind = 0  # bytes of the frames after the first
-
-    def __bool__(self) -> bool:
-        return bool(self.frames)
-
-    def full(self) -> bool:
-        return self.behind > OUTBOX_LIMIT
-
-    def push(self, frame: bytes) -> None:
-        if self.frames:
-            self.behind += len(frame)
-        self.frames.append(memoryview(frame))
-
-    def flush(self, sock: socket.socket) -> None:
-        """Write what the socket takes now; OSError if the channel broke."""
-        while self.frames:
-            try:
-                sent = sock.send(self.frames[0], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                return
-            if sent < len(self.frames[0]):
-                self.frames[0] = self.frames[0][sent:]
-                return
-            self.frames.popleft()
-            if self.frames:
-                self.behind -= len(self.frames[0])
-
-
-@dataclass
-class WorkerProc:
-    """One supervised worker process (one generation of one `[[worker]]`)."""
-
-    spec: configmod.WorkerSpec
-    generation: int
-    pid: int = 0
-    sock: socket.socket | None = None
-    reader: FrameReader = field(default_factory=FrameReader)
-    outbox: Outbox = field(default_factory=Outbox)
-    state: State = STOPPED  # changed by Arbiter.change_state only
-    owner: str = ""
-    started_at: float = 0.0  # monotonic
-    ready_at: float | None = None  # monotonic: when it said "ready" (None: not since its spawn)
-    exit_cause: str = ""  # why it is ending, when known before its exit: its report, our kill
-    fast_deaths: int = 0  # failed starts in a row (states.failed_start)
-    failure: str = ""  # why it last ended without being asked to: shown while it is down
-    backoff_until: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
-    retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
-    record: dict[str, Any] | None = None  # pid and start time, taken at spawn
-    children: dict[int, dict[str, Any]] = field(default_factory=dict)  # its pool, as it reports it
-    ended: set[int] = field(default_factory=set)  # children seen gone at the last refresh
-    commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
-    heard_at: float = 0.0  # monotonic: the last time it wrote to us (stats come every second)
-
-    @property
-    def node(self) -> str:
-        return self.spec.node
 
 
 class Arbiter:
@@ -307,7 +243,7 @@ class Arbiter:
         self.broadcast_signal(signal.SIGTTOU)
 
     def handle_usr1(self) -> None:
-        log.info("status: %s", json.dumps(self.status()))
+        log.info("status: %s", json.dumps(host_status(self)))
         self.broadcast_signal(signal.SIGUSR1)
 
     def handle_chld(self) -> None:
@@ -340,45 +276,20 @@ class Arbiter:
             for state in State:  # every series at 0 from the start: an alert sees 0, not absent
                 self.metrics.inc(TRANSITIONS_METRIC, {"node": spec.node, "state": state.name}, 0)
         self.change_state(w, STARTING, reason)
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:  # EMFILE, ENFILE, ENOMEM: a failed start, not the arbiter's end
+        env = {
+            **log_env(self.log_level, self.log_format),
+            "FLEETD_WORKER_SPEC": json.dumps(spec.to_json()),
+            "FLEETD_ARBITER_PID": str(os.getpid()),
+            "FLEETD_GENERATION": str(generation),
+            "FLEETD_METRICS": "1" if self.config.metrics_bind else "0",
+            "FLEETD_EVENTS": "1" if spec.node in self.events_on else "0",
+            orphans.RUN_MARK: self.run_id,
+        }
+        try:  # polite: the policy the worker returns to once booted
+            w.pid, ours = launch(spec, env, os.sched_getscheduler(0) if polite else None)
+        except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: a failed start, not the arbiter's end
             self.restart_later(w, f"cannot start it: {exc}")
             return w
-        theirs.set_inheritable(True)
-        env = dict(os.environ)
-        env.update(log_env(self.log_level, self.log_format))
-        env["FLEETD_WORKER_SPEC"] = json.dumps(spec.to_json())
-        env["FLEETD_WORKER_FD"] = str(theirs.fileno())
-        env["FLEETD_ARBITER_PID"] = str(os.getpid())
-        env["FLEETD_GENERATION"] = str(generation)
-        env["FLEETD_METRICS"] = "1" if self.config.metrics_bind else "0"
-        env["FLEETD_EVENTS"] = "1" if spec.node in self.events_on else "0"
-        env[orphans.RUN_MARK] = self.run_id
-        env.pop("NOTIFY_SOCKET", None)  # only the arbiter speaks to systemd
-        env.pop("FLEETD_SCHED_POLICY", None)
-        if polite:  # the policy the worker returns to once booted
-            env["FLEETD_SCHED_POLICY"] = str(os.sched_getscheduler(0))
-        argv = [sys.executable, *SAFE_PATH, "-m", "worker", spec.node]
-        try:
-            w.pid = os.posix_spawn(
-                sys.executable,
-                argv,
-                env,
-                setsigdef=[
-                    s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
-                ],
-                setsigmask=set(),
-            )
-        except OSError as exc:  # EAGAIN, ENOMEM: as above
-            ours.close()
-            self.restart_later(w, f"cannot start it: {exc}")
-            return w
-        finally:
-            theirs.close()
-        if polite:
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(w.pid, os.SCHED_IDLE, os.sched_param(0))
         w.record = orphans.process_record(w.pid)
         self.metrics.declare_node(spec.node)
         for queue in spec.queues:
@@ -493,59 +404,14 @@ class Arbiter:
         self.change_state(w, BACKOFF, f"{why}; restarting in {delay:.2f}s")
 
     def murder_workers(self, now: float) -> None:
-        """SIGKILL a worker silent for its worker_timeout (it reports every second: it is
-        stopped, deadlocked, or stuck in a call), and one whose boot (spawn to "ready") takes
-        that long. Its reap restarts it and gives its tasks back at once (gunicorn's)."""
+        """SIGKILL a worker that is hung (workers.hung: silent, or booting, for its
+        worker_timeout). Its reap restarts it and gives its tasks back at once (gunicorn's)."""
         for w in self.workers:
-            timeout = w.spec.worker_timeout
-            if not w.pid or not timeout or w.exit_cause:
-                continue
-            booting = w.state == STARTING
-            silent = now - (w.started_at if booting else w.heard_at)
-            if booting and silent >= timeout:
-                # A boot that waited for a CPU is slow, not hung: a reload's boots run at
-                # idle priority, behind every task that keeps the CPUs busy.
-                silent -= cpu_wait(w.pid)
-            if silent < timeout:
-                continue
-            w.exit_cause = (
-                f"did not boot within worker_timeout ({timeout:g}s)"
-                if booting
-                else f"silent for {silent:.1f}s, past worker_timeout ({timeout:g}s)"
-            )
-            log.error("%s: killing it", w.exit_cause, extra={"node": w.node})
-            self.kill_worker(w, signal.SIGKILL)
-
-    def start_nodes(self, dest: list[str] | None) -> dict[str, Any]:
-        """`fleetctl start`: start each addressed node of this host that is FATAL or STOPPED
-        again, from the running config, and say per node what became of it. A node of this
-        host that the config does not name is an error; other hosts answer for theirs."""
-        whole = dest is None or self.config.node in dest
-        nodes = self.by_node()
-        replies = {
-            spec.node: self.start_node(spec, nodes.get(spec.node, []))
-            for spec in self.config.workers
-            if whole or (dest and spec.node in dest)
-        }
-        for node in dest or ():
-            if node.endswith(f"@{self.config.node}") and node not in replies:
-                replies[node] = {"error": f"no such node: {self.config.path} has no {node}"}
-        return replies
-
-    def start_node(self, spec: configmod.WorkerSpec, procs: list[WorkerProc]) -> dict[str, Any]:
-        """Start a node's newest worker again if it is FATAL or STOPPED; the node's reply."""
-        if self.halting:
-            return {"error": "the host is shutting down"}
-        w = procs[-1] if procs else None  # the newest generation
-        if w is not None and w.state == STOPPING:
-            return {"error": "it is STOPPING: start it once it is STOPPED"}
-        if w is not None and w.state not in (FATAL, STOPPED):
-            return {"ok": f"already {w.state.name}"}
-        was = w.state.name if w is not None else STOPPED.name
-        if w is not None:
-            w.fast_deaths = 0  # an operator's start: a fresh count of failed starts
-        self.spawn_worker(spec, self.generation, "fleetctl start", replacing=w)
-        return {"ok": f"starting (was {was})"}
+            cause = hung(w, now)
+            if cause:
+                w.exit_cause = cause
+                log.error("%s: killing it", cause, extra={"node": w.node})
+                self.kill_worker(w, signal.SIGKILL)
 
     def give_back_tasks(self) -> None:
         """Have a live worker release the tasks of dead consumers at once, not after their lease
@@ -702,7 +568,7 @@ class Arbiter:
             log.error("%s; the generation before serves on", self.reload_failure)
         elif self.reloading:
             log.info("reload complete: generation %d", self.generation)
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(status_line(self))
         self.ready_announced = True
         self.reloading = False
 
@@ -718,7 +584,7 @@ class Arbiter:
         except configmod.ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return f"reload refused, keeping the running config: {exc}"
-        refused = non_reloadable_changes(self.config, new)
+        refused = configmod.non_reloadable_changes(self.config, new)
         if refused:
             log.error(
                 "reload refused, keeping the running config: %s cannot change without a restart",
@@ -794,80 +660,16 @@ class Arbiter:
             self.next_watchdog = now + self.watchdog_every
         if now >= self.next_tick:
             self.next_tick = now + 1.0
-            self.notifier.status(self.status_line())
+            self.notifier.status(status_line(self))
             for w in self.workers:
-                self.refresh_children(w)
+                refresh_children(w)
             self.write_run_record()
             self.give_back_tasks()
             if self.unwritten_pidfile is not None:
                 self.retry_pidfile()
             if self.metrics_server:
-                self.metrics_server.health = self.health(now)
-                self.metrics_server.readiness = self.readiness()
-
-    def status_line(self) -> str:
-        running = sum(1 for w in self.workers if w.state == RUNNING)
-        live = [w.stats for w in self.workers if w.state == RUNNING]
-        children = sum(int(s.get("children", 0)) for s in live)
-        done = self.tasks_done + sum(
-            int(s.get("succeeded", 0)) + int(s.get("failed", 0)) for s in live
-        )
-        line = f"{running} nodes running, {children} children, {done} tasks done"
-        if self.reload_failure and any(
-            w.state == FATAL and w.generation == self.generation for w in self.workers
-        ):
-            line += f"; {self.reload_failure}"
-        return line
-
-    def health(self, now: float) -> Probe:
-        """/healthz: every configured worker runs and was heard from lately; else the first
-        one that does not, and why."""
-        for spec in self.config.workers:
-            serving = [w for w in self.workers if w.spec.name == spec.name and w.state == RUNNING]
-            if not serving:
-                seen = [w.state.name for w in self.workers if w.spec.name == spec.name]
-                return Probe(False, f"{spec.node} is {seen[-1] if seen else 'not started'}")
-            silent = min(now - w.heard_at for w in serving)
-            if silent > HEALTHY_SILENCE:
-                return Probe(False, f"{spec.node} silent for {silent:.0f}s")
-        return Probe(True, f"{len(self.config.workers)} workers running")
-
-    def readiness(self) -> Probe:
-        """/readyz: every configured worker has booted (once; a restart later is /healthz's)."""
-        waiting = [s.node for s in self.config.workers if s.name not in self.booted]
-        if waiting:
-            return Probe(False, f"not booted yet: {', '.join(waiting)}")
-        return Probe(True, "every worker has booted")
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "host": self.config.node,
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "workers": [node_status(procs) for procs in self.by_node().values()],
-        }
-
-    def by_node(self) -> dict[str, list[WorkerProc]]:
-        """The workers of each node: one, or two generations during a reload (or after a
-        failed one)."""
-        nodes: dict[str, list[WorkerProc]] = {}
-        for w in self.workers:
-            nodes.setdefault(w.node, []).append(w)
-        return nodes
-
-    def refresh_children(self, w: WorkerProc) -> None:
-        """Once a second, against the worker's reports: add the children /proc shows (a report
-        still on its way), drop those gone since the last refresh or before (their worker has
-        ended their groups by then; until it does, a kill of the worker still ends them)."""
-        if not w.pid or orphans.create_time(w.pid) is None:  # a zombie: its children left it
-            return
-        for pid in orphans.children(w.pid):
-            if pid not in w.children and (record := orphans.process_record(pid)) is not None:
-                w.children[pid] = {**record, "group": True}
-        gone = {pid for pid, r in w.children.items() if not orphans.alive(pid, r["create_time"])}
-        for pid in gone & w.ended:
-            del w.children[pid]
-        w.ended = gone - w.ended
+                self.metrics_server.health = health(self, now)
+                self.metrics_server.readiness = readiness(self)
 
     def write_run_record(self) -> None:
         self.record_due = False
@@ -891,76 +693,3 @@ class Arbiter:
         assert self.unwritten_pidfile is not None
         if self.unwritten_pidfile.write(f"{os.getpid()}\n"):
             self.unwritten_pidfile = None
-
-
-def may_leave_idle_priority() -> bool:
-    """Whether a process we spawn (it has our credentials and limits), once put at idle CPU
-    priority, may return to ours: that takes CAP_SYS_NICE, or an RLIMIT_NICE that reaches
-    our nice value (systemd: LimitNICE=), as lowering a nice value does (sched(7))."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    if soft == resource.RLIM_INFINITY or soft >= 20 - os.getpriority(os.PRIO_PROCESS, 0):
-        return True
-    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:
-        effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
-        return bool(int(effective, 16) >> CAP_SYS_NICE & 1)
-    return False
-
-
-def non_reloadable_changes(old: configmod.Config, new: configmod.Config) -> list[str]:
-    """Config keys a reload cannot apply (they need a restart)."""
-    checks = {
-        "control.bind": (old.control.bind, new.control.bind),
-        "control.curve_secret_key": (old.control.curve_secret_key, new.control.curve_secret_key),
-        "control.authorized_keys": (old.control.authorized_keys, new.control.authorized_keys),
-        "fleet.state_dir": (old.state_dir, new.state_dir),
-        "fleet.node": (old.node, new.node),
-        "metrics.bind": (old.metrics_bind, new.metrics_bind),
-    }
-    return [key for key, (a, b) in checks.items() if a != b]
-
-
-def node_status(procs: list[WorkerProc]) -> dict[str, Any]:
-    """A node as operators see it: the worker that serves it (its newest RUNNING one), else
-    its newest; a newer generation that failed to start is a `reload_failed` note on it."""
-    newest = procs[-1]  # generations are appended in order
-    shown = next((w for w in reversed(procs) if w.state == RUNNING), newest)
-    view: dict[str, Any] = {
-        "node": shown.node,
-        "pid": shown.pid,
-        "state": shown.state.name,
-        "generation": shown.generation,
-        "uptime": time.monotonic() - shown.started_at if shown.pid else None,
-        **{k: v for k, v in shown.stats.items() if k in ("reserved", "active", "children")},
-    }
-    if shown.state in (BACKOFF, FATAL):
-        view["error"] = shown.failure
-    if newest is not shown and newest.state == FATAL:
-        view["reload_failed"] = f"generation {newest.generation} {newest.failure}"
-    return view
-
-
-def cpu_wait(pid: int) -> float:
-    """Seconds a process has spent runnable but waiting for a CPU (/proc/PID/schedstat);
-    0 if the kernel does not say."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def exit_reason(w: WorkerProc, code: int) -> str:
-    """Why a worker that was not asked to leave ended, in words: what it said or what we did
-    to it, else how it exited."""
-    how = describe_exit(code)
-    if w.exit_cause:
-        return f"{w.exit_cause} ({how})"
-    if code == -signal.SIGKILL:
-        how += ", not by fleetd: out of memory?"
-    return f"exited before it was ready ({how})" if w.state == STARTING else f"died ({how})"

@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any
 import worker.commands  # noqa: F401 - the built-in worker commands: to check their arguments
 from worker.control import COMMANDS, Arg, CommandError, before_send, register
 
+from .report import host_status
+from .states import FATAL, STOPPED, STOPPING
+from .workers import by_node
+
 if TYPE_CHECKING:
-    from .arbiter import Arbiter, WorkerProc
+    from .arbiter import Arbiter
+    from .config import WorkerSpec
     from .control import Request
+    from .workers import WorkerProc
 
 log = logging.getLogger("fleetd.arbiter")
 
@@ -152,7 +158,7 @@ def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 @register("status", "Hosts, nodes and their states.", scope="host")
 def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     chosen, _ = arbiter.addressed(dest)
-    full = arbiter.status()
+    full = host_status(arbiter)
     return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}
 
 
@@ -164,4 +170,37 @@ def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     envelope=(),
 )
 def start(arbiter: Arbiter, dest: list[str] | None, nodes: list[str]) -> dict[str, Any]:
-    return arbiter.start_nodes(nodes)
+    return start_nodes(arbiter, nodes)
+
+
+def start_nodes(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
+    """`fleetctl start`: start each addressed node of this host that is FATAL or STOPPED
+    again, from the running config, and say per node what became of it. A node of this
+    host that the config does not name is an error; other hosts answer for theirs."""
+    whole = dest is None or arbiter.config.node in dest
+    nodes = by_node(arbiter.workers)
+    replies = {
+        spec.node: start_node(arbiter, spec, nodes.get(spec.node, []))
+        for spec in arbiter.config.workers
+        if whole or (dest and spec.node in dest)
+    }
+    for node in dest or ():
+        if node.endswith(f"@{arbiter.config.node}") and node not in replies:
+            replies[node] = {"error": f"no such node: {arbiter.config.path} has no {node}"}
+    return replies
+
+
+def start_node(arbiter: Arbiter, spec: WorkerSpec, procs: list[WorkerProc]) -> dict[str, Any]:
+    """Start a node's newest worker again if it is FATAL or STOPPED; the node's reply."""
+    if arbiter.halting:
+        return {"error": "the host is shutting down"}
+    w = procs[-1] if procs else None  # the newest generation
+    if w is not None and w.state == STOPPING:
+        return {"error": "it is STOPPING: start it once it is STOPPED"}
+    if w is not None and w.state not in (FATAL, STOPPED):
+        return {"ok": f"already {w.state.name}"}
+    was = w.state.name if w is not None else STOPPED.name
+    if w is not None:
+        w.fast_deaths = 0  # an operator's start: a fresh count of failed starts
+    arbiter.spawn_worker(spec, arbiter.generation, "fleetctl start", replacing=w)
+    return {"ok": f"starting (was {was})"}

@@ -338,3 +338,16 @@ def from_dict(
         rate_limits=dict(rate_limits),
         metrics_bind=metrics["bind"],
     )
+
+
+def non_reloadable_changes(old: Config, new: Config) -> list[str]:
+    """Config keys a reload cannot apply (they need a restart)."""
+    checks = {
+        "control.bind": (old.control.bind, new.control.bind),
+        "control.curve_secret_key": (old.control.curve_secret_key, new.control.curve_secret_key),
+        "control.authorized_keys": (old.control.authorized_keys, new.control.authorized_keys),
+        "fleet.state_dir": (old.state_dir, new.state_dir),
+        "fleet.node": (old.node, new.node),
+        "metrics.bind": (old.metrics_bind, new.metrics_bind),
+    }
+    return [key for key, (a, b) in checks.items() if a != b]

@@ -16,7 +16,7 @@ import pytest
 
 from supervisor import arbiter as arbitermod
 from supervisor import config as configmod
-from supervisor import states
+from supervisor import report, states
 from supervisor.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING, State
 from tests.fleet import QUIET, TASKS, Fleet, holds, wait_for
 from tests.test_control import ctl_json
@@ -150,7 +150,7 @@ def test_status_shows_the_serving_generation_with_the_failed_reload_as_a_note(
     spec = arbiter_for(tmp_path).config.workers[0]
     serving = arbitermod.WorkerProc(spec, 0, state=RUNNING, pid=123)
     failed = arbitermod.WorkerProc(spec, 1, state=FATAL, failure="could not boot: SyntaxError")
-    view = arbitermod.node_status([serving, failed])
+    view = report.node_status([serving, failed])
     assert view["state"] == "RUNNING" and view["pid"] == 123 and view["generation"] == 0
     assert view["reload_failed"] == "generation 1 could not boot: SyntaxError"
     assert "error" not in view
