@@ -113,15 +113,19 @@ async function act(path, body) {
 // --- charts: an SVG line over the last hours, drawn here --------------------------
 function chart(title, samples, key, unit, hours) {
   const width = 560, height = 140, pad = 34;
-  const now = Date.now() / 1000, start = now - hours * 3600;
-  const points = samples.filter((s) => s.at >= start);
-  const top = Math.max(1, ...points.map((s) => s[key]));
+  // The last `hours`, or less while the history is younger: from its first sample on.
+  const now = Date.now() / 1000;
+  const kept = samples.filter((s) => s.at >= now - hours * 3600);
+  const start = Math.max(now - hours * 3600, Math.min(kept.length ? kept[0].at : now, now - 60));
+    const span = now - start;
+  const ago = span < 5400 ? `${Math.round(span / 60)} min ago` : `${(span / 3600).toFixed(1)} h ago`;
+  const top = Math.max(1, ...kept.map((s) => s[key]));
   const x = (at) => pad + ((at - start) / (now - start)) * (width - pad - 6);
   const y = (value) => height - 18 - (value / top) * (height - 30);
   const gap = 3 * (state.info.sample_every || 2);
   let path = "";
-  points.forEach((s, i) => {
-    const jump = i === 0 || s.at - points[i - 1].at > gap;
+  kept.forEach((s, i) => {
+    const jump = i === 0 || s.at - kept[i - 1].at > gap;
     path += `${jump ? "M" : "L"}${x(s.at).toFixed(1)},${y(s[key]).toFixed(1)} `;
   });
   const ns = "http://www.w3.org/2000/svg";
@@ -138,10 +142,10 @@ function chart(title, samples, key, unit, hours) {
   add("line", { x1: pad, y1: 12, x2: pad, y2: height - 18, class: "axis" });
   add("text", { x: pad - 4, y: 16, class: "label end" }, top.toFixed(top < 10 ? 1 : 0));
   add("text", { x: pad - 4, y: height - 18, class: "label end" }, "0");
-  add("text", { x: pad, y: height - 4, class: "label" }, `${hours} h ago`);
+  add("text", { x: pad, y: height - 4, class: "label" }, ago);
   add("text", { x: width - 6, y: height - 4, class: "label end" }, "now");
   add("path", { d: path.trim() || "M0,0", class: "line" });
-  const last = points.length ? points[points.length - 1][key] : 0;
+  const last = kept.length ? kept[kept.length - 1][key] : 0;
   return el("figure", { class: "card" },
     el("figcaption", {}, title, el("span", { class: "now" }, `${last.toFixed(1)} ${unit}`)),
     svg);
@@ -349,7 +353,7 @@ async function taskView(id) {
     const facts = [["state", stateBadge(t.state)], ["task", t.name], ["queue", t.queue], ["node", t.node],
       ["deliveries", t.deliveries], ["runtime", duration(t.runtime)], ["submitted", when(t.created)],
       ["due", when(t.eta)], ["finished", when(t.finished)]];
-    box.replaceChildren(
+    box.replaceChildren(...[
       el("h2", { class: "mono" }, t.id),
       el("div", { class: "toolbar" },
         el("button", { onclick: revoke(false), id: "revoke", disabled: FINAL.has(t.state) }, "Revoke"),
@@ -362,7 +366,8 @@ async function taskView(id) {
       t.state === "FAILURE" ? [el("h3", {}, "Error"),
         el("pre", { id: "error", class: "bad" }, `${t.exc_type}: ${t.exc_message || ""}`),
         t.traceback ? el("pre", { id: "traceback" }, t.traceback) : ""]
-        : [el("h3", {}, "Result"), el("pre", { id: "result" }, JSON.stringify(t.result, null, 2))]);
+        : [el("h3", {}, "Result"), el("pre", { id: "result" }, JSON.stringify(t.result, null, 2))],
+    ].flat().filter((node) => node !== ""));
     if (!FINAL.has(t.state)) taskView.timer = setTimeout(() => box.isConnected && load(), 1000);
   };
   clearTimeout(taskView.timer);
