@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
 
 TOKEN = "s3cret-token"
@@ -260,3 +264,40 @@ def test_dashboard_config_keys(make_fleet, start_dashboard) -> None:
     (fleet.folder / "fleet.toml").write_text(fleet.config.read_text() + 'token_file = "missing"\n')
     out = fleet.ctl("dashboard", check=False, timeout=20)
     assert out.returncode == 2 and "missing: cannot read it" in out.stderr
+
+
+def test_a_stopped_worker_shows_as_silent(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    (worker,) = fleet.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        node = dashboard.get("/api/nodes")[1]["nodes"]["w@h1"]
+        assert node["state"] == "RUNNING" and node["silent"]
+        assert not isinstance(node.get("children"), list)  # the arbiter's count, no pool
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_for(lambda: not dashboard.get("/api/nodes")[1]["nodes"]["w@h1"]["silent"])
+
+
+def test_on_redis_the_tasks_list_reads_the_records(make_fleet, start_dashboard) -> None:
+    require_redis(REDIS_URL)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        fleet = make_fleet(fleet={"broker": f"{REDIS_URL}?prefix={prefix}"}).start()
+        done = fleet.client.submit("tasks.add", 2, 3)
+        failed = fleet.client.submit("tasks.fail", "boom")
+        waiting = fleet.client.submit("tasks.add", 1, 1, countdown=600)
+        fleet.wait_all_final([done.id, failed.id])
+        dashboard = start_dashboard(fleet)
+        _, body = dashboard.get("/api/tasks")
+        assert not body["partial"]
+        assert [t["id"] for t in body["tasks"]] == [waiting.id, failed.id, done.id]
+        _, body = dashboard.get("/api/tasks?state=FAILURE")
+        assert [t["id"] for t in body["tasks"]] == [failed.id]
+        _, task = dashboard.get(f"/api/tasks/{done.id}")
+        assert task["result"] == 5 and task["finished"] and task["args"] is None  # body dropped
+        _, task = dashboard.get(f"/api/tasks/{waiting.id}")
+        assert task["args"] == [1, 1] and task["eta"] > time.time()
+    finally:
+        delete_prefix(REDIS_URL, prefix)

@@ -70,33 +70,32 @@ def serve(control: Any, client: Any, state_dir: str, host: str, port: int, token
     from ctl.dashboard.fleet import Fleet
     from ctl.dashboard.history import History, Sampler
 
-    listener = listen(host, port)
-    fleet = Fleet(control, client)
-    history = History(state_dir)
-    sampler = Sampler(fleet, history)
-    sampler.start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            Dashboard(fleet, history, sampler, token).app(),
-            log_level="warning",
-            timeout_graceful_shutdown=SHUTDOWN_GRACE,
-            lifespan="off",
+    with listen(host, port) as listener:
+        fleet = Fleet(control, client)
+        history = History(state_dir)
+        sampler = Sampler(fleet, history)
+        sampler.start()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                Dashboard(fleet, history, sampler, token).app(),
+                log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                lifespan="off",
+            )
         )
-    )
-    mode = "actions need the token" if token else "read-only"
-    print(f"dashboard on http://{host}:{port}/ ({mode})", file=sys.stderr, flush=True)
-    # Uvicorn stops on TERM and INT, then raises them again under the handlers it found:
-    # by then the dashboard has ended as asked, so those do nothing.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
-    try:
-        server.run(sockets=[listener])
-    finally:
-        sampler.stop()
-        sampler.join()
-        fleet.close()
-        history.close()
-        listener.close()
+        mode = "actions need the token" if token else "read-only"
+        print(f"dashboard on http://{host}:{port}/ ({mode})", file=sys.stderr, flush=True)
+        # Uvicorn stops on TERM and INT, then raises them again under the handlers it found:
+        # by then the dashboard has ended as asked, so those do nothing.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        try:
+            server.run(sockets=[listener])
+        finally:
+            sampler.stop()
+            sampler.join()
+            fleet.close()
+            history.close()
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -107,7 +108,7 @@ class Dashboard:
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
         """Each new snapshot of the sampler as an SSE `data:` line, until the page leaves."""
-        seen, quiet = -1, 0.0
+        seen, quiet = 0, 0.0  # version 0: no reading yet
         while not await request.is_disconnected():
             if self.sampler.version != seen:
                 seen, quiet = self.sampler.version, 0.0
@@ -185,8 +186,6 @@ class Dashboard:
 
     async def run(self, action: Any, *args: Any) -> Response:
         """An action of the fleet, in a thread: it waits on hosts or the broker."""
-        from starlette.concurrency import run_in_threadpool
-
         return JSONResponse(await run_in_threadpool(action, *args))
 
 
