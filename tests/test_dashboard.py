@@ -19,6 +19,7 @@ import pytest
 
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
+from worker import Client
 
 TOKEN = "s3cret-token"
 pytestmark = pytest.mark.timeout(90)
@@ -302,3 +303,25 @@ def test_on_redis_the_tasks_list_reads_the_records(make_fleet, start_dashboard) 
         assert task["args"] == [1, 1] and task["eta"] > time.time()
     finally:
         delete_prefix(REDIS_URL, prefix)
+
+
+def test_the_dashboard_follows_a_queue_file_replaced_under_it(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    old = fleet.client.submit("tasks.add", 1, 1)
+    old.get(10)
+    dashboard = start_dashboard(fleet)
+    assert [t["id"] for t in dashboard.get("/api/tasks")[1]["tasks"]] == [old.id]
+    for suffix in ("", "-wal", "-shm"):
+        (fleet.folder / f"queue.db{suffix}").unlink(missing_ok=True)
+    client = Client.from_config(str(fleet.config))  # one that opens the new file
+    try:
+        new = client.submit("tasks.add", 2, 2)
+        assert new.get(10) == 4
+    finally:
+        client.close()
+
+    def listed() -> list[str]:
+        return [t["id"] for t in dashboard.get("/api/tasks")[1]["tasks"]]
+
+    wait_for(lambda: listed() == [new.id], message="the new file's task, and only it")
+    assert dashboard.get(f"/api/tasks/{new.id}")[1]["result"] == 4

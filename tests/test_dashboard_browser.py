@@ -77,6 +77,20 @@ def find(driver: object, css: str, timeout: float = 10.0) -> object:
     return wait_for(found, timeout, 0.05, f"{css} on the page")
 
 
+def click(driver: object, css: str) -> None:
+    """Click what `css` selects, found again if a live update redrew it meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def clicked() -> bool:
+        try:
+            find(driver, css).click()  # type: ignore[attr-defined]
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(clicked, 10, 0.05, f"a click on {css}")
+
+
 def count(driver: object, css: str) -> int:
     from selenium.webdriver.common.by import By
 
@@ -106,6 +120,33 @@ def test_the_fleet_page_shows_the_nodes_and_follows_the_pool_live(
     wait_for(lambda: count(browser, "tr.child") == 3, message="the third child, pushed live")
 
 
+# Imported by every worker of the fleet: the one named "bad" dies as it boots, until its
+# arbiter leaves it FATAL.
+DIES_AS_BAD = """
+import sys
+if sys.argv[-1].startswith("bad@"):
+    raise SystemExit(1)
+"""
+
+
+def test_a_fatal_node_stands_out_on_the_fleet_page(make_fleet, start_dashboard, browser) -> None:
+    fleet = make_fleet(
+        workers=[{"name": "w"}, {"name": "bad"}], fleet={"imports": ["tasks", "dies_as_bad"]}
+    )
+    (fleet.folder / "dies_as_bad.py").write_text(DIES_AS_BAD)
+    fleet.start(wait=False)
+    fleet.wait_ready(count=1)
+    dashboard = start_dashboard(fleet)
+    browser.get(dashboard.url)  # type: ignore[attr-defined]
+    wait_for(
+        lambda: "FATAL" in text_of(browser, 'tr.node.bad[data-node="bad@h1"]'),
+        30,
+        message="bad@h1 FATAL, in red",
+    )
+    assert "RUNNING" in text_of(browser, 'tr.node[data-node="w@h1"]')
+    assert count(browser, 'tr.node.bad[data-node="w@h1"]') == 0
+
+
 def test_a_task_is_followed_from_the_tasks_list_to_its_page(
     make_fleet, start_dashboard, browser
 ) -> None:
@@ -114,7 +155,7 @@ def test_a_task_is_followed_from_the_tasks_list_to_its_page(
     handle.get(10)
     dashboard = start_dashboard(fleet)
     browser.get(dashboard.url + "/#/tasks")  # type: ignore[attr-defined]
-    find(browser, f'tr[data-task="{handle.id}"] a').click()  # type: ignore[attr-defined]
+    click(browser, f'tr[data-task="{handle.id}"] a')
     wait_for(lambda: handle.id in text_of(browser, "#task h2"), message="the task's page")
     assert "SUCCESS" in text_of(browser, '[data-fact="state"]')
     assert text_of(browser, "#result") == "5"
@@ -130,16 +171,16 @@ def test_revoke_in_the_page_asks_for_the_token_once(
     wait_for(lambda: first.state == second.state == "STARTED", message="both tasks to start")
     dashboard = start_dashboard(fleet)
     browser.get(f"{dashboard.url}/#/task/{first.id}")  # type: ignore[attr-defined]
-    find(browser, "#terminate:enabled").click()  # type: ignore[attr-defined]
+    click(browser, "#terminate:enabled")
     find(browser, "#token-dialog[open] #token-input").send_keys("wrong")  # type: ignore[attr-defined]
-    find(browser, "#token-ok").click()  # type: ignore[attr-defined]
+    click(browser, "#token-ok")
     wait_for(lambda: "refused" in text_of(browser, "#flash"), message="the wrong token refused")
     find(browser, "#token-dialog[open] #token-input").send_keys(TOKEN)  # type: ignore[attr-defined]
-    find(browser, "#token-ok").click()  # type: ignore[attr-defined]
+    click(browser, "#token-ok")
     wait_for(lambda: first.state == "REVOKED", message="the first task revoked")
     wait_for(lambda: "REVOKED" in text_of(browser, '[data-fact="state"]'), message="its page")
     browser.get(f"{dashboard.url}/#/task/{second.id}")  # type: ignore[attr-defined]
-    find(browser, "#terminate:enabled").click()  # type: ignore[attr-defined]
+    click(browser, "#terminate:enabled")
     wait_for(lambda: second.state == "REVOKED", message="the second task revoked")
     assert count(browser, "#token-dialog[open]") == 0  # not asked again
 
@@ -154,7 +195,7 @@ def test_a_read_only_dashboard_says_so_and_revokes_nothing(
     dashboard = start_dashboard(fleet)
     browser.get(f"{dashboard.url}/#/task/{handle.id}")  # type: ignore[attr-defined]
     assert text_of(browser, "#mode") == "read-only"
-    find(browser, "#revoke:enabled").click()  # type: ignore[attr-defined]
+    click(browser, "#revoke:enabled")
     wait_for(lambda: "read-only" in text_of(browser, "#flash"), message="the read-only notice")
     assert count(browser, "#token-dialog[open]") == 0
     gate.touch()

@@ -3,7 +3,9 @@ broker through worker.Client, by the code paths fleetctl's commands take."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ctl.cli import failed, fleet_status
@@ -36,9 +38,15 @@ class Fleet:
         self.records = Records(client.broker)
 
     def close(self) -> None:
-        self.records.close()
         self._control.close()
         self._client.close()
+
+    @contextlib.contextmanager
+    def _broker(self) -> Iterator[None]:
+        """The broker for this thread alone, reading the SQLite queue file now at its path."""
+        with self._broker_lock:
+            self.records.follow()
+            yield
 
     # --- looking ---------------------------------------------------------------------
     def nodes(self) -> dict[str, Any]:
@@ -60,7 +68,7 @@ class Fleet:
 
     def queues(self) -> dict[str, Any]:
         """Depths, oldest waits and the newest dead letters, as `fleetctl queues` reads them."""
-        with self._broker_lock:
+        with self._broker():
             depths = self._client.depths()
             dead = self._client.dead_letters(limit=DEAD_SHOWN)
             waits = self.records.oldest_waits()
@@ -79,14 +87,14 @@ class Fleet:
         }
 
     def tasks(self, state: str, name: str, limit: int) -> dict[str, Any]:
-        with self._broker_lock:
+        with self._broker():
             tasks, partial = self.records.recent(state, name, limit)
         return {"tasks": tasks, "partial": partial}
 
     def task(self, task_id: str) -> dict[str, Any] | None:
         """The task's info dict (as Handle.info()) with its args and times; None if the
         broker never saw it."""
-        with self._broker_lock:
+        with self._broker():
             info = self._client.find(task_id)
             if info is None:
                 return None
@@ -110,7 +118,7 @@ class Fleet:
         return reply
 
     def retry_dead(self, ids: list[str] | None) -> dict[str, Any]:
-        with self._broker_lock:
+        with self._broker():
             outcomes = self._client.retry_dead(ids)
         return {
             "retried": [i for i, problem in outcomes.items() if problem is None],
@@ -118,7 +126,7 @@ class Fleet:
         }
 
     def purge_dead(self) -> dict[str, Any]:
-        with self._broker_lock:
+        with self._broker():
             return {"purged": self._client.purge_dead()}
 
 

@@ -1,8 +1,8 @@
 """Read-only looks into the broker's task records that the Broker interface does not offer:
 recent tasks, a task's body and timings, the oldest wait of each queue.
 
-SQLite: plain queries on the queue file, over a connection of our own opened read-only (the
-dashboard never writes the fleet's queue). Redis keeps a task's record in a hash of its own,
+SQLite: plain SELECTs on the broker's own connection, which follows a queue file replaced
+under it as the workers do. Redis keeps a task's record in a hash of its own,
 `{prefix}:r:{id}`, and no index of them: recent tasks are those of a bounded SCAN, sorted
 here (a sample, not every task, once there are more than SCAN_BUDGET records).
 """
@@ -10,36 +10,34 @@ here (a sample, not every task, once there are more than SCAN_BUDGET records).
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from typing import Any
 
 from worker.brokers.base import Broker
+from worker.brokers.sqlite import QUEUED, SQLiteBroker
 
 SCAN_BUDGET = 5000  # Redis records looked at for one list of recent tasks
 LIST_COLUMNS = ("id", "name", "queue", "state", "deliveries", "node", "runtime", "exc_type")
-SQLITE_STATUS_QUEUED = 0  # worker.brokers.sqlite: QUEUED
 
 
 class Records:
-    """Recent tasks and task details of one broker; every method is safe from any thread."""
+    """Recent tasks and task details of one broker, for one thread at a time (as the broker's
+    connection is)."""
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        path = getattr(broker, "path", None)
-        if isinstance(path, str):
-            self._db = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=5.0
-            )
-            self._db.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+        self._sqlite = broker if isinstance(broker, SQLiteBroker) else None
+
+    def follow(self) -> None:
+        """Look (at most once a second) whether the SQLite queue file was replaced, and read
+        the new one if it was: a dashboard lives as long as the fleet."""
+        if self._sqlite is not None:
+            self._sqlite.follow_file()
 
     def recent(self, state: str, name: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """The newest tasks first (of a state and a name, if given), and whether the list may
         be partial (Redis: only SCAN_BUDGET records were looked at)."""
-        if self._db is not None:
+        if self._sqlite is not None:
             return self._recent_sqlite(state, name, limit), False
         return self._recent_redis(state, name, limit)
 
@@ -62,33 +60,27 @@ class Records:
         }
 
     def _details_row(self, task_id: str) -> tuple[Any, Any, Any, Any]:
-        if self._db is None:
+        if self._sqlite is None:
             redis = self._broker.redis  # type: ignore[attr-defined]
             key = f"{self._broker.prefix}:r:{task_id}"  # type: ignore[attr-defined]
             body, finished, eta = redis.hmget(key, "body", "finished", "eta")
             return body, None, _number(finished), _number(eta)
-        with self._lock:
-            row = self._db.execute(
-                "SELECT body, created, finished, eta FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
+        row = self._sqlite.db.execute(
+            "SELECT body, created, finished, eta FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
         return row or (None, None, None, None)
 
     def oldest_waits(self) -> dict[str, float]:
         """Seconds the oldest due task of each queue has waited (SQLite only)."""
-        if self._db is None:
+        if self._sqlite is None:
             return {}
         now = time.time()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT queue, min(created) FROM tasks"
-                f" WHERE status = {SQLITE_STATUS_QUEUED} AND eta <= ? GROUP BY queue",
-                (now,),
-            ).fetchall()
+        rows = self._sqlite.db.execute(
+            "SELECT queue, min(created) FROM tasks"
+            f" WHERE status = {QUEUED} AND eta <= ? GROUP BY queue",
+            (now,),
+        ).fetchall()
         return {queue: max(0.0, now - created) for queue, created in rows if created}
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
 
     def _recent_sqlite(self, state: str, name: str, limit: int) -> list[dict[str, Any]]:
         where, params = [], []
@@ -100,8 +92,7 @@ class Records:
             f"SELECT {', '.join(LIST_COLUMNS)}, created, finished FROM tasks"
             f" {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ?"
         )
-        with self._lock:
-            rows = self._db.execute(sql, (*params, limit)).fetchall()  # type: ignore[union-attr]
+        rows = self._sqlite.db.execute(sql, (*params, limit)).fetchall()  # type: ignore[union-attr]
         return [dict(zip((*LIST_COLUMNS, "created", "finished"), row, strict=True)) for row in rows]
 
     def _recent_redis(self, state: str, name: str, limit: int) -> tuple[list[dict[str, Any]], bool]:

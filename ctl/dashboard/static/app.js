@@ -324,6 +324,10 @@ async function loadTasks() {
   const query = new URLSearchParams({ state: filters.state, name: filters.name, limit: "100" });
   try {
     const { tasks, partial } = await get(`/api/tasks?${query}`);
+    // Redrawn only when it changed: a row under the pointer stays put between updates.
+    const drawn = JSON.stringify([query.toString(), tasks, partial]);
+    if (list.dataset.drawn === drawn) return;
+    list.dataset.drawn = drawn;
     const rows = tasks.map((t) => el("tr", { "data-task": t.id },
       el("td", {}, taskLink(t.id)), el("td", {}, t.name), el("td", {}, stateBadge(t.state)),
       el("td", {}, t.queue || ""), el("td", {}, t.node || ""), el("td", { class: "num" }, t.deliveries ?? ""),
