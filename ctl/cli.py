@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair into DIR")
     keygen.add_argument("dir")
     keygen.set_defaults(handler=cmd_keygen)
+    dashboard = sub.add_parser("dashboard", help="serve a web dashboard of the fleet until TERM")
+    dashboard.add_argument(
+        "--bind", help="HOST:PORT to listen on (default: [dashboard] bind, else 127.0.0.1:9810)"
+    )
+    dashboard.set_defaults(handler=cmd_dashboard)
     for group in [sub, dead_sub, *groups.values()]:
         for command in group.choices.values():
             add_global_options(command)  # the global options also after the command
@@ -403,6 +408,28 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
     except (FileExistsError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    return EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
+    from ctl.dashboard import DashboardError, checked_start, serve
+
+    config = load_config(args)
+    try:
+        # A bind or token that will not do is refused before any connection is made.
+        host, port, token = checked_start(
+            args.bind or config.dashboard.bind, config.dashboard.token_file
+        )
+        with open_control(args) as control:
+            serve(control, make_client(args), config.state_dir, host, port, token)
+    except DashboardError as exc:
+        raise UsageError(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise UsageError(
+            f"the dashboard needs its extra: pip install 'fleetd[dashboard]' (no module {exc.name})"
+        ) from None
     return EXIT_OK
 
 

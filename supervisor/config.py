@@ -56,6 +56,14 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """`fleetctl dashboard`: where it listens, and the file of the token its actions need."""
+
+    bind: str = "127.0.0.1:9810"
+    token_file: str = ""  # absolute; "": a read-only dashboard
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     node: str  # the host's name
@@ -70,6 +78,7 @@ class Config:
     workers: list[WorkerSpec]
     rate_limits: dict[str, str]
     metrics_bind: str = ""
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 # Each key: (type check, default). A default of REQUIRED must be given.
@@ -108,7 +117,11 @@ WORKER_KEYS: dict[str, tuple[str, Any]] = {
     **DEFAULT_KEYS,
 }
 METRICS_KEYS: dict[str, tuple[str, Any]] = {"bind": ("host_port", "")}
-SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics"}
+DASHBOARD_KEYS: dict[str, tuple[str, Any]] = {
+    "bind": ("host_port", "127.0.0.1:9810"),
+    "token_file": ("str", ""),
+}
+SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics", "dashboard"}
 
 
 def _check(path: str, key: str, kind: str, value: Any) -> Any:
@@ -289,6 +302,10 @@ def from_dict(
             raise ConfigError(path, f"rate_limits.{task_name}", str(exc)) from None
 
     metrics = _section(path, "metrics", raw.get("metrics", {}), METRICS_KEYS, {})
+    dashboard = _section(path, "dashboard", raw.get("dashboard", {}), DASHBOARD_KEYS, {})
+    if not dashboard["bind"]:
+        raise ConfigError(path, "dashboard.bind", 'must be "host:port", got ""')
+    token_file = dashboard["token_file"] and _resolve(folder, dashboard["token_file"])
 
     worker_list = raw.get("worker", [])
     if not isinstance(worker_list, list) or not worker_list:
@@ -337,6 +354,7 @@ def from_dict(
         workers=workers,
         rate_limits=dict(rate_limits),
         metrics_bind=metrics["bind"],
+        dashboard=DashboardConfig(dashboard["bind"], token_file),
     )
 
 

@@ -1,0 +1,107 @@
+"""`fleetctl dashboard`: a web dashboard of the fleet, a client of it as fleetctl is.
+
+It asks every host over the control plane and reads the broker; the arbiters know
+nothing of it. Needs the `dashboard` extra (`pip install 'fleetd[dashboard]'`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import sys
+from typing import Any
+
+SHUTDOWN_GRACE = 2  # seconds open live pages get to close at shutdown
+
+
+class DashboardError(Exception):
+    """The dashboard cannot start as asked: one line saying why."""
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """ "HOST:PORT" (HOST may be [v6]) -> (host, port); DashboardError if it is not that."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DashboardError(f"--bind {bind!r}: give HOST:PORT, as 127.0.0.1:9810")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> str:
+    """The bearer token in `path` (its first line); DashboardError if there is none."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DashboardError(f"dashboard token_file {path}: cannot read it: {exc}") from None
+    if not token:
+        raise DashboardError(f"dashboard token_file {path}: it holds no token")
+    return token
+
+
+def checked_start(bind: str, token_file: str) -> tuple[str, int, str]:
+    """Host, port and token to serve with; refuses a bind beyond loopback without a token."""
+    host, port = split_bind(bind)
+    if not token_file and not is_loopback(host):
+        raise DashboardError(
+            f"--bind {bind}: a dashboard reachable from other hosts needs"
+            " [dashboard] token_file (or bind to 127.0.0.1)"
+        )
+    return host, port, read_token(token_file)
+
+
+def serve(control: Any, client: Any, state_dir: str, host: str, port: int, token: str) -> None:
+    """Serve the dashboard of the fleet behind `control` (a ControlClient) and `client` (a
+    worker.Client) on host:port until TERM or INT; actions need `token` ("": none)."""
+    import uvicorn
+
+    from ctl.dashboard.app import Dashboard
+    from ctl.dashboard.fleet import Fleet
+    from ctl.dashboard.history import History, Sampler
+
+    with listen(host, port) as listener:
+        fleet = Fleet(control, client)
+        history = History(state_dir)
+        sampler = Sampler(fleet, history)
+        sampler.start()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                Dashboard(fleet, history, sampler, token).app(),
+                log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                lifespan="off",
+            )
+        )
+        mode = "actions need the token" if token else "read-only"
+        print(f"dashboard on http://{host}:{port}/ ({mode})", file=sys.stderr, flush=True)
+        # Uvicorn stops on TERM and INT, then raises them again under the handlers it found:
+        # by then the dashboard has ended as asked, so those do nothing.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        try:
+            server.run(sockets=[listener])
+        finally:
+            sampler.stop()
+            sampler.join()
+            fleet.close()
+            history.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a bind that fails is the user's one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None

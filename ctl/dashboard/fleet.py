@@ -1,0 +1,146 @@
+"""The fleet as the dashboard sees and steers it: every host over the control plane, the
+broker through worker.Client, by the code paths fleetctl's commands take."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ctl.cli import failed, fleet_status
+from ctl.client import ControlClient, Result
+from ctl.dashboard.records import Records
+from ctl.render import letter_json
+from worker import Client
+from worker.control import COMMANDS, CommandError
+
+DEAD_SHOWN = 50  # dead letters listed on the queues page, newest first
+
+
+class ActionError(Exception):
+    """An action the fleet refused or could not take: `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Fleet:
+    """One ControlClient and one broker Client, each used by one thread at a time (a ZeroMQ
+    socket belongs to one thread; the requests of the web server come from a pool)."""
+
+    def __init__(self, control: ControlClient, client: Client) -> None:
+        self._control = control
+        self._client = client
+        self._control_lock = threading.Lock()
+        self._broker_lock = threading.Lock()
+        self.records = Records(client.broker)
+
+    def close(self) -> None:
+        self._control.close()
+        self._client.close()
+
+    @contextlib.contextmanager
+    def _broker(self) -> Iterator[None]:
+        """The broker for this thread alone, reading the SQLite queue file now at its path."""
+        with self._broker_lock:
+            self.records.follow()
+            yield
+
+    # --- looking ---------------------------------------------------------------------
+    def nodes(self) -> dict[str, Any]:
+        """Every node as `fleetctl status` shows it; a node whose arbiter says RUNNING but
+        whose worker did not answer is `silent`."""
+        with self._control_lock:
+            result = fleet_status(self._control, None)
+        nodes = {}
+        for node, view in sorted(result.replies.items()):
+            if isinstance(view, dict):
+                view = {
+                    **view,
+                    "silent": view.get("state") == "RUNNING"
+                    and "pid" in view
+                    and not isinstance(view.get("children"), list),
+                }
+            nodes[node] = view
+        return {"nodes": nodes, "missing": result.missing, "errors": result.errors}
+
+    def queues(self) -> dict[str, Any]:
+        """Depths, oldest waits and the newest dead letters, as `fleetctl queues` reads them."""
+        with self._broker():
+            depths = self._client.depths()
+            dead = self._client.dead_letters(limit=DEAD_SHOWN)
+            waits = self.records.oldest_waits()
+        return {
+            "queues": [
+                {
+                    "queue": d.queue,
+                    "ready": d.ready,
+                    "scheduled": d.scheduled,
+                    "reserved": d.reserved,
+                    "oldest_wait": waits.get(d.queue),
+                }
+                for d in depths
+            ],
+            "dead_letters": [letter_json(d) for d in dead],
+        }
+
+    def tasks(self, state: str, name: str, limit: int) -> dict[str, Any]:
+        with self._broker():
+            tasks, partial = self.records.recent(state, name, limit)
+        return {"tasks": tasks, "partial": partial}
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        """The task's info dict (as Handle.info()) with its args and times; None if the
+        broker never saw it."""
+        with self._broker():
+            info = self._client.find(task_id)
+            if info is None:
+                return None
+            return {**info, **self.records.details(task_id)}
+
+    # --- steering --------------------------------------------------------------------
+    def control(self, cmd: str, args: dict[str, Any], dest: list[str] | None) -> dict[str, Any]:
+        """A table command, checked by the table as fleetctl checks it, sent to the fleet;
+        ActionError (502) if a host did not answer or a node failed."""
+        try:
+            request = COMMANDS[cmd].validate(args)
+        except CommandError as exc:
+            raise ActionError(str(exc)) from None
+        with self._control_lock:
+            result = self._control.call(cmd, request, dest)
+        if not result.replies and not result.missing and not result.errors:
+            raise ActionError(f"no node {', '.join(dest or [])} answered", 404)
+        reply = reply_json(result)
+        if failed(result):
+            raise ActionError(problem_line(result), 502)
+        return reply
+
+    def retry_dead(self, ids: list[str] | None) -> dict[str, Any]:
+        with self._broker():
+            outcomes = self._client.retry_dead(ids)
+        return {
+            "retried": [i for i, problem in outcomes.items() if problem is None],
+            "failed": {i: problem for i, problem in outcomes.items() if problem},
+        }
+
+    def purge_dead(self) -> dict[str, Any]:
+        with self._broker():
+            return {"purged": self._client.purge_dead()}
+
+
+def reply_json(result: Result) -> dict[str, Any]:
+    return {"replies": result.replies, "missing": result.missing, "errors": result.errors}
+
+
+def problem_line(result: Result) -> str:
+    """What went wrong with a broadcast, in one line."""
+    problems = [f"no answer from {host}" for host in result.missing]
+    problems += [f"{host}: {error}" for host, error in result.errors.items()]
+    problems += [
+        f"{node}: {reply['error']}"
+        for node, reply in result.replies.items()
+        if isinstance(reply, dict) and "error" in reply
+    ]
+    return "; ".join(problems) or "a node is down"

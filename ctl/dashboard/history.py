@@ -1,0 +1,140 @@
+"""The dashboard's own memory: a sampler thread that reads the fleet every SAMPLE_EVERY
+seconds, keeps the newest snapshot for the live pages, and writes throughput and failures
+into a small SQLite file (`{state_dir}/dashboard.db`) so that the charts survive a restart."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from ctl.dashboard.fleet import Fleet
+from worker.brokers.base import BrokerUnavailable
+
+SAMPLE_EVERY = 2.0  # seconds between two samples of the fleet
+KEEP = 24 * 3600.0  # seconds of samples kept
+FILE_NAME = "dashboard.db"
+
+log = logging.getLogger("fleetd.dashboard")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    at REAL PRIMARY KEY,  -- unix time
+    done REAL NOT NULL,   -- tasks ended per second since the sample before
+    failed REAL NOT NULL, -- of which FAILURE
+    ready INTEGER NOT NULL,
+    dead INTEGER NOT NULL
+);
+"""
+
+
+class History:
+    """The samples file; used by the sampler thread and the web server's threads."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, FILE_NAME)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, at: float, done: float, failed: float, ready: int, dead: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)",
+                (at, done, failed, ready, dead),
+            )
+            self._db.execute("DELETE FROM samples WHERE at < ?", (at - KEEP,))
+
+    def since(self, seconds: float) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, done, failed, ready, dead FROM samples WHERE at >= ? ORDER BY at",
+                (time.time() - seconds,),
+            ).fetchall()
+        return [
+            dict(zip(("at", "done", "failed", "ready", "dead"), row, strict=True)) for row in rows
+        ]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def counters(nodes: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(tasks ended, tasks failed) of each node that reported its counters."""
+    out = {}
+    for node, view in nodes.items():
+        if isinstance(view, dict) and isinstance(view.get("children"), list):
+            failed = int(view.get("failed", 0))
+            out[node] = (int(view.get("succeeded", 0)) + failed, failed)
+    return out
+
+
+def growth(before: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Tasks ended and failed between two readings of the counters; a node that restarted
+    (its counters went back) counts from zero, one not read before counts nothing."""
+    done = failed = 0
+    for node, (ended, failures) in now.items():
+        if node not in before:
+            continue
+        old_ended, old_failures = before[node]
+        done += ended - old_ended if ended >= old_ended else ended
+        failed += failures - old_failures if failures >= old_failures else failures
+    return done, failed
+
+
+class Sampler(threading.Thread):
+    """Reads the fleet every SAMPLE_EVERY seconds until `stop()`; `snapshot` is the newest
+    reading and `version` counts them (the live pages send each new one)."""
+
+    def __init__(self, fleet: Fleet, history: History) -> None:
+        super().__init__(name="dashboard-sampler", daemon=True)
+        self.fleet = fleet
+        self.history = history
+        self.snapshot: dict[str, Any] = {}
+        self.version = 0
+        self._stopping = threading.Event()
+        self._counters: dict[str, tuple[int, int]] = {}
+        self._read_at = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.sample()
+            except Exception as exc:  # a bad reading must not end the live pages for good
+                log.warning("cannot sample the fleet: %s", exc)
+                log.debug("sample failed", exc_info=True)
+            self._stopping.wait(max(0.0, SAMPLE_EVERY - (time.monotonic() - started)))
+
+    def sample(self) -> None:
+        now = time.time()
+        nodes = self.fleet.nodes()
+        try:
+            queues: dict[str, Any] = self.fleet.queues()
+        except BrokerUnavailable as exc:
+            queues = {"error": str(exc)}
+        reading = counters(nodes["nodes"])
+        point = None
+        if self._read_at:
+            done, failed = growth(self._counters, reading)
+            elapsed = max(now - self._read_at, 1e-3)
+            ready = sum(q["ready"] for q in queues.get("queues", []))
+            dead = len(queues.get("dead_letters", []))
+            point = {
+                "at": now,
+                "done": done / elapsed,
+                "failed": failed / elapsed,
+                "ready": ready,
+                "dead": dead,
+            }
+            self.history.add(**point)
+        self._counters, self._read_at = reading, now
+        self.snapshot = {"nodes": nodes, "queues": queues, "sample": point}
+        self.version += 1

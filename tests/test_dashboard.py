@@ -1,0 +1,327 @@
+"""`fleetctl dashboard`: its JSON API over a real fleet, its token, its bind, its history."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
+from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
+from worker import Client
+
+TOKEN = "s3cret-token"
+pytestmark = pytest.mark.timeout(90)
+
+
+class Dashboard:
+    """A `fleetctl dashboard` process of a fleet's config, ended by its pid."""
+
+    def __init__(self, fleet: Fleet, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = fleet.folder / "dashboard.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [FLEETCTL, "-c", str(fleet.config), "dashboard", "--bind", f"127.0.0.1:{self.port}"]
+                + list(args),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=fleet.folder,
+            )
+        wait_for(self.up, 15, 0.05, f"the dashboard to answer:\n{self.log.read_text()}")
+
+    def up(self) -> bool:
+        assert self.proc.poll() is None, f"the dashboard exited:\n{self.log.read_text()}"
+        with contextlib.suppress(OSError):
+            return self.get("/api/info")[0] == 200
+        return False
+
+    def request(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        return self.request("POST", path, body if body is not None else {}, token)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"the dashboard ignored signal {signum}") from None
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_dashboard() -> Iterator[Callable[..., Dashboard]]:
+    """`start_dashboard(fleet, *args)` -> a running Dashboard, stopped at teardown."""
+    started: list[Dashboard] = []
+
+    def start(fleet: Fleet, *args: str) -> Dashboard:
+        started.append(Dashboard(fleet, *args))
+        return started[-1]
+
+    yield start
+    for dashboard in started:
+        if dashboard.proc.poll() is None:
+            dashboard.proc.kill()
+            dashboard.proc.wait(5)
+
+
+def with_token(folder: Path) -> str:
+    """The config lines of a dashboard whose actions need TOKEN."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "token").write_text(TOKEN + "\n")
+    return '\n[dashboard]\ntoken_file = "token"\n'
+
+
+def test_api_shows_the_nodes_their_children_and_the_queues(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    fleet.client.submit("tasks.add", 1, 2).get(10)
+    dashboard = start_dashboard(fleet)
+    status, body = dashboard.get("/api/nodes")
+    assert status == 200 and body["missing"] == []
+    node = body["nodes"]["w@h1"]
+    assert node["state"] == "RUNNING" and not node["silent"]
+    assert len(node["children"]) == 2 and all(c["pid"] > 0 for c in node["children"])
+    assert sum(c["tasks_done"] for c in node["children"]) == 1
+    fleet.client.submit("tasks.noop", queue="elsewhere")  # no worker consumes it
+    status, body = dashboard.get("/api/queues")
+    (queue,) = [q for q in body["queues"] if q["queue"] == "elsewhere"]
+    assert status == 200 and queue["ready"] == 1 and queue["oldest_wait"] >= 0
+
+
+def test_api_lists_recent_tasks_filters_them_and_gives_a_tasks_page(
+    make_fleet, start_dashboard
+) -> None:
+    fleet = make_fleet().start()
+    done = fleet.client.submit("tasks.add", 2, 3)
+    failed = fleet.client.submit("tasks.fail", "boom")
+    fleet.wait_all_final([done.id, failed.id])
+    dashboard = start_dashboard(fleet)
+    status, body = dashboard.get("/api/tasks")
+    assert status == 200 and [t["id"] for t in body["tasks"]] == [failed.id, done.id]
+    _, body = dashboard.get("/api/tasks?state=failure")
+    assert [t["id"] for t in body["tasks"]] == [failed.id]
+    _, body = dashboard.get("/api/tasks?name=tasks.add&limit=1")
+    assert [t["id"] for t in body["tasks"]] == [done.id]
+    status, task = dashboard.get(f"/api/tasks/{done.id}")
+    assert status == 200 and task["result"] == 5 and task["args"] == [2, 3]
+    assert task["node"] == "w@h1" and task["deliveries"] == 1 and task["finished"]
+    _, task = dashboard.get(f"/api/tasks/{failed.id}")
+    assert task["exc_type"] == "ValueError" and "raise ValueError" in task["traceback"]
+    status, body = dashboard.get("/api/tasks/no-such-task")
+    assert status == 404 and "no task no-such-task" in body["error"]
+    status, body = dashboard.get("/api/tasks?limit=zero")
+    assert status == 400 and "limit" in body["error"]
+
+
+def test_without_a_token_file_every_action_is_refused(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    for path, body in [
+        ("/api/tasks/some-id/revoke", {}),
+        ("/api/dead/retry", {"all": True}),
+        ("/api/dead/purge", {}),
+        ("/api/nodes/w@h1/pool", {"action": "grow"}),
+        ("/api/rate-limit", {"task": "tasks.add", "rate": "1/s"}),
+    ]:
+        status, answer = dashboard.post(path, body, token=TOKEN)
+        assert status == 403 and "read-only" in answer["error"], path
+    assert len(dashboard.get("/api/nodes")[1]["nodes"]["w@h1"]["children"]) == 2
+
+
+def test_revoke_needs_the_bearer_token_and_terminates_the_task(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host")).start()
+    gate = tmp_path / "gate"
+    handle = fleet.client.submit("tasks.hold", str(gate))
+    wait_for(lambda: handle.state == "STARTED", message="the task to start")
+    dashboard = start_dashboard(fleet)
+    path = f"/api/tasks/{handle.id}/revoke?terminate=1"
+    for token in (None, "wrong"):
+        status, answer = dashboard.post(path, token=token)
+        assert status == 401 and "Bearer" in answer["error"]
+    assert handle.state == "STARTED"
+    status, answer = dashboard.post(path, token=TOKEN)
+    assert status == 200 and answer["replies"]["w@h1"]["ok"] == "revoked 1"
+    wait_for(lambda: handle.state == "REVOKED", message="the task to end REVOKED")
+
+
+def test_pool_and_rate_limit_through_the_api(make_fleet, start_dashboard, tmp_path) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host")).start()
+    dashboard = start_dashboard(fleet)
+    status, answer = dashboard.post("/api/nodes/w@h1/pool", {"action": "grow"}, TOKEN)
+    assert status == 200 and answer["replies"]["w@h1"] == {"ok": "pool is 3"}
+    wait_for(lambda: len(fleet.child_pids()) == 3, message="a third child")
+    status, answer = dashboard.post("/api/nodes/w@h1/pool", {"action": "jump"}, TOKEN)
+    assert status == 400 and "grow" in answer["error"]
+    status, answer = dashboard.post("/api/nodes/w@h1/pool", {"action": "grow", "n": 0}, TOKEN)
+    assert status == 400 and "pool_grow: n" in answer["error"]
+    status, answer = dashboard.post("/api/nodes/nobody@h1/pool", {"action": "grow"}, TOKEN)
+    assert status in (404, 502) and "nobody@h1" in answer["error"]
+    status, answer = dashboard.post("/api/rate-limit", {"task": "tasks.add", "rate": "5/s"}, TOKEN)
+    assert status == 200 and "set to 5/s" in answer["replies"]["w@h1"]["ok"]
+    status, answer = dashboard.post("/api/rate-limit", {"task": "tasks.add", "rate": "x"}, TOKEN)
+    assert status == 400 and answer["error"]
+
+
+def test_dead_letters_are_retried_and_purged(make_fleet, start_dashboard, tmp_path) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host")).start()
+    lost = fleet.client.submit("tasks.nobody_knows")  # NotRegistered: dead-lettered
+    wait_for(lambda: fleet.client.dead_letters(), message="a dead letter")
+    dashboard = start_dashboard(fleet)
+    _, body = dashboard.get("/api/queues")
+    assert [d["id"] for d in body["dead_letters"]] == [lost.id]
+    status, answer = dashboard.post("/api/dead/retry", {"ids": [lost.id, "nope"]}, TOKEN)
+    assert status == 200 and answer["retried"] == [lost.id]
+    assert answer["failed"] == {"nope": "not a dead letter"}
+    status, answer = dashboard.post("/api/dead/retry", {}, TOKEN)
+    assert status == 400 and "ids" in answer["error"]
+    wait_for(lambda: fleet.client.dead_letters(), message="the letter back in the list")
+    status, answer = dashboard.post("/api/dead/purge", {}, TOKEN)
+    assert status == 200 and answer["purged"] == 1 and not fleet.client.dead_letters()
+
+
+def test_a_bind_beyond_loopback_needs_a_token_file(make_fleet) -> None:
+    fleet = make_fleet()  # never started: refused before it asks any host
+    port = free_port()
+    out = fleet.ctl("dashboard", "--bind", f"0.0.0.0:{port}", check=False, timeout=20)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and "token_file" in out.stderr
+    out = fleet.ctl("dashboard", "--bind", "nowhere", check=False, timeout=20)
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    out = fleet.ctl("dashboard", "--bind", f"127.0.0.1:{dashboard.port}", check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "cannot listen on" in out.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_dashboard_ends_on_term_and_int_with_a_page_open(
+    make_fleet, start_dashboard, signum
+) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    with urllib.request.urlopen(dashboard.url + "/api/events", timeout=10) as stream:
+        assert stream.readline().startswith(b"data: ")  # a live page, held open
+        assert dashboard.stop(signum) == 0
+
+
+def test_the_charts_history_survives_a_restart(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    fleet.client.submit_many([("tasks.add", (i, i), {}) for i in range(20)])
+
+    def samples() -> list[dict[str, Any]]:
+        return dashboard.get("/api/history")[1]["samples"]
+
+    wait_for(lambda: sum(s["done"] for s in samples()) > 0, 20, 0.2, "a sample with tasks")
+    before = samples()
+    assert dashboard.stop() == 0
+    assert (fleet.folder / "state" / "dashboard.db").exists()
+    dashboard = start_dashboard(fleet)
+    assert samples()[: len(before)] == before
+
+
+def test_dashboard_config_keys(make_fleet, start_dashboard) -> None:
+    port = free_port()
+    fleet = make_fleet(extra=f'\n[dashboard]\nbind = "127.0.0.1:{port}"\n')
+    from supervisor.config import load
+
+    config = load(str(fleet.config), check_imports=False)
+    assert config.dashboard.bind == f"127.0.0.1:{port}" and config.dashboard.token_file == ""
+    (fleet.folder / "fleet.toml").write_text(fleet.config.read_text() + 'token_file = "missing"\n')
+    out = fleet.ctl("dashboard", check=False, timeout=20)
+    assert out.returncode == 2 and "missing: cannot read it" in out.stderr
+
+
+def test_a_stopped_worker_shows_as_silent(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    (worker,) = fleet.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        node = dashboard.get("/api/nodes")[1]["nodes"]["w@h1"]
+        assert node["state"] == "RUNNING" and node["silent"]
+        assert not isinstance(node.get("children"), list)  # the arbiter's count, no pool
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_for(lambda: not dashboard.get("/api/nodes")[1]["nodes"]["w@h1"]["silent"])
+
+
+def test_on_redis_the_tasks_list_reads_the_records(make_fleet, start_dashboard) -> None:
+    require_redis(REDIS_URL)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        fleet = make_fleet(fleet={"broker": f"{REDIS_URL}?prefix={prefix}"}).start()
+        done = fleet.client.submit("tasks.add", 2, 3)
+        failed = fleet.client.submit("tasks.fail", "boom")
+        waiting = fleet.client.submit("tasks.add", 1, 1, countdown=600)
+        fleet.wait_all_final([done.id, failed.id])
+        dashboard = start_dashboard(fleet)
+        _, body = dashboard.get("/api/tasks")
+        assert not body["partial"]
+        ids = [t["id"] for t in body["tasks"]]  # unfinished first, then by end (any order here)
+        assert ids[0] == waiting.id and set(ids[1:]) == {failed.id, done.id}
+        _, body = dashboard.get("/api/tasks?state=FAILURE")
+        assert [t["id"] for t in body["tasks"]] == [failed.id]
+        _, task = dashboard.get(f"/api/tasks/{done.id}")
+        assert task["result"] == 5 and task["finished"] and task["args"] is None  # body dropped
+        _, task = dashboard.get(f"/api/tasks/{waiting.id}")
+        assert task["args"] == [1, 1] and task["eta"] > time.time()
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+
+
+def test_the_dashboard_follows_a_queue_file_replaced_under_it(make_fleet, start_dashboard) -> None:
+    fleet = make_fleet().start()
+    old = fleet.client.submit("tasks.add", 1, 1)
+    old.get(10)
+    dashboard = start_dashboard(fleet)
+    assert [t["id"] for t in dashboard.get("/api/tasks")[1]["tasks"]] == [old.id]
+    for suffix in ("", "-wal", "-shm"):
+        (fleet.folder / f"queue.db{suffix}").unlink(missing_ok=True)
+    client = Client.from_config(str(fleet.config))  # one that opens the new file
+    try:
+        new = client.submit("tasks.add", 2, 2)
+        assert new.get(10) == 4
+    finally:
+        client.close()
+
+    def listed() -> list[str]:
+        return [t["id"] for t in dashboard.get("/api/tasks")[1]["tasks"]]
+
+    wait_for(lambda: listed() == [new.id], message="the new file's task, and only it")
+    assert dashboard.get(f"/api/tasks/{new.id}")[1]["result"] == 4
