@@ -8,11 +8,13 @@ from a running fleet.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import test_dashboard
@@ -122,9 +124,12 @@ def test_the_fleet_page_shows_the_nodes_and_follows_the_pool_live(
 
 # Imported by every worker of the fleet: the one named "bad" dies as it boots, until its
 # arbiter leaves it FATAL.
+# bad@ boots, then dies at every start once the test makes the marker: FATAL (a worker
+# that cannot boot at `fleetd start` ends the whole start instead).
 DIES_AS_BAD = """
-import sys
-if sys.argv[-1].startswith("bad@"):
+import os, sys
+told = os.path.exists(os.path.join(os.path.dirname(__file__), "die"))
+if sys.argv[-1].startswith("bad@") and told:
     raise SystemExit(1)
 """
 
@@ -134,8 +139,10 @@ def test_a_fatal_node_stands_out_on_the_fleet_page(make_fleet, start_dashboard, 
         workers=[{"name": "w"}, {"name": "bad"}], fleet={"imports": ["tasks", "dies_as_bad"]}
     )
     (fleet.folder / "dies_as_bad.py").write_text(DIES_AS_BAD)
-    fleet.start(wait=False)
-    fleet.wait_ready(count=1)
+    fleet.start()
+    (fleet.folder / "die").touch()
+    [bad] = [p for p in fleet.worker_pids() if "bad@h1" in " ".join(psutil.Process(p).cmdline())]
+    os.kill(bad, signal.SIGKILL)
     dashboard = start_dashboard(fleet)
     browser.get(dashboard.url)  # type: ignore[attr-defined]
     wait_for(
