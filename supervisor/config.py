@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.scheduler import Schedule, ScheduleError, parse_schedule
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 __all__ = [
@@ -66,6 +67,7 @@ class Config:
     workers: list[WorkerSpec]
     rate_limits: dict[str, str]
     metrics_bind: str = ""
+    schedules: list[Schedule] = field(default_factory=list)
 
 
 # Each key: (type check, default). A default of REQUIRED must be given.
@@ -103,7 +105,7 @@ WORKER_KEYS: dict[str, tuple[str, Any]] = {
     **DEFAULT_KEYS,
 }
 METRICS_KEYS: dict[str, tuple[str, Any]] = {"bind": ("host_port", "")}
-SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics"}
+SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics", "schedule"}
 
 
 def _check(path: str, key: str, kind: str, value: Any) -> Any:
@@ -207,6 +209,24 @@ def module_exists(name: str, paths: list[str]) -> bool:
     return True
 
 
+def parse_schedules(path: str, entries: Any) -> list[Schedule]:
+    """The `[[schedule]]` tables, checked; ConfigError naming the entry and key at fault."""
+    if not isinstance(entries, list):
+        raise ConfigError(path, "schedule", "must be [[schedule]] tables")
+    schedules: list[Schedule] = []
+    for index, entry in enumerate(entries):
+        try:
+            schedule = parse_schedule(entry)
+        except ScheduleError as exc:
+            raise ConfigError(path, f"schedule[{index}].{exc.key}", str(exc)) from None
+        if any(s.name == schedule.name for s in schedules):
+            raise ConfigError(
+                path, f"schedule[{index}].name", f"duplicate schedule name {schedule.name!r}"
+            )
+        schedules.append(schedule)
+    return schedules
+
+
 def load(path: str, node: str | None = None, check_imports: bool = True) -> Config:
     """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
     try:
@@ -282,6 +302,8 @@ def from_dict(
 
     metrics = _section(path, "metrics", raw.get("metrics", {}), METRICS_KEYS, {})
 
+    schedules = parse_schedules(path, raw.get("schedule", []))
+
     worker_list = raw.get("worker", [])
     if not isinstance(worker_list, list) or not worker_list:
         raise ConfigError(path, "worker", "needs at least one [[worker]] table")
@@ -312,6 +334,7 @@ def from_dict(
                 imports=list(fleet["imports"]),
                 pythonpath=pythonpath,
                 state_dir=state_dir,
+                schedules=[s.to_json() for s in schedules],
                 **data,
             )
         )
@@ -329,4 +352,5 @@ def from_dict(
         workers=workers,
         rate_limits=dict(rate_limits),
         metrics_bind=metrics["bind"],
+        schedules=schedules,
     )

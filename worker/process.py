@@ -45,6 +45,7 @@ from .control import COMMANDS, CommandError, worker_command_names
 from .limits import RuntimeLimits
 from .protocol import FrameReader, Outbox, ProtocolError, encode, oversize
 from .ratelimit import RateLimits
+from .scheduler import worker_scheduler
 from .spec import WorkerSpec
 from .task import REGISTRY
 
@@ -174,6 +175,7 @@ class Worker:
             self.broker.recover_expired(self.spec.queues)
             # Where each task goes, for clients that submit by name without its code.
             self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
+        self.scheduler = worker_scheduler(self.broker, self.spec, self.owner)
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:
@@ -243,11 +245,12 @@ class Worker:
             self.started_flush_at = now + STARTED_FLUSH_DELAY
         self.send_events()
         if self.shutdown is None and self.broker_available():
-            with self.broker_call("tidy up"):
+            with self.broker_call("tidy up and run the schedules"):
                 if self.held():  # a fleet that is never idle must still drop old results
                     self.broker.expire()
                 else:
                     self.broker.maintain()
+                self.scheduler.step(time.time())  # cheap unless this worker leads
         if now >= self.next_renew:
             self.renew(now)
         if now >= self.next_report:
@@ -260,7 +263,7 @@ class Worker:
         if self.shutdown is None and self.has_work_to_dispatch():
             return 0.0
         now = time.monotonic()
-        deadlines = [self.next_renew, self.next_report]
+        deadlines = [self.next_renew, self.next_report, now + self.scheduler.timeout(time.time())]
         if self.started_flush_at:
             deadlines.append(self.started_flush_at)
         for child in self.children.values():

@@ -696,6 +696,77 @@ class SQLiteBroker(Broker):
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
 
+    # --- schedules ---------------------------------------------------------------
+    def _schedule_tables(self) -> None:
+        """Make the schedules' tables in the file we have open now, once per connection."""
+        if getattr(self, "_schedules_in", None) is not self.db:
+            with self._lock:
+                self.db.executescript(SCHEDULE_SCHEMA)
+            self._schedules_in = self.db
+
+    def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
+        self._schedule_tables()
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO leases (key, holder, until) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET holder = excluded.holder, until = excluded.until"
+                " WHERE leases.holder = excluded.holder OR leases.until <= ?",
+                (key, holder, now + ttl, now),
+            )
+            owner, until = db.execute(
+                "SELECT holder, until FROM leases WHERE key = ?", (key,)
+            ).fetchone()
+        return str(owner), max(0.0, float(until) - now)
+
+    def lead_holder(self, key: str) -> str | None:
+        self._schedule_tables()
+        row = self.db.execute(
+            "SELECT holder FROM leases WHERE key = ? AND until > ?", (key, time.time())
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
+        self._schedule_tables()
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
+            if tick is not None:
+                moved = db.execute(
+                    "UPDATE schedules SET last_tick = ? WHERE name = ?"
+                    " AND (last_tick IS NULL OR last_tick < ?)",
+                    (tick, name, tick),
+                ).rowcount
+                if not moved:
+                    return False
+            if envelope is not None:
+                e = envelope
+                db.execute(ENQUEUE, (e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now))
+                db.execute(
+                    "UPDATE schedules SET last_id = ?, last_at = ? WHERE name = ?",
+                    (e.id, now, name),
+                )
+        if envelope is not None:
+            self.poker.poke()
+        return True
+
+    def schedule_states(self) -> dict[str, dict[str, Any]]:
+        self._schedule_tables()
+        rows = self.db.execute("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
+        return {
+            str(name): {"last_tick": tick, "last_id": task_id, "last_at": at, "paused": bool(p)}
+            for name, tick, task_id, at, p in rows
+        }
+
+    def pause_schedule(self, name: str, paused: bool) -> None:
+        self._schedule_tables()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO schedules (name, paused) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                (name, int(paused)),
+            )
+
 
 def _file_identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at `path`; None if there is none."""
@@ -704,3 +775,14 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino
+
+
+# The schedules' own tables (worker/scheduler.py): the last tick each schedule fired, and
+# the lease that says which scheduler leads.
+SCHEDULE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY, last_tick REAL, last_id TEXT, last_at REAL,
+    paused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
+"""

@@ -1,0 +1,256 @@
+"""Schedules: the tick arithmetic (DST included), the config checks, the broker's schedule verbs
+on both brokers, and the scheduler duty's leadership and misfire rules, driven by a clock of
+the test's own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from supervisor.config import ConfigError, from_dict
+from tests.brokers.conftest import REDIS_URL, BrokerFactory, delete_prefix, require_redis
+from worker.brokers.base import Broker
+from worker.brokers.redis import RedisBroker
+from worker.brokers.sqlite import SQLiteBroker
+from worker.scheduler import (
+    LEAD_KEY,
+    MISFIRE_GRACE,
+    Schedule,
+    Scheduler,
+    parse_schedule,
+    schedule_envelope,
+    tick_task_id,
+)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+LEASE = 3.0
+
+
+def local_dates(schedule: Schedule, start: datetime, days: int) -> list[str]:
+    """The local date and time of each tick from `start` over `days` days."""
+    moment, end = start.timestamp(), start.timestamp() + days * 86400
+    ticks = []
+    while (moment := schedule.next_after(moment)) < end:
+        ticks.append(datetime.fromtimestamp(moment, BERLIN).strftime("%Y-%m-%d %H:%M"))
+    return ticks
+
+
+@pytest.mark.parametrize(
+    "day", [datetime(2026, 3, 28, 12, tzinfo=BERLIN), datetime(2026, 10, 24, 12, tzinfo=BERLIN)]
+)
+@pytest.mark.parametrize("cron", ["30 2 * * *", "0 3 * * *"])
+def test_daily_cron_runs_once_each_day_across_dst_changes(day: datetime, cron: str) -> None:
+    schedule = Schedule("daily", "t", cron=cron, timezone="Europe/Berlin")
+    ticks = local_dates(schedule, day, 3)
+    assert [t[:10] for t in ticks] == [
+        datetime.fromtimestamp(day.timestamp() + d * 86400, BERLIN).strftime("%Y-%m-%d")
+        for d in (1, 2, 3)
+    ][: len(ticks)]
+    assert (
+        len(ticks) == 3
+    )  # one a day: none lost in the missing hour, none doubled in the repeated one
+    if cron == "30 2 * * *" and day.month == 3:
+        assert ticks[0] == "2026-03-29 03:00"  # 02:30 does not exist that day: it runs at 03:00
+
+
+def test_last_until_is_the_tick_at_or_before() -> None:
+    cron = Schedule("c", "t", cron="0 3 * * *", timezone="Europe/Berlin")
+    tick = datetime(2026, 3, 29, 3, 0, tzinfo=BERLIN).timestamp()
+    assert cron.last_until(tick) == tick
+    assert cron.last_until(tick + 0.5) == tick
+    assert cron.last_until(tick - 1) == tick - 86400 + 3600  # the day before was still CET
+    every = Schedule("e", "t", every=30)
+    assert every.last_until(90.0) == 90.0 and every.next_after(90.0) == 120.0
+
+
+CONFIG = {"fleet": {"broker": "sqlite:///q.db"}, "worker": [{"name": "w"}]}
+
+
+def config_with(*schedules: dict[str, Any]) -> Any:
+    return from_dict(
+        {**CONFIG, "schedule": list(schedules)}, "/tmp/fleet.toml", check_imports=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "words"),
+    [
+        ({"cron": "61 * * * *"}, "schedule[0].cron", "not a valid cron"),
+        ({"cron": "0 * * * * *"}, "schedule[0].cron", "five fields"),
+        ({"every": 5, "timezone": "Mars/Olympus"}, "schedule[0].timezone", "unknown time zone"),
+        ({"cron": "* * * * *", "every": 5}, "schedule[0].cron", "not both"),
+        ({}, "schedule[0].cron", "one of cron"),
+        ({"every": 0}, "schedule[0].every", ">= 1"),
+        ({"every": 5, "misfire": "later"}, "schedule[0].misfire", "run_once"),
+        ({"every": 5, "args": {"a": 1}}, "schedule[0].args", "a list"),
+        ({"every": 5, "color": "red"}, "schedule[0].color", "unknown key"),
+    ],
+)
+def test_check_refuses_a_bad_schedule_naming_its_key(
+    entry: dict[str, Any], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_with({"name": "s", "task": "t", **entry})
+    assert caught.value.key == key
+    assert words in caught.value.problem
+
+
+def test_check_refuses_a_duplicate_schedule_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_with({"name": "s", "task": "t", "every": 5}, {"name": "s", "task": "u", "every": 9})
+    assert caught.value.key == "schedule[1].name"
+
+
+def test_schedules_reach_every_worker_spec() -> None:
+    config = config_with(
+        {"name": "s", "task": "t", "cron": "0 3 * * *", "timezone": "Europe/Berlin"}
+    )
+    assert config.schedules == [
+        parse_schedule({"name": "s", "task": "t", "cron": "0 3 * * *", "timezone": "Europe/Berlin"})
+    ]
+    assert [Schedule.from_json(s) for s in config.workers[0].schedules] == config.schedules
+
+
+# --- the broker's verbs, on both brokers ------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerFactory]:
+    prefix = f"fleetd-test-{uuid.uuid4().hex[:12]}"
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+        factory = BrokerFactory("sqlite", lambda: SQLiteBroker(url))
+    else:
+        require_redis(REDIS_URL)
+        factory = BrokerFactory("redis", lambda: RedisBroker(REDIS_URL, prefix=prefix))
+    try:
+        yield factory
+    finally:
+        factory.close_all()
+        if factory.kind == "redis":
+            delete_prefix(REDIS_URL, prefix)
+
+
+EVERY = Schedule("tick", "tasks.tick", every=10, queue="q")
+
+
+def envelope(tick: float) -> Any:
+    return schedule_envelope(EVERY, tick_task_id(EVERY.name, tick), lambda name: "default")
+
+
+def test_a_tick_fires_once_and_never_an_earlier_one(connect: BrokerFactory) -> None:
+    one, two = connect(), connect()
+    assert one.fire_schedule("tick", 100.0, envelope(100.0))
+    assert not two.fire_schedule("tick", 100.0, envelope(100.0))
+    assert not two.fire_schedule("tick", 90.0, envelope(90.0))
+    assert two.fire_schedule("tick", 110.0, envelope(110.0))
+    ids = [d.id for d in one.reserve(["q"], 10, "me", 30)]
+    assert sorted(ids) == ["schedule:tick:100", "schedule:tick:110"]
+    state = one.schedule_states()["tick"]
+    assert state["last_tick"] == 110.0 and state["last_id"] == "schedule:tick:110"
+    assert not state["paused"]
+
+
+def test_a_manual_run_leaves_the_ticks_alone(connect: BrokerFactory) -> None:
+    broker = connect()
+    broker.fire_schedule("tick", 100.0, envelope(100.0))
+    assert broker.fire_schedule("tick", None, envelope(555.0))
+    assert broker.schedule_states()["tick"]["last_tick"] == 100.0
+    assert broker.schedule_states()["tick"]["last_id"] == "schedule:tick:555"
+
+
+def test_pause_is_stored_in_the_broker(connect: BrokerFactory) -> None:
+    connect().pause_schedule("tick", True)
+    assert connect().schedule_states()["tick"]["paused"]
+    connect().pause_schedule("tick", False)
+    assert not connect().schedule_states()["tick"]["paused"]
+
+
+def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> None:
+    one, two = connect(), connect()
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "a:1:1"
+    holder, left = two.claim_lead(LEAD_KEY, "b:2:2", 0.3)
+    assert holder == "a:1:1" and 0 < left <= 0.3
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "a:1:1"  # renewed
+    assert two.lead_holder(LEAD_KEY) == "a:1:1"
+    deadline = datetime.now().timestamp() + 5
+    while two.claim_lead(LEAD_KEY, "b:2:2", 0.3)[0] != "b:2:2":
+        assert datetime.now().timestamp() < deadline, "the lead never ran out"
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "b:2:2"
+
+
+# --- the duty, on a clock of the test's own -------------------------------------------
+
+
+class Clock:
+    """Epoch seconds the test moves; the broker's lease still runs on the real clock, so the
+    tests keep their clock near it."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now().timestamp()
+
+
+def scheduler(broker: Broker, name: str, schedules: list[Schedule]) -> Scheduler:
+    return Scheduler(broker, schedules, f"{name}@host:1:1", LEASE, lambda task: "default")
+
+
+def fired_ticks(broker: Broker) -> list[str]:
+    return sorted(d.id for d in broker.reserve(["q"], 1000, "test", 30))
+
+
+def test_two_schedulers_fire_each_tick_once(connect: BrokerFactory) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q")
+    one, two = scheduler(connect(), "one", [schedule]), scheduler(connect(), "two", [schedule])
+    start = datetime.now().timestamp()
+    for offset in range(50):
+        now = start + offset / 10
+        one.step(now)
+        # Two believes it leads as well (a stalled leader whose lease ran out): the broker
+        # must still take each tick once.
+        two.leading_since, two.lead_until, two.next_claim = start, now + 1, now + 1
+        two.step(now)
+        two.due_at = one.due_at = 0.0
+    ids = fired_ticks(connect())
+    assert len(ids) == len(set(ids)) >= 4
+    ticks = [int(i.rsplit(":", 1)[1]) for i in ids]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))  # none missed
+
+
+@pytest.mark.parametrize(("misfire", "catch_up"), [("skip", 0), ("run_once", 1)])
+def test_ticks_missed_while_nobody_led_follow_the_misfire_policy(
+    connect: BrokerFactory, misfire: str, catch_up: int
+) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire=misfire)
+    broker = connect()
+    last = float(int(datetime.now().timestamp())) - 10  # the last tick fired, 10 s ago
+    broker.fire_schedule("tick", last, None)
+    duty = scheduler(broker, "one", [schedule])
+    now = last + 10.2
+    duty.step(now)
+    ids = fired_ticks(connect())
+    on_time = [tick_task_id("tick", t) for t in (last + 10,) if now - t <= MISFIRE_GRACE]
+    missed_latest = tick_task_id("tick", last + 9 if on_time else last + 10)
+    assert ids == sorted(([missed_latest] if catch_up else []) + on_time)
+    assert duty.counts == {"fired": len(ids), "skipped": 1 - catch_up}
+
+
+def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(
+    connect: BrokerFactory,
+) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire="run_once")
+    broker = connect()
+    duty = scheduler(broker, "one", [schedule])
+    start = float(int(datetime.now().timestamp()))
+    duty.step(start + 0.1)  # a new schedule starts now
+    broker.pause_schedule("tick", True)
+    duty.step(start + 3.1)
+    assert fired_ticks(connect()) == []
+    broker.pause_schedule("tick", False)
+    duty.step(start + 4.1)
+    assert fired_ticks(connect()) == [tick_task_id("tick", start + 4)]
