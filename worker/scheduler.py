@@ -17,6 +17,7 @@ since the epoch, so that every host computes the same ticks.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from cronsim import CronSim, CronSimError
 
 from .brokers.base import Broker, Envelope
 from .client import encode_body
+from .control import Arg, CommandError, register
 from .spec import WorkerSpec
 from .task import DEFAULT_QUEUE, REGISTRY
 
@@ -232,15 +234,21 @@ class Scheduler:
             self.broker.fire_schedule(schedule.name, now, None)
             return schedule.next_after(now)
         if state.get("paused"):
-            self.skip_to(schedule, last, schedule.last_until(now), "paused")
+            if schedule.last_until(now) > last:
+                self.skip_to(schedule, schedule.last_until(now))
             return schedule.next_after(now)
         assert self.leading_since is not None
         missed = schedule.last_until(min(now, self.leading_since - MISFIRE_GRACE))
         if missed > last:
-            if schedule.misfire == "run_once":
-                self.fire(schedule, missed, now)
-            else:
-                self.skip_to(schedule, last, missed, "missed while no scheduler led")
+            run_once = schedule.misfire == "run_once"
+            acted = self.fire(schedule, missed, now) if run_once else self.skip_to(schedule, missed)
+            if acted:
+                log.warning(
+                    "schedule %s missed its ticks up to %.0f while no scheduler led: %s",
+                    schedule.name,
+                    missed,
+                    "ran the last one once" if run_once else "skipped them",
+                )
             last = missed
         tick = schedule.next_after(last)
         for _ in range(MAX_FIRES_PER_STEP):
@@ -265,10 +273,11 @@ class Scheduler:
             )
         return fired
 
-    def skip_to(self, schedule: Schedule, last: float, tick: float, why: str) -> None:
-        if tick > last and self.broker.fire_schedule(schedule.name, tick, None):
-            self.counts["skipped"] += 1
-            log.info("skipped schedule %s up to tick %.0f: %s", schedule.name, tick, why)
+    def skip_to(self, schedule: Schedule, tick: float) -> bool:
+        """Move the schedule's last tick to `tick` without running it."""
+        skipped = self.broker.fire_schedule(schedule.name, tick, None)
+        self.counts["skipped"] += skipped
+        return skipped
 
     def envelope(self, schedule: Schedule, task_id: str) -> Envelope:
         return schedule_envelope(schedule, task_id, self.queue_of)
@@ -312,3 +321,71 @@ def task_queue(broker: Broker, task: str) -> str:
     if task in REGISTRY:
         return REGISTRY[task].queue
     return broker.routes().get(task, DEFAULT_QUEUE)
+
+
+# --- fleetctl schedule ...: straight to the broker, fleet-wide (scope "broker") -----------
+SCHEDULE_NAME = Arg((str,), help="the schedule's name (its [[schedule]] name)")
+
+
+def named(schedules: list[Schedule], name: str) -> Schedule:
+    for schedule in schedules:
+        if schedule.name == name:
+            return schedule
+    known = ", ".join(s.name for s in schedules) or "none"
+    raise CommandError(f"no schedule {name!r} in the config (known: {known})")
+
+
+@register(
+    "schedule_list",
+    "The schedules: when they run next, their last run, whether paused, who leads.",
+    scope="broker",
+    lines={"schedule list": {}},
+    envelope=(),
+)
+def schedule_list(broker: Broker, schedules: list[Schedule]) -> dict[str, Any]:
+    states, now = broker.schedule_states(), time.time()
+    holder = broker.lead_holder(LEAD_KEY)
+    return {
+        "schedules": [describe(s, states.get(s.name, {}), now) for s in schedules],
+        "leader": None if holder is None else leading_node(holder),
+    }
+
+
+@register(
+    "schedule_pause",
+    "Pause a schedule fleet-wide (kept across restarts): its ticks are skipped.",
+    {"name": SCHEDULE_NAME},
+    scope="broker",
+    lines={"schedule pause": {}},
+    envelope=(),
+)
+def schedule_pause(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
+    broker.pause_schedule(named(schedules, name).name, True)
+    return {"ok": f"schedule {name} paused"}
+
+
+@register(
+    "schedule_resume",
+    "Resume a paused schedule from its next tick (the paused ones are not run).",
+    {"name": SCHEDULE_NAME},
+    scope="broker",
+    lines={"schedule resume": {}},
+    envelope=(),
+)
+def schedule_resume(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
+    broker.pause_schedule(named(schedules, name).name, False)
+    return {"ok": f"schedule {name} resumed"}
+
+
+@register(
+    "schedule_trigger",
+    "Enqueue one run of a schedule now, besides its ticks (paused or not).",
+    {"name": SCHEDULE_NAME},
+    scope="broker",
+    lines={"schedule trigger": {}},
+    envelope=(),
+)
+def schedule_trigger(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
+    schedule = named(schedules, name)
+    task_id = trigger(broker, schedule, lambda task: task_queue(broker, task))
+    return {"ok": f"schedule {name}: task {task_id} enqueued", "id": task_id}
