@@ -266,6 +266,8 @@ DESIGN_LINES = [
     ["pool", "grow", "2", "--dest", "a@h1"],
     ["pool", "shrink"],
     ["status", "--dest", "h1"],
+    ["schedule", "list"],
+    *(["schedule", verb, "nightly-report"] for verb in ("pause", "resume", "trigger")),
 ]
 
 

@@ -4,6 +4,7 @@ the test's own."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,6 +16,7 @@ import pytest
 
 from supervisor.config import ConfigError, from_dict
 from tests.brokers.conftest import REDIS_URL, BrokerFactory, delete_prefix, require_redis
+from tests.fleet import FLEETD
 from worker.brokers.base import Broker
 from worker.brokers.redis import RedisBroker
 from worker.brokers.sqlite import SQLiteBroker
@@ -254,3 +256,48 @@ def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(
     broker.pause_schedule("tick", False)
     duty.step(start + 4.1)
     assert fired_ticks(connect()) == [tick_task_id("tick", start + 4)]
+
+
+# --- fleetd check, the command line -------------------------------------------------------
+TASKS_MODULE = "from worker import task\n\n@task\ndef nightly():\n    return 1\n"
+
+
+def fleetd_check(folder: Path, schedule: str) -> subprocess.CompletedProcess[str]:
+    (folder / "tasks.py").write_text(TASKS_MODULE)
+    config = f'[fleet]\nimports = ["tasks"]\n\n[[worker]]\nname = "w"\n\n[[schedule]]\n{schedule}'
+    (folder / "fleet.toml").write_text(config)
+    return subprocess.run(
+        [FLEETD, "check", "-c", str(folder / "fleet.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key"),
+    [
+        ('name = "n"\ntask = "tasks.nightly"\ncron = "61 * * * *"\n', "schedule[0].cron"),
+        (
+            'name = "n"\ntask = "tasks.nightly"\nevery = 5\ntimezone = "Nowhere/Land"\n',
+            "schedule[0].timezone",
+        ),
+        ('name = "n"\ntask = "tasks.nightly"\n', "schedule[0].cron"),
+        ('name = "n"\ntask = "tasks.other"\nevery = 5\n', "schedule[0].task"),
+    ],
+)
+def test_fleetd_check_refuses_a_bad_schedule_with_exit_2(
+    tmp_path: Path, schedule: str, key: str
+) -> None:
+    done = fleetd_check(tmp_path, schedule)
+    assert done.returncode == 2, done.stdout
+    [message] = done.stderr.strip().splitlines()
+    assert message.startswith(f"fleetd: {tmp_path / 'fleet.toml'}: {key}: ")
+
+
+def test_fleetd_check_takes_a_good_schedule(tmp_path: Path) -> None:
+    done = fleetd_check(
+        tmp_path,
+        'name = "n"\ntask = "tasks.nightly"\ncron = "0 3 * * *"\ntimezone = "Europe/Berlin"\n',
+    )
+    assert done.returncode == 0, done.stderr
