@@ -17,12 +17,11 @@ import pytest
 from supervisor.config import ConfigError, from_dict
 from tests.brokers.conftest import REDIS_URL, BrokerFactory, delete_prefix, require_redis
 from tests.fleet import FLEETD
-from worker.brokers.base import Broker
+from worker.brokers.base import SUCCESS, Broker, Outcome
 from worker.brokers.redis import RedisBroker
 from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import (
     LEAD_KEY,
-    MISFIRE_GRACE,
     Schedule,
     Scheduler,
     parse_schedule,
@@ -185,6 +184,10 @@ def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> Non
     while two.claim_lead(LEAD_KEY, "b:2:2", 0.3)[0] != "b:2:2":
         assert datetime.now().timestamp() < deadline, "the lead never ran out"
     assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "b:2:2"
+    one.release_lead(LEAD_KEY, "a:1:1")  # not its lease: nothing happens
+    assert one.lead_holder(LEAD_KEY) == "b:2:2"
+    two.release_lead(LEAD_KEY, "b:2:2")  # handed back: free for the next one at once
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 30)[0] == "a:1:1"
 
 
 # --- the duty, on a clock of the test's own -------------------------------------------
@@ -206,27 +209,36 @@ def fired_ticks(broker: Broker) -> list[str]:
     return sorted(d.id for d in broker.reserve(["q"], 1000, "test", 30))
 
 
-def test_two_schedulers_fire_each_tick_once(connect: BrokerFactory) -> None:
+def test_two_schedulers_that_both_lead_fire_each_tick_once(connect: BrokerFactory) -> None:
     schedule = Schedule("tick", "tasks.tick", every=1, queue="q")
     one, two = scheduler(connect(), "one", [schedule]), scheduler(connect(), "two", [schedule])
+    consumer = connect()
     start = datetime.now().timestamp()
+    two.leading_since = start  # a stalled leader whose lease ran out, still acting
+    ran: list[str] = []
+
+    def run_all() -> None:
+        """Each task runs and ends at once: a tick enqueued again would start over, run twice."""
+        done = consumer.reserve(["q"], 100, "test", 30)
+        consumer.finish([Outcome(d.id, SUCCESS) for d in done])
+        ran.extend(d.id for d in done)
+
     for offset in range(50):
         now = start + offset / 10
+        stale = two.broker.schedule_states().get("tick", {})  # read before one fires
         one.step(now)
-        # Two believes it leads as well (a stalled leader whose lease ran out): the broker
-        # must still take each tick once.
-        two.leading_since, two.lead_until, two.next_claim = start, now + 1, now + 1
-        two.step(now)
-        two.due_at = one.due_at = 0.0
-    ids = fired_ticks(connect())
-    assert len(ids) == len(set(ids)) >= 4
-    ticks = [int(i.rsplit(":", 1)[1]) for i in ids]
+        run_all()
+        two.fire_schedule(schedule, stale, now)  # acts on what it read: the same ticks
+        run_all()
+        one.due_at = 0.0
+    assert len(ran) == len(set(ran)) >= 4, ran
+    ticks = sorted(int(i.rsplit(":", 1)[1]) for i in ran)
     assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))  # none missed
 
 
-@pytest.mark.parametrize(("misfire", "catch_up"), [("skip", 0), ("run_once", 1)])
-def test_ticks_missed_while_nobody_led_follow_the_misfire_policy(
-    connect: BrokerFactory, misfire: str, catch_up: int
+@pytest.mark.parametrize("misfire", ["skip", "run_once"])
+def test_ticks_missed_longer_than_a_takeover_follow_the_misfire_policy(
+    connect: BrokerFactory, misfire: str
 ) -> None:
     schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire=misfire)
     broker = connect()
@@ -234,12 +246,12 @@ def test_ticks_missed_while_nobody_led_follow_the_misfire_policy(
     broker.fire_schedule("tick", last, None)
     duty = scheduler(broker, "one", [schedule])
     now = last + 10.2
-    duty.step(now)
-    ids = fired_ticks(connect())
-    on_time = [tick_task_id("tick", t) for t in (last + 10,) if now - t <= MISFIRE_GRACE]
-    missed_latest = tick_task_id("tick", last + 9 if on_time else last + 10)
-    assert ids == sorted(([missed_latest] if catch_up else []) + on_time)
-    assert duty.counts == {"fired": len(ids), "skipped": 1 - catch_up}
+    duty.step(now)  # takes the lead now
+    missed = int(now - duty.takeover_time)  # the last tick older than a takeover
+    late = range(missed + 1, int(now) + 1)  # late only by what a takeover takes: they run
+    expected = ([missed] if misfire == "run_once" else []) + list(late)
+    assert fired_ticks(connect()) == sorted(tick_task_id("tick", t) for t in expected)
+    assert duty.counts == {"fired": len(expected), "skipped": int(misfire == "skip")}
 
 
 def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(

@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import LEAD_KEY, leading_node
 
 LEASE = 2  # seconds: the leader lease (and task lease) of these fleets, short to keep tests short
-DOWNTIME = 5.0  # seconds a fleet stays down in the restart tests: several ticks fall in the gap
+# Seconds a fleet stays down in the restart tests: longer than a takeover may take (LEASE * 4/3
+# + 1 s, see Scheduler.takeover_time), so that ticks are missed.
+DOWNTIME = 8.0
 # Ticks a takeover may miss beyond the lease: the kill lands up to a tick after the last one
 # fired, and the new leader's first claim comes up to LEAD_RETRY_SLACK plus a loop turn late.
 TAKEOVER_SLACK = 2
@@ -164,3 +167,38 @@ def test_pause_resume_and_trigger_through_fleetctl_hold_across_a_restart(
     assert listing["leader"] == "w@h"
     unknown = fleet.ctl("schedule", "pause", "nope", check=False)
     assert unknown.returncode == 1 and "no schedule 'nope'" in unknown.stderr
+
+
+HANDOVER_LEASE = 10  # seconds: long enough that waiting it out shows, against a fast handover
+HANDOVER_LATE = 5.0  # seconds a tick may wait across a restart: a boot, not the lease
+
+
+def lateness(db: Path) -> dict[int, float]:
+    """Seconds each tick's task was enqueued after its tick, read from the queue file."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT id, created FROM tasks WHERE id LIKE 'schedule:tick:%'")
+        return {int(i.rsplit(":", 1)[1]): created - int(i.rsplit(":", 1)[1]) for i, created in rows}
+
+
+def test_a_stopping_leader_hands_the_lead_over_at_once(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    db, journal = tmp_path / "queue.db", tmp_path / "journal"
+    fleet = make_fleet(
+        "h",
+        node="h",
+        fleet={"broker": f"sqlite:///{db}", "lease": HANDOVER_LEASE},
+        defaults={"concurrency": 1},
+        extra=schedule_toml(journal, misfire="skip"),
+    )
+    fleet.start()
+    wait_for(lambda: len(ticks_run(journal)) >= 2, 15, 0.1, "two ticks")
+    fleet.stop()
+    restarted_at = time.time()
+    fleet.start()
+    wait_for(lambda: max(ticks_run(journal)) > restarted_at + 2, 20, 0.1, "ticks after the restart")
+    runs = ticks_run(journal)
+    assert set(runs.values()) == {1}
+    assert sorted(runs) == list(range(min(runs), max(runs) + 1)), "a tick was lost"
+    worst = max(lateness(db).values())
+    assert worst < HANDOVER_LATE, f"a tick waited {worst:.1f}s: the lead was not handed over"

@@ -994,6 +994,9 @@ class Worker:
             return
         log.info("%s shutdown", mode, extra={"node": self.node})
         self.shutdown = mode
+        if self.broker_available():
+            with self.broker_call("hand the schedules' lead over"):
+                self.scheduler.resign()
         returned = [d.id for d in self.reserved]
         self.reserved.clear()
         if returned:

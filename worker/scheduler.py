@@ -37,8 +37,10 @@ log = logging.getLogger("fleetd.scheduler")
 
 MISFIRE_POLICIES = ("skip", "run_once")
 LEAD_KEY = "scheduler"  # the broker's lease that says which scheduler of the fleet leads
-# A tick at most this late when a scheduler took the lead is on time, not missed: the last
-# leader may have died just as it came due.
+# A tick is missed only if it came due longer before a scheduler took the lead than a
+# takeover takes: the dead leader's lease running out, the next try for it (lease/3 later at
+# most), and this many seconds more for the loop. A tick late only by a takeover or a
+# handover (a reload, a restart) runs, late.
 MISFIRE_GRACE = 1.0
 MAX_FIRES_PER_STEP = 100  # ticks of one schedule enqueued per step: a long stall never holds a turn
 RETRY_AFTER_CONFLICT = 0.1  # seconds before reading the states again after a tick fired elsewhere
@@ -218,6 +220,18 @@ class Scheduler:
             self.step_down(f"{leading_node(holder)} holds the lead")
         self.next_claim = now + min(self.lease / 3, left + LEAD_RETRY_SLACK)
 
+    @property
+    def takeover_time(self) -> float:
+        """Seconds a takeover may take: how late a tick may be without being missed."""
+        return self.lease + self.lease / 3 + MISFIRE_GRACE
+
+    def resign(self) -> None:
+        """Hand the lead back (this worker is stopping): another takes it at its next try."""
+        if self.leading_since is not None:
+            self.leading_since = None
+            self.broker.release_lead(LEAD_KEY, self.holder)
+            log.info("handed the schedules' lead back", extra={"node": leading_node(self.holder)})
+
     def step_down(self, why: str) -> None:
         log.warning("no longer leading the schedules: %s", why)
         self.leading_since = None
@@ -238,7 +252,7 @@ class Scheduler:
                 self.skip_to(schedule, schedule.last_until(now))
             return schedule.next_after(now)
         assert self.leading_since is not None
-        missed = schedule.last_until(min(now, self.leading_since - MISFIRE_GRACE))
+        missed = schedule.last_until(min(now, self.leading_since - self.takeover_time))
         if missed > last:
             run_once = schedule.misfire == "run_once"
             acted = self.fire(schedule, missed, now) if run_once else self.skip_to(schedule, missed)

@@ -400,6 +400,10 @@ class Broker(abc.ABC):
         has it, for `ttl` seconds; returns who holds it now and for how many seconds more."""
 
     @abc.abstractmethod
+    def release_lead(self, key: str, holder: str) -> None:
+        """Give the lease `key` up if `holder` has it."""
+
+    @abc.abstractmethod
     def lead_holder(self, key: str) -> str | None:
         """Who holds the lease `key` now, if anyone."""
 

@@ -994,6 +994,9 @@ class RedisBroker(Broker):
         )
         return str(owner), max(0, int(left_ms)) / 1000
 
+    def release_lead(self, key: str, holder: str) -> None:
+        self._call(lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder))
+
     def lead_holder(self, key: str) -> str | None:
         holder = self.redis.get(self._key("lead", key))
         return None if holder is None else str(holder)
@@ -1051,6 +1054,12 @@ if not holder or holder == ARGV[2] then
   return {ARGV[2], tonumber(ARGV[3])}
 end
 return {holder, redis.call('PTTL', ARGV[1])}
+""")
+
+# ARGV: the lease's key, holder: deletes the lease if that holder has it.
+RELEASE_LEAD_SCRIPT = LuaScript("""
+if redis.call('GET', ARGV[1]) == ARGV[2] then redis.call('DEL', ARGV[1]) end
+return 0
 """)
 
 # A: {name, tick (text) or null, task: [id, queue, name, body] or null}; see

@@ -719,6 +719,11 @@ class SQLiteBroker(Broker):
             ).fetchone()
         return str(owner), max(0.0, float(until) - now)
 
+    def release_lead(self, key: str, holder: str) -> None:
+        self._schedule_tables()
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE key = ? AND holder = ?", (key, holder))
+
     def lead_holder(self, key: str) -> str | None:
         self._schedule_tables()
         row = self.db.execute(
