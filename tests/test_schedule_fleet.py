@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 
+from tests import netns
 from tests.fleet import Fleet, executions, wait_for
+from tests.redisserver import start_redis
 from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import LEAD_KEY, leading_node
 
@@ -102,6 +105,7 @@ def test_two_arbiters_on_one_sqlite_file_fire_each_tick_once_across_a_sigkill(
         f"ticks missed beyond the takeover (killed at {killed_at:.1f}): {missing}"
     )
     assert len(missing) <= LEASE + TAKEOVER_SLACK
+    print(f"\nleader killed at {killed_at:.1f}; ticks missed: {missing}")
 
 
 def missed_up_to(fleet: Fleet) -> int:
@@ -202,3 +206,60 @@ def test_a_stopping_leader_hands_the_lead_over_at_once(
     assert sorted(runs) == list(range(min(runs), max(runs) + 1)), "a tick was lost"
     worst = max(lateness(db).values())
     assert worst < HANDOVER_LATE, f"a tick waited {worst:.1f}s: the lead was not handed over"
+
+
+def test_three_hosts_on_redis_fire_each_tick_once_with_the_leader_killed_twice(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "journal"
+    with netns.hosts(3) as namespaces:
+        server = start_redis(tmp_path, bind=("127.0.0.1", *(ns.root_address for ns in namespaces)))
+        hosts: list[Fleet] = []
+        store = redis.Redis(port=server.port, decode_responses=True)
+        kills: list[float] = []
+        try:
+            for i, ns in enumerate(namespaces, 1):
+                hosts.append(
+                    Fleet(
+                        tmp_path / f"host{i}",
+                        node=f"host{i}",
+                        launcher=tuple(ns.command()),
+                        fleet={
+                            "broker": f"redis://{ns.root_address}:{server.port}/0",
+                            "lease": LEASE,
+                        },
+                        defaults={"concurrency": 1},
+                        extra=schedule_toml(journal),
+                    )
+                )
+            for host in hosts:
+                host.start()
+            for _ in range(2):
+                wait_for(lambda: len(ticks_run(journal)) >= 3, 20, 0.1, "three ticks")
+                leader = wait_for(lambda: store.get(f"fleetd:lead:{LEAD_KEY}"), 10, 0.1, "a leader")
+                host = leading_node(leader).rpartition("@")[2]
+                index = int(host.removeprefix("host")) - 1
+                hosts[index].remember_pids()
+                kills.append(time.time())
+                namespaces[index].power_off()  # the leader's whole host, at once
+                hosts[index].wait_exit(10)
+                wait_for(
+                    lambda: max(ticks_run(journal)) > kills[-1] + LEASE + 3,  # noqa: B023
+                    20,
+                    0.1,
+                    "ticks after the takeover",
+                )
+        finally:
+            store.close()
+            for host in hosts:
+                host.stop()
+            server.kill()
+            leftovers = [pid for host in hosts for pid in host.leftovers()]
+            assert not leftovers, f"processes left behind: {leftovers}"
+    runs = ticks_run(journal)
+    assert set(runs.values()) == {1}, f"ticks run more than once: {runs}"
+    missing = [t for t in range(min(runs), max(runs) + 1) if t not in runs]
+    assert all(any(k - 1 <= t <= k + LEASE + TAKEOVER_SLACK for k in kills) for t in missing), (
+        f"ticks missed beyond the takeovers (kills at {kills}): {missing}"
+    )
+    print(f"\nleaders killed at {kills}; ticks missed: {missing}")
