@@ -5,8 +5,6 @@ the test's own."""
 from __future__ import annotations
 
 import subprocess
-import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,11 +13,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.config import ConfigError, from_dict
-from tests.brokers.conftest import REDIS_URL, BrokerFactory, delete_prefix, require_redis
+from tests.brokers.conftest import BrokerFactory
+from tests.brokers.conftest import connect as connect  # the fixture: both brokers
 from tests.fleet import FLEETD
 from worker.brokers.base import SUCCESS, Broker, Outcome
-from worker.brokers.redis import RedisBroker
-from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import (
     LEAD_KEY,
     Schedule,
@@ -119,23 +116,6 @@ def test_schedules_reach_every_worker_spec() -> None:
 
 
 # --- the broker's verbs, on both brokers ------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerFactory]:
-    prefix = f"fleetd-test-{uuid.uuid4().hex[:12]}"
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'queue.db'}"
-        factory = BrokerFactory("sqlite", lambda: SQLiteBroker(url))
-    else:
-        require_redis(REDIS_URL)
-        factory = BrokerFactory("redis", lambda: RedisBroker(REDIS_URL, prefix=prefix))
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-        if factory.kind == "redis":
-            delete_prefix(REDIS_URL, prefix)
 
 
 EVERY = Schedule("tick", "tasks.tick", every=10, queue="q")

@@ -29,7 +29,7 @@ from cronsim import CronSim, CronSimError
 
 from .brokers.base import Broker, Envelope
 from .client import encode_body
-from .control import Arg, CommandError, register
+from .control import Arg, CommandError, Effect, register
 from .spec import WorkerSpec
 from .task import DEFAULT_QUEUE, REGISTRY
 
@@ -349,12 +349,17 @@ def named(schedules: list[Schedule], name: str) -> Schedule:
     raise CommandError(f"no schedule {name!r} in the config (known: {known})")
 
 
-@register(
-    "schedule_list",
-    "The schedules: when they run next, their last run, whether paused, who leads.",
-    scope="broker",
-    lines={"schedule list": {}},
-    envelope=(),
+def schedule_command(
+    verb: str, help: str, args: dict[str, Arg] | None = None
+) -> Callable[[Effect], Effect]:
+    """Register `fleetctl schedule VERB`, run by fleetctl itself on the broker."""
+    return register(
+        f"schedule_{verb}", help, args, scope="broker", lines={f"schedule {verb}": {}}, envelope=()
+    )
+
+
+@schedule_command(
+    "list", "The schedules: when they run next, their last run, whether paused, who leads."
 )
 def schedule_list(broker: Broker, schedules: list[Schedule]) -> dict[str, Any]:
     states, now = broker.schedule_states(), time.time()
@@ -365,39 +370,30 @@ def schedule_list(broker: Broker, schedules: list[Schedule]) -> dict[str, Any]:
     }
 
 
-@register(
-    "schedule_pause",
+@schedule_command(
+    "pause",
     "Pause a schedule fleet-wide (kept across restarts): its ticks are skipped.",
     {"name": SCHEDULE_NAME},
-    scope="broker",
-    lines={"schedule pause": {}},
-    envelope=(),
 )
 def schedule_pause(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
     broker.pause_schedule(named(schedules, name).name, True)
     return {"ok": f"schedule {name} paused"}
 
 
-@register(
-    "schedule_resume",
+@schedule_command(
+    "resume",
     "Resume a paused schedule from its next tick (the paused ones are not run).",
     {"name": SCHEDULE_NAME},
-    scope="broker",
-    lines={"schedule resume": {}},
-    envelope=(),
 )
 def schedule_resume(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
     broker.pause_schedule(named(schedules, name).name, False)
     return {"ok": f"schedule {name} resumed"}
 
 
-@register(
-    "schedule_trigger",
+@schedule_command(
+    "trigger",
     "Enqueue one run of a schedule now, besides its ticks (paused or not).",
     {"name": SCHEDULE_NAME},
-    scope="broker",
-    lines={"schedule trigger": {}},
-    envelope=(),
 )
 def schedule_trigger(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
     schedule = named(schedules, name)
