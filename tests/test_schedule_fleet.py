@@ -263,3 +263,27 @@ def test_three_hosts_on_redis_fire_each_tick_once_with_the_leader_killed_twice(
         f"ticks missed beyond the takeovers (kills at {kills}): {missing}"
     )
     print(f"\nleaders killed at {kills}; ticks missed: {missing}")
+
+
+# CPU seconds a worker waiting a second for its running task may use: an idle loop uses ~0,
+# one that spins (a poll timeout of 0) used 0.2 to 1 even on a machine shared with others.
+IDLE_CPU = 0.1
+
+
+def test_a_worker_waiting_for_its_tasks_at_shutdown_does_not_spin(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    fleet = make_host(make_fleet, "h", tmp_path / "queue.db", tmp_path / "journal")
+    fleet.start()
+    fleet.client.submit("tasks.hold", str(gate), str(marker))
+    wait_for(marker.exists, 15, 0.05, "the task to start")
+    (worker,) = (psutil.Process(pid) for pid in fleet.worker_pids())
+    fleet.signal(signal.SIGTERM)  # a warm shutdown: the worker waits for the task
+    wait_for(lambda: "warm shutdown" in fleet.log(), 10, 0.05, "the worker to begin its shutdown")
+    before = sum(worker.cpu_times()[:2])
+    time.sleep(1.0)  # the span measured
+    used = sum(worker.cpu_times()[:2]) - before
+    gate.touch()
+    assert fleet.wait_exit(15) == 0
+    assert used < IDLE_CPU, f"the worker used {used:.2f} CPU s in 1 s while it waited"

@@ -263,7 +263,9 @@ class Worker:
         if self.shutdown is None and self.has_work_to_dispatch():
             return 0.0
         now = time.monotonic()
-        deadlines = [self.next_renew, self.next_report, now + self.scheduler.timeout(time.time())]
+        deadlines = [self.next_renew, self.next_report]
+        if self.shutdown is None and self.broker_available():  # when step() runs the schedules
+            deadlines.append(now + self.scheduler.timeout(time.time()))
         if self.started_flush_at:
             deadlines.append(self.started_flush_at)
         for child in self.children.values():
