@@ -473,7 +473,7 @@ def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
 
 def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
-    if COMMANDS[cmd].scope == "broker":
+    if cmd in COMMANDS and COMMANDS[cmd].scope == "broker":  # a custom one (`call`) is not
         return broker_command(args, cmd, cmd_args, console)
     dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
     ahead = revoked_ahead(args) if args.command == "revoke" else []
