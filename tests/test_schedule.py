@@ -13,9 +13,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.config import ConfigError, from_dict
+from supervisor.metrics import Metrics
 from tests.brokers.conftest import BrokerFactory
 from tests.brokers.conftest import connect as connect  # the fixture: both brokers
 from tests.fleet import FLEETD
+from tests.test_metrics import samples
 from worker.brokers.base import SUCCESS, Broker, Outcome
 from worker.scheduler import (
     LEAD_KEY,
@@ -293,3 +295,23 @@ def test_fleetd_check_takes_a_good_schedule(tmp_path: Path) -> None:
         'name = "n"\ntask = "tasks.nightly"\ncron = "0 3 * * *"\ntimezone = "Europe/Berlin"\n',
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_duty_reports_runs_how_late_and_skips_to_the_metrics(connect: BrokerFactory) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire="skip")
+    broker = connect()
+    last = float(int(datetime.now().timestamp())) - 10
+    broker.fire_schedule("tick", last, None)
+    events: list[dict[str, Any]] = []
+    duty = scheduler(broker, "one", [schedule])
+    duty.emit = lambda kind, **fields: events.append({"type": kind, **fields})
+    duty.step(last + 10.25)
+    metrics = Metrics()
+    assert all(metrics.apply(event) for event in events)
+    got = samples(metrics.render())
+    runs = len(fired_ticks(connect()))
+    assert got['fleetd_schedule_runs_total{schedule="tick"}'] == runs >= 1
+    assert got['fleetd_schedule_skips_total{schedule="tick"}'] == 1
+    assert got['fleetd_schedule_late_seconds_count{schedule="tick"}'] == runs
+    assert got['fleetd_schedule_late_seconds_bucket{schedule="tick",le="0.01"}'] == 0
+    assert got['fleetd_schedule_late_seconds_bucket{schedule="tick",le="5.0"}'] == runs

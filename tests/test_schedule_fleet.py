@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ import psutil
 import redis
 
 from tests import netns
-from tests.fleet import Fleet, executions, wait_for
+from tests.fleet import Fleet, executions, free_port, wait_for
 from tests.redisserver import start_redis
+from tests.test_metrics import samples
 from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import LEAD_KEY, leading_node
 
@@ -287,3 +289,27 @@ def test_a_worker_waiting_for_its_tasks_at_shutdown_does_not_spin(
     gate.touch()
     assert fleet.wait_exit(15) == 0
     assert used < IDLE_CPU, f"the worker used {used:.2f} CPU s in 1 s while it waited"
+
+
+def test_the_metrics_endpoint_counts_the_runs_and_how_late_they_were(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    journal, port = tmp_path / "journal", free_port()
+    fleet = make_fleet(
+        "h",
+        node="h",
+        fleet={"lease": LEASE},
+        extra=schedule_toml(journal) + f'\n[metrics]\nbind = "127.0.0.1:{port}"\n',
+    )
+    fleet.start()
+    wait_for(lambda: len(ticks_run(journal)) >= 3, 15, 0.1, "three ticks")
+
+    def scraped() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return samples(response.read().decode())
+
+    runs = 'fleetd_schedule_runs_total{schedule="tick"}'
+    got = wait_for(lambda: (m := scraped()).get(runs, 0) >= 3 and m, 10, 0.2, "the runs counted")
+    assert got['fleetd_schedule_late_seconds_count{schedule="tick"}'] == got[runs]
+    on_time = got['fleetd_schedule_late_seconds_bucket{schedule="tick",le="1.0"}']
+    assert on_time >= got[runs] - 1  # the poll wakes at the tick: runs are not seconds late

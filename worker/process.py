@@ -175,7 +175,7 @@ class Worker:
             self.broker.recover_expired(self.spec.queues)
             # Where each task goes, for clients that submit by name without its code.
             self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
-        self.scheduler = worker_scheduler(self.broker, self.spec, self.owner)
+        self.scheduler = worker_scheduler(self.broker, self.spec, self.owner, self.emit)
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:

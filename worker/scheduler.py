@@ -186,6 +186,7 @@ class Scheduler:
     next_claim: float = 0.0  # when we next take or renew the lead
     due_at: float = 0.0  # when a tick may next be due (while we lead)
     counts: dict[str, int] = field(default_factory=lambda: {"fired": 0, "skipped": 0})
+    emit: Callable[..., None] = lambda kind, **fields: None  # the worker's event (metrics) sink
 
     def step(self, now: float) -> None:
         """Take or renew the lead when it is time to, and enqueue the ticks due if we lead."""
@@ -278,6 +279,7 @@ class Scheduler:
         fired = self.broker.fire_schedule(schedule.name, tick, self.envelope(schedule, task_id))
         if fired:
             self.counts["fired"] += 1
+            self.emit("schedule-fired", schedule=schedule.name, late=max(0.0, now - tick))
             log.info(
                 "fired schedule %s: task %s, %.3fs late",
                 schedule.name,
@@ -290,7 +292,9 @@ class Scheduler:
     def skip_to(self, schedule: Schedule, tick: float) -> bool:
         """Move the schedule's last tick to `tick` without running it."""
         skipped = self.broker.fire_schedule(schedule.name, tick, None)
-        self.counts["skipped"] += skipped
+        if skipped:
+            self.counts["skipped"] += 1
+            self.emit("schedule-skipped", schedule=schedule.name)
         return skipped
 
     def envelope(self, schedule: Schedule, task_id: str) -> Envelope:
@@ -324,10 +328,15 @@ def describe(schedule: Schedule, state: dict[str, Any], now: float) -> dict[str,
     }
 
 
-def worker_scheduler(broker: Broker, spec: WorkerSpec, holder: str) -> Scheduler:
-    """The scheduler duty of a worker process: its spec's schedules, its lease, its tasks."""
+def worker_scheduler(
+    broker: Broker, spec: WorkerSpec, holder: str, emit: Callable[..., None]
+) -> Scheduler:
+    """The scheduler duty of a worker process: its spec's schedules, its lease, its tasks;
+    `emit(kind, **fields)` takes its events (runs fired, how late, ticks skipped)."""
     schedules = [Schedule.from_json(s) for s in spec.schedules]
-    return Scheduler(broker, schedules, holder, spec.lease, lambda task: task_queue(broker, task))
+    return Scheduler(
+        broker, schedules, holder, spec.lease, lambda task: task_queue(broker, task), emit=emit
+    )
 
 
 def task_queue(broker: Broker, task: str) -> str:
