@@ -40,6 +40,7 @@ from ctl.render import (
     letters_table,
     queues_table,
     reply_table,
+    schedules_table,
     status_table,
     task_table,
 )
@@ -174,6 +175,7 @@ GROUPS = {
     "inspect": "what nodes run, hold and know",
     "pool": "grow or shrink pools (shrink retires idle children)",
     "events": "turn task events on or off; tail them",
+    "schedule": "list, pause, resume or trigger the [[schedule]] entries (in the broker)",
 }
 
 
@@ -498,6 +500,8 @@ def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
 
 def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
+    if cmd in COMMANDS and COMMANDS[cmd].scope == "broker":  # a custom one (`call`) is not
+        return broker_command(args, cmd, cmd_args, console)
     dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
     ahead = revoked_ahead(args) if args.command == "revoke" else []
     with open_control(args) as client:
@@ -517,6 +521,27 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
         for task_id in ahead:
             print(f"{task_id}: no such task yet: revoked ahead, it will never start")
     return EXIT_FAILED if failed(result) else EXIT_OK
+
+
+def broker_command(
+    args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], console: Console
+) -> int:
+    """A command of the table that fleetctl runs itself, on the config's broker."""
+    effect = COMMANDS[cmd].effect
+    assert effect is not None
+    schedules = load_config(args).schedules
+    try:
+        reply = effect(make_client(args).broker, schedules, **cmd_args)
+    except CommandError as exc:
+        print(f"fleetctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(reply))
+    elif cmd == "schedule_list":
+        console.print(schedules_table(reply))
+    else:
+        print(reply["ok"])
+    return EXIT_OK
 
 
 def revoked_ahead(args: argparse.Namespace) -> list[str]:

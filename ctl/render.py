@@ -216,3 +216,32 @@ def event_line(event: dict[str, Any]) -> str:
     shown = ("ts", "node", "type", "name", "id")
     words += [f"{k}={compact(v)}" for k, v in event.items() if k not in shown]
     return " ".join(words)
+
+
+def schedules_table(listing: dict[str, Any]) -> Table:
+    """`fleetctl schedule list`: one schedule a row, times as ISO times."""
+    leader = listing["leader"] or "nobody (no worker runs, or its lease ran out)"
+    table = Table(title=f"schedules (led by {leader})", title_justify="left")
+    for column in (
+        "name",
+        "task",
+        "when",
+        "timezone",
+        "next run",
+        "last run",
+        "last task",
+        "paused",
+    ):
+        table.add_column(column, no_wrap=column == "last task")
+    for s in listing["schedules"]:
+        table.add_row(
+            escape(s["name"]),
+            escape(s["task"]),
+            escape(s["when"]),
+            s["timezone"],
+            iso_time(s["next_run"]),
+            iso_time(s["last_run"]) if s["last_run"] is not None else "never",
+            escape(s["last_id"] or "-"),
+            "paused" if s["paused"] else "",
+        )
+    return table

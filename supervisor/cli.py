@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         failure = probe_imports(cfg)
         if failure:
-            print(f"fleetd: {args.config}: fleet.imports: {failure}", file=sys.stderr)
+            print(f"fleetd: {args.config}: {failure}", file=sys.stderr)
             return EXIT_USAGE
         print(
             f"{args.config}: ok ({len(cfg.workers)} workers:"
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def probe_imports(cfg: configmod.Config) -> str | None:
     """Import the task modules as a worker will (its pythonpath, a process of its own): why
-    that fails, in one line naming the module and file:line, or None."""
+    that fails, in one line naming the key, the module and file:line, or a schedule's task
+    that none of them registers; None if all is well."""
     argv = [sys.executable, *SAFE_PATH, "-m", "worker.imports"]
     argv += [json.dumps(cfg.pythonpath), json.dumps(cfg.imports)]
     try:
@@ -113,15 +114,31 @@ def probe_imports(cfg: configmod.Config) -> str | None:
             cwd=os.path.dirname(cfg.path),
         )
     except subprocess.TimeoutExpired:
-        return f"importing {', '.join(cfg.imports)} took over {IMPORT_TIMEOUT:g}s"
+        return f"fleet.imports: importing {', '.join(cfg.imports)} took over {IMPORT_TIMEOUT:g}s"
     lines = done.stdout.strip().splitlines()
     try:
         verdict = json.loads(lines[-1]) if lines else None
     except ValueError:
         verdict = None
     if not isinstance(verdict, dict):
-        return f"importing {', '.join(cfg.imports)} ended its process (exit code {done.returncode})"
-    return None if verdict.get("ok") else describe_failure(verdict)
+        return (
+            f"fleet.imports: importing {', '.join(cfg.imports)} ended its process"
+            f" (exit code {done.returncode})"
+        )
+    if verdict.get("ok"):
+        return unregistered_schedule(cfg, verdict.get("registered", []))
+    return f"fleet.imports: {describe_failure(verdict)}"
+
+
+def unregistered_schedule(cfg: configmod.Config, registered: list[str]) -> str | None:
+    """The first [[schedule]] whose task no module of fleet.imports registers, as one line."""
+    for index, schedule in enumerate(cfg.schedules):
+        if schedule.task not in registered:
+            return (
+                f"schedule[{index}].task: task {schedule.task!r} is not registered by"
+                f" fleet.imports ({', '.join(cfg.imports) or 'none'})"
+            )
+    return None
 
 
 def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:

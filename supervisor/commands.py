@@ -61,6 +61,11 @@ class Router:
             log.warning("control request refused id=%s: %s", request.id[:40], exc)
             self.arbiter.control.reply_error(request, str(exc))
             return
+        if command is not None and command.scope == "broker":
+            self.arbiter.control.reply_error(
+                request, f"{request.cmd} runs in fleetctl, not on a host"
+            )
+            return
         if command is not None and command.scope == "host":
             assert command.effect is not None
             self.arbiter.control.reply(request, command.effect(self.arbiter, request.dest, **args))

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.scheduler import Schedule, ScheduleError, parse_schedule
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 __all__ = [
@@ -79,6 +80,7 @@ class Config:
     rate_limits: dict[str, str]
     metrics_bind: str = ""
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    schedules: list[Schedule] = field(default_factory=list)
 
 
 # Each key: (type check, default). A default of REQUIRED must be given.
@@ -121,7 +123,16 @@ DASHBOARD_KEYS: dict[str, tuple[str, Any]] = {
     "bind": ("host_port", "127.0.0.1:9810"),
     "token_file": ("str", ""),
 }
-SECTIONS = {"fleet", "control", "defaults", "worker", "rate_limits", "metrics", "dashboard"}
+SECTIONS = {
+    "fleet",
+    "control",
+    "defaults",
+    "worker",
+    "rate_limits",
+    "metrics",
+    "dashboard",
+    "schedule",
+}
 
 
 def _check(path: str, key: str, kind: str, value: Any) -> Any:
@@ -228,6 +239,24 @@ def module_exists(name: str, paths: list[str]) -> bool:
     return True
 
 
+def parse_schedules(path: str, entries: Any) -> list[Schedule]:
+    """The `[[schedule]]` tables, checked; ConfigError naming the entry and key at fault."""
+    if not isinstance(entries, list):
+        raise ConfigError(path, "schedule", "must be [[schedule]] tables")
+    schedules: list[Schedule] = []
+    for index, entry in enumerate(entries):
+        try:
+            schedule = parse_schedule(entry)
+        except ScheduleError as exc:
+            raise ConfigError(path, f"schedule[{index}].{exc.key}", str(exc)) from None
+        if any(s.name == schedule.name for s in schedules):
+            raise ConfigError(
+                path, f"schedule[{index}].name", f"duplicate schedule name {schedule.name!r}"
+            )
+        schedules.append(schedule)
+    return schedules
+
+
 def load(path: str, node: str | None = None, check_imports: bool = True) -> Config:
     """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
     try:
@@ -307,6 +336,8 @@ def from_dict(
         raise ConfigError(path, "dashboard.bind", 'must be "host:port", got ""')
     token_file = dashboard["token_file"] and _resolve(folder, dashboard["token_file"])
 
+    schedules = parse_schedules(path, raw.get("schedule", []))
+
     worker_list = raw.get("worker", [])
     if not isinstance(worker_list, list) or not worker_list:
         raise ConfigError(path, "worker", "needs at least one [[worker]] table")
@@ -337,6 +368,7 @@ def from_dict(
                 imports=list(fleet["imports"]),
                 pythonpath=pythonpath,
                 state_dir=state_dir,
+                schedules=[s.to_json() for s in schedules],
                 **data,
             )
         )
@@ -355,6 +387,7 @@ def from_dict(
         rate_limits=dict(rate_limits),
         metrics_bind=metrics["bind"],
         dashboard=DashboardConfig(dashboard["bind"], token_file),
+        schedules=schedules,
     )
 
 

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)  # then +Inf
+LATE_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0)  # a tick's enqueue after its time
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ FAMILIES = (
            "Tasks handed out again after their child or worker died.", ("node",)),
     Family("fleetd_dead_letters_total", "counter", "Tasks moved to the dead-letter list.",
            ("node",)),
+    Family("fleetd_schedule_runs_total", "counter",
+           "Runs of a [[schedule]] enqueued by this host's scheduler.", ("schedule",)),
+    Family("fleetd_schedule_late_seconds", "histogram",
+           "How long after its tick a run of a schedule was enqueued.", ("schedule",),
+           LATE_BUCKETS),
+    Family("fleetd_schedule_skips_total", "counter",
+           "Times this host's scheduler skipped a schedule's ticks (missed, or paused).",
+           ("schedule",)),
 )  # fmt: skip
 
 TASK_STATES = {
@@ -150,6 +159,12 @@ class Metrics:
             elif kind in NODE_COUNTERS:
                 count = int(event.get("count", 1))  # several at once: a dead worker's tasks
                 self.inc(NODE_COUNTERS[kind], {"node": event["node"]}, count)
+            elif kind == "schedule-fired":
+                schedule = {"schedule": str(event["schedule"])}
+                self.inc("fleetd_schedule_runs_total", schedule)
+                self.observe("fleetd_schedule_late_seconds", schedule, float(event["late"]))
+            elif kind == "schedule-skipped":
+                self.inc("fleetd_schedule_skips_total", {"schedule": str(event["schedule"])})
             elif kind == "worker-stats":
                 node = {"node": event["node"]}
                 values = {name: float(event[field]) for field, name in WORKER_GAUGES.items()}

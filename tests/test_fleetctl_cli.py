@@ -267,6 +267,8 @@ DESIGN_LINES = [
     ["pool", "shrink"],
     ["status", "--dest", "h1"],
     ["start", "a@h1", "h2"],
+    ["schedule", "list"],
+    *(["schedule", verb, "nightly-report"] for verb in ("pause", "resume", "trigger")),
 ]
 
 

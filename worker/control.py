@@ -83,7 +83,9 @@ class Command:
     name: str
     help: str
     args: dict[str, Arg] = field(default_factory=dict)
-    scope: str = "worker"  # "worker": runs in each addressed worker; "host": in the arbiter
+    # "worker": runs in each addressed worker; "host": in the arbiter; "broker": in fleetctl
+    # itself, on the broker (`effect(broker, schedules, **args)`), no node involved
+    scope: str = "worker"
     effect: Callable[..., Any] | None = None  # (worker_or_arbiter, **args) -> reply
     check: Callable[[dict[str, Any]], str | None] | None = None  # the arguments taken together
     # fleetctl: its command lines (words -> the arguments they stand for; none: `fleetctl

@@ -2,6 +2,7 @@
 
 The probe (`python -P -m worker.imports PYTHONPATH_JSON MODULES_JSON`) imports the modules
 exactly as a worker does, in a process of its own, and prints one JSON line: `{"ok": true}`
+(with `"registered"`, the task names they registered)
 or `{"module", "file", "line", "error"}` naming the first module that failed and where.
 """
 
@@ -12,6 +13,8 @@ import json
 import sys
 import traceback
 from typing import Any
+
+from .task import REGISTRY
 
 # `python -P`: the folder a worker starts in is not put first on sys.path, so a project's own
 # `worker.py` there cannot stand in for fleetd's worker package (Python 3.11+).
@@ -75,7 +78,7 @@ def probe(pythonpath: list[str], modules: list[str]) -> dict[str, Any]:
             importlib.import_module(module)
         except BaseException as exc:  # noqa: BLE001 - whatever a module raises is the verdict
             return import_failure(module, exc)
-    return {"ok": True}
+    return {"ok": True, "registered": sorted(REGISTRY)}
 
 
 if __name__ == "__main__":

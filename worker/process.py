@@ -41,6 +41,7 @@ from .link import BrokerLink
 from .pool import POLL_IN, TERMINATE_GRACE, ChildProc, Pool
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
+from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
@@ -127,6 +128,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.broker.recover_expired(self.spec.queues)
             # Where each task goes, for clients that submit by name without its code.
             self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
+        self.scheduler = worker_scheduler(self.broker, self.spec, self.owner, self.emit)
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
         if self.arbiter_fd is not None:
@@ -196,11 +198,12 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.started_flush_at = now + STARTED_FLUSH_DELAY
         self.send_events()
         if self.shutdown is None and self.broker_available():
-            with self.broker_call("tidy up"):
+            with self.broker_call("tidy up and run the schedules"):
                 if self.held():  # a fleet that is never idle must still drop old results
                     self.broker.expire()
                 else:
                     self.broker.maintain()
+                self.scheduler.step(time.time())  # cheap unless this worker leads
         if now >= self.next_renew:
             self.renew(now)
         if now >= self.next_report:
@@ -214,6 +217,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             return 0.0
         now = time.monotonic()
         deadlines = [self.next_renew, self.next_report]
+        if self.shutdown is None and self.broker_available():  # when step() runs the schedules
+            deadlines.append(now + self.scheduler.timeout(time.time()))
         if self.started_flush_at:
             deadlines.append(self.started_flush_at)
         for child in self.children.values():
@@ -342,6 +347,9 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             return
         log.info("%s shutdown", mode, extra={"node": self.node})
         self.shutdown = mode
+        if self.broker_available():
+            with self.broker_call("hand the schedules' lead over"):
+                self.scheduler.resign()
         returned = [d.id for d in self.reserved]
         self.reserved.clear()
         if returned:

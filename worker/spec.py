@@ -41,6 +41,7 @@ class WorkerSpec:
     imports: list[str] = field(default_factory=list)
     pythonpath: list[str] = field(default_factory=list)
     state_dir: str = ""
+    schedules: list[dict[str, Any]] = field(default_factory=list)  # worker/scheduler.py's, as JSON
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -396,3 +396,32 @@ class Broker(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    # --- schedules (worker/scheduler.py) -----------------------------------------
+    @abc.abstractmethod
+    def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
+        """Take the lease `key` for `holder` if it is free or ran out, or renew it if `holder`
+        has it, for `ttl` seconds; returns who holds it now and for how many seconds more."""
+
+    @abc.abstractmethod
+    def release_lead(self, key: str, holder: str) -> None:
+        """Give the lease `key` up if `holder` has it."""
+
+    @abc.abstractmethod
+    def lead_holder(self, key: str) -> str | None:
+        """Who holds the lease `key` now, if anyone."""
+
+    @abc.abstractmethod
+    def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
+        """In one transaction: move the schedule's last fired tick forward to `tick` and enqueue
+        `envelope`, or do nothing and return False if the stored tick is `tick` or later.
+        No `tick` (a manual run): enqueue only. The envelope, if any, becomes the last run."""
+
+    @abc.abstractmethod
+    def schedule_states(self) -> dict[str, dict[str, Any]]:
+        """Every schedule the broker knows: name -> last_tick, last_id, last_at (epoch
+        seconds of the last run's enqueue), paused."""
+
+    @abc.abstractmethod
+    def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume the schedule, fleet-wide and for good."""

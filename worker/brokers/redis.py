@@ -422,3 +422,101 @@ class RedisBroker(Broker):
             link.connection.disconnect()
         self._idle = []
         self.redis.close()
+
+    # --- schedules ---------------------------------------------------------------
+    def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
+        owner, left_ms = self._call(
+            lambda link: link.evaluate(
+                CLAIM_LEAD_SCRIPT, self._key("lead", key), holder, int(ttl * 1000)
+            )
+        )
+        return str(owner), max(0, int(left_ms)) / 1000
+
+    def release_lead(self, key: str, holder: str) -> None:
+        self._call(lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder))
+
+    def lead_holder(self, key: str) -> str | None:
+        holder = self.redis.get(self._key("lead", key))
+        return None if holder is None else str(holder)
+
+    def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
+        task = (
+            None
+            if envelope is None
+            else [envelope.id, envelope.queue, envelope.name, envelope.body]
+        )
+        args = {"name": name, "tick": None if tick is None else _exact(tick), "task": task}
+        return bool(self._call_schedule(args))
+
+    def _call_schedule(self, args: dict[str, Any]) -> Any:
+        """Run the fire script once, even if it has to be sent again (as `_run` does)."""
+        now, encoded = _exact(time.time()), encode_args(args)
+        return json.loads(
+            self._call(
+                lambda link: link.evaluate(
+                    FIRE_SCHEDULE_SCRIPT, self.prefix, link.name, link.calls, now, encoded
+                )
+            )
+        )
+
+    def schedule_states(self) -> dict[str, dict[str, Any]]:
+        names = sorted(str(n) for n in self.redis.smembers(self._key("schedules")))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(self._key("schedule", name), "last_tick", "last_id", "last_at", "paused")
+        states = {}
+        for name, (tick, task_id, at, paused) in zip(names, pipe.execute(), strict=True):
+            states[name] = {
+                "last_tick": None if tick is None else float(tick),
+                "last_id": task_id,
+                "last_at": None if at is None else float(at),
+                "paused": paused == "1",
+            }
+        return states
+
+    def pause_schedule(self, name: str, paused: bool) -> None:
+        pipe = self.redis.pipeline(transaction=True)  # both or neither; a retry does no harm
+        pipe.sadd(self._key("schedules"), name)
+        pipe.hset(self._key("schedule", name), "paused", "1" if paused else "0")
+        pipe.execute()
+
+
+# Keys of the schedules (worker/scheduler.py): {p}:schedules, the set of their names;
+# {p}:schedule:{name}, a hash of last_tick, last_id, last_at and paused; {p}:lead:{key}, the
+# leader lease (its holder, expiring on its own). ARGV: the lease's key, holder, ttl in ms;
+# replies who holds it and for how many ms more. Safe to send again: it only renews.
+CLAIM_LEAD_SCRIPT = LuaScript("""
+local holder = redis.call('GET', ARGV[1])
+if not holder or holder == ARGV[2] then
+  redis.call('SET', ARGV[1], ARGV[2], 'PX', ARGV[3])
+  return {ARGV[2], tonumber(ARGV[3])}
+end
+return {holder, redis.call('PTTL', ARGV[1])}
+""")
+
+# ARGV: the lease's key, holder: deletes the lease if that holder has it.
+RELEASE_LEAD_SCRIPT = LuaScript("""
+if redis.call('GET', ARGV[1]) == ARGV[2] then redis.call('DEL', ARGV[1]) end
+return 0
+""")
+
+# A: {name, tick (text) or null, task: [id, queue, name, body] or null}; see
+# Broker.fire_schedule. Replies whether it fired.
+FIRE_SCHEDULE = """
+local function main()
+  local key = P .. ':schedule:' .. A.name
+  redis.call('SADD', P .. ':schedules', A.name)
+  if A.tick ~= null then
+    local last = redis.call('HGET', key, 'last_tick')
+    if last and tonumber(last) >= tonumber(A.tick) then return false end
+    redis.call('HSET', key, 'last_tick', A.tick)
+  end
+  if A.task ~= null then
+    local e = A.task
+    submit(e[1], e[2], e[3], e[4], '')
+    redis.call('HSET', key, 'last_id', e[1], 'last_at', NOW)
+  end
+  return true
+end
+"""
+FIRE_SCHEDULE_SCRIPT = LuaScript(PRELUDE + FIRE_SCHEDULE + EPILOGUE)

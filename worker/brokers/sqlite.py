@@ -16,10 +16,8 @@ import logging
 import math
 import os
 import sqlite3
-import stat
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +43,7 @@ from .base import (
     task_info,
     utf8_text,
 )
+from .sqlite_wake import FifoWakeup, Poker
 
 QUEUED, HELD, DONE = 0, 1, 2
 SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
@@ -158,98 +157,6 @@ def path_from_url(url: str) -> str:
     if not path:
         raise ValueError(f"sqlite URL without a file path: {url!r}")
     return path
-
-
-class FifoWakeup(Wakeup):
-    """A named pipe in the wake folder; producers write a byte to every pipe there."""
-
-    def __init__(self, folder: str) -> None:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        self.path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.mkfifo(self.path, 0o600)
-        self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        # Our own writer keeps the pipe from reporting hang-up when a producer closes it.
-        self._keep_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def arm(self) -> None:
-        pass
-
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._read_fd, 4096):
-                pass
-
-    def close(self) -> None:
-        for fd in (self._read_fd, self._keep_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
-class Poker:
-    """Wakes every consumer sleeping on a pipe in the wake folder by writing a byte to it.
-
-    The pipes stay open between pokes, and the folder is listed again only when its
-    mtime says a consumer came or went: a poke is then one stat and one write per
-    consumer. An mtime younger than FRESH_MTIME_NS is not trusted (the file system's
-    clock is coarse: a pipe made in the same tick would leave it unchanged)."""
-
-    FRESH_MTIME_NS = 50_000_000
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.listed_mtime: int | None = None  # the folder's mtime when it was last listed
-        self.pipes: dict[str, int] = {}  # path -> our write end
-        self._lock = threading.Lock()
-
-    def poke(self) -> None:
-        with self._lock:
-            try:
-                mtime = os.stat(self.folder).st_mtime_ns
-            except FileNotFoundError:
-                mtime = None
-            if mtime is None or mtime != self.listed_mtime:
-                self._list(mtime)
-            for path, fd in list(self.pipes.items()):
-                try:
-                    os.write(fd, b"!")
-                except BlockingIOError:
-                    pass  # the pipe is full: that consumer is awake already
-                except OSError:  # EPIPE: its consumer is gone
-                    self._drop(path, unlink=True)
-
-    def _list(self, mtime: int | None) -> None:
-        trusted = mtime is not None and time.time_ns() - mtime > self.FRESH_MTIME_NS
-        self.listed_mtime = mtime if trusted else None
-        try:
-            paths = {os.path.join(self.folder, name) for name in os.listdir(self.folder)}
-        except FileNotFoundError:
-            paths = set()
-        for path in set(self.pipes) - paths:
-            self._drop(path, unlink=False)
-        for path in paths - set(self.pipes):
-            try:
-                self.pipes[path] = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
-                with contextlib.suppress(OSError):
-                    if stat.S_ISFIFO(os.lstat(path).st_mode):
-                        os.unlink(path)
-
-    def _drop(self, path: str, unlink: bool) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.pipes.pop(path))
-        if unlink:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-    def close(self) -> None:
-        with self._lock:
-            for path in list(self.pipes):
-                self._drop(path, unlink=False)
 
 
 class SQLiteBroker(Broker):
@@ -644,6 +551,82 @@ class SQLiteBroker(Broker):
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
 
+    # --- schedules ---------------------------------------------------------------
+    def _schedule_tables(self) -> None:
+        """Make the schedules' tables in the file we have open now, once per connection."""
+        if getattr(self, "_schedules_in", None) is not self.db:
+            with self._lock:
+                self.db.executescript(SCHEDULE_SCHEMA)
+            self._schedules_in = self.db
+
+    def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
+        self._schedule_tables()
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO leases (key, holder, until) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET holder = excluded.holder, until = excluded.until"
+                " WHERE leases.holder = excluded.holder OR leases.until <= ?",
+                (key, holder, now + ttl, now),
+            )
+            owner, until = db.execute(
+                "SELECT holder, until FROM leases WHERE key = ?", (key,)
+            ).fetchone()
+        return str(owner), max(0.0, float(until) - now)
+
+    def release_lead(self, key: str, holder: str) -> None:
+        self._schedule_tables()
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE key = ? AND holder = ?", (key, holder))
+
+    def lead_holder(self, key: str) -> str | None:
+        self._schedule_tables()
+        row = self.db.execute(
+            "SELECT holder FROM leases WHERE key = ? AND until > ?", (key, time.time())
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
+        self._schedule_tables()
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
+            if tick is not None:
+                moved = db.execute(
+                    "UPDATE schedules SET last_tick = ? WHERE name = ?"
+                    " AND (last_tick IS NULL OR last_tick < ?)",
+                    (tick, name, tick),
+                ).rowcount
+                if not moved:
+                    return False
+            if envelope is not None:
+                e = envelope
+                db.execute(ENQUEUE, (e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now))
+                db.execute(
+                    "UPDATE schedules SET last_id = ?, last_at = ? WHERE name = ?",
+                    (e.id, now, name),
+                )
+        if envelope is not None:
+            self.poker.poke()
+        return True
+
+    def schedule_states(self) -> dict[str, dict[str, Any]]:
+        self._schedule_tables()
+        rows = self.db.execute("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
+        return {
+            str(name): {"last_tick": tick, "last_id": task_id, "last_at": at, "paused": bool(p)}
+            for name, tick, task_id, at, p in rows
+        }
+
+    def pause_schedule(self, name: str, paused: bool) -> None:
+        self._schedule_tables()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO schedules (name, paused) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                (name, int(paused)),
+            )
+
 
 def _file_identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at `path`; None if there is none."""
@@ -652,3 +635,14 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino
+
+
+# The schedules' own tables (worker/scheduler.py): the last tick each schedule fired, and
+# the lease that says which scheduler leads.
+SCHEDULE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY, last_tick REAL, last_id TEXT, last_at REAL,
+    paused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
+"""

@@ -1,0 +1,317 @@
+"""Schedules: the tick arithmetic (DST included), the config checks, the broker's schedule verbs
+on both brokers, and the scheduler duty's leadership and misfire rules, driven by a clock of
+the test's own."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from supervisor.config import ConfigError, from_dict
+from supervisor.metrics import Metrics
+from tests.brokers.conftest import BrokerFactory
+from tests.brokers.conftest import connect as connect  # the fixture: both brokers
+from tests.fleet import FLEETD
+from tests.test_metrics import samples
+from worker.brokers.base import SUCCESS, Broker, Outcome
+from worker.scheduler import (
+    LEAD_KEY,
+    Schedule,
+    Scheduler,
+    parse_schedule,
+    schedule_envelope,
+    tick_task_id,
+)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+LEASE = 3.0
+
+
+def local_dates(schedule: Schedule, start: datetime, days: int) -> list[str]:
+    """The local date and time of each tick from `start` over `days` days."""
+    moment, end = start.timestamp(), start.timestamp() + days * 86400
+    ticks = []
+    while (moment := schedule.next_after(moment)) < end:
+        ticks.append(datetime.fromtimestamp(moment, BERLIN).strftime("%Y-%m-%d %H:%M"))
+    return ticks
+
+
+@pytest.mark.parametrize(
+    "day", [datetime(2026, 3, 28, 12, tzinfo=BERLIN), datetime(2026, 10, 24, 12, tzinfo=BERLIN)]
+)
+@pytest.mark.parametrize("cron", ["30 2 * * *", "0 3 * * *"])
+def test_daily_cron_runs_once_each_day_across_dst_changes(day: datetime, cron: str) -> None:
+    schedule = Schedule("daily", "t", cron=cron, timezone="Europe/Berlin")
+    ticks = local_dates(schedule, day, 3)
+    assert [t[:10] for t in ticks] == [
+        datetime.fromtimestamp(day.timestamp() + d * 86400, BERLIN).strftime("%Y-%m-%d")
+        for d in (1, 2, 3)
+    ][: len(ticks)]
+    assert (
+        len(ticks) == 3
+    )  # one a day: none lost in the missing hour, none doubled in the repeated one
+    if cron == "30 2 * * *" and day.month == 3:
+        assert ticks[0] == "2026-03-29 03:00"  # 02:30 does not exist that day: it runs at 03:00
+
+
+def test_last_until_is_the_tick_at_or_before() -> None:
+    cron = Schedule("c", "t", cron="0 3 * * *", timezone="Europe/Berlin")
+    tick = datetime(2026, 3, 29, 3, 0, tzinfo=BERLIN).timestamp()
+    assert cron.last_until(tick) == tick
+    assert cron.last_until(tick + 0.5) == tick
+    assert cron.last_until(tick - 1) == tick - 86400 + 3600  # the day before was still CET
+    every = Schedule("e", "t", every=30)
+    assert every.last_until(90.0) == 90.0 and every.next_after(90.0) == 120.0
+
+
+CONFIG = {"fleet": {"broker": "sqlite:///q.db"}, "worker": [{"name": "w"}]}
+
+
+def config_with(*schedules: dict[str, Any]) -> Any:
+    return from_dict(
+        {**CONFIG, "schedule": list(schedules)}, "/tmp/fleet.toml", check_imports=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "words"),
+    [
+        ({"cron": "61 * * * *"}, "schedule[0].cron", "not a valid cron"),
+        ({"cron": "0 * * * * *"}, "schedule[0].cron", "five fields"),
+        ({"every": 5, "timezone": "Mars/Olympus"}, "schedule[0].timezone", "unknown time zone"),
+        ({"cron": "* * * * *", "every": 5}, "schedule[0].cron", "not both"),
+        ({}, "schedule[0].cron", "one of cron"),
+        ({"every": 0}, "schedule[0].every", ">= 1"),
+        ({"every": 5, "misfire": "later"}, "schedule[0].misfire", "run_once"),
+        ({"every": 5, "args": {"a": 1}}, "schedule[0].args", "a list"),
+        ({"every": 5, "color": "red"}, "schedule[0].color", "unknown key"),
+    ],
+)
+def test_check_refuses_a_bad_schedule_naming_its_key(
+    entry: dict[str, Any], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_with({"name": "s", "task": "t", **entry})
+    assert caught.value.key == key
+    assert words in caught.value.problem
+
+
+def test_check_refuses_a_duplicate_schedule_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_with({"name": "s", "task": "t", "every": 5}, {"name": "s", "task": "u", "every": 9})
+    assert caught.value.key == "schedule[1].name"
+
+
+def test_schedules_reach_every_worker_spec() -> None:
+    config = config_with(
+        {"name": "s", "task": "t", "cron": "0 3 * * *", "timezone": "Europe/Berlin"}
+    )
+    assert config.schedules == [
+        parse_schedule({"name": "s", "task": "t", "cron": "0 3 * * *", "timezone": "Europe/Berlin"})
+    ]
+    assert [Schedule.from_json(s) for s in config.workers[0].schedules] == config.schedules
+
+
+# --- the broker's verbs, on both brokers ------------------------------------------------
+
+
+EVERY = Schedule("tick", "tasks.tick", every=10, queue="q")
+
+
+def envelope(tick: float) -> Any:
+    return schedule_envelope(EVERY, tick_task_id(EVERY.name, tick), lambda name: "default")
+
+
+def test_a_tick_fires_once_and_never_an_earlier_one(connect: BrokerFactory) -> None:
+    one, two = connect(), connect()
+    assert one.fire_schedule("tick", 100.0, envelope(100.0))
+    assert not two.fire_schedule("tick", 100.0, envelope(100.0))
+    assert not two.fire_schedule("tick", 90.0, envelope(90.0))
+    assert two.fire_schedule("tick", 110.0, envelope(110.0))
+    ids = [d.id for d in one.reserve(["q"], 10, "me", 30)]
+    assert sorted(ids) == ["schedule:tick:100", "schedule:tick:110"]
+    state = one.schedule_states()["tick"]
+    assert state["last_tick"] == 110.0 and state["last_id"] == "schedule:tick:110"
+    assert not state["paused"]
+
+
+def test_a_manual_run_leaves_the_ticks_alone(connect: BrokerFactory) -> None:
+    broker = connect()
+    broker.fire_schedule("tick", 100.0, envelope(100.0))
+    assert broker.fire_schedule("tick", None, envelope(555.0))
+    assert broker.schedule_states()["tick"]["last_tick"] == 100.0
+    assert broker.schedule_states()["tick"]["last_id"] == "schedule:tick:555"
+
+
+def test_pause_is_stored_in_the_broker(connect: BrokerFactory) -> None:
+    connect().pause_schedule("tick", True)
+    assert connect().schedule_states()["tick"]["paused"]
+    connect().pause_schedule("tick", False)
+    assert not connect().schedule_states()["tick"]["paused"]
+
+
+def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> None:
+    one, two = connect(), connect()
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "a:1:1"
+    holder, left = two.claim_lead(LEAD_KEY, "b:2:2", 0.3)
+    assert holder == "a:1:1" and 0 < left <= 0.3
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "a:1:1"  # renewed
+    assert two.lead_holder(LEAD_KEY) == "a:1:1"
+    deadline = datetime.now().timestamp() + 5
+    while two.claim_lead(LEAD_KEY, "b:2:2", 0.3)[0] != "b:2:2":
+        assert datetime.now().timestamp() < deadline, "the lead never ran out"
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 0.3)[0] == "b:2:2"
+    one.release_lead(LEAD_KEY, "a:1:1")  # not its lease: nothing happens
+    assert one.lead_holder(LEAD_KEY) == "b:2:2"
+    two.release_lead(LEAD_KEY, "b:2:2")  # handed back: free for the next one at once
+    assert one.claim_lead(LEAD_KEY, "a:1:1", 30)[0] == "a:1:1"
+
+
+# --- the duty, on a clock of the test's own -------------------------------------------
+
+
+class Clock:
+    """Epoch seconds the test moves; the broker's lease still runs on the real clock, so the
+    tests keep their clock near it."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now().timestamp()
+
+
+def scheduler(broker: Broker, name: str, schedules: list[Schedule]) -> Scheduler:
+    return Scheduler(broker, schedules, f"{name}@host:1:1", LEASE, lambda task: "default")
+
+
+def fired_ticks(broker: Broker) -> list[str]:
+    return sorted(d.id for d in broker.reserve(["q"], 1000, "test", 30))
+
+
+def test_two_schedulers_that_both_lead_fire_each_tick_once(connect: BrokerFactory) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q")
+    one, two = scheduler(connect(), "one", [schedule]), scheduler(connect(), "two", [schedule])
+    consumer = connect()
+    start = datetime.now().timestamp()
+    two.leading_since = start  # a stalled leader whose lease ran out, still acting
+    ran: list[str] = []
+
+    def run_all() -> None:
+        """Each task runs and ends at once: a tick enqueued again would start over, run twice."""
+        done = consumer.reserve(["q"], 100, "test", 30)
+        consumer.finish([Outcome(d.id, SUCCESS) for d in done])
+        ran.extend(d.id for d in done)
+
+    for offset in range(50):
+        now = start + offset / 10
+        stale = two.broker.schedule_states().get("tick", {})  # read before one fires
+        one.step(now)
+        run_all()
+        two.fire_schedule(schedule, stale, now)  # acts on what it read: the same ticks
+        run_all()
+        one.due_at = 0.0
+    assert len(ran) == len(set(ran)) >= 4, ran
+    ticks = sorted(int(i.rsplit(":", 1)[1]) for i in ran)
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))  # none missed
+
+
+@pytest.mark.parametrize("misfire", ["skip", "run_once"])
+def test_ticks_missed_longer_than_a_takeover_follow_the_misfire_policy(
+    connect: BrokerFactory, misfire: str
+) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire=misfire)
+    broker = connect()
+    last = float(int(datetime.now().timestamp())) - 10  # the last tick fired, 10 s ago
+    broker.fire_schedule("tick", last, None)
+    duty = scheduler(broker, "one", [schedule])
+    now = last + 10.2
+    duty.step(now)  # takes the lead now
+    missed = int(now - duty.takeover_time)  # the last tick older than a takeover
+    late = range(missed + 1, int(now) + 1)  # late only by what a takeover takes: they run
+    expected = ([missed] if misfire == "run_once" else []) + list(late)
+    assert fired_ticks(connect()) == sorted(tick_task_id("tick", t) for t in expected)
+    assert duty.counts == {"fired": len(expected), "skipped": int(misfire == "skip")}
+
+
+def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(
+    connect: BrokerFactory,
+) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire="run_once")
+    broker = connect()
+    duty = scheduler(broker, "one", [schedule])
+    start = float(int(datetime.now().timestamp()))
+    duty.step(start + 0.1)  # a new schedule starts now
+    broker.pause_schedule("tick", True)
+    duty.step(start + 3.1)
+    assert fired_ticks(connect()) == []
+    broker.pause_schedule("tick", False)
+    duty.step(start + 4.1)
+    assert fired_ticks(connect()) == [tick_task_id("tick", start + 4)]
+
+
+# --- fleetd check, the command line -------------------------------------------------------
+TASKS_MODULE = "from worker import task\n\n@task\ndef nightly():\n    return 1\n"
+
+
+def fleetd_check(folder: Path, schedule: str) -> subprocess.CompletedProcess[str]:
+    (folder / "tasks.py").write_text(TASKS_MODULE)
+    config = f'[fleet]\nimports = ["tasks"]\n\n[[worker]]\nname = "w"\n\n[[schedule]]\n{schedule}'
+    (folder / "fleet.toml").write_text(config)
+    return subprocess.run(
+        [FLEETD, "check", "-c", str(folder / "fleet.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key"),
+    [
+        ('name = "n"\ntask = "tasks.nightly"\ncron = "61 * * * *"\n', "schedule[0].cron"),
+        (
+            'name = "n"\ntask = "tasks.nightly"\nevery = 5\ntimezone = "Nowhere/Land"\n',
+            "schedule[0].timezone",
+        ),
+        ('name = "n"\ntask = "tasks.nightly"\n', "schedule[0].cron"),
+        ('name = "n"\ntask = "tasks.other"\nevery = 5\n', "schedule[0].task"),
+    ],
+)
+def test_fleetd_check_refuses_a_bad_schedule_with_exit_2(
+    tmp_path: Path, schedule: str, key: str
+) -> None:
+    done = fleetd_check(tmp_path, schedule)
+    assert done.returncode == 2, done.stdout
+    [message] = done.stderr.strip().splitlines()
+    assert message.startswith(f"fleetd: {tmp_path / 'fleet.toml'}: {key}: ")
+
+
+def test_fleetd_check_takes_a_good_schedule(tmp_path: Path) -> None:
+    done = fleetd_check(
+        tmp_path,
+        'name = "n"\ntask = "tasks.nightly"\ncron = "0 3 * * *"\ntimezone = "Europe/Berlin"\n',
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_duty_reports_runs_how_late_and_skips_to_the_metrics(connect: BrokerFactory) -> None:
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire="skip")
+    broker = connect()
+    last = float(int(datetime.now().timestamp())) - 10
+    broker.fire_schedule("tick", last, None)
+    events: list[dict[str, Any]] = []
+    duty = scheduler(broker, "one", [schedule])
+    duty.emit = lambda kind, **fields: events.append({"type": kind, **fields})
+    duty.step(last + 10.25)
+    metrics = Metrics()
+    assert all(metrics.apply(event) for event in events)
+    got = samples(metrics.render())
+    runs = len(fired_ticks(connect()))
+    assert got['fleetd_schedule_runs_total{schedule="tick"}'] == runs >= 1
+    assert got['fleetd_schedule_skips_total{schedule="tick"}'] == 1
+    assert got['fleetd_schedule_late_seconds_count{schedule="tick"}'] == runs
+    assert got['fleetd_schedule_late_seconds_bucket{schedule="tick",le="0.01"}'] == 0
+    assert got['fleetd_schedule_late_seconds_bucket{schedule="tick",le="5.0"}'] == runs

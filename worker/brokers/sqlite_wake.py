@@ -1,0 +1,105 @@
+"""How consumers of the SQLite broker wait for work without polling: each has a FIFO in
+the queue file's `-wake` folder, and every writer pokes the FIFOs of the queues it wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+import time
+import uuid
+
+from .base import Wakeup
+
+
+class FifoWakeup(Wakeup):
+    """A named pipe in the wake folder; producers write a byte to every pipe there."""
+
+    def __init__(self, folder: str) -> None:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkfifo(self.path, 0o600)
+        self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own writer keeps the pipe from reporting hang-up when a producer closes it.
+        self._keep_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def arm(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._keep_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Poker:
+    """Wakes every consumer sleeping on a pipe in the wake folder by writing a byte to it.
+
+    The pipes stay open between pokes, and the folder is listed again only when its
+    mtime says a consumer came or went: a poke is then one stat and one write per
+    consumer. An mtime younger than FRESH_MTIME_NS is not trusted (the file system's
+    clock is coarse: a pipe made in the same tick would leave it unchanged)."""
+
+    FRESH_MTIME_NS = 50_000_000
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.listed_mtime: int | None = None  # the folder's mtime when it was last listed
+        self.pipes: dict[str, int] = {}  # path -> our write end
+        self._lock = threading.Lock()
+
+    def poke(self) -> None:
+        with self._lock:
+            try:
+                mtime = os.stat(self.folder).st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            if mtime is None or mtime != self.listed_mtime:
+                self._list(mtime)
+            for path, fd in list(self.pipes.items()):
+                try:
+                    os.write(fd, b"!")
+                except BlockingIOError:
+                    pass  # the pipe is full: that consumer is awake already
+                except OSError:  # EPIPE: its consumer is gone
+                    self._drop(path, unlink=True)
+
+    def _list(self, mtime: int | None) -> None:
+        trusted = mtime is not None and time.time_ns() - mtime > self.FRESH_MTIME_NS
+        self.listed_mtime = mtime if trusted else None
+        try:
+            paths = {os.path.join(self.folder, name) for name in os.listdir(self.folder)}
+        except FileNotFoundError:
+            paths = set()
+        for path in set(self.pipes) - paths:
+            self._drop(path, unlink=False)
+        for path in paths - set(self.pipes):
+            try:
+                self.pipes[path] = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
+                with contextlib.suppress(OSError):
+                    if stat.S_ISFIFO(os.lstat(path).st_mode):
+                        os.unlink(path)
+
+    def _drop(self, path: str, unlink: bool) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.pipes.pop(path))
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def close(self) -> None:
+        with self._lock:
+            for path in list(self.pipes):
+                self._drop(path, unlink=False)
