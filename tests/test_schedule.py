@@ -18,7 +18,7 @@ from tests.brokers.conftest import BrokerFactory
 from tests.brokers.conftest import connect as connect  # the fixture: both brokers
 from tests.fleet import FLEETD
 from tests.test_metrics import samples
-from worker.brokers.base import SUCCESS, Broker, Outcome
+from worker.brokers.base import SUCCESS, Broker, Outcome, Turn
 from worker.scheduler import (
     LEAD_KEY,
     Schedule,
@@ -202,7 +202,7 @@ def test_two_schedulers_that_both_lead_fire_each_tick_once(connect: BrokerFactor
     def run_all() -> None:
         """Each task runs and ends at once: a tick enqueued again would start over, run twice."""
         done = consumer.reserve(["q"], 100, "test", 30)
-        consumer.finish([Outcome(d.id, SUCCESS) for d in done])
+        consumer.turn(Turn(outcomes=[Outcome(d.id, SUCCESS) for d in done]))
         ran.extend(d.id for d in done)
 
     for offset in range(50):
