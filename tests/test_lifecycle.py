@@ -759,6 +759,18 @@ def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
     assert held[1].get(timeout=10) not in spares
 
 
+def test_the_run_record_drops_recycled_children_as_soon_as_they_are_gone(make_fleet) -> None:
+    """The arbiter rewrites its run record at each fork: it must not carry every child of the
+    last seconds (200 tasks/s made that a rewrite of hundreds of records per task)."""
+    fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    handles = fleet.client.submit_many([("tasks.noop", (), {}) for _ in range(60)])
+    for handle in handles:
+        handle.get(timeout=30)
+    record = json.loads((fleet.folder / "state" / "run.json").read_text())
+    # The worker, its 2 children and their 2 spares, and a child or two on its way out.
+    assert len(record["processes"]) <= 8, len(record["processes"])
+
+
 def test_max_memory_per_child_recycles_a_child_that_grew_past_it(make_fleet) -> None:
     fleet = make_fleet(defaults={"concurrency": 1, "max_memory_per_child": "150MB"}).start()
     small = [fleet.client.submit("tasks.hog", 1).get(timeout=10) for _ in range(3)]

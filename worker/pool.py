@@ -350,6 +350,9 @@ class Pool:
                 status = -1
         # What its tasks started in other groups and sessions came to us when it died.
         end_adopted({c.pid for c in self.children.values()})
+        # Its group and what it left us are ended: the arbiter's run record may drop it (else
+        # the record holds every child of the last seconds, rewritten at each fork).
+        self.send({"type": "child-gone", "pid": child.pid})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
