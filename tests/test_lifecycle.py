@@ -759,6 +759,30 @@ def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
     assert held[1].get(timeout=10) not in spares
 
 
+def test_spares_go_with_a_pool_shrink_and_a_warm_shutdown(make_fleet, tmp_path: Path) -> None:
+    """A spare belongs to a child on its last task: a shrink of the pool under them lets the
+    extra spare go, and a warm shutdown waits for the tasks, not for the spares."""
+    fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
+    held = [fleet.client.submit("tasks.hold", str(gate)) for gate in gates]
+
+    def states() -> list[str]:
+        [stats] = inspect(fleet, "stats").values()
+        return sorted(c["state"] for c in stats["children"])
+
+    wait_for(lambda: states() == ["busy", "busy", "spare", "spare"], 10, message="two spares")
+    fleet.ctl("pool", "shrink", "1")
+    gates[0].touch()
+    held[0].get(timeout=10)
+    # The pool is 1: the held child runs on, its spare stays; the other spare went.
+    wait_for(lambda: states() == ["busy", "spare"], 10, message="one spare left")
+    fleet.signal(signal.SIGTERM)
+    gates[1].touch()
+    assert fleet.wait_exit(10) == 0
+    assert held[1].get(timeout=5)
+    assert not fleet.leftovers()
+
+
 def test_the_run_record_drops_recycled_children_as_soon_as_they_are_gone(make_fleet) -> None:
     """The arbiter rewrites its run record at each fork: it must not carry every child of the
     last seconds (200 tasks/s made that a rewrite of hundreds of records per task)."""
