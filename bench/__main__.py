@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from bench.harness import run
@@ -26,8 +27,18 @@ def main() -> None:
         "--output", type=Path, help="default: bench/RESULTS.md (--quick: bench/RESULTS-quick.md)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the workers' logs and state")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        metavar="N",
+        help="worker processes (pool size) of every system (default: 2)",
+    )
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
+    if args.procs is not None:
+        if args.procs < 1:
+            parser.error(f"--procs must be 1 or more, not {args.procs}")
+        plan = dataclasses.replace(plan, processes=args.procs)
     output = args.output or HERE / ("RESULTS.md" if args.full else "RESULTS-quick.md")
     names = args.systems.split(",") if args.systems else None
     if names:

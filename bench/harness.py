@@ -32,7 +32,8 @@ def not_built(system: System, rep: int, reason: str) -> SessionResult:
 
 def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     systems = [s for s in all_systems() if names is None or s.name in names]
-    environment.ensure_peers_venv()
+    if any(not s.is_fleetd for s in systems):  # fleetd alone needs none of the peers
+        environment.ensure_peers_venv()
     environment.compile_bytecode()
     if any(s.is_fleetd for s in systems):
         environment.ensure_fleetd_venv()

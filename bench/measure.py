@@ -41,6 +41,7 @@ class Figure:
 FIGURES = [
     Figure("throughput_concurrent", "Throughput, enqueue while draining", "tasks/s", True),
     Figure("throughput_drain", "Throughput, drain of a pre-filled queue", "tasks/s", True),
+    Figure("redis_cpu", "Redis server CPU per task, drain of a pre-filled queue", "µs", False),
     Figure("enqueue_single", "Enqueue rate, one task per call", "tasks/s", True),
     Figure("enqueue_batch", "Enqueue rate, batches of 100", "tasks/s", True),
     Figure("start_p50", "Latency submit → start, p50", "ms", False, 2),
@@ -123,6 +124,7 @@ class Session:
         self.system = system
         self.plan = plan
         self.redis = redis.client
+        self.redis_server = redis
         self.site = Site(workdir, redis.url)
         self.result = SessionResult(system.name, rep)
 
@@ -146,9 +148,11 @@ class Session:
 
     def on_main_fleet(self) -> None:
         """The phases that share one fleet: launched on the pre-filled queue, TERMed at the end."""
+        redis_cpu = self.redis_server.cpu_seconds()  # before the workers connect
         fleet = self.launch("main", max_tasks_per_child=0)
         try:
-            self.phase(["cold_start", "throughput_drain"], lambda: self.drain(fleet))
+            drained = ["cold_start", "throughput_drain", "redis_cpu"]
+            self.phase(drained, lambda: self.drain(fleet, redis_cpu))
             if "throughput_drain" not in self.result.values:
                 raise FleetDied("the fleet did not drain its queue")
             self.phase(["throughput_concurrent"], lambda: self.concurrent(fleet))
@@ -225,13 +229,21 @@ class Session:
             self.note(["enqueue_batch"], "n/a (no batched enqueue API)")
         return values
 
-    def drain(self, fleet: Fleet) -> dict[str, float]:
-        """Workers launched on the pre-filled queue: cold start, then drain rate."""
+    def drain(self, fleet: Fleet, redis_cpu: float) -> dict[str, float]:
+        """Workers launched on the pre-filled queue: cold start, then drain rate; and the Redis
+        server's CPU per task from the launch to the last task done (with the boot's commands,
+        the body's RPUSH and the harness's LLEN polls: those cost every system alike)."""
         stamps = sorted(self.stamps(self.key("drain"), self.plan.tasks, fleet))
-        return {
+        values = {
             "cold_start": stamps[0] - fleet.launched_at,
             "throughput_drain": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
         }
+        if self.system.uses_redis:
+            spent = self.redis_server.cpu_seconds() - redis_cpu
+            values["redis_cpu"] = spent / self.plan.tasks * 1e6
+        else:
+            self.note(["redis_cpu"], "n/a (its broker is not Redis)")
+        return values
 
     def concurrent(self, fleet: Fleet) -> dict[str, float]:
         """One producer submits the tasks one by one while the idle fleet drains them."""

@@ -114,7 +114,11 @@ def method(plan: Plan) -> list[str]:
         " system's batch API. Both halves stay in the queue for the drain run.",
         f"- Drain of a pre-filled queue ({n} tasks): the workers start on the full queue;"
         " (tasks − 1) ÷ (last stamp − first stamp). Cold start is the first stamp minus the"
-        " moment the worker command was launched.",
+        " moment the worker command was launched. Redis CPU per task: the Redis server's"
+        " utime + stime (/proc/PID/stat) from the launch to the last task done, ÷ tasks, for"
+        " every system whose broker is Redis; it holds the body's RPUSH and the harness's"
+        " LLEN polls (every 20 ms), the same for every system, and ticks of 10 ms: a figure"
+        " of the full run, where they are 2 µs a task.",
         f"- Enqueue while draining ({n} tasks): one producer submits one task per call to the"
         " idle fleet; tasks ÷ (last stamp − first submit).",
         f"- Latency: {plan.latency_tasks:,} tasks submitted one after the other on an idle fleet,"

@@ -1,8 +1,9 @@
 """fleetd alone, quickly: no-op throughput, cold start and latency on one broker.
 
-`python -m bench.throughput [--broker sqlite|redis] [--tasks 5000] [--prefetch 1]`
-starts a fleet with `concurrency = 2` in a temp dir (Redis: a private server),
-and prints tasks/s for a pre-filled queue and for enqueue-while-draining, the
+`python -m bench.throughput [--broker sqlite|redis] [--tasks 5000] [--prefetch 1]
+[--max-tasks-per-child 0]` starts a fleet with `concurrency = 2` in a temp dir (Redis: a
+private server), and prints tasks/s for a pre-filled queue and for enqueue-while-draining,
+the fleet's CPU per task over the drain (the figure a loaded machine disturbs least), the
 time from `fleetd start` to the first task done, and submit-to-result latency.
 `make bench` is the side-by-side comparison; this is the figure to watch while
 changing fleetd.
@@ -11,6 +12,7 @@ changing fleetd.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,12 +26,13 @@ FLEETD = str(Path(sys.executable).parent / "fleetd")
 TASKS = "from fleetd import task\n\n\n@task\ndef noop():\n    return None\n"
 
 
-def write_config(folder: Path, broker: str, prefetch: int) -> Path:
+def write_config(folder: Path, broker: str, prefetch: int, max_tasks_per_child: int) -> Path:
     (folder / "tput_tasks.py").write_text(TASKS)
     config = folder / "fleet.toml"
     config.write_text(
         f'[fleet]\nnode = "tput"\nbroker = "{broker}"\nimports = ["tput_tasks"]\n'
         f"[defaults]\nconcurrency = 2\nprefetch = {prefetch}\n"
+        f"max_tasks_per_child = {max_tasks_per_child}\n"
         '[[worker]]\nname = "w"\n'
     )
     return config
@@ -38,6 +41,25 @@ def write_config(folder: Path, broker: str, prefetch: int) -> Path:
 def drain(client: Client, handles: list) -> None:
     for handle in handles:
         handle.get(timeout=120)
+
+
+def fleet_cpu(pid: int) -> float:
+    """CPU seconds of the fleet under `pid`: each process's own and its reaped children's
+    (utime, stime, cutime, cstime), so a child that exits during a run still counts."""
+    ticks = 0
+    pids, seen = [pid], set()
+    while pids:
+        current = pids.pop()
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                pids += [int(p) for p in children.read().split() if int(p) not in seen]
+        except OSError:  # it exited meanwhile: its parent's cutime holds it
+            continue
+        ticks += sum(int(field) for field in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def measure(config: Path, tasks: int) -> dict[str, float]:
@@ -50,9 +72,10 @@ def measure(config: Path, tasks: int) -> dict[str, float]:
         first.get(timeout=30)
         out["cold start to first task (s)"] = time.perf_counter() - started
         handles = client.submit_many([("tput_tasks.noop", (), {})] * tasks)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), fleet_cpu(fleet.pid)
         drain(client, handles)
         out["pre-filled drain (tasks/s)"] = tasks / (time.perf_counter() - started)
+        out["fleet CPU per task, drain (ms)"] = (fleet_cpu(fleet.pid) - cpu) / tasks * 1000
         started = time.perf_counter()
         handles = []
         for _ in range(0, tasks, 100):
@@ -79,15 +102,20 @@ def main() -> int:
     parser.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--max-tasks-per-child", type=int, default=0)
     args = parser.parse_args()
+    settings = args.prefetch, args.max_tasks_per_child
     with tempfile.TemporaryDirectory(prefix="fleetd-tput-") as tmp:
         folder = Path(tmp)
         if args.broker == "redis":
             with RedisServer(folder / "redis") as redis:
-                figures = measure(write_config(folder, redis.url, args.prefetch), args.tasks)
+                figures = measure(write_config(folder, redis.url, *settings), args.tasks)
         else:
-            figures = measure(write_config(folder, "sqlite:///queue.db", args.prefetch), args.tasks)
-    print(f"fleetd on {args.broker}, concurrency 2, prefetch {args.prefetch}, {args.tasks} tasks")
+            figures = measure(write_config(folder, "sqlite:///queue.db", *settings), args.tasks)
+    print(
+        f"fleetd on {args.broker}, concurrency 2, prefetch {args.prefetch},"
+        f" max_tasks_per_child {args.max_tasks_per_child}, {args.tasks} tasks"
+    )
     for name, value in figures.items():
         print(f"  {name:36} {value:10.2f}")
     return 0

@@ -504,6 +504,9 @@ class Arbiter:
             self.worker_ready(w, str(message.get("owner", "")))
         elif kind == "child":  # forked just now, before it got any task
             self.child_forked(w, message)
+        elif kind == "child-gone":  # its group is ended: no run record needs it any more
+            if isinstance(pid := message.get("pid"), int):
+                w.children.pop(pid, None)
         elif kind == "boot-error":  # its last words: it exits next
             w.exit_cause = f"could not boot: {str(message.get('error'))[:1000]}"
         elif kind == "reply":

@@ -734,6 +734,67 @@ def test_max_tasks_per_child_spreads_tasks_over_fresh_children(make_fleet) -> No
     wait_for(lambda: len(fleet.child_pids()) == 1, 5, message="the last retiring child to go")
 
 
+def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
+    make_fleet, tmp_path: Path
+) -> None:
+    """max_tasks_per_child = 1 forks a spare when a child is handed its last task, not after
+    it finished: one spare per retiring child, and the spare runs the next task."""
+    fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
+    held = [fleet.client.submit("tasks.hold", str(gate)) for gate in gates]
+
+    def states() -> list[str]:
+        [stats] = inspect(fleet, "stats").values()
+        return sorted(c["state"] for c in stats["children"])
+
+    wait_for(lambda: states() == ["busy", "busy", "spare", "spare"], 10, message="two spares")
+    assert holds(lambda: states() == ["busy", "busy", "spare", "spare"]), "more than one each"
+    [stats] = inspect(fleet, "stats").values()
+    spares = {c["pid"] for c in stats["children"] if c["state"] == "spare"}
+    gates[0].touch()
+    first = held[0].get(timeout=10)
+    after = fleet.client.submit("tasks.pid").get(timeout=10)
+    assert after in spares and after != first
+    gates[1].touch()
+    assert held[1].get(timeout=10) not in spares
+
+
+def test_spares_go_with_a_pool_shrink_and_a_warm_shutdown(make_fleet, tmp_path: Path) -> None:
+    """A spare belongs to a child on its last task: a shrink of the pool under them lets the
+    extra spare go, and a warm shutdown waits for the tasks, not for the spares."""
+    fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
+    held = [fleet.client.submit("tasks.hold", str(gate)) for gate in gates]
+
+    def states() -> list[str]:
+        [stats] = inspect(fleet, "stats").values()
+        return sorted(c["state"] for c in stats["children"])
+
+    wait_for(lambda: states() == ["busy", "busy", "spare", "spare"], 10, message="two spares")
+    fleet.ctl("pool", "shrink", "1")
+    gates[0].touch()
+    held[0].get(timeout=10)
+    # The pool is 1: the held child runs on, its spare stays; the other spare went.
+    wait_for(lambda: states() == ["busy", "spare"], 10, message="one spare left")
+    fleet.signal(signal.SIGTERM)
+    gates[1].touch()
+    assert fleet.wait_exit(10) == 0
+    assert held[1].get(timeout=5)
+    assert not fleet.leftovers()
+
+
+def test_the_run_record_drops_recycled_children_as_soon_as_they_are_gone(make_fleet) -> None:
+    """The arbiter rewrites its run record at each fork: it must not carry every child of the
+    last seconds (200 tasks/s made that a rewrite of hundreds of records per task)."""
+    fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
+    handles = fleet.client.submit_many([("tasks.noop", (), {}) for _ in range(60)])
+    for handle in handles:
+        handle.get(timeout=30)
+    record = json.loads((fleet.folder / "state" / "run.json").read_text())
+    # The worker, its 2 children and their 2 spares, and a child or two on its way out.
+    assert len(record["processes"]) <= 8, len(record["processes"])
+
+
 def test_max_memory_per_child_recycles_a_child_that_grew_past_it(make_fleet) -> None:
     fleet = make_fleet(defaults={"concurrency": 1, "max_memory_per_child": "150MB"}).start()
     small = [fleet.client.submit("tasks.hog", 1).get(timeout=10) for _ in range(3)]

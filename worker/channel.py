@@ -20,7 +20,7 @@ from .protocol import Outbox, ProtocolError, encode
 if TYPE_CHECKING:
     from .process import Worker
 
-from .pool import POLL_IN, rss
+from .pool import POLL_IN, ChildProc, rss
 
 log = logging.getLogger("fleetd.worker")
 
@@ -199,7 +199,7 @@ class ArbiterChannel:
             "children": [
                 {
                     "pid": c.pid,
-                    "state": "busy" if c.running else ("retiring" if c.retiring else "idle"),
+                    "state": child_state(c),
                     "task": c.running.delivery.id if c.running else None,
                     "task_name": c.running.delivery.name if c.running else None,
                     "runtime": now - c.running.started if c.running else None,
@@ -210,3 +210,11 @@ class ArbiterChannel:
                 for c in self.children.values()
             ],
         }
+
+
+def child_state(child: ChildProc) -> str:
+    if child.running:
+        return "busy"
+    if child.retiring:
+        return "retiring"
+    return "spare" if child.spare else "idle"

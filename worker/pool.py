@@ -67,6 +67,9 @@ class ChildProc:
     tasks_done: int = 0
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
+    # Forked ahead for a child handed its last task (max_tasks_per_child): it gets no task
+    # until a child retires, then takes over at once instead of the pool waiting for a fork.
+    spare: bool = False
     said_bye: bool = False  # it wrote BYE: it stops cleanly, between tasks
     born: float = field(default_factory=time.time)
 
@@ -86,31 +89,67 @@ class Pool:
 
     def fill_pool(self: Worker) -> None:
         """Fork children up to the target. A pipe or fork that fails (EMFILE, EAGAIN, ENOMEM)
-        is logged and tried again after a backoff, never the worker's death."""
+        is logged and tried again after a backoff, never the worker's death. A spare takes
+        a place before any fork."""
         while self.live_children() < self.target_children:
-            if time.monotonic() < self.spawn_retry_at:
+            spares = self.spares()
+            if spares:
+                spares[0].spare = False
+            elif self.try_spawn() is None:
                 return
-            try:
-                self.spawn_child()
-            except OSError as exc:
-                level = logging.DEBUG if self.spawn_backoff else logging.WARNING
-                self.spawn_backoff = min(
-                    SPAWN_BACKOFF_MAX, max(SPAWN_BACKOFF_MIN, 2 * self.spawn_backoff)
-                )
-                self.spawn_retry_at = time.monotonic() + self.spawn_backoff
-                log.log(
-                    level,
-                    "cannot fork a child (%s): pool is %d of %d; trying again in %.1fs",
-                    exc,
-                    self.live_children(),
-                    self.target_children,
-                    self.spawn_backoff,
-                    extra={"node": self.node},
-                )
-                return
-            if self.spawn_backoff:
-                self.spawn_backoff = 0.0
-                log.info("forking children again", extra={"node": self.node})
+
+    def try_spawn(self: Worker) -> ChildProc | None:
+        """Fork a child unless forks are backing off; None if none was forked."""
+        if time.monotonic() < self.spawn_retry_at:
+            return None
+        try:
+            child = self.spawn_child()
+        except OSError as exc:
+            level = logging.DEBUG if self.spawn_backoff else logging.WARNING
+            self.spawn_backoff = min(
+                SPAWN_BACKOFF_MAX, max(SPAWN_BACKOFF_MIN, 2 * self.spawn_backoff)
+            )
+            self.spawn_retry_at = time.monotonic() + self.spawn_backoff
+            log.log(
+                level,
+                "cannot fork a child (%s): pool is %d of %d; trying again in %.1fs",
+                exc,
+                self.live_children(),
+                self.target_children,
+                self.spawn_backoff,
+                extra={"node": self.node},
+            )
+            return None
+        if self.spawn_backoff:
+            self.spawn_backoff = 0.0
+            log.info("forking children again", extra={"node": self.node})
+        return child
+
+    def on_last_task(self: Worker, child: ChildProc) -> bool:
+        """The child holds the last task it may run before it is recycled."""
+        return (
+            not child.retiring
+            and not child.spare
+            and bool(child.recycle_after)
+            and child.tasks_done + len(child.tasks) >= child.recycle_after
+        )
+
+    def spares_wanted(self: Worker) -> int:
+        """One spare per child on its last task; none while shutting down."""
+        if self.shutdown is not None:
+            return 0
+        return sum(1 for c in self.children.values() if self.on_last_task(c))
+
+    def spares(self: Worker) -> list[ChildProc]:
+        return [c for c in self.children.values() if c.spare and not c.retiring]
+
+    def fork_spare(self: Worker) -> None:
+        """Fork a spare for a child just handed its last task, so that its retirement
+        costs no fork (max_tasks_per_child = 1 would otherwise wait for one per task)."""
+        if len(self.spares()) < self.spares_wanted():
+            spare = self.try_spawn()
+            if spare is not None:
+                spare.spare = True
 
     def spawn_child(self: Worker) -> ChildProc:
         """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
@@ -225,8 +264,8 @@ class Pool:
         return False
 
     def retire_child(self: Worker, child: ChildProc) -> None:
-        """Replace a child after its task: the new one is forked first, so the pool never
-        shrinks."""
+        """Replace a child after its task: its spare (forked when it was handed its last
+        task) takes its place, else a new one is forked first, so the pool never shrinks."""
         child.retiring = True
         self.counts["recycled"] += 1
         self.emit("child-recycled")
@@ -287,7 +326,8 @@ class Pool:
             self.poller.unregister(fd)
 
     def live_children(self: Worker) -> int:
-        return sum(1 for c in self.children.values() if not c.retiring)
+        """Children that take tasks: neither retiring nor spare."""
+        return sum(1 for c in self.children.values() if not c.retiring and not c.spare)
 
     def child_gone(self: Worker, child: ChildProc, status: int | None = None) -> None:
         """The child exited or was killed (its pipe closed, or it was reaped): settle its tasks.
@@ -310,6 +350,9 @@ class Pool:
                 status = -1
         # What its tasks started in other groups and sessions came to us when it died.
         end_adopted({c.pid for c in self.children.values()})
+        # Its group and what it left us are ended: the arbiter's run record may drop it (else
+        # the record holds every child of the last seconds, rewritten at each fork).
+        self.send({"type": "child-gone", "pid": child.pid})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
@@ -352,9 +395,11 @@ class Pool:
         for child in list(self.children.values()):
             if extra <= 0:
                 break
-            if not child.retiring and child.running is None:
+            if not child.retiring and not child.spare and child.running is None:
                 self.let_go(child)
                 extra -= 1
+        for spare in self.spares()[self.spares_wanted() :]:  # the pool shrank under them
+            self.let_go(spare)
 
     def child_with_room(self: Worker) -> ChildProc | None:
         """The child with the fewest tasks, if it can take one more: an idle child at once,
@@ -362,7 +407,7 @@ class Pool:
         for us between tasks). Never one about to be recycled."""
         best: ChildProc | None = None
         for child in self.children.values():
-            if child.retiring or len(child.tasks) > self.spec.prefetch:
+            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch:
                 continue
             if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
                 continue
@@ -462,6 +507,8 @@ class Pool:
         if len(child.tasks) == 1:
             self.begin(running, now)
         self.write_child(child, child.tasks_out, encode_task(delivery))
+        if self.on_last_task(child):
+            self.fork_spare()
 
     def begin(self: Worker, running: Running, now: float) -> None:
         """The task is now its child's current one: it is STARTED (one waiting in the pipe is

@@ -69,6 +69,7 @@ class System(abc.ABC):
     batch_api: ClassVar[str | None] = None  # the batched-enqueue call; None: the system has none
     recycle_option: ClassVar[str | None] = None  # how max-tasks-per-child is set; None: not offered
     is_fleetd: ClassVar[bool] = False
+    uses_redis: ClassVar[bool] = True  # its broker is Redis: the bench reports Redis's CPU per task
     producer: ClassVar[type[Producer]]
 
     @property

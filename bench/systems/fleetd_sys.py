@@ -115,6 +115,7 @@ class FleetdSQLite(FleetdSystem):
     name = "fleetd-sqlite"
     label = "fleetd (SQLite)"
     settings = "`fleetd start`, broker SQLite (WAL), " + FLEETD_SETTINGS
+    uses_redis = False
 
     def broker_url(self, site: Site, relative: bool) -> str:
         return "sqlite:///queue.db" if relative else f"sqlite:///{site.workdir / 'queue.db'}"
