@@ -44,8 +44,8 @@ from ctl.render import (
     status_table,
     task_table,
 )
-from supervisor.cli import version
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
+from worker.version import version
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_EVERY = 1.0  # seconds between refreshes of `top`

@@ -13,6 +13,7 @@ import tempfile
 
 from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, setup_logging
+from worker.version import version
 
 from . import config as configmod
 
@@ -54,17 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="seconds to wait for a warm exit before a cold one (QUIT)",
             )
     return parser
-
-
-def version() -> str:
-    """The installed distribution's version (the source tree's own if it is not installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("fleetd")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 import worker.commands  # noqa: F401 - the built-in worker commands: to check their arguments
 from worker.control import COMMANDS, Arg, CommandError, before_send, register
 
-from .report import host_status
 from .states import FATAL, STOPPED, STOPPING
-from .workers import by_node
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
@@ -163,6 +161,8 @@ def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 @register("status", "Hosts, nodes and their states.", scope="host")
 def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     chosen, _ = arbiter.addressed(dest)
+    from .report import host_status  # the arbiter's side: fleetctl imports this table too
+
     full = host_status(arbiter)
     return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}
 
@@ -183,6 +183,8 @@ def start_nodes(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     again, from the running config, and say per node what became of it. A node of this
     host that the config does not name is an error; other hosts answer for theirs."""
     whole = dest is None or arbiter.config.node in dest
+    from .workers import by_node  # the arbiter's side: fleetctl imports this table too
+
     nodes = by_node(arbiter.workers)
     replies = {
         spec.node: start_node(arbiter, spec, nodes.get(spec.node, []))

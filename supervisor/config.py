@@ -9,10 +9,12 @@ import re
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.scheduler import Schedule, ScheduleError, parse_schedule
 from worker.spec import WorkerSpec, parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from worker.scheduler import Schedule
 
 __all__ = [
     "Config",
@@ -243,6 +245,10 @@ def parse_schedules(path: str, entries: Any) -> list[Schedule]:
     """The `[[schedule]]` tables, checked; ConfigError naming the entry and key at fault."""
     if not isinstance(entries, list):
         raise ConfigError(path, "schedule", "must be [[schedule]] tables")
+    if not entries:
+        return []  # and the scheduler's module (cronsim, zoneinfo) stays unimported
+    from worker.scheduler import ScheduleError, parse_schedule
+
     schedules: list[Schedule] = []
     for index, entry in enumerate(entries):
         try:

@@ -19,16 +19,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from cronsim import CronSim, CronSimError
-
 from .brokers.base import Broker, Envelope
-from .client import encode_body
 from .control import Arg, CommandError, Effect, register
 from .spec import WorkerSpec
 from .task import DEFAULT_QUEUE, REGISTRY
@@ -75,8 +71,8 @@ class Schedule:
         if self.every is not None:
             return (moment // self.every + 1) * self.every
         assert self.cron is not None
-        start = datetime.fromtimestamp(moment, zoneinfo.ZoneInfo(self.timezone))
-        return float(next(CronSim(self.cron, start)).timestamp())
+        start = datetime.fromtimestamp(moment, zone(self.timezone))
+        return float(next(cron_sim()(self.cron, start)).timestamp())
 
     def last_until(self, moment: float) -> float:
         """Epoch seconds of the last tick at or before `moment`."""
@@ -85,8 +81,8 @@ class Schedule:
         assert self.cron is not None
         # Half a second past the whole second: cronsim's reverse walk then yields that second
         # itself first if it is a tick (cron ticks are whole minutes).
-        start = datetime.fromtimestamp(int(moment) + 0.5, zoneinfo.ZoneInfo(self.timezone))
-        return float(next(CronSim(self.cron, start, reverse=True)).timestamp())
+        start = datetime.fromtimestamp(int(moment) + 0.5, zone(self.timezone))
+        return float(next(cron_sim()(self.cron, start, reverse=True)).timestamp())
 
     @property
     def when(self) -> str:
@@ -137,11 +133,28 @@ def checked(data: dict[str, Any], key: str, kind: type, default: Any, expected: 
     return value
 
 
+# cronsim and zoneinfo are imported where a schedule is evaluated, not with this module:
+# the arbiter and fleetctl import it (config checks, the command table) and most fleets
+# have no [[schedule]].
+def cron_sim() -> Any:
+    from cronsim import CronSim
+
+    return CronSim
+
+
+def zone(name: Any) -> Any:
+    import zoneinfo
+
+    return zoneinfo.ZoneInfo(name)
+
+
 def check_cron(value: Any) -> str:
     if not isinstance(value, str) or len(value.split()) != 5:
         raise ScheduleError("cron", f"must be a cron line of five fields, got {value!r}")
+    from cronsim import CronSimError
+
     try:
-        CronSim(value, datetime.now(timezone.utc))
+        cron_sim()(value, datetime.now(timezone.utc))
     except CronSimError as exc:
         raise ScheduleError("cron", f"{value!r} is not a valid cron line: {exc}") from None
     return value
@@ -155,8 +168,8 @@ def check_every(value: Any) -> int:
 
 def check_timezone(value: Any) -> str:
     try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        zone(value)
+    except (LookupError, ValueError, TypeError):  # zoneinfo.ZoneInfoNotFoundError is a KeyError
         raise ScheduleError("timezone", f"unknown time zone {value!r} (an IANA name)") from None
     return str(value)
 
@@ -303,6 +316,8 @@ class Scheduler:
 
 def schedule_envelope(schedule: Schedule, task_id: str, queue_of: Callable[[str], str]) -> Envelope:
     """The task message one run of the schedule enqueues."""
+    from .client import encode_body  # the client side: only where a schedule fires
+
     body = encode_body(task_id, schedule.task, schedule.args, schedule.kwargs)
     return Envelope(task_id, schedule.queue or queue_of(schedule.task), schedule.task, body)
 
