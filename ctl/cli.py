@@ -32,6 +32,7 @@ from typing import IO, Any
 from rich.console import Console
 
 import supervisor.commands  # noqa: F401 - the host commands, to join the worker ones in the table
+import worker.scheduler  # noqa: F401 - the schedule commands (cronsim loads only where used)
 from ctl.render import (
     add_iso_times,
     event_line,
