@@ -325,3 +325,52 @@ def test_the_dashboard_follows_a_queue_file_replaced_under_it(make_fleet, start_
 
     wait_for(lambda: listed() == [new.id], message="the new file's task, and only it")
     assert dashboard.get(f"/api/tasks/{new.id}")[1]["result"] == 4
+
+
+EVERY_SECOND = """
+[[schedule]]
+name = "tick"
+task = "tasks.noop"
+every = 1
+"""
+
+
+def test_schedules_are_listed_paused_resumed_and_triggered(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host") + EVERY_SECOND).start()
+    dashboard = start_dashboard(fleet)
+
+    def listing() -> dict[str, Any]:
+        status, body = dashboard.get("/api/schedules")
+        assert status == 200, body
+        return dict(body)
+
+    fired = wait_for(lambda: listing()["schedules"][0]["last_id"], 15, 0.1, "a tick fired")
+    body = listing()
+    (entry,) = body["schedules"]
+    assert body["leader"] == "w@h1" and fired.startswith("schedule:tick:")
+    assert entry["task"] == "tasks.noop" and entry["when"] == "every 1s" and not entry["paused"]
+    assert entry["next_run"] > time.time() - 1 and entry["last_run"] is not None
+    assert dashboard.post("/api/schedules/tick/pause")[0] == 401
+    status, answer = dashboard.post("/api/schedules/tick/pause", token=TOKEN)
+    assert status == 200 and answer == {"ok": "schedule tick paused"}
+    # One code path with `fleetctl schedule list`: the same listing, bar the times to come.
+    ctl = json.loads(fleet.ctl("--json", "schedule", "list").stdout)
+    ours = listing()
+    for listed in (ctl, ours):
+        for s in listed["schedules"]:
+            del s["next_run"]
+    assert ours == ctl and ours["schedules"][0]["paused"]
+    status, answer = dashboard.post("/api/schedules/tick/trigger", token=TOKEN)
+    assert status == 200 and answer["id"].startswith("schedule:tick:manual-")
+    assert fleet.client.handle(answer["id"]).get(10) is None  # tasks.noop ran
+    status, answer = dashboard.post("/api/schedules/tick/resume", token=TOKEN)
+    assert status == 200 and not listing()["schedules"][0]["paused"]
+    wait_for(
+        lambda: listing()["schedules"][0]["last_id"] not in (fired, None), 15, 0.1, "a new tick"
+    )
+    status, answer = dashboard.post("/api/schedules/nope/pause", token=TOKEN)
+    assert status == 404 and "no schedule 'nope'" in answer["error"]
+    status, answer = dashboard.post("/api/schedules/tick/explode", token=TOKEN)
+    assert status == 404 and "pause" in answer["error"]

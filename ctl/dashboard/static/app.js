@@ -379,6 +379,43 @@ async function taskView(id) {
   return [box];
 }
 
+// --- schedules ------------------------------------------------------------------------------
+function schedulesView() {
+  setTimeout(loadSchedules);
+  return [el("div", { id: "schedule-list" }, el("p", {}, "Asking the broker…"))];
+}
+
+async function loadSchedules() {
+  const list = document.getElementById("schedule-list");
+  if (!list) return;
+  try {
+    const { schedules, leader } = await get("/api/schedules");
+    const drawn = JSON.stringify([schedules, leader]);
+    if (list.dataset.drawn === drawn) return;
+    list.dataset.drawn = drawn;
+    const steer = (name, verb) => async () => {
+      const answer = await act(`/api/schedules/${encodeURIComponent(name)}/${verb}`);
+      if (answer) { flash(answer.ok); loadSchedules(); }
+    };
+    const rows = schedules.map((s) => el("tr", { "data-schedule": s.name, class: s.paused ? "warn" : "" },
+      el("td", {}, el("strong", {}, s.name)), el("td", {}, s.task), el("td", { class: "mono" }, s.when),
+      el("td", {}, s.timezone), el("td", {}, s.paused ? "paused" : when(s.next_run)),
+      el("td", {}, s.last_run ? when(s.last_run) : "never"),
+      el("td", {}, s.last_id ? taskLink(s.last_id) : ""),
+      el("td", {}, el("span", { class: "buttons" },
+        el("button", { onclick: steer(s.name, s.paused ? "resume" : "pause"), "data-steer": `${s.paused ? "resume" : "pause"} ${s.name}` },
+          s.paused ? "Resume" : "Pause"),
+        el("button", { onclick: steer(s.name, "trigger"), "data-steer": `trigger ${s.name}` }, "Run now")))));
+    list.replaceChildren(
+      el("p", { id: "leader", class: leader ? "" : "banner bad" },
+        leader ? `Led by ${leader}` : "Nobody leads: no worker runs, or its lease ran out."),
+      schedules.length ? table(["name", "task", "when", "timezone", "next run", "last run", "last task", ""], rows, { id: "schedules" })
+        : el("p", { class: "dim" }, "No [[schedule]] in the config."));
+  } catch (error) {
+    list.replaceChildren(el("div", { class: "banner bad" }, error.message));
+  }
+}
+
 // --- routing and the live stream ----------------------------------------------------------
 async function render() {
   const [, view, arg] = location.hash.split("/");
@@ -386,7 +423,7 @@ async function render() {
   document.querySelectorAll("nav a").forEach((a) =>
     a.classList.toggle("active", a.dataset.view === state.view || (state.view === "task" && a.dataset.view === "tasks")));
   const main = document.getElementById("main");
-  const views = { fleet: fleetView, queues: queuesView, dead: deadView, tasks: tasksView };
+  const views = { fleet: fleetView, queues: queuesView, dead: deadView, tasks: tasksView, schedules: schedulesView };
   const content = state.view === "task" ? await taskView(decodeURIComponent(arg || "")) : (views[state.view] || fleetView)();
   main.replaceChildren(...content.filter(Boolean));
 }
@@ -403,6 +440,7 @@ function live() {
       // Not while the operator is choosing letters to retry: ticks would be lost.
       if (state.view !== "dead" || !document.querySelector("#dead input:checked")) render();
     } else if (state.view === "tasks") loadTasks();
+    else if (state.view === "schedules") loadSchedules();
   };
 }
 
