@@ -240,6 +240,20 @@ def test_a_schedule_is_paused_and_resumed_from_its_page(
     assert count(browser, "#token-dialog[open]") == 0  # the token was asked once
 
 
+def test_the_queues_page_charts_the_waits(make_fleet, start_dashboard, browser) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    browser.get(f"{dashboard.url}/#/queues")  # type: ignore[attr-defined]
+    find(browser, "svg.chart-wait_p50")
+    find(browser, "svg.chart-wait_p99")
+    fleet.client.submit("tasks.add", 1, 2).get(10)
+    wait_for(
+        lambda: text_of(browser, "figure:has(svg.chart-wait_p99) .now") not in ("", "–"),
+        15,
+        message="the wait of the task, charted",
+    )
+
+
 def screenshots(folder: Path) -> None:
     """The README's screenshots: a fleet with some work done, a failure and a dead letter."""
     import time

@@ -81,7 +81,13 @@ class Dashboard:
         return FileResponse(os.path.join(STATIC, "index.html"))
 
     def info(self, request: Request) -> Response:
-        return JSONResponse({"read_only": not self.token, "sample_every": SAMPLE_EVERY})
+        return JSONResponse(
+            {
+                "read_only": not self.token,
+                "sample_every": SAMPLE_EVERY,
+                "queue_waits": self.fleet.records.knows_waits,
+            }
+        )
 
     def nodes(self, request: Request) -> Response:
         return JSONResponse(self.fleet.nodes())

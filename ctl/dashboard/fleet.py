@@ -88,6 +88,11 @@ class Fleet:
             "dead_letters": [letter_json(d) for d in dead],
         }
 
+    def waits(self, since: float, until: float) -> list[float] | None:
+        """The queue waits of the tasks that ended in [since, until); None: not known."""
+        with self._broker():
+            return self.records.waits(since, until)
+
     def tasks(self, state: str, name: str, limit: int) -> dict[str, Any]:
         with self._broker():
             tasks, partial = self.records.recent(state, name, limit)

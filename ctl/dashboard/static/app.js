@@ -115,9 +115,10 @@ function chart(title, samples, key, unit, hours) {
   const width = 560, height = 140, pad = 34;
   // The last `hours`, or less while the history is younger: from its first sample on.
   const now = Date.now() / 1000;
-  const kept = samples.filter((s) => s.at >= now - hours * 3600);
+  // A sample without this value (a wait when no task ended) is a gap in the line.
+  const kept = samples.filter((s) => s.at >= now - hours * 3600 && typeof s[key] === "number");
   const start = Math.max(now - hours * 3600, Math.min(kept.length ? kept[0].at : now, now - 60));
-    const span = now - start;
+  const span = now - start;
   const ago = span < 5400 ? `${Math.round(span / 60)} min ago` : `${(span / 3600).toFixed(1)} h ago`;
   const top = Math.max(1, ...kept.map((s) => s[key]));
   const x = (at) => pad + ((at - start) / (now - start)) * (width - pad - 6);
@@ -145,9 +146,10 @@ function chart(title, samples, key, unit, hours) {
   add("text", { x: pad, y: height - 4, class: "label" }, ago);
   add("text", { x: width - 6, y: height - 4, class: "label end" }, "now");
   add("path", { d: path.trim() || "M0,0", class: "line" });
-  const last = kept.length ? kept[kept.length - 1][key] : 0;
+  const last = kept.length ? kept[kept.length - 1][key] : null;
+  const shown = last === null ? "–" : unit === "s" ? duration(last) : `${last.toFixed(1)} ${unit}`;
   return el("figure", { class: "card" },
-    el("figcaption", {}, title, el("span", { class: "now" }, `${last.toFixed(1)} ${unit}`)),
+    el("figcaption", {}, title, el("span", { class: "now" }, shown)),
     svg);
 }
 
@@ -243,7 +245,11 @@ function queuesView() {
     table(["queue", "ready", "scheduled", "reserved", "oldest wait"], rows, { id: "queues" }),
     el("section", { class: "charts" },
       chart("Ready tasks", state.samples, "ready", "", CHART_HOURS),
-      chart("Tasks ended", state.samples, "done", "/s", CHART_HOURS)),
+      chart("Tasks ended", state.samples, "done", "/s", CHART_HOURS),
+      state.info.queue_waits ? [
+        chart("Wait p50 (due to start)", state.samples, "wait_p50", "s", CHART_HOURS),
+        chart("Wait p99 (due to start)", state.samples, "wait_p99", "s", CHART_HOURS)]
+        : el("p", { class: "dim" }, "Queue waits are charted from a SQLite broker (Redis keeps no submit times).")),
     rateLimitForm(),
   ];
 }
