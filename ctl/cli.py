@@ -424,7 +424,7 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
             args.bind or config.dashboard.bind, config.dashboard.token_file
         )
         with open_control(args) as control:
-            serve(control, make_client(args), config.state_dir, host, port, token)
+            serve(control, make_client(args), config, host, port, token)
     except DashboardError as exc:
         raise UsageError(str(exc)) from None
     except ModuleNotFoundError as exc:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -17,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from ctl.dashboard.history import History, percentile
+from ctl.dashboard.records import Records
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
 from worker import Client
+from worker.brokers.sqlite import DONE, SQLiteBroker
 
 TOKEN = "s3cret-token"
 pytestmark = pytest.mark.timeout(90)
@@ -325,3 +329,115 @@ def test_the_dashboard_follows_a_queue_file_replaced_under_it(make_fleet, start_
 
     wait_for(lambda: listed() == [new.id], message="the new file's task, and only it")
     assert dashboard.get(f"/api/tasks/{new.id}")[1]["result"] == 4
+
+
+EVERY_SECOND = """
+[[schedule]]
+name = "tick"
+task = "tasks.noop"
+every = 1
+"""
+
+
+def test_schedules_are_listed_paused_resumed_and_triggered(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host") + EVERY_SECOND).start()
+    dashboard = start_dashboard(fleet)
+
+    def listing() -> dict[str, Any]:
+        status, body = dashboard.get("/api/schedules")
+        assert status == 200, body
+        return dict(body)
+
+    fired = wait_for(lambda: listing()["schedules"][0]["last_id"], 15, 0.1, "a tick fired")
+    body = listing()
+    (entry,) = body["schedules"]
+    assert body["leader"] == "w@h1" and fired.startswith("schedule:tick:")
+    assert entry["task"] == "tasks.noop" and entry["when"] == "every 1s" and not entry["paused"]
+    assert entry["next_run"] > time.time() - 1 and entry["last_run"] is not None
+    assert dashboard.post("/api/schedules/tick/pause")[0] == 401
+    status, answer = dashboard.post("/api/schedules/tick/pause", token=TOKEN)
+    assert status == 200 and answer == {"ok": "schedule tick paused"}
+    # One code path with `fleetctl schedule list`: the same listing, bar the times to come.
+    ctl = json.loads(fleet.ctl("--json", "schedule", "list").stdout)
+    ours = listing()
+    for listed in (ctl, ours):
+        for s in listed["schedules"]:
+            del s["next_run"]
+    assert ours == ctl and ours["schedules"][0]["paused"]
+    status, answer = dashboard.post("/api/schedules/tick/trigger", token=TOKEN)
+    assert status == 200 and answer["id"].startswith("schedule:tick:manual-")
+    assert fleet.client.handle(answer["id"]).get(10) is None  # tasks.noop ran
+    status, answer = dashboard.post("/api/schedules/tick/resume", token=TOKEN)
+    assert status == 200 and not listing()["schedules"][0]["paused"]
+    wait_for(
+        lambda: listing()["schedules"][0]["last_id"] not in (fired, None), 15, 0.1, "a new tick"
+    )
+    status, answer = dashboard.post("/api/schedules/nope/pause", token=TOKEN)
+    assert status == 404 and "no schedule 'nope'" in answer["error"]
+    status, answer = dashboard.post("/api/schedules/tick/explode", token=TOKEN)
+    assert status == 404 and "pause" in answer["error"]
+
+
+def test_queue_waits_are_read_from_due_to_start_of_the_tasks_ended_in_a_window(
+    tmp_path,
+) -> None:
+    broker = SQLiteBroker(f"sqlite:///{tmp_path / 'queue.db'}")
+    rows = [  # id, created, eta, finished, runtime: waits 1..100 s, started at 1000 + wait
+        (f"t{w}", 1000.0, 0.0, 1000.0 + w + 0.5, 0.5) for w in range(1, 101)
+    ]
+    rows.append(("delayed", 0.0, 990.0, 1000.5, 0.5))  # due at 990 (its eta): waited 10 s
+    rows.append(("never-ran", 1000.0, 0.0, 1050.0, None))  # revoked before it started
+    broker.db.executemany(
+        "INSERT INTO tasks (id, queue, name, body, status, state, created, eta, finished,"
+        f" runtime) VALUES (?, 'q', 'tasks.add', '{{}}', {DONE}, 'SUCCESS', ?, ?, ?, ?)",
+        rows,
+    )
+    records = Records(broker)
+    waits = records.waits(1000.0, 1101.0)
+    assert waits is not None and sorted(waits) == sorted([10.0, *map(float, range(1, 101))])
+    assert percentile(waits, 0.5) == 50.0 and percentile(waits, 0.99) == 99.0
+    assert sorted(records.waits(1000.0, 1002.0) or []) == [1.0, 10.0]
+    assert records.waits(2000.0, 3000.0) == [] and percentile([], 0.5) is None
+    broker.close()
+
+
+def test_a_charts_file_from_before_the_waits_keeps_its_samples(tmp_path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "dashboard.db")) as old:
+        old.execute(
+            "CREATE TABLE samples (at REAL PRIMARY KEY, done REAL NOT NULL,"
+            " failed REAL NOT NULL, ready INTEGER NOT NULL, dead INTEGER NOT NULL)"
+        )
+        old.execute("INSERT INTO samples VALUES (?, 2.0, 1.0, 3, 0)", (time.time() - 60,))
+        old.commit()
+    history = History(str(tmp_path))
+    (kept,) = history.since(3600)
+    assert kept["done"] == 2.0 and kept["wait_p50"] is None and kept["wait_p99"] is None
+    history.close()
+
+
+HELD_FOR = 1.5  # seconds the first task holds the only child: the wait of those behind it
+
+
+def test_the_queues_charts_get_the_wait_of_tasks_behind_a_busy_child(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1}).start()
+    dashboard = start_dashboard(fleet)
+    assert dashboard.get("/api/info")[1]["queue_waits"] is True
+    gate = tmp_path / "gate"
+    first = fleet.client.submit("tasks.hold", str(gate))
+    wait_for(lambda: first.state == "STARTED", message="the first task to start")
+    behind = [fleet.client.submit("tasks.add", i, 1) for i in range(3)]
+    time.sleep(HELD_FOR)
+    gate.touch()
+    fleet.wait_all_final([h.id for h in behind])
+
+    def waits() -> list[tuple[float, float]]:
+        samples = dashboard.get("/api/history")[1]["samples"]
+        return [(s["wait_p50"], s["wait_p99"]) for s in samples if s["wait_p99"] is not None]
+
+    measured = wait_for(waits, 10, 0.2, "a sample with the waits")
+    assert max(p99 for _, p99 in measured) >= HELD_FOR
+    assert all(p50 <= p99 for p50, p99 in measured)

@@ -7,6 +7,7 @@ from a running fleet.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from tests import test_dashboard
 from tests.fleet import Fleet, wait_for
-from tests.test_dashboard import TOKEN, Dashboard, with_token
+from tests.test_dashboard import EVERY_SECOND, TOKEN, Dashboard, with_token
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = (
@@ -209,6 +210,50 @@ def test_a_read_only_dashboard_says_so_and_revokes_nothing(
     assert count(browser, "#token-dialog[open]") == 0
     gate.touch()
     assert handle.get(10) > 0  # it ran to its end
+
+
+def test_a_schedule_is_paused_and_resumed_from_its_page(
+    make_fleet, start_dashboard, browser, tmp_path
+) -> None:
+    fleet = make_fleet(extra=with_token(tmp_path / "host") + EVERY_SECOND).start()
+    dashboard = start_dashboard(fleet)
+    browser.get(f"{dashboard.url}/#/schedules")  # type: ignore[attr-defined]
+    wait_for(lambda: "w@h1" in text_of(browser, "#leader"), 15, message="the leader shown")
+    wait_for(
+        lambda: "schedule:tick:" in text_of(browser, 'tr[data-schedule="tick"]'),
+        15,
+        message="the tick's last task on the page",
+    )
+    click(browser, '[data-steer="pause tick"]')
+    find(browser, "#token-dialog[open] #token-input").send_keys(TOKEN)  # type: ignore[attr-defined]
+    click(browser, "#token-ok")
+    wait_for(
+        lambda: "paused" in text_of(browser, 'tr.warn[data-schedule="tick"]'), message="paused"
+    )
+    assert json.loads(fleet.ctl("--json", "schedule", "list").stdout)["schedules"][0]["paused"]
+    click(browser, '[data-steer="resume tick"]')
+    wait_for(
+        lambda: (
+            count(browser, 'tr.warn[data-schedule="tick"]') == 0
+            and count(browser, '[data-steer="pause tick"]') == 1
+        ),
+        message="resumed",
+    )
+    assert count(browser, "#token-dialog[open]") == 0  # the token was asked once
+
+
+def test_the_queues_page_charts_the_waits(make_fleet, start_dashboard, browser) -> None:
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    browser.get(f"{dashboard.url}/#/queues")  # type: ignore[attr-defined]
+    find(browser, "svg.chart-wait_p50")
+    find(browser, "svg.chart-wait_p99")
+    fleet.client.submit("tasks.add", 1, 2).get(10)
+    wait_for(
+        lambda: text_of(browser, "figure:has(svg.chart-wait_p99) .now") not in ("", "–"),
+        15,
+        message="the wait of the task, charted",
+    )
 
 
 def screenshots(folder: Path) -> None:

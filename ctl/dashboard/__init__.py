@@ -61,9 +61,10 @@ def checked_start(bind: str, token_file: str) -> tuple[str, int, str]:
     return host, port, read_token(token_file)
 
 
-def serve(control: Any, client: Any, state_dir: str, host: str, port: int, token: str) -> None:
-    """Serve the dashboard of the fleet behind `control` (a ControlClient) and `client` (a
-    worker.Client) on host:port until TERM or INT; actions need `token` ("": none)."""
+def serve(control: Any, client: Any, config: Any, host: str, port: int, token: str) -> None:
+    """Serve the dashboard of the fleet behind `control` (a ControlClient), `client` (a
+    worker.Client) and `config` (its FleetConfig: state_dir, schedules) on host:port until
+    TERM or INT; actions need `token` ("": none)."""
     import uvicorn
 
     from ctl.dashboard.app import Dashboard
@@ -71,8 +72,8 @@ def serve(control: Any, client: Any, state_dir: str, host: str, port: int, token
     from ctl.dashboard.history import History, Sampler
 
     with listen(host, port) as listener:
-        fleet = Fleet(control, client)
-        history = History(state_dir)
+        fleet = Fleet(control, client, config.schedules)
+        history = History(config.state_dir)
         sampler = Sampler(fleet, history)
         sampler.start()
         server = uvicorn.Server(

@@ -32,6 +32,7 @@ LIST_LIMIT, LIST_MAX = 100, 1000  # tasks listed by default, and at most
 HISTORY_HOURS, HISTORY_MAX_HOURS = 3.0, 24.0
 STREAM_LOOK_EVERY = 0.25  # seconds between two looks for a new snapshot, per live page
 STREAM_KEEPALIVE = 15.0  # seconds of quiet after which a comment keeps proxies from closing
+SCHEDULE_VERBS = ("pause", "resume", "trigger")  # `fleetctl schedule VERB NAME`
 READ_ONLY = "this dashboard is read-only: give it [dashboard] token_file to allow actions"
 
 
@@ -59,11 +60,13 @@ class Dashboard:
                 Route("/api/tasks/{task_id}", self.task),
                 Route("/api/history", self.chart),
                 Route("/api/events", self.events),
+                Route("/api/schedules", self.schedules),
                 Route("/api/tasks/{task_id}/revoke", self.revoke, methods=["POST"]),
                 Route("/api/dead/retry", self.retry_dead, methods=["POST"]),
                 Route("/api/dead/purge", self.purge_dead, methods=["POST"]),
                 Route("/api/nodes/{node}/pool", self.pool, methods=["POST"]),
                 Route("/api/rate-limit", self.rate_limit, methods=["POST"]),
+                Route("/api/schedules/{name}/{verb}", self.steer_schedule, methods=["POST"]),
                 Mount("/static", StaticFiles(directory=STATIC), name="static"),
             ],
             exception_handlers={
@@ -78,7 +81,13 @@ class Dashboard:
         return FileResponse(os.path.join(STATIC, "index.html"))
 
     def info(self, request: Request) -> Response:
-        return JSONResponse({"read_only": not self.token, "sample_every": SAMPLE_EVERY})
+        return JSONResponse(
+            {
+                "read_only": not self.token,
+                "sample_every": SAMPLE_EVERY,
+                "queue_waits": self.fleet.records.knows_waits,
+            }
+        )
 
     def nodes(self, request: Request) -> Response:
         return JSONResponse(self.fleet.nodes())
@@ -98,6 +107,9 @@ class Dashboard:
         if info is None:
             return error(f"no task {task_id}: the broker never saw it (or its record expired)", 404)
         return JSONResponse(info)
+
+    def schedules(self, request: Request) -> Response:
+        return JSONResponse(self.fleet.schedules())
 
     def chart(self, request: Request) -> Response:
         hours = number(request, "hours", HISTORY_HOURS, HISTORY_MAX_HOURS)
@@ -183,6 +195,14 @@ class Dashboard:
             return error('"dest" must be a list of nodes or hosts', 400)
         args = {key: body[key] for key in ("task", "rate") if key in body}
         return await self.run(self.fleet.control, "rate_limit", args, dest)
+
+    async def steer_schedule(self, request: Request) -> Response:
+        if answer := self.refused(request):
+            return answer
+        verb = request.path_params["verb"]
+        if verb not in SCHEDULE_VERBS:
+            return error(f"no schedule action {verb!r}: give {', '.join(SCHEDULE_VERBS)}", 404)
+        return await self.run(self.fleet.schedule, verb, {"name": request.path_params["name"]})
 
     async def run(self, action: Any, *args: Any) -> Response:
         """An action of the fleet, in a thread: it waits on hosts or the broker."""

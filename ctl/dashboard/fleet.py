@@ -14,6 +14,7 @@ from ctl.dashboard.records import Records
 from ctl.render import letter_json
 from worker import Client
 from worker.control import COMMANDS, CommandError
+from worker.scheduler import Schedule
 
 DEAD_SHOWN = 50  # dead letters listed on the queues page, newest first
 
@@ -30,9 +31,10 @@ class Fleet:
     """One ControlClient and one broker Client, each used by one thread at a time (a ZeroMQ
     socket belongs to one thread; the requests of the web server come from a pool)."""
 
-    def __init__(self, control: ControlClient, client: Client) -> None:
+    def __init__(self, control: ControlClient, client: Client, schedules: list[Schedule]) -> None:
         self._control = control
         self._client = client
+        self._schedules = schedules  # the config's [[schedule]] entries
         self._control_lock = threading.Lock()
         self._broker_lock = threading.Lock()
         self.records = Records(client.broker)
@@ -86,6 +88,11 @@ class Fleet:
             "dead_letters": [letter_json(d) for d in dead],
         }
 
+    def waits(self, since: float, until: float) -> list[float] | None:
+        """The queue waits of the tasks that ended in [since, until); None: not known."""
+        with self._broker():
+            return self.records.waits(since, until)
+
     def tasks(self, state: str, name: str, limit: int) -> dict[str, Any]:
         with self._broker():
             tasks, partial = self.records.recent(state, name, limit)
@@ -99,6 +106,10 @@ class Fleet:
             if info is None:
                 return None
             return {**info, **self.records.details(task_id)}
+
+    def schedules(self) -> dict[str, Any]:
+        """The schedules and their leader, as `fleetctl schedule list` computes them."""
+        return self.schedule("list", {})
 
     # --- steering --------------------------------------------------------------------
     def control(self, cmd: str, args: dict[str, Any], dest: list[str] | None) -> dict[str, Any]:
@@ -115,6 +126,24 @@ class Fleet:
         reply = reply_json(result)
         if failed(result):
             raise ActionError(problem_line(result), 502)
+        return reply
+
+    def schedule(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+        """`fleetctl schedule VERB` (list, pause, resume, trigger), run as fleetctl runs it:
+        the table's effect on the broker; ActionError (404) for a schedule not in the config."""
+        command = COMMANDS[f"schedule_{verb}"]
+        assert command.effect is not None
+        try:
+            request = command.validate(args)
+        except CommandError as exc:
+            raise ActionError(str(exc)) from None
+        with self._broker():
+            try:
+                reply: dict[str, Any] = command.effect(
+                    self._client.broker, self._schedules, **request
+                )
+            except CommandError as exc:  # the only one: no such schedule
+                raise ActionError(str(exc), 404) from None
         return reply
 
     def retry_dead(self, ids: list[str] | None) -> dict[str, Any]:

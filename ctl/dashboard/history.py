@@ -5,6 +5,7 @@ into a small SQLite file (`{state_dir}/dashboard.db`) so that the charts survive
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -26,9 +27,12 @@ CREATE TABLE IF NOT EXISTS samples (
     done REAL NOT NULL,   -- tasks ended per second since the sample before
     failed REAL NOT NULL, -- of which FAILURE
     ready INTEGER NOT NULL,
-    dead INTEGER NOT NULL
+    dead INTEGER NOT NULL,
+    wait_p50 REAL,        -- seconds the tasks ended since the sample before waited for
+    wait_p99 REAL         -- their start; NULL: none ended, or the broker does not say
 );
 """
+COLUMNS = ("at", "done", "failed", "ready", "dead", "wait_p50", "wait_p99")
 
 
 class History:
@@ -39,25 +43,34 @@ class History:
         self.path = os.path.join(state_dir, FILE_NAME)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.executescript(SCHEMA)
+        self._add_wait_columns()
         self._lock = threading.Lock()
 
-    def add(self, at: float, done: float, failed: float, ready: int, dead: int) -> None:
+    def _add_wait_columns(self) -> None:
+        """A file written before the waits were sampled gets their columns (NULL in its
+        older samples), so that its charts survive the upgrade."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(samples)")}
+        for column in ("wait_p50", "wait_p99"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE samples ADD COLUMN {column} REAL")
+
+    def add(self, sample: dict[str, Any]) -> None:
+        """One sample: a value for each of COLUMNS."""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)",
-                (at, done, failed, ready, dead),
+                f"INSERT OR REPLACE INTO samples ({', '.join(COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(COLUMNS))})",
+                tuple(sample[column] for column in COLUMNS),
             )
-            self._db.execute("DELETE FROM samples WHERE at < ?", (at - KEEP,))
+            self._db.execute("DELETE FROM samples WHERE at < ?", (sample["at"] - KEEP,))
 
     def since(self, seconds: float) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT at, done, failed, ready, dead FROM samples WHERE at >= ? ORDER BY at",
+                f"SELECT {', '.join(COLUMNS)} FROM samples WHERE at >= ? ORDER BY at",
                 (time.time() - seconds,),
             ).fetchall()
-        return [
-            dict(zip(("at", "done", "failed", "ready", "dead"), row, strict=True)) for row in rows
-        ]
+        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         self._db.close()
@@ -84,6 +97,14 @@ def growth(before: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]) 
         done += ended - old_ended if ended >= old_ended else ended
         failed += failures - old_failures if failures >= old_failures else failures
     return done, failed
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank percentile (`share` of 1) of `values`; None if there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 class Sampler(threading.Thread):
@@ -116,8 +137,11 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         now = time.time()
         nodes = self.fleet.nodes()
+        waits: list[float] | None = None
         try:
             queues: dict[str, Any] = self.fleet.queues()
+            if self._read_at:
+                waits = self.fleet.waits(self._read_at, now)
         except BrokerUnavailable as exc:
             queues = {"error": str(exc)}
         reading = counters(nodes["nodes"])
@@ -133,8 +157,10 @@ class Sampler(threading.Thread):
                 "failed": failed / elapsed,
                 "ready": ready,
                 "dead": dead,
+                "wait_p50": percentile(waits or [], 0.5),
+                "wait_p99": percentile(waits or [], 0.99),
             }
-            self.history.add(**point)
+            self.history.add(point)
         self._counters, self._read_at = reading, now
         self.snapshot = {"nodes": nodes, "queues": queues, "sample": point}
         self.version += 1

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from worker.brokers.base import Broker
-from worker.brokers.sqlite import QUEUED, SQLiteBroker
+from worker.brokers.sqlite import DONE, QUEUED, SQLiteBroker
 
 SCAN_BUDGET = 5000  # Redis records looked at for one list of recent tasks
 LIST_COLUMNS = ("id", "name", "queue", "state", "deliveries", "node", "runtime", "exc_type")
@@ -81,6 +81,26 @@ class Records:
             (now,),
         ).fetchall()
         return {queue: max(0.0, now - created) for queue, created in rows if created}
+
+    @property
+    def knows_waits(self) -> bool:
+        """Whether `waits` can answer: SQLite only (see there)."""
+        return self._sqlite is not None
+
+    def waits(self, since: float, until: float) -> list[float] | None:
+        """Seconds each task that ended in [since, until) and ran waited for its start: from
+        when it was due (submitted, or its eta: a retry's backoff or a delay is no wait) to
+        when it started (finished - runtime). None on Redis: its records keep no submit time,
+        nor an index that finds the tasks of a window."""
+        if self._sqlite is None:
+            return None
+        # `status = DONE` as a literal: the partial index tasks_finished then serves the range.
+        rows = self._sqlite.db.execute(
+            "SELECT finished - runtime - max(created, eta) FROM tasks"
+            f" WHERE status = {DONE} AND finished >= ? AND finished < ? AND runtime IS NOT NULL",
+            (since, until),
+        ).fetchall()
+        return [max(0.0, wait) for (wait,) in rows]
 
     def _recent_sqlite(self, state: str, name: str, limit: int) -> list[dict[str, Any]]:
         where, params = [], []

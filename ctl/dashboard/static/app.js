@@ -115,9 +115,10 @@ function chart(title, samples, key, unit, hours) {
   const width = 560, height = 140, pad = 34;
   // The last `hours`, or less while the history is younger: from its first sample on.
   const now = Date.now() / 1000;
-  const kept = samples.filter((s) => s.at >= now - hours * 3600);
+  // A sample without this value (a wait when no task ended) is a gap in the line.
+  const kept = samples.filter((s) => s.at >= now - hours * 3600 && typeof s[key] === "number");
   const start = Math.max(now - hours * 3600, Math.min(kept.length ? kept[0].at : now, now - 60));
-    const span = now - start;
+  const span = now - start;
   const ago = span < 5400 ? `${Math.round(span / 60)} min ago` : `${(span / 3600).toFixed(1)} h ago`;
   const top = Math.max(1, ...kept.map((s) => s[key]));
   const x = (at) => pad + ((at - start) / (now - start)) * (width - pad - 6);
@@ -145,9 +146,10 @@ function chart(title, samples, key, unit, hours) {
   add("text", { x: pad, y: height - 4, class: "label" }, ago);
   add("text", { x: width - 6, y: height - 4, class: "label end" }, "now");
   add("path", { d: path.trim() || "M0,0", class: "line" });
-  const last = kept.length ? kept[kept.length - 1][key] : 0;
+  const last = kept.length ? kept[kept.length - 1][key] : null;
+  const shown = last === null ? "–" : unit === "s" ? duration(last) : `${last.toFixed(1)} ${unit}`;
   return el("figure", { class: "card" },
-    el("figcaption", {}, title, el("span", { class: "now" }, `${last.toFixed(1)} ${unit}`)),
+    el("figcaption", {}, title, el("span", { class: "now" }, shown)),
     svg);
 }
 
@@ -243,7 +245,11 @@ function queuesView() {
     table(["queue", "ready", "scheduled", "reserved", "oldest wait"], rows, { id: "queues" }),
     el("section", { class: "charts" },
       chart("Ready tasks", state.samples, "ready", "", CHART_HOURS),
-      chart("Tasks ended", state.samples, "done", "/s", CHART_HOURS)),
+      chart("Tasks ended", state.samples, "done", "/s", CHART_HOURS),
+      state.info.queue_waits ? [
+        chart("Wait p50 (due to start)", state.samples, "wait_p50", "s", CHART_HOURS),
+        chart("Wait p99 (due to start)", state.samples, "wait_p99", "s", CHART_HOURS)]
+        : el("p", { class: "dim" }, "Queue waits are charted from a SQLite broker (Redis keeps no submit times).")),
     rateLimitForm(),
   ];
 }
@@ -379,6 +385,43 @@ async function taskView(id) {
   return [box];
 }
 
+// --- schedules ------------------------------------------------------------------------------
+function schedulesView() {
+  setTimeout(loadSchedules);
+  return [el("div", { id: "schedule-list" }, el("p", {}, "Asking the broker…"))];
+}
+
+async function loadSchedules() {
+  const list = document.getElementById("schedule-list");
+  if (!list) return;
+  try {
+    const { schedules, leader } = await get("/api/schedules");
+    const drawn = JSON.stringify([schedules, leader]);
+    if (list.dataset.drawn === drawn) return;
+    list.dataset.drawn = drawn;
+    const steer = (name, verb) => async () => {
+      const answer = await act(`/api/schedules/${encodeURIComponent(name)}/${verb}`);
+      if (answer) { flash(answer.ok); loadSchedules(); }
+    };
+    const rows = schedules.map((s) => el("tr", { "data-schedule": s.name, class: s.paused ? "warn" : "" },
+      el("td", {}, el("strong", {}, s.name)), el("td", {}, s.task), el("td", { class: "mono" }, s.when),
+      el("td", {}, s.timezone), el("td", {}, s.paused ? "paused" : when(s.next_run)),
+      el("td", {}, s.last_run ? when(s.last_run) : "never"),
+      el("td", {}, s.last_id ? taskLink(s.last_id) : ""),
+      el("td", {}, el("span", { class: "buttons" },
+        el("button", { onclick: steer(s.name, s.paused ? "resume" : "pause"), "data-steer": `${s.paused ? "resume" : "pause"} ${s.name}` },
+          s.paused ? "Resume" : "Pause"),
+        el("button", { onclick: steer(s.name, "trigger"), "data-steer": `trigger ${s.name}` }, "Run now")))));
+    list.replaceChildren(
+      el("p", { id: "leader", class: leader ? "" : "banner bad" },
+        leader ? `Led by ${leader}` : "Nobody leads: no worker runs, or its lease ran out."),
+      schedules.length ? table(["name", "task", "when", "timezone", "next run", "last run", "last task", ""], rows, { id: "schedules" })
+        : el("p", { class: "dim" }, "No [[schedule]] in the config."));
+  } catch (error) {
+    list.replaceChildren(el("div", { class: "banner bad" }, error.message));
+  }
+}
+
 // --- routing and the live stream ----------------------------------------------------------
 async function render() {
   const [, view, arg] = location.hash.split("/");
@@ -386,7 +429,7 @@ async function render() {
   document.querySelectorAll("nav a").forEach((a) =>
     a.classList.toggle("active", a.dataset.view === state.view || (state.view === "task" && a.dataset.view === "tasks")));
   const main = document.getElementById("main");
-  const views = { fleet: fleetView, queues: queuesView, dead: deadView, tasks: tasksView };
+  const views = { fleet: fleetView, queues: queuesView, dead: deadView, tasks: tasksView, schedules: schedulesView };
   const content = state.view === "task" ? await taskView(decodeURIComponent(arg || "")) : (views[state.view] || fleetView)();
   main.replaceChildren(...content.filter(Boolean));
 }
@@ -403,6 +446,7 @@ function live() {
       // Not while the operator is choosing letters to retry: ticks would be lost.
       if (state.view !== "dead" || !document.querySelector("#dead input:checked")) render();
     } else if (state.view === "tasks") loadTasks();
+    else if (state.view === "schedules") loadSchedules();
   };
 }
 
