@@ -1,8 +1,7 @@
 """`fleetctl`: steer the fleet over the control plane, and submit and inspect tasks.
 
-Which hosts it asks: every `--endpoint URL`, else those of the config (`-c` or
-$FLEET_CONFIG): the host's own control endpoint (its ipc:// one if it has one)
-and the other hosts' in `[control] endpoints`.
+Which hosts it asks: every `--endpoint URL`, else those of the config (`-c` or $FLEET_CONFIG):
+the host's own control endpoint (its ipc:// one if any) and the others' in `[control] endpoints`.
 
 Keys, for tcp:// endpoints only (CurveZMQ; `fleetctl keygen DIR` writes a pair):
 - this client's key pair is `--key FILE` ($FLEETCTL_KEY), a `fleet.key_secret`;
