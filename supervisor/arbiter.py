@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from worker.logs import log_env
@@ -91,7 +90,7 @@ class Arbiter:
         self.tasks_done = 0  # by workers that are gone; live ones report their own
         self.booted: set[str] = set()  # worker names that have been ready once: /readyz
         self.run_record = orphans.RunRecord(config.state_dir)
-        self.run_id = uuid.uuid4().hex  # the mark of every process this run starts
+        self.run_id = os.urandom(16).hex()  # the mark of every process this run starts
         self.record_due = False  # the run record changed: written at the end of the loop's turn
         self.unwritten_pidfile: orphans.StateFile | None = None  # tried again every second
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours

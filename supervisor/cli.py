@@ -7,9 +7,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 
 from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, setup_logging
@@ -93,6 +91,8 @@ def probe_imports(cfg: configmod.Config) -> str | None:
     """Import the task modules as a worker will (its pythonpath, a process of its own): why
     that fails, in one line naming the key, the module and file:line, or a schedule's task
     that none of them registers; None if all is well."""
+    import subprocess  # `fleetd check` only: the arbiter, which runs this module, never needs it
+
     argv = [sys.executable, *SAFE_PATH, "-m", "worker.imports"]
     argv += [json.dumps(cfg.pythonpath), json.dumps(cfg.imports)]
     try:
@@ -148,6 +148,8 @@ def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
 def folder_problem(folder: str) -> str | None:
     """Why `folder` cannot be made (parents too) or written in, if it cannot: found by making,
     and removing, a folder in it or else in its nearest parent that exists."""
+    import tempfile  # (and shutil, bz2, lzma with it): not for the arbiter's whole life
+
     existing = folder
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -17,7 +17,7 @@ import time
 from functools import cache
 from typing import Any
 
-from worker import child as pool_child
+from worker import tree
 from worker.tree import all_pids, end_adopted
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
 
@@ -38,7 +38,7 @@ class AlreadyRunning(Exception):
 
 def become_subreaper() -> None:
     """Orphaned descendants (a task's subprocess, a killed worker's children) come to us."""
-    if not pool_child.become_subreaper():
+    if not tree.become_subreaper():
         log.warning("could not become a child subreaper: orphans of the fleet go to init")
 
 

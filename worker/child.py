@@ -10,7 +10,6 @@ worker can store: a value JSON cannot hold fails the task, never the child.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -32,9 +31,8 @@ from .brokers.base import (
 )
 from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
+from .tree import become_subreaper, set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 # How a child that stops between tasks (TERM, or the end of its pipe) leaves: a BYE frame,
 # then this exit code. Every task it was given and did not answer never started. (The
 # frame, which a task that calls os._exit(86) does not write, makes the code unforgeable.)
@@ -89,22 +87,6 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
         failure = {key: reply[key] for key in ("id", "rt", "exit") if key in reply}
         message = printable(f"its outcome cannot be sent: {exc}", MESSAGE_LIMIT)
         return encode({**failure, "s": "FAILURE", "t": ENCODE_ERROR, "m": message})
-
-
-# Looked up once, in the worker: every forked child then shares it instead of building
-# its own ctypes library object.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def set_parent_death_signal(signum: int) -> None:
-    """Have the kernel send `signum` to this process when its parent exits (Linux)."""
-    _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-
-
-def become_subreaper() -> bool:
-    """Have orphaned descendants (a daemon's double fork, a dead child's subprocesses) become
-    this process's children, not init's (Linux); False if the kernel refused."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def reap_adopted() -> None:

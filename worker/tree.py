@@ -10,9 +10,29 @@ so they run only when something is killed or leaves, never per task.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 from functools import cache
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+PR_SET_CHILD_SUBREAPER = 36
+
+# Looked up once, in the worker: every forked child then shares it instead of building
+# its own ctypes library object.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (Linux)."""
+    _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def become_subreaper() -> bool:
+    """Have orphaned descendants (a daemon's double fork, a dead child's subprocesses) become
+    this process's children, not init's (Linux); False if the kernel refused."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
 
 # Walks of a tree that is being stopped: each one stops every process it finds, so only
 # what forked in between is new to the next walk; a tree still growing after this many
