@@ -76,13 +76,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The client side, imported on first use, as `worker` does: a worker never needs it."""
-    if name in (
-        "BrokerUnavailable",
-        "Client",
-        "Handle",
-        "TaskFailed",
-        "TaskRevoked",
-        "TaskTooLarge",
-    ):
+    if name in __all__:  # only what is not here already: the client side
         return getattr(_worker, name)
     raise AttributeError(f"module 'fleetd' has no attribute {name!r}")

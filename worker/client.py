@@ -24,7 +24,7 @@ from .brokers.base import (
     unavailable_error,
 )
 from .protocol import oversize
-from .task import DEFAULT_QUEUE, REGISTRY, env_broker_source, eta_seconds, is_task_body
+from .task import DEFAULT_QUEUE, REGISTRY, body_problem, env_broker_source, eta_seconds
 
 __all__ = ["BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked", "TaskTooLarge"]
 
@@ -72,7 +72,7 @@ def retry_problem(letter: DeadLetter | None) -> str | None:
     """Why a dead letter cannot go back on its queue as a task, if it cannot."""
     if letter is None:
         return NOT_DEAD
-    if not is_task_body(letter.body):
+    if body_problem(letter.body, letter.id, letter.name) is not None:
         return NOT_A_TASK
     return None
 

@@ -9,7 +9,6 @@ The broker half of `Worker`."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from typing import TYPE_CHECKING
 
 from .brokers.base import BAD_MESSAGE, Delivery, Outcome, Retry, Turn
 from .child import (
-    MESSAGE_LIMIT,
     TYPE_NAME_LIMIT,
     printable,
 )
 from .protocol import oversize
-from .task import REGISTRY
+from .task import REGISTRY, body_problem
 
 if TYPE_CHECKING:
     from .process import Worker
@@ -86,7 +84,7 @@ class BrokerLink:
             )
         elif too_large := oversize(delivery.body):
             self.dead_letter(delivery, "TaskTooLarge", too_large)
-        elif (problem := body_problem(delivery)) is not None:
+        elif (problem := body_problem(delivery.body, delivery.id, delivery.name)) is not None:
             self.dead_letter(delivery, BAD_MESSAGE, problem)
         elif delivery.name not in REGISTRY:
             name = printable(delivery.name, TYPE_NAME_LIMIT)
@@ -183,26 +181,3 @@ class BrokerLink:
         if self.broker_backoff:
             self.broker_backoff = 0.0
             log.info("broker reachable again", extra={"node": self.node})
-
-
-def body_problem(delivery: Delivery) -> str | None:
-    """Why a delivered body is not a task a child can run, or None if it is one: the JSON
-    object `{"id", "name", "args", "kwargs", "retries"}` that `encode_body` writes for it."""
-    try:
-        delivery.body.encode()
-    except UnicodeEncodeError:
-        return "the body is not UTF-8"
-    try:
-        body = json.loads(delivery.body)
-    except (ValueError, RecursionError) as exc:
-        return printable(f"the body is not JSON: {exc}", MESSAGE_LIMIT)
-    if not isinstance(body, dict):
-        return "the body is not a JSON object"
-    if body.get("id") != delivery.id or body.get("name") != delivery.name:
-        return "the body's id or name is not the task's"
-    if not isinstance(body.get("args"), list) or not isinstance(body.get("kwargs"), dict):
-        return "the body's args are not a list or its kwargs not an object"
-    retries = body.get("retries")
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        return "the body's retries are not a count"
-    return None

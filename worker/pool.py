@@ -555,6 +555,6 @@ def close_all(fds: list[int]) -> None:
 
 def encode_task(delivery: Delivery) -> bytes:
     """The frame a child reads: `[deliveries, body]` around the broker's body as it is (JSON
-    already, checked by `body_problem`), so that no body is decoded and encoded again."""
+    already, checked by `task.body_problem`), so that no body is decoded and encoded again."""
     head, body = b"[%d," % delivery.deliveries, delivery.body.encode()
     return b"".join(((len(head) + len(body) + 1).to_bytes(4, "big"), head, body, b"]"))

@@ -400,8 +400,7 @@ def schedule_list(broker: Broker, schedules: list[Schedule]) -> dict[str, Any]:
     {"name": SCHEDULE_NAME},
 )
 def schedule_pause(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
-    broker.pause_schedule(named(schedules, name).name, True)
-    return {"ok": f"schedule {name} paused"}
+    return set_paused(broker, named(schedules, name), True)
 
 
 @schedule_command(
@@ -410,8 +409,13 @@ def schedule_pause(broker: Broker, schedules: list[Schedule], name: str) -> dict
     {"name": SCHEDULE_NAME},
 )
 def schedule_resume(broker: Broker, schedules: list[Schedule], name: str) -> dict[str, Any]:
-    broker.pause_schedule(named(schedules, name).name, False)
-    return {"ok": f"schedule {name} resumed"}
+    return set_paused(broker, named(schedules, name), False)
+
+
+def set_paused(broker: Broker, schedule: Schedule, paused: bool) -> dict[str, Any]:
+    """Pause or resume a schedule fleet-wide (its flag lives in the broker)."""
+    broker.pause_schedule(schedule.name, paused)
+    return {"ok": f"schedule {schedule.name} {'paused' if paused else 'resumed'}"}
 
 
 @schedule_command(

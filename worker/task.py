@@ -197,18 +197,29 @@ def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) 
     return seconds(eta, "eta")
 
 
-def is_task_body(text: str) -> bool:
-    """Is a message body a task a child can run: a JSON object whose args (if any) are a
-    list and whose kwargs are an object? A worker dead-letters one that is not (BadMessage)."""
+def body_problem(text: str, task_id: str, name: str) -> str | None:
+    """Why a message body is not a task a child can run, or None if it is one: the JSON
+    object `{"id", "name", "args", "kwargs", "retries"}` that `encode_body` writes for the
+    task `task_id` named `name`. A worker dead-letters one that is not (BadMessage), and a
+    dead letter whose body is not one cannot be retried."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "the body is not UTF-8"
     try:
         body = json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return (
-        isinstance(body, dict)
-        and isinstance(body.get("args", []), list)
-        and isinstance(body.get("kwargs", {}), dict)
-    )
+    except (ValueError, RecursionError) as exc:  # its text names no part of the body
+        return f"the body is not JSON: {exc}"
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    if body.get("id") != task_id or body.get("name") != name:
+        return "the body's id or name is not the task's"
+    if not isinstance(body.get("args"), list) or not isinstance(body.get("kwargs"), dict):
+        return "the body's args are not a list or its kwargs not an object"
+    retries = body.get("retries")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        return "the body's retries are not a count"
+    return None
 
 
 def env_broker_source() -> tuple[str, str] | None:
