@@ -45,7 +45,7 @@ from ctl.render import (
     task_table,
 )
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
-from worker.version import version
+from worker.version import VersionAction
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
@@ -88,7 +88,7 @@ count = word_type(Arg((int,), minimum=1))
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Steer a fleetd fleet and its queue.")
-    p.add_argument("--version", action="version", version=f"fleetctl {version()}")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument(
         "-c",
         "--config",

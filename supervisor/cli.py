@@ -11,7 +11,7 @@ import sys
 
 from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, setup_logging
-from worker.version import version
+from worker.version import VersionAction
 
 from . import config as configmod
 
@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fleetd", description="Run a fleet of task workers on this host.")
-    parser.add_argument("--version", action="version", version=f"fleetd {version()}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     start = sub.add_parser("start", help="run the arbiter in the foreground")
     start.add_argument("-c", "--config", required=True, help="the fleet's TOML config")
@@ -148,40 +148,21 @@ def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
 def folder_problem(folder: str) -> str | None:
     """Why `folder` cannot be made (parents too) or written in, if it cannot: found by making,
     and removing, a folder in it or else in its nearest parent that exists."""
-    import tempfile  # (and shutil, bz2, lzma with it): not for the arbiter's whole life
-
     existing = folder
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"cannot make {folder}: {existing} is not a folder"
+    # A folder of a name nobody else makes (os.mkdir, not tempfile: the arbiter calls this,
+    # and tempfile brings random, shutil and the compressors into its memory for good).
+    probe = os.path.join(existing, f".fleetd-check-{os.getpid()}-{os.urandom(6).hex()}")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fleetd-check-", dir=existing))
+        os.mkdir(probe, 0o700)
+        os.rmdir(probe)
     except OSError as exc:
         verb = "write in" if existing == folder else "make"
         return f"cannot {verb} {folder}: {exc.strerror} (in {existing})"
     return None
-
-
-def broker_problem(url: str) -> str | None:
-    """Why the broker cannot be reached, if it cannot. A forked child asks it, so that the
-    arbiter never imports a broker's client library nor holds its memory."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; its message is the parent's to show
-        os.close(read_fd)
-        try:
-            from worker.client import Client
-
-            Client(url, fail_fast=True).ping()
-        except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the answer
-            os.write(write_fd, str(exc).encode() or type(exc).__name__.encode())
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as answer:
-        problem = answer.read().decode(errors="replace")
-    os.waitpid(pid, 0)
-    return problem or None
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
@@ -189,6 +170,7 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
+    from .probe import broker_problem
 
     problem = broker_problem(cfg.broker)
     if problem:

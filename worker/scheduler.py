@@ -17,8 +17,8 @@ since the epoch, so that every host computes the same ticks.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -324,7 +324,7 @@ def schedule_envelope(schedule: Schedule, task_id: str, queue_of: Callable[[str]
 
 def trigger(broker: Broker, schedule: Schedule, queue_of: Callable[[str], str]) -> str:
     """Enqueue one run of the schedule now, outside its ticks; returns the task's id."""
-    task_id = f"schedule:{schedule.name}:manual-{uuid.uuid4().hex[:12]}"
+    task_id = f"schedule:{schedule.name}:manual-{os.urandom(6).hex()}"
     broker.fire_schedule(schedule.name, None, schedule_envelope(schedule, task_id, queue_of))
     return task_id
 

@@ -1,0 +1,101 @@
+"""`fleetd start`'s question before it starts anything: does the broker answer?
+
+Asked the cheap way first: for a plain `redis://` or `unix://` URL, one socket sends AUTH
+(if the URL has a password), SELECT and PING, and reads the three replies: about a
+millisecond. Anything else, or any answer but OK and PONG, is asked again by a forked
+child through the broker's own client, whose error is the line the user sees. The child
+keeps the broker's client library (redis-py takes ~70 ms to import) out of the arbiter.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+FAST_TIMEOUT = 1.0  # seconds the socket probe waits for the connection and each reply
+
+
+def broker_problem(url: str) -> str | None:
+    """Why the broker cannot be reached, if it cannot."""
+    if answers_ping(url):
+        return None
+    return client_problem(url)
+
+
+def answers_ping(url: str) -> bool:
+    """Whether a Redis at a plain URL answers PING on the URL's database as its user: False
+    for every other URL, and for every doubt (the client probe then says why)."""
+    if not url.startswith(("redis://", "unix://")):
+        return False
+    import urllib.parse  # here: an arbiter on SQLite never needs it
+
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    query.pop("prefix", None)  # fleetd's own: the keys' prefix, nothing the server sees
+    if parts.scheme not in ("redis", "unix") or query or parts.fragment:
+        return False
+    try:
+        db = int(parts.path.strip("/") or 0) if parts.scheme == "redis" else 0
+        if parts.scheme == "unix":
+            address: str | tuple[str, int] = parts.path
+            family = socket.AF_UNIX
+        else:
+            address = (parts.hostname or "localhost", parts.port or 6379)
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    except ValueError:
+        return False
+    words: list[list[str]] = []
+    if parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password)
+        words.append(["AUTH", user, password] if user else ["AUTH", password])
+    words += [["SELECT", str(db)], ["PING"]]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(FAST_TIMEOUT)
+            sock.connect(address)
+            sock.sendall(b"".join(command(w) for w in words))
+            replies = read_lines(sock, len(words))
+    except (OSError, UnicodeError):
+        return False
+    return replies == [b"+OK"] * (len(words) - 1) + [b"+PONG"]
+
+
+def command(words: list[str]) -> bytes:
+    """`words` as one RESP command: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(words)]
+    for word in words:
+        data = word.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def read_lines(sock: socket.socket, count: int) -> list[bytes]:
+    """The first `count` reply lines; every reply to AUTH, SELECT and PING is one line."""
+    data = b""
+    while data.count(b"\r\n") < count:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n")[:count]
+
+
+def client_problem(url: str) -> str | None:
+    """The broker's client's own answer, asked by a forked child."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its message is the parent's to show
+        os.close(read_fd)
+        try:
+            from worker.client import Client
+
+            Client(url, fail_fast=True).ping()
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the answer
+            os.write(write_fd, str(exc).encode() or type(exc).__name__.encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as answer:
+        problem = answer.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return problem or None
