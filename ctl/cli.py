@@ -26,13 +26,12 @@ import termios
 import time
 import tty
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
-
-from rich.console import Console
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import supervisor.commands  # noqa: F401 - the host commands, to join the worker ones in the table
 import worker.scheduler  # noqa: F401 - the schedule commands (cronsim loads only where used)
 from ctl.render import (
+    Output,
     add_iso_times,
     event_line,
     host_of,
@@ -46,6 +45,9 @@ from ctl.render import (
 )
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
 from worker.version import VersionAction
+
+if TYPE_CHECKING:  # made on first use (see Output): `--json` output never loads rich
+    from rich.console import Console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
@@ -149,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     dead.set_defaults(handler=cmd_dead)
     dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=Parser)
     dead_sub.add_parser("list", help="every dead letter, newest first")
-    retry = dead_sub.add_parser(
-        "retry", help="put dead letters back on their queue as new tasks (PENDING)"
-    )
+    retry = dead_sub.add_parser("retry", help="put dead letters back as new tasks (PENDING)")
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every dead letter")
     purge = dead_sub.add_parser("purge", help="delete every dead letter")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.brokers.base import BrokerUnavailable
 
     args = build_parser().parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+    console = cast("Console", Output(width=None if sys.stdout.isatty() else PIPE_WIDTH))
     try:
         return int(args.handler(args, console))
     except UsageError as exc:

@@ -9,18 +9,48 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
 TASK_FIELDS = ("id", "name", "state", "result", "exc_type", "exc_message", "deliveries", "node")
 
 
+class Output:
+    """rich's Console, made when first used: a command whose output is JSON never loads it."""
+
+    def __init__(self, width: int | None) -> None:
+        self.width = width
+        self.console: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # only for what Output itself does not have
+        if self.console is None:
+            from rich.console import Console
+
+            self.console = Console(width=self.width)
+        return getattr(self.console, name)
+
+
+def new_table(**options: Any) -> Table:
+    """A rich Table. rich (~25 ms to import) loads for a person's tables only: `--json`
+    output, which programs read, never pays for it."""
+    from rich.table import Table
+
+    return Table(**options)
+
+
+def escape(text: str) -> str:
+    """`text` shown as it is in a table, not read as rich markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def task_table(info: dict[str, Any]) -> Table:
     """A task's info, one field a row (its result as JSON)."""
-    table = Table(show_header=False)
+    table = new_table(show_header=False)
     for key in TASK_FIELDS:
         if info.get(key) is not None:
             table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
@@ -28,7 +58,7 @@ def task_table(info: dict[str, Any]) -> Table:
 
 
 def queues_table(depths: list[Any]) -> Table:
-    table = Table(title="queues")
+    table = new_table(title="queues")
     for column in ("queue", "ready", "scheduled", "reserved"):
         table.add_column(column, justify="right" if column != "queue" else "left")
     for d in depths:
@@ -50,7 +80,7 @@ def letter_json(letter: Any) -> dict[str, Any]:
 
 
 def letters_table(dead: list[Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = new_table(title=title, title_justify="left")
     for column in ("id", "name", "queue", "error", "when"):
         table.add_column(column, no_wrap=column == "id")  # ids are there to be copied
     for d in dead:
@@ -70,7 +100,7 @@ def host_of(node: str) -> str:
 
 
 def reply_table(cmd: str, result: Any) -> Table:
-    table = Table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
+    table = new_table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
     table.add_column("node")
     table.add_column("reply")
     for node, reply in sorted(result.replies.items()):
@@ -127,7 +157,7 @@ def compact(value: Any) -> str:
 
 
 def status_table(result: Any) -> Table:
-    table = Table(title=f"fleet ({result.elapsed * 1000:.1f} ms)", title_justify="left")
+    table = new_table(title=f"fleet ({result.elapsed * 1000:.1f} ms)", title_justify="left")
     for column in ("host / node / child", "pid", "state", "task", "rss", "uptime", "done"):
         numeric = column in ("pid", "rss", "uptime", "done")
         table.add_column(column, justify="right" if numeric else "left")
@@ -221,7 +251,7 @@ def event_line(event: dict[str, Any]) -> str:
 def schedules_table(listing: dict[str, Any]) -> Table:
     """`fleetctl schedule list`: one schedule a row, times as ISO times."""
     leader = listing["leader"] or "nobody (no worker runs, or its lease ran out)"
-    table = Table(title=f"schedules (led by {leader})", title_justify="left")
+    table = new_table(title=f"schedules (led by {leader})", title_justify="left")
     for column in (
         "name",
         "task",
