@@ -32,6 +32,14 @@ class Output:
             self.console = Console(width=self.width)
         return getattr(self.console, name)
 
+    # Special methods are looked up on the class, never through __getattr__: a Live view
+    # enters its console (rich's buffer), so these two go through by hand.
+    def __enter__(self) -> Any:
+        return self.__getattr__("__enter__")()
+
+    def __exit__(self, *exc: object) -> None:
+        self.__getattr__("__exit__")(*exc)
+
 
 def new_table(**options: Any) -> Table:
     """A rich Table. rich (~25 ms to import) loads for a person's tables only: `--json`
