@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import (
     CLEAN_STOP,
@@ -522,6 +523,69 @@ class Pool:
         if running.delivery.id not in self.revoked:  # the child skips it: REVOKED, not run
             self.started_ids.append(running.delivery.id)
             self.emit("task-started", running.delivery)
+
+    # --- autoscale: worker/autoscale.py decides, the lines above fork and let go -----------
+    def pool_bounds(self: Worker) -> tuple[int, int]:
+        """The bounds `pool grow|shrink` and TTIN/TTOU move the pool within: autoscale's MIN
+        and MAX, else 1 and MAX_POOL."""
+        low, high = self.spec.autoscale or (1, MAX_POOL)
+        return low, high
+
+    def autoscale(self: Worker, now: float) -> None:
+        """With autoscale set, every DECIDE_EVERY seconds: move the pool's target by what the
+        policy says of the load; manage_children then forks, or lets an idle child go."""
+        if not self.spec.autoscale or now < self.autoscaled_at + DECIDE_EVERY:
+            return
+        low, high = self.spec.autoscale
+        load = self.measure_load(now)
+        self.autoscaled_at = now
+        step = decide(
+            self.target_children,
+            low,
+            high,
+            load,
+            self.spec.autoscale_wait,
+            self.spec.autoscale_idle,
+        )
+        if step:
+            self.target_children += step
+            log.info(
+                "autoscale: pool %s to %d (longest wait %.1fs, longest idle %.1fs)",
+                "grows" if step > 0 else "shrinks",
+                self.target_children,
+                load.wait,
+                load.idle_for,
+                extra={"node": self.node},
+            )
+
+    def measure_load(self: Worker, now: float) -> Load:
+        """The longest wait of the tasks waiting to start (not those a rate limit holds back)
+        and of those started since the last decision, and how long children sat idle."""
+        wall = time.time()
+        waiting = list(self.reserved)[self.rate_limited :]
+        waits: list[float] = []
+        live = [c for c in self.children.values() if not c.retiring and not c.spare]
+        for child in live:
+            waiting += [r.delivery for r in list(child.tasks)[1:]]
+            running = child.running
+            if running and running.delivery.ready_at and running.started >= self.autoscaled_at:
+                waits.append(wall - (now - running.started) - running.delivery.ready_at)
+        waits += [wall - d.ready_at for d in waiting if d.ready_at]
+        marks = {c.pid: self.busy_mark(c, now) for c in live}
+        self.busy_marks = marks
+        idle = [now - marks[c.pid][1] for c in live if not c.tasks]
+        return Load(
+            wait=max(waits, default=0.0),
+            backlog=bool(waiting) or not self.queue_dry,
+            idle_children=len(idle),
+            idle_for=max(idle, default=0.0),
+        )
+
+    def busy_mark(self: Worker, child: ChildProc, now: float) -> tuple[int, float]:
+        """(tasks done, when it last had a task) of the child, as the decisions see it: a
+        child that holds a task, or ran one since the last decision, was busy now."""
+        done, at = self.busy_marks.get(child.pid, (-1, now))
+        return child.tasks_done, now if child.tasks or child.tasks_done != done else at
 
 
 def rss(pid: int) -> int | None:

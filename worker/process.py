@@ -109,6 +109,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
         self.spawn_backoff: float = 0.0  # > 0 while forks fail: seconds between tries
         self.spawn_retry_at: float = 0.0  # monotonic: no fork before this
+        self.autoscaled_at: float = 0.0  # monotonic: the last autoscale decision
+        self.busy_marks: dict[int, tuple[int, float]] = {}  # by pid: see Pool.busy_mark
 
     # --- the life of a worker ------------------------------------------------------
     def run(self) -> int:
@@ -187,6 +189,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         now = time.monotonic()
         self.enforce_time_limits(now)
         if self.shutdown is None:
+            self.autoscale(now)
             self.manage_children()
             self.reserve_more()
             self.dispatch(now)
