@@ -194,3 +194,20 @@ def test_pool_grow_shrink_and_ttin_ttou_move_within_the_autoscale_bounds(
     assert holds(lambda: pool(fleet)["pool_size"] == 2, 1.0), "TTOU went below MIN"
     os.kill(worker_pid, signal.SIGTTIN)
     wait_for(lambda: pool(fleet)["pool_size"] == 3, 10, message="TTIN to grow the pool by one")
+
+
+def test_without_prefetch_the_wait_in_the_queue_itself_grows_the_pool(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    # No task waits in the worker (it reserves one per free child): only the broker's record
+    # of when each task was ready shows how long the queue kept it.
+    scaling = {"autoscale": "1,3", "autoscale_wait": 0.3, "autoscale_idle": 60, "prefetch": 0}
+    fleet = make_fleet(defaults=scaling).start()
+    journal = tmp_path / "journal.txt"
+    burst = fleet.client.submit_many(
+        [("tasks.journal", (str(journal), 0.5), {}) for _ in range(20)]
+    )
+    wait_for(lambda: pool(fleet)["pool_size"] == 3, 20, 0.1, "the pool to grow to its max")
+    infos = fleet.wait_all_final([h.id for h in burst], 60)
+    assert {i["state"] for i in infos} == {"SUCCESS"}
+    assert set(executions(journal).values()) == {1}

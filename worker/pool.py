@@ -533,7 +533,7 @@ class Pool:
 
     def autoscale(self: Worker, now: float) -> None:
         """With autoscale set, every DECIDE_EVERY seconds: move the pool's target by what the
-        policy says of the load; manage_children then forks, or lets an idle child go."""
+        policy says of the load, and fork or let an idle child go at once."""
         if not self.spec.autoscale or now < self.autoscaled_at + DECIDE_EVERY:
             return
         low, high = self.spec.autoscale
@@ -557,6 +557,7 @@ class Pool:
                 load.idle_for,
                 extra={"node": self.node},
             )
+            self.manage_children()
 
     def measure_load(self: Worker, now: float) -> Load:
         """The longest wait of the tasks waiting to start (not those a rate limit holds back)

@@ -189,10 +189,10 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         now = time.monotonic()
         self.enforce_time_limits(now)
         if self.shutdown is None:
-            self.autoscale(now)
             self.manage_children()
             self.reserve_more()
             self.dispatch(now)
+            self.autoscale(now)  # after dispatch: a child that just finished has its next task
         else:
             self.continue_shutdown(now)
         if self.outcomes or self.retries or (self.started_ids and now >= self.started_flush_at):
