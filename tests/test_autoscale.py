@@ -162,6 +162,7 @@ def test_a_burst_grows_the_pool_to_max_and_an_idle_spell_shrinks_it_back_to_min(
     assert min(sizes) == 2
     counts = executions(journal)
     assert set(counts) == {h.id for h in burst} and set(counts.values()) == {1}
+    assert {i["deliveries"] for i in fleet.infos([h.id for h in burst])} == {1}
     assert "autoscale: pool grows to 5" in fleet.log()
     assert "autoscale: pool shrinks to 2" in fleet.log()
 
@@ -181,6 +182,8 @@ def test_pool_grow_shrink_and_ttin_ttou_move_within_the_autoscale_bounds(
     make_fleet: Callable[..., Fleet],
 ) -> None:
     fleet = make_fleet(defaults={"autoscale": "2,4", "autoscale_idle": 60}).start()
+    conf = json.loads(fleet.ctl("--json", "inspect", "conf").stdout)["replies"]["w@h1"]
+    assert (conf["autoscale"], conf["autoscale_wait"], conf["autoscale_idle"]) == ([2, 4], 1.0, 60)
     assert "pool is 4: at the pool's max (4)" in fleet.ctl("pool", "grow", "5").stdout
     wait_for(lambda: live_children(pool(fleet)) == 4, 10, message="4 children")
     refused = fleet.ctl("pool", "grow", check=False)
@@ -211,3 +214,16 @@ def test_without_prefetch_the_wait_in_the_queue_itself_grows_the_pool(
     infos = fleet.wait_all_final([h.id for h in burst], 60)
     assert {i["state"] for i in infos} == {"SUCCESS"}
     assert set(executions(journal).values()) == {1}
+
+
+def test_tasks_held_back_by_a_rate_limit_do_not_grow_the_pool(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    # They wait, but for tokens, not for a child: one more child would not start them sooner.
+    scaling = {"autoscale": "1,3", "autoscale_wait": 0.3, "autoscale_idle": 60}
+    fleet = make_fleet(defaults=scaling, rate_limits={"tasks.add": "4/s"}).start()
+    handles = fleet.client.submit_many([("tasks.add", (i, 1), {}) for i in range(12)])
+    infos = fleet.wait_all_final([h.id for h in handles], 30)
+    assert {i["state"] for i in infos} == {"SUCCESS"}
+    assert pool(fleet)["pool_size"] == 1
+    assert "autoscale: pool grows" not in fleet.log()

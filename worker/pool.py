@@ -25,6 +25,7 @@ from .child import (
     CLEAN_STOP,
     child_main,
 )
+from .commands import pool_room
 from .protocol import FrameReader, Outbox, ProtocolError
 from .tree import end_adopted
 
@@ -547,6 +548,8 @@ class Pool:
             self.spec.autoscale_wait,
             self.spec.autoscale_idle,
         )
+        if step > 0:  # never more children than the open-files limit lets the worker hold
+            step = max(0, pool_room(self, self.target_children + step)[0] - self.target_children)
         if step:
             self.target_children += step
             log.info(
@@ -560,18 +563,21 @@ class Pool:
             self.manage_children()
 
     def measure_load(self: Worker, now: float) -> Load:
-        """The longest wait of the tasks waiting to start (not those a rate limit holds back)
-        and of those started since the last decision, and how long children sat idle."""
+        """The longest a task waited to start, of those waiting now and those started since
+        the last decision (seconds since it was ready in its queue), and how long children
+        sat idle. Tasks of a rate-limited name are not timed: a token, not a child, may be
+        what they waited for."""
         wall = time.time()
-        waiting = list(self.reserved)[self.rate_limited :]
-        waits: list[float] = []
+        waiting = list(self.reserved)[self.rate_limited :]  # after those waiting for a token
+        started: list[tuple[Delivery, float]] = []
         live = [c for c in self.children.values() if not c.retiring and not c.spare]
         for child in live:
             waiting += [r.delivery for r in list(child.tasks)[1:]]
             running = child.running
-            if running and running.delivery.ready_at and running.started >= self.autoscaled_at:
-                waits.append(wall - (now - running.started) - running.delivery.ready_at)
-        waits += [wall - d.ready_at for d in waiting if d.ready_at]
+            if running and running.started >= self.autoscaled_at:
+                started.append((running.delivery, wall - (now - running.started)))
+        timed = started + [(d, wall) for d in waiting]
+        waits = [at - d.ready_at for d, at in timed if self.timed(d)]
         marks = {c.pid: self.busy_mark(c, now) for c in live}
         self.busy_marks = marks
         idle = [now - marks[c.pid][1] for c in live if not c.tasks]
@@ -581,6 +587,11 @@ class Pool:
             idle_children=len(idle),
             idle_for=max(idle, default=0.0),
         )
+
+    def timed(self: Worker, delivery: Delivery) -> bool:
+        """Whether the task's wait counts: its broker said when it was ready, and no rate
+        limit may have held it back (more children would not have started it sooner)."""
+        return bool(delivery.ready_at) and delivery.name not in self.rate_limits.buckets
 
     def busy_mark(self: Worker, child: ChildProc, now: float) -> tuple[int, float]:
         """(tasks done, when it last had a task) of the child, as the decisions see it: a
