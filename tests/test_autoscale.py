@@ -58,6 +58,7 @@ def test_pool_moves_stop_at_the_bounds_and_say_so() -> None:
     assert moved(7, 5, 2, 8) == (8, "at the pool's max (8)")
     assert moved(3, -5, 2, 8) == (2, "at the pool's min (2)")
     assert moved(2, -1, 2, 8) == (2, "at the pool's min (2)")
+    assert moved(1, -1, 2, 8) == (1, "at the pool's min (2)")  # below MIN: never up by a shrink
 
 
 # --- the config -------------------------------------------------------------------------

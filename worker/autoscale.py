@@ -54,9 +54,11 @@ def parse_bounds(text: str) -> tuple[int, int]:
 
 def moved(current: int, step: int, low: int, high: int) -> tuple[int, str | None]:
     """The pool size that `pool grow|shrink` (step > 0 or < 0) or TTIN/TTOU reach from
-    `current` within [low, high], and why it stops short of `current + step` (None if not)."""
+    `current` within [low, high], never moving the other way, and the bound that stops it
+    short of `current + step` (None if none does)."""
     wanted = current + step
-    reached = min(max(wanted, low), high)
-    if reached == wanted:
-        return reached, None
-    return reached, f"at the pool's {'max' if step > 0 else 'min'} ({reached})"
+    if step > 0 and wanted > high:
+        return max(current, high), f"at the pool's max ({high})"
+    if step < 0 and wanted < low:
+        return min(current, low), f"at the pool's min ({low})"
+    return wanted, None
