@@ -191,7 +191,7 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
         return
     state = str(view.get("state") or "")
     colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
-    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else ""
+    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else autoscaled(view)
     if "reload_failed" in view:  # the generation before serves on
         task = f"[red]reload failed: {escape(str(view['reload_failed']))}[/red]"
     done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
@@ -219,6 +219,14 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
             duration(child.get("uptime")),
             str(child.get("tasks_done", "")),
         )
+
+
+def autoscaled(view: dict[str, Any]) -> str:
+    """ "pool 3 in 2..8" for a node whose pool follows its load; "" for a fixed pool."""
+    low, high = view.get("pool_min"), view.get("pool_max")
+    if low == high:
+        return ""
+    return f"pool {view.get('pool_size')} in {low}..{high}"
 
 
 def size(n: Any) -> str:

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from worker.autoscale import parse_bounds
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ DEFAULT_KEYS: dict[str, tuple[str, Any]] = {
     "max_deliveries": ("pos_int", 3),
     "shutdown_timeout": ("nonneg_num", 0),
     "worker_timeout": ("worker_timeout", 60),
+    "autoscale": ("autoscale", ""),
+    "autoscale_wait": ("pos_num", 1.0),
+    "autoscale_idle": ("pos_num", 30.0),
 }
 FLEET_KEYS: dict[str, tuple[str, Any]] = {
     "node": ("name", None),
@@ -178,6 +182,13 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "worker_timeout":
         if not is_num or (value != 0 and not MIN_WORKER_TIMEOUT <= value < math.inf):
             raise bad(f"0 (no bound) or seconds >= {MIN_WORKER_TIMEOUT:g}")
+    elif kind == "autoscale":  # "" -> [], "2,8" -> [2, 8]
+        if not isinstance(value, str):
+            raise bad('"MIN,MAX" or ""')
+        try:
+            return list(parse_bounds(value)) if value.strip() else []
+        except ValueError as exc:
+            raise ConfigError(path, key, f"{exc}, got {value!r}") from None
     elif kind == "size":
         try:
             return parse_size(value)
@@ -363,6 +374,8 @@ def from_dict(
             and data["soft_time_limit"] >= data["time_limit"]
         ):
             raise ConfigError(path, f"{where}.soft_time_limit", "must be below time_limit")
+        if data["autoscale"]:  # the pool starts at MIN and follows the load: no fixed size
+            data["concurrency"] = data["autoscale"][0]
         workers.append(
             WorkerSpec(
                 node=f"{data['name']}@{host}",

@@ -42,6 +42,14 @@ FAMILIES = (
     Family("fleetd_reserved", "gauge", "Tasks a worker reserved but has not started.", ("node",)),
     Family("fleetd_active", "gauge", "Tasks a worker is running now.", ("node",)),
     Family("fleetd_children", "gauge", "Pool processes of a worker.", ("node",)),
+    Family("fleetd_pool_size", "gauge",
+           "Children a worker's pool holds, or is on its way to (autoscale moves it).", ("node",)),
+    Family("fleetd_pool_min", "gauge",
+           "The least children a worker's pool may hold (autoscale's MIN; a fixed pool's size).",
+           ("node",)),
+    Family("fleetd_pool_max", "gauge",
+           "The most children a worker's pool may hold (autoscale's MAX; a fixed pool's size).",
+           ("node",)),
     Family("fleetd_worker_restarts_total", "counter", "Times the arbiter restarted a worker.",
            ("node",)),
     Family("fleetd_worker_transitions_total", "counter",
@@ -82,6 +90,9 @@ WORKER_GAUGES = {
     "reserved": "fleetd_reserved",
     "active": "fleetd_active",
     "children": "fleetd_children",
+    "pool_size": "fleetd_pool_size",
+    "pool_min": "fleetd_pool_min",
+    "pool_max": "fleetd_pool_max",
 }
 
 LabelValues = tuple[str, ...]

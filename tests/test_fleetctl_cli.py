@@ -157,6 +157,7 @@ def test_status_table_groups_nodes_by_host_with_children_rss_and_uptime() -> Non
         "uptime": 3725.0,
         "succeeded": 5,
         "failed": 1,
+        **{"pool_size": 3, "pool_min": 2, "pool_max": 8},
         "children": [
             {
                 "pid": 11,
@@ -184,6 +185,7 @@ def test_status_table_groups_nodes_by_host_with_children_rss_and_uptime() -> Non
         "30 MiB",
         "1h02m",
         "tasks.resize 01234567 (2.5s)",
+        "pool 3 in 2..8",
         "20 MiB",
         "FATAL",
         "h3",

@@ -88,7 +88,12 @@ def test_node_events_count_per_node(kind: str, family: str) -> None:
 
 def test_worker_stats_set_gauges_that_forget_node_zeroes() -> None:
     metrics = Metrics()
-    stats = {"type": "worker-stats", "node": "images@h1", "children": 4}
+    stats = {
+        "type": "worker-stats",
+        "node": "images@h1",
+        "children": 4,
+        **{"pool_size": 4, "pool_min": 2, "pool_max": 8},
+    }
     assert metrics.apply({**stats, "reserved": 3, "active": 2})
     assert metrics.apply({**stats, "reserved": 1, "active": 0})
     metrics.apply({"type": "worker-restarted", "node": "images@h1"})
@@ -96,6 +101,8 @@ def test_worker_stats_set_gauges_that_forget_node_zeroes() -> None:
     assert got['fleetd_reserved{node="images@h1"}'] == 1
     assert got['fleetd_active{node="images@h1"}'] == 0
     assert got['fleetd_children{node="images@h1"}'] == 4
+    pool = [got[f'fleetd_pool_{g}{{node="images@h1"}}'] for g in ("size", "min", "max")]
+    assert pool == [4, 2, 8]
     metrics.forget_node("images@h1")
     got = samples(metrics.render())
     assert got['fleetd_worker_restarts_total{node="images@h1"}'] == 1
@@ -120,6 +127,9 @@ def test_declared_nodes_and_queues_have_every_series_at_zero_from_the_start() ->
         "fleetd_reserved",
         "fleetd_active",
         "fleetd_children",
+        "fleetd_pool_size",
+        "fleetd_pool_min",
+        "fleetd_pool_max",
     ):
         assert got[f'{family}{{node="images@h1"}}'] == 0
     assert got['fleetd_queue_depth{queue="images"}'] == 0

@@ -183,6 +183,10 @@ class ArbiterChannel:
             "reserved": len(self.reserved) + waiting,
             "active": sum(1 for c in self.children.values() if c.running),
             "children": len(self.children),
+            "pool_size": self.target_children,  # what the pool holds, or is on its way to
+            # A fixed pool moves only by `pool grow|shrink`: its bounds are its size.
+            "pool_min": self.spec.autoscale[0] if self.spec.autoscale else self.target_children,
+            "pool_max": self.spec.autoscale[1] if self.spec.autoscale else self.target_children,
             **self.counts,
         }
 

@@ -9,6 +9,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from .autoscale import MAX_POOL, moved
 from .control import OPTIONAL, Arg, register
 from .spec import parse_rate
 from .task import REGISTRY
@@ -22,7 +23,6 @@ log = logging.getLogger("fleetd.worker")
 NUM = (int, float)
 TASK = Arg((str,), help="a task name")
 POOL_N = Arg((int,), 1, "how many children (default: 1)", positional=True, minimum=1)
-MAX_POOL = 1024  # children per worker: `pool grow 10000` is a typo, not a plan
 FDS_PER_CHILD = 3  # its worker's ends of a child's task, result and revoke pipes
 FDS_SPARE = 32  # for the broker's files and connections, /proc reads, a fork's other pipe ends
 
@@ -247,20 +247,24 @@ def signal_number(name: str) -> int | None:
 
 @register(
     "pool_grow",
-    "Add N children to the node's pool (as SIGTTIN does, one at a time).",
+    "Add N children to the node's pool (as SIGTTIN does, one at a time); never above"
+    " autoscale's MAX.",
     {"n": POOL_N},
     lines={"pool grow": {}},
 )
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
     if worker.target_children + n > MAX_POOL:
         return {"error": f"the pool can be at most {MAX_POOL}"}
-    size, limit = pool_room(worker, worker.target_children + n)
+    wanted, bound = moved(worker.target_children, n, *worker.pool_bounds())
+    if wanted == worker.target_children:
+        return {"error": f"pool is {wanted}: {bound}"}
+    size, limit = pool_room(worker, wanted)
     worker.target_children = max(worker.target_children, size)  # the worker's loop forks them
     if limit:
         message = f"pool is {worker.target_children}: {limit}"
         log.warning("%s", message, extra={"node": worker.node})
         return {"error": message}
-    return {"ok": f"pool is {worker.target_children}"}
+    return pool_is(worker, bound)
 
 
 def pool_room(worker: Worker, wanted: int) -> tuple[int, str | None]:
@@ -283,13 +287,22 @@ def pool_room(worker: Worker, wanted: int) -> tuple[int, str | None]:
 @register(
     "pool_shrink",
     "Retire N children of the node's pool, each once it is idle (as SIGTTOU"
-    " does, one at a time); never below one.",
+    " does, one at a time); never below one, nor below autoscale's MIN.",
     {"n": POOL_N},
     lines={"pool shrink": {}},
 )
 def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
-    worker.target_children = max(1, worker.target_children - n)  # the loop retires idle ones
-    return {"ok": f"pool is {worker.target_children}"}
+    wanted, bound = moved(worker.target_children, -n, *worker.pool_bounds())
+    if wanted == worker.target_children:
+        return {"error": f"pool is {wanted}: {bound}"}
+    worker.target_children = wanted
+    return pool_is(worker, bound)  # the loop retires idle children
+
+
+def pool_is(worker: Worker, bound: str | None) -> dict[str, Any]:
+    """The reply of a pool change: its new size, and the bound that stopped it if one did."""
+    size = f"pool is {worker.target_children}"
+    return {"ok": size if bound is None else f"{size}: {bound}"}
 
 
 @register(

@@ -19,11 +19,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import (
     CLEAN_STOP,
     child_main,
 )
+from .commands import pool_room
 from .protocol import FrameReader, Outbox, ProtocolError
 from .tree import end_adopted
 
@@ -522,6 +524,80 @@ class Pool:
         if running.delivery.id not in self.revoked:  # the child skips it: REVOKED, not run
             self.started_ids.append(running.delivery.id)
             self.emit("task-started", running.delivery)
+
+    # --- autoscale: worker/autoscale.py decides, the lines above fork and let go -----------
+    def pool_bounds(self: Worker) -> tuple[int, int]:
+        """The bounds `pool grow|shrink` and TTIN/TTOU move the pool within: autoscale's MIN
+        and MAX, else 1 and MAX_POOL."""
+        low, high = self.spec.autoscale or (1, MAX_POOL)
+        return low, high
+
+    def autoscale(self: Worker, now: float) -> None:
+        """With autoscale set, every DECIDE_EVERY seconds: move the pool's target by what the
+        policy says of the load, and fork or let an idle child go at once."""
+        if not self.spec.autoscale or now < self.autoscaled_at + DECIDE_EVERY:
+            return
+        low, high = self.spec.autoscale
+        load = self.measure_load(now)
+        self.autoscaled_at = now
+        step = decide(
+            self.target_children,
+            low,
+            high,
+            load,
+            self.spec.autoscale_wait,
+            self.spec.autoscale_idle,
+        )
+        if step > 0:  # never more children than the open-files limit lets the worker hold
+            step = max(0, pool_room(self, self.target_children + step)[0] - self.target_children)
+        if step:
+            self.target_children += step
+            log.info(
+                "autoscale: pool %s to %d (longest wait %.1fs, longest idle %.1fs)",
+                "grows" if step > 0 else "shrinks",
+                self.target_children,
+                load.wait,
+                load.idle_for,
+                extra={"node": self.node},
+            )
+            self.manage_children()
+
+    def measure_load(self: Worker, now: float) -> Load:
+        """The longest a task waited to start, of those waiting now and those started since
+        the last decision (seconds since it was ready in its queue), and how long children
+        sat idle. Tasks of a rate-limited name are not timed: a token, not a child, may be
+        what they waited for."""
+        wall = time.time()
+        waiting = list(self.reserved)[self.rate_limited :]  # after those waiting for a token
+        started: list[tuple[Delivery, float]] = []
+        live = [c for c in self.children.values() if not c.retiring and not c.spare]
+        for child in live:
+            waiting += [r.delivery for r in list(child.tasks)[1:]]
+            running = child.running
+            if running and running.started >= self.autoscaled_at:
+                started.append((running.delivery, wall - (now - running.started)))
+        timed = started + [(d, wall) for d in waiting]
+        waits = [at - d.ready_at for d, at in timed if self.timed(d)]
+        marks = {c.pid: self.busy_mark(c, now) for c in live}
+        self.busy_marks = marks
+        idle = [now - marks[c.pid][1] for c in live if not c.tasks]
+        return Load(
+            wait=max(waits, default=0.0),
+            backlog=bool(waiting) or not self.queue_dry,
+            idle_children=len(idle),
+            idle_for=max(idle, default=0.0),
+        )
+
+    def timed(self: Worker, delivery: Delivery) -> bool:
+        """Whether the task's wait counts: its broker said when it was ready, and no rate
+        limit may have held it back (more children would not have started it sooner)."""
+        return bool(delivery.ready_at) and delivery.name not in self.rate_limits.buckets
+
+    def busy_mark(self: Worker, child: ChildProc, now: float) -> tuple[int, float]:
+        """(tasks done, when it last had a task) of the child, as the decisions see it: a
+        child that holds a task, or ran one since the last decision, was busy now."""
+        done, at = self.busy_marks.get(child.pid, (-1, now))
+        return child.tasks_done, now if child.tasks or child.tasks_done != done else at
 
 
 def rss(pid: int) -> int | None:

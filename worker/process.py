@@ -109,6 +109,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
         self.spawn_backoff: float = 0.0  # > 0 while forks fail: seconds between tries
         self.spawn_retry_at: float = 0.0  # monotonic: no fork before this
+        self.autoscaled_at: float = 0.0  # monotonic: the last autoscale decision
+        self.busy_marks: dict[int, tuple[int, float]] = {}  # by pid: see Pool.busy_mark
 
     # --- the life of a worker ------------------------------------------------------
     def run(self) -> int:
@@ -190,6 +192,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.manage_children()
             self.reserve_more()
             self.dispatch(now)
+            self.autoscale(now)  # after dispatch: a child that just finished has its next task
         else:
             self.continue_shutdown(now)
         if self.outcomes or self.retries or (self.started_ids and now >= self.started_flush_at):

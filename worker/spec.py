@@ -34,6 +34,9 @@ class WorkerSpec:
     max_deliveries: int = 3
     shutdown_timeout: float = 0
     worker_timeout: float = 60  # seconds without a word before the arbiter kills it; 0 = never
+    autoscale: list[int] = field(default_factory=list)  # [MIN, MAX]; empty: `concurrency` fixed
+    autoscale_wait: float = 1.0  # seconds a task may wait to start before the pool grows
+    autoscale_idle: float = 30.0  # seconds a child may sit idle before the pool shrinks
     rate_limits: dict[str, str] = field(default_factory=dict)
     broker: str = ""
     durability: str = "default"

@@ -92,6 +92,18 @@ def test_a_turn_that_only_reserves_hands_out_tasks_oldest_first_with_their_messa
     assert broker.reserve(["q1"], 10, "w1", 30) == []
 
 
+def test_a_delivery_says_since_when_its_task_was_ready_to_run(broker: Broker) -> None:
+    before = time.time()
+    now_task, due_task = envelope(), envelope(eta=before + 0.3)
+    broker.enqueue([now_task, due_task])
+    sleep_until(before + 0.3)
+
+    first, second = broker.reserve(["q1"], 2, "w1", 30)
+
+    assert before - 0.01 <= first.ready_at <= second.ready_at
+    assert due_task.eta - 0.01 <= second.ready_at <= time.time()  # type: ignore[operator]
+
+
 def test_reserve_takes_at_most_n_from_the_given_queues_oldest_first(broker: Broker) -> None:
     a, b, c, d, e = (envelope(q) for q in ("q1", "q2", "q3", "q1", "q2"))
     broker.enqueue([a, b, c, d, e])

@@ -79,6 +79,8 @@ class Delivery:
     name: str
     body: str  # as stored: the worker checks that it is a task (see the module docstring)
     deliveries: int  # counts this delivery: 1 the first time a task is handed out
+    # Epoch seconds since when it waits to run (enqueued, due, given back); 0 = unknown.
+    ready_at: float = field(default=0.0, compare=False)
 
 
 @dataclass

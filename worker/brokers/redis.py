@@ -132,6 +132,15 @@ def outcome_args(o: Outcome) -> list[Any]:
     return [o.id, o.name or "", o.dead_letter, o.state, result, *error, o.node, runtime]
 
 
+def delivery(task_id: str, queue: str, name: str, body: str, count: int, ready: Any) -> Delivery:
+    """A reserved task as the turn script returns it (`ready`: epoch seconds, as text)."""
+    try:
+        ready_at = float(ready)
+    except (TypeError, ValueError):  # a record written before it carried the time
+        ready_at = 0.0
+    return Delivery(task_id, queue, name, body, count, ready_at)
+
+
 class PubSubWakeup(Wakeup):
     """A connection subscribed to the queues' wake channels; readable when one is published to.
 
@@ -321,7 +330,7 @@ class RedisBroker(Broker):
             "owner": turn.owner,
             "lease_ms": int(turn.lease * 1000),
         }
-        return [Delivery(*row) for row in self._run("turn", args)]  # no rows: {}
+        return [delivery(*row) for row in self._run("turn", args)]  # no rows: {}
 
     def release(self, ids: list[str], died: bool) -> None:
         if ids:

@@ -50,7 +50,8 @@ local function append(id, q, fields)
     -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
     entry = redis.call('XADD', stream_key(q), '*', 'id', id)
   end
-  redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, unpack(fields))
+  redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, 'ready', NOW,
+    unpack(fields))
   woken[q] = true
 end
 

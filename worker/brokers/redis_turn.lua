@@ -177,7 +177,7 @@ local function reserve()
     for _, e in ipairs(read_new(q, count)) do
       local entry, id = e[1], entry_field(e[2], 'id')
       local v = id and redis.call('HMGET', task_key(id), 'status', 'entry', 'name', 'body',
-        'deliveries')
+        'deliveries', 'ready')
       local mine = v and v[1] == 'queued' and v[2] == entry
       if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
         bury(q, entry, e[2], v and v[1] and v)
@@ -186,7 +186,7 @@ local function reserve()
         redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
           A.lease_ms, 'deliveries', deliveries)
         delivered[#delivered + 1] = {seq = seq(entry),
-          reply = {id, q, v[3] or '', v[4] or '', deliveries}}
+          reply = {id, q, v[3] or '', v[4] or '', deliveries, v[6] or '0'}}
       else  -- a stale entry: its task is queued again, held or ended
         redis.call('XACK', stream_key(q), GROUP, entry)
         redis.call('XDEL', stream_key(q), entry)

@@ -115,14 +115,14 @@ def reserve_sql(marks: str, picked: str) -> str:
         f"UPDATE tasks SET status = {HELD}, owner = ?, lease_until = ?,"
         " deliveries = deliveries + 1"
         f" WHERE seq IN (SELECT seq FROM tasks WHERE status = {QUEUED} AND queue IN ({marks})"
-        f" AND {picked} LIMIT ?) RETURNING eta, seq, id, queue, name, body, deliveries"
+        f" AND {picked} LIMIT ?) RETURNING eta, seq, id, queue, name, body, deliveries, created"
     )
 
 
 def unreadable(row: tuple[Any, ...]) -> str | None:
     """Why a reserved row (as `reserve_sql` returns it) cannot be handed out, if it cannot:
     the worker addresses a task by its id, and a body is the worker's to judge."""
-    eta, _, task_id, queue, name, _, _ = row
+    eta, _, task_id, queue, name, _, _, _ = row
     if not isinstance(eta, (int, float)):
         return "its ETA is not a number"
     for column, value in (("id", task_id), ("queue", queue), ("name", name)):
@@ -286,10 +286,9 @@ class SQLiteBroker(Broker):
             if problem:
                 bad.append((row[1], problem))
             else:
-                _, _, task_id, queue, name, body, count = row
-                deliveries.append(
-                    Delivery(task_id, queue, name, stored_text(body) or "", int(count))
-                )
+                eta, _, task_id, queue, name, body, count, created = row
+                text, ready_at = stored_text(body) or "", max(eta, created or 0)
+                deliveries.append(Delivery(task_id, queue, name, text, int(count), ready_at))
         if bad:
             cls._bury(db, bad, now)
         return deliveries
