@@ -55,6 +55,7 @@ EXIT_BOOT_ERROR = 3  # a worker could not boot at `fleetd start`: the fleet was 
 
 TRANSITIONS_METRIC = "fleetd_worker_transitions_total"
 COLD_KILL_AFTER = 10.0  # seconds a worker gets to exit on QUIT before SIGKILL
+RECORD_EVERY = 0.05  # seconds between writes of the run record (recycling forks one a task)
 
 
 class Arbiter:
@@ -91,7 +92,9 @@ class Arbiter:
         self.booted: set[str] = set()  # worker names that have been ready once: /readyz
         self.run_record = orphans.RunRecord(config.state_dir)
         self.run_id = os.urandom(16).hex()  # the mark of every process this run starts
-        self.record_due = False  # the run record changed: written at the end of the loop's turn
+        self.record_due = False  # the run record changed: written at the end of a loop's turn,
+        self.record_written_at = -RECORD_EVERY  # the first change after a quiet spell at once
+        self.arbiter_record = orphans.process_record(os.getpid())
         self.unwritten_pidfile: orphans.StateFile | None = None  # tried again every second
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
 
@@ -192,7 +195,7 @@ class Arbiter:
         self.murder_workers(now)
         self.manage_workers(now)
         self.tick(now)
-        if self.record_due:
+        if self.record_due and now >= self.record_written_at + RECORD_EVERY:
             self.write_run_record()
 
     def done(self) -> bool:
@@ -219,6 +222,8 @@ class Arbiter:
         deadlines += [w.backoff_until for w in self.workers if w.state == BACKOFF]
         if self.halting == "cold":
             deadlines.append(self.cold_deadline)
+        if self.record_due:
+            deadlines.append(self.record_written_at + RECORD_EVERY)
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     # --- signals (DESIGN section 2) ----------------------------------------------
@@ -588,11 +593,9 @@ class Arbiter:
             return f"reload refused, keeping the running config: {exc}"
         refused = configmod.non_reloadable_changes(self.config, new)
         if refused:
-            log.error(
-                "reload refused, keeping the running config: %s cannot change without a restart",
-                ", ".join(refused),
-            )
-            return f"reload refused: {', '.join(refused)} cannot change without a restart"
+            why = f"reload refused: {', '.join(refused)} cannot change without a restart"
+            log.error("%s; keeping the running config", why)
+            return why
         self.notifier.reloading()
         self.reloading = True
         self.reload_failure = ""
@@ -674,7 +677,7 @@ class Arbiter:
                 self.metrics_server.readiness = readiness(self)
 
     def write_run_record(self) -> None:
-        self.record_due = False
+        self.record_due, self.record_written_at = False, time.monotonic()
         processes = []
         for w in self.workers:
             if w.pid:
@@ -683,7 +686,7 @@ class Arbiter:
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
         self.run_record.write(
             {
-                "arbiter": orphans.process_record(os.getpid()),
+                "arbiter": self.arbiter_record,
                 "run": self.run_id,
                 "processes": processes,
                 "owners": owners,
