@@ -68,6 +68,7 @@ class BrokerLink:
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
+            self.started_flush_at = 0.0  # the marks went along
             self.queue_dry = len(deliveries) < want
             for delivery in deliveries:
                 self.accept(delivery)

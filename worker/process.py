@@ -192,7 +192,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.dispatch(now)
         else:
             self.continue_shutdown(now)
-        if self.outcomes or self.retries or (self.started_ids and now >= self.started_flush_at):
+        started_due = self.started_flush_at and now >= self.started_flush_at
+        if self.outcomes or self.retries or (self.started_ids and started_due):
             self.flush()
         elif self.started_ids and not self.started_flush_at:
             self.started_flush_at = now + STARTED_FLUSH_DELAY
