@@ -50,7 +50,6 @@ log = logging.getLogger("fleetd.worker")
 
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
-STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next transaction
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 
 
@@ -98,7 +97,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.next_renew: float = 0.0
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
-        self.started_flush_at: float = 0.0  # when started-marks go out if no turn took them along
+        self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
         self.metrics_enabled: bool = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until: float = 0.0
         self.rate_limited: int = 0  # reserved tasks that wait for a rate-limit token
@@ -192,11 +191,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.dispatch(now)
         else:
             self.continue_shutdown(now)
-        started_due = self.started_flush_at and now >= self.started_flush_at
-        if self.outcomes or self.retries or (self.started_ids and started_due):
+        if self.flush_due(now):
             self.flush()
-        elif self.started_ids and not self.started_flush_at:
-            self.started_flush_at = now + STARTED_FLUSH_DELAY
         self.send_events()
         if self.shutdown is None and self.broker_available():
             with self.broker_call("tidy up and run the schedules"):
@@ -220,8 +216,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         deadlines = [self.next_renew, self.next_report]
         if self.shutdown is None and self.broker_available():  # when step() runs the schedules
             deadlines.append(now + self.scheduler.timeout(time.time()))
-        if self.started_flush_at:
-            deadlines.append(self.started_flush_at)
+        if self.flush_at:
+            deadlines.append(self.flush_at)
         for child in self.children.values():
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
