@@ -122,8 +122,8 @@ class BrokerLink:
         at once; STARTED marks after STARTED_FLUSH_DELAY. Until then the turn that reserves
         more takes them along, so that a busy worker acks and stores results in batches.
         """
-        if not self.unflushed():
-            return False
+        if not self.unflushed() or not self.broker_available():
+            return False  # an unreachable broker: the next try is on the renew deadline
         if self.retries or (self.outcomes and (self.shutdown is not None or not self.busy())):
             return True
         delay = OUTCOME_FLUSH_DELAY if self.outcomes else STARTED_FLUSH_DELAY
