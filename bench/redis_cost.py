@@ -2,7 +2,8 @@
 
 Runs a private redis-server, enqueues N no-op tasks (half one by one, half in batches of
 100), then starts a fleet (`concurrency = 2`, prefetch 1) and drains them, and prints
-for each phase the server's CPU per task (utime + stime) and `INFO commandstats` per
+for each phase (and for tasks submitted and waited for one at a time) the server's CPU
+per task (utime + stime) and `INFO commandstats` per
 task: calls and microseconds of every command, those that scripts ran included. An idle
 phase after the drain shows what an idle fleet costs the server per second.
 """
@@ -22,6 +23,7 @@ from bench.throughput import FLEETD, write_config
 from fleetd import Client
 
 IDLE_SECONDS = 3.0
+SEQUENTIAL = 200  # tasks submitted and waited for one at a time
 
 
 def command_stats(server: RedisServer) -> dict[str, tuple[int, int]]:
@@ -91,6 +93,11 @@ def main() -> int:
                     monitor.terminate()
                     monitor.wait()
                 report("drain (reserve, ack, result)", server, cpu, n, "task")
+                server.client.config_resetstat()
+                cpu = server.cpu_seconds()
+                for _ in range(SEQUENTIAL):
+                    client.submit("tput_tasks.noop").get(timeout=10)
+                report("submit then get, one at a time", server, cpu, SEQUENTIAL, "task")
                 server.client.config_resetstat()
                 cpu = server.cpu_seconds()
                 time.sleep(IDLE_SECONDS)

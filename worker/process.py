@@ -97,6 +97,10 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.next_renew: float = 0.0
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
+        # The next ETA of our queues as last read (None: none), until a wake-up says a queue
+        # changed (every write that could add an ETA publishes one) or it comes due.
+        self.next_eta: float | None = None
+        self.etas_read = False
         self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
         self.metrics_enabled: bool = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until: float = 0.0
@@ -173,6 +177,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
                 self.wakeup.clear()
+                self.etas_read = False
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -231,10 +236,12 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
         if self.shutdown is None and self.queue_dry and self.broker_available():
-            with self.broker_call("read ETAs"):
-                due = self.broker.next_due(self.spec.queues)
-                if due is not None:
-                    deadlines.append(now + max(0.0, due - time.time()))
+            if not self.etas_read or (self.next_eta is not None and self.next_eta <= time.time()):
+                with self.broker_call("read ETAs"):
+                    self.next_eta = self.broker.next_due(self.spec.queues)
+                    self.etas_read = True
+            if self.next_eta is not None:
+                deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
