@@ -31,6 +31,7 @@ BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; d
 BROKER_BACKOFF_MAX = 5.0
 STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
 OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
+DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
 
 
@@ -67,7 +68,7 @@ class BrokerLink:
             return
         if want < max(1, self.capacity() // 2) and (self.reserved or not self.running_dry()):
             return
-        if not self.broker_available():
+        if not self.broker_available() or self.known_dry():
             return
         with self.broker_call("reserve"):
             # What the last turns did goes in the same transaction.
@@ -75,8 +76,22 @@ class BrokerLink:
             self.started_ids, self.outcomes, self.retries = [], [], []
             self.flush_at = 0.0  # what happened went along
             self.queue_dry = len(deliveries) < want
+            self.queue_changed = False  # a wake-up published meanwhile is read next turn
+            self.dry_recheck_at = time.monotonic() + DRY_RECHECK
             for delivery in deliveries:
                 self.accept(delivery)
+
+    def known_dry(self: Worker) -> bool:
+        """Whether the last reserve came back short and nothing since says there is more: no
+        wake-up (every write that adds a task publishes one), no ETA come due, and less than
+        DRY_RECHECK seconds gone (a lease that ran out frees a task without one)."""
+        eta_due = self.next_eta is not None and self.next_eta <= time.time()
+        return (
+            self.queue_dry
+            and not self.queue_changed
+            and not eta_due
+            and time.monotonic() < self.dry_recheck_at
+        )
 
     def running_dry(self: Worker) -> bool:
         """Whether a child that can take tasks has at most the one it is running."""

@@ -101,6 +101,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         # changed (every write that could add an ETA publishes one) or it comes due.
         self.next_eta: float | None = None
         self.etas_read = False
+        self.queue_changed = True  # a wake-up came since the last reserve
+        self.dry_recheck_at = 0.0  # when a dry queue is looked at again, woken or not
         self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
         self.metrics_enabled: bool = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until: float = 0.0
@@ -177,7 +179,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
                 self.wakeup.clear()
-                self.etas_read = False
+                self.etas_read, self.queue_changed = False, True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
