@@ -1,11 +1,11 @@
 """Where the Redis server's CPU goes per task: `python -m bench.redis_cost [--tasks N]`.
 
 Runs a private redis-server, enqueues N no-op tasks (half one by one, half in batches of
-100), then starts a fleet (`concurrency = 2`, prefetch 1) and drains them, and prints
-for each phase (and for tasks submitted and waited for one at a time) the server's CPU
-per task (utime + stime) and `INFO commandstats` per
-task: calls and microseconds of every command, those that scripts ran included. An idle
-phase after the drain shows what an idle fleet costs the server per second.
+100), then starts a fleet (`concurrency = 2`, `--prefetch`, 1 unless given) and drains
+them, then submits tasks and waits for each in turn, and prints for each phase the
+server's CPU per task (utime + stime) and `INFO commandstats` per task: calls and
+microseconds of every command, those that scripts ran included. An idle phase at the
+end shows what an idle fleet costs the server per millisecond.
 """
 
 from __future__ import annotations
