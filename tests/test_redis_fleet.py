@@ -152,7 +152,7 @@ def test_a_drain_costs_redis_a_script_per_batch_and_an_idle_fleet_next_to_none(
         drained = script_calls(server.url)
         time.sleep(2)
         idle = script_calls(server.url) - drained
-        # About 80 (5 tasks a turn); over 100 when each dispatch's STARTED marks took a turn
+        # About 65 (6 tasks a turn); over 100 when each dispatch's STARTED marks took a turn
         # of their own, thousands when a worker spun on a stale flush deadline.
         assert drained - before < 400 / 4
         assert idle <= 10  # a worker that polled would make thousands
