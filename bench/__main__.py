@@ -33,8 +33,19 @@ def main() -> None:
         metavar="N",
         help="worker processes (pool size) of every system (default: 2)",
     )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        metavar="N",
+        help="tasks of the drain and concurrent runs (default: 200 quick, 5000 full); a few"
+        " thousand steady the per-task Redis CPU, which a worker's start weighs on",
+    )
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
+    if args.tasks is not None:
+        if args.tasks < 2:
+            parser.error(f"--tasks must be 2 or more, not {args.tasks}")
+        plan = dataclasses.replace(plan, tasks=args.tasks)
     if args.procs is not None:
         if args.procs < 1:
             parser.error(f"--procs must be 1 or more, not {args.procs}")

@@ -20,7 +20,7 @@ import pytest
 
 from tests.fleet import FLEETCTL, Fleet, wait_for
 from worker import TaskRevoked
-from worker.process import STARTED_FLUSH_DELAY
+from worker.link import STARTED_FLUSH_DELAY
 
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
 # Long enough for a worker to have written a STARTED mark many times over, had it made one.

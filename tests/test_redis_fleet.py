@@ -125,3 +125,36 @@ def test_five_thousand_tasks_on_redis_all_succeed(
 
     wait_for(drained, 60, 0.01, "5,000 tasks to run")
     assert states(client, ids) == {"SUCCESS": 5000}  # the rate is `make bench`'s to measure
+
+
+def script_calls(server_url: str) -> int:
+    stats = redis.Redis.from_url(server_url).info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+def test_a_drain_costs_redis_a_script_per_batch_and_an_idle_fleet_next_to_none(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Each turn carries what happened (STARTED marks included, which wait for the next one)
+    and reserves a batch; an idle worker waits on its wake-up, it does not poll."""
+    server = start_redis(tmp_path, appendonly=False)
+    try:
+        fleet = make_fleet(
+            fleet={"broker": server.url}, defaults={"concurrency": 2, "prefetch": 3}
+        ).start()
+        assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+        before = script_calls(server.url)
+        handles = fleet.client.submit_many([("tasks.noop", (), {})] * 400)
+        for handle in handles:
+            handle.get(timeout=30)
+        drained = script_calls(server.url)
+        time.sleep(2)
+        idle = script_calls(server.url) - drained
+        # About 65 (6 tasks a turn); over 100 when each dispatch's STARTED marks took a turn
+        # of their own, thousands when a worker spun on a stale flush deadline.
+        assert drained - before < 400 / 4
+        assert idle <= 10  # a worker that polled would make thousands
+    finally:
+        server.kill()

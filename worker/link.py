@@ -29,6 +29,9 @@ log = logging.getLogger("fleetd.worker")
 
 BROKER_BACKOFF_MIN = 0.2  # seconds before trying an unreachable broker again; doubles each time
 BROKER_BACKOFF_MAX = 5.0
+STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
+OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
+DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
 
 
@@ -58,19 +61,42 @@ class BrokerLink:
         return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + handed
 
     def reserve_more(self: Worker) -> None:
-        """Top up the reserved buffer, in batches: only once it is half empty."""
+        """Top up the reserved buffer, in batches: once it is half empty, or sooner when a
+        child is about to run out of tasks with none reserved to give it."""
         want = self.capacity() - self.held()
-        if want <= 0 or (self.reserved and want < max(1, self.capacity() // 2)):
+        if want <= 0:
             return
-        if not self.broker_available():
+        if want < max(1, self.capacity() // 2) and (self.reserved or not self.running_dry()):
+            return
+        if not self.broker_available() or self.known_dry():
             return
         with self.broker_call("reserve"):
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
+            self.flush_at = 0.0  # what happened went along
             self.queue_dry = len(deliveries) < want
+            self.queue_changed = False  # a wake-up published meanwhile is read next turn
+            self.dry_recheck_at = time.monotonic() + DRY_RECHECK
             for delivery in deliveries:
                 self.accept(delivery)
+
+    def known_dry(self: Worker) -> bool:
+        """Whether the last reserve came back short and nothing since says there is more: no
+        wake-up (every write that adds a task publishes one), no ETA come due, and less than
+        DRY_RECHECK seconds gone (a lease that ran out frees a task without one)."""
+        eta_due = self.next_eta is not None and self.next_eta <= time.time()
+        return (
+            self.queue_dry
+            and not self.queue_changed
+            and not eta_due
+            and time.monotonic() < self.dry_recheck_at
+        )
+
+    def running_dry(self: Worker) -> bool:
+        """Whether a child that can take tasks has at most the one it is running."""
+        child = self.child_with_room()
+        return child is not None and len(child.tasks) <= 1
 
     def accept(self: Worker, delivery: Delivery) -> None:
         """Take in a reservation: run it later, or settle it now if it must not run."""
@@ -96,12 +122,31 @@ class BrokerLink:
     def flush(self: Worker) -> None:
         """Write what happened to the broker in one transaction. While the broker is
         unreachable it stays buffered here, and goes out whole once the broker answers."""
-        self.started_flush_at = 0.0
+        self.flush_at = 0.0
         if self.unflushed() and self.broker_available():
             with self.broker_call("ack"):
                 self.broker.turn(self.written_turn())
                 self.started_ids, self.outcomes, self.retries = [], [], []
         self.send_events()
+
+    def flush_due(self: Worker, now: float) -> bool:
+        """Whether what happened goes to the broker now rather than with the next turn.
+
+        Outcomes go at once when no child has a task left (someone may be waiting for the
+        result, and no turn is coming), when stopping, and after OUTCOME_FLUSH_DELAY; retries
+        at once; STARTED marks after STARTED_FLUSH_DELAY. Until then the turn that reserves
+        more takes them along, so that a busy worker acks and stores results in batches.
+        """
+        if not self.unflushed() or not self.broker_available():
+            return False  # an unreachable broker: the next try is on the renew deadline
+        if self.retries or (self.outcomes and (self.shutdown is not None or not self.busy())):
+            return True
+        delay = OUTCOME_FLUSH_DELAY if self.outcomes else STARTED_FLUSH_DELAY
+        self.flush_at = min(self.flush_at or now + delay, now + delay)
+        return now >= self.flush_at
+
+    def busy(self: Worker) -> bool:
+        return any(child.tasks for child in self.children.values())
 
     def written_turn(self: Worker, want: int = 0) -> Turn:
         """What the last turns did, for the broker, and `want` more tasks to reserve."""

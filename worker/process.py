@@ -50,7 +50,6 @@ log = logging.getLogger("fleetd.worker")
 
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
-STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next transaction
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 
 
@@ -98,7 +97,13 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.next_renew: float = 0.0
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
-        self.started_flush_at: float = 0.0  # when started-marks go out if no turn took them along
+        # The next ETA of our queues as last read (None: none), until a wake-up says a queue
+        # changed (every write that could add an ETA publishes one) or it comes due.
+        self.next_eta: float | None = None
+        self.etas_read = False
+        self.queue_changed = True  # a wake-up came since the last reserve
+        self.dry_recheck_at = 0.0  # when a dry queue is looked at again, woken or not
+        self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
         self.metrics_enabled: bool = os.environ.get("FLEETD_METRICS") == "1"
         self.rate_wait_until: float = 0.0
         self.rate_limited: int = 0  # reserved tasks that wait for a rate-limit token
@@ -176,6 +181,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
                 self.wakeup.clear()
+                self.etas_read, self.queue_changed = False, True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -195,10 +201,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.autoscale(now)  # after dispatch: a child that just finished has its next task
         else:
             self.continue_shutdown(now)
-        if self.outcomes or self.retries or (self.started_ids and now >= self.started_flush_at):
+        if self.flush_due(now):
             self.flush()
-        elif self.started_ids and not self.started_flush_at:
-            self.started_flush_at = now + STARTED_FLUSH_DELAY
         self.send_events()
         if self.shutdown is None and self.broker_available():
             with self.broker_call("tidy up and run the schedules"):
@@ -222,8 +226,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         deadlines = [self.next_renew, self.next_report]
         if self.shutdown is None and self.broker_available():  # when step() runs the schedules
             deadlines.append(now + self.scheduler.timeout(time.time()))
-        if self.started_flush_at:
-            deadlines.append(self.started_flush_at)
+        if self.flush_at:
+            deadlines.append(self.flush_at)
         for child in self.children.values():
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
@@ -237,10 +241,12 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
         if self.shutdown is None and self.queue_dry and self.broker_available():
-            with self.broker_call("read ETAs"):
-                due = self.broker.next_due(self.spec.queues)
-                if due is not None:
-                    deadlines.append(now + max(0.0, due - time.time()))
+            if not self.etas_read or (self.next_eta is not None and self.next_eta <= time.time()):
+                with self.broker_call("read ETAs"):
+                    self.next_eta = self.broker.next_due(self.spec.queues)
+                    self.etas_read = True
+            if self.next_eta is not None:
+                deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
