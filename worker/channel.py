@@ -181,7 +181,7 @@ class ArbiterChannel:
         waiting = sum(max(0, len(c.tasks) - 1) for c in self.children.values())  # in a pipe
         return {
             "reserved": len(self.reserved) + waiting,
-            "active": sum(1 for c in self.children.values() if c.running),
+            "active": sum(len(c.in_flight) for c in self.children.values()),
             "children": len(self.children),
             **self.counts,
         }
@@ -203,6 +203,7 @@ class ArbiterChannel:
                     "task": c.running.delivery.id if c.running else None,
                     "task_name": c.running.delivery.name if c.running else None,
                     "runtime": now - c.running.started if c.running else None,
+                    "async_tasks": len(c.aio),
                     "tasks_done": c.tasks_done,
                     "rss": rss(c.pid),
                     "uptime": time.time() - c.born,
@@ -213,7 +214,7 @@ class ArbiterChannel:
 
 
 def child_state(child: ChildProc) -> str:
-    if child.running:
+    if child.running or child.aio:
         return "busy"
     if child.retiring:
         return "retiring"

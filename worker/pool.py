@@ -1,5 +1,9 @@
 """The pool: a worker's forked children, their pipes, their tasks, reaping, recycling,
-time limits and terminate. The pool half of `Worker` (worker/process.py)."""
+time limits and terminate. The pool half of `Worker` (worker/process.py).
+
+Sync tasks only here; where a worker has `async def` tasks, worker/aiopool.py routes
+them and watches their deadlines.
+"""
 
 # The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
 # mypy's rule that a self type be a supertype of its class does not fit a mixin.
@@ -19,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .aiopool import TERMINATE_GRACE
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import (
     CLEAN_STOP,
@@ -34,7 +39,6 @@ log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 SPAWN_BACKOFF_MIN = 0.5  # seconds before forking again after a failed fork; doubles each time
 SPAWN_BACKOFF_MAX = 5.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -42,7 +46,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass
 class Running:
-    """A task handed to a child: running if it is the child's first, else waiting in its pipe."""
+    """A task handed to a child: running if it is the child's first or async, else waiting in
+    its pipe."""
 
     delivery: Delivery
     started: float = 0.0  # monotonic; set when it becomes the child's first task
@@ -51,6 +56,7 @@ class Running:
     soft_sent: bool = False
     settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
     terminated_at: float | None = None  # revoked with terminate: killed after a grace period
+    is_async: bool = False  # runs on its child's event loop, with others
 
 
 @dataclass
@@ -63,7 +69,11 @@ class ChildProc:
     result_fd: int  # worker reads outcomes here
     revokes_out: Outbox  # ids revoked while their task waits in the task pipe, one a line
     reader: FrameReader = field(default_factory=FrameReader)
-    tasks: deque[Running] = field(default_factory=deque)  # in the order the child runs them
+    tasks: deque[Running] = field(default_factory=deque)  # sync, in the order the child runs them
+    aio: dict[str, Running] = field(default_factory=dict)  # async, in flight, by id
+    timed: set[str] = field(default_factory=set)  # of those, the ones with a deadline to watch
+    draining: bool = False  # takes no async task, so that a sync task waiting gets it
+    blocked: bool = False  # killed for a blocked loop: its other tasks were not at fault
     tasks_done: int = 0
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
@@ -75,8 +85,17 @@ class ChildProc:
 
     @property
     def running(self) -> Running | None:
-        """The task the child runs now (the first of those handed to it), if any."""
+        """The sync task the child runs now (the first of those handed to it), if any."""
         return self.tasks[0] if self.tasks else None
+
+    @property
+    def in_flight(self) -> list[Running]:
+        """The tasks the child runs now: its async ones, or its first sync one."""
+        return list(self.aio.values()) if self.aio else list(self.tasks)[:1]
+
+    @property
+    def handed(self) -> int:
+        return len(self.tasks) + len(self.aio)
 
 
 class Pool:
@@ -131,7 +150,7 @@ class Pool:
             not child.retiring
             and not child.spare
             and bool(child.recycle_after)
-            and child.tasks_done + len(child.tasks) >= child.recycle_after
+            and child.tasks_done + child.handed >= child.recycle_after
         )
 
     def spares_wanted(self: Worker) -> int:
@@ -238,6 +257,12 @@ class Pool:
         if reply.get("bye"):  # not an outcome: the child is leaving between tasks
             child.said_bye = True
             return
+        if child.aio:
+            task_id = reply.get("id")
+            running = child.aio.pop(task_id, None) if isinstance(task_id, str) else None
+            if running is not None:
+                self.async_done(child, running, reply)
+                return
         if not child.tasks:
             return
         running = child.tasks.popleft()
@@ -354,6 +379,7 @@ class Pool:
         # the record holds every child of the last seconds, rewritten at each fork).
         self.send({"type": "child-gone", "pid": child.pid})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
+        self.async_child_gone(child, clean)
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
@@ -395,7 +421,7 @@ class Pool:
         for child in list(self.children.values()):
             if extra <= 0:
                 break
-            if not child.retiring and not child.spare and child.running is None:
+            if not child.retiring and not child.spare and not child.handed:
                 self.let_go(child)
                 extra -= 1
         for spare in self.spares()[self.spares_wanted() :]:  # the pool shrank under them
@@ -407,7 +433,7 @@ class Pool:
         for us between tasks). Never one about to be recycled."""
         best: ChildProc | None = None
         for child in self.children.values():
-            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch:
+            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch or child.aio:
                 continue
             if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
                 continue
@@ -440,6 +466,8 @@ class Pool:
 
     def enforce_time_limits(self: Worker, now: float) -> None:
         for child in list(self.children.values()):
+            if child.timed:
+                self.enforce_async_limits(child, now)
             running = child.running
             if running is None:
                 continue
@@ -455,30 +483,38 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGUSR1)
             if running.hard_deadline and now >= running.hard_deadline:
-                delivery = running.delivery
                 running.settled = True
                 child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
-                limit = running.hard_deadline - running.started
-                message = f"hard time limit ({limit:g}s) exceeded"
-                ended = Outcome(
-                    delivery.id,
-                    FAILURE,
-                    exc_type="TimeLimitExceeded",
-                    exc_message=message,
-                    node=self.node,
-                )
-                self.record(delivery, ended)
-                self.counts["time_limit_kills"] += 1
-                self.emit("time-limit-kill")
-                log.warning(
-                    "task %s killed: hard time limit",
-                    delivery.id,
-                    extra={"node": self.node, "task": delivery.id},
-                )
+                self.time_limit_exceeded(running, "killed")
+
+    def time_limit_exceeded(self: Worker, running: Running, done: str) -> None:
+        """FAILURE TimeLimitExceeded for a task past its hard limit (`done`: what befell it)."""
+        delivery = running.delivery
+        limit = (running.hard_deadline or running.started) - running.started
+        message = f"hard time limit ({limit:g}s) exceeded"
+        ended = Outcome(
+            delivery.id,
+            FAILURE,
+            exc_type="TimeLimitExceeded",
+            exc_message=message,
+            node=self.node,
+        )
+        self.record(delivery, ended)
+        self.counts["time_limit_kills"] += 1
+        self.emit("time-limit-kill")
+        log.warning(
+            "task %s %s: hard time limit",
+            delivery.id,
+            done,
+            extra={"node": self.node, "task": delivery.id},
+        )
 
     def dispatch(self: Worker, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""
+        if self.async_names:
+            self.dispatch_mixed(now)
+            return
         self.rate_wait_until = 0.0
         skipped: list[Delivery] = []
         while self.reserved:
@@ -499,13 +535,22 @@ class Pool:
         self.reserved.extendleft(reversed(skipped))
         self.rate_limited = len(skipped)
 
-    def start(self: Worker, child: ChildProc, delivery: Delivery, now: float) -> None:
-        """Hand a task to a child: it runs at once if the child is idle, else right after
-        the child's current task (without waiting for us)."""
-        running = Running(delivery)
-        child.tasks.append(running)
-        if len(child.tasks) == 1:
+    def start(
+        self: Worker, child: ChildProc, delivery: Delivery, now: float, is_async: bool = False
+    ) -> None:
+        """Hand a task to a child: an async one, or a sync one to an idle child, runs at once;
+        else right after the child's current task (without waiting for us)."""
+        running = Running(delivery, is_async=is_async)
+        if is_async:
+            child.aio[delivery.id] = running
             self.begin(running, now)
+            if running.soft_deadline or running.hard_deadline:
+                child.timed.add(delivery.id)
+        else:
+            child.draining = False
+            child.tasks.append(running)
+            if len(child.tasks) == 1:
+                self.begin(running, now)
         self.write_child(child, child.tasks_out, encode_task(delivery))
         if self.on_last_task(child):
             self.fork_spare()

@@ -7,6 +7,7 @@ reserves, dispatches and flushes to the broker in batches. No threads and no Zer
 here: the worker forks its children. Its jobs live in one module each:
 
     worker/pool.py     the children: fork, pipes, reaping, recycling, time limits
+    worker/aiopool.py  async tasks among them: routing, replies by id, cancels
     worker/settle.py   the one place a task's outcome is recorded, counted, emitted
     worker/link.py     the broker: batches, leases, giving back, backoff
     worker/channel.py  the arbiter: messages out and in, commands, stats
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from typing import Any
 
+from .aiopool import TERMINATE_GRACE, AsyncPool
 from .brokers import open_broker
 from .brokers.base import Delivery, Outcome, Retry
 from .channel import ARBITER_DRAIN_WAIT, ArbiterChannel
@@ -38,7 +40,7 @@ from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
 from .link import BrokerLink
-from .pool import POLL_IN, TERMINATE_GRACE, ChildProc, Pool
+from .pool import POLL_IN, ChildProc, Pool
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
 from .scheduler import worker_scheduler
@@ -54,7 +56,7 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next trans
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 
 
-class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
+class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     """One worker process. Its state lives here; its jobs live in the modules of its
     halves: the pool, the settlement, the broker link and the arbiter channel."""
 
@@ -74,6 +76,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.revoked: set[str] = set()
         self.rate_limits: RateLimits = RateLimits(spec.rate_limits)
         self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
+        self.async_names: set[str] = set()  # the tasks that are `async def`
+        self.dispatch_stuck: bool = False  # no child has room for the kinds of tasks reserved
         self.target_children: int = spec.concurrency
         self.signals: deque[int] = deque()
         self.shutdown: str | None = None  # None, "warm" or "cold"
@@ -222,13 +226,16 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         if self.started_flush_at:
             deadlines.append(self.started_flush_at)
         for child in self.children.values():
+            watched = [child.aio[i] for i in child.timed]
             if child.running:
-                if child.running.soft_deadline and not child.running.soft_sent:
-                    deadlines.append(child.running.soft_deadline)
-                if child.running.hard_deadline:
-                    deadlines.append(child.running.hard_deadline)
-                if child.running.terminated_at is not None:
-                    deadlines.append(child.running.terminated_at + TERMINATE_GRACE)
+                watched.append(child.running)
+            for running in watched:
+                if running.soft_deadline and not running.soft_sent:
+                    deadlines.append(running.soft_deadline)
+                if running.hard_deadline and not (running.is_async and running.settled):
+                    deadlines.append(running.hard_deadline)
+                if running.terminated_at is not None:
+                    deadlines.append(running.terminated_at + TERMINATE_GRACE)
         if self.reserved and self.rate_wait_until:
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
@@ -241,6 +248,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
+        if self.async_names:
+            return bool(self.reserved) and not self.dispatch_stuck and not self.rate_wait_until
         return (
             bool(self.reserved) and self.child_with_room() is not None and not self.rate_wait_until
         )
@@ -308,6 +317,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
 
     def import_tasks(self) -> None:
         import_modules(self.spec.pythonpath, self.spec.imports)
+        self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
         for name, task in REGISTRY.items():
             if task.time_limit or task.soft_time_limit:
                 self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
@@ -370,7 +380,9 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         for child in list(self.children.values()):
             self.kill_group(child.pid)
             stopped += [r.delivery.id for r in child.tasks if not r.settled]
+            stopped += [r.delivery.id for r in child.aio.values() if not r.settled]
             child.tasks.clear()
+            child.aio.clear()
         if stopped:
             self.release_now(stopped, died=False)
 
@@ -383,7 +395,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.shutdown_deadline = None
             self.kill_running()
         for child in self.children.values():
-            if not child.tasks and not child.retiring:
+            if not child.handed and not child.retiring:
                 self.let_go(child)
 
 
