@@ -56,6 +56,10 @@ async def ablock(marker, seconds):
         f.write(f"start {os.getpid()}\\n")
     time.sleep(seconds)
 
+@task
+async def aloop():
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
 @task(bind=True)
 async def aretry(self, path):
     with open(path, "a") as f:
@@ -71,11 +75,17 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def async_fleet(make_fleet: Any, tmp_path: Path, **kwargs: Any) -> Fleet:
-    """A fleet whose task module holds the sync test tasks and the async ones above."""
+def async_fleet(
+    make_fleet: Any, tmp_path: Path, without_uvloop: bool = False, **kwargs: Any
+) -> Fleet:
+    """A fleet whose task module holds the sync test tasks and the async ones above;
+    `without_uvloop`: its workers cannot import uvloop (a module of that name on their path
+    raises ImportError), as where the `async` extra is not installed."""
     folder = tmp_path / "host"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tasks.py").write_text(textwrap.dedent(TASKS) + textwrap.dedent(ASYNC_TASKS))
+    if without_uvloop:
+        (folder / "uvloop.py").write_text('raise ImportError("uvloop is not installed")\n')
     return make_fleet("host", **kwargs)
 
 
@@ -124,6 +134,16 @@ def done_when_queue_empty(fleet: Fleet, timeout: float) -> float:
     return time.monotonic()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_child_loop_is_uvloop_where_installed_else_asyncio(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    pytest.importorskip("uvloop")
+    fleet = async_fleet(make_fleet, tmp_path, without_uvloop=loop == "asyncio").start()
+    assert fleet.client.submit("tasks.aloop").get(timeout=10) == loop
+    assert fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)
+
+
 # --- the targets of issue 19 ---------------------------------------------------------------
 def test_ten_thousand_async_sleeps_on_two_children_of_500(make_fleet, tmp_path: Path) -> None:
     """10,000 x `await asyncio.sleep(0.1)` on 2 children x 500: 10 rounds of 0.1 s at best. A
@@ -158,8 +178,13 @@ def test_four_hundred_half_second_tasks_on_two_children_of_200(
 
 
 # --- every per-task guarantee, per async task ----------------------------------------------
-def test_soft_limit_raises_inside_that_coroutine_only(make_fleet, tmp_path: Path) -> None:
-    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_soft_limit_raises_inside_that_coroutine_only(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
+    ).start()
     marker = tmp_path / "soft.txt"
     soft = fleet.client.submit("tasks.asoft_limited", str(marker))
     others = fleet.client.submit_many([("tasks.asleep", (1.5,), {}) for _ in range(3)])
@@ -240,9 +265,15 @@ def test_child_killed_redelivers_every_task_in_flight_at_once(
     assert victim not in {i["result"] for i in infos}
 
 
-def test_warm_shutdown_lets_every_task_in_flight_finish(make_fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_warm_shutdown_lets_every_task_in_flight_finish(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
     fleet = async_fleet(
-        make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 3}
+        make_fleet,
+        tmp_path,
+        without_uvloop=loop == "asyncio",
+        defaults={"concurrency": 1, "async_concurrency": 3},
     ).start()
     ids, gate, marker = ahold_many(fleet, tmp_path, 6)
     wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")

@@ -95,10 +95,10 @@ class AsyncPool:
     def drain_for_sync(self: Worker) -> None:
         """A sync task waits and every child has async tasks: the one with the fewest takes
         no more until it is empty, and then runs it (see the module's docstring)."""
-        candidates = [c for c in self.children.values() if not c.retiring and not c.spare]
-        if not candidates or any(c.draining for c in candidates):
-            return
-        min(candidates, key=lambda c: len(c.aio)).draining = True
+        live = [c for c in self.children.values() if not c.retiring and not c.spare]
+        if not live or any(c.draining or not c.aio for c in live):
+            return  # one drains already, or one without async tasks will have room
+        min(live, key=lambda c: len(c.aio)).draining = True
 
     def terminate_async(self: Worker, child: ChildProc, running: Running) -> None:
         """Revoke an async task with terminate: REVOKED, cancelled on its child's loop (no
