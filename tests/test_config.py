@@ -76,7 +76,7 @@ BAD = [
         ">= 1",
     ),
     (
-        GOOD.replace('[[worker]]\nname = "a"\n', '[[worker]]\nname = "a"\nasync_concurrency = "x"\n'),
+        GOOD.replace('name = "a"\n', 'name = "a"\nasync_concurrency = "x"\n', 1),
         "worker[0].async_concurrency",
         "integer",
     ),
