@@ -135,6 +135,20 @@ class AsyncPool:
             elif running.hard_deadline is None and running.soft_sent:
                 child.timed.discard(task_id)  # nothing left to watch
 
+    def async_deadlines(self: Worker, child: ChildProc) -> list[float]:
+        """When `enforce_async_limits` has something to do for the child next."""
+        deadlines = []
+        for task_id in child.timed:
+            running = child.aio[task_id]
+            if running.terminated_at is not None:
+                deadlines.append(running.terminated_at + TERMINATE_GRACE)
+                continue
+            if running.soft_deadline and not running.soft_sent:
+                deadlines.append(running.soft_deadline)
+            if running.hard_deadline:
+                deadlines.append(running.hard_deadline)
+        return deadlines
+
     def kill_blocked(self: Worker, child: ChildProc, running: Running) -> None:
         log.warning(
             "child %d did not cancel task %s in %gs (a task blocks its loop): killing it; its "

@@ -50,13 +50,12 @@ class Running:
     its pipe."""
 
     delivery: Delivery
-    started: float = 0.0  # monotonic; set when it becomes the child's first task
+    started: float = 0.0  # monotonic; set when it becomes the child's first task, or is async
     soft_deadline: float | None = None
     hard_deadline: float | None = None
     soft_sent: bool = False
     settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
     terminated_at: float | None = None  # revoked with terminate: killed after a grace period
-    is_async: bool = False  # runs on its child's event loop, with others
 
 
 @dataclass
@@ -540,7 +539,7 @@ class Pool:
     ) -> None:
         """Hand a task to a child: an async one, or a sync one to an idle child, runs at once;
         else right after the child's current task (without waiting for us)."""
-        running = Running(delivery, is_async=is_async)
+        running = Running(delivery)
         if is_async:
             child.aio[delivery.id] = running
             self.begin(running, now)

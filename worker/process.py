@@ -226,16 +226,15 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if self.started_flush_at:
             deadlines.append(self.started_flush_at)
         for child in self.children.values():
-            watched = [child.aio[i] for i in child.timed]
+            if child.timed:
+                deadlines += self.async_deadlines(child)
             if child.running:
-                watched.append(child.running)
-            for running in watched:
-                if running.soft_deadline and not running.soft_sent:
-                    deadlines.append(running.soft_deadline)
-                if running.hard_deadline and not (running.is_async and running.settled):
-                    deadlines.append(running.hard_deadline)
-                if running.terminated_at is not None:
-                    deadlines.append(running.terminated_at + TERMINATE_GRACE)
+                if child.running.soft_deadline and not child.running.soft_sent:
+                    deadlines.append(child.running.soft_deadline)
+                if child.running.hard_deadline:
+                    deadlines.append(child.running.hard_deadline)
+                if child.running.terminated_at is not None:
+                    deadlines.append(child.running.terminated_at + TERMINATE_GRACE)
         if self.reserved and self.rate_wait_until:
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
