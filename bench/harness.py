@@ -32,8 +32,10 @@ def not_built(system: System, rep: int, reason: str) -> SessionResult:
 
 def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     systems = [s for s in all_systems() if names is None or s.name in names]
-    if any(not s.is_fleetd for s in systems):  # fleetd alone needs none of the peers
+    if any(not s.is_fleetd and not s.async_only for s in systems):  # fleetd needs no peers
         environment.ensure_peers_venv()
+    if any(s.async_only for s in systems):
+        environment.ensure_async_peers_venv()
     environment.compile_bytecode()
     if any(s.is_fleetd for s in systems):
         environment.ensure_fleetd_venv()
@@ -50,8 +52,11 @@ def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     failed = True  # until the run ends with no error: an interrupted run keeps its logs too
     try:
         with RedisServer(folder / "redis") as redis:
-            peers = [d for s in runnable if not s.is_fleetd for d in s.distributions]
-            versions = environment.versions(redis.version, peers)
+            peers = [
+                d for s in runnable if not s.is_fleetd and not s.async_only for d in s.distributions
+            ]
+            async_peers = [d for s in runnable if s.async_only for d in s.distributions]
+            versions = environment.versions(redis.version, peers, async_peers)
             results = run_sessions(plan, runnable, redis, folder)
         failed = any(note.startswith("error") for r in results for note in r.notes.values())
     finally:
