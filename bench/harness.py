@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import environment, report
-from bench.measure import FIGURES, Plan, Session, SessionResult
+from bench.measure import ASYNC_ONLY, FIGURES, Plan, Session, SessionResult
 from bench.redis_server import RedisServer
 from bench.systems import all_systems
 from bench.systems.base import System
@@ -22,7 +22,9 @@ def progress(result: SessionResult) -> str:
         for figure in FIGURES
         if figure.key in result.values
     )
-    problems = "".join(f"\n    {key}: {note}" for key, note in result.notes.items())
+    problems = "".join(
+        f"\n    {key}: {note}" for key, note in result.notes.items() if note != ASYNC_ONLY
+    )
     return f"  {result.system} ({result.seconds:.0f} s): {values}{problems}"
 
 

@@ -26,6 +26,7 @@ from bench.systems.base import NotAvailable, Site, System
 BUCKET = 0.1  # seconds, for the HUP-under-load histogram
 POLL = 0.02  # seconds between two looks at a list's length
 STALL = 20.0  # seconds without a task done after which a run has failed
+ASYNC_ONLY = "n/a (measured on async tasks only)"  # the note on an async-first peer's figures
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class Session:
         with Agent(self.system, self.site, self.site.workdir / "producer.log") as self.agent:
             if self.system.async_only:
                 others = [f.key for f in FIGURES if f.key != "throughput_async_io"]
-                self.note(others, "n/a (measured on async tasks only)")
+                self.note(others, ASYNC_ONLY)
                 self.phase(["throughput_async_io"], self.async_io)
                 self.result.seconds = time.perf_counter() - start
                 return self.result
