@@ -56,6 +56,18 @@ async def ablock(marker, seconds):
         f.write(f"start {os.getpid()}\\n")
     time.sleep(seconds)
 
+@task(bind=True)
+async def ajournal(self, path, seconds):
+    """As tasks.journal: "S id pid" when it starts, "E id pid" when it ends."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        await asyncio.sleep(seconds)
+        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+    return os.getpid()
+
 @task
 async def aloop():
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -325,20 +337,33 @@ def test_inspect_active_lists_each_async_task(make_fleet, tmp_path: Path) -> Non
     final(fleet, ids)
 
 
-def test_a_queue_mixing_sync_and_async_tasks_runs_both(
+def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
     make_fleet, tmp_path: Path, broker_url
 ) -> None:
     fleet = async_fleet(
         make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"async_concurrency": 20}
     ).start()
+    journal = tmp_path / "journal.txt"
     calls = []
-    for n in range(40):
-        calls.append(("tasks.asleep", (0.3,), {}))
-        if n % 8 == 0:
-            calls.append(("tasks.sleep", (0.2,), {}))
+    for n in range(60):
+        calls.append(("tasks.ajournal", (str(journal), 0.3), {}))
+        if n % 6 == 0:
+            calls.append(("tasks.journal", (str(journal), 0.1), {}))
     began = time.monotonic()
     handles = fleet.client.submit_many(calls)
     infos = final(fleet, [h.id for h in handles])
     took = time.monotonic() - began
-    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 45}
-    assert took < 8, f"took {took:.1f}s: the async tasks did not run at once"
+    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 70}
+    sync_ids = {
+        h.id for h, (name, _, _) in zip(handles, calls, strict=True) if name == "tasks.journal"
+    }
+    running: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    most_async = 0
+    for line in lines(journal):  # appended in the order it happened
+        kind, task_id, pid = line.split()
+        what = "sync" if task_id in sync_ids else "async"
+        running[pid][what] += 1 if kind == "S" else -1
+        assert not (running[pid]["sync"] and running[pid]["async"]), f"both on child {pid}"
+        most_async = max(most_async, running[pid]["async"])
+    assert most_async > 1, "async tasks ran one at a time"
+    assert took < 10, f"took {took:.1f}s"
