@@ -367,3 +367,19 @@ def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
         most_async = max(most_async, running[pid]["async"])
     assert most_async > 1, "async tasks ran one at a time"
     assert took < 10, f"took {took:.1f}s"
+
+
+def test_a_sync_task_behind_async_ones_drains_a_child_instead_of_waiting_for_all(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 5}
+    ).start()
+    journal = tmp_path / "journal.txt"
+    # Staggered ends: the child is never empty of async tasks unless it is drained.
+    calls = [("tasks.ajournal", (str(journal), 0.1 + n % 5 * 0.07), {}) for n in range(31)]
+    calls[10] = ("tasks.journal", (str(journal), 0.05), {})  # reserved with the async after it
+    handles = fleet.client.submit_many(calls)
+    final(fleet, [h.id for h in handles])
+    starts = [line.split()[1] for line in lines(journal) if line.startswith("S ")]
+    assert starts.index(handles[10].id) <= 16, "the sync task waited for the async ones"
