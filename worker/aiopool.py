@@ -178,16 +178,7 @@ class AsyncPool:
                 full.add(is_async)
                 passed.append(delivery)
                 continue
-            if delivery.id in self.revoked:
-                self.revoke_now(delivery)
-                continue
-            wait = self.rate_limits.take(delivery.name, now)
-            if wait:
-                skipped.append(delivery)
-                until = now + wait
-                self.rate_wait_until = min(self.rate_wait_until or until, until)
-                continue
-            self.start(child, delivery, now, is_async)
+            self.hand_over(child, delivery, now, skipped, is_async)
         if False in full and any(d.name not in self.async_names for d in passed):
             self.drain_for_sync()
         else:

@@ -520,19 +520,30 @@ class Pool:
             child = self.child_with_room()
             if child is None:
                 break
-            delivery = self.reserved.popleft()
-            if delivery.id in self.revoked:
-                self.revoke_now(delivery)
-                continue
-            wait = self.rate_limits.take(delivery.name, now)
-            if wait:
-                skipped.append(delivery)
-                until = now + wait
-                self.rate_wait_until = min(self.rate_wait_until or until, until)
-                continue
-            self.start(child, delivery, now)
+            self.hand_over(child, self.reserved.popleft(), now, skipped)
         self.reserved.extendleft(reversed(skipped))
         self.rate_limited = len(skipped)
+
+    def hand_over(
+        self: Worker,
+        child: ChildProc,
+        delivery: Delivery,
+        now: float,
+        skipped: list[Delivery],
+        is_async: bool = False,
+    ) -> None:
+        """Start the task on the child, unless it is revoked (REVOKED, never run) or must
+        wait for a rate-limit token (into `skipped`)."""
+        if delivery.id in self.revoked:
+            self.revoke_now(delivery)
+            return
+        wait = self.rate_limits.take(delivery.name, now)
+        if wait:
+            skipped.append(delivery)
+            until = now + wait
+            self.rate_wait_until = min(self.rate_wait_until or until, until)
+            return
+        self.start(child, delivery, now, is_async)
 
     def start(
         self: Worker, child: ChildProc, delivery: Delivery, now: float, is_async: bool = False

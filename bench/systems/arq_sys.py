@@ -7,12 +7,12 @@ import asyncio
 import shlex
 from typing import Any
 
-from bench.systems.base import Producer, Site, System
+from bench.systems.base import AsyncFirstProducer, AsyncFirstSystem, Site
 
 SETTINGS = "bench.tasks.arq_tasks.WorkerSettings"
 
 
-class ArqProducer(Producer):
+class ArqProducer(AsyncFirstProducer):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         import os
@@ -23,12 +23,6 @@ class ArqProducer(Producer):
         self.loop = asyncio.new_event_loop()
         settings = RedisSettings.from_dsn(os.environ["BENCH_REDIS_URL"])
         self.pool = self.loop.run_until_complete(create_pool(settings))
-
-    def submit(self, key: str) -> Any:
-        raise NotImplementedError("arq is measured on async tasks only")
-
-    def wait(self, handle: Any, timeout: float) -> None:
-        raise NotImplementedError("arq is measured on async tasks only")
 
     def submit_async(self, key: str, n: int) -> None:
         async def enqueue() -> None:
@@ -42,16 +36,12 @@ class ArqProducer(Producer):
         self.loop.close()
 
 
-class ArqSystem(System):
+class ArqSystem(AsyncFirstSystem):
     name = "arq"
     label = "arq"
     distributions = ("arq",)
     settings = "N `arq WorkerSettings` processes, `max_jobs` as fleetd's `async_concurrency`"
-    async_only = True
     producer = ArqProducer
-
-    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
-        raise NotImplementedError("arq is measured on async tasks only")
 
     def configure_async(self, site: Site, processes: int) -> list[str]:
         one = shlex.join([str(self.bin / "arq"), SETTINGS])

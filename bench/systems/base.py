@@ -112,3 +112,22 @@ class System(abc.ABC):
     def producer_config(self, site: Site) -> dict[str, Any]:
         """What the producer needs beyond BENCH_REDIS_URL (passed to `Producer.__init__`)."""
         return {}
+
+
+class AsyncFirstProducer(Producer):
+    """The producer of an async-first queue, measured on async tasks alone."""
+
+    def submit(self, key: str) -> Any:
+        raise NotImplementedError("measured on async tasks only")
+
+    def wait(self, handle: Any, timeout: float) -> None:
+        raise NotImplementedError("measured on async tasks only")
+
+
+class AsyncFirstSystem(System):
+    """An async-first queue (SAQ, arq): measured on async tasks alone, in .bench-async-venv."""
+
+    async_only = True
+
+    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
+        raise NotImplementedError("measured on async tasks only")

@@ -5,24 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.systems.base import Producer, Site, System
+from bench.systems.base import AsyncFirstProducer, AsyncFirstSystem, Site
 
 SETTINGS = "bench.tasks.saq_tasks.settings"
 
 
-class SAQProducer(Producer):
+class SAQProducer(AsyncFirstProducer):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         from bench.tasks import saq_tasks
 
         self.queue = saq_tasks.queue
         self.loop = asyncio.new_event_loop()
-
-    def submit(self, key: str) -> Any:
-        raise NotImplementedError("SAQ is measured on async tasks only")
-
-    def wait(self, handle: Any, timeout: float) -> None:
-        raise NotImplementedError("SAQ is measured on async tasks only")
 
     def submit_async(self, key: str, n: int) -> None:
         async def enqueue() -> None:
@@ -36,16 +30,12 @@ class SAQProducer(Producer):
         self.loop.close()
 
 
-class SAQSystem(System):
+class SAQSystem(AsyncFirstSystem):
     name = "saq"
     label = "SAQ"
     distributions = ("saq",)
     settings = "`saq SETTINGS --workers N`, `concurrency` as fleetd's `async_concurrency`"
-    async_only = True
     producer = SAQProducer
-
-    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
-        raise NotImplementedError("SAQ is measured on async tasks only")
 
     def configure_async(self, site: Site, processes: int) -> list[str]:
         return [str(self.bin / "saq"), SETTINGS, "--workers", str(processes), "--quiet"]
