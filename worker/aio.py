@@ -30,21 +30,21 @@ import time
 from typing import Any
 
 from .child import Child, encode_reply, reap_adopted
-from .protocol import FrameReader, write_all
+from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, write_all
 from .task import REGISTRY, Request, SoftTimeLimitExceeded
 
-SOFT_MARK = b"\x1fsoft "  # a control line: the soft time limit of the task whose id follows
-CANCEL_MARK = b"\x1fcancel "  # a control line: cancel the task whose id follows
 SOFT_MESSAGE = "soft time limit exceeded"
+
+
+try:  # imported by the worker before it forks (see worker/process.py), not by each child
+    import uvloop
+except ImportError:  # the `async` extra is not installed
+    uvloop = None  # type: ignore[assignment]
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop where it is installed (the `async` extra), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    return asyncio.new_event_loop() if uvloop is None else uvloop.new_event_loop()
 
 
 class EventLoopChild:

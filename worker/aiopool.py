@@ -11,9 +11,10 @@ drains one: the async child with the fewest in flight takes no new async task un
 empty, then runs the sync task.
 
 Each async task keeps its own deadlines here. Its soft limit and its cancel (hard limit,
-revoke with terminate) go to the child as control lines (worker/aio.py); a child that does
-not end a cancelled task within TERMINATE_GRACE (a task blocks its loop) is killed, and its
-other tasks go back to the queue without a delivery strike. A child that dies otherwise
+revoke with terminate) go to the child as control lines (worker/protocol.py's marks, read
+by worker/aio.py); a child that does not end a cancelled task within TERMINATE_GRACE (a
+task blocks its loop) is killed, and its other tasks go back to the queue without a
+delivery strike. A child that dies otherwise
 (KILL, OOM) takes a delivery from every task it had in flight, which all go back at once.
 """
 
@@ -27,8 +28,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .aio import CANCEL_MARK, SOFT_MARK
 from .brokers.base import Delivery
+from .protocol import CANCEL_MARK, SOFT_MARK
 
 if TYPE_CHECKING:
     from .pool import ChildProc, Running

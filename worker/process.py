@@ -21,6 +21,7 @@ import contextlib
 # connection to a host by name, which most tasks make: imported here, before the fork,
 # the children share it instead of each importing its own copy.
 import encodings.idna  # noqa: F401
+import importlib
 import json
 import logging
 import os
@@ -317,6 +318,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     def import_tasks(self) -> None:
         import_modules(self.spec.pythonpath, self.spec.imports)
         self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
+        if self.async_names:  # the children's event loop, imported once, before they fork
+            importlib.import_module(".aio", __package__)
         for name, task in REGISTRY.items():
             if task.time_limit or task.soft_time_limit:
                 self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
