@@ -57,6 +57,10 @@ class EventLoopChild:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.soft_cancelled: set[str] = set()  # soft limit by cancel: the await was on a task
         self.closed = False  # the worker closed our task pipe: no task comes any more
+        # Replies of the tasks that ended in this turn of the loop, written together at its
+        # end: tasks that end at once (their sleeps were started at once) cost one write
+        # here and one turn of the worker's loop, not one each.
+        self.replies: list[bytes] = []
 
     def run(self, frames: list[Any]) -> None:
         """Run the loop for the rest of the child's life, starting with `frames`."""
@@ -75,6 +79,7 @@ class EventLoopChild:
 
     def leave_if_idle(self) -> None:
         if not self.running and (self.closed or self.child.stop_when_idle):
+            self.send_replies()
             self.child.leave()
 
     def read_tasks(self) -> None:
@@ -100,6 +105,7 @@ class EventLoopChild:
             if not self.child.is_async(frame):
                 self.child.busy = True
                 self.reply(self.child.answer(frame))
+                self.send_replies()
                 self.child.busy = False
                 continue
             deliveries, body = frame
@@ -137,7 +143,14 @@ class EventLoopChild:
     def reply(self, reply: dict[str, Any]) -> None:
         if self.child.stop_when_idle:
             reply["exit"] = True  # the worker must not hand us another task
-        write_all(self.child.result_fd, encode_reply(reply))
+        if not self.replies:
+            self.loop.call_soon(self.send_replies)
+        self.replies.append(encode_reply(reply))
+
+    def send_replies(self) -> None:
+        if self.replies:
+            data, self.replies = b"".join(self.replies), []
+            write_all(self.child.result_fd, data)
 
     def read_control(self) -> None:
         """Take in revoked ids, soft limits and cancels from the control pipe."""

@@ -177,6 +177,9 @@ class AsyncPool:
             child = None if is_async in full else self.child_for(is_async)
             if child is None:
                 full.add(is_async)
+                other = not is_async
+                if other not in full and self.child_for(other) is None:
+                    full.add(other)  # no room for either kind: looking further is in vain
                 passed.append(delivery)
                 continue
             self.hand_over(child, delivery, now, skipped, is_async)
