@@ -1,4 +1,4 @@
-"""A pool child: runs one task at a time, read from its pipe, and writes back the outcome.
+"""A pool child: runs the tasks read from its pipe and writes back the outcome of each.
 
 The worker sends each task as `[deliveries, body]`, the raw JSON body the broker held
 behind its delivery count; the child answers with one frame per task: `{"id",
