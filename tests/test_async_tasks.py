@@ -17,6 +17,7 @@ import pytest
 
 from tests.fleet import TASKS, Fleet, wait_for
 from worker import TaskFailed
+from worker.brokers.base import Envelope
 
 ASYNC_TASKS = '''
 import asyncio
@@ -383,3 +384,32 @@ def test_a_sync_task_behind_async_ones_drains_a_child_instead_of_waiting_for_all
     final(fleet, [h.id for h in handles])
     starts = [line.split()[1] for line in lines(journal) if line.startswith("S ")]
     assert starts.index(handles[10].id) <= 16, "the sync task waited for the async ones"
+
+
+def test_an_async_task_its_child_cannot_read_fails_and_hangs_nowhere(
+    make_fleet, tmp_path: Path
+) -> None:
+    """Arguments nested about as deep as JSON decoding allows: whether the worker dead-letters
+    the body or its child cannot read the frame (one level deeper), or the task runs, every
+    one ends. (A frame the child cannot read has no id to answer by: it names its number.)"""
+    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    ids = [f"deep-{depth}" for depth in range(850, 1000)]
+    fleet.client.broker.enqueue(
+        [
+            Envelope(
+                task_id,
+                "default",
+                "tasks.asleep",
+                json.dumps(
+                    {"id": task_id, "name": "tasks.asleep", "args": [], "kwargs": {}, "retries": 0}
+                ).replace("[]", "[" * depth + "]" * depth, 1),
+            )
+            for task_id, depth in zip(ids, range(850, 1000), strict=True)
+        ]
+    )
+    infos = final(fleet, ids, 60)
+    assert {i["state"] for i in infos} == {"FAILURE"}
+    unread = [i for i in infos if (i["exc_message"] or "").startswith("frame is not JSON")]
+    assert unread and {i["exc_type"] for i in unread} == {"BadMessage"}, (
+        "none its child could not read"
+    )

@@ -5,7 +5,9 @@ one. Its loop (uvloop where it is installed, asyncio's otherwise) reads the task
 the control pipe as they become readable:
 
 - an async task starts at once as an asyncio task; its reply, `{"id", ...}` as a sync
-  task's, is written when it ends, in whatever order they end. The worker hands a child
+  task's, is written when it ends, in whatever order they end (a frame the child cannot
+  read has no id to answer by: its reply names the frame's number, `"n"`, counted from 1
+  as the worker counts the frames it writes). The worker hands a child
   at most `async_concurrency` of them at a time, so every one it holds is running;
 - a sync task runs alone, as in a sync child (the worker hands one only to a child with no
   async task in flight: it never stalls theirs);
@@ -30,7 +32,7 @@ import time
 from typing import Any
 
 from .child import Child, encode_reply, reap_adopted
-from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, write_all
+from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, Undecodable, write_all
 from .task import REGISTRY, Request, SoftTimeLimitExceeded
 
 SOFT_MESSAGE = "soft time limit exceeded"
@@ -102,6 +104,11 @@ class EventLoopChild:
             self.read_control()
             if not self.running:
                 reap_adopted()  # as between sync tasks; never under a task's subprocesses
+            self.child.frames_read += 1
+            if isinstance(frame, Undecodable):  # no id to answer by: the frame's number
+                self.reply({**self.child.answer(frame), "n": self.child.frames_read})
+                self.send_replies()
+                continue
             if not self.child.is_async(frame):
                 self.child.busy = True
                 self.reply(self.child.answer(frame))

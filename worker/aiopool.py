@@ -58,6 +58,14 @@ class AsyncPool:
         if self.should_recycle(child):
             self.retire_child(child)  # its pipe closes: it ends what it holds, then leaves
 
+    def undecodable_async(self: Worker, child: ChildProc, number: Any) -> Running | None:
+        """The async task whose frame the child could not read (it has no id to answer by,
+        so it names the frame by its number), taken from those in flight."""
+        for running in child.aio.values():
+            if running.number == number:
+                return child.aio.pop(running.delivery.id)
+        return None
+
     def async_child_gone(self: Worker, child: ChildProc, clean: bool) -> None:
         """Settle the async tasks of a child that is gone: each in flight is redelivered at
         once, counting a delivery, as a sync task is; none counts if the child left cleanly

@@ -112,6 +112,7 @@ class Child:
         self.busy = False  # from reading a task until its outcome is written: TERM waits
         self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
+        self.frames_read = 0  # task frames, counted as the worker counts those it writes
         self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
 
     def on_term(self, signum: int, frame: Any) -> None:
@@ -151,6 +152,7 @@ class Child:
                     from .aio import EventLoopChild
 
                     EventLoopChild(self, reader).run(frames[index:])  # never returns
+                self.frames_read += 1
                 self.busy = True
                 reply = self.answer(frame)
                 if self.stop_when_idle:

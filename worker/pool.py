@@ -56,6 +56,7 @@ class Running:
     soft_sent: bool = False
     settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
     terminated_at: float | None = None  # revoked with terminate: killed after a grace period
+    number: int = 0  # of the task frames written to its child, from 1
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ChildProc:
     draining: bool = False  # takes no async task, so that a sync task waiting gets it
     blocked: bool = False  # killed for a blocked loop: its other tasks were not at fault
     tasks_done: int = 0
+    frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
     # Forked ahead for a child handed its last task (max_tasks_per_child): it gets no task
@@ -258,7 +260,10 @@ class Pool:
             return
         if child.aio:
             task_id = reply.get("id")
-            running = child.aio.pop(task_id, None) if isinstance(task_id, str) else None
+            if isinstance(task_id, str):
+                running = child.aio.pop(task_id, None)
+            else:
+                running = self.undecodable_async(child, reply.get("n"))
             if running is not None:
                 self.async_done(child, running, reply)
                 return
@@ -550,7 +555,8 @@ class Pool:
     ) -> None:
         """Hand a task to a child: an async one, or a sync one to an idle child, runs at once;
         else right after the child's current task (without waiting for us)."""
-        running = Running(delivery)
+        child.frames_sent += 1
+        running = Running(delivery, number=child.frames_sent)
         if is_async:
             child.aio[delivery.id] = running
             self.begin(running, now)
