@@ -327,15 +327,26 @@ def test_retry_from_an_async_task(make_fleet, tmp_path: Path, broker_url) -> Non
 
 
 def test_inspect_active_lists_each_async_task(make_fleet, tmp_path: Path) -> None:
-    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 7}
+    ).start()
     ids, gate, marker = ahold_many(fleet, tmp_path, 3)
     wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
     [active] = inspect(fleet, "active").values()
     assert sorted(a["id"] for a in active) == sorted(ids)
     [stats] = inspect(fleet, "stats").values()
     assert stats["active"] == 3 and stats["children"][0]["async_tasks"] == 3
+    [conf] = inspect(fleet, "conf").values()
+    assert conf["async_concurrency"] == 7
     gate.touch()
     final(fleet, ids)
+
+
+def test_fleetctl_submits_an_async_task_like_any_other(make_fleet, tmp_path: Path) -> None:
+    fleet = async_fleet(make_fleet, tmp_path).start()
+    out = fleet.ctl("--json", "submit", "tasks.asleep", "0.01", "--wait", "10")
+    info = json.loads(out.stdout)
+    assert info["state"] == "SUCCESS" and info["result"] in fleet.child_pids()
 
 
 def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
