@@ -319,6 +319,24 @@ def test_max_tasks_per_child_retires_the_child_once_its_tasks_are_done(
     assert len(set(pids[:3])) == 1 and len(set(pids[3:])) == 1 and pids[0] != pids[3]
 
 
+def test_max_memory_per_child_retires_the_child_once_its_tasks_are_done(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "max_memory_per_child": "1KB"}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    [first] = set(start_pids(marker))
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [(i["state"], i["result"], i["deliveries"]) for i in infos] == [
+        ("SUCCESS", first, 1)
+    ] * 3, "each finished on the child, none redelivered"
+    later = fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)
+    assert later != first
+
+
 def test_retry_from_an_async_task(make_fleet, tmp_path: Path, broker_url) -> None:
     fleet = async_fleet(make_fleet, tmp_path, fleet={"broker": broker_url}).start()
     runs = tmp_path / "runs.txt"
