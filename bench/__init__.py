@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks of fleetd against Celery, RQ, Dramatiq and Huey (`python -m bench`)."""
+"""Side-by-side benchmarks of fleetd against Celery, RQ, Dramatiq, Huey, SAQ and arq."""

@@ -7,6 +7,7 @@ each JSON command line on stdin:
     {"op": "enqueue", "key": K, "n": N, "batch": B}  -> {"first": t, "seconds": s}
     {"op": "latency", "key": K, "n": N}              -> {"submitted": [t...], "returned": [t...]}
     {"op": "ping", "n": N}                           -> {"seconds": [s...]}
+    {"op": "enqueue_async", "key": K, "n": N}        -> {"seconds": s}
 
 `batch` 0 submits one task at a time; otherwise batches of B through the system's batch
 API. Times are `time.time()` (comparable with the task bodies' stamps); durations are
@@ -67,6 +68,10 @@ def serve(producer: Producer, commands: IO[str], answers: IO[str]) -> None:
                 answer = latency(producer, **command)
             elif op == "ping":
                 answer = {"seconds": [producer.ping() for _ in range(command["n"])]}
+            elif op == "enqueue_async":
+                start = time.perf_counter()
+                producer.submit_async(**command)
+                answer = {"seconds": time.perf_counter() - start}
             else:
                 answer = {"error": f"unknown op {op!r}"}
         except NotAvailable as exc:

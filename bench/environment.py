@@ -11,9 +11,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.systems.base import FLEETD_BIN, PEERS_BIN, REPO
+from bench.systems.base import ASYNC_PEERS_BIN, FLEETD_BIN, PEERS_BIN, REPO
 
 REQUIREMENTS = Path(__file__).with_name("requirements-peers.txt")
+ASYNC_REQUIREMENTS = Path(__file__).with_name("requirements-async-peers.txt")
 
 
 def _ensure_venv(bin_dir: Path, what: str, install: list[str], wanted: str) -> None:
@@ -34,13 +35,19 @@ def ensure_peers_venv() -> None:
     _ensure_venv(PEERS_BIN, "the peers", ["-r", str(REQUIREMENTS)], REQUIREMENTS.read_text())
 
 
+def ensure_async_peers_venv() -> None:
+    """`.bench-async-venv`: SAQ and arq, as pinned in requirements-async-peers.txt."""
+    requirements = ASYNC_REQUIREMENTS.read_text()
+    _ensure_venv(ASYNC_PEERS_BIN, "the async peers", ["-r", str(ASYNC_REQUIREMENTS)], requirements)
+
+
 def ensure_fleetd_venv() -> None:
     """`.bench-fleetd-venv`: fleetd's dependencies and commands as `pip install .` makes them,
     without the project's editable install, whose import hook costs every process start.
     The code itself runs from the working tree (the harness puts it on PYTHONPATH for every
     system, byte-compiled by `compile_bytecode`), so a code change needs no reinstall."""
     pyproject = REPO / "pyproject.toml"
-    _ensure_venv(FLEETD_BIN, "fleetd", [str(REPO)], pyproject.read_text())
+    _ensure_venv(FLEETD_BIN, "fleetd", [f"{REPO}[async]"], pyproject.read_text())
 
 
 def compile_bytecode() -> None:
@@ -86,7 +93,9 @@ def load_average() -> str:
     return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
-def versions(redis_version: str, peers: list[str]) -> dict[str, str]:
+def versions(
+    redis_version: str, peers: list[str], async_peers: list[str] | None = None
+) -> dict[str, str]:
     """Versions of fleetd, of the peers' distributions, of redis-py on each side and of Redis."""
     found = {"redis-server": redis_version}
     if (FLEETD_BIN / "python").exists():
@@ -97,6 +106,10 @@ def versions(redis_version: str, peers: list[str]) -> dict[str, str]:
         peer_versions = _installed(PEERS_BIN, [*peers, "redis"])
         peer_versions["redis-py (peers)"] = peer_versions.pop("redis")
         found.update(peer_versions)
+    if async_peers:
+        async_versions = _installed(ASYNC_PEERS_BIN, [*async_peers, "redis"])
+        async_versions["redis-py (SAQ, arq)"] = async_versions.pop("redis")
+        found.update(async_versions)
     return found
 
 

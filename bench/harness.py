@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import environment, report
-from bench.measure import FIGURES, Plan, Session, SessionResult
+from bench.measure import ASYNC_ONLY, FIGURES, Plan, Session, SessionResult
 from bench.redis_server import RedisServer
 from bench.systems import all_systems
 from bench.systems.base import System
@@ -22,7 +22,9 @@ def progress(result: SessionResult) -> str:
         for figure in FIGURES
         if figure.key in result.values
     )
-    problems = "".join(f"\n    {key}: {note}" for key, note in result.notes.items())
+    problems = "".join(
+        f"\n    {key}: {note}" for key, note in result.notes.items() if note != ASYNC_ONLY
+    )
     return f"  {result.system} ({result.seconds:.0f} s): {values}{problems}"
 
 
@@ -32,8 +34,10 @@ def not_built(system: System, rep: int, reason: str) -> SessionResult:
 
 def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     systems = [s for s in all_systems() if names is None or s.name in names]
-    if any(not s.is_fleetd for s in systems):  # fleetd alone needs none of the peers
+    if any(not s.is_fleetd and not s.async_only for s in systems):  # fleetd needs no peers
         environment.ensure_peers_venv()
+    if any(s.async_only for s in systems):
+        environment.ensure_async_peers_venv()
     environment.compile_bytecode()
     if any(s.is_fleetd for s in systems):
         environment.ensure_fleetd_venv()
@@ -50,8 +54,11 @@ def run(plan: Plan, names: list[str] | None, output: Path, keep: bool) -> None:
     failed = True  # until the run ends with no error: an interrupted run keeps its logs too
     try:
         with RedisServer(folder / "redis") as redis:
-            peers = [d for s in runnable if not s.is_fleetd for d in s.distributions]
-            versions = environment.versions(redis.version, peers)
+            peers = [
+                d for s in runnable if not s.is_fleetd and not s.async_only for d in s.distributions
+            ]
+            async_peers = [d for s in runnable if s.async_only for d in s.distributions]
+            versions = environment.versions(redis.version, peers, async_peers)
             results = run_sessions(plan, runnable, redis, folder)
         failed = any(note.startswith("error") for r in results for note in r.notes.values())
     finally:

@@ -26,6 +26,7 @@ from bench.systems.base import NotAvailable, Site, System
 BUCKET = 0.1  # seconds, for the HUP-under-load histogram
 POLL = 0.02  # seconds between two looks at a list's length
 STALL = 20.0  # seconds without a task done after which a run has failed
+ASYNC_ONLY = "n/a (measured on async tasks only)"  # the note on an async-first peer's figures
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ FIGURES = [
     Figure("cold_start", "Cold start, command → first task done", "s", False, 2),
     Figure("term_exit", "Idle fleet, TERM → every process exited", "s", False, 3),
     Figure("throughput_recycle", "Throughput, max-tasks-per-child = 1", "tasks/s", True),
+    Figure(
+        "throughput_async_io",
+        "Throughput, I/O-bound async tasks (await sleep 0.1 s), drain",
+        "tasks/s",
+        True,
+    ),
     Figure("ping_cli", "Control ping of every node, command line", "ms", False),
     Figure("ping_rtt", "Control ping of every node, in-process round trip", "ms", False, 2),
     Figure("idle_uss", "Idle fleet memory, USS summed over every process", "MiB", False, 1),
@@ -80,17 +87,18 @@ class Plan:
     rtt_pings: int
     hup_warm: float  # seconds of steady draining before the HUP
     hup_window: float  # seconds after the HUP in which the smallest bucket is looked for
+    async_tasks: int  # of the I/O-bound async run
     processes: int = 2
     batch: int = 100
 
 
 QUICK = Plan(
     "quick", reps=3, tasks=200, latency_tasks=100, recycle_tasks=50, recycle_budget=3,
-    cli_pings=1, rtt_pings=10, hup_warm=1.0, hup_window=2.0,
+    cli_pings=1, rtt_pings=10, hup_warm=1.0, hup_window=2.0, async_tasks=3000,
 )  # fmt: skip
 FULL = Plan(
     "full", reps=3, tasks=5000, latency_tasks=1000, recycle_tasks=300, recycle_budget=10,
-    cli_pings=3, rtt_pings=50, hup_warm=2.0, hup_window=3.0,
+    cli_pings=3, rtt_pings=50, hup_warm=2.0, hup_window=3.0, async_tasks=10000,
 )  # fmt: skip
 
 
@@ -133,6 +141,12 @@ class Session:
         self.site.workdir.mkdir(parents=True)
         self.redis.flushall()
         with Agent(self.system, self.site, self.site.workdir / "producer.log") as self.agent:
+            if self.system.async_only:
+                others = [f.key for f in FIGURES if f.key != "throughput_async_io"]
+                self.note(others, ASYNC_ONLY)
+                self.phase(["throughput_async_io"], self.async_io)
+                self.result.seconds = time.perf_counter() - start
+                return self.result
             self.phase(["enqueue_single", "enqueue_batch"], self.prefill_drain_queue)
             try:
                 self.on_main_fleet()
@@ -141,6 +155,7 @@ class Session:
                 self.note(applicable, f"error: skipped, {exc}")
             else:
                 self.phase(["throughput_recycle"], self.recycle)
+                self.phase(["throughput_async_io"], self.async_io)
                 if self.system.is_fleetd:
                     self.phase(["hup_steady", "hup_min", "hup_dip", "hup_gap"], self.hup_under_load)
         self.result.seconds = time.perf_counter() - start
@@ -286,6 +301,21 @@ class Session:
             values["child_uss"] = statistics.mean(memory[c.pid]["uss"] for c in children)
             values["extra_child_uss"] = self.extra_child(workers[0])
         return values
+
+    def async_io(self) -> dict[str, float]:
+        """A queue pre-filled with I/O-bound async tasks (each awaits 0.1 s, then stamps),
+        drained by workers that run ASYNC_CONCURRENCY of them at once per process."""
+        n = self.plan.async_tasks
+        command = self.system.configure_async(self.site, self.plan.processes)
+        key = self.key("async")
+        self.agent.call("enqueue_async", wait_timeout(n), key=key, n=n)
+        log = self.site.workdir / "workers-async.log"
+        fleet = Fleet(command, self.system.env(self.site), self.site.workdir, log)
+        try:
+            stamps = sorted(self.stamps(key, n, fleet))
+        finally:
+            fleet.kill()
+        return {"throughput_async_io": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
     def extra_child(self, worker: Any) -> float:
         """USS of a child that TTIN (`pool grow`) adds to the idle worker, 0.5 s after it was

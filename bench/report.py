@@ -102,7 +102,8 @@ def method(plan: Plan) -> list[str]:
         ' backend, RQ and fleetd by default). "Start" and "done" are read from those lists,'
         " so measuring costs every system the same one round trip per task.",
         "- Producers run in a separate process (`bench/agent.py`), in the system's own venv:"
-        " peers in `.bench-venv`, fleetd in `.bench-fleetd-venv` (its commands and dependencies"
+        " peers in `.bench-venv` (SAQ and arq in `.bench-async-venv`: arq pins an older"
+        " redis-py), fleetd in `.bench-fleetd-venv` (its commands and dependencies"
         " as `pip install .` makes them, not the project's editable install, whose import hook"
         " costs every process start; the code runs from the working tree, byte-compiled first,"
         " as pip does for the peers).",
@@ -119,6 +120,12 @@ def method(plan: Plan) -> list[str]:
         " every system whose broker is Redis; it holds the body's RPUSH and the harness's"
         " LLEN polls (every 20 ms), the same for every system, and ticks of 10 ms: a figure"
         " of the full run, where they are 2 µs a task.",
+        f"- I/O-bound async tasks ({plan.async_tasks:,} tasks): a queue pre-filled with tasks"
+        " that `await asyncio.sleep(0.1)`, then run the body, drained by workers running"
+        " 500 of them at once per process (fleetd's `async_concurrency`, SAQ's `concurrency`,"
+        " arq's `max_jobs`; arq's other settings its defaults); (tasks − 1) ÷ (last stamp −"
+        " first stamp). Systems without async tasks: n/a. SAQ and arq, async-first queues,"
+        " are measured on this figure alone.",
         f"- Enqueue while draining ({n} tasks): one producer submits one task per call to the"
         " idle fleet; tasks ÷ (last stamp − first submit).",
         f"- Latency: {plan.latency_tasks:,} tasks submitted one after the other on an idle fleet,"
@@ -180,7 +187,7 @@ def render(
 ) -> str:
     table = summarize(results)
     lines = [
-        "# fleetd against Celery, RQ, Dramatiq and Huey",
+        "# fleetd against Celery, RQ, Dramatiq, Huey, SAQ and arq",
         "",
         f"Written by `python -m bench --{plan.name}` on {started}, in {seconds / 60:.1f} min."
         f" Each figure: median of {plan.reps} repetitions [min–max].",

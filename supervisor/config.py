@@ -91,6 +91,7 @@ REQUIRED = object()
 DEFAULT_KEYS: dict[str, tuple[str, Any]] = {
     "concurrency": ("pos_int", None),  # None: the CPU count
     "prefetch": ("nonneg_int", 1),
+    "async_concurrency": ("pos_int", 100),
     "max_tasks_per_child": ("nonneg_int", 0),
     "max_memory_per_child": ("size", "0"),
     "time_limit": ("nonneg_num", 0),

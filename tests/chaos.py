@@ -9,6 +9,9 @@ file, as a hostile producer would (each must end FAILURE BadMessage, costing not
 else). Then it waits for every task and prints what happened: submitted, completed,
 lost, duplicated, poisons dead-lettered, and the kills it made.
 
+A share of the tasks are `async def` (ASYNC_SHARE): several of them run at once on a
+child's event loop, so a child kill interrupts them all; each is journaled as the others.
+
 Some tasks also start a process in a session of its own (`Popen(start_new_session=True)`)
 that would sleep for ten minutes: once the fleet is stopped, none of them may be left.
 
@@ -61,8 +64,9 @@ BIG_TASK = 1 << 20  # bytes of padding in a big task: past any pipe's buffer
 POISON_EVERY = 7  # batches between two poison records
 USR1_BURST = 20  # USR1 signals per burst, each worker
 ESCAPE_SHARE = 0.05  # of the tasks, those that also start a process in a session of its own
+ASYNC_SHARE = 0.3  # of the tasks, those that are `async def`
 ESCAPE_TASKS = '''
-import os, subprocess, time
+import asyncio, os, subprocess, time
 from worker import task
 
 def append(path, line):
@@ -79,6 +83,14 @@ def escape(self, path, seconds, pidfile):
     sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
     append(pidfile, f"{sleeper.pid}\\n")
     time.sleep(seconds)
+    append(path, f"E {self.request.id} {os.getpid()}\\n")
+    return os.getpid()
+
+@task(bind=True)
+async def ajournal(self, path, seconds):
+    """As tasks.journal, on the child's event loop."""
+    append(path, f"S {self.request.id} {os.getpid()}\\n")
+    await asyncio.sleep(seconds)
     append(path, f"E {self.request.id} {os.getpid()}\\n")
     return os.getpid()
 '''
@@ -222,10 +234,14 @@ def submit_steadily(
 
 
 def journaled(journal: Path, rng: random.Random) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """A journaled task: one in ESCAPE_SHARE also starts a process in a session of its own."""
+    """A journaled task: one in ESCAPE_SHARE also starts a process in a session of its own,
+    one in ASYNC_SHARE is `async def`."""
     seconds = round(rng.uniform(0, MAX_TASK_SECONDS), 3)
-    if rng.random() < ESCAPE_SHARE:
+    draw = rng.random()
+    if draw < ESCAPE_SHARE:
         return "chaos_tasks.escape", (str(journal), seconds, str(escapees_file(journal))), {}
+    if draw < ESCAPE_SHARE + ASYNC_SHARE:
+        return "chaos_tasks.ajournal", (str(journal), seconds), {}
     return "tasks.journal", (str(journal), seconds), {}
 
 

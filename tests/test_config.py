@@ -71,6 +71,16 @@ BAD = [
     (GOOD.replace("concurrency = 3", "concurrency = 0"), "defaults.concurrency", ">= 1"),
     (GOOD.replace('name = "b"', 'name = "a"'), "worker[1].name", "duplicate worker name"),
     (
+        GOOD.replace("concurrency = 3", "concurrency = 3\nasync_concurrency = 0"),
+        "defaults.async_concurrency",
+        ">= 1",
+    ),
+    (
+        GOOD.replace('name = "a"\n', 'name = "a"\nasync_concurrency = "x"\n', 1),
+        "worker[0].async_concurrency",
+        "integer",
+    ),
+    (
         GOOD.replace('imports = ["tasks"]', 'imports = ["missing_module"]'),
         "fleet.imports",
         "not found",

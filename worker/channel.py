@@ -181,7 +181,7 @@ class ArbiterChannel:
         waiting = sum(max(0, len(c.tasks) - 1) for c in self.children.values())  # in a pipe
         return {
             "reserved": len(self.reserved) + waiting,
-            "active": sum(1 for c in self.children.values() if c.running),
+            "active": sum(len(c.in_flight) for c in self.children.values()),
             "children": len(self.children),
             "pool_size": self.target_children,  # what the pool holds, or is on its way to
             # A fixed pool moves only by `pool grow|shrink`: its bounds are its size.
@@ -207,6 +207,7 @@ class ArbiterChannel:
                     "task": c.running.delivery.id if c.running else None,
                     "task_name": c.running.delivery.name if c.running else None,
                     "runtime": now - c.running.started if c.running else None,
+                    "async_tasks": len(c.aio),
                     "tasks_done": c.tasks_done,
                     "rss": rss(c.pid),
                     "uptime": time.time() - c.born,
@@ -217,7 +218,7 @@ class ArbiterChannel:
 
 
 def child_state(child: ChildProc) -> str:
-    if child.running:
+    if child.running or child.aio:
         return "busy"
     if child.retiring:
         return "retiring"

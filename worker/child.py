@@ -1,10 +1,15 @@
-"""A pool child: runs one task at a time, read from its pipe, and writes back the outcome.
+"""A pool child: runs the tasks read from its pipe and writes back the outcome of each.
 
 The worker sends each task as `[deliveries, body]`, the raw JSON body the broker held
-behind its delivery count; the child answers with one frame per task, in order: `{"id",
+behind its delivery count; the child answers with one frame per task: `{"id",
 "s": state, "r": the result as JSON text | "t"/"m"/"tb": error, "c": countdown for a
 retry, "rt": runtime}`. Whatever a task returns or raises, the answer is a frame the
 worker can store: a value JSON cannot hold fails the task, never the child.
+
+Sync tasks are answered in order. The first `async def` task a child is given turns it into
+an event-loop child (worker/aio.py) for the rest of its life: its async tasks run at once
+and are answered by id as each ends; a sync task it is given still runs alone (the worker
+hands it one only when no async task is in flight there).
 """
 
 from __future__ import annotations
@@ -107,6 +112,8 @@ class Child:
         self.busy = False  # from reading a task until its outcome is written: TERM waits
         self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
+        self.frames_read = 0  # task frames, counted as the worker counts those it writes
+        self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
 
     def on_term(self, signum: int, frame: Any) -> None:
         if not self.busy:
@@ -140,7 +147,12 @@ class Child:
                 continue
             if frames is None:  # the worker closed our pipe: retire
                 return
-            for frame in frames:
+            for index, frame in enumerate(frames):
+                if self.async_names and self.is_async(frame):
+                    from .aio import EventLoopChild
+
+                    EventLoopChild(self, reader).run(frames[index:])  # never returns
+                self.frames_read += 1
                 self.busy = True
                 reply = self.answer(frame)
                 if self.stop_when_idle:
@@ -149,6 +161,13 @@ class Child:
                 self.busy = False
                 if self.stop_when_idle:
                     return
+
+    def is_async(self, frame: Any) -> bool:
+        """The frame is a task whose function is an `async def`."""
+        if isinstance(frame, Undecodable):
+            return False
+        body = frame[1]
+        return isinstance(body, dict) and body.get("name") in self.async_names
 
     def answer(self, frame: Any) -> dict[str, Any]:
         """The outcome of one task frame, `[deliveries, body]`."""
@@ -181,20 +200,30 @@ class Child:
                 result = task(*body.get("args", []), **body.get("kwargs", {}))
             finally:
                 self.in_task = False
-        except RetryTask as retry:
-            reply: dict[str, Any] = {"id": task_id, "s": "RETRY", "c": retry.countdown}
-            if retry.exc is not None:
-                reply["t"], reply["m"] = describe(retry.exc)
-            return reply
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
-            return self.failure(task_id, exc, start)
+            return self.raised(task_id, exc, start)
         finally:
             sys.stdout.flush()
+        return self.returned(task_id, result, start)
+
+    @classmethod
+    def raised(cls, task_id: Any, exc: BaseException, start: float) -> dict[str, Any]:
+        """The reply for a task that raised `exc`: a retry it asked for, else its failure."""
+        if isinstance(exc, RetryTask):
+            reply: dict[str, Any] = {"id": task_id, "s": "RETRY", "c": exc.countdown}
+            if exc.exc is not None:
+                reply["t"], reply["m"] = describe(exc.exc)
+            return reply
+        return cls.failure(task_id, exc, start)
+
+    @classmethod
+    def returned(cls, task_id: Any, result: Any, start: float) -> dict[str, Any]:
+        """The reply for a task that returned `result`: a result JSON cannot hold fails it."""
         try:
             result_json = encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - a result JSON cannot hold fails the task
             name, message = describe(exc)
-            failure = self.failure(task_id, exc, start)
+            failure = cls.failure(task_id, exc, start)
             failure.update(
                 t=ENCODE_ERROR,
                 m=printable(f"the result is not JSON ({name}: {message})", MESSAGE_LIMIT),

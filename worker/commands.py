@@ -46,14 +46,14 @@ def active(worker: Worker) -> list[dict[str, Any]]:
     now = time.monotonic()
     return [
         {
-            "id": c.running.delivery.id,
-            "name": c.running.delivery.name,
+            "id": r.delivery.id,
+            "name": r.delivery.name,
             "pid": c.pid,
-            "runtime": now - c.running.started,
-            "deliveries": c.running.delivery.deliveries,
+            "runtime": now - r.started,
+            "deliveries": r.delivery.deliveries,
         }
         for c in worker.children.values()
-        if c.running
+        for r in c.in_flight
     ]
 
 
@@ -227,6 +227,10 @@ def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict
             if running and running.delivery.id in ids and not running.settled:
                 terminated.append(running.delivery.id)
                 worker.terminate(child, signum)
+            for task_id in set(ids) & child.aio.keys():  # cancelled, not signalled
+                if not child.aio[task_id].settled:
+                    terminated.append(task_id)
+                    worker.terminate_async(child, child.aio[task_id])
     # In the broker too, so that it holds for every worker and across restarts (an
     # unreachable broker makes this raise: the reply is then that error). Every worker
     # of every host addressed writes it: the same ids, so no harm done.

@@ -52,12 +52,15 @@ class BrokerLink:
                 self.broker.release(ids, died=died)
 
     def capacity(self: Worker) -> int:
-        return self.target_children * (1 + self.spec.prefetch)
+        """Tasks held at most: per child, one running and `prefetch` waiting for each of its
+        slots (`async_concurrency` of them where some tasks are `async def`, else one)."""
+        slots = self.spec.async_concurrency if self.async_names else 1
+        return self.target_children * slots * (1 + self.spec.prefetch)
 
     def held(self: Worker) -> int:
         """Tasks that count against the prefetch. Those waiting for a rate-limit token do not
         (up to RATE_LIMITED_MAX): other task types queued behind them still come in and run."""
-        handed = sum(len(c.tasks) for c in self.children.values())
+        handed = sum(c.handed for c in self.children.values())
         return len(self.reserved) - min(self.rate_limited, RATE_LIMITED_MAX) + handed
 
     def reserve_more(self: Worker) -> None:
@@ -146,7 +149,7 @@ class BrokerLink:
         return now >= self.flush_at
 
     def busy(self: Worker) -> bool:
-        return any(child.tasks for child in self.children.values())
+        return any(child.handed for child in self.children.values())
 
     def written_turn(self: Worker, want: int = 0) -> Turn:
         """What the last turns did, for the broker, and `want` more tasks to reserve."""
@@ -168,7 +171,7 @@ class BrokerLink:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
         held = [d.id for d in self.reserved] + [
-            r.delivery.id for c in self.children.values() for r in c.tasks
+            r.delivery.id for c in self.children.values() for r in (*c.tasks, *c.aio.values())
         ]
         with self.broker_call("renew leases"):
             self.broker.extend(held, self.owner, self.spec.lease)

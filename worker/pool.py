@@ -1,5 +1,9 @@
 """The pool: a worker's forked children, their pipes, their tasks, reaping, recycling,
-time limits and terminate. The pool half of `Worker` (worker/process.py)."""
+time limits and terminate. The pool half of `Worker` (worker/process.py).
+
+Sync tasks only here; where a worker has `async def` tasks, worker/aiopool.py routes
+them and watches their deadlines.
+"""
 
 # The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
 # mypy's rule that a self type be a supertype of its class does not fit a mixin.
@@ -19,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .aiopool import TERMINATE_GRACE
 from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import (
@@ -36,7 +41,6 @@ log = logging.getLogger("fleetd.worker")
 child_log = logging.getLogger("fleetd.child")
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-TERMINATE_GRACE = 1.0  # seconds a terminated task's child gets before SIGKILL
 SPAWN_BACKOFF_MIN = 0.5  # seconds before forking again after a failed fork; doubles each time
 SPAWN_BACKOFF_MAX = 5.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -44,15 +48,17 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass
 class Running:
-    """A task handed to a child: running if it is the child's first, else waiting in its pipe."""
+    """A task handed to a child: running if it is the child's first or async, else waiting in
+    its pipe."""
 
     delivery: Delivery
-    started: float = 0.0  # monotonic; set when it becomes the child's first task
+    started: float = 0.0  # monotonic; set when it becomes the child's first task, or is async
     soft_deadline: float | None = None
     hard_deadline: float | None = None
     soft_sent: bool = False
     settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
     terminated_at: float | None = None  # revoked with terminate: killed after a grace period
+    number: int = 0  # of the task frames written to its child, from 1
 
 
 @dataclass
@@ -65,8 +71,13 @@ class ChildProc:
     result_fd: int  # worker reads outcomes here
     revokes_out: Outbox  # ids revoked while their task waits in the task pipe, one a line
     reader: FrameReader = field(default_factory=FrameReader)
-    tasks: deque[Running] = field(default_factory=deque)  # in the order the child runs them
+    tasks: deque[Running] = field(default_factory=deque)  # sync, in the order the child runs them
+    aio: dict[str, Running] = field(default_factory=dict)  # async, in flight, by id
+    timed: set[str] = field(default_factory=set)  # of those, the ones with a deadline to watch
+    draining: bool = False  # takes no async task, so that a sync task waiting gets it
+    blocked: bool = False  # killed for a blocked loop: its other tasks were not at fault
     tasks_done: int = 0
+    frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
     # Forked ahead for a child handed its last task (max_tasks_per_child): it gets no task
@@ -77,8 +88,17 @@ class ChildProc:
 
     @property
     def running(self) -> Running | None:
-        """The task the child runs now (the first of those handed to it), if any."""
+        """The sync task the child runs now (the first of those handed to it), if any."""
         return self.tasks[0] if self.tasks else None
+
+    @property
+    def in_flight(self) -> list[Running]:
+        """The tasks the child runs now: its async ones, or its first sync one."""
+        return list(self.aio.values()) if self.aio else list(self.tasks)[:1]
+
+    @property
+    def handed(self) -> int:
+        return len(self.tasks) + len(self.aio)
 
 
 class Pool:
@@ -133,7 +153,7 @@ class Pool:
             not child.retiring
             and not child.spare
             and bool(child.recycle_after)
-            and child.tasks_done + len(child.tasks) >= child.recycle_after
+            and child.tasks_done + child.handed >= child.recycle_after
         )
 
     def spares_wanted(self: Worker) -> int:
@@ -240,6 +260,15 @@ class Pool:
         if reply.get("bye"):  # not an outcome: the child is leaving between tasks
             child.said_bye = True
             return
+        if child.aio:
+            task_id = reply.get("id")
+            if isinstance(task_id, str):
+                running = child.aio.pop(task_id, None)
+            else:
+                running = self.undecodable_async(child, reply.get("n"))
+            if running is not None:
+                self.async_done(child, running, reply)
+                return
         if not child.tasks:
             return
         running = child.tasks.popleft()
@@ -356,6 +385,7 @@ class Pool:
         # the record holds every child of the last seconds, rewritten at each fork).
         self.send({"type": "child-gone", "pid": child.pid})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
+        self.async_child_gone(child, clean)
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
@@ -397,7 +427,7 @@ class Pool:
         for child in list(self.children.values()):
             if extra <= 0:
                 break
-            if not child.retiring and not child.spare and child.running is None:
+            if not child.retiring and not child.spare and not child.handed:
                 self.let_go(child)
                 extra -= 1
         for spare in self.spares()[self.spares_wanted() :]:  # the pool shrank under them
@@ -409,7 +439,7 @@ class Pool:
         for us between tasks). Never one about to be recycled."""
         best: ChildProc | None = None
         for child in self.children.values():
-            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch:
+            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch or child.aio:
                 continue
             if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
                 continue
@@ -442,6 +472,8 @@ class Pool:
 
     def enforce_time_limits(self: Worker, now: float) -> None:
         for child in list(self.children.values()):
+            if child.timed:
+                self.enforce_async_limits(child, now)
             running = child.running
             if running is None:
                 continue
@@ -457,57 +489,86 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGUSR1)
             if running.hard_deadline and now >= running.hard_deadline:
-                delivery = running.delivery
                 running.settled = True
                 child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
-                limit = running.hard_deadline - running.started
-                message = f"hard time limit ({limit:g}s) exceeded"
-                ended = Outcome(
-                    delivery.id,
-                    FAILURE,
-                    exc_type="TimeLimitExceeded",
-                    exc_message=message,
-                    node=self.node,
-                )
-                self.record(delivery, ended)
-                self.counts["time_limit_kills"] += 1
-                self.emit("time-limit-kill")
-                log.warning(
-                    "task %s killed: hard time limit",
-                    delivery.id,
-                    extra={"node": self.node, "task": delivery.id},
-                )
+                self.time_limit_exceeded(running, "killed")
+
+    def time_limit_exceeded(self: Worker, running: Running, done: str) -> None:
+        """FAILURE TimeLimitExceeded for a task past its hard limit (`done`: what befell it)."""
+        delivery = running.delivery
+        limit = (running.hard_deadline or running.started) - running.started
+        message = f"hard time limit ({limit:g}s) exceeded"
+        ended = Outcome(
+            delivery.id,
+            FAILURE,
+            exc_type="TimeLimitExceeded",
+            exc_message=message,
+            node=self.node,
+        )
+        self.record(delivery, ended)
+        self.counts["time_limit_kills"] += 1
+        self.emit("time-limit-kill")
+        log.warning(
+            "task %s %s: hard time limit",
+            delivery.id,
+            done,
+            extra={"node": self.node, "task": delivery.id},
+        )
 
     def dispatch(self: Worker, now: float) -> None:
         """Give reserved tasks to idle children, honouring rate limits."""
+        if self.async_names:
+            self.dispatch_mixed(now)
+            return
         self.rate_wait_until = 0.0
         skipped: list[Delivery] = []
         while self.reserved:
             child = self.child_with_room()
             if child is None:
                 break
-            delivery = self.reserved.popleft()
-            if delivery.id in self.revoked:
-                self.revoke_now(delivery)
-                continue
-            wait = self.rate_limits.take(delivery.name, now)
-            if wait:
-                skipped.append(delivery)
-                until = now + wait
-                self.rate_wait_until = min(self.rate_wait_until or until, until)
-                continue
-            self.start(child, delivery, now)
+            self.hand_over(child, self.reserved.popleft(), now, skipped)
         self.reserved.extendleft(reversed(skipped))
         self.rate_limited = len(skipped)
 
-    def start(self: Worker, child: ChildProc, delivery: Delivery, now: float) -> None:
-        """Hand a task to a child: it runs at once if the child is idle, else right after
-        the child's current task (without waiting for us)."""
-        running = Running(delivery)
-        child.tasks.append(running)
-        if len(child.tasks) == 1:
+    def hand_over(
+        self: Worker,
+        child: ChildProc,
+        delivery: Delivery,
+        now: float,
+        skipped: list[Delivery],
+        is_async: bool = False,
+    ) -> None:
+        """Start the task on the child, unless it is revoked (REVOKED, never run) or must
+        wait for a rate-limit token (into `skipped`)."""
+        if delivery.id in self.revoked:
+            self.revoke_now(delivery)
+            return
+        wait = self.rate_limits.take(delivery.name, now)
+        if wait:
+            skipped.append(delivery)
+            until = now + wait
+            self.rate_wait_until = min(self.rate_wait_until or until, until)
+            return
+        self.start(child, delivery, now, is_async)
+
+    def start(
+        self: Worker, child: ChildProc, delivery: Delivery, now: float, is_async: bool = False
+    ) -> None:
+        """Hand a task to a child: an async one, or a sync one to an idle child, runs at once;
+        else right after the child's current task (without waiting for us)."""
+        child.frames_sent += 1
+        running = Running(delivery, number=child.frames_sent)
+        if is_async:
+            child.aio[delivery.id] = running
             self.begin(running, now)
+            if running.soft_deadline or running.hard_deadline:
+                child.timed.add(delivery.id)
+        else:
+            child.draining = False
+            child.tasks.append(running)
+            if len(child.tasks) == 1:
+                self.begin(running, now)
         self.write_child(child, child.tasks_out, encode_task(delivery))
         if self.on_last_task(child):
             self.fork_spare()
@@ -573,14 +634,14 @@ class Pool:
         live = [c for c in self.children.values() if not c.retiring and not c.spare]
         for child in live:
             waiting += [r.delivery for r in list(child.tasks)[1:]]
-            running = child.running
-            if running and running.started >= self.autoscaled_at:
-                started.append((running.delivery, wall - (now - running.started)))
+            for running in child.in_flight:  # its async tasks, or its first sync one
+                if running.started >= self.autoscaled_at:
+                    started.append((running.delivery, wall - (now - running.started)))
         timed = started + [(d, wall) for d in waiting]
         waits = [at - d.ready_at for d, at in timed if self.timed(d)]
         marks = {c.pid: self.busy_mark(c, now) for c in live}
         self.busy_marks = marks
-        idle = [now - marks[c.pid][1] for c in live if not c.tasks]
+        idle = [now - marks[c.pid][1] for c in live if not c.handed]
         return Load(
             wait=max(waits, default=0.0),
             backlog=bool(waiting) or not self.queue_dry,
@@ -597,7 +658,7 @@ class Pool:
         """(tasks done, when it last had a task) of the child, as the decisions see it: a
         child that holds a task, or ran one since the last decision, was busy now."""
         done, at = self.busy_marks.get(child.pid, (-1, now))
-        return child.tasks_done, now if child.tasks or child.tasks_done != done else at
+        return child.tasks_done, now if child.handed or child.tasks_done != done else at
 
 
 def rss(pid: int) -> int | None:

@@ -7,6 +7,7 @@ reserves, dispatches and flushes to the broker in batches. No threads and no Zer
 here: the worker forks its children. Its jobs live in one module each:
 
     worker/pool.py     the children: fork, pipes, reaping, recycling, time limits
+    worker/aiopool.py  async tasks among them: routing, replies by id, cancels
     worker/settle.py   the one place a task's outcome is recorded, counted, emitted
     worker/link.py     the broker: batches, leases, giving back, backoff
     worker/channel.py  the arbiter: messages out and in, commands, stats
@@ -20,6 +21,7 @@ import contextlib
 # connection to a host by name, which most tasks make: imported here, before the fork,
 # the children share it instead of each importing its own copy.
 import encodings.idna  # noqa: F401
+import importlib
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import time
 from collections import deque
 from typing import Any
 
+from .aiopool import TERMINATE_GRACE, AsyncPool
 from .brokers import open_broker
 from .brokers.base import Delivery, Outcome, Retry
 from .channel import ARBITER_DRAIN_WAIT, ArbiterChannel
@@ -38,7 +41,7 @@ from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
 from .link import BrokerLink
-from .pool import POLL_IN, TERMINATE_GRACE, ChildProc, Pool
+from .pool import POLL_IN, ChildProc, Pool
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
 from .scheduler import worker_scheduler
@@ -53,7 +56,7 @@ EXIT_IMPORT_ERROR = 4
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 
 
-class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
+class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     """One worker process. Its state lives here; its jobs live in the modules of its
     halves: the pool, the settlement, the broker link and the arbiter channel."""
 
@@ -73,6 +76,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         self.revoked: set[str] = set()
         self.rate_limits: RateLimits = RateLimits(spec.rate_limits)
         self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
+        self.async_names: set[str] = set()  # the tasks that are `async def`
+        self.dispatch_stuck: bool = False  # no child has room for the kinds of tasks reserved
         self.target_children: int = spec.concurrency
         self.signals: deque[int] = deque()
         self.shutdown: str | None = None  # None, "warm" or "cold"
@@ -229,6 +234,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         if self.flush_at:
             deadlines.append(self.flush_at)
         for child in self.children.values():
+            if child.timed:
+                deadlines += self.async_deadlines(child)
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
                     deadlines.append(child.running.soft_deadline)
@@ -250,6 +257,8 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def has_work_to_dispatch(self) -> bool:
+        if self.async_names:
+            return bool(self.reserved) and not self.dispatch_stuck and not self.rate_wait_until
         return (
             bool(self.reserved) and self.child_with_room() is not None and not self.rate_wait_until
         )
@@ -317,6 +326,9 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
 
     def import_tasks(self) -> None:
         import_modules(self.spec.pythonpath, self.spec.imports)
+        self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
+        if self.async_names:  # the children's event loop, imported once, before they fork
+            importlib.import_module(".aio", __package__)
         for name, task in REGISTRY.items():
             if task.time_limit or task.soft_time_limit:
                 self.time_limits[name] = (task.soft_time_limit or 0, task.time_limit or 0)
@@ -379,7 +391,9 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
         for child in list(self.children.values()):
             self.kill_group(child.pid)
             stopped += [r.delivery.id for r in child.tasks if not r.settled]
+            stopped += [r.delivery.id for r in child.aio.values() if not r.settled]
             child.tasks.clear()
+            child.aio.clear()
         if stopped:
             self.release_now(stopped, died=False)
 
@@ -392,7 +406,7 @@ class Worker(Pool, Settlement, BrokerLink, ArbiterChannel):
             self.shutdown_deadline = None
             self.kill_running()
         for child in self.children.values():
-            if not child.tasks and not child.retiring:
+            if not child.handed and not child.retiring:
                 self.let_go(child)
 
 

@@ -20,6 +20,10 @@ MAX_FRAME_SIZE = 64 * 1024 * 1024
 # ~7 ms a MiB), so a 16 MiB task holds the loop at most ~0.1 s a call.
 MAX_TASK_SIZE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
+# Lines on a child's revoke pipe besides revoked ids: the soft time limit of an async task,
+# and the cancel of one (its hard limit, or a revoke with terminate), each with its id.
+SOFT_MARK = b"\x1fsoft "
+CANCEL_MARK = b"\x1fcancel "
 
 _HEADER = struct.Struct(">I")
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode

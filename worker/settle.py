@@ -64,14 +64,25 @@ class Settlement:
     def task_lost(self: Worker, delivery: Delivery) -> None:
         """A child died mid-task: redeliver at once, or dead-letter after max_deliveries
         (at once with acks_late off: such a task is never run twice)."""
-        if not self.spec.acks_late or delivery.deliveries >= self.spec.max_deliveries:
-            self.dead_letter(
-                delivery, "WorkerLost", f"the process running it died {delivery.deliveries} times"
-            )
-        else:
-            self.release_now([delivery.id], died=True)
-            self.counts["redelivered"] += 1
-            self.emit("redelivered")
+        self.tasks_lost([delivery])
+
+    def tasks_lost(self: Worker, deliveries: list[Delivery]) -> None:
+        """`task_lost` for every task a child had in flight, given back in one call."""
+        back = []
+        for delivery in deliveries:
+            if not self.spec.acks_late or delivery.deliveries >= self.spec.max_deliveries:
+                self.dead_letter(
+                    delivery,
+                    "WorkerLost",
+                    f"the process running it died {delivery.deliveries} times",
+                )
+            else:
+                back.append(delivery.id)
+        if back:
+            self.release_now(back, died=True)
+            self.counts["redelivered"] += len(back)
+            for _ in back:
+                self.emit("redelivered")
 
     def dead_letter(self: Worker, delivery: Delivery, exc_type: str, message: str) -> None:
         """FAILURE `exc_type`, kept in the dead-letter list; never run again."""

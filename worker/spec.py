@@ -26,6 +26,7 @@ class WorkerSpec:
     queues: list[str]
     concurrency: int
     prefetch: int = 1
+    async_concurrency: int = 100  # async def tasks one child runs at once
     max_tasks_per_child: int = 0
     max_memory_per_child: int = 0  # bytes; 0 = no limit
     time_limit: float = 0

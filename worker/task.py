@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import math
 import os
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,12 @@ class Request:
     deliveries: int
 
 
+# The delivery the running task serves. A context variable, not an attribute of the task:
+# an event-loop child runs many deliveries of one `async def` task at once, each in its own
+# context, and `self.request` must be its own in each.
+CURRENT_REQUEST: ContextVar[Request | None] = ContextVar("fleetd_request", default=None)
+
+
 class Task:
     """A registered task function with its options; call `.delay()` to run it in the fleet."""
 
@@ -71,9 +79,18 @@ class Task:
         self.soft_time_limit = soft_time_limit
         self.max_retries = max_retries
         self.default_retry_delay = default_retry_delay
-        self.request: Request | None = None  # set in the child while the task runs
+        self.is_async = inspect.iscoroutinefunction(fn)  # runs on its child's event loop
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
+
+    @property
+    def request(self) -> Request | None:
+        """The delivery being run, in the child while the task runs."""
+        return CURRENT_REQUEST.get()
+
+    @request.setter
+    def request(self, request: Request | None) -> None:
+        CURRENT_REQUEST.set(request)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.bind:

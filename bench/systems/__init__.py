@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from bench.systems.arq_sys import ArqSystem
 from bench.systems.base import System
 from bench.systems.celery_sys import CelerySystem
 from bench.systems.dramatiq_sys import DramatiqSystem
 from bench.systems.fleetd_sys import FleetdRedis, FleetdSQLite
 from bench.systems.huey_sys import HueySystem
 from bench.systems.rq_sys import RQSystem
+from bench.systems.saq_sys import SAQSystem
 
 
 def all_systems() -> list[System]:
@@ -18,6 +20,8 @@ def all_systems() -> list[System]:
         RQSystem(),
         DramatiqSystem(),
         HueySystem(),
+        SAQSystem(),
+        ArqSystem(),
     ]
 
 

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 # the peers are regular installs too); its code runs from the working tree.
 FLEETD_BIN = REPO / ".bench-fleetd-venv" / "bin"
 PEERS_BIN = REPO / ".bench-venv" / "bin"
+# SAQ and arq: their redis-py (arq: < 6) cannot share a venv with the other peers'.
+ASYNC_PEERS_BIN = REPO / ".bench-async-venv" / "bin"
 QUEUE = "default"
+ASYNC_CONCURRENCY = 500  # async tasks one worker process runs at once, in every system
 
 
 class NotAvailable(Exception):
@@ -47,6 +50,10 @@ class Producer(abc.ABC):
         """Enqueue n `stamp(key)` tasks with the system's own batch API."""
         raise NotAvailable("no batched enqueue API")
 
+    def submit_async(self, key: str, n: int) -> None:
+        """Enqueue n `astamp(key)` tasks: `await asyncio.sleep(0.1)`, then the body."""
+        raise NotAvailable("no async def tasks")
+
     @abc.abstractmethod
     def wait(self, handle: Any, timeout: float) -> None:
         """Block until the task's result is stored (raise if it failed or timed out)."""
@@ -69,11 +76,14 @@ class System(abc.ABC):
     batch_api: ClassVar[str | None] = None  # the batched-enqueue call; None: the system has none
     recycle_option: ClassVar[str | None] = None  # how max-tasks-per-child is set; None: not offered
     is_fleetd: ClassVar[bool] = False
+    async_only: ClassVar[bool] = False  # an async-first queue: measured on async tasks alone
     uses_redis: ClassVar[bool] = True  # its broker is Redis: the bench reports Redis's CPU per task
     producer: ClassVar[type[Producer]]
 
     @property
     def bin(self) -> Path:
+        if self.async_only:
+            return ASYNC_PEERS_BIN
         return FLEETD_BIN if self.is_fleetd else PEERS_BIN
 
     @property
@@ -84,11 +94,16 @@ class System(abc.ABC):
         """The environment of every process of this system: where the task module and Redis are."""
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
         env.update(BENCH_REDIS_URL=site.redis_url, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env["BENCH_ASYNC_CONCURRENCY"] = str(ASYNC_CONCURRENCY)
         return env
 
     @abc.abstractmethod
     def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
         """Write whatever config the workers need; return the command that starts them."""
+
+    def configure_async(self, site: Site, processes: int) -> list[str]:
+        """The command that starts workers running `astamp`, ASYNC_CONCURRENCY at once each."""
+        raise NotAvailable("no async def tasks")
 
     def ping_command(self, site: Site) -> list[str] | None:
         """The command-line ping of every node, or None when the system has no control plane."""
@@ -97,3 +112,22 @@ class System(abc.ABC):
     def producer_config(self, site: Site) -> dict[str, Any]:
         """What the producer needs beyond BENCH_REDIS_URL (passed to `Producer.__init__`)."""
         return {}
+
+
+class AsyncFirstProducer(Producer):
+    """The producer of an async-first queue, measured on async tasks alone."""
+
+    def submit(self, key: str) -> Any:
+        raise NotImplementedError("measured on async tasks only")
+
+    def wait(self, handle: Any, timeout: float) -> None:
+        raise NotImplementedError("measured on async tasks only")
+
+
+class AsyncFirstSystem(System):
+    """An async-first queue (SAQ, arq): measured on async tasks alone, in .bench-async-venv."""
+
+    async_only = True
+
+    def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
+        raise NotImplementedError("measured on async tasks only")

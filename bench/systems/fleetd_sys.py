@@ -7,9 +7,10 @@ import importlib
 import time
 from typing import Any
 
-from bench.systems.base import QUEUE, REPO, NotAvailable, Producer, Site, System
+from bench.systems.base import ASYNC_CONCURRENCY, QUEUE, REPO, NotAvailable, Producer, Site, System
 
 TASK = "bench.tasks.fleetd_tasks.stamp"
+ASYNC_TASK = "bench.tasks.fleetd_tasks.astamp"
 CONFIG = "fleetd.toml"
 PREFETCH = 3  # 8 tasks in flight with 2 processes: what Celery holds by default (multiplier 4)
 FLEETD_SETTINGS = (
@@ -35,6 +36,10 @@ class FleetdProducer(Producer):
 
     def submit_batch(self, key: str, n: int) -> None:
         self.client.submit_many([(TASK, (key,), {})] * n, queue=QUEUE)
+
+    def submit_async(self, key: str, n: int) -> None:
+        for _ in range(n):
+            self.client.submit(ASYNC_TASK, key, queue=QUEUE)
 
     def wait(self, handle: Any, timeout: float) -> None:
         handle.get(timeout=timeout)
@@ -68,7 +73,19 @@ class FleetdSystem(System):
     producer = FleetdProducer
 
     def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
-        config = site.workdir / CONFIG
+        return self.write_config(
+            site, CONFIG, processes, f"max_tasks_per_child = {max_tasks_per_child}"
+        )
+
+    def configure_async(self, site: Site, processes: int) -> list[str]:
+        return self.write_config(
+            site, "fleetd-async.toml", processes, f"async_concurrency = {ASYNC_CONCURRENCY}"
+        )
+
+    def write_config(self, site: Site, name: str, processes: int, setting: str) -> list[str]:
+        """Write a config of one worker with `processes` children and `setting` in its
+        [defaults]; the command that starts it."""
+        config = site.workdir / name
         config.write_text(
             "[fleet]\n"
             'node = "bench"\n'
@@ -81,7 +98,7 @@ class FleetdSystem(System):
             "[defaults]\n"
             f"concurrency = {processes}\n"
             f"prefetch = {PREFETCH}\n"
-            f"max_tasks_per_child = {max_tasks_per_child}\n"
+            f"{setting}\n"
             "[[worker]]\n"
             'name = "w"\n'
             f'queues = ["{QUEUE}"]\n'

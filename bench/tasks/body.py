@@ -13,6 +13,8 @@ import time
 
 import redis
 
+ASYNC_IO_SECONDS = 0.1  # what the I/O-bound async task awaits before its stamp
+
 
 @functools.cache
 def _client(pid: int) -> redis.Redis:

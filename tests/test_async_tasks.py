@@ -1,0 +1,444 @@
+"""`async def` tasks end to end (issue 19): real fleets whose children run many async tasks at
+once on their event loop, and every per-task guarantee held per async task: time limits,
+revoke with terminate, a child's death, warm shutdown, recycling, retries, mixed queues."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fleet import TASKS, Fleet, wait_for
+from worker import TaskFailed
+from worker.brokers.base import Envelope
+
+ASYNC_TASKS = '''
+import asyncio
+
+@task
+async def asleep(seconds):
+    await asyncio.sleep(seconds)
+    return os.getpid()
+
+@task
+async def ahold(gate, marker, limit=60):
+    """Run until the test creates `gate`, yielding to the loop all along."""
+    with open(marker, "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return os.getpid()
+
+@task(soft_time_limit=0.5, time_limit=20)
+async def asoft_limited(marker):
+    try:
+        await asyncio.sleep(30)
+    except SoftTimeLimitExceeded:
+        with open(marker, "a") as f:
+            f.write("soft\\n")
+        return "cleaned up"
+
+@task(time_limit=0.5)
+async def ahard():
+    await asyncio.sleep(30)
+
+@task(time_limit=0.5)
+async def ablock(marker, seconds):
+    """Block the child's loop: no await for `seconds`."""
+    with open(marker, "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    time.sleep(seconds)
+
+@task(bind=True)
+async def ajournal(self, path, seconds):
+    """As tasks.journal: "S id pid" when it starts, "E id pid" when it ends."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        await asyncio.sleep(seconds)
+        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+    return os.getpid()
+
+@task
+async def aloop():
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+@task(bind=True)
+async def aretry(self, path):
+    with open(path, "a") as f:
+        f.write(f"{self.request.retries}\\n")
+    await asyncio.sleep(0.01)
+    if self.request.retries < 2:
+        raise self.retry(countdown=0.1)
+    return self.request.retries
+'''
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def async_fleet(
+    make_fleet: Any, tmp_path: Path, without_uvloop: bool = False, **kwargs: Any
+) -> Fleet:
+    """A fleet whose task module holds the sync test tasks and the async ones above;
+    `without_uvloop`: its workers cannot import uvloop (a module of that name on their path
+    raises ImportError), as where the `async` extra is not installed."""
+    folder = tmp_path / "host"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tasks.py").write_text(textwrap.dedent(TASKS) + textwrap.dedent(ASYNC_TASKS))
+    if without_uvloop:
+        (folder / "uvloop.py").write_text('raise ImportError("uvloop is not installed")\n')
+    return make_fleet("host", **kwargs)
+
+
+def inspect(fleet: Fleet, what: str) -> dict[str, Any]:
+    out = fleet.ctl("--json", "--timeout", "2", "inspect", what)
+    return json.loads(out.stdout)["replies"]
+
+
+def test_async_tasks_run_at_once_on_each_child(make_fleet, tmp_path: Path, broker_url) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"async_concurrency": 50}
+    ).start()
+    began = time.monotonic()
+    handles = fleet.client.submit_many([("tasks.asleep", (0.5,), {}) for _ in range(100)])
+    infos = fleet.wait_all_final([h.id for h in handles], 30)
+    took = time.monotonic() - began
+    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 100}
+    assert len({json.loads(json.dumps(i["result"])) for i in infos}) == 2, "both children ran some"
+    assert took < 5, f"100 x 0.5 s on 2 x 50 took {took:.1f}s: not concurrent"
+
+
+def final(fleet: Fleet, ids: list[str], timeout: float = 30) -> list[dict[str, Any]]:
+    return fleet.wait_all_final(ids, timeout)
+
+
+def start_pids(marker: Path) -> list[int]:
+    return [int(line.split()[1]) for line in lines(marker)]
+
+
+def ahold_many(fleet: Fleet, tmp_path: Path, n: int) -> tuple[list[str], Path, Path]:
+    """`n` async tasks that run until the test opens their gate; their ids, gate, marker."""
+    gate, marker = tmp_path / "gate", tmp_path / "started.txt"
+    handles = fleet.client.submit_many(
+        [("tasks.ahold", (str(gate), str(marker)), {}) for _ in range(n)]
+    )
+    return [h.id for h in handles], gate, marker
+
+
+def done_when_queue_empty(fleet: Fleet, timeout: float) -> float:
+    """Poll the broker until nothing is ready, scheduled or reserved; when that was."""
+
+    def empty() -> bool:
+        return all(d.ready + d.scheduled + d.reserved == 0 for d in fleet.client.broker.depths())
+
+    wait_for(empty, timeout, 0.02, "the queue to drain")
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_child_loop_is_uvloop_where_installed_else_asyncio(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    pytest.importorskip("uvloop")
+    fleet = async_fleet(make_fleet, tmp_path, without_uvloop=loop == "asyncio").start()
+    assert fleet.client.submit("tasks.aloop").get(timeout=10) == loop
+    assert fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)
+
+
+# --- the targets of issue 19 ---------------------------------------------------------------
+def test_ten_thousand_async_sleeps_on_two_children_of_500(make_fleet, tmp_path: Path) -> None:
+    """10,000 x `await asyncio.sleep(0.1)` on 2 children x 500: 10 rounds of 0.1 s at best. A
+    pool that ran them one at a time per child would take 500 s; the bound leaves room for a
+    loaded 2-core machine (the measured figure is printed: see the issue's target of 2 s)."""
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"async_concurrency": 500, "prefetch": 1}
+    ).start()
+    calls = [("tasks.asleep", (0.1,), {}) for _ in range(10_000)]
+    handles = fleet.client.submit_many(calls)
+    submitted = time.monotonic()
+    took = done_when_queue_empty(fleet, 60) - submitted
+    print(f"10,000 x sleep(0.1) on 2 x 500: {took:.2f}s after the last submit")
+    states = collections.Counter(h.state for h in handles[::50])
+    assert states == {"SUCCESS": 200}
+    assert took < 10, f"took {took:.1f}s"
+
+
+def test_four_hundred_half_second_tasks_on_two_children_of_200(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"async_concurrency": 200}
+    ).start()
+    handles = fleet.client.submit_many([("tasks.asleep", (0.5,), {}) for _ in range(400)])
+    submitted = time.monotonic()
+    took = done_when_queue_empty(fleet, 30) - submitted
+    print(f"400 x sleep(0.5) on 2 x 200: {took:.2f}s")
+    infos = final(fleet, [h.id for h in handles])
+    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 400}
+    assert took < 4, f"took {took:.1f}s"
+
+
+# --- every per-task guarantee, per async task ----------------------------------------------
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_soft_limit_raises_inside_that_coroutine_only(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
+    ).start()
+    marker = tmp_path / "soft.txt"
+    soft = fleet.client.submit("tasks.asoft_limited", str(marker))
+    others = fleet.client.submit_many([("tasks.asleep", (1.5,), {}) for _ in range(3)])
+    assert soft.get(timeout=10) == "cleaned up"
+    assert lines(marker) == ["soft"]
+    pids = {h.get(timeout=10) for h in others}
+    assert len(pids) == 1, "the others ran on, on the same child"
+
+
+def test_hard_limit_cancels_that_coroutine_and_the_others_finish(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
+    ).start()
+    hard = fleet.client.submit("tasks.ahard")
+    others = fleet.client.submit_many([("tasks.asleep", (1.5,), {}) for _ in range(3)])
+    with pytest.raises(TaskFailed) as err:
+        hard.get(timeout=10)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    assert len({h.get(timeout=10) for h in others}) == 1, "no child was killed"
+    assert [h.info()["deliveries"] for h in others] == [1, 1, 1]
+
+
+def test_a_task_blocking_the_loop_gets_its_child_killed_and_the_others_redelivered(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    blocker_marker = tmp_path / "blocker.txt"
+    blocker = fleet.client.submit("tasks.ablock", str(blocker_marker), 30)
+    with pytest.raises(TaskFailed) as err:
+        blocker.get(timeout=10)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    wait_for(lambda: len(lines(marker)) == 6, 10, message="the others to be redelivered")
+    first, again = start_pids(marker)[:3], start_pids(marker)[3:]
+    assert len(set(first)) == len(set(again)) == 1 and first[0] != again[0]
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 3, "redelivered, not failed"
+    assert len(lines(blocker_marker)) == 1, "the blocker ran once"
+    assert "blocks its loop" in fleet.log()
+
+
+def test_revoke_terminate_cancels_only_that_task(make_fleet, tmp_path: Path) -> None:
+    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    out = fleet.ctl("--json", "revoke", ids[0], "--terminate")
+    assert ids[0] in json.dumps(json.loads(out.stdout))
+    wait_for(lambda: fleet.client.handle(ids[0]).state == "REVOKED", 10, message="REVOKED")
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [i["state"] for i in infos] == ["REVOKED", "SUCCESS", "SUCCESS"]
+    results = {i["result"] for i in infos[1:]}
+    assert results == {start_pids(marker)[0]}, "the others finished on the same child"
+    assert len(lines(marker)) == 3
+
+
+def test_child_killed_redelivers_every_task_in_flight_at_once(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 4)
+    wait_for(lambda: len(lines(marker)) == 4, 10, message="four tasks in flight")
+    [victim] = set(start_pids(marker))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(lines(marker)) == 8, 5, message="every task redelivered")
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 4
+    assert [i["deliveries"] for i in infos] == [2] * 4, "each counted one delivery"
+    assert victim not in {i["result"] for i in infos}
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_warm_shutdown_lets_every_task_in_flight_finish(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        without_uvloop=loop == "asyncio",
+        defaults={"concurrency": 1, "async_concurrency": 3},
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 6)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    fleet.signal(signal.SIGTERM)
+    time.sleep(0.3)  # the TERM reached the child, which must wait for its tasks
+    assert fleet.proc is not None and fleet.proc.poll() is None
+    gate.touch()
+    assert fleet.wait_exit(20) == 0
+    states = [fleet.client.handle(i).state for i in ids]
+    assert states.count("SUCCESS") == 3 and states.count("PENDING") == 3, states
+    assert len(lines(marker)) == 3, "the reserved ones never started"
+
+
+def test_max_tasks_per_child_retires_the_child_once_its_tasks_are_done(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        defaults={"concurrency": 1, "async_concurrency": 10, "max_tasks_per_child": 3},
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 6)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    time.sleep(0.3)
+    assert len(lines(marker)) == 3, "the child took more than its last three tasks"
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 6
+    pids = start_pids(marker)
+    assert len(set(pids[:3])) == 1 and len(set(pids[3:])) == 1 and pids[0] != pids[3]
+
+
+def test_max_memory_per_child_retires_the_child_once_its_tasks_are_done(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "max_memory_per_child": "1KB"}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    [first] = set(start_pids(marker))
+    gate.touch()
+    infos = final(fleet, ids)
+    assert [(i["state"], i["result"], i["deliveries"]) for i in infos] == [
+        ("SUCCESS", first, 1)
+    ] * 3, "each finished on the child, none redelivered"
+    later = fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)
+    assert later != first
+
+
+def test_retry_from_an_async_task(make_fleet, tmp_path: Path, broker_url) -> None:
+    fleet = async_fleet(make_fleet, tmp_path, fleet={"broker": broker_url}).start()
+    runs = tmp_path / "runs.txt"
+    assert fleet.client.submit("tasks.aretry", str(runs)).get(timeout=15) == 2
+    assert lines(runs) == ["0", "1", "2"]
+
+
+def test_inspect_active_lists_each_async_task(make_fleet, tmp_path: Path) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 7}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    [active] = inspect(fleet, "active").values()
+    assert sorted(a["id"] for a in active) == sorted(ids)
+    [stats] = inspect(fleet, "stats").values()
+    assert stats["active"] == 3 and stats["children"][0]["async_tasks"] == 3
+    [conf] = inspect(fleet, "conf").values()
+    assert conf["async_concurrency"] == 7
+    gate.touch()
+    final(fleet, ids)
+
+
+def test_fleetctl_submits_an_async_task_like_any_other(make_fleet, tmp_path: Path) -> None:
+    fleet = async_fleet(make_fleet, tmp_path).start()
+    out = fleet.ctl("--json", "submit", "tasks.asleep", "0.01", "--wait", "10")
+    info = json.loads(out.stdout)
+    assert info["state"] == "SUCCESS" and info["result"] in fleet.child_pids()
+
+
+def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"async_concurrency": 20}
+    ).start()
+    journal = tmp_path / "journal.txt"
+    calls = []
+    for n in range(60):
+        calls.append(("tasks.ajournal", (str(journal), 0.3), {}))
+        if n % 6 == 0:
+            calls.append(("tasks.journal", (str(journal), 0.1), {}))
+    began = time.monotonic()
+    handles = fleet.client.submit_many(calls)
+    infos = final(fleet, [h.id for h in handles])
+    took = time.monotonic() - began
+    assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 70}
+    sync_ids = {
+        h.id for h, (name, _, _) in zip(handles, calls, strict=True) if name == "tasks.journal"
+    }
+    running: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    most_async = 0
+    for line in lines(journal):  # appended in the order it happened
+        kind, task_id, pid = line.split()
+        what = "sync" if task_id in sync_ids else "async"
+        running[pid][what] += 1 if kind == "S" else -1
+        assert not (running[pid]["sync"] and running[pid]["async"]), f"both on child {pid}"
+        most_async = max(most_async, running[pid]["async"])
+    assert most_async > 1, "async tasks ran one at a time"
+    assert took < 10, f"took {took:.1f}s"
+
+
+def test_a_sync_task_behind_async_ones_drains_a_child_instead_of_waiting_for_all(
+    make_fleet, tmp_path: Path
+) -> None:
+    fleet = async_fleet(
+        make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 5}
+    ).start()
+    journal = tmp_path / "journal.txt"
+    # Staggered ends: the child is never empty of async tasks unless it is drained.
+    calls = [("tasks.ajournal", (str(journal), 0.1 + n % 5 * 0.07), {}) for n in range(31)]
+    calls[10] = ("tasks.journal", (str(journal), 0.05), {})  # reserved with the async after it
+    handles = fleet.client.submit_many(calls)
+    final(fleet, [h.id for h in handles])
+    starts = [line.split()[1] for line in lines(journal) if line.startswith("S ")]
+    assert starts.index(handles[10].id) <= 16, "the sync task waited for the async ones"
+
+
+def test_an_async_task_its_child_cannot_read_fails_and_hangs_nowhere(
+    make_fleet, tmp_path: Path
+) -> None:
+    """Arguments nested about as deep as JSON decoding allows: whether the worker dead-letters
+    the body or its child cannot read the frame (one level deeper), or the task runs, every
+    one ends. (A frame the child cannot read has no id to answer by: it names its number.)"""
+    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    ids = [f"deep-{depth}" for depth in range(850, 1000)]
+    fleet.client.broker.enqueue(
+        [
+            Envelope(
+                task_id,
+                "default",
+                "tasks.asleep",
+                json.dumps(
+                    {"id": task_id, "name": "tasks.asleep", "args": [], "kwargs": {}, "retries": 0}
+                ).replace("[]", "[" * depth + "]" * depth, 1),
+            )
+            for task_id, depth in zip(ids, range(850, 1000), strict=True)
+        ]
+    )
+    infos = final(fleet, ids, 60)
+    assert {i["state"] for i in infos} == {"FAILURE"}
+    unread = [i for i in infos if (i["exc_message"] or "").startswith("frame is not JSON")]
+    assert unread and {i["exc_type"] for i in unread} == {"BadMessage"}, (
+        "none its child could not read"
+    )
