@@ -7,6 +7,7 @@ harness reads those lists, so "started" and "done" cost every system one RPUSH.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.agent import Agent
 from bench.processes import Fleet, FleetDied, process_memory
@@ -43,6 +46,15 @@ FIGURES = [
     Figure("throughput_concurrent", "Throughput, enqueue while draining", "tasks/s", True),
     Figure("throughput_drain", "Throughput, drain of a pre-filled queue", "tasks/s", True),
     Figure("redis_cpu", "Redis server CPU per task, drain of a pre-filled queue", "µs", False),
+    Figure("fleet_cpu", "Fleet CPU per task (every process, start included), drain", "µs", False),
+    Figure(
+        "dispatch_cpu",
+        "Worker process CPU per task (dispatch, no task body), drain",
+        "µs",
+        False,
+        0,
+        True,
+    ),
     Figure("enqueue_single", "Enqueue rate, one task per call", "tasks/s", True),
     Figure("enqueue_batch", "Enqueue rate, batches of 100", "tasks/s", True),
     Figure("start_p50", "Latency submit → start, p50", "ms", False, 2),
@@ -252,12 +264,30 @@ class Session:
         values = {
             "cold_start": stamps[0] - fleet.launched_at,
             "throughput_drain": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            **self.fleet_cpu(fleet),
         }
         if self.system.uses_redis:
             spent = self.redis_server.cpu_seconds() - redis_cpu
             values["redis_cpu"] = spent / self.plan.tasks * 1e6
         else:
             self.note(["redis_cpu"], "n/a (its broker is not Redis)")
+        return values
+
+    def fleet_cpu(self, fleet: Fleet) -> dict[str, float]:
+        """CPU per task since the launch: of every process of the fleet (those that ended and
+        were reaped included), and, for fleetd, of its worker processes alone. One worker
+        process dispatches for all its children: its CPU per task is what caps a worker on
+        many cores (1 / it = the most tasks per second one worker can hand out)."""
+        tree = fleet.tree()
+        spent = 0.0
+        for proc in tree:  # each process that ended counts in the one that reaped it
+            with contextlib.suppress(psutil.Error):
+                spent += sum(proc.cpu_times()[:4])  # user, system, children's user and system
+        values = {"fleet_cpu": spent / self.plan.tasks * 1e6}
+        if self.system.is_fleetd and tree:
+            workers = tree[0].children()
+            dispatch = sum(sum(w.cpu_times()[:2]) for w in workers)  # their own, not children's
+            values["dispatch_cpu"] = dispatch / self.plan.tasks * 1e6
         return values
 
     def concurrent(self, fleet: Fleet) -> dict[str, float]:
