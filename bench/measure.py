@@ -46,10 +46,10 @@ FIGURES = [
     Figure("throughput_concurrent", "Throughput, enqueue while draining", "tasks/s", True),
     Figure("throughput_drain", "Throughput, drain of a pre-filled queue", "tasks/s", True),
     Figure("redis_cpu", "Redis server CPU per task, drain of a pre-filled queue", "µs", False),
-    Figure("fleet_cpu", "Fleet CPU per task (every process, start included), drain", "µs", False),
+    Figure("fleet_cpu", "Fleet CPU per task, enqueue while draining", "µs", False),
     Figure(
         "dispatch_cpu",
-        "Worker process CPU per task (dispatch, no task body), drain",
+        "Worker process CPU per task (dispatch), enqueue while draining",
         "µs",
         False,
         0,
@@ -182,7 +182,8 @@ class Session:
             self.phase(drained, lambda: self.drain(fleet, redis_cpu))
             if "throughput_drain" not in self.result.values:
                 raise FleetDied("the fleet did not drain its queue")
-            self.phase(["throughput_concurrent"], lambda: self.concurrent(fleet))
+            concurrent = ["throughput_concurrent", "fleet_cpu", "dispatch_cpu"]
+            self.phase(concurrent, lambda: self.concurrent(fleet))
             latency = ["start_p50", "start_p99", "result_p50", "result_p99"]
             self.phase(latency, lambda: self.latency(fleet))
             fleetd_memory = ["arbiter_rss", "worker_rss", "child_uss", "extra_child_uss"]
@@ -264,7 +265,6 @@ class Session:
         values = {
             "cold_start": stamps[0] - fleet.launched_at,
             "throughput_drain": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            **self.fleet_cpu(fleet),
         }
         if self.system.uses_redis:
             spent = self.redis_server.cpu_seconds() - redis_cpu
@@ -273,29 +273,35 @@ class Session:
             self.note(["redis_cpu"], "n/a (its broker is not Redis)")
         return values
 
-    def fleet_cpu(self, fleet: Fleet) -> dict[str, float]:
-        """CPU per task since the launch: of every process of the fleet (those that ended and
-        were reaped included), and, for fleetd, of its worker processes alone. One worker
-        process dispatches for all its children: its CPU per task is what caps a worker on
-        many cores (1 / it = the most tasks per second one worker can hand out)."""
+    def cpu_seconds(self, fleet: Fleet) -> tuple[float, float]:
+        """CPU seconds spent so far by every process of the fleet (those that ended count in
+        the process that reaped them), and by fleetd's worker processes alone (their own:
+        one worker dispatches for all its children, so its CPU per task is what caps it on
+        many cores, 1 / it being the most tasks per second it can hand out)."""
         tree = fleet.tree()
-        spent = 0.0
-        for proc in tree:  # each process that ended counts in the one that reaped it
+        spent = dispatch = 0.0
+        for proc in tree:
             with contextlib.suppress(psutil.Error):
                 spent += sum(proc.cpu_times()[:4])  # user, system, children's user and system
-        values = {"fleet_cpu": spent / self.plan.tasks * 1e6}
         if self.system.is_fleetd and tree:
-            workers = tree[0].children()
-            dispatch = sum(sum(w.cpu_times()[:2]) for w in workers)  # their own, not children's
-            values["dispatch_cpu"] = dispatch / self.plan.tasks * 1e6
-        return values
+            with contextlib.suppress(psutil.Error):
+                dispatch = sum(sum(w.cpu_times()[:2]) for w in tree[0].children())
+        return spent, dispatch
 
     def concurrent(self, fleet: Fleet) -> dict[str, float]:
         """One producer submits the tasks one by one while the idle fleet drains them."""
         n = self.plan.tasks
+        spent, dispatch = self.cpu_seconds(fleet)
         sent = self.enqueue(self.key("concurrent"), n, batched=False)
         stamps = self.stamps(self.key("concurrent"), n, fleet)
-        return {"throughput_concurrent": n / (max(stamps) - sent["first"])}
+        spent_after, dispatch_after = self.cpu_seconds(fleet)
+        values = {
+            "throughput_concurrent": n / (max(stamps) - sent["first"]),
+            "fleet_cpu": (spent_after - spent) / n * 1e6,
+        }
+        if self.system.is_fleetd:
+            values["dispatch_cpu"] = (dispatch_after - dispatch) / n * 1e6
+        return values
 
     def latency(self, fleet: Fleet) -> dict[str, float]:
         """Sequential tasks on an idle fleet: submit → body ran, submit → result in the client."""

@@ -10,7 +10,7 @@ from typing import Any
 from bench.systems.base import ASYNC_CONCURRENCY, QUEUE, REPO, NotAvailable, Producer, Site, System
 
 TASK = "bench.tasks.fleetd_tasks.stamp"
-ASYNC_TASK = "bench.tasks.fleetd_tasks.astamp"
+ASYNC_TASK = "bench.tasks.fleetd_async_tasks.astamp"
 CONFIG = "fleetd.toml"
 PREFETCH = 3  # 8 tasks in flight with 2 processes: what Celery holds by default (multiplier 4)
 FLEETD_SETTINGS = (
@@ -74,24 +74,30 @@ class FleetdSystem(System):
 
     def configure(self, site: Site, processes: int, max_tasks_per_child: int) -> list[str]:
         return self.write_config(
-            site, CONFIG, processes, f"max_tasks_per_child = {max_tasks_per_child}"
+            site, CONFIG, processes, f"max_tasks_per_child = {max_tasks_per_child}", TASK
         )
 
     def configure_async(self, site: Site, processes: int) -> list[str]:
         return self.write_config(
-            site, "fleetd-async.toml", processes, f"async_concurrency = {ASYNC_CONCURRENCY}"
+            site,
+            "fleetd-async.toml",
+            processes,
+            f"async_concurrency = {ASYNC_CONCURRENCY}",
+            ASYNC_TASK,
         )
 
-    def write_config(self, site: Site, name: str, processes: int, setting: str) -> list[str]:
-        """Write a config of one worker with `processes` children and `setting` in its
-        [defaults]; the command that starts it."""
+    def write_config(
+        self, site: Site, name: str, processes: int, setting: str, task: str
+    ) -> list[str]:
+        """Write a config of one worker with `processes` children, `setting` in its
+        [defaults] and the module of `task` to import; the command that starts it."""
         config = site.workdir / name
         config.write_text(
             "[fleet]\n"
             'node = "bench"\n'
             f'broker = "{self.broker_url(site, relative=True)}"\n'
             'state_dir = "state"\n'
-            'imports = ["bench.tasks.fleetd_tasks"]\n'
+            f'imports = ["{task.rpartition(".")[0]}"]\n'
             f'pythonpath = ["{REPO}"]\n'
             "[control]\n"
             'bind = ["ipc://state/control.sock"]\n'

@@ -1,9 +1,7 @@
-"""fleetd's copy of the benchmark tasks: the shared body as a fleetd task (queue "default"), and
-the I/O-bound async task (`await asyncio.sleep`, then the body)."""
+"""fleetd's copy of the benchmark task: the shared body as a fleetd task (queue "default").
+The async one is in fleetd_async_tasks.py."""
 
 from __future__ import annotations
-
-import asyncio
 
 from bench.tasks import body
 from fleetd import task
@@ -11,10 +9,4 @@ from fleetd import task
 
 @task
 def stamp(key: str) -> float:
-    return body.stamp(key)
-
-
-@task
-async def astamp(key: str) -> float:
-    await asyncio.sleep(body.ASYNC_IO_SECONDS)
     return body.stamp(key)
