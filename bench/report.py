@@ -116,10 +116,10 @@ def method(plan: Plan) -> list[str]:
         f"- Drain of a pre-filled queue ({n} tasks): the workers start on the full queue;"
         " (tasks − 1) ÷ (last stamp − first stamp). Cold start is the first stamp minus the"
         " moment the worker command was launched. Redis CPU per task: the Redis server's"
-        " utime + stime (/proc/PID/stat) from the launch to the last task done, ÷ tasks, for"
-        " every system whose broker is Redis; it holds the body's RPUSH and the harness's"
-        " LLEN polls (every 20 ms), the same for every system, and ticks of 10 ms: a figure"
-        " of the full run, where they are 2 µs a task.",
+        " user + system CPU (its own getrusage figures, `INFO cpu`, to the microsecond) from"
+        " the launch to the last task done, ÷ tasks, for every system whose broker is Redis;"
+        " it holds the workers' start, the body's RPUSH and the harness's LLEN polls (every"
+        " 20 ms), the same for every system.",
         f"- I/O-bound async tasks ({plan.async_tasks:,} tasks): a queue pre-filled with tasks"
         " that `await asyncio.sleep(0.1)`, then run the body, drained by workers running"
         " 500 of them at once per process (fleetd's `async_concurrency`, SAQ's `concurrency`,"
@@ -127,7 +127,12 @@ def method(plan: Plan) -> list[str]:
         " first stamp). Systems without async tasks: n/a. SAQ and arq, async-first queues,"
         " are measured on this figure alone.",
         f"- Enqueue while draining ({n} tasks): one producer submits one task per call to the"
-        " idle fleet; tasks ÷ (last stamp − first submit).",
+        " idle fleet; tasks ÷ (last stamp − first submit). Fleet CPU per task: the user +"
+        " system CPU of every process of the fleet over that run (a process that ended counts"
+        " in the one that reaped it), ÷ tasks; the Redis server and the producer are not in"
+        " it. For fleetd also its worker process's own CPU per task: one worker hands out"
+        " every task of its children, so 1 ÷ that figure is the most tasks per second one"
+        " worker can dispatch, however many cores its children have.",
         f"- Latency: {plan.latency_tasks:,} tasks submitted one after the other on an idle fleet,"
         " each waited for through the system's own result API before the next; start = stamp −"
         " submit, result = the client's return − submit; p50 and p99 per repetition. The result"
