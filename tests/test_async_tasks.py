@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet import TASKS, Fleet, wait_for
+from tests.fleet import TASKS, Fleet, holds, wait_for
 from worker import TaskFailed
 from worker.brokers.base import Envelope
 
@@ -442,3 +442,30 @@ def test_an_async_task_its_child_cannot_read_fails_and_hangs_nowhere(
     assert unread and {i["exc_type"] for i in unread} == {"BadMessage"}, (
         "none its child could not read"
     )
+
+
+def test_autoscale_grows_for_waiting_async_tasks_and_counts_a_child_running_them_busy(
+    make_fleet, tmp_path: Path
+) -> None:
+    scaling = {
+        "autoscale": "1,2",
+        "autoscale_wait": 0.2,
+        "autoscale_idle": 0.3,
+        "async_concurrency": 3,
+    }
+    fleet = async_fleet(make_fleet, tmp_path, defaults=scaling).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 6)  # 3 fit in the one child: 3 wait
+    wait_for(
+        lambda: len(lines(marker)) == 6 and len(set(start_pids(marker))) == 2,
+        15,
+        message="the pool to grow and each child to run three",
+    )
+
+    def pool_size() -> int:
+        return int(inspect(fleet, "stats")["w@h1"]["pool_size"])
+
+    # Children whose tasks all await are busy, however long they run: no shrink below them.
+    assert holds(lambda: pool_size() == 2, 1.5), "shrank while both children ran tasks"
+    gate.touch()
+    assert {i["state"] for i in final(fleet, ids)} == {"SUCCESS"}
+    wait_for(lambda: pool_size() == 1, 10, message="the idle pool to shrink back to MIN")
