@@ -178,6 +178,11 @@ def hello(worker, who="world"):
 '''
 
 
+def fleetd(*args: str) -> subprocess.CompletedProcess[str]:
+    """`fleetd ARGS...` run to its end (check, stop, a start that fails), its output as text."""
+    return subprocess.run([FLEETD, *args], capture_output=True, text=True, timeout=60)
+
+
 def free_port() -> int:
     import socket
 

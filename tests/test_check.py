@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import FLEETD
+from tests.fleet import fleetd
 
 CONFIG = '[fleet]\nimports = ["tasks", "more"]\n\n[[worker]]\nname = "w"\n'
 
@@ -16,12 +16,7 @@ def check(folder: Path, tasks: str, more: str = "X = 1\n") -> subprocess.Complet
     (folder / "fleet.toml").write_text(CONFIG)
     (folder / "tasks.py").write_text(tasks)
     (folder / "more.py").write_text(more)
-    return subprocess.run(
-        [FLEETD, "check", "-c", str(folder / "fleet.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return fleetd("check", "-c", str(folder / "fleet.toml"))
 
 
 @pytest.mark.parametrize(

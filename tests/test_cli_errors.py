@@ -8,7 +8,6 @@ bits do not stop anything).
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet import FLEETD, Fleet, free_port
+from tests.fleet import Fleet, fleetd, free_port
 from worker import BrokerUnavailable, Client
 
 # The longest an unreachable broker may hold a command up (the process's start included):
@@ -28,10 +27,6 @@ def timed(run: Callable[[], Any]) -> tuple[float, Any]:
     started = time.monotonic()
     out = run()
     return time.monotonic() - started, out
-
-
-def fleetd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLEETD, *args], capture_output=True, text=True, timeout=60)
 
 
 def in_the_way(folder: Path) -> Path:

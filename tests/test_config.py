@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from supervisor.config import ConfigError, load, parse_rate, parse_size
-from tests.fleet import FLEETD
+from tests.fleet import fleetd
 
 GOOD = """
 [fleet]
@@ -130,9 +129,7 @@ def test_bad_config_exits_2_with_one_line(
     tmp_path: Path, command: str, text: str, key: str, problem: str
 ) -> None:
     path = write(tmp_path, text)
-    out = subprocess.run(
-        [FLEETD, command, "-c", str(path)], capture_output=True, text=True, timeout=30
-    )
+    out = fleetd(command, "-c", str(path))
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and key in out.stderr and problem in out.stderr
     assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
@@ -140,12 +137,7 @@ def test_bad_config_exits_2_with_one_line(
 
 def test_check_accepts_the_example_config() -> None:
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [FLEETD, "check", "-c", str(root / "config" / "example.toml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = fleetd("check", "-c", str(root / "config" / "example.toml"))
     assert out.returncode == 0, out.stderr
 
 

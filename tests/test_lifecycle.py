@@ -734,6 +734,12 @@ def test_max_tasks_per_child_spreads_tasks_over_fresh_children(make_fleet) -> No
     wait_for(lambda: len(fleet.child_pids()) == 1, 5, message="the last retiring child to go")
 
 
+def child_states(fleet: Fleet) -> list[str]:
+    """The states of the node's children (busy, idle, spare, ...), sorted."""
+    [stats] = inspect(fleet, "stats").values()
+    return sorted(c["state"] for c in stats["children"])
+
+
 def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
     make_fleet, tmp_path: Path
 ) -> None:
@@ -742,13 +748,9 @@ def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
     fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
     gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
     held = [fleet.client.submit("tasks.hold", str(gate)) for gate in gates]
-
-    def states() -> list[str]:
-        [stats] = inspect(fleet, "stats").values()
-        return sorted(c["state"] for c in stats["children"])
-
-    wait_for(lambda: states() == ["busy", "busy", "spare", "spare"], 10, message="two spares")
-    assert holds(lambda: states() == ["busy", "busy", "spare", "spare"]), "more than one each"
+    two_spares = ["busy", "busy", "spare", "spare"]
+    wait_for(lambda: child_states(fleet) == two_spares, 10, message="two spares")
+    assert holds(lambda: child_states(fleet) == two_spares), "more than one each"
     [stats] = inspect(fleet, "stats").values()
     spares = {c["pid"] for c in stats["children"] if c["state"] == "spare"}
     gates[0].touch()
@@ -765,17 +767,13 @@ def test_spares_go_with_a_pool_shrink_and_a_warm_shutdown(make_fleet, tmp_path: 
     fleet = make_fleet(defaults={"concurrency": 2, "max_tasks_per_child": 1}).start()
     gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
     held = [fleet.client.submit("tasks.hold", str(gate)) for gate in gates]
-
-    def states() -> list[str]:
-        [stats] = inspect(fleet, "stats").values()
-        return sorted(c["state"] for c in stats["children"])
-
-    wait_for(lambda: states() == ["busy", "busy", "spare", "spare"], 10, message="two spares")
+    two_spares = ["busy", "busy", "spare", "spare"]
+    wait_for(lambda: child_states(fleet) == two_spares, 10, message="two spares")
     fleet.ctl("pool", "shrink", "1")
     gates[0].touch()
     held[0].get(timeout=10)
     # The pool is 1: the held child runs on, its spare stays; the other spare went.
-    wait_for(lambda: states() == ["busy", "spare"], 10, message="one spare left")
+    wait_for(lambda: child_states(fleet) == ["busy", "spare"], 10, message="one spare left")
     fleet.signal(signal.SIGTERM)
     gates[1].touch()
     assert fleet.wait_exit(10) == 0

@@ -16,7 +16,7 @@ from supervisor.config import ConfigError, from_dict
 from supervisor.metrics import Metrics
 from tests.brokers.conftest import BrokerFactory
 from tests.brokers.conftest import connect as connect  # the fixture: both brokers
-from tests.fleet import FLEETD
+from tests.fleet import fleetd
 from tests.test_metrics import samples
 from worker.brokers.base import SUCCESS, Broker, Outcome, Turn
 from worker.scheduler import (
@@ -260,12 +260,7 @@ def fleetd_check(folder: Path, schedule: str) -> subprocess.CompletedProcess[str
     (folder / "tasks.py").write_text(TASKS_MODULE)
     config = f'[fleet]\nimports = ["tasks"]\n\n[[worker]]\nname = "w"\n\n[[schedule]]\n{schedule}'
     (folder / "fleet.toml").write_text(config)
-    return subprocess.run(
-        [FLEETD, "check", "-c", str(folder / "fleet.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return fleetd("check", "-c", str(folder / "fleet.toml"))
 
 
 @pytest.mark.parametrize(
