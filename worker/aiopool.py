@@ -89,17 +89,11 @@ class AsyncPool:
     def child_for_async(self: Worker) -> ChildProc | None:
         """The child with the fewest async tasks in flight, if it runs no sync task and has
         fewer than `async_concurrency`. Never one about to be recycled, nor one draining."""
-        best: ChildProc | None = None
-        for child in self.children.values():
-            if child.retiring or child.spare or child.tasks or child.draining:
-                continue
-            if len(child.aio) >= self.spec.async_concurrency:
-                continue
-            if child.recycle_after and child.tasks_done + len(child.aio) >= child.recycle_after:
-                continue
-            if best is None or len(child.aio) < len(best.aio):
-                best = child
-        return best
+        room = self.spec.async_concurrency
+        return self.least_loaded(
+            lambda c: len(c.aio),
+            lambda c: not c.tasks and not c.draining and len(c.aio) < room,
+        )
 
     def drain_for_sync(self: Worker) -> None:
         """A sync task waits and every child has async tasks: the one with the fewest takes

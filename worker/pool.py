@@ -20,16 +20,14 @@ import select
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .aiopool import TERMINATE_GRACE
 from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
-from .child import (
-    CLEAN_STOP,
-    child_main,
-)
+from .child import CLEAN_STOP, child_main
 from .commands import pool_room
 from .protocol import FrameReader, Outbox, ProtocolError
 from .tree import end_adopted
@@ -434,16 +432,25 @@ class Pool:
             self.let_go(spare)
 
     def child_with_room(self: Worker) -> ChildProc | None:
-        """The child with the fewest tasks, if it can take one more: an idle child at once,
-        else one whose pipe holds fewer than `prefetch` waiting tasks (so it never waits
-        for us between tasks). Never one about to be recycled."""
+        """The child with the fewest sync tasks, if it can take one more: an idle child at
+        once, else one whose pipe holds fewer than `prefetch` waiting tasks (so it never waits
+        for us between tasks). Never one with async tasks in flight."""
+        return self.least_loaded(
+            lambda c: len(c.tasks), lambda c: not c.aio and len(c.tasks) <= self.spec.prefetch
+        )
+
+    def least_loaded(
+        self: Worker, load: Callable[[ChildProc], int], takes: Callable[[ChildProc], bool]
+    ) -> ChildProc | None:
+        """Of the children that `takes` a task, the one of the least `load`; never a spare,
+        one retiring, or one whose tasks handed already reach its recycling count."""
         best: ChildProc | None = None
         for child in self.children.values():
-            if child.retiring or child.spare or len(child.tasks) > self.spec.prefetch or child.aio:
+            if child.retiring or child.spare or not takes(child):
                 continue
-            if child.recycle_after and child.tasks_done + len(child.tasks) >= child.recycle_after:
+            if child.recycle_after and child.tasks_done + child.handed >= child.recycle_after:
                 continue
-            if best is None or len(child.tasks) < len(best.tasks):
+            if best is None or load(child) < load(best):
                 best = child
         return best
 
@@ -601,14 +608,8 @@ class Pool:
         low, high = self.spec.autoscale
         load = self.measure_load(now)
         self.autoscaled_at = now
-        step = decide(
-            self.target_children,
-            low,
-            high,
-            load,
-            self.spec.autoscale_wait,
-            self.spec.autoscale_idle,
-        )
+        wait, idle = self.spec.autoscale_wait, self.spec.autoscale_idle
+        step = decide(self.target_children, low, high, load, wait, idle)
         if step > 0:  # never more children than the open-files limit lets the worker hold
             step = max(0, pool_room(self, self.target_children + step)[0] - self.target_children)
         if step:
