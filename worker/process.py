@@ -40,7 +40,7 @@ from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
-from .link import BrokerLink
+from .link import DRY_RECHECK, BrokerLink
 from .pool import POLL_IN, ChildProc, Pool
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
@@ -102,10 +102,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_renew: float = 0.0
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
-        # The next ETA of our queues as last read (None: none), until a wake-up says a queue
-        # changed (every write that could add an ETA publishes one) or it comes due.
+        # The next ETA of our queues as last read (None: none), until a wake-up says a task
+        # was scheduled (every write that schedules one publishes so), it comes due, or it
+        # is DRY_RECHECK old.
         self.next_eta: float | None = None
-        self.etas_read = False
+        self.etas_read, self.etas_read_at = False, 0.0
         self.queue_changed = True  # a wake-up came since the last reserve
         self.dry_recheck_at = 0.0  # when a dry queue is looked at again, woken or not
         self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
@@ -185,8 +186,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             if fd == self.signal_fd:
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
-                self.wakeup.clear()
-                self.etas_read, self.queue_changed = False, True
+                if self.wakeup.clear():
+                    self.etas_read = False
+                self.queue_changed = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -248,13 +250,19 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
         if self.shutdown is None and self.queue_dry and self.broker_available():
-            if not self.etas_read or (self.next_eta is not None and self.next_eta <= time.time()):
+            if not self.etas_read or self.etas_stale(now):
                 with self.broker_call("read ETAs"):
                     self.next_eta = self.broker.next_due(self.spec.queues)
-                    self.etas_read = True
+                    self.etas_read, self.etas_read_at = True, now
             if self.next_eta is not None:
                 deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
+
+    def etas_stale(self, now: float) -> bool:
+        """Whether the next ETA read is out of date: it came due, or it is DRY_RECHECK old (a
+        wake-up saying "scheduled" may have been missed, as when Redis was unreachable)."""
+        due = self.next_eta is not None and self.next_eta <= time.time()
+        return due or now >= self.etas_read_at + DRY_RECHECK
 
     def has_work_to_dispatch(self) -> bool:
         if self.async_names:

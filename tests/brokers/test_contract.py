@@ -636,6 +636,30 @@ def test_wakeup_becomes_readable_on_enqueue_from_another_connection(
         wake.close()
 
 
+def test_a_wakeup_for_a_task_scheduled_later_says_so(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    """The worker reads the queues' ETAs again only when a wake-up may announce one: a
+    broker may say so of any wake-up, but never stay silent about a scheduled task,
+    whether a producer scheduled it or a worker's turn retried it with an ETA."""
+    wake, producer = broker.wakeup(["q1"]), connect()
+    producer.enqueue([envelope("q1")])
+    [held] = producer.reserve(["q1"], 1, "w1", 30)
+    try:
+        wake.clear()
+        wake.arm()
+        producer.enqueue([envelope("q1", eta=time.time() + 60)])
+        assert readable(wake, 5)
+        assert wake.clear() is True
+
+        wake.arm()
+        producer.turn(Turn(retries=[Retry(held.id, held.body, time.time() + 60)]))
+        assert readable(wake, 5)
+        assert wake.clear() is True
+    finally:
+        wake.close()
+
+
 # --- acting on dead letters --------------------------------------------------------
 def dead_lettered(broker: Broker, *tasks: Envelope) -> None:
     """Deliver each task, then end it as a dead letter, one after the other (oldest first)."""

@@ -268,8 +268,9 @@ class Wakeup(abc.ABC):
         """Get ready to sleep: after this, new work makes `fileno()` readable."""
 
     @abc.abstractmethod
-    def clear(self) -> None:
-        """Consume the readiness after a wake-up (never blocks)."""
+    def clear(self) -> bool:
+        """Consume the readiness after a wake-up (never blocks). True if it may announce a
+        task scheduled for later, so that the worker reads the queues' ETAs again."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

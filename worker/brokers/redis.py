@@ -73,6 +73,9 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
+# What a write publishes on a queue's wake channel: "1" if it added only tasks ready now,
+# "eta" if it scheduled one for later (the scripts' `woken`).
+WAKE_READY = "1"
 
 
 class LuaScript:
@@ -208,14 +211,20 @@ class PubSubWakeup(Wakeup):
             return
         self._broken = False
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
         if self._broken:
-            return
+            return True
+        scheduled = False
         try:
             while self._conn.can_read(timeout=0):
-                self._conn.read_response()
+                message = self._conn.read_response()
+                # ["message", channel, WAKE_READY]: only tasks ready now; anything else
+                # (WAKE_SCHEDULED, the PING after a resubscribe) may mean new ETAs.
+                scheduled = scheduled or message[-1] != WAKE_READY
         except CONNECTION_ERRORS:
             self._break()
+            return True
+        return scheduled
 
     def close(self) -> None:
         self._conn.disconnect()

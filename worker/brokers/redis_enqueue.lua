@@ -8,7 +8,7 @@
 -- Keys and entries as the write scripts make them (see redis_prelude.lua): stream entry
 -- `0-N` from the shared counter; a queue's stream and group are made on its first task.
 local P, TOKEN, NOW = ARGV[1], ARGV[2], ARGV[3]
-local woken = {}
+local woken = {}  -- queue -> what to publish on its wake channel: '1' (ready), 'eta'
 for i = 4, #ARGV, 5 do
   local id, q, name, body, eta = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local key = P .. ':r:' .. id
@@ -16,7 +16,7 @@ for i = 4, #ARGV, 5 do
   if was[2] ~= TOKEN and (not was[1] or was[1] == 'done') then
     if was[1] then redis.call('DEL', key) end
     if not woken[q] then
-      woken[q] = true
+      woken[q] = '1'
       redis.call('SADD', P .. ':queues', q)
       if redis.call('EXISTS', P .. ':q:' .. q) == 0 then
         redis.call('XGROUP', 'CREATE', P .. ':q:' .. q, 'workers', '0', 'MKSTREAM')
@@ -24,6 +24,7 @@ for i = 4, #ARGV, 5 do
     end
     if eta ~= '' and tonumber(eta) > tonumber(NOW) then
       redis.call('ZADD', P .. ':eta:' .. q, eta, id)
+      woken[q] = 'eta'
       redis.call('HSET', key, 'status', 'scheduled', 'eta', eta, 'id', id, 'queue', q,
         'name', name, 'body', body, 'state', 'PENDING', 'deliveries', 0, 'call', TOKEN)
     else
@@ -39,5 +40,5 @@ for i = 4, #ARGV, 5 do
     end
   end
 end
-for q in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, '1') end
+for q, what in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, what) end
 return 0

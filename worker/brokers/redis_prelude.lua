@@ -6,7 +6,7 @@ local P, CONNECTION, TOKEN, NOW = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local A = cjson.decode(ARGV[5])
 local null = cjson.null
 local GROUP = 'workers'
-local woken = {}
+local woken = {}  -- queue -> what to publish on its wake channel: '1' (ready), 'eta'
 
 local function task_key(id) return P .. ':r:' .. id end
 local function stream_key(q) return P .. ':q:' .. q end
@@ -52,7 +52,7 @@ local function append(id, q, fields)
   end
   redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, 'ready', NOW,
     unpack(fields))
-  woken[q] = true
+  woken[q] = woken[q] or '1'
 end
 
 -- Hold a task back in its queue's ETA set until it is due (`fields` as for append).
@@ -60,7 +60,7 @@ local function schedule(id, q, eta, fields)
   open_queue(q)
   redis.call('ZADD', eta_key(q), eta, id)
   redis.call('HSET', task_key(id), 'status', 'scheduled', 'eta', eta, unpack(fields))
-  woken[q] = true
+  woken[q] = 'eta'
 end
 
 -- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still

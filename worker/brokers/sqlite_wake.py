@@ -30,10 +30,11 @@ class FifoWakeup(Wakeup):
     def arm(self) -> None:
         pass
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read_fd, 4096):
                 pass
+        return True  # a poke does not say what changed; reading the ETAs is a local query
 
     def close(self) -> None:
         for fd in (self._read_fd, self._keep_fd):
