@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ T = TypeVar("T")
 FAIL_FAST_CONNECT_TIMEOUT = 2.0
 NOT_DEAD = "not a dead letter"
 NOT_A_TASK = "its body is not a JSON task, so it cannot run; it stays a dead letter"
+END_WAIT = 1.0  # seconds Handle.get waits on an announced end before it looks again
 ROUTES_FRESH = 1.0  # seconds before a name missing from the published routes is looked up again
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -104,11 +106,12 @@ class Handle:
             info = self.info()
             if info["state"] in FINAL_STATES:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(
                     f"task {self.id} not done after {timeout}s (state {info['state']})"
                 )
-            time.sleep(pause)
+            self.client.wait_for_end(self.id, left, pause)
             pause = min(pause * 1.25, 0.05)
         if info["state"] == FAILURE:
             raise TaskFailed(
@@ -228,6 +231,13 @@ class Client:
             self._routes = self._reach(lambda broker: broker.routes())
             self._routes_read = time.monotonic()
         return self._routes.get(name, DEFAULT_QUEUE)
+
+    def wait_for_end(self, task_id: str, left: float, pause: float) -> None:
+        """Wait until the task may have ended, at most `left` seconds: up to END_WAIT where
+        the broker announces ends (then an end it did not announce, as a result that
+        expired, is still seen), else for `pause`, the poll's step."""
+        wait = min(left, END_WAIT if self.broker.announces_ends else pause)
+        self._reach(lambda broker: broker.wait_for_end(task_id, wait))
 
     def handle(self, task_id: str) -> Handle:
         return Handle(self, task_id)

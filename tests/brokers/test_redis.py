@@ -28,6 +28,7 @@ from worker.brokers.base import (
     Turn,
 )
 from worker.brokers.redis import Link, RedisBroker
+from worker.client import Client, TaskRevoked
 
 from .conftest import REDIS_URL
 from .test_contract import envelope, ids, readable, sleep_until, wait_for
@@ -355,3 +356,65 @@ def test_a_wakeup_for_ready_tasks_alone_does_not_send_the_worker_to_read_etas(
         assert wake.clear() is False
     finally:
         wake.close()
+
+
+def ended_in(seconds: float, wait: Callable[[], None]) -> None:
+    """Run `wait` in a thread, failing if it outlasts `seconds`."""
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+
+
+def test_a_wait_for_a_task_ends_when_the_task_does_not_when_the_wait_runs_out(
+    redis_broker: RedisBroker,
+) -> None:
+    task = envelope()
+    redis_broker.enqueue([task])
+    worker = RedisBroker(redis_broker.url, prefix=redis_broker.prefix)
+    [delivery] = worker.reserve(["q1"], 1, "w1", 30)
+    waiter = threading.Thread(target=redis_broker.wait_for_end, args=(task.id, 60), daemon=True)
+    waiter.start()
+    wait_for(lambda: redis_broker.redis.exists(f"{redis_broker.prefix}:w:{task.id}") == 1)
+
+    worker.turn(Turn(outcomes=[Outcome(delivery.id, SUCCESS, result=1)]))
+
+    waiter.join(10)
+    assert not waiter.is_alive(), "the end of the task did not wake its waiter"
+    # Already ended: the wait returns at once, and no flag is left behind.
+    ended_in(10, lambda: redis_broker.wait_for_end(task.id, 60))
+    assert redis_broker.redis.exists(f"{redis_broker.prefix}:w:{task.id}") == 0
+    worker.close()
+
+
+def test_get_sees_an_end_no_script_announced_and_a_revoke(redis_broker: RedisBroker) -> None:
+    """An end written by someone else's hand wakes nobody: Handle.get looks again after
+    END_WAIT. A revoke ends a queued task as a worker's turn does, waking its waiter."""
+    client = Client(f"{REDIS_URL}?prefix={redis_broker.prefix}")
+    by_hand, revoked = (client.submit("tasks.add", queue="q1") for _ in range(2))
+
+    def once_waited_for(task_id: str, end: Callable[[], Any]) -> threading.Thread:
+        flag = f"{redis_broker.prefix}:w:{task_id}"
+
+        def run() -> None:
+            wait_for(lambda: redis_broker.redis.exists(flag) == 1)
+            end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    record = f"{redis_broker.prefix}:r:{by_hand.id}"
+    once_waited_for(
+        by_hand.id,
+        lambda: redis_broker.redis.hset(
+            record, mapping={"status": "done", "state": SUCCESS, "result": "5"}
+        ),
+    )
+    assert by_hand.get(timeout=10) == 5
+
+    once_waited_for(revoked.id, lambda: client.revoke([revoked.id]))
+    ended_in(10, lambda: redis_broker.wait_for_end(revoked.id, 60))
+    with pytest.raises(TaskRevoked):
+        revoked.get(timeout=10)
+    client.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -343,6 +344,13 @@ class Broker(abc.ABC):
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         """The task's info dict (id, name, state, result, exc_type, exc_message,
         traceback, deliveries, node, queue), or None if the broker never saw it."""
+
+    # Whether wait_for_end returns as the task ends (else it sleeps: the caller polls).
+    announces_ends = False
+
+    def wait_for_end(self, task_id: str, timeout: float) -> None:
+        """Return once the task may have ended, or after `timeout` seconds."""
+        time.sleep(timeout)
 
     @abc.abstractmethod
     def depths(self) -> list[QueueDepth]: ...

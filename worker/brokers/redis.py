@@ -15,6 +15,9 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:wake:{queue}  pub/sub channel that every write touching the queue publishes to
     {p}:call:{link}   token and reply of the last write sent over one link (below), kept
                       2 minutes so that a retry of that write can't run it twice
+    {p}:w:{id}        flag: a client waits for the task to end (Handle.get)
+    {p}:n:{id}        list the task's end is pushed to while the flag is up, for the
+                      waiting client's BLPOP; both expire on their own
 
 Every write is one Lua script (`redis_*.lua` beside this module): atomic, one round trip
 per batch, and one per worker turn (`turn` marks started, acks and stores results, and
@@ -396,6 +399,27 @@ class RedisBroker(Broker):
         return min(etas) if etas else None
 
     # --- results, dead letters, revokes --------------------------------------
+    announces_ends = True
+
+    def wait_for_end(self, task_id: str, timeout: float) -> None:
+        """Raise the task's wait flag (or, if it has ended, wake ourselves) and block on its
+        wake-up list, both sent at once: one round trip, then as long as the task runs."""
+        record, flag, woken = (self._key(kind, task_id) for kind in ("r", "w", "n"))
+        wait = f"{max(timeout, 0.001):.3f}"
+        flag_ms = int((timeout + WAIT_FLAG_SLACK) * 1000)
+
+        def send(link: Link) -> None:
+            link.connection.send_packed_command(
+                [
+                    pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms)),
+                    pack(("BLPOP", woken, wait)),
+                ]
+            )
+            link.connection.read_response()
+            link.connection.read_response()
+
+        self._call(send)
+
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key = self._key("r", task_id)
         values = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
@@ -517,6 +541,21 @@ class RedisBroker(Broker):
         pipe.hset(self._key("schedule", name), "paused", "1" if paused else "0")
         pipe.execute()
 
+
+# A client waiting for a task to end (wait_for_end). ARGV: the task's record, its wait flag
+# and wake-up list, the flag's life in ms. An ended task wakes its waiter at once; else the
+# flag asks close_record (redis_prelude.lua) to wake it. EVAL, not EVALSHA: a BLPOP sent
+# behind it must never wait out a NOSCRIPT.
+WAIT_SCRIPT = """
+if redis.call('HGET', ARGV[1], 'status') == 'done' then
+  redis.call('LPUSH', ARGV[3], '1')
+  redis.call('EXPIRE', ARGV[3], 60)
+else
+  redis.call('SET', ARGV[2], '1', 'PX', ARGV[4])
+end
+return 0
+"""
+WAIT_FLAG_SLACK = 60.0  # seconds a wait flag outlives the wait it was raised for
 
 # Keys of the schedules (worker/scheduler.py): {p}:schedules, the set of their names;
 # {p}:schedule:{name}, a hash of last_tick, last_id, last_at and paused; {p}:lead:{key}, the

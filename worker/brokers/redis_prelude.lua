@@ -79,12 +79,17 @@ local function submit(id, q, name, body, eta)
 end
 
 -- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
--- is kept `ttl` seconds for its result to be read.
+-- is kept `ttl` seconds for its result to be read. A client waiting for it (its flag
+-- `{p}:w:{id}`, see redis.py's WAIT_SCRIPT) is woken through the list `{p}:n:{id}`.
 local function close_record(id, ttl, fields, unset)
   local key = task_key(id)
   redis.call('HSET', key, 'status', 'done', 'finished', NOW, unpack(fields))
   redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
   redis.call('EXPIRE', key, ttl)
+  if redis.call('DEL', P .. ':w:' .. id) == 1 then
+    redis.call('LPUSH', P .. ':n:' .. id, '1')
+    redis.call('EXPIRE', P .. ':n:' .. id, 60)
+  end
 end
 
 -- Stream entries of tasks taken out, per queue: drop_spent acks and deletes them, a
