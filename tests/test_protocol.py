@@ -189,6 +189,31 @@ def test_outbox_keeps_what_a_full_pipe_does_not_take_and_flushes_it_in_order(
     assert received == frames and outbox.size == 0
 
 
+def test_outbox_writes_added_frames_only_when_flushed_in_order_small_and_large(
+    pipe: tuple[int, int],
+) -> None:
+    """Frames added in a row go out at the flush, the small ones joined (one write, one
+    wake-up of the reader), a large one after them; a full pipe keeps the rest."""
+    read_fd, write_fd = pipe
+    os.set_blocking(write_fd, False)
+    os.set_blocking(read_fd, False)
+    frames: list[object] = [{"n": n} for n in range(50)]
+    frames += [{"blob": "y" * (protocol.JOIN_LIMIT * 3)}, {"n": "last"}]
+    outbox = Outbox(write_fd)
+    for frame in frames:
+        outbox.add(encode(frame))
+    assert outbox.size == sum(len(encode(f)) for f in frames)
+    with pytest.raises(BlockingIOError):
+        os.read(read_fd, 1)  # nothing written before the flush
+    reader, received = FrameReader(), []
+    deadline = time.monotonic() + 10
+    while outbox or len(received) < len(frames):
+        outbox.flush()
+        received += reader.read_frames(read_fd) or []
+        assert time.monotonic() < deadline
+    assert received == frames and outbox.size == 0
+
+
 def test_outbox_leaves_a_gone_reader_to_its_caller(pipe: tuple[int, int]) -> None:
     read_fd, write_fd = pipe
     os.set_blocking(write_fd, False)

@@ -29,7 +29,7 @@ from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import CLEAN_STOP, child_main
 from .commands import pool_room
-from .protocol import FrameReader, Outbox, ProtocolError
+from .protocol import FrameReader, Outbox, ProtocolError, encode_task
 from .tree import end_adopted
 
 if TYPE_CHECKING:
@@ -316,11 +316,14 @@ class Pool:
             os.close(child.tasks_out.fd)
         child.tasks_out.fd = -1
 
-    def write_child(self: Worker, child: ChildProc, outbox: Outbox, frame: bytes) -> bool:
-        """Write to a child's pipe without waiting: what the pipe does not take now goes as
-        the child reads. False if the child is gone (its EOF settles its tasks)."""
+    def write_child(self: Worker, child: ChildProc, outbox: Outbox, frame: bytes = b"") -> bool:
+        """Write `frame` (none: what was added) to a child's pipe without waiting: the rest
+        goes as the child reads. False if the child is gone (its EOF settles its tasks)."""
         try:
-            outbox.send(frame)
+            if frame:
+                outbox.send(frame)
+            else:
+                outbox.flush()
         except BrokenPipeError:
             self.child_unreachable(child)
             return False
@@ -524,19 +527,23 @@ class Pool:
         )
 
     def dispatch(self: Worker, now: float) -> None:
-        """Give reserved tasks to idle children, honouring rate limits."""
+        """Give reserved tasks to idle children, honouring rate limits; then write each child
+        the frames of its new tasks at once (one write, one wake-up of the child)."""
         if self.async_names:
             self.dispatch_mixed(now)
-            return
-        self.rate_wait_until = 0.0
-        skipped: list[Delivery] = []
-        while self.reserved:
-            child = self.child_with_room()
-            if child is None:
-                break
-            self.hand_over(child, self.reserved.popleft(), now, skipped)
-        self.reserved.extendleft(reversed(skipped))
-        self.rate_limited = len(skipped)
+        else:
+            self.rate_wait_until = 0.0
+            skipped: list[Delivery] = []
+            while self.reserved:
+                child = self.child_with_room()
+                if child is None:
+                    break
+                self.hand_over(child, self.reserved.popleft(), now, skipped)
+            self.reserved.extendleft(reversed(skipped))
+            self.rate_limited = len(skipped)
+        for child in self.unsent.values():
+            self.write_child(child, child.tasks_out)
+        self.unsent.clear()
 
     def hand_over(
         self: Worker,
@@ -576,7 +583,8 @@ class Pool:
             child.tasks.append(running)
             if len(child.tasks) == 1:
                 self.begin(running, now)
-        self.write_child(child, child.tasks_out, encode_task(delivery))
+        child.tasks_out.add(encode_task(delivery.deliveries, delivery.body))  # see dispatch
+        self.unsent[child.pid] = child
         if self.on_last_task(child):
             self.fork_spare()
 
@@ -689,10 +697,3 @@ def close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def encode_task(delivery: Delivery) -> bytes:
-    """The frame a child reads: `[deliveries, body]` around the broker's body as it is (JSON
-    already, checked by `task.body_problem`), so that no body is decoded and encoded again."""
-    head, body = b"[%d," % delivery.deliveries, delivery.body.encode()
-    return b"".join(((len(head) + len(body) + 1).to_bytes(4, "big"), head, body, b"]"))

@@ -69,6 +69,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.arbiter_stalled: bool = False  # it read nothing for a while: events are dropped
         self.children: dict[int, ChildProc] = {}  # by result_fd
         self.writing: dict[int, ChildProc] = {}  # children's pipes polled for room, by fd
+        self.unsent: dict[int, ChildProc] = {}  # children handed tasks in this dispatch pass
         self.reserved: deque[Delivery] = deque()
         self.outcomes: list[Outcome] = []
         self.retries: list[Retry] = []

@@ -20,6 +20,7 @@ MAX_FRAME_SIZE = 64 * 1024 * 1024
 # ~7 ms a MiB), so a 16 MiB task holds the loop at most ~0.1 s a call.
 MAX_TASK_SIZE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
+JOIN_LIMIT = 64 * 1024  # bytes of small frames an Outbox joins into one write: a pipe's room
 # Lines on a child's revoke pipe besides revoked ids: the soft time limit of an async task,
 # and the cancel of one (its hard limit, or a revoke with terminate), each with its id.
 SOFT_MARK = b"\x1fsoft "
@@ -136,9 +137,10 @@ class Outbox:
     """Frames on their way out through a non-blocking fd, in order, never waited for.
 
     `send` writes a frame at once when none waits before it (one write: the common case)
-    and keeps what the fd did not take; `flush` writes more once poll says the fd is
-    writable. Only a full fd is handled here: any other OSError (EPIPE: the reader is
-    gone) is the caller's, who then drops the outbox.
+    and keeps what the fd did not take; `add` keeps a frame for the next `flush`, which
+    writes what waits (frames added in a row in one write) once poll says the fd is
+    writable, or when the caller has added all it had. Only a full fd is handled here: any
+    other OSError (EPIPE: the reader is gone) is the caller's, who then drops the outbox.
     """
 
     __slots__ = ("_waiting", "fd", "size")
@@ -164,8 +166,14 @@ class Outbox:
         self._waiting.append(rest)
         self.size += len(rest)
 
+    def add(self, frame: bytes) -> None:
+        self._waiting.append(memoryview(frame))
+        self.size += len(frame)
+
     def flush(self) -> None:
         while self._waiting:
+            if len(self._waiting) > 1 and len(self._waiting[0]) < JOIN_LIMIT:
+                self._join()
             view = self._waiting[0]
             try:
                 written = os.write(self.fd, view)
@@ -177,6 +185,22 @@ class Outbox:
                 return
             self._waiting.popleft()
 
+    def _join(self) -> None:
+        """Make the frames at the head one, up to JOIN_LIMIT bytes: one write, not many."""
+        parts, size = [], 0
+        while self._waiting and size + len(self._waiting[0]) <= JOIN_LIMIT:
+            size += len(self._waiting[0])
+            parts.append(self._waiting.popleft())
+        if parts:
+            self._waiting.appendleft(memoryview(b"".join(parts)))
+
     def clear(self) -> None:
         self._waiting.clear()
         self.size = 0
+
+
+def encode_task(deliveries: int, body: str) -> bytes:
+    """The frame a child reads: `[deliveries, body]` around the broker's body as it is (JSON
+    already, checked by `task.body_problem`), so that no body is decoded and encoded again."""
+    head, data = b"[%d," % deliveries, body.encode()
+    return b"".join(((len(head) + len(data) + 1).to_bytes(4, "big"), head, data, b"]"))
