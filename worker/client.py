@@ -236,8 +236,12 @@ class Client:
         """Wait until the task may have ended, at most `left` seconds: up to END_WAIT where
         the broker announces ends (then an end it did not announce, as a result that
         expired, is still seen), else for `pause`, the poll's step."""
-        wait = min(left, END_WAIT if self.broker.announces_ends else pause)
-        self._reach(lambda broker: broker.wait_for_end(task_id, wait))
+        broker = self.broker
+        if broker.announces_ends and left > 2 * broker.end_wait_late:
+            wait = min(left - broker.end_wait_late, END_WAIT)
+            self._reach(lambda broker: broker.wait_for_end(task_id, wait))
+        else:  # a short wait where the broker's could overrun it: a poll
+            time.sleep(min(left, pause))
 
     def handle(self, task_id: str) -> Handle:
         return Handle(self, task_id)

@@ -345,8 +345,10 @@ class Broker(abc.ABC):
         """The task's info dict (id, name, state, result, exc_type, exc_message,
         traceback, deliveries, node, queue), or None if the broker never saw it."""
 
-    # Whether wait_for_end returns as the task ends (else it sleeps: the caller polls).
+    # Whether wait_for_end returns as the task ends (else it sleeps: the caller polls), and
+    # how late it may return when nothing ends (the server's timer step).
     announces_ends = False
+    end_wait_late = 0.0
 
     def wait_for_end(self, task_id: str, timeout: float) -> None:
         """Return once the task may have ended, or after `timeout` seconds."""

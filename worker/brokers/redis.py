@@ -400,6 +400,7 @@ class RedisBroker(Broker):
 
     # --- results, dead letters, revokes --------------------------------------
     announces_ends = True
+    end_wait_late = 0.1  # Redis times a blocked BLPOP out at its `hz`: 10 a second by default
 
     def wait_for_end(self, task_id: str, timeout: float) -> None:
         """Raise the task's wait flag (or, if it has ended, wake ourselves) and block on its
