@@ -27,7 +27,7 @@ from worker.brokers.base import (
     Retry,
     Turn,
 )
-from worker.brokers.redis import Link, RedisBroker
+from worker.brokers.redis import Link, RedisBroker, wake_frames
 from worker.client import Client, TaskRevoked
 
 from .conftest import REDIS_URL
@@ -418,3 +418,27 @@ def test_get_sees_an_end_no_script_announced_and_a_revoke(redis_broker: RedisBro
     with pytest.raises(TaskRevoked):
         revoked.get(timeout=10)
     client.close()
+
+
+def message(channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel,
+        len(payload),
+        payload,
+    )
+
+
+def test_wake_frames_split_complete_frames_and_say_whether_one_may_announce_an_eta() -> None:
+    ready, eta = message(b"p:wake:q", b"1"), message(b"p:wake:\r\n$1\r\n1", b"eta")
+    pong = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    assert wake_frames(ready * 3) == (b"", False)
+    assert wake_frames(ready + eta) == (b"", True)  # a channel name holding a frame's bytes
+    assert wake_frames(pong) == (b"", True)
+    for cut in range(1, len(eta)):  # a frame cut anywhere waits for its rest
+        rest, scheduled = wake_frames(ready + eta[:cut])
+        assert (rest, scheduled) == (eta[:cut], False)
+        assert wake_frames(rest + eta[cut:]) == (b"", True)
+    for bad in (b"+OK\r\n", b"*1\r\n-ERR no\r\n", b"*x\r\n"):
+        with pytest.raises(ValueError):
+            wake_frames(bad)
