@@ -761,6 +761,31 @@ def test_a_child_on_its_last_task_has_a_spare_forked_ahead_that_takes_over(
     assert held[1].get(timeout=10) not in spares
 
 
+def test_max_tasks_per_child_1_runs_each_task_once_in_a_fresh_child_and_reaps_every_one(
+    make_fleet, tmp_path: Path
+) -> None:
+    """Each child runs one task and its spare takes over: over a run of many (3 prefetched per
+    child), every task runs once, each in a child of its own, and every child that ran one is
+    reaped (none is left under the worker, not even as a zombie) while the pool stays whole."""
+    fleet = make_fleet(defaults={"concurrency": 2, "prefetch": 3, "max_tasks_per_child": 1})
+    fleet.start()
+    [worker] = fleet.worker_pids()
+    journal = tmp_path / "journal.txt"
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 40)
+    ids = [h.id for h in handles]
+    infos = fleet.wait_all_final(ids, 60)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
+    assert executions(journal) == {i: 1 for i in ids}
+    ran_in = [int(line.split()[2]) for line in lines(journal) if line.startswith("S ")]
+    assert len(set(ran_in)) == len(ids), "a child ran more than one task"
+    wait_for(
+        lambda: not set(ran_in) & set(fleet.child_pids(worker)),
+        10,
+        message="every child that ran a task to be reaped",
+    )
+    assert len(fleet.child_pids(worker)) == 2, "the pool is not back at its size"
+
+
 def test_spares_go_with_a_pool_shrink_and_a_warm_shutdown(make_fleet, tmp_path: Path) -> None:
     """A spare belongs to a child on its last task: a shrink of the pool under them lets the
     extra spare go, and a warm shutdown waits for the tasks, not for the spares."""
