@@ -166,16 +166,17 @@ def folder_problem(folder: str) -> str | None:
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    from .probe import broker_problem
+
+    problem = broker_problem(cfg.broker)  # before the arbiter's imports: a failure comes sooner
+    if problem:
+        print(f"fleetd: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     from .arbiter import Arbiter
     from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
-    from .probe import broker_problem
 
-    problem = broker_problem(cfg.broker)
-    if problem:
-        print(f"fleetd: {problem}", file=sys.stderr)
-        return EXIT_FAILED
     setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
     arbiter = Arbiter(cfg, args.log_level, args.log_format, args.pidfile)
     try:
