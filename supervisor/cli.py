@@ -166,17 +166,19 @@ def folder_problem(folder: str) -> str | None:
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
-    from .probe import broker_problem
+    from .probe import start_probe
 
-    problem = broker_problem(cfg.broker)  # before the arbiter's imports: a failure comes sooner
-    if problem:
-        print(f"fleetd: {problem}", file=sys.stderr)
-        return EXIT_FAILED
+    # A broker the socket probe cannot ask (SQLite) is asked by a forked child meanwhile.
+    answer = start_probe(cfg.broker)
     from .arbiter import Arbiter
     from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
 
+    problem = answer()
+    if problem:
+        print(f"fleetd: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
     arbiter = Arbiter(cfg, args.log_level, args.log_format, args.pidfile)
     try:
