@@ -24,6 +24,7 @@ from worker.protocol import FrameReader, ProtocolError, encode
 from . import config as configmod
 from . import orphans, states
 from .commands import Router
+from .memory import release_free_heap
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
@@ -34,6 +35,7 @@ from .workers import (
     Outbox,
     WorkerProc,
     describe_exit,
+    end_spawned,
     exit_reason,
     hung,
     launch,
@@ -129,7 +131,8 @@ class Arbiter:
         try:
             self.open_control_plane()
         except BaseException:
-            self.abort_start()
+            end_spawned(self.workers, COLD_KILL_AFTER)
+            remove_pidfile(self.pidfile)
             raise
         self.watchdog_every = self.notifier.watchdog_interval()
         self.next_watchdog = 0.0
@@ -159,21 +162,6 @@ class Arbiter:
         if self.config.metrics_bind:
             self.metrics_server = MetricsServer(self.config.metrics_bind, self.metrics)
             self.metrics_server.start()
-
-    def abort_start(self) -> None:
-        """The control plane could not start: stop the workers spawned meanwhile, KILLing
-        those still there after COLD_KILL_AFTER, before the error ends the arbiter."""
-        for w in self.workers:
-            self.kill_worker(w, signal.SIGTERM)
-        deadline = time.monotonic() + COLD_KILL_AFTER
-        for w in self.workers:
-            while os.waitpid(w.pid, os.WNOHANG) == (0, 0):
-                if time.monotonic() >= deadline:
-                    self.kill_worker(w, signal.SIGKILL)
-                    os.waitpid(w.pid, 0)
-                    break
-                time.sleep(0.01)
-        remove_pidfile(self.pidfile)
 
     def step(self) -> None:
         timeout = self.poll_timeout()
@@ -578,6 +566,7 @@ class Arbiter:
         self.notifier.ready(status_line(self))
         self.ready_announced = True
         self.reloading = False
+        release_free_heap()  # what the boot, or the reload, allocated and freed
 
     # --- reload and halt ---------------------------------------------------------------
     def reload(self) -> str | None:

@@ -166,13 +166,16 @@ def folder_problem(folder: str) -> str | None:
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    from .probe import start_probe
+
+    # A broker the socket probe cannot ask (SQLite) is asked by a forked child meanwhile.
+    answer = start_probe(cfg.broker)
     from .arbiter import Arbiter
     from .config import ControlConfigError
     from .orphans import AlreadyRunning
     from .pidfile import PidfileError
-    from .probe import broker_problem
 
-    problem = broker_problem(cfg.broker)
+    problem = answer()
     if problem:
         print(f"fleetd: {problem}", file=sys.stderr)
         return EXIT_FAILED

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class PidfileWriteError(PidfileError):
 
 def write_pidfile(path: StrPath) -> None:
     """Record our pid in `path`, unless a live fleetd other than us already holds it."""
-    path = Path(path)
+    path = os.fspath(path)
     try:
         pid = read_live_pid(path)
     except PidfileError:
@@ -38,7 +38,8 @@ def write_pidfile(path: StrPath) -> None:
                 f"fleetd is already running with pid {pid} (pidfile {path}); "
                 "stop it first or pass another --pidfile"
             )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -46,16 +47,16 @@ def write_pidfile(path: StrPath) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise PidfileWriteError(f"cannot write pidfile {path}: {exc.strerror}") from exc
 
 
 def remove_pidfile(path: StrPath) -> None:
     """Remove `path` if it still holds our pid (a successor may have taken it over)."""
-    path = Path(path)
     try:
-        if _parse_pid(path.read_text()) == os.getpid():
-            path.unlink()
+        if _parse_pid(_read(path)) == os.getpid():
+            os.remove(path)
     except (OSError, ValueError) as exc:
         log.debug("pidfile %s left alone: %s", path, exc)
 
@@ -63,7 +64,7 @@ def remove_pidfile(path: StrPath) -> None:
 def read_live_pid(path: StrPath) -> int:
     """The pid of the running fleetd arbiter named by `path`; raise PidfileError otherwise."""
     try:
-        text = Path(path).read_text()
+        text = _read(path)
     except FileNotFoundError:
         raise PidfileError(f"no pidfile at {path}: is fleetd running, with this pidfile?") from None
     except OSError as exc:
@@ -133,3 +134,10 @@ def _parse_pid(text: str) -> int:
     if pid <= 0:
         raise ValueError(f"not a pid: {pid}")
     return pid
+
+
+def _read(path: StrPath) -> str:
+    # os, not pathlib: pathlib brings urllib.parse and fnmatch into the arbiter, about 0.5 MiB
+    # of memory for good and 2 ms of its start, for three calls.
+    with open(path) as f:
+        return f.read()

@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,24 @@ def launch(spec: WorkerSpec, env: dict[str, str], polite: int | None) -> tuple[i
         with contextlib.suppress(OSError):
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
     return pid, ours
+
+
+def end_spawned(workers: list[WorkerProc], grace: float) -> None:
+    """The control plane could not start: stop the workers spawned meanwhile (TERM), KILLing
+    those still there after `grace` seconds, before the error ends the arbiter."""
+    spawned = [w.pid for w in workers if w.pid]  # 0: its spawn failed (and kill(0) is our group)
+    for pid in spawned:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in spawned:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
 
 
 def hung(w: WorkerProc, now: float) -> str | None:

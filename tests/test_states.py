@@ -4,9 +4,11 @@ worker that dies at every start (FATAL, the fleet serves on) and `fleetctl start
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import signal
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from supervisor import arbiter as arbitermod
 from supervisor import config as configmod
 from supervisor import report, states
 from supervisor.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING, State
+from supervisor.workers import end_spawned
 from tests.fleet import QUIET, TASKS, Fleet, holds, wait_for
 from tests.test_control import ctl_json
 
@@ -215,3 +218,23 @@ def test_fleetctl_start_brings_back_a_fatal_and_a_shut_down_node_and_names_an_un
     }
     out = fleet.ctl("start", "nosuch@h1", check=False)
     assert out.returncode == 1 and "no such node" in out.stdout
+
+
+def test_ending_the_spawned_workers_skips_one_whose_spawn_failed(tmp_path: Path) -> None:
+    """A failed start of the control plane ends the workers spawned; one whose spawn failed
+    has pid 0, and kill(0) would signal the arbiter's own process group."""
+    spec = arbiter_for(tmp_path).config.workers[0]
+    started = subprocess.Popen(["sleep", "60"])
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        end_spawned(
+            [arbitermod.WorkerProc(spec, 0), arbitermod.WorkerProc(spec, 0, pid=started.pid)], 5.0
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(started.pid, signal.SIGKILL)
+    assert received == []
+    with pytest.raises(ChildProcessError):  # end_spawned reaped it: TERM ended it
+        os.waitpid(started.pid, os.WNOHANG)
