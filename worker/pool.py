@@ -196,6 +196,7 @@ class Pool:
                     os.close(fd)
             os.set_blocking(revoke_r, False)
             child_main(task_r, result_w, revoke_r, self.pid)
+        gc.unfreeze()  # ours to collect again: frozen for good, dead cycles would pile up
         os.close(task_r)
         os.close(result_w)
         os.close(revoke_r)
