@@ -442,3 +442,29 @@ def test_wake_frames_split_complete_frames_and_say_whether_one_may_announce_an_e
     for bad in (b"+OK\r\n", b"*1\r\n-ERR no\r\n", b"*x\r\n"):
         with pytest.raises(ValueError):
             wake_frames(bad)
+
+
+def test_get_on_a_redis_out_of_memory_waits_out_its_timeout_and_raises_nothing_else(
+    server: RedisServer,
+) -> None:
+    """A full Redis refuses the wait flag (a write): get then waits as a poll would, and
+    raises TimeoutError, not Redis's OOM error; the result is read once memory is back."""
+    client = Client(server.url)
+    handle = client.submit("tasks.add", queue="q1")
+    admin = redis.Redis.from_url(server.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.ResponseError):
+            admin.set("probe", "x")  # Redis is full indeed
+        with pytest.raises(TimeoutError):
+            handle.get(timeout=1.5)
+    finally:
+        admin.config_set("maxmemory", 0)
+    worker = RedisBroker(server.url)
+    [held] = worker.reserve(["q1"], 1, "w1", 30)
+    worker.turn(Turn(outcomes=[Outcome(held.id, SUCCESS, result=3)]))
+    assert handle.get(timeout=10) == 3
+    worker.close()
+    client.close()
+    admin.close()

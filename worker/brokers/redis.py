@@ -478,14 +478,18 @@ class RedisBroker(Broker):
         flag_ms = int((timeout + WAIT_FLAG_SLACK) * 1000)
 
         def send(link: Link) -> None:
-            link.connection.send_packed_command(
+            connection = link.connection
+            connection.send_packed_command(
                 [
                     pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms)),
                     pack(("BLPOP", woken, wait)),
                 ]
             )
-            link.connection.read_response()
-            link.connection.read_response()
+            try:
+                connection.read_response()
+            except redis.ResponseError:  # no flag (Redis out of memory): the pop times out
+                pass
+            connection.read_response()
 
         self._call(send)
 
