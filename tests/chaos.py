@@ -1,13 +1,15 @@
-"""`python -m tests.chaos --tasks N --duration S`: a bounded stress run under kills and reloads.
+"""`python -m tests.chaos --tasks N --duration S [--broker redis]`: a bounded stress run
+under kills and reloads.
 
-It starts a real fleet, submits N journaled tasks at a steady rate over S seconds and,
-spread over the same time, SIGKILLs random pool children (preferably busy ones) and
-workers, HUPs the arbiter, TERM-restarts it, and sends bursts of USR1 to the workers
-(signals that land while frames are written). Mixed into the load: big tasks (a body of
-BIG_TASK bytes, past a pipe's buffer) and poison records written straight into the queue
-file, as a hostile producer would (each must end FAILURE BadMessage, costing nothing
-else). Then it waits for every task and prints what happened: submitted, completed,
-lost, duplicated, poisons dead-lettered, and the kills it made.
+It starts a real fleet (on SQLite, or with `--broker redis` on a private redis-server),
+submits N journaled tasks at a steady rate over S seconds and, spread over the same time,
+SIGKILLs random pool children (preferably busy ones) and workers, HUPs the arbiter,
+TERM-restarts it, and sends bursts of USR1 to the workers (signals that land while frames
+are written). Mixed into the load: big tasks (a body of BIG_TASK bytes, past a pipe's
+buffer) and poison records written straight into the broker (the queue file, or Redis's
+records and streams), as a hostile producer would (each must end FAILURE BadMessage,
+costing nothing else). Then it waits for every task and prints what happened: submitted,
+completed, lost, duplicated, poisons dead-lettered, and the kills it made.
 
 A share of the tasks are `async def` (ASYNC_SHARE): several of them run at once on a
 child's event loop, so a child kill interrupts them all; each is journaled as the others.
@@ -43,7 +45,8 @@ from typing import Any
 import psutil
 
 from tests.fleet import Fleet, wait_for
-from tests.poison import RawTask, poison_bodies, write_sqlite
+from tests.poison import RawTask, poison_bodies, write_redis, write_sqlite
+from tests.redisserver import RedisServer, start_redis
 from worker import Client
 
 EXIT_OK, EXIT_BROKEN = 0, 1
@@ -142,10 +145,7 @@ class Chaos:
         # stopped, it neither reserves nor acks: what it holds now is what it holds when it dies
         os.kill(victim, signal.SIGSTOP)
         self.killed_pids |= set(self.fleet.child_pids(victim))
-        rows = self.fleet.client.broker.db.execute(  # type: ignore[attr-defined]
-            "SELECT id FROM tasks WHERE status = 1 AND owner LIKE ?", (f"%:{victim}:%",)
-        ).fetchall()
-        self.held_by_killed[victim] = {r[0] for r in rows}
+        self.held_by_killed[victim] = held_by(self.fleet.client, victim)
         os.kill(victim, signal.SIGKILL)
         self.kills["worker"] += 1
         return True
@@ -223,8 +223,7 @@ def submit_steadily(
                 kind = kinds[len(poisons) % len(kinds)].removeprefix("x-")
                 task_id = f"poison-{len(poisons)}-{kind}"
                 raw = poison_bodies(f"poison-{len(poisons)}")[f"poison-{len(poisons)}-{kind}"]
-                queue_file = client.broker.path  # type: ignore[attr-defined]
-                write_sqlite(queue_file, [RawTask(task_id.encode(), raw)])
+                write_poison(client, RawTask(task_id.encode(), raw))
                 poisons.append(task_id)
             delay = start + duration * (b + 1) / batches - time.monotonic()
             if delay > 0:
@@ -297,11 +296,53 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
     }
 
 
+def held_by(client: Client, pid: int) -> set[str]:
+    """The ids of the tasks that the worker `pid` holds now, as its broker knows them."""
+    broker: Any = client.broker
+    if hasattr(broker, "db"):  # SQLite
+        rows = broker.db.execute(
+            "SELECT id FROM tasks WHERE status = 1 AND owner LIKE ?", (f"%:{pid}:%",)
+        ).fetchall()
+        return {r[0] for r in rows}
+    stream = f"{broker.prefix}:q:default"  # Redis: the entries its consumer has pending
+    ids = set()
+    for entry in broker.redis.xpending_range(stream, "workers", "-", "+", 100_000):
+        if f":{pid}:" in entry["consumer"]:
+            found = broker.redis.xrange(stream, entry["message_id"], entry["message_id"])
+            ids |= {fields["id"] for _, fields in found}
+    return ids
+
+
+def write_poison(client: Client, task: RawTask) -> None:
+    """Put a task body that is no task straight into the broker, bypassing the client."""
+    broker: Any = client.broker
+    if hasattr(broker, "path"):  # SQLite
+        write_sqlite(broker.path, [task])
+    else:
+        write_redis(broker.redis, broker.prefix, [task])
+
+
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="fleetd-chaos-"))
     rng = random.Random(args.seed)
+    redis_server: RedisServer | None = None
+    broker = "sqlite:///queue.db"
+    if args.broker == "redis":  # a private server, stopped by its pid at the end
+        redis_server = start_redis(folder, appendonly=False)
+        broker = redis_server.url
+    try:
+        return run_on(args, folder, rng, broker)
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: str) -> int:
     fleet = Fleet(
-        folder, workers=WORKERS, defaults=DEFAULTS, fleet={"imports": ["tasks", "chaos_tasks"]}
+        folder,
+        workers=WORKERS,
+        defaults=DEFAULTS,
+        fleet={"imports": ["tasks", "chaos_tasks"], "broker": broker},
     )
     (folder / "chaos_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
     journal = folder / "journal.txt"
@@ -409,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         "--drain-timeout", type=float, default=120, help="seconds to wait for the last tasks"
     )
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--broker",
+        choices=("sqlite", "redis"),
+        default="sqlite",
+        help="redis: a private redis-server in the run's folder",
+    )
     parser.add_argument("--folder", help="run here and keep it (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return run(parser.parse_args(argv))

@@ -9,11 +9,14 @@ import pytest
 from tests import chaos
 
 
+@pytest.mark.parametrize("broker", ["sqlite", "redis"])
 def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], broker: str
 ) -> None:
     code = chaos.main(
         [
+            "--broker",
+            broker,
             "--tasks",
             "800",
             "--duration",
