@@ -636,6 +636,21 @@ def test_wakeup_becomes_readable_on_enqueue_from_another_connection(
         wake.close()
 
 
+def test_a_wakeup_for_ready_tasks_alone_does_not_send_the_worker_to_read_etas(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    """Every submit wakes the idle workers; reading the ETAs on each would cost a query
+    (on Redis a round trip) per task."""
+    wake, producer = broker.wakeup(["q1"]), connect()
+    try:
+        wake.arm()
+        producer.enqueue([envelope("q1"), envelope("q1")])
+        assert readable(wake, 5)
+        assert wake.clear() is False
+    finally:
+        wake.close()
+
+
 def test_a_wakeup_for_a_task_scheduled_later_says_so(
     broker: Broker, connect: BrokerFactory
 ) -> None:

@@ -343,21 +343,6 @@ def test_a_delivery_count_that_is_not_a_whole_number_starts_over(
     assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]
 
 
-def test_a_wakeup_for_ready_tasks_alone_does_not_send_the_worker_to_read_etas(
-    redis_broker: RedisBroker,
-) -> None:
-    """Every submit wakes the idle workers; reading the ETAs on each would cost a round trip
-    per task."""
-    wake = redis_broker.wakeup(["q1"])
-    try:
-        wake.arm()
-        redis_broker.enqueue([envelope("q1"), envelope("q1")])
-        assert readable(wake, 5)
-        assert wake.clear() is False
-    finally:
-        wake.close()
-
-
 def ended_in(seconds: float, wait: Callable[[], None]) -> None:
     """Run `wait` in a thread, failing if it outlasts `seconds`."""
     thread = threading.Thread(target=wait, daemon=True)

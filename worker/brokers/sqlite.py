@@ -256,7 +256,7 @@ class SQLiteBroker(Broker):
         rows = [(e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes]
         with self._write() as db:
             db.executemany(ENQUEUE, rows)
-        self.poker.poke()
+        self.poker.poke(scheduled=any(row[5] > now for row in rows))
 
     # --- consuming -------------------------------------------------------------
     def turn(self, turn: Turn) -> list[Delivery]:
@@ -267,7 +267,7 @@ class SQLiteBroker(Broker):
             self._finish(db, turn.outcomes, turn.retries)
             deliveries = self._reserve(db, turn) if turn.wanted else []
         if turn.retries:
-            self.poker.poke()
+            self.poker.poke(scheduled=True)
         return deliveries
 
     @classmethod

@@ -12,6 +12,9 @@ import uuid
 
 from .base import Wakeup
 
+READY_POKE = b"!"  # a write added only tasks ready now; SCHEDULED_POKE: one for later
+SCHEDULED_POKE = b"e"
+
 
 class FifoWakeup(Wakeup):
     """A named pipe in the wake folder; producers write a byte to every pipe there."""
@@ -31,10 +34,11 @@ class FifoWakeup(Wakeup):
         pass
 
     def clear(self) -> bool:
+        pokes = b""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._read_fd, 4096):
-                pass
-        return True  # a poke does not say what changed; reading the ETAs is a local query
+            while data := os.read(self._read_fd, 4096):
+                pokes += data
+        return pokes.strip(READY_POKE) != b""  # any other byte: a task was scheduled
 
     def close(self) -> None:
         for fd in (self._read_fd, self._keep_fd):
@@ -60,7 +64,8 @@ class Poker:
         self.pipes: dict[str, int] = {}  # path -> our write end
         self._lock = threading.Lock()
 
-    def poke(self) -> None:
+    def poke(self, scheduled: bool = False) -> None:
+        byte = SCHEDULED_POKE if scheduled else READY_POKE
         with self._lock:
             try:
                 mtime = os.stat(self.folder).st_mtime_ns
@@ -70,7 +75,7 @@ class Poker:
                 self._list(mtime)
             for path, fd in list(self.pipes.items()):
                 try:
-                    os.write(fd, b"!")
+                    os.write(fd, byte)
                 except BlockingIOError:
                     pass  # the pipe is full: that consumer is awake already
                 except OSError:  # EPIPE: its consumer is gone
