@@ -13,6 +13,8 @@ import os
 import socket
 from collections.abc import Callable
 
+from worker.resp import pack
+
 FAST_TIMEOUT = 1.0  # seconds the socket probe waits for the connection and each reply
 
 
@@ -63,20 +65,11 @@ def answers_ping(url: str) -> bool:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(FAST_TIMEOUT)
             sock.connect(address)
-            sock.sendall(b"".join(command(w) for w in words))
+            sock.sendall(b"".join(pack(w) for w in words))
             replies = read_lines(sock, len(words))
     except (OSError, UnicodeError):
         return False
     return replies == [b"+OK"] * (len(words) - 1) + [b"+PONG"]
-
-
-def command(words: list[str]) -> bytes:
-    """`words` as one RESP command: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(words)]
-    for word in words:
-        data = word.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 def read_lines(sock: socket.socket, count: int) -> list[bytes]:

@@ -52,6 +52,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
+from ..resp import pack, resp_array
 from .base import (
     INFO_FIELDS,
     Broker,
@@ -119,19 +120,6 @@ encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).enco
 
 # The fields of a task record that get_result reads (status: whether there is one).
 RESULT_FIELDS = ("status", *INFO_FIELDS)
-
-
-def pack(args: Sequence[Any]) -> bytes:
-    """A command in Redis's protocol: redis-py's packer does the same at four times the cost,
-    which a submit of one task felt. Text as the connection encodes it (surrogateescape)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode("utf-8", "surrogateescape")
-        elif not isinstance(arg, bytes):
-            arg = repr(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
 
 
 def fields_of(text: str | bytes) -> dict[str, Any]:
@@ -273,35 +261,6 @@ def wake_frames(buffer: bytes) -> tuple[bytes, bool]:
         at, items = frame
         scheduled = scheduled or items[0::2] != [b"message", WAKE_READY.encode()]
     return buffer[at:], scheduled
-
-
-def resp_array(buffer: bytes, at: int) -> tuple[int, list[bytes]] | None:
-    """The RESP array of bulk strings and integers at `at` (what a subscribed connection
-    gets): where it ends and its items, or None if the buffer ends first."""
-    line = buffer.find(b"\r\n", at)
-    if line < 0:
-        return None
-    if buffer[at : at + 1] != b"*":
-        raise ValueError(f"not an array: {buffer[at : at + 20]!r}")
-    count, at = int(buffer[at + 1 : line]), line + 2
-    items = []
-    for _ in range(count):
-        line = buffer.find(b"\r\n", at)
-        if line < 0:
-            return None
-        kind, header = buffer[at : at + 1], buffer[at + 1 : line]
-        if kind == b":":
-            items.append(header)
-            at = line + 2
-        elif kind == b"$":
-            start = line + 2
-            at = start + int(header) + 2
-            if at > len(buffer):
-                return None
-            items.append(buffer[start : at - 2])
-        else:
-            raise ValueError(f"not a bulk string or integer: {buffer[at : at + 20]!r}")
-    return at, items
 
 
 class Link:
