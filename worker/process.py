@@ -107,7 +107,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
         self.next_eta: float | None = None
-        self.etas_read, self.etas_read_at = False, 0.0
+        self.etas_read_at: float | None = None  # when they were read; None: read them again
         self.queue_changed = True  # a wake-up came since the last reserve
         self.dry_recheck_at = 0.0  # when a dry queue is looked at again, woken or not
         self.flush_at: float = 0.0  # when what happened goes out if no turn took it along
@@ -188,7 +188,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
                 if self.wakeup.clear():
-                    self.etas_read = False
+                    self.etas_read_at = None
                 self.queue_changed = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
@@ -251,19 +251,21 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
         if self.shutdown is None and self.queue_dry and self.broker_available():
-            if not self.etas_read or self.etas_stale(now):
+            if self.etas_stale(now):
                 with self.broker_call("read ETAs"):
                     self.next_eta = self.broker.next_due(self.spec.queues)
-                    self.etas_read, self.etas_read_at = True, now
+                    self.etas_read_at = now
             if self.next_eta is not None:
                 deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def etas_stale(self, now: float) -> bool:
-        """Whether the next ETA read is out of date: it came due, or it is DRY_RECHECK old (a
-        wake-up saying "scheduled" may have been missed, as when Redis was unreachable)."""
-        due = self.next_eta is not None and self.next_eta <= time.time()
-        return due or now >= self.etas_read_at + DRY_RECHECK
+        """Whether the next ETA read is out of date: a wake-up announced a scheduled task, it
+        came due, or it is DRY_RECHECK old (an announcement may have been missed, as when
+        Redis was unreachable)."""
+        if self.etas_read_at is None or now >= self.etas_read_at + DRY_RECHECK:
+            return True
+        return self.next_eta is not None and self.next_eta <= time.time()
 
     def has_work_to_dispatch(self) -> bool:
         if self.async_names:

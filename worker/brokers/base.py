@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 import json
 import math
-import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -345,14 +344,15 @@ class Broker(abc.ABC):
         """The task's info dict (id, name, state, result, exc_type, exc_message,
         traceback, deliveries, node, queue), or None if the broker never saw it."""
 
-    # Whether wait_for_end returns as the task ends (else it sleeps: the caller polls), and
-    # how late it may return when nothing ends (the server's timer step).
+    # Whether the broker announces a task's end (wait_for_end; else the caller polls), and
+    # how late its wait may return when nothing ends (the server's timer step).
     announces_ends = False
     end_wait_late = 0.0
 
     def wait_for_end(self, task_id: str, timeout: float) -> None:
-        """Return once the task may have ended, or after `timeout` seconds."""
-        time.sleep(timeout)
+        """Return once the task may have ended, or after `timeout` seconds (a broker that
+        announces ends)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def depths(self) -> list[QueueDepth]: ...
