@@ -97,8 +97,9 @@ def lua(name: str) -> str:
     return importlib.resources.files(__package__).joinpath(f"redis_{name}.lua").read_text("utf-8")
 
 
-# Each write script is the prelude, its body (which defines `main`) and the epilogue.
-PRELUDE, EPILOGUE = lua("prelude"), lua("epilogue")
+# Each write script is how a task enters a queue (redis_queue.lua, shared with enqueue), the
+# prelude, its body (which defines `main`) and the epilogue.
+PRELUDE, EPILOGUE = lua("queue") + lua("prelude"), lua("epilogue")
 WRITE_SCRIPTS = {
     name: LuaScript(PRELUDE + lua(name) + EPILOGUE)
     for name in (
@@ -113,7 +114,7 @@ WRITE_SCRIPTS = {
     )
 }
 DEPTHS_SCRIPT = LuaScript(lua("depths"))
-ENQUEUE_SCRIPT = LuaScript(lua("enqueue"))
+ENQUEUE_SCRIPT = LuaScript(lua("queue") + lua("enqueue"))
 
 # Script arguments as compact JSON; everything passed is made of str, int, float, bool, None.
 encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
@@ -361,12 +362,12 @@ class RedisBroker(Broker):
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
-        argv = [self.prefix, "", _exact(time.time())]
+        argv = [self.prefix, "", "", _exact(time.time())]  # as the write scripts' ARGV
         for e in envelopes:
             argv += (e.id, e.queue, e.name, e.body, "" if e.eta is None else _exact(e.eta))
 
         def send(link: Link) -> Any:
-            argv[1] = f"{link.name}:{link.calls}"  # the same token if it is sent again
+            argv[2] = f"{link.name}:{link.calls}"  # the same token if it is sent again
             return link.evaluate(ENQUEUE_SCRIPT, *argv)
 
         self._call(send)

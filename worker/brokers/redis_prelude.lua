@@ -1,17 +1,10 @@
--- The Redis broker's write scripts: this prelude, then one script's body (which defines
--- `main`), then the epilogue, as one script (redis.py puts them together).
+-- The Redis broker's write scripts: redis_queue.lua, this prelude, then one script's body
+-- (which defines `main`), then the epilogue, as one script (redis.py puts them together).
 -- Shared by every write script. ARGV: prefix, connection name, call token, now (epoch
 -- seconds), JSON args.
-local P, CONNECTION, TOKEN, NOW = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local CONNECTION, TOKEN = ARGV[2], ARGV[3]
 local A = cjson.decode(ARGV[5])
 local null = cjson.null
-local GROUP = 'workers'
-local woken = {}  -- queue -> what to publish on its wake channel: '1' (ready), 'eta'
-
-local function task_key(id) return P .. ':r:' .. id end
-local function stream_key(q) return P .. ':q:' .. q end
-local function eta_key(q) return P .. ':eta:' .. q end
-local function stream_exists(q) return redis.call('EXISTS', stream_key(q)) == 1 end
 
 local function load(id)
   local v = redis.call('HMGET', task_key(id), 'status', 'queue', 'entry', 'owner', 'state')
@@ -26,55 +19,6 @@ local function put(fields, unset, field, value)
   else
     fields[#fields + 1] = field
     fields[#fields + 1] = value
-  end
-end
-
--- The queue's name in the set of queues, and its stream and group: once per call and queue.
-local opened = {}
-local function open_queue(q)
-  if opened[q] then return end
-  opened[q] = true
-  redis.call('SADD', P .. ':queues', q)
-  if not stream_exists(q) then
-    redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0', 'MKSTREAM')
-  end
-end
-
--- Put a task at the tail of its queue's stream as a new, undelivered entry. `fields` (a
--- flat list, no nulls) go to its record in the same HSET; removing stale fields (the
--- lease, the ETA) is the caller's.
-local function append(id, q, fields)
-  open_queue(q)
-  local entry = '0-' .. redis.call('INCR', P .. ':seq')
-  if type(redis.pcall('XADD', stream_key(q), entry, 'id', id)) ~= 'string' then
-    -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
-    entry = redis.call('XADD', stream_key(q), '*', 'id', id)
-  end
-  redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, 'ready', NOW,
-    unpack(fields))
-  woken[q] = woken[q] or '1'
-end
-
--- Hold a task back in its queue's ETA set until it is due (`fields` as for append).
-local function schedule(id, q, eta, fields)
-  open_queue(q)
-  redis.call('ZADD', eta_key(q), eta, id)
-  redis.call('HSET', task_key(id), 'status', 'scheduled', 'eta', eta, unpack(fields))
-  woken[q] = 'eta'
-end
-
--- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
--- waiting or held is left as it is; an ended one starts over as a new task.
-local function submit(id, q, name, body, eta)
-  local status = redis.call('HGET', task_key(id), 'status')
-  if status and status ~= 'done' then return end
-  if status then redis.call('DEL', task_key(id)) end
-  local fields = {'id', id, 'queue', q, 'name', name, 'body', body, 'state', 'PENDING',
-    'deliveries', 0}
-  if eta ~= '' and tonumber(eta) > tonumber(NOW) then
-    schedule(id, q, eta, fields)
-  else
-    append(id, q, fields)
   end
 end
 

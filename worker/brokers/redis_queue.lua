@@ -1,0 +1,67 @@
+-- How a task enters a queue: shared by every script that writes tasks (the write scripts,
+-- after which redis_prelude.lua comes, and enqueue). ARGV[1]: the key prefix; ARGV[4]: now
+-- (epoch seconds). Stream entries are `0-N`, N from one counter across the queues.
+local P, NOW = ARGV[1], ARGV[4]
+local GROUP = 'workers'
+local woken = {}  -- queue -> what to publish on its wake channel: '1' (ready), 'eta'
+
+local function task_key(id) return P .. ':r:' .. id end
+local function stream_key(q) return P .. ':q:' .. q end
+local function eta_key(q) return P .. ':eta:' .. q end
+local function stream_exists(q) return redis.call('EXISTS', stream_key(q)) == 1 end
+
+-- The queue's name in the set of queues, and its stream and group: once per call and queue.
+local opened = {}
+local function open_queue(q)
+  if opened[q] then return end
+  opened[q] = true
+  redis.call('SADD', P .. ':queues', q)
+  if not stream_exists(q) then
+    redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0', 'MKSTREAM')
+  end
+end
+
+-- Put a task at the tail of its queue's stream as a new, undelivered entry. `fields` (a
+-- flat list, no nulls) go to its record in the same HSET; removing stale fields (the
+-- lease, the ETA) is the caller's.
+local function append(id, q, fields)
+  open_queue(q)
+  local entry = '0-' .. redis.call('INCR', P .. ':seq')
+  if type(redis.pcall('XADD', stream_key(q), entry, 'id', id)) ~= 'string' then
+    -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
+    entry = redis.call('XADD', stream_key(q), '*', 'id', id)
+  end
+  redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, 'ready', NOW,
+    unpack(fields))
+  woken[q] = woken[q] or '1'
+end
+
+-- Hold a task back in its queue's ETA set until it is due (`fields` as for append).
+local function schedule(id, q, eta, fields)
+  open_queue(q)
+  redis.call('ZADD', eta_key(q), eta, id)
+  redis.call('HSET', task_key(id), 'status', 'scheduled', 'eta', eta, unpack(fields))
+  woken[q] = 'eta'
+end
+
+-- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
+-- waiting or held is left as it is; an ended one starts over as a new task. With a call
+-- `token` (enqueue's), the record keeps it, and a record that holds it already was written
+-- by this very call (a retry after a lost reply): left as it is, so that a retried submit
+-- neither runs twice nor starts over a task that ran meanwhile.
+local function submit(id, q, name, body, eta, token)
+  local was = redis.call('HMGET', task_key(id), 'status', 'call')
+  if (token and was[2] == token) or (was[1] and was[1] ~= 'done') then return end
+  if was[1] then redis.call('DEL', task_key(id)) end
+  local fields = {'id', id, 'queue', q, 'name', name, 'body', body, 'state', 'PENDING',
+    'deliveries', 0}
+  if token then
+    fields[#fields + 1] = 'call'
+    fields[#fields + 1] = token
+  end
+  if eta ~= '' and tonumber(eta) > tonumber(NOW) then
+    schedule(id, q, eta, fields)
+  else
+    append(id, q, fields)
+  end
+end
