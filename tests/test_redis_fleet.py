@@ -150,7 +150,9 @@ def test_a_drain_costs_redis_a_script_per_batch_and_an_idle_fleet_next_to_none(
         assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
         before = script_calls(server.url)
         handles = fleet.client.submit_many([("tasks.noop", (), {})] * 400)
-        # Polled, not waited on with get: a waiting get is a script of the client's own.
+        # Polled, not waited on with get (a waiting get is a script of the client's own);
+        # the last task first, then all (those still running end meanwhile).
+        wait_for(lambda: handles[-1].state == "SUCCESS", 30, 0.01, "the last task")
         wait_for(lambda: all(h.state == "SUCCESS" for h in handles), 30, 0.05, "the drain")
         drained = script_calls(server.url)
         time.sleep(IDLE_WATCH)  # no condition to poll: the test is that nothing happens
