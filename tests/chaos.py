@@ -106,7 +106,7 @@ class Chaos:
     rng: random.Random
     kills: collections.Counter[str] = field(default_factory=collections.Counter)
     killed_pids: set[int] = field(default_factory=set)
-    held_by_killed: dict[int, set[str]] = field(default_factory=dict)  # worker pid -> ids it held
+    held_by_killed: dict[int, set[str]] = field(default_factory=dict)  # killed pid -> ids held
     poisons: list[str] = field(default_factory=list)  # ids of the records written past the Client
 
     # --- the fleet's processes -------------------------------------------------------------
@@ -122,6 +122,15 @@ class Chaos:
                 running[int(words[2])] += 1 if words[0] == "S" else -1
         return [c for c in children if running.get(c, 0) > 0]
 
+    def ended_in(self, pid: int) -> set[str]:
+        """The ids of the executions the journal says ended in process `pid`."""
+        ended = set()
+        for line in self.journal.read_text().splitlines():
+            words = line.split()
+            if len(words) == 3 and words[0] == "E" and words[2] == str(pid):
+                ended.add(words[1])
+        return ended
+
     # --- the events --------------------------------------------------------------------------
     def kill_child(self) -> bool:
         children = self.fleet.child_pids()
@@ -132,7 +141,11 @@ class Chaos:
         except AssertionError:
             busy = []
         victim = self.rng.choice(busy or children)
+        # Stopped, it reports nothing more: a task it ended whose outcome its worker has not
+        # acknowledged yet may have ended after its last report, and runs again.
+        os.kill(victim, signal.SIGSTOP)
         self.killed_pids.add(victim)
+        self.held_by_killed[victim] = self.ended_in(victim) & held_by(self.fleet.client)
         os.kill(victim, signal.SIGKILL)
         self.kills["child"] += 1
         return True
@@ -275,7 +288,8 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
         else:
             unfinished.discard((task_id, pid))
     # executions a kill interrupted: started in a killed process and never ended there, or
-    # ended but not yet acknowledged by a worker that was killed while it held them
+    # ended there but not yet acknowledged when that process (a worker, or a child whose
+    # outcome its worker may not have read) was killed
     interrupted = {task_id for task_id, pid in unfinished if pid in chaos.killed_pids}
     for held in chaos.held_by_killed.values():
         interrupted |= {t for t in held if started_by[t] & chaos.killed_pids}
@@ -296,18 +310,41 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
     }
 
 
-def held_by(client: Client, pid: int) -> set[str]:
-    """The ids of the tasks that the worker `pid` holds now, as its broker knows them."""
+def explain(fleet: Fleet, chaos: Chaos, ids: list[str]) -> None:
+    """Print what the journal and the fleet's log say of each duplicate no kill explains."""
+    lines = chaos.journal.read_text().splitlines()
+    runs: dict[str, list[str]] = collections.defaultdict(list)
+    for line in lines:
+        runs[line.split()[1]].append(line)
+    for task_id in ids:
+        starts = [line.split()[2] for line in runs[task_id] if line.startswith("S ")]
+        ends = [line.split()[2] for line in runs[task_id] if line.startswith("E ")]
+        if len(starts) < 2 or sorted(starts) != sorted(ends):
+            continue  # ran once, or a run that never ended explains the others
+        pids = {int(pid) for pid in starts}
+        print(f"chaos: {task_id} ran {len(starts)} times, each to its end:", file=sys.stderr)
+        for line in runs[task_id]:
+            killed = " (killed)" if int(line.split()[2]) in chaos.killed_pids else ""
+            print(f"  journal: {line}{killed}", file=sys.stderr)
+            for line in fleet.log().splitlines():
+                if task_id in line or any(str(pid) in line for pid in pids):
+                    print(f"  log: {line}", file=sys.stderr)
+
+
+def held_by(client: Client, pid: int | None = None) -> set[str]:
+    """The ids of the tasks that the worker `pid` (None: any worker) holds now, as its
+    broker knows them."""
+    owner = "%" if pid is None else f"%:{pid}:%"
     broker: Any = client.broker
     if hasattr(broker, "db"):  # SQLite
         rows = broker.db.execute(
-            "SELECT id FROM tasks WHERE status = 1 AND owner LIKE ?", (f"%:{pid}:%",)
+            "SELECT id FROM tasks WHERE status = 1 AND owner LIKE ?", (owner,)
         ).fetchall()
         return {r[0] for r in rows}
     stream = f"{broker.prefix}:q:default"  # Redis: the entries its consumer has pending
     ids = set()
     for entry in broker.redis.xpending_range(stream, "workers", "-", "+", 100_000):
-        if f":{pid}:" in entry["consumer"]:
+        if pid is None or f":{pid}:" in entry["consumer"]:
             found = broker.redis.xrange(stream, entry["message_id"], entry["message_id"])
             ids |= {fields["id"] for _, fields in found}
     return ids
@@ -427,6 +464,7 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
         or escaped
     )
     if broken:
+        explain(fleet, chaos, ids)
         print(f"chaos: BROKEN; the fleet's folder is kept: {folder}", file=sys.stderr)
     elif not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
