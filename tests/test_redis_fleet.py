@@ -8,6 +8,7 @@ and restarts Redis runs a private redis-server (free port, temp dir, AOF on).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, executions, wait_for
 from tests.redisserver import start_redis
 from worker import Client
-from worker.brokers.redis import RedisBroker
+from worker.brokers.redis import FAIL_FAST_SOCKET_TIMEOUT, RedisBroker
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 
@@ -111,6 +112,60 @@ def test_redis_killed_and_restarted_under_load_loses_no_task_and_the_fleet_recov
         assert fleet.client.submit("tasks.add", 2, 3).get(timeout=10) == 5  # woken as before
     finally:
         server.kill()
+
+
+def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Redis stopped (SIGSTOP: its connections open, nothing answered), as a hung peer is. A
+    worker's call is cut off after FAIL_FAST_SOCKET_TIMEOUT and not sent again at once, so
+    its loop still answers the control plane and ends a task past its time limit; once
+    Redis answers, every task ends (one whose reservation went unanswered after its lease)."""
+    server = start_redis(tmp_path, appendonly=False)
+    assert server.process is not None
+    limit = 2.0
+    try:
+        fleet = make_fleet(
+            fleet={"broker": server.url, "lease": 5}, defaults={"time_limit": limit}
+        ).start()
+        marker, journal = tmp_path / "sleeper", tmp_path / "journal"
+        sleeper = fleet.client.submit("tasks.sleep", 60, str(marker))
+        handles = fleet.client.submit_many([("tasks.journal", (str(journal), 0.05), {})] * 40)
+        wait_for(lambda: marker.exists() and executions(journal), 10, message="the tasks to start")
+        started = time.monotonic()
+        sleeper_pid = int(marker.read_text().split()[1])
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            bound = limit + FAIL_FAST_SOCKET_TIMEOUT + 1.5
+            wait_for(
+                lambda: not alive(sleeper_pid),
+                started + bound - time.monotonic(),
+                message="the time limit to end the task while Redis hangs",
+            )
+            for _ in range(3):  # each answered, however the worker's calls fall
+                out = fleet.ctl("--json", "--timeout", str(FAIL_FAST_SOCKET_TIMEOUT + 2), "ping")
+                assert [r.get("ok") for r in json.loads(out.stdout)["replies"].values()] == ["pong"]
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        infos = fleet.wait_all_final([h.id for h in handles], timeout=30)
+        assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 40}
+        assert set(executions(journal)) == {h.id for h in handles}
+        assert sleeper.info()["exc_type"] == "TimeLimitExceeded"
+        assert "broker unreachable" in fleet.log() and "broker reachable again" in fleet.log()
+    finally:
+        server.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie is not running
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_five_thousand_tasks_on_redis_all_succeed(

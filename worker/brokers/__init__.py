@@ -16,9 +16,10 @@ def open_broker(
     BrokerUnavailable for a broker that cannot be opened (a SQLite path that cannot be made).
 
     `result_ttl`: seconds an ended task's record is kept.
-    `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly
-    before it raises `broker.unavailable`, for a caller that retries on its own and has
-    other work meanwhile (the worker's loop); otherwise it rides out a Redis restart.
+    `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly, and
+    one that a hung Redis leaves unanswered is cut off sooner and not sent again, before it
+    raises `broker.unavailable`: for a caller that retries on its own and has other work
+    meanwhile (the worker's loop); otherwise it rides out a Redis restart.
     `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
     """
     if url.startswith("sqlite:"):
@@ -29,12 +30,12 @@ def open_broker(
         except (OSError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import CALL_RETRIES, CONNECT_TIMEOUT, FAIL_FAST_RETRIES, RedisBroker
+        from .redis import CONNECT_TIMEOUT, RedisBroker
 
         return RedisBroker(
             url,
             result_ttl=result_ttl,
-            call_retries=FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES,
+            fail_fast=fail_fast,
             connect_timeout=connect_timeout or CONNECT_TIMEOUT,
         )
     raise ValueError(f"unknown broker URL {url!r}: use sqlite:///path.db or redis://host:port/db")

@@ -76,6 +76,11 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
 # unanswered is cut off and retried, never waited on forever. Every call is short.
 SOCKET_TIMEOUT = 10.0
+# A fail-fast caller's (the worker's loop, fleetctl): a Redis that hangs (stopped, swapping,
+# its disk stalled) holds the loop, its control replies, time limits and reaping, no longer
+# than this at a time; and a call that timed out is not sent again at once (a hung server
+# would hold it as long again), only one cut off by a lost connection is.
+FAIL_FAST_SOCKET_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
 # What a write publishes on a queue's wake channel: "1" if it added only tasks ready now,
@@ -289,7 +294,8 @@ class RedisBroker(Broker):
 
     The key prefix is `prefix`, else the URL's `?prefix=` (fleets, or tests, sharing one
     Redis database keep apart by it), else `fleetd`. A call cut off by a lost connection
-    is sent again up to `call_retries` times (backing off) before it raises.
+    is sent again up to CALL_RETRIES times (backing off) before it raises; `fail_fast`:
+    see FAIL_FAST_SOCKET_TIMEOUT.
 
     Writes and get_result go over links (see the module docstring) rather than through
     redis-py's client and pool, whose bookkeeping cost more than Redis's own work; a thread
@@ -303,7 +309,7 @@ class RedisBroker(Broker):
         url: str,
         prefix: str | None = None,
         result_ttl: int = 86400,
-        call_retries: int = CALL_RETRIES,
+        fail_fast: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.url = url
@@ -316,8 +322,14 @@ class RedisBroker(Broker):
             decode_responses=True,
             encoding_errors="surrogateescape",  # stored bytes as the base module says
             protocol=2,
-            retry=ConnectionRetry(CALL_BACKOFF, call_retries),
-            socket_timeout=SOCKET_TIMEOUT,
+            retry=ConnectionRetry(
+                CALL_BACKOFF,
+                FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES,
+                supported_errors=(redis.ConnectionError,)
+                if fail_fast
+                else (redis.ConnectionError, redis.TimeoutError),
+            ),
+            socket_timeout=FAIL_FAST_SOCKET_TIMEOUT if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
         )
         self._idle: list[Link] = []
