@@ -1,5 +1,6 @@
-"""The arbiter and its workers under hostile conditions: a full disk, a hung worker, a worker
-killed right after a fork, a pool bigger than the open-files limit.
+"""The arbiter and its workers under hostile conditions: a full disk, a hung worker, a queue
+locked by someone else, a worker killed right after a fork, a pool bigger than the open-files
+limit.
 
 Real fleets, real signals, a real full filesystem (a small tmpfs, which needs root): each
 test asserts that the arbiter keeps serving and that no task is lost, run twice or leaves
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ import zmq
 
 from supervisor.states import FATAL_AFTER
 from tests.fleet import Fleet, executions, wait_for
+from worker.brokers.base import FAIL_FAST_WAIT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,6 +187,44 @@ def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twi
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
     assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
+
+
+# --- a queue locked by someone else ------------------------------------------------------------
+def test_a_queue_write_lock_held_elsewhere_holds_a_worker_seconds_at_a_time(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Someone holds the SQLite queue's write lock (a sqlite3 shell mid-transaction, a backup
+    tool): a worker's write gives up after FAIL_FAST_WAIT, so its loop still answers the
+    control plane and ends a task past its time limit; once the lock is let go, every task
+    ends, none twice."""
+    limit = 2.0
+    fleet = make_fleet(defaults={"time_limit": limit}).start()
+    marker, journal = tmp_path / "sleeper", tmp_path / "journal.txt"
+    sleeper = fleet.client.submit("tasks.sleep", 60, str(marker))
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal), 0.05), {})] * 20)
+    wait_for(lambda: marker.exists() and executions(journal), 10, message="the tasks to start")
+    started = time.monotonic()
+    sleeper_proc = psutil.Process(int(marker.read_text().split()[1]))
+    holder = sqlite3.connect(fleet.client.broker.path, isolation_level=None)  # type: ignore[attr-defined]
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        wait_for(
+            lambda: not alive(sleeper_proc),
+            started + limit + FAIL_FAST_WAIT + 1.5 - time.monotonic(),
+            message="the time limit to end the task while the queue is locked",
+        )
+        for _ in range(3):  # each answered, however the worker's writes fall
+            assert replies(fleet, "--timeout", str(FAIL_FAST_WAIT + 2), "ping") == {
+                "w@h1": {"ok": "pong"}
+            }
+    finally:
+        holder.rollback()
+        holder.close()
+    infos = fleet.wait_all_final([h.id for h in handles], 10)  # none waits for a lease
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(handles)
+    assert executions(journal) == {h.id: 1 for h in handles}
+    assert sleeper.info()["exc_type"] == "TimeLimitExceeded"
+    assert "broker unreachable" in fleet.log() and "broker reachable again" in fleet.log()
 
 
 # --- a hung worker ---------------------------------------------------------------------------

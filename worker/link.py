@@ -42,14 +42,21 @@ class BrokerLink:
     started_ids: list[str]
     outcomes: list[Outcome]
     retries: list[Retry]
+    unreleased: dict[bool, list[str]]
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
-        """Give tasks back at once. While the broker is unreachable they stay ours, unrenewed,
-        and their lease gives them back."""
+        """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
+        and go with the first flush that gets through, if still ours (else their lease gave
+        them back meanwhile, and someone else may hold them now)."""
+        self.unreleased[died] += ids
         self.flush()
-        if self.broker_available():
-            with self.broker_call("give tasks back"):
-                self.broker.release(ids, died=died)
+
+    def send_releases(self: Worker) -> None:
+        for died, ids in self.unreleased.items():
+            if ids and self.broker_available():
+                with self.broker_call("give tasks back"):
+                    self.broker.release(ids, died=died, owner=self.owner)
+                    self.unreleased[died] = []
 
     def capacity(self: Worker) -> int:
         """Tasks held at most: per child, one running and `prefetch` waiting for each of its
@@ -126,10 +133,11 @@ class BrokerLink:
         """Write what happened to the broker in one transaction. While the broker is
         unreachable it stays buffered here, and goes out whole once the broker answers."""
         self.flush_at = 0.0
-        if self.unflushed() and self.broker_available():
+        if (self.started_ids or self.outcomes or self.retries) and self.broker_available():
             with self.broker_call("ack"):
                 self.broker.turn(self.written_turn())
                 self.started_ids, self.outcomes, self.retries = [], [], []
+        self.send_releases()
         self.send_events()
 
     def flush_due(self: Worker, now: float) -> bool:
@@ -165,7 +173,9 @@ class BrokerLink:
         )
 
     def unflushed(self: Worker) -> bool:
-        return bool(self.started_ids or self.outcomes or self.retries)
+        return bool(
+            self.started_ids or self.outcomes or self.retries or any(self.unreleased.values())
+        )
 
     def renew(self: Worker, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""

@@ -74,6 +74,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.outcomes: list[Outcome] = []
         self.retries: list[Retry] = []
         self.started_ids: list[str] = []
+        self.unreleased: dict[bool, list[str]] = {False: [], True: []}  # release_now's, by died
         self.revoked: set[str] = set()
         self.rate_limits: RateLimits = RateLimits(spec.rate_limits)
         self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
@@ -282,8 +283,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.flush()
         if self.unflushed():
             log.warning(
-                "broker unreachable: %d finished tasks not acked, they will run again",
+                "broker unreachable: %d finished tasks not acked, they will run again;"
+                " %d not given back, they return after their lease",
                 len(self.outcomes) + len(self.retries),
+                sum(len(ids) for ids in self.unreleased.values()),
                 extra={"node": self.node},
             )
         self.emit("worker-offline")

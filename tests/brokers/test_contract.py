@@ -163,6 +163,23 @@ def test_release_unstarted_gives_the_task_back_with_its_count_unchanged(broker: 
     assert (first.deliveries, again.id, again.deliveries) == (1, task.id, 1)
 
 
+def test_a_release_by_an_owner_leaves_a_task_someone_else_holds_now(broker: Broker) -> None:
+    """A worker that gives back late (its broker was unreachable) finds the task's lease ran
+    out and another worker holds it: that one keeps it, and runs it once."""
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.release([task.id], died=False)  # as the lease's end gives it back
+    [again] = broker.reserve(["q1"], 1, "w2", 30)
+
+    broker.release([task.id], died=False, owner="w1")
+
+    assert broker.reserve(["q1"], 1, "w3", 30) == []
+    broker.release([again.id], died=False, owner="w2")
+    [third] = broker.reserve(["q1"], 1, "w3", 30)
+    assert (again.id, third.id) == (task.id, task.id)
+
+
 def test_release_of_a_task_the_operator_stopped_takes_its_delivery_back_every_time(
     broker: Broker,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Broker, unavailable_error
+from .base import FAIL_FAST_WAIT, Broker, unavailable_error
 
 
 def open_broker(
@@ -16,17 +16,23 @@ def open_broker(
     BrokerUnavailable for a broker that cannot be opened (a SQLite path that cannot be made).
 
     `result_ttl`: seconds an ended task's record is kept.
-    `fail_fast`: a Redis call cut off by a lost connection is sent again only briefly, and
-    one that a hung Redis leaves unanswered is cut off sooner and not sent again, before it
-    raises `broker.unavailable`: for a caller that retries on its own and has other work
-    meanwhile (the worker's loop); otherwise it rides out a Redis restart.
+    `fail_fast`: for a caller that retries on its own and has other work meanwhile (the
+    worker's loop): a call raises `broker.unavailable` once it has waited FAIL_FAST_WAIT on
+    a broker that does not answer (a hung Redis; a SQLite write lock someone holds), and a
+    Redis call cut off by a lost connection is sent again only briefly; otherwise a call
+    rides out a Redis restart and waits out a long write.
     `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
     """
     if url.startswith("sqlite:"):
-        from .sqlite import SQLiteBroker
+        from .sqlite import LOCK_TIMEOUT, SQLiteBroker
 
         try:
-            return SQLiteBroker(url, durability=durability, result_ttl=result_ttl)
+            return SQLiteBroker(
+                url,
+                durability=durability,
+                result_ttl=result_ttl,
+                lock_timeout=FAIL_FAST_WAIT if fail_fast else LOCK_TIMEOUT,
+            )
         except (OSError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):

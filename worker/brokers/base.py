@@ -34,6 +34,11 @@ FAILURE = "FAILURE"
 REVOKED = "REVOKED"
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 
+# Seconds a fail-fast caller's call (the worker's loop, fleetctl: see open_broker) waits on
+# a broker that does not answer: a hung Redis, a SQLite write lock someone else holds. The
+# loop's control replies, time limits and reaping wait no longer than that at a time.
+FAIL_FAST_WAIT = 3.0
+
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached or opened (down, refused, a path that cannot be made):
@@ -309,8 +314,8 @@ class Broker(abc.ABC):
         return self.turn(Turn(queues=queues, n=n, owner=owner, lease=lease))
 
     @abc.abstractmethod
-    def release(self, ids: list[str], died: bool) -> None:
-        """Give delivered tasks back to their queue at once.
+    def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
+        """Give delivered tasks back to their queue at once (`owner`: only those it holds).
 
         `died=True`: the process running them died (a crash, an OOM kill, a SIGKILL); this
         delivery keeps counting toward `max_deliveries`. `died=False`: they never started

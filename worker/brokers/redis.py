@@ -54,6 +54,7 @@ from redis.retry import Retry as ConnectionRetry
 
 from ..resp import pack, resp_array
 from .base import (
+    FAIL_FAST_WAIT,
     INFO_FIELDS,
     Broker,
     DeadLetter,
@@ -76,11 +77,11 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
 # unanswered is cut off and retried, never waited on forever. Every call is short.
 SOCKET_TIMEOUT = 10.0
-# A fail-fast caller's (the worker's loop, fleetctl): a Redis that hangs (stopped, swapping,
-# its disk stalled) holds the loop, its control replies, time limits and reaping, no longer
-# than this at a time; and a call that timed out is not sent again at once (a hung server
-# would hold it as long again), only one cut off by a lost connection is.
-FAIL_FAST_SOCKET_TIMEOUT = 3.0
+# A fail-fast caller's (base.FAIL_FAST_WAIT): a Redis that hangs (stopped, swapping, its
+# disk stalled) holds the worker's loop no longer than that at a time, and a call that timed
+# out is not sent again at once (a hung server would hold it as long again), only one cut
+# off by a lost connection is.
+FAIL_FAST_SOCKET_TIMEOUT = FAIL_FAST_WAIT
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
 # What a write publishes on a queue's wake channel: "1" if it added only tasks ready now,
@@ -403,9 +404,9 @@ class RedisBroker(Broker):
         }
         return [delivery(*row) for row in self._run("turn", args)]  # no rows: {}
 
-    def release(self, ids: list[str], died: bool) -> None:
+    def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if ids:
-            self._run("release", {"ids": ids, "died": died})
+            self._run("release", {"ids": ids, "died": died, "owner": owner or ""})
 
     def extend(self, ids: list[str], owner: str, lease: float) -> None:
         if ids:

@@ -47,7 +47,7 @@ from .sqlite_wake import FifoWakeup, Poker
 
 QUEUED, HELD, DONE = 0, 1, 2
 SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
-LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
+LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails (fail-fast: less)
 LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for the lock
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
@@ -162,8 +162,15 @@ def path_from_url(url: str) -> str:
 class SQLiteBroker(Broker):
     unavailable = (sqlite3.OperationalError,)  # locked past the busy timeout, disk I/O errors
 
-    def __init__(self, url: str, durability: str = "default", result_ttl: int = 86400) -> None:
+    def __init__(
+        self,
+        url: str,
+        durability: str = "default",
+        result_ttl: int = 86400,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
         self.url = url
+        self.lock_timeout = lock_timeout  # seconds a write waits for the lock before it fails
         self.result_ttl = result_ttl
         self.expire_at = 0.0  # monotonic time from which `expire` looks again
         self.path = path_from_url(url)
@@ -180,7 +187,7 @@ class SQLiteBroker(Broker):
         file it is, so that one deleted or replaced under us is noticed. Raises one of
         `unavailable` if it cannot, leaving the connection we had."""
         db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=False
+            self.path, isolation_level=None, timeout=self.lock_timeout, check_same_thread=False
         )
         db.text_factory = TEXT_FACTORY
         try:
@@ -223,7 +230,7 @@ class SQLiteBroker(Broker):
         hundreds of ms; reads never wait in WAL mode and keep the ordinary timeout."""
         self.db.execute("PRAGMA busy_timeout = 0")
         try:
-            delay, give_up = LOCK_RETRY_FIRST, time.monotonic() + LOCK_TIMEOUT
+            delay, give_up = LOCK_RETRY_FIRST, time.monotonic() + self.lock_timeout
             while True:
                 try:
                     self.db.execute("BEGIN IMMEDIATE")
@@ -234,7 +241,7 @@ class SQLiteBroker(Broker):
                 time.sleep(delay)
                 delay = min(delay * 2, LOCK_RETRY_MAX)
         finally:
-            self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
+            self.db.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -369,7 +376,7 @@ class SQLiteBroker(Broker):
                 [(r.body, r.eta, r.exc_type, r.exc_message, r.id) for r in retries],
             )
 
-    def release(self, ids: list[str], died: bool) -> None:
+    def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if not ids:
             return
         taken_back = "0" if died else "1"
@@ -378,8 +385,8 @@ class SQLiteBroker(Broker):
                 f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"
                 f" deliveries = deliveries - {taken_back},"
                 f" state = CASE WHEN state = '{STARTED}' THEN '{PENDING}' ELSE state END"
-                f" WHERE id = ? AND status = {HELD}",
-                [(i,) for i in ids],
+                f" WHERE id = ? AND status = {HELD} AND owner = coalesce(?, owner)",
+                [(i, owner) for i in ids],
             )
         self.poker.poke()
 
