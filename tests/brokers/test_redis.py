@@ -4,6 +4,8 @@ one call to Redis per worker turn."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 import uuid
@@ -110,6 +112,30 @@ def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:
         assert wake.fileno() == registered  # still the descriptor the worker polls
     finally:
         wake.close()
+        broker.close()
+
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_a_call_to_a_hung_redis_gives_up_after_two_timeouts_at_most(
+    server: RedisServer, fail_fast: bool
+) -> None:
+    """Redis stopped (SIGSTOP: the connection open, nothing answered). A timed-out call is
+    sent again once (a lost reply), a fail-fast one never: not CALL_RETRIES times, which
+    held a producer some two minutes with the default socket timeout."""
+    assert server.process is not None
+    broker = RedisBroker(server.url + "?socket_timeout=1", fail_fast=fail_fast)
+    try:
+        broker.enqueue([envelope()])  # connected
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(broker.unavailable):
+                broker.enqueue([envelope()])
+            spent = time.monotonic() - started
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert 1 <= spent < (2 if fail_fast else 4)  # each try is cut off after 1 s
+    finally:
         broker.close()
 
 

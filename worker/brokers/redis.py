@@ -347,12 +347,20 @@ class RedisBroker(Broker):
 
     def _call(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
-        connection."""
+        connection, and after a timeout once at most: a hung Redis would hold the caller as
+        long on every try (CALL_RETRIES of them, some two minutes for a producer)."""
         link = self._take_link()
         link.calls += 1
+        timeouts = 0
+
+        def retryable(error: Exception) -> bool:
+            nonlocal timeouts
+            timeouts += isinstance(error, redis.TimeoutError)
+            return timeouts <= 1
+
         try:
             return link.connection.retry.call_with_retry(
-                lambda: request(link), lambda _error: link.connection.disconnect()
+                lambda: request(link), lambda _error: link.connection.disconnect(), retryable
             )
         finally:
             self._idle.append(link)
