@@ -78,9 +78,9 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # unanswered is cut off and retried, never waited on forever. Every call is short.
 SOCKET_TIMEOUT = 10.0
 # A fail-fast caller's (base.FAIL_FAST_WAIT): a Redis that hangs (stopped, swapping, its
-# disk stalled) holds the worker's loop no longer than that at a time, and a call that timed
-# out is not sent again at once (a hung server would hold it as long again), only one cut
-# off by a lost connection is.
+# disk stalled) holds the worker's loop no longer than twice that at a time. A write that
+# timed out is sent again once (over its link, with its token: Redis may only have been
+# slow, and the reply it kept is then found); a read is not, the worker reads again later.
 FAIL_FAST_SOCKET_TIMEOUT = FAIL_FAST_WAIT
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
@@ -333,6 +333,11 @@ class RedisBroker(Broker):
             socket_timeout=FAIL_FAST_SOCKET_TIMEOUT if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
         )
+        # Links send a timed-out call again (once: see _call); the client's reads do not
+        # when failing fast.
+        self._link_retry = ConnectionRetry(
+            CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES
+        )
         self._idle: list[Link] = []
         self._pid = os.getpid()
 
@@ -343,7 +348,9 @@ class RedisBroker(Broker):
             return self._idle.pop()
         except IndexError:
             pool = self.redis.connection_pool
-            return Link(pool.connection_class(**pool.connection_kwargs))
+            return Link(
+                pool.connection_class(**{**pool.connection_kwargs, "retry": self._link_retry})
+            )
 
     def _call(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
