@@ -705,6 +705,18 @@ def dead_lettered(broker: Broker, *tasks: Envelope) -> None:
         time.sleep(0.002)  # each its own `at`: newest first is then an order
 
 
+def test_an_outcome_written_twice_leaves_one_dead_letter(broker: Broker) -> None:
+    """A worker whose turn got no reply (a timeout) sends its outcomes again in its next
+    turn, though the first may have run: the task is in the dead-letter list once."""
+    task = envelope()
+    dead_lettered(broker, task)
+    again = Outcome(task.id, FAILURE, exc_type="WorkerLost", exc_message="died", dead_letter=True)
+
+    broker.turn(Turn(outcomes=[again]))
+
+    assert [letter.id for letter in broker.dead_letters()] == [task.id]
+
+
 def test_retry_dead_puts_the_task_back_pending_with_no_deliveries_and_off_the_list(
     broker: Broker,
 ) -> None:

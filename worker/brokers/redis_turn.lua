@@ -34,7 +34,9 @@ local function finish(o)
   else
     fields = {'id', id, 'name', o[2], 'deliveries', 0}
   end
-  if o[3] then dead_letter(o) end
+  -- An ended record: these outcomes were written already (a turn sent again after its
+  -- reply was lost), and so was the dead letter.
+  if o[3] and not (t and t.status == 'done') then dead_letter(o) end
   for i, field in ipairs(OUTCOME_FIELDS) do
     if o[i + 3] ~= null or field ~= 'node' then put(fields, unset, field, o[i + 3]) end
   end
