@@ -177,7 +177,11 @@ class Arbiter:
                 if events & ~POLLOUT and target in self.by_fd:
                     self.read_worker(self.by_fd[target])
         for signum in self.signals.drain():
-            getattr(self, f"handle_{name(signum)}")()
+            handler = getattr(self, f"handle_{name(signum)}", None)
+            if handler is None:  # a stray one (signals.HANDLED): logged, nothing else
+                log.warning("%s means nothing to fleetd: ignored", signal.Signals(signum).name)
+            else:
+                handler()
         now = time.monotonic()
         self.router.expire(now)
         self.murder_workers(now)

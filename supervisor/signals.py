@@ -7,6 +7,8 @@ import signal
 from collections import deque
 from types import FrameType
 
+from worker.tree import STRAY_SIGNALS
+
 HANDLED = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -16,6 +18,7 @@ HANDLED = (
     signal.SIGTTOU,
     signal.SIGUSR1,
     signal.SIGCHLD,
+    *STRAY_SIGNALS,  # logged and ignored (Arbiter.step)
 )
 
 

@@ -29,6 +29,7 @@ import zmq
 from supervisor.states import FATAL_AFTER
 from tests.fleet import Fleet, executions, wait_for
 from worker.brokers.base import FAIL_FAST_WAIT
+from worker.tree import STRAY_SIGNALS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,6 +188,34 @@ def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twi
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
     assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
+
+
+# --- stray signals ----------------------------------------------------------------------------
+def test_stray_signals_are_logged_and_ignored_by_the_arbiter_and_its_workers(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """USR2 (gunicorn's upgrade, supervisord's log reopening), ALRM, IO, PWR, XFSZ ... mean
+    nothing to fleetd, and their default action would end the process: the arbiter and its
+    workers log each and go on, nothing restarts, no task is lost or runs twice."""
+    fleet = make_fleet().start()
+    [worker] = fleet.worker_pids()
+    journal = tmp_path / "journal.txt"
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal), 0.02), {})] * 40)
+    wait_for(lambda: executions(journal), 10, message="the tasks to start")
+    for signum in STRAY_SIGNALS:
+        fleet.signal(signum)
+        os.kill(worker, signum)
+    infos = fleet.wait_all_final([h.id for h in handles], 30)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * len(handles)
+    assert executions(journal) == {h.id: 1 for h in handles}
+    wait_for(
+        lambda: fleet.log().count("means nothing") == 2 * len(STRAY_SIGNALS),
+        5,
+        message="a line for each signal",
+    )
+    assert fleet.worker_pids() == [worker] and serving(fleet)
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
 
 
 # --- a queue locked by someone else ------------------------------------------------------------

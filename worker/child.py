@@ -36,7 +36,7 @@ from .brokers.base import (
 )
 from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
-from .tree import become_subreaper, set_parent_death_signal
+from .tree import STRAY_SIGNALS, become_subreaper, set_parent_death_signal
 
 # How a child that stops between tasks (TERM, or the end of its pipe) leaves: a BYE frame,
 # then this exit code. Every task it was given and did not answer never started. (The
@@ -136,8 +136,8 @@ class Child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
+            signal.signal(sig, signal.SIG_DFL)  # a task's code sees Python's defaults
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()

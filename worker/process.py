@@ -48,6 +48,7 @@ from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
+from .tree import STRAY_SIGNALS
 
 log = logging.getLogger("fleetd.worker")
 
@@ -322,6 +323,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             signal.SIGUSR1,
             signal.SIGHUP,
             signal.SIGCHLD,
+            *STRAY_SIGNALS,
         ):
             signal.signal(sig, self.on_signal)
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
@@ -375,6 +377,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 log.info("status %s", json.dumps(self.stats()), extra={"node": self.node})
             elif signum == signal.SIGCHLD:
                 self.reap_children()
+            elif signum in STRAY_SIGNALS:
+                stray = signal.Signals(signum).name
+                log.warning(
+                    "%s means nothing to a worker: ignored", stray, extra={"node": self.node}
+                )
 
     # --- shutdown ---------------------------------------------------------------------
     def begin_shutdown(self, mode: str) -> None:

@@ -28,6 +28,21 @@ def set_parent_death_signal(signum: int) -> None:
     _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
+# Signals that mean nothing to the arbiter or a worker but whose default action ends the
+# process: a stray `kill -USR2` (gunicorn's upgrade, supervisord's log reopening), a timer,
+# a file-size limit. Both log them and go on; a child keeps the defaults, as a task's own
+# code (`signal.alarm`) expects.
+STRAY_SIGNALS = (
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    signal.SIGXFSZ,
+)
+
+
 def become_subreaper() -> bool:
     """Have orphaned descendants (a daemon's double fork, a dead child's subprocesses) become
     this process's children, not init's (Linux); False if the kernel refused."""
