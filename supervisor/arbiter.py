@@ -29,7 +29,7 @@ from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pidfile import PidfileWriteError, remove_pidfile, write_pidfile
 from .report import health, host_status, readiness, status_line
-from .signals import SignalQueue, name
+from .signals import HANDLED, SignalQueue, name
 from .states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING, State
 from .workers import (
     Outbox,
@@ -108,6 +108,9 @@ class Arbiter:
                 self.step()
         finally:
             self.stop()
+            # The interpreter's exit puts back the default actions: a signal now would end
+            # us with its own status (HUP: -1) instead of ours. It waits, blocked.
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         return EXIT_BOOT_ERROR if self.failure else EXIT_OK
 
     def start(self) -> None:

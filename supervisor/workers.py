@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.imports import SAFE_PATH
 from worker.protocol import FrameReader
+from worker.tree import BOOT_BLOCKED
 
 from . import orphans
 from .config import WorkerSpec
@@ -168,7 +169,7 @@ def launch(spec: WorkerSpec, env: dict[str, str], polite: int | None) -> tuple[i
             setsigdef=[
                 s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
             ],
-            setsigmask=set(),
+            setsigmask=set(BOOT_BLOCKED),  # until its handlers are in place
         )
     except OSError:
         ours.close()

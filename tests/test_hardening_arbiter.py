@@ -218,6 +218,44 @@ def test_stray_signals_are_logged_and_ignored_by_the_arbiter_and_its_workers(
     assert fleet.wait_exit(20) == 0
 
 
+def test_signals_relayed_to_a_booting_worker_wait_for_its_handlers(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """USR1, TTIN and TTOU are relayed to every worker, also to one still booting (a
+    reload's new generation): their default actions would end it (USR1) or stop it (TTIN,
+    TTOU). It starts with them blocked, and takes them once its handlers are in."""
+    fleet = make_fleet(workers=[{"name": "w", "queues": ["default"], "concurrency": 1}]).start()
+    before = fleet.log().count("reload complete")
+    fleet.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 1.0  # over the new worker's boot, from exec on
+    while time.monotonic() < deadline:
+        for signum in (signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            fleet.signal(signum)
+        time.sleep(0.005)
+    wait_for(lambda: fleet.log().count("reload complete") > before, 30, message="the reload")
+    assert "killed by" not in fleet.log(), fleet.log()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
+
+
+def test_signals_during_the_arbiters_last_moments_leave_its_exit_code_alone(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """HUPs that keep coming while the arbiter stops (a supervisor that reloads in a loop):
+    the interpreter's exit puts back the default actions, which would end it with the
+    signal's status instead of 0."""
+    for _ in range(3):
+        fleet = make_fleet().start()
+        assert fleet.proc is not None
+        fleet.signal(signal.SIGTERM)
+        while fleet.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                fleet.signal(signal.SIGHUP)
+            time.sleep(0.0005)
+        assert fleet.wait_exit(20) == 0
+
+
 # --- a queue locked by someone else ------------------------------------------------------------
 def test_a_queue_write_lock_held_elsewhere_holds_a_worker_seconds_at_a_time(
     make_fleet: Callable[..., Fleet], tmp_path: Path

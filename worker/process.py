@@ -48,7 +48,7 @@ from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
-from .tree import STRAY_SIGNALS
+from .tree import BOOT_BLOCKED, STRAY_SIGNALS
 
 log = logging.getLogger("fleetd.worker")
 
@@ -326,6 +326,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             *STRAY_SIGNALS,
         ):
             signal.signal(sig, self.on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)  # what came meanwhile: now
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
         # The children's stdout and stderr: logged line by line, marked with our node.
         self.output_fd, self.output_w = os.pipe2(os.O_CLOEXEC)

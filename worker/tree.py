@@ -43,6 +43,12 @@ STRAY_SIGNALS = (
 )
 
 
+# Signals the arbiter relays to its workers (and stray ones): a worker starts with them
+# blocked, so that one sent while it boots waits for its handlers (worker/process.py
+# unblocks them) instead of ending it (USR1) or stopping it (TTIN, TTOU).
+BOOT_BLOCKED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, *STRAY_SIGNALS)
+
+
 def become_subreaper() -> bool:
     """Have orphaned descendants (a daemon's double fork, a dead child's subprocesses) become
     this process's children, not init's (Linux); False if the kernel refused."""
