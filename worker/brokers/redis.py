@@ -318,23 +318,22 @@ class RedisBroker(Broker):
         query = urllib.parse.parse_qs(query_text)
         self.prefix = prefix or query.pop("prefix", ["fleetd"])[0]
         self.result_ttl = result_ttl
+        if fail_fast:  # a read that timed out is not sent again: the worker reads later
+            reads_retry = ConnectionRetry(
+                CALL_BACKOFF, FAIL_FAST_RETRIES, supported_errors=(redis.ConnectionError,)
+            )
+        else:
+            reads_retry = ConnectionRetry(CALL_BACKOFF, CALL_RETRIES)
         self.redis = redis.Redis.from_url(
             address + ("?" + urllib.parse.urlencode(query, doseq=True) if query else ""),
             decode_responses=True,
             encoding_errors="surrogateescape",  # stored bytes as the base module says
             protocol=2,
-            retry=ConnectionRetry(
-                CALL_BACKOFF,
-                FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES,
-                supported_errors=(redis.ConnectionError,)
-                if fail_fast
-                else (redis.ConnectionError, redis.TimeoutError),
-            ),
+            retry=reads_retry,
             socket_timeout=FAIL_FAST_SOCKET_TIMEOUT if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
         )
-        # Links send a timed-out call again (once: see _call); the client's reads do not
-        # when failing fast.
+        # Links send a timed-out call again (once: see _call), whoever calls.
         self._link_retry = ConnectionRetry(
             CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES
         )
