@@ -549,6 +549,10 @@ def test_new_start_after_arbiter_kill_ends_every_process_of_the_old_run(
     old_run = [p.pid for p in fleet.descendants()]
     grandchild = int(pidfile.read_text())
     assert grandchild in old_run and len(old_run) == 4  # worker, 2 children, 1 grandchild
+    # The record names the worker's consumer within RECORD_EVERY of its start: the next
+    # run gives its tasks back by that name (a kill before it falls back on their lease).
+    record = fleet.folder / "state" / "run.json"
+    wait_for(lambda: json.loads(record.read_text())["owners"], 5, message="the run record")
     fleet.signal(signal.SIGKILL)
     fleet.wait_exit(5)
     assert holds(lambda: [p for p in old_run if alive(p)] != []), (
