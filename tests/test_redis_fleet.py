@@ -120,7 +120,7 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:
     """Redis stopped (SIGSTOP: its connections open, nothing answered), as a hung peer is. A
-    worker's call is cut off after FAIL_FAST_WAIT (a write is sent again once), so its loop
+    worker's call is cut off after FAIL_FAST_WAIT (and sent again once), so its loop
     still answers the control plane and ends a task past its time limit; once Redis
     answers, every task ends (one whose reservation went unanswered after its lease)."""
     server = start_redis(tmp_path, appendonly=False)

@@ -37,7 +37,7 @@ FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 # Seconds a fail-fast caller's call (the worker's loop, fleetctl: see open_broker) waits on
 # a broker that does not answer: a hung Redis, a SQLite write lock someone else holds. The
 # loop's control replies, time limits and reaping wait no longer than that at a time (twice
-# that for a Redis write, which is sent again once: redis.py).
+# that on Redis, where a call that timed out is sent again once: redis.CallRetry).
 FAIL_FAST_WAIT = 3.0
 
 

@@ -75,13 +75,9 @@ FAIL_FAST_RETRIES = 2  # for a caller that retries on its own (the worker's loop
 CALL_BACKOFF = EqualJitterBackoff(cap=2.0, base=0.1)
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
-# unanswered is cut off and retried, never waited on forever. Every call is short.
+# unanswered is cut off and retried (once: CallRetry), never waited on forever. Every call
+# is short. A fail-fast caller's are cut off after base.FAIL_FAST_WAIT.
 SOCKET_TIMEOUT = 10.0
-# A fail-fast caller's (base.FAIL_FAST_WAIT): a Redis that hangs (stopped, swapping, its
-# disk stalled) holds the worker's loop no longer than twice that at a time. A write that
-# timed out is sent again once (over its link, with its token: Redis may only have been
-# slow, and the reply it kept is then found); a read is not, the worker reads again later.
-FAIL_FAST_SOCKET_TIMEOUT = FAIL_FAST_WAIT
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
 # What a write publishes on a queue's wake channel: "1" if it added only tasks ready now,
@@ -270,6 +266,31 @@ def wake_frames(buffer: bytes) -> tuple[bytes, bool]:
     return buffer[at:], scheduled
 
 
+class CallRetry(ConnectionRetry):
+    """redis-py's retry, but a call that timed out is sent again once at most. Redis may only
+    have been slow (another client's long script, a stalled fsync): a write's second try,
+    under its link's token, then finds the reply its first run kept. A hung Redis (stopped,
+    swapping) would hold the caller as long on every try: CALL_RETRIES of them were minutes
+    for a producer, and a worker's loop answers nothing meanwhile. A call cut off by a lost
+    connection is sent again as often as the retry allows (a Redis restart)."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        timeouts = 0
+
+        def retryable(error: Exception) -> bool:
+            nonlocal timeouts
+            timeouts += isinstance(error, (redis.TimeoutError, TimeoutError))
+            return timeouts <= 1 and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 class Link:
     """A connection of ours, named so that Redis can keep the reply of the last write sent
     over it (`{p}:call:{name}`) for a retry of that write to find."""
@@ -295,8 +316,9 @@ class RedisBroker(Broker):
 
     The key prefix is `prefix`, else the URL's `?prefix=` (fleets, or tests, sharing one
     Redis database keep apart by it), else `fleetd`. A call cut off by a lost connection
-    is sent again up to CALL_RETRIES times (backing off) before it raises; `fail_fast`:
-    see FAIL_FAST_SOCKET_TIMEOUT.
+    is sent again up to CALL_RETRIES times (backing off) before it raises, one that timed
+    out once (CallRetry); `fail_fast`: calls are cut off after base.FAIL_FAST_WAIT and
+    sent again FAIL_FAST_RETRIES times at most.
 
     Writes and get_result go over links (see the module docstring) rather than through
     redis-py's client and pool, whose bookkeeping cost more than Redis's own work; a thread
@@ -318,24 +340,14 @@ class RedisBroker(Broker):
         query = urllib.parse.parse_qs(query_text)
         self.prefix = prefix or query.pop("prefix", ["fleetd"])[0]
         self.result_ttl = result_ttl
-        if fail_fast:  # a read that timed out is not sent again: the worker reads later
-            reads_retry = ConnectionRetry(
-                CALL_BACKOFF, FAIL_FAST_RETRIES, supported_errors=(redis.ConnectionError,)
-            )
-        else:
-            reads_retry = ConnectionRetry(CALL_BACKOFF, CALL_RETRIES)
         self.redis = redis.Redis.from_url(
             address + ("?" + urllib.parse.urlencode(query, doseq=True) if query else ""),
             decode_responses=True,
             encoding_errors="surrogateescape",  # stored bytes as the base module says
             protocol=2,
-            retry=reads_retry,
-            socket_timeout=FAIL_FAST_SOCKET_TIMEOUT if fail_fast else SOCKET_TIMEOUT,
+            retry=CallRetry(CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES),
+            socket_timeout=FAIL_FAST_WAIT if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
-        )
-        # Links send a timed-out call again (once: see _call), whoever calls.
-        self._link_retry = ConnectionRetry(
-            CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES
         )
         self._idle: list[Link] = []
         self._pid = os.getpid()
@@ -347,26 +359,16 @@ class RedisBroker(Broker):
             return self._idle.pop()
         except IndexError:
             pool = self.redis.connection_pool
-            return Link(
-                pool.connection_class(**{**pool.connection_kwargs, "retry": self._link_retry})
-            )
+            return Link(pool.connection_class(**pool.connection_kwargs))
 
     def _call(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
-        connection, and after a timeout once at most: a hung Redis would hold the caller as
-        long on every try (CALL_RETRIES of them, some two minutes for a producer)."""
+        connection or a timeout (CallRetry)."""
         link = self._take_link()
         link.calls += 1
-        timeouts = 0
-
-        def retryable(error: Exception) -> bool:
-            nonlocal timeouts
-            timeouts += isinstance(error, redis.TimeoutError)
-            return timeouts <= 1
-
         try:
             return link.connection.retry.call_with_retry(
-                lambda: request(link), lambda _error: link.connection.disconnect(), retryable
+                lambda: request(link), lambda _error: link.connection.disconnect()
             )
         finally:
             self._idle.append(link)
