@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FAIL_FAST_WAIT, Broker, unavailable_error
+from .base import Broker, unavailable_error
 
 
 def open_broker(
@@ -24,14 +24,11 @@ def open_broker(
     `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
     """
     if url.startswith("sqlite:"):
-        from .sqlite import LOCK_TIMEOUT, SQLiteBroker
+        from .sqlite import SQLiteBroker
 
         try:
             return SQLiteBroker(
-                url,
-                durability=durability,
-                result_ttl=result_ttl,
-                lock_timeout=FAIL_FAST_WAIT if fail_fast else LOCK_TIMEOUT,
+                url, durability=durability, result_ttl=result_ttl, fail_fast=fail_fast
             )
         except (OSError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc

@@ -23,6 +23,7 @@ from typing import Any
 
 from .base import (
     BAD_MESSAGE,
+    FAIL_FAST_WAIT,
     FAILURE,
     INFO_FIELDS,
     PENDING,
@@ -47,7 +48,7 @@ from .sqlite_wake import FifoWakeup, Poker
 
 QUEUED, HELD, DONE = 0, 1, 2
 SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
-LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails (fail-fast: less)
+LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
 LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for the lock
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
@@ -167,10 +168,11 @@ class SQLiteBroker(Broker):
         url: str,
         durability: str = "default",
         result_ttl: int = 86400,
-        lock_timeout: float = LOCK_TIMEOUT,
+        fail_fast: bool = False,
     ) -> None:
         self.url = url
-        self.lock_timeout = lock_timeout  # seconds a write waits for the lock before it fails
+        # Seconds a write waits for the lock before it fails (open_broker's `fail_fast`).
+        self.lock_timeout = FAIL_FAST_WAIT if fail_fast else LOCK_TIMEOUT
         self.result_ttl = result_ttl
         self.expire_at = 0.0  # monotonic time from which `expire` looks again
         self.path = path_from_url(url)
