@@ -133,7 +133,7 @@ class BrokerLink:
         """Write what happened to the broker in one transaction. While the broker is
         unreachable it stays buffered here, and goes out whole once the broker answers."""
         self.flush_at = 0.0
-        if (self.started_ids or self.outcomes or self.retries) and self.broker_available():
+        if self.unacked() and self.broker_available():
             with self.broker_call("ack"):
                 self.broker.turn(self.written_turn())
                 self.started_ids, self.outcomes, self.retries = [], [], []
@@ -172,10 +172,12 @@ class BrokerLink:
             lease=self.spec.lease,
         )
 
+    def unacked(self: Worker) -> bool:
+        """Whether a turn has something to write: STARTED marks, outcomes, retries."""
+        return bool(self.started_ids or self.outcomes or self.retries)
+
     def unflushed(self: Worker) -> bool:
-        return bool(
-            self.started_ids or self.outcomes or self.retries or any(self.unreleased.values())
-        )
+        return self.unacked() or any(self.unreleased.values())
 
     def renew(self: Worker, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
