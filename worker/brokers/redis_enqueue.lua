@@ -5,5 +5,5 @@
 for i = 5, #ARGV, 5 do
   submit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[3])
 end
-for q, what in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, what) end
+announce()
 return 0

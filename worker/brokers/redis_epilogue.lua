@@ -11,5 +11,5 @@ end
 local reply = cjson.encode(main())
 drop_spent()
 redis.call('SET', call_key, TOKEN .. ' ' .. reply, 'EX', 120)
-for q, what in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, what) end
+announce()
 return reply

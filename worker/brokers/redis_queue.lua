@@ -65,3 +65,8 @@ local function submit(id, q, name, body, eta, token)
     append(id, q, fields)
   end
 end
+
+-- Wake the workers of the queues this call added to (what `woken` says of each).
+local function announce()
+  for q, what in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, what) end
+end
