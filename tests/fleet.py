@@ -221,6 +221,14 @@ def wait_for(
 QUIET = 0.5
 
 
+def alive(proc: psutil.Process) -> bool:
+    """Whether this very process (pid and start time) still runs (a zombie does not)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def holds(condition: Callable[[], Any], seconds: float = QUIET, interval: float = 0.02) -> bool:
     """Whether `condition` stays truthy for `seconds` (polled; False the moment it is not)."""
     deadline = time.monotonic() + seconds

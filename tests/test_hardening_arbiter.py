@@ -27,7 +27,7 @@ import pytest
 import zmq
 
 from supervisor.states import FATAL_AFTER
-from tests.fleet import Fleet, executions, wait_for
+from tests.fleet import Fleet, alive, executions, wait_for
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.tree import STRAY_SIGNALS
 
@@ -97,14 +97,6 @@ def serving(fleet: Fleet) -> bool:
     assert fleet.proc is not None
     assert fleet.proc.poll() is None, f"fleetd exited with {fleet.proc.returncode}:\n{fleet.log()}"
     return True
-
-
-def alive(proc: psutil.Process) -> bool:
-    """Whether this very process (pid and start time) still runs."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 # --- a full disk ------------------------------------------------------------------------------

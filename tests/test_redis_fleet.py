@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
-from tests.fleet import Fleet, executions, wait_for
+from tests.fleet import Fleet, alive, executions, wait_for
 from tests.redisserver import start_redis
 from worker import Client
 from worker.brokers.base import FAIL_FAST_WAIT
@@ -156,13 +156,6 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         assert "broker unreachable" in fleet.log() and "broker reachable again" in fleet.log()
     finally:
         server.kill()
-
-
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def test_five_thousand_tasks_on_redis_all_succeed(
