@@ -38,6 +38,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,25 @@ class Chaos:
     def workers(self) -> list[int]:
         return self.fleet.worker_pids()
 
+    def executions(self) -> Iterator[tuple[str, str, int]]:
+        """The journal's lines as (S or E, task id, pid); the last may be half written."""
+        for line in self.journal.read_text().splitlines() if self.journal.exists() else []:
+            words = line.split()
+            if len(words) == 3 and words[2].isdigit():
+                yield words[0], words[1], int(words[2])
+
     def busy_children(self, children: list[int]) -> list[int]:
         """Children with a started, unfinished execution in the journal."""
         running: dict[int, int] = collections.Counter()
-        for line in self.journal.read_text().splitlines() if self.journal.exists() else []:
-            words = line.split()
-            if len(words) == 3 and words[2].isdigit():  # the last line may be half written
-                running[int(words[2])] += 1 if words[0] == "S" else -1
+        for kind, _, pid in self.executions():
+            running[pid] += 1 if kind == "S" else -1
         return [c for c in children if running.get(c, 0) > 0]
 
     def ended_in(self, pid: int) -> set[str]:
         """The ids of the executions the journal says ended in process `pid`."""
-        ended = set()
-        for line in self.journal.read_text().splitlines():
-            words = line.split()
-            if len(words) == 3 and words[0] == "E" and words[2] == str(pid):
-                ended.add(words[1])
-        return ended
+        return {
+            task_id for kind, task_id, ran_in in self.executions() if (kind, ran_in) == ("E", pid)
+        }
 
     # --- the events --------------------------------------------------------------------------
     def kill_child(self) -> bool:
@@ -273,14 +276,13 @@ def escapees(journal: Path) -> list[psutil.Process]:
     return alive
 
 
-def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
+def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """The run's figures, and the ids of the duplicates no kill explains."""
     states = collections.Counter(i["state"] for i in fleet.infos(ids))
     starts: collections.Counter[str] = collections.Counter()
     unfinished: set[tuple[str, int]] = set()
     started_by: dict[str, set[int]] = collections.defaultdict(set)
-    for line in chaos.journal.read_text().splitlines():
-        kind, task_id, pid_text = line.split()
-        pid = int(pid_text)
+    for kind, task_id, pid in chaos.executions():
         if kind == "S":
             starts[task_id] += 1
             unfinished.add((task_id, pid))
@@ -295,7 +297,7 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
         interrupted |= {t for t in held if started_by[t] & chaos.killed_pids}
     duplicated = {t for t, n in starts.items() if n > 1}
     ended = fleet.infos(chaos.poisons)
-    return {
+    figures: dict[str, Any] = {
         "poisons": len(chaos.poisons),
         "poisons_dead_lettered": sum(
             1 for i in ended if (i["state"], i.get("exc_type")) == ("FAILURE", "BadMessage")
@@ -308,27 +310,25 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> dict[str, int]:
         "unexplained_duplicates": len(duplicated - interrupted),
         "never_ran": sum(1 for i in ids if not starts[i]),
     }
+    return figures, duplicated - interrupted
 
 
-def explain(fleet: Fleet, chaos: Chaos, ids: list[str]) -> None:
+def explain(fleet: Fleet, chaos: Chaos, unexplained: set[str]) -> None:
     """Print what the journal and the fleet's log say of each duplicate no kill explains."""
-    lines = chaos.journal.read_text().splitlines()
-    runs: dict[str, list[str]] = collections.defaultdict(list)
-    for line in lines:
-        runs[line.split()[1]].append(line)
-    for task_id in ids:
-        starts = [line.split()[2] for line in runs[task_id] if line.startswith("S ")]
-        ends = [line.split()[2] for line in runs[task_id] if line.startswith("E ")]
-        if len(starts) < 2 or sorted(starts) != sorted(ends):
-            continue  # ran once, or a run that never ended explains the others
-        pids = {int(pid) for pid in starts}
-        print(f"chaos: {task_id} ran {len(starts)} times, each to its end:", file=sys.stderr)
-        for line in runs[task_id]:
-            killed = " (killed)" if int(line.split()[2]) in chaos.killed_pids else ""
-            print(f"  journal: {line}{killed}", file=sys.stderr)
-            for line in fleet.log().splitlines():
-                if task_id in line or any(str(pid) in line for pid in pids):
-                    print(f"  log: {line}", file=sys.stderr)
+    runs: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for kind, task_id, pid in chaos.executions():
+        if task_id in unexplained:
+            runs[task_id].append((kind, pid))
+    log = fleet.log().splitlines()
+    for task_id, executions in sorted(runs.items()):
+        pids = {str(pid) for _, pid in executions}
+        print(f"chaos: {task_id} ran more than once, and no kill explains it:", file=sys.stderr)
+        for kind, pid in executions:
+            killed = " (killed)" if pid in chaos.killed_pids else ""
+            print(f"  journal: {kind} {task_id} {pid}{killed}", file=sys.stderr)
+        for line in log:
+            if task_id in line or any(pid in line for pid in pids):
+                print(f"  log: {line}", file=sys.stderr)
 
 
 def held_by(client: Client, pid: int | None = None) -> set[str]:
@@ -434,7 +434,7 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
         except AssertionError as exc:
             print(f"chaos: {exc}", file=sys.stderr)
         drained = time.monotonic() - settled
-        figures: dict[str, Any] = tally(fleet, chaos, ids)
+        figures, unexplained = tally(fleet, chaos, ids)
         fleet.signal(signal.SIGTERM)  # its own stop: the harness's ends what it finds left
         fleet.wait_exit(120)
         escaped = escapees(journal)
@@ -464,7 +464,7 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
         or escaped
     )
     if broken:
-        explain(fleet, chaos, ids)
+        explain(fleet, chaos, unexplained)
         print(f"chaos: BROKEN; the fleet's folder is kept: {folder}", file=sys.stderr)
     elif not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
