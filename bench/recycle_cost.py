@@ -24,17 +24,10 @@ from pathlib import Path
 import psutil
 
 from bench.redis_server import RedisServer
-from bench.throughput import FLEETD, write_config
+from bench.throughput import FLEETD, stat_fields, write_config
 from fleetd import Client
 
 FORKS = 500  # of the floor's bare forks
-
-
-def stat_fields(pid: int) -> list[int]:
-    """/proc/PID/stat from its 4th field on (minflt at [6], cminflt [7], utime [10], stime
-    [11], cutime [12], cstime [13]), in ticks and counts."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return [int(field) for field in stat.read().rsplit(")", 1)[1].split()[1:15]]
 
 
 def fleet_figures(config: Path, tasks: int) -> dict[str, float]:

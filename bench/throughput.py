@@ -43,6 +43,13 @@ def drain(client: Client, handles: list) -> None:
         handle.get(timeout=120)
 
 
+def stat_fields(pid: int) -> list[int]:
+    """/proc/PID/stat from its 4th field on (minflt at [6], cminflt [7], utime [10], stime
+    [11], cutime [12], cstime [13]), in ticks and counts."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return [int(field) for field in stat.read().rsplit(")", 1)[1].split()[1:15]]
+
+
 def fleet_cpu(pid: int) -> float:
     """CPU seconds of the fleet under `pid`: each process's own and its reaped children's
     (utime, stime, cutime, cstime), so a child that exits during a run still counts."""
@@ -52,13 +59,12 @@ def fleet_cpu(pid: int) -> float:
         current = pids.pop()
         seen.add(current)
         try:
-            with open(f"/proc/{current}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            fields = stat_fields(current)
             with open(f"/proc/{current}/task/{current}/children") as children:
                 pids += [int(p) for p in children.read().split() if int(p) not in seen]
         except OSError:  # it exited meanwhile: its parent's cutime holds it
             continue
-        ticks += sum(int(field) for field in fields[11:15])
+        ticks += sum(fields[10:14])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
