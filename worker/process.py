@@ -189,9 +189,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             if fd == self.signal_fd:
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
-                if self.wakeup.clear():
+                scheduled = self.wakeup.clear()
+                if scheduled:
                     self.etas_read_at = None
-                self.queue_changed = True
+                if scheduled or self.wakeup.news():  # not for tasks our last reserve took
+                    self.queue_changed = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:

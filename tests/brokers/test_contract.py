@@ -692,6 +692,32 @@ def test_a_wakeup_for_a_task_scheduled_later_says_so(
         wake.close()
 
 
+def test_a_wakeup_for_a_task_no_reserve_read_yet_is_news(
+    broker: Broker, connect: BrokerFactory
+) -> None:
+    """A broker may tell the worker that a wake-up announces only tasks its last reserve
+    took (Wakeup.news), but never of a task that is still to be read: after a reserve that
+    took as many as it asked for (more may wait), nor after one that came back short."""
+    wake, producer = broker.wakeup(["q1"]), connect()
+    try:
+        wake.arm()
+        producer.enqueue([envelope("q1") for _ in range(3)])
+        assert len(broker.reserve(["q1"], 2, "w1", 30)) == 2
+        assert readable(wake, 5)
+        wake.clear()
+        assert wake.news()
+
+        assert len(broker.reserve(["q1"], 5, "w1", 30)) == 1
+        wake.arm()
+        producer.enqueue([envelope("q1")])
+        assert readable(wake, 5)
+        wake.clear()
+        assert wake.news()
+        assert len(broker.reserve(["q1"], 5, "w1", 30)) == 1
+    finally:
+        wake.close()
+
+
 # --- acting on dead letters --------------------------------------------------------
 def dead_lettered(broker: Broker, *tasks: Envelope) -> None:
     """Deliver each task, then end it as a dead letter, one after the other (oldest first)."""

@@ -85,6 +85,48 @@ def test_nothing_is_lost_when_redis_restarts_and_the_broker_reconnects(server: R
         broker.close()
 
 
+def test_a_wakeup_for_a_task_the_last_short_reserve_took_is_no_news(server: RedisServer) -> None:
+    """A worker reserves a task, then reads the wake-up its submit published: no reserve
+    for it (in a fleet that keeps up, a quarter of all reserves came back empty so). A task
+    that came after is news, also once a Redis that lost its data counts entries anew."""
+    broker, producer = RedisBroker(server.url), RedisBroker(server.url)
+    wake = broker.wakeup(["q1"])
+    try:
+        wake.arm()
+        producer.enqueue([envelope()])
+        assert len(broker.reserve(["q1"], 5, "w1", 30)) == 1  # read every entry there was
+        assert readable(wake, 5)
+        assert wake.clear() is False and not wake.news()
+
+        wake.arm()
+        producer.enqueue([envelope()])
+        assert readable(wake, 5)
+        assert wake.clear() is False and wake.news()
+
+        redis.Redis.from_url(server.url).flushall()  # a Redis that lost its data: the
+        server.kill()  # entry counter starts over
+        server.start()
+
+        def woke_after_arm() -> bool:
+            wake.arm()
+            return readable(wake, 0.1)
+
+        wait_for(woke_after_arm)  # resubscribed: news, whatever was queued meanwhile
+        wake.clear()
+        assert wake.news()
+        assert broker.reserve(["q1"], 5, "w1", 30) == []
+        assert wake.seen == 0  # what a wake-up is weighed against now
+        wake.arm()
+        producer.enqueue([envelope()])  # entry 0-1 of the new counter
+        assert readable(wake, 5)
+        wake.clear()
+        assert wake.news()
+    finally:
+        wake.close()
+        broker.close()
+        producer.close()
+
+
 def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:
     broker = RedisBroker(server.url)
     wake = broker.wakeup(["q1"])
@@ -478,18 +520,29 @@ def message(channel: bytes, payload: bytes) -> bytes:
 
 
 def test_wake_frames_split_complete_frames_and_say_whether_one_may_announce_an_eta() -> None:
-    ready, eta = message(b"p:wake:q", b"1"), message(b"p:wake:\r\n$1\r\n1", b"eta")
+    ready, eta = message(b"p:wake:q", b"n7"), message(b"p:wake:\r\n$1\r\n1", b"eta")
     pong = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
-    assert wake_frames(ready * 3) == (b"", False)
-    assert wake_frames(ready + eta) == (b"", True)  # a channel name holding a frame's bytes
-    assert wake_frames(pong) == (b"", True)
+    assert wake_frames(ready * 3, -1) == (b"", False, True)
+    assert wake_frames(ready + eta, 9) == (b"", True, True)  # a channel name holding a frame's bytes
+    assert wake_frames(pong, 9) == (b"", True, True)
     for cut in range(1, len(eta)):  # a frame cut anywhere waits for its rest
-        rest, scheduled = wake_frames(ready + eta[:cut])
-        assert (rest, scheduled) == (eta[:cut], False)
-        assert wake_frames(rest + eta[cut:]) == (b"", True)
+        rest, scheduled, news = wake_frames(ready + eta[:cut], 9)
+        assert (rest, scheduled, news) == (eta[:cut], False, False)
+        assert wake_frames(rest + eta[cut:], 9) == (b"", True, True)
     for bad in (b"+OK\r\n", b"*1\r\n-ERR no\r\n", b"*x\r\n"):
         with pytest.raises(ValueError):
-            wake_frames(bad)
+            wake_frames(bad, -1)
+
+
+def test_a_wakeup_for_entries_a_short_reserve_read_is_no_news() -> None:
+    """The newest entry a wake-up announces against the entry counter as the last reserve
+    that read every entry found it: up to it, that reserve (or another consumer) took them."""
+    assert wake_frames(message(b"p:wake:q", b"n7"), 7) == (b"", False, False)
+    assert wake_frames(message(b"p:wake:q", b"n8"), 7) == (b"", False, True)
+    assert wake_frames(message(b"p:wake:q", b"n7") * 2 + message(b"p:wake:q", b"n8"), 7)[2]
+    assert wake_frames(message(b"p:wake:q", b"1"), 7) == (b"", False, True)  # an older fleetd
+    for odd in (b"n", b"n-1", b"nx", b"", b"2"):  # not ours: may be anything
+        assert wake_frames(message(b"p:wake:q", odd), 7) == (b"", True, True)
 
 
 def test_get_on_a_redis_out_of_memory_waits_out_its_timeout_and_raises_nothing_else(

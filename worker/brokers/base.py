@@ -278,6 +278,12 @@ class Wakeup(abc.ABC):
         """Consume the readiness after a wake-up (never blocks). True if it may announce a
         task scheduled for later, so that the worker reads the queues' ETAs again."""
 
+    def news(self) -> bool:
+        """Whether the wake-ups that the last `clear` consumed may announce a task that the
+        broker's last short reserve did not see (one that read every entry there was), so
+        that the worker reserves again. A broker that cannot tell says True."""
+        return True
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -80,9 +80,10 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broken wake-up
-# What a write publishes on a queue's wake channel: "1" if it added only tasks ready now,
-# "eta" if it scheduled one for later (the scripts' `woken`).
-WAKE_READY = "1"
+# What a write publishes on a queue's wake channel (the scripts' `woken`): "n<N>" if it
+# added only tasks ready now, the newest as entry 0-N; "eta" if it scheduled one for later.
+WAKE_READY = b"n"
+WAKE_READY_BEFORE = b"1"  # what an older fleetd publishes for ready tasks
 WAKE_READ_SIZE = 65536
 
 
@@ -166,11 +167,18 @@ class PubSubWakeup(Wakeup):
     descriptor readable, so that the next reserve finds what was queued meanwhile.
     Once subscribed, a plain socket is read here, one read per wake-up (redis-py's reader
     spent 16 us on each, a worker's wake-up per task); a TLS one through redis-py.
+
+    `seen`: the entry counter as the broker's last turn that read every entry there was
+    found it (-1: none yet). A wake-up for entries up to it is no news: that turn took them,
+    or someone else did. (Should the counter start over, a Redis that lost its data, the
+    next reserve, woken by the resubscribe or by DRY_RECHECK, sets it anew.)
     """
 
     def __init__(self, connection: redis.Connection, channels: list[str]) -> None:
         self._conn = connection
         self._channels = channels
+        self.seen = -1
+        self._news = True  # what the last clear() found
         self._idle_r, self._idle_w = os.pipe()
         self._fd = os.dup(self._idle_r)
         self._broken = False
@@ -213,7 +221,11 @@ class PubSubWakeup(Wakeup):
             return
         self._broken = False
 
+    def news(self) -> bool:
+        return self._news
+
     def clear(self) -> bool:
+        self._news = True
         if self._broken:
             return True
         if not self._raw:
@@ -221,27 +233,30 @@ class PubSubWakeup(Wakeup):
         try:  # one read: if more waits, the descriptor stays readable
             data = os.read(self._fd, WAKE_READ_SIZE)
         except BlockingIOError:
+            self._news = False
             return False
         except OSError:
             data = b""
         try:
             if not data:  # the server closed the connection
                 raise ValueError("end of stream")
-            self._tail, scheduled = wake_frames(self._tail + data)
+            self._tail, scheduled, self._news = wake_frames(self._tail + data, self.seen)
         except ValueError:  # gone, or out of step with the protocol: subscribe anew
             self._break()
             return True
         return scheduled
 
     def _clear_parsed(self) -> bool:
-        scheduled = False
+        scheduled = news = False
         try:
             while self._conn.can_read(timeout=0):
-                message = self._conn.read_response()
-                scheduled = scheduled or message[-1] != WAKE_READY
+                message = self._conn.read_response()  # text: the pool decodes replies
+                said = wake_news([str(item).encode() for item in message[0::2]], self.seen)
+                scheduled, news = scheduled or said[0], news or said[1]
         except CONNECTION_ERRORS:
             self._break()
             return True
+        self._news = news
         return scheduled
 
     def close(self) -> None:
@@ -251,19 +266,36 @@ class PubSubWakeup(Wakeup):
                 os.close(fd)
 
 
-def wake_frames(buffer: bytes) -> tuple[bytes, bool]:
+def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool]:
     """What follows the complete frames of a subscribed connection's `buffer` (the start of
-    an incomplete one), and whether any of them may announce a scheduled task: anything but
-    ["message", channel, WAKE_READY] (a wake-up for "eta", the PING reply after a
-    resubscribe). ValueError for what is not the protocol."""
-    scheduled, at = False, 0
+    an incomplete one); whether any of them may announce a scheduled task; whether any may
+    announce a task that a reserve which read up to entry `seen` did not see (wake_news).
+    ValueError for what is not the protocol."""
+    scheduled = news = False
+    at = 0
     while at < len(buffer):
         frame = resp_array(buffer, at)
         if frame is None:
             break
         at, items = frame
-        scheduled = scheduled or items[0::2] != [b"message", WAKE_READY.encode()]
-    return buffer[at:], scheduled
+        said = wake_news(items[0::2], seen)
+        scheduled, news = scheduled or said[0], news or said[1]
+    return buffer[at:], scheduled, news
+
+
+def wake_news(kind_and_payload: list[Any], seen: int) -> tuple[bool, bool]:
+    """What a frame of a subscribed connection says: (may announce a scheduled task, may
+    announce one not seen). ["message", channel, b"n<N>"]: ready tasks up to entry N, news
+    past `seen`; b"1" (an older fleetd's): ready ones, news; anything else (b"eta", the
+    PING reply after a resubscribe) may be both."""
+    if len(kind_and_payload) != 2 or kind_and_payload[0] != b"message":
+        return True, True
+    payload = kind_and_payload[1]
+    if payload == WAKE_READY_BEFORE:
+        return False, True
+    if payload[:1] == WAKE_READY and payload[1:].isdigit():
+        return False, int(payload[1:]) > seen
+    return True, True
 
 
 class CallRetry(ConnectionRetry):
@@ -351,6 +383,7 @@ class RedisBroker(Broker):
         )
         self._idle: list[Link] = []
         self._pid = os.getpid()
+        self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -418,7 +451,13 @@ class RedisBroker(Broker):
             "owner": turn.owner,
             "lease_ms": int(turn.lease * 1000),
         }
-        return [delivery(*row) for row in self._run("turn", args)]  # no rows: {}
+        reply = self._run("turn", args)
+        if not reply:  # nothing asked for: {}
+            return []
+        if reply["seq"] is not None:
+            for wake in self._wakeups:
+                wake.seen = reply["seq"]
+        return [delivery(*row) for row in reply["rows"]]  # no rows: {}
 
     def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if ids:
@@ -445,7 +484,9 @@ class RedisBroker(Broker):
             "socket_connect_timeout": 1.0,
         }
         connection = pool.connection_class(**options)
-        return PubSubWakeup(connection, [self._key("wake", q) for q in dict.fromkeys(queues)])
+        wake = PubSubWakeup(connection, [self._key("wake", q) for q in dict.fromkeys(queues)])
+        self._wakeups.append(wake)
+        return wake
 
     def next_due(self, queues: list[str]) -> float | None:
         pipe = self.redis.pipeline(transaction=False)

@@ -3,7 +3,10 @@
 -- (epoch seconds). Stream entries are `0-N`, N from one counter across the queues.
 local P, NOW = ARGV[1], ARGV[4]
 local GROUP = 'workers'
-local woken = {}  -- queue -> what to publish on its wake channel: '1' (ready), 'eta'
+-- Queue -> what to publish on its wake channel: 'n<N>' (tasks ready, the newest entry 0-N:
+-- a worker whose last reserve came back short when N was already taken ignores it), 'eta'
+-- (one scheduled for later; maybe ready ones too).
+local woken = {}
 
 local function task_key(id) return P .. ':r:' .. id end
 local function stream_key(q) return P .. ':q:' .. q end
@@ -26,14 +29,15 @@ end
 -- lease, the ETA) is the caller's.
 local function append(id, q, fields)
   open_queue(q)
-  local entry = '0-' .. redis.call('INCR', P .. ':seq')
+  local n = redis.call('INCR', P .. ':seq')
+  local entry = '0-' .. n
   if type(redis.pcall('XADD', stream_key(q), entry, 'id', id)) ~= 'string' then
     -- Someone else's entry (an id Redis chose) tops the stream: ours must come after it.
     entry = redis.call('XADD', stream_key(q), '*', 'id', id)
   end
   redis.call('HSET', task_key(id), 'status', 'queued', 'entry', entry, 'ready', NOW,
     unpack(fields))
-  woken[q] = woken[q] or '1'
+  if woken[q] ~= 'eta' then woken[q] = 'n' .. n end
 end
 
 -- Hold a task back in its queue's ETA set until it is due (`fields` as for append).

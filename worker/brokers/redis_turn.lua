@@ -5,7 +5,9 @@
 -- deleted from the record, but for node. A.retries: [[id, body, eta, exc_type,
 -- exc_message]]. Then A.n, A.queues, A.owner, A.lease_ms: moves due ETA messages into
 -- their streams (up to 1000 a queue per call) and hands out the n oldest undelivered
--- entries of all the queues.
+-- entries of all the queues. Its reply is then {rows = what it handed out, seq = the entry
+-- counter if it read every entry there was, else null}: a wake-up for an entry up to seq
+-- announces nothing that this reserve did not see.
 local OUTCOME_FIELDS = {'state', 'result', 'exc_type', 'exc_message', 'traceback', 'node',
   'runtime'}
 
@@ -174,9 +176,11 @@ local function reserve()
       redis.call('HDEL', task_key(id), 'eta')
     end
   end
-  local delivered = {}
+  local delivered, read = {}, 0
   for q, count in pairs(counts_to_read()) do
-    for _, e in ipairs(read_new(q, count)) do
+    local entries = read_new(q, count)
+    read = read + #entries
+    for _, e in ipairs(entries) do
       local entry, id = e[1], entry_field(e[2], 'id')
       local v = id and redis.call('HMGET', task_key(id), 'status', 'entry', 'name', 'body',
         'deliveries', 'ready')
@@ -198,7 +202,7 @@ local function reserve()
   table.sort(delivered, function(a, b) return a.seq < b.seq end)
   local reply = {}
   for i, d in ipairs(delivered) do reply[i] = d.reply end
-  return reply
+  return reply, read
 end
 
 local function main()
@@ -206,6 +210,11 @@ local function main()
   for _, o in ipairs(A.outcomes) do finish(o) end
   for _, r in ipairs(A.retries) do retry(r) end
   drop_spent()
-  if A.n > 0 then return reserve() end
+  if A.n > 0 then
+    local rows, read = reserve()
+    -- Read fewer than asked: every queue's entries up to the counter's value were read.
+    local counter = read < A.n and (tonumber(redis.call('GET', P .. ':seq')) or 0) or null
+    return {rows = rows, seq = counter}
+  end
   return {}
 end
