@@ -523,7 +523,8 @@ def test_wake_frames_split_complete_frames_and_say_whether_one_may_announce_an_e
     ready, eta = message(b"p:wake:q", b"n7"), message(b"p:wake:\r\n$1\r\n1", b"eta")
     pong = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
     assert wake_frames(ready * 3, -1) == (b"", False, True)
-    assert wake_frames(ready + eta, 9) == (b"", True, True)  # a channel name holding a frame's bytes
+    # a channel name holding a frame's bytes
+    assert wake_frames(ready + eta, 9) == (b"", True, True)
     assert wake_frames(pong, 9) == (b"", True, True)
     for cut in range(1, len(eta)):  # a frame cut anywhere waits for its rest
         rest, scheduled, news = wake_frames(ready + eta[:cut], 9)
