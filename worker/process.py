@@ -189,10 +189,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             if fd == self.signal_fd:
                 self.handle_signals()
             elif fd == self.wakeup.fileno():
-                scheduled = self.wakeup.clear()
-                if scheduled:
+                if self.wakeup.clear():
                     self.etas_read_at = None
-                if scheduled or self.wakeup.news():  # not for tasks our last reserve took
+                if self.wakeup.news():  # not for tasks our last reserve took
                     self.queue_changed = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)

@@ -281,7 +281,8 @@ class Wakeup(abc.ABC):
     def news(self) -> bool:
         """Whether the wake-ups that the last `clear` consumed may announce a task that the
         broker's last short reserve did not see (one that read every entry there was), so
-        that the worker reserves again. A broker that cannot tell says True."""
+        that the worker reserves again; True whenever `clear` returned True. A broker that
+        cannot tell says True."""
         return True
 
     @abc.abstractmethod

@@ -247,16 +247,15 @@ class PubSubWakeup(Wakeup):
         return scheduled
 
     def _clear_parsed(self) -> bool:
-        scheduled = news = False
+        frames = []
         try:
             while self._conn.can_read(timeout=0):
                 message = self._conn.read_response()  # text: the pool decodes replies
-                said = wake_news([str(item).encode() for item in message[0::2]], self.seen)
-                scheduled, news = scheduled or said[0], news or said[1]
+                frames.append([str(item).encode() for item in message])
         except CONNECTION_ERRORS:
             self._break()
             return True
-        self._news = news
+        scheduled, self._news = wake_news(frames, self.seen)
         return scheduled
 
     def close(self) -> None:
@@ -271,31 +270,33 @@ def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool]:
     an incomplete one); whether any of them may announce a scheduled task; whether any may
     announce a task that a reserve which read up to entry `seen` did not see (wake_news).
     ValueError for what is not the protocol."""
-    scheduled = news = False
-    at = 0
+    frames, at = [], 0
     while at < len(buffer):
         frame = resp_array(buffer, at)
         if frame is None:
             break
         at, items = frame
-        said = wake_news(items[0::2], seen)
-        scheduled, news = scheduled or said[0], news or said[1]
-    return buffer[at:], scheduled, news
+        frames.append(items)
+    return (buffer[at:], *wake_news(frames, seen))
 
 
-def wake_news(kind_and_payload: list[Any], seen: int) -> tuple[bool, bool]:
-    """What a frame of a subscribed connection says: (may announce a scheduled task, may
-    announce one not seen). ["message", channel, b"n<N>"]: ready tasks up to entry N, news
-    past `seen`; b"1" (an older fleetd's): ready ones, news; anything else (b"eta", the
-    PING reply after a resubscribe) may be both."""
-    if len(kind_and_payload) != 2 or kind_and_payload[0] != b"message":
-        return True, True
-    payload = kind_and_payload[1]
-    if payload == WAKE_READY_BEFORE:
-        return False, True
-    if payload[:1] == WAKE_READY and payload[1:].isdigit():
-        return False, int(payload[1:]) > seen
-    return True, True
+def wake_news(frames: list[list[bytes]], seen: int) -> tuple[bool, bool]:
+    """What a subscribed connection's frames say: (any may announce a scheduled task, any
+    may announce one not seen). ["message", channel, b"n<N>"]: ready tasks up to entry N,
+    news past `seen`; b"1" (an older fleetd's): ready ones, news; anything else (b"eta",
+    the PING reply after a resubscribe) may be both."""
+    news = False
+    for frame in frames:
+        if len(frame) != 3 or frame[0] != b"message":
+            return True, True
+        payload = frame[2]
+        if payload[:1] == WAKE_READY and payload[1:].isdigit():
+            news = news or int(payload[1:]) > seen
+        elif payload == WAKE_READY_BEFORE:
+            news = True
+        else:
+            return True, True
+    return False, news
 
 
 class CallRetry(ConnectionRetry):
