@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from supervisor import orphans
-from tests.fleet import Fleet, holds, wait_for
+from tests.fleet import Fleet, executions, holds, wait_for
 from worker import TaskFailed, tree
 
 ESCAPE_TASKS = '''
-import os, subprocess, sys, time
+import asyncio, os, subprocess, sys, time
 from worker import task
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -96,6 +96,34 @@ def short_lived_daemon():
     os.close(r)
     os.waitpid(middle, 0)
     return os.getpid()
+
+
+def copy_ends(how):
+    """What a careless task's fork does in the copy: return, raise, or sys.exit(3)."""
+    if how == "exit":
+        sys.exit(3)
+    if how == "raise":
+        raise RuntimeError("the copy's error")
+    return "the copy's result"
+
+
+@task
+def fork_and_wait(how):
+    """Fork a copy that leaves the task the way `how` says: the copy's exit code."""
+    pid = os.fork()
+    if pid == 0:
+        return copy_ends(how)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@task
+async def fork_and_wait_async(how):
+    pid = os.fork()
+    if pid == 0:
+        return copy_ends(how)
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        await asyncio.sleep(0.01)
+    return os.waitstatus_to_exitcode(done[1])
 '''
 
 
@@ -282,6 +310,32 @@ def test_a_child_reaps_the_daemons_its_tasks_left_between_tasks(escape_fleet) ->
 
     assert fleet.client.submit("tasks.pid").get(timeout=15) == child
     assert len(zombies()) <= 1, "the daemons of earlier tasks were never reaped"
+
+
+@pytest.mark.parametrize("name", ["fork_and_wait", "fork_and_wait_async"])
+def test_a_copy_that_a_task_forks_and_that_leaves_the_task_ends_there(
+    escape_fleet, tmp_path: Path, name: str
+) -> None:
+    """A task forks and the copy leaves the task function (returns, raises, sys.exit, as a
+    fork without os._exit does): the copy ends there, with the exit code its code asked
+    for, and never answers for a task or reads one. Every task, those queued behind it in
+    the same child included, runs once, on the child, with its own outcome."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1, "prefetch": 4})
+    fleet.start()
+    journal = tmp_path / "journal.txt"
+    [child] = fleet.child_pids()
+    forks, others = {}, []
+    for how in ("return", "raise", "exit"):
+        forks[how] = fleet.client.submit(f"escape_tasks.{name}", how)
+        others += [fleet.client.submit("tasks.journal", str(journal)) for _ in range(3)]
+    assert {how: h.get(timeout=15) for how, h in forks.items()} == {
+        "return": 0,
+        "raise": 1,
+        "exit": 3,
+    }
+    assert [h.get(timeout=15) for h in others] == [child] * len(others)
+    assert executions(journal) == {h.id: 1 for h in others}
+    assert fleet.child_pids() == [child]
 
 
 # --- the pieces, on plain processes ------------------------------------------------------------

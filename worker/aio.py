@@ -85,6 +85,7 @@ class EventLoopChild:
             self.child.leave()
 
     def read_tasks(self) -> None:
+        self.child.leave_if_forked(None)  # a task's fork shares our loop's epoll: never read
         try:
             frames = self.reader.read_frames(self.child.task_fd)
         except InterruptedError:
@@ -136,8 +137,10 @@ class EventLoopChild:
                 task_id, SoftTimeLimitExceeded(SOFT_MESSAGE) if soft else cancelled, start
             )
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
+            self.child.leave_if_forked(exc)
             reply = self.child.raised(task_id, exc, start)
         else:
+            self.child.leave_if_forked(None)
             reply = self.child.returned(task_id, result, start)
         finally:
             self.running.pop(task_id, None)
@@ -155,6 +158,7 @@ class EventLoopChild:
         self.replies.append(encode_reply(reply))
 
     def send_replies(self) -> None:
+        self.child.leave_if_forked(None)  # a copy that a task forked answers for nothing
         if self.replies:
             data, self.replies = b"".join(self.replies), []
             write_all(self.child.result_fd, data)
@@ -162,6 +166,7 @@ class EventLoopChild:
     def read_control(self) -> None:
         """Take in revoked ids, soft limits and cancels from the control pipe."""
         child = self.child
+        child.leave_if_forked(None)  # what a task's fork reads, the child would never see
         try:
             while data := os.read(child.revoke_fd, 65536):
                 *lines, child.revoke_tail = (child.revoke_tail + data).split(b"\n")

@@ -104,6 +104,7 @@ def reap_adopted() -> None:
 
 class Child:
     def __init__(self, task_fd: int, result_fd: int, revoke_fd: int) -> None:
+        self.pid = os.getpid()  # a copy that a task forks is another process: see leave_if_forked
         self.task_fd = task_fd
         self.result_fd = result_fd
         self.revoke_fd = revoke_fd  # ids revoked while their task waited in our pipe
@@ -122,9 +123,28 @@ class Child:
 
     def leave(self) -> None:
         """Stop cleanly, between tasks."""
+        self.leave_if_forked(None)
         with contextlib.suppress(OSError):
             os.write(self.result_fd, BYE)
         os._exit(CLEAN_STOP)
+
+    def leave_if_forked(self, exc: BaseException | None) -> None:
+        """End here if we are a copy that a task forked and that left the task function
+        (returned, or raised `exc`) instead of calling os._exit: the copy must never answer
+        for a task, nor read one. It exits as a Python program would, without the atexit
+        handlers it shares with the child."""
+        if os.getpid() == self.pid:
+            return
+        code = 0
+        if isinstance(exc, SystemExit):
+            code = exit_code(exc)
+        elif exc is not None:
+            traceback.print_exception(exc)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)
 
     def on_soft_limit(self, signum: int, frame: Any) -> None:
         if self.in_task:
@@ -201,9 +221,11 @@ class Child:
             finally:
                 self.in_task = False
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
+            self.leave_if_forked(exc)
             return self.raised(task_id, exc, start)
         finally:
             sys.stdout.flush()
+        self.leave_if_forked(None)
         return self.returned(task_id, result, start)
 
     @classmethod
@@ -242,6 +264,18 @@ class Child:
             "tb": traceback_text(),
             "rt": time.perf_counter() - start,
         }
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The exit status Python gives `sys.exit(code)`: None is 0, an int is itself (its
+    low byte), anything else is printed to stderr and is 1."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    with contextlib.suppress(BaseException):
+        print(exc.code, file=sys.stderr)
+    return 1
 
 
 def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
