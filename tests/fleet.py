@@ -67,6 +67,26 @@ def pid():
     return os.getpid()
 
 @task
+def take_signals(how, gate=None, marker=None):
+    """Take TERM and USR1 for the task itself, as a library's own shutdown handling does:
+    `ignore` them, `handle` them (a handler that does nothing) or `block` them; then hold
+    until the test creates `gate`, if it names one."""
+    if how == "block":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        if how == "ignore":
+            signal.signal(sig, signal.SIG_IGN)
+        elif how == "handle":
+            signal.signal(sig, lambda signum, frame: None)
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"start {os.getpid()}\\n")
+    deadline = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+@task
 def record(path, value):
     with open(path, "a") as f:
         f.write(f"{value}\\n")

@@ -702,6 +702,38 @@ def test_child_term_finishes_its_task_then_exits_and_is_replaced(
     wait_for(lambda: not alive(child) and len(fleet.child_pids()) == 1, 5, message="a replacement")
 
 
+@pytest.mark.parametrize("how", ["ignore", "handle", "block"])
+def test_a_task_that_takes_term_for_itself_holds_no_warm_shutdown(
+    make_fleet, tmp_path: Path, how: str
+) -> None:
+    """A task ignores, handles or blocks TERM (and USR1), and the fleet's TERM comes while
+    it runs: it finishes, and the tasks behind it in its child's pipe go back (the child
+    has its own handlers again after each task, and the worker sends its TERM again), at
+    most one of them starting meanwhile; none of them is lost. A soft time limit raises in
+    the next task as before."""
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 3}).start()
+    gate, marker = tmp_path / "gate", tmp_path / "started.txt"
+    taker = fleet.client.submit("tasks.take_signals", how, str(gate), str(marker))
+    behind = fleet.client.submit_many([("tasks.sleep", (0.3, str(marker)), {})] * 3)
+    wait_for(marker.exists, 10, message="the task to start")
+    [child] = fleet.child_pids()
+    fleet.signal(signal.SIGTERM)
+    wait_for(lambda: "warm shutdown" in fleet.log(), 5, message="the warm shutdown")
+    gate.touch()
+    assert fleet.wait_exit(15) == 0
+    assert taker.get(timeout=5) == child
+    states = [h.info()["state"] for h in behind]
+    assert states.count("SUCCESS") + states.count("PENDING") == 3
+    assert states.count("SUCCESS") <= 1, "the child ran the tasks its pipe held"
+    fleet.start()
+    for handle in behind:
+        handle.get(timeout=15)
+    assert len(lines(marker)) == 4  # the taker once, and each task behind it once
+    [child] = fleet.child_pids()
+    assert fleet.client.submit("tasks.take_signals", how).get(timeout=10) == child
+    assert fleet.client.submit("tasks.soft_limited").get(timeout=10) == "cleaned up"
+
+
 def test_child_ignores_int_and_usr1_raises_soft_time_limit_in_its_task(
     make_fleet, tmp_path: Path
 ) -> None:

@@ -68,6 +68,7 @@ class EventLoopChild:
         """Run the loop for the rest of the child's life, starting with `frames`."""
         asyncio.set_event_loop(self.loop)
         self.loop.add_signal_handler(signal.SIGTERM, self.on_term)
+        self.child.handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)  # the loop's
         self.loop.add_reader(self.child.task_fd, self.read_tasks)
         self.loop.add_reader(self.child.revoke_fd, self.read_control)
         self.take(frames)
@@ -115,6 +116,7 @@ class EventLoopChild:
                 self.reply(self.child.answer(frame))
                 self.send_replies()
                 self.child.busy = False
+                self.child.restore_signals()
                 continue
             deliveries, body = frame
             task_id = str(body.get("id"))
@@ -147,6 +149,7 @@ class EventLoopChild:
             self.soft_cancelled.discard(task_id)
             self.child.busy = bool(self.running)
         sys.stdout.flush()
+        self.child.restore_signals()
         self.reply(reply)
         self.leave_if_idle()
 

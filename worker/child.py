@@ -14,6 +14,7 @@ hands it one only when no async task is in flight there).
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import json
 import math
@@ -151,13 +152,19 @@ class Child:
             raise SoftTimeLimitExceeded("soft time limit exceeded")
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.on_term)
-        signal.signal(signal.SIGUSR1, self.on_soft_limit)
+        # The handlers the child stops by, put back after each task (restore_signals).
+        self.handlers: dict[int, Any] = {
+            signal.SIGTERM: self.on_term,
+            signal.SIGUSR1: self.on_soft_limit,
+        }
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)  # a task's code sees Python's defaults
+        self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()
@@ -179,8 +186,21 @@ class Child:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
                 self.busy = False
+                self.restore_signals()
                 if self.stop_when_idle:
                     return
+
+    def restore_signals(self) -> None:
+        """Undo what a task did to the signals the child stops by: a handler of its own for
+        TERM (a library's graceful shutdown) or USR1, TERM blocked or ignored. Else a warm
+        shutdown would wait on a child that runs every task in its pipe, and a soft time
+        limit would raise nothing. (A TERM the task's handler took, the worker sends again.)
+        _signal's calls are signal's without the enums those wrap around handlers and masks,
+        which cost some 5 us a task."""
+        for sig, handler in self.handlers.items():
+            if _signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
     def is_async(self, frame: Any) -> bool:
         """The frame is a task whose function is an `async def`."""

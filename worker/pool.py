@@ -276,6 +276,11 @@ class Pool:
             self.begin(child.tasks[0], time.monotonic())
         if reply.get("exit"):
             child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
+        elif self.shutdown == "warm" and child.tasks:
+            # Our TERM went to a handler of that task's own (the child has its own back
+            # now): send it again, or the child would run every task in its pipe.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
         if running.settled:
             if running.terminated_at is not None:
                 self.retire_child(child)
