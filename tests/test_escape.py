@@ -124,6 +124,26 @@ async def fork_and_wait_async(how):
     while not (done := os.waitpid(pid, os.WNOHANG))[0]:
         await asyncio.sleep(0.01)
     return os.waitstatus_to_exitcode(done[1])
+
+
+def lose(how):
+    if how == "full":
+        sys.stdout = open("/dev/full", "w")  # as a file on a full disk
+    print("printed, no end of line yet", end="")
+    if how == "none":
+        sys.stdout = None
+    return os.getpid()
+
+
+@task
+def lose_stdout(how):
+    """Print where it cannot be written: to a `full` disk, or with `none` in sys.stdout."""
+    return lose(how)
+
+
+@task
+async def lose_stdout_async(how):
+    return lose(how)
 '''
 
 
@@ -335,6 +355,25 @@ def test_a_copy_that_a_task_forks_and_that_leaves_the_task_ends_there(
     }
     assert [h.get(timeout=15) for h in others] == [child] * len(others)
     assert executions(journal) == {h.id: 1 for h in others}
+    assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize("how", ["full", "none"])
+@pytest.mark.parametrize("name", ["escape_tasks.lose_stdout", "escape_tasks.lose_stdout_async"])
+def test_a_task_whose_stdout_fails_succeeds_once_and_its_child_goes_on(
+    escape_fleet, name: str, how: str
+) -> None:
+    """A task prints to a stdout on a full disk, or sets sys.stdout to None: flushing what it
+    printed fails, which costs that output, not the child nor the task's outcome; the next
+    task prints to the child's own stdout again."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    handle = fleet.client.submit(name, how)
+    assert handle.get(timeout=10) == child
+    assert handle.info()["deliveries"] == 1
+    assert fleet.client.submit("tasks.say", f"{how} was undone").get(timeout=10)
+    wait_for(lambda: f"{how} was undone" in fleet.log(), 10, message="the next task's print")
     assert fleet.child_pids() == [child]
 
 

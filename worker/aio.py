@@ -27,11 +27,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from typing import Any
 
-from .child import Child, encode_reply, reap_adopted
+from .child import Child, encode_reply, flush_output, reap_adopted
 from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, Undecodable, write_all
 from .task import REGISTRY, Request, SoftTimeLimitExceeded
 
@@ -116,7 +115,7 @@ class EventLoopChild:
                 self.reply(self.child.answer(frame))
                 self.send_replies()
                 self.child.busy = False
-                self.child.restore_signals()
+                self.child.restore()
                 continue
             deliveries, body = frame
             task_id = str(body.get("id"))
@@ -148,8 +147,8 @@ class EventLoopChild:
             self.running.pop(task_id, None)
             self.soft_cancelled.discard(task_id)
             self.child.busy = bool(self.running)
-        sys.stdout.flush()
-        self.child.restore_signals()
+        flush_output()
+        self.child.restore()
         self.reply(reply)
         self.leave_if_idle()
 

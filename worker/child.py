@@ -95,6 +95,14 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
         return encode({**failure, "s": "FAILURE", "t": ENCODE_ERROR, "m": message})
 
 
+def flush_output() -> None:
+    """Flush what tasks printed. A task may have closed fd 1 or put anything in sys.stdout
+    (None, an object whose flush raises): what it printed is lost then, never the child,
+    nor the outcome of the task that did it."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+
+
 def reap_adopted() -> None:
     """Collect the descendants that ended after they were re-parented to us. Only between
     tasks: during one, a `subprocess.Popen` of the task must get its own child's status."""
@@ -152,7 +160,8 @@ class Child:
             raise SoftTimeLimitExceeded("soft time limit exceeded")
 
     def run(self) -> None:
-        # The handlers the child stops by, put back after each task (restore_signals).
+        # What a task may change and the child relies on, put back after each task (restore):
+        # the handlers it stops by, its signal mask (below), and its output streams.
         self.handlers: dict[int, Any] = {
             signal.SIGTERM: self.on_term,
             signal.SIGUSR1: self.on_soft_limit,
@@ -165,6 +174,7 @@ class Child:
         for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)  # a task's code sees Python's defaults
         self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        self.streams = sys.stdout, sys.stderr
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()
@@ -186,21 +196,23 @@ class Child:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
                 self.busy = False
-                self.restore_signals()
+                self.restore()
                 if self.stop_when_idle:
                     return
 
-    def restore_signals(self) -> None:
-        """Undo what a task did to the signals the child stops by: a handler of its own for
-        TERM (a library's graceful shutdown) or USR1, TERM blocked or ignored. Else a warm
-        shutdown would wait on a child that runs every task in its pipe, and a soft time
-        limit would raise nothing. (A TERM the task's handler took, the worker sends again.)
-        _signal's calls are signal's without the enums those wrap around handlers and masks,
-        which cost some 5 us a task."""
+    def restore(self) -> None:
+        """Undo what a task did to the child's own state: a handler of its own for TERM (a
+        library's graceful shutdown) or USR1, TERM blocked or ignored, sys.stdout or
+        sys.stderr replaced. Else a warm shutdown would wait on a child that runs every
+        task in its pipe, a soft time limit would raise nothing, and the next tasks would
+        print into the stream a task left (or fail there). (A TERM that a task's handler
+        took, the worker sends again.) _signal's calls are signal's without the enums those
+        wrap around handlers and masks, which cost some 5 us a task."""
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        sys.stdout, sys.stderr = self.streams
 
     def is_async(self, frame: Any) -> bool:
         """The frame is a task whose function is an `async def`."""
@@ -244,7 +256,7 @@ class Child:
             self.leave_if_forked(exc)
             return self.raised(task_id, exc, start)
         finally:
-            sys.stdout.flush()
+            flush_output()
         self.leave_if_forked(None)
         return self.returned(task_id, result, start)
 
