@@ -18,6 +18,7 @@ import redis
 
 from tests.poison import RawTask, write_redis
 from tests.redisserver import RedisServer, start_redis
+from worker.brokers import redis as redis_broker
 from worker.brokers.base import (
     PENDING,
     RETRY,
@@ -125,6 +126,42 @@ def test_a_wakeup_for_a_task_the_last_short_reserve_took_is_no_news(server: Redi
         wake.close()
         broker.close()
         producer.close()
+
+
+def test_a_producer_registers_a_queue_now_and_then_and_loses_no_task_when_redis_lost_it(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submits within KNOWN_FRESH of the one that registered their queue leave it as it is
+    (no SADD, no stream check). If Redis lost its data meanwhile, such a submit makes a
+    stream without the workers' group: past KNOWN_FRESH the producer registers the queue
+    again and makes the group, and a worker's read makes it too. No task is lost."""
+    monkeypatch.setattr(redis_broker, "KNOWN_FRESH", 0.5)
+    producer, worker = RedisBroker(server.url), RedisBroker(server.url)
+    raw = redis.Redis.from_url(server.url)
+    try:
+        producer.enqueue([envelope()])
+        raw.config_resetstat()
+        producer.enqueue([envelope()])
+        producer.enqueue([envelope(), envelope()])
+        assert "cmdstat_sadd" not in raw.info("commandstats")
+        raw.flushall()
+        after = [envelope()]
+        producer.enqueue(after)
+        stream = f"{worker.prefix}:q:q1"
+        assert not raw.exists(f"{worker.prefix}:queues") and raw.xinfo_groups(stream) == []
+        time.sleep(0.5)  # KNOWN_FRESH
+        after.append(envelope())
+        producer.enqueue(after[1:])
+        assert raw.smembers(f"{worker.prefix}:queues") == {b"q1"}
+        assert [g["name"] for g in raw.xinfo_groups(stream)] == [b"workers"]
+        assert ids(worker.reserve(["q1"], 5, "w1", 30)) == ids(after)
+        raw.flushall()  # and a worker's read makes the group of such a stream
+        producer.enqueue(after[:1])
+        assert ids(worker.reserve(["q1"], 5, "w1", 30)) == ids(after[:1])
+    finally:
+        producer.close()
+        worker.close()
+        raw.close()
 
 
 def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:

@@ -85,6 +85,11 @@ WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broke
 WAKE_READY = b"n"
 WAKE_READY_BEFORE = b"1"  # what an older fleetd publishes for ready tasks
 WAKE_READ_SIZE = 65536
+# Seconds a producer trusts that a queue it registered (its name in {p}:queues, its stream
+# and group) is still there: its submits skip that in between. Past it, or if Redis lost its
+# data meanwhile, the next submit registers it again (a stream that a skipped submit made
+# has no group yet: the workers' first read makes it, from the first entry).
+KNOWN_FRESH = 5.0
 
 
 class LuaScript:
@@ -385,6 +390,7 @@ class RedisBroker(Broker):
         self._idle: list[Link] = []
         self._pid = os.getpid()
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
+        self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -425,7 +431,9 @@ class RedisBroker(Broker):
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
-        argv = [self.prefix, "", "", _exact(time.time())]  # as the write scripts' ARGV
+        now, queues = time.monotonic(), {e.queue for e in envelopes}
+        known = all(now - self._registered.get(q, -KNOWN_FRESH) < KNOWN_FRESH for q in queues)
+        argv = [self.prefix, "known" if known else "", "", _exact(time.time())]
         for e in envelopes:
             argv += (e.id, e.queue, e.name, e.body, "" if e.eta is None else _exact(e.eta))
 
@@ -434,6 +442,8 @@ class RedisBroker(Broker):
             return link.evaluate(ENQUEUE_SCRIPT, *argv)
 
         self._call(send)
+        if not known:
+            self._registered.update(dict.fromkeys(queues, now))
 
     # --- consuming -------------------------------------------------------------
     def turn(self, turn: Turn) -> list[Delivery]:

@@ -13,7 +13,19 @@ local function stream_key(q) return P .. ':q:' .. q end
 local function eta_key(q) return P .. ':eta:' .. q end
 local function stream_exists(q) return redis.call('EXISTS', stream_key(q)) == 1 end
 
+-- Our group's XINFO fields (name, last-delivered-id, ...) on the queue's stream, or nil.
+local function group_info(q)
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream_key(q))) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    if info['name'] == GROUP then return info end
+  end
+  return nil
+end
+
 -- The queue's name in the set of queues, and its stream and group: once per call and queue.
+-- A stream can be there without the group: someone else's XADD made it, or a submit that
+-- trusted an older registration after Redis lost its data (redis_enqueue.lua).
 local opened = {}
 local function open_queue(q)
   if opened[q] then return end
@@ -21,6 +33,8 @@ local function open_queue(q)
   redis.call('SADD', P .. ':queues', q)
   if not stream_exists(q) then
     redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0', 'MKSTREAM')
+  elseif not group_info(q) then
+    redis.call('XGROUP', 'CREATE', stream_key(q), GROUP, '0')
   end
 end
 

@@ -59,12 +59,8 @@ end
 
 -- The id of the last entry the group read; a stream someone else made has no group yet.
 local function last_delivered(q)
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream_key(q))) do
-    local info = {}
-    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-    if info['name'] == GROUP then return info['last-delivered-id'] end
-  end
-  return '0-0'
+  local info = group_info(q)
+  return info and info['last-delivered-id'] or '0-0'
 end
 
 -- Our entry ids are 0-N: N says which entry of all the queues is older. Entries that others
