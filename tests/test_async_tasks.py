@@ -399,6 +399,36 @@ def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
     assert took < 10, f"took {took:.1f}s"
 
 
+def test_workers_whose_module_has_async_tasks_share_sync_ones_as_sync_pools_do(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    """Two workers on one queue, their module holding async tasks, are handed only sync
+    ones: each holds what a sync pool would (one running, `prefetch` waiting), not
+    `async_concurrency` times that, so neither takes the whole burst from the other."""
+    workers = [{"name": name, "queues": ["default"], "concurrency": 1} for name in "ab"]
+    fleet = async_fleet(make_fleet, tmp_path, fleet={"broker": broker_url}, workers=workers)
+    fleet.start()
+    handles = fleet.client.submit_many([("tasks.sleep", (0.1,), {})] * 24)
+    infos = final(fleet, [h.id for h in handles])
+    by_node = collections.Counter(i["node"] for i in infos)
+    assert set(by_node) == {f"a@{fleet.node}", f"b@{fleet.node}"}, by_node
+    assert min(by_node.values()) >= 6, by_node
+
+
+def test_a_burst_of_async_tasks_starts_at_once_though_a_sync_pool_holds_fewer(
+    make_fleet, tmp_path: Path
+) -> None:
+    """Idle, a worker holds what a sync pool would (2 tasks here); the reserve that brings
+    the first async tasks widens that to every async slot and reserves the rest at once:
+    all 30 run together, none waiting for the first ones to end."""
+    defaults = {"concurrency": 1, "prefetch": 1, "async_concurrency": 40}
+    fleet = async_fleet(make_fleet, tmp_path, defaults=defaults).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 30)
+    wait_for(lambda: len(lines(marker)) == 30, 10, message="all 30 to start")
+    gate.touch()
+    assert collections.Counter(i["state"] for i in final(fleet, ids)) == {"SUCCESS": 30}
+
+
 def test_a_sync_task_behind_async_ones_drains_a_child_instead_of_waiting_for_all(
     make_fleet, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
 OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
 DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
+ASYNC_SLOTS_FOR = 1.0  # seconds a worker reserves for async slots after it last got an async task
 
 
 class BrokerLink:
@@ -60,9 +61,19 @@ class BrokerLink:
 
     def capacity(self: Worker) -> int:
         """Tasks held at most: per child, one running and `prefetch` waiting for each of its
-        slots (`async_concurrency` of them where some tasks are `async def`, else one)."""
-        slots = self.spec.async_concurrency if self.async_names else 1
+        slots: `async_concurrency` of them while async tasks come in (a reserve brought one
+        in the last ASYNC_SLOTS_FOR seconds, or one runs), else one. Sync tasks alone are
+        held as a sync pool holds them, even where some tasks are `async def`: the other
+        workers on the same queues get their share of them."""
+        slots = self.spec.async_concurrency if self.async_tasks_come() else 1
         return self.target_children * slots * (1 + self.spec.prefetch)
+
+    def async_tasks_come(self: Worker) -> bool:
+        if not self.async_names:
+            return False
+        if time.monotonic() - self.async_reserved_at < ASYNC_SLOTS_FOR:
+            return True
+        return any(c.aio for c in self.children.values())
 
     def held(self: Worker) -> int:
         """Tasks that count against the prefetch. Those waiting for a rate-limit token do not
@@ -72,11 +83,19 @@ class BrokerLink:
 
     def reserve_more(self: Worker) -> None:
         """Top up the reserved buffer, in batches: once it is half empty, or sooner when a
-        child is about to run out of tasks with none reserved to give it."""
-        want = self.capacity() - self.held()
+        child is about to run out of tasks with none reserved to give it. A reserve that
+        brought the first async tasks in a while widens the capacity: the rest of them are
+        reserved at once, not after the tasks in flight end."""
+        capacity = self.capacity()
+        self.reserve_up_to(capacity)
+        if self.capacity() > capacity:
+            self.reserve_up_to(self.capacity())
+
+    def reserve_up_to(self: Worker, capacity: int) -> None:
+        want = capacity - self.held()
         if want <= 0:
             return
-        if want < max(1, self.capacity() // 2) and (self.reserved or not self.running_dry()):
+        if want < max(1, capacity // 2) and (self.reserved or not self.running_dry()):
             return
         if not self.broker_available() or self.known_dry():
             return
@@ -126,6 +145,8 @@ class BrokerLink:
             name = printable(delivery.name, TYPE_NAME_LIMIT)
             self.dead_letter(delivery, "NotRegistered", f"no task named {name!r} on {self.node}")
         else:
+            if delivery.name in self.async_names:
+                self.async_reserved_at = time.monotonic()
             self.reserved.append(delivery)
             self.emit("task-received", delivery)
 
