@@ -138,10 +138,8 @@ class EventLoopChild:
                 task_id, SoftTimeLimitExceeded(SOFT_MESSAGE) if soft else cancelled, start
             )
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
-            self.child.leave_if_forked(exc)
             reply = self.child.raised(task_id, exc, start)
         else:
-            self.child.leave_if_forked(None)
             reply = self.child.returned(task_id, result, start)
         finally:
             self.running.pop(task_id, None)

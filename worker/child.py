@@ -97,10 +97,11 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
 
 def flush_output() -> None:
     """Flush what tasks printed. A task may have closed fd 1 or put anything in sys.stdout
-    (None, an object whose flush raises): what it printed is lost then, never the child,
-    nor the outcome of the task that did it."""
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
+    or sys.stderr (None, an object whose flush raises): what it printed is lost then,
+    never the child, nor the outcome of the task that did it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def reap_adopted() -> None:
@@ -141,7 +142,8 @@ class Child:
         """End here if we are a copy that a task forked and that left the task function
         (returned, or raised `exc`) instead of calling os._exit: the copy must never answer
         for a task, nor read one. It exits as a Python program would, without the atexit
-        handlers it shares with the child."""
+        handlers it shares with the child. (raised and returned, where every task's end
+        becomes its reply, sync or async, call it first.)"""
         if os.getpid() == self.pid:
             return
         code = 0
@@ -150,9 +152,7 @@ class Child:
         elif exc is not None:
             traceback.print_exception(exc)
             code = 1
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
+        flush_output()
         os._exit(code)
 
     def on_soft_limit(self, signum: int, frame: Any) -> None:
@@ -253,31 +253,29 @@ class Child:
             finally:
                 self.in_task = False
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
-            self.leave_if_forked(exc)
             return self.raised(task_id, exc, start)
         finally:
             flush_output()
-        self.leave_if_forked(None)
         return self.returned(task_id, result, start)
 
-    @classmethod
-    def raised(cls, task_id: Any, exc: BaseException, start: float) -> dict[str, Any]:
+    def raised(self, task_id: Any, exc: BaseException, start: float) -> dict[str, Any]:
         """The reply for a task that raised `exc`: a retry it asked for, else its failure."""
+        self.leave_if_forked(exc)
         if isinstance(exc, RetryTask):
             reply: dict[str, Any] = {"id": task_id, "s": "RETRY", "c": exc.countdown}
             if exc.exc is not None:
                 reply["t"], reply["m"] = describe(exc.exc)
             return reply
-        return cls.failure(task_id, exc, start)
+        return self.failure(task_id, exc, start)
 
-    @classmethod
-    def returned(cls, task_id: Any, result: Any, start: float) -> dict[str, Any]:
+    def returned(self, task_id: Any, result: Any, start: float) -> dict[str, Any]:
         """The reply for a task that returned `result`: a result JSON cannot hold fails it."""
+        self.leave_if_forked(None)
         try:
             result_json = encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - a result JSON cannot hold fails the task
             name, message = describe(exc)
-            failure = cls.failure(task_id, exc, start)
+            failure = self.failure(task_id, exc, start)
             failure.update(
                 t=ENCODE_ERROR,
                 m=printable(f"the result is not JSON ({name}: {message})", MESSAGE_LIMIT),

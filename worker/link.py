@@ -65,10 +65,11 @@ class BrokerLink:
         in the last ASYNC_SLOTS_FOR seconds, or one runs), else one. Sync tasks alone are
         held as a sync pool holds them, even where some tasks are `async def`: the other
         workers on the same queues get their share of them."""
-        slots = self.spec.async_concurrency if self.async_tasks_come() else 1
+        slots = self.spec.async_concurrency if self.async_slots_open() else 1
         return self.target_children * slots * (1 + self.spec.prefetch)
 
-    def async_tasks_come(self: Worker) -> bool:
+    def async_slots_open(self: Worker) -> bool:
+        """Async tasks come in: a reserve brought one a moment ago, or one runs."""
         if not self.async_names:
             return False
         if time.monotonic() - self.async_reserved_at < ASYNC_SLOTS_FOR:
@@ -88,8 +89,8 @@ class BrokerLink:
         reserved at once, not after the tasks in flight end."""
         capacity = self.capacity()
         self.reserve_up_to(capacity)
-        if self.capacity() > capacity:
-            self.reserve_up_to(self.capacity())
+        if (wider := self.capacity()) > capacity:
+            self.reserve_up_to(wider)
 
     def reserve_up_to(self: Worker, capacity: int) -> None:
         want = capacity - self.held()

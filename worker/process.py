@@ -24,6 +24,7 @@ import encodings.idna  # noqa: F401
 import importlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -40,7 +41,7 @@ from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
-from .link import ASYNC_SLOTS_FOR, DRY_RECHECK, BrokerLink
+from .link import DRY_RECHECK, BrokerLink
 from .pool import POLL_IN, ChildProc, Pool
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
@@ -80,7 +81,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.rate_limits: RateLimits = RateLimits(spec.rate_limits)
         self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
         self.async_names: set[str] = set()  # the tasks that are `async def`
-        self.async_reserved_at: float = -ASYNC_SLOTS_FOR  # when a reserve last brought one
+        self.async_reserved_at: float = -math.inf  # when a reserve last brought one
         self.dispatch_stuck: bool = False  # no child has room for the kinds of tasks reserved
         self.target_children: int = spec.concurrency
         self.signals: deque[int] = deque()

@@ -86,9 +86,9 @@ WAKE_READY = b"n"
 WAKE_READY_BEFORE = b"1"  # what an older fleetd publishes for ready tasks
 WAKE_READ_SIZE = 65536
 # Seconds a producer trusts that a queue it registered (its name in {p}:queues, its stream
-# and group) is still there: its submits skip that in between. Past it, or if Redis lost its
-# data meanwhile, the next submit registers it again (a stream that a skipped submit made
-# has no group yet: the workers' first read makes it, from the first entry).
+# and group) is still there: its submits skip that in between. Past it the next submit
+# registers it again. A stream that a skipped submit made after Redis lost its data has no
+# group: that registration or a worker's first read makes it, from the first entry.
 KNOWN_FRESH = 5.0
 
 
