@@ -26,7 +26,7 @@ from tests.fleet import Fleet, executions, holds, wait_for
 from worker import TaskFailed, tree
 
 ESCAPE_TASKS = '''
-import asyncio, os, subprocess, sys, time
+import asyncio, os, signal, subprocess, sys, time
 from worker import task
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -144,6 +144,33 @@ def lose_stdout(how):
 @task
 async def lose_stdout_async(how):
     return lose(how)
+
+
+class Rang(Exception):
+    pass
+
+
+def ring(signum, frame):
+    raise Rang("the alarm that a task before this one left")
+
+
+def leave(how):
+    if how == "handler":
+        signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    return os.getpid()
+
+
+@task
+def leave_alarm(how):
+    """Leave a timer running: SIGALRM in 0.3 s, to a handler that raises (`handler`) or to
+    Python's default, which ends the process (`default`)."""
+    return leave(how)
+
+
+@task
+async def leave_alarm_async(how):
+    return leave(how)
 '''
 
 
@@ -374,6 +401,24 @@ def test_a_task_whose_stdout_fails_succeeds_once_and_its_child_goes_on(
     assert handle.info()["deliveries"] == 1
     assert fleet.client.submit("tasks.say", f"{how} was undone").get(timeout=10)
     wait_for(lambda: f"{how} was undone" in fleet.log(), 10, message="the next task's print")
+    assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize("how", ["handler", "default"])
+@pytest.mark.parametrize("name", ["escape_tasks.leave_alarm", "escape_tasks.leave_alarm_async"])
+def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
+    escape_fleet, name: str, how: str
+) -> None:
+    """A task sets a timer and returns before it goes off, its handler still installed
+    (`handler`) or none (`default`: SIGALRM ends the process). The next task in the same
+    child runs past the moment the timer was set for: it succeeds once, on that child."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    assert fleet.client.submit(name, how).get(timeout=10) == child
+    handle = fleet.client.submit("tasks.sleep", 0.6)
+    assert handle.get(timeout=10) == child
+    assert handle.info()["deliveries"] == 1
     assert fleet.child_pids() == [child]
 
 

@@ -203,16 +203,21 @@ class Child:
     def restore(self) -> None:
         """Undo what a task did to the child's own state: a handler of its own for TERM (a
         library's graceful shutdown) or USR1, TERM blocked or ignored, sys.stdout or
-        sys.stderr replaced. Else a warm shutdown would wait on a child that runs every
-        task in its pipe, a soft time limit would raise nothing, and the next tasks would
-        print into the stream a task left (or fail there). (A TERM that a task's handler
-        took, the worker sends again.) _signal's calls are signal's without the enums those
-        wrap around handlers and masks, which cost some 5 us a task."""
+        sys.stderr replaced, an alarm (or ITIMER_REAL) left running. Else a warm shutdown
+        would wait on a child that runs every task in its pipe, a soft time limit would
+        raise nothing, the next tasks would print into the stream a task left (or fail
+        there), and the alarm would go off in a later task: into the handler the task left
+        (raising in a task that never asked for it) or, with none, ending the child. (A TERM
+        that a task's handler took, the worker sends again.) _signal's calls are signal's
+        without the enums those wrap around handlers and masks, which cost some 5 us a task.
+        """
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
+        if not self.busy:  # no task runs (an async one may, beside): none's timer outlives it
+            signal.alarm(0)
 
     def is_async(self, frame: Any) -> bool:
         """The frame is a task whose function is an `async def`."""
