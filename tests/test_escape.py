@@ -171,6 +171,22 @@ def leave_alarm(how):
 @task
 async def leave_alarm_async(how):
     return leave(how)
+
+
+@task
+def move(how, folder):
+    """Leave the child in another working directory, `folder`: one that stays (`stay`), or
+    one removed (`remove`)."""
+    os.mkdir(folder)
+    os.chdir(folder)
+    if how == "remove":
+        os.rmdir(folder)
+    return os.getpid()
+
+
+@task
+def where():
+    return os.getcwd()
 '''
 
 
@@ -419,6 +435,22 @@ def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
     handle = fleet.client.submit("tasks.sleep", 0.6)
     assert handle.get(timeout=10) == child
     assert handle.info()["deliveries"] == 1
+    assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize("how", ["stay", "remove"])
+def test_a_task_that_moves_to_another_directory_leaves_the_next_ones_where_they_were(
+    escape_fleet, tmp_path: Path, how: str
+) -> None:
+    """A task changes its working directory, to one that stays or one it then removes; the
+    next task in the same child runs where the tasks before it ran."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    home = fleet.client.submit("escape_tasks.where").get(timeout=10)
+    moved = fleet.client.submit("escape_tasks.move", how, str(tmp_path / "elsewhere"))
+    assert moved.get(timeout=10) == child
+    assert fleet.client.submit("escape_tasks.where").get(timeout=10) == home
     assert fleet.child_pids() == [child]
 
 

@@ -175,6 +175,7 @@ class Child:
             signal.signal(sig, signal.SIG_DFL)  # a task's code sees Python's defaults
         self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
         self.streams = sys.stdout, sys.stderr
+        self.cwd = os.getcwd()
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()
@@ -203,21 +204,32 @@ class Child:
     def restore(self) -> None:
         """Undo what a task did to the child's own state: a handler of its own for TERM (a
         library's graceful shutdown) or USR1, TERM blocked or ignored, sys.stdout or
-        sys.stderr replaced, an alarm (or ITIMER_REAL) left running. Else a warm shutdown
-        would wait on a child that runs every task in its pipe, a soft time limit would
-        raise nothing, the next tasks would print into the stream a task left (or fail
-        there), and the alarm would go off in a later task: into the handler the task left
-        (raising in a task that never asked for it) or, with none, ending the child. (A TERM
-        that a task's handler took, the worker sends again.) _signal's calls are signal's
-        without the enums those wrap around handlers and masks, which cost some 5 us a task.
-        """
+        sys.stderr replaced, an alarm (or ITIMER_REAL) left running, another working
+        directory. Else a warm shutdown would wait on a child that runs every task in its
+        pipe, a soft time limit would raise nothing, the next tasks would print into the
+        stream a task left (or fail there), the alarm would go off in a later task (into
+        the handler the task left, raising in a task that never asked for it, or, with none,
+        ending the child), and later tasks would open their relative paths elsewhere (or
+        nowhere: a directory the task removed). (A TERM that a task's handler took, the
+        worker sends again.) _signal's calls are signal's without the enums those wrap
+        around handlers and masks, which cost some 5 us a task."""
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
-        if not self.busy:  # no task runs (an async one may, beside): none's timer outlives it
+        if not self.busy:  # no task runs (an async one may, beside): the process's state
             signal.alarm(0)
+            self.restore_cwd()
+
+    def restore_cwd(self) -> None:
+        try:
+            moved = os.getcwd() != self.cwd
+        except OSError:  # it was removed
+            moved = True
+        if moved:
+            with contextlib.suppress(OSError):  # ours removed too: the next task says so
+                os.chdir(self.cwd)
 
     def is_async(self, frame: Any) -> bool:
         """The frame is a task whose function is an `async def`."""
