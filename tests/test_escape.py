@@ -83,6 +83,24 @@ def escape_and_return(pidfile):
     return escape(pidfile)
 
 
+@task(time_limit=1)
+def leave_group_and_hang(where, pidfile):
+    """Move this very child out of the process group it was given, and hang: into its
+    worker's group (`worker`), or into the group of a sleeper it starts (`sleeper`). Writes
+    the pids of the child and of the sleeper."""
+    pids = [os.getpid()]
+    if where == "worker":
+        os.setpgid(0, os.getpgid(os.getppid()))
+    else:
+        sleeper = subprocess.Popen(SLEEPER, preexec_fn=os.setpgrp)
+        os.setpgid(0, sleeper.pid)
+        pids.append(sleeper.pid)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(" ".join(str(pid) for pid in pids))
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(60)
+
+
 @task
 def short_lived_daemon():
     """A double fork whose daemon exits at once: it is adopted, then a zombie."""
@@ -259,6 +277,26 @@ def test_hard_time_limit_ends_the_processes_the_task_started_in_other_sessions(
         handle.get(timeout=15)
     assert err.value.exc_type == "TimeLimitExceeded"
     escapees.wait_gone()
+
+
+@pytest.mark.parametrize("where", ["worker", "sleeper"])
+def test_a_child_that_leaves_its_process_group_is_killed_all_the_same_at_its_hard_limit(
+    escape_fleet, where: str
+) -> None:
+    """The task moves its very child out of the process group the child was given: into its
+    worker's group, or into the group of a process it started. Killing that group no longer
+    reaches the child: at the hard time limit it is killed all the same, with what it
+    started, and does not hold the next task nor the fleet's stop."""
+    fleet, escapees = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    handle = fleet.client.submit("escape_tasks.leave_group_and_hang", where, str(escapees.pidfile))
+    wait_for(escapees.pidfile.exists, 15, message="the task to leave its group")
+    escapees.pids = [int(pid) for pid in escapees.pidfile.read_text().split()]
+    with pytest.raises(TaskFailed) as err:
+        handle.get(timeout=15)
+    assert err.value.exc_type == "TimeLimitExceeded"
+    escapees.wait_gone(5)
+    assert fleet.client.submit("tasks.pid").get(timeout=10) == fleet.child_pids()[0]
 
 
 def test_revoke_with_terminate_ends_the_processes_the_task_started_in_other_sessions(

@@ -407,9 +407,10 @@ class Pool:
             self.release_now([r.delivery.id for r in unanswered], died=False)
         child.tasks.clear()
 
-    def kill_group(self: Worker, pgid: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    def kill_group(self: Worker, pid: int) -> None:
+        """SIGKILL a child and its process group (signal_group); what its task started in
+        other groups comes to us when it dies, and child_gone ends it."""
+        signal_group(pid, signal.SIGKILL)
 
     def reap_children(self: Worker) -> None:
         """Collect exit statuses; a child's death itself is noticed through its pipe."""
@@ -483,8 +484,7 @@ class Pool:
         running.settled = True
         running.terminated_at = time.monotonic()
         self.revoke_now(running.delivery, terminated=True)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signum)
+        signal_group(child.pid, signum)
 
     def enforce_time_limits(self: Worker, now: float) -> None:
         for child in list(self.children.values()):
@@ -684,6 +684,15 @@ def rss(pid: int) -> int | None:
             return int(statm.read().split()[1]) * PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def signal_group(pid: int, signum: int) -> None:
+    """Signal a child's process group, and the child itself: a task may move its child out of
+    that group (into its worker's, or into a group of a subprocess of its own), and a child
+    not yet reaped is ours whatever group it is in."""
+    for send in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            send(pid, signum)
 
 
 def open_pipes(count: int) -> list[int]:
