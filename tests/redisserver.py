@@ -44,12 +44,14 @@ class RedisServer:
         port: int,
         appendonly: bool,
         bind: tuple[str, ...] = ("127.0.0.1",),
+        options: tuple[str, ...] = (),
     ) -> None:
         self.binary = binary
         self.folder = folder
         self.port = port
         self.appendonly = appendonly
         self.bind = bind  # addresses it listens on; 127.0.0.1 must be one (the start check)
+        self.options = options  # more command-line options for redis-server
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,6 +79,7 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.bind != ("127.0.0.1",):  # protected mode refuses all but loopback clients
             args += ["--protected-mode", "no"]
+        args += self.options
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
@@ -128,18 +131,22 @@ class RedisServer:
 
 
 def start_redis(
-    tmp_path: Path, appendonly: bool = True, bind: tuple[str, ...] = ("127.0.0.1",)
+    tmp_path: Path,
+    appendonly: bool = True,
+    bind: tuple[str, ...] = ("127.0.0.1",),
+    options: tuple[str, ...] = (),
 ) -> RedisServer:
-    """A running private server with its data in `tmp_path/redis`; stop it when done."""
+    """A running private server with its data in `tmp_path/redis` (`options`: more of its
+    command line); stop it when done."""
     binary = redis_server_binary()
     folder = tmp_path / "redis"
     folder.mkdir(exist_ok=True)
-    server = RedisServer(binary, folder, free_port(), appendonly, bind)
+    server = RedisServer(binary, folder, free_port(), appendonly, bind, options)
     for _ in range(2):  # the free port may be taken between our probe and the server's bind
         try:
             server.start()
             return server
         except RuntimeError:
-            server = RedisServer(binary, folder, free_port(), appendonly, bind)
+            server = RedisServer(binary, folder, free_port(), appendonly, bind, options)
     server.start()
     return server

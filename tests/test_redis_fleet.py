@@ -8,9 +8,11 @@ and restarts Redis runs a private redis-server (free port, temp dir, AOF on).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,8 +24,8 @@ import redis
 
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, alive, executions, wait_for
-from tests.redisserver import start_redis
-from worker import Client
+from tests.redisserver import free_port, start_redis
+from worker import BrokerUnavailable, Client
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.brokers.redis import RedisBroker
 
@@ -155,6 +157,87 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         assert sleeper.info()["exc_type"] == "TimeLimitExceeded"
         assert "broker unreachable" in fleet.log() and "broker reachable again" in fleet.log()
     finally:
+        server.kill()
+
+
+BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop
+"""
+
+
+@contextlib.contextmanager
+def refusing(admin: redis.Redis, how: str, folder: Path) -> Iterator[None]:
+    """Redis refuses writes (and, `busy`, everything) while the block runs: full (`oom`),
+    unable to write its snapshots as on a full disk (`misconf`), a replica (`readonly`), or
+    another client's script past the busy threshold (`busy`)."""
+    if how == "oom":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+    elif how == "misconf":
+        gone = folder / "gone"
+        gone.mkdir()
+        admin.config_set("stop-writes-on-bgsave-error", "yes")  # with a save point
+        admin.config_set("save", "3600 1")
+        admin.config_set("dir", str(gone))
+        gone.rmdir()
+        admin.bgsave()
+        wait_for(lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "err", 10)
+    elif how == "readonly":
+        admin.replicaof("127.0.0.1", str(free_port()))  # a primary that never answers
+    busy = None
+    if how == "busy":
+        admin.config_set("busy-reply-threshold", 100)
+        other = redis.Redis(connection_pool=admin.connection_pool)
+        busy = threading.Thread(target=other.eval, args=(BUSY_SCRIPT, 0, 2.5))
+        busy.start()
+        time.sleep(0.3)
+    try:
+        yield
+    finally:
+        if busy is not None:
+            busy.join()
+        elif how == "oom":
+            admin.config_set("maxmemory", 0)
+        elif how == "misconf":
+            admin.config_set("dir", str(folder))
+            admin.bgsave()
+            wait_for(lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "ok", 10)
+            admin.config_set("save", "")
+        else:
+            admin.replicaof("NO", "ONE")
+
+
+@pytest.mark.parametrize("how", ["oom", "misconf", "readonly", "busy"])
+def test_a_redis_that_refuses_writes_for_a_while_holds_the_fleet_back_and_loses_nothing(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, how: str
+) -> None:
+    """Redis refuses writes for two seconds (full, failing to save as on a full disk, turned
+    replica, busy with another client's script) while tasks run. The worker waits it out as
+    it does an unreachable broker, with what it holds: it neither dies (which would run its
+    running tasks again) nor loses an outcome; a submit meanwhile fails with one line,
+    BrokerUnavailable. Once Redis takes writes again, every task has run once."""
+    # `dir` may be set while it runs (misconf) where its protection is off
+    server = start_redis(tmp_path, appendonly=False, options=("--enable-protected-configs", "yes"))
+    admin = redis.Redis.from_url(server.url)
+    try:
+        fleet = make_fleet(fleet={"broker": server.url}).start()
+        [worker] = fleet.worker_pids()
+        journal = tmp_path / "journal"
+        handles = fleet.client.submit_many([("tasks.journal", (str(journal), 0.1), {})] * 30)
+        wait_for(lambda: executions(journal), 10, message="the tasks to start")
+        with refusing(admin, how, server.folder):
+            with pytest.raises(BrokerUnavailable):
+                fleet.client.submit("tasks.noop")
+            time.sleep(2)
+        infos = fleet.wait_all_final([h.id for h in handles], timeout=30)
+        assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 30}
+        assert executions(journal) == {h.id: 1 for h in handles}
+        assert fleet.worker_pids() == [worker]
+        assert "broker unreachable" in fleet.log()
+    finally:
+        admin.close()
         server.kill()
 
 

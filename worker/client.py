@@ -176,7 +176,9 @@ class Client:
         broker = self.broker
         try:
             return call(broker)
-        except broker.unavailable as exc:
+        except Exception as exc:
+            if not broker.unavailable_now(exc):
+                raise
             raise unavailable_error(self.url, exc) from exc
 
     def submit(

@@ -244,7 +244,9 @@ class BrokerLink:
         """
         try:
             yield
-        except self.broker.unavailable as exc:
+        except Exception as exc:
+            if not self.broker.unavailable_now(exc):
+                raise
             level = logging.DEBUG if self.broker_backoff else logging.WARNING
             self.broker_backoff = min(
                 BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)

@@ -297,6 +297,12 @@ class Broker(abc.ABC):
     # restarting, locked): nothing was lost, and the same call can be made again later.
     unavailable: tuple[type[Exception], ...] = ()
 
+    def unavailable_now(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised by a call to this broker, says it cannot take that call for
+        now: one of `unavailable`, or a refusal that only its message tells apart (Redis's
+        MISCONF, BUSY). Nothing of the call ran; it can be made again later."""
+        return isinstance(exc, self.unavailable)
+
     # --- producing -------------------------------------------------------------
     @abc.abstractmethod
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:

@@ -73,6 +73,20 @@ from .base import (
 CALL_RETRIES = 10
 FAIL_FAST_RETRIES = 2  # for a caller that retries on its own (the worker's loop): about 0.3 s
 CALL_BACKOFF = EqualJitterBackoff(cap=2.0, base=0.1)
+# How Redis refuses a write for now, having run none of it (a script is refused at its first
+# write, never after one): out of memory (OOM); a replica, as after a failover (READONLY);
+# in a cluster, a shard being moved or down. redis-py raises these as their own classes;
+# these others only as a ResponseError whose message starts with their code: snapshots or
+# the AOF failing to be written, as on a full disk (MISCONF); another client's script past
+# lua-time-limit (BUSY, for reads too); too few replicas acknowledging (NOREPLICAS).
+REFUSALS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+REFUSAL_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
 # unanswered is cut off and retried (once: CallRetry), never waited on forever. Every call
@@ -363,7 +377,12 @@ class RedisBroker(Broker):
     takes an idle link for one call, or opens one.
     """
 
-    unavailable = (redis.ConnectionError, redis.TimeoutError)
+    unavailable = (redis.ConnectionError, redis.TimeoutError, *REFUSALS)
+
+    def unavailable_now(self, exc: BaseException) -> bool:
+        return super().unavailable_now(exc) or (
+            isinstance(exc, redis.ResponseError) and str(exc).startswith(REFUSAL_CODES)
+        )
 
     def __init__(
         self,
