@@ -22,6 +22,7 @@ import psutil
 import pytest
 import redis
 
+from supervisor.arbiter import EXIT_BOOT_ERROR
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, alive, executions, wait_for
 from tests.redisserver import free_port, start_redis
@@ -236,6 +237,35 @@ def test_a_redis_that_refuses_writes_for_a_while_holds_the_fleet_back_and_loses_
         assert executions(journal) == {h.id: 1 for h in handles}
         assert fleet.worker_pids() == [worker]
         assert "broker unreachable" in fleet.log()
+    finally:
+        admin.close()
+        server.kill()
+
+
+def test_a_worker_that_redis_refuses_at_boot_ends_the_start_with_one_line_naming_why(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Redis answers the start's PING, but its ACL refuses the worker's scripts: the start
+    ends with exit 3 and a last line that says what Redis said, not only an exit code."""
+    server = start_redis(tmp_path, appendonly=False)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.acl_setuser(
+            "limited",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-evalsha", "-eval"],
+        )
+        url = server.url.replace("redis://", "redis://limited:pw@")
+        fleet = make_fleet(fleet={"broker": url})
+        fleet.start(wait=False)
+        assert fleet.wait_exit(30) == EXIT_BOOT_ERROR
+        assert fleet.log().splitlines()[-1] == (
+            "fleetd: w@h1 could not boot: NoPermissionError: this user has no permissions to"
+            " run the 'evalsha' command (exit code 1)"
+        )
     finally:
         admin.close()
         server.kill()

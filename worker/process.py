@@ -86,6 +86,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.target_children: int = spec.concurrency
         self.signals: deque[int] = deque()
         self.shutdown: str | None = None  # None, "warm" or "cold"
+        self.ready = False  # told the arbiter so; before, a failure is a boot error
         self.shutdown_deadline: float | None = None
         self.events_enabled: bool = os.environ.get("FLEETD_EVENTS") == "1"  # the arbiter remembers
         self.events: list[dict[str, Any]] = []
@@ -172,6 +173,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 "commands": worker_command_names(),
             }
         )
+        self.ready = True
         self.emit("worker-online")
         log.info(
             "consuming %s with %d children",
@@ -454,3 +456,7 @@ def main() -> int:
         log.error("cannot import task modules: %s", exc, extra={"node": spec.node})
         worker.send({"type": "boot-error", "error": f"cannot import task modules: {exc}"})
         return EXIT_IMPORT_ERROR
+    except Exception as exc:
+        if not worker.ready:  # the arbiter's last line names it: the broker refused us, say
+            worker.send({"type": "boot-error", "error": f"{type(exc).__name__}: {exc}"})
+        raise
