@@ -311,8 +311,16 @@ class Fleet:
         return self._client
 
     # --- running ---------------------------------------------------------------------
-    def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Fleet:
-        log = open(self.log_path, "ab")
+    def start(
+        self,
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        output: int | None = None,
+    ) -> Fleet:
+        """Run `fleetd start`, its log (stdout and stderr) into fleetd.log, or into the
+        descriptor `output` (then fleet.log() has nothing)."""
+        log = open(self.log_path, "ab") if output is None else os.fdopen(os.dup(output), "ab")
         self.proc = subprocess.Popen(
             [
                 *self.launcher,

@@ -8,13 +8,17 @@ import os
 import pty
 import re
 import select
+import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.fleet import Fleet, wait_for
 from worker.logs import FORMAT_ENV, LEVEL_ENV, JsonFormatter, log_env, setup_logging
 
 # A process entry point that logs a debug, an info with fields, and an exception.
@@ -137,3 +141,54 @@ def test_setup_logging_rejects_an_unknown_level_or_format(level: str, fmt: str) 
     with pytest.raises(ValueError, match="unknown log"):
         setup_logging(level, fmt, "host1")
     assert logging.getLogger().handlers == handlers
+
+
+def read_all(fd: int) -> bytes:
+    """What waits in a pipe or socket, without waiting for more."""
+    data = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
+    make_fleet: Callable[..., Fleet], kind: str
+) -> None:
+    """fleetd's stderr is a pipe, or a socket as journald's is, that nobody reads (a stuck
+    log shipper, journald on a full disk). Tasks that print hundreds of lines (which the
+    worker logs) run; the fleet answers ping and stops on TERM. Once the log is read again,
+    the next lines start with one that says how many were dropped."""
+    if kind == "pipe":
+        reader, writer = os.pipe()
+    else:
+        ends = socket.socketpair()
+        reader, writer = (end.detach() for end in ends)
+    try:
+        fleet = make_fleet().start(output=writer)
+        os.close(writer)
+        writer = -1
+        texts = [f"line {i} " + "x" * 1000 for i in range(300)]  # a pipe holds 64 KiB
+        handles = fleet.client.submit_many([("tasks.say", (text,), {}) for text in texts])
+        assert [h.get(timeout=20) for h in handles] == texts
+        out = fleet.ctl("--json", "--timeout", "5", "ping")
+        assert [r.get("ok") for r in json.loads(out.stdout)["replies"].values()] == ["pong"]
+        read_all(reader)  # the log is read again: what waited comes, then the count
+        seen = b""
+
+        def said() -> bool:
+            nonlocal seen
+            fleet.client.submit("tasks.say", "after").get(timeout=10)
+            seen += read_all(reader)
+            return re.search(rb"WARNING fleetd.log: \d+ log lines dropped", seen) is not None
+
+        wait_for(said, 10, message="the count of dropped lines")
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait_exit(20) == 0
+    finally:
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)

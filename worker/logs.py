@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import stat
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TextIO
 
 LEVEL_ENV = "FLEETD_LOG_LEVEL"
 FORMAT_ENV = "FLEETD_LOG_FORMAT"
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+LOG_BUFFER_MAX = 65536  # bytes of log lines a process keeps while its log takes none
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -29,7 +34,7 @@ def setup_logging(level: str, fmt: str, node: str) -> None:
         raise ValueError(f"unknown log level {level!r}: use one of {', '.join(LEVELS)}")
     handler: logging.Handler
     if fmt == "json":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LogHandler(LogOutput(sys.stderr))
         handler.setFormatter(JsonFormatter(node))
     elif fmt == "text" and sys.stderr.isatty():
         from rich.console import Console  # only on a terminal: it costs start-up time
@@ -38,7 +43,7 @@ def setup_logging(level: str, fmt: str, node: str) -> None:
         handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(TextFormatter(node, "%(name)s: %(message)s"))
     elif fmt == "text":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LogHandler(LogOutput(sys.stderr))
         handler.setFormatter(TextFormatter(node, TEXT_FORMAT))
     else:
         raise ValueError(f"unknown log format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -47,6 +52,88 @@ def setup_logging(level: str, fmt: str, node: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class LogOutput:
+    """stderr as the log writes it, never blocking where it is a pipe or a socket: a reader
+    that stops reading (journald stuck on a full disk, a log shipper that hangs, a pipe
+    nobody reads) would otherwise stop the fleet, its arbiter answering nothing and its
+    workers running no task. What the log does not take at once waits, up to
+    LOG_BUFFER_MAX bytes; lines past that are dropped and counted (`dropped`). A regular
+    file or a terminal is written as before.
+
+    A socket is written with MSG_DONTWAIT; a pipe through a descriptor of our own, opened
+    non-blocking: the one we share (with the shell, the other processes of the fleet) keeps
+    its flags."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.pending = b""  # the rest of what the log took part of, and what came after it
+        self.dropped = 0  # lines
+        self.send: Callable[[bytes], int] | None = None
+        try:
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISSOCK(mode):
+                sock = socket.socket(fileno=os.dup(fd))
+                self.send = lambda data: sock.send(data, socket.MSG_DONTWAIT)
+            elif stat.S_ISFIFO(mode):
+                own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.send = lambda data: os.write(own, data)
+        except (OSError, ValueError, AttributeError):  # no descriptor, or none we can reopen
+            self.send = None
+
+    def write(self, text: str) -> None:
+        if self.send is None:
+            self.stream.write(text)
+            return
+        data = text.encode("utf-8", "backslashreplace")
+        self.flush()
+        if len(self.pending) + len(data) > LOG_BUFFER_MAX:
+            self.dropped += max(1, text.count("\n"))
+            return
+        self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        if self.send is None:
+            self.stream.flush()
+            return
+        while self.pending:
+            try:
+                written = self.send(self.pending)
+            except BlockingIOError:
+                return
+            except OSError:  # the reader is gone (EPIPE): nothing will take them
+                self.dropped += self.pending.count(b"\n")
+                self.pending = b""
+                return
+            self.pending = self.pending[written:]
+
+
+class LogHandler(logging.StreamHandler):
+    """A StreamHandler on a LogOutput that says how many lines it dropped, once the log
+    takes lines again."""
+
+    stream: LogOutput
+
+    def emit(self, record: logging.LogRecord) -> None:
+        out = self.stream
+        if out.dropped:
+            out.flush()
+            if not out.pending:
+                dropped, out.dropped = out.dropped, 0
+                note = logging.makeLogRecord(
+                    {
+                        "name": "fleetd.log",
+                        "levelno": logging.WARNING,
+                        "levelname": "WARNING",
+                        "msg": "%d log lines dropped: the log took none for a while",
+                        "args": (dropped,),
+                    }
+                )
+                super().emit(note)
+        super().emit(record)
 
 
 def setup_logging_from_env(node: str) -> None:
