@@ -112,10 +112,11 @@ class EventLoopChild:
                 continue
             if not self.child.is_async(frame):
                 self.child.busy = True
-                self.reply(self.child.answer(frame))
+                reply = self.child.answer(frame)
+                self.child.restore(alone=not self.running)
+                self.reply(reply)
                 self.send_replies()
                 self.child.busy = False
-                self.child.restore()
                 continue
             deliveries, body = frame
             task_id = str(body.get("id"))
@@ -146,7 +147,7 @@ class EventLoopChild:
             self.soft_cancelled.discard(task_id)
             self.child.busy = bool(self.running)
         flush_output()
-        self.child.restore()
+        self.child.restore(alone=not self.running)
         self.reply(reply)
         self.leave_if_idle()
 

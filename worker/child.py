@@ -193,32 +193,36 @@ class Child:
                 self.frames_read += 1
                 self.busy = True
                 reply = self.answer(frame)
+                self.restore(alone=True)  # before the reply: see restore
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
                 self.busy = False
-                self.restore()
                 if self.stop_when_idle:
                     return
 
-    def restore(self) -> None:
+    def restore(self, alone: bool) -> None:
         """Undo what a task did to the child's own state: a handler of its own for TERM (a
         library's graceful shutdown) or USR1, TERM blocked or ignored, sys.stdout or
-        sys.stderr replaced, an alarm (or ITIMER_REAL) left running, another working
-        directory. Else a warm shutdown would wait on a child that runs every task in its
-        pipe, a soft time limit would raise nothing, the next tasks would print into the
-        stream a task left (or fail there), the alarm would go off in a later task (into
-        the handler the task left, raising in a task that never asked for it, or, with none,
-        ending the child), and later tasks would open their relative paths elsewhere (or
-        nowhere: a directory the task removed). (A TERM that a task's handler took, the
-        worker sends again.) _signal's calls are signal's without the enums those wrap
-        around handlers and masks, which cost some 5 us a task."""
+        sys.stderr replaced; and, `alone` (no other task runs in this process, as async
+        ones may), an alarm (or ITIMER_REAL) left running, another working directory. Else
+        a warm shutdown would wait on a child that runs every task in its pipe, a soft time
+        limit would raise nothing, the next tasks would print into the stream a task left
+        (or fail there), the alarm would go off in a later task (into the handler the task
+        left, raising in a task that never asked for it, or, with none, ending the child),
+        and later tasks would open their relative paths elsewhere (or nowhere: a directory
+        the task removed). _signal's calls are signal's without the enums those wrap around
+        handlers and masks, which cost some 5 us a task.
+
+        Called before the task's reply is written: a TERM that the task blocked is taken
+        here (the reply then says we leave), and one that it ignored or took with its own
+        handler, the worker sends again once it reads the reply, when our handler is back."""
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
-        if not self.busy:  # no task runs (an async one may, beside): the process's state
+        if alone:
             signal.alarm(0)
             self.restore_cwd()
 
