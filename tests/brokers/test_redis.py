@@ -219,6 +219,35 @@ def test_a_call_to_a_hung_redis_gives_up_after_two_timeouts_at_most(
         broker.close()
 
 
+class Interrupted(Exception):
+    """What a signal handler of the caller's raises (a request timeout, say)."""
+
+
+def test_a_call_cut_short_between_its_request_and_its_reply_leaves_no_reply_behind(
+    server: RedisServer,
+) -> None:
+    """An exception raised in the caller after a call was sent and before its reply was read
+    (a signal handler's): the link it went out on must not hand that reply to the next
+    call, which would then answer for another (an enqueue told it stored a task by a
+    reply that was not its own, a result read for the wrong task)."""
+    broker = RedisBroker(server.url)
+    try:
+
+        def cut_short(link: Link) -> Any:
+            link.send("ECHO", "the reply of a call that was cut short")
+            raise Interrupted
+
+        with pytest.raises(Interrupted):
+            broker._call(cut_short)
+        assert broker._call(lambda link: link.execute("ECHO", "mine")) == "mine"
+        task = envelope()
+        broker.enqueue([task])
+        info = broker.get_result(task.id)
+        assert info is not None and info["name"] == task.name
+    finally:
+        broker.close()
+
+
 BUSY_SCRIPT = """
 local t = redis.call('TIME')
 local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6

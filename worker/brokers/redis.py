@@ -353,8 +353,11 @@ class Link:
         self.calls = 0  # the current call's token: calls on one link never overlap
 
     def execute(self, *args: Any) -> Any:
-        self.connection.send_packed_command([pack(args)])
+        self.send(*args)
         return self.connection.read_response()
+
+    def send(self, *args: Any) -> None:
+        self.connection.send_packed_command([pack(args)])
 
     def evaluate(self, script: LuaScript, *argv: Any) -> Any:
         try:
@@ -422,13 +425,18 @@ class RedisBroker(Broker):
 
     def _call(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
-        connection or a timeout (CallRetry)."""
+        connection or a timeout (CallRetry). A call that ends in an exception leaves its
+        link disconnected: one raised between its request and its reply (by a signal
+        handler of the caller's, say) would leave that reply for the link's next call."""
         link = self._take_link()
         link.calls += 1
         try:
             return link.connection.retry.call_with_retry(
                 lambda: request(link), lambda _error: link.connection.disconnect()
             )
+        except BaseException:
+            link.connection.disconnect()
+            raise
         finally:
             self._idle.append(link)
 
