@@ -192,6 +192,12 @@ def say(text):
     print(text, flush=True)
     return text
 
+@task
+def log_warning(text):
+    import logging
+    logging.getLogger("a_task").warning(text)
+    return text
+
 @control_command
 def hello(worker, who="world"):
     return {"ok": f"hello {who} from {worker.node}"}

@@ -186,6 +186,16 @@ def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
             return re.search(rb"WARNING fleetd.log: \d+ log lines dropped", seen) is not None
 
         wait_for(said, 10, message="the count of dropped lines")
+        # What a task logs goes the way of what it prints: through its worker, line by line.
+        fleet.client.submit("tasks.log_warning", "logged by a task").get(timeout=10)
+
+        def logged() -> bool:
+            nonlocal seen
+            seen += read_all(reader)
+            return b"logged by a task" in seen
+
+        wait_for(logged, 10, message="the task's log line")
+        assert re.search(rb"INFO fleetd.child: \S+ \S+ WARNING a_task: logged by a task", seen)
         fleet.signal(signal.SIGTERM)
         assert fleet.wait_exit(20) == 0
     finally:

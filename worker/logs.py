@@ -64,10 +64,12 @@ class LogOutput:
 
     A socket is written with MSG_DONTWAIT; a pipe through a descriptor of our own, opened
     non-blocking: the one we share (with the shell, the other processes of the fleet) keeps
-    its flags."""
+    its flags. A pool child, forked with its worker's, writes to its own stderr: the pipe
+    its worker reads and relays, as what it prints."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.pid = os.getpid()
         self.pending = b""  # the rest of what the log took part of, and what came after it
         self.dropped = 0  # lines
         self.send: Callable[[bytes], int] | None = None
@@ -84,7 +86,7 @@ class LogOutput:
             self.send = None
 
     def write(self, text: str) -> None:
-        if self.send is None:
+        if self.send is None or os.getpid() != self.pid:
             self.stream.write(text)
             return
         data = text.encode("utf-8", "backslashreplace")
@@ -96,7 +98,7 @@ class LogOutput:
         self.flush()
 
     def flush(self) -> None:
-        if self.send is None:
+        if self.send is None or os.getpid() != self.pid:
             self.stream.flush()
             return
         while self.pending:
