@@ -192,6 +192,40 @@ async def leave_alarm_async(how):
 
 
 @task
+def meddle(how):
+    """Leave the child's process-wide state changed: SIGCHLD ignored (`chld`), SIGPIPE at
+    its default (`pipe`), a recursion limit of 60 (`recursion`)."""
+    if how == "chld":
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    elif how == "pipe":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    else:
+        sys.setrecursionlimit(60)
+    return os.getpid()
+
+
+@task
+def rely_on(how):
+    """What a task relies on that `meddle(how)` changed: a subprocess's exit status, EPIPE
+    on a closed pipe, a result nested 100 deep."""
+    if how == "chld":
+        return subprocess.run([sys.executable, "-c", "raise SystemExit(3)"]).returncode
+    if how == "pipe":
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            os.write(w, b"x")
+        except BrokenPipeError:
+            return "EPIPE"
+        finally:
+            os.close(w)
+    nested = []
+    for _ in range(100):
+        nested = [nested]
+    return nested
+
+
+@task
 def move(how, folder):
     """Leave the child in another working directory, `folder`: one that stays (`stay`), or
     one removed (`remove`)."""
@@ -473,6 +507,32 @@ def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
     handle = fleet.client.submit("tasks.sleep", 0.6)
     assert handle.get(timeout=10) == child
     assert handle.info()["deliveries"] == 1
+    assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [("chld", 3), ("pipe", "EPIPE"), ("recursion", None)],
+)
+def test_a_task_that_changes_the_childs_signals_or_recursion_limit_leaves_the_next_ones_theirs(
+    escape_fleet, how: str, expected: object
+) -> None:
+    """A task ignores SIGCHLD (a daemon library's habit), puts SIGPIPE back to its default,
+    or lowers the recursion limit, and returns. The next task in the same child sees
+    Python's defaults: its subprocess's exit status, EPIPE on a closed pipe, a result
+    nested 100 deep."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    assert fleet.client.submit("escape_tasks.meddle", how).get(timeout=10) == child
+    result = fleet.client.submit("escape_tasks.rely_on", how).get(timeout=10)
+    if how == "recursion":
+        depth = 0
+        while result:
+            result, depth = result[0], depth + 1
+        assert depth == 100
+    else:
+        assert result == expected
     assert fleet.child_pids() == [child]
 
 

@@ -160,20 +160,23 @@ class Child:
             raise SoftTimeLimitExceeded("soft time limit exceeded")
 
     def run(self) -> None:
-        # What a task may change and the child relies on, put back after each task (restore):
-        # the handlers it stops by, its signal mask (below), and its output streams.
+        # What a task may change and the child or the next tasks rely on, put back after
+        # each task (restore): every signal's disposition, the signal mask, the output
+        # streams, the recursion limit, the working directory.
         self.handlers: dict[int, Any] = {
             signal.SIGTERM: self.on_term,
             signal.SIGUSR1: self.on_soft_limit,
+            signal.SIGINT: signal.SIG_IGN,  # the worker decides
+            signal.SIGHUP: signal.SIG_IGN,
+            signal.SIGPIPE: signal.SIG_IGN,  # Python's: a closed pipe is an EPIPE, not a death
+            signal.SIGQUIT: signal.SIG_DFL,
         }
+        for default in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
+            self.handlers[default] = signal.SIG_DFL  # a task's code sees Python's defaults
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
-            signal.signal(sig, signal.SIG_DFL)  # a task's code sees Python's defaults
         self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        self.recursion_limit = sys.getrecursionlimit()
         self.streams = sys.stdout, sys.stderr
         self.cwd = os.getcwd()
         reader = FrameReader(tolerant=True)
@@ -203,16 +206,19 @@ class Child:
 
     def restore(self, alone: bool) -> None:
         """Undo what a task did to the child's own state: a handler of its own for TERM (a
-        library's graceful shutdown) or USR1, TERM blocked or ignored, sys.stdout or
-        sys.stderr replaced; and, `alone` (no other task runs in this process, as async
-        ones may), an alarm (or ITIMER_REAL) left running, another working directory. Else
-        a warm shutdown would wait on a child that runs every task in its pipe, a soft time
-        limit would raise nothing, the next tasks would print into the stream a task left
-        (or fail there), the alarm would go off in a later task (into the handler the task
-        left, raising in a task that never asked for it, or, with none, ending the child),
-        and later tasks would open their relative paths elsewhere (or nowhere: a directory
-        the task removed). _signal's calls are signal's without the enums those wrap around
-        handlers and masks, which cost some 5 us a task.
+        library's graceful shutdown) or USR1, TERM blocked or ignored, another disposition
+        for any signal the child set (SIGCHLD ignored, SIGPIPE back to its default),
+        sys.stdout or sys.stderr replaced, the recursion limit; and, `alone` (no other task
+        runs in this process, as async ones may), an alarm (or ITIMER_REAL) left running,
+        another working directory. Else a warm shutdown would wait on a child that runs
+        every task in its pipe, a soft time limit would raise nothing, a later task's
+        subprocesses would all exit 0 (SIGCHLD ignored: the kernel reaps them first) or a
+        write to a closed socket would end the child (SIGPIPE), the next tasks would print
+        into the stream a task left (or fail there), the alarm would go off in a later task
+        (into the handler the task left, raising in a task that never asked for it, or,
+        with none, ending the child), and later tasks would open their relative paths
+        elsewhere (or nowhere: a directory the task removed). _signal's calls are signal's
+        without the enums those wrap around handlers and masks, which cost some 5 us a task.
 
         Called before the task's reply is written: a TERM that the task blocked is taken
         here (the reply then says we leave), and one that it ignored or took with its own
@@ -222,6 +228,8 @@ class Child:
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
+        if sys.getrecursionlimit() != self.recursion_limit:
+            sys.setrecursionlimit(self.recursion_limit)
         if alone:
             signal.alarm(0)
             self.restore_cwd()
