@@ -130,6 +130,15 @@ class RedisServer:
         self.start()
 
 
+# A script that holds Redis for ARGV[1] seconds: another client's slow script, as a test's
+# peer (past busy-reply-threshold, Redis answers every other client BUSY meanwhile).
+BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop
+"""
+
+
 def start_redis(
     tmp_path: Path,
     appendonly: bool = True,

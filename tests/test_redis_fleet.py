@@ -25,7 +25,7 @@ import redis
 from supervisor.arbiter import EXIT_BOOT_ERROR
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, alive, executions, wait_for
-from tests.redisserver import free_port, start_redis
+from tests.redisserver import BUSY_SCRIPT, free_port, start_redis
 from worker import BrokerUnavailable, Client
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.brokers.redis import RedisBroker
@@ -159,13 +159,6 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         assert "broker unreachable" in fleet.log() and "broker reachable again" in fleet.log()
     finally:
         server.kill()
-
-
-BUSY_SCRIPT = """
-local t = redis.call('TIME')
-local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6
-repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop
-"""
 
 
 @contextlib.contextmanager

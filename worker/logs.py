@@ -69,7 +69,6 @@ class LogOutput:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.pid = os.getpid()
         self.pending = b""  # the rest of what the log took part of, and what came after it
         self.dropped = 0  # lines
         self.send: Callable[[bytes], int] | None = None
@@ -84,9 +83,15 @@ class LogOutput:
                 self.send = lambda data: os.write(own, data)
         except (OSError, ValueError, AttributeError):  # no descriptor, or none we can reopen
             self.send = None
+        if self.send is not None:
+            os.register_at_fork(after_in_child=self.write_to_stream)
+
+    def write_to_stream(self) -> None:
+        """Write through the stream itself from now on (in a forked pool child)."""
+        self.send, self.pending, self.dropped = None, b"", 0
 
     def write(self, text: str) -> None:
-        if self.send is None or os.getpid() != self.pid:
+        if self.send is None:
             self.stream.write(text)
             return
         data = text.encode("utf-8", "backslashreplace")
@@ -98,7 +103,7 @@ class LogOutput:
         self.flush()
 
     def flush(self) -> None:
-        if self.send is None or os.getpid() != self.pid:
+        if self.send is None:
             self.stream.flush()
             return
         while self.pending:

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tests.poison import RawTask, write_redis
-from tests.redisserver import RedisServer, start_redis
+from tests.redisserver import BUSY_SCRIPT, RedisServer, start_redis
 from worker.brokers import redis as redis_broker
 from worker.brokers.base import (
     PENDING,
@@ -246,13 +246,6 @@ def test_a_call_cut_short_between_its_request_and_its_reply_leaves_no_reply_behi
         assert info is not None and info["name"] == task.name
     finally:
         broker.close()
-
-
-BUSY_SCRIPT = """
-local t = redis.call('TIME')
-local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6
-repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop
-"""
 
 
 def test_a_write_that_redis_was_slow_to_answer_is_found_by_its_second_try(
