@@ -34,10 +34,24 @@ from worker.tree import STRAY_SIGNALS
 pytestmark = pytest.mark.timeout(120)
 
 HARD_TASKS = '''
-import os, subprocess, time
+import os, signal, subprocess, sys, time
 from worker import task, control_command
 
 HELD = []
+
+def take_signals():
+    """What code that is not fleetd's does to the worker it runs in (a task module at its
+    import, a custom command): each line alone breaks a warm shutdown or the reaping."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # an app's "graceful" exit
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a daemon library's habit
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})
+    signal.set_wakeup_fd(-1)
+
+@control_command
+def meddle(worker):
+    take_signals()
+    return {"ok": "taken"}
 
 @task
 def spawn_sleep(pidfile):
@@ -208,6 +222,46 @@ def test_stray_signals_are_logged_and_ignored_by_the_arbiter_and_its_workers(
     assert fleet.worker_pids() == [worker] and serving(fleet)
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
+
+
+@pytest.mark.parametrize("how", ["import", "command"])
+def test_the_signals_that_code_not_ours_takes_from_a_worker_are_taken_back_and_named(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, how: str
+) -> None:
+    """A task module at its import, or a custom command, installs an app's SIGTERM handler
+    that exits, ignores SIGCHLD, puts SIGPIPE back to its default, blocks INT and USR1 and
+    unsets the signal wake-up descriptor (`take_signals`). The worker takes each back and
+    names it in the log: a TERM is still a warm shutdown, whose running tasks finish once
+    while the one waiting goes back unstarted, for the next start to run once."""
+    imports = ["tasks", "hardtasks", *(["meddler"] if how == "import" else [])]
+    fleet = hard_fleet(
+        make_fleet,
+        fleet={"imports": imports},
+        workers=[{"name": "w", "queues": ["default"], "concurrency": 2}],
+    )
+    (fleet.folder / "meddler.py").write_text("import hardtasks\nhardtasks.take_signals()\n")
+    fleet.start()
+    if how == "command":
+        assert replies(fleet, "call", "meddle")["w@h1"] == {"ok": "taken"}
+    what = "importing fleet.imports" if how == "import" else "command meddle"
+    taken = (
+        f"{what} took the worker's SIGTERM, SIGCHLD, SIGPIPE, SIGINT (blocked), SIGUSR1"
+        " (blocked), the signal wake-up descriptor: its own handling is back"
+    )
+    wait_for(lambda: taken in fleet.log(), 5, message="the line naming what was taken")
+    journal = tmp_path / "journal.txt"
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal), 1.0), {})] * 3)
+    wait_for(lambda: len(executions(journal)) == 2, 10, message="two tasks to start")
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0
+    assert "warm shutdown" in fleet.log() and "left behind" not in fleet.log(), fleet.log()
+    ends = [line.split()[1] for line in journal.read_text().splitlines() if line[0] == "E"]
+    assert sorted(ends) == sorted(executions(journal)), journal.read_text()
+    assert [h.info()["state"] for h in handles].count("SUCCESS") == 2
+    fleet.start()
+    infos = fleet.wait_all_final([h.id for h in handles], 20)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 3
+    assert executions(journal) == {h.id: 1 for h in handles}
 
 
 def test_signals_relayed_to_a_booting_worker_wait_for_its_handlers(

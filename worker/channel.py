@@ -168,6 +168,8 @@ class ArbiterChannel:
         except Exception as exc:  # noqa: BLE001 - a custom command must not take the worker down
             log.exception("command %s failed", command.name, extra={"node": self.node})
             return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.reclaim_signals(f"command {command.name}")
 
     def send_events(self: Worker) -> None:
         if self.events:

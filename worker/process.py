@@ -56,6 +56,18 @@ log = logging.getLogger("fleetd.worker")
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
+# What the worker takes in through its loop (DESIGN section 2; the stray ones are logged).
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    *STRAY_SIGNALS,
+)
 
 
 class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
@@ -134,6 +146,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.setup_signals()
         become_subreaper()  # what outlives a dead child comes to us (child_gone ends it)
         self.import_tasks()
+        self.reclaim_signals("importing fleet.imports")
         self.broker = open_broker(
             self.spec.broker,
             durability=self.spec.durability,
@@ -315,21 +328,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             log.warning("still at idle CPU priority after booting: %s", exc)
 
     def setup_signals(self) -> None:
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.signal_fd = read_fd
-        self.poller.register(read_fd, select.POLLIN)
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGQUIT,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-            signal.SIGUSR1,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-            *STRAY_SIGNALS,
-        ):
+        self.signal_fd, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self.signal_fd, select.POLLIN)
+        signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, self.on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)  # what came meanwhile: now
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
@@ -345,6 +347,34 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
 
     def on_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)  # only enqueue: the loop acts on it
+
+    def reclaim_signals(self, what: str) -> None:
+        """Take back the signals that `what` (the task modules' import, a custom command: code
+        that is not ours) took from this process, and say which. An app's SIGTERM handler
+        that exits would end us in the middle of a warm shutdown, SIGCHLD ignored would keep
+        our children's exits from us, SIGPIPE at its default would end us on a dead child's
+        pipe. A task module's handlers run in no fleetd process: the children set their own."""
+        taken = [
+            signal.Signals(sig).name
+            for sig in HANDLED_SIGNALS
+            if signal.getsignal(sig) != self.on_signal
+        ]
+        for sig in taken:
+            signal.signal(signal.Signals[sig], self.on_signal)
+        if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:  # Python's, and ours
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            taken.append("SIGPIPE")
+        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        taken += [f"{signal.Signals(s).name} (blocked)" for s in HANDLED_SIGNALS if s in blocked]
+        if signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False) != self.signal_w:
+            taken.append("the signal wake-up descriptor")
+        if taken:
+            log.warning(
+                "%s took the worker's %s: its own handling is back",
+                what,
+                ", ".join(taken),
+                extra={"node": self.node},
+            )
 
     def import_tasks(self) -> None:
         import_modules(self.spec.pythonpath, self.spec.imports)
