@@ -473,6 +473,35 @@ def test_a_copy_that_a_task_forks_and_that_leaves_the_task_ends_there(
     assert fleet.child_pids() == [child]
 
 
+# A library that forks at its import, without os._exit in the copy: the copy returns from
+# the import as the worker itself does. It leaves its pid beside the module.
+FORKS_AT_IMPORT = """
+import os
+if os.fork() == 0:
+    with open(os.path.join(os.path.dirname(__file__), "copy.pid"), "w") as f:
+        f.write(str(os.getpid()))
+"""
+
+
+def test_a_copy_that_a_task_module_forks_at_its_import_ends_there(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """The copy would boot as a second worker on the first one's arbiter channel, pool and
+    tasks. It ends where the import returns, before it says anything or takes a task: one
+    worker serves, and every task runs once."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "forks_at_import"]}, defaults={"concurrency": 1})
+    (fleet.folder / "forks_at_import.py").write_text(FORKS_AT_IMPORT)
+    pidfile = fleet.folder / "copy.pid"
+    fleet.start()
+    copy = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10))
+    wait_for(lambda: not alive(copy), 10, message="the copy to end")
+    journal = tmp_path / "journal.txt"
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 20)
+    assert {h.get(timeout=15) for h in handles} == set(fleet.child_pids())
+    assert executions(journal) == {h.id: 1 for h in handles}
+    assert fleet.log().count("consuming default") == 1, fleet.log()
+
+
 @pytest.mark.parametrize("how", ["full", "none"])
 @pytest.mark.parametrize("name", ["escape_tasks.lose_stdout", "escape_tasks.lose_stdout_async"])
 def test_a_task_whose_stdout_fails_succeeds_once_and_its_child_goes_on(

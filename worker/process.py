@@ -377,7 +377,13 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             )
 
     def import_tasks(self) -> None:
-        import_modules(self.spec.pythonpath, self.spec.imports)
+        try:
+            import_modules(self.spec.pythonpath, self.spec.imports)
+        finally:
+            if os.getpid() != self.pid:
+                # A copy that a task module forked at its import, back from it: two workers
+                # would share our arbiter channel and pool. It ends before it says anything.
+                os._exit(0)
         self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
         if self.async_names:  # the children's event loop, imported once, before they fork
             importlib.import_module(".aio", __package__)
