@@ -72,13 +72,18 @@ def ready_after_reload(messages: list[str]) -> str | None:
             "broken@h1 could not boot: cannot import task modules: module 'tasks' failed to"
             " import ({tasks}:{line}): RuntimeError: no config for this node (exit code 4)",
         ),
+        (
+            "raise SystemExit(3)",
+            "broken@h1 could not boot: cannot import task modules: module 'tasks' failed to"
+            " import ({tasks}:{line}): SystemExit: 3 (exit code 4)",
+        ),
         ("_os._exit(3)", "broken@h1 exited before it was ready (exit code 3)"),
         (
             "_time.sleep(60)",
             "broken@h1 did not boot within worker_timeout (2s) (killed by SIGKILL)",
         ),
     ],
-    ids=["import-error", "exit", "hang"],
+    ids=["import-error", "sys-exit", "exit", "hang"],
 )
 def test_a_worker_that_cannot_boot_ends_the_start_with_exit_3_and_one_line_naming_it(
     make_fleet: Callable[..., Fleet], tmp_path: Path, action: str, reason: str

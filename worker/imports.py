@@ -32,7 +32,7 @@ def import_modules(pythonpath: list[str], modules: list[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() at an import is a failure too
             raise TaskImportError(describe_failure(import_failure(module, exc))) from exc
 
 
