@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(90)
 
 # Task and command helpers of these tests, beside the shared tests.fleet TASKS module.
 CTL_TASKS = """
-import time
+import sys, time
 from worker import task, control_command
 
 @task
@@ -46,6 +46,12 @@ def boom(worker):
 @control_command
 def not_json(worker):
     return {"pids": {1, 2}}
+
+@control_command
+def leave(worker, how="exit"):
+    if how == "exit":
+        sys.exit(0)
+    raise KeyboardInterrupt
 """
 
 TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
@@ -643,6 +649,27 @@ def test_custom_control_commands_run_in_every_worker(make_fleet: Callable[..., F
     code, data = ctl_json(fleet, "call", "nonexistent")
     assert code == 1 and data["replies"] == {} and "unknown command" in data["errors"]["h1"]
     assert ctl_json(fleet, "ping")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("how", "error"), [("exit", "SystemExit: 0"), ("interrupt", "KeyboardInterrupt")]
+)
+def test_a_custom_command_that_exits_fails_alone_and_the_worker_and_its_task_go_on(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, how: str, error: str
+) -> None:
+    """sys.exit() or KeyboardInterrupt in a custom command, what ends a script, would end the
+    worker it runs in, and the task its child runs, to run again: it is that command's
+    error instead."""
+    fleet = fleet_with_ctltasks(make_fleet).start()
+    [worker] = fleet.worker_pids()
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 1.0, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    code, data = ctl_json(fleet, "call", "leave", f"how={how}")
+    assert code == 1 and data["replies"] == {"w@h1": {"error": error}}
+    assert handle.get(timeout=10) in fleet.child_pids()
+    assert handle.info()["deliveries"] == 1 and marker.read_text().count("start") == 1
+    assert fleet.worker_pids() == [worker]
 
 
 # --- security -------------------------------------------------------------------------------

@@ -165,9 +165,11 @@ class ArbiterChannel:
         except CommandError as exc:
             log.warning("command refused: %s", exc, extra={"node": self.node})
             return {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - a custom command must not take the worker down
+        # sys.exit() or KeyboardInterrupt too: a custom command must not take the worker
+        # down, nor with it the tasks its children run.
+        except BaseException as exc:  # noqa: BLE001
             log.exception("command %s failed", command.name, extra={"node": self.node})
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            return {"error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
         finally:
             self.reclaim_signals(f"command {command.name}")
 
