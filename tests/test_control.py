@@ -52,6 +52,10 @@ def leave(worker, how="exit"):
     if how == "exit":
         sys.exit(0)
     raise KeyboardInterrupt
+
+@control_command
+def hang(worker):
+    time.sleep(600)
 """
 
 TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
@@ -670,6 +674,32 @@ def test_a_custom_command_that_exits_fails_alone_and_the_worker_and_its_task_go_
     assert handle.get(timeout=10) in fleet.child_pids()
     assert handle.info()["deliveries"] == 1 and marker.read_text().count("start") == 1
     assert fleet.worker_pids() == [worker]
+
+
+def test_a_custom_command_that_hangs_is_interrupted_at_its_time_limit_and_the_worker_goes_on(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A command holds its worker's loop. One that hangs (a network call without a timeout,
+    say) would leave the worker silent until the arbiter killed it, and the task its child
+    runs with it, to run again: it is interrupted at COMMAND_TIME_LIMIT (here 0.5 s, set by
+    a task module) and answers with that error; the worker and its task go on."""
+    fleet = fleet_with_ctltasks(make_fleet, fleet={"imports": ["tasks", "ctltasks", "quick"]})
+    (fleet.folder / "quick.py").write_text(
+        "import worker.channel\nworker.channel.COMMAND_TIME_LIMIT = 0.5\n"
+    )
+    fleet.start()
+    [worker] = fleet.worker_pids()
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 1.0, str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    code, data = ctl_json(fleet, "--timeout", "5", "call", "hang")
+    reply = data["replies"]["w@h1"]
+    assert code == 1 and reply["error"].startswith("CommandTimeLimit: ran past 0.5s"), data
+    assert handle.get(timeout=10) in fleet.child_pids()
+    assert handle.info()["deliveries"] == 1 and marker.read_text().count("start") == 1
+    assert fleet.worker_pids() == [worker]
+    assert "took the worker's" not in fleet.log()
+    assert ctl_json(fleet, "call", "hello")[1]["replies"]["w@h1"] == {"ok": "hello world from w@h1"}
 
 
 # --- security -------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import select
+import signal
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .control import COMMANDS, CommandError
@@ -25,6 +27,11 @@ from .pool import POLL_IN, ChildProc, rss
 log = logging.getLogger("fleetd.worker")
 
 STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
+# Seconds a command may run: the worker's loop waits for it (no task is handed out, no time
+# limit enforced meanwhile), and one still running past this is interrupted. A custom
+# command that hung would otherwise leave the worker silent until the arbiter killed it,
+# and the tasks its children ran with it, to run again.
+COMMAND_TIME_LIMIT = 10.0
 # Bytes waiting for an arbiter that reads nothing (stopped, hung) past which events and
 # stats are dropped, counted; ready and replies never are.
 ARBITER_BACKLOG_MAX = 4 << 20
@@ -161,7 +168,8 @@ class ArbiterChannel:
             return {"error": f"unknown command {message.get('cmd')!r}"}
         try:
             args = command.validate(message.get("args", {}))
-            return command.effect(self, **args)
+            with time_limited(COMMAND_TIME_LIMIT):
+                return command.effect(self, **args)
         except CommandError as exc:
             log.warning("command refused: %s", exc, extra={"node": self.node})
             return {"error": str(exc)}
@@ -227,3 +235,24 @@ def child_state(child: ChildProc) -> str:
     if child.retiring:
         return "retiring"
     return "spare" if child.spare else "idle"
+
+
+class CommandTimeLimit(Exception):
+    """A command ran past COMMAND_TIME_LIMIT."""
+
+
+@contextlib.contextmanager
+def time_limited(seconds: float) -> Iterator[None]:
+    """Raise CommandTimeLimit in the code run inside if it runs past `seconds` (SIGALRM,
+    which the worker's loop otherwise ignores, to a raising handler meanwhile)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise CommandTimeLimit(f"ran past {seconds:g}s, holding its worker's loop: interrupted")
+
+    loop_handler = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, loop_handler or signal.SIG_IGN)
