@@ -174,12 +174,12 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "nonneg_int":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad("an integer >= 0")
-    elif kind == "pos_num":
-        if not is_num or value <= 0:
-            raise bad("a number > 0")
+    elif kind == "pos_num":  # NaN or infinity: never a duration (0 says "none" where it can)
+        if not is_num or not math.isfinite(value) or value <= 0:
+            raise bad("a finite number > 0")
     elif kind == "nonneg_num":
-        if not is_num or value < 0:
-            raise bad("a number >= 0")
+        if not is_num or not math.isfinite(value) or value < 0:
+            raise bad("a finite number >= 0")
     elif kind == "worker_timeout":
         if not is_num or (value != 0 and not MIN_WORKER_TIMEOUT <= value < math.inf):
             raise bad(f"0 (no bound) or seconds >= {MIN_WORKER_TIMEOUT:g}")

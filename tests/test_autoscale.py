@@ -99,8 +99,8 @@ def test_autoscale_config_sets_the_bounds_and_the_pool_starts_at_min(tmp_path: P
         ("", 'autoscale = "0,4"', "worker[0].autoscale", "1 <= MIN <= MAX"),
         ("", 'autoscale = "2-8"', "worker[0].autoscale", '"MIN,MAX"'),
         ("autoscale = 4", "", "defaults.autoscale", '"MIN,MAX"'),
-        ("autoscale_wait = 0", "", "defaults.autoscale_wait", "a number > 0"),
-        ("", 'autoscale_idle = "30s"', "worker[0].autoscale_idle", "a number > 0"),
+        ("autoscale_wait = 0", "", "defaults.autoscale_wait", "a finite number > 0"),
+        ("", 'autoscale_idle = "30s"', "worker[0].autoscale_idle", "a finite number > 0"),
     ],
 )
 def test_bad_autoscale_config_is_one_line_naming_the_key(

@@ -100,6 +100,16 @@ BAD = [
     ("[fleet]\nimports = []\n", "worker", "at least one"),
     (GOOD + '\n[control]\nendpoints = { "h 2" = "tcp://h2:7950" }\n', "control.endpoints", "table"),
     (GOOD + '\n[control]\nendpoints = ["h2:7950"]\n', "control.endpoints", "ipc:// or tcp://"),
+    # NaN and infinity: never a duration (on Redis a lease of inf or nan crashed every turn).
+    (GOOD.replace("time_limit = 60", "time_limit = nan"), "defaults.time_limit", "finite"),
+    (GOOD.replace("time_limit = 60", "time_limit = inf"), "defaults.time_limit", "finite"),
+    (GOOD.replace('node = "h1"', 'node = "h1"\nlease = nan'), "fleet.lease", "finite"),
+    (GOOD.replace('node = "h1"', 'node = "h1"\nlease = inf'), "fleet.lease", "finite"),
+    (
+        GOOD.replace('name = "a"\n', 'name = "a"\nshutdown_timeout = -inf\n', 1),
+        "worker[0].shutdown_timeout",
+        "finite",
+    ),
 ]
 
 
