@@ -24,6 +24,7 @@ import pytest
 from supervisor import orphans
 from tests.fleet import Fleet, executions, holds, wait_for
 from worker import TaskFailed, tree
+from worker.child import Child
 
 ESCAPE_TASKS = '''
 import asyncio, os, signal, subprocess, sys, time
@@ -579,6 +580,32 @@ def test_a_task_that_moves_to_another_directory_leaves_the_next_ones_where_they_
     assert moved.get(timeout=10) == child
     assert fleet.client.submit("escape_tasks.where").get(timeout=10) == home
     assert fleet.child_pids() == [child]
+
+
+def test_a_childs_restore_sets_again_only_the_dispositions_a_task_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After each task the child puts back its signal dispositions, one sigaction per
+    signal that the task changed: none for the others (setting each again cost a child
+    some 9 us a task, 40% of its CPU on a no-op task)."""
+    child = Child(-1, -1, -1)
+    child.handlers = {signal.SIGUSR2: signal.SIG_DFL, signal.SIGPIPE: signal.SIG_IGN}
+    before = {sig: signal.signal(sig, handler) for sig, handler in child.handlers.items()}
+    child.mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    child.streams = sys.stdout, sys.stderr
+    child.recursion_limit = sys.getrecursionlimit()
+    real, set_again = signal.signal, []
+    monkeypatch.setattr(signal, "signal", lambda sig, h: set_again.append(sig) or real(sig, h))
+    try:
+        child.restore(alone=False)
+        assert set_again == []
+        real(signal.SIGUSR2, signal.SIG_IGN)  # what a task did
+        child.restore(alone=False)
+        assert set_again == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        for sig, handler in before.items():
+            real(sig, handler)
 
 
 # --- the pieces, on plain processes ------------------------------------------------------------

@@ -224,7 +224,7 @@ class Child:
         here (the reply then says we leave), and one that it ignored or took with its own
         handler, the worker sends again once it reads the reply, when our handler is back."""
         for sig, handler in self.handlers.items():
-            if _signal.getsignal(sig) is not handler:
+            if _signal.getsignal(sig) != handler:  # not `is`: SIG_IGN comes back an int
                 signal.signal(sig, handler)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
