@@ -175,8 +175,8 @@ class Pool:
         """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
         pipes = open_pipes(3)
         task_r, task_w, result_r, result_w, revoke_r, revoke_w = pipes
-        keep_closed = [task_w, result_r, revoke_w, self.signal_fd, self.signal_w]
-        keep_closed.append(self.wakeup.fileno())
+        ours = [self.signal_fd, self.signal_w, self.wakeup.fileno()]
+        keep_closed = [task_w, result_r, revoke_w, *ours]
         if self.arbiter_fd is not None:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
