@@ -98,6 +98,7 @@ class Arbiter:
         self.record_written_at = -RECORD_EVERY  # the first change after a quiet spell at once
         self.arbiter_record = orphans.process_record(os.getpid())
         self.unwritten_pidfile: orphans.StateFile | None = None  # tried again every second
+        self.lock_lost = False  # our lock file was removed and someone else took a new one
         self.may_leave_idle = may_leave_idle_priority()  # else a reload's workers boot at ours
 
     # --- lifecycle ---------------------------------------------------------------
@@ -664,6 +665,7 @@ class Arbiter:
             self.notifier.status(status_line(self))
             for w in self.workers:
                 refresh_children(w)
+            self.keep_state_dir()
             self.write_run_record()
             self.give_back_tasks()
             if self.unwritten_pidfile is not None:
@@ -688,6 +690,20 @@ class Arbiter:
                 "owners": owners,
             }
         )
+
+    def keep_state_dir(self) -> None:
+        """Put back what was removed from under us (a /tmp cleaner, an rm -rf): the state
+        dir's lock, the pidfile that `fleetd stop` reads, the control sockets. The run
+        record is written again on its own."""
+        if not self.lock_lost:
+            try:
+                self.lock_fd = orphans.keep_lock(self.lock_fd, self.config.state_dir)
+            except (orphans.AlreadyRunning, OSError) as exc:
+                self.lock_lost = True  # said once: a second fleet may run on the folder
+                log.error("our lock on %s was removed, and: %s", self.config.state_dir, exc)
+        if self.unwritten_pidfile is None and not os.path.lexists(self.pidfile):
+            self.unwritten_pidfile = orphans.StateFile(self.pidfile)
+        self.control.rebind_removed()
 
     def retry_pidfile(self) -> None:
         """Try the pidfile again: a start on a full disk could not write it."""

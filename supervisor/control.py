@@ -17,6 +17,7 @@ error reply and logged, and a frame over 1 MiB makes libzmq drop the connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -99,6 +100,8 @@ class ControlServer:
         self._routers: list[zmq.Socket[bytes]] = []
         self._publishers: list[zmq.Socket[bytes]] = []
         self._socket_files: list[str] = []
+        self._ipc_binds: list[tuple[zmq.Socket[bytes], str]] = []  # for rebind_removed
+        self._rebind_failure = ""
         self._authenticator: ThreadAuthenticator | None = None
         ipc = [endpoint for endpoint in bind if endpoint.startswith("ipc://")]
         tcp = [endpoint for endpoint in bind if endpoint.startswith("tcp://")]
@@ -208,12 +211,29 @@ class ControlServer:
             path = endpoint[len("ipc://") :]
             _secure_directory(os.path.dirname(os.path.abspath(path)), endpoint)
             _remove_stale_socket(path, endpoint)
-            previous_umask = os.umask(0o077)
-            try:
-                _bind(sock, endpoint)
-            finally:
-                os.umask(previous_umask)
+            _bind_private(sock, endpoint)
             self._socket_files.append(path)
+            self._ipc_binds.append((sock, endpoint))
+
+    def rebind_removed(self) -> None:
+        """Bind again each ipc endpoint whose socket file was removed while we serve (a
+        /tmp cleaner, an rm -rf of the state dir), for fleetctl to find us there again.
+        One that cannot be is tried again at the next call, and said once."""
+        for sock, endpoint in self._ipc_binds:
+            path = endpoint[len("ipc://") :]
+            if os.path.lexists(path):
+                continue
+            with contextlib.suppress(zmq.ZMQError):  # its file is gone, not its listener
+                sock.unbind(endpoint)
+            try:
+                _secure_directory(os.path.dirname(os.path.abspath(path)), endpoint)
+                _bind_private(sock, endpoint)
+            except ControlConfigError as exc:
+                if str(exc) != self._rebind_failure:
+                    log.error("%s", exc)
+                self._rebind_failure = str(exc)
+            else:
+                log.warning("the socket of %s was removed: bound again", endpoint)
 
     def _bind_tcp(self, kind: int, endpoints: list[str], server_secret: bytes) -> None:
         sock = self._new_socket(kind)
@@ -410,6 +430,15 @@ def _remove_stale_socket(path: str, endpoint: str) -> None:
         pass
     except OSError as exc:
         raise ControlConfigError(f"control endpoint {endpoint}: {exc}") from None
+
+
+def _bind_private(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Bind an ipc endpoint, its socket file ours alone (0600)."""
+    previous_umask = os.umask(0o077)
+    try:
+        _bind(sock, endpoint)
+    finally:
+        os.umask(previous_umask)
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:

@@ -61,6 +61,29 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
+def lock_is_held(fd: int, state_dir: str) -> bool:
+    """Whether `{state_dir}/fleetd.lock` is still the file that `fd` (lock_state_dir's)
+    locks: a /tmp cleaner or an rm -rf may have removed it, or the whole folder."""
+    try:
+        found = os.stat(os.path.join(state_dir, "fleetd.lock"))
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def keep_lock(fd: int, state_dir: str) -> int:
+    """The descriptor that locks `{state_dir}/fleetd.lock` now: `fd`, or a new lock if the
+    file (or the folder) was removed from under us, without which a second `fleetd start`
+    would run a second fleet on the folder. AlreadyRunning if another took it meanwhile."""
+    if lock_is_held(fd, state_dir):
+        return fd
+    new = lock_state_dir(state_dir)
+    os.close(fd)
+    log.warning("%s was removed: locked again", os.path.join(state_dir, "fleetd.lock"))
+    return new
+
+
 @cache
 def _boot_time() -> float:
     with open("/proc/stat", "rb") as f:

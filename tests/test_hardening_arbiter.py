@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 import zmq
 
 from supervisor.states import FATAL_AFTER
-from tests.fleet import Fleet, alive, executions, wait_for
+from tests.fleet import FLEETD, Fleet, alive, executions, wait_for
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.tree import STRAY_SIGNALS
 
@@ -194,6 +195,35 @@ def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twi
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
     assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
+
+
+def test_a_state_dir_removed_from_under_the_fleet_is_put_back_within_a_second(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """An rm -rf of the state dir (or a /tmp cleaner) while the fleet runs took its lock,
+    pidfile and control sockets: fleetctl found no fleet, `fleetd stop` no pidfile, and a
+    second `fleetd start` ran a second fleet on the same queue. The arbiter puts them back:
+    fleetctl and `fleetd stop` reach it again, and a second start is refused."""
+    fleet = make_fleet().start()  # its queue beside the state dir, not in it
+    state = fleet.folder / "state"
+    shutil.rmtree(state)
+    wait_for(
+        lambda: (state / "fleetd.pid").exists() and (state / "control.sock").exists(),
+        5,
+        message="the state dir to be put back",
+    )
+    assert replies(fleet, "ping") == {"w@h1": {"ok": "pong"}}
+    second = subprocess.run(
+        [FLEETD, "start", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
+    assert second.returncode == 1 and "already runs on state_dir" in second.stderr, second
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert "fleetd.lock was removed: locked again" in fleet.log()
+    stop = subprocess.run(
+        [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
+    assert stop.returncode == 0, stop
+    assert fleet.wait_exit(20) == 0
 
 
 # --- stray signals ----------------------------------------------------------------------------
