@@ -171,9 +171,10 @@ class RunRecord:
         self.last: str = ""
 
     def write(self, record: dict[str, Any]) -> None:
-        """Write `record` if it changed; a failed write is tried again by the next call."""
+        """Write `record` if it changed or its file was removed; a failed write is tried
+        again by the next call."""
         text = json.dumps(record, sort_keys=True)
-        if text != self.last and self.file.write(text):
+        if (text != self.last or not os.path.lexists(self.path)) and self.file.write(text):
             self.last = text
 
     def read(self) -> dict[str, Any]:

@@ -207,11 +207,14 @@ def test_a_state_dir_removed_from_under_the_fleet_is_put_back_within_a_second(
     fleet = make_fleet().start()  # its queue beside the state dir, not in it
     state = fleet.folder / "state"
     shutil.rmtree(state)
+    put_back = ["fleetd.lock", "fleetd.pid", "control.sock", "events.sock", "run.json"]
     wait_for(
-        lambda: (state / "fleetd.pid").exists() and (state / "control.sock").exists(),
+        lambda: all((state / name).exists() for name in put_back),
         5,
         message="the state dir to be put back",
     )
+    record = json.loads((state / "run.json").read_text())  # what the next start would end
+    assert fleet.worker_pids()[0] in [p["pid"] for p in record["processes"]]
     assert replies(fleet, "ping") == {"w@h1": {"ok": "pong"}}
     second = subprocess.run(
         [FLEETD, "start", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
