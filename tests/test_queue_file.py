@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable
 
 from fleetd import Client
@@ -52,3 +54,26 @@ def test_a_queue_file_replaced_by_another_is_followed(
         fresh.close()
     wait_for(lambda: "opening it anew" in fleet.log(), 5, message="the log line")
     assert os.path.exists(fleet.folder / "queue.db")
+
+
+def test_a_removed_wake_up_folder_is_made_again_and_tasks_start_at_once_again(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Producers wake a worker through its pipe in `queue.db-wake/`. With the folder removed
+    (an rm -rf, a /tmp cleaner) every task waited for the worker's next look at the queue,
+    a second later, for good. The worker makes its pipe again within a second (and looks at
+    the queue then): tasks start at once again."""
+    fleet = make_fleet(workers=[{"name": "w", "queues": ["default"], "concurrency": 1}])
+    fleet.start()
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    folder = fleet.folder / "queue.db-wake"
+    shutil.rmtree(folder)
+    wait_for(lambda: folder.exists() and os.listdir(folder), 5, message="the pipe made again")
+    assert "was removed: made again" in fleet.log()
+    waits = []
+    for i in range(7):
+        started = time.monotonic()
+        assert fleet.client.submit("tasks.add", i, i).get(timeout=10) == 2 * i
+        waits.append(time.monotonic() - started)
+    # Each waited DRY_RECHECK (1 s) without its pipe: half a second is far from both.
+    assert statistics.median(waits) < 0.5, waits

@@ -4,6 +4,7 @@ the queue file's `-wake` folder, and every writer pokes the FIFOs of the queues 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import threading
@@ -14,24 +15,53 @@ from .base import Wakeup
 
 READY_POKE = b"!"  # a write added only tasks ready now; SCHEDULED_POKE: one for later
 SCHEDULED_POKE = b"e"
+CHECK_EVERY = 1.0  # seconds between two looks at whether our pipe is still in the folder
+
+log = logging.getLogger("fleetd.broker")
 
 
 class FifoWakeup(Wakeup):
     """A named pipe in the wake folder; producers write a byte to every pipe there."""
 
     def __init__(self, folder: str) -> None:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.folder = folder
         self.path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self._read_fd, self._keep_fd = self._make()
+        self._check_at = time.monotonic() + CHECK_EVERY
+
+    def _make(self) -> tuple[int, int]:
+        """Make our pipe; its read end and our own write end, which keeps the pipe from
+        reporting hang-up when a producer closes it."""
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
         os.mkfifo(self.path, 0o600)
-        self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        # Our own writer keeps the pipe from reporting hang-up when a producer closes it.
-        self._keep_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        return read_fd, os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
 
     def fileno(self) -> int:
         return self._read_fd
 
     def arm(self) -> None:
-        pass
+        """Once a second, put our pipe back if it was removed (an rm -rf of the folder, a
+        /tmp cleaner): producers poke only the pipes they find there, and without ours every
+        task would wait for the worker's next look at the queue (DRY_RECHECK, a second)."""
+        now = time.monotonic()
+        if now < self._check_at:
+            return
+        self._check_at = now + CHECK_EVERY
+        if os.path.lexists(self.path):
+            return
+        try:
+            read_fd, keep_fd = self._make()
+        except OSError as exc:
+            log.warning("cannot make the wake-up pipe %s again: %s", self.path, exc)
+            return
+        # The same descriptor numbers, which the caller's poll watches, on the new pipe.
+        os.dup2(read_fd, self._read_fd, inheritable=False)
+        os.dup2(keep_fd, self._keep_fd, inheritable=False)
+        os.close(read_fd)
+        os.close(keep_fd)
+        os.write(self._keep_fd, SCHEDULED_POKE)  # what was queued meanwhile: look (ETAs too)
+        log.warning("the wake-up pipe %s was removed: made again", self.path)
 
     def clear(self) -> bool:
         pokes = b""
