@@ -254,6 +254,12 @@ class Probe:
     reason: str
 
 
+# Seconds a metrics client may take to send its request or read the answer. Each connection
+# holds a thread of the arbiter's: one that sent nothing (a hung scraper, a slowloris) held
+# it for good, and a thousand of them a thousand threads.
+CLIENT_TIMEOUT = 5.0
+
+
 class MetricsServer:
     """Serves `metrics.render()` at GET /metrics, and the arbiter's last verdicts at /healthz
     and /readyz (200, or 503 with the reason in one line), from a daemon thread."""
@@ -309,6 +315,8 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
             self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     class MetricsHandler(BaseHTTPRequestHandler):
+        timeout = CLIENT_TIMEOUT  # a client that sends (or reads) nothing is let go
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from supervisor import metrics as metrics_module
 from supervisor.metrics import FAMILIES, Metrics, MetricsServer
 
 SAMPLE = re.compile(r'[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} (-?[0-9.e+-]+|\+Inf|-Inf|NaN)')
@@ -204,6 +206,27 @@ def test_closed_server_refuses_connections() -> None:
     server.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+
+
+def test_a_client_that_sends_nothing_is_let_go_and_the_server_answers_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients that connect and send nothing (a hung scraper, a slowloris) each held one of
+    the arbiter's threads for good: each is let go after CLIENT_TIMEOUT (here 0.3 s)."""
+    monkeypatch.setattr(metrics_module, "CLIENT_TIMEOUT", 0.3)
+    server = MetricsServer("127.0.0.1:0", Metrics())
+    server.start()
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+    try:
+        for sock in silent:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        for sock in silent:
+            sock.close()
+        server.close()
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "localhost:http", ""])
