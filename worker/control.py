@@ -96,6 +96,11 @@ class Command:
     # addressed worker before the command goes to it.
     before_send: Callable[..., None] | None = None
 
+    @property
+    def custom(self) -> bool:
+        """A task module's (`@control_command`): it has no command line of its own."""
+        return not self.lines
+
     def validate(self, args: Any) -> dict[str, Any]:
         """The arguments with defaults filled in; CommandError naming what is wrong."""
         if not isinstance(args, dict):
