@@ -168,9 +168,9 @@ class ArbiterChannel:
             return {"error": f"unknown command {message.get('cmd')!r}"}
         try:
             args = command.validate(message.get("args", {}))
-            if not command.custom:  # ours are quick, and one cut short could leave a fork
-                return command.effect(self, **args)
-            with time_limited(COMMAND_TIME_LIMIT):
+            # Only a task module's is bounded: ours are quick, and one cut short could leave
+            # a child forked but not recorded.
+            with time_limited(COMMAND_TIME_LIMIT) if command.custom else contextlib.nullcontext():
                 return command.effect(self, **args)
         except CommandError as exc:
             log.warning("command refused: %s", exc, extra={"node": self.node})
@@ -181,7 +181,8 @@ class ArbiterChannel:
             log.exception("command %s failed", command.name, extra={"node": self.node})
             return {"error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
         finally:
-            self.reclaim_signals(f"command {command.name}")
+            if command.custom:  # code not ours: it may have taken our signals
+                self.reclaim_signals(f"command {command.name}")
 
     def send_events(self: Worker) -> None:
         if self.events:

@@ -37,7 +37,7 @@ from .brokers.base import (
 )
 from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
-from .tree import STRAY_SIGNALS, become_subreaper, set_parent_death_signal
+from .tree import STRAY_SIGNALS, become_subreaper, set_dispositions, set_parent_death_signal
 
 # How a child that stops between tasks (TERM, or the end of its pipe) leaves: a BYE frame,
 # then this exit code. Every task it was given and did not answer never started. (The
@@ -173,8 +173,7 @@ class Child:
         }
         for default in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, *STRAY_SIGNALS):
             self.handlers[default] = signal.SIG_DFL  # a task's code sees Python's defaults
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
+        set_dispositions(self.handlers)
         self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
         self.recursion_limit = sys.getrecursionlimit()
         self.streams = sys.stdout, sys.stderr
@@ -223,9 +222,7 @@ class Child:
         Called before the task's reply is written: a TERM that the task blocked is taken
         here (the reply then says we leave), and one that it ignored or took with its own
         handler, the worker sends again once it reads the reply, when our handler is back."""
-        for sig, handler in self.handlers.items():
-            if _signal.getsignal(sig) != handler:  # not `is`: SIG_IGN comes back an int
-                signal.signal(sig, handler)
+        set_dispositions(self.handlers)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         sys.stdout, sys.stderr = self.streams
         if sys.getrecursionlimit() != self.recursion_limit:

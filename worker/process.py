@@ -49,7 +49,7 @@ from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
-from .tree import BOOT_BLOCKED, STRAY_SIGNALS
+from .tree import BOOT_BLOCKED, STRAY_SIGNALS, set_dispositions
 
 log = logging.getLogger("fleetd.worker")
 
@@ -331,8 +331,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.signal_fd, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.signal_fd, select.POLLIN)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, self.on_signal)
+        # Ours through the loop; SIGPIPE ignored, as Python has it: a dead child's pipe is
+        # an EPIPE, not our end.
+        self.dispositions: dict[int, Any] = dict.fromkeys(HANDLED_SIGNALS, self.on_signal)
+        self.dispositions[signal.SIGPIPE] = signal.SIG_IGN
+        set_dispositions(self.dispositions)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)  # what came meanwhile: now
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
         # The children's stdout and stderr: logged line by line, marked with our node.
@@ -354,16 +357,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         that exits would end us in the middle of a warm shutdown, SIGCHLD ignored would keep
         our children's exits from us, SIGPIPE at its default would end us on a dead child's
         pipe. A task module's handlers run in no fleetd process: the children set their own."""
-        taken = [
-            signal.Signals(sig).name
-            for sig in HANDLED_SIGNALS
-            if signal.getsignal(sig) != self.on_signal
-        ]
-        for sig in taken:
-            signal.signal(signal.Signals[sig], self.on_signal)
-        if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:  # Python's, and ours
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            taken.append("SIGPIPE")
+        taken = [signal.Signals(sig).name for sig in set_dispositions(self.dispositions)]
         blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         taken += [f"{signal.Signals(s).name} (blocked)" for s in HANDLED_SIGNALS if s in blocked]
         if signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False) != self.signal_w:

@@ -13,7 +13,9 @@ import contextlib
 import ctypes
 import os
 import signal
+from _signal import getsignal as raw_getsignal  # signal's, without the enum it wraps around
 from functools import cache
+from typing import Any
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PR_SET_CHILD_SUBREAPER = 36
@@ -26,6 +28,17 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent exits (Linux)."""
     _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def set_dispositions(wanted: dict[int, Any]) -> list[int]:
+    """Give each signal of `wanted` its disposition there again where code not ours (a
+    task, a task module, a custom command) changed it; the signals it had changed. Compared
+    with `!=`, not `is`: getsignal gives SIG_IGN and SIG_DFL back as ints, not the enums set.
+    A pool child calls it after every task: when nothing changed it costs no syscall."""
+    changed = [sig for sig, handler in wanted.items() if raw_getsignal(sig) != handler]
+    for sig in changed:
+        signal.signal(sig, wanted[sig])
+    return changed
 
 
 # Signals that mean nothing to the arbiter or a worker but whose default action ends the
