@@ -107,7 +107,6 @@ def write_redis(
     for t in tasks:
         if group:
             open_stream(client, prefix, t.queue)
-        entry = f"0-{client.incr(f'{prefix}:seq')}"
         record = {
             b"id": t.id,
             b"queue": t.queue,
@@ -116,13 +115,27 @@ def write_redis(
             b"state": b"PENDING",
             b"deliveries": b"0",
             b"status": b"queued",
-            b"entry": entry.encode(),
         }
         for field in fields:
             del record[field]
-        client.hset(f"{prefix}:r:".encode() + t.id, mapping=record)  # type: ignore[arg-type]
-        client.xadd(stream(prefix, t.queue), {b"id": t.id}, id=entry)
+        keys = [f"{prefix}:seq".encode(), stream(prefix, t.queue), f"{prefix}:r:".encode() + t.id]
+        flat = [item for pair in record.items() for item in pair]
+        client.eval(WRITE_ONE, 3, *keys, t.id, *flat)
     client.publish(f"{prefix}:wake:default", "1")
+
+
+# A record and its stream entry in one step, as the broker's enqueue script writes them: a
+# submit of a producer's that came between an INCR and an XADD of ours would top the stream
+# ("The ID specified in XADD is equal or smaller"), and our entry would then take an id
+# Redis picks, as the broker's does.
+WRITE_ONE = """
+local entry = '0-' .. redis.call('INCR', KEYS[1])
+if type(redis.pcall('XADD', KEYS[2], entry, 'id', ARGV[1])) ~= 'string' then
+  entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+end
+redis.call('HSET', KEYS[3], 'entry', entry, unpack(ARGV, 2))
+return entry
+"""
 
 
 def add_entry(client: redis.Redis, prefix: str, fields: dict[bytes, bytes]) -> None:
