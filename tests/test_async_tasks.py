@@ -73,6 +73,15 @@ async def ajournal(self, path, seconds):
 async def aloop():
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
+@task
+async def astop_loop(marker):
+    """Stop the loop it runs on, as a task that calls loop.stop() by mistake does."""
+    with open(marker, "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    asyncio.get_running_loop().stop()
+    await asyncio.sleep(0.05)
+    return os.getpid()
+
 @task(bind=True)
 async def aretry(self, path):
     with open(path, "a") as f:
@@ -243,6 +252,28 @@ def test_a_task_blocking_the_loop_gets_its_child_killed_and_the_others_redeliver
     assert [i["state"] for i in infos] == ["SUCCESS"] * 3, "redelivered, not failed"
     assert len(lines(blocker_marker)) == 1, "the blocker ran once"
     assert "blocks its loop" in fleet.log()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_task_that_stops_its_childs_loop_runs_once_and_the_loop_goes_on(
+    make_fleet, tmp_path: Path, loop: str
+) -> None:
+    """loop.stop() in a task ended the child's loop, and the child left as if asked to stop
+    between tasks: every task it ran went back to the queue as never started, no delivery
+    counted, and the next child ran them again, a fork and a stop every few ms for good.
+    The loop goes on instead; the task and those beside it finish once, on that child."""
+    fleet = async_fleet(
+        make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 2)
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="two tasks in flight")
+    stopper = fleet.client.submit("tasks.astop_loop", str(marker))
+    assert stopper.get(timeout=10) == start_pids(marker)[0]
+    gate.touch()
+    infos = final(fleet, [*ids, stopper.id])
+    assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * 3
+    assert len(set(start_pids(marker))) == 1 and len(lines(marker)) == 3, "each ran once"
+    assert "a task stopped its child's event loop" in fleet.log()
 
 
 def test_revoke_terminate_cancels_only_that_task(make_fleet, tmp_path: Path) -> None:

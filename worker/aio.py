@@ -71,8 +71,17 @@ class EventLoopChild:
         self.loop.add_reader(self.child.task_fd, self.read_tasks)
         self.loop.add_reader(self.child.revoke_fd, self.read_control)
         self.take(frames)
-        self.loop.run_forever()
-        self.child.leave()
+        while True:  # the child ends in leave(), from a callback; never when the loop stops
+            self.loop.run_forever()
+            self.loop_stopped()
+
+    def loop_stopped(self) -> None:
+        """A task stopped our loop (`loop.stop()`): it runs on. Leaving instead would look
+        like a stop between tasks to the worker, which gives back the tasks in flight as
+        never started: they would run again, as often as the task stops a loop."""
+        self.child.leave_if_forked(None)
+        with contextlib.suppress(OSError):
+            os.write(2, b"fleetd: a task stopped its child's event loop; the loop goes on\n")
 
     def on_term(self) -> None:
         """Warm stop: the tasks in flight finish, none other starts."""
