@@ -188,6 +188,19 @@ def journal(self, path, seconds=0.0, pad=""):
     return os.getpid()
 
 @task
+def quit_worker(via):
+    """SIGQUIT to the worker that runs us, from this process or from a shell of ours in a
+    session of its own (which lives on a while after it sent it)."""
+    worker = os.getppid()
+    if via == "task":
+        os.kill(worker, signal.SIGQUIT)
+    else:
+        script = f"kill -QUIT {worker}; sleep 2"
+        subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    time.sleep(0.3)
+    return worker
+
+@task
 def say(text):
     print(text, flush=True)
     return text

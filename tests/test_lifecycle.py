@@ -671,6 +671,24 @@ def test_worker_quit_kills_its_children_and_their_tasks_are_redelivered(
     assert len(lines(marker)) == 4
 
 
+@pytest.mark.parametrize("via", ["task", "subprocess"])
+def test_a_quit_that_a_task_sends_its_own_worker_is_ignored(make_fleet, via: str) -> None:
+    """A task's QUIT to its worker was a cold stop: the task went back without a delivery
+    strike, the arbiter restarted the worker, which ran it again and stopped again, five
+    times, and then left the worker down (FATAL) with its queues standing still. The worker
+    reads who sent a QUIT: one from below it is ignored; an operator's still stops it (the
+    test above)."""
+    fleet = make_fleet().start()
+    [worker_pid] = fleet.worker_pids()
+    handle = fleet.client.submit("tasks.quit_worker", via)
+    assert handle.get(timeout=10) == worker_pid
+    assert handle.info()["deliveries"] == 1
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert fleet.worker_pids() == [worker_pid]
+    assert "a process of a task of ours: ignored" in fleet.log()
+    assert "cold shutdown" not in fleet.log()
+
+
 def test_worker_ttin_ttou_resize_its_own_pool_and_usr1_logs_its_status(make_fleet) -> None:
     fleet = make_fleet(
         workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]

@@ -30,7 +30,7 @@ from .brokers.base import FAILURE, Delivery, Outcome
 from .child import CLEAN_STOP, child_main
 from .commands import pool_room
 from .protocol import FrameReader, Outbox, ProtocolError, encode_task
-from .tree import end_adopted
+from .tree import SENDER_CHECKED, end_adopted
 
 if TYPE_CHECKING:
     from .process import Worker
@@ -175,7 +175,7 @@ class Pool:
         """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
         pipes = open_pipes(3)
         task_r, task_w, result_r, result_w, revoke_r, revoke_w = pipes
-        ours = [self.signal_fd, self.signal_w, self.wakeup.fileno()]
+        ours = [self.signal_fd, self.signal_w, self.quit_fd, self.wakeup.fileno()]  # -1: none
         keep_closed = [task_w, result_r, revoke_w, *ours]
         if self.arbiter_fd is not None:
             keep_closed.append(self.arbiter_fd)
@@ -189,6 +189,7 @@ class Pool:
             raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SENDER_CHECKED)  # a task's, as Python's
             os.dup2(self.output_w, 1)
             os.dup2(self.output_w, 2)
             keep_closed += [self.output_fd, self.output_w]

@@ -49,7 +49,15 @@ from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
-from .tree import BOOT_BLOCKED, STRAY_SIGNALS, set_dispositions
+from .tree import (
+    BOOT_BLOCKED,
+    SENDER_CHECKED,
+    STRAY_SIGNALS,
+    descends_from,
+    open_signal_fd,
+    read_signal_fd,
+    set_dispositions,
+)
 
 log = logging.getLogger("fleetd.worker")
 
@@ -147,6 +155,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         become_subreaper()  # what outlives a dead child comes to us (child_gone ends it)
         self.import_tasks()
         self.reclaim_signals("importing fleet.imports")
+        self.read_quit_senders()
         self.broker = open_broker(
             self.spec.broker,
             durability=self.spec.durability,
@@ -205,6 +214,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         for fd, events in self.poller.poll(timeout * 1000):
             if fd == self.signal_fd:
                 self.handle_signals()
+            elif fd == self.quit_fd:
+                self.take_quits()
             elif fd == self.wakeup.fileno():
                 if self.wakeup.clear():
                     self.etas_read_at = None
@@ -337,6 +348,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.dispositions[signal.SIGPIPE] = signal.SIG_IGN
         set_dispositions(self.dispositions)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)  # what came meanwhile: now
+        self.quit_fd = -1  # see read_quit_senders
         set_parent_death_signal(signal.SIGTERM)  # the arbiter vanished: warm shutdown
         # The children's stdout and stderr: logged line by line, marked with our node.
         self.output_fd, self.output_w = os.pipe2(os.O_CLOEXEC)
@@ -358,8 +370,14 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         our children's exits from us, SIGPIPE at its default would end us on a dead child's
         pipe. A task module's handlers run in no fleetd process: the children set their own."""
         taken = [signal.Signals(sig).name for sig in set_dispositions(self.dispositions)]
-        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        taken += [f"{signal.Signals(s).name} (blocked)" for s in HANDLED_SIGNALS if s in blocked]
+        handled = [sig for sig in HANDLED_SIGNALS if sig not in SENDER_CHECKED]
+        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        taken += [f"{signal.Signals(s).name} (blocked)" for s in handled if s in blocked]
+        if self.quit_fd >= 0:  # they must stay blocked for quit_fd to read them
+            taken += [
+                f"{signal.Signals(s).name} (unblocked)" for s in SENDER_CHECKED if s not in blocked
+            ]
+            signal.pthread_sigmask(signal.SIG_BLOCK, SENDER_CHECKED)
         if signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False) != self.signal_w:
             taken.append("the signal wake-up descriptor")
         if taken:
@@ -418,6 +436,25 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 log.warning(
                     "%s means nothing to a worker: ignored", stray, extra={"node": self.node}
                 )
+
+    def read_quit_senders(self) -> None:
+        """From now on a QUIT is read with who sent it (take_quits). Not before the task
+        modules' import: what they start keeps Python's signal mask, QUIT unblocked."""
+        self.quit_fd = open_signal_fd(SENDER_CHECKED)
+        self.poller.register(self.quit_fd, select.POLLIN)
+
+    def take_quits(self) -> None:
+        """A QUIT is a cold shutdown, unless a process below us sent it: a task's."""
+        for _, sender in read_signal_fd(self.quit_fd):
+            if sender and descends_from(sender, self.pid):
+                log.warning(
+                    "SIGQUIT from pid %d, a process of a task of ours: ignored (a task cannot"
+                    " stop its worker)",
+                    sender,
+                    extra={"node": self.node},
+                )
+            else:
+                self.begin_shutdown("cold")
 
     # --- shutdown ---------------------------------------------------------------------
     def begin_shutdown(self, mode: str) -> None:

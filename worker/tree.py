@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import struct
 from _signal import getsignal as raw_getsignal  # signal's, without the enum it wraps around
 from functools import cache
 from typing import Any
@@ -22,12 +23,62 @@ PR_SET_CHILD_SUBREAPER = 36
 
 # Looked up once, in the worker: every forked child then shares it instead of building
 # its own ctypes library object.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+SIGINFO_SIZE = 128  # struct signalfd_siginfo: ssi_signo, ssi_errno, ssi_code, ssi_pid, ...
 
 
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent exits (Linux)."""
     _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def open_signal_fd(signums: tuple[int, ...]) -> int:
+    """Block `signums` and return a descriptor that reads them with who sent each
+    (signalfd(2), Linux): what a handler never learns. Non-blocking, closed on exec."""
+    mask = (ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))()  # a sigset_t
+    bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    for sig in signums:
+        mask[(sig - 1) // bits] |= 1 << ((sig - 1) % bits)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    fd = _libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"signalfd: {os.strerror(errno)}")
+    return int(fd)
+
+
+def read_signal_fd(fd: int) -> list[tuple[int, int]]:
+    """The signals waiting on a descriptor of open_signal_fd: (signal, sender pid) each; the
+    pid is 0 for one the kernel sent (a terminal's Ctrl-\\)."""
+    received: list[tuple[int, int]] = []
+    while True:
+        try:
+            data = os.read(fd, SIGINFO_SIZE * 16)
+        except (BlockingIOError, InterruptedError):
+            return received
+        for at in range(0, len(data) - SIGINFO_SIZE + 1, SIGINFO_SIZE):
+            signo, _errno, _code, pid = struct.unpack_from("=IiiI", data, at)
+            received.append((signo, pid))
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` runs below `ancestor`: its chain of parents in /proc reaches it.
+    False for a process already gone."""
+    for _ in range(MAX_DEPTH):
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+MAX_DEPTH = 64  # of a chain of parents that descends_from follows
 
 
 def set_dispositions(wanted: dict[int, Any]) -> list[int]:
@@ -55,6 +106,12 @@ STRAY_SIGNALS = (
     signal.SIGXFSZ,
 )
 
+
+# Signals a worker reads with their sender (open_signal_fd), not through its handler: a QUIT
+# that a task's own process sends its worker is ignored (worker/process.py). Taken for a
+# cold stop, it gave the task back without a delivery strike, and the restarted worker ran
+# it again, stopped again, ... until the arbiter left the worker down (FATAL).
+SENDER_CHECKED = (signal.SIGQUIT,)
 
 # Signals the arbiter relays to its workers (and stray ones): a worker starts with them
 # blocked, so that one sent while it boots waits for its handlers (worker/process.py
