@@ -188,6 +188,12 @@ def journal(self, path, seconds=0.0, pad=""):
     return os.getpid()
 
 @task
+def stop_self():
+    """SIGSTOP its own child: it runs on only when something sends it SIGCONT."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return "resumed"
+
+@task
 def quit_worker(via):
     """SIGQUIT to the worker that runs us, from this process or from a shell of ours in a
     session of its own (which lives on a while after it sent it)."""

@@ -689,6 +689,26 @@ def test_a_quit_that_a_task_sends_its_own_worker_is_ignored(make_fleet, via: str
     assert "cold shutdown" not in fleet.log()
 
 
+def test_a_warm_shutdown_continues_a_child_that_its_task_stopped(make_fleet) -> None:
+    """A task that SIGSTOPs its own child (a debugger's habit, a shell's job control) held a
+    warm shutdown for good: the TERM waited in the stopped child. The worker sends CONT after
+    TERM, as systemd does: the task runs on, finishes once, and the fleet stops."""
+    fleet = make_fleet().start()
+    [worker_pid] = fleet.worker_pids()
+    handle = fleet.client.submit("tasks.stop_self")
+    wait_for(
+        lambda: any(
+            psutil.Process(c).status() == psutil.STATUS_STOPPED
+            for c in fleet.child_pids(worker_pid)
+        ),
+        10,
+        message="the task to stop its child",
+    )
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(15) == 0
+    assert handle.info()["state"] == "SUCCESS" and handle.get(timeout=1) == "resumed"
+
+
 def test_worker_ttin_ttou_resize_its_own_pool_and_usr1_logs_its_status(make_fleet) -> None:
     fleet = make_fleet(
         workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]

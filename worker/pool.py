@@ -99,6 +99,15 @@ class ChildProc:
         return len(self.tasks) + len(self.aio)
 
 
+def ask_to_finish(pid: int) -> None:
+    """TERM a child (finish the current task, start no other), then CONT, as systemd does: a
+    child that its task stopped (SIGSTOP, a shell's job control) must run to leave, or a warm
+    shutdown would wait on it for good."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+
+
 class Pool:
     """Forks, feeds, reads and ends the children. The worker's loop calls it; it calls the
     settlement (worker/settle.py) for every outcome it learns and the broker link
@@ -281,8 +290,7 @@ class Pool:
         elif self.shutdown == "warm" and child.tasks:
             # Our TERM went to a handler of that task's own (the child has its own back
             # now): send it again, or the child would run every task in its pipe.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+            ask_to_finish(child.pid)
         if running.settled:
             if running.terminated_at is not None:
                 self.retire_child(child)

@@ -42,7 +42,7 @@ from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
 from .link import DRY_RECHECK, BrokerLink
-from .pool import POLL_IN, ChildProc, Pool
+from .pool import POLL_IN, ChildProc, Pool, ask_to_finish
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
 from .scheduler import worker_scheduler
@@ -472,9 +472,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if mode == "cold":
             self.kill_running()
             return
-        for child in self.children.values():  # finish the current task, start no other
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+        for child in self.children.values():
+            ask_to_finish(child.pid)
         if self.spec.shutdown_timeout:
             self.shutdown_deadline = time.monotonic() + self.spec.shutdown_timeout
 
