@@ -440,7 +440,13 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     def read_quit_senders(self) -> None:
         """From now on a QUIT is read with who sent it (take_quits). Not before the task
         modules' import: what they start keeps Python's signal mask, QUIT unblocked."""
-        self.quit_fd = open_signal_fd(SENDER_CHECKED)
+        try:
+            self.quit_fd = open_signal_fd(SENDER_CHECKED)
+        except (OSError, AttributeError) as exc:  # no signalfd here (a seccomp filter, say)
+            log.warning(
+                "cannot tell who sends a QUIT (%s): one from a task stops this worker too", exc
+            )
+            return
         self.poller.register(self.quit_fd, select.POLLIN)
 
     def take_quits(self) -> None:

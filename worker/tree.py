@@ -40,11 +40,11 @@ def open_signal_fd(signums: tuple[int, ...]) -> int:
     bits = 8 * ctypes.sizeof(ctypes.c_ulong)
     for sig in signums:
         mask[(sig - 1) // bits] |= 1 << ((sig - 1) % bits)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     fd = _libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"signalfd: {os.strerror(errno)}")
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     return int(fd)
 
 
