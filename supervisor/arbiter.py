@@ -161,7 +161,8 @@ class Arbiter:
         )
         self.control_sockets = set(self.control.sockets())
         self.poller = zmq.Poller()
-        for target in [self.signals.read_fd, *self.control_sockets, *self.by_fd]:
+        signal_fds = [fd for fd in (self.signals.read_fd, self.signals.quit_fd) if fd >= 0]
+        for target in [*signal_fds, *self.control_sockets, *self.by_fd]:
             self.poller.register(target, POLLIN)
         if self.config.metrics_bind:
             self.metrics_server = MetricsServer(self.config.metrics_bind, self.metrics)
@@ -171,7 +172,7 @@ class Arbiter:
         timeout = self.poll_timeout()
         assert self.poller is not None  # made by start()
         for target, events in self.poller.poll(math.ceil(timeout * 1000)):
-            if target == self.signals.read_fd:
+            if target in (self.signals.read_fd, self.signals.quit_fd):
                 continue  # drained below
             if target in self.control_sockets:
                 self.read_control(target)

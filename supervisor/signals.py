@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections import deque
 from types import FrameType
 
-from worker.tree import STRAY_SIGNALS
+from worker.tree import SENDER_CHECKED, STRAY_SIGNALS, descends_from, open_signal_fd, read_signal_fd
+
+log = logging.getLogger("fleetd.arbiter")
 
 HANDLED = (
     signal.SIGTERM,
@@ -23,7 +26,11 @@ HANDLED = (
 
 
 class SignalQueue:
-    """Signals in arrival order, plus a descriptor that becomes readable when one arrives."""
+    """Signals in arrival order, plus descriptors that become readable when one arrives: the
+    wake-up pipe of the handlers, and `quit_fd` (-1 where signalfd is refused), which reads a
+    QUIT with its sender. A QUIT from a process below us, a task's, is ignored: taken for a
+    cold stop, it would give that task back without a delivery strike, to run (and stop the
+    fleet) again at the next start."""
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
@@ -31,6 +38,11 @@ class SignalQueue:
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for signum in HANDLED:
             signal.signal(signum, self._enqueue)
+        try:  # the workers are spawned with a mask of their own (workers.launch)
+            self.quit_fd = open_signal_fd(SENDER_CHECKED)
+        except (OSError, AttributeError) as exc:  # no signalfd here (a seccomp filter, say)
+            log.warning("cannot tell who sends a QUIT (%s): one from a task stops fleetd too", exc)
+            self.quit_fd = -1
 
     def _enqueue(self, signum: int, frame: FrameType | None) -> None:
         self.pending.append(signum)
@@ -45,6 +57,17 @@ class SignalQueue:
         out = []
         while self.pending:
             out.append(self.pending.popleft())
+        if self.quit_fd >= 0:
+            for signum, sender in read_signal_fd(self.quit_fd):
+                if sender and descends_from(sender, os.getpid()):
+                    log.warning(
+                        "%s from pid %d, a process of a task: ignored (a task cannot stop"
+                        " the fleet)",
+                        signal.Signals(signum).name,
+                        sender,
+                    )
+                else:
+                    out.append(signum)
         return out
 
 

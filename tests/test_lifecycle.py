@@ -689,6 +689,22 @@ def test_a_quit_that_a_task_sends_its_own_worker_is_ignored(make_fleet, via: str
     assert "cold shutdown" not in fleet.log()
 
 
+def test_a_quit_that_a_task_sends_the_arbiter_is_ignored(make_fleet) -> None:
+    """A task's QUIT to the arbiter stopped the fleet cold: its task went back without a
+    delivery strike, to run and stop the fleet again at the next start. The arbiter reads who
+    sent a QUIT, as its workers do; an operator's still stops it cold (fleet.stop's)."""
+    fleet = make_fleet().start()
+    workers = fleet.worker_pids()
+    handle = fleet.client.submit("tasks.quit_arbiter")
+    assert fleet.proc is not None and handle.get(timeout=10) == fleet.proc.pid
+    assert handle.info()["deliveries"] == 1
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert fleet.proc.poll() is None and fleet.worker_pids() == workers
+    assert "a task cannot stop the fleet" in fleet.log()
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(15) == 0
+
+
 def test_a_warm_shutdown_continues_a_child_that_its_task_stopped(make_fleet) -> None:
     """A task that SIGSTOPs its own child (a debugger's habit, a shell's job control) held a
     warm shutdown for good: the TERM waited in the stopped child. The worker sends CONT after
