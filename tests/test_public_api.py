@@ -7,7 +7,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.fleet import FLEETCTL, FLEETD, TASKS, Fleet
+from worker import Client
 
 
 def test_from_fleetd_import_the_public_api() -> None:
@@ -18,6 +21,30 @@ def test_from_fleetd_import_the_public_api() -> None:
     assert fleetd.Client is worker.Client
     assert fleetd.SoftTimeLimitExceeded is worker.SoftTimeLimitExceeded
     assert {"task", "Client", "SoftTimeLimitExceeded", "TaskFailed"} <= set(fleetd.__all__)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.submit(42), "a task name must be a non-empty string, not 42"),
+        (lambda c: c.submit(""), "a task name must be a non-empty string, not ''"),
+        (lambda c: c.submit("tasks.add", task_id=7), "a task id must be a non-empty string"),
+        (lambda c: c.submit_many([("tasks.add", "12", {})]), "args must be a list or tuple"),
+        (lambda c: c.submit_many([("tasks.add", (), [1])]), "kwargs must be a dict, not list"),
+        (lambda c: c.submit("tasks.add", kwargs=[1]), "kwargs must be a dict, not list"),  # type: ignore[arg-type]
+    ],
+    ids=["name-int", "name-empty", "id-int", "args-str", "kwargs-list", "submit-kwargs-list"],
+)
+def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
+    tmp_path: Path, call: Callable[[Client], object], words: str
+) -> None:
+    """A name that is no text reached a worker, which failed it as a BadMessage; a string
+    given as args ran the task with its letters. The client says what is wrong instead."""
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    with pytest.raises(TypeError, match=words.replace("(", r"\(")):
+        call(client)
+    assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
+    client.close()
 
 
 def test_a_projects_own_worker_py_does_not_shadow_fleetd(

@@ -70,6 +70,19 @@ def encode_body(
     )
 
 
+def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
+    """TypeError naming what is wrong with a call to submit, before anything is sent: else
+    a worker would fail it as a BadMessage (a name that is no text), or run it with other
+    arguments than meant (a string's letters as its args)."""
+    for what, value in (("task name", name), ("task id", task_id)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"a {what} must be a non-empty string, not {value!r:.80}")
+    if not isinstance(args, (list, tuple)):
+        raise TypeError(f"{name}: args must be a list or tuple, not {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
+
+
 def retry_problem(letter: DeadLetter | None) -> str | None:
     """Why a dead letter cannot go back on its queue as a task, if it cannot."""
     if letter is None:
@@ -214,6 +227,7 @@ class Client:
         envelopes = []
         for index, (name, args, kwargs) in enumerate(calls):
             task_id = ids[index] if ids else str(uuid.uuid4())
+            check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
             body = encode_body(task_id, name, args, kwargs)
             if too_large := oversize(body):
