@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import select
 import sys
@@ -70,6 +71,23 @@ def positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -138,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
     submit.add_argument("--kwargs", default="{}", help="a JSON object")
     submit.add_argument("--queue")
-    submit.add_argument("--countdown", type=float)
-    submit.add_argument("--wait", type=float, help="wait up to S seconds for the result")
+    submit.add_argument("--countdown", type=finite)
+    submit.add_argument("--wait", type=non_negative, help="wait up to S seconds for the result")
     submit.set_defaults(handler=cmd_submit)
     result = sub.add_parser("result", help="a task's state and result")
     result.add_argument("id")
-    result.add_argument("--wait", type=float)
+    result.add_argument("--wait", type=non_negative)
     result.set_defaults(handler=cmd_result)
     queues = sub.add_parser("queues", help="queue depths, scheduled tasks, dead letters")
     queues.set_defaults(handler=cmd_queues)

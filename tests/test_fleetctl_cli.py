@@ -89,6 +89,10 @@ def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
         ["time-limit", "tasks.resize", "--soft", "1", "--hard", "inf"],
         ["inspect", "everything"],
         ["nonsense"],
+        ["submit", "tasks.add", "--countdown", "nan"],
+        ["submit", "tasks.add", "--wait", "inf"],
+        ["result", "some-id", "--wait", "-1"],
+        ["result", "some-id", "--wait", "nan"],
     ],
 )
 def test_bad_command_lines_exit_2(argv: list[str]) -> None:

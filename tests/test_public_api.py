@@ -47,6 +47,19 @@ def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
     client.close()
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"), [(float("nan"), ValueError), (float("inf"), ValueError), ("1", TypeError)]
+)
+def test_a_get_with_a_timeout_that_is_no_finite_number_says_so(
+    tmp_path: Path, timeout: object, error: type[Exception]
+) -> None:
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    handle = client.submit("tasks.add", 1, 2)
+    with pytest.raises(error, match="timeout must be a"):
+        handle.get(timeout=timeout)  # type: ignore[arg-type]
+    client.close()
+
+
 def test_a_projects_own_worker_py_does_not_shadow_fleetd(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:

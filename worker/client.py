@@ -25,7 +25,7 @@ from .brokers.base import (
     unavailable_error,
 )
 from .protocol import oversize
-from .task import DEFAULT_QUEUE, REGISTRY, body_problem, env_broker_source, eta_seconds
+from .task import DEFAULT_QUEUE, REGISTRY, body_problem, env_broker_source, eta_seconds, seconds
 
 __all__ = ["BrokerUnavailable", "Client", "Handle", "TaskFailed", "TaskRevoked", "TaskTooLarge"]
 
@@ -113,6 +113,8 @@ class Handle:
 
     def get(self, timeout: float | None = None) -> Any:
         """Wait for the outcome: the result, or TaskFailed / TaskRevoked / TimeoutError."""
+        if timeout is not None:
+            seconds(timeout, "timeout")  # nan or inf: ValueError; no number: TypeError
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0002
         while True:
