@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.fleet import FLEETCTL, FLEETD, TASKS, Fleet
-from worker import Client
+from worker import Client, task
+from worker.task import REGISTRY
 
 
 def test_from_fleetd_import_the_public_api() -> None:
@@ -57,6 +58,44 @@ def test_a_get_with_a_timeout_that_is_no_finite_number_says_so(
     handle = client.submit("tasks.add", 1, 2)
     with pytest.raises(error, match="timeout must be a"):
         handle.get(timeout=timeout)  # type: ignore[arg-type]
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"queue": ""}, TypeError, "queue must be a non-empty string"),
+        ({"name": 5}, TypeError, "name must be a non-empty string"),
+        ({"time_limit": -1}, ValueError, "time_limit must be >= 0"),
+        ({"soft_time_limit": float("nan")}, ValueError, "soft_time_limit must be a finite"),
+        ({"time_limit": "10"}, TypeError, "time_limit must be a number of seconds"),
+        ({"default_retry_delay": -3}, ValueError, "default_retry_delay must be >= 0"),
+        ({"max_retries": None}, TypeError, "max_retries must be a whole number"),
+    ],
+    ids=["queue", "name", "time-limit", "soft-nan", "time-limit-str", "delay", "max-retries"],
+)
+def test_a_task_declared_with_options_a_worker_cannot_honour_fails_at_import(
+    options: dict[str, object], error: type[Exception], words: str
+) -> None:
+    """A queue of "" took the task to a queue no worker reads; a time limit of -1 killed
+    every run at once, one of nan never; a name of 5 made messages no worker could read."""
+
+    def probe() -> None: ...
+
+    with pytest.raises(error, match=words):
+        task(**options)(probe)  # type: ignore[arg-type]
+    assert not any(t.fn is probe for t in REGISTRY.values())
+
+
+def test_apply_async_with_args_that_are_no_list_fails_at_once(tmp_path: Path) -> None:
+    @task
+    def echo(*args: object) -> object:
+        return args
+
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    with pytest.raises(TypeError, match="args must be a list or tuple, not str"):
+        echo.apply_async(args="12", client=client)
+    assert sum(d.ready for d in client.broker.depths()) == 0
     client.close()
 
 

@@ -115,6 +115,8 @@ class Task:
     ) -> Handle:
         from .client import default_client
 
+        if not isinstance(args, (list, tuple)):  # a string would be spread into its letters
+            raise TypeError(f"{self.name}: args must be a list or tuple, not {type(args).__name__}")
         return (client or default_client()).submit(
             self.name,
             *args,
@@ -171,9 +173,22 @@ def task(
     """Register a function as a task: `@task` or `@task(queue="images", time_limit=120)`."""
 
     def register(f: Callable[..., Any]) -> Task:
-        task_name = name or f"{f.__module__}.{f.__qualname__}"
+        task_name = f"{f.__module__}.{f.__qualname__}" if name is None else name
+        # What a worker could not honour fails at import, naming it, not at the first run.
+        for what, text in (("name", task_name), ("queue", queue)):
+            if not isinstance(text, str) or not text:
+                raise TypeError(f"@task {what} must be a non-empty string, not {text!r:.80}")
         if rate_limit is not None:
-            parse_rate(rate_limit)  # fail at import, not at the first run
+            parse_rate(rate_limit)
+        for what, value in (
+            ("time_limit", time_limit),
+            ("soft_time_limit", soft_time_limit),
+            ("default_retry_delay", default_retry_delay),
+        ):
+            if value is not None and seconds(value, f"{task_name}: {what}") < 0:
+                raise ValueError(f"{task_name}: {what} must be >= 0, not {value!r}")
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise TypeError(f"{task_name}: max_retries must be a whole number >= 0")
         t = Task(
             f,
             task_name,
