@@ -8,7 +8,7 @@ import signal
 from collections import deque
 from types import FrameType
 
-from worker.tree import SENDER_CHECKED, STRAY_SIGNALS, descends_from, open_signal_fd, read_signal_fd
+from worker.tree import STRAY_SIGNALS, SenderChecked
 
 log = logging.getLogger("fleetd.arbiter")
 
@@ -38,11 +38,14 @@ class SignalQueue:
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for signum in HANDLED:
             signal.signal(signum, self._enqueue)
-        try:  # the workers are spawned with a mask of their own (workers.launch)
-            self.quit_fd = open_signal_fd(SENDER_CHECKED)
-        except (OSError, AttributeError) as exc:  # no signalfd here (a seccomp filter, say)
-            log.warning("cannot tell who sends a QUIT (%s): one from a task stops fleetd too", exc)
-            self.quit_fd = -1
+        # QUIT blocked here stays here: the workers are spawned with a mask of their own.
+        self.checked = SenderChecked(os.getpid())
+        self.quit_fd = self.checked.fd
+        if self.checked.problem:
+            log.warning(
+                "cannot tell who sends a QUIT (%s): one from a task stops fleetd too",
+                self.checked.problem,
+            )
 
     def _enqueue(self, signum: int, frame: FrameType | None) -> None:
         self.pending.append(signum)
@@ -58,16 +61,14 @@ class SignalQueue:
         while self.pending:
             out.append(self.pending.popleft())
         if self.quit_fd >= 0:
-            for signum, sender in read_signal_fd(self.quit_fd):
-                if sender and descends_from(sender, os.getpid()):
-                    log.warning(
-                        "%s from pid %d, a process of a task: ignored (a task cannot stop"
-                        " the fleet)",
-                        signal.Signals(signum).name,
-                        sender,
-                    )
-                else:
-                    out.append(signum)
+            act, from_below = self.checked.read()
+            out += act
+            for signum, sender in from_below:
+                log.warning(
+                    "%s from pid %d, a process of a task: ignored (a task cannot stop the fleet)",
+                    signal.Signals(signum).name,
+                    sender,
+                )
         return out
 
 

@@ -49,15 +49,7 @@ from .scheduler import worker_scheduler
 from .settle import Settlement
 from .spec import WorkerSpec
 from .task import REGISTRY
-from .tree import (
-    BOOT_BLOCKED,
-    SENDER_CHECKED,
-    STRAY_SIGNALS,
-    descends_from,
-    open_signal_fd,
-    read_signal_fd,
-    set_dispositions,
-)
+from .tree import BOOT_BLOCKED, SENDER_CHECKED, STRAY_SIGNALS, SenderChecked, set_dispositions
 
 log = logging.getLogger("fleetd.worker")
 
@@ -440,27 +432,29 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     def read_quit_senders(self) -> None:
         """From now on a QUIT is read with who sent it (take_quits). Not before the task
         modules' import: what they start keeps Python's signal mask, QUIT unblocked."""
-        try:
-            self.quit_fd = open_signal_fd(SENDER_CHECKED)
-        except (OSError, AttributeError) as exc:  # no signalfd here (a seccomp filter, say)
+        self.quit_senders = SenderChecked(self.pid)
+        self.quit_fd = self.quit_senders.fd
+        if self.quit_senders.problem:
             log.warning(
-                "cannot tell who sends a QUIT (%s): one from a task stops this worker too", exc
+                "cannot tell who sends a QUIT (%s): one from a task stops this worker too",
+                self.quit_senders.problem,
+                extra={"node": self.node},
             )
             return
         self.poller.register(self.quit_fd, select.POLLIN)
 
     def take_quits(self) -> None:
         """A QUIT is a cold shutdown, unless a process below us sent it: a task's."""
-        for _, sender in read_signal_fd(self.quit_fd):
-            if sender and descends_from(sender, self.pid):
-                log.warning(
-                    "SIGQUIT from pid %d, a process of a task of ours: ignored (a task cannot"
-                    " stop its worker)",
-                    sender,
-                    extra={"node": self.node},
-                )
-            else:
-                self.begin_shutdown("cold")
+        act, from_below = self.quit_senders.read()
+        for _, sender in from_below:
+            log.warning(
+                "SIGQUIT from pid %d, a process of a task of ours: ignored (a task cannot stop"
+                " its worker)",
+                sender,
+                extra={"node": self.node},
+            )
+        if act:
+            self.begin_shutdown("cold")
 
     # --- shutdown ---------------------------------------------------------------------
     def begin_shutdown(self, mode: str) -> None:

@@ -57,9 +57,37 @@ def read_signal_fd(fd: int) -> list[tuple[int, int]]:
             data = os.read(fd, SIGINFO_SIZE * 16)
         except (BlockingIOError, InterruptedError):
             return received
+        if not data:  # not what a signalfd does; but never a loop on it
+            return received
         for at in range(0, len(data) - SIGINFO_SIZE + 1, SIGINFO_SIZE):
             signo, _errno, _code, pid = struct.unpack_from("=IiiI", data, at)
             received.append((signo, pid))
+
+
+class SenderChecked:
+    """The SENDER_CHECKED signals of this process, read with who sent each (open_signal_fd):
+    `read` sets apart those sent from below `ancestor` (a task's process). `fd` is -1, and
+    `problem` says why, where signalfd is refused (a seccomp filter, a libc without it): the
+    signals then stay with their handlers, as before."""
+
+    def __init__(self, ancestor: int) -> None:
+        self.ancestor = ancestor
+        self.problem: str | None = None
+        try:
+            self.fd = open_signal_fd(SENDER_CHECKED)
+        except (OSError, AttributeError) as exc:
+            self.fd, self.problem = -1, str(exc)
+
+    def read(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """The signals to act on, and the (signal, sender pid) of those a task sent."""
+        act: list[int] = []
+        from_below: list[tuple[int, int]] = []
+        for signum, sender in read_signal_fd(self.fd):
+            if sender and descends_from(sender, self.ancestor):
+                from_below.append((signum, sender))
+            else:
+                act.append(signum)
+        return act, from_below
 
 
 def descends_from(pid: int, ancestor: int) -> bool:
