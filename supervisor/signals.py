@@ -40,12 +40,15 @@ class SignalQueue:
             signal.signal(signum, self._enqueue)
         # QUIT blocked here stays here: the workers are spawned with a mask of their own.
         self.checked = SenderChecked(os.getpid())
-        self.quit_fd = self.checked.fd
         if self.checked.problem:
             log.warning(
                 "cannot tell who sends a QUIT (%s): one from a task stops fleetd too",
                 self.checked.problem,
             )
+
+    @property
+    def quit_fd(self) -> int:
+        return self.checked.fd
 
     def _enqueue(self, signum: int, frame: FrameType | None) -> None:
         self.pending.append(signum)

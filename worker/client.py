@@ -77,10 +77,15 @@ def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
     for what, value in (("task name", name), ("task id", task_id)):
         if not isinstance(value, str) or not value:
             raise TypeError(f"a {what} must be a non-empty string, not {value!r:.80}")
-    if not isinstance(args, (list, tuple)):
-        raise TypeError(f"{name}: args must be a list or tuple, not {type(args).__name__}")
+    check_args(name, args)
     if not isinstance(kwargs, dict):
         raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
+
+
+def check_args(name: str, args: Any) -> None:
+    """TypeError if `args` is no list or tuple (a string would be spread into its letters)."""
+    if not isinstance(args, (list, tuple)):
+        raise TypeError(f"{name}: args must be a list or tuple, not {type(args).__name__}")
 
 
 def retry_problem(letter: DeadLetter | None) -> str | None:

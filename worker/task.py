@@ -113,10 +113,9 @@ class Task:
         task_id: str | None = None,
         client: Client | None = None,
     ) -> Handle:
-        from .client import default_client
+        from .client import check_args, default_client
 
-        if not isinstance(args, (list, tuple)):  # a string would be spread into its letters
-            raise TypeError(f"{self.name}: args must be a list or tuple, not {type(args).__name__}")
+        check_args(self.name, args)  # before they are spread into submit's
         return (client or default_client()).submit(
             self.name,
             *args,

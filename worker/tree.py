@@ -64,6 +64,13 @@ def read_signal_fd(fd: int) -> list[tuple[int, int]]:
             received.append((signo, pid))
 
 
+# Signals the arbiter and a worker read with their sender (SenderChecked), not through a
+# handler: a QUIT that a task's own process sends is ignored. Taken for a cold stop, it gave
+# the task back without a delivery strike, and the restarted worker (or fleet) ran it again,
+# stopped again, ... until the arbiter left the worker down (FATAL).
+SENDER_CHECKED = (signal.SIGQUIT,)
+
+
 class SenderChecked:
     """The SENDER_CHECKED signals of this process, read with who sent each (open_signal_fd):
     `read` sets apart those sent from below `ancestor` (a task's process). `fd` is -1, and
@@ -90,23 +97,20 @@ class SenderChecked:
         return act, from_below
 
 
+MAX_DEPTH = 64  # of a chain of parents that descends_from follows
+
+
 def descends_from(pid: int, ancestor: int) -> bool:
     """Whether process `pid` runs below `ancestor`: its chain of parents in /proc reaches it.
     False for a process already gone."""
     for _ in range(MAX_DEPTH):
-        if pid <= 1:
+        parent = _parent(pid) if pid > 1 else None
+        if parent is None:
             return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        if pid == ancestor:
+        if parent == ancestor:
             return True
+        pid = parent
     return False
-
-
-MAX_DEPTH = 64  # of a chain of parents that descends_from follows
 
 
 def set_dispositions(wanted: dict[int, Any]) -> list[int]:
@@ -134,12 +138,6 @@ STRAY_SIGNALS = (
     signal.SIGXFSZ,
 )
 
-
-# Signals a worker reads with their sender (open_signal_fd), not through its handler: a QUIT
-# that a task's own process sends its worker is ignored (worker/process.py). Taken for a
-# cold stop, it gave the task back without a delivery strike, and the restarted worker ran
-# it again, stopped again, ... until the arbiter left the worker down (FATAL).
-SENDER_CHECKED = (signal.SIGQUIT,)
 
 # Signals the arbiter relays to its workers (and stray ones): a worker starts with them
 # blocked, so that one sent while it boots waits for its handlers (worker/process.py
