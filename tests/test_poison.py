@@ -8,17 +8,29 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
+import signal
 import sqlite3
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.brokers.conftest import REDIS_URL
+from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, executions, wait_for
-from tests.poison import RawTask, add_entry, body, poison_bodies, write_redis, write_sqlite
+from tests.poison import (
+    RawTask,
+    add_entry,
+    body,
+    open_stream,
+    poison_bodies,
+    stream,
+    write_redis,
+    write_sqlite,
+)
 from worker import Client, TaskFailed
 from worker.brokers.base import DeadLetter, Delivery, Outcome, Retry
 from worker.child import outcome_of
@@ -197,6 +209,90 @@ def test_poison_records_are_dead_lettered_and_the_queue_goes_on(
     assert all(any(e in b for b in others) for e in entries), (entries, others)
     assert client.submit("tasks.add", 2, 3).get(timeout=10) == 5
     assert fleet.worker_pids() == [worker], "the worker died"
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis."""
+    require_redis(REDIS_URL)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        yield prefix
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+
+
+def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
+    make_fleet: Callable[..., Fleet], redis_prefix: str, tmp_path: Path
+) -> None:
+    """Someone else's key where a task's record belongs (`{p}:r:{id}`): a string behind a queued
+    stream entry, a list in place of a running task's record, a set in place of one that a
+    worker then killed held, a string in place of one waiting for its ETA; and a record
+    written without its queue. Each read of such a key failed the script, and with it the
+    worker, at every restart: the queue stood still for good. Now the key is moved aside as it
+    was (`{p}:alien:{id}`), costing its task alone, and every other task runs once."""
+    p = redis_prefix
+    fleet = make_fleet(fleet={"broker": f"{REDIS_URL}?prefix={p}"}).start()
+    client, journal = fleet.client, tmp_path / "journal"
+    (worker,) = fleet.worker_pids()
+    innocents: list[str] = []
+
+    def innocent() -> None:
+        innocents.extend(
+            h.id for h in client.submit_many([("tasks.journal", (str(journal),), {})] * 2)
+        )
+
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as direct:
+        # Queued: an entry whose record is a string.
+        innocent()
+        open_stream(direct, p)
+        direct.set(f"{p}:r:queued-alien", "not a record")
+        direct.xadd(stream(p), {"id": "queued-alien"})
+        innocent()
+        # Written without its queue: runs as any task (its entry is acked where it is).
+        write_redis(direct, p, [RawTask(b"no-queue", body("no-queue"))], fields=(b"queue",))
+        innocent()
+        # Running: its record replaced by a list; it ends and its outcome is stored.
+        gate = tmp_path / "gate"
+        running = client.submit("tasks.hold", str(gate))
+        wait_for(lambda: running.state == "STARTED", 10, message="the task to start")
+        direct.delete(f"{p}:r:{running.id}")
+        direct.rpush(f"{p}:r:{running.id}", "not", "a", "record")
+        gate.touch()
+        assert running.get(timeout=10) > 0
+        # Waiting for its ETA: its record replaced by a string.
+        later = client.submit("tasks.add", 1, 2, countdown=1)
+        direct.delete(f"{p}:r:{later.id}")
+        direct.set(f"{p}:r:{later.id}", "not a record")
+        with pytest.raises(TaskFailed, match="BadMessage"):
+            later.get(timeout=10)
+        innocent()
+        assert fleet.worker_pids() == [worker], "the worker died"
+        # Held by a worker that is then killed: its replacement gives back what it held.
+        held = client.submit("tasks.hold", str(tmp_path / "never"))
+        wait_for(lambda: held.state == "STARTED", 10, message="the task to start")
+        direct.delete(f"{p}:r:{held.id}")
+        direct.sadd(f"{p}:r:{held.id}", "not a record")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: fleet.worker_pids() not in ([], [worker]), 10, message="a new worker")
+        innocent()
+
+        infos = fleet.wait_all_final(innocents, timeout=30)
+        assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * len(innocents)
+        assert executions(journal) == collections.Counter(innocents)
+        assert client.handle("no-queue").get(timeout=10) == 3
+        assert (
+            client.handle("queued-alien").state,
+            client.handle("queued-alien").info()["exc_type"],
+        ) == ("FAILURE", "BadMessage")
+        (letter,) = client.broker.dead_letters(10, ids=["queued-alien"])
+        assert f"moved to {p}:alien:queued-alien" in letter.extra["message"]
+        assert direct.get(f"{p}:alien:queued-alien") == b"not a record"
+        assert direct.lrange(f"{p}:alien:{running.id}", 0, -1) == [b"not", b"a", b"record"]
+        assert direct.get(f"{p}:alien:{later.id}") == b"not a record"
+        assert direct.smembers(f"{p}:alien:{held.id}") == {b"not a record"}
+        assert fleet.worker_pids() != [], "the new worker died"
+        assert "FATAL" not in fleet.log() and "exit code 1" not in fleet.log(), fleet.log()
 
 
 def test_a_tasks_bad_values_fail_that_task_and_nothing_else(

@@ -563,7 +563,12 @@ class RedisBroker(Broker):
 
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key = self._key("r", task_id)
-        values = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
+        try:
+            values = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            return None  # someone else's key where the record belongs (redis_queue.lua's record)
         fields = dict(zip(RESULT_FIELDS, values, strict=True))
         if fields["status"] is None:
             return None

@@ -7,7 +7,7 @@ local A = cjson.decode(ARGV[5])
 local null = cjson.null
 
 local function load(id)
-  local v = redis.call('HMGET', task_key(id), 'status', 'queue', 'entry', 'owner', 'state')
+  local v = record(id, 'status', 'queue', 'entry', 'owner', 'state')
   if not v[1] then return nil end
   return {status = v[1], queue = v[2], entry = v[3], owner = v[4], state = v[5]}
 end

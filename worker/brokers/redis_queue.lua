@@ -13,6 +13,17 @@ local function stream_key(q) return P .. ':q:' .. q end
 local function eta_key(q) return P .. ':eta:' .. q end
 local function stream_exists(q) return redis.call('EXISTS', stream_key(q)) == 1 end
 
+-- HMGET of a task's record. A key of another type where the record belongs (a string, a
+-- list: someone else's write) would fail every script that reads it, and so stop a queue
+-- for good: it is moved aside to {p}:alien:{id}, kept as it was, and the task is one
+-- without a record. Returns the values, and whether the key was moved.
+local function record(id, ...)
+  local v = redis.pcall('HMGET', task_key(id), ...)
+  if not v.err then return v, false end
+  redis.call('RENAME', task_key(id), P .. ':alien:' .. id)
+  return {}, true
+end
+
 -- Our group's XINFO fields (name, last-delivered-id, ...) on the queue's stream, or nil.
 local function group_info(q)
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream_key(q))) do
@@ -68,7 +79,7 @@ end
 -- by this very call (a retry after a lost reply): left as it is, so that a retried submit
 -- neither runs twice nor starts over a task that ran meanwhile.
 local function submit(id, q, name, body, eta, token)
-  local was = redis.call('HMGET', task_key(id), 'status', 'call')
+  local was = record(id, 'status', 'call')
   if (token and was[2] == token) or (was[1] and was[1] ~= 'done') then return end
   if was[1] then redis.call('DEL', task_key(id)) end
   local fields = {'id', id, 'queue', q, 'name', name, 'body', body, 'state', 'PENDING',

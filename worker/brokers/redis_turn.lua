@@ -12,7 +12,7 @@ local OUTCOME_FIELDS = {'state', 'result', 'exc_type', 'exc_message', 'traceback
   'runtime'}
 
 local function mark_started(id)
-  if redis.call('HGET', task_key(id), 'status') == 'held' then
+  if record(id, 'status')[1] == 'held' then
     redis.call('HSET', task_key(id), 'state', 'STARTED', 'node', A.node)
   end
 end
@@ -23,7 +23,7 @@ local function push_dead(id, q, name, body, reason, message)
 end
 
 local function dead_letter(o)
-  local v = redis.call('HMGET', task_key(o[1]), 'queue', 'name', 'body')
+  local v = record(o[1], 'queue', 'name', 'body')
   push_dead(o[1], v[1] or '', v[2] or o[2], v[3] or '', o[6], o[7])
 end
 
@@ -107,14 +107,17 @@ local function entry_field(fields, name)
   return nil
 end
 
--- End a queued entry that is no task we can hand out (no record, an id that is not text):
--- BadMessage, with what it holds in the dead-letter list.
-local function bury(q, entry, fields, record)
+-- End a queued entry that is no task we can hand out (no record, a record that was no
+-- hash, an id that is not text): BadMessage, with what it holds in the dead-letter list.
+local function bury(q, entry, fields, found, alien)
   local id = entry_field(fields, 'id')
   local message = 'the stream entry has no task record'
   local name, body = '', nil
-  if record then
-    message, name, body = 'its id or name is not UTF-8 text', record[3] or '', record[4] or ''
+  if alien then
+    message = 'its record was no hash: moved to ' .. P .. ':alien:' .. id
+  end
+  if found then
+    message, name, body = 'its id or name is not UTF-8 text', found[3] or '', found[4] or ''
   else
     local all = {}
     for i = 1, #fields, 2 do all[fields[i]] = fields[i + 1] end
@@ -168,7 +171,8 @@ local function reserve()
     local due = redis.call('ZRANGEBYSCORE', eta_key(q), '-inf', NOW, 'LIMIT', 0, 1000)
     if #due > 0 then redis.call('ZREM', eta_key(q), unpack(due)) end
     for _, id in ipairs(due) do
-      append(id, q, {})
+      record(id, 'status')  -- a key of another type is moved aside
+      append(id, q, {'queue', q})
       redis.call('HDEL', task_key(id), 'eta')
     end
   end
@@ -178,15 +182,18 @@ local function reserve()
     read = read + #entries
     for _, e in ipairs(entries) do
       local entry, id = e[1], entry_field(e[2], 'id')
-      local v = id and redis.call('HMGET', task_key(id), 'status', 'entry', 'name', 'body',
-        'deliveries', 'ready')
+      local v, alien
+      if id then
+        v, alien = record(id, 'status', 'entry', 'name', 'body', 'deliveries', 'ready')
+      end
       local mine = v and v[1] == 'queued' and v[2] == entry
       if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
-        bury(q, entry, e[2], v and v[1] and v)
+        bury(q, entry, e[2], v and v[1] and v, alien)
       elseif mine then
         local deliveries = stored_count(v[5]) + 1
+        -- The queue too: taking the task out later acks its entry where it really is.
         redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
-          A.lease_ms, 'deliveries', deliveries)
+          A.lease_ms, 'deliveries', deliveries, 'queue', q)
         delivered[#delivered + 1] = {seq = seq(entry),
           reply = {id, q, v[3] or '', v[4] or '', deliveries, v[6] or '0'}}
       else  -- a stale entry: its task is queued again, held or ended
