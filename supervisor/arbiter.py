@@ -81,6 +81,7 @@ class Arbiter:
         self.cold_deadline = 0.0
         self.interrupts = 0
         self.reloading = False
+        self.reload_again = False  # a HUP came while a generation booted: one more follows it
         self.dead_owners: list[str] = []  # tasks to give back through a live worker
         self.router = Router(self)
         self.events_on: set[str] = set()  # nodes with events enabled: so are their next processes
@@ -369,6 +370,7 @@ class Arbiter:
         self.record_due = True
         if w.state == STOPPING:
             self.change_state(w, STOPPED, f"exited ({describe_exit(code)})")
+            self.check_ready()  # a reload whose last booting worker was stopped is over
             return
         why = exit_reason(w, code)
         if w.state == STARTING and not self.ready_announced:
@@ -564,10 +566,12 @@ class Arbiter:
             for w in self.workers
             if w.generation == self.generation and w.state not in (STOPPED, STOPPING)
         ]
-        if not current or not all(w.state in (RUNNING, FATAL) for w in current):
+        if not (current or self.reloading) or not all(w.state in (RUNNING, FATAL) for w in current):
             return
         failed = "; ".join(f"{w.node} {w.failure}" for w in current if w.state == FATAL)
-        if self.reloading and failed:
+        if self.reloading and not current:
+            log.info("reload: generation %d was stopped before it was up", self.generation)
+        elif self.reloading and failed:
             self.reload_failure = f"reload to generation {self.generation} failed: {failed}"
             log.error("%s; the generation before serves on", self.reload_failure)
         elif self.reloading:
@@ -576,11 +580,19 @@ class Arbiter:
         self.ready_announced = True
         self.reloading = False
         release_free_heap()  # what the boot, or the reload, allocated and freed
+        if self.reload_again:
+            self.reload_again = False
+            log.info(
+                "reload: starting the reload asked for while generation %d booted", self.generation
+            )
+            self.reload()
 
     # --- reload and halt ---------------------------------------------------------------
     def reload(self) -> str | None:
         """Start a new generation of every worker from the re-read config, then stop the old
         one as each new worker is ready: there is never a moment without a consumer.
+        One asked for while a generation still boots follows it (the config and code read
+        then): a burst of HUPs boots one more generation, not one each, side by side.
         Returns why the reload was refused, if it was."""
         if self.halting:
             return "the host is shutting down"
@@ -594,6 +606,13 @@ class Arbiter:
             why = f"reload refused: {', '.join(refused)} cannot change without a restart"
             log.error("%s; keeping the running config", why)
             return why
+        if self.reloading:
+            if not self.reload_again:
+                log.info(
+                    "reload: generation %d still boots; another reload follows it", self.generation
+                )
+            self.reload_again = True
+            return None
         self.notifier.reloading()
         self.reloading = True
         self.reload_failure = ""

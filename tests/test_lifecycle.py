@@ -475,6 +475,46 @@ def test_arbiter_hup_under_steady_load_loses_nothing_and_runs_nothing_twice(
     assert_each_ran_once(fleet, ids, journal)
 
 
+HELD_BOOT = """
+import os, time
+gate = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hold-boot")
+deadline = time.monotonic() + 30
+while os.path.exists(gate) and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+
+def test_a_burst_of_hups_boots_one_generation_after_another_on_the_last_config(
+    make_fleet, tmp_path: Path
+) -> None:
+    """HUPs that come while a reload's generation still boots (a deploy script that reloads
+    each host twice, a loop gone wrong) booted a generation each, side by side: thirty HUPs,
+    thirty workers and their pools at once. Now they ask for one more reload, which follows
+    the booting generation and reads the config as it is then."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
+    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
+    fleet.start()
+    journal = tmp_path / "journal.txt"
+    ids = submit_journal(fleet, journal, 20, 0.02)
+    gate = fleet.folder / "hold-boot"
+    gate.touch()  # generation 1 boots until the gate is gone
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: len(fleet.worker_pids()) == 2, 10, message="generation 1 to boot")
+    for _ in range(10):
+        fleet.signal(signal.SIGHUP)
+        time.sleep(0.01)
+    assert holds(lambda: len(fleet.worker_pids()) == 2), "a HUP booted a generation beside"
+    assert fleet.log().count("another reload follows it") == 1
+    fleet.config.write_text(fleet.config.read_text().replace("concurrency = 1", "concurrency = 3"))
+    ids += submit_journal(fleet, journal, 20, 0.02)
+    gate.unlink()
+    wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="generation 2")
+    wait_for(lambda: len(fleet.worker_pids()) == 1, 15, message="generations 0 and 1 to exit")
+    assert pool_sizes(fleet) == {"w@h1": 3}  # the config written after the HUPs
+    assert "generation 3" not in fleet.log()
+    assert_each_ran_once(fleet, ids, journal)
+
+
 def test_arbiter_ttin_and_ttou_grow_and_shrink_every_pool_by_one(make_fleet) -> None:
     fleet = make_fleet(
         workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
