@@ -36,6 +36,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # A worker reports every second (worker.process.STATS_EVERY): a bound under two reports would
 # kill healthy workers that a busy host delayed by a moment.
 MIN_WORKER_TIMEOUT = 2.0
+# The most a config file may hold: read past it (/dev/zero, a log given by mistake), it is no
+# config, and reading on would take the host's memory.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -279,13 +282,23 @@ def load(path: str, node: str | None = None, check_imports: bool = True) -> Conf
     """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, "-", "no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "-", f"TOML syntax error: {exc}") from None
     except OSError as exc:
         raise ConfigError(path, "-", f"cannot read: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, "-", f"over {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        raw = tomllib.loads(data.decode("utf-8-sig"))  # a BOM (some editors write one) is no key
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "-", f"not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            path, "-", "TOML syntax error: arrays or tables nested too deep"
+        ) from None
     return from_dict(raw, path, node=node, check_imports=check_imports)
 
 

@@ -440,14 +440,19 @@ class Fleet:
         return []
 
     def worker_pids(self) -> list[int]:
+        """The live workers' pids. One that just exited (a zombie the arbiter has yet to reap,
+        whose command line reads as an error) is not one, and hides none of the others."""
         assert self.proc is not None
-        with contextlib.suppress(psutil.Error):
-            return [
-                p.pid
-                for p in psutil.Process(self.proc.pid).children()
-                if "worker" in " ".join(p.cmdline())
-            ]
-        return []
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+        pids = []
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                if "worker" in " ".join(p.cmdline()):
+                    pids.append(p.pid)
+        return pids
 
     def child_pids(self, worker_pid: int | None = None) -> list[int]:
         pids = [worker_pid] if worker_pid else self.worker_pids()

@@ -145,6 +145,36 @@ def test_bad_config_exits_2_with_one_line(
     assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
 
 
+UNREADABLE = [
+    (GOOD.encode().replace(b'"h1"', b'"h\xe91"'), "not UTF-8 text"),  # Latin-1, say
+    (GOOD.encode() + b"#" * (2 << 20), "over 1 MiB: not a config file"),
+    (b"a = " + b"[" * 200_000, "nested too deep"),
+]
+
+
+@pytest.mark.parametrize(("data", "problem"), UNREADABLE)
+def test_a_config_that_is_no_toml_text_exits_2_with_one_line(
+    tmp_path: Path, data: bytes, problem: str
+) -> None:
+    """Bytes that are no UTF-8, a file far too big to be a config, nesting that the parser
+    cannot follow: each ended `fleetd check` and `start` in a traceback."""
+    path = tmp_path / "fleet.toml"
+    path.write_bytes(data)
+    for command in ("check", "start"):
+        out = fleetd(command, "-c", str(path))
+        assert out.returncode == 2
+        assert problem in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_config_path_that_never_ends_is_read_no_further_than_a_config_could_be() -> None:
+    """`-c /dev/zero` (a slip of the shell): read on, it took every byte of memory."""
+    out = fleetd("check", "-c", "/dev/zero")
+    assert (out.returncode, out.stderr) == (
+        2,
+        "fleetd: /dev/zero: -: over 1 MiB: not a config file\n",
+    )
+
+
 def test_check_accepts_the_example_config() -> None:
     root = Path(__file__).resolve().parent.parent
     out = fleetd("check", "-c", str(root / "config" / "example.toml"))
