@@ -227,10 +227,12 @@ def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
 ) -> None:
     """Someone else's key where a task's record belongs (`{p}:r:{id}`): a string behind a queued
     stream entry, a list in place of a running task's record, a set in place of one that a
-    worker then killed held, a string in place of one waiting for its ETA; and a record
-    written without its queue. Each read of such a key failed the script, and with it the
-    worker, at every restart: the queue stood still for good. Now the key is moved aside as it
-    was (`{p}:alien:{id}`), costing its task alone, and every other task runs once."""
+    worker then killed held, a string in place of one waiting for its ETA. Each read of such
+    a key failed the script, and with it the worker, at every restart: the queue stood still
+    for good. Now the key is moved aside as it was (`{p}:alien:{id}`), costing its task
+    alone, and every other task runs once. Records written without their queue (the ack went
+    to no stream: the worker died) or their entry (taken for a stale one: the entry dropped,
+    the task PENDING for good) now run as any task."""
     p = redis_prefix
     fleet = make_fleet(fleet={"broker": f"{REDIS_URL}?prefix={p}"}).start()
     client, journal = fleet.client, tmp_path / "journal"
@@ -249,8 +251,21 @@ def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
         direct.set(f"{p}:r:queued-alien", "not a record")
         direct.xadd(stream(p), {"id": "queued-alien"})
         innocent()
-        # Written without its queue: runs as any task (its entry is acked where it is).
+        # Written without its queue, or without its entry: runs as any task.
         write_redis(direct, p, [RawTask(b"no-queue", body("no-queue"))], fields=(b"queue",))
+        innocent()
+        direct.hset(
+            f"{p}:r:no-entry",
+            mapping={
+                "id": "no-entry",
+                "queue": "default",
+                "name": "tasks.add",
+                "body": body("no-entry"),
+                "status": "queued",
+                "state": "PENDING",
+            },
+        )
+        direct.xadd(stream(p), {"id": "no-entry"})
         innocent()
         # Running: its record replaced by a list; it ends and its outcome is stored.
         gate = tmp_path / "gate"
@@ -281,6 +296,7 @@ def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
         assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * len(innocents)
         assert executions(journal) == collections.Counter(innocents)
         assert client.handle("no-queue").get(timeout=10) == 3
+        assert client.handle("no-entry").get(timeout=10) == 3
         assert (
             client.handle("queued-alien").state,
             client.handle("queued-alien").info()["exc_type"],

@@ -186,14 +186,15 @@ local function reserve()
       if id then
         v, alien = record(id, 'status', 'entry', 'name', 'body', 'deliveries', 'ready')
       end
-      local mine = v and v[1] == 'queued' and v[2] == entry
+      -- A queued record without its entry (written by other hands) is this entry's.
+      local mine = v and v[1] == 'queued' and (v[2] == entry or not v[2])
       if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
         bury(q, entry, e[2], v and v[1] and v, alien)
       elseif mine then
         local deliveries = stored_count(v[5]) + 1
-        -- The queue too: taking the task out later acks its entry where it really is.
+        -- Its queue and entry too: taking the task out later acks the entry it really has.
         redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
-          A.lease_ms, 'deliveries', deliveries, 'queue', q)
+          A.lease_ms, 'deliveries', deliveries, 'queue', q, 'entry', entry)
         delivered[#delivered + 1] = {seq = seq(entry),
           reply = {id, q, v[3] or '', v[4] or '', deliveries, v[6] or '0'}}
       else  -- a stale entry: its task is queued again, held or ended
