@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import select
 import sys
@@ -44,7 +43,9 @@ from ctl.render import (
     status_table,
     task_table,
 )
+from worker.arguments import finite, non_negative, positive
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
+from worker.logs import fill_standard_fds
 from worker.version import VersionAction
 
 if TYPE_CHECKING:  # made on first use (see Output): `--json` output never loads rich
@@ -62,30 +63,6 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive(text: str) -> float:
-    value = finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def word_type(arg: Arg) -> Callable[[str], Any]:
@@ -257,6 +234,7 @@ def add_global_options(command: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from worker.brokers.base import BrokerUnavailable
 
+    fill_standard_fds()
     args = build_parser().parse_args(argv)
     console = cast("Console", Output(width=None if sys.stdout.isatty() else PIPE_WIDTH))
     try:
@@ -310,6 +288,8 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise UsageError(f"argument {text:.20}... is JSON nested too deep") from None
 
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
@@ -317,12 +297,15 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         kwargs = json.loads(args.kwargs)
     except ValueError as exc:
         raise UsageError(f"--kwargs is not JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("--kwargs is JSON nested too deep") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object")
+    values = [parse_value(a) for a in args.args]
     client = make_client(args)
     handle = client.submit(
         args.task,
-        *[parse_value(a) for a in args.args],
+        *values,
         kwargs=kwargs,
         queue=args.queue,
         countdown=args.countdown,

@@ -137,7 +137,8 @@ class ControlClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for dealer, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
+            # In slices: zmq takes whole milliseconds, and --timeout 1e308 is none.
+            for dealer, _ in poller.poll(max(1, math.ceil(min(remaining, 60.0) * 1000))):
                 if _take_reply(dealer, request_id, self._name(waiting[dealer]), result):
                     poller.unregister(dealer)
                     del waiting[dealer]

@@ -9,8 +9,9 @@ import os
 import signal
 import sys
 
+from worker.arguments import non_negative
 from worker.imports import SAFE_PATH, describe_failure
-from worker.logs import FORMATS, LEVELS, setup_logging
+from worker.logs import FORMATS, LEVELS, fill_standard_fds, setup_logging
 from worker.version import VersionAction
 
 from . import config as configmod
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "stop":
             cmd.add_argument(
                 "--timeout",
-                type=float,
+                type=non_negative,
                 default=None,
                 help="seconds to wait for a warm exit before a cold one (QUIT)",
             )
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    fill_standard_fds()
     args = build_parser().parse_args(argv)
     try:
         cfg = configmod.load(

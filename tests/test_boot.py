@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from supervisor.arbiter import EXIT_BOOT_ERROR
 from supervisor.states import FATAL_AFTER
-from tests.fleet import TASKS, Fleet, wait_for
+from tests.fleet import FLEETCTL, TASKS, Fleet, wait_for
 from tests.test_control import ctl_json
 
 # The broken node's boot may take 2 s; the good one has the default bound (60 s).
@@ -123,3 +124,20 @@ def test_a_reload_to_code_that_cannot_boot_keeps_the_old_generation_running_and_
     assert f"{FATAL_AFTER} failed starts in a row" in fleet.log()
     text = fleet.ctl("status").stdout
     assert "RUNNING" in text and "reload failed: generation 1" in text
+
+
+CLOSED_STREAMS = ("sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh")  # runs "$@" with fds 0-2 closed
+
+
+def test_a_fleet_started_with_its_standard_streams_closed_runs_and_stops_as_any(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`fleetd start <&- >&- 2>&-` (a careless daemonizer): the arbiter died at its first log
+    line (exit 1, nothing said), and its workers, spawned with no fd 0, at their first open
+    file; fleetctl with stdout closed died likewise. /dev/null now takes the three numbers."""
+    fleet = make_fleet(launcher=CLOSED_STREAMS).start()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    ping = subprocess.run([*CLOSED_STREAMS, FLEETCTL, "-c", str(fleet.config), "ping"], timeout=30)
+    assert ping.returncode == 0
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0

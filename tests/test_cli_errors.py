@@ -8,6 +8,7 @@ bits do not stop anything).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -167,3 +168,49 @@ def test_client_raises_broker_unavailable_naming_the_broker(tmp_path: Path) -> N
     blocker = in_the_way(tmp_path)
     with pytest.raises(BrokerUnavailable, match=f"^broker sqlite:///{blocker}/q.db: "):
         Client(f"sqlite:///{blocker}/q.db").submit("tasks.add", 1, 2)
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["submit", "tasks.add", DEEP], "argument [[[[[[[[[[[[[[[[[[[[... is JSON nested too deep"),
+        (
+            ["submit", "tasks.add", "--kwargs", '{"a": ' * 5000 + "1" + "}" * 5000],
+            "--kwargs is JSON nested too deep",
+        ),
+    ],
+)
+def test_fleetctl_submit_of_json_nested_too_deep_is_one_line_and_sends_nothing(
+    make_fleet: Callable[..., Fleet], argv: list[str], error: str
+) -> None:
+    """It ended in a RecursionError's traceback."""
+    fleet = make_fleet()
+    out = fleet.ctl(*argv, check=False)
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"fleetctl: {error}\n")
+    assert not (fleet.folder / "queue.db").exists()
+
+
+def test_fleetctl_takes_a_timeout_past_any_clock_as_a_long_one(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`--timeout 1e308` is finite, and was taken, but ended in an OverflowError's traceback
+    when the first wait for a reply turned it into milliseconds."""
+    fleet = make_fleet().start()
+    out = fleet.ctl("--timeout", "1e308", "--json", "ping")
+    assert json.loads(out.stdout)["replies"] == {"w@h1": {"ok": "pong"}}
+
+
+def test_fleetd_stop_with_a_timeout_that_is_no_duration_exits_2_and_signals_nothing(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`--timeout -1` sent TERM and then at once QUIT (a cold stop for a typo); nan waited
+    on an undefined deadline."""
+    fleet = make_fleet().start()
+    for word in ("nan", "-1", "inf", "soon"):
+        out = fleetd("stop", "-c", str(fleet.config), "--timeout", word)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "argument --timeout: " in out.stderr
+    assert fleet.ctl("ping").returncode == 0

@@ -28,6 +28,26 @@ LOG_BUFFER_MAX = 65536  # bytes of log lines a process keeps while its log takes
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+def fill_standard_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`fleetd start >&- 2>&-`, a careless
+    daemonizer): /dev/null takes its number before any file, socket or queue database does
+    (which would then get what is written to "stderr"), and Python's sys.std* are files
+    again (None there took a command down on its first print or log line)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            closed = False
+        except OSError:
+            closed = True
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # as a standard stream is: the workers' too
+        if getattr(sys, name) is None:  # else the descriptor is another file's by now
+            setattr(sys, name, open(fd if closed else os.devnull, mode, closefd=not closed))  # noqa: SIM115
+
+
 def setup_logging(level: str, fmt: str, node: str) -> None:
     """Send this process's logs (root logger) to stderr, as `fmt` "text" or "json"."""
     if level.lower() not in LEVELS:
