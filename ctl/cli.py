@@ -303,13 +303,12 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--kwargs must be a JSON object")
     values = [parse_value(a) for a in args.args]
     client = make_client(args)
-    handle = client.submit(
-        args.task,
-        *values,
-        kwargs=kwargs,
-        queue=args.queue,
-        countdown=args.countdown,
-    )
+    try:
+        handle = client.submit(
+            args.task, *values, kwargs=kwargs, queue=args.queue, countdown=args.countdown
+        )
+    except ValueError as exc:  # a countdown past the calendar, a task over the size limit
+        raise UsageError(str(exc)) from None
     if args.wait is None:
         print(json.dumps({"id": handle.id}) if args.json else handle.id)
         return EXIT_OK

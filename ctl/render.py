@@ -99,8 +99,12 @@ def letters_table(dead: list[Any], title: str) -> Table:
 
 
 def iso_time(epoch: float) -> str:
-    """Epoch seconds as an ISO 8601 local time that states its UTC offset."""
-    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+    """Epoch seconds as an ISO 8601 local time that states its UTC offset; a time that no
+    calendar date holds (another producer's ETA in the year 33,000) as its number."""
+    try:
+        return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return f"{epoch:g}"
 
 
 def host_of(node: str) -> str:

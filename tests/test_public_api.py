@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.render import iso_time
 from tests.fleet import FLEETCTL, FLEETD, TASKS, Fleet
 from worker import Client, task
 from worker.task import REGISTRY
@@ -46,6 +47,28 @@ def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
         call(client)
     assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("when", "words"),
+    [({"countdown": 1e300}, "countdown reaches past"), ({"eta": 1e17}, "eta reaches past")],
+)
+def test_a_submit_due_past_the_calendar_fails_at_once_and_sends_nothing(
+    tmp_path: Path, when: dict[str, float], words: str
+) -> None:
+    """Such an ETA was stored, and `fleetctl inspect scheduled` then ended in a traceback:
+    no date shows it."""
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    with pytest.raises(ValueError, match=words):
+        client.submit("tasks.add", 1, 2, **when)
+    assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
+    client.close()
+
+
+def test_a_time_that_no_date_holds_is_shown_as_its_number() -> None:
+    """Another producer's ETA (they are read as they were stored) in the year 33,000."""
+    assert iso_time(1e12) == "1e+12"
+    assert iso_time(0.0).startswith("1970-01-01T") or iso_time(0.0).startswith("1969-12-31T")
 
 
 @pytest.mark.parametrize(

@@ -215,17 +215,28 @@ def seconds(value: Any, what: str) -> float:
     return float(value)
 
 
+# The last second that a calendar date holds (9999-12-31 23:59:59 UTC): an ETA past it can
+# be neither shown nor meant.
+LAST_ETA = 253402300799.0
+
+
 def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) -> float | None:
     """Epoch seconds for an ETA given as a datetime, epoch seconds, or a countdown."""
     if countdown:  # 0 or None: ready now, unless `eta` says otherwise
-        return time.time() + seconds(countdown, "countdown")
+        return within_calendar(time.time() + seconds(countdown, "countdown"), "countdown")
     if eta is None:
         return None
     if isinstance(eta, datetime.datetime):
         if eta.tzinfo is None:
             eta = eta.astimezone()
         return eta.timestamp()
-    return seconds(eta, "eta")
+    return within_calendar(seconds(eta, "eta"), "eta")
+
+
+def within_calendar(epoch: float, what: str) -> float:
+    if epoch > LAST_ETA:
+        raise ValueError(f"{what} reaches past the year 9999")
+    return epoch
 
 
 def body_problem(text: str, task_id: str, name: str) -> str | None:
