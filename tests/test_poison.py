@@ -96,6 +96,8 @@ def retries_with(self, kind):
         raise self.retry(countdown=float("inf"))
     if kind == "negative":
         raise self.retry(countdown=-5)
+    if kind == "past-calendar":
+        raise self.retry(countdown=1e300)
     if kind == "past-eta":
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
         raise self.retry(eta=past)
@@ -323,7 +325,11 @@ def test_a_tasks_bad_values_fail_that_task_and_nothing_else(
         for verb, task, kinds in (
             ("returns", "returns", "object set nan inf deep huge surrogate"),
             ("raises", "raises", "unprintable not-a-string weird-name huge surrogate exit"),
-            ("retry", "retries_with", "string nan inf not-an-exception max-retries-string"),
+            (
+                "retry",
+                "retries_with",
+                "string nan inf not-an-exception max-retries-string past-calendar",
+            ),
             ("retry", "retries_with", "negative past-eta"),
         )
         for kind in kinds.split()
@@ -360,6 +366,10 @@ def test_a_tasks_bad_values_fail_that_task_and_nothing_else(
     assert failed["retry string"][0] == "TypeError" and "'soon'" in failed["retry string"][1]
     assert failed["retry nan"][0] == "ValueError" and "nan" in failed["retry nan"][1]
     assert failed["retry not-an-exception"][0] == "TypeError"
+    assert failed["retry past-calendar"] == (
+        "ValueError",
+        "retry countdown reaches past the year 9999",
+    )
     assert failed["raises unprintable"][0] == "Unprintable"
     assert failed["raises exit"][0] == "SystemExit"
     assert fleet.worker_pids() == [worker], "the worker died"

@@ -151,6 +151,9 @@ class Task:
             if countdown is not None:
                 raise TypeError("retry takes a countdown or an eta, not both")
             countdown = seconds(eta_seconds(eta, None), "retry eta") - time.time()
+        elif countdown is not None:
+            due = time.time() + seconds(countdown, "retry countdown")
+            within_calendar(due, "retry countdown")
         raise RetryTask(self.default_retry_delay if countdown is None else countdown, exc)
 
 
