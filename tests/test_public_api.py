@@ -34,8 +34,17 @@ def test_from_fleetd_import_the_public_api() -> None:
         (lambda c: c.submit_many([("tasks.add", "12", {})]), "args must be a list or tuple"),
         (lambda c: c.submit_many([("tasks.add", (), [1])]), "kwargs must be a dict, not list"),
         (lambda c: c.submit("tasks.add", kwargs=[1]), "kwargs must be a dict, not list"),  # type: ignore[arg-type]
+        (lambda c: c.submit("tasks.add", kwargs={1: 2}), "keyword names must be strings, not 1"),  # type: ignore[dict-item]
     ],
-    ids=["name-int", "name-empty", "id-int", "args-str", "kwargs-list", "submit-kwargs-list"],
+    ids=[
+        "name-int",
+        "name-empty",
+        "id-int",
+        "args-str",
+        "kwargs-list",
+        "submit-kwargs-list",
+        "kwargs-int-key",
+    ],
 )
 def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
     tmp_path: Path, call: Callable[[Client], object], words: str

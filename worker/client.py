@@ -80,6 +80,9 @@ def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
     check_args(name, args)
     if not isinstance(kwargs, dict):
         raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
+    for key in kwargs:  # JSON would make 1 of "1": the task would get another keyword
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: keyword names must be strings, not {key!r:.80}")
 
 
 def check_args(name: str, args: Any) -> None:
