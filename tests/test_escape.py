@@ -660,6 +660,13 @@ def test_the_next_start_finds_the_processes_marked_with_the_previous_run() -> No
         start_new_session=True,
     )
     try:
+        # Popen returns once the exec is under way; the kernel sets the new environment a
+        # moment later (/proc/PID/environ reads empty until then: make test saw it once).
+        wait_for(
+            lambda: b"run-1" in Path(f"/proc/{marked.pid}/environ").read_bytes(),
+            10,
+            message="the exec to set the environment",
+        )
         found = dict(orphans.find_leftovers({"run": "run-1"}))
         assert found.get(marked.pid) == pytest.approx(orphans.create_time(marked.pid))
         assert marked.pid not in dict(orphans.find_leftovers({"run": "run-2"}))

@@ -619,6 +619,9 @@ def test_worker_killed_during_a_warm_shutdown_has_its_tasks_back_at_the_next_sta
     marker = tmp_path / "started.txt"
     handle = fleet.client.submit("tasks.sleep", 30, str(marker))
     wait_for(marker.exists, 10, message="the task to start")
+    # Its start reaches the broker with the worker's next turn: wait for it, or the kill
+    # below may come first (make test saw PENDING once).
+    wait_for(lambda: handle.state == "STARTED", 10, message="the start in the broker")
     [worker_pid] = fleet.worker_pids()
     fleet.signal(signal.SIGTERM)  # waits for the task
     wait_for(lambda: "warm shutdown" in fleet.log(), 5, message="the warm shutdown")
