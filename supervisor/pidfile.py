@@ -139,5 +139,7 @@ def _parse_pid(text: str) -> int:
 def _read(path: StrPath) -> str:
     # os, not pathlib: pathlib brings urllib.parse and fnmatch into the arbiter, about 0.5 MiB
     # of memory for good and 2 ms of its start, for three calls.
-    with open(path) as f:
-        return f.read()
+    # Bytes that are no text (another program's file) read as a pid that is not one; and no
+    # more than a pid could take (a pidfile that is a link to /dev/zero).
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(4096)

@@ -84,6 +84,25 @@ def test_read_live_pid_names_garbage_content(tmp_path: Path, content: str) -> No
         read_live_pid(pidfile)
 
 
+def test_a_pidfile_of_bytes_that_are_no_text_or_of_no_end_is_no_pid(tmp_path: Path) -> None:
+    """Another program's file where the pidfile goes, or a link to /dev/zero: `fleetd stop`
+    ended in a UnicodeDecodeError's traceback, or read until memory ran out; `fleetd
+    start` took neither over."""
+    pidfile = tmp_path / "fleetd.pid"
+    for content in (b"\xff\xfe\n", None):
+        pidfile.unlink(missing_ok=True)
+        if content is None:
+            pidfile.symlink_to("/dev/zero")
+        else:
+            pidfile.write_bytes(content)
+        with pytest.raises(PidfileError, match="not a pid"):
+            read_live_pid(pidfile)
+        pidfile.unlink()
+        pidfile.write_bytes(content or b"\0" * 10000)
+        write_pidfile(pidfile)
+        assert pidfile.read_text() == f"{os.getpid()}\n"
+
+
 def test_read_live_pid_calls_a_dead_pid_stale(tmp_path: Path) -> None:
     pid = dead_pid()
     pidfile = tmp_path / "fleetd.pid"
