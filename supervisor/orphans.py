@@ -182,7 +182,7 @@ class RunRecord:
             with open(self.path) as f:
                 data = json.load(f)
             return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a torn or foreign file: none
             return {}
 
 

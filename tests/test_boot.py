@@ -141,3 +141,21 @@ def test_a_fleet_started_with_its_standard_streams_closed_runs_and_stops_as_any(
     assert ping.returncode == 0
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{"])
+def test_state_files_torn_or_not_ours_are_ignored_and_the_fleet_starts(
+    make_fleet: Callable[..., Fleet], content: bytes
+) -> None:
+    """The run record and a node's saved limits, found holding JSON nested past the parser's
+    depth or bytes that are no text: the arbiter (run.json) or the worker (limits) ended in a
+    RecursionError at every start. Each is read as none now, the limits with a warning."""
+    fleet = make_fleet()
+    limits = fleet.folder / "state" / "limits"
+    limits.mkdir(parents=True)
+    (fleet.folder / "state").chmod(0o700)
+    (fleet.folder / "state" / "run.json").write_bytes(content)
+    (limits / "w@h1.json").write_bytes(content)
+    fleet.start()
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+    assert "ignoring saved limits" in fleet.log()

@@ -40,7 +40,7 @@ class RuntimeLimits:
                 limits.times[str(name)] = (float(soft), float(hard))
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             log.warning("ignoring saved limits %s: %s", limits.path, exc, extra={"node": node})
             limits.rates, limits.times = {}, {}
         return limits
