@@ -311,6 +311,12 @@ def from_dict(
             raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
     fleet = _section(path, "fleet", raw.get("fleet", {}), FLEET_KEYS, {})
     host = node or fleet["node"] or socket.gethostname().split(".")[0]
+    if not NAME_RE.match(host):  # --node, or the host's name: as fleet.node is checked
+        raise ConfigError(
+            path,
+            "--node" if node else "fleet.node",
+            f"must be a name of letters, digits, '.', '_' or '-', got {host!r}",
+        )
     state_dir = _resolve(folder, fleet["state_dir"])
     pythonpath = [_resolve(folder, p) for p in fleet["pythonpath"]]
     broker = resolve_broker_url(folder, fleet["broker"])

@@ -199,3 +199,16 @@ def test_parse_rate_refuses_nonsense(text: str) -> None:
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("node", ["a b", "a@b", "../../etc"])
+def test_a_node_given_on_the_command_line_is_held_to_fleet_nodes_rule(
+    tmp_path: Path, node: str
+) -> None:
+    """`fleetd start --node "a b"` started a fleet whose nodes fleetctl cannot address (an @
+    in it splits wrongly) and whose limits file path takes the name as it is."""
+    with pytest.raises(ConfigError) as err:
+        load(str(write(tmp_path, GOOD)), node=node)
+    assert err.value.key == "--node" and repr(node) in err.value.problem
+    out = fleetd("start", "-c", str(write(tmp_path, GOOD)), "--node", node)
+    assert (out.returncode, out.stderr) == (2, f"fleetd: {err.value}\n")
