@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from worker.autoscale import parse_bounds
+from worker.autoscale import MAX_POOL, parse_bounds
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ def from_dict(
 
     defaults = _section(path, "defaults", raw.get("defaults", {}), DEFAULT_KEYS, {})
     if defaults["concurrency"] is None:
-        defaults["concurrency"] = os.cpu_count() or 1
+        defaults["concurrency"] = min(os.cpu_count() or 1, MAX_POOL)
 
     rate_limits = raw.get("rate_limits", {})
     if not isinstance(rate_limits, dict):
@@ -396,6 +396,11 @@ def from_dict(
             raise ConfigError(path, f"{where}.soft_time_limit", "must be below time_limit")
         if data["autoscale"]:  # the pool starts at MIN and follows the load: no fixed size
             data["concurrency"] = data["autoscale"][0]
+        elif data["concurrency"] > MAX_POOL:  # as `pool grow` and autoscale's MAX: a typo
+            key = f"{where}.concurrency" if "concurrency" in entry else "defaults.concurrency"
+            raise ConfigError(
+                path, key, f"must be <= {MAX_POOL} children, got {data['concurrency']}"
+            )
         workers.append(
             WorkerSpec(
                 node=f"{data['name']}@{host}",

@@ -68,6 +68,8 @@ BAD = [
     ),
     (GOOD.replace("concurrency = 3", 'concurrency = "three"'), "defaults.concurrency", "integer"),
     (GOOD.replace("concurrency = 3", "concurrency = 0"), "defaults.concurrency", ">= 1"),
+    # as `pool grow` past it: a typo that forked thousands of children at start
+    (GOOD.replace("concurrency = 3", "concurrency = 100000"), "defaults.concurrency", "<= 1024"),
     (GOOD.replace('name = "b"', 'name = "a"'), "worker[1].name", "duplicate worker name"),
     (
         GOOD.replace("concurrency = 3", "concurrency = 3\nasync_concurrency = 0"),
