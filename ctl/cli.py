@@ -268,6 +268,7 @@ def make_client(args: argparse.Namespace) -> Any:
 
     if not args.config and os.environ.get("FLEET_BROKER"):
         client = Client(os.environ["FLEET_BROKER"], fail_fast=True)
+        source = "FLEET_BROKER"
     else:
         config = load_config(args)
         client = Client(
@@ -276,10 +277,11 @@ def make_client(args: argparse.Namespace) -> Any:
             result_ttl=config.result_ttl,
             fail_fast=True,
         )
+        source = f"{config.path}: fleet.broker"
     try:
         client.broker  # noqa: B018 - opened now: a URL of no known scheme is a usage error
     except ValueError as exc:
-        raise UsageError(f"FLEET_BROKER: {exc}") from None
+        raise UsageError(f"{source}: {exc}") from None
     return client
 
 

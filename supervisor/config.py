@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.autoscale import MAX_POOL, parse_bounds
+from worker.brokers import url_problem
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 if TYPE_CHECKING:
@@ -324,6 +325,9 @@ def from_dict(
         raise ConfigError(
             path, "fleet.broker", f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r}"
         )
+    problem = url_problem(broker)
+    if problem:
+        raise ConfigError(path, "fleet.broker", problem)
     if check_imports:
         for module in fleet["imports"]:
             if not module_exists(module, pythonpath):

@@ -214,3 +214,13 @@ def test_fleetd_stop_with_a_timeout_that_is_no_duration_exits_2_and_signals_noth
         assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
         assert "argument --timeout: " in out.stderr
     assert fleet.ctl("ping").returncode == 0
+
+
+def test_fleetctl_on_a_redis_database_the_server_does_not_have_says_so_in_one_line(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """SELECT's refusal at connect ended in a ResponseError's traceback."""
+    fleet = make_fleet(fleet={"broker": "redis://127.0.0.1:6379/99999"})
+    out = fleet.ctl("queues", check=False)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == "fleetctl: broker redis://127.0.0.1:6379/99999: DB index is out of range\n"

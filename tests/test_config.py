@@ -93,6 +93,16 @@ BAD = [
     ),
     (GOOD + '\n[rate_limits]\n"tasks.x" = "fast"\n', "rate_limits.tasks.x", "not N"),
     (GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "amqp://x"'), "fleet.broker", "sqlite"),
+    # What redis-py took silently (database 0 for "notadb") or failed on at the first call.
+    *(
+        (GOOD.replace('node = "h1"', f'node = "h1"\nbroker = "{url}"'), "fleet.broker", problem)
+        for url, problem in [
+            ("redis://127.0.0.1:6379/notadb", "the database must be a number, got 'notadb'"),
+            ("redis://127.0.0.1:99999/0", "Port out of range"),
+            ("redis://[::1/0", "Invalid IPv6 URL"),
+            ("unix://", "needs the socket's path"),
+        ]
+    ),
     (GOOD + '\n[control]\nbind = ["tcp://127.0.0.1:7950"]\n', "control.bind", "curve_secret_key"),
     (
         GOOD.replace('[[worker]]\nname = "a"\n', '[[worker]]\nqueues = ["x"]\n'),

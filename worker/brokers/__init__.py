@@ -5,6 +5,26 @@ from __future__ import annotations
 from .base import Broker, unavailable_error
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL that redis-py would take silently (a database that is
+    no number: it would use 0) or fail on only when first used, if anything is."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import urllib.parse  # here: an arbiter on SQLite never needs it
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range or no number
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"the database must be a number, got {db!r}"
+    return None
+
+
 def open_broker(
     url: str,
     durability: str = "default",
@@ -33,6 +53,9 @@ def open_broker(
         except (OSError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(f"broker URL {url!r}: {problem}")
         from .redis import CONNECT_TIMEOUT, RedisBroker
 
         return RedisBroker(

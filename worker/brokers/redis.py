@@ -78,7 +78,8 @@ CALL_BACKOFF = EqualJitterBackoff(cap=2.0, base=0.1)
 # in a cluster, a shard being moved or down. redis-py raises these as their own classes;
 # these others only as a ResponseError whose message starts with their code: snapshots or
 # the AOF failing to be written, as on a full disk (MISCONF); another client's script past
-# lua-time-limit (BUSY, for reads too); too few replicas acknowledging (NOREPLICAS).
+# lua-time-limit (BUSY, for reads too); too few replicas acknowledging (NOREPLICAS); and,
+# at connect, the URL's database past the server's `databases` (SELECT's refusal).
 REFUSALS = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
@@ -86,7 +87,7 @@ REFUSALS = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.MasterDownError,
 )
-REFUSAL_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ")
+REFUSAL_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ", "DB index is out of range")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Unless the URL says otherwise (`?socket_timeout=...`): a call that a silent network leaves
 # unanswered is cut off and retried (once: CallRetry), never waited on forever. Every call
