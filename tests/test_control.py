@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(90)
 
 # Task and command helpers of these tests, beside the shared tests.fleet TASKS module.
 CTL_TASKS = """
-import sys, time
+import os, sys, time
 from worker import task, control_command
 
 @task
@@ -56,6 +56,21 @@ def leave(worker, how="exit"):
 @control_command
 def hang(worker):
     time.sleep(600)
+
+@control_command
+def deep(worker):
+    x = []
+    for _ in range(100000):
+        x = [x]
+    return x
+
+@control_command
+def huge(worker):
+    return "x" * (2 << 20)
+
+@control_command
+def forks(worker):
+    return os.fork()  # and both copies return
 """
 
 TWO_NODES = [{"name": "a", "queues": ["a"]}, {"name": "b", "queues": ["b"]}]
@@ -674,6 +689,37 @@ def test_a_custom_command_that_exits_fails_alone_and_the_worker_and_its_task_go_
     assert handle.get(timeout=10) in fleet.child_pids()
     assert handle.info()["deliveries"] == 1 and marker.read_text().count("start") == 1
     assert fleet.worker_pids() == [worker]
+
+
+def test_a_custom_commands_reply_too_deep_too_big_or_from_a_forked_copy_costs_nothing(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A reply nested past the JSON encoder's depth killed the worker (RecursionError); one of
+    50 MiB went through the arbiter's memory and past fleetctl's timeout; a command that
+    forked left a second worker running the loop on the same pipes and links (the tasks
+    handed to its children hung STARTED). Each is now that command's error, or (the fork) the
+    parent's answer alone."""
+    fleet = fleet_with_ctltasks(make_fleet).start()
+    [worker] = fleet.worker_pids()
+    code, data = ctl_json(fleet, "call", "deep")
+    assert code == 1 and "is not JSON" in data["replies"]["w@h1"]["error"]
+    code, data = ctl_json(fleet, "call", "huge")
+    assert code == 1 and "over the 1 MiB" in data["replies"]["w@h1"]["error"]
+    code, data = ctl_json(fleet, "call", "forks")
+    assert code == 0 and data["replies"]["w@h1"] > 0  # the parent's answer: the copy's pid
+    copy = data["replies"]["w@h1"]
+
+    def copy_gone() -> bool:
+        try:
+            return psutil.Process(copy).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(copy_gone, 10, message="the forked copy to end")
+    handles = fleet.client.submit_many([("tasks.add", (i, 1), {}) for i in range(20)])
+    assert [h.get(timeout=10) for h in handles] == [i + 1 for i in range(20)]
+    assert fleet.worker_pids() == [worker]
+    assert len(psutil.Process(worker).children()) == 2  # its pool, and nothing else
 
 
 def test_a_custom_command_that_hangs_is_interrupted_at_its_time_limit_and_the_worker_goes_on(

@@ -32,6 +32,9 @@ STATS_EVERY = 1.0  # seconds between stats reports to the arbiter
 # that hung would otherwise leave the worker silent until the arbiter killed it, and the
 # tasks its children ran with it, to run again.
 COMMAND_TIME_LIMIT = 10.0
+# Bytes of JSON a custom command may reply (as a control request may hold): a reply of 50 MiB
+# (an object returned by mistake) went through the arbiter's memory, past fleetctl's timeout.
+MAX_CUSTOM_REPLY = 1 << 20
 # Bytes waiting for an arbiter that reads nothing (stopped, hung) past which events and
 # stats are dropped, counted; ready and replies never are.
 ARBITER_BACKLOG_MAX = 4 << 20
@@ -157,9 +160,16 @@ class ArbiterChannel:
         elif kind == "cmd":
             reply = self.run_command(message)
             try:
-                encode(reply)
-            except (TypeError, ValueError, ProtocolError) as exc:
+                size = len(encode(reply))
+            except (TypeError, ValueError, ProtocolError, RecursionError) as exc:
                 reply = {"error": f"the reply of {message.get('cmd')} is not JSON: {exc}"}
+            else:
+                command = COMMANDS.get(str(message.get("cmd")))
+                if size > MAX_CUSTOM_REPLY and command is not None and command.custom:
+                    reply = {
+                        "error": f"the reply of {command.name} is {size} bytes, over the"
+                        f" {MAX_CUSTOM_REPLY >> 20} MiB a custom command's reply may hold"
+                    }
             self.send({"type": "reply", "id": message.get("id"), "reply": reply})
 
     def run_command(self: Worker, message: dict[str, Any]) -> Any:
@@ -181,6 +191,10 @@ class ArbiterChannel:
             log.exception("command %s failed", command.name, extra={"node": self.node})
             return {"error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
         finally:
+            if os.getpid() != self.pid:
+                # A copy the command forked, back from it: two workers would share our
+                # arbiter channel, broker links and pool (as a task module's, import_tasks).
+                os._exit(0)
             if command.custom:  # code not ours: it may have taken our signals
                 self.reclaim_signals(f"command {command.name}")
 
