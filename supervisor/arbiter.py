@@ -566,7 +566,9 @@ class Arbiter:
             for w in self.workers
             if w.generation == self.generation and w.state not in (STOPPED, STOPPING)
         ]
-        if not (current or self.reloading) or not all(w.state in (RUNNING, FATAL) for w in current):
+        if not current and not self.reloading:
+            return  # at start, before the spawns
+        if not all(w.state in (RUNNING, FATAL) for w in current):
             return
         failed = "; ".join(f"{w.node} {w.failure}" for w in current if w.state == FATAL)
         if self.reloading and not current:

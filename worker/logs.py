@@ -44,8 +44,10 @@ def fill_standard_fds() -> None:
                 os.dup2(null, fd)
                 os.close(null)
             os.set_inheritable(fd, True)  # as a standard stream is: the workers' too
-        if getattr(sys, name) is None:  # else the descriptor is another file's by now
-            setattr(sys, name, open(fd if closed else os.devnull, mode, closefd=not closed))  # noqa: SIM115
+        if getattr(sys, name) is None:
+            # Our /dev/null; or, where the number is another file's by now, one of its own.
+            stream = open(fd, mode, closefd=False) if closed else open(os.devnull, mode)  # noqa: SIM115
+            setattr(sys, name, stream)
 
 
 def setup_logging(level: str, fmt: str, node: str) -> None:
