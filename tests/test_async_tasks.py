@@ -20,7 +20,7 @@ from worker import TaskFailed
 from worker.brokers.base import Envelope
 
 ASYNC_TASKS = '''
-import asyncio
+import asyncio, sys
 
 @task
 async def asleep(seconds):
@@ -81,6 +81,20 @@ async def astop_loop(marker):
     asyncio.get_running_loop().stop()
     await asyncio.sleep(0.05)
     return os.getpid()
+
+@task
+async def aexit_later(marker, how):
+    """Leave a callback on its loop that raises what ends a program, then answer."""
+    with open(marker, "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    if how == "exit":
+        asyncio.get_running_loop().call_soon(sys.exit, 3)
+    else:
+        asyncio.get_running_loop().call_soon(interrupt)
+    return os.getpid()
+
+def interrupt():
+    raise KeyboardInterrupt
 
 @task(bind=True)
 async def aretry(self, path):
@@ -274,6 +288,28 @@ def test_a_task_that_stops_its_childs_loop_runs_once_and_the_loop_goes_on(
     assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * 3
     assert len(set(start_pids(marker))) == 1 and len(lines(marker)) == 3, "each ran once"
     assert "a task stopped its child's event loop" in fleet.log()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_a_task_whose_callback_exits_ends_neither_its_child_nor_the_tasks_beside_it(
+    make_fleet, tmp_path: Path, how: str, loop: str
+) -> None:
+    """`loop.call_soon(sys.exit)` in a task (or a KeyboardInterrupt out of a callback):
+    asyncio lets both out of the loop, and the child died with every task in flight on it,
+    which ran again for another task's doing. The loop goes on instead."""
+    fleet = async_fleet(
+        make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 2)
+    wait_for(lambda: len(lines(marker)) == 2, 10, message="two tasks in flight")
+    leaver = fleet.client.submit("tasks.aexit_later", str(marker), how)
+    assert leaver.get(timeout=10) == start_pids(marker)[0]
+    gate.touch()
+    infos = final(fleet, [*ids, leaver.id])
+    assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * 3
+    assert len(set(start_pids(marker))) == 1 and len(lines(marker)) == 3, "each ran once"
+    assert "out of a task's callback; the loop goes on" in fleet.log()
 
 
 def test_revoke_terminate_cancels_only_that_task(make_fleet, tmp_path: Path) -> None:

@@ -72,8 +72,12 @@ class EventLoopChild:
         self.loop.add_reader(self.child.revoke_fd, self.read_control)
         self.take(frames)
         while True:  # the child ends in leave(), from a callback; never when the loop stops
-            self.loop.run_forever()
-            self.loop_stopped()
+            try:
+                self.loop.run_forever()
+            except (SystemExit, KeyboardInterrupt) as exc:  # out of a task's callback
+                self.loop_raised(exc)
+            else:
+                self.loop_stopped()
 
     def loop_stopped(self) -> None:
         """A task stopped our loop (`loop.stop()`): it runs on. Leaving instead would look
@@ -82,6 +86,15 @@ class EventLoopChild:
         self.child.leave_if_forked(None)
         with contextlib.suppress(OSError):
             os.write(2, b"fleetd: a task stopped its child's event loop; the loop goes on\n")
+
+    def loop_raised(self, exc: SystemExit | KeyboardInterrupt) -> None:
+        """A callback a task scheduled (`loop.call_soon(sys.exit)`) raised what asyncio lets
+        out of the loop: it runs on. Ending the child would end every task in flight on it
+        with a death, for another task's doing; the task itself has answered already."""
+        self.child.leave_if_forked(exc)
+        line = f"fleetd: {type(exc).__name__} out of a task's callback; the loop goes on\n"
+        with contextlib.suppress(OSError):
+            os.write(2, line.encode())
 
     def on_term(self) -> None:
         """Warm stop: the tasks in flight finish, none other starts."""
