@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             return EXIT_USAGE
     if args.command == "check":
+        from .control import ControlConfigError, check_bind
+
+        try:
+            control = cfg.control
+            check_bind(control.bind, control.curve_secret_key, control.authorized_keys)
+        except ControlConfigError as exc:  # what `fleetd start` would refuse (exit 2) too
+            print(f"fleetd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         failure = probe_imports(cfg)
         if failure:
             print(f"fleetd: {args.config}: {failure}", file=sys.stderr)

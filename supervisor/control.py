@@ -105,11 +105,7 @@ class ControlServer:
         self._authenticator: ThreadAuthenticator | None = None
         ipc = [endpoint for endpoint in bind if endpoint.startswith("ipc://")]
         tcp = [endpoint for endpoint in bind if endpoint.startswith("tcp://")]
-        for endpoint in bind:
-            events_endpoint(endpoint)
-            if endpoint in ipc:
-                _check_ipc_path(endpoint)
-        server_secret = _curve_server_secret(tcp, curve_secret_key, authorized_keys)
+        server_secret = check_bind(bind, curve_secret_key, authorized_keys)
         try:
             if ipc:
                 self._bind_ipc(zmq.ROUTER, ipc)
@@ -348,6 +344,18 @@ def _check_ipc_path(endpoint: str) -> None:
         raise ControlConfigError(
             f"control endpoint {endpoint}: {EVENTS_SOCKET_NAME} is the events socket's name"
         )
+
+
+def check_bind(bind: list[str], curve_secret_key: str, authorized_keys: str) -> bytes:
+    """What binding `bind` needs that can be checked without binding (its endpoints' form,
+    the ipc paths, the CURVE keys): ControlConfigError if any is wrong, else the server's
+    secret key (b"" without tcp). `fleetd check` asks it too, as `fleetd start` does."""
+    for endpoint in bind:
+        events_endpoint(endpoint)
+        if endpoint.startswith("ipc://"):
+            _check_ipc_path(endpoint)
+    tcp = [endpoint for endpoint in bind if endpoint.startswith("tcp://")]
+    return _curve_server_secret(tcp, curve_secret_key, authorized_keys)
 
 
 def _curve_server_secret(tcp: list[str], curve_secret_key: str, authorized_keys: str) -> bytes:

@@ -837,6 +837,44 @@ def test_tcp_bind_without_keys_is_refused_by_check_and_start(
         assert "control.bind" in out.stderr and "curve_secret_key" in out.stderr
 
 
+@pytest.mark.parametrize("wrong", ["missing-secret", "garbage-secret", "no-folder", "garbage-key"])
+def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, wrong: str
+) -> None:
+    """A secret key file that is not there or holds no key, an authorized_keys folder that is
+    not there or holds a *.key file with no key: `fleetd start` refused each (exit 2), but
+    `fleetd check`, the command a deploy runs first, said ok."""
+    _, server_secret = keygen(tmp_path / "server")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    if wrong == "garbage-secret":
+        server_secret = tmp_path / "junk.key_secret"
+        server_secret.write_text("junk\n")
+    if wrong == "garbage-key":
+        (authorized / "junk.key").write_text("junk\n")
+    fleet = make_fleet(
+        control={
+            "bind": ["ipc://state/control.sock", f"tcp://127.0.0.1:{free_port()}"],
+            "curve_secret_key": str(
+                tmp_path / "nothing" if wrong == "missing-secret" else server_secret
+            ),
+            "authorized_keys": str(tmp_path / "nowhere" if wrong == "no-folder" else authorized),
+        }
+    )
+    lines = []
+    for command in ("check", "start"):
+        out = subprocess.run(
+            [FLEETD, command, "-c", str(fleet.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=fleet.folder,
+        )
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        lines.append(out.stderr.splitlines()[-1])
+    assert lines[0] == lines[1] and lines[0].startswith("fleetd: [control] "), lines
+
+
 def test_a_control_port_in_use_ends_the_start_and_the_workers_it_spawned(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:
