@@ -167,7 +167,13 @@ class Arbiter:
             self.poller.register(target, POLLIN)
         if self.config.metrics_bind:
             self.metrics_server = MetricsServer(self.config.metrics_bind, self.metrics)
-            self.metrics_server.start()
+            try:
+                self.metrics_server.start()
+            except OSError as exc:  # in use, a host no name resolves: as a control bind's
+                reason = exc.strerror or str(exc)
+                raise configmod.ControlConfigError(
+                    f"[metrics] bind {self.config.metrics_bind}: cannot listen: {reason}"
+                ) from None
 
     def step(self) -> None:
         timeout = self.poll_timeout()

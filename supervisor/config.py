@@ -205,6 +205,8 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "host_port":
         if not isinstance(value, str) or (value and not re.match(r"^[\w.\-\[\]:]+:\d+$", value)):
             raise bad('"host:port"')
+        if value and not 0 < int(value.rpartition(":")[2]) < 65536:
+            raise bad('"host:port" with a port from 1 to 65535')
     return value
 
 

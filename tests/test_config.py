@@ -112,6 +112,7 @@ BAD = [
     ("[fleet]\nimports = []\n", "worker", "at least one"),
     (GOOD + '\n[control]\nendpoints = { "h 2" = "tcp://h2:7950" }\n', "control.endpoints", "table"),
     (GOOD + '\n[control]\nendpoints = ["h2:7950"]\n', "control.endpoints", "ipc:// or tcp://"),
+    (GOOD + '\n[metrics]\nbind = "127.0.0.1:99999"\n', "metrics.bind", "port from 1 to 65535"),
     # NaN and infinity: never a duration (on Redis a lease of inf or nan crashed every turn).
     (GOOD.replace("time_limit = 60", "time_limit = nan"), "defaults.time_limit", "finite"),
     (GOOD.replace("time_limit = 60", "time_limit = inf"), "defaults.time_limit", "finite"),

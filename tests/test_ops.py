@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.fleet import FLEETD, free_port, wait_for
+from tests.fleet import FLEETD, fleetd, free_port, wait_for
 from tests.test_metrics import samples
 
 
@@ -218,3 +219,23 @@ def test_bad_config_refuses_to_start(make_fleet) -> None:
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "defaults.concurrency" in out.stderr
     assert not os.path.exists(fleet.folder / "state" / "fleetd.pid")
+
+
+@pytest.mark.parametrize("where", ["in-use", "no-such-host"])
+def test_a_metrics_bind_that_cannot_listen_ends_the_start_in_one_line_and_no_leftover(
+    make_fleet, where: str
+) -> None:
+    """A port in use, a host no name resolves: `fleetd start` ended in an OSError's
+    traceback (exit 1) once its workers were up. Now one line naming [metrics] (exit 2, as a
+    control bind that cannot listen), and its workers are ended."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host = "127.0.0.1" if where == "in-use" else "no-such-host.invalid"
+        bind = f"{host}:{taken.getsockname()[1]}"
+        fleet = make_fleet(extra=f'\n[metrics]\nbind = "{bind}"\n')
+        out = fleetd("start", "-c", str(fleet.config))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1].startswith(f"fleetd: [metrics] bind {bind}: cannot listen")
+    spawned = json.loads((fleet.folder / "state" / "run.json").read_text())["processes"]
+    assert spawned and not any(psutil.pid_exists(r["pid"]) for r in spawned)
