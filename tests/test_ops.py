@@ -221,17 +221,18 @@ def test_bad_config_refuses_to_start(make_fleet) -> None:
     assert not os.path.exists(fleet.folder / "state" / "fleetd.pid")
 
 
-@pytest.mark.parametrize("where", ["in-use", "no-such-host"])
+@pytest.mark.parametrize("where", ["in-use", "not-ours"])
 def test_a_metrics_bind_that_cannot_listen_ends_the_start_in_one_line_and_no_leftover(
     make_fleet, where: str
 ) -> None:
-    """A port in use, a host no name resolves: `fleetd start` ended in an OSError's
-    traceback (exit 1) once its workers were up. Now one line naming [metrics] (exit 2, as a
-    control bind that cannot listen), and its workers are ended."""
+    """A port in use, an address that is not this host's (TEST-NET-1: a bind sends nothing):
+    `fleetd start` ended in an OSError's traceback (exit 1) once its workers were up. Now one
+    line naming [metrics] (exit 2, as a control bind that cannot listen), and its workers are
+    ended."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        host = "127.0.0.1" if where == "in-use" else "no-such-host.invalid"
+        host = "127.0.0.1" if where == "in-use" else "192.0.2.1"
         bind = f"{host}:{taken.getsockname()[1]}"
         fleet = make_fleet(extra=f'\n[metrics]\nbind = "{bind}"\n')
         out = fleetd("start", "-c", str(fleet.config))
