@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         except ControlConfigError as exc:  # what `fleetd start` would refuse (exit 2) too
             print(f"fleetd: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        if cfg.broker.startswith(("redis://", "rediss://", "unix://")):
+            from worker.brokers.redis import url_options_problem  # redis-py: here, not in start
+
+            wrong = url_options_problem(cfg.broker)
+            if wrong:
+                print(f"fleetd: {args.config}: fleet.broker: {wrong}", file=sys.stderr)
+                return EXIT_USAGE
         failure = probe_imports(cfg)
         if failure:
             print(f"fleetd: {args.config}: {failure}", file=sys.stderr)

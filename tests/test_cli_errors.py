@@ -224,3 +224,22 @@ def test_fleetctl_on_a_redis_database_the_server_does_not_have_says_so_in_one_li
     out = fleet.ctl("queues", check=False)
     assert (out.returncode, out.stdout) == (1, "")
     assert out.stderr == "fleetctl: broker redis://127.0.0.1:6379/99999: DB index is out of range\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("socket_timout=5", "unknown URL option 'socket_timout'"),  # a typo
+        ("socket_timeout=soon", "Invalid value for 'socket_timeout' in connection URL."),
+    ],
+)
+def test_a_redis_url_option_redis_py_cannot_take_is_one_line_from_check_and_fleetctl(
+    make_fleet: Callable[..., Fleet], option: str, problem: str
+) -> None:
+    """An option name redis-py does not know passed `fleetd check` and ended fleetctl in a
+    TypeError's traceback at its first connection."""
+    fleet = make_fleet(fleet={"broker": f"redis://127.0.0.1:6379/0?{option}"})
+    out = fleetd("check", "-c", str(fleet.config))
+    assert (out.returncode, out.stderr) == (2, f"fleetd: {fleet.config}: fleet.broker: {problem}\n")
+    out = fleet.ctl("queues", check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and problem in out.stderr

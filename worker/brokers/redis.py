@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.resources
+import inspect
 import json
 import os
 import ssl
@@ -144,6 +145,30 @@ encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).enco
 
 # The fields of a task record that get_result reads (status: whether there is one).
 RESULT_FIELDS = ("status", *INFO_FIELDS)
+
+
+def url_options_problem(url: str) -> str | None:
+    """What redis-py cannot take in the URL's query (an option name it does not know, as a
+    typo; a value of the wrong kind): it would fail only at the first connection, in a
+    traceback. `prefix` is fleetd's own."""
+    address, _, query_text = url.partition("?")
+    query = urllib.parse.parse_qs(query_text)
+    query.pop("prefix", None)
+    try:
+        options = redis.connection.parse_url(
+            address + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
+        )
+    except ValueError as exc:
+        return str(exc)
+    kind = options.pop("connection_class", redis.connection.Connection)
+    known = {
+        name
+        for cls in (*kind.__mro__, redis.connection.ConnectionPool)
+        if "__init__" in vars(cls)
+        for name in inspect.signature(cls.__init__).parameters
+    }
+    unknown = sorted(set(query) - known)
+    return f"unknown URL option {unknown[0]!r}" if unknown else None
 
 
 def fields_of(text: str | bytes) -> dict[str, Any]:
@@ -396,6 +421,9 @@ class RedisBroker(Broker):
         fail_fast: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
+        problem = url_options_problem(url)
+        if problem:
+            raise ValueError(f"broker URL {url!r}: {problem}")
         self.url = url
         address, _, query_text = url.partition("?")
         query = urllib.parse.parse_qs(query_text)
