@@ -25,7 +25,7 @@ import pytest
 import zmq
 
 from ctl.client import ControlClient
-from tests.fleet import FLEETCTL, FLEETD, QUIET, Fleet, free_port, holds, wait_for
+from tests.fleet import FLEETCTL, FLEETD, QUIET, Fleet, fleetd, free_port, holds, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -826,13 +826,7 @@ def test_tcp_bind_without_keys_is_refused_by_check_and_start(
 ) -> None:
     fleet = make_fleet(control={"bind": [f"tcp://127.0.0.1:{free_port()}"]})
     for command in ("check", "start"):
-        out = subprocess.run(
-            [FLEETD, command, "-c", str(fleet.config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=fleet.folder,
-        )
+        out = fleetd(command, "-c", str(fleet.config))
         assert out.returncode == 2, (command, out.stdout, out.stderr)
         assert "control.bind" in out.stderr and "curve_secret_key" in out.stderr
 
@@ -863,13 +857,7 @@ def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
     )
     lines = []
     for command in ("check", "start"):
-        out = subprocess.run(
-            [FLEETD, command, "-c", str(fleet.config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=fleet.folder,
-        )
+        out = fleetd(command, "-c", str(fleet.config))
         assert out.returncode == 2, (command, out.stdout, out.stderr)
         lines.append(out.stderr.splitlines()[-1])
     assert lines[0] == lines[1] and lines[0].startswith("fleetd: [control] "), lines

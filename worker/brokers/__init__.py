@@ -53,9 +53,6 @@ def open_broker(
         except (OSError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
-        problem = url_problem(url)
-        if problem:
-            raise ValueError(f"broker URL {url!r}: {problem}")
         from .redis import CONNECT_TIMEOUT, RedisBroker
 
         return RedisBroker(

@@ -54,6 +54,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
 from ..resp import pack, resp_array
+from . import url_problem
 from .base import (
     FAIL_FAST_WAIT,
     INFO_FIELDS,
@@ -421,7 +422,7 @@ class RedisBroker(Broker):
         fail_fast: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        problem = url_options_problem(url)
+        problem = url_problem(url) or url_options_problem(url)
         if problem:
             raise ValueError(f"broker URL {url!r}: {problem}")
         self.url = url
