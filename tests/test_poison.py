@@ -6,6 +6,7 @@ the worker keeps its pid, and every innocent task around it runs once.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -311,6 +312,88 @@ def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
         assert direct.smembers(f"{p}:alien:{held.id}") == {b"not a record"}
         assert fleet.worker_pids() != [], "the new worker died"
         assert "FATAL" not in fleet.log() and "exit code 1" not in fleet.log(), fleet.log()
+
+
+def test_redis_keys_of_another_kind_where_a_fleets_belong_are_moved_aside_and_nothing_stops(
+    make_fleet: Callable[..., Fleet], redis_prefix: str, tmp_path: Path
+) -> None:
+    """Someone else's values where the fleet keeps its queue's stream and ETA set, its entry
+    counter, its set of queues, its dead letters, revokes and routes, a waiting client's
+    wake-up list. Each failed every script or call that touched it: the worker died at every
+    start (FATAL), every submit raised. Now each is moved aside as it was
+    (`{p}:alien:{key}`) and every task runs once; dead letters that are no letters of ours
+    stay where they are when others are retried."""
+    p = redis_prefix
+    journal = tmp_path / "journal"
+    squatters = {
+        "queues": ("hash", {"not": "a set"}),
+        "q:default": ("string", "not a stream"),
+        "eta:default": ("list", ["not", "a", "zset"]),
+        "seq": ("string", "not a number"),
+        "dead": ("set", {"not a list"}),
+        "revoked": ("string", "not a set"),
+        "routes": ("list", ["not a hash"]),
+    }
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL, decode_responses=True)) as direct:
+
+        def squat(name: str, kind: str, value: Any) -> None:
+            key = f"{p}:{name}"
+            direct.delete(key)
+            if kind == "string":
+                direct.set(key, value)
+            elif kind == "list":
+                direct.rpush(key, *value)
+            elif kind == "set":
+                direct.sadd(key, *value)
+            else:
+                direct.hset(key, mapping=value)
+
+        for name, (kind, value) in squatters.items():
+            squat(name, kind, value)
+        fleet = make_fleet(fleet={"broker": f"{REDIS_URL}?prefix={p}"}).start()
+        (worker,) = fleet.worker_pids()
+        client = fleet.client
+        handles = client.submit_many([("tasks.journal", (str(journal),), {})] * 5)
+        handles.append(client.submit("tasks.journal", str(journal), countdown=0.3))
+        unknown = client.submit("tasks.no_such_task")
+        # A client waits; its wake-up list is replaced by a string before the task ends.
+        gate = tmp_path / "gate"
+        held = client.submit("tasks.hold", str(gate))
+        wait_for(lambda: held.state == "STARTED", 10, message="the held task to start")
+        waiter = concurrent.futures.ThreadPoolExecutor(1)
+        got = waiter.submit(held.get, timeout=20)
+        wait_for(lambda: direct.exists(f"{p}:w:{held.id}"), 10, message="the client to wait")
+        squat(f"n:{held.id}", "string", "not a list")
+        gate.touch()
+        assert got.result(timeout=20) > 0
+        waiter.shutdown()
+        # The idle fleet's stream replaced again: the next tasks run all the same.
+        fleet.wait_all_final([h.id for h in handles], timeout=30)
+        squat("q:default", "string", "again")
+        handles += client.submit_many([("tasks.journal", (str(journal),), {})] * 3)
+
+        infos = fleet.wait_all_final([h.id for h in handles], timeout=30)
+        assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 1)] * len(handles)
+        assert executions(journal) == collections.Counter(h.id for h in handles)
+        with pytest.raises(TaskFailed, match="NotRegistered"):
+            unknown.get(timeout=10)
+        # A dead letter of someone else's writing stays when ours is retried.
+        direct.rpush(f"{p}:dead", "not json", json.dumps({"id": unknown.id}))
+        assert client.broker.retry_dead([unknown.id]) == [unknown.id]
+        # (LPUSHed: the retried task's own letter, when it dies again, comes before these.)
+        assert direct.lrange(f"{p}:dead", -2, -1) == ["not json", json.dumps({"id": unknown.id})]
+
+        for name, (kind, _value) in squatters.items():
+            alien = f"{p}:alien:{name}"
+            assert direct.type(alien) == kind, alien
+        assert direct.get(f"{p}:alien:q:default") == "not a stream"
+        assert direct.get(f"{p}:alien:q:default:2") == "again"
+        assert direct.get(f"{p}:alien:seq") == "not a number"
+        assert direct.smembers(f"{p}:alien:dead") == {"not a list"}
+        assert direct.get(f"{p}:alien:n:{held.id}") == "not a list"
+    assert fleet.worker_pids() == [worker], "the worker died"
+    assert "FATAL" not in fleet.log() and "exit code 1" not in fleet.log(), fleet.log()
+    assert f"moved {p}:q:default -> {p}:alien:q:default" in fleet.log()
 
 
 def test_a_tasks_bad_values_fail_that_task_and_nothing_else(

@@ -505,6 +505,36 @@ def test_a_delivery_count_that_is_not_a_whole_number_starts_over(
     assert delivery.deliveries == 1
     redis_broker.release(["t-1"], died=False)
     assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]
+    # Rewritten while held: the release (not counted as a delivery) starts it over too.
+    direct.hset(f"{redis_broker.prefix}:r:t-1", "deliveries", "many")
+    redis_broker.release(["t-1"], died=False)
+    assert [d.deliveries for d in redis_broker.reserve(["q1"], 1, "w1", 30)] == [1]
+
+
+def test_a_counter_or_call_key_of_another_kind_is_moved_aside_and_the_order_kept(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """Someone else's value where the entry counter is: the counter starts again after the
+    newest entry of our queues (not from 1: entries would then sort after all of ours). One
+    where a link keeps its last reply: moved aside by the next write over it."""
+    p = redis_broker.prefix
+    first = [envelope() for _ in range(3)]
+    redis_broker.enqueue(first)
+    direct.set(f"{p}:seq", "junk")
+    later = [envelope() for _ in range(2)]
+    redis_broker.enqueue(later)
+    assert direct.get(f"{p}:alien:seq") == b"junk"
+    entries = [entry for entry, _ in direct.xrange(f"{p}:q:q1")]
+    assert entries == [f"0-{n}".encode() for n in range(1, 6)]
+    held = redis_broker.reserve(["q1"], 10, "w1", 30)
+    assert ids(held) == ids(first + later)
+
+    (link,) = redis_broker._idle
+    direct.delete(f"{p}:call:{link.name}")
+    direct.rpush(f"{p}:call:{link.name}", "not a reply")
+    redis_broker.turn(Turn(outcomes=[Outcome(d.id, SUCCESS, result=1) for d in held]))
+    assert direct.lrange(f"{p}:alien:call:{link.name}", 0, -1) == [b"not a reply"]
+    assert [redis_broker.get_result(d.id)["state"] for d in held] == [SUCCESS] * 5  # type: ignore[index]
 
 
 def ended_in(seconds: float, wait: Callable[[], None]) -> None:
@@ -629,3 +659,26 @@ def test_get_on_a_redis_out_of_memory_waits_out_its_timeout_and_raises_nothing_e
     worker.close()
     client.close()
     admin.close()
+
+
+def test_schedule_keys_of_another_kind_are_moved_aside(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """A schedule's state, the set of schedules or the leader's lease written by someone else
+    as another kind: the scheduler's calls go on, the keys kept aside as they were."""
+    p = redis_broker.prefix
+    direct.rpush(f"{p}:lead:scheduler", "not a lease")
+    direct.set(f"{p}:schedule:nightly", "not a hash")
+    direct.set(f"{p}:schedules", "not a set")
+
+    assert redis_broker.claim_lead("scheduler", "me", 5) == ("me", 5.0)
+    assert redis_broker.lead_holder("scheduler") == "me"
+    task = envelope()
+    assert redis_broker.fire_schedule("nightly", time.time(), task)
+    assert redis_broker.schedule_states()["nightly"]["last_id"] == task.id
+    redis_broker.pause_schedule("nightly", True)
+    assert redis_broker.schedule_states()["nightly"]["paused"]
+
+    assert direct.lrange(f"{p}:alien:lead:scheduler", 0, -1) == [b"not a lease"]
+    assert direct.get(f"{p}:alien:schedule:nightly") == b"not a hash"
+    assert direct.get(f"{p}:alien:schedules") == b"not a set"

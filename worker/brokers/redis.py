@@ -18,6 +18,8 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:w:{id}        flag: a client waits for the task to end (Handle.get)
     {p}:n:{id}        list the task's end is pushed to while the flag is up, for the
                       waiting client's BLPOP; both expire on their own
+    {p}:alien:{key}   a key of ours that held a value of another kind (someone else's
+                      write), moved aside as it was (redis_mend.lua, redis_queue.lua)
 
 Every write is one Lua script (`redis_*.lua` beside this module): atomic, one round trip
 per batch, and one per worker turn (`turn` marks started, acks and stores results, and
@@ -40,6 +42,7 @@ import hashlib
 import importlib.resources
 import inspect
 import json
+import logging
 import os
 import ssl
 import time
@@ -69,6 +72,8 @@ from .base import (
     dead_letter_from,
     task_info,
 )
+
+log = logging.getLogger("fleetd.broker")
 
 # A call cut off by a lost connection is retried this often, backing off up to 2 s
 # (about 15 s in all): long enough to ride out a Redis restart.
@@ -107,6 +112,12 @@ WAKE_READ_SIZE = 65536
 # registers it again. A stream that a skipped submit made after Redis lost its data has no
 # group: that registration or a worker's first read makes it, from the first entry.
 KNOWN_FRESH = 5.0
+# How Redis fails a command on a key that holds a value of another kind than the command
+# takes: a key of ours that someone else wrote (a string where a stream belongs, a counter
+# that is no number). The call's keys are mended (redis_mend.lua) and the call sent again,
+# while each mend moves a key aside: a few keys at most, but never for good.
+MISPLACED = ("WRONGTYPE ", "value is not an integer", "increment or decrement would overflow")
+MEND_ROUNDS = 8
 
 
 class LuaScript:
@@ -139,6 +150,7 @@ WRITE_SCRIPTS = {
     )
 }
 DEPTHS_SCRIPT = LuaScript(lua("depths"))
+MEND_SCRIPT = LuaScript(lua("mend"))
 ENQUEUE_SCRIPT = LuaScript(lua("queue") + lua("enqueue"))
 
 # Script arguments as compact JSON; everything passed is made of str, int, float, bool, None.
@@ -453,6 +465,35 @@ class RedisBroker(Broker):
             pool = self.redis.connection_pool
             return Link(pool.connection_class(**pool.connection_kwargs))
 
+    def _mended(
+        self,
+        request: Callable[[], Any],
+        queues: Sequence[str] = (),
+        keys: Sequence[tuple[str, str]] = (),
+    ) -> Any:
+        """`request()`, sent again after each mend of a key it failed on, a key of ours that
+        held another kind of value (MISPLACED): the keys every fleet has, those of `queues`
+        and `keys` ([name past the prefix, the kind Redis's TYPE names], as the scripts
+        use them). A write script that fails partway has run up to that point: each is safe
+        to run again from the start, as it is after a lost connection."""
+        for _ in range(MEND_ROUNDS):
+            try:
+                return request()
+            except redis.ResponseError as exc:
+                # A pipeline's error names its command first: the code is further in.
+                if not any(code in str(exc) for code in MISPLACED) or not self._mend(queues, keys):
+                    raise
+        return request()
+
+    def _mend(self, queues: Sequence[str], keys: Sequence[tuple[str, str]]) -> bool:
+        """Move aside our keys that hold another kind of value (redis_mend.lua); whether
+        there was one."""
+        args = encode_args({"queues": list(queues), "keys": [list(k) for k in keys]})
+        moved = self._call(lambda link: link.evaluate(MEND_SCRIPT, self.prefix, args))
+        for move in moved:
+            log.warning("a key of another kind than fleetd's: moved %s", move)
+        return bool(moved)
+
     def _call(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
         connection or a timeout (CallRetry). A call that ends in an exception leaves its
@@ -470,14 +511,18 @@ class RedisBroker(Broker):
         finally:
             self._idle.append(link)
 
-    def _run(self, script: str, args: Any) -> Any:
-        """Run a write script once, even if it has to be sent again."""
+    def _run(self, script: str, args: Any, queues: Sequence[str] = ()) -> Any:
+        """Run a write script once, even if it has to be sent again (see _mended for
+        `queues`)."""
         now, encoded = _exact(time.time()), encode_args(args)
         return json.loads(
-            self._call(
-                lambda link: link.evaluate(
-                    WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
-                )
+            self._mended(
+                lambda: self._call(
+                    lambda link: link.evaluate(
+                        WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
+                    )
+                ),
+                queues,
             )
         )
 
@@ -498,7 +543,7 @@ class RedisBroker(Broker):
             argv[2] = f"{link.name}:{link.calls}"  # the same token if it is sent again
             return link.evaluate(ENQUEUE_SCRIPT, *argv)
 
-        self._call(send)
+        self._mended(lambda: self._call(send), sorted(queues))
         if not known:
             self._registered.update(dict.fromkeys(queues, now))
 
@@ -519,7 +564,7 @@ class RedisBroker(Broker):
             "owner": turn.owner,
             "lease_ms": int(turn.lease * 1000),
         }
-        reply = self._run("turn", args)
+        reply = self._run("turn", args, turn.queues)
         if not reply:  # nothing asked for: {}
             return []
         if reply["seq"] is not None:
@@ -541,7 +586,8 @@ class RedisBroker(Broker):
     def recover_expired(self, queues: list[str]) -> int:
         if not queues:
             return 0
-        return int(self._run("recover_expired", {"queues": list(dict.fromkeys(queues))}))
+        queues = list(dict.fromkeys(queues))
+        return int(self._run("recover_expired", {"queues": queues}, queues))
 
     def wakeup(self, queues: list[str]) -> Wakeup:
         pool = self.redis.connection_pool
@@ -557,11 +603,14 @@ class RedisBroker(Broker):
         return wake
 
     def next_due(self, queues: list[str]) -> float | None:
-        pipe = self.redis.pipeline(transaction=False)
-        after_now = f"({time.time()!r}"
-        for q in queues:
-            pipe.zrangebyscore(self._key("eta", q), after_now, "+inf", 0, 1, withscores=True)
-        etas = [row[0][1] for row in pipe.execute() if row]
+        def read() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            after_now = f"({time.time()!r}"
+            for q in queues:
+                pipe.zrangebyscore(self._key("eta", q), after_now, "+inf", 0, 1, withscores=True)
+            return pipe.execute()
+
+        etas = [row[0][1] for row in self._mended(read, queues) if row]
         return min(etas) if etas else None
 
     # --- results, dead letters, revokes --------------------------------------
@@ -572,6 +621,7 @@ class RedisBroker(Broker):
         """Raise the task's wait flag (or, if it has ended, wake ourselves) and block on its
         wake-up list, both sent at once: one round trip, then as long as the task runs."""
         record, flag, woken = (self._key(kind, task_id) for kind in ("r", "w", "n"))
+        alien = self._key("alien", "n", task_id)
         wait = f"{max(timeout, 0.001):.3f}"
         flag_ms = int((timeout + WAIT_FLAG_SLACK) * 1000)
 
@@ -579,7 +629,7 @@ class RedisBroker(Broker):
             connection = link.connection
             connection.send_packed_command(
                 [
-                    pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms)),
+                    pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms, alien)),
                     pack(("BLPOP", woken, wait)),
                 ]
             )
@@ -605,8 +655,10 @@ class RedisBroker(Broker):
         return task_info(task_id, fields, done=fields["status"] == "done")
 
     def depths(self) -> list[QueueDepth]:
-        rows = self._call(
-            lambda link: link.evaluate(DEPTHS_SCRIPT, self.prefix, _exact(time.time()))
+        rows = self._mended(
+            lambda: self._call(
+                lambda link: link.evaluate(DEPTHS_SCRIPT, self.prefix, _exact(time.time()))
+            )
         )
         return sorted(
             (QueueDepth(q, int(r), int(s), int(h)) for q, r, s, h in rows),
@@ -622,7 +674,7 @@ class RedisBroker(Broker):
         last = -1 if limit is None or wanted is not None else limit - 1
         letters = [
             dead_letter_from(fields_of(text))
-            for text in self.redis.lrange(self._key("dead"), 0, last)
+            for text in self._mended(lambda: self.redis.lrange(self._key("dead"), 0, last))
         ]
         if wanted is not None:
             letters = [letter for letter in letters if letter.id in wanted]
@@ -641,15 +693,17 @@ class RedisBroker(Broker):
             self._run("revoke", {"ids": ids, "ttl": self.result_ttl})
 
     def revoked(self) -> set[str]:
-        return {str(task_id) for task_id in self.redis.smembers(self._key("revoked"))}
+        members = self._mended(lambda: self.redis.smembers(self._key("revoked")))
+        return {str(task_id) for task_id in members}
 
     def set_routes(self, routes: dict[str, str]) -> None:
         if routes:  # HSET is idempotent: a retried call does no harm
             pairs: list[Any] = [word for pair in routes.items() for word in pair]
-            self.redis.hset(self._key("routes"), items=pairs)
+            self._mended(lambda: self.redis.hset(self._key("routes"), items=pairs))
 
     def routes(self) -> dict[str, str]:
-        return {str(n): str(q) for n, q in self.redis.hgetall(self._key("routes")).items()}
+        routes = self._mended(lambda: self.redis.hgetall(self._key("routes")))
+        return {str(n): str(q) for n, q in routes.items()}
 
     def ping(self) -> None:
         self._call(lambda link: link.execute("PING"))
@@ -662,18 +716,28 @@ class RedisBroker(Broker):
 
     # --- schedules ---------------------------------------------------------------
     def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
-        owner, left_ms = self._call(
-            lambda link: link.evaluate(
-                CLAIM_LEAD_SCRIPT, self._key("lead", key), holder, int(ttl * 1000)
-            )
+        owner, left_ms = self._mended(
+            lambda: self._call(
+                lambda link: link.evaluate(
+                    CLAIM_LEAD_SCRIPT, self._key("lead", key), holder, int(ttl * 1000)
+                )
+            ),
+            keys=[("lead:" + key, "string")],
         )
         return str(owner), max(0, int(left_ms)) / 1000
 
     def release_lead(self, key: str, holder: str) -> None:
-        self._call(lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder))
+        self._mended(
+            lambda: self._call(
+                lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder)
+            ),
+            keys=[("lead:" + key, "string")],
+        )
 
     def lead_holder(self, key: str) -> str | None:
-        holder = self.redis.get(self._key("lead", key))
+        holder = self._mended(
+            lambda: self.redis.get(self._key("lead", key)), keys=[("lead:" + key, "string")]
+        )
         return None if holder is None else str(holder)
 
     def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
@@ -683,26 +747,34 @@ class RedisBroker(Broker):
             else [envelope.id, envelope.queue, envelope.name, envelope.body]
         )
         args = {"name": name, "tick": None if tick is None else _exact(tick), "task": task}
-        return bool(self._call_schedule(args))
+        return bool(self._call_schedule(args, envelope))
 
-    def _call_schedule(self, args: dict[str, Any]) -> Any:
+    def _call_schedule(self, args: dict[str, Any], envelope: Envelope | None) -> Any:
         """Run the fire script once, even if it has to be sent again (as `_run` does)."""
         now, encoded = _exact(time.time()), encode_args(args)
         return json.loads(
-            self._call(
-                lambda link: link.evaluate(
-                    FIRE_SCHEDULE_SCRIPT, self.prefix, link.name, link.calls, now, encoded
-                )
+            self._mended(
+                lambda: self._call(
+                    lambda link: link.evaluate(
+                        FIRE_SCHEDULE_SCRIPT, self.prefix, link.name, link.calls, now, encoded
+                    )
+                ),
+                [] if envelope is None else [envelope.queue],
+                [("schedule:" + args["name"], "hash")],
             )
         )
 
     def schedule_states(self) -> dict[str, dict[str, Any]]:
-        names = sorted(str(n) for n in self.redis.smembers(self._key("schedules")))
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.hmget(self._key("schedule", name), "last_tick", "last_id", "last_at", "paused")
+        def read() -> tuple[list[str], list[Any]]:
+            names = sorted(str(n) for n in self.redis.smembers(self._key("schedules")))
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(self._key("schedule", name), "last_tick", "last_id", "last_at", "paused")
+            return names, pipe.execute()
+
+        names, rows = self._mended(read)
         states = {}
-        for name, (tick, task_id, at, paused) in zip(names, pipe.execute(), strict=True):
+        for name, (tick, task_id, at, paused) in zip(names, rows, strict=True):
             states[name] = {
                 "last_tick": None if tick is None else float(tick),
                 "last_id": task_id,
@@ -712,17 +784,23 @@ class RedisBroker(Broker):
         return states
 
     def pause_schedule(self, name: str, paused: bool) -> None:
-        pipe = self.redis.pipeline(transaction=True)  # both or neither; a retry does no harm
-        pipe.sadd(self._key("schedules"), name)
-        pipe.hset(self._key("schedule", name), "paused", "1" if paused else "0")
-        pipe.execute()
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=True)  # a retry does no harm
+            pipe.sadd(self._key("schedules"), name)
+            pipe.hset(self._key("schedule", name), "paused", "1" if paused else "0")
+            pipe.execute()
+
+        self._mended(write, keys=[("schedule:" + name, "hash")])
 
 
 # A client waiting for a task to end (wait_for_end). ARGV: the task's record, its wait flag
 # and wake-up list, the flag's life in ms. An ended task wakes its waiter at once; else the
 # flag asks close_record (redis_prelude.lua) to wake it. EVAL, not EVALSHA: a BLPOP sent
-# behind it must never wait out a NOSCRIPT.
+# behind it must never wait out a NOSCRIPT. A wake-up list of another kind (someone else's
+# write) is moved aside to ARGV[5], as redis_mend.lua moves keys.
 WAIT_SCRIPT = """
+local kind = redis.call('TYPE', ARGV[3]).ok
+if kind ~= 'none' and kind ~= 'list' then redis.call('RENAME', ARGV[3], ARGV[5]) end
 if redis.call('HGET', ARGV[1], 'status') == 'done' then
   redis.call('LPUSH', ARGV[3], '1')
   redis.call('EXPIRE', ARGV[3], 60)
@@ -759,8 +837,8 @@ local function main()
   local key = P .. ':schedule:' .. A.name
   redis.call('SADD', P .. ':schedules', A.name)
   if A.tick ~= null then
-    local last = redis.call('HGET', key, 'last_tick')
-    if last and tonumber(last) >= tonumber(A.tick) then return false end
+    local last = tonumber(redis.call('HGET', key, 'last_tick'))  -- not a number: none
+    if last and last >= tonumber(A.tick) then return false end
     redis.call('HSET', key, 'last_tick', A.tick)
   end
   if A.task ~= null then

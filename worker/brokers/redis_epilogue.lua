@@ -3,10 +3,14 @@
 -- {}). The call key lasts as long as a retrying call can (redis.py's CALL_RETRIES, each
 -- attempt cut off by the connect or socket timeout, and the backoff between them).
 local call_key = P .. ':call:' .. CONNECTION
-local last = redis.call('GET', call_key)
-if last then
+local last = redis.pcall('GET', call_key)
+if type(last) == 'table' then  -- another kind of value (redis_mend.lua): kept aside
+  redis.call('RENAME', call_key, P .. ':alien:call:' .. CONNECTION)
+elseif last then
   local space = string.find(last, ' ', 1, true)
-  if string.sub(last, 1, space - 1) == TOKEN then return string.sub(last, space + 1) end
+  if space and string.sub(last, 1, space - 1) == TOKEN then
+    return string.sub(last, space + 1)
+  end
 end
 local reply = cjson.encode(main())
 drop_spent()

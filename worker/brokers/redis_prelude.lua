@@ -31,8 +31,12 @@ local function close_record(id, ttl, fields, unset)
   redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
   redis.call('EXPIRE', key, ttl)
   if redis.call('DEL', P .. ':w:' .. id) == 1 then
-    redis.call('LPUSH', P .. ':n:' .. id, '1')
-    redis.call('EXPIRE', P .. ':n:' .. id, 60)
+    local woken = P .. ':n:' .. id
+    if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
+      redis.call('RENAME', woken, P .. ':alien:n:' .. id)
+      redis.call('LPUSH', woken, '1')
+    end
+    redis.call('EXPIRE', woken, 60)
   end
 end
 

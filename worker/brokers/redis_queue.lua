@@ -24,6 +24,13 @@ local function record(id, ...)
   return {}, true
 end
 
+-- A stored count, whatever the field holds: a whole number from 0, else 0.
+local function stored_count(value)
+  local n = tonumber(value)
+  if n and n >= 0 and n < 2^53 then return math.floor(n) end
+  return 0
+end
+
 -- Our group's XINFO fields (name, last-delivered-id, ...) on the queue's stream, or nil.
 local function group_info(q)
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream_key(q))) do

@@ -4,7 +4,10 @@ local function main()
     local t = load(id)
     if t and t.status == 'held' and (A.owner == '' or t.owner == A.owner) then
       requeue(id, t)
-      if not A.died then redis.call('HINCRBY', task_key(id), 'deliveries', -1) end
+      if not A.died then
+        local deliveries = stored_count(redis.call('HGET', task_key(id), 'deliveries'))
+        redis.call('HSET', task_key(id), 'deliveries', math.max(deliveries - 1, 0))
+      end
     end
   end
   return 0

@@ -6,8 +6,12 @@ local function main()
   for _, id in ipairs(A) do wanted[id] = true end
   local key, kept, letters = P .. ':dead', {}, {}
   for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    local d = cjson.decode(text)
-    if wanted[d.id] then
+    local ok, d = pcall(cjson.decode, text)
+    -- A letter of someone else's writing that is no letter of ours stays where it is.
+    local letter = ok and type(d) == 'table' and type(d.id) == 'string'
+      and type(d.queue) == 'string' and d.queue ~= '' and type(d.name) == 'string'
+      and type(d.body) == 'string'
+    if letter and wanted[d.id] then
       if not found[d.id] then
         found[d.id] = true
         letters[#letters + 1] = d

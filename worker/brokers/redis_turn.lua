@@ -92,13 +92,6 @@ local function is_utf8(s)
   return true
 end
 
--- A stored count, whatever the field holds: a whole number from 0, else 0.
-local function stored_count(value)
-  local n = tonumber(value)
-  if n and n >= 0 and n < 2^53 then return math.floor(n) end
-  return 0
-end
-
 -- The value of `name` in a stream entry's flat field list, or nil.
 local function entry_field(fields, name)
   for i = 1, #fields, 2 do
