@@ -23,7 +23,6 @@ from worker.protocol import FrameReader, ProtocolError, encode
 
 from . import config as configmod
 from . import orphans, states
-from .commands import Router
 from .memory import release_free_heap
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
@@ -45,6 +44,8 @@ from .workers import (
 
 if TYPE_CHECKING:
     import zmq
+
+    from .commands import Router
 
 log = logging.getLogger("fleetd.arbiter")
 # zmq.POLLIN and zmq.POLLOUT, which zmq.Poller takes for plain descriptors too (select.POLLOUT
@@ -83,7 +84,7 @@ class Arbiter:
         self.reloading = False
         self.reload_again = False  # a HUP came while a generation booted: one more follows it
         self.dead_owners: list[str] = []  # tasks to give back through a live worker
-        self.router = Router(self)
+        self.router: Router  # made with the control plane, as the commands it routes
         self.events_on: set[str] = set()  # nodes with events enabled: so are their next processes
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -150,7 +151,10 @@ class Arbiter:
     def open_control_plane(self) -> None:
         import zmq
 
+        from .commands import Router
         from .control import ControlServer
+
+        self.router = Router(self)
 
         self.ctx = zmq.Context()
         self.control = ControlServer(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .control import control_command
+# Imported here, not on first use as the rest: `worker.task`, once imported, would be the
+# module of that name instead of the decorator.
 from .task import SoftTimeLimitExceeded, Task, task
 
 if TYPE_CHECKING:
     from .client import BrokerUnavailable, Client, Handle, TaskFailed, TaskRevoked, TaskTooLarge
+    from .control import control_command
 
 __all__ = [
     "BrokerUnavailable",
@@ -23,18 +25,24 @@ __all__ = [
     "task",
 ]
 
+# Where each other name lives, imported on first use: the arbiter imports a few modules of
+# this package (its command line, logs, config checks) before it spawns its workers, and
+# these later (the control commands) or never.
+_HOMES = {
+    "BrokerUnavailable": "client",
+    "Client": "client",
+    "Handle": "client",
+    "TaskFailed": "client",
+    "TaskRevoked": "client",
+    "TaskTooLarge": "client",
+    "control_command": "control",
+}
+
 
 def __getattr__(name: str) -> Any:
-    """The client side, imported on first use: a worker, and the arbiter, never need it."""
-    if name in (
-        "BrokerUnavailable",
-        "Client",
-        "Handle",
-        "TaskFailed",
-        "TaskRevoked",
-        "TaskTooLarge",
-    ):
-        from . import client
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    import importlib
 
-        return getattr(client, name)
-    raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

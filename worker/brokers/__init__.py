@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Broker, unavailable_error
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the arbiter imports this package for url_problem alone
+    from .base import Broker
 
 
 def url_problem(url: str) -> str | None:
@@ -43,6 +46,8 @@ def open_broker(
     rides out a Redis restart and waits out a long write.
     `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
     """
+    from .base import unavailable_error
+
     if url.startswith("sqlite:"):
         from .sqlite import SQLiteBroker
 
