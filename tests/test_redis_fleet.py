@@ -316,3 +316,31 @@ def test_a_drain_costs_redis_a_script_per_batch_and_an_idle_fleet_next_to_none(
         assert idle <= 10  # a worker that polled would make thousands
     finally:
         server.kill()
+
+
+def test_a_redis_that_evicts_keys_is_named_once_by_each_worker_at_its_start(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A Redis whose maxmemory-policy evicts keys (allkeys-lru, volatile-ttl...) drops a task's
+    record or a whole queue under memory pressure, silently: each worker warns at its start,
+    naming the setting and the one that keeps every task. The fleet runs all the same, and
+    a Redis that evicts nothing (noeviction, the shared one here) draws no warning."""
+    server = start_redis(tmp_path, appendonly=False, options=("--maxmemory-policy", "allkeys-lru"))
+    try:
+        evicting = make_fleet("evicting", fleet={"broker": server.url}).start()
+        assert evicting.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+        warnings = [line for line in evicting.log().splitlines() if "maxmemory-policy" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], evicting.log()
+        assert "allkeys-lru" in warnings[0] and "noeviction" in warnings[0]
+        evicting.stop()
+    finally:
+        server.kill()
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    keeping = make_fleet("keeping", fleet={"broker": f"{REDIS_URL}?prefix={prefix}"})
+    try:
+        keeping.start()
+        assert keeping.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+        assert "maxmemory-policy" not in keeping.log()
+    finally:
+        keeping.stop()
+        delete_prefix(REDIS_URL, prefix)

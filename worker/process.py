@@ -157,6 +157,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         # Who holds our tasks in the broker: pid and start time, so a reused pid is not us.
         self.owner = f"{self.node}:{os.getpid()}:{int(time.time() * 1000)}"
         with self.broker_call("read revokes"):
+            for risk in self.broker.risks():
+                log.warning("%s", risk, extra={"node": self.node})
             self.revoked = self.broker.revoked()
             self.broker.recover_expired(self.spec.queues)
             # Where each task goes, for clients that submit by name without its code.

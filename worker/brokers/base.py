@@ -414,6 +414,11 @@ class Broker(abc.ABC):
         """Raise one of `unavailable` if the broker does not answer; a broker that answered when it
         was opened (a file) keeps this no-op."""
 
+    def risks(self) -> list[str]:
+        """What in the broker's own settings can lose tasks, one line each, for a worker to
+        warn of at its start."""
+        return []
+
     def maintain(self) -> None:  # noqa: B027 - optional hook
         """Housekeeping a worker runs when it is idle (nothing held); must be cheap when
         there is nothing to do."""

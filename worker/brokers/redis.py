@@ -708,6 +708,18 @@ class RedisBroker(Broker):
     def ping(self) -> None:
         self._call(lambda link: link.execute("PING"))
 
+    def risks(self) -> list[str]:
+        try:
+            _, policy = self._call(lambda link: link.execute("CONFIG", "GET", "maxmemory-policy"))
+        except (redis.ResponseError, ValueError):  # CONFIG renamed or denied (a managed Redis)
+            return []
+        if policy == "noeviction":
+            return []
+        return [
+            f"Redis evicts keys when it is full (maxmemory-policy {policy}): a task's record"
+            " or a whole queue can vanish; set maxmemory-policy noeviction to keep every task"
+        ]
+
     def close(self) -> None:
         for link in self._idle:
             link.connection.disconnect()
