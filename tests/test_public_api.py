@@ -59,6 +59,30 @@ def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
 
 
 @pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.submit("tasks.add", task_id="\udcff"), "task id must be UTF-8 text"),
+        (lambda c: c.submit("tasks.\ud800"), "task name must be UTF-8 text"),
+        (lambda c: c.submit("tasks.add", "a\udcffb", 1), "arguments must be UTF-8 text"),
+        (lambda c: c.submit("tasks.add", kwargs={"\ud800": 1}), "arguments must be UTF-8 text"),
+    ],
+    ids=["id", "name", "args", "kwargs"],
+)
+def test_a_submit_of_text_that_is_no_utf8_fails_at_once_and_sends_nothing(
+    broker_url: str, tmp_path: Path, call: Callable[[Client], object], words: str
+) -> None:
+    """A lone surrogate (what Python makes of a command line's bytes that are no UTF-8):
+    SQLite refused it with a codec's error naming a position; Redis stored such an id
+    byte for byte, and its worker then failed the task as a BadMessage."""
+    url = broker_url.replace("sqlite:///", f"sqlite:///{tmp_path}/")
+    client = Client(url)
+    with pytest.raises(ValueError, match=f"{words}: .* holds? a lone surrogate"):
+        call(client)
+    assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
+    client.close()
+
+
+@pytest.mark.parametrize(
     ("when", "words"),
     [({"countdown": 1e300}, "countdown reaches past"), ({"eta": 1e17}, "eta reaches past")],
 )

@@ -77,12 +77,32 @@ def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
     for what, value in (("task name", name), ("task id", task_id)):
         if not isinstance(value, str) or not value:
             raise TypeError(f"a {what} must be a non-empty string, not {value!r:.80}")
+        if surrogate := lone_surrogate(value):
+            raise ValueError(f"a {what} must be UTF-8 text: {value!r:.80} holds {surrogate}")
     check_args(name, args)
     if not isinstance(kwargs, dict):
         raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
     for key in kwargs:  # JSON would make 1 of "1": the task would get another keyword
         if not isinstance(key, str):
             raise TypeError(f"{name}: keyword names must be strings, not {key!r:.80}")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The lone surrogate in `text` (one Python holds for a byte that was no UTF-8, as
+    in a command line's arguments), which no broker can store, as its repr; or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate, {text[exc.start]!r}"
+    return None
+
+
+def check_body(name: str, body: str) -> None:
+    """ValueError if a task's arguments hold text that is no UTF-8 (lone_surrogate)."""
+    if surrogate := lone_surrogate(body):
+        raise ValueError(f"{name}: the arguments must be UTF-8 text: they hold {surrogate}")
 
 
 def check_args(name: str, args: Any) -> None:
@@ -240,6 +260,7 @@ class Client:
             check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
             body = encode_body(task_id, name, args, kwargs)
+            check_body(name, body)
             if too_large := oversize(body):
                 raise TaskTooLarge(f"{name}: {too_large}")
             envelopes.append(Envelope(task_id, target, name, body, when))
