@@ -184,6 +184,11 @@ def url_options_problem(url: str) -> str | None:
     return f"unknown URL option {unknown[0]!r}" if unknown else None
 
 
+def lease_keys(key: str) -> list[tuple[str, str]]:
+    """A leader lease's key, for _mended: a string."""
+    return [("lead:" + key, "string")]
+
+
 def fields_of(text: str | bytes) -> dict[str, Any]:
     """A dead letter's JSON object; one that is not (someone else's writing) as its body."""
     try:
@@ -489,12 +494,22 @@ class RedisBroker(Broker):
         """Move aside our keys that hold another kind of value (redis_mend.lua); whether
         there was one."""
         args = encode_args({"queues": list(queues), "keys": [list(k) for k in keys]})
-        moved = self._call(lambda link: link.evaluate(MEND_SCRIPT, self.prefix, args))
+        moved = self._send(lambda link: link.evaluate(MEND_SCRIPT, self.prefix, args))
         for move in moved:
             log.warning("a key of another kind than fleetd's: moved %s", move)
         return bool(moved)
 
-    def _call(self, request: Callable[[Link], Any]) -> Any:
+    def _call(
+        self,
+        request: Callable[[Link], Any],
+        queues: Sequence[str] = (),
+        keys: Sequence[tuple[str, str]] = (),
+    ) -> Any:
+        """`request(link)` on an idle link (_send), mended (_mended, for `queues` and
+        `keys`) when it fails on a key of ours that holds another kind of value."""
+        return self._mended(lambda: self._send(request), queues, keys)
+
+    def _send(self, request: Callable[[Link], Any]) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
         connection or a timeout (CallRetry). A call that ends in an exception leaves its
         link disconnected: one raised between its request and its reply (by a signal
@@ -511,18 +526,23 @@ class RedisBroker(Broker):
         finally:
             self._idle.append(link)
 
-    def _run(self, script: str, args: Any, queues: Sequence[str] = ()) -> Any:
+    def _run(
+        self,
+        script: str,
+        args: Any,
+        queues: Sequence[str] = (),
+        keys: Sequence[tuple[str, str]] = (),
+    ) -> Any:
         """Run a write script once, even if it has to be sent again (see _mended for
-        `queues`)."""
+        `queues` and `keys`)."""
         now, encoded = _exact(time.time()), encode_args(args)
         return json.loads(
-            self._mended(
-                lambda: self._call(
-                    lambda link: link.evaluate(
-                        WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
-                    )
+            self._call(
+                lambda link: link.evaluate(
+                    WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
                 ),
                 queues,
+                keys,
             )
         )
 
@@ -543,7 +563,7 @@ class RedisBroker(Broker):
             argv[2] = f"{link.name}:{link.calls}"  # the same token if it is sent again
             return link.evaluate(ENQUEUE_SCRIPT, *argv)
 
-        self._mended(lambda: self._call(send), sorted(queues))
+        self._call(send, sorted(queues))
         if not known:
             self._registered.update(dict.fromkeys(queues, now))
 
@@ -655,10 +675,8 @@ class RedisBroker(Broker):
         return task_info(task_id, fields, done=fields["status"] == "done")
 
     def depths(self) -> list[QueueDepth]:
-        rows = self._mended(
-            lambda: self._call(
-                lambda link: link.evaluate(DEPTHS_SCRIPT, self.prefix, _exact(time.time()))
-            )
+        rows = self._call(
+            lambda link: link.evaluate(DEPTHS_SCRIPT, self.prefix, _exact(time.time()))
         )
         return sorted(
             (QueueDepth(q, int(r), int(s), int(h)) for q, r, s, h in rows),
@@ -728,28 +746,22 @@ class RedisBroker(Broker):
 
     # --- schedules ---------------------------------------------------------------
     def claim_lead(self, key: str, holder: str, ttl: float) -> tuple[str, float]:
-        owner, left_ms = self._mended(
-            lambda: self._call(
-                lambda link: link.evaluate(
-                    CLAIM_LEAD_SCRIPT, self._key("lead", key), holder, int(ttl * 1000)
-                )
+        owner, left_ms = self._call(
+            lambda link: link.evaluate(
+                CLAIM_LEAD_SCRIPT, self._key("lead", key), holder, int(ttl * 1000)
             ),
-            keys=[("lead:" + key, "string")],
+            keys=lease_keys(key),
         )
         return str(owner), max(0, int(left_ms)) / 1000
 
     def release_lead(self, key: str, holder: str) -> None:
-        self._mended(
-            lambda: self._call(
-                lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder)
-            ),
-            keys=[("lead:" + key, "string")],
+        self._call(
+            lambda link: link.evaluate(RELEASE_LEAD_SCRIPT, self._key("lead", key), holder),
+            keys=lease_keys(key),
         )
 
     def lead_holder(self, key: str) -> str | None:
-        holder = self._mended(
-            lambda: self.redis.get(self._key("lead", key)), keys=[("lead:" + key, "string")]
-        )
+        holder = self._mended(lambda: self.redis.get(self._key("lead", key)), keys=lease_keys(key))
         return None if holder is None else str(holder)
 
     def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
@@ -759,22 +771,8 @@ class RedisBroker(Broker):
             else [envelope.id, envelope.queue, envelope.name, envelope.body]
         )
         args = {"name": name, "tick": None if tick is None else _exact(tick), "task": task}
-        return bool(self._call_schedule(args, envelope))
-
-    def _call_schedule(self, args: dict[str, Any], envelope: Envelope | None) -> Any:
-        """Run the fire script once, even if it has to be sent again (as `_run` does)."""
-        now, encoded = _exact(time.time()), encode_args(args)
-        return json.loads(
-            self._mended(
-                lambda: self._call(
-                    lambda link: link.evaluate(
-                        FIRE_SCHEDULE_SCRIPT, self.prefix, link.name, link.calls, now, encoded
-                    )
-                ),
-                [] if envelope is None else [envelope.queue],
-                [("schedule:" + args["name"], "hash")],
-            )
-        )
+        queues = [] if envelope is None else [envelope.queue]
+        return bool(self._run("fire_schedule", args, queues, [("schedule:" + name, "hash")]))
 
     def schedule_states(self) -> dict[str, dict[str, Any]]:
         def read() -> tuple[list[str], list[Any]]:
@@ -861,4 +859,4 @@ local function main()
   return true
 end
 """
-FIRE_SCHEDULE_SCRIPT = LuaScript(PRELUDE + FIRE_SCHEDULE + EPILOGUE)
+WRITE_SCRIPTS["fire_schedule"] = LuaScript(PRELUDE + FIRE_SCHEDULE + EPILOGUE)
