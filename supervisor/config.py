@@ -169,7 +169,7 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
             raise bad('a list of endpoints, or a table of host = "endpoint"')
     elif kind in ("str_list", "nonempty_str_list"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise bad("a list of strings")
+            raise bad("a list of non-empty strings")
         if kind == "nonempty_str_list" and not value:
             raise bad("a non-empty list of strings")
     elif kind == "pos_int":

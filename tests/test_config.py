@@ -123,6 +123,12 @@ BAD = [
         "worker[0].shutdown_timeout",
         "finite",
     ),
+    # An empty queue name: the message says what is wrong with a list that is a list of strings
+    (
+        GOOD.replace('queues = ["images"]', 'queues = ["images", ""]'),
+        "worker[1].queues",
+        "non-empty",
+    ),
 ]
 
 
