@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         except ControlConfigError as exc:  # what `fleetd start` would refuse (exit 2) too
             print(f"fleetd: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        dashboard = configmod.dashboard_problem(cfg.dashboard.bind, cfg.dashboard.token_file)
+        if dashboard:  # what `fleetctl dashboard` would refuse at its start
+            print(
+                f"fleetd: {args.config}: dashboard.bind: {dashboard}, got {cfg.dashboard.bind!r}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if cfg.broker.startswith(("redis://", "rediss://", "unix://")):
             from worker.brokers.redis import url_options_problem  # redis-py: here, not in start
 

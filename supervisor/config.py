@@ -71,6 +71,31 @@ class DashboardConfig:
     token_file: str = ""  # absolute; "": a read-only dashboard
 
 
+OPEN_DASHBOARD = (
+    "a dashboard reachable from other hosts needs [dashboard] token_file (or bind to 127.0.0.1)"
+)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress  # here: the arbiter never needs it
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard_problem(bind: str, token_file: str) -> str | None:
+    """Why `fleetctl dashboard` refuses to serve on `bind` ("HOST:PORT", HOST maybe [v6]),
+    if it does: beyond loopback, its actions need a token (OPEN_DASHBOARD)."""
+    host = bind.rpartition(":")[0].strip("[]")
+    if not token_file and not is_loopback(host):
+        return OPEN_DASHBOARD
+    return None
+
+
 @dataclass(frozen=True)
 class Config:
     path: str

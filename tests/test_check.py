@@ -47,3 +47,32 @@ def test_modules_that_import_cleanly_pass_even_when_they_print(tmp_path: Path) -
     done = check(tmp_path, "print('hello from tasks')\n")
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("dashboard", "refused"),
+    [
+        ('bind = "0.0.0.0:9810"', True),
+        ('bind = "[::]:9810"', True),
+        ('bind = "192.0.2.7:9810"', True),
+        ('bind = "0.0.0.0:9810"\ntoken_file = "dashboard.token"', False),
+        ('bind = "127.0.0.1:9810"', False),
+        ('bind = "[::1]:9810"', False),
+        ('bind = "localhost:9810"', False),
+    ],
+)
+def test_check_names_a_dashboard_open_to_other_hosts_without_a_token(
+    tmp_path: Path, dashboard: str, refused: bool
+) -> None:
+    """What `fleetctl dashboard` refuses at its start (actions from any host, no token),
+    `fleetd check` names before, with the key."""
+    (tmp_path / "fleet.toml").write_text(CONFIG + f"\n[dashboard]\n{dashboard}\n")
+    (tmp_path / "tasks.py").write_text("X = 1\n")
+    (tmp_path / "more.py").write_text("X = 1\n")
+    done = fleetd("check", "-c", str(tmp_path / "fleet.toml"))
+    if refused:
+        assert done.returncode == 2
+        [message] = done.stderr.strip().splitlines()
+        assert "dashboard.bind" in message and "token_file" in message, message
+    else:
+        assert done.returncode == 0, done.stderr

@@ -6,11 +6,12 @@ nothing of it. Needs the `dashboard` extra (`pip install 'fleetd[dashboard]'`).
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import socket
 import sys
 from typing import Any
+
+from supervisor.config import dashboard_problem
 
 SHUTDOWN_GRACE = 2  # seconds open live pages get to close at shutdown
 
@@ -25,15 +26,6 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise DashboardError(f"--bind {bind!r}: give HOST:PORT, as 127.0.0.1:9810")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: str) -> str:
@@ -53,11 +45,9 @@ def read_token(path: str) -> str:
 def checked_start(bind: str, token_file: str) -> tuple[str, int, str]:
     """Host, port and token to serve with; refuses a bind beyond loopback without a token."""
     host, port = split_bind(bind)
-    if not token_file and not is_loopback(host):
-        raise DashboardError(
-            f"--bind {bind}: a dashboard reachable from other hosts needs"
-            " [dashboard] token_file (or bind to 127.0.0.1)"
-        )
+    problem = dashboard_problem(bind, token_file)
+    if problem:
+        raise DashboardError(f"--bind {bind}: {problem}")
     return host, port, read_token(token_file)
 
 
