@@ -61,7 +61,8 @@ def task_table(info: dict[str, Any]) -> Table:
     table = new_table(show_header=False)
     for key in TASK_FIELDS:
         if info.get(key) is not None:
-            table.add_row(key, json.dumps(info[key]) if key == "result" else str(info[key]))
+            value = json.dumps(info[key]) if key == "result" else str(info[key])
+            table.add_row(key, escape(value))  # a name, an error, a result: anybody's text
     return table
 
 
@@ -70,7 +71,7 @@ def queues_table(depths: list[Any]) -> Table:
     for column in ("queue", "ready", "scheduled", "reserved"):
         table.add_column(column, justify="right" if column != "queue" else "left")
     for d in depths:
-        table.add_row(d.queue, str(d.ready), str(d.scheduled), str(d.reserved))
+        table.add_row(escape(d.queue), str(d.ready), str(d.scheduled), str(d.reserved))
     return table
 
 
@@ -112,7 +113,7 @@ def host_of(node: str) -> str:
 
 
 def reply_table(cmd: str, result: Any) -> Table:
-    table = new_table(title=f"{cmd} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
+    table = new_table(title=f"{escape(cmd)} ({result.elapsed * 1000:.1f} ms)", title_justify="left")
     table.add_column("node")
     table.add_column("reply")
     for node, reply in sorted(result.replies.items()):
@@ -195,14 +196,16 @@ def add_node_rows(table: Table, node: str, view: Any) -> None:
         return
     state = str(view.get("state") or "")
     colour = {"RUNNING": "green", "STARTING": "yellow", "STOPPING": "yellow"}.get(state, "red")
-    task = f"[red]{escape(str(view['error']))}[/red]" if "error" in view else autoscaled(view)
+    task = (
+        f"[red]{escape(str(view['error']))}[/red]" if "error" in view else escape(autoscaled(view))
+    )
     if "reload_failed" in view:  # the generation before serves on
         task = f"[red]reload failed: {escape(str(view['reload_failed']))}[/red]"
     done = view.get("succeeded", 0) + view.get("failed", 0) if "succeeded" in view else ""
     table.add_row(
         f"  {escape(node)}",
         str(view.get("pid") or "-"),
-        f"[{colour}]{state}[/{colour}]",
+        f"[{colour}]{escape(state)}[/{colour}]",
         task,
         size(view.get("rss")),
         duration(view.get("uptime")),
@@ -271,7 +274,7 @@ def event_line(event: dict[str, Any]) -> str:
 def schedules_table(listing: dict[str, Any]) -> Table:
     """`fleetctl schedule list`: one schedule a row, times as ISO times."""
     leader = listing["leader"] or "nobody (no worker runs, or its lease ran out)"
-    table = new_table(title=f"schedules (led by {leader})", title_justify="left")
+    table = new_table(title=f"schedules (led by {escape(leader)})", title_justify="left")
     for column in (
         "name",
         "task",
@@ -288,7 +291,7 @@ def schedules_table(listing: dict[str, Any]) -> Table:
             escape(s["name"]),
             escape(s["task"]),
             escape(s["when"]),
-            s["timezone"],
+            escape(s["timezone"]),
             iso_time(s["next_run"]),
             iso_time(s["last_run"]) if s["last_run"] is not None else "never",
             escape(s["last_id"] or "-"),

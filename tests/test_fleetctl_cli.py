@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,11 @@ from rich.console import Console
 
 from ctl import cli
 from ctl.client import Result
-from ctl.render import describe, reply_table, status_table
+from ctl.render import describe, queues_table, reply_table, status_table, task_table
 from supervisor.keys import keygen
+from tests.fleet import FLEETCTL
+from worker.brokers.base import QueueDepth
+from worker.client import Client
 from worker.control import COMMANDS, CommandError
 
 
@@ -310,3 +315,52 @@ def test_a_request_the_table_refuses_never_reaches_a_node(
     """The arbiter runs `validate` before it sends a command on: these are the host's errors."""
     with pytest.raises(CommandError, match=error):
         COMMANDS[cmd].validate(args)
+
+
+MARKUP = "[/x] [bold]loud[/bold] [link=http://x]y"  # rich markup, and a closing tag it refuses
+
+
+def test_tables_show_names_errors_and_results_as_they_are() -> None:
+    """A queue, a task name, an error or a result is anybody's text: shown as written, never
+    read as rich markup (a `[/x]` in it ended `fleetctl queues` or `result` in a MarkupError)."""
+    info = {
+        "id": "t1",
+        "name": MARKUP,
+        "state": "FAILURE",
+        "result": MARKUP,
+        "exc_type": MARKUP,
+        "exc_message": MARKUP,
+        "deliveries": 1,
+        "node": "w@h1",
+    }
+    text = render(task_table(info))
+    assert text.count(MARKUP) == 4 and json.dumps(MARKUP) in text  # the result as JSON
+    assert MARKUP in render(queues_table([QueueDepth(MARKUP, 1, 0, 0)]))
+
+
+def test_fleetctl_queues_and_result_show_a_markup_queue_and_name(tmp_path: Path) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text('[fleet]\nbroker = "sqlite:///queue.db"\n[[worker]]\nname = "w"\n')
+    client = Client.from_config(str(config))
+    try:
+        handle = client.submit(MARKUP, MARKUP, queue=MARKUP)
+    finally:
+        client.close()
+    for argv in (["queues"], ["result", handle.id]):
+        done = subprocess.run(
+            [FLEETCTL, "-c", str(config), *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert MARKUP in done.stdout, done.stdout
+
+
+def test_a_reply_table_titled_by_anybodys_command_name_shows_it_as_it_is() -> None:
+    """`fleetctl call '[/x]'`: the nodes answer that no such command exists; the table's
+    title is the name as typed (it ended in a MarkupError)."""
+    result = Result({"w@h1": {"error": f"unknown command {MARKUP!r}"}}, [], 0.001, {})
+    text = render(reply_table(MARKUP, result))
+    assert text.count(MARKUP) == 2, text
