@@ -364,3 +364,22 @@ def test_a_reply_table_titled_by_anybodys_command_name_shows_it_as_it_is() -> No
     result = Result({"w@h1": {"error": f"unknown command {MARKUP!r}"}}, [], 0.001, {})
     text = render(reply_table(MARKUP, result))
     assert text.count(MARKUP) == 2, text
+
+
+def test_tail_keeps_an_event_on_one_line_and_out_of_the_terminals_hands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A task's name or error is anybody's text: a newline in it made two lines of one
+    event, an escape sequence reached the operator's terminal as a command."""
+    event = {
+        "type": "task-failed",
+        "node": "a@h1",
+        "ts": 1.0,
+        "id": "t1",
+        "name": "tasks.x\n12:00:00.000 a@h1 task-succeeded forged",
+        "exc_message": "\x1b]0;title\x07\x1b[31mred\tand tab",
+    }
+    cli.tail_events([event], None, as_json=False)
+    [line] = capsys.readouterr().out.splitlines()
+    assert "\x1b" not in line and "\t" not in line
+    assert "tasks.x\\n12:00:00.000" in line and "\\x1b[31mred\\tand tab" in line
