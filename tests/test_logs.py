@@ -76,9 +76,12 @@ def test_text_format_on_a_pipe_is_plain_lines_with_key_value_fields() -> None:
         r"node=images@host1 pid=\d+ task=t1 worker=email@host1",
         lines[0],
     )
-    assert re.fullmatch(r".* ERROR demo: failed", lines[1])
-    assert re.fullmatch(r'on two lines node=images@host1 pid=\d+ task="t 2"', lines[2])
-    assert lines[3] == "Traceback (most recent call last):"
+    # A message is one line whatever it holds (a newline in it would forge a line of its
+    # own); the traceback after it keeps its lines.
+    assert re.fullmatch(
+        r'.* ERROR demo: failed\\non two lines node=images@host1 pid=\d+ task="t 2"', lines[1]
+    )
+    assert lines[2] == "Traceback (most recent call last):"
     assert lines[-1] == "ZeroDivisionError: division by zero"
 
 
@@ -202,3 +205,23 @@ def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
         os.close(reader)
         if writer >= 0:
             os.close(writer)
+
+
+def test_what_a_task_prints_or_an_id_holds_forges_no_line_of_the_fleets_log(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The fleet's log is text the operator's terminal and log shipper read: a task that
+    prints an escape sequence or a carriage return, an id with a newline (anybody's text)
+    land in it as escapes, on their own record's line."""
+    fleet = make_fleet(defaults={"time_limit": 1}).start()
+    printed = "\x1b]0;title\x07\x1b[31mred\rover"
+    assert fleet.client.submit("tasks.say", printed).get(timeout=10) == printed
+    forged = "t1\n2026-01-01 00:00:00,000 ERROR fleetd.arbiter: forged"
+    handle = fleet.client.submit("tasks.sleep", 30, task_id=forged)
+    wait_for(lambda: handle.state == "FAILURE", 20, message="the hard time limit")
+    wait_for(lambda: "hard time limit" in fleet.log(), 10, message="the kill's log line")
+    log = fleet.log()
+    assert "\x1b" not in log and "\r" not in log
+    assert "\\x1b[31mred\\rover" in log
+    assert "t1\\n2026-01-01 00:00:00,000 ERROR fleetd.arbiter: forged" in log
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())

@@ -190,7 +190,18 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         pairs = " ".join(f"{k}={_logfmt(v)}" for k, v in _record_fields(record, self.node).items())
-        return f"{super().formatMessage(record)} {pairs}"
+        return one_line(f"{super().formatMessage(record)} {pairs}")
+
+
+def one_line(text: str) -> str:
+    """`text` as one log line: a newline, a carriage return or an escape sequence in it (a
+    task id, a task's printed output: anybody's text) shown as its escape, so that no text
+    forges a line of its own or acts on the terminal that shows the log. Tabs stay."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or c == "\t" else c.encode("unicode_escape").decode() for c in text
+    )
 
 
 class JsonFormatter(logging.Formatter):
