@@ -37,6 +37,7 @@ from ctl.render import (
     host_of,
     letter_json,
     letters_table,
+    printable,
     queues_table,
     reply_table,
     schedules_table,
@@ -392,10 +393,10 @@ def show_retried(outcomes: dict[str, str | None], as_json: bool) -> int:
     if as_json:
         print(json.dumps({"retried": retried, "failed": failed}))
     else:
-        for task_id in retried:
-            print(f"{task_id}: back on its queue, PENDING")
+        for task_id in retried:  # ids of the broker's letters: anybody's text
+            print(f"{printable(task_id)}: back on its queue, PENDING")
         for task_id, problem in failed.items():
-            print(f"fleetctl: {task_id}: {problem}", file=sys.stderr)
+            print(f"fleetctl: {printable(task_id)}: {problem}", file=sys.stderr)
         if not outcomes:
             print("no dead letters")
     return EXIT_FAILED if failed else EXIT_OK

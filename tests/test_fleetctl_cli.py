@@ -383,3 +383,12 @@ def test_tail_keeps_an_event_on_one_line_and_out_of_the_terminals_hands(
     [line] = capsys.readouterr().out.splitlines()
     assert "\x1b" not in line and "\t" not in line
     assert "tasks.x\\n12:00:00.000" in line and "\\x1b[31mred\\tand tab" in line
+
+
+def test_dead_retry_names_each_id_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A dead letter's id is anybody's text: `dead retry --all` prints each on a line of
+    its own, a newline or an escape sequence in it as its escape."""
+    cli.show_retried({"t1\nforged: back": None, "t2\x1b[2J": "not a dead letter"}, False)
+    out, err = capsys.readouterr()
+    assert out == "t1\\nforged: back: back on its queue, PENDING\n"
+    assert err == "fleetctl: t2\\x1b[2J: not a dead letter\n"
