@@ -181,6 +181,27 @@ def test_a_dead_consumers_pipe_is_dropped_and_removed(tmp_path: Path) -> None:
     poker.close()
 
 
+def test_a_poke_writes_to_consumers_pipes_only(tmp_path: Path) -> None:
+    """Whatever else lies in the wake folder (a file left there, a link to a file of the
+    user's) is neither written nor followed: a poke wrote a byte into each, every submit."""
+    folder = tmp_path / "wake"
+    consumer = FifoWakeup(str(folder))
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (folder / "left-here.txt").write_text("a note\n")
+    (folder / "link").symlink_to(target)
+    (folder / "dir").mkdir()
+    poker = Poker(str(folder))
+    for _ in range(3):
+        poker.poke()
+    assert readable(consumer) and list(poker.pipes) == [consumer.path]
+    assert target.read_text() == "keep me\n"
+    assert (folder / "left-here.txt").read_text() == "a note\n"
+    assert (folder / "link").is_symlink() and (folder / "dir").is_dir()
+    consumer.close()
+    poker.close()
+
+
 def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
     sqlite_broker: SQLiteBroker,
 ) -> None:

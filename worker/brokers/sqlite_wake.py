@@ -121,12 +121,17 @@ class Poker:
         for path in set(self.pipes) - paths:
             self._drop(path, unlink=False)
         for path in paths - set(self.pipes):
-            try:
-                self.pipes[path] = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:  # a link is never followed: a poke must not write where it points
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:  # ENXIO: no reader left (a dead consumer), or already removed
                 with contextlib.suppress(OSError):
                     if stat.S_ISFIFO(os.lstat(path).st_mode):
                         os.unlink(path)
+                continue
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self.pipes[path] = fd
+            else:  # a file that is no consumer's (someone's, left there): not ours to touch
+                os.close(fd)
 
     def _drop(self, path: str, unlink: bool) -> None:
         with contextlib.suppress(OSError):
