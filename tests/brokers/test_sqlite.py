@@ -202,6 +202,24 @@ def test_a_poke_writes_to_consumers_pipes_only(tmp_path: Path) -> None:
     poker.close()
 
 
+def test_a_file_where_the_wake_folder_goes_never_fails_a_write_that_committed(
+    tmp_path: Path,
+) -> None:
+    """The poke comes after the commit: a submit that raised there (NotADirectoryError)
+    had queued its task all the same, and a caller that sent it again ran it twice."""
+    broker = SQLiteBroker(f"sqlite:///{tmp_path}/queue.db")
+    try:
+        Path(broker.wake_folder).write_text("in the way\n")
+        task = envelope()
+        broker.enqueue([task])
+        [delivery] = broker.reserve(["q1"], 5, "w1", 30)
+        assert delivery.id == task.id
+        broker.turn(Turn(outcomes=[Outcome(task.id, SUCCESS, result=1)]))
+        assert broker.get_result(task.id)["state"] == SUCCESS
+    finally:
+        broker.close()
+
+
 def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
     sqlite_broker: SQLiteBroker,
 ) -> None:

@@ -95,11 +95,14 @@ class Poker:
         self._lock = threading.Lock()
 
     def poke(self, scheduled: bool = False) -> None:
+        """Never raises: it runs after a commit, whose caller must learn that it committed
+        (a submit that raised would be sent again). A consumer it cannot reach looks at
+        its queues within DRY_RECHECK anyway."""
         byte = SCHEDULED_POKE if scheduled else READY_POKE
         with self._lock:
             try:
                 mtime = os.stat(self.folder).st_mtime_ns
-            except FileNotFoundError:
+            except OSError:  # none yet, or no folder we may read (a file in the way, say)
                 mtime = None
             if mtime is None or mtime != self.listed_mtime:
                 self._list(mtime)
@@ -116,7 +119,7 @@ class Poker:
         self.listed_mtime = mtime if trusted else None
         try:
             paths = {os.path.join(self.folder, name) for name in os.listdir(self.folder)}
-        except FileNotFoundError:
+        except OSError:  # no folder yet, a file in its place, no permission: nobody to poke
             paths = set()
         for path in set(self.pipes) - paths:
             self._drop(path, unlink=False)
