@@ -159,3 +159,18 @@ def test_state_files_torn_or_not_ours_are_ignored_and_the_fleet_starts(
     fleet.start()
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
     assert "ignoring saved limits" in fleet.log()
+
+
+def test_a_file_where_the_sqlite_wake_folder_goes_ends_the_start_with_one_line_naming_it(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The SQLite queue's wake-up pipes live in the folder `<queue file>-wake`: a file of
+    that name (a stray `touch`) stops the worker's boot, and the line says what to move."""
+    fleet = make_fleet()
+    wake = fleet.folder / "queue.db-wake"
+    wake.write_text("in the way\n")
+    fleet.start(wait=False)
+    assert fleet.wait_exit(30) == EXIT_BOOT_ERROR
+    last = fleet.log().splitlines()[-1]
+    assert last.startswith("fleetd: w@h1 could not boot:"), last
+    assert f"{wake} is no folder" in last and "move it away" in last, last

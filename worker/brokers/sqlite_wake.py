@@ -32,7 +32,12 @@ class FifoWakeup(Wakeup):
     def _make(self) -> tuple[int, int]:
         """Make our pipe; its read end and our own write end, which keeps the pipe from
         reporting hang-up when a producer closes it."""
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{self.folder} is no folder: the queue's wake-up pipes go there; move it away"
+            ) from None
         os.mkfifo(self.path, 0o600)
         read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         return read_fd, os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
