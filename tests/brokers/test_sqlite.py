@@ -10,15 +10,16 @@ import os
 import select
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fleet import Fleet, wait_for
+from tests.fleet import FLEETCTL, Fleet, wait_for
 from worker.brokers import open_broker
-from worker.brokers.base import SUCCESS, Outcome, QueueDepth, Turn
+from worker.brokers.base import SUCCESS, BrokerUnavailable, Outcome, QueueDepth, Turn
 from worker.brokers.sqlite import EXPIRE_BATCH, FifoWakeup, Poker, SQLiteBroker
 
 from .test_contract import envelope
@@ -218,6 +219,31 @@ def test_a_file_where_the_wake_folder_goes_never_fails_a_write_that_committed(
         assert broker.get_result(task.id)["state"] == SUCCESS
     finally:
         broker.close()
+
+
+def test_a_queue_file_that_is_no_database_is_named_and_left_as_it_is(tmp_path: Path) -> None:
+    """fleetctl submit ended in a sqlite3.DatabaseError traceback, and `fleetd start` said
+    only "file is not a database"; each names the broker now, and the file is not touched."""
+    path = tmp_path / "queue.db"
+    text = b"notes that were never a queue\n" * 200
+    path.write_bytes(text)
+    url = f"sqlite:///{path}"
+    with pytest.raises(BrokerUnavailable) as error:
+        open_broker(url)
+    assert str(error.value) == f"broker {url}: file is not a database"
+    assert path.read_bytes() == text
+    done = subprocess.run(
+        [FLEETCTL, "submit", "tasks.add", "1", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "FLEET_BROKER": url},
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"fleetctl: broker {url}: file is not a database\n",
+    )
+    assert path.read_bytes() == text
 
 
 def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(

@@ -49,13 +49,16 @@ def open_broker(
     from .base import unavailable_error
 
     if url.startswith("sqlite:"):
+        import sqlite3
+
         from .sqlite import SQLiteBroker
 
         try:
             return SQLiteBroker(
                 url, durability=durability, result_ttl=result_ttl, fail_fast=fail_fast
             )
-        except (OSError, *SQLiteBroker.unavailable) as exc:
+        # DatabaseError: a file that is no SQLite database (or a damaged one) at the path
+        except (OSError, sqlite3.DatabaseError, *SQLiteBroker.unavailable) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import CONNECT_TIMEOUT, RedisBroker
