@@ -248,6 +248,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
+    except Exception as exc:
+        if not refused_by_broker(exc):
+            raise
+        print(f"fleetctl: the broker refused: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def refused_by_broker(exc: BaseException) -> bool:
+    """`exc` is the broker's own answer to a call (a Redis user whose ACL denies a command,
+    a SQLite file that turned unreadable): one line, not a traceback. redis-py is looked
+    for only where it was loaded, so that a SQLite fleet's fleetctl never imports it."""
+    import sqlite3
+
+    redis = sys.modules.get("redis.exceptions")
+    kinds = (sqlite3.Error, *((redis.RedisError,) if redis is not None else ()))
+    return isinstance(exc, kinds)
 
 
 # --- the queue: straight to the broker ---------------------------------------------

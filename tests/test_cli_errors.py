@@ -9,14 +9,18 @@ bits do not stop anything).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from tests.fleet import Fleet, fleetd, free_port
+from tests.fleet import FLEETCTL, Fleet, fleetd, free_port
+from tests.redisserver import start_redis
 from worker import BrokerUnavailable, Client
 
 # The longest an unreachable broker may hold a command up (the process's start included):
@@ -243,3 +247,42 @@ def test_a_redis_url_option_redis_py_cannot_take_is_one_line_from_check_and_flee
     assert (out.returncode, out.stderr) == (2, f"fleetd: {fleet.config}: fleet.broker: {problem}\n")
     out = fleet.ctl("queues", check=False)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and problem in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("denied", "says"),
+    [
+        ("-publish", "ResponseError: The user executing the script can't run this command"),
+        ("-evalsha", "NoPermissionError: this user has no permissions to run the 'evalsha'"),
+    ],
+)
+def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
+    tmp_path: Path, denied: str, says: str
+) -> None:
+    """A Redis user that may not run a command fleetd needs (a managed Redis's ACL): the
+    broker's refusal, one line and exit 1, not a redis-py traceback."""
+    server = start_redis(tmp_path, appendonly=False)
+    try:
+        admin = redis.Redis(port=server.port)
+        admin.acl_setuser(
+            "limited",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", denied],
+        )
+        admin.close()
+        url = f"redis://limited:pw@127.0.0.1:{server.port}/0"
+        out = subprocess.run(
+            [FLEETCTL, "submit", "tasks.add", "1", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "FLEET_BROKER": url},
+        )
+        assert (out.returncode, out.stdout) == (1, "")
+        [line] = out.stderr.splitlines()
+        assert line.startswith("fleetctl: the broker refused: ") and says in line, line
+    finally:
+        server.stop()
