@@ -123,6 +123,17 @@ BAD = [
         "worker[0].shutdown_timeout",
         "finite",
     ),
+    # TOML holds dates and NaN, a task's JSON does not: a date ended `fleetd start` in a traceback
+    (
+        GOOD + '[[schedule]]\nname = "s"\ntask = "tasks.add"\nevery = 10\nargs = [1979-05-27]\n',
+        "schedule[0].args",
+        "JSON",
+    ),
+    (
+        GOOD + '[[schedule]]\nname = "s"\ntask = "tasks.add"\nevery = 10\nkwargs = {a = nan}\n',
+        "schedule[0].kwargs",
+        "JSON",
+    ),
     # An empty queue name: the message says what is wrong with a list that is a list of strings
     (
         GOOD.replace('queues = ["images"]', 'queues = ["images", ""]'),

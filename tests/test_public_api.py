@@ -83,6 +83,33 @@ def test_a_submit_of_text_that_is_no_utf8_fails_at_once_and_sends_nothing(
 
 
 @pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda c: c.submit("tasks.add", float("nan"), 1), ValueError, "must be JSON"),
+        (lambda c: c.submit("tasks.add", kwargs={"a": float("inf")}), ValueError, "must be JSON"),
+        (lambda c: c.submit("tasks.add", 1, 2, queue=5), TypeError, "queue must be a string"),
+        (lambda c: c.submit("tasks.add", queue="q\udcff"), ValueError, "queue must be UTF-8"),
+    ],
+    ids=["nan", "infinity", "queue-number", "queue-no-utf8"],
+)
+def test_a_submit_no_worker_could_take_as_sent_fails_at_once_and_sends_nothing(
+    broker_url: str,
+    tmp_path: Path,
+    call: Callable[[Client], object],
+    error: type[Exception],
+    words: str,
+) -> None:
+    """NaN and infinity are no JSON (results refuse them; other clients and the dashboard
+    cannot read them); a queue of 5 was stored on SQLite as a number no worker's "5" took."""
+    url = broker_url.replace("sqlite:///", f"sqlite:///{tmp_path}/")
+    client = Client(url)
+    with pytest.raises(error, match=words):
+        call(client)
+    assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
+    client.close()
+
+
+@pytest.mark.parametrize(
     ("when", "words"),
     [({"countdown": 1e300}, "countdown reaches past"), ({"eta": 1e17}, "eta reaches past")],
 )

@@ -38,7 +38,8 @@ NOT_A_TASK = "its body is not a JSON task, so it cannot run; it stays a dead let
 END_WAIT = 1.0  # seconds Handle.get waits on an announced end before it looks again
 ROUTES_FRESH = 1.0  # seconds before a name missing from the published routes is looked up again
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# Strict JSON: NaN and Infinity are not, and no other client (nor the dashboard) reads them.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 class TaskFailed(Exception):
@@ -85,6 +86,17 @@ def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
     for key in kwargs:  # JSON would make 1 of "1": the task would get another keyword
         if not isinstance(key, str):
             raise TypeError(f"{name}: keyword names must be strings, not {key!r:.80}")
+
+
+def check_queue(queue: Any) -> None:
+    """TypeError or ValueError for a `queue=` that no worker could consume from: not text
+    (the SQLite broker stored 5 as a number no worker's "5" matched), or no UTF-8."""
+    if queue is None:
+        return
+    if not isinstance(queue, str):
+        raise TypeError(f"a queue must be a string, not {queue!r:.80}")
+    if surrogate := lone_surrogate(queue):
+        raise ValueError(f"a queue must be UTF-8 text: {queue!r:.80} holds {surrogate}")
 
 
 def lone_surrogate(text: str) -> str | None:
@@ -254,12 +266,16 @@ class Client:
         """Submit many `(name, args, kwargs)` calls in one broker transaction (none of
         them if one is over the size limit: TaskTooLarge)."""
         when = eta_seconds(eta, countdown)
+        check_queue(queue)
         envelopes = []
         for index, (name, args, kwargs) in enumerate(calls):
             task_id = ids[index] if ids else str(uuid.uuid4())
             check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
-            body = encode_body(task_id, name, args, kwargs)
+            try:
+                body = encode_body(task_id, name, args, kwargs)
+            except ValueError as exc:  # NaN or infinity (TypeError names any other value)
+                raise ValueError(f"{name}: the arguments must be JSON: {exc}") from None
             check_body(name, body)
             if too_large := oversize(body):
                 raise TaskTooLarge(f"{name}: {too_large}")

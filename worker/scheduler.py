@@ -123,7 +123,25 @@ def parse_schedule(data: Any) -> Schedule:
     )
     if schedule.misfire not in MISFIRE_POLICIES:
         raise ScheduleError("misfire", f'must be "skip" or "run_once", got {schedule.misfire!r}')
+    for key, value in (("args", schedule.args), ("kwargs", schedule.kwargs)):
+        # TOML holds dates, times, NaN and infinity, which a task's JSON cannot: refused
+        # here, with the config, not at the spawn (a worker's spec travels as JSON: a date
+        # ended `fleetd start` in a traceback) nor at a tick (NaN went out as no JSON).
+        problem = json_problem(value)
+        if problem:
+            raise ScheduleError(key, f"must hold JSON values only: {problem}")
     return schedule
+
+
+def json_problem(value: Any) -> str | None:
+    """What in `value` strict JSON cannot hold (a date, NaN, infinity), if anything."""
+    import json
+
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def checked(data: dict[str, Any], key: str, kind: type, default: Any, expected: str) -> Any:
