@@ -89,8 +89,13 @@ def test_a_submit_of_text_that_is_no_utf8_fails_at_once_and_sends_nothing(
         (lambda c: c.submit("tasks.add", kwargs={"a": float("inf")}), ValueError, "must be JSON"),
         (lambda c: c.submit("tasks.add", 1, 2, queue=5), TypeError, "queue must be a string"),
         (lambda c: c.submit("tasks.add", queue="q\udcff"), ValueError, "queue must be UTF-8"),
+        (
+            lambda c: c.submit_many([("tasks.add", (1, 2), {}), ("tasks.add",)]),
+            TypeError,
+            r"each call must be a \(name, args, kwargs\) triple, not \('tasks.add',\)",
+        ),
     ],
-    ids=["nan", "infinity", "queue-number", "queue-no-utf8"],
+    ids=["nan", "infinity", "queue-number", "queue-no-utf8", "call-not-a-triple"],
 )
 def test_a_submit_no_worker_could_take_as_sent_fails_at_once_and_sends_nothing(
     broker_url: str,

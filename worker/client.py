@@ -268,7 +268,13 @@ class Client:
         when = eta_seconds(eta, countdown)
         check_queue(queue)
         envelopes = []
-        for index, (name, args, kwargs) in enumerate(calls):
+        for index, call in enumerate(calls):
+            try:
+                name, args, kwargs = call
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"each call must be a (name, args, kwargs) triple, not {call!r:.80}"
+                ) from None
             task_id = ids[index] if ids else str(uuid.uuid4())
             check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
