@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)  # then +Inf
 LATE_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0)  # a tick's enqueue after its time
+# Task names are a producer's to choose (a task nobody registered still ends, as FAILURE
+# NotRegistered): past this many, a name is counted as OTHER_NAMES, so that no stream of
+# made-up names grows the arbiter's memory and the scrape without bound.
+MAX_TASK_NAMES = 1000
+OTHER_NAMES = "(other)"
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class Metrics:
         self._samples: dict[str, dict[LabelValues, float]] = {f.name: {} for f in families}
         self._histograms: dict[str, dict[LabelValues, _Histogram]] = {f.name: {} for f in families}
         self._lock = threading.Lock()
+        self._names: set[str] = set()  # task names with series of their own (MAX_TASK_NAMES)
 
     def inc(self, name: str, labels: Mapping[str, str], value: float = 1) -> None:
         family = self._family(name, "counter", "gauge")
@@ -156,12 +162,28 @@ class Metrics:
             for name in WORKER_GAUGES.values():
                 self._samples[name][(node,)] = 0.0
 
+    def _task_name(self, name: str) -> str:
+        """`name`, or OTHER_NAMES once MAX_TASK_NAMES others have series (said once)."""
+        if name in self._names:
+            return name
+        if len(self._names) < MAX_TASK_NAMES:
+            self._names.add(name)
+            return name
+        if OTHER_NAMES not in self._names:
+            self._names.add(OTHER_NAMES)
+            log.warning(
+                "metrics: over %d task names; the others are counted as name=%r",
+                MAX_TASK_NAMES,
+                OTHER_NAMES,
+            )
+        return OTHER_NAMES
+
     def apply(self, event: Mapping[str, Any]) -> bool:
         """Count a worker event; return False (and log why) for one it does not know."""
         try:
             kind = event["type"]
             if kind in TASK_STATES:
-                task = {"name": str(event["name"])}
+                task = {"name": self._task_name(str(event["name"]))}
                 runtime = event.get("runtime")
                 runtime = None if runtime is None else float(runtime)
                 self.inc("fleetd_tasks_total", {**task, "state": TASK_STATES[kind]})

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from supervisor import metrics as metrics_module
-from supervisor.metrics import FAMILIES, Metrics, MetricsServer
+from supervisor.metrics import FAMILIES, MAX_TASK_NAMES, Metrics, MetricsServer
 
 SAMPLE = re.compile(r'[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} (-?[0-9.e+-]+|\+Inf|-Inf|NaN)')
 
@@ -60,6 +60,23 @@ def test_task_events_count_by_name_and_state_and_time_the_run() -> None:
     assert {le: got[bucket % le] for le in expected} == expected
     assert got['fleetd_task_runtime_seconds_count{name="tasks.resize"}'] == 4
     assert got['fleetd_task_runtime_seconds_sum{name="tasks.resize"}'] == pytest.approx(100.603)
+
+
+def test_task_names_past_the_cap_are_counted_together() -> None:
+    """A producer's made-up names (each ends NotRegistered) must not grow the arbiter's
+    series without bound: past MAX_TASK_NAMES they share name="(other)"."""
+    metrics = Metrics()
+    extra = 250
+    for i in range(MAX_TASK_NAMES + extra):
+        event = {"type": "task-failed", "name": f"made.up{i}", "node": "w@h1", "runtime": 0.01}
+        assert metrics.apply(event)
+    assert metrics.apply({"type": "task-succeeded", "name": "made.up0", "node": "w@h1"})
+    got = samples(metrics.render())
+    totals = {k: v for k, v in got.items() if k.startswith("fleetd_tasks_total{")}
+    assert len(totals) == MAX_TASK_NAMES + 2  # each name's FAILURE, (other)'s, made.up0's SUCCESS
+    assert totals['fleetd_tasks_total{name="(other)",state="FAILURE"}'] == extra
+    assert totals['fleetd_tasks_total{name="made.up0",state="SUCCESS"}'] == 1
+    assert got['fleetd_task_runtime_seconds_count{name="(other)"}'] == extra
 
 
 def test_histogram_lists_every_bucket_in_order() -> None:
