@@ -37,7 +37,6 @@ from ctl.render import (
     host_of,
     letter_json,
     letters_table,
-    printable,
     queues_table,
     reply_table,
     schedules_table,
@@ -46,7 +45,7 @@ from ctl.render import (
 )
 from worker.arguments import finite, non_negative, positive
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
-from worker.logs import fill_standard_fds
+from worker.logs import fill_standard_fds, one_line
 from worker.version import VersionAction
 
 if TYPE_CHECKING:  # made on first use (see Output): `--json` output never loads rich
@@ -410,9 +409,9 @@ def show_retried(outcomes: dict[str, str | None], as_json: bool) -> int:
         print(json.dumps({"retried": retried, "failed": failed}))
     else:
         for task_id in retried:  # ids of the broker's letters: anybody's text
-            print(f"{printable(task_id)}: back on its queue, PENDING")
+            print(f"{one_line(task_id)}: back on its queue, PENDING")
         for task_id, problem in failed.items():
-            print(f"fleetctl: {printable(task_id)}: {problem}", file=sys.stderr)
+            print(f"fleetctl: {one_line(task_id)}: {problem}", file=sys.stderr)
         if not outcomes:
             print("no dead letters")
     return EXIT_FAILED if failed else EXIT_OK

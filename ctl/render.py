@@ -11,6 +11,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from worker.logs import one_line
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -268,15 +270,7 @@ def event_line(event: dict[str, Any]) -> str:
     words += [str(event[k]) for k in ("name", "id") if event.get(k) is not None]
     shown = ("ts", "node", "type", "name", "id")
     words += [f"{k}={compact(v)}" for k, v in event.items() if k not in shown]
-    return printable(" ".join(words))
-
-
-def printable(text: str) -> str:
-    """`text` on one line, with nothing a terminal would act on: a newline, a tab or an
-    escape sequence (a task's name or error is anybody's text) shown as its escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return one_line(" ".join(words))
 
 
 def schedules_table(listing: dict[str, Any]) -> Table:

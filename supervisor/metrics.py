@@ -118,6 +118,7 @@ class Metrics:
         self._histograms: dict[str, dict[LabelValues, _Histogram]] = {f.name: {} for f in families}
         self._lock = threading.Lock()
         self._names: set[str] = set()  # task names with series of their own (MAX_TASK_NAMES)
+        self._names_full = False  # a name past them was counted as OTHER_NAMES (and logged)
 
     def inc(self, name: str, labels: Mapping[str, str], value: float = 1) -> None:
         family = self._family(name, "counter", "gauge")
@@ -164,13 +165,11 @@ class Metrics:
 
     def _task_name(self, name: str) -> str:
         """`name`, or OTHER_NAMES once MAX_TASK_NAMES others have series (said once)."""
-        if name in self._names:
-            return name
-        if len(self._names) < MAX_TASK_NAMES:
+        if name in self._names or len(self._names) < MAX_TASK_NAMES:
             self._names.add(name)
             return name
-        if OTHER_NAMES not in self._names:
-            self._names.add(OTHER_NAMES)
+        if not self._names_full:
+            self._names_full = True
             log.warning(
                 "metrics: over %d task names; the others are counted as name=%r",
                 MAX_TASK_NAMES,

@@ -237,6 +237,17 @@ def fleetd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FLEETD, *args], capture_output=True, text=True, timeout=60)
 
 
+def fleetctl_on(broker: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fleetctl ARGS...` on the broker at `broker` ($FLEET_BROKER, no config), run to its end."""
+    return subprocess.run(
+        [FLEETCTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FLEET_BROKER": broker},
+    )
+
+
 def free_port() -> int:
     import socket
 

@@ -139,6 +139,24 @@ repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop
 """
 
 
+def limited_user(server: RedisServer, *denied: str) -> str:
+    """Make the ACL user `limited` (password `pw`), allowed every command but `denied`
+    ("-evalsha", say); the URL that logs in as it."""
+    admin = redis.Redis(port=server.port)
+    try:
+        admin.acl_setuser(
+            "limited",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", *denied],
+        )
+    finally:
+        admin.close()
+    return server.url.replace("redis://", "redis://limited:pw@")
+
+
 def start_redis(
     tmp_path: Path,
     appendonly: bool = True,

@@ -9,18 +9,15 @@ bits do not stop anything).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from tests.fleet import FLEETCTL, Fleet, fleetd, free_port
-from tests.redisserver import start_redis
+from tests.fleet import Fleet, fleetctl_on, fleetd, free_port
+from tests.redisserver import limited_user, start_redis
 from worker import BrokerUnavailable, Client
 
 # The longest an unreachable broker may hold a command up (the process's start included):
@@ -263,24 +260,7 @@ def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
     broker's refusal, one line and exit 1, not a redis-py traceback."""
     server = start_redis(tmp_path, appendonly=False)
     try:
-        admin = redis.Redis(port=server.port)
-        admin.acl_setuser(
-            "limited",
-            enabled=True,
-            passwords=["+pw"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all", denied],
-        )
-        admin.close()
-        url = f"redis://limited:pw@127.0.0.1:{server.port}/0"
-        out = subprocess.run(
-            [FLEETCTL, "submit", "tasks.add", "1", "2"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "FLEET_BROKER": url},
-        )
+        out = fleetctl_on(limited_user(server, denied), "submit", "tasks.add", "1", "2")
         assert (out.returncode, out.stdout) == (1, "")
         [line] = out.stderr.splitlines()
         assert line.startswith("fleetctl: the broker refused: ") and says in line, line

@@ -25,7 +25,7 @@ import redis
 from supervisor.arbiter import EXIT_BOOT_ERROR
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, alive, executions, wait_for
-from tests.redisserver import BUSY_SCRIPT, free_port, start_redis
+from tests.redisserver import BUSY_SCRIPT, free_port, limited_user, start_redis
 from worker import BrokerUnavailable, Client
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.brokers.redis import RedisBroker
@@ -241,18 +241,8 @@ def test_a_worker_that_redis_refuses_at_boot_ends_the_start_with_one_line_naming
     """Redis answers the start's PING, but its ACL refuses the worker's scripts: the start
     ends with exit 3 and a last line that says what Redis said, not only an exit code."""
     server = start_redis(tmp_path, appendonly=False)
-    admin = redis.Redis.from_url(server.url)
     try:
-        admin.acl_setuser(
-            "limited",
-            enabled=True,
-            passwords=["+pw"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all", "-evalsha", "-eval"],
-        )
-        url = server.url.replace("redis://", "redis://limited:pw@")
-        fleet = make_fleet(fleet={"broker": url})
+        fleet = make_fleet(fleet={"broker": limited_user(server, "-evalsha", "-eval")})
         fleet.start(wait=False)
         assert fleet.wait_exit(30) == EXIT_BOOT_ERROR
         assert fleet.log().splitlines()[-1] == (
@@ -260,7 +250,6 @@ def test_a_worker_that_redis_refuses_at_boot_ends_the_start_with_one_line_naming
             " run the 'evalsha' command (exit code 1)"
         )
     finally:
-        admin.close()
         server.kill()
 
 

@@ -190,17 +190,17 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         pairs = " ".join(f"{k}={_logfmt(v)}" for k, v in _record_fields(record, self.node).items())
-        return one_line(f"{super().formatMessage(record)} {pairs}")
+        return one_line(f"{super().formatMessage(record)} {pairs}", keep="\t")
 
 
-def one_line(text: str) -> str:
-    """`text` as one log line: a newline, a carriage return or an escape sequence in it (a
-    task id, a task's printed output: anybody's text) shown as its escape, so that no text
-    forges a line of its own or acts on the terminal that shows the log. Tabs stay."""
+def one_line(text: str, keep: str = "") -> str:
+    """`text` on one line with nothing a terminal acts on: a newline, a carriage return or
+    an escape sequence in it (a task id, a task's output, a name: anybody's text) shown as
+    its escape, so that no text forges a line of its own; the characters of `keep` stay."""
     if text.isprintable():
         return text
     return "".join(
-        c if c.isprintable() or c == "\t" else c.encode("unicode_escape").decode() for c in text
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode() for c in text
     )
 
 

@@ -10,14 +10,13 @@ import os
 import select
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fleet import FLEETCTL, Fleet, wait_for
+from tests.fleet import Fleet, fleetctl_on, wait_for
 from worker.brokers import open_broker
 from worker.brokers.base import SUCCESS, BrokerUnavailable, Outcome, QueueDepth, Turn
 from worker.brokers.sqlite import EXPIRE_BATCH, FifoWakeup, Poker, SQLiteBroker
@@ -232,13 +231,7 @@ def test_a_queue_file_that_is_no_database_is_named_and_left_as_it_is(tmp_path: P
         open_broker(url)
     assert str(error.value) == f"broker {url}: file is not a database"
     assert path.read_bytes() == text
-    done = subprocess.run(
-        [FLEETCTL, "submit", "tasks.add", "1", "2"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "FLEET_BROKER": url},
-    )
+    done = fleetctl_on(url, "submit", "tasks.add", "1", "2")
     assert (done.returncode, done.stderr) == (
         1,
         f"fleetctl: broker {url}: file is not a database\n",

@@ -57,8 +57,9 @@ def open_broker(
             return SQLiteBroker(
                 url, durability=durability, result_ttl=result_ttl, fail_fast=fail_fast
             )
-        # DatabaseError: a file that is no SQLite database (or a damaged one) at the path
-        except (OSError, sqlite3.DatabaseError, *SQLiteBroker.unavailable) as exc:
+        # DatabaseError: SQLiteBroker.unavailable (OperationalError: locked, an I/O error),
+        # and a file that is no SQLite database (or a damaged one) at the path
+        except (OSError, sqlite3.DatabaseError) as exc:
             raise unavailable_error(url, exc) from exc
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import CONNECT_TIMEOUT, RedisBroker
