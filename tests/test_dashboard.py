@@ -441,3 +441,34 @@ def test_the_queues_charts_get_the_wait_of_tasks_behind_a_busy_child(
     measured = wait_for(waits, 10, 0.2, "a sample with the waits")
     assert max(p99 for _, p99 in measured) >= HELD_FOR
     assert all(p50 <= p99 for p50, p99 in measured)
+
+
+def test_a_result_or_arguments_holding_nan_show_on_the_page_and_in_json(
+    make_fleet, start_dashboard
+) -> None:
+    """NaN and infinity are no JSON, but Python's json.dumps writes them: a record that
+    another producer wrote so ended the task list and the task's page in HTTP 500, and
+    `fleetctl --json result` printed what no JSON reader takes."""
+    fleet = make_fleet().start()
+    done = fleet.client.submit("tasks.add", 2, 3)
+    fleet.wait_all_final([done.id])
+    with contextlib.closing(sqlite3.connect(fleet.folder / "queue.db")) as db, db:
+        db.execute(
+            "UPDATE tasks SET result = 'NaN', body = ? WHERE id = ?",
+            ('{"args": [Infinity, 1], "kwargs": {}}', done.id),
+        )
+    dashboard = start_dashboard(fleet)
+    status, body = dashboard.get("/api/tasks")
+    assert status == 200 and [t["id"] for t in body["tasks"]] == [done.id]
+    status, task = dashboard.get(f"/api/tasks/{done.id}")
+    assert status == 200 and task["args"] == ["Infinity", 1]
+    assert task["state"] == "FAILURE" and task["exc_type"] == "BadResult"
+    shown = subprocess.run(
+        [FLEETCTL, "-c", str(fleet.config), "--json", "result", done.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    info = json.loads(shown.stdout, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert info["exc_type"] == "BadResult" and "NaN" in info["exc_message"]
+    assert shown.returncode == 1

@@ -46,7 +46,9 @@ class Records:
         always, Redis until the task ended), and the times it has."""
         body, created, finished, eta = self._details_row(task_id)
         try:
-            decoded = json.loads(body) if body is not None else {}
+            # NaN and infinity (another producer's json.dumps) as their names: the page's JSON
+            # holds no such number.
+            decoded = json.loads(body, parse_constant=str) if body is not None else {}
         except (ValueError, TypeError, RecursionError):
             decoded = {}
         if not isinstance(decoded, dict):

@@ -181,6 +181,14 @@ class DeadLetter:
 
 BAD_MESSAGE = "BadMessage"  # the reason for a message that is not a task
 BAD_RESULT = "BadResult"  # what a stored result that is not JSON reads as
+
+
+def no_constant(name: str) -> Any:
+    """json.loads' parse_constant for strict JSON: NaN and infinity are not (Python's
+    json.dumps writes them unless told not to; other readers of a result refuse them)."""
+    raise ValueError(f"{name} is no JSON value")
+
+
 TEXT_FIELDS = ("name", "queue", "state", "exc_type", "exc_message", "traceback", "node")
 INFO_FIELDS = (*TEXT_FIELDS, "result", "deliveries", "runtime")  # what task_info reads
 
@@ -230,7 +238,7 @@ def task_info(task_id: str, fields: dict[str, Any], done: bool) -> dict[str, Any
     result = stored_text(fields.get("result"))
     if done and result is not None:
         try:
-            info["result"] = json.loads(result)
+            info["result"] = json.loads(result, parse_constant=no_constant)
         except (ValueError, RecursionError) as exc:
             info.update(
                 state=FAILURE,
@@ -245,7 +253,7 @@ def dead_letter_from(fields: dict[str, Any]) -> DeadLetter:
     extra = fields.get("extra")
     if not isinstance(extra, dict):
         try:
-            extra = json.loads(stored_text(extra) or "{}")
+            extra = json.loads(stored_text(extra) or "{}", parse_constant=str)
         except (ValueError, RecursionError):
             extra = {"raw": stored_text(extra)}
     return DeadLetter(

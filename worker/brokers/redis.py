@@ -192,7 +192,7 @@ def lease_keys(key: str) -> list[tuple[str, str]]:
 def fields_of(text: str | bytes) -> dict[str, Any]:
     """A dead letter's JSON object; one that is not (someone else's writing) as its body."""
     try:
-        fields = json.loads(text)
+        fields = json.loads(text, parse_constant=str)  # NaN and infinity as names
     except (ValueError, RecursionError):
         fields = None
     return fields if isinstance(fields, dict) else {"body": text}
