@@ -20,6 +20,7 @@ from tests.poison import RawTask, write_redis
 from tests.redisserver import BUSY_SCRIPT, RedisServer, start_redis
 from worker.brokers import redis as redis_broker
 from worker.brokers.base import (
+    FAILURE,
     PENDING,
     RETRY,
     STARTED,
@@ -682,3 +683,65 @@ def test_schedule_keys_of_another_kind_are_moved_aside(
     assert direct.lrange(f"{p}:alien:lead:scheduler", 0, -1) == [b"not a lease"]
     assert direct.get(f"{p}:alien:schedule:nightly") == b"not a hash"
     assert direct.get(f"{p}:alien:schedules") == b"not a set"
+
+
+def test_a_stream_without_our_group_is_no_error_for_recovery_nor_depths(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """Someone else's XADD made the queue's stream (or a submit did, after Redis lost its
+    data): recovery and depths failed on NOGROUP, which ended every worker's boot."""
+    p = redis_broker.prefix
+    direct.sadd(f"{p}:queues", "q1")
+    direct.xadd(f"{p}:q:q1", {"id": "x1"})
+
+    assert redis_broker.recover_expired(["q1"]) == 0
+    assert redis_broker.recover("w-gone") == 0
+    assert redis_broker.depths() == [QueueDepth("q1", ready=1, scheduled=0, reserved=0)]
+
+
+def test_a_dead_letter_retried_by_a_call_that_fails_halfway_is_queued_by_the_next_try(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """The entry counter holds someone else's value: the retry fails at its submit, the key
+    is mended and the call sent again. The letters used to be off the list by then, and the
+    task's record deleted: the task was lost."""
+    task = envelope()
+    redis_broker.enqueue([task])
+    redis_broker.reserve(["q1"], 1, "w1", 30)
+    redis_broker.turn(
+        Turn(outcomes=[Outcome(task.id, FAILURE, exc_type="X", exc_message="m", dead_letter=True)])
+    )
+    direct.set(f"{redis_broker.prefix}:seq", "not a number")
+
+    assert redis_broker.retry_dead([task.id]) == [task.id]
+    assert redis_broker.dead_letters() == []
+    assert ids(redis_broker.reserve(["q1"], 10, "w1", 30)) == [task.id]
+
+
+def test_a_tick_fired_by_a_call_that_fails_halfway_is_fired_by_the_next_try(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    direct.set(f"{redis_broker.prefix}:seq", "x")
+    task = envelope()
+
+    assert redis_broker.fire_schedule("nightly", 1000.0, task) is True
+    assert redis_broker.schedule_states()["nightly"]["last_tick"] == 1000.0
+    assert ids(redis_broker.reserve(["q1"], 10, "w1", 30)) == [task.id]
+    assert redis_broker.fire_schedule("nightly", 1000.0, envelope()) is False
+
+
+def test_an_eta_entry_naming_a_task_not_scheduled_is_dropped(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """Someone else's ZADD of a held or ended task's id: queued again, it ran twice, or its
+    stored result was overwritten."""
+    held, ended = envelope(), envelope()
+    redis_broker.enqueue([held, ended])
+    redis_broker.reserve(["q1"], 2, "w1", 30)
+    redis_broker.turn(Turn(outcomes=[Outcome(ended.id, SUCCESS, result=3)]))
+    direct.zadd(f"{redis_broker.prefix}:eta:q1", {held.id: 0, ended.id: 0})
+
+    assert redis_broker.reserve(["q1"], 10, "w2", 30) == []
+    assert direct.zcard(f"{redis_broker.prefix}:eta:q1") == 0
+    info = redis_broker.get_result(ended.id)
+    assert info is not None and (info["state"], info["result"]) == (SUCCESS, 3)

@@ -841,7 +841,9 @@ return 0
 """)
 
 # A: {name, tick (text) or null, task: [id, queue, name, body] or null}; see
-# Broker.fire_schedule. Replies whether it fired.
+# Broker.fire_schedule. Replies whether it fired. The tick is written last: a call that
+# fails halfway (a key of another kind, mended and sent again) keeps what it did, and a
+# tick written before its task would have been a tick that never ran.
 FIRE_SCHEDULE = """
 local function main()
   local key = P .. ':schedule:' .. A.name
@@ -849,13 +851,13 @@ local function main()
   if A.tick ~= null then
     local last = tonumber(redis.call('HGET', key, 'last_tick'))  -- not a number: none
     if last and last >= tonumber(A.tick) then return false end
-    redis.call('HSET', key, 'last_tick', A.tick)
   end
   if A.task ~= null then
     local e = A.task
     submit(e[1], e[2], e[3], e[4], '')
     redis.call('HSET', key, 'last_id', e[1], 'last_at', NOW)
   end
+  if A.tick ~= null then redis.call('HSET', key, 'last_tick', A.tick) end
   return true
 end
 """

@@ -6,7 +6,14 @@ for _, q in ipairs(redis.call('SMEMBERS', P .. ':queues')) do
   local stream, etas = P .. ':q:' .. q, P .. ':eta:' .. q
   local ready, reserved = 0, 0
   if redis.call('EXISTS', stream) == 1 then
-    reserved = redis.call('XPENDING', stream, 'workers')[1]
+    -- A stream without our group (someone else's XADD made it; a submit after Redis lost
+    -- its data) has nothing reserved yet.
+    local pending = redis.pcall('XPENDING', stream, 'workers')
+    if not pending.err then
+      reserved = pending[1]
+    elseif not string.find(pending.err, '^NOGROUP') then
+      return redis.error_reply(pending.err)
+    end
     ready = redis.call('XLEN', stream) - reserved
   end
   ready = ready + redis.call('ZCOUNT', etas, '-inf', NOW)

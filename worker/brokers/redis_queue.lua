@@ -41,6 +41,11 @@ local function group_info(q)
   return nil
 end
 
+-- Whether the queue's stream has our group: a stream that someone else's XADD made, or
+-- that a submit made after Redis lost its data, has none until a worker's read (or a
+-- registration) makes it, and holds no entry of ours that a reader reserved.
+local function has_group(q) return stream_exists(q) and group_info(q) ~= nil end
+
 -- The queue's name in the set of queues, and its stream and group: once per call and queue.
 -- A stream can be there without the group: someone else's XADD made it, or a submit that
 -- trusted an older registration after Redis lost its data (redis_enqueue.lua).

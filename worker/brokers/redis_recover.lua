@@ -2,7 +2,7 @@
 local function main()
   local count = 0
   for _, q in ipairs(redis.call('SMEMBERS', P .. ':queues')) do
-    if stream_exists(q) then
+    if has_group(q) then
       count = count + give_back(q, A.owner, function() return true end)
       redis.call('XGROUP', 'DELCONSUMER', stream_key(q), GROUP, A.owner)
     end

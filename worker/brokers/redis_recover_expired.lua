@@ -8,7 +8,7 @@ end
 local function main()
   local count = 0
   for _, q in ipairs(A.queues) do
-    if stream_exists(q) then
+    if has_group(q) then
       count = count + give_back(q, false, expired)
       drop_spent()
       for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', stream_key(q), GROUP)) do

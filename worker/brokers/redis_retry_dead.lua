@@ -1,6 +1,9 @@
 -- A: ids. The dead letters of these ids go back to their queue as new tasks (the newest
 -- letter of an id, if it has several) and off the list, which is written anew in one pass
 -- (LREM per letter would read the whole list each time). Returns the ids that were there.
+-- The letters are submitted before the list loses them: a script that fails halfway (a key
+-- of another kind: redis.py mends it and sends the call again) keeps what it did, and a
+-- submit run again leaves a task that is queued as it is.
 local function main()
   local wanted, found = {}, {}
   for _, id in ipairs(A) do wanted[id] = true end
@@ -21,15 +24,15 @@ local function main()
     end
   end
   if #letters == 0 then return {} end
-  redis.call('DEL', key)
-  for i = 1, #kept, 1000 do
-    redis.call('RPUSH', key, unpack(kept, i, math.min(i + 999, #kept)))
-  end
   local reply = {}
   for i = #letters, 1, -1 do  -- oldest first: they go back in the order they died
     local d = letters[i]
     submit(d.id, d.queue, d.name, d.body, '')
     reply[#reply + 1] = d.id
+  end
+  redis.call('DEL', key)
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', key, unpack(kept, i, math.min(i + 999, #kept)))
   end
   return reply
 end

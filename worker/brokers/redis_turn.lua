@@ -164,9 +164,14 @@ local function reserve()
     local due = redis.call('ZRANGEBYSCORE', eta_key(q), '-inf', NOW, 'LIMIT', 0, 1000)
     if #due > 0 then redis.call('ZREM', eta_key(q), unpack(due)) end
     for _, id in ipairs(due) do
-      record(id, 'status')  -- a key of another type is moved aside
-      append(id, q, {'queue', q})
-      redis.call('HDEL', task_key(id), 'eta')
+      -- A key of another type is moved aside. A member whose task is not scheduled (queued,
+      -- held or ended: someone else's ZADD) is stale: queued again, it would run twice or
+      -- overwrite a result. One without a record goes on, to be buried as no task.
+      local status = record(id, 'status')[1]
+      if not status or status == 'scheduled' then
+        append(id, q, {'queue', q})
+        redis.call('HDEL', task_key(id), 'eta')
+      end
     end
   end
   local delivered, read = {}, 0
