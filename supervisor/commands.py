@@ -47,6 +47,27 @@ class Router:
         self.message_seq = 0
 
     def run(self, request: Request) -> None:
+        """Answer the request, or send it on to its workers; a command that fails (an
+        argument its checks let through, a bug) is an error reply, and the host goes on."""
+        try:
+            self.dispatch(request)
+        except Exception as exc:
+            log.error(
+                "control request failed id=%s cmd=%s: %s: %s",
+                request.id[:40],
+                request.cmd[:40],
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            for mid, pending in list(self.pending.items()):
+                if pending.request is request:  # sent to some of its workers: no reply later
+                    del self.pending[mid]
+            self.arbiter.control.reply_error(
+                request,
+                f"{request.cmd[:40]} failed on this host: {type(exc).__name__}: {str(exc)[:200]}",
+            )
+
+    def dispatch(self, request: Request) -> None:
         command = COMMANDS.get(request.cmd)
         try:
             if command is not None:

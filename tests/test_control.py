@@ -48,6 +48,10 @@ def not_json(worker):
     return {"pids": {1, 2}}
 
 @control_command
+def nan(worker):
+    return {"x": float("nan")}
+
+@control_command
 def leave(worker, how="exit"):
     if how == "exit":
         sys.exit(0)
@@ -665,6 +669,8 @@ def test_custom_control_commands_run_in_every_worker(make_fleet: Callable[..., F
     assert code == 1 and data["replies"] == {"b@h1": {"error": "RuntimeError: boom"}}
     code, data = ctl_json(fleet, "call", "not_json", "--dest", "a@h1")
     assert code == 1 and "not JSON" in data["replies"]["a@h1"]["error"]
+    code, data = ctl_json(fleet, "call", "nan", "--dest", "a@h1")  # fleetctl's JSON: strict
+    assert code == 1 and "not JSON" in data["replies"]["a@h1"]["error"]
     code, data = ctl_json(fleet, "call", "nonexistent")
     assert code == 1 and data["replies"] == {} and "unknown command" in data["errors"]["h1"]
     assert ctl_json(fleet, "ping")[0] == 0
@@ -922,6 +928,14 @@ def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_p
         [json.dumps({**valid, "cmd": "rate_limit", "args": {"task": 5, "rate": "1/s"}}).encode()],
         [json.dumps({**valid, "cmd": "shutdown", "args": {"now": True}}).encode()],
         [json.dumps({**valid, "cmd": "revoke", "args": {"ids": "not-a-list"}}).encode()],
+        # Each ended the arbiter in a traceback, and the host with it:
+        [json.dumps({**valid, "cmd": "start", "args": {"nodes": [1]}}).encode()],
+        [json.dumps({**valid, "cmd": "revoke", "args": {"ids": ["a"], "signal": "²"}}).encode()],
+        [
+            json.dumps(
+                {**valid, "cmd": "revoke", "args": {"ids": ["a"], "signal": "9" * 5000}}
+            ).encode()
+        ],
         [json.dumps({**valid, "dest": "h1"}).encode()],
         [b'{"v": 1, "id": "x", "cmd": "ping", "timeout": NaN}'],
         [json.dumps({**valid, "limit": 0}).encode()],

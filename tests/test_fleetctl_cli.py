@@ -73,6 +73,8 @@ def test_each_command_line_stands_for_one_registry_command(argv: list[str], expe
         ["time-limit", "tasks.resize", "--soft", "3", "--hard", "2"],
         ["time-limit", "tasks.resize", "--soft", "-1", "--hard", "2"],
         ["revoke", "a", "--signal", "NOPE"],
+        ["revoke", "a", "--signal", "²"],  # a digit to Python: int() raised
+        ["revoke", "a", "--signal", "9" * 5000],
         ["time-limit", "tasks.resize"],
         ["call", "hello", "who"],
         ["call", "hello", "=x"],
@@ -304,6 +306,8 @@ def test_every_command_line_of_the_table_is_a_design_one() -> None:
         ("rate_limit", {"task": "t", "rate": "fast"}, "rate 'fast'"),
         ("revoke", {"ids": []}, "non-empty list"),
         ("revoke", {"ids": ["a"], "signal": "NOPE"}, "unknown signal"),
+        ("revoke", {"ids": ["a"], "signal": "²"}, "unknown signal"),
+        ("start", {"nodes": [1]}, "nodes must be a list of strings"),
         ("pool_grow", {"n": 0}, "n must be >= 1"),
         ("pool_shrink", {"n": True}, "n must be an integer"),
         ("ping", {"_timeout": 2}, "unknown argument '_timeout'"),

@@ -160,7 +160,7 @@ class ArbiterChannel:
         elif kind == "cmd":
             reply = self.run_command(message)
             try:
-                size = len(encode(reply))
+                size = len(encode(reply, strict=True))
             except (TypeError, ValueError, ProtocolError, RecursionError) as exc:
                 reply = {"error": f"the reply of {message.get('cmd')} is not JSON: {exc}"}
             else:

@@ -240,7 +240,9 @@ def revoke(worker: Worker, ids: list[str], terminate: bool, signal: str) -> dict
 
 def signal_number(name: str) -> int | None:
     """`"TERM"`, `"sigkill"` or `"9"` -> the signal's number; None if there is no such signal."""
-    if name.isdigit():
+    if name.isdigit():  # "²" is a digit to Python, and 5,000 digits are too many for int()
+        if not (name.isascii() and len(name) <= 3):
+            return None
         return int(name) if int(name) in signal.valid_signals() else None
     name = name.upper()
     try:

@@ -44,6 +44,8 @@ class Arg:
             isinstance(value, bool) and bool not in self.types
         ):
             return f"must be {_type_names(self.types)}"
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            return "must be a list of strings"  # a list is words of the command line
         if isinstance(value, float) and not math.isfinite(value):
             return "must be a finite number"
         if self.minimum is None or not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -32,6 +32,7 @@ CANCEL_MARK = b"\x1fcancel "
 
 _HEADER = struct.Struct(">I")
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
+_encode_strict = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _decode_json = json.JSONDecoder().decode
 
 
@@ -39,9 +40,10 @@ class ProtocolError(Exception):
     """A frame is too large or not JSON: the stream that carried it is broken."""
 
 
-def encode(obj: Any) -> bytes:
-    """Return `obj` as one frame; raises TypeError/ValueError for what JSON cannot hold."""
-    body = _encode_json(obj).encode()
+def encode(obj: Any, strict: bool = False) -> bytes:
+    """Return `obj` as one frame; raises TypeError/ValueError for what JSON cannot hold (and
+    `strict`: NaN and infinity, which fleetctl's JSON output and other readers refuse)."""
+    body = (_encode_strict if strict else _encode_json)(obj).encode()
     if len(body) > MAX_FRAME_SIZE:
         raise ProtocolError(f"frame of {len(body)} bytes is over the {MAX_FRAME_SIZE} limit")
     return _HEADER.pack(len(body)) + body
