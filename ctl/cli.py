@@ -686,7 +686,12 @@ def cmd_tail(args: argparse.Namespace, console: Console) -> int:
 def tail_events_of_fleet(client: Any, dest: list[str] | None, timeout: float, as_json: bool) -> int:
     """Subscribe, then ping: if no node answers within `timeout` there is nothing to tail
     (exit 1); hosts that stay silent are named, and the others' events are tailed."""
-    events = client.subscribe_events()
+    from supervisor.control import ControlConfigError
+
+    try:
+        events = client.subscribe_events()
+    except ControlConfigError as exc:  # an endpoint whose events have no port: tcp://h:65535
+        raise UsageError(str(exc)) from None
     answer = client.call("ping", {}, dest)
     silent = answer.missing + list(answer.errors) + unanswered(dest, answer.replies)
     if not answer.replies:

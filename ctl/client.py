@@ -174,6 +174,10 @@ class ControlClient:
         return self._hosts.get(endpoint, endpoint)
 
     def _connect(self, kind: int, control_endpoint: str, address: str) -> zmq.Socket[bytes]:
+        if not control_endpoint.startswith(("ipc://", "tcp://")):  # as a host binds them
+            raise ControlConfigError(
+                f"control endpoint {control_endpoint}: only ipc:// and tcp:// are supported"
+            )
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.linger = 0
         try:

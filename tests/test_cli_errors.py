@@ -9,6 +9,7 @@ bits do not stop anything).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet import Fleet, fleetctl_on, fleetd, free_port
+from tests.fleet import FLEETCTL, Fleet, fleetctl_on, fleetd, free_port
 from tests.redisserver import limited_user, start_redis
 from worker import BrokerUnavailable, Client
 
@@ -192,6 +193,20 @@ def test_fleetctl_submit_of_json_nested_too_deep_is_one_line_and_sends_nothing(
     out = fleet.ctl(*argv, check=False)
     assert (out.returncode, out.stdout, out.stderr) == (2, "", f"fleetctl: {error}\n")
     assert not (fleet.folder / "queue.db").exists()
+
+
+@pytest.mark.parametrize("argv", [["ping"], ["events", "tail"]])
+def test_fleetctl_names_an_endpoint_no_host_binds_in_one_line(argv: list[str]) -> None:
+    """`events tail` on inproc:// ended in a ControlConfigError's traceback; `ping` took
+    it, and said nobody answered."""
+    out = subprocess.run(
+        [FLEETCTL, "--endpoint", "inproc://x", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert (out.returncode, out.stdout) == (2, "")
+    assert (
+        out.stderr
+        == "fleetctl: control endpoint inproc://x: only ipc:// and tcp:// are supported\n"
+    )
 
 
 def test_fleetctl_takes_a_timeout_past_any_clock_as_a_long_one(
