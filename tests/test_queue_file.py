@@ -78,3 +78,22 @@ def test_a_removed_wake_up_folder_is_made_again_and_tasks_start_at_once_again(
         waits.append(time.monotonic() - started)
     # Each waited DRY_RECHECK (1 s) without its pipe: half a second is far from both.
     assert statistics.median(waits) < 0.5, waits
+
+
+def test_a_producer_that_was_open_before_the_file_was_deleted_writes_into_the_new_one(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A long-lived client (a web app's, .delay()'s) kept committing into the deleted file:
+    submit returned an id, and the task was lost with the file."""
+    fleet = make_fleet().start()
+    producer = fleet.client
+    assert producer.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    remove_queue_files(fleet)
+    handle = producer.submit("tasks.add", 2, 2)  # at once: no second's grace
+    assert handle.get(timeout=10) == 4
+    fresh = Client.from_config(str(fleet.config))
+    try:
+        info = fresh.find(handle.id)
+        assert info is not None and info["result"] == 4
+    finally:
+        fresh.close()

@@ -4,6 +4,8 @@ the test's own."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +21,8 @@ from tests.brokers.conftest import connect as connect  # the fixture: both broke
 from tests.fleet import fleetd
 from tests.test_metrics import samples
 from worker.brokers.base import SUCCESS, Broker, Outcome, Turn
+from worker.brokers.redis import RedisBroker
+from worker.brokers.sqlite import SQLiteBroker
 from worker.scheduler import (
     LEAD_KEY,
     Schedule,
@@ -170,6 +174,42 @@ def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> Non
     assert one.lead_holder(LEAD_KEY) == "b:2:2"
     two.release_lead(LEAD_KEY, "b:2:2")  # handed back: free for the next one at once
     assert one.claim_lead(LEAD_KEY, "a:1:1", 30)[0] == "a:1:1"
+
+
+def write_junk(broker: Broker) -> None:
+    """Other hands' values where the schedule's state and the leader lease are kept."""
+    if isinstance(broker, SQLiteBroker):
+        with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
+            db.execute("UPDATE schedules SET last_tick = 'x', last_at = x'ff' WHERE name = 'tick'")
+            db.execute(
+                "INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', 'never')",
+                (LEAD_KEY,),
+            )
+    else:
+        assert isinstance(broker, RedisBroker)
+        broker.redis.hset(
+            f"{broker.prefix}:schedule:tick", mapping={"last_tick": "x", "last_at": "y"}
+        )
+        broker.redis.set(f"{broker.prefix}:lead:{LEAD_KEY}", "other")  # no expiry
+
+
+def test_a_schedules_state_and_lease_that_other_hands_wrote_read_as_none(
+    connect: BrokerFactory,
+) -> None:
+    """The leading worker died on them at every lead (float('x'), 'x' > a number), or the
+    schedule never fired again (a text tick is above every number), or the lead was held for
+    ever (a lease that never runs out)."""
+    broker = connect()
+    assert broker.fire_schedule("tick", 100.0, envelope(100.0))
+    assert broker.claim_lead(LEAD_KEY, "a:1:1", 5)[0] == "a:1:1"
+    broker.release_lead(LEAD_KEY, "a:1:1")
+    write_junk(broker)
+
+    state = broker.schedule_states()["tick"]
+    assert (state["last_tick"], state["last_at"]) == (None, None)
+    assert broker.fire_schedule("tick", 110.0, envelope(110.0))
+    assert broker.schedule_states()["tick"]["last_tick"] == 110.0
+    assert broker.claim_lead(LEAD_KEY, "a:1:1", 5) == ("a:1:1", pytest.approx(5.0))
 
 
 # --- the duty, on a clock of the test's own -------------------------------------------

@@ -256,6 +256,33 @@ def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
     assert (letter.id, letter.reason) == ("soon", "BadMessage")
 
 
+def test_rows_whose_count_or_creation_time_is_no_number_are_handed_out(
+    sqlite_broker: SQLiteBroker,
+) -> None:
+    """Each ended the reserve in a TypeError or OverflowError: the worker died at every turn
+    until the arbiter gave up on it, and the queue stopped."""
+    rows = [
+        ("c-text", "'abc'", 0),
+        ("c-blob", "x'ff'", 0),
+        ("n-inf", 0, "9e999"),
+        ("n-x", 0, "'x'"),
+    ]
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        for task_id, created, deliveries in rows:
+            db.execute(
+                "INSERT INTO tasks (id, queue, name, body, status, state, eta, created, deliveries)"
+                f" VALUES ('{task_id}', 'q1', 'tasks.add', '{{}}', 0, 'PENDING', 0, {created},"
+                f" {deliveries})"
+            )
+
+    held = sqlite_broker.reserve(["q1"], 10, "w1", 30)
+    assert sorted((d.id, d.deliveries, d.ready_at) for d in held) == sorted(
+        (task_id, 1, 0.0) for task_id, _, _ in rows
+    )
+    sqlite_broker.release([d.id for d in held], died=True)  # counted from 1 on: 2 now
+    assert {d.deliveries for d in sqlite_broker.reserve(["q1"], 10, "w1", 30)} == {2}
+
+
 def test_dead_letters_written_by_others_read_as_what_they_hold(
     sqlite_broker: SQLiteBroker,
 ) -> None:
@@ -273,3 +300,22 @@ def test_dead_letters_written_by_others_read_as_what_they_hold(
         0.0,
     )
     assert letter.extra == {"raw": "{bad"}
+
+
+def test_a_sqlite_url_names_a_file_never_a_database_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reads ':memory:' and 'file:...?mode=memory' itself: a submit went into a
+    database of its own process, returned an id, and the task was gone with the process."""
+    done = fleetctl_on("sqlite:///:memory:", "submit", "tasks.add", "1", "2")
+    assert done.returncode == 2 and "a database in memory is one process's alone" in done.stderr
+    monkeypatch.chdir(tmp_path)
+    one = SQLiteBroker("sqlite:///file:q.db?mode=memory")
+    try:
+        one.enqueue([envelope()])
+        assert (tmp_path / "file:q.db?mode=memory").is_file()
+        two = SQLiteBroker("sqlite:///file:q.db?mode=memory")
+        assert len(two.reserve(["q1"], 5, "w1", 30)) == 1
+        two.close()
+    finally:
+        one.close()

@@ -70,6 +70,7 @@ from .base import (
     Turn,
     Wakeup,
     dead_letter_from,
+    stored_number,
     task_info,
 )
 
@@ -785,10 +786,10 @@ class RedisBroker(Broker):
         names, rows = self._mended(read)
         states = {}
         for name, (tick, task_id, at, paused) in zip(names, rows, strict=True):
-            states[name] = {
-                "last_tick": None if tick is None else float(tick),
+            states[name] = {  # what other hands wrote there reads as none
+                "last_tick": stored_number(tick),
                 "last_id": task_id,
-                "last_at": None if at is None else float(at),
+                "last_at": stored_number(at),
                 "paused": paused == "1",
             }
         return states
@@ -827,7 +828,8 @@ WAIT_FLAG_SLACK = 60.0  # seconds a wait flag outlives the wait it was raised fo
 # replies who holds it and for how many ms more. Safe to send again: it only renews.
 CLAIM_LEAD_SCRIPT = LuaScript("""
 local holder = redis.call('GET', ARGV[1])
-if not holder or holder == ARGV[2] then
+-- A lease without an expiry is none of ours (someone else's SET): it would hold for ever.
+if not holder or holder == ARGV[2] or redis.call('PTTL', ARGV[1]) < 0 then
   redis.call('SET', ARGV[1], ARGV[2], 'PX', ARGV[3])
   return {ARGV[2], tonumber(ARGV[3])}
 end

@@ -40,6 +40,7 @@ from .base import (
     Turn,
     Wakeup,
     dead_letter_from,
+    stored_number,
     stored_text,
     task_info,
     utf8_text,
@@ -110,6 +111,10 @@ INFO_COLUMNS = (*INFO_FIELDS, "status")
 DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
 
 
+# A column's value is a number (not NULL, text or a blob that other hands wrote there).
+IS_NUMBER = "(typeof({}) IN ('integer', 'real'))"
+
+
 def reserve_sql(marks: str, picked: str) -> str:
     """Hand out the queued rows of the queues `marks` stands for that `picked` selects."""
     return (
@@ -157,7 +162,14 @@ def path_from_url(url: str) -> str:
     path = url[len("sqlite:///") :]
     if not path:
         raise ValueError(f"sqlite URL without a file path: {url!r}")
-    return path
+    if path == ":memory:":
+        raise ValueError(
+            f"{url!r}: a database in memory is one process's alone; give a file every"
+            " process of the fleet opens"
+        )
+    # A file path, never one of SQLite's URIs ("file:q.db?mode=memory" would be a private
+    # database in memory, and its wake-up folder another path than its file).
+    return path if os.path.isabs(path) or not path.startswith("file:") else "./" + path
 
 
 class SQLiteBroker(Broker):
@@ -209,11 +221,12 @@ class SQLiteBroker(Broker):
         self.identity = _file_identity(self.path)
         self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
 
-    def follow_file(self) -> None:
+    def follow_file(self, always: bool = False) -> None:
         """Reopen the queue file if it was deleted or replaced since we opened it (a restore
         from a backup, a cleanup): the old file's tasks are gone with it, and a task
-        submitted into the new one must not wait while we commit into a file nobody sees."""
-        if time.monotonic() < self.check_file_at:
+        submitted into the new one must not wait while we commit into a file nobody sees.
+        Looks once a FILE_CHECK_EVERY, or `always` (a write: one stat)."""
+        if not always and time.monotonic() < self.check_file_at:
             return
         self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
         if _file_identity(self.path) == self.identity:
@@ -247,7 +260,10 @@ class SQLiteBroker(Broker):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taking the write lock up front so it never deadlocks."""
+        """One write transaction, taking the write lock up front so it never deadlocks; in
+        the queue file there is now (a producer that kept writing into a file deleted or
+        replaced under it lost every task it submitted after)."""
+        self.follow_file(always=True)
         with self._lock:
             self._begin()
             try:
@@ -289,17 +305,26 @@ class SQLiteBroker(Broker):
                 reserve_sql(marks, NOT_A_NUMBER), (*lease, *queues, n - len(rows))
             ).fetchall()
         rows.sort(key=due_order)  # RETURNING comes in no set order: due order, then queue order
-        deliveries, bad = [], []
+        deliveries, bad, recount = [], [], []
         for row in rows:
             problem = unreadable(row)
             if problem:
                 bad.append((row[1], problem))
-            else:
-                eta, _, task_id, queue, name, body, count, created = row
-                text, ready_at = stored_text(body) or "", max(eta, created or 0)
-                deliveries.append(Delivery(task_id, queue, name, text, int(count), ready_at))
+                continue
+            eta, seq, task_id, queue, name, body, count, created = row
+            # Columns other hands wrote: a count that is no whole number starts over (as on
+            # Redis), a creation time that is no number is none.
+            number = stored_number(count)
+            if number is None or not 1 <= number < 2**53 or number != int(number):
+                number = 1
+                recount.append((seq,))
+            ready_at = max(eta, stored_number(created) or 0.0)
+            text = stored_text(body) or ""
+            deliveries.append(Delivery(task_id, queue, name, text, int(number), ready_at))
         if bad:
             cls._bury(db, bad, now)
+        if recount:
+            db.executemany("UPDATE tasks SET deliveries = 1 WHERE seq = ?", recount)
         return deliveries
 
     @staticmethod
@@ -437,6 +462,7 @@ class SQLiteBroker(Broker):
 
     # --- results, dead letters, revokes --------------------------------------
     def get_result(self, task_id: str) -> dict[str, Any] | None:
+        self.follow_file()
         key: str | bytes = task_id
         where = "id = ?"
         if not utf8_text(task_id):  # an id read back from a row stored with bytes, not UTF-8
@@ -450,6 +476,7 @@ class SQLiteBroker(Broker):
         return task_info(task_id, fields, done=fields["status"] == DONE)
 
     def depths(self) -> list[QueueDepth]:
+        self.follow_file()
         now = time.time()
         depth: dict[str, list[int]] = {}
         for queue, ready, scheduled in self.db.execute(
@@ -467,6 +494,7 @@ class SQLiteBroker(Broker):
     def dead_letters(
         self, limit: int | None = 100, ids: Sequence[str] | None = None
     ) -> list[DeadLetter]:
+        self.follow_file()
         query = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM dead_letters"
         params: list[Any] = []
         if ids is not None:
@@ -574,13 +602,14 @@ class SQLiteBroker(Broker):
             db.execute(
                 "INSERT INTO leases (key, holder, until) VALUES (?, ?, ?) ON CONFLICT (key)"
                 " DO UPDATE SET holder = excluded.holder, until = excluded.until"
-                " WHERE leases.holder = excluded.holder OR leases.until <= ?",
+                " WHERE leases.holder = excluded.holder OR leases.until <= ?"
+                f" OR NOT {IS_NUMBER.format('leases.until')}",  # other hands': no lease
                 (key, holder, now + ttl, now),
             )
             owner, until = db.execute(
                 "SELECT holder, until FROM leases WHERE key = ?", (key,)
             ).fetchone()
-        return str(owner), max(0.0, float(until) - now)
+        return str(stored_text(owner)), max(0.0, (stored_number(until) or now) - now)
 
     def release_lead(self, key: str, holder: str) -> None:
         self._schedule_tables()
@@ -602,7 +631,7 @@ class SQLiteBroker(Broker):
             if tick is not None:
                 moved = db.execute(
                     "UPDATE schedules SET last_tick = ? WHERE name = ?"
-                    " AND (last_tick IS NULL OR last_tick < ?)",
+                    f" AND (NOT {IS_NUMBER.format('last_tick')} OR last_tick < ?)",
                     (tick, name, tick),
                 ).rowcount
                 if not moved:
@@ -621,8 +650,13 @@ class SQLiteBroker(Broker):
     def schedule_states(self) -> dict[str, dict[str, Any]]:
         self._schedule_tables()
         rows = self.db.execute("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
-        return {
-            str(name): {"last_tick": tick, "last_id": task_id, "last_at": at, "paused": bool(p)}
+        return {  # what other hands wrote there reads as none
+            str(stored_text(name)): {
+                "last_tick": stored_number(tick),
+                "last_id": stored_text(task_id),
+                "last_at": stored_number(at),
+                "paused": bool(p),
+            }
             for name, tick, task_id, at, p in rows
         }
 
