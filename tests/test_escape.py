@@ -193,6 +193,34 @@ async def leave_alarm_async(how):
 
 
 @task
+def leave_cpu_timer(how):
+    """Leave what goes off after some CPU time: a sampling profiler's timer (`prof`), a
+    virtual one (`virtual`), each at its default (which ends the process); a faulthandler
+    dump that exits (`faulthandler`); a CPU-time limit one second on (`rlimit`)."""
+    import faulthandler, resource
+    if how == "prof":
+        signal.setitimer(signal.ITIMER_PROF, 0.05, 0.05)
+    elif how == "virtual":
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0.05, 0.05)
+    elif how == "faulthandler":
+        faulthandler.dump_traceback_later(0.3, exit=True)
+    else:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+    return os.getpid()
+
+
+@task
+def burn(seconds):
+    """Spend `seconds` of CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return os.getpid()
+
+
+@task
 def meddle(how):
     """Leave the child's process-wide state changed: SIGCHLD ignored (`chld`), SIGPIPE at
     its default (`pipe`), a recursion limit of 60 (`recursion`)."""
@@ -538,6 +566,21 @@ def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
     assert handle.get(timeout=10) == child
     assert handle.info()["deliveries"] == 1
     assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize("how", ["prof", "virtual", "faulthandler", "rlimit"])
+def test_a_cpu_timer_or_limit_that_a_task_leaves_never_ends_a_later_task(
+    escape_fleet, how: str
+) -> None:
+    """Each ended the child in the next task, which was counted a death (WorkerLost at the
+    last delivery) though it did nothing of the kind."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1, "max_deliveries": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    assert fleet.client.submit("escape_tasks.leave_cpu_timer", how).get(timeout=10) == child
+    handle = fleet.client.submit("escape_tasks.burn", 1.2)
+    assert handle.get(timeout=15) == child
+    assert handle.info()["deliveries"] == 1
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import _signal
 import contextlib
+import faulthandler
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -178,6 +180,7 @@ class Child:
         self.recursion_limit = sys.getrecursionlimit()
         self.streams = sys.stdout, sys.stderr
         self.cwd = os.getcwd()
+        self.cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()
@@ -209,15 +212,18 @@ class Child:
         for any signal the child set (SIGCHLD ignored, SIGPIPE back to its default),
         sys.stdout or sys.stderr replaced, the recursion limit; and, `alone` (no other task
         runs in this process, as async ones may), an alarm (or ITIMER_REAL) left running,
-        another working directory. Else a warm shutdown would wait on a child that runs
-        every task in its pipe, a soft time limit would raise nothing, a later task's
-        subprocesses would all exit 0 (SIGCHLD ignored: the kernel reaps them first) or a
-        write to a closed socket would end the child (SIGPIPE), the next tasks would print
-        into the stream a task left (or fail there), the alarm would go off in a later task
-        (into the handler the task left, raising in a task that never asked for it, or,
-        with none, ending the child), and later tasks would open their relative paths
-        elsewhere (or nowhere: a directory the task removed). _signal's calls are signal's
-        without the enums those wrap around handlers and masks, which cost some 5 us a task.
+        a CPU-time timer (ITIMER_PROF, a sampling profiler's, or ITIMER_VIRTUAL), a
+        faulthandler dump armed for later, a CPU-time limit, another working directory.
+        Else a warm shutdown would wait on a child that runs every task in its pipe, a soft
+        time limit would raise nothing, a later task's subprocesses would all exit 0
+        (SIGCHLD ignored: the kernel reaps them first) or a write to a closed socket would
+        end the child (SIGPIPE), the next tasks would print into the stream a task left (or
+        fail there), a timer would go off in a later task (into the handler the task left,
+        raising in a task that never asked for it, or, with none, ending the child: the
+        next task's death, counted against it), and later tasks would open their relative
+        paths elsewhere (or nowhere: a directory the task removed). _signal's calls are
+        signal's without the enums those wrap around handlers and masks, which cost some
+        5 us a task.
 
         Called before the task's reply is written: a TERM that the task blocked is taken
         here (the reply then says we leave), and one that it ignored or took with its own
@@ -229,6 +235,14 @@ class Child:
             sys.setrecursionlimit(self.recursion_limit)
         if alone:
             signal.alarm(0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+            faulthandler.cancel_dump_traceback_later()
+            if resource.getrlimit(resource.RLIMIT_CPU) != self.cpu_limit:
+                try:
+                    resource.setrlimit(resource.RLIMIT_CPU, self.cpu_limit)
+                except (ValueError, OSError):  # the hard limit lowered: a fresh child
+                    self.stop_when_idle = True
             self.restore_cwd()
 
     def restore_cwd(self) -> None:
