@@ -62,6 +62,10 @@ def hang(worker):
     time.sleep(600)
 
 @control_command
+def slow(worker, seconds=1.0):
+    time.sleep(float(seconds))
+
+@control_command
 def deep(worker):
     x = []
     for _ in range(100000):
@@ -726,6 +730,41 @@ def test_a_custom_commands_reply_too_deep_too_big_or_from_a_forked_copy_costs_no
     assert [h.get(timeout=10) for h in handles] == [i + 1 for i in range(20)]
     assert fleet.worker_pids() == [worker]
     assert len(psutil.Process(worker).children()) == 2  # its pool, and nothing else
+
+
+def test_custom_commands_one_after_the_other_keep_the_leases_of_the_running_task(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Commands that came in one read ran back to back, each within its time limit but
+    together past the lease: the other worker took the running task, which ran twice."""
+    fleet = fleet_with_ctltasks(
+        make_fleet,
+        fleet={"lease": 2},
+        workers=[{"name": "a", "queues": ["q"]}, {"name": "b", "queues": ["q"]}],
+        defaults={"concurrency": 1, "prefetch": 0},
+    ).start()
+    marker = tmp_path / "started.txt"
+    handle = fleet.client.submit("tasks.sleep", 7.0, str(marker), queue="q")
+    wait_for(marker.exists, 10, message="the task to start")
+    _, data = ctl_json(fleet, "inspect", "active")
+    [node] = [node for node, active in data["replies"].items() if active]
+    calls = [
+        subprocess.Popen(
+            [FLEETCTL, "-c", str(fleet.config), "--timeout", "30", "call", "slow"]
+            + ["seconds=1.5", "--dest", node],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(4)
+    ]
+    try:
+        assert [call.wait(60) for call in calls] == [0] * 4
+    finally:
+        for call in calls:
+            if call.poll() is None:
+                call.kill()
+                call.wait(5)
+    assert handle.get(timeout=20) in fleet.child_pids()
+    assert handle.info()["deliveries"] == 1 and marker.read_text().count("start") == 1
 
 
 def test_a_custom_command_that_hangs_is_interrupted_at_its_time_limit_and_the_worker_goes_on(
