@@ -319,3 +319,20 @@ def test_a_sqlite_url_names_a_file_never_a_database_in_memory(
         two.close()
     finally:
         one.close()
+
+
+def test_a_lease_that_ran_out_is_taken_back_only_from_an_owner_that_is_gone(
+    sqlite_broker: SQLiteBroker,
+) -> None:
+    """An owner that still runs but could not renew (another process held the write lock
+    past the lease) kept running its task while another worker started it again."""
+    alive = f"w@h1:{os.getpid()}:{int(time.time() * 1000)}"
+    gone = f"w@h1:{os.getpid()}:{int(time.time() * 1000) - 3_600_000}"  # a pid taken over since
+    first, second = envelope(), envelope()
+    sqlite_broker.enqueue([first, second])
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 1, alive, 0.05)] == [first.id]
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 1, gone, 0.05)] == [second.id]
+    time.sleep(0.2)
+
+    assert sqlite_broker.recover_expired(["q1"]) == 1
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w2", 30)] == [second.id]

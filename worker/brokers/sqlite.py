@@ -443,9 +443,24 @@ class SQLiteBroker(Broker):
         return self._requeue_where("owner = ?", (owner,))
 
     def recover_expired(self, queues: list[str]) -> int:
+        """Requeue the tasks whose lease ran out, of owners that are gone. One host holds the
+        queue file, and an owner names its process: one that still runs has not renewed
+        because something held it (another process holding the write lock past the lease,
+        a stopped terminal), and its task still runs; it renews when it can, and were it
+        hung, its arbiter ends it (worker_timeout) and its tasks come back at once."""
         marks = ",".join("?" * len(queues))
+        expired = f"status = {HELD} AND lease_until < ? AND queue IN ({marks})"
+        params = (time.time(), *queues)
+        owners = [
+            row[0]
+            for row in self.db.execute(f"SELECT DISTINCT owner FROM tasks WHERE {expired}", params)
+        ]
+        gone = [owner for owner in owners if not owner_runs(owner)]
+        if not gone:
+            return 0
         return self._requeue_where(
-            f"lease_until < ? AND queue IN ({marks})", (time.time(), *queues)
+            f"lease_until < ? AND queue IN ({marks}) AND owner IN ({','.join('?' * len(gone))})",
+            (*params, *gone),
         )
 
     def wakeup(self, queues: list[str]) -> Wakeup:
@@ -668,6 +683,31 @@ class SQLiteBroker(Broker):
                 " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
                 (name, int(paused)),
             )
+
+
+def owner_runs(owner: Any) -> bool:
+    """Whether the worker process an owner names (`node:pid:epoch ms`, worker.process) still
+    runs on this host: that pid, started no later than the owner was named (not a process
+    that took the pid over since), and not a zombie. Anything else, someone else's value
+    included, names no process that runs."""
+    try:
+        _, pid_text, named_ms = str(owner).rsplit(":", 2)
+        pid, named = int(pid_text), int(named_ms) / 1000
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (ValueError, IndexError, OSError):
+        return False
+    return fields[0] != b"Z" and started <= named + 1.0
+
+
+@functools.cache
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
