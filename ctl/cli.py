@@ -325,7 +325,8 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         handle = client.submit(
             args.task, *values, kwargs=kwargs, queue=args.queue, countdown=args.countdown
         )
-    except ValueError as exc:  # a countdown past the calendar, a task over the size limit
+    # A countdown past the calendar, a task over the size limit; an empty task name or queue.
+    except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if args.wait is None:
         print(json.dumps({"id": handle.id}) if args.json else handle.id)

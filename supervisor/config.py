@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")  # \Z: "$" would take a newline at the end
 # A worker reports every second (worker.process.STATS_EVERY): a bound under two reports would
 # kill healthy workers that a busy host delayed by a moment.
 MIN_WORKER_TIMEOUT = 2.0
@@ -115,12 +115,20 @@ class Config:
     schedules: list[Schedule] = field(default_factory=list)
 
 
+HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]+")
+# Integers with bounds: the least and the most.
+BOUNDED = {
+    "prefetch": (0, 1_000_000),
+    "async_slots": (1, 1_000_000),
+    "ttl": (1, 1_000_000_000),  # seconds: some 31 years (Redis refuses an expiry past its clock)
+}
+
 # Each key: (type check, default). A default of REQUIRED must be given.
 REQUIRED = object()
 DEFAULT_KEYS: dict[str, tuple[str, Any]] = {
     "concurrency": ("pos_int", None),  # None: the CPU count
-    "prefetch": ("nonneg_int", 1),
-    "async_concurrency": ("pos_int", 100),
+    "prefetch": ("prefetch", 1),
+    "async_concurrency": ("async_slots", 100),
     "max_tasks_per_child": ("nonneg_int", 0),
     "max_memory_per_child": ("size", "0"),
     "time_limit": ("nonneg_num", 0),
@@ -141,10 +149,10 @@ FLEET_KEYS: dict[str, tuple[str, Any]] = {
     "pythonpath": ("str_list", ["."]),
     "lease": ("pos_num", 30),
     "durability": ("durability", "default"),
-    "result_ttl": ("pos_int", 86400),
+    "result_ttl": ("ttl", 86400),
 }
 CONTROL_KEYS: dict[str, tuple[str, Any]] = {
-    "bind": ("str_list", None),
+    "bind": ("nonempty_str_list", None),  # none at all: a host that nobody could steer
     "endpoints": ("endpoints", []),
     "curve_secret_key": ("str", ""),
     "authorized_keys": ("str", ""),
@@ -197,6 +205,10 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
             raise bad("a list of non-empty strings")
         if kind == "nonempty_str_list" and not value:
             raise bad("a non-empty list of strings")
+    elif kind in BOUNDED:  # past these, a broker call or a count overflows at the first task
+        least, most = BOUNDED[kind]
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+            raise bad(f"an integer from {least} to {most:,}")
     elif kind == "pos_int":
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("an integer >= 1")
@@ -227,8 +239,8 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "durability":
         if value not in ("default", "fsync"):
             raise bad('"default" or "fsync"')
-    elif kind == "host_port":
-        if not isinstance(value, str) or (value and not re.match(r"^[\w.\-\[\]:]+:\d+$", value)):
+    elif kind == "host_port":  # an IPv6 address in brackets: [::1]:9808
+        if not isinstance(value, str) or (value and not HOST_PORT_RE.fullmatch(value)):
             raise bad('"host:port"')
         if value and not 0 < int(value.rpartition(":")[2]) < 65536:
             raise bad('"host:port" with a port from 1 to 65535')
@@ -338,7 +350,7 @@ def from_dict(
         if key not in SECTIONS:
             raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
     fleet = _section(path, "fleet", raw.get("fleet", {}), FLEET_KEYS, {})
-    host = node or fleet["node"] or socket.gethostname().split(".")[0]
+    host = node if node is not None else fleet["node"] or socket.gethostname().split(".")[0]
     if not NAME_RE.match(host):  # --node, or the host's name: as fleet.node is checked
         raise ConfigError(
             path,

@@ -281,3 +281,18 @@ def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
         assert line.startswith("fleetctl: the broker refused: ") and says in line, line
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["submit", ""], "a task name must be a non-empty string, not ''"),
+        (["dashboard", "--bind", "127.0.0.1:²"], "--bind '127.0.0.1:²': give HOST:PORT"),
+    ],
+)
+def test_fleetctl_arguments_that_ended_in_a_traceback_are_one_line_and_exit_2(
+    make_fleet: Callable[..., Fleet], argv: list[str], error: str
+) -> None:
+    out = make_fleet().ctl(*argv, check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"fleetctl: {error}") and out.stderr.count("\n") == 1

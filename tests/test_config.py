@@ -74,7 +74,7 @@ BAD = [
     (
         GOOD.replace("concurrency = 3", "concurrency = 3\nasync_concurrency = 0"),
         "defaults.async_concurrency",
-        ">= 1",
+        "from 1 to",
     ),
     (
         GOOD.replace('name = "a"\n', 'name = "a"\nasync_concurrency = "x"\n', 1),
@@ -113,6 +113,28 @@ BAD = [
     (GOOD + '\n[control]\nendpoints = { "h 2" = "tcp://h2:7950" }\n', "control.endpoints", "table"),
     (GOOD + '\n[control]\nendpoints = ["h2:7950"]\n', "control.endpoints", "ipc:// or tcp://"),
     (GOOD + '\n[metrics]\nbind = "127.0.0.1:99999"\n', "metrics.bind", "port from 1 to 65535"),
+    # Each passed check, then ended start in a traceback or let nobody steer the host:
+    (GOOD + '\n[metrics]\nbind = "127.0.0.1:9808\\n"\n', "metrics.bind", "host:port"),
+    (GOOD + '\n[metrics]\nbind = "::9808"\n', "metrics.bind", "host:port"),
+    (GOOD + "\n[control]\nbind = []\n", "control.bind", "non-empty list"),
+    (GOOD.replace('name = "a"\n', 'name = "a\\n"\n', 1), "worker[0].name", "a name of"),
+    (GOOD.replace('node = "h1"', 'node = "h1\\n"'), "fleet.node", "a name of"),
+    # Past these, the worker died at its first task on every start, until FATAL:
+    (
+        GOOD.replace('node = "h1"', 'node = "h1"\nresult_ttl = 10000000000000000'),
+        "fleet.result_ttl",
+        "from 1 to 1,000,000,000",
+    ),
+    (
+        GOOD.replace('name = "a"\n', 'name = "a"\nprefetch = 9223372036854775807\n', 1),
+        "worker[0].prefetch",
+        "from 0 to 1,000,000",
+    ),
+    (
+        GOOD.replace('name = "a"\n', 'name = "a"\nasync_concurrency = 10000000\n', 1),
+        "worker[0].async_concurrency",
+        "from 1 to 1,000,000",
+    ),
     # NaN and infinity: never a duration (on Redis a lease of inf or nan crashed every turn).
     (GOOD.replace("time_limit = 60", "time_limit = nan"), "defaults.time_limit", "finite"),
     (GOOD.replace("time_limit = 60", "time_limit = inf"), "defaults.time_limit", "finite"),

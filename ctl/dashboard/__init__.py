@@ -23,7 +23,8 @@ class DashboardError(Exception):
 def split_bind(bind: str) -> tuple[str, int]:
     """ "HOST:PORT" (HOST may be [v6]) -> (host, port); DashboardError if it is not that."""
     host, sep, port = bind.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    digits = port.isascii() and port.isdigit()  # "²" is a digit to Python, not to int()
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
         raise DashboardError(f"--bind {bind!r}: give HOST:PORT, as 127.0.0.1:9810")
     return host.strip("[]"), int(port)
 
