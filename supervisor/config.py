@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -321,7 +322,12 @@ def parse_schedules(path: str, entries: Any) -> list[Schedule]:
 def load(path: str, node: str | None = None, check_imports: bool = True) -> Config:
     """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
     try:
-        with open(path, "rb") as f:
+        # Non-blocking: a FIFO put where the config was would hold the arbiter's reload (and
+        # with it every signal and control request) until something wrote into it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(path, "-", "not a regular file (a FIFO, a device, a folder)")
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, "-", "no such file") from None

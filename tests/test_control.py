@@ -623,6 +623,15 @@ def test_reload_starts_fresh_workers_and_refuses_a_broken_config(
     )
     code, data = ctl_json(fleet, "reload")
     assert code == 1 and "no_such_module" in data["replies"]["a@h1"]["error"]
+    # A FIFO where the config was held the reload in open() until something wrote into it,
+    # and with it every signal and request of the host.
+    fleet.config.unlink()
+    os.mkfifo(fleet.config)
+    fleet.signal(signal.SIGHUP)
+    answer = fleetctl("--endpoint", endpoint(fleet), "--json", "ping", timeout=15)
+    assert answer.returncode == 0 and len(json.loads(answer.stdout)["replies"]) == 2
+    wait_for(lambda: "not a regular file" in fleet.log(), 10, message="the refused reload")
+    fleet.config.unlink()
     fleet.config.write_text(good)
     assert ctl_json(fleet, "ping")[0] == 0
 
