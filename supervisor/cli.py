@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     fill_standard_fds()
     args = build_parser().parse_args(argv)
+    if args.command == "stop":  # by the pid file: whatever the config holds by now
+        try:
+            pidfile = args.pidfile or os.path.join(
+                configmod.state_dir_of(args.config), "fleetd.pid"
+            )
+        except configmod.ConfigError as exc:
+            print(f"fleetd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return signal_running(pidfile, args)
     try:
         cfg = configmod.load(
             args.config,
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "start":
         return start(cfg, args)
-    return signal_running(cfg, args)
+    return signal_running(args.pidfile or os.path.join(cfg.state_dir, "fleetd.pid"), args)
 
 
 def probe_imports(cfg: configmod.Config) -> str | None:
@@ -215,10 +224,10 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     return code
 
 
-def signal_running(cfg: configmod.Config, args: argparse.Namespace) -> int:
+def signal_running(path: str, args: argparse.Namespace) -> int:
+    """`fleetd stop` or `reload`: signal the arbiter whose pid the file at `path` holds."""
     from .pidfile import PidfileError, read_live_pid, stop
 
-    path = args.pidfile or os.path.join(cfg.state_dir, "fleetd.pid")
     try:
         pid = read_live_pid(path)
     except PidfileError as exc:

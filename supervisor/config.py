@@ -321,6 +321,25 @@ def parse_schedules(path: str, entries: Any) -> list[Schedule]:
 
 def load(path: str, node: str | None = None, check_imports: bool = True) -> Config:
     """Read and validate the config at `path`. Raises ConfigError (one line) on any problem."""
+    return from_dict(read_toml(path), path, node=node, check_imports=check_imports)
+
+
+def state_dir_of(path: str) -> str:
+    """The state folder the config at `path` names, as `load` resolves it, reading no other
+    key: `fleetd stop` stops a fleet whose config was edited since into one that does not
+    load. ConfigError if the file or that key cannot be read."""
+    raw = read_toml(path)
+    fleet = raw.get("fleet", {})
+    if not isinstance(fleet, dict):
+        raise ConfigError(path, "fleet", "must be a table")
+    value = _check(
+        path, "fleet.state_dir", "str", fleet.get("state_dir", FLEET_KEYS["state_dir"][1])
+    )
+    return _resolve(os.path.dirname(os.path.abspath(path)), value)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML document at `path`; ConfigError (one line) if it cannot be read as one."""
     try:
         # Non-blocking: a FIFO put where the config was would hold the arbiter's reload (and
         # with it every signal and control request) until something wrote into it.
@@ -345,7 +364,7 @@ def load(path: str, node: str | None = None, check_imports: bool = True) -> Conf
         raise ConfigError(
             path, "-", "TOML syntax error: arrays or tables nested too deep"
         ) from None
-    return from_dict(raw, path, node=node, check_imports=check_imports)
+    return raw
 
 
 def from_dict(

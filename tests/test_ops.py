@@ -65,6 +65,24 @@ def test_stop_and_reload_work_by_pidfile(make_fleet) -> None:
     assert not (fleet.folder / "state" / "fleetd.pid").exists()
 
 
+def test_stop_stops_a_fleet_whose_config_was_since_edited_into_one_that_does_not_load(
+    make_fleet,
+) -> None:
+    """It refused, naming the key, and the fleet could be ended only by its pid."""
+    fleet = make_fleet().start()
+    fleet.config.write_text(fleet.config.read_text() + "\n[fleet_typo]\nx = 1\n")
+    refused = subprocess.run(
+        [FLEETD, "reload", "-c", str(fleet.config)], capture_output=True, text=True, timeout=10
+    )
+    assert refused.returncode == 2 and "fleet_typo" in refused.stderr  # a reload would load it
+    fleet.remember_pids()
+    out = subprocess.run(
+        [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert fleet.wait_exit(5) == 0
+
+
 def test_stale_pidfile_is_reported_never_signalled(make_fleet) -> None:
     fleet = make_fleet()
     pidfile = fleet.folder / "other.pid"
