@@ -526,7 +526,9 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
         else:
             result = client.call(cmd, cmd_args, dest, limit)
     if not (limit and len(result.replies) >= limit):
-        result.missing += [d for d in unanswered(dest, result.replies) if d not in result.missing]
+        # `start` names its nodes as arguments, the other commands with --dest.
+        named = cmd_args["nodes"] if args.command == "start" else dest
+        result.missing += [d for d in unanswered(named, result.replies) if d not in result.missing]
     if args.json:
         add_iso_times(result.replies)
         print(result.to_json(**({"revoked_ahead": ahead} if args.command == "revoke" else {})))

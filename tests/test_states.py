@@ -218,6 +218,9 @@ def test_fleetctl_start_brings_back_a_fatal_and_a_shut_down_node_and_names_an_un
     }
     out = fleet.ctl("start", "nosuch@h1", check=False)
     assert out.returncode == 1 and "no such node" in out.stdout
+    # A node without its host, or of a host that is not there: it said nothing, and exit 0.
+    code, data = ctl_json(fleet, "start", "a", "a@h2")
+    assert code == 1 and data["replies"] == {} and data["missing"] == ["a", "a@h2"]
 
 
 def test_ending_the_spawned_workers_skips_one_whose_spawn_failed(tmp_path: Path) -> None:
