@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
+        try:
+            configmod.read_token_file(cfg.dashboard.token_file)
+        except ValueError as exc:
+            print(f"fleetd: {args.config}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         if cfg.broker.startswith(("redis://", "rediss://", "unix://")):
             from worker.brokers.redis import url_options_problem  # redis-py: here, not in start
 

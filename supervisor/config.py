@@ -97,6 +97,21 @@ def dashboard_problem(bind: str, token_file: str) -> str | None:
     return None
 
 
+def read_token_file(path: str) -> str:
+    """The dashboard's bearer token in `path` (its first line; "" for no path); ValueError
+    in one line if there is none (`fleetd check` refuses what the dashboard would)."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"dashboard token_file {path}: cannot read it: {exc}") from None
+    if not token:
+        raise ValueError(f"dashboard token_file {path}: it holds no token")
+    return token
+
+
 @dataclass(frozen=True)
 class Config:
     path: str

@@ -69,6 +69,7 @@ def test_check_names_a_dashboard_open_to_other_hosts_without_a_token(
     (tmp_path / "fleet.toml").write_text(CONFIG + f"\n[dashboard]\n{dashboard}\n")
     (tmp_path / "tasks.py").write_text("X = 1\n")
     (tmp_path / "more.py").write_text("X = 1\n")
+    (tmp_path / "dashboard.token").write_text("t0ken\n")
     done = fleetd("check", "-c", str(tmp_path / "fleet.toml"))
     if refused:
         assert done.returncode == 2
@@ -76,3 +77,19 @@ def test_check_names_a_dashboard_open_to_other_hosts_without_a_token(
         assert "dashboard.bind" in message and "token_file" in message, message
     else:
         assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("content", "problem"), [(None, "cannot read it"), ("\n", "no token")])
+def test_check_names_a_dashboard_token_file_the_dashboard_would_refuse(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    """Check said ok, and `fleetctl dashboard` then refused to start."""
+    (tmp_path / "fleet.toml").write_text(CONFIG + '\n[dashboard]\ntoken_file = "dashboard.token"\n')
+    (tmp_path / "tasks.py").write_text("X = 1\n")
+    (tmp_path / "more.py").write_text("X = 1\n")
+    if content is not None:
+        (tmp_path / "dashboard.token").write_text(content)
+    done = fleetd("check", "-c", str(tmp_path / "fleet.toml"))
+    assert done.returncode == 2
+    [message] = done.stderr.strip().splitlines()
+    assert "dashboard token_file" in message and problem in message, message

@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import Any
 
-from supervisor.config import dashboard_problem
+from supervisor.config import dashboard_problem, read_token_file
 
 SHUTDOWN_GRACE = 2  # seconds open live pages get to close at shutdown
 
@@ -31,16 +31,10 @@ def split_bind(bind: str) -> tuple[str, int]:
 
 def read_token(path: str) -> str:
     """The bearer token in `path` (its first line); DashboardError if there is none."""
-    if not path:
-        return ""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DashboardError(f"dashboard token_file {path}: cannot read it: {exc}") from None
-    if not token:
-        raise DashboardError(f"dashboard token_file {path}: it holds no token")
-    return token
+        return read_token_file(path)
+    except ValueError as exc:
+        raise DashboardError(str(exc)) from None
 
 
 def checked_start(bind: str, token_file: str) -> tuple[str, int, str]:
