@@ -180,7 +180,23 @@ def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
         problem = folder_problem(folder)
         if problem:
             problems.append(str(configmod.ConfigError(config_path, key, problem)))
+    if cfg.broker.startswith("sqlite:///"):
+        problem = queue_file_problem(cfg.broker[len("sqlite:///") :], cfg.state_dir)
+        if problem:
+            problems.append(str(configmod.ConfigError(config_path, "fleet.broker", problem)))
     return problems
+
+
+def queue_file_problem(path: str, state_dir: str) -> str | None:
+    """Why a SQLite queue file cannot be at `path`, if it cannot: where the state folder or
+    one of its parents is, or where something that is no file is (a folder, a device)."""
+    if os.path.abspath(state_dir).startswith(os.path.join(os.path.abspath(path), "")) or (
+        os.path.abspath(state_dir) == os.path.abspath(path)
+    ):
+        return f"{path} is the state_dir or a folder of it: give the queue file a path of its own"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is no file (a folder, a device): give the queue file's path"
+    return None
 
 
 def folder_problem(folder: str) -> str | None:

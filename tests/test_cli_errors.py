@@ -143,6 +143,29 @@ def test_fleetd_check_names_every_folder_it_would_fail_on(
     ]
 
 
+@pytest.mark.parametrize(
+    ("fleet_keys", "problem"),
+    [
+        ({"broker": "sqlite:///state"}, "is the state_dir or a folder of it"),
+        ({"broker": "sqlite:///q.db", "state_dir": "q.db/st"}, "is the state_dir or a folder"),
+        ({"broker": "sqlite:////dev/null"}, "is no file"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "start"])
+def test_a_queue_file_where_the_state_dir_or_no_file_is_is_one_line_and_exit_2(
+    make_fleet: Callable[..., Fleet], fleet_keys: dict[str, str], problem: str, command: str
+) -> None:
+    """Check said ok; start made the queue file where the state folder goes and ended in
+    a FileExistsError's traceback, or (a device) refused only after spawning."""
+    fleet = make_fleet(fleet=fleet_keys)
+
+    out = fleetd(command, "-c", str(fleet.config))
+
+    assert out.returncode == 2
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"fleetd: {fleet.config}: fleet.broker: ") and problem in line
+
+
 def test_fleetd_check_of_folders_under_proc_says_why_they_cannot_be_made(
     make_fleet: Callable[..., Fleet],
 ) -> None:
