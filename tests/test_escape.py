@@ -212,6 +212,16 @@ def leave_cpu_timer(how):
 
 
 @task
+def write_into_reply_pipe():
+    """Write the start of a frame (a header announcing 1 MiB) into the child's reply pipe."""
+    import gc
+    from worker.child import Child
+    [child] = [o for o in gc.get_objects() if isinstance(o, Child)]
+    os.write(child.result_fd, (1 << 20).to_bytes(4, "big"))
+    return "wrote"
+
+
+@task
 def burn(seconds):
     """Spend `seconds` of CPU time."""
     end = time.process_time() + seconds
@@ -581,6 +591,31 @@ def test_a_cpu_timer_or_limit_that_a_task_leaves_never_ends_a_later_task(
     handle = fleet.client.submit("escape_tasks.burn", 1.2)
     assert handle.get(timeout=15) == child
     assert handle.info()["deliveries"] == 1
+
+
+def test_a_task_that_writes_part_of_a_reply_into_its_childs_pipe_loses_that_child_alone(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The bytes began a frame that never ended: every later reply of that child was taken
+    for its rest, the task stayed STARTED for good and those behind it never settled. The
+    child is killed once part of a reply has waited PARTIAL_REPLY_LIMIT (here 1 s)."""
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "escape_tasks", "quick"]},
+        defaults={"concurrency": 1, "prefetch": 1, "max_deliveries": 1},
+    )
+    (fleet.folder / "escape_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
+    (fleet.folder / "quick.py").write_text(
+        "import worker.pool\nworker.pool.PARTIAL_REPLY_LIMIT = 1.0\n"
+    )
+    fleet.start()
+    [worker] = fleet.worker_pids()
+    hostile = fleet.client.submit("escape_tasks.write_into_reply_pipe")
+    after = [fleet.client.submit("tasks.add", i, 1) for i in range(3)]
+    with pytest.raises(TaskFailed) as failed:
+        hostile.get(timeout=15)
+    assert failed.value.exc_type == "WorkerLost"
+    assert [h.get(timeout=15) for h in after] == [1, 2, 3]
+    assert fleet.worker_pids() == [worker] and "left part of a reply" in fleet.log()
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,10 @@ child_log = logging.getLogger("fleetd.child")
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 SPAWN_BACKOFF_MIN = 0.5  # seconds before forking again after a failed fork; doubles each time
 SPAWN_BACKOFF_MAX = 5.0
+# Seconds part of a child's reply may wait for the rest: a child writes each reply whole, at
+# once (64 MiB at most, through a pipe the worker drains), so only bytes that are no reply
+# (a task writing into the child's pipe) wait this long.
+PARTIAL_REPLY_LIMIT = 10.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -83,6 +87,7 @@ class ChildProc:
     spare: bool = False
     said_bye: bool = False  # it wrote BYE: it stops cleanly, between tasks
     born: float = field(default_factory=time.time)
+    partial_since: float | None = None  # monotonic time from which part of a reply waits
 
     @property
     def running(self) -> Running | None:
@@ -261,6 +266,10 @@ class Pool:
         if frames is None:
             self.child_gone(child)
             return
+        if not child.reader.holding:
+            child.partial_since = None
+        elif child.partial_since is None:
+            child.partial_since = time.monotonic()
         for reply in frames:
             self.task_done(child, reply)
 
@@ -498,6 +507,21 @@ class Pool:
 
     def enforce_time_limits(self: Worker, now: float) -> None:
         for child in list(self.children.values()):
+            if child.partial_since is not None and now - child.partial_since >= PARTIAL_REPLY_LIMIT:
+                # A child writes a reply at once, whole: bytes that a task wrote into the
+                # child's pipe began a frame that never ends, and every reply after it would
+                # be taken for its rest (the slot wedged, its tasks never settled).
+                log.error(
+                    "child %d left part of a reply for %gs (something wrote into its pipe);"
+                    " killing it",
+                    child.pid,
+                    PARTIAL_REPLY_LIMIT,
+                    extra={"node": self.node},
+                )
+                child.partial_since = None
+                child.retiring = True
+                self.kill_group(child.pid)
+                continue
             if child.timed:
                 self.enforce_async_limits(child, now)
             running = child.running

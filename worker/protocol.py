@@ -103,6 +103,11 @@ class FrameReader:
             del pending[:pos]
         return frames
 
+    @property
+    def holding(self) -> bool:
+        """Whether part of a frame waits for the rest of it."""
+        return bool(self._pending)
+
     def read_frames(self, fd: int) -> list[Any] | None:
         """Read once from `fd`: the frames completed, [] if nothing was ready, None on EOF."""
         try:
