@@ -304,6 +304,8 @@ def test_every_command_line_of_the_table_is_a_design_one() -> None:
         ("time_limit", {"task": "t", "soft": float("nan"), "hard": 2}, "finite"),
         ("time_limit", {"task": "t", "soft": 2, "hard": 1}, "soft below hard"),
         ("rate_limit", {"task": "t", "rate": "fast"}, "rate 'fast'"),
+        ("rate_limit", {"task": "", "rate": "1/s"}, "task must be a task name"),
+        ("time_limit", {"task": "", "soft": 1, "hard": 2}, "task must be a task name"),
         ("revoke", {"ids": []}, "non-empty list"),
         ("revoke", {"ids": ["a"], "signal": "NOPE"}, "unknown signal"),
         ("revoke", {"ids": ["a"], "signal": "²"}, "unknown signal"),

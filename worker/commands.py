@@ -124,6 +124,8 @@ def limit_source(worker: Worker, name: str, kind: str) -> str:
 
 
 def rate_problem(args: dict[str, Any]) -> str | None:
+    if not args["task"]:  # kept across restarts, for a name no task has
+        return "task must be a task name, not ''"
     try:
         parse_rate(str(args["rate"]))
     except ValueError as exc:
@@ -153,6 +155,8 @@ def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
 
 def time_limit_problem(args: dict[str, Any]) -> str | None:
     """Soft and hard (0 = none), soft below hard; or clear."""
+    if not args["task"]:
+        return "task must be a task name, not ''"
     if args.get("clear"):
         return None
     soft, hard = args.get("soft"), args.get("hard")
