@@ -425,7 +425,10 @@ def cmd_keygen(args: argparse.Namespace, console: Console) -> int:
         public, secret = keygen(args.dir)
     except (FileExistsError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    if args.json:
+        print(json.dumps({"public": str(public), "secret": str(secret)}))
+    else:
+        print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
     return EXIT_OK
 
 

@@ -954,6 +954,11 @@ def test_keygen_writes_a_pair_and_never_overwrites_it(tmp_path: Path) -> None:
     assert secret.stat().st_mode & 0o777 == 0o600 and "public-key" in public.read_text()
     again = fleetctl("keygen", str(tmp_path / "keys"))
     assert again.returncode == 2 and "exists" in again.stderr
+    as_json = fleetctl("--json", "keygen", str(tmp_path / "more"))  # it printed plain text
+    assert json.loads(as_json.stdout) == {
+        "public": str(tmp_path / "more" / "fleet.key"),
+        "secret": str(tmp_path / "more" / "fleet.key_secret"),
+    }
 
 
 # --- bad input --------------------------------------------------------------------------------
