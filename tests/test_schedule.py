@@ -73,6 +73,27 @@ def test_last_until_is_the_tick_at_or_before() -> None:
     assert every.last_until(90.0) == 90.0 and every.next_after(90.0) == 120.0
 
 
+@pytest.mark.parametrize("cron", ["30 2 * * *", "15,45 1-3 * * *", "0 */2 * * *"])
+def test_in_the_hour_a_clock_goes_back_the_next_tick_is_ahead_and_the_last_behind(
+    cron: str,
+) -> None:
+    """cronsim ignores the fold: seen from 02:00-02:30 CET (the second pass), 02:30 CEST was
+    the next tick though it had passed, and the last one was the day before's; a paused
+    schedule then spun its worker's loop for half an hour, and a takeover ran a tick that
+    misfire said to skip."""
+    schedule = Schedule("c", "t", cron=cron, timezone="Europe/Berlin")
+    second_pass = datetime(2026, 10, 25, 2, 0, tzinfo=BERLIN, fold=1).timestamp()
+    ticks, moment = [], second_pass - 26 * 3600
+    while (moment := schedule.next_after(moment)) < second_pass + 26 * 3600:
+        ticks.append(moment)
+    for seconds in range(0, 3600, 97):
+        now = second_pass + seconds + 0.3
+        after, last = schedule.next_after(now), schedule.last_until(now)
+        assert last <= now < after
+        assert [t for t in ticks if last < t <= now] == []  # none skipped by last_until
+        assert after == min(t for t in ticks if t > now)
+
+
 CONFIG = {"fleet": {"broker": "sqlite:///q.db"}, "worker": [{"name": "w"}]}
 
 
@@ -274,6 +295,25 @@ def test_ticks_missed_longer_than_a_takeover_follow_the_misfire_policy(
     expected = ([missed] if misfire == "run_once" else []) + list(late)
     assert fired_ticks(connect()) == sorted(tick_task_id("tick", t) for t in expected)
     assert duty.counts == {"fired": len(expected), "skipped": int(misfire == "skip")}
+
+
+def test_a_leader_that_stalled_past_its_lease_follows_the_misfire_policy_on_resuming(
+    connect: BrokerFactory,
+) -> None:
+    """Stopped (SIGSTOP, a broker outage) past its lease while nobody else led, it got the
+    lease back at its first claim as if it had led all along, and fired every tick of the
+    stall in one burst."""
+    schedule = Schedule("tick", "tasks.tick", every=1, queue="q", misfire="skip")
+    broker = connect()
+    duty = scheduler(broker, "one", [schedule])
+    start = float(int(datetime.now().timestamp()))
+    duty.step(start + 0.5)  # leads: a new schedule, due from now on
+    resumed = start + 30.5  # its lease (LEASE s) long run out
+    duty.step(resumed)
+    missed = int(resumed - duty.takeover_time)  # older than a takeover: skipped
+    expected = range(missed + 1, int(resumed) + 1)
+    assert fired_ticks(connect()) == sorted(tick_task_id("tick", t) for t in expected)
+    assert duty.counts == {"fired": len(expected), "skipped": 1}
 
 
 def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(

@@ -72,7 +72,12 @@ class Schedule:
             return (moment // self.every + 1) * self.every
         assert self.cron is not None
         start = datetime.fromtimestamp(moment, zone(self.timezone))
-        return float(next(cron_sim()(self.cron, start)).timestamp())
+        # cronsim walks wall-clock time and ignores the fold: in the hour a clock goes back,
+        # its first tick can lie before `moment` (02:30 CEST seen from 02:10 CET).
+        for tick in cron_sim()(self.cron, start):
+            if tick.timestamp() > moment:
+                return float(tick.timestamp())
+        raise AssertionError("unreachable: cronsim yields ticks without end")
 
     def last_until(self, moment: float) -> float:
         """Epoch seconds of the last tick at or before `moment`."""
@@ -82,7 +87,11 @@ class Schedule:
         # Half a second past the whole second: cronsim's reverse walk then yields that second
         # itself first if it is a tick (cron ticks are whole minutes).
         start = datetime.fromtimestamp(int(moment) + 0.5, zone(self.timezone))
-        return float(next(cron_sim()(self.cron, start, reverse=True)).timestamp())
+        last = float(next(cron_sim()(self.cron, start, reverse=True)).timestamp())
+        # In the hour a clock goes back, the reverse walk can pass over the first pass's tick.
+        while (later := self.next_after(last)) <= moment:
+            last = later
+        return last
 
     @property
     def when(self) -> str:
@@ -223,10 +232,13 @@ class Scheduler:
         """Take or renew the lead when it is time to, and enqueue the ticks due if we lead."""
         if not self.schedules:
             return
-        if now >= self.next_claim:
-            self.claim(now)
+        # Before a claim: one that finds our lease run out (this worker stalled: stopped, a
+        # broker outage) gets it back as a new lead, whose ticks missed meanwhile follow
+        # `misfire`, as another worker's takeover would, never a burst of all of them.
         if self.leading_since is not None and now >= self.lead_until:
             self.step_down("our lease ran out before we could renew it")
+        if now >= self.next_claim:
+            self.claim(now)
         if self.leading_since is not None and now >= self.due_at:
             self.fire_due(now)
 
