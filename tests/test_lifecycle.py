@@ -223,12 +223,18 @@ def test_soft_time_limit_raises_inside_the_task(make_fleet) -> None:
     assert fleet.client.submit("tasks.soft_limited").get(timeout=10) == "cleaned up"
 
 
-def test_revoked_before_start_is_skipped_and_never_runs(make_fleet, tmp_path: Path) -> None:
+# An id is anybody's text: one with a newline was two lines on the child's revoke pipe (and
+# one with "\x1fcancel " the start of another), and the revoked task ran.
+@pytest.mark.parametrize("task_id", [None, "r\nx", "a\x1fcancel b"])
+def test_revoked_before_start_is_skipped_and_never_runs(
+    make_fleet, tmp_path: Path, task_id: str | None
+) -> None:
     fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 2}).start()
     marker = tmp_path / "started.txt"
     blocker = fleet.client.submit("tasks.sleep", 3.0, str(marker))  # long enough for two fleetctl
     wait_for(marker.exists, 10, message="the blocker to start")
-    reserved = fleet.client.submit("tasks.sleep", 0, str(marker))  # held by the worker, not started
+    # held by the worker (in the child's pipe), not started
+    reserved = fleet.client.submit("tasks.sleep", 0, str(marker), task_id=task_id)
     wait_for(lambda: any(inspect(fleet, "reserved").values()), 5, message="the task to be reserved")
     fleet.ctl("revoke", reserved.id)
     queued = fleet.client.submit("tasks.sleep", 0, str(marker), countdown=0.5)

@@ -46,6 +46,14 @@ def pipe() -> Iterator[tuple[int, int]]:
             pass
 
 
+@pytest.mark.parametrize("task_id", ["plain", "r\nx", "a\x1fcancel b", "é\r"])
+def test_an_id_on_the_revoke_pipe_is_one_line_whatever_it_holds(task_id: str) -> None:
+    line = protocol.id_line(task_id, protocol.CANCEL_MARK)
+    assert line.count(b"\n") == 1 and line.endswith(b"\n") and line.count(b"\x1f") == 1
+    assert protocol.line_id(line[len(protocol.CANCEL_MARK) : -1]) == task_id
+    assert protocol.line_id(b"not json") == protocol.line_id(b"5") == ""
+
+
 def test_frame_is_a_big_endian_length_then_compact_json() -> None:
     assert encode({"a": [1, 2]}) == b'\x00\x00\x00\x0b{"a":[1,2]}'
 

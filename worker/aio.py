@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from .child import Child, encode_reply, flush_output, reap_adopted
-from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, Undecodable, write_all
+from .protocol import CANCEL_MARK, SOFT_MARK, FrameReader, Undecodable, line_id, write_all
 from .task import REGISTRY, Request, SoftTimeLimitExceeded
 
 SOFT_MESSAGE = "soft time limit exceeded"
@@ -201,13 +201,13 @@ class EventLoopChild:
 
     def control(self, line: bytes) -> None:
         if line.startswith(SOFT_MARK):
-            self.soft_limit(line[len(SOFT_MARK) :].decode(errors="replace"))
+            self.soft_limit(line_id(line[len(SOFT_MARK) :]))
         elif line.startswith(CANCEL_MARK):
-            running = self.running.get(line[len(CANCEL_MARK) :].decode(errors="replace"))
+            running = self.running.get(line_id(line[len(CANCEL_MARK) :]))
             if running is not None:
                 running.cancel()
         else:
-            self.child.revoked.add(line.decode(errors="replace"))
+            self.child.revoked.add(line_id(line))
 
     def soft_limit(self, task_id: str) -> None:
         """Raise SoftTimeLimitExceeded at the await the task is stopped on. Where that is no

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .brokers.base import Delivery
-from .protocol import CANCEL_MARK, SOFT_MARK
+from .protocol import CANCEL_MARK, SOFT_MARK, id_line
 
 if TYPE_CHECKING:
     from .pool import ChildProc, Running
@@ -115,9 +115,7 @@ class AsyncPool:
         running.settled = True
         running.terminated_at = now
         child.timed.add(running.delivery.id)
-        self.write_child(
-            child, child.revokes_out, CANCEL_MARK + running.delivery.id.encode() + b"\n"
-        )
+        self.write_child(child, child.revokes_out, id_line(running.delivery.id, CANCEL_MARK))
 
     def enforce_async_limits(self: Worker, child: ChildProc, now: float) -> None:
         """The deadlines of a child's async tasks: a soft limit and a cancel are control
@@ -131,7 +129,7 @@ class AsyncPool:
                 continue
             if running.soft_deadline and not running.soft_sent and now >= running.soft_deadline:
                 running.soft_sent = True
-                self.write_child(child, child.revokes_out, SOFT_MARK + task_id.encode() + b"\n")
+                self.write_child(child, child.revokes_out, id_line(task_id, SOFT_MARK))
             if running.hard_deadline and now >= running.hard_deadline:
                 self.time_limit_exceeded(running, "cancelled")
                 self.cancel_async(child, running, now)

@@ -37,7 +37,7 @@ from .brokers.base import (
     Retry,
     utf8_text,
 )
-from .protocol import FrameReader, ProtocolError, Undecodable, encode, write_all
+from .protocol import FrameReader, ProtocolError, Undecodable, encode, line_id, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 from .tree import STRAY_SIGNALS, become_subreaper, set_dispositions, set_parent_death_signal
 
@@ -273,7 +273,7 @@ class Child:
         try:
             while data := os.read(self.revoke_fd, 65536):
                 *ids, self.revoke_tail = (self.revoke_tail + data).split(b"\n")
-                self.revoked.update(i.decode() for i in ids)
+                self.revoked.update(map(line_id, ids))
         except BlockingIOError:
             pass
         task_id = body.get("id") if isinstance(body, dict) else None

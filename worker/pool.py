@@ -29,7 +29,7 @@ from .autoscale import DECIDE_EVERY, MAX_POOL, Load, decide
 from .brokers.base import FAILURE, Delivery, Outcome
 from .child import CLEAN_STOP, child_main
 from .commands import pool_room
-from .protocol import FrameReader, Outbox, ProtocolError, encode_task
+from .protocol import FrameReader, Outbox, ProtocolError, encode_task, id_line
 from .tree import SENDER_CHECKED, end_adopted
 
 if TYPE_CHECKING:
@@ -488,9 +488,7 @@ class Pool:
         for child in self.children.values():
             waiting = [r.delivery.id for r in list(child.tasks)[1:] if r.delivery.id in ids]
             if waiting:
-                self.write_child(
-                    child, child.revokes_out, "".join(f"{i}\n" for i in waiting).encode()
-                )
+                self.write_child(child, child.revokes_out, b"".join(map(id_line, waiting)))
 
     def terminate(self: Worker, child: ChildProc, signum: int) -> None:
         """Revoke the running task with a signal to its child's group: REVOKED, never redelivered.

@@ -40,6 +40,22 @@ class ProtocolError(Exception):
     """A frame is too large or not JSON: the stream that carried it is broken."""
 
 
+def id_line(task_id: str, mark: bytes = b"") -> bytes:
+    """A task id as one line of a child's revoke pipe, after `mark`: as JSON text, so that
+    an id holding a newline (or a mark's \\x1f: anybody may choose an id) is one line, and
+    no other line's start."""
+    return mark + _encode_json(task_id).encode() + b"\n"
+
+
+def line_id(line: bytes) -> str:
+    """The task id of a revoke pipe's line past its mark ("" if it holds none)."""
+    try:
+        task_id = _decode_json(line.decode())
+    except ValueError:
+        return ""
+    return task_id if isinstance(task_id, str) else ""
+
+
 def encode(obj: Any, strict: bool = False) -> bytes:
     """Return `obj` as one frame; raises TypeError/ValueError for what JSON cannot hold (and
     `strict`: NaN and infinity, which fleetctl's JSON output and other readers refuse)."""
