@@ -46,6 +46,28 @@ async def asoft_limited(marker):
             f.write("soft\\n")
         return "cleaned up"
 
+SHARED = {}
+
+def shared_future():
+    """One future of the child's loop that every task awaiting it shares."""
+    if "f" not in SHARED:
+        SHARED["f"] = asyncio.get_running_loop().create_future()
+    return SHARED["f"]
+
+@task(soft_time_limit=0.5, time_limit=20)
+async def aimpatient():
+    try:
+        await shared_future()
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+
+@task
+async def apatient(seconds):
+    future = shared_future()
+    loop = asyncio.get_running_loop()
+    loop.call_later(seconds, lambda: future.done() or future.set_result("open"))
+    return await future
+
 @task(time_limit=0.5)
 async def ahard():
     await asyncio.sleep(30)
@@ -228,6 +250,19 @@ def test_soft_limit_raises_inside_that_coroutine_only(
     assert lines(marker) == ["soft"]
     pids = {h.get(timeout=10) for h in others}
     assert len(pids) == 1, "the others ran on, on the same child"
+
+
+def test_a_soft_limit_on_a_future_that_others_await_too_fails_none_of_them(
+    make_fleet, tmp_path: Path
+) -> None:
+    """The exception was set on the future the task awaited: every other task awaiting it
+    failed SoftTimeLimitExceeded, and so did every later one, for the child's life."""
+    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    impatient = fleet.client.submit("tasks.aimpatient")
+    patient = fleet.client.submit("tasks.apatient", 1.5)
+    assert impatient.get(timeout=10) == "cleaned up"
+    assert patient.get(timeout=10) == "open"
+    assert fleet.client.submit("tasks.apatient", 0).get(timeout=10) == "open"
 
 
 def test_hard_limit_cancels_that_coroutine_and_the_others_finish(

@@ -218,8 +218,21 @@ class EventLoopChild:
             return
         waiter = getattr(running, "_fut_waiter", None)  # the future it waits on
         if type(waiter) is asyncio.Future and not waiter.done():
-            with contextlib.suppress(asyncio.InvalidStateError):
-                waiter.set_exception(SoftTimeLimitExceeded(SOFT_MESSAGE))
+            if self.wake_apart(running, waiter):
                 return
         self.soft_cancelled.add(task_id)
         running.cancel(SOFT_MESSAGE)
+
+    def wake_apart(self, running: asyncio.Task[Any], waiter: asyncio.Future[Any]) -> bool:
+        """Wake `running` from the future it waits on with SoftTimeLimitExceeded, leaving that
+        future as it is: its wake-up moves to a future of its own that holds the exception.
+        (Setting the exception on the future itself failed every task that waited on it, or
+        awaited it later: other tasks may share it.) False if its wake-up is not found."""
+        for callback, context in list(getattr(waiter, "_callbacks", None) or ()):
+            if getattr(callback, "__self__", None) is running:
+                waiter.remove_done_callback(callback)
+                own: asyncio.Future[Any] = self.loop.create_future()
+                own.set_exception(SoftTimeLimitExceeded(SOFT_MESSAGE))
+                own.add_done_callback(callback, context=context)
+                return True
+        return False
