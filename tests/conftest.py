@@ -3,6 +3,11 @@ the broker it runs on."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,3 +52,46 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield f"{REDIS_URL}?prefix={prefix}"
     finally:
         delete_prefix(REDIS_URL, prefix)
+
+
+# --- a full disk ------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/host/state`: an 8 MiB tmpfs, a disk that a test can really fill. Ask for it
+    before make_fleet, so that the fleet is stopped before it is unmounted."""
+    if os.geteuid() != 0:
+        message = "mounting a tmpfs needs root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    mount = tmp_path / "host" / "state"
+    mount.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        for _ in range(50):  # processes killed by the fleet's stop may still hold files
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem has no byte left."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+        with pytest.raises(OSError) as full:
+            os.write(fd, b"\0")
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler

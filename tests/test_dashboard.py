@@ -21,6 +21,7 @@ import pytest
 from ctl.dashboard.history import History, percentile
 from ctl.dashboard.records import Records
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
+from tests.conftest import fill
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
 from worker import Client
 from worker.brokers.sqlite import DONE, SQLiteBroker
@@ -240,7 +241,11 @@ def test_the_dashboard_ends_on_term_and_int_with_a_page_open(
     dashboard = start_dashboard(fleet)
     with urllib.request.urlopen(dashboard.url + "/api/events", timeout=10) as stream:
         assert stream.readline().startswith(b"data: ")  # a live page, held open
+        started = time.monotonic()
         assert dashboard.stop(signum) == 0
+        # Its stream ends at once: it was cancelled at the end of the grace, in a traceback.
+        assert time.monotonic() - started < 1.5
+    assert "Exception in ASGI application" not in dashboard.log.read_text()
 
 
 def test_the_charts_history_survives_a_restart(make_fleet, start_dashboard) -> None:
@@ -472,3 +477,67 @@ def test_a_result_or_arguments_holding_nan_show_on_the_page_and_in_json(
     info = json.loads(shown.stdout, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert info["exc_type"] == "BadResult" and "NaN" in info["exc_message"]
     assert shown.returncode == 1
+
+
+def test_the_live_view_goes_on_while_the_charts_file_cannot_be_written(
+    small_disk: Path, make_fleet, start_dashboard
+) -> None:
+    """A full disk under state_dir stopped the snapshots (the sample's write raised before
+    them): the page said live and showed the fleet as it was."""
+    fleet = make_fleet().start()
+    assert fleet.folder / "state" == small_disk
+    dashboard = start_dashboard(fleet)
+    with urllib.request.urlopen(dashboard.url + "/api/events", timeout=15) as stream:
+        assert stream.readline().startswith(b"data: ")
+        fill(small_disk)
+        fresh = 0
+        while fresh < 3:  # a sample every SAMPLE_EVERY s; each read waits 15 s at most
+            fresh += stream.readline().startswith(b"data: ")
+    assert "cannot keep the charts' sample" in dashboard.log.read_text()
+
+
+@pytest.mark.parametrize("content", [b"not a database at all" * 100, None])
+def test_a_charts_file_that_cannot_serve_is_set_aside_and_the_dashboard_starts(
+    make_fleet, start_dashboard, content: bytes | None
+) -> None:
+    """A corrupt file, or a folder where it goes: the dashboard did not start, and said the
+    broker refused."""
+    fleet = make_fleet().start()
+    charts = fleet.folder / "state" / "dashboard.db"
+    if content is None:
+        charts.mkdir(parents=True)
+    else:
+        charts.write_bytes(content)
+    dashboard = start_dashboard(fleet)
+    assert dashboard.get("/api/history")[0] == 200
+    [aside] = (fleet.folder / "state").glob("dashboard.db.unreadable-*")
+    assert aside.is_dir() if content is None else aside.read_bytes() == content
+    assert "moved it to" in dashboard.log.read_text()
+
+
+def test_a_token_or_body_of_anybodys_text_gets_a_json_answer(
+    make_fleet, start_dashboard, tmp_path: Path
+) -> None:
+    """A bearer token that is no ASCII, or a body holding a lone surrogate, ended in HTTP
+    500 with a traceback; a token file that is no ASCII made every action a 500."""
+    folder = tmp_path / "host"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "token").write_text("tök\n", encoding="utf-8")
+    fleet = make_fleet(extra='\n[dashboard]\ntoken_file = "token"\n').start()
+    dashboard = start_dashboard(fleet)
+    url = dashboard.url + "/api/dead/purge"
+    for given in ("tök".encode(), b"\xff", b"tok"):
+        headers: Any = {"Authorization": b"Bearer " + given}  # the bytes as they go
+        request = urllib.request.Request(url, b"{}", headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                status, body = answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, json.loads(exc.read())
+        assert (status, given) in ((200, "tök".encode()), (401, b"\xff"), (401, b"tok")), body
+    raw = b'{"ids": ["\\ud800"]}'
+    headers = {"Authorization": "Bearer tök".encode()}
+    request = urllib.request.Request(dashboard.url + "/api/dead/retry", raw, headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400 and "surrogate" in json.loads(refused.value.read())["error"]

@@ -61,14 +61,16 @@ def serve(control: Any, client: Any, config: Any, host: str, port: int, token: s
         history = History(config.state_dir)
         sampler = Sampler(fleet, history)
         sampler.start()
+        dashboard = Dashboard(fleet, history, sampler, token)
         server = uvicorn.Server(
             uvicorn.Config(
-                Dashboard(fleet, history, sampler, token).app(),
+                dashboard.app(),
                 log_level="warning",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE,
                 lifespan="off",
             )
         )
+        dashboard.stopping = lambda: server.should_exit
         mode = "actions need the token" if token else "read-only"
         print(f"dashboard on http://{host}:{port}/ ({mode})", file=sys.stderr, flush=True)
         # Uvicorn stops on TERM and INT, then raises them again under the handlers it found:

@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -48,6 +48,9 @@ class Dashboard:
         self.history = history
         self.sampler = sampler
         self.token = token
+        # Whether the server is shutting down: live streams end then, at once (else each
+        # was cancelled at the end of the grace, with a traceback in the log).
+        self.stopping: Callable[[], bool] = lambda: False
 
     def app(self) -> Starlette:
         return Starlette(
@@ -121,7 +124,7 @@ class Dashboard:
     async def stream(self, request: Request) -> AsyncIterator[str]:
         """Each new snapshot of the sampler as an SSE `data:` line, until the page leaves."""
         seen, quiet = 0, 0.0  # version 0: no reading yet
-        while not await request.is_disconnected():
+        while not self.stopping() and not await request.is_disconnected():
             if self.sampler.version != seen:
                 seen, quiet = self.sampler.version, 0.0
                 yield f"data: {json.dumps(self.sampler.snapshot)}\n\n"
@@ -139,7 +142,12 @@ class Dashboard:
             return error(READ_ONLY, 403)
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.token):
+        # Bytes: compare_digest refuses text that is not ASCII (a header is latin-1 to
+        # Starlette: its bytes as they came), and the token file is UTF-8.
+        given_bytes = token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given_bytes, self.token.encode("utf-8")
+        ):
             return JSONResponse(
                 {"error": "actions need the dashboard's token: Authorization: Bearer TOKEN"},
                 401,
@@ -234,4 +242,8 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise HTTPException(400, "the body is not JSON") from None
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
+    try:  # "\\ud800" is JSON, but no text a reply or a control request can carry
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise HTTPException(400, "the body holds a lone surrogate: no UTF-8 text") from None
     return body

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from ctl.dashboard import DashboardError
 from ctl.dashboard.fleet import Fleet
 from worker.brokers.base import BrokerUnavailable
 
@@ -41,10 +42,30 @@ class History:
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.executescript(SCHEMA)
-        self._add_wait_columns()
+        try:
+            self._db = self._open()
+        except sqlite3.Error as exc:
+            # The charts are a cache of the last day: a file that cannot serve (corrupt,
+            # truncated, a folder or a FIFO in its place) is set aside, and they start anew.
+            aside = f"{self.path}.unreadable-{int(time.time())}"
+            log.warning("charts file %s: %s; moved it to %s, starting anew", self.path, exc, aside)
+            try:
+                os.replace(self.path, aside)
+                self._db = self._open()
+            except (OSError, sqlite3.Error) as again:
+                raise DashboardError(f"charts file {self.path}: {again}") from None
         self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.executescript(SCHEMA)
+            self._db = db
+            self._add_wait_columns()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _add_wait_columns(self) -> None:
         """A file written before the waits were sampled gets their columns (NULL in its
@@ -160,7 +181,11 @@ class Sampler(threading.Thread):
                 "wait_p50": percentile(waits or [], 0.5),
                 "wait_p99": percentile(waits or [], 0.99),
             }
-            self.history.add(point)
         self._counters, self._read_at = reading, now
         self.snapshot = {"nodes": nodes, "queues": queues, "sample": point}
         self.version += 1
+        if point is not None:  # after the live pages have it: a full disk must not stop them
+            try:
+                self.history.add(point)
+            except sqlite3.Error as exc:
+                log.warning("cannot keep the charts' sample in %s: %s", self.history.path, exc)
