@@ -121,7 +121,9 @@ class Arbiter:
         orphans.become_subreaper()
         previous = self.run_record.read()
         orphans.end_leftovers(previous)
-        self.dead_owners += previous.get("owners", [])
+        owners = previous.get("owners")  # a torn or foreign record holds anything
+        if isinstance(owners, list):
+            self.dead_owners += [owner for owner in owners if isinstance(owner, str)]
         self.write_run_record()  # our mark is on disk before any process carries it
         try:
             write_pidfile(self.pidfile)

@@ -17,6 +17,7 @@ import time
 from functools import cache
 from typing import Any
 
+from supervisor.pidfile import create_new, read_small_file
 from worker import tree
 from worker.tree import all_pids, end_adopted
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
@@ -25,6 +26,7 @@ log = logging.getLogger("fleetd.orphans")
 
 LEFTOVER_GRACE = 5.0  # seconds between TERM and KILL for processes of a previous run
 SAME_START = 0.05  # seconds: two start times this close are the same process
+MAX_RUN_RECORD = 16 << 20  # bytes of run.json read at most: a record of every process is far less
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STRAYS_WAIT = 2.0  # seconds an exiting arbiter waits for the processes it KILLed to be reaped
 # In the environment of every process a run starts, inherited by whatever its tasks start:
@@ -46,7 +48,7 @@ def lock_state_dir(state_dir: str) -> int:
     """Hold `{state_dir}/fleetd.lock` for the arbiter's lifetime; AlreadyRunning if taken."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, "fleetd.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -140,7 +142,7 @@ class StateFile:
         """Whether `text` is in the file now."""
         tmp = self.path + ".tmp"
         try:
-            with open(tmp, "w") as f:
+            with open(create_new(tmp), "w") as f:
                 f.write(text)
             os.replace(tmp, self.path)
         except OSError as exc:
@@ -179,8 +181,7 @@ class RunRecord:
 
     def read(self) -> dict[str, Any]:
         try:
-            with open(self.path) as f:
-                data = json.load(f)
+            data = json.loads(read_small_file(self.path, MAX_RUN_RECORD))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError, RecursionError):  # a torn or foreign file: none
             return {}
@@ -191,14 +192,18 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
     of recorded children's process groups (a task's subprocesses), and every process that
     carries the run's mark (what a task started in another session), never a process that
     merely reused a pid."""
-    recorded = [r for r in previous.get("processes", []) if isinstance(r, dict)]
+    processes = previous.get("processes")
+    recorded = [r for r in processes if isinstance(r, dict)] if isinstance(processes, list) else []
     me = os.getpid()
     found: dict[int, float] = {}
     groups: dict[int, float] = {}
     for record in recorded:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             pid, born = int(record["pid"]), float(record["create_time"])
-            if record.get("group"):
+            started = create_time(pid)
+            # A group whose pid another process leads now (pid reuse, after a reboot say)
+            # is no longer ours: its members are that process's, never to be ended.
+            if record.get("group") and (started is None or abs(started - born) < SAME_START):
                 groups[pid] = born
             if pid != me and alive(pid, born):
                 found[pid] = born

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
+import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -41,7 +43,7 @@ def write_pidfile(path: StrPath) -> None:
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        with open(create_new(tmp), "w") as f:
             f.write(f"{os.getpid()}\n")
             f.flush()
             os.fsync(f.fileno())
@@ -140,6 +142,26 @@ def _read(path: StrPath) -> str:
     # os, not pathlib: pathlib brings urllib.parse and fnmatch into the arbiter, about 0.5 MiB
     # of memory for good and 2 ms of its start, for three calls.
     # Bytes that are no text (another program's file) read as a pid that is not one; and no
-    # more than a pid could take (a pidfile that is a link to /dev/zero).
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(4096)
+    # more than a pid could take.
+    return read_small_file(path, 4096).decode("utf-8", errors="replace")
+
+
+def read_small_file(path: StrPath, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file at `path`, read without ever blocking: a
+    FIFO put there (which would hold `fleetd start` or `stop`, or the arbiter, until
+    someone wrote into it), a device (/dev/zero: no end) or a link to one is an OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def create_new(path: StrPath) -> int:
+    """A new file at `path` (its fd, write-only), made by us: never a link someone left
+    there to a file of theirs, which the write would overwrite."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -78,3 +78,52 @@ def test_kill_groups_ends_the_group_and_spares_a_reused_pid(family):
     while any(orphans.create_time(pid) is not None for pid in kids):  # a zombie counts as gone
         assert time.monotonic() < deadline, "children still alive 10 s after kill_groups"
         time.sleep(0.01)
+
+
+def test_the_leftovers_of_a_run_spare_a_group_that_a_reused_pid_leads_now(family):
+    """A record of a group leader whose pid another process leads now (pid reuse, after a
+    reboot say): the next start ended that process and its group."""
+    parent, kids = family
+    leader = orphans.process_record(parent.pid)
+    assert leader is not None
+    stranger = {**leader, "create_time": leader["create_time"] - 100, "group": True}
+    assert orphans.find_leftovers({"processes": [stranger]}) == []
+    found = dict(orphans.find_leftovers({"processes": [{**leader, "group": True}]}))
+    assert set(found) == {parent.pid, *kids}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "shape"])
+def test_a_run_record_or_pidfile_of_anybodys_making_reads_as_none_at_once(tmp_path, kind):
+    """A FIFO held `fleetd start` and `stop` until someone wrote into it, /dev/zero ate
+    memory without end, and a record whose lists were numbers ended start in a traceback."""
+    from supervisor.pidfile import PidfileError, read_live_pid
+
+    for name in ("run.json", "fleetd.pid"):
+        path = tmp_path / name
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "zero":
+            path.symlink_to("/dev/zero")
+        else:
+            path.write_text('{"processes": 5, "owners": 5}')
+    started = time.monotonic()
+    record = orphans.RunRecord(str(tmp_path)).read()
+    assert orphans.find_leftovers(record) == []
+    with pytest.raises(PidfileError):
+        read_live_pid(tmp_path / "fleetd.pid")
+    assert time.monotonic() - started < 5
+
+
+def test_the_arbiters_files_never_follow_a_link_left_in_the_state_dir(tmp_path):
+    """A link at fleetd.lock or run.json.tmp made the arbiter write into the file it named."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "run.json.tmp").symlink_to(precious)
+    assert orphans.StateFile(str(state / "run.json")).write('{"run": "x"}')
+    assert precious.read_text() == "keep" and (state / "run.json").read_text() == '{"run": "x"}'
+    (state / "fleetd.lock").symlink_to(precious)
+    with pytest.raises(OSError):
+        orphans.lock_state_dir(str(state))
+    assert precious.read_text() == "keep"
