@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -219,9 +220,23 @@ def folder_problem(folder: str) -> str | None:
     return None
 
 
+def raise_open_files_limit() -> None:
+    """Take the hard limit of open files as ours (systemd gives services 1024 of 524288, and
+    says to raise it so): clients that hold connections to the control or metrics port must
+    not run the arbiter out of descriptors, where libzmq aborts the process. Its children
+    inherit it; nothing of fleetd uses select(), which a descriptor past 1024 would break."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     from .probe import start_probe
 
+    raise_open_files_limit()
     # A broker the socket probe cannot ask (SQLite) is asked by a forked child meanwhile.
     answer = start_probe(cfg.broker)
     from .arbiter import Arbiter

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 DEFAULT_TIMEOUT = 1.0  # seconds a host waits for its nodes' replies unless a request says
 MAX_MESSAGE_SIZE = 1024 * 1024
+HANDSHAKE_MS = 3000  # a tcp client's CURVE handshake, at most
 EVENTS_SOCKET_NAME = "events.sock"
 ZAP_DOMAIN = "fleetd"
 
@@ -240,6 +241,9 @@ class ControlServer:
         # empty domain would skip the authenticator altogether.)
         sock.zap_domain = ZAP_DOMAIN.encode()
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        # A connection that never completes its handshake (no key, a port scanner, a flood)
+        # holds a file descriptor of the arbiter's: let go after seconds, not libzmq's 30.
+        sock.handshake_ivl = HANDSHAKE_MS
         for endpoint in endpoints:
             _bind(sock, endpoint)
 

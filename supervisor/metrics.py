@@ -4,6 +4,7 @@ GET /metrics, /healthz, /readyz."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import socket
@@ -279,6 +280,10 @@ class Probe:
 # holds a thread of the arbiter's: one that sent nothing (a hung scraper, a slowloris) held
 # it for good, and a thousand of them a thousand threads.
 CLIENT_TIMEOUT = 5.0
+# Scrapers at once (one thread and one file descriptor of the arbiter's each): more are
+# closed at once. And seconds a request may take whole, however it trickles in.
+MAX_CLIENTS = 16
+REQUEST_DEADLINE = 10.0
 
 
 class MetricsServer:
@@ -321,6 +326,12 @@ class MetricsServer:
         self._server = self._thread = None
 
 
+def _cut(request: socket.socket) -> None:
+    """End a request past its deadline: its reads and writes fail, and its thread ends."""
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
+
+
 def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHTTPServer:
     """A bound HTTP server answering GET /metrics, /healthz and /readyz."""
     import socketserver
@@ -329,6 +340,30 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        # Clients that connect and never send, or send a byte at a time, held a thread and a
+        # descriptor each until the arbiter's ran out (libzmq then aborts the process).
+        slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        request_queue_size = 64  # socketserver's 5 drops connections that come together
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            cut = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
+            cut.daemon = True
+            cut.start()
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                cut.cancel()
+                self.slots.release()
 
         def server_bind(self) -> None:
             # HTTPServer.server_bind resolves the host's FQDN, which can hang on a broken DNS.

@@ -15,9 +15,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ import zmq
 
 from supervisor.states import FATAL_AFTER
 from tests.conftest import fill
-from tests.fleet import FLEETD, Fleet, alive, executions, wait_for
+from tests.fleet import FLEETD, Fleet, alive, executions, free_port, wait_for
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.tree import STRAY_SIGNALS
 
@@ -415,6 +418,43 @@ def test_clients_that_never_read_never_slow_the_arbiter(make_fleet: Callable[...
         fleet.wait_all_final(ids, 30)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_metrics_clients_that_hold_their_connection_never_run_the_arbiter_out_of_files(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Each connection that sent a byte every second or so held a thread and a descriptor of
+    the arbiter's for good: past its open-files limit, libzmq aborted the arbiter at the
+    next fleetctl. More than MAX_CLIENTS at once are closed at once."""
+    port = free_port()
+    fleet = make_fleet(extra=f'\n[metrics]\nbind = "127.0.0.1:{port}"\n').start()
+    assert fleet.proc is not None
+    arbiter = psutil.Process(fleet.proc.pid)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def trickle() -> None:  # a request line that never ends, a byte at a time
+        while not done.wait(0.5):
+            for client in list(held):
+                with contextlib.suppress(OSError):
+                    client.send(b"G")
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    try:
+        for _ in range(120):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        done.wait(2)
+        assert replies(fleet, "--timeout", "5", "ping") == {"w@h1": {"ok": "pong"}}
+        assert arbiter.num_threads() < 50 and arbiter.num_fds() < 150  # bounded, not one a client
+    finally:
+        done.set()
+        trickler.join(10)
+        for client in held:
+            client.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+        assert answer.status == 200
+    assert serving(fleet)
 
 
 # --- a worker killed right after a fork --------------------------------------------------------
