@@ -228,6 +228,8 @@ class Arbiter:
     def poll_timeout(self) -> float:
         now = time.monotonic()
         deadlines = [self.next_tick]
+        if self.watchdog_every:  # half of WatchdogSec, which may be under the tick's second
+            deadlines.append(self.next_watchdog)
         deadlines += self.router.deadlines()
         deadlines += [w.backoff_until for w in self.workers if w.state == BACKOFF]
         if self.halting == "cold":

@@ -38,10 +38,10 @@ class Notifier:
         self._send("STOPPING=1")
 
     def status(self, text: str) -> None:
-        self._send(f"STATUS={_one_line(text)}")
+        self._send(f"STATUS={_one_line(text)}", wait=False)
 
     def watchdog(self) -> None:
-        self._send("WATCHDOG=1")
+        self._send("WATCHDOG=1", wait=False)
 
     def watchdog_interval(self) -> float | None:
         """Seconds between two `watchdog()` calls (half of `WatchdogSec=`), or None if off."""
@@ -53,12 +53,15 @@ class Notifier:
             return None
         return usec / 2 / 1_000_000 if usec > 0 else None
 
-    def _send(self, message: str) -> None:
+    def _send(self, message: str, wait: bool = True) -> None:
+        """Send `message`; READY, RELOADING and STOPPING wait up to SEND_TIMEOUT for room in
+        a socket nobody reads now, but the STATUS and WATCHDOG pings of every second never
+        wait (they held the arbiter's loop a second at a time: control and signals waited)."""
         if self._address is None:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(SEND_TIMEOUT)
+                sock.settimeout(SEND_TIMEOUT if wait else 0.0)
                 sock.sendto(message.encode(), self._address)
         except OSError as exc:
             log.debug("sd_notify %r failed: %s", message, exc)

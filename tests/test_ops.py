@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -40,6 +41,34 @@ def test_notify_socket_sees_ready_reloading_ready_stopping(make_fleet, tmp_path:
         fleet.signal(signal.SIGTERM)
         next_with("STOPPING=1")
         assert fleet.wait_exit() == 0
+    finally:
+        sock.close()
+
+
+def test_the_watchdog_is_pinged_at_half_its_interval_and_an_unread_socket_holds_nothing(
+    make_fleet, tmp_path: Path
+) -> None:
+    """WATCHDOG=1 came once a second whatever WatchdogSec said (systemd would kill a healthy
+    fleet under WatchdogSec=1s); and a notify socket nobody read held the arbiter's loop a
+    second at every ping, so that control requests went unanswered."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    try:
+        fleet = make_fleet().start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        pings: list[float] = []
+        while len(pings) < 8:
+            if "WATCHDOG=1" in sock.recv(4096).decode().split("\n"):
+                pings.append(time.monotonic())
+        assert max(b - a for a, b in zip(pings, pings[1:], strict=False)) < 0.35, pings
+        time.sleep(3)  # nobody reads: the socket's queue fills
+        for _ in range(3):
+            out = fleet.ctl("--json", "--timeout", "0.8", "ping", check=False)
+            assert json.loads(out.stdout)["replies"] == {"w@h1": {"ok": "pong"}}
+        began = time.monotonic()
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait_exit() == 0 and time.monotonic() - began < 3
     finally:
         sock.close()
 
