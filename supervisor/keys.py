@@ -74,9 +74,21 @@ def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot read key file {os.fspath(path)}: {exc}") from None
     for key in (public_key, secret_key):
-        if key is not None and len(key) != 40:
+        if key is not None and (len(key) != 40 or not _z85(key)):
             raise KeyFileError(f"{os.fspath(path)} holds a key that is not 40 z85 characters")
     return public_key, secret_key
+
+
+def _z85(key: bytes) -> bool:
+    """Whether `key` decodes as Z85 (libzmq refuses one that does not only when the socket
+    takes it: `fleetd start` ended in a ZMQError's traceback after check said ok)."""
+    from zmq.utils import z85
+
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _write_exclusive(path: str, mode: int, text: str) -> None:

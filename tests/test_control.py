@@ -885,7 +885,9 @@ def test_tcp_bind_without_keys_is_refused_by_check_and_start(
         assert "control.bind" in out.stderr and "curve_secret_key" in out.stderr
 
 
-@pytest.mark.parametrize("wrong", ["missing-secret", "garbage-secret", "no-folder", "garbage-key"])
+@pytest.mark.parametrize(
+    "wrong", ["missing-secret", "garbage-secret", "no-folder", "garbage-key", "not-z85-secret"]
+)
 def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
     make_fleet: Callable[..., Fleet], tmp_path: Path, wrong: str
 ) -> None:
@@ -900,6 +902,11 @@ def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
         server_secret.write_text("junk\n")
     if wrong == "garbage-key":
         (authorized / "junk.key").write_text("junk\n")
+    if wrong == "not-z85-secret":  # 40 characters, one of them no Z85: start's traceback
+        text = server_secret.read_text()
+        secret = text.split('secret-key = "')[1][:40]
+        server_secret = tmp_path / "odd.key_secret"
+        server_secret.write_text(text.replace(secret, "~" + secret[1:]))
     fleet = make_fleet(
         control={
             "bind": ["ipc://state/control.sock", f"tcp://127.0.0.1:{free_port()}"],
