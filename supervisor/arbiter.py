@@ -125,6 +125,12 @@ class Arbiter:
         if isinstance(owners, list):
             self.dead_owners += [owner for owner in owners if isinstance(owner, str)]
         self.write_run_record()  # our mark is on disk before any process carries it
+        if os.path.dirname(os.path.abspath(self.pidfile)) == os.path.abspath(
+            self.config.state_dir
+        ):  # we hold the state dir's lock: a pidfile there is a previous run's (its pid
+            # perhaps another fleet's arbiter's now, which is no reason to refuse to start)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.pidfile)
         try:
             write_pidfile(self.pidfile)
         except PidfileWriteError:  # a full disk, say: `fleetd stop` needs it, the fleet does not

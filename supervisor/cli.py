@@ -62,13 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stop":  # by the pid file: whatever the config holds by now
         try:
-            pidfile = args.pidfile or os.path.join(
-                configmod.state_dir_of(args.config), "fleetd.pid"
-            )
+            state_dir = configmod.state_dir_of(args.config)
         except configmod.ConfigError as exc:
             print(f"fleetd: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return signal_running(pidfile, args)
+        return signal_running(state_dir, args)
     try:
         cfg = configmod.load(
             args.config,
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "start":
         return start(cfg, args)
-    return signal_running(args.pidfile or os.path.join(cfg.state_dir, "fleetd.pid"), args)
+    return signal_running(cfg.state_dir, args)
 
 
 def probe_imports(cfg: configmod.Config) -> str | None:
@@ -260,10 +258,19 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     return code
 
 
-def signal_running(path: str, args: argparse.Namespace) -> int:
-    """`fleetd stop` or `reload`: signal the arbiter whose pid the file at `path` holds."""
+def signal_running(state_dir: str, args: argparse.Namespace) -> int:
+    """`fleetd stop` or `reload`: signal the arbiter of `state_dir`, whose pid its pidfile
+    (or --pidfile) holds, once its lock says one runs there: a stale pidfile may name
+    another fleet's arbiter, which would be stopped instead."""
+    from .orphans import someone_holds_lock
     from .pidfile import PidfileError, read_live_pid, stop
 
+    path = args.pidfile or os.path.join(state_dir, "fleetd.pid")
+    if not someone_holds_lock(state_dir):
+        print(
+            f"fleetd: no fleetd runs on state_dir {state_dir} (its lock is free)", file=sys.stderr
+        )
+        return EXIT_FAILED
     try:
         pid = read_live_pid(path)
     except PidfileError as exc:

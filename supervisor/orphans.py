@@ -74,6 +74,26 @@ def lock_is_held(fd: int, state_dir: str) -> bool:
     return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
+def someone_holds_lock(state_dir: str) -> bool:
+    """Whether an arbiter runs on `state_dir` now: its `fleetd.lock` is locked. (A pidfile
+    alone may name the pid of another fleet's arbiter, which reused a dead one's.)"""
+    try:
+        fd = os.open(
+            os.path.join(state_dir, "fleetd.lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the shared lock, if we took it
+    return False
+
+
 def keep_lock(fd: int, state_dir: str) -> int:
     """The descriptor that locks `{state_dir}/fleetd.lock` now: `fd`, or a new lock if the
     file (or the folder) was removed from under us, without which a second `fleetd start`

@@ -125,7 +125,7 @@ def test_stale_pidfile_is_reported_never_signalled(make_fleet) -> None:
                 text=True,
                 timeout=10,
             )
-            assert out.returncode == 1 and "not fleetd" in out.stderr, out.stderr
+            assert out.returncode == 1 and "no fleetd runs" in out.stderr, out.stderr
         assert bystander.poll() is None
         dead = subprocess.Popen(["true"])
         dead.wait()
@@ -136,10 +136,29 @@ def test_stale_pidfile_is_reported_never_signalled(make_fleet) -> None:
             text=True,
             timeout=10,
         )
-        assert out.returncode == 1 and "stale pidfile" in out.stderr
+        assert out.returncode == 1 and "no fleetd runs" in out.stderr
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_pidfile_naming_another_fleets_arbiter_neither_stops_it_nor_holds_a_start(
+    make_fleet,
+) -> None:
+    """A stopped fleet's pidfile whose pid another fleet's arbiter took since: `fleetd stop`
+    stopped that other fleet, and `fleetd start` refused, saying it already ran."""
+    other = make_fleet("other").start()
+    assert other.proc is not None
+    fleet = make_fleet()
+    (fleet.folder / "state").mkdir(parents=True)
+    (fleet.folder / "state" / "fleetd.pid").write_text(f"{other.proc.pid}\n")
+    out = subprocess.run(
+        [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1 and "no fleetd runs on state_dir" in out.stderr, out.stderr
+    assert other.proc.poll() is None
+    fleet.start()
+    assert (fleet.folder / "state" / "fleetd.pid").read_text() == f"{fleet.pid}\n"
 
 
 def test_json_log_format_emits_only_json_lines_marked_by_node(make_fleet) -> None:
