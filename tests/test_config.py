@@ -218,13 +218,19 @@ def test_a_config_that_is_no_toml_text_exits_2_with_one_line(
         assert problem in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
-def test_a_config_path_that_never_ends_is_read_no_further_than_a_config_could_be() -> None:
+def test_a_config_path_that_never_ends_is_read_no_further_than_a_config_could_be(
+    tmp_path: Path,
+) -> None:
     """`-c /dev/zero` (a slip of the shell): read on, it took every byte of memory."""
     out = fleetd("check", "-c", "/dev/zero")
     assert (out.returncode, out.stderr) == (
         2,
-        "fleetd: /dev/zero: -: over 1 MiB: not a config file\n",
+        "fleetd: /dev/zero: -: not a regular file (a FIFO, a device, a folder)\n",
     )
+    big = tmp_path / "log.txt"  # a log given by mistake
+    big.write_bytes(b"# \n" * (1 << 19))
+    out = fleetd("check", "-c", str(big))
+    assert (out.returncode, out.stderr) == (2, f"fleetd: {big}: -: over 1 MiB: not a config file\n")
 
 
 def test_check_accepts_the_example_config() -> None:

@@ -10,6 +10,7 @@ a process behind.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -452,8 +453,15 @@ def test_metrics_clients_that_hold_their_connection_never_run_the_arbiter_out_of
         trickler.join(10)
         for client in held:
             client.close()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
-        assert answer.status == 200
+
+    def healthy() -> bool:  # once the closed clients' threads have let their places go
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+                return answer.status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    wait_for(healthy, 15, 0.2, "the metrics server to answer again")
     assert serving(fleet)
 
 
