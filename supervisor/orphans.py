@@ -14,12 +14,11 @@ import logging
 import os
 import signal
 import time
-from functools import cache
 from typing import Any
 
 from supervisor.pidfile import create_new, read_small_file
 from worker import tree
-from worker.tree import all_pids, end_adopted
+from worker.tree import all_pids, create_time, end_adopted, proc_stat, started_at
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
 
 log = logging.getLogger("fleetd.orphans")
@@ -27,7 +26,6 @@ log = logging.getLogger("fleetd.orphans")
 LEFTOVER_GRACE = 5.0  # seconds between TERM and KILL for processes of a previous run
 SAME_START = 0.05  # seconds: two start times this close are the same process
 MAX_RUN_RECORD = 16 << 20  # bytes of run.json read at most: a record of every process is far less
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STRAYS_WAIT = 2.0  # seconds an exiting arbiter waits for the processes it KILLed to be reaped
 # In the environment of every process a run starts, inherited by whatever its tasks start:
 # the next start ends the processes that carry the mark of the run before it.
@@ -104,37 +102,6 @@ def keep_lock(fd: int, state_dir: str) -> int:
     os.close(fd)
     log.warning("%s was removed: locked again", os.path.join(state_dir, "fleetd.lock"))
     return new
-
-
-@cache
-def _boot_time() -> float:
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"btime"):
-                return float(line.split()[1])
-    raise RuntimeError("no btime line in /proc/stat")
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """The fields of /proc/{pid}/stat after the command name (state, ppid, pgrp, ...); None if
-    there is no such process or it is a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    return None if not fields or fields[0] == b"Z" else fields
-
-
-def _started(fields: list[bytes]) -> float:
-    return int(fields[19]) / CLOCK_TICKS + _boot_time()
-
-
-def create_time(pid: int) -> float | None:
-    """When `pid` started, in seconds since the epoch; None if it is gone."""
-    fields = _stat(pid)
-    return None if fields is None else _started(fields)
 
 
 def alive(pid: int, born: float) -> bool:
@@ -247,9 +214,9 @@ def _marked(run: str) -> dict[int, float]:
                     continue
         except OSError:
             continue
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields is not None:
-            found[pid] = _started(fields)
+            found[pid] = started_at(fields)
     return found
 
 
@@ -259,11 +226,11 @@ def _group_members(groups: dict[int, float]) -> dict[int, float]:
     me = os.getpid()
     members: dict[int, float] = {}
     for pid in all_pids() if groups else ():
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields is None or pid == me:
             continue
         leader_born = groups.get(int(fields[2]))
-        started = _started(fields)
+        started = started_at(fields)
         if leader_born is not None and started >= leader_born - SAME_START:
             members[pid] = started
     return members

@@ -238,3 +238,38 @@ def end_adopted(keep: set[int]) -> int:
 def _signal(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signum)
+
+
+# --- when a process started (its identity, with its pid) ---------------------------------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@cache
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise RuntimeError("no btime line in /proc/stat")
+
+
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/{pid}/stat after the command name (state, ppid, pgrp, ...); None if
+    there is no such process or it is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return None if not fields or fields[0] == b"Z" else fields
+
+
+def started_at(fields: list[bytes]) -> float:
+    return int(fields[19]) / CLOCK_TICKS + _boot_time()
+
+
+def create_time(pid: int) -> float | None:
+    """When `pid` started, in seconds since the epoch; None if it is gone."""
+    fields = proc_stat(pid)
+    return None if fields is None else started_at(fields)

@@ -690,24 +690,15 @@ def owner_runs(owner: Any) -> bool:
     runs on this host: that pid, started no later than the owner was named (not a process
     that took the pid over since), and not a zombie. Anything else, someone else's value
     included, names no process that runs."""
+    from worker.tree import create_time  # a worker's call: producers never load ctypes
+
     try:
         _, pid_text, named_ms = str(owner).rsplit(":", 2)
         pid, named = int(pid_text), int(named_ms) / 1000
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (ValueError, IndexError, OSError):
+    except ValueError:
         return False
-    return fields[0] != b"Z" and started <= named + 1.0
-
-
-@functools.cache
-def _boot_time() -> float:
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    raise OSError("no btime in /proc/stat")
+    started = create_time(pid)
+    return started is not None and started <= named + 1.0
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
