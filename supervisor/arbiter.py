@@ -380,9 +380,12 @@ class Arbiter:
         orphans.kill_groups(list(w.children.values()))  # their tasks' subprocesses die with them
         w.children = {}
         w.ended = set()
+        self.dead_owners += w.recovering  # told, but it never said it gave them back
+        w.recovering = []
         if w.owner:
             self.dead_owners.append(w.owner)
             w.owner = ""
+        if self.dead_owners:
             self.give_back_tasks()
         self.metrics.forget_node(w.node)
         self.tasks_done += int(w.stats.get("succeeded", 0)) + int(w.stats.get("failed", 0))
@@ -445,7 +448,7 @@ class Arbiter:
                 and self.dead_owners
                 and self.send(live, {"type": "recover", "owner": self.dead_owners[-1]})
             ):
-                self.dead_owners.pop()
+                live.recovering.append(self.dead_owners.pop())
 
     def close_channel(self, w: WorkerProc) -> None:
         if w.sock is not None:
@@ -532,6 +535,10 @@ class Arbiter:
                 w.children.pop(pid, None)
         elif kind == "boot-error":  # its last words: it exits next
             w.exit_cause = f"could not boot: {str(message.get('error'))[:1000]}"
+        elif kind == "recovered":  # it gave a dead consumer's tasks back
+            with contextlib.suppress(ValueError):
+                w.recovering.remove(str(message.get("owner")))
+                self.record_due = True
         elif kind == "reply":
             self.router.on_reply(str(message.get("id")), w.node, message.get("reply"))
         elif kind == "stats":
@@ -724,6 +731,7 @@ class Arbiter:
                 processes += [w.record] if w.record else []
                 processes += w.children.values()
         owners = [w.owner for w in self.workers if w.owner] + self.dead_owners
+        owners += [owner for w in self.workers for owner in w.recovering]
         self.run_record.write(
             {
                 "arbiter": self.arbiter_record,

@@ -85,6 +85,9 @@ class WorkerProc:
     retire_when_ready: list[WorkerProc] = field(default_factory=list)  # old generation to stop
     record: dict[str, Any] | None = None  # pid and start time, taken at spawn
     children: dict[int, dict[str, Any]] = field(default_factory=dict)  # its pool, as it reports it
+    # Dead consumers whose tasks it was told to give back and has not said it gave back: if
+    # it dies (or is killed, stopped) first, another worker is told, not the lease left to.
+    recovering: list[str] = field(default_factory=list)
     ended: set[int] = field(default_factory=set)  # children seen gone at the last refresh
     commands: frozenset[str] = frozenset()  # the control commands it runs, custom ones included
     heard_at: float = 0.0  # monotonic: the last time it wrote to us (stats come every second)

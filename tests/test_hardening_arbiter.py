@@ -571,3 +571,49 @@ def test_a_child_that_cannot_be_forked_is_retried_and_never_kills_the_worker(
     assert [i["state"] for i in infos] == ["SUCCESS"] * len(ids)
     assert executions(journal) == {i: 1 for i in ids}
     assert fleet.worker_pids() == [worker]
+
+
+def test_a_dead_workers_tasks_come_back_at_once_though_the_worker_told_to_give_them_back_hangs(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """The arbiter told a live worker to give the dead one's tasks back, and forgot them: that
+    worker was stopped (then killed at worker_timeout, the message unread), and the tasks
+    waited out their lease. It is told again through another worker until one says it did."""
+    from tests.test_control import node_pids
+
+    fleet = make_fleet(
+        workers=[{"name": "a", "queues": ["qa"]}, {"name": "b", "queues": ["qb"]}],
+        defaults={"concurrency": 1, "worker_timeout": 3},
+        fleet={"lease": 60},
+    ).start()
+    pids = node_pids(fleet)
+    marker, gate = tmp_path / "started.txt", tmp_path / "gate"
+    handle = fleet.client.submit("tasks.hold", str(gate), str(marker), 120, queue="qb")
+    wait_for(marker.exists, 10, message="the task to start")
+    os.kill(pids["a@h1"], signal.SIGSTOP)  # the live worker the arbiter will tell
+    os.kill(pids["b@h1"], signal.SIGKILL)
+    began = time.monotonic()
+    wait_for(lambda: marker.read_text().count("start") == 2, 20, 0.1, "the task to start again")
+    assert time.monotonic() - began < 15  # not after the 60 s lease
+    gate.touch()
+    assert handle.get(timeout=20) and handle.info()["deliveries"] == 2
+
+
+def test_a_message_to_the_arbiter_over_the_frame_limit_is_dropped_not_the_worker(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A turn's events name their tasks' ids, which a producer chooses (a MiB each, say):
+    past the frame limit the worker died with a ProtocolError at every start, and the tasks
+    ended WorkerLost without running. Here the limit is 4 KiB (set by a task module)."""
+    metrics = f'\n[metrics]\nbind = "127.0.0.1:{free_port()}"\n'  # events go to the arbiter
+    fleet = make_fleet(fleet={"imports": ["tasks", "small_frames"]}, extra=metrics)
+    (fleet.folder / "small_frames.py").write_text(
+        "import worker.protocol\nworker.protocol.MAX_FRAME_SIZE = 4096\n"
+    )
+    fleet.start()
+    [worker] = fleet.worker_pids()
+    handles = [
+        fleet.client.submit("tasks.add", i, 1, task_id=f"{i:04}" + "x" * 2000) for i in range(60)
+    ]
+    assert [h.get(timeout=20) for h in handles] == [i + 1 for i in range(60)]
+    assert fleet.worker_pids() == [worker] and "cannot be sent, dropped" in fleet.log()

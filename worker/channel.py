@@ -73,7 +73,20 @@ class ArbiterChannel:
             self.drop(message)
             return
         try:
-            out.send(encode(message))
+            frame = encode(message)
+        except (ProtocolError, TypeError, ValueError) as exc:
+            # Over MAX_FRAME_SIZE (events naming thousands of ids a producer chose, a MiB
+            # each), or no JSON: that message is lost, never the worker and its tasks.
+            log.error(
+                "a %s message to the arbiter cannot be sent, dropped: %s",
+                message.get("type"),
+                exc,
+                extra={"node": self.node},
+            )
+            self.counts["events_dropped"] += len(message.get("events", ()))
+            return
+        try:
+            out.send(frame)
         except OSError:
             self.lose_arbiter()
             return

@@ -223,12 +223,14 @@ class BrokerLink:
                 if count:  # counted as a child's death counts its task
                     self.counts["redelivered"] += count
                     self.emit("redelivered", count=count)
+                owner = self.dead_owners.pop()
                 log.info(
                     "gave back %d tasks of dead consumer %s",
                     count,
-                    self.dead_owners.pop(),
+                    owner,
                     extra={"node": self.node},
                 )
+                self.send({"type": "recovered", "owner": owner})  # the arbiter may forget it
 
     def broker_available(self: Worker) -> bool:
         """False while backing off from an unreachable broker."""

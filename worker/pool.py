@@ -266,10 +266,9 @@ class Pool:
         if frames is None:
             self.child_gone(child)
             return
-        if not child.reader.holding:
-            child.partial_since = None
-        elif child.partial_since is None:
-            child.partial_since = time.monotonic()
+        # From the last read that brought bytes: a big reply that the worker was slow to read
+        # (stopped by an operator, say) is no stall of the child's.
+        child.partial_since = time.monotonic() if child.reader.holding else None
         for reply in frames:
             self.task_done(child, reply)
 
