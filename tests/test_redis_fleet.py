@@ -70,6 +70,31 @@ def test_fleet_keeps_to_the_url_prefix_and_results_expire_after_result_ttl(
     assert all(0 < ttl <= 120 for ttl in ttls), ttls  # set by the workers, from fleet.result_ttl
 
 
+def test_a_worker_stopped_past_its_lease_keeps_its_tasks_and_none_runs_twice(
+    make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str], tmp_path: Path
+) -> None:
+    """Stopped longer than the lease (shorter than worker_timeout), its children ran what
+    their pipes held, while the other worker took those tasks back and ran them again."""
+    url, _ = shared_redis
+    fleet = make_fleet(
+        fleet={"broker": url, "lease": 2},
+        workers=[{"name": "a", "queues": ["q"]}, {"name": "b", "queues": ["q"]}],
+        defaults={"concurrency": 1, "prefetch": 2, "worker_timeout": 30},
+    ).start()
+    journal = tmp_path / "journal.txt"
+    handles = [fleet.client.submit("tasks.journal", str(journal), 1.0, queue="q") for _ in range(8)]
+    wait_for(lambda: len(executions(journal)) >= 2, 10, message="both workers to start tasks")
+    [stopped, _] = fleet.worker_pids()
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        time.sleep(6)  # three leases
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    infos = fleet.wait_all_final([h.id for h in handles], 60)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 8
+    assert executions(journal) == {h.id: 1 for h in handles}
+
+
 def test_worker_killed_on_redis_has_its_tasks_given_back_at_once_not_after_the_lease(
     make_fleet: Callable[..., Fleet], shared_redis: tuple[str, str], tmp_path: Path
 ) -> None:

@@ -745,3 +745,24 @@ def test_an_eta_entry_naming_a_task_not_scheduled_is_dropped(
     assert direct.zcard(f"{redis_broker.prefix}:eta:q1") == 0
     info = redis_broker.get_result(ended.id)
     assert info is not None and (info["state"], info["result"]) == (SUCCESS, 3)
+
+
+def test_a_lease_that_ran_out_is_taken_back_from_a_worker_of_this_host_only_once_it_is_gone(
+    redis_broker: RedisBroker,
+) -> None:
+    """A worker stopped past its lease (an operator's SIGSTOP, a swapping host) while its
+    children ran the tasks in their pipes: another worker of the host took them back, and
+    they ran twice. Of another host, the lease alone can tell."""
+    now_ms = int(time.time() * 1000)
+    alive = f"w@h1:{os.getpid()}:{now_ms}"
+    gone = f"w@h1:{os.getpid()}:{now_ms - 3_600_000}"  # a pid taken over since
+    elsewhere = f"w@h2:{os.getpid()}:{now_ms}"
+    tasks = [envelope() for _ in range(3)]
+    redis_broker.enqueue(tasks)
+    for owner in (alive, gone, elsewhere):
+        assert len(redis_broker.reserve(["q1"], 1, owner, 0.05)) == 1
+    time.sleep(0.2)
+
+    assert redis_broker.recover_expired(["q1"], "h1") == 2  # gone's, and elsewhere's
+    assert ids(redis_broker.reserve(["q1"], 5, "w2", 30)) == [tasks[1].id, tasks[2].id]
+    assert redis_broker.recover_expired(["q1"]) == 1  # no host named: the lease decides

@@ -225,6 +225,22 @@ def stored_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def owner_runs(owner: Any) -> bool:
+    """Whether the worker process an owner names (`node:pid:epoch ms`, worker.process) still
+    runs on this host: that pid, started no later than the owner was named (not a process
+    that took the pid over since), and not a zombie. Anything else, someone else's value
+    included, names no process that runs."""
+    from worker.tree import create_time  # a worker's call: producers never load ctypes
+
+    try:
+        _, pid_text, named_ms = str(owner).rsplit(":", 2)
+        pid, named = int(pid_text), int(named_ms) / 1000
+    except ValueError:
+        return False
+    started = create_time(pid)
+    return started is not None and started <= named + 1.0
+
+
 def task_info(task_id: str, fields: dict[str, Any], done: bool) -> dict[str, Any]:
     """A task's info dict (`Broker.get_result`) from its stored fields, whatever they hold.
 
@@ -354,8 +370,12 @@ class Broker(abc.ABC):
         """Give back every task held by a consumer known to be dead; returns how many."""
 
     @abc.abstractmethod
-    def recover_expired(self, queues: list[str]) -> int:
-        """Give back tasks whose lease ran out (their owner is presumed gone)."""
+    def recover_expired(self, queues: list[str], host: str = "") -> int:
+        """Give back tasks whose lease ran out (their owner is presumed gone), but those of
+        an owner that is a worker of `host` (this host, the caller's) whose process still
+        runs: stopped or slowed past its lease, its children run those tasks still, and a
+        second start would run them twice; were it hung, its arbiter ends it
+        (worker_timeout) and they come back at once."""
 
     @abc.abstractmethod
     def wakeup(self, queues: list[str]) -> Wakeup:

@@ -70,6 +70,7 @@ from .base import (
     Turn,
     Wakeup,
     dead_letter_from,
+    owner_runs,
     stored_number,
     task_info,
 )
@@ -604,11 +605,25 @@ class RedisBroker(Broker):
     def recover(self, owner: str) -> int:
         return int(self._run("recover", {"owner": owner}))
 
-    def recover_expired(self, queues: list[str]) -> int:
+    def recover_expired(self, queues: list[str], host: str = "") -> int:
         if not queues:
             return 0
         queues = list(dict.fromkeys(queues))
-        return int(self._run("recover_expired", {"queues": queues}, queues))
+        keep = self._running_here(queues, host) if host else []
+        return int(self._run("recover_expired", {"queues": queues, "keep": keep}, queues))
+
+    def _running_here(self, queues: list[str], host: str) -> list[str]:
+        """The consumers of these queues that are workers of `host` whose process runs."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.xinfo_consumers(self._key("q", queue), "workers")  # the scripts' GROUP
+        running = set()
+        for reply in pipe.execute(raise_on_error=False):  # no stream or group yet: none
+            for consumer in reply if isinstance(reply, list) else ():
+                name = str(consumer.get("name", ""))
+                if name.split(":", 1)[0].endswith(f"@{host}") and owner_runs(name):
+                    running.add(name)
+        return sorted(running)
 
     def wakeup(self, queues: list[str]) -> Wakeup:
         pool = self.redis.connection_pool

@@ -73,7 +73,7 @@ local function requeue(id, t)
 end
 
 -- Give back the pending entries of one queue that `consumer` (or anyone, if false) holds
--- and that `expired(entry idle ms, task id)` says to give back; returns how many.
+-- and that `expired(entry idle ms, task id, consumer)` says to give back; returns how many.
 local function give_back(q, consumer, expired)
   local key, count, start = stream_key(q), 0, '-'
   while true do
@@ -92,7 +92,7 @@ local function give_back(q, consumer, expired)
       if not (t and t.status == 'held' and t.entry == entry) then
         redis.call('XACK', key, GROUP, entry)
         redis.call('XDEL', key, entry)
-      elseif expired(idle, id) then
+      elseif expired(idle, id, p[2]) then
         requeue(id, t)
         count = count + 1
       end

@@ -40,6 +40,7 @@ from .base import (
     Turn,
     Wakeup,
     dead_letter_from,
+    owner_runs,
     stored_number,
     stored_text,
     task_info,
@@ -442,12 +443,12 @@ class SQLiteBroker(Broker):
     def recover(self, owner: str) -> int:
         return self._requeue_where("owner = ?", (owner,))
 
-    def recover_expired(self, queues: list[str]) -> int:
+    def recover_expired(self, queues: list[str], host: str = "") -> int:
         """Requeue the tasks whose lease ran out, of owners that are gone. One host holds the
-        queue file, and an owner names its process: one that still runs has not renewed
-        because something held it (another process holding the write lock past the lease,
-        a stopped terminal), and its task still runs; it renews when it can, and were it
-        hung, its arbiter ends it (worker_timeout) and its tasks come back at once."""
+        queue file, so every owner is this host's, whatever `host` says: one that still runs
+        has not renewed because something held it (another process holding the write lock
+        past the lease, a stopped terminal), and its task still runs; it renews when it can,
+        and were it hung, its arbiter ends it (worker_timeout) and its tasks come back."""
         marks = ",".join("?" * len(queues))
         expired = f"status = {HELD} AND lease_until < ? AND queue IN ({marks})"
         params = (time.time(), *queues)
@@ -683,22 +684,6 @@ class SQLiteBroker(Broker):
                 " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
                 (name, int(paused)),
             )
-
-
-def owner_runs(owner: Any) -> bool:
-    """Whether the worker process an owner names (`node:pid:epoch ms`, worker.process) still
-    runs on this host: that pid, started no later than the owner was named (not a process
-    that took the pid over since), and not a zombie. Anything else, someone else's value
-    included, names no process that runs."""
-    from worker.tree import create_time  # a worker's call: producers never load ctypes
-
-    try:
-        _, pid_text, named_ms = str(owner).rsplit(":", 2)
-        pid, named = int(pid_text), int(named_ms) / 1000
-    except ValueError:
-        return False
-    started = create_time(pid)
-    return started is not None and started <= named + 1.0
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
