@@ -617,3 +617,35 @@ def test_a_message_to_the_arbiter_over_the_frame_limit_is_dropped_not_the_worker
     ]
     assert [h.get(timeout=20) for h in handles] == [i + 1 for i in range(60)]
     assert fleet.worker_pids() == [worker] and "cannot be sent, dropped" in fleet.log()
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler of its own for `signum` (/proc's SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_term_while_a_reloads_workers_import_their_tasks_ends_the_fleet_at_once(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A booting worker held TERM until its imports were done, its pool forked and its
+    broker open: `fleetd stop` waited for a slow import (for ever, for one that hangs,
+    with worker_timeout = 0). It holds nothing yet: it exits at once."""
+    flag = tmp_path / "slow"
+    fleet = make_fleet(fleet={"imports": ["tasks", "slow_import"]}, defaults={"worker_timeout": 0})
+    (fleet.folder / "slow_import.py").write_text(
+        f"import os, time\nif os.path.exists({str(flag)!r}):\n    time.sleep(120)\n"
+    )
+    fleet.start()
+    [old] = fleet.worker_pids()
+    flag.touch()
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: set(fleet.worker_pids()) - {old}, 10, message="the new worker to boot")
+    [new] = set(fleet.worker_pids()) - {old}
+    wait_for(lambda: catches(new, signal.SIGTERM), 10, message="its handlers, then its import")
+    began = time.monotonic()
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait_exit(20) == 0 and time.monotonic() - began < 10

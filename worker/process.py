@@ -356,6 +356,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.signals.append(signal.SIGTERM)
 
     def on_signal(self, signum: int, frame: Any) -> None:
+        if not self.ready and signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            # Booting (importing the task modules, which may take long or hang): nothing is
+            # held yet, nothing to finish or give back. The children forked so far die with
+            # us (their parent-death signal). No logging here: a handler may interrupt it.
+            os._exit(0)
         self.signals.append(signum)  # only enqueue: the loop acts on it
 
     def reclaim_signals(self, what: str) -> None:
