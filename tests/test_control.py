@@ -25,7 +25,17 @@ import pytest
 import zmq
 
 from ctl.client import ControlClient
-from tests.fleet import FLEETCTL, FLEETD, QUIET, Fleet, fleetd, free_port, holds, wait_for
+from tests.fleet import (
+    FLEETCTL,
+    FLEETD,
+    QUIET,
+    Fleet,
+    executions,
+    fleetd,
+    free_port,
+    holds,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -485,6 +495,32 @@ def test_inspect_lists_active_reserved_registered_stats_and_conf(
 
 
 # --- events ------------------------------------------------------------------------------
+def test_a_reload_starts_each_task_once_in_the_events_too(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A child that took the reload's TERM answered with its last outcome, and the worker
+    began the next task in its pipe all the same: a task-started event (and a STARTED mark)
+    for a task that child never ran, then another when the new generation ran it."""
+    fleet = make_fleet(defaults={"concurrency": 1, "prefetch": 3}).start()
+    fleet.ctl("events", "enable")
+    journal = tmp_path / "journal.txt"
+    with running_ctl(fleet, "--json", "events", "tail") as tail:
+        tail.wait(lambda lines: any("heartbeat" in line for line in lines), 10, "a heartbeat")
+        handles = [fleet.client.submit("tasks.journal", str(journal), 0.8) for _ in range(4)]
+        wait_for(lambda: journal.exists() and journal.read_text(), 10, message="a task to start")
+        fleet.signal(signal.SIGHUP)
+        fleet.wait_all_final([h.id for h in handles], 30)
+        ids = {h.id for h in handles}
+
+        def started(lines: list[str]) -> list[str]:
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            return [e["id"] for e in events if e["type"] == "task-started" and e["id"] in ids]
+
+        tail.wait(lambda lines: len(set(started(lines))) == 4, 10, "every start's event")
+    assert sorted(started(tail.lines)) == sorted(ids)  # once each
+    assert executions(journal) == {h.id: 1 for h in handles}
+
+
 def test_events_tail_prints_task_and_worker_events_as_they_arrive(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:

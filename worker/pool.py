@@ -291,7 +291,9 @@ class Pool:
             return
         running = child.tasks.popleft()
         child.tasks_done += 1
-        if child.tasks:  # the next one in its pipe starts now
+        # The next one in its pipe starts now, unless the child leaves (it took a TERM): it
+        # never runs it, and a started mark, event and time limit would all be false.
+        if child.tasks and not reply.get("exit"):
             self.begin(child.tasks[0], time.monotonic())
         if reply.get("exit"):
             child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
