@@ -35,6 +35,10 @@ def test_from_fleetd_import_the_public_api() -> None:
         (lambda c: c.submit_many([("tasks.add", (), [1])]), "kwargs must be a dict, not list"),
         (lambda c: c.submit("tasks.add", kwargs=[1]), "kwargs must be a dict, not list"),  # type: ignore[arg-type]
         (lambda c: c.submit("tasks.add", kwargs={1: 2}), "keyword names must be strings, not 1"),  # type: ignore[dict-item]
+        # Taken for "no countdown", and sent for now:
+        (lambda c: c.submit("tasks.add", countdown=""), "countdown must be a number of seconds"),
+        (lambda c: c.submit("tasks.add", countdown=[]), "countdown must be a number of seconds"),
+        (lambda c: c.handle(None), "a task id must be a non-empty string, not None"),  # type: ignore[arg-type]
     ],
     ids=[
         "name-int",
@@ -44,6 +48,9 @@ def test_from_fleetd_import_the_public_api() -> None:
         "kwargs-list",
         "submit-kwargs-list",
         "kwargs-int-key",
+        "countdown-empty-str",
+        "countdown-empty-list",
+        "handle-none",
     ],
 )
 def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
@@ -137,7 +144,13 @@ def test_a_time_that_no_date_holds_is_shown_as_its_number() -> None:
 
 
 @pytest.mark.parametrize(
-    ("timeout", "error"), [(float("nan"), ValueError), (float("inf"), ValueError), ("1", TypeError)]
+    ("timeout", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("1", TypeError),
+        (10**400, ValueError),
+    ],
 )
 def test_a_get_with_a_timeout_that_is_no_finite_number_says_so(
     tmp_path: Path, timeout: object, error: type[Exception]

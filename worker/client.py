@@ -313,6 +313,8 @@ class Client:
             time.sleep(min(left, pause))
 
     def handle(self, task_id: str) -> Handle:
+        if not isinstance(task_id, str) or not task_id:
+            raise TypeError(f"a task id must be a non-empty string, not {task_id!r:.80}")
         return Handle(self, task_id)
 
     def find(self, task_id: str) -> dict[str, Any] | None:

@@ -213,9 +213,13 @@ def seconds(value: Any, what: str) -> float:
     is not one."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{what} must be a number of seconds, not {value!r:.80}")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an int past a float's range: OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number of seconds, not {value!r:.80}")
+    return number
 
 
 # The last second that a calendar date holds (9999-12-31 23:59:59 UTC): an ETA past it can
@@ -225,7 +229,7 @@ LAST_ETA = 253402300799.0
 
 def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) -> float | None:
     """Epoch seconds for an ETA given as a datetime, epoch seconds, or a countdown."""
-    if countdown:  # 0 or None: ready now, unless `eta` says otherwise
+    if countdown is not None and seconds(countdown, "countdown"):  # 0: now, unless `eta` says
         return within_calendar(time.time() + seconds(countdown, "countdown"), "countdown")
     if eta is None:
         return None
