@@ -125,6 +125,8 @@ class ControlClient:
         waiting: dict[zmq.Socket[bytes], str] = {}
         poller = zmq.Poller()
         for endpoint, dealer in self._dealers.items():
+            if not self._may_hold(endpoint, dest):
+                continue
             try:
                 dealer.send(request, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
@@ -146,6 +148,13 @@ class ControlClient:
             result.missing = [self._name(endpoint) for endpoint in waiting.values()]
         result.elapsed = time.monotonic() - start
         return result
+
+    def _may_hold(self, endpoint: str, dest: list[str] | None) -> bool:
+        """Whether the host at `endpoint` may hold a node or host of `dest` (all: everyone).
+        One whose name is known and is none of theirs is not asked: down, it would make a
+        command aimed at live hosts wait out the timeout and fail."""
+        host = self._hosts.get(endpoint)
+        return not dest or host is None or any(d.rpartition("@")[2] == host for d in dest)
 
     def subscribe_events(
         self, endpoints: list[str] | None = None

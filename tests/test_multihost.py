@@ -141,6 +141,11 @@ def test_host_killed_mid_load_has_all_its_tasks_completed_by_the_others(
         silent = ping(multihost.hosts[0])
         assert set(silent["replies"]) == {"w@host1", "w@host2"}
         assert silent["missing"] == ["host3"] and 1 <= silent["elapsed"] < 2
+        # Aimed at live hosts, a command is not theirs to wait for: it waited out the
+        # timeout and failed, naming host3 missing.
+        aimed = ping(multihost.hosts[0], "--dest", "w@host2")
+        assert aimed["replies"] == {"w@host2": {"ok": "pong"}} and aimed["missing"] == []
+        assert aimed["elapsed"] < 0.5
 
         infos = multihost.hosts[0].wait_all_final(ids, timeout=60)
         assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 60}
