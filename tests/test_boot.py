@@ -4,6 +4,7 @@ line naming it (systemd sees a failed start); on a reload the generation before 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -143,9 +144,19 @@ def test_a_fleet_started_with_its_standard_streams_closed_runs_and_stops_as_any(
     assert fleet.wait_exit(20) == 0
 
 
-@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe{",
+        b'{"time_limits": {"t": [1e999, 2]}}',  # infinity: no limit a child can keep
+        b'{"time_limits": {"t": [' + b"9" * 400 + b", 2]}}",  # past a float: OverflowError
+        None,  # a FIFO: the worker's boot waited for someone to write into it
+    ],
+    ids=["deep", "bytes", "inf", "overflow", "fifo"],
+)
 def test_state_files_torn_or_not_ours_are_ignored_and_the_fleet_starts(
-    make_fleet: Callable[..., Fleet], content: bytes
+    make_fleet: Callable[..., Fleet], content: bytes | None
 ) -> None:
     """The run record and a node's saved limits, found holding JSON nested past the parser's
     depth or bytes that are no text: the arbiter (run.json) or the worker (limits) ended in a
@@ -154,8 +165,11 @@ def test_state_files_torn_or_not_ours_are_ignored_and_the_fleet_starts(
     limits = fleet.folder / "state" / "limits"
     limits.mkdir(parents=True)
     (fleet.folder / "state").chmod(0o700)
-    (fleet.folder / "state" / "run.json").write_bytes(content)
-    (limits / "w@h1.json").write_bytes(content)
+    for path in (fleet.folder / "state" / "run.json", limits / "w@h1.json"):
+        if content is None:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(content)
     fleet.start()
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
     assert "ignoring saved limits" in fleet.log()

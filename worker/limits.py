@@ -8,14 +8,32 @@ Where a limit in force comes from: "config" ([rate_limits], [defaults] time limi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import stat
 from typing import Any
 
 from .spec import parse_rate
 
 log = logging.getLogger("fleetd.worker")
+
+
+MAX_STATE_FILE = 4 << 20  # bytes of a limits file read at most: far more than any holds
+
+
+def read_state_file(path: str) -> bytes:
+    """The regular file at `path`, read without ever blocking and to MAX_STATE_FILE at most:
+    a FIFO put there would hold the worker's boot, a link to /dev/zero fill its memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.read(fd, MAX_STATE_FILE)
+    finally:
+        os.close(fd)
 
 
 class RuntimeLimits:
@@ -31,16 +49,25 @@ class RuntimeLimits:
         """This node's saved limits; none when there is no file, or a bad one (logged)."""
         limits = cls(os.path.join(state_dir, "limits", f"{node}.json"))
         try:
-            with open(limits.path, encoding="utf-8") as f:
-                saved = json.load(f)
+            saved = json.loads(read_state_file(limits.path))
             for name, rate in saved.get("rate_limits", {}).items():
                 parse_rate(rate)
                 limits.rates[str(name)] = str(rate)
             for name, (soft, hard) in saved.get("time_limits", {}).items():
-                limits.times[str(name)] = (float(soft), float(hard))
+                pair = (float(soft), float(hard))
+                if not all(math.isfinite(s) and s >= 0 for s in pair):
+                    raise ValueError(f"time limits of {name} are no seconds: {soft}, {hard}")
+                limits.times[str(name)] = pair
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        except (
+            OSError,
+            ArithmeticError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             log.warning("ignoring saved limits %s: %s", limits.path, exc, extra={"node": node})
             limits.rates, limits.times = {}, {}
         return limits
