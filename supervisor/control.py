@@ -377,6 +377,10 @@ def _curve_server_secret(tcp: list[str], curve_secret_key: str, authorized_keys:
         raise ControlConfigError(f"[control] curve_secret_key: {exc}") from None
     if not os.path.isdir(authorized_keys):
         raise ControlConfigError(f"[control] authorized_keys: {authorized_keys} is not a folder")
+    for name in sorted(os.listdir(authorized_keys)):  # libzmq's reader would block on a FIFO
+        path = os.path.join(authorized_keys, name)
+        if name.endswith(".key") and not os.path.isfile(path):
+            raise ControlConfigError(f"[control] authorized_keys: {path} is not a regular file")
     try:
         import zmq.auth
 

@@ -69,6 +69,8 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
 
 
 def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read
+        raise KeyFileError(f"cannot read key file {os.fspath(path)}: not a regular file")
     try:
         public_key, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

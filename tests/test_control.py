@@ -922,7 +922,16 @@ def test_tcp_bind_without_keys_is_refused_by_check_and_start(
 
 
 @pytest.mark.parametrize(
-    "wrong", ["missing-secret", "garbage-secret", "no-folder", "garbage-key", "not-z85-secret"]
+    "wrong",
+    [
+        "missing-secret",
+        "garbage-secret",
+        "no-folder",
+        "garbage-key",
+        "not-z85-secret",
+        "fifo-secret",  # check and start waited for someone to write into it
+        "fifo-key",
+    ],
 )
 def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
     make_fleet: Callable[..., Fleet], tmp_path: Path, wrong: str
@@ -938,6 +947,11 @@ def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
         server_secret.write_text("junk\n")
     if wrong == "garbage-key":
         (authorized / "junk.key").write_text("junk\n")
+    if wrong == "fifo-secret":
+        server_secret = tmp_path / "fifo.key_secret"
+        os.mkfifo(server_secret)
+    if wrong == "fifo-key":
+        os.mkfifo(authorized / "fifo.key")
     if wrong == "not-z85-secret":  # 40 characters, one of them no Z85: start's traceback
         text = server_secret.read_text()
         secret = text.split('secret-key = "')[1][:40]
