@@ -358,7 +358,12 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             cut = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
             cut.daemon = True
-            cut.start()
+            try:
+                cut.start()
+            except RuntimeError:  # no thread to be had (a limit of tasks): none, then
+                self.shutdown_request(request)
+                self.slots.release()
+                return
             try:
                 super().process_request_thread(request, client_address)
             finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 from supervisor.pidfile import create_new, read_small_file
 from worker import tree
-from worker.tree import all_pids, create_time, end_adopted, proc_stat, started_at
+from worker.tree import all_pids, boot_time, create_time, end_adopted, proc_stat, started_at
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
 
 log = logging.getLogger("fleetd.orphans")
@@ -187,6 +187,8 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
     for record in recorded:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             pid, born = int(record["pid"]), float(record["create_time"])
+            if born < boot_time() - SAME_START:
+                continue  # of a boot before this one: gone, and its group id anybody's now
             started = create_time(pid)
             # A group whose pid another process leads now (pid reuse, after a reboot say)
             # is no longer ours: its members are that process's, never to be ended.

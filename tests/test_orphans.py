@@ -127,3 +127,19 @@ def test_the_arbiters_files_never_follow_a_link_left_in_the_state_dir(tmp_path):
     with pytest.raises(OSError):
         orphans.lock_state_dir(str(state))
     assert precious.read_text() == "keep"
+
+
+def test_the_leftovers_of_a_run_before_the_last_boot_are_none(family):
+    """After a reboot every recorded process is gone, and its pid and group id anybody's: a
+    daemon leading a group whose id a recorded child's pid had was ended by the next start."""
+    parent, kids = family
+    leader = orphans.process_record(parent.pid)
+    assert leader is not None
+    parent.kill()  # the group lives on without its leader, as a daemon's does
+    parent.wait(timeout=10)
+    before_boot = {**leader, "create_time": orphans.boot_time() - 100, "group": True}
+    assert orphans.find_leftovers({"processes": [before_boot]}) == []
+    this_boot = {**leader, "group": True}
+    assert sorted(pid for pid, _ in orphans.find_leftovers({"processes": [this_boot]})) == sorted(
+        kids
+    )

@@ -210,7 +210,7 @@ class BrokerLink:
         with self.broker_call("renew leases"):
             self.broker.extend(held, self.owner, self.spec.lease)
             if self.shutdown is None:
-                self.broker.recover_expired(self.spec.queues, self.host)
+                self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
                 self.revoked |= self.broker.revoked()
         self.recover_dead_owners()
 

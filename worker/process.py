@@ -77,7 +77,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     def __init__(self, spec: WorkerSpec, arbiter_fd: int | None) -> None:
         self.spec: WorkerSpec = spec
         self.node: str = spec.node
-        self.host = self.node.rpartition("@")[2]  # name@host: the host whose workers we know
+        # name@host: the host whose workers' leases are theirs while they run, where the
+        # arbiter ends a hung one (worker_timeout); with none, the lease alone decides.
+        self.keep_host = self.node.rpartition("@")[2] if spec.worker_timeout else ""
         self.arbiter_fd: int | None = arbiter_fd
         self.arbiter_out: Outbox | None = None if arbiter_fd is None else Outbox(arbiter_fd)
         self.arbiter_reader: FrameReader = FrameReader()
@@ -161,7 +163,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             for risk in self.broker.risks():
                 log.warning("%s", risk, extra={"node": self.node})
             self.revoked = self.broker.revoked()
-            self.broker.recover_expired(self.spec.queues, self.host)
+            self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
             # Where each task goes, for clients that submit by name without its code.
             self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
         self.scheduler = worker_scheduler(self.broker, self.spec, self.owner, self.emit)

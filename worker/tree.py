@@ -245,7 +245,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @cache
-def _boot_time() -> float:
+def boot_time() -> float:
+    """When this host booted, in seconds since the epoch (/proc/stat's btime)."""
     with open("/proc/stat", "rb") as f:
         for line in f:
             if line.startswith(b"btime"):
@@ -266,7 +267,7 @@ def proc_stat(pid: int) -> list[bytes] | None:
 
 
 def started_at(fields: list[bytes]) -> float:
-    return int(fields[19]) / CLOCK_TICKS + _boot_time()
+    return int(fields[19]) / CLOCK_TICKS + boot_time()
 
 
 def create_time(pid: int) -> float | None:

@@ -765,4 +765,8 @@ def test_a_lease_that_ran_out_is_taken_back_from_a_worker_of_this_host_only_once
 
     assert redis_broker.recover_expired(["q1"], "h1") == 2  # gone's, and elsewhere's
     assert ids(redis_broker.reserve(["q1"], 5, "w2", 30)) == [tasks[1].id, tasks[2].id]
+    # Its own that ran out: what it never learned it reserved (a reply lost), held for good.
+    assert redis_broker.recover_expired(["q1"], "h1", me=alive) == 1
+    assert len(redis_broker.reserve(["q1"], 1, alive, 0.05)) == 1
+    time.sleep(0.2)
     assert redis_broker.recover_expired(["q1"]) == 1  # no host named: the lease decides

@@ -334,5 +334,11 @@ def test_a_lease_that_ran_out_is_taken_back_only_from_an_owner_that_is_gone(
     assert [d.id for d in sqlite_broker.reserve(["q1"], 1, gone, 0.05)] == [second.id]
     time.sleep(0.2)
 
-    assert sqlite_broker.recover_expired(["q1"]) == 1
+    assert sqlite_broker.recover_expired(["q1"], "h1") == 1
     assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w2", 30)] == [second.id]
+    # Its own that ran out: what it never learned it reserved. And with no host (no
+    # worker_timeout to end a hung worker), the lease alone decides.
+    assert sqlite_broker.recover_expired(["q1"], "h1", me=alive) == 1
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 5, alive, 0.05)] == [first.id]
+    time.sleep(0.2)
+    assert sqlite_broker.recover_expired(["q1"]) == 1

@@ -370,12 +370,14 @@ class Broker(abc.ABC):
         """Give back every task held by a consumer known to be dead; returns how many."""
 
     @abc.abstractmethod
-    def recover_expired(self, queues: list[str], host: str = "") -> int:
-        """Give back tasks whose lease ran out (their owner is presumed gone), but those of
-        an owner that is a worker of `host` (this host, the caller's) whose process still
-        runs: stopped or slowed past its lease, its children run those tasks still, and a
-        second start would run them twice; were it hung, its arbiter ends it
-        (worker_timeout) and they come back at once."""
+    def recover_expired(self, queues: list[str], host: str = "", me: str = "") -> int:
+        """Give back tasks whose lease ran out (their owner is presumed gone). With `host`
+        (this host's name, given where worker_timeout bounds a hung worker), not those of an
+        owner that is a worker of that host whose process still runs: stopped or slowed past
+        its lease, its children run those tasks still, and a second start would run them
+        twice; were it hung, its arbiter ends it and they come back at once. `me`, the
+        caller, is no such owner: it renews all it knows it holds before this call, so what
+        of its own ran out is what it never learned it reserved (a reply lost)."""
 
     @abc.abstractmethod
     def wakeup(self, queues: list[str]) -> Wakeup:

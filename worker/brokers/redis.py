@@ -605,11 +605,11 @@ class RedisBroker(Broker):
     def recover(self, owner: str) -> int:
         return int(self._run("recover", {"owner": owner}))
 
-    def recover_expired(self, queues: list[str], host: str = "") -> int:
+    def recover_expired(self, queues: list[str], host: str = "", me: str = "") -> int:
         if not queues:
             return 0
         queues = list(dict.fromkeys(queues))
-        keep = self._running_here(queues, host) if host else []
+        keep = [c for c in self._running_here(queues, host) if c != me] if host else []
         return int(self._run("recover_expired", {"queues": queues, "keep": keep}, queues))
 
     def _running_here(self, queues: list[str], host: str) -> list[str]:

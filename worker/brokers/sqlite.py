@@ -443,26 +443,28 @@ class SQLiteBroker(Broker):
     def recover(self, owner: str) -> int:
         return self._requeue_where("owner = ?", (owner,))
 
-    def recover_expired(self, queues: list[str], host: str = "") -> int:
-        """Requeue the tasks whose lease ran out, of owners that are gone. One host holds the
-        queue file, so every owner is this host's, whatever `host` says: one that still runs
-        has not renewed because something held it (another process holding the write lock
-        past the lease, a stopped terminal), and its task still runs; it renews when it can,
-        and were it hung, its arbiter ends it (worker_timeout) and its tasks come back."""
+    def recover_expired(self, queues: list[str], host: str = "", me: str = "") -> int:
+        """Requeue the tasks whose lease ran out. With `host`, only those of owners that are
+        gone: one host holds the queue file, so every owner is this host's, and one that
+        still runs has not renewed because something held it (another process holding the
+        write lock past the lease, a stopped terminal) while its task runs; it renews when it
+        can, and were it hung, its arbiter ends it and its tasks come back at once."""
         marks = ",".join("?" * len(queues))
-        expired = f"status = {HELD} AND lease_until < ? AND queue IN ({marks})"
-        params = (time.time(), *queues)
-        owners = [
-            row[0]
-            for row in self.db.execute(f"SELECT DISTINCT owner FROM tasks WHERE {expired}", params)
-        ]
-        gone = [owner for owner in owners if not owner_runs(owner)]
-        if not gone:
-            return 0
-        return self._requeue_where(
-            f"lease_until < ? AND queue IN ({marks}) AND owner IN ({','.join('?' * len(gone))})",
-            (*params, *gone),
-        )
+        where, params = f"lease_until < ? AND queue IN ({marks})", (time.time(), *queues)
+        if host:
+            owners = [
+                row[0]
+                for row in self.db.execute(
+                    f"SELECT DISTINCT owner FROM tasks WHERE status = {HELD} AND {where}", params
+                )
+            ]
+            running = [o for o in owners if o is not None and o != me and owner_runs(o)]
+            if len(running) == len(owners):
+                return 0
+            if running:
+                where += f" AND (owner IS NULL OR owner NOT IN ({','.join('?' * len(running))}))"
+                params = (*params, *running)
+        return self._requeue_where(where, params)
 
     def wakeup(self, queues: list[str]) -> Wakeup:
         return FifoWakeup(self.wake_folder)
