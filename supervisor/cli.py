@@ -222,13 +222,15 @@ def raise_open_files_limit() -> None:
     """Take the hard limit of open files as ours (systemd gives services 1024 of 524288, and
     says to raise it so): clients that hold connections to the control or metrics port must
     not run the arbiter out of descriptors, where libzmq aborts the process. Its children
-    inherit it; nothing of fleetd uses select(), which a descriptor past 1024 would break."""
+    inherit it (nothing of fleetd uses select(), which a descriptor past 1024 would break);
+    pool children put the first soft limit back for the tasks (FLEETD_NOFILE_SOFT)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            os.environ["FLEETD_NOFILE_SOFT"] = str(soft)  # what the tasks get back
 
 
 def start(cfg: configmod.Config, args: argparse.Namespace) -> int:

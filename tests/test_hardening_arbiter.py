@@ -649,3 +649,24 @@ def test_term_while_a_reloads_workers_import_their_tasks_ends_the_fleet_at_once(
     began = time.monotonic()
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0 and time.monotonic() - began < 10
+
+
+def test_the_arbiter_takes_the_hard_open_files_limit_and_tasks_keep_the_first_one(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Clients holding connections ran the arbiter out of descriptors under systemd's soft
+    1,024 (libzmq then aborts it); a task's code, or what it starts, keeps the limit fleetd
+    was started with (select() breaks past 1,024)."""
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "fdlimit"]}, launcher=("prlimit", "--nofile=1024:4096", "--")
+    )
+    (fleet.folder / "fdlimit.py").write_text(
+        "import resource\nfrom worker import task\n\n"
+        "@task\ndef nofile():\n    return list(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    fleet.start()
+    assert fleet.client.submit("fdlimit.nofile").get(timeout=10) == [1024, 4096]
+    assert fleet.proc is not None
+    assert psutil.Process(fleet.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096)
+    [worker] = fleet.worker_pids()
+    assert psutil.Process(worker).rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096)

@@ -348,6 +348,17 @@ def exit_code(exc: SystemExit) -> int:
     return 1
 
 
+def restore_open_files_limit() -> None:
+    """Tasks get the open-files limit fleetd was started with: the arbiter took the hard one
+    for the fleet's own descriptors (supervisor.cli), but a task's code, or a program it
+    starts, may use select() (past 1,024 it breaks) or close every descriptor up to it."""
+    soft = os.environ.get("FLEETD_NOFILE_SOFT", "")
+    if soft.isascii() and soft.isdigit():
+        with contextlib.suppress(ValueError, OSError):
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(soft), hard), hard))
+
+
 def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
     """Entry point in a freshly forked child; never returns."""
     try:
@@ -358,6 +369,7 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
     become_subreaper()  # what a task starts stays below us, where the worker can end it
     if os.getppid() != worker_pid:  # the worker died before the death signal was set
         os._exit(1)
+    restore_open_files_limit()
     child = Child(task_fd, result_fd, revoke_fd)
     try:
         child.run()
