@@ -7,13 +7,13 @@ import math
 import os
 import re
 import socket
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.autoscale import MAX_POOL, parse_bounds
 from worker.brokers import url_problem
+from worker.files import NotRegularFile, read_regular
 from worker.spec import WorkerSpec, parse_rate, parse_size
 
 if TYPE_CHECKING:
@@ -356,13 +356,9 @@ def state_dir_of(path: str) -> str:
 def read_toml(path: str) -> dict[str, Any]:
     """The TOML document at `path`; ConfigError (one line) if it cannot be read as one."""
     try:
-        # Non-blocking: a FIFO put where the config was would hold the arbiter's reload (and
-        # with it every signal and control request) until something wrote into it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(path, "-", "not a regular file (a FIFO, a device, a folder)")
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data = read_regular(path, MAX_CONFIG_BYTES + 1)
+    except NotRegularFile as exc:
+        raise ConfigError(path, "-", str(exc.strerror)) from None
     except FileNotFoundError:
         raise ConfigError(path, "-", "no such file") from None
     except OSError as exc:

@@ -16,8 +16,8 @@ import signal
 import time
 from typing import Any
 
-from supervisor.pidfile import create_new, read_small_file
 from worker import tree
+from worker.files import create_new, read_regular
 from worker.tree import all_pids, boot_time, create_time, end_adopted, proc_stat, started_at
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
 
@@ -168,7 +168,7 @@ class RunRecord:
 
     def read(self) -> dict[str, Any]:
         try:
-            data = json.loads(read_small_file(self.path, MAX_RUN_RECORD))
+            data = json.loads(read_regular(self.path, MAX_RUN_RECORD))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError, RecursionError):  # a torn or foreign file: none
             return {}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
-import stat
 import time
 from typing import TYPE_CHECKING
+
+from worker.files import create_new, read_regular
 
 if TYPE_CHECKING:
     import psutil  # imported where used: a first start (no pidfile yet) never needs it
@@ -143,25 +143,4 @@ def _read(path: StrPath) -> str:
     # of memory for good and 2 ms of its start, for three calls.
     # Bytes that are no text (another program's file) read as a pid that is not one; and no
     # more than a pid could take.
-    return read_small_file(path, 4096).decode("utf-8", errors="replace")
-
-
-def read_small_file(path: StrPath, limit: int) -> bytes:
-    """At most `limit` bytes of the regular file at `path`, read without ever blocking: a
-    FIFO put there (which would hold `fleetd start` or `stop`, or the arbiter, until
-    someone wrote into it), a device (/dev/zero: no end) or a link to one is an OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
-
-
-def create_new(path: StrPath) -> int:
-    """A new file at `path` (its fd, write-only), made by us: never a link someone left
-    there to a file of theirs, which the write would overwrite."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return read_regular(path, 4096).decode("utf-8", errors="replace")

@@ -8,32 +8,19 @@ Where a limit in force comes from: "config" ([rate_limits], [defaults] time limi
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
 import os
-import stat
 from typing import Any
 
+from .files import read_regular
 from .spec import parse_rate
 
 log = logging.getLogger("fleetd.worker")
 
 
 MAX_STATE_FILE = 4 << 20  # bytes of a limits file read at most: far more than any holds
-
-
-def read_state_file(path: str) -> bytes:
-    """The regular file at `path`, read without ever blocking and to MAX_STATE_FILE at most:
-    a FIFO put there would hold the worker's boot, a link to /dev/zero fill its memory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        return os.read(fd, MAX_STATE_FILE)
-    finally:
-        os.close(fd)
 
 
 class RuntimeLimits:
@@ -49,7 +36,7 @@ class RuntimeLimits:
         """This node's saved limits; none when there is no file, or a bad one (logged)."""
         limits = cls(os.path.join(state_dir, "limits", f"{node}.json"))
         try:
-            saved = json.loads(read_state_file(limits.path))
+            saved = json.loads(read_regular(limits.path, MAX_STATE_FILE))
             for name, rate in saved.get("rate_limits", {}).items():
                 parse_rate(rate)
                 limits.rates[str(name)] = str(rate)
