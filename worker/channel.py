@@ -157,11 +157,7 @@ class ArbiterChannel:
             # A custom command may take seconds (COMMAND_TIME_LIMIT), and several may come
             # in one read: leases and the worker's reports must not wait for them all (the
             # lease ran out and another worker started the task again).
-            now = time.monotonic()
-            if now >= self.next_renew:
-                self.renew(now)
-            if now >= self.next_report:
-                self.report(now)
+            self.keep_up(time.monotonic())
 
     def lose_arbiter(self: Worker) -> None:
         """The channel broke or ended: the arbiter is gone, shut down warm (as on TERM)."""

@@ -247,6 +247,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 else:
                     self.broker.maintain()
                 self.scheduler.step(time.time())  # cheap unless this worker leads
+        self.keep_up(now)
+
+    def keep_up(self, now: float) -> None:
+        """Renew the leases, and report to the arbiter, if it is time to."""
         if now >= self.next_renew:
             self.renew(now)
         if now >= self.next_report:
