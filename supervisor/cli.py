@@ -189,9 +189,8 @@ def folder_problems(cfg: configmod.Config, config_path: str) -> list[str]:
 def queue_file_problem(path: str, state_dir: str) -> str | None:
     """Why a SQLite queue file cannot be at `path`, if it cannot: where the state folder or
     one of its parents is, or where something that is no file is (a folder, a device)."""
-    if os.path.abspath(state_dir).startswith(os.path.join(os.path.abspath(path), "")) or (
-        os.path.abspath(state_dir) == os.path.abspath(path)
-    ):
+    queue_file, state = os.path.abspath(path), os.path.abspath(state_dir)
+    if state == queue_file or state.startswith(queue_file + os.sep):
         return f"{path} is the state_dir or a folder of it: give the queue file a path of its own"
     if os.path.exists(path) and not os.path.isfile(path):
         return f"{path} is no file (a folder, a device): give the queue file's path"

@@ -103,8 +103,7 @@ def read_token_file(path: str) -> str:
     if not path:
         return ""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
+        token = read_regular(path, 4096).decode().partition("\n")[0].strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"dashboard token_file {path}: cannot read it: {exc}") from None
     if not token:
