@@ -353,6 +353,21 @@ def test_rate_limit_of_5_per_second_holds_over_20_tasks(
     assert data["replies"]["w@h1"]["rate_limits"] == {}
 
 
+def test_a_limit_for_a_name_no_task_has_is_kept_and_said_so(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet().start()
+    code, data = ctl_json(fleet, "rate-limit", "tasks.ad", "5/s")  # a typo of tasks.add
+    assert code == 0
+    assert "no task tasks.ad on this node" in data["replies"]["w@h1"]["ok"]
+    code, data = ctl_json(fleet, "time-limit", "tasks.ad", "--soft", "1", "--hard", "2")
+    assert code == 0 and "no task tasks.ad" in data["replies"]["w@h1"]["ok"]
+    _, data = ctl_json(fleet, "rate-limit", "tasks.add", "5/s")
+    assert data["replies"]["w@h1"]["ok"] == "rate limit of tasks.add set to 5/s"
+    _, data = ctl_json(fleet, "inspect", "conf")
+    assert data["replies"]["w@h1"]["rate_limits"] == {"tasks.ad": "5/s", "tasks.add": "5/s"}
+
+
 def test_time_limit_holds_for_tasks_that_start_afterwards(make_fleet: Callable[..., Fleet]) -> None:
     fleet = make_fleet().start()
     before = fleet.client.submit("tasks.sleep", 2.5)

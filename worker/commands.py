@@ -150,7 +150,7 @@ def rate_limit(worker: Worker, task: str, rate: str | float) -> dict[str, Any]:
         saved.rates[task] = str(rate)
         worker.rate_limits.set(task, str(rate))
         done = f"rate limit of {task} set to {rate}"
-    return kept(worker, done)
+    return kept(worker, done, task)
 
 
 def time_limit_problem(args: dict[str, Any]) -> str | None:
@@ -188,13 +188,17 @@ def time_limit(
         worker.time_limits.pop(task, None)
         if task in worker.configured_times:
             worker.time_limits[task] = worker.configured_times[task]
-        return kept(worker, f"time limits of {task} cleared")
+        return kept(worker, f"time limits of {task} cleared", task)
     worker.time_limits[task] = saved.times[task] = (float(soft), float(hard))
-    return kept(worker, f"time limits of {task} set to soft={soft} hard={hard}")
+    return kept(worker, f"time limits of {task} set to soft={soft} hard={hard}", task)
 
 
-def kept(worker: Worker, done: str) -> dict[str, Any]:
-    """The reply of a limit change: saved for the next start, or in force until then only."""
+def kept(worker: Worker, done: str, task: str) -> dict[str, Any]:
+    """The reply of a limit change: saved for the next start, or in force until then only.
+    A name that no task of the node has is kept too (a reload may bring the task), but the
+    reply says so: a mistyped name would otherwise look like a limit in force."""
+    if task not in REGISTRY:
+        done += f" (no task {task} on this node: it applies once a reload brings one)"
     problem = worker.runtime_limits.save()
     return {"ok": done} if problem is None else {"ok": f"{done}; {problem}"}
 
