@@ -304,7 +304,9 @@ def make_client(args: argparse.Namespace) -> Any:
 def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except ValueError as exc:
+        if text.isascii() and text.lstrip("-").isdigit():  # past int's digit limit: no string
+            raise UsageError(f"argument {text:.20}...: {exc}") from None
         return text
     except RecursionError:
         raise UsageError(f"argument {text:.20}... is JSON nested too deep") from None

@@ -52,10 +52,12 @@ def new_table(**options: Any) -> Table:
 
 
 def escape(text: str) -> str:
-    """`text` shown as it is in a table, not read as rich markup."""
+    """`text` shown as it is in a table, not read as rich markup, and with nothing that a
+    terminal acts on (an escape sequence, a carriage return: anybody's text, in a task id,
+    an error, a result) but its newlines, which stay inside the table's cell."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(one_line(text, keep="\n"))
 
 
 def task_table(info: dict[str, Any]) -> Table:

@@ -218,6 +218,33 @@ def test_fleetctl_submit_of_json_nested_too_deep_is_one_line_and_sends_nothing(
     assert not (fleet.folder / "queue.db").exists()
 
 
+def test_fleetctl_submit_of_arguments_json_cannot_carry_is_one_line(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Nested just within what fleetctl reads, but too deep once wrapped in a task's body,
+    ended in a RecursionError's traceback; a number of more digits than Python converts
+    went to the task as a string."""
+    fleet = make_fleet()
+    out = fleet.ctl("submit", "tasks.add", "[" * 990 + "]" * 990, check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == "fleetctl: tasks.add: the arguments are nested too deep for JSON\n"
+    out = fleet.ctl("submit", "tasks.add", "7" * 5000, check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith("fleetctl: argument 77777777777777777777...: Exceeds the limit")
+    assert len(out.stderr.splitlines()) == 1
+
+
+def test_fleetctl_revoke_of_an_id_that_is_no_utf8_is_a_usage_error(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """It reached the nodes, whose brokers failed on it (a traceback in the worker's log)
+    while fleetctl said the id was revoked ahead."""
+    fleet = make_fleet()
+    out = fleet.ctl("revoke", "ok-id", "bad-\udcff", check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert "task ids must be UTF-8 text, not 'bad-\\udcff'" in out.stderr
+
+
 @pytest.mark.parametrize("argv", [["ping"], ["events", "tail"]])
 def test_fleetctl_names_an_endpoint_no_host_binds_in_one_line(argv: list[str]) -> None:
     """`events tail` on inproc:// ended in a ControlConfigError's traceback; `ping` took

@@ -344,6 +344,18 @@ def test_tables_show_names_errors_and_results_as_they_are() -> None:
     assert MARKUP in render(queues_table([QueueDepth(MARKUP, 1, 0, 0)]))
 
 
+def test_tables_show_what_a_terminal_acts_on_as_escapes() -> None:
+    """A task id, an error or a queue holding an escape sequence or a carriage return (as the
+    README says of fleetctl's tables): written raw, it retitled the terminal, coloured it,
+    or overwrote the row it was in."""
+    forged = "s1\x1b]0;PWNED\x07\x1b[41mX\x1b[0m\rline2"
+    info = {"id": forged, "name": "tasks.x", "state": "FAILURE", "exc_message": forged}
+    for table in (task_table(info), queues_table([QueueDepth(forged, 1, 0, 0)])):
+        text = render(table)
+        assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+        assert "\\x1b]0;PWNED\\x07\\x1b[41mX" in text and "\\rline2" in text
+
+
 def test_fleetctl_queues_and_result_show_a_markup_queue_and_name(tmp_path: Path) -> None:
     config = tmp_path / "fleet.toml"
     config.write_text('[fleet]\nbroker = "sqlite:///queue.db"\n[[worker]]\nname = "w"\n')

@@ -514,6 +514,19 @@ def test_a_childs_reply_that_makes_no_sense_fails_its_task_and_raises_nothing(
     assert ended.runtime is None
 
 
+def test_a_retry_of_a_body_whose_count_python_cannot_convert_fails_its_task() -> None:
+    """A retry count of 4,300 digits and more (a hand-written body, a task whose max_retries
+    is as large) raised ValueError in the worker, which died of it, with its children."""
+    text = '{"id": "t-1", "name": "tasks.add", "args": [], "kwargs": {}, "retries": %s}'
+    delivery = Delivery("t-1", "default", "tasks.add", text % ("9" * 4300), 1)
+
+    ended = outcome_of(delivery, {"s": "RETRY", "c": 0}, "w@h1")
+
+    assert isinstance(ended, Outcome)
+    assert (ended.state, ended.exc_type) == ("FAILURE", "BadMessage")
+    assert "4300" in str(ended.exc_message)
+
+
 def test_a_childs_retry_goes_back_with_a_sane_eta_and_body() -> None:
     delivery = Delivery("t-1", "default", "tasks.add", body("t-1", retries=2).decode(), 1)
 

@@ -413,7 +413,8 @@ def retry_of(delivery: Delivery, reply: dict[str, Any], node: str) -> Outcome | 
         body = json.loads(delivery.body)
         body["retries"] += 1
         text = json.dumps(body)
-    except RecursionError as exc:
+    # Too deep for this stack, or a retry count of more digits than Python converts
+    except (RecursionError, ValueError) as exc:
         return Outcome(delivery.id, FAILURE, exc_type=BAD_MESSAGE, exc_message=str(exc), node=node)
     exc_type, message = reply.get("t"), reply.get("m")
     return Retry(

@@ -282,6 +282,8 @@ class Client:
                 body = encode_body(task_id, name, args, kwargs)
             except ValueError as exc:  # NaN or infinity (TypeError names any other value)
                 raise ValueError(f"{name}: the arguments must be JSON: {exc}") from None
+            except RecursionError:
+                raise ValueError(f"{name}: the arguments are nested too deep for JSON") from None
             check_body(name, body)
             if too_large := oversize(body):
                 raise TaskTooLarge(f"{name}: {too_large}")

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .autoscale import MAX_POOL, moved
+from .brokers.base import utf8_text
 from .control import OPTIONAL, Arg, register
 from .spec import parse_rate
 from .task import REGISTRY
@@ -207,6 +208,9 @@ def revoke_problem(args: dict[str, Any]) -> str | None:
     ids = args["ids"]
     if not ids or not all(isinstance(i, str) and i for i in ids):
         return "ids must be a non-empty list of task ids"
+    for task_id in ids:  # a byte that was no UTF-8 on a command line: no broker stores it
+        if not utf8_text(task_id):
+            return f"task ids must be UTF-8 text, not {task_id!r:.80}"
     if signal_number(args["signal"]) is None:
         return f"unknown signal {args['signal']!r}"
     return None

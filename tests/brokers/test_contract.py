@@ -586,6 +586,20 @@ def test_stored_values_that_do_not_decode_read_as_what_they_are_never_raise(
     assert raw(info["node"]) == b"n\xfe"
 
 
+def test_a_stored_result_past_a_floats_range_reads_as_bad_result(broker: Broker) -> None:
+    """It read as infinity, which `fleetctl --json result` then wrote as no JSON."""
+    task = envelope()
+    broker.enqueue([task])
+    broker.reserve(["q1"], 1, "w1", 30)
+    broker.turn(Turn(outcomes=[Outcome(task.id, SUCCESS, result=1, runtime=0.5)]))
+
+    overwrite_fields(broker, task.id, {"result": b"[1, 1e400]"})
+
+    info = broker.get_result(task.id)
+    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadResult")
+    assert "1e400 is past the range of a float" in info["exc_message"]
+
+
 # --- revokes, depths, wake-ups ---------------------------------------------------
 def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
     broker: Broker, connect: BrokerFactory

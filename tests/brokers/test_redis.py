@@ -490,10 +490,14 @@ def test_dead_letters_written_by_others_read_as_what_they_hold(
 ) -> None:
     direct.lpush(f"{redis_broker.prefix}:dead", b'{"id": "d-1", "at": "then", "extra": 5}')
     direct.lpush(f"{redis_broker.prefix}:dead", b"not json \xff")
+    huge_letter = b'{"id": "d-2", "at": 1e400, "extra": {"m": -1e999}}'
+    direct.lpush(f"{redis_broker.prefix}:dead", huge_letter)
 
-    garbage, odd = redis_broker.dead_letters()
+    huge, garbage, odd = redis_broker.dead_letters()
     assert (garbage.id, garbage.body.encode("utf-8", "surrogateescape")) == ("", b"not json \xff")
     assert (odd.id, odd.at, odd.extra) == ("d-1", 0.0, {"raw": 5})
+    # Past a float's range: the text it was (it read as infinity, no JSON for fleetctl --json)
+    assert (huge.id, huge.at, huge.extra) == ("d-2", 0.0, {"m": "-1e999"})
 
 
 def test_a_delivery_count_that_is_not_a_whole_number_starts_over(

@@ -189,6 +189,22 @@ def no_constant(name: str) -> Any:
     raise ValueError(f"{name} is no JSON value")
 
 
+def finite_number(text: str) -> float:
+    """json.loads' parse_float for strict JSON: a number past a float's range (1e400) would
+    read as infinity, which fleetctl's JSON output would then write as no JSON value."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is past the range of a float")
+    return value
+
+
+def number_or_text(text: str) -> float | str:
+    """json.loads' parse_float for what is read as it is (a dead letter): a number past a
+    float's range stays the text it was, as parse_constant=str keeps NaN."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
 TEXT_FIELDS = ("name", "queue", "state", "exc_type", "exc_message", "traceback", "node")
 INFO_FIELDS = (*TEXT_FIELDS, "result", "deliveries", "runtime")  # what task_info reads
 
@@ -254,7 +270,9 @@ def task_info(task_id: str, fields: dict[str, Any], done: bool) -> dict[str, Any
     result = stored_text(fields.get("result"))
     if done and result is not None:
         try:
-            info["result"] = json.loads(result, parse_constant=no_constant)
+            info["result"] = json.loads(
+                result, parse_constant=no_constant, parse_float=finite_number
+            )
         except (ValueError, RecursionError) as exc:
             info.update(
                 state=FAILURE,
@@ -269,7 +287,9 @@ def dead_letter_from(fields: dict[str, Any]) -> DeadLetter:
     extra = fields.get("extra")
     if not isinstance(extra, dict):
         try:
-            extra = json.loads(stored_text(extra) or "{}", parse_constant=str)
+            extra = json.loads(
+                stored_text(extra) or "{}", parse_constant=str, parse_float=number_or_text
+            )
         except (ValueError, RecursionError):
             extra = {"raw": stored_text(extra)}
     return DeadLetter(

@@ -70,6 +70,7 @@ from .base import (
     Turn,
     Wakeup,
     dead_letter_from,
+    number_or_text,
     owner_runs,
     stored_number,
     task_info,
@@ -194,7 +195,8 @@ def lease_keys(key: str) -> list[tuple[str, str]]:
 def fields_of(text: str | bytes) -> dict[str, Any]:
     """A dead letter's JSON object; one that is not (someone else's writing) as its body."""
     try:
-        fields = json.loads(text, parse_constant=str)  # NaN and infinity as names
+        # NaN and infinity as names, a number past a float's range as its text
+        fields = json.loads(text, parse_constant=str, parse_float=number_or_text)
     except (ValueError, RecursionError):
         fields = None
     return fields if isinstance(fields, dict) else {"body": text}
