@@ -24,7 +24,7 @@ import pytest
 from supervisor import orphans
 from tests.fleet import Fleet, executions, holds, wait_for
 from worker import TaskFailed, tree
-from worker.child import Child
+from worker.child import Child, OutputFds
 
 ESCAPE_TASKS = '''
 import asyncio, os, signal, subprocess, sys, time
@@ -209,6 +209,57 @@ def leave_cpu_timer(how):
         soft = int(used.ru_utime + used.ru_stime) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
     return os.getpid()
+
+
+@task
+def leave_ringing_timer(journal):
+    """Note the run, then return with a timer that sets off a raising handler every 200 us:
+    it goes off in the child's own code, after the task returned."""
+    with open(journal, "a") as f:
+        f.write("ran\\n")
+    signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, 200e-6, 200e-6)
+    return os.getpid()
+
+
+KEPT = []
+
+
+@task
+def spoil_output(how, path):
+    """Close sys.stdout and sys.stderr (`streams`), fds 1 and 2 (`fds`), or put a file of
+    the task's own on fd 1 (`file`: a later open() would take it, as the task left it)."""
+    if how == "streams":
+        sys.stdout.close()
+        sys.stderr.close()
+    elif how == "fds":
+        os.close(1)
+        os.close(2)
+    else:
+        os.close(1)
+        KEPT.append(open(path, "w"))
+    return os.getpid()
+
+
+@task
+def lower_limit(which, hard):
+    """Lower a resource limit, the soft one or (`hard`) both, to what a next task needs more of."""
+    import resource
+    low = {"nofile": 20, "fsize": 1000, "as": 64 << 20}[which]
+    kind = getattr(resource, "RLIMIT_" + which.upper())
+    resource.setrlimit(kind, (low, low if hard else resource.getrlimit(kind)[1]))
+    return os.getpid()
+
+
+@task
+def need(path):
+    """What each limit of lower_limit holds back: 50 files open, 2 MB written, 256 MiB."""
+    files = [open(os.devnull) for _ in range(50)]
+    for f in files:
+        f.close()
+    with open(path, "wb") as f:
+        f.write(bytes(2 << 20))
+    return [len(bytearray(256 << 20)) >> 20, os.getpid()]
 
 
 @task
@@ -578,6 +629,59 @@ def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
     assert fleet.child_pids() == [child]
 
 
+def test_a_timer_handler_that_raises_once_its_task_returned_costs_no_second_run(
+    escape_fleet, tmp_path: Path
+) -> None:
+    """The handler raised in the child's own code, between the task's return and restore:
+    the child died, the task that had run counted a death and ran again (three times), and
+    had that child's stderr failed too, the exception went up into the worker's loop, where
+    the child went on as a second copy of the worker."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    journal = tmp_path / "journal.txt"
+    handle = fleet.client.submit("escape_tasks.leave_ringing_timer", str(journal))
+    info = fleet.wait_all_final([handle.id], 15)[0]
+    assert (info["deliveries"], journal.read_text()) == (1, "ran\n")
+    assert info["state"] == "SUCCESS" or info["exc_type"] == "Rang", info
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+
+
+@pytest.mark.parametrize("how", ["streams", "fds", "file"])
+def test_a_task_that_spoils_the_childs_output_leaves_the_next_ones_theirs(
+    escape_fleet, tmp_path: Path, how: str
+) -> None:
+    """A closed sys.stdout failed every later task that printed; closed fds 1 and 2 failed
+    them with EBADF; and with the task's own file on fd 1, a later one printed into it."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    taken = tmp_path / "taken.txt"
+    spoiled = fleet.client.submit("escape_tasks.spoil_output", how, str(taken))
+    assert spoiled.get(timeout=10) == child
+    assert fleet.client.submit("tasks.say", f"{how} was undone").get(timeout=10)
+    wait_for(lambda: f"{how} was undone" in fleet.log(), 10, message="the next task's print")
+    assert "undone" not in (taken.read_text() if taken.exists() else "")
+    assert fleet.child_pids() == [child]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("which", ["nofile", "fsize", "as"])
+def test_a_resource_limit_that_a_task_lowers_is_not_the_next_tasks(
+    escape_fleet, tmp_path: Path, which: str, hard: bool
+) -> None:
+    """The next task failed (EMFILE, MemoryError) or, past the file size, its child died
+    and the task ran twice. A soft limit is put back; a hard one cannot be, so a fresh child
+    takes the next task."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 1})
+    fleet.start()
+    [child] = fleet.child_pids()
+    assert fleet.client.submit("escape_tasks.lower_limit", which, hard).get(timeout=10) == child
+    handle = fleet.client.submit("escape_tasks.need", str(tmp_path / "two-megabytes"))
+    size, ran_in = handle.get(timeout=15)
+    assert (size, handle.info()["deliveries"]) == (256, 1)
+    assert (ran_in != child) is hard
+
+
 @pytest.mark.parametrize("how", ["prof", "virtual", "faulthandler", "rlimit"])
 def test_a_cpu_timer_or_limit_that_a_task_leaves_never_ends_a_later_task(
     escape_fleet, how: str
@@ -671,6 +775,7 @@ def test_a_childs_restore_sets_again_only_the_dispositions_a_task_changed(
     before = {sig: signal.signal(sig, handler) for sig, handler in child.handlers.items()}
     child.mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     child.streams = sys.stdout, sys.stderr
+    child.output = OutputFds()
     child.recursion_limit = sys.getrecursionlimit()
     real, set_again = signal.signal, []
     monkeypatch.setattr(signal, "signal", lambda sig, h: set_again.append(sig) or real(sig, h))

@@ -106,6 +106,49 @@ def flush_output() -> None:
             stream.flush()
 
 
+RESTORE_TRIES = 10  # raised_after's: a timer is stopped at the first, a handler runs once more
+
+# The limits that a task may lower for itself and that would end or fail the next one, left
+# so (restore_limits): its CPU time or a file's size (SIGXCPU, SIGXFSZ), its memory (a
+# MemoryError), its open files, its processes, a real-time thread's CPU time.
+RESOURCE_LIMITS = [
+    getattr(resource, f"RLIMIT_{name}")
+    for name in ("CPU", "FSIZE", "AS", "DATA", "STACK", "NOFILE", "NPROC", "RTTIME")
+    if hasattr(resource, f"RLIMIT_{name}")
+]
+
+
+class OutputFds:
+    """Where the child's fds 1 and 2 write (the worker's output pipe), kept on a descriptor
+    of its own, so that a task that closed them, or put another file there (and a later
+    task's open() took fd 1: its prints would go into that file), leaves neither so."""
+
+    def __init__(self) -> None:
+        self.copies = os.dup(1), os.dup(2)  # not inheritable: no program a task starts holds them
+        self.identities = file_identity(1), file_identity(2)
+
+    def replaced(self) -> bool:
+        return (file_identity(1), file_identity(2)) != self.identities
+
+    def put_back(self) -> tuple[Any, Any]:
+        """fds 1 and 2 as they were, and new sys.stdout and sys.stderr over them."""
+        for fd, copy in zip((1, 2), self.copies, strict=True):
+            with contextlib.suppress(OSError):
+                os.dup2(copy, fd)
+        return tuple(  # type: ignore[return-value]
+            open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+            for fd in (1, 2)
+        )
+
+
+def file_identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def reap_adopted() -> None:
     """Collect the descendants that ended after they were re-parented to us. Only between
     tasks: during one, a `subprocess.Popen` of the task must get its own child's status."""
@@ -179,8 +222,9 @@ class Child:
         self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
         self.recursion_limit = sys.getrecursionlimit()
         self.streams = sys.stdout, sys.stderr
+        self.output = OutputFds()
         self.cwd = os.getcwd()
-        self.cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
+        self.limits = {which: resource.getrlimit(which) for which in RESOURCE_LIMITS}
         reader = FrameReader(tolerant=True)
         while True:
             reap_adopted()
@@ -197,8 +241,11 @@ class Child:
                     EventLoopChild(self, reader).run(frames[index:])  # never returns
                 self.frames_read += 1
                 self.busy = True
-                reply = self.answer(frame)
-                self.restore(alone=True)  # before the reply: see restore
+                try:
+                    reply = self.answer(frame)
+                    self.restore(alone=True)  # before the reply: see restore
+                except BaseException as exc:  # noqa: BLE001 - see raised_after
+                    reply = self.raised_after(frame, exc)
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
@@ -228,22 +275,49 @@ class Child:
         Called before the task's reply is written: a TERM that the task blocked is taken
         here (the reply then says we leave), and one that it ignored or took with its own
         handler, the worker sends again once it reads the reply, when our handler is back."""
+        if alone:  # first: a timer's handler the task left must not go off in what follows
+            signal.alarm(0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         set_dispositions(self.handlers)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        if self.output.replaced() or any(stream.closed for stream in self.streams):
+            self.streams = self.output.put_back()
         sys.stdout, sys.stderr = self.streams
         if sys.getrecursionlimit() != self.recursion_limit:
             sys.setrecursionlimit(self.recursion_limit)
         if alone:
-            signal.alarm(0)
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
             faulthandler.cancel_dump_traceback_later()
-            if resource.getrlimit(resource.RLIMIT_CPU) != self.cpu_limit:
-                try:
-                    resource.setrlimit(resource.RLIMIT_CPU, self.cpu_limit)
-                except (ValueError, OSError):  # the hard limit lowered: a fresh child
-                    self.stop_when_idle = True
+            self.restore_limits()
             self.restore_cwd()
+
+    def restore_limits(self) -> None:
+        """A resource limit the task changed (its memory, open files, file size, CPU time):
+        the next task gets the child's again; a hard limit lowered cannot be raised back,
+        so a fresh child takes over after this task."""
+        for which, limit in self.limits.items():
+            if resource.getrlimit(which) != limit:
+                try:
+                    resource.setrlimit(which, limit)
+                except (ValueError, OSError):
+                    self.stop_when_idle = True
+
+    def raised_after(self, frame: Any, exc: BaseException) -> dict[str, Any]:
+        """The reply for a task whose leftovers raised in our own code once it had returned
+        (a handler of its own that its timer or another process set off before restore put
+        ours back): its failure, and a fresh child after it, as what else it left is not
+        known. Else the child would die, and the task that ran would run again."""
+        for _ in range(RESTORE_TRIES):  # the handler may go off again until restore stops it
+            try:
+                self.leave_if_forked(exc)
+                self.restore(alone=True)
+                break
+            except BaseException as again:  # noqa: BLE001
+                exc = again
+        self.stop_when_idle = True
+        body = frame[1] if isinstance(frame, list) and len(frame) == 2 else None
+        task_id = body.get("id") if isinstance(body, dict) else None
+        return self.failure(task_id, exc, time.perf_counter())
 
     def restore_cwd(self) -> None:
         try:
@@ -374,7 +448,8 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
     try:
         child.run()
     except BaseException:  # noqa: BLE001
-        traceback.print_exc()
+        with contextlib.suppress(BaseException):  # stderr may be gone: the exit is not
+            traceback.print_exc()
         os._exit(1)
     child.leave()
 

@@ -211,7 +211,10 @@ class Pool:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             os.set_blocking(revoke_r, False)
-            child_main(task_r, result_w, revoke_r, self.pid)
+            try:  # whatever happens in there, never back into the worker's loop
+                child_main(task_r, result_w, revoke_r, self.pid)
+            finally:
+                os._exit(1)
         gc.unfreeze()  # ours to collect again: frozen for good, dead cycles would pile up
         os.close(task_r)
         os.close(result_w)
