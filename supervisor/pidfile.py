@@ -100,12 +100,14 @@ def stop(pid: int, timeout: float | None = None, quit_after: float = 10.0) -> bo
     try:
         proc = psutil.Process(pid)
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)  # a stopped arbiter (Ctrl-Z) takes it, as systemd does
         if _exited(proc, timeout):
             return True
         if not quit_after:
             return False
         log.warning("pid %d still running %ss after TERM, sending QUIT", pid, timeout)
         proc.send_signal(signal.SIGQUIT)
+        proc.send_signal(signal.SIGCONT)
         return _exited(proc, quit_after)
     except psutil.NoSuchProcess:
         return True

@@ -280,6 +280,25 @@ def test_signals_relayed_to_a_booting_worker_wait_for_its_handlers(
     assert fleet.wait_exit(20) == 0
 
 
+def test_sigpipes_sent_to_a_booting_worker_end_nothing(make_fleet: Callable[..., Fleet]) -> None:
+    """A worker's interpreter ignores SIGPIPE once it runs, but between its exec and then the
+    default action ended it: sent over and over (a script that signals what it finds), every
+    new worker died, until the node was FATAL."""
+    fleet = make_fleet(workers=[{"name": "w", "queues": ["default"], "concurrency": 1}]).start()
+    assert fleet.proc is not None
+    arbiter = psutil.Process(fleet.proc.pid)
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 1.5  # over the replacement's boot, from exec on
+    while time.monotonic() < deadline:
+        for proc in arbiter.children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGPIPE)
+        time.sleep(0.001)
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=20) == 3
+    assert "killed by SIGPIPE" not in fleet.log(), fleet.log()
+
+
 def test_signals_during_the_arbiters_last_moments_leave_its_exit_code_alone(
     make_fleet: Callable[..., Fleet],
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -184,6 +185,14 @@ def test_stop_sends_term_then_quit_and_says_whether_the_process_exited(
     with fake_fleetd(ignore) as proc:
         assert stop(proc.pid, timeout=0.3, quit_after=quit_after) is exits
         assert (proc.poll() is not None) is exits
+
+
+def test_stop_wakes_a_stopped_arbiter() -> None:
+    """A stopped arbiter (Ctrl-Z on a foreground `fleetd start`) held `fleetd stop` for ever."""
+    with fake_fleetd("") as proc:
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert stop(proc.pid, timeout=5, quit_after=0)
+        assert proc.wait(5) is not None
 
 
 def test_stop_of_a_pid_that_is_gone_is_done() -> None:

@@ -141,8 +141,16 @@ STRAY_SIGNALS = (
 
 # Signals the arbiter relays to its workers (and stray ones): a worker starts with them
 # blocked, so that one sent while it boots waits for its handlers (worker/process.py
-# unblocks them) instead of ending it (USR1) or stopping it (TTIN, TTOU).
-BOOT_BLOCKED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, *STRAY_SIGNALS)
+# unblocks them) instead of ending it (USR1) or stopping it (TTIN, TTOU). And SIGPIPE,
+# which its interpreter ignores once it runs, but which would end it before that.
+BOOT_BLOCKED = (
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGPIPE,
+    *STRAY_SIGNALS,
+)
 
 
 def become_subreaper() -> bool:
