@@ -774,3 +774,19 @@ def test_a_lease_that_ran_out_is_taken_back_from_a_worker_of_this_host_only_once
     assert len(redis_broker.reserve(["q1"], 1, alive, 0.05)) == 1
     time.sleep(0.2)
     assert redis_broker.recover_expired(["q1"]) == 1  # no host named: the lease decides
+
+
+def test_a_consumer_whose_name_is_no_utf8_is_no_worker_of_this_host(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """Someone else's consumer, named in bytes that are no UTF-8 but read as a live worker
+    of this host: its name went into the recovery script's arguments, which Redis's JSON
+    could not read, so that every worker's boot failed until the node was FATAL."""
+    task = envelope()
+    redis_broker.enqueue([task])
+    name = b"\xff@h1:%d:%d" % (os.getpid(), int(time.time() * 1000))
+    direct.xgroup_createconsumer(f"{redis_broker.prefix}:q:q1", "workers", name)
+    assert len(redis_broker.reserve(["q1"], 1, "w1", 0.05)) == 1
+    time.sleep(0.2)
+
+    assert redis_broker.recover_expired(["q1"], "h1") == 1

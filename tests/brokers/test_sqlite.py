@@ -321,6 +321,21 @@ def test_a_sqlite_url_names_a_file_never_a_database_in_memory(
         one.close()
 
 
+def test_an_owner_that_is_no_utf8_names_no_process_that_runs(sqlite_broker: SQLiteBroker) -> None:
+    """Someone else's row, its owner bytes that are no UTF-8 but read as a live worker of
+    this host: bound back into the recovery's query, it failed every worker's boot (a lone
+    surrogate SQLite cannot take) until the node was FATAL."""
+    task = envelope()
+    sqlite_broker.enqueue([task])
+    assert len(sqlite_broker.reserve(["q1"], 1, "w1", 0.05)) == 1
+    owner = b"\xff@h1:%d:%d" % (os.getpid(), int(time.time() * 1000))
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        db.execute("UPDATE tasks SET owner = CAST(? AS TEXT)", (owner,))
+    time.sleep(0.2)
+
+    assert sqlite_broker.recover_expired(["q1"], "h1") == 1
+
+
 def test_a_lease_that_ran_out_is_taken_back_only_from_an_owner_that_is_gone(
     sqlite_broker: SQLiteBroker,
 ) -> None:

@@ -245,9 +245,12 @@ def owner_runs(owner: Any) -> bool:
     """Whether the worker process an owner names (`node:pid:epoch ms`, worker.process) still
     runs on this host: that pid, started no later than the owner was named (not a process
     that took the pid over since), and not a zombie. Anything else, someone else's value
-    included, names no process that runs."""
+    included, names no process that runs: text that is no UTF-8 too (no node name is), which
+    the callers would hand back to their broker, which cannot take it."""
     from worker.tree import create_time  # a worker's call: producers never load ctypes
 
+    if not utf8_text(owner):
+        return False
     try:
         _, pid_text, named_ms = str(owner).rsplit(":", 2)
         pid, named = int(pid_text), int(named_ms) / 1000
