@@ -12,7 +12,7 @@ import sys
 
 from worker.arguments import non_negative
 from worker.imports import SAFE_PATH, describe_failure
-from worker.logs import FORMATS, LEVELS, fill_standard_fds, setup_logging
+from worker.logs import FORMATS, LEVELS, fill_standard_fds, setup_logging, shield_standard_streams
 from worker.version import VersionAction
 
 from . import config as configmod
@@ -248,6 +248,7 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
         print(f"fleetd: {problem}", file=sys.stderr)
         return EXIT_FAILED
     setup_logging(args.log_level, args.log_format, f"fleetd@{cfg.node}")
+    shield_standard_streams()  # its last line (below) must not hang on a log nobody reads
     arbiter = Arbiter(cfg, args.log_level, args.log_format, args.pidfile)
     try:
         code = arbiter.run()

@@ -207,6 +207,54 @@ def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
             os.close(writer)
 
 
+def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_nothing(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """What a task module printed (and warned) at its import went to the worker's own
+    stdout and stderr, the arbiter's pipe: with nobody reading it, a worker's boot blocked
+    there until worker_timeout killed it, again and again (FATAL); a warm stop waited for
+    ever on a worker blocked in its last flush."""
+    reader, writer = os.pipe()
+    try:
+        fleet = make_fleet(
+            fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5}
+        )
+        (fleet.folder / "loud.py").write_text(
+            "import warnings\n"
+            "for i in range(200):\n"
+            "    print('loud at import', i, 'x' * 1000)\n"
+            "warnings.warn('a warning at import')\n"
+        )
+        fleet.start(output=writer)
+        os.close(writer)
+        writer = -1
+        assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+        [worker] = fleet.worker_pids()
+        os.kill(worker, signal.SIGKILL)  # its replacement imports, and prints, again
+        wait_for(lambda: fleet.worker_pids() not in ([], [worker]), 10, message="a new worker")
+        assert fleet.client.submit("tasks.add", 2, 3).get(timeout=20) == 5
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait_exit(20) == 0
+    finally:
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)
+
+
+def test_what_a_task_module_prints_at_its_import_is_logged_once_not_by_each_child(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The worker's stdout buffered it (a file is no terminal), and each child forked after
+    the import inherited that buffer and printed it again at its first task's flush."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"max_tasks_per_child": 1})
+    (fleet.folder / "loud.py").write_text("print('loaded once')\n")
+    fleet.start(env={"PYTHONUNBUFFERED": ""})  # as a service runs it: stdout buffered
+    handles = fleet.client.submit_many([("tasks.say", ("said",), {})] * 4)
+    assert [h.get(timeout=10) for h in handles] == ["said"] * 4
+    wait_for(lambda: fleet.log().count("said") >= 4, 10, message="the tasks' prints")
+    assert fleet.log().count("loaded once") == 1, fleet.log()
+
+
 def test_what_a_task_prints_or_an_id_holds_forges_no_line_of_the_fleets_log(
     make_fleet: Callable[..., Fleet],
 ) -> None:

@@ -1,5 +1,6 @@
 """`python -m worker`: the entry point of one worker process, started by the arbiter."""
 
+import contextlib
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ code = main()
 # interpreter's teardown of its heap: tens of ms of CPU, taken on a reload from the new
 # generation serving the queues. (Task code runs in the children, which exit this way too.)
 logging.shutdown()
-sys.stdout.flush()
-sys.stderr.flush()
+for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(OSError, ValueError):  # a full disk, a closed stream: not our exit
+        stream.flush()
 os._exit(code)

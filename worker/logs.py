@@ -6,6 +6,7 @@ structured fields passed as `extra=` (`task=`, `worker=`, ...), which win over t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,6 +139,43 @@ class LogOutput:
                 self.pending = b""
                 return
             self.pending = self.pending[written:]
+
+
+class StandardStream(LogOutput):
+    """sys.stdout or sys.stderr of a fleetd process (the arbiter, a worker) written as its log
+    is (LogOutput): what a task module prints at its import or a warning never blocks the
+    process on a reader that stopped reading. On a file or a terminal each write goes out at
+    once: a pool child must not inherit, and print again, what the worker had buffered. A
+    forked child gets the stream itself back: its output is its worker's to read.
+    Every other attribute is the stream's."""
+
+    def __init__(self, stream: TextIO, name: str) -> None:
+        super().__init__(stream)
+        self.name = name
+        os.register_at_fork(after_in_child=self.step_aside)
+
+    def step_aside(self) -> None:
+        if getattr(sys, self.name) is self:
+            setattr(sys, self.name, self.stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:  # type: ignore[override]
+        super().write(text)
+        if self.send is None:
+            with contextlib.suppress(OSError, ValueError):  # a full disk, a closed stream
+                self.stream.flush()
+        return len(text)
+
+
+def shield_standard_streams() -> None:
+    """Put sys.stdout and sys.stderr behind a StandardStream each (fleetd's own processes
+    only: fleetctl's output to a pipe must wait for its reader, as any command's does)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, LogOutput):
+            setattr(sys, name, StandardStream(stream, name))
 
 
 class LogHandler(logging.StreamHandler):

@@ -519,7 +519,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
 
 def main() -> int:
     """`python -m worker`: run one worker; the arbiter passes the spec and a socket fd."""
-    from .logs import setup_logging
+    from .logs import setup_logging, shield_standard_streams
 
     spec = WorkerSpec.from_json(json.loads(os.environ["FLEETD_WORKER_SPEC"]))
     setup_logging(
@@ -527,6 +527,7 @@ def main() -> int:
         os.environ.get("FLEETD_LOG_FORMAT", "text"),
         spec.node,
     )
+    shield_standard_streams()  # before the task modules' imports, which may print
     fd = os.environ.get("FLEETD_WORKER_FD")
     arbiter_fd = int(fd) if fd else None
     worker = Worker(spec, arbiter_fd)
