@@ -216,9 +216,7 @@ def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_n
     ever on a worker blocked in its last flush."""
     reader, writer = os.pipe()
     try:
-        fleet = make_fleet(
-            fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5}
-        )
+        fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5})
         (fleet.folder / "loud.py").write_text(
             "import warnings\n"
             "for i in range(200):\n"
