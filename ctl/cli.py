@@ -247,11 +247,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
+    except OSError as exc:  # its output failed: a full disk, a reader gone (`| head`)
+        output_failed(exc)
+        return EXIT_FAILED
     except Exception as exc:
         if not refused_by_broker(exc):
             raise
         print(f"fleetctl: the broker refused: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def output_failed(exc: OSError, done: str = "") -> None:
+    """One line on stderr for output that could not be written, saying what was `done`
+    all the same (a submit's task is stored); and stdout onto /dev/null, so that the
+    interpreter's exit does not fail on it again with a traceback."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError):
+        what = exc.strerror or str(exc)
+        print(f"fleetctl: {done}cannot write the output: {what}", file=sys.stderr)
 
 
 def refused_by_broker(exc: BaseException) -> bool:
@@ -331,7 +345,11 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if args.wait is None:
-        print(json.dumps({"id": handle.id}) if args.json else handle.id)
+        try:
+            print(json.dumps({"id": handle.id}) if args.json else handle.id, flush=True)
+        except OSError as exc:  # the task is stored: its id must not be lost with the output
+            output_failed(exc, f"task {handle.id} submitted, but ")
+            return EXIT_FAILED
         return EXIT_OK
     return show_result(client, handle.id, args.wait, args.json, console)
 

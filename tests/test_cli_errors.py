@@ -245,6 +245,27 @@ def test_fleetctl_revoke_of_an_id_that_is_no_utf8_is_a_usage_error(
     assert "task ids must be UTF-8 text, not 'bad-\\udcff'" in out.stderr
 
 
+def test_fleetctl_whose_output_fails_says_so_in_one_line_and_names_a_stored_task(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """stdout on a full disk: a traceback, and a submit's task stored with its id lost."""
+    fleet = make_fleet()
+    with open("/dev/full", "w") as full:
+        for argv in (["--json", "queues"], ["submit", "tasks.add", "1", "2"]):
+            out = subprocess.run(
+                [FLEETCTL, "-c", str(fleet.config), *argv],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+            assert out.stderr.endswith("cannot write the output: No space left on device\n")
+    task_id = out.stderr.split()[2]
+    assert out.stderr.startswith(f"fleetctl: task {task_id} submitted, but")
+    assert fleet.client.handle(task_id).state == "PENDING"
+
+
 @pytest.mark.parametrize("argv", [["ping"], ["events", "tail"]])
 def test_fleetctl_names_an_endpoint_no_host_binds_in_one_line(argv: list[str]) -> None:
     """`events tail` on inproc:// ended in a ControlConfigError's traceback; `ping` took
