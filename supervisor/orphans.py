@@ -200,7 +200,30 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
     run = previous.get("run")
     if isinstance(run, str) and run:
         found.update(_marked(run))
+    found.update(_descendants(found))
     return list(found.items())
+
+
+def _descendants(roots: dict[int, float]) -> dict[int, float]:
+    """{pid: start time} of every live process below these, by parent pid, each started no
+    earlier than its parent: what a task started in a session and an environment of its
+    own (no mark) while the child that started it lives on, to be ended with that child
+    rather than orphaned by its end."""
+    me = os.getpid()
+    below: dict[int, list[tuple[int, float]]] = {}
+    for pid in all_pids() if roots else ():
+        fields = proc_stat(pid)
+        if fields is not None and pid != me:
+            below.setdefault(int(fields[1]), []).append((pid, started_at(fields)))
+    found: dict[int, float] = {}
+    todo = list(roots.items())
+    while todo:
+        parent, born = todo.pop()
+        for pid, started in below.get(parent, ()):
+            if pid not in roots and pid not in found and started >= born - SAME_START:
+                found[pid] = started
+                todo.append((pid, started))
+    return found
 
 
 def _marked(run: str) -> dict[int, float]:

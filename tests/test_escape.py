@@ -73,6 +73,23 @@ def escape_and_hold(pidfile, gate, limit=60):
     return os.getpid()
 
 
+@task
+def escape_bare_and_hold(pidfile, gate, limit=60):
+    """Three sleepers in sessions of their own, each with an environment of its own (no mark
+    of the run), then wait for the gate."""
+    pids = [
+        subprocess.Popen(SLEEPER, start_new_session=True, env={"PATH": "/usr/bin:/bin"}).pid
+        for _ in range(3)
+    ]
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.replace(pidfile + ".tmp", pidfile)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
 @task(time_limit=1)
 def escape_and_hang(pidfile):
     escape(pidfile)
@@ -519,6 +536,25 @@ def test_next_start_ends_what_a_killed_fleet_left_in_other_sessions(
     assert len(escapees.living()) == 3
     fleet.start()
     escapees.wait_gone(timeout=2)  # the start ended them before it was ready
+
+
+def test_next_start_ends_what_a_live_leftover_started_without_the_runs_mark(
+    escape_fleet, tmp_path: Path
+) -> None:
+    """Only the arbiter is killed; its worker drains a task whose subprocesses run in
+    sessions of their own, with environments of their own. The next start ended the worker
+    and its child, which orphaned those subprocesses for good: nothing named them."""
+    fleet, escapees = escape_fleet()
+    fleet.start()
+    fleet.client.submit(
+        "escape_tasks.escape_bare_and_hold", str(escapees.pidfile), str(tmp_path / "gate")
+    )
+    escapees.wait()
+    os.kill(fleet.pid, signal.SIGKILL)
+    fleet.wait_exit(10)
+    assert len(escapees.living()) == 3
+    fleet.start()
+    escapees.wait_gone(timeout=5)
 
 
 def test_a_child_reaps_the_daemons_its_tasks_left_between_tasks(escape_fleet) -> None:
