@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
 
 from fleetd import Client
 from tests.fleet import Fleet, wait_for
@@ -97,3 +104,55 @@ def test_a_producer_that_was_open_before_the_file_was_deleted_writes_into_the_ne
         assert info is not None and info["result"] == 4
     finally:
         fresh.close()
+
+
+@pytest.fixture
+def few_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 64 inodes at `tmp_path/host/q`, for the queue file: a disk a test can run
+    out of inodes. Ask for it before make_fleet, so that the fleet stops before the unmount."""
+    if os.geteuid() != 0:
+        message = "mounting a tmpfs needs root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    mount = tmp_path / "host" / "q"
+    mount.mkdir(parents=True)
+    options = "size=8m,nr_inodes=64,mode=0700"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        for _ in range(50):  # processes killed by the fleet's stop may still hold files
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_a_worker_that_cannot_make_its_wake_up_pipe_runs_its_tasks_all_the_same(
+    few_inodes: Path, make_fleet: Callable[..., Fleet]
+) -> None:
+    """No inode left where the queue's wake-up pipes go: the worker's boot failed on its
+    pipe, with a traceback, again and again until the node was FATAL, and stayed so once
+    room was made. It looks at its queues every second instead, until it can make it."""
+    fleet = make_fleet(fleet={"broker": "sqlite:///q/queue.db"}).start()
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    fillers = []
+    with contextlib.suppress(OSError):
+        while True:
+            fillers.append(few_inodes / f"filler-{len(fillers)}")
+            fillers[-1].touch()
+    with pytest.raises(OSError) as full:
+        os.mkfifo(few_inodes / "one-more")
+    assert full.value.errno == errno.ENOSPC
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: "cannot make the wake-up pipe" in fleet.log(), 15, message="the warning")
+    assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
+    for filler in fillers:
+        with contextlib.suppress(FileNotFoundError):
+            filler.unlink()
+    wait_for(lambda: "is made" in fleet.log(), 10, message="the pipe made once there is room")
+    assert fleet.client.submit("tasks.add", 3, 3).get(timeout=10) == 6
+    assert "Traceback" not in fleet.log() and "FATAL" not in fleet.log()

@@ -26,8 +26,28 @@ class FifoWakeup(Wakeup):
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self._read_fd, self._keep_fd = self._make()
+        self.failing = False  # the pipe could not be made: said once, tried every second
+        try:
+            self._read_fd, self._keep_fd = self._make()
+        except FileExistsError:  # a file where the folder goes: the operator's to move
+            raise
+        except OSError as exc:  # no room for it (a full disk, no inode left), say
+            # A pipe of our own, which no producer knows: the worker looks at its queues
+            # every DRY_RECHECK meanwhile, and `arm` puts the named one in its place.
+            self._read_fd, self._keep_fd = os.pipe()
+            os.set_blocking(self._read_fd, False)
+            self.fail(exc)
         self._check_at = time.monotonic() + CHECK_EVERY
+
+    def fail(self, exc: OSError) -> None:
+        if not self.failing:
+            self.failing = True
+            log.warning(
+                "cannot make the wake-up pipe %s (%s): tasks wait up to a second to be seen"
+                " until it can be made",
+                self.path,
+                exc,
+            )
 
     def _make(self) -> tuple[int, int]:
         """Make our pipe; its read end and our own write end, which keeps the pipe from
@@ -39,8 +59,17 @@ class FifoWakeup(Wakeup):
                 f"{self.folder} is no folder: the queue's wake-up pipes go there; move it away"
             ) from None
         os.mkfifo(self.path, 0o600)
-        read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        return read_fd, os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        fds: list[int] = []
+        try:
+            fds.append(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+            fds.append(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # out of descriptors: no pipe of ours there, for `arm` to make again
+            for fd in fds:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise
+        return fds[0], fds[1]
 
     def fileno(self) -> int:
         return self._read_fd
@@ -58,7 +87,7 @@ class FifoWakeup(Wakeup):
         try:
             read_fd, keep_fd = self._make()
         except OSError as exc:
-            log.warning("cannot make the wake-up pipe %s again: %s", self.path, exc)
+            self.fail(exc)
             return
         # The same descriptor numbers, which the caller's poll watches, on the new pipe.
         os.dup2(read_fd, self._read_fd, inheritable=False)
@@ -66,7 +95,11 @@ class FifoWakeup(Wakeup):
         os.close(read_fd)
         os.close(keep_fd)
         os.write(self._keep_fd, SCHEDULED_POKE)  # what was queued meanwhile: look (ETAs too)
-        log.warning("the wake-up pipe %s was removed: made again", self.path)
+        if self.failing:
+            self.failing = False
+            log.info("the wake-up pipe %s is made", self.path)
+        else:
+            log.warning("the wake-up pipe %s was removed: made again", self.path)
 
     def clear(self) -> bool:
         pokes = b""
