@@ -790,3 +790,18 @@ def test_a_consumer_whose_name_is_no_utf8_is_no_worker_of_this_host(
     time.sleep(0.2)
 
     assert redis_broker.recover_expired(["q1"], "h1") == 1
+
+
+def test_a_record_whose_status_is_none_we_write_is_handed_out_not_stranded(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """Other hands set a queued task's status, and a scheduled one's, to a word fleetd never
+    writes: the reserve dropped their entries as stale and both waited, PENDING, for ever."""
+    queued, scheduled = envelope(), envelope(eta=time.time() + 0.2)
+    redis_broker.enqueue([queued, scheduled])
+    for task in (queued, scheduled):
+        direct.hset(f"{redis_broker.prefix}:r:{task.id}", "status", "bogus")
+
+    assert ids(redis_broker.reserve(["q1"], 5, "w1", 30)) == [queued.id]
+    time.sleep(0.3)
+    assert ids(redis_broker.reserve(["q1"], 5, "w1", 30)) == [scheduled.id]

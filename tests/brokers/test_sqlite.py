@@ -336,6 +336,22 @@ def test_an_owner_that_is_no_utf8_names_no_process_that_runs(sqlite_broker: SQLi
     assert sqlite_broker.recover_expired(["q1"], "h1") == 1
 
 
+@pytest.mark.parametrize("lease", [None, "soon"])
+def test_a_held_task_whose_lease_is_no_number_has_run_out(
+    sqlite_broker: SQLiteBroker, lease: str | None
+) -> None:
+    """Other hands' writing: `lease_until < now` is never true of it, and the task was held
+    for good."""
+    task = envelope()
+    sqlite_broker.enqueue([task])
+    assert len(sqlite_broker.reserve(["q1"], 1, "w1", 30)) == 1
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        db.execute("UPDATE tasks SET lease_until = ?", (lease,))
+
+    assert sqlite_broker.recover_expired(["q1"]) == 1
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 1, "w2", 30)] == [task.id]
+
+
 def test_a_lease_that_ran_out_is_taken_back_only_from_an_owner_that_is_gone(
     sqlite_broker: SQLiteBroker,
 ) -> None:

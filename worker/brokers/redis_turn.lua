@@ -159,6 +159,9 @@ local function counts_to_read()
   return counts
 end
 
+-- The statuses a record of ours can hold: any other is other hands' writing.
+local WRITTEN_STATUS = {queued = true, held = true, done = true, scheduled = true}
+
 local function reserve()
   for _, q in ipairs(A.queues) do
     local due = redis.call('ZRANGEBYSCORE', eta_key(q), '-inf', NOW, 'LIMIT', 0, 1000)
@@ -166,9 +169,10 @@ local function reserve()
     for _, id in ipairs(due) do
       -- A key of another type is moved aside. A member whose task is not scheduled (queued,
       -- held or ended: someone else's ZADD) is stale: queued again, it would run twice or
-      -- overwrite a result. One without a record goes on, to be buried as no task.
+      -- overwrite a result. One without a record goes on, to be buried as no task; one
+      -- whose status is none we write (other hands') goes on too, else it would wait for ever.
       local status = record(id, 'status')[1]
-      if not status or status == 'scheduled' then
+      if not status or status == 'scheduled' or not WRITTEN_STATUS[status] then
         append(id, q, {'queue', q})
         redis.call('HDEL', task_key(id), 'eta')
       end
@@ -184,8 +188,10 @@ local function reserve()
       if id then
         v, alien = record(id, 'status', 'entry', 'name', 'body', 'deliveries', 'ready')
       end
-      -- A queued record without its entry (written by other hands) is this entry's.
-      local mine = v and v[1] == 'queued' and (v[2] == entry or not v[2])
+      -- A queued record without its entry (written by other hands) is this entry's; so is
+      -- one whose status is none we write (other hands'), which would wait for ever else.
+      local queued = v and v[1] and (v[1] == 'queued' or not WRITTEN_STATUS[v[1]])
+      local mine = queued and (v[2] == entry or not v[2])
       if not (v and v[1]) or (mine and not (is_utf8(id) and is_utf8(v[3] or ''))) then
         bury(q, entry, e[2], v and v[1] and v, alien)
       elseif mine then

@@ -450,7 +450,9 @@ class SQLiteBroker(Broker):
         write lock past the lease, a stopped terminal) while its task runs; it renews when it
         can, and were it hung, its arbiter ends it and its tasks come back at once."""
         marks = ",".join("?" * len(queues))
-        where, params = f"lease_until < ? AND queue IN ({marks})", (time.time(), *queues)
+        # A lease that is no number (other hands' writing) has run out: else never.
+        expired = f"(lease_until < ? OR NOT {IS_NUMBER.format('lease_until')})"
+        where, params = f"{expired} AND queue IN ({marks})", (time.time(), *queues)
         if host:
             owners = [
                 row[0]
