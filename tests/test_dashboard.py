@@ -496,6 +496,19 @@ def test_the_live_view_goes_on_while_the_charts_file_cannot_be_written(
     assert "cannot keep the charts' sample" in dashboard.log.read_text()
 
 
+def test_the_dashboard_starts_on_a_full_disk_with_its_charts_in_memory(
+    small_disk: Path, make_fleet, start_dashboard
+) -> None:
+    """No room for the charts file: it was taken for a corrupt one, set aside (an empty file
+    left behind), and the dashboard ended, exit 2, as for a usage error."""
+    fleet = make_fleet().start()
+    fill(small_disk)
+    dashboard = start_dashboard(fleet)
+    assert dashboard.get("/api/history")[0] == 200
+    assert "kept in memory" in dashboard.log.read_text()
+    assert not list(small_disk.glob("dashboard.db.unreadable-*"))
+
+
 @pytest.mark.parametrize("content", [b"not a database at all" * 100, None])
 def test_a_charts_file_that_cannot_serve_is_set_aside_and_the_dashboard_starts(
     make_fleet, start_dashboard, content: bytes | None

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 """
 COLUMNS = ("at", "done", "failed", "ready", "dead", "wait_p50", "wait_p99")
+SQLITE_IOERR, SQLITE_FULL = 10, 13  # the primary result codes of a disk that takes no more
 
 
 class History:
@@ -43,21 +44,32 @@ class History:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
         try:
-            self._db = self._open()
+            self._db = self._open(self.path)
         except sqlite3.Error as exc:
+            if exc.sqlite_errorcode & 0xFF in (SQLITE_IOERR, SQLITE_FULL):  # type: ignore[attr-defined]
+                # No room to write it (a full disk): the file is sound, the charts are kept
+                # in memory until the dashboard's next start.
+                log.warning(
+                    "charts file %s: %s; the charts are kept in memory until a restart",
+                    self.path,
+                    exc,
+                )
+                self._db = self._open(":memory:")
+                self._lock = threading.Lock()
+                return
             # The charts are a cache of the last day: a file that cannot serve (corrupt,
             # truncated, a folder or a FIFO in its place) is set aside, and they start anew.
             aside = f"{self.path}.unreadable-{int(time.time())}"
             log.warning("charts file %s: %s; moved it to %s, starting anew", self.path, exc, aside)
             try:
                 os.replace(self.path, aside)
-                self._db = self._open()
+                self._db = self._open(self.path)
             except (OSError, sqlite3.Error) as again:
                 raise DashboardError(f"charts file {self.path}: {again}") from None
         self._lock = threading.Lock()
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _open(self, path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             db.executescript(SCHEMA)
             self._db = db
