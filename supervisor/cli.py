@@ -273,6 +273,14 @@ def signal_running(state_dir: str, args: argparse.Namespace) -> int:
             f"fleetd: no fleetd runs on state_dir {state_dir} (its lock is free)", file=sys.stderr
         )
         return EXIT_FAILED
+    if not os.path.lexists(path):  # the arbiter writes it again each second until it can
+        print(
+            f"fleetd: a fleetd runs on state_dir {state_dir} (its lock is held), but its"
+            f" pidfile {path} is missing (a full disk?): `fleetctl shutdown`, or TERM to the"
+            " `fleetd start` process, stops it",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     try:
         pid = read_live_pid(path)
     except PidfileError as exc:

@@ -159,6 +159,22 @@ def test_a_full_state_dir_leaves_the_arbiter_serving_and_no_task_lost_or_run_twi
     assert not (small_disk / "fleetd.pid").exists() and not (small_disk / "control.sock").exists()
 
 
+def test_fleetd_stop_of_a_fleet_whose_pidfile_a_full_disk_keeps_out_says_so(
+    small_disk: Path, make_fleet: Callable[..., Fleet]
+) -> None:
+    """It said "no pidfile: is fleetd running?" of a fleet that runs."""
+    fleet = make_fleet().start()
+    fill(small_disk)
+    (small_disk / "fleetd.pid").unlink()  # not put back: no room for it
+    stop = subprocess.run(
+        [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
+    )
+    assert stop.returncode == 1
+    assert "a fleetd runs on state_dir" in stop.stderr and "is missing" in stop.stderr, stop
+    assert "fleetctl shutdown" in stop.stderr
+    assert replies(fleet, "ping") == {"w@h1": {"ok": "pong"}}
+
+
 def test_a_state_dir_removed_from_under_the_fleet_is_put_back_within_a_second(
     make_fleet: Callable[..., Fleet],
 ) -> None:
