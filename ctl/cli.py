@@ -631,8 +631,8 @@ def fleet_status(client: Any, dest: list[str] | None) -> Any:
             if isinstance(stats.get("children"), list):
                 supervised_keys = ("state", "generation", "reload_failed")
                 view = {**stats, **{k: view[k] for k in supervised_keys if k in view}}
-            elif "error" in stats:
-                view = {**view, "error": stats["error"]}
+            elif "error" in stats:  # the arbiter's own word on a node that is down comes first
+                view = {"error": stats["error"], **view}
         nodes[node] = view
     return Result(
         nodes,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import worker.commands  # noqa: F401 - the built-in worker commands: to check their arguments
 from worker.control import COMMANDS, Arg, CommandError, before_send, register
 
-from .states import FATAL, STOPPED, STOPPING
+from .states import BACKOFF, FATAL, STOPPED, STOPPING
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
@@ -91,7 +91,12 @@ class Router:
             return
         deadline = time.monotonic() + min(request.timeout, MAX_COMMAND_TIMEOUT)
         pending = PendingCommand(request, {}, {}, deadline)
-        for w in self.arbiter.targets(request.dest):
+        targets = self.arbiter.targets(request.dest)
+        live = {w.node for w in targets}
+        for w in self.arbiter.addressed(request.dest)[0]:  # a node that is down says so
+            if w.state in (FATAL, BACKOFF) and w.node not in live:
+                pending.replies[w.node] = {"error": f"not running ({w.state.name})"}
+        for w in targets:
             if command is not None and command.before_send is not None:
                 command.before_send(self.arbiter, w, **args)
             self.send(pending, w, args)

@@ -185,6 +185,12 @@ def test_a_worker_dying_at_every_start_goes_fatal_and_stays_down_while_the_fleet
     assert holds(lambda: node_view(fleet, "a@h1").get("state") == "FATAL", QUIET)
     assert fleet.client.submit("tasks.add", 1, 2, queue="b").get(timeout=10) == 3
     assert fleet.ctl("status", check=False).returncode == 1  # a node is down
+    # ping too: it left the node out and exited 0, as if the host had no more nodes
+    code, data = ctl_json(fleet, "ping")
+    assert code == 1 and data["replies"] == {
+        "a@h1": {"error": "not running (FATAL)"},
+        "b@h1": {"ok": "pong"},
+    }
     log = fleet.log()
     assert f"{states.FATAL_AFTER} failed starts in a row" in log
     assert log.count("-> STARTING: backoff over") == states.FATAL_AFTER - 1
