@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import select
@@ -247,14 +248,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
-    except OSError as exc:  # its output failed: a full disk, a reader gone (`| head`)
-        output_failed(exc)
+    except OSError as exc:
+        if exc.filename is None and exc.errno in OUTPUT_ERRORS:  # a full disk, `| head`
+            output_failed(exc)
+        else:  # a file or folder of its own that it cannot use
+            print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
         if not refused_by_broker(exc):
             raise
         print(f"fleetctl: the broker refused: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+# How writing fleetctl's output fails: a full disk (or quota, or file size), an I/O error,
+# a reader gone (EPIPE).
+OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE)
 
 
 def output_failed(exc: OSError, done: str = "") -> None:
@@ -319,7 +328,7 @@ def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        if text.isascii() and text.lstrip("-").isdigit():  # past int's digit limit: no string
+        if "Exceeds the limit" in str(exc):  # a whole number past int's digits: no string
             raise UsageError(f"argument {text:.20}...: {exc}") from None
         return text
     except RecursionError:

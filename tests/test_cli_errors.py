@@ -234,6 +234,28 @@ def test_fleetctl_submit_of_arguments_json_cannot_carry_is_one_line(
     assert len(out.stderr.splitlines()) == 1
 
 
+def test_fleetctl_submit_takes_what_json_does_not_read_as_a_string(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`007` is no JSON number: a string, as the command line says of arguments."""
+    fleet = make_fleet().start()
+    out = fleet.ctl("--json", "submit", "tasks.add", "007", "x", "--wait", "10")
+    assert json.loads(out.stdout)["result"] == "007x"
+
+
+def test_fleetctl_names_a_folder_of_its_own_that_it_cannot_use_in_one_line(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A state_dir under a file: not an error of its output, as it said, but of that path."""
+    fleet = make_fleet()
+    (fleet.folder / "afile").write_text("in the way\n")
+    fleet.config.write_text(fleet.config.read_text().replace('"state"', '"afile/state"', 1))
+    out = fleet.ctl("dashboard", "--bind", f"127.0.0.1:{free_port()}", check=False)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert len(out.stderr.splitlines()) == 1 and "Not a directory" in out.stderr, out.stderr
+    assert "afile" in out.stderr and "cannot write the output" not in out.stderr
+
+
 def test_fleetctl_revoke_of_an_id_that_is_no_utf8_is_a_usage_error(
     make_fleet: Callable[..., Fleet],
 ) -> None:

@@ -229,14 +229,32 @@ def leave_cpu_timer(how):
 
 
 @task
-def leave_ringing_timer(journal):
-    """Note the run, then return with a timer that sets off a raising handler every 200 us:
-    it goes off in the child's own code, after the task returned."""
+def leave_ringing_timer(journal, outside=False):
+    """Note the run, then return with a timer that sets off a raising handler every 200 us
+    (`outside`: every 20 us, raising once it goes off in the child's own code, after the
+    task returned)."""
     with open(journal, "a") as f:
         f.write("ran\\n")
-    signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, 200e-6, 200e-6)
+    signal.signal(signal.SIGALRM, ring_outside if outside else ring)
+    signal.setitimer(signal.ITIMER_REAL, *((20e-6, 20e-6) if outside else (200e-6, 200e-6)))
     return os.getpid()
+
+
+def ring_outside(signum, frame):
+    """Raise once, in code that is not this module's: once the task returned."""
+    if frame is None or frame.f_code.co_filename != __file__:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise Rang("the timer that the task left")
+
+
+@task
+async def leave_ringing_timer_async(journal, outside=False):
+    return leave_ringing_timer(journal, outside)
+
+
+@task
+async def nap(seconds):
+    await asyncio.sleep(seconds)
 
 
 KEPT = []
@@ -665,21 +683,48 @@ def test_an_alarm_that_a_task_leaves_running_never_goes_off_in_a_later_task(
     assert fleet.child_pids() == [child]
 
 
+@pytest.mark.parametrize("how", ["sync", "sync-in-event-loop", "async"])
 def test_a_timer_handler_that_raises_once_its_task_returned_costs_no_second_run(
-    escape_fleet, tmp_path: Path
+    escape_fleet, tmp_path: Path, how: str
 ) -> None:
     """The handler raised in the child's own code, between the task's return and restore:
     the child died, the task that had run counted a death and ran again (three times), and
     had that child's stderr failed too, the exception went up into the worker's loop, where
-    the child went on as a second copy of the worker."""
+    the child went on as a second copy of the worker. In an event-loop child the task stayed
+    STARTED for good, and ran again after a restart."""
     fleet, _ = escape_fleet(defaults={"concurrency": 1})
     fleet.start()
+    if how != "sync":  # the child runs an event loop from its first async task on
+        assert fleet.client.submit("escape_tasks.nap", 0.01).get(timeout=10) is None
     journal = tmp_path / "journal.txt"
-    handle = fleet.client.submit("escape_tasks.leave_ringing_timer", str(journal))
+    name = "escape_tasks.leave_ringing_timer" + ("_async" if how == "async" else "")
+    handle = fleet.client.submit(name, str(journal), how != "sync")
     info = fleet.wait_all_final([handle.id], 15)[0]
     assert (info["deliveries"], journal.read_text()) == (1, "ran\n")
     assert info["state"] == "SUCCESS" or info["exc_type"] == "Rang", info
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+
+
+@pytest.mark.parametrize("stand_in", ["Writer()", "None"])
+def test_a_task_module_that_puts_its_own_stdout_in_place_leaves_every_task_its_outcome(
+    make_fleet: Callable[..., Fleet], stand_in: str
+) -> None:
+    """A logger's writer (an object with write and flush, no `closed`) or None in sys.stdout,
+    put there at import: the child's look at whether a task closed its streams raised, and
+    every task failed with an AttributeError."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "quiet"]}, defaults={"concurrency": 1})
+    (fleet.folder / "quiet.py").write_text(
+        "import sys\n"
+        "class Writer:\n"
+        "    def write(self, text):\n"
+        "        return len(text)\n"
+        "    def flush(self):\n"
+        "        pass\n"
+        f"sys.stdout = {stand_in}\n"
+    )
+    fleet.start()
+    handles = fleet.client.submit_many([("tasks.add", (i, 1), {}) for i in range(4)])
+    assert [h.get(timeout=10) for h in handles] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("how", ["streams", "fds", "file"])

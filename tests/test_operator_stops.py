@@ -8,6 +8,7 @@ as if it had never been delivered, however often that happens.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -123,3 +124,30 @@ def test_a_task_whose_child_is_killed_max_deliveries_times_is_still_dead_lettere
     ]
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
+
+
+def test_a_task_that_only_waited_behind_one_whose_worker_was_killed_takes_no_strike(
+    make_fleet: Callable[..., Fleet], broker_url: str, tmp_path: Path
+) -> None:
+    """Its worker SIGKILLed three times while a long task ran and a short one, reserved,
+    waited behind it: both were dead-lettered WorkerLost, the short one though it never
+    ran. A gone worker's task that had started there keeps its strike."""
+    fleet = make_fleet(fleet={"broker": broker_url}, defaults={"concurrency": 1}).start()
+    marker = tmp_path / "started.txt"
+    long = fleet.client.submit("tasks.sleep", 30, str(marker))
+    short = fleet.client.submit("tasks.add", 1, 2)
+    for kill in range(3):
+        wait_for(lambda k=kill: len(lines(marker)) == k + 1, 20, message="the long task's start")
+        [worker] = fleet.worker_pids()
+        wait_for(lambda: short.id in reserved(fleet), 10, message="the short task reserved")
+        os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: long.state == "FAILURE", 30, message="the long task's last death")
+    assert long.info()["exc_type"] == "WorkerLost"
+    assert short.get(timeout=20) == 3 and short.info()["deliveries"] == 1
+
+
+def reserved(fleet: Fleet) -> list[str]:
+    """The ids the fleet's one worker holds without having started them."""
+    out = fleet.ctl("--json", "inspect", "reserved", check=False)
+    replies = json.loads(out.stdout).get("replies", {}) if out.stdout else {}
+    return [t.get("id") for held in replies.values() if isinstance(held, list) for t in held]

@@ -134,8 +134,11 @@ class EventLoopChild:
                 continue
             if not self.child.is_async(frame):
                 self.child.busy = True
-                reply = self.child.answer(frame)
-                self.child.restore(alone=not self.running)
+                try:
+                    reply = self.child.answer(frame)
+                    self.child.restore(alone=not self.running)
+                except BaseException as exc:  # noqa: BLE001 - see Child.raised_after
+                    reply = self.child.raised_after(frame, exc, alone=not self.running)
                 self.reply(reply)
                 self.send_replies()
                 self.child.busy = False
@@ -149,6 +152,16 @@ class EventLoopChild:
         self.child.busy = bool(self.running)
 
     async def execute(self, body: dict[str, Any], deliveries: int) -> None:
+        try:
+            reply = await self.outcome(body, deliveries)
+            flush_output()
+            self.child.restore(alone=not self.running)
+        except BaseException as exc:  # noqa: BLE001 - see Child.raised_after
+            reply = self.child.raised_after([deliveries, body], exc, alone=not self.running)
+        self.reply(reply)
+        self.leave_if_idle()
+
+    async def outcome(self, body: dict[str, Any], deliveries: int) -> dict[str, Any]:
         start = time.perf_counter()
         task_id = str(body.get("id"))
         try:
@@ -157,21 +170,16 @@ class EventLoopChild:
             result = await task(*body.get("args", []), **body.get("kwargs", {}))
         except asyncio.CancelledError as cancelled:
             soft = task_id in self.soft_cancelled
-            reply = self.child.raised(
+            return self.child.raised(
                 task_id, SoftTimeLimitExceeded(SOFT_MESSAGE) if soft else cancelled, start
             )
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
-            reply = self.child.raised(task_id, exc, start)
-        else:
-            reply = self.child.returned(task_id, result, start)
+            return self.child.raised(task_id, exc, start)
         finally:
             self.running.pop(task_id, None)
             self.soft_cancelled.discard(task_id)
             self.child.busy = bool(self.running)
-        flush_output()
-        self.child.restore(alone=not self.running)
-        self.reply(reply)
-        self.leave_if_idle()
+        return self.child.returned(task_id, result, start)
 
     def reply(self, reply: dict[str, Any]) -> None:
         if self.child.stop_when_idle:

@@ -141,6 +141,15 @@ class OutputFds:
         )
 
 
+def closed(stream: Any) -> bool:
+    """Whether a stream is one that was closed; anything a task module put in sys.stdout (a
+    logger's writer, None) is as it is."""
+    try:
+        return getattr(stream, "closed", False) is True
+    except Exception:  # noqa: BLE001 - a property of anybody's object may raise
+        return False
+
+
 def file_identity(fd: int) -> tuple[int, int] | None:
     try:
         st = os.fstat(fd)
@@ -281,7 +290,7 @@ class Child:
             signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         set_dispositions(self.handlers)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        if self.output.replaced() or any(stream.closed for stream in self.streams):
+        if self.output.replaced() or any(map(closed, self.streams)):
             self.streams = self.output.put_back()
         sys.stdout, sys.stderr = self.streams
         if sys.getrecursionlimit() != self.recursion_limit:
@@ -302,7 +311,7 @@ class Child:
                 except (ValueError, OSError):
                     self.stop_when_idle = True
 
-    def raised_after(self, frame: Any, exc: BaseException) -> dict[str, Any]:
+    def raised_after(self, frame: Any, exc: BaseException, alone: bool = True) -> dict[str, Any]:
         """The reply for a task whose leftovers raised in our own code once it had returned
         (a handler of its own that its timer or another process set off before restore put
         ours back): its failure, and a fresh child after it, as what else it left is not
@@ -310,7 +319,7 @@ class Child:
         for _ in range(RESTORE_TRIES):  # the handler may go off again until restore stops it
             try:
                 self.leave_if_forked(exc)
-                self.restore(alone=True)
+                self.restore(alone)
                 break
             except BaseException as again:  # noqa: BLE001
                 exc = again

@@ -215,6 +215,7 @@ def test_expired_lease_is_taken_over_by_another_owner(broker: Broker) -> None:
     task = envelope()
     broker.enqueue([task])
     broker.reserve(["q1"], 1, "w1", 0.3)
+    broker.turn(Turn(node="w1@host", started=[task.id]))
     assert broker.recover_expired(["q1"]) == 0
     assert broker.reserve(["q1"], 1, "w2", 30) == []
 
@@ -251,12 +252,14 @@ def test_recover_gives_back_only_that_owners_tasks(broker: Broker) -> None:
     broker.enqueue([envelope() for _ in range(4)])
     mine = broker.reserve(["q1"], 2, "w1", 30)
     broker.reserve(["q1"], 2, "w2", 30)
+    broker.turn(Turn(node="w1@host", started=[mine[0].id]))
 
     assert broker.recover("w1") == 2
 
     back = broker.reserve(["q1"], 10, "w3", 30)
     assert ids(back) == ids(mine)
-    assert [d.deliveries for d in back] == [2, 2]
+    # The one that started there counts the death; the other only waited: no strike.
+    assert [d.deliveries for d in back] == [2, 1]
     assert broker.recover("w1") == 0
     assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=4)]
 
@@ -267,12 +270,19 @@ def test_delivery_count_rises_with_each_redelivery(broker: Broker) -> None:
     counts = [broker.reserve(["q1"], 1, "w1", 30)[0].deliveries]
     broker.release([task.id], died=True)
     counts.append(broker.reserve(["q1"], 1, "w2", 30)[0].deliveries)
+    broker.turn(Turn(node="w2@host", started=[task.id]))
     broker.recover("w2")
     counts.append(broker.reserve(["q1"], 1, "w3", 0.2)[0].deliveries)
+    broker.turn(Turn(node="w3@host", started=[task.id]))
     wait_for(lambda: broker.recover_expired(["q1"]) == 1)
     counts.append(broker.reserve(["q1"], 1, "w4", 30)[0].deliveries)
+    # Not started: a gone owner's, or an expired lease's, gives the delivery back.
+    wait_for(lambda: broker.recover("w4") == 1)
+    counts.append(broker.reserve(["q1"], 1, "w5", 0.2)[0].deliveries)
+    wait_for(lambda: broker.recover_expired(["q1"]) == 1)
+    counts.append(broker.reserve(["q1"], 1, "w6", 30)[0].deliveries)
 
-    assert counts == [1, 2, 3, 4]
+    assert counts == [1, 2, 3, 4, 4, 4]
     info = broker.get_result(task.id)
     assert info is not None and info["deliveries"] == 4
 

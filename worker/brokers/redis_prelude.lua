@@ -73,7 +73,9 @@ local function requeue(id, t)
 end
 
 -- Give back the pending entries of one queue that `consumer` (or anyone, if false) holds
--- and that `expired(entry idle ms, task id, consumer)` says to give back; returns how many.
+-- and that `expired(entry idle ms, task id, consumer)` says to give back (a consumer that is
+-- gone, a lease that ran out); returns how many. A task that had not started there gets its
+-- delivery back: max_deliveries counts the deaths a task may cause, and it caused none.
 local function give_back(q, consumer, expired)
   local key, count, start = stream_key(q), 0, '-'
   while true do
@@ -94,6 +96,10 @@ local function give_back(q, consumer, expired)
         redis.call('XDEL', key, entry)
       elseif expired(idle, id, p[2]) then
         requeue(id, t)
+        if t.state ~= 'STARTED' then
+          local deliveries = stored_count(redis.call('HGET', task_key(id), 'deliveries'))
+          redis.call('HSET', task_key(id), 'deliveries', math.max(deliveries - 1, 0))
+        end
         count = count + 1
       end
       start = '(' .. entry

@@ -429,9 +429,14 @@ class SQLiteBroker(Broker):
             )
 
     def _requeue_where(self, where: str, params: Sequence[Any]) -> int:
+        """Queue again the held tasks `where` says, of an owner that is gone or whose lease
+        ran out: one that had not started there is given back its delivery, as a death it
+        cannot have caused (max_deliveries counts those); a started one keeps it."""
         with self._write() as db:
             count = db.execute(
                 f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"
+                f" deliveries = CASE WHEN state = '{STARTED}' THEN deliveries"
+                f" ELSE max(deliveries - 1, 0) END,"
                 f" state = CASE WHEN state = '{STARTED}' THEN '{PENDING}' ELSE state END"
                 f" WHERE status = {HELD} AND {where}",
                 params,
