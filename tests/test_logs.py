@@ -218,9 +218,11 @@ def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_n
     try:
         fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5})
         (fleet.folder / "loud.py").write_text(
-            "import warnings\n"
+            "import sys, warnings\n"
             "for i in range(200):\n"
             "    print('loud at import', i, 'x' * 1000)\n"
+            "    sys.stdout.buffer.write(b'bytes at import ' + b'x' * 1000 + b'\\n')\n"
+            "    sys.stderr.writelines(['lines at import ', 'x' * 1000, '\\n'])\n"
             "warnings.warn('a warning at import')\n"
         )
         fleet.start(output=writer)
@@ -245,12 +247,15 @@ def test_what_a_task_module_prints_at_its_import_is_logged_once_not_by_each_chil
     """The worker's stdout buffered it (a file is no terminal), and each child forked after
     the import inherited that buffer and printed it again at its first task's flush."""
     fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"max_tasks_per_child": 1})
-    (fleet.folder / "loud.py").write_text("print('loaded once')\n")
+    (fleet.folder / "loud.py").write_text(
+        "import sys\nprint('loaded once')\nsys.stdout.buffer.write(b'written once\\n')\n"
+    )
     fleet.start(env={"PYTHONUNBUFFERED": ""})  # as a service runs it: stdout buffered
     handles = fleet.client.submit_many([("tasks.say", ("said",), {})] * 4)
     assert [h.get(timeout=10) for h in handles] == ["said"] * 4
     wait_for(lambda: fleet.log().count("said") >= 4, 10, message="the tasks' prints")
     assert fleet.log().count("loaded once") == 1, fleet.log()
+    assert fleet.log().count("written once") == 1, fleet.log()
 
 
 def test_what_a_task_prints_or_an_id_holds_forges_no_line_of_the_fleets_log(

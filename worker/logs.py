@@ -117,10 +117,13 @@ class LogOutput:
         if self.send is None:
             self.stream.write(text)
             return
-        data = text.encode("utf-8", "backslashreplace")
+        self.write_bytes(text.encode("utf-8", "backslashreplace"))
+
+    def write_bytes(self, data: bytes) -> None:
+        """`write` for what is bytes already (`send` is set)."""
         self.flush()
         if len(self.pending) + len(data) > LOG_BUFFER_MAX:
-            self.dropped += max(1, text.count("\n"))
+            self.dropped += max(1, data.count(b"\n"))
             return
         self.pending += data
         self.flush()
@@ -167,6 +170,43 @@ class StandardStream(LogOutput):
             with contextlib.suppress(OSError, ValueError):  # a full disk, a closed stream
                 self.stream.flush()
         return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    @property
+    def buffer(self) -> Any:
+        """The binary side (`sys.stdout.buffer.write(b"...")`), written the same way."""
+        return StandardBuffer(self)
+
+
+class StandardBuffer:
+    """A StandardStream's `buffer`: bytes go the stream's non-blocking way."""
+
+    def __init__(self, text: StandardStream) -> None:
+        self.text = text
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        if self.text.send is None:  # a file, a terminal: at once, as the text side
+            raw = self.text.stream.buffer
+            raw.write(data)
+            with contextlib.suppress(OSError, ValueError):
+                raw.flush()
+        else:
+            self.text.write_bytes(data)
+        return len(data)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.text.stream.buffer, name)
 
 
 def shield_standard_streams() -> None:
