@@ -93,7 +93,9 @@ class Router:
         pending = PendingCommand(request, {}, {}, deadline)
         targets = self.arbiter.targets(request.dest)
         live = {w.node for w in targets}
-        for w in self.arbiter.addressed(request.dest)[0]:  # a node that is down says so
+        # A node that is down says so; not to a request for the first N replies (`--limit`),
+        # which asks who answers: the word of one that cannot would end its wait.
+        for w in self.arbiter.addressed(request.dest)[0] if request.limit is None else ():
             if w.state in (FATAL, BACKOFF) and w.node not in live:
                 pending.replies[w.node] = {"error": f"not running ({w.state.name})"}
         for w in targets:
