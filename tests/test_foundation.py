@@ -68,6 +68,8 @@ def test_worker_killed_is_restarted_and_its_tasks_come_back(make_fleet, tmp_path
     marker = tmp_path / "started.txt"
     slow = fleet.client.submit("tasks.sleep", 5, str(marker))
     wait_for(marker.exists, 10, message="the slow task to start")
+    # STARTED in the broker: the death is one it may have caused (a strike)
+    wait_for(lambda: slow.state == "STARTED", 10, message="its start in the broker")
     [worker_pid] = fleet.worker_pids()
     children = fleet.child_pids(worker_pid)
     fleet.remember_pids()

@@ -599,6 +599,8 @@ def test_new_start_after_arbiter_kill_ends_every_process_of_the_old_run(
     # run gives its tasks back by that name (a kill before it falls back on their lease).
     record = fleet.folder / "state" / "run.json"
     wait_for(lambda: json.loads(record.read_text())["owners"], 5, message="the run record")
+    # STARTED in the broker: the deaths are ones they may have caused (a strike each)
+    wait_for(lambda: hanging.state == slow.state == "STARTED", 5, message="the starts")
     fleet.signal(signal.SIGKILL)
     fleet.wait_exit(5)
     assert holds(lambda: [p for p in old_run if alive(p)] != []), (
@@ -670,6 +672,7 @@ def test_worker_killed_loses_its_children_and_their_subprocesses_and_its_tasks_c
     [worker_pid] = fleet.worker_pids()
     fleet.remember_pids()
     old = fleet.child_pids(worker_pid) + [int(pidfile.read_text())]
+    wait_for(lambda: hanging.state == "STARTED", 5, message="its start in the broker")
     os.kill(worker_pid, signal.SIGKILL)
     wait_for(
         lambda: not any(alive(p) for p in old),
