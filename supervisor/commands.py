@@ -92,12 +92,13 @@ class Router:
         deadline = time.monotonic() + min(request.timeout, MAX_COMMAND_TIMEOUT)
         pending = PendingCommand(request, {}, {}, deadline)
         targets = self.arbiter.targets(request.dest)
-        live = {w.node for w in targets}
         # A node that is down says so; not to a request for the first N replies (`--limit`),
         # which asks who answers: the word of one that cannot would end its wait.
-        for w in self.arbiter.addressed(request.dest)[0] if request.limit is None else ():
-            if w.state in (FATAL, BACKOFF) and w.node not in live:
-                pending.replies[w.node] = {"error": f"not running ({w.state.name})"}
+        if request.limit is None:
+            live = {w.node for w in targets}
+            for w in self.arbiter.addressed(request.dest)[0]:
+                if w.state in (FATAL, BACKOFF) and w.node not in live:
+                    pending.replies[w.node] = {"error": f"not running ({w.state.name})"}
         for w in targets:
             if command is not None and command.before_send is not None:
                 command.before_send(self.arbiter, w, **args)

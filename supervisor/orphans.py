@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from worker import tree
-from worker.files import create_new, read_regular
+from worker.files import create_new, file_identity, read_regular
 from worker.tree import all_pids, boot_time, create_time, end_adopted, proc_stat, started_at
 from worker.tree import children as children  # the arbiter reads its workers' pools with it
 
@@ -65,11 +65,10 @@ def lock_is_held(fd: int, state_dir: str) -> bool:
     """Whether `{state_dir}/fleetd.lock` is still the file that `fd` (lock_state_dir's)
     locks: a /tmp cleaner or an rm -rf may have removed it, or the whole folder."""
     try:
-        found = os.stat(os.path.join(state_dir, "fleetd.lock"))
+        found = file_identity(os.path.join(state_dir, "fleetd.lock"))
     except OSError:
         return False
-    held = os.fstat(fd)
-    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+    return found is not None and found == file_identity(fd)
 
 
 def someone_holds_lock(state_dir: str) -> bool:
@@ -176,11 +175,14 @@ class RunRecord:
 
 def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
     """Processes of a previous run still alive, as (pid, start time): recorded ones, members
-    of recorded children's process groups (a task's subprocesses), and every process that
-    carries the run's mark (what a task started in another session), never a process that
-    merely reused a pid."""
+    of recorded children's process groups (a task's subprocesses), every process that
+    carries the run's mark (what a task started in another session), and what those started
+    below them; never a process that merely reused a pid."""
     processes = previous.get("processes")
     recorded = [r for r in processes if isinstance(r, dict)] if isinstance(processes, list) else []
+    run = previous.get("run")
+    if not recorded and not (isinstance(run, str) and run):
+        return []  # no previous run: no look at /proc
     me = os.getpid()
     found: dict[int, float] = {}
     groups: dict[int, float] = {}
@@ -196,25 +198,29 @@ def find_leftovers(previous: dict[str, Any]) -> list[tuple[int, float]]:
                 groups[pid] = born
             if pid != me and alive(pid, born):
                 found[pid] = born
-    found.update(_group_members(groups))
-    run = previous.get("run")
+    live = _live_processes()
+    found.update(_group_members(groups, live))
     if isinstance(run, str) and run:
-        found.update(_marked(run))
-    found.update(_descendants(found))
+        found.update(_marked(run, live))
+    found.update(_descendants(found, live))
     return list(found.items())
 
 
-def _descendants(roots: dict[int, float]) -> dict[int, float]:
+def _live_processes() -> dict[int, list[bytes]]:
+    """{pid: the fields of its /proc stat} of every live process but ours: one look at /proc
+    for all that find_leftovers asks of it."""
+    me = os.getpid()
+    return {pid: fields for pid in all_pids() if pid != me and (fields := proc_stat(pid))}
+
+
+def _descendants(roots: dict[int, float], live: dict[int, list[bytes]]) -> dict[int, float]:
     """{pid: start time} of every live process below these, by parent pid, each started no
     earlier than its parent: what a task started in a session and an environment of its
     own (no mark) while the child that started it lives on, to be ended with that child
     rather than orphaned by its end."""
-    me = os.getpid()
     below: dict[int, list[tuple[int, float]]] = {}
-    for pid in all_pids() if roots else ():
-        fields = proc_stat(pid)
-        if fields is not None and pid != me:
-            below.setdefault(int(fields[1]), []).append((pid, started_at(fields)))
+    for pid, fields in live.items():
+        below.setdefault(int(fields[1]), []).append((pid, started_at(fields)))
     found: dict[int, float] = {}
     todo = list(roots.items())
     while todo:
@@ -226,34 +232,26 @@ def _descendants(roots: dict[int, float]) -> dict[int, float]:
     return found
 
 
-def _marked(run: str) -> dict[int, float]:
+def _marked(run: str, live: dict[int, list[bytes]]) -> dict[int, float]:
     """{pid: start time} of every live process whose environment carries `run`'s mark (those
     of another user are not readable, and not ours)."""
     mark = f"{RUN_MARK}={run}".encode()
-    me = os.getpid()
     found: dict[int, float] = {}
-    for pid in all_pids():
+    for pid, fields in live.items():
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if mark not in f.read().split(b"\0") or pid == me:
-                    continue
+                if mark in f.read().split(b"\0"):
+                    found[pid] = started_at(fields)
         except OSError:
             continue
-        fields = proc_stat(pid)
-        if fields is not None:
-            found[pid] = started_at(fields)
     return found
 
 
-def _group_members(groups: dict[int, float]) -> dict[int, float]:
+def _group_members(groups: dict[int, float], live: dict[int, list[bytes]]) -> dict[int, float]:
     """{pid: start time} of every process in these groups {pgid: leader's start time} that
     started after its leader did (an older one is in a reused group id, not ours)."""
-    me = os.getpid()
     members: dict[int, float] = {}
-    for pid in all_pids() if groups else ():
-        fields = proc_stat(pid)
-        if fields is None or pid == me:
-            continue
+    for pid, fields in live.items() if groups else ():
         leader_born = groups.get(int(fields[2]))
         started = started_at(fields)
         if leader_born is not None and started >= leader_born - SAME_START:
@@ -273,7 +271,7 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
             if started is None or abs(started - born) < SAME_START:
                 groups[pgid] = born  # else the pid was reused: no longer our group
     killed = 0
-    for pid in _group_members(groups):
+    for pid in _group_members(groups, _live_processes() if groups else {}):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed += 1

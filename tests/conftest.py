@@ -55,20 +55,17 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 # --- a full disk ------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """`tmp_path/host/state`: an 8 MiB tmpfs, a disk that a test can really fill. Ask for it
-    before make_fleet, so that the fleet is stopped before it is unmounted."""
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at `mount` (made) with mount `options` (its size, its inodes), unmounted at the
+    end: a disk that a test can really fill. Needs root (CI runs as root: it fails there)."""
     if os.geteuid() != 0:
         message = "mounting a tmpfs needs root"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    mount = tmp_path / "host" / "state"
     mount.mkdir(parents=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True
-    )
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
@@ -78,6 +75,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             time.sleep(0.1)
         else:
             subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/host/state`: an 8 MiB tmpfs. Ask for it before make_fleet, so that the
+    fleet is stopped before it is unmounted."""
+    with tmpfs(tmp_path / "host" / "state", "size=8m,mode=0700") as mount:
+        yield mount
 
 
 def fill(folder: Path) -> Path:

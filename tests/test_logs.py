@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -157,6 +158,25 @@ def read_all(fd: int) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def started_on_a_log_nobody_reads(fleet: Fleet, kind: str) -> Iterator[int]:
+    """Start `fleet` with its log into a pipe, or a socket as journald's, that nobody reads
+    while the block runs; the reading end, which the block may read to catch up."""
+    if kind == "pipe":
+        reader, writer = os.pipe()
+    else:
+        reader, writer = (end.detach() for end in socket.socketpair())
+    try:
+        fleet.start(output=writer)
+        os.close(writer)
+        writer = -1
+        yield reader
+    finally:
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)
+
+
 @pytest.mark.parametrize("kind", ["pipe", "socket"])
 def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
     make_fleet: Callable[..., Fleet], kind: str
@@ -165,15 +185,8 @@ def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
     log shipper, journald on a full disk). Tasks that print hundreds of lines (which the
     worker logs) run; the fleet answers ping and stops on TERM. Once the log is read again,
     the next lines start with one that says how many were dropped."""
-    if kind == "pipe":
-        reader, writer = os.pipe()
-    else:
-        ends = socket.socketpair()
-        reader, writer = (end.detach() for end in ends)
-    try:
-        fleet = make_fleet().start(output=writer)
-        os.close(writer)
-        writer = -1
+    fleet = make_fleet()
+    with started_on_a_log_nobody_reads(fleet, kind) as reader:
         texts = [f"line {i} " + "x" * 1000 for i in range(300)]  # a pipe holds 64 KiB
         handles = fleet.client.submit_many([("tasks.say", (text,), {}) for text in texts])
         assert [h.get(timeout=20) for h in handles] == texts
@@ -201,10 +214,6 @@ def test_a_log_that_nobody_reads_never_stops_the_fleet_and_says_what_it_dropped(
         assert re.search(rb"INFO fleetd.child: \S+ \S+ WARNING a_task: logged by a task", seen)
         fleet.signal(signal.SIGTERM)
         assert fleet.wait_exit(20) == 0
-    finally:
-        os.close(reader)
-        if writer >= 0:
-            os.close(writer)
 
 
 def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_nothing(
@@ -214,20 +223,16 @@ def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_n
     stdout and stderr, the arbiter's pipe: with nobody reading it, a worker's boot blocked
     there until worker_timeout killed it, again and again (FATAL); a warm stop waited for
     ever on a worker blocked in its last flush."""
-    reader, writer = os.pipe()
-    try:
-        fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5})
-        (fleet.folder / "loud.py").write_text(
-            "import sys, warnings\n"
-            "for i in range(200):\n"
-            "    print('loud at import', i, 'x' * 1000)\n"
-            "    sys.stdout.buffer.write(b'bytes at import ' + b'x' * 1000 + b'\\n')\n"
-            "    sys.stderr.writelines(['lines at import ', 'x' * 1000, '\\n'])\n"
-            "warnings.warn('a warning at import')\n"
-        )
-        fleet.start(output=writer)
-        os.close(writer)
-        writer = -1
+    fleet = make_fleet(fleet={"imports": ["tasks", "loud"]}, defaults={"worker_timeout": 5})
+    (fleet.folder / "loud.py").write_text(
+        "import sys, warnings\n"
+        "for i in range(200):\n"
+        "    print('loud at import', i, 'x' * 1000)\n"
+        "    sys.stdout.buffer.write(b'bytes at import ' + b'x' * 1000 + b'\\n')\n"
+        "    sys.stderr.writelines(['lines at import ', 'x' * 1000, '\\n'])\n"
+        "warnings.warn('a warning at import')\n"
+    )
+    with started_on_a_log_nobody_reads(fleet, "pipe"):
         assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
         [worker] = fleet.worker_pids()
         os.kill(worker, signal.SIGKILL)  # its replacement imports, and prints, again
@@ -235,10 +240,6 @@ def test_a_task_module_that_prints_at_its_import_into_a_log_nobody_reads_stops_n
         assert fleet.client.submit("tasks.add", 2, 3).get(timeout=20) == 5
         fleet.signal(signal.SIGTERM)
         assert fleet.wait_exit(20) == 0
-    finally:
-        os.close(reader)
-        if writer >= 0:
-            os.close(writer)
 
 
 def test_what_a_task_module_prints_at_its_import_is_logged_once_not_by_each_child(

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fleetd import Client
+from tests.conftest import tmpfs
 from tests.fleet import Fleet, wait_for
 
 
@@ -110,24 +110,8 @@ def test_a_producer_that_was_open_before_the_file_was_deleted_writes_into_the_ne
 def few_inodes(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of 64 inodes at `tmp_path/host/q`, for the queue file: a disk a test can run
     out of inodes. Ask for it before make_fleet, so that the fleet stops before the unmount."""
-    if os.geteuid() != 0:
-        message = "mounting a tmpfs needs root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    mount = tmp_path / "host" / "q"
-    mount.mkdir(parents=True)
-    options = "size=8m,nr_inodes=64,mode=0700"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "host" / "q", "size=8m,nr_inodes=64,mode=0700") as mount:
         yield mount
-    finally:
-        for _ in range(50):  # processes killed by the fleet's stop may still hold files
-            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_worker_that_cannot_make_its_wake_up_pipe_runs_its_tasks_all_the_same(

@@ -37,6 +37,7 @@ from .brokers.base import (
     Retry,
     utf8_text,
 )
+from .files import file_identity
 from .protocol import FrameReader, ProtocolError, Undecodable, encode, line_id, write_all
 from .task import REGISTRY, Request, RetryTask, SoftTimeLimitExceeded
 from .tree import STRAY_SIGNALS, become_subreaper, set_dispositions, set_parent_death_signal
@@ -148,14 +149,6 @@ def closed(stream: Any) -> bool:
         return getattr(stream, "closed", False) is True
     except Exception:  # noqa: BLE001 - a property of anybody's object may raise
         return False
-
-
-def file_identity(fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def reap_adopted() -> None:

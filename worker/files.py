@@ -38,3 +38,17 @@ def create_new(path: str | os.PathLike[str]) -> int:
         os.remove(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.open(path, flags, 0o600)
+
+
+def file_identity(where: str | int) -> tuple[int, int] | None:
+    """(device, inode) of the file at a path, or open on a descriptor: what tells whether
+    it is still the same file. None where there is none (no such path, a closed fd)."""
+    try:
+        info = os.stat(where)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return None
+        raise
+    return info.st_dev, info.st_ino

@@ -43,6 +43,7 @@ class History:
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
+        self._lock = threading.Lock()
         try:
             self._db = self._open(self.path)
         except sqlite3.Error as exc:
@@ -55,18 +56,19 @@ class History:
                     exc,
                 )
                 self._db = self._open(":memory:")
-                self._lock = threading.Lock()
-                return
-            # The charts are a cache of the last day: a file that cannot serve (corrupt,
-            # truncated, a folder or a FIFO in its place) is set aside, and they start anew.
-            aside = f"{self.path}.unreadable-{int(time.time())}"
-            log.warning("charts file %s: %s; moved it to %s, starting anew", self.path, exc, aside)
-            try:
-                os.replace(self.path, aside)
-                self._db = self._open(self.path)
-            except (OSError, sqlite3.Error) as again:
-                raise DashboardError(f"charts file {self.path}: {again}") from None
-        self._lock = threading.Lock()
+            else:
+                self._db = self._set_aside(exc)
+
+    def _set_aside(self, exc: sqlite3.Error) -> sqlite3.Connection:
+        """The charts are a cache of the last day: a file that cannot serve (corrupt,
+        truncated, a folder or a FIFO in its place) is set aside, and they start anew."""
+        aside = f"{self.path}.unreadable-{int(time.time())}"
+        log.warning("charts file %s: %s; moved it to %s, starting anew", self.path, exc, aside)
+        try:
+            os.replace(self.path, aside)
+            return self._open(self.path)
+        except (OSError, sqlite3.Error) as again:
+            raise DashboardError(f"charts file {self.path}: {again}") from None
 
     def _open(self, path: str) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

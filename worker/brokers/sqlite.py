@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..files import file_identity
 from .base import (
     BAD_MESSAGE,
     FAIL_FAST_WAIT,
@@ -219,7 +220,7 @@ class SQLiteBroker(Broker):
             raise
         self.db = db
         self.dirty_since = 0.0  # monotonic time of our first commit since the last checkpoint
-        self.identity = _file_identity(self.path)
+        self.identity = file_identity(self.path)
         self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
 
     def follow_file(self, always: bool = False) -> None:
@@ -230,7 +231,7 @@ class SQLiteBroker(Broker):
         if not always and time.monotonic() < self.check_file_at:
             return
         self.check_file_at = time.monotonic() + FILE_CHECK_EVERY
-        if _file_identity(self.path) == self.identity:
+        if file_identity(self.path) == self.identity:
             return
         log.warning("queue file %s was deleted or replaced: opening it anew", self.path)
         with self._lock:
@@ -693,15 +694,6 @@ class SQLiteBroker(Broker):
                 " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
                 (name, int(paused)),
             )
-
-
-def _file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`; None if there is none."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 # The schedules' own tables (worker/scheduler.py): the last tick each schedule fired, and
