@@ -632,7 +632,9 @@ def fleet_status(client: Any, dest: list[str] | None) -> Any:
     from ctl.client import Result
 
     supervised = client.call("status", {}, dest)
-    pools = client.call("stats", {}, dest)
+    # A host that did not answer within the timeout is not waited for a second time: one
+    # --timeout bounds the command.
+    pools = client.call("stats", {}, dest, skip=supervised.missing)
     nodes = {}
     for node, view in supervised.replies.items():
         stats = pools.replies.get(node)
@@ -653,7 +655,19 @@ def fleet_status(client: Any, dest: list[str] | None) -> Any:
 
 def cmd_top(args: argparse.Namespace, console: Console) -> int:
     with open_control(args, timeout=min(args.timeout, TOP_EVERY)) as client:
+        if args.json:
+            return json_top(client, args.dest)
         return show_top(client, args.dest, console)
+
+
+def json_top(client: Any, dest: list[str] | None) -> int:
+    """`--json top`: what `--json status` prints, one line a second until interrupted."""
+    while True:
+        started = time.monotonic()
+        result = fleet_status(client, dest)
+        add_iso_times(result.replies)
+        print(result.to_json(), flush=True)
+        time.sleep(max(0.0, TOP_EVERY - (time.monotonic() - started)))
 
 
 def show_top(client: Any, dest: list[str] | None, console: Console) -> int:

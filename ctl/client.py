@@ -14,7 +14,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -98,12 +98,14 @@ class ControlClient:
         args: dict[str, Any] | None = None,
         dest: list[str] | None = None,
         limit: int | None = None,
+        skip: Collection[str] = (),
     ) -> Result:
         """Send `cmd` to every endpoint; wait until all answered or the timeout passed.
 
         With `limit`, return as soon as that many nodes replied (hosts that had not
         answered by then are not missing: they were not needed); each host answers once
-        that many of its own nodes did.
+        that many of its own nodes did. The hosts named in `skip` (as `missing` names them)
+        are not asked.
         """
         request_id = uuid.uuid4().hex
         request = json.dumps(
@@ -125,7 +127,7 @@ class ControlClient:
         waiting: dict[zmq.Socket[bytes], str] = {}
         poller = zmq.Poller()
         for endpoint, dealer in self._dealers.items():
-            if not self._may_hold(endpoint, dest):
+            if not self._may_hold(endpoint, dest) or self._name(endpoint) in skip:
                 continue
             try:
                 dealer.send(request, zmq.NOBLOCK)

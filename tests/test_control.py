@@ -248,9 +248,15 @@ def test_dest_reaches_only_the_named_node_or_host(make_fleet: Callable[..., Flee
         started = time.monotonic()
         out = fleetctl(*both, "--json", "--timeout", "1", "ping")
         wall = time.monotonic() - started
+        # status asks twice (the arbiters, then the pools): the silent host, once.
+        status = fleetctl(*both, "--json", "--timeout", "1", "status")
     data = json.loads(out.stdout)
     assert out.returncode == 1 and set(data["replies"]) == {"a@h1", "b@h1"}
     assert data["missing"] == [endpoint(h2)] and 1 <= data["elapsed"] < 1.5 and wall < 4
+    data = json.loads(status.stdout)
+    assert status.returncode == 1 and set(data["replies"]) == {"a@h1", "b@h1"}
+    assert data["replies"]["a@h1"]["children"], data  # the pools' answers are there
+    assert data["missing"] == [endpoint(h2)] and 1 <= data["elapsed"] < 1.5
 
 
 def test_a_hung_worker_is_reported_and_never_delays_the_others(
@@ -716,6 +722,14 @@ def test_top_shows_the_fleet_until_interrupted(make_fleet: Callable[..., Fleet])
 
         top.wait(lambda lines: tables(lines) >= 2, 15, "two tables")
     assert top.proc.returncode == 0
+    with running_ctl(fleet, "--json", "top") as top:  # what `--json status` prints, a line each
+
+        def views(lines: list[str]) -> list[dict[str, Any]]:
+            return [json.loads(line)["replies"]["w@h1"] for line in lines]
+
+        top.wait(lambda lines: len(lines) >= 2, 15, "two JSON lines")
+    assert top.proc.returncode == 0
+    assert all(v["state"] == "RUNNING" and v["children"] for v in views(top.lines)), top.lines
 
 
 # --- custom commands -------------------------------------------------------------------------
