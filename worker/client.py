@@ -144,8 +144,11 @@ class Handle:
 
     def info(self) -> dict[str, Any]:
         """id, name, state, result, exc_type, exc_message, traceback, deliveries, node."""
-        found = self.client.find(self.id)
-        return found or {"id": self.id, "state": PENDING, "result": None}
+        return self.client.find(self.id) or unknown_task(self.id)
+
+    @staticmethod
+    def _left(deadline: float | None) -> float:
+        return math.inf if deadline is None else deadline - time.monotonic()
 
     @property
     def state(self) -> str:
@@ -157,16 +160,16 @@ class Handle:
             seconds(timeout, "timeout")  # nan or inf: ValueError; no number: TypeError
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0002
-        while True:
-            info = self.info()
-            if info["state"] in FINAL_STATES:
-                break
-            left = math.inf if deadline is None else deadline - time.monotonic()
-            if left <= 0:
+        # A broker that announces ends reads the record after its wait, in the same round
+        # trip, and wakes at once for a task that has ended: no read of our own before it.
+        info = None if self.client.waits_on_broker(self._left(deadline)) else self.info()
+        while info is None or info["state"] not in FINAL_STATES:
+            left = self._left(deadline)
+            if info is not None and left <= 0:
                 raise TimeoutError(
                     f"task {self.id} not done after {timeout}s (state {info['state']})"
                 )
-            self.client.wait_for_end(self.id, left, pause)
+            info = self.client.wait_for_end(self.id, left, pause) or self.info()
             pause = min(pause * 1.25, 0.05)
         if info["state"] == FAILURE:
             raise TaskFailed(
@@ -178,6 +181,11 @@ class Handle:
         if info["state"] == REVOKED:
             raise TaskRevoked(self.id)
         return info["result"]
+
+
+def unknown_task(task_id: str) -> dict[str, Any]:
+    """The info of a task the broker holds no record of (not yet, or no longer)."""
+    return {"id": task_id, "state": PENDING, "result": None}
 
 
 class Client:
@@ -303,16 +311,24 @@ class Client:
             self._routes_read = time.monotonic()
         return self._routes.get(name, DEFAULT_QUEUE)
 
-    def wait_for_end(self, task_id: str, left: float, pause: float) -> None:
+    def waits_on_broker(self, left: float) -> bool:
+        """Whether a wait of `left` seconds for a task's end blocks in the broker, which then
+        announces the end: else it is a poll (a broker that announces none, or a wait too
+        short for its timer)."""
+        broker = self.broker
+        return broker.announces_ends and left > 2 * broker.end_wait_late
+
+    def wait_for_end(self, task_id: str, left: float, pause: float) -> dict[str, Any] | None:
         """Wait until the task may have ended, at most `left` seconds: up to END_WAIT where
         the broker announces ends (then an end it did not announce, as a result that
-        expired, is still seen), else for `pause`, the poll's step."""
-        broker = self.broker
-        if broker.announces_ends and left > 2 * broker.end_wait_late:
-            wait = min(left - broker.end_wait_late, END_WAIT)
-            self._reach(lambda broker: broker.wait_for_end(task_id, wait))
-        else:  # a short wait where the broker's could overrun it: a poll
-            time.sleep(min(left, pause))
+        expired, is still seen), else for `pause`, the poll's step. The task's info as the
+        broker read it after its wait, or None where it read none (a poll)."""
+        if self.waits_on_broker(left):
+            wait = min(left - self.broker.end_wait_late, END_WAIT)
+            found = self._reach(lambda broker: broker.wait_for_end(task_id, wait))
+            return found or unknown_task(task_id)
+        time.sleep(min(left, pause))
+        return None
 
     def handle(self, task_id: str) -> Handle:
         if not isinstance(task_id, str) or not task_id:

@@ -557,7 +557,10 @@ def test_a_wait_for_a_task_ends_when_the_task_does_not_when_the_wait_runs_out(
     redis_broker.enqueue([task])
     worker = RedisBroker(redis_broker.url, prefix=redis_broker.prefix)
     [delivery] = worker.reserve(["q1"], 1, "w1", 30)
-    waiter = threading.Thread(target=redis_broker.wait_for_end, args=(task.id, 60), daemon=True)
+    seen: list[dict[str, Any] | None] = []
+    waiter = threading.Thread(
+        target=lambda: seen.append(redis_broker.wait_for_end(task.id, 60)), daemon=True
+    )
     waiter.start()
     wait_for(lambda: redis_broker.redis.exists(f"{redis_broker.prefix}:w:{task.id}") == 1)
 
@@ -565,9 +568,16 @@ def test_a_wait_for_a_task_ends_when_the_task_does_not_when_the_wait_runs_out(
 
     waiter.join(10)
     assert not waiter.is_alive(), "the end of the task did not wake its waiter"
+    # The wait reads the record once woken, in the same round trip: what get_result says.
+    [ended] = seen
+    assert ended is not None and ended == redis_broker.get_result(task.id)
+    assert ended["state"] == SUCCESS and ended["result"] == 1
     # Already ended: the wait returns at once, and no flag is left behind.
-    ended_in(10, lambda: redis_broker.wait_for_end(task.id, 60))
+    ended_in(10, lambda: seen.append(redis_broker.wait_for_end(task.id, 60)))
+    assert seen[-1] == ended
     assert redis_broker.redis.exists(f"{redis_broker.prefix}:w:{task.id}") == 0
+    # A wait that runs out reads what there is: a task that is not there, none.
+    assert redis_broker.wait_for_end("no-such-task", 0.01) is None
     worker.close()
 
 

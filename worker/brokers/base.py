@@ -421,9 +421,9 @@ class Broker(abc.ABC):
     announces_ends = False
     end_wait_late = 0.0
 
-    def wait_for_end(self, task_id: str, timeout: float) -> None:
+    def wait_for_end(self, task_id: str, timeout: float) -> dict[str, Any] | None:
         """Return once the task may have ended, or after `timeout` seconds (a broker that
-        announces ends)."""
+        announces ends), with what get_result then says: read in the same round trip."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -655,20 +655,22 @@ class RedisBroker(Broker):
     announces_ends = True
     end_wait_late = 0.1  # Redis times a blocked BLPOP out at its `hz`: 10 a second by default
 
-    def wait_for_end(self, task_id: str, timeout: float) -> None:
-        """Raise the task's wait flag (or, if it has ended, wake ourselves) and block on its
-        wake-up list, both sent at once: one round trip, then as long as the task runs."""
+    def wait_for_end(self, task_id: str, timeout: float) -> dict[str, Any] | None:
+        """Raise the task's wait flag (or, if it has ended, wake ourselves), block on its
+        wake-up list and read its record once the pop returns, all sent at once: one round
+        trip, then as long as the task runs (Redis runs the read when the pop is done)."""
         record, flag, woken = (self._key(kind, task_id) for kind in ("r", "w", "n"))
         alien = self._key("alien", "n", task_id)
         wait = f"{max(timeout, 0.001):.3f}"
         flag_ms = int((timeout + WAIT_FLAG_SLACK) * 1000)
 
-        def send(link: Link) -> None:
+        def send(link: Link) -> dict[str, Any] | None:
             connection = link.connection
             connection.send_packed_command(
                 [
                     pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms, alien)),
                     pack(("BLPOP", woken, wait)),
+                    pack(("HMGET", record, *RESULT_FIELDS)),
                 ]
             )
             try:
@@ -676,13 +678,24 @@ class RedisBroker(Broker):
             except redis.ResponseError:  # no flag (Redis out of memory): the pop times out
                 pass
             connection.read_response()
+            return self._result_of(task_id, connection.read_response)
 
-        self._call(send)
+        return self._call(send)
 
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key = self._key("r", task_id)
+        return self._call(
+            lambda link: self._result_of(
+                task_id, lambda: link.execute("HMGET", key, *RESULT_FIELDS)
+            )
+        )
+
+    @staticmethod
+    def _result_of(task_id: str, read: Callable[[], Any]) -> dict[str, Any] | None:
+        """The info dict of the record `read` replies with (an HMGET of RESULT_FIELDS), or
+        None if there is none."""
         try:
-            values = self._call(lambda link: link.execute("HMGET", key, *RESULT_FIELDS))
+            values = read()
         except redis.ResponseError as exc:
             if not str(exc).startswith("WRONGTYPE"):
                 raise
