@@ -186,6 +186,33 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         server.kill()
 
 
+def test_a_hung_redis_is_no_hung_worker_under_a_short_worker_timeout(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """worker_timeout = 4: a worker's broker calls give up after a quarter of it, not after
+    FAIL_FAST_WAIT (two tries of 3 s: a silence the arbiter took for a hung worker, killing
+    it, and each replacement, while Redis hung). It rides the hang out, and its tasks end."""
+    server = start_redis(tmp_path, appendonly=False)
+    assert server.process is not None
+    try:
+        fleet = make_fleet(fleet={"broker": server.url}, defaults={"worker_timeout": 4}).start()
+        workers = fleet.worker_pids()
+        journal = tmp_path / "journal"
+        handles = fleet.client.submit_many([("tasks.journal", (str(journal), 0.05), {})] * 40)
+        wait_for(lambda: executions(journal), 10, message="the tasks to start")
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(10)  # the time the arbiter takes to kill a silent worker, twice over
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        infos = fleet.wait_all_final([h.id for h in handles], timeout=30)
+        assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 40}
+        assert fleet.worker_pids() == workers, fleet.log()
+        assert "silent" not in fleet.log()
+    finally:
+        server.kill()
+
+
 @contextlib.contextmanager
 def refusing(admin: redis.Redis, how: str, folder: Path) -> Iterator[None]:
     """Redis refuses writes (and, `busy`, everything) while the block runs: full (`oom`),

@@ -34,7 +34,7 @@ from typing import Any
 
 from .aiopool import TERMINATE_GRACE, AsyncPool
 from .brokers import open_broker
-from .brokers.base import Delivery, Outcome, Retry
+from .brokers.base import FAIL_FAST_WAIT, Delivery, Outcome, Retry
 from .channel import ARBITER_DRAIN_WAIT, ArbiterChannel
 from .child import become_subreaper, set_parent_death_signal
 from .commands import pool_grow, pool_room, pool_shrink
@@ -151,11 +151,14 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.import_tasks()
         self.reclaim_signals("importing fleet.imports")
         self.read_quit_senders()
+        wait = broker_wait(self.spec.worker_timeout)
         self.broker = open_broker(
             self.spec.broker,
             durability=self.spec.durability,
             result_ttl=self.spec.result_ttl,
             fail_fast=True,
+            connect_timeout=wait,
+            call_wait=wait,
         )
         # Who holds our tasks in the broker: pid and start time, so a reused pid is not us.
         self.owner = f"{self.node}:{os.getpid()}:{int(time.time() * 1000)}"
@@ -515,6 +518,14 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         for child in self.children.values():
             if not child.handed and not child.retiring:
                 self.let_go(child)
+
+
+def broker_wait(worker_timeout: float) -> float:
+    """Seconds after which a worker's connect or broker call gives up: FAIL_FAST_WAIT, or a
+    quarter of a shorter worker_timeout. A hung broker then holds the loop (a connect, a
+    call and its one retry) for less than the silence that has the arbiter take the worker
+    for hung: it would kill it (its running tasks would run again) and each replacement."""
+    return min(FAIL_FAST_WAIT, worker_timeout / 4) if worker_timeout else FAIL_FAST_WAIT
 
 
 def main() -> int:

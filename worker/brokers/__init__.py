@@ -34,6 +34,7 @@ def open_broker(
     result_ttl: int = 86400,
     fail_fast: bool = False,
     connect_timeout: float | None = None,
+    call_wait: float | None = None,
 ) -> Broker:
     """A new connection to the broker at `url`; raises ValueError for an unknown scheme and
     BrokerUnavailable for a broker that cannot be opened (a SQLite path that cannot be made).
@@ -45,6 +46,7 @@ def open_broker(
     Redis call cut off by a lost connection is sent again only briefly; otherwise a call
     rides out a Redis restart and waits out a long write.
     `connect_timeout`: seconds a new Redis connection may take (None: the broker's default).
+    `call_wait`: with `fail_fast`, seconds instead of FAIL_FAST_WAIT.
     """
     from .base import unavailable_error
 
@@ -55,7 +57,11 @@ def open_broker(
 
         try:
             return SQLiteBroker(
-                url, durability=durability, result_ttl=result_ttl, fail_fast=fail_fast
+                url,
+                durability=durability,
+                result_ttl=result_ttl,
+                fail_fast=fail_fast,
+                call_wait=call_wait,
             )
         # DatabaseError: SQLiteBroker.unavailable (OperationalError: locked, an I/O error),
         # and a file that is no SQLite database (or a damaged one) at the path
@@ -69,5 +75,6 @@ def open_broker(
             result_ttl=result_ttl,
             fail_fast=fail_fast,
             connect_timeout=connect_timeout or CONNECT_TIMEOUT,
+            call_wait=call_wait,
         )
     raise ValueError(f"unknown broker URL {url!r}: use sqlite:///path.db or redis://host:port/db")

@@ -420,8 +420,8 @@ class RedisBroker(Broker):
     The key prefix is `prefix`, else the URL's `?prefix=` (fleets, or tests, sharing one
     Redis database keep apart by it), else `fleetd`. A call cut off by a lost connection
     is sent again up to CALL_RETRIES times (backing off) before it raises, one that timed
-    out once (CallRetry); `fail_fast`: calls are cut off after base.FAIL_FAST_WAIT and
-    sent again FAIL_FAST_RETRIES times at most.
+    out once (CallRetry); `fail_fast`: calls are cut off after `call_wait` (default
+    base.FAIL_FAST_WAIT) and sent again FAIL_FAST_RETRIES times at most.
 
     Writes and get_result go over links (see the module docstring) rather than through
     redis-py's client and pool, whose bookkeeping cost more than Redis's own work; a thread
@@ -442,6 +442,7 @@ class RedisBroker(Broker):
         result_ttl: int = 86400,
         fail_fast: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
+        call_wait: float | None = None,
     ) -> None:
         problem = url_problem(url) or url_options_problem(url)
         if problem:
@@ -457,7 +458,7 @@ class RedisBroker(Broker):
             encoding_errors="surrogateescape",  # stored bytes as the base module says
             protocol=2,
             retry=CallRetry(CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES),
-            socket_timeout=FAIL_FAST_WAIT if fail_fast else SOCKET_TIMEOUT,
+            socket_timeout=(call_wait or FAIL_FAST_WAIT) if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
         )
         self._idle: list[Link] = []

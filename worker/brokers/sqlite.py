@@ -183,10 +183,11 @@ class SQLiteBroker(Broker):
         durability: str = "default",
         result_ttl: int = 86400,
         fail_fast: bool = False,
+        call_wait: float | None = None,
     ) -> None:
         self.url = url
         # Seconds a write waits for the lock before it fails (open_broker's `fail_fast`).
-        self.lock_timeout = FAIL_FAST_WAIT if fail_fast else LOCK_TIMEOUT
+        self.lock_timeout = (call_wait or FAIL_FAST_WAIT) if fail_fast else LOCK_TIMEOUT
         self.result_ttl = result_ttl
         self.expire_at = 0.0  # monotonic time from which `expire` looks again
         self.path = path_from_url(url)
