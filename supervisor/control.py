@@ -147,7 +147,10 @@ class ControlServer:
         except _Refused as refused:
             log.warning("control request refused peer=%s reason=%s", routing_id.hex(), refused)
             self._send_error(sock, routing_id, refused.request_id, str(refused))
-            return None
+        except Exception as exc:  # noqa: BLE001 - whatever a request holds, never the arbiter's end
+            log.exception("control request not understood peer=%s", routing_id.hex())
+            self._send_error(sock, routing_id, None, f"bad request: {type(exc).__name__}: {exc}")
+        return None
 
     def waiting(self, sock: zmq.Socket[bytes]) -> bool:
         """Whether another message waits on `sock`."""
@@ -330,12 +333,16 @@ def _timeout_and_limit(message: dict[str, Any], request_id: str) -> tuple[float,
     if timeout is None:
         timeout = DEFAULT_TIMEOUT
     number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-    if not number or not 0 < timeout < math.inf:
+    try:
+        seconds = float(timeout) if number else math.nan
+    except OverflowError:  # an integer of hundreds of digits
+        seconds = math.inf
+    if not 0 < seconds < math.inf:
         raise _Refused('"timeout" must be a number of seconds > 0', request_id)
     limit = message.get("limit")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise _Refused('"limit" must be null or an integer >= 1', request_id)
-    return float(timeout), limit
+    return seconds, limit
 
 
 def _check_ipc_path(endpoint: str) -> None:

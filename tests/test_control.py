@@ -1077,6 +1077,7 @@ def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_p
         ],
         [json.dumps({**valid, "dest": "h1"}).encode()],
         [b'{"v": 1, "id": "x", "cmd": "ping", "timeout": NaN}'],
+        [b'{"v": 1, "id": "x", "cmd": "ping", "timeout": 1' + b"0" * 400 + b"}"],  # no float
         [json.dumps({**valid, "limit": 0}).encode()],
         [b"[" * 100_000],
         [b"a" * 600_000, b"b" * 600_000],
@@ -1111,6 +1112,45 @@ def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_p
     assert len(answers) == sent and len(errors) >= sent * 0.6, (len(answers), len(errors))
     assert node_pids(fleet) == before and fleet.proc is not None and fleet.proc.poll() is None
     assert "refused" in fleet.log()
+
+
+def test_numbers_no_float_holds_are_refused_in_one_line_and_nothing_is_set(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """JSON's integers have no bound: one of 400 digits as a request's timeout ended the
+    arbiter (OverflowError), as a time limit it came back as that error's text, and as a
+    rate (or a rate's digits) it was set, and saved for the next start."""
+    fleet = make_fleet().start()
+    huge = "1" + "0" * 400
+    requests = {
+        "timeout": f'{{"v": 1, "id": "t", "cmd": "ping", "timeout": {huge}}}',
+        "soft": f'{{"v": 1, "id": "s", "cmd": "time_limit", "args": {{"task": "tasks.add",'
+        f' "soft": {huge}, "hard": 1}}}}',
+        "rate": f'{{"v": 1, "id": "r", "cmd": "rate_limit", "args": {{"task": "tasks.add",'
+        f' "rate": {huge}}}}}',
+        "digits": f'{{"v": 1, "id": "d", "cmd": "rate_limit", "args": {{"task": "tasks.add",'
+        f' "rate": "{huge}/s"}}}}',
+    }
+    ctx = zmq.Context()
+    answers = {}
+    try:
+        peer = ctx.socket(zmq.DEALER)
+        peer.linger = 0
+        peer.connect(endpoint(fleet))
+        for name, request in requests.items():
+            peer.send(request.encode())
+            assert peer.poll(10_000), f"no answer to the {name} request"
+            answers[name] = json.loads(peer.recv())
+    finally:
+        ctx.destroy(linger=0)
+    assert "timeout" in answers["timeout"]["error"]
+    assert answers["soft"]["error"] == "time_limit: soft must be a finite number"
+    assert answers["rate"]["error"] == "rate_limit: rate must be a finite number"
+    assert answers["digits"]["error"].endswith("...' is too large")
+    assert all("\n" not in json.dumps(a) for a in answers.values())
+    code, data = ctl_json(fleet, "inspect", "conf")
+    assert code == 0 and "tasks.add" not in json.dumps(data["replies"]["w@h1"].get("limits_from"))
+    assert fleet.proc is not None and fleet.proc.poll() is None
 
 
 # --- exit codes ------------------------------------------------------------------------------

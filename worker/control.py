@@ -46,7 +46,7 @@ class Arg:
             return f"must be {_type_names(self.types)}"
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):
             return "must be a list of strings"  # a list is words of the command line
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not finite(value):
             return "must be a finite number"
         if self.minimum is None or not isinstance(value, (int, float)) or isinstance(value, bool):
             return None
@@ -65,6 +65,15 @@ class Arg:
         if problem:
             raise ValueError(problem)
         return value
+
+
+def finite(value: float) -> bool:
+    """Whether a number is one a float holds: not NaN or infinite, nor an integer too large
+    for one (10**400, which arithmetic with floats would raise on)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _type_names(types: tuple[type, ...]) -> str:

@@ -7,6 +7,7 @@ reads it back from JSON; both sides need it, so it lives here, below both.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +59,14 @@ class WorkerSpec:
 
 def parse_rate(text: str) -> float:
     """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed."""
-    match = re.match(RATE_RE, str(text))
+    text = str(text)
+    shown = text if len(text) <= 40 else f"{text[:40]}..."
+    match = re.match(RATE_RE, text)
     if not match:
-        raise ValueError(f"rate {text!r} is not N, N/s, N/m or N/h")
+        raise ValueError(f"rate {shown!r} is not N, N/s, N/m or N/h")
     number = float(match.group(1))
+    if not math.isfinite(number):  # digits past what a float holds
+        raise ValueError(f"rate {shown!r} is too large")
     return number / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
 
 
