@@ -148,8 +148,18 @@ class ControlClient:
                     del waiting[dealer]
         if not (limit and len(result.replies) >= limit):
             result.missing = [self._name(endpoint) for endpoint in waiting.values()]
+        for endpoint in waiting.values():
+            self._renew(endpoint)
         result.elapsed = time.monotonic() - start
         return result
+
+    def _renew(self, endpoint: str) -> None:
+        """A fresh socket for a host that did not answer: ZeroMQ would keep the request
+        queued while the host is down and deliver it once it is back, where the caller was
+        told it failed (a long-lived client's: the dashboard's `pool grow`, long after its
+        502). What a hung host read already, it may still carry out."""
+        self._dealers.pop(endpoint).close(linger=0)
+        self._dealers[endpoint] = self._connect(zmq.DEALER, endpoint, endpoint)
 
     def _may_hold(self, endpoint: str, dest: list[str] | None) -> bool:
         """Whether the host at `endpoint` may hold a node or host of `dest` (all: everyone).

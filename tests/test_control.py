@@ -220,6 +220,24 @@ def test_ping_over_two_nodes_returns_well_before_a_5s_timeout(
     assert "a@h1" in text and "b@h1" in text and "pong" in text
 
 
+def test_a_command_that_got_no_answer_is_not_carried_out_once_the_host_is_back(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A long-lived client (the dashboard) asks a host that is down: the caller is told it
+    did not answer, and that is the end of it. ZeroMQ kept the request queued and handed it
+    over once the host was back: the pool grew by the grows that had failed."""
+    fleet = make_fleet().start()
+    with ControlClient([endpoint(fleet)], 1.0) as client:
+        fleet.stop()
+        for _ in range(3):
+            result = client.call("pool_grow", {"n": 1})
+            assert result.replies == {} and result.missing == [endpoint(fleet)]
+        fleet.start()
+        assert set(client.call("ping").replies) == {"w@h1"}
+        assert client.call("conf").replies["w@h1"]["concurrency"] == 2
+    assert concurrency(fleet) == {"w@h1": 2}
+
+
 def test_dest_reaches_only_the_named_node_or_host(make_fleet: Callable[..., Fleet]) -> None:
     h1 = make_fleet("h1", workers=TWO_NODES, node="h1").start()
     h2 = make_fleet("h2", workers=[{"name": "c"}], node="h2").start()
