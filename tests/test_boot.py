@@ -11,6 +11,7 @@ import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +189,40 @@ def test_a_file_where_the_sqlite_wake_folder_goes_ends_the_start_with_one_line_n
     last = fleet.log().splitlines()[-1]
     assert last.startswith("fleetd: w@h1 could not boot:"), last
     assert f"{wake} is no folder" in last and "move it away" in last, last
+
+
+UNREGISTERED_SCHEDULE = """
+[[schedule]]
+name = "tick"
+task = "tasks.nope"
+every = 1
+"""
+
+
+def test_a_schedule_whose_task_no_module_registers_ends_the_start_and_fails_a_reload(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """What `fleetd check` refuses, start and reload refuse too (the leader fired it to a dead
+    letter, NotRegistered, every tick); a reload to it leaves the old generation serving."""
+    reason = (
+        "w@h1 could not boot: schedule[0].task: task 'tasks.nope' is not registered by"
+        " fleet.imports (tasks) (exit code 4)"
+    )
+    fleet = make_fleet("refused", workers=[{"name": "w"}], extra=UNREGISTERED_SCHEDULE)
+    fleet.start(wait=False)
+    assert fleet.wait_exit(30) == EXIT_BOOT_ERROR
+    assert fleet.log().splitlines()[-1] == f"fleetd: {reason}"
+
+    fleet = make_fleet("reloaded", workers=[{"name": "w"}]).start()
+    with open(fleet.config, "a") as config:
+        config.write(UNREGISTERED_SCHEDULE)
+    fleet.signal(signal.SIGHUP)
+
+    def failed_reload() -> dict[str, Any] | None:
+        view = ctl_json(fleet, "status")[1]["replies"]["w@h1"]
+        return view if view.get("reload_failed") else None
+
+    view = wait_for(failed_reload, 30, 0.2, "the reload to fail")
+    assert view["state"] == "RUNNING" and view["generation"] == 0
+    assert "schedule[0].task: task 'tasks.nope' is not registered" in view["reload_failed"]
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2

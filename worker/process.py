@@ -405,6 +405,12 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 # A copy that a task module forked at its import, back from it: two workers
                 # would share our arbiter channel and pool. It ends before it says anything.
                 os._exit(0)
+        for index, schedule in enumerate(self.spec.schedules):
+            if schedule["task"] not in REGISTRY:  # as `fleetd check` refuses it
+                raise UnregisteredSchedule(
+                    f"schedule[{index}].task: task {schedule['task']!r} is not registered by"
+                    f" fleet.imports ({', '.join(self.spec.imports) or 'none'})"
+                )
         self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
         if self.async_names:  # the children's event loop, imported once, before they fork
             importlib.import_module(".aio", __package__)
@@ -520,6 +526,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 self.let_go(child)
 
 
+class UnregisteredSchedule(Exception):
+    """A [[schedule]] whose task the task modules do not register: the boot ends, as `fleetd
+    check` refuses the config (else the leader would fire it to a dead letter every tick)."""
+
+
 def broker_wait(worker_timeout: float) -> float:
     """Seconds after which a worker's connect or broker call gives up: FAIL_FAST_WAIT, or a
     quarter of a shorter worker_timeout. A hung broker then holds the loop (a connect, a
@@ -544,9 +555,10 @@ def main() -> int:
     worker = Worker(spec, arbiter_fd)
     try:
         return worker.run()
-    except TaskImportError as exc:
-        log.error("cannot import task modules: %s", exc, extra={"node": spec.node})
-        worker.send({"type": "boot-error", "error": f"cannot import task modules: {exc}"})
+    except (TaskImportError, UnregisteredSchedule) as exc:
+        error = f"cannot import task modules: {exc}" if isinstance(exc, TaskImportError) else exc
+        log.error("%s", error, extra={"node": spec.node})
+        worker.send({"type": "boot-error", "error": str(error)})
         return EXIT_IMPORT_ERROR
     except Exception as exc:
         if not worker.ready:  # the arbiter's last line names it: the broker refused us, say
