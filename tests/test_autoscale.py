@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,23 @@ def test_without_prefetch_the_wait_in_the_queue_itself_grows_the_pool(
         [("tasks.journal", (str(journal), 0.5), {}) for _ in range(20)]
     )
     wait_for(lambda: pool(fleet)["pool_size"] == 3, 20, 0.1, "the pool to grow to its max")
+    infos = fleet.wait_all_final([h.id for h in burst], 60)
+    assert {i["state"] for i in infos} == {"SUCCESS"}
+    assert set(executions(journal).values()) == {1}
+
+
+def test_without_prefetch_long_tasks_that_wait_in_the_queue_grow_the_pool(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Tasks that run for seconds start nothing new meanwhile: with prefetch 0 no task waited
+    in the worker either, and the pool stayed at MIN while the queue held the others."""
+    scaling = {"autoscale": "1,3", "autoscale_wait": 0.3, "autoscale_idle": 60, "prefetch": 0}
+    fleet = make_fleet(defaults=scaling).start()
+    journal = tmp_path / "journal.txt"
+    started = time.monotonic()
+    burst = fleet.client.submit_many([("tasks.journal", (str(journal), 4), {}) for _ in range(6)])
+    wait_for(lambda: pool(fleet)["pool_size"] == 3, 10, 0.1, "the pool to grow to its max")
+    assert time.monotonic() - started < 3.5  # before the first task ended
     infos = fleet.wait_all_final([h.id for h in burst], 60)
     assert {i["state"] for i in infos} == {"SUCCESS"}
     assert set(executions(journal).values()) == {1}

@@ -66,7 +66,13 @@ class BrokerLink:
         held as a sync pool holds them, even where some tasks are `async def`: the other
         workers on the same queues get their share of them."""
         slots = self.spec.async_concurrency if self.async_slots_open() else 1
-        return self.target_children * slots * (1 + self.spec.prefetch)
+        held = self.target_children * slots * (1 + self.spec.prefetch)
+        if self.spec.autoscale and not self.spec.prefetch:
+            # One more, which waits here while every child is busy: its wait is what tells
+            # autoscale that the queue keeps tasks waiting (a long task starts nothing new
+            # for as long as it runs, and with none waiting here the pool would never grow).
+            held += self.target_children < self.spec.autoscale[1]
+        return held
 
     def async_slots_open(self: Worker) -> bool:
         """Async tasks come in: a reserve brought one a moment ago, or one runs."""
