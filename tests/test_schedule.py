@@ -233,6 +233,35 @@ def test_a_schedules_state_and_lease_that_other_hands_wrote_read_as_none(
     assert broker.claim_lead(LEAD_KEY, "a:1:1", 5) == ("a:1:1", pytest.approx(5.0))
 
 
+def test_an_infinite_tick_or_lease_and_a_paused_flag_that_is_no_flag_read_as_none(
+    connect: BrokerFactory,
+) -> None:
+    """A tick or lease of 1e999 (inf) read as none in Python but stood in the broker: the
+    schedule never fired again (every tick was below it), the lead was never free (and the
+    workers tried for it 20 times a second); 'no' in `paused` (SQLite) read as paused."""
+    broker = connect()
+    assert broker.fire_schedule("tick", 100.0, envelope(100.0))
+    if isinstance(broker, SQLiteBroker):
+        with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
+            db.execute("UPDATE schedules SET last_tick = 9e999, paused = 'no' WHERE name = 'tick'")
+            db.execute(
+                "INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', 9e999)",
+                (LEAD_KEY,),
+            )
+    else:
+        assert isinstance(broker, RedisBroker)
+        key = f"{broker.prefix}:schedule:tick"
+        broker.redis.hset(key, mapping={"last_tick": "1e999", "paused": "no"})
+    state = broker.schedule_states()["tick"]
+    assert (state["last_tick"], state["paused"]) == (None, False)
+    assert broker.fire_schedule("tick", 110.0, envelope(110.0))
+    assert broker.schedule_states()["tick"]["last_tick"] == 110.0
+    assert broker.claim_lead(LEAD_KEY, "a:1:1", 5) == ("a:1:1", pytest.approx(5.0))
+    if isinstance(broker, RedisBroker):
+        broker.redis.hset(key, "last_tick", "inf")
+        assert broker.fire_schedule("tick", 120.0, envelope(120.0))
+
+
 # --- the duty, on a clock of the test's own -------------------------------------------
 
 

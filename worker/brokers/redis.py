@@ -883,7 +883,7 @@ local function main()
   redis.call('SADD', P .. ':schedules', A.name)
   if A.tick ~= null then
     local last = tonumber(redis.call('HGET', key, 'last_tick'))  -- not a number: none
-    if last and last >= tonumber(A.tick) then return false end
+    if last and last < math.huge and last >= tonumber(A.tick) then return false end  -- inf: none
   end
   if A.task ~= null then
     local e = A.task

@@ -114,7 +114,7 @@ DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
 
 
 # A column's value is a number (not NULL, text or a blob that other hands wrote there).
-IS_NUMBER = "(typeof({}) IN ('integer', 'real'))"
+IS_NUMBER = "(typeof({0}) IN ('integer', 'real') AND abs({0}) < 9e999)"  # finite: 9e999 is inf
 
 
 def reserve_sql(marks: str, picked: str) -> str:
@@ -682,7 +682,7 @@ class SQLiteBroker(Broker):
                 "last_tick": stored_number(tick),
                 "last_id": stored_text(task_id),
                 "last_at": stored_number(at),
-                "paused": bool(p),
+                "paused": p == 1,  # as pause_schedule writes it; other hands' 'no' is not
             }
             for name, tick, task_id, at, p in rows
         }
