@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,31 @@ def test_a_long_task_cold_stopped_four_times_with_quit_then_let_run_succeeds(
     let_it_finish(fleet, handle, tmp_path)
     fleet.signal(signal.SIGTERM)
     assert fleet.wait_exit(20) == 0
+
+
+def test_a_cold_stop_takes_in_the_outcome_a_child_wrote_before_it_and_runs_it_no_more(
+    make_fleet: Callable[..., Fleet], broker_url: str, tmp_path: Path
+) -> None:
+    """The task ended and its child wrote the outcome, which the worker had not read yet (it
+    was stopped, or busy) when a QUIT came: the cold stop gave the task back, and it ran a
+    second time (as it did when shutdown_timeout ran out)."""
+    fleet = make_fleet(fleet={"broker": broker_url}, defaults={"concurrency": 1}).start()
+    journal = tmp_path / "journal"
+    handle = fleet.client.submit("tasks.journal", str(journal), 0.5)
+    wait_for(lambda: "S " in "".join(lines(journal)), 10, message="the task to start")
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGSTOP)  # it cannot read its child's pipe now
+    try:
+        wait_for(lambda: "E " in "".join(lines(journal)), 10, message="the task to end")
+        time.sleep(0.2)  # the child writes its outcome, then waits for the next task
+        os.kill(worker, signal.SIGQUIT)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert handle.get(timeout=20) > 0
+    wait_for(lambda: fleet.worker_pids() and fleet.worker_pids() != [worker], 20)
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2  # the new one runs
+    assert [line.split()[0] for line in lines(journal)] == ["S", "E"]  # once
+    assert handle.info()["deliveries"] == 1
 
 
 @pytest.mark.parametrize("how", ["fleetd stop --timeout", "shutdown_timeout"])

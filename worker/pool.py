@@ -257,7 +257,8 @@ class Pool:
             for reply in child.reader.feed(data):
                 self.task_done(child, reply)
 
-    def read_child(self: Worker, child: ChildProc) -> None:
+    def read_child(self: Worker, child: ChildProc) -> bool:
+        """Take in what the child wrote; whether a whole reply came (more may wait)."""
         try:
             frames = child.reader.read_frames(child.result_fd)
         except ProtocolError as exc:
@@ -268,12 +269,13 @@ class Pool:
             self.kill_group(child.pid)
         if frames is None:
             self.child_gone(child)
-            return
+            return False
         # From the last read that brought bytes: a big reply that the worker was slow to read
         # (stopped by an operator, say) is no stall of the child's.
         child.partial_since = time.monotonic() if child.reader.holding else None
         for reply in frames:
             self.task_done(child, reply)
+        return bool(frames)
 
     def task_done(self: Worker, child: ChildProc, reply: Any) -> None:
         if not isinstance(reply, dict):  # a task can write to its child's pipe: trust nothing

@@ -505,6 +505,12 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         operator stopped them: no delivery counts as a death (max_deliveries)."""
         stopped = []
         for child in list(self.children.values()):
+            # What it answered already (replies in its pipe that the loop had not read when
+            # the stop came) is settled, not given back to run again.
+            while child.result_fd in self.children and self.read_child(child):
+                pass
+            if child.result_fd not in self.children:
+                continue  # it had left, and child_gone settled its tasks
             self.kill_group(child.pid)
             stopped += [r.delivery.id for r in child.tasks if not r.settled]
             stopped += [r.delivery.id for r in child.aio.values() if not r.settled]
