@@ -4,10 +4,12 @@ line naming it (systemd sees a failed start); on a reload the generation before 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from supervisor.arbiter import EXIT_BOOT_ERROR
+from supervisor.config import load
 from supervisor.states import FATAL_AFTER
 from tests.fleet import FLEETCTL, TASKS, Fleet, wait_for
 from tests.test_control import ctl_json
@@ -226,3 +229,29 @@ def test_a_schedule_whose_task_no_module_registers_ends_the_start_and_fails_a_re
     assert view["state"] == "RUNNING" and view["generation"] == 0
     assert "schedule[0].task: task 'tasks.nope' is not registered" in view["reload_failed"]
     assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+
+
+def test_a_worker_whose_arbiter_died_before_it_booted_leaves_at_once(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """An arbiter SIGKILLed between a worker's spawn and the worker's parent-death signal
+    (its interpreter's start): the orphan went on to import its task modules, and one that
+    hangs there kept it for good, nobody's child. Started here as the arbiter starts one,
+    but with an arbiter that is not its parent, it leaves before it imports anything."""
+    fleet = make_fleet(workers=[{"name": "w"}])
+    (fleet.folder / "tasks.py").write_text("import time\ntime.sleep(60)\n")
+    [spec] = load(str(fleet.config), check_imports=False).workers
+    env = {
+        **os.environ,
+        "FLEETD_WORKER_SPEC": json.dumps(spec.to_json()),
+        "FLEETD_ARBITER_PID": "1",  # not our parent: it is gone
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", spec.node], env=env, cwd=fleet.folder
+    )
+    try:
+        assert worker.wait(10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(5)

@@ -362,7 +362,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if os.environ.get("FLEETD_ARBITER_PID") and os.getppid() != int(
             os.environ["FLEETD_ARBITER_PID"]
         ):
-            self.signals.append(signal.SIGTERM)
+            # The arbiter died before our parent-death signal was set: no one will end us,
+            # and nothing is held yet (a task module's import that hangs would keep us for
+            # good, the loop that acts on a TERM never reached).
+            os._exit(0)
 
     def on_signal(self, signum: int, frame: Any) -> None:
         if not self.ready and signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
