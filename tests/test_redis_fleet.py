@@ -26,7 +26,7 @@ from supervisor.arbiter import EXIT_BOOT_ERROR
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet, alive, executions, wait_for
 from tests.redisserver import BUSY_SCRIPT, free_port, limited_user, start_redis
-from worker import BrokerUnavailable, Client
+from worker import BrokerUnavailable, Client, TaskRevoked
 from worker.brokers.base import FAIL_FAST_WAIT
 from worker.brokers.redis import RedisBroker
 
@@ -209,6 +209,39 @@ def test_a_hung_redis_is_no_hung_worker_under_a_short_worker_timeout(
         assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 40}
         assert fleet.worker_pids() == workers, fleet.log()
         assert "silent" not in fleet.log()
+    finally:
+        server.kill()
+
+
+def test_a_worker_that_booted_while_redis_hung_reads_the_revokes_before_it_reserves(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A reload's worker booted while Redis hung: its boot's broker work (the revoked set,
+    the routes, the expired leases) failed and was never done again, and the first reserve
+    once Redis answered ran a task revoked ahead of its submit."""
+    server = start_redis(tmp_path, appendonly=False)
+    assert server.process is not None
+    try:
+        fleet = make_fleet(fleet={"broker": server.url}).start()
+        journal = tmp_path / "journal"
+        revoked = str(uuid.uuid4())
+        fleet.client.revoke([revoked])  # ahead: no task has the id yet
+        # The deploy brings a task of its own queue: its route is the new generation's to say.
+        tasks = fleet.folder / "tasks.py"
+        tasks.write_text(tasks.read_text() + '\n@task(queue="moved")\ndef moved():\n    pass\n')
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            fleet.signal(signal.SIGHUP)
+            wait_for(lambda: "reload complete" in fleet.log(), 30, message="the reload")
+            time.sleep(1)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        handle = fleet.client.submit("tasks.journal", str(journal), task_id=revoked)
+        with pytest.raises(TaskRevoked):
+            handle.get(timeout=20)
+        assert fleet.client.submit("tasks.add", 2, 3).get(timeout=20) == 5
+        assert not executions(journal)
+        assert fleet.client.broker.routes().get("tasks.moved") == "moved"
     finally:
         server.kill()
 

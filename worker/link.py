@@ -44,6 +44,7 @@ class BrokerLink:
     outcomes: list[Outcome]
     retries: list[Retry]
     unreleased: dict[bool, list[str]]
+    booted_in_broker: bool
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -98,13 +99,31 @@ class BrokerLink:
         if (wider := self.capacity()) > capacity:
             self.reserve_up_to(wider)
 
+    def boot_in_broker(self: Worker) -> bool:
+        """The boot's broker work, done once: its risks logged, the revoked set read, the
+        expired leases of this host's dead workers given back, the task routes published.
+        Whether it is done: a broker unreachable at the boot has it done once it answers,
+        before any reserve (else a task revoked ahead would run, and one a deploy moved to
+        another queue would wait where no worker reads it)."""
+        if self.booted_in_broker:
+            return True
+        with self.broker_call("boot"):
+            for risk in self.broker.risks():
+                log.warning("%s", risk, extra={"node": self.node})
+            self.revoked |= self.broker.revoked()
+            self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
+            # Where each task goes, for clients that submit by name without its code.
+            self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
+            self.booted_in_broker = True
+        return self.booted_in_broker
+
     def reserve_up_to(self: Worker, capacity: int) -> None:
         want = capacity - self.held()
         if want <= 0:
             return
         if want < max(1, capacity // 2) and (self.reserved or not self.running_dry()):
             return
-        if not self.broker_available() or self.known_dry():
+        if not self.broker_available() or self.known_dry() or not self.boot_in_broker():
             return
         with self.broker_call("reserve"):
             # What the last turns did goes in the same transaction.

@@ -138,6 +138,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             0.0  # > 0 while the broker is unreachable: seconds between tries
         )
         self.broker_retry_at: float = 0.0  # monotonic: no broker call before this
+        self.booted_in_broker = False  # see BrokerLink.boot_in_broker
         self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
         self.spawn_backoff: float = 0.0  # > 0 while forks fail: seconds between tries
         self.spawn_retry_at: float = 0.0  # monotonic: no fork before this
@@ -162,13 +163,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         )
         # Who holds our tasks in the broker: pid and start time, so a reused pid is not us.
         self.owner = f"{self.node}:{os.getpid()}:{int(time.time() * 1000)}"
-        with self.broker_call("read revokes"):
-            for risk in self.broker.risks():
-                log.warning("%s", risk, extra={"node": self.node})
-            self.revoked = self.broker.revoked()
-            self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
-            # Where each task goes, for clients that submit by name without its code.
-            self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
+        self.boot_in_broker()
         self.scheduler = worker_scheduler(self.broker, self.spec, self.owner, self.emit)
         self.wakeup = self.broker.wakeup(self.spec.queues)
         self.poller.register(self.wakeup.fileno(), select.POLLIN)
