@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configmod.load(
             args.config,
             node=getattr(args, "node", None),
-            check_imports=args.command in ("start", "check"),
+            check_imports=args.command in ("start", "check", "reload"),  # as the arbiter's
         )
     except configmod.ConfigError as exc:
         print(f"fleetd: {exc}", file=sys.stderr)

@@ -104,6 +104,14 @@ def test_stop_stops_a_fleet_whose_config_was_since_edited_into_one_that_does_not
         [FLEETD, "reload", "-c", str(fleet.config)], capture_output=True, text=True, timeout=10
     )
     assert refused.returncode == 2 and "fleet_typo" in refused.stderr  # a reload would load it
+    # A task module that is not there: the arbiter refuses the reload, and so does the command
+    # (it said "reload sent", exit 0).
+    good = fleet.config.read_text().replace("\n[fleet_typo]\nx = 1\n", "")
+    fleet.config.write_text(good.replace('imports = ["tasks"]', 'imports = ["tasks", "nosuch"]'))
+    refused = subprocess.run(
+        [FLEETD, "reload", "-c", str(fleet.config)], capture_output=True, text=True, timeout=10
+    )
+    assert refused.returncode == 2 and "nosuch" in refused.stderr, refused
     fleet.remember_pids()
     out = subprocess.run(
         [FLEETD, "stop", "-c", str(fleet.config)], capture_output=True, text=True, timeout=30
