@@ -187,6 +187,8 @@ def test_pool_grow_shrink_and_ttin_ttou_move_within_the_autoscale_bounds(
     conf = json.loads(fleet.ctl("--json", "inspect", "conf").stdout)["replies"]["w@h1"]
     assert (conf["autoscale"], conf["autoscale_wait"], conf["autoscale_idle"]) == ([2, 4], 1.0, 60)
     assert "pool is 4: at the pool's max (4)" in fleet.ctl("pool", "grow", "5").stdout
+    # Past MAX_POOL too: the bound in force is autoscale's MAX, not the pool's last limit.
+    assert "at the pool's max (4)" in fleet.ctl("pool", "grow", "2000", check=False).stdout
     wait_for(lambda: live_children(pool(fleet)) == 4, 10, message="4 children")
     refused = fleet.ctl("pool", "grow", check=False)
     assert refused.returncode == 1 and "at the pool's max (4)" in refused.stdout
@@ -199,6 +201,19 @@ def test_pool_grow_shrink_and_ttin_ttou_move_within_the_autoscale_bounds(
     assert holds(lambda: pool(fleet)["pool_size"] == 2, 1.0), "TTOU went below MIN"
     os.kill(worker_pid, signal.SIGTTIN)
     wait_for(lambda: pool(fleet)["pool_size"] == 3, 10, message="TTIN to grow the pool by one")
+
+
+def test_an_operators_grow_stands_for_autoscale_idle_before_autoscale_shrinks_it(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The pool's idle child had been idle long already: autoscale took back a `pool grow` on
+    an idle pool within half a second, one child a decision."""
+    scaling = {"autoscale": "1,4", "autoscale_idle": 2}
+    fleet = make_fleet(defaults=scaling).start()
+    time.sleep(2.5)  # its one child idle past autoscale_idle
+    assert "pool is 4" in fleet.ctl("pool", "grow", "3").stdout
+    assert holds(lambda: pool(fleet)["pool_size"] == 4, 1.2), "the grow was undone at once"
+    wait_for(lambda: pool(fleet)["pool_size"] == 1, 15, 0.2, "autoscale to shrink it later")
 
 
 def test_without_prefetch_the_wait_in_the_queue_itself_grows_the_pool(

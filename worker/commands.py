@@ -271,13 +271,14 @@ def signal_number(name: str) -> int | None:
     lines={"pool grow": {}},
 )
 def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
-    if worker.target_children + n > MAX_POOL:
+    if not worker.spec.autoscale and worker.target_children + n > MAX_POOL:  # a typo
         return {"error": f"the pool can be at most {MAX_POOL}"}
     wanted, bound = moved(worker.target_children, n, *worker.pool_bounds())
     if wanted == worker.target_children:
         return {"error": f"pool is {wanted}: {bound}"}
     size, limit = pool_room(worker, wanted)
     worker.target_children = max(worker.target_children, size)  # the worker's loop forks them
+    worker.grown_by_hand_at = time.monotonic()  # autoscale shrinks it no sooner than it would
     if limit:
         message = f"pool is {worker.target_children}: {limit}"
         log.warning("%s", message, extra={"node": worker.node})

@@ -662,6 +662,8 @@ class Pool:
         self.autoscaled_at = now
         wait, idle = self.spec.autoscale_wait, self.spec.autoscale_idle
         step = decide(self.target_children, low, high, load, wait, idle)
+        if step < 0 and now - self.grown_by_hand_at < idle:
+            step = 0  # an operator's grow stands for autoscale_idle, as an idle child does
         if step > 0:  # never more children than the open-files limit lets the worker hold
             step = max(0, pool_room(self, self.target_children + step)[0] - self.target_children)
         if step:

@@ -143,6 +143,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.spawn_backoff: float = 0.0  # > 0 while forks fail: seconds between tries
         self.spawn_retry_at: float = 0.0  # monotonic: no fork before this
         self.autoscaled_at: float = 0.0  # monotonic: the last autoscale decision
+        self.grown_by_hand_at: float = -math.inf  # monotonic: the last `pool grow` or TTIN
         self.busy_marks: dict[int, tuple[int, float]] = {}  # by pid: see Pool.busy_mark
 
     # --- the life of a worker ------------------------------------------------------
