@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -23,6 +24,7 @@ from ctl.dashboard.records import Records
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.conftest import fill
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
+from tests.redisserver import start_redis
 from worker import Client
 from worker.brokers.sqlite import DONE, SQLiteBroker
 
@@ -554,3 +556,49 @@ def test_a_token_or_body_of_anybodys_text_gets_a_json_answer(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400 and "surrogate" in json.loads(refused.value.read())["error"]
+
+
+def test_pages_polling_a_hung_host_wait_out_its_timeout_together(
+    make_fleet, start_dashboard
+) -> None:
+    """Each /api/nodes asked the hosts in turn, one after the other: eight pages polling a
+    hung arbiter waited 1, 2, ... 8 timeouts, and filled the server's threads meanwhile."""
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet, "--timeout", "1")
+    assert fleet.proc is not None
+    os.kill(fleet.proc.pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+
+            def timed(_: int) -> tuple[float, int]:
+                started = time.monotonic()
+                status, _body = dashboard.get("/api/nodes")
+                return time.monotonic() - started, status
+
+            answers = list(pool.map(timed, range(8)))
+    finally:
+        os.kill(fleet.proc.pid, signal.SIGCONT)
+    assert {status for _, status in answers} == {200}
+    assert max(seconds for seconds, _ in answers) < 4, answers
+
+
+def test_a_broker_error_or_an_oversized_action_is_a_json_answer_not_a_500(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    """The tasks list and the schedules on a Redis that is gone, and a rate limit whose name
+    is over the protocol's 1 MiB, answered 500 in plain text with a traceback in the log."""
+    server = start_redis(tmp_path, appendonly=False)
+    try:
+        folder = tmp_path / "host"
+        fleet = make_fleet(fleet={"broker": server.url}, extra=with_token(folder)).start()
+        dashboard = start_dashboard(fleet)
+        status, body = dashboard.post(
+            "/api/rate-limit", {"task": "t" * (1 << 20), "rate": "1/s"}, TOKEN
+        )
+        assert status == 413 and "1 MiB" in body["error"], (status, body)
+        server.kill()
+        for path in ("/api/tasks", "/api/schedules", "/api/queues"):
+            status, body = dashboard.get(path)
+            assert status == 503 and "\n" not in body["error"], (path, status, body)
+    finally:
+        server.kill()

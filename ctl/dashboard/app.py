@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -33,6 +34,7 @@ HISTORY_HOURS, HISTORY_MAX_HOURS = 3.0, 24.0
 STREAM_LOOK_EVERY = 0.25  # seconds between two looks for a new snapshot, per live page
 STREAM_KEEPALIVE = 15.0  # seconds of quiet after which a comment keeps proxies from closing
 SCHEDULE_VERBS = ("pause", "resume", "trigger")  # `fleetctl schedule VERB NAME`
+log = logging.getLogger("fleetd.dashboard")
 READ_ONLY = "this dashboard is read-only: give it [dashboard] token_file to allow actions"
 
 
@@ -76,6 +78,7 @@ class Dashboard:
                 HTTPException: lambda _r, exc: error(str(exc.detail), exc.status_code),
                 ActionError: lambda _r, exc: error(str(exc), exc.status),
                 BrokerUnavailable: lambda _r, exc: error(str(exc), 503),
+                Exception: unexpected,
             },
         )
 
@@ -215,6 +218,15 @@ class Dashboard:
     async def run(self, action: Any, *args: Any) -> Response:
         """An action of the fleet, in a thread: it waits on hosts or the broker."""
         return JSONResponse(await run_in_threadpool(action, *args))
+
+
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Any other error, as JSON in one line: the broker's own (a Redis gone, a queue file
+    that is no database: 503), or ours (500; its traceback goes to the log)."""
+    if type(exc).__module__.split(".")[0] in ("sqlite3", "redis"):
+        return error(f"broker: {type(exc).__name__}: {exc}", 503)
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
 
 def number(request: Request, key: str, default: float, most: float) -> float:

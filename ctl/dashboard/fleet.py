@@ -4,7 +4,9 @@ broker through worker.Client, by the code paths fleetctl's commands take."""
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +39,9 @@ class Fleet:
         self._schedules = schedules  # the config's [[schedule]] entries
         self._control_lock = threading.Lock()
         self._broker_lock = threading.Lock()
+        self._nodes_lock = threading.Lock()
+        self._nodes: dict[str, Any] = {}
+        self._nodes_asked = -math.inf  # monotonic: when the call that read _nodes began
         self.records = Records(client.broker)
 
     def close(self) -> None:
@@ -53,7 +58,18 @@ class Fleet:
     # --- looking ---------------------------------------------------------------------
     def nodes(self) -> dict[str, Any]:
         """Every node as `fleetctl status` shows it; a node whose arbiter says RUNNING but
-        whose worker did not answer is `silent`."""
+        whose worker did not answer is `silent`. One call at a time: a request that waited
+        for the lock takes the answer of a call that began after it came, so that pages that
+        poll while a host hangs wait out its timeout together, not one after the other."""
+        came = time.monotonic()
+        with self._nodes_lock:
+            if self._nodes_asked >= came:
+                return self._nodes
+            self._nodes_asked = time.monotonic()
+            self._nodes = self._ask_nodes()
+            return self._nodes
+
+    def _ask_nodes(self) -> dict[str, Any]:
         with self._control_lock:
             result = fleet_status(self._control, None)
         nodes = {}
@@ -120,7 +136,10 @@ class Fleet:
         except CommandError as exc:
             raise ActionError(str(exc)) from None
         with self._control_lock:
-            result = self._control.call(cmd, request, dest)
+            try:
+                result = self._control.call(cmd, request, dest)
+            except ValueError as exc:  # over the protocol's 1 MiB
+                raise ActionError(str(exc), 413) from None
         if not result.replies and not result.missing and not result.errors:
             raise ActionError(f"no node {', '.join(dest or [])} answered", 404)
         reply = reply_json(result)
