@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ctl.dashboard import REQUEST_WITHIN
 from ctl.dashboard.history import History, percentile
 from ctl.dashboard.records import Records
 from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
@@ -602,3 +604,20 @@ def test_a_broker_error_or_an_oversized_action_is_a_json_answer_not_a_500(
             assert status == 503 and "\n" not in body["error"], (path, status, body)
     finally:
         server.kill()
+
+
+def test_a_client_that_never_finishes_its_request_is_cut_off(make_fleet, start_dashboard) -> None:
+    """uvicorn waits for a request's headers as long as they take: connections that sent a
+    part of theirs held the dashboard's descriptors until none was left for a page."""
+    fleet = make_fleet().start()
+    dashboard = start_dashboard(fleet)
+    slow = socket.create_connection(("127.0.0.1", dashboard.port), timeout=5)
+    try:
+        slow.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\n")  # and never the end
+        assert dashboard.get("/api/info")[0] == 200  # the others are answered meanwhile
+        slow.settimeout(REQUEST_WITHIN + 5)
+        started = time.monotonic()
+        assert slow.recv(1024) == b""  # closed by the dashboard
+        assert time.monotonic() - started < REQUEST_WITHIN + 5
+    finally:
+        slow.close()

@@ -14,6 +14,7 @@ from typing import Any
 from supervisor.config import dashboard_problem, read_token_file
 
 SHUTDOWN_GRACE = 2  # seconds open live pages get to close at shutdown
+REQUEST_WITHIN = 10.0  # seconds a connection has to send a whole request (see requests_in_time)
 
 
 class DashboardError(Exception):
@@ -65,6 +66,7 @@ def serve(control: Any, client: Any, config: Any, host: str, port: int, token: s
         server = uvicorn.Server(
             uvicorn.Config(
                 dashboard.app(),
+                http=requests_in_time(),
                 log_level="warning",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE,
                 lifespan="off",
@@ -84,6 +86,35 @@ def serve(control: Any, client: Any, config: Any, host: str, port: int, token: s
             sampler.join()
             fleet.close()
             history.close()
+
+
+def requests_in_time() -> type:
+    """uvicorn's HTTP/1.1, but a connection that has not sent a whole request (line, headers
+    and body) within REQUEST_WITHIN seconds of its start, or of its last answer, is closed:
+    uvicorn waits for a request's headers as long as they take, so that clients that send
+    them a byte at a time (slowloris) held the dashboard's descriptors until none was left."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class RequestsInTime(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.request_due = self.loop.call_later(REQUEST_WITHIN, self.request_late)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.request_due.cancel()
+            self.request_due = self.loop.call_later(REQUEST_WITHIN, self.request_late)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.request_due.cancel()
+            super().connection_lost(exc)
+
+        def request_late(self) -> None:
+            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+                self.transport.close()
+
+    return RequestsInTime
 
 
 def listen(host: str, port: int) -> socket.socket:
