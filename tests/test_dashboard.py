@@ -147,6 +147,8 @@ def test_api_lists_recent_tasks_filters_them_and_gives_a_tasks_page(
     assert task["exc_type"] == "ValueError" and "raise ValueError" in task["traceback"]
     status, body = dashboard.get("/api/tasks/no-such-task")
     assert status == 404 and "no task no-such-task" in body["error"]
+    status, body = dashboard.get("/api/tasks?limit=0.5")  # int() of it: none listed, 200
+    assert status == 400 and "whole number" in body["error"]
     status, body = dashboard.get("/api/tasks?limit=zero")
     assert status == 400 and "limit" in body["error"]
 
@@ -200,6 +202,9 @@ def test_pool_and_rate_limit_through_the_api(make_fleet, start_dashboard, tmp_pa
     assert status == 200 and "set to 5/s" in answer["replies"]["w@h1"]["ok"]
     status, answer = dashboard.post("/api/rate-limit", {"task": "tasks.add", "rate": "x"}, TOKEN)
     assert status == 400 and answer["error"]
+    body = {"task": "tasks.add", "rate": "5/s", "dest": []}  # nobody, or everyone?
+    status, answer = dashboard.post("/api/rate-limit", body, TOKEN)
+    assert status == 400 and "non-empty" in answer["error"]
 
 
 def test_dead_letters_are_retried_and_purged(make_fleet, start_dashboard, tmp_path) -> None:

@@ -103,6 +103,8 @@ class Dashboard:
 
     def tasks(self, request: Request) -> Response:
         limit = number(request, "limit", LIST_LIMIT, LIST_MAX)
+        if limit != int(limit):
+            raise HTTPException(400, f"limit must be a whole number, got {limit:g}")
         state = request.query_params.get("state", "").upper()
         name = request.query_params.get("name", "")
         return JSONResponse(self.fleet.tasks(state, name, int(limit)))
@@ -201,9 +203,9 @@ class Dashboard:
         body = await json_body(request)
         dest = body.get("dest")
         if dest is not None and not (
-            isinstance(dest, list) and all(isinstance(d, str) for d in dest)
-        ):
-            return error('"dest" must be a list of nodes or hosts', 400)
+            isinstance(dest, list) and dest and all(isinstance(d, str) and d for d in dest)
+        ):  # [] would be nobody to the arbiters, and everyone to the client
+            return error('"dest" must be a non-empty list of nodes or hosts', 400)
         args = {key: body[key] for key in ("task", "rate") if key in body}
         return await self.run(self.fleet.control, "rate_limit", args, dest)
 
