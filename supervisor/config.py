@@ -519,6 +519,9 @@ def non_reloadable_changes(old: Config, new: Config) -> list[str]:
         "control.bind": (old.control.bind, new.control.bind),
         "control.curve_secret_key": (old.control.curve_secret_key, new.control.curve_secret_key),
         "control.authorized_keys": (old.control.authorized_keys, new.control.authorized_keys),
+        # The old generation gives its tasks back to the broker it holds them in, and a dead
+        # worker's are given back by the live ones of its broker: none would be there.
+        "fleet.broker": (old.broker, new.broker),
         "fleet.state_dir": (old.state_dir, new.state_dir),
         "fleet.node": (old.node, new.node),
         "metrics.bind": (old.metrics_bind, new.metrics_bind),

@@ -427,6 +427,14 @@ def test_arbiter_hup_with_a_bad_config_keeps_the_old_one_running(make_fleet) -> 
         5,
         message="the refusal",
     )
+    fleet.config.write_text(good.replace("queue.db", "other.db"))
+    fleet.signal(signal.SIGHUP)
+    wait_for(
+        lambda: "fleet.broker cannot change without a restart" in fleet.log(),
+        5,
+        message="the refusal of another broker",
+    )
+    fleet.config.write_text(good)  # for the client
     assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
     assert fleet.worker_pids() == workers
 
