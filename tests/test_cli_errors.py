@@ -381,6 +381,7 @@ def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
     [
         (["submit", ""], "a task name must be a non-empty string, not ''"),
         (["dashboard", "--bind", "127.0.0.1:²"], "--bind '127.0.0.1:²': give HOST:PORT"),
+        (["dashboard", "--bind", "[::1:9810"], "--bind '[::1:9810': give HOST:PORT"),
     ],
 )
 def test_fleetctl_arguments_that_ended_in_a_traceback_are_one_line_and_exit_2(

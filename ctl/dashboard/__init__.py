@@ -25,6 +25,9 @@ def split_bind(bind: str) -> tuple[str, int]:
     """ "HOST:PORT" (HOST may be [v6]) -> (host, port); DashboardError if it is not that."""
     host, sep, port = bind.rpartition(":")
     digits = port.isascii() and port.isdigit()  # "²" is a digit to Python, not to int()
+    bracketed = host.startswith("[") or host.endswith("]")
+    if bracketed and not (host.startswith("[") and host.endswith("]") and len(host) > 2):
+        host = ""  # "[::1" or "::1]": half an IPv6 address
     if not sep or not host or not digits or not 0 < int(port) < 65536:
         raise DashboardError(f"--bind {bind!r}: give HOST:PORT, as 127.0.0.1:9810")
     return host.strip("[]"), int(port)
