@@ -19,7 +19,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -227,6 +227,8 @@ def unexpected(request: Request, exc: Exception) -> JSONResponse:
     that is no database: 503), or ours (500; its traceback goes to the log)."""
     if type(exc).__module__.split(".")[0] in ("sqlite3", "redis"):
         return error(f"broker: {type(exc).__name__}: {exc}", 503)
+    if isinstance(exc, ClientDisconnect):  # gone before its body came: nobody to answer
+        return error("the client left before its request's end", 400)
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
