@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetd import Client
+from fleetd import BrokerUnavailable, Client
 from tests.conftest import tmpfs
 from tests.fleet import Fleet, wait_for
 
@@ -140,3 +141,72 @@ def test_a_worker_that_cannot_make_its_wake_up_pipe_runs_its_tasks_all_the_same(
     wait_for(lambda: "is made" in fleet.log(), 10, message="the pipe made once there is room")
     assert fleet.client.submit("tasks.add", 3, 3).get(timeout=10) == 6
     assert "Traceback" not in fleet.log() and "FATAL" not in fleet.log()
+
+
+def test_a_file_where_the_wake_up_folder_goes_is_ridden_out_by_a_new_worker(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A running worker rode it out; one that booted on it (a restart, a reload) failed its
+    boot in a traceback, again and again until the node was FATAL, its queue without one."""
+    fleet = make_fleet().start()
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    wake = fleet.folder / "queue.db-wake"
+    shutil.rmtree(wake)
+    wake.write_text("someone's file\n")
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: fleet.worker_pids() and fleet.worker_pids() != [worker], 15)
+    assert fleet.client.submit("tasks.add", 2, 2).get(timeout=10) == 4
+    wait_for(lambda: "is no folder" in fleet.log(), 10, message="the warning naming it")
+    wake.unlink()
+    wait_for(lambda: "is made" in fleet.log(), 10, message="the pipe made once it can be")
+    assert "Traceback" not in fleet.log() and "FATAL" not in fleet.log()
+
+
+def test_a_damaged_queue_file_is_waited_out_in_one_line_not_died_on(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The workers died on sqlite3.DatabaseError ("database disk image is malformed", "file
+    is not a database") in a traceback, again and again until FATAL, and a client's submit
+    raised it raw. Both say it in one line now, and the workers run once it is put right."""
+    fleet = make_fleet(defaults={"worker_timeout": 0}).start()
+    assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2
+    fleet.stop()
+    db = fleet.folder / "queue.db"
+    good = db.read_bytes()
+    page = 4096  # the first page (the header, the schema) kept: the file opens, its tables not
+    db.write_bytes(good[:page] + b"\xff" * (len(good) - page))
+    fleet.start(wait=False)
+    wait_for(lambda: "broker unreachable" in fleet.log(), 20, message="the one line")
+    with pytest.raises(BrokerUnavailable):
+        Client.from_config(str(fleet.config)).submit("tasks.add", 1, 2)
+    db.write_bytes(good)  # put right
+    client = Client.from_config(str(fleet.config))
+    try:
+        assert client.submit("tasks.add", 2, 2).get(timeout=20) == 4
+    finally:
+        client.close()
+    assert "Traceback" not in fleet.log() and "FATAL" not in fleet.log()
+
+
+def test_a_warm_stop_waiting_on_a_write_lock_is_no_hung_worker(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """TERM while another process held the queue file's write lock: the worker waited to ack
+    its finished tasks, silent, and worker_timeout took it for hung and killed it; its acks
+    lost, the tasks that had ended ran again at the next start."""
+    fleet = make_fleet(defaults={"worker_timeout": 4, "concurrency": 2}).start()
+    journal = tmp_path / "journal"
+    handles = fleet.client.submit_many([("tasks.journal", (str(journal), 1.5), {})] * 2)
+    wait_for(lambda: journal.exists() and journal.read_text().count("S ") == 2, 10)
+    holder = sqlite3.connect(fleet.folder / "queue.db", timeout=10)
+    holder.execute("BEGIN IMMEDIATE")  # as a sqlite3 shell in a transaction does
+    try:
+        fleet.signal(signal.SIGTERM)
+        time.sleep(6)  # the tasks end meanwhile; their acks wait for the lock
+    finally:
+        holder.rollback()
+        holder.close()
+    assert fleet.wait_exit(20) == 0
+    assert "silent for" not in fleet.log(), fleet.log()
+    assert [i["state"] for i in fleet.infos([h.id for h in handles])] == ["SUCCESS"] * 2

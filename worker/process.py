@@ -35,7 +35,7 @@ from typing import Any
 from .aiopool import TERMINATE_GRACE, AsyncPool
 from .brokers import open_broker
 from .brokers.base import FAIL_FAST_WAIT, Delivery, Outcome, Retry
-from .channel import ARBITER_DRAIN_WAIT, ArbiterChannel
+from .channel import ARBITER_DRAIN_WAIT, STATS_EVERY, ArbiterChannel
 from .child import become_subreaper, set_parent_death_signal
 from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
@@ -309,7 +309,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
         self.flush()
         while self.unflushed() and time.monotonic() < give_up:
-            time.sleep(max(0.0, min(self.broker_retry_at, give_up) - time.monotonic()))
+            # Still here, waiting for the broker (a write lock someone holds): the arbiter
+            # must not take us for hung and kill us, and what we would ack run again.
+            self.report(time.monotonic())
+            pause = min(self.broker_retry_at, give_up, time.monotonic() + STATS_EVERY)
+            time.sleep(max(0.0, pause - time.monotonic()))
             self.flush()
         if self.unflushed():
             log.warning(

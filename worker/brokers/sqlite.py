@@ -177,6 +177,12 @@ def path_from_url(url: str) -> str:
 class SQLiteBroker(Broker):
     unavailable = (sqlite3.OperationalError,)  # locked past the busy timeout, disk I/O errors
 
+    def unavailable_now(self, exc: BaseException) -> bool:
+        """Also a queue file that is damaged or no database (sqlite3.DatabaseError itself,
+        none of its kinds that a call's own mistake raises): the workers wait it out, one
+        line in the log, rather than dying on it again and again until they are FATAL."""
+        return super().unavailable_now(exc) or type(exc) is sqlite3.DatabaseError
+
     def __init__(
         self,
         url: str,

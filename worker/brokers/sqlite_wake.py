@@ -29,9 +29,10 @@ class FifoWakeup(Wakeup):
         self.failing = False  # the pipe could not be made: said once, tried every second
         try:
             self._read_fd, self._keep_fd = self._make()
-        except FileExistsError:  # a file where the folder goes: the operator's to move
-            raise
-        except OSError as exc:  # no room for it (a full disk, no inode left), say
+        # No room for it (a full disk, no inode left), or a file where the folder goes (the
+        # operator's to move: a worker that failed its boot on it would go FATAL, its queues
+        # with no consumer).
+        except OSError as exc:
             # A pipe of our own, which no producer knows: the worker looks at its queues
             # every DRY_RECHECK meanwhile, and `arm` puts the named one in its place.
             self._read_fd, self._keep_fd = os.pipe()
