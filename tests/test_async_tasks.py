@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.fleet import TASKS, Fleet, holds, wait_for
-from worker import TaskFailed
+from worker import TaskFailed, TaskRevoked
 from worker.brokers.base import Envelope
 
 ASYNC_TASKS = '''
@@ -117,6 +117,27 @@ async def aexit_later(marker, how):
 
 def interrupt():
     raise KeyboardInterrupt
+
+@task
+async def ablock_for(seconds, die=False):
+    """Block the child's loop for `seconds` (frames handed meanwhile wait unread), then
+    SIGKILL the child if `die`."""
+    time.sleep(seconds)
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+@task
+def own_loop():
+    """A sync task that runs an event loop of its own, as a sync child lets it."""
+    async def answer():
+        await asyncio.sleep(0)
+        return 42
+    first = asyncio.run(answer())
+    loop = asyncio.new_event_loop()
+    try:
+        return first + loop.run_until_complete(answer())
+    finally:
+        loop.close()
 
 @task(bind=True)
 async def aretry(self, path):
@@ -601,3 +622,63 @@ def test_autoscale_grows_for_waiting_async_tasks_and_counts_a_child_running_them
     gate.touch()
     assert {i["state"] for i in final(fleet, ids)} == {"SUCCESS"}
     wait_for(lambda: pool_size() == 1, 10, message="the idle pool to shrink back to MIN")
+
+
+def test_a_sync_task_runs_its_own_event_loop_on_an_event_loop_child(make_fleet, tmp_path) -> None:
+    """It ran inside the child's running loop: asyncio.run() there raised, where a sync
+    child ran it; the same task failed or not by the child it landed on."""
+    fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
+    assert fleet.client.submit("tasks.own_loop").get(timeout=10) == 84  # a sync child
+    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # now an event-loop child
+    assert fleet.client.submit("tasks.own_loop").get(timeout=10) == 84
+    assert fleet.client.submit("tasks.asleep", 0.01).get(timeout=10) > 0  # its loop goes on
+
+
+def test_a_revoke_reaches_an_async_task_whose_frame_waits_unread(
+    make_fleet, tmp_path, broker_url
+) -> None:
+    """The child's loop was blocked when the task was handed over: a revoke (plain, or with
+    --terminate) did not stop it, and with --terminate the child was killed, once its loop
+    was free, for a task that did not answer a cancel it never got (the others ran again)."""
+    fleet = async_fleet(
+        make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
+    ).start()
+    journal = tmp_path / "journal"
+    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # an event-loop child
+    others = [fleet.client.submit("tasks.ajournal", str(journal), 2.5) for _ in range(2)]
+    wait_for(lambda: len(lines(journal)) == 2, 10, message="the others to start")
+    fleet.client.submit("tasks.ablock_for", 1.5)
+    time.sleep(0.3)  # the loop is blocked now
+    plain = fleet.client.submit("tasks.ajournal", str(journal), 0)
+    terminated = fleet.client.submit("tasks.ajournal", str(journal), 0)
+    time.sleep(0.3)  # both handed over, unread
+    assert fleet.ctl("revoke", plain.id).returncode == 0
+    assert fleet.ctl("revoke", terminated.id, "--terminate").returncode == 0
+    for handle in (plain, terminated):
+        with pytest.raises(TaskRevoked):
+            handle.get(timeout=15)
+    assert [h.get(timeout=15) for h in others] == [others[0].get(timeout=1)] * 2
+    starts = [line.split()[1] for line in lines(journal) if line.startswith("S ")]
+    assert sorted(starts) == sorted(h.id for h in others), lines(journal)  # once each
+    assert "killing it" not in fleet.log()
+
+
+def test_async_tasks_a_dying_child_never_read_take_no_strike(
+    make_fleet, tmp_path, broker_url
+) -> None:
+    """Handed to a child whose loop another task blocked, and that then died: they never
+    started, yet each took a strike, and with max_deliveries = 1 ended WorkerLost."""
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        fleet={"broker": broker_url},
+        defaults={"concurrency": 1, "prefetch": 4, "max_deliveries": 1},
+    ).start()
+    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # an event-loop child
+    poison = fleet.client.submit("tasks.ablock_for", 1.5, True)
+    time.sleep(0.5)  # its loop is blocked
+    innocents = [fleet.client.submit("tasks.asleep", 0.01) for _ in range(3)]
+    infos = fleet.wait_all_final([poison.id, *(h.id for h in innocents)], 30)
+    states = {i["id"]: (i["state"], i.get("exc_type")) for i in infos}
+    assert states[poison.id] == ("FAILURE", "WorkerLost")
+    assert [states[h.id][0] for h in innocents] == ["SUCCESS"] * 3, states

@@ -134,11 +134,17 @@ class EventLoopChild:
                 continue
             if not self.child.is_async(frame):
                 self.child.busy = True
+                # It runs alone, as in a sync child: with no loop running, so that its own
+                # asyncio.run() or run_until_complete() works here as it does there.
+                asyncio.events._set_running_loop(None)
                 try:
                     reply = self.child.answer(frame)
                     self.child.restore(alone=not self.running)
                 except BaseException as exc:  # noqa: BLE001 - see Child.raised_after
                     reply = self.child.raised_after(frame, exc, alone=not self.running)
+                finally:
+                    asyncio.events._set_running_loop(self.loop)
+                    asyncio.set_event_loop(self.loop)  # asyncio.run() leaves none set
                 self.reply(reply)
                 self.send_replies()
                 self.child.busy = False
@@ -211,9 +217,12 @@ class EventLoopChild:
         if line.startswith(SOFT_MARK):
             self.soft_limit(line_id(line[len(SOFT_MARK) :]))
         elif line.startswith(CANCEL_MARK):
-            running = self.running.get(line_id(line[len(CANCEL_MARK) :]))
+            task_id = line_id(line[len(CANCEL_MARK) :])
+            running = self.running.get(task_id)
             if running is not None:
                 running.cancel()
+            else:  # its frame is not read yet (our loop was blocked): it must never start
+                self.child.revoked.add(task_id)
         else:
             self.child.revoked.add(line_id(line))
 

@@ -66,10 +66,13 @@ class AsyncPool:
                 return child.aio.pop(running.delivery.id)
         return None
 
-    def async_child_gone(self: Worker, child: ChildProc, clean: bool) -> None:
+    def async_child_gone(
+        self: Worker, child: ChildProc, clean: bool, unread: set[str] | None = None
+    ) -> None:
         """Settle the async tasks of a child that is gone: each in flight is redelivered at
         once, counting a delivery, as a sync task is; none counts if the child left cleanly
-        (they never started) or was killed because another task blocked its loop."""
+        (they never started) or was killed because another task blocked its loop, nor do
+        those whose frames it had not read (`unread`: they never started either)."""
         unanswered = [r.delivery for r in child.aio.values() if not r.settled]
         child.aio.clear()
         child.timed.clear()
@@ -78,6 +81,12 @@ class AsyncPool:
         if clean or child.blocked:
             self.release_now([d.id for d in unanswered], died=False)
             return
+        never = [d.id for d in unanswered if d.id in (unread or ())]
+        if never:
+            self.release_now(never, died=False)
+            unanswered = [d for d in unanswered if d.id not in never]
+            if not unanswered:
+                return
         log.warning(
             "child %d died running %d async tasks",
             child.pid,

@@ -12,12 +12,15 @@ them and watches their deadlines.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import logging
 import os
 import random
 import select
 import signal
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +64,7 @@ class Running:
     settled: bool = False  # its outcome is written already (time limit, revoked with terminate)
     terminated_at: float | None = None  # revoked with terminate: killed after a grace period
     number: int = 0  # of the task frames written to its child, from 1
+    frame_end: int = 0  # bytes of task frames handed to its child, to the end of this one's
 
 
 @dataclass
@@ -80,6 +84,7 @@ class ChildProc:
     blocked: bool = False  # killed for a blocked loop: its other tasks were not at fault
     tasks_done: int = 0
     frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
+    bytes_handed: int = 0  # bytes of the task frames handed to it (written, or in tasks_out)
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
     # Forked ahead for a child handed its last task (max_tasks_per_child): it gets no task
@@ -398,6 +403,7 @@ class Pool:
         Of the tasks it was handed and did not answer, only the first can have started, and
         only if the child did not stop cleanly; the others go back as never started.
         """
+        unread = unread_async(child)  # before its pipe and outbox go
         self.poller.unregister(child.result_fd)
         del self.children[child.result_fd]
         self.child_unreachable(child)
@@ -417,7 +423,7 @@ class Pool:
         # the record holds every child of the last seconds, rewritten at each fork).
         self.send({"type": "child-gone", "pid": child.pid})
         clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
-        self.async_child_gone(child, clean)
+        self.async_child_gone(child, clean, unread)
         unanswered = [r for r in child.tasks if not r.settled]
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
@@ -493,6 +499,8 @@ class Pool:
         """Tell the children holding revoked tasks in their pipe not to start them."""
         for child in self.children.values():
             waiting = [r.delivery.id for r in list(child.tasks)[1:] if r.delivery.id in ids]
+            # Async ones too: one running runs on, one whose frame waits unread never starts.
+            waiting += [task_id for task_id in child.aio if task_id in ids]
             if waiting:
                 self.write_child(child, child.revokes_out, b"".join(map(id_line, waiting)))
 
@@ -627,7 +635,10 @@ class Pool:
             child.tasks.append(running)
             if len(child.tasks) == 1:
                 self.begin(running, now)
-        child.tasks_out.add(encode_task(delivery.deliveries, delivery.body))  # see dispatch
+        frame = encode_task(delivery.deliveries, delivery.body)
+        child.bytes_handed += len(frame)
+        running.frame_end = child.bytes_handed
+        child.tasks_out.add(frame)  # see dispatch
         self.unsent[child.pid] = child
         if self.on_last_task(child):
             self.fork_spare()
@@ -733,6 +744,21 @@ def signal_group(pid: int, signum: int) -> None:
     for send in (os.killpg, os.kill):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             send(pid, signum)
+
+
+def unread_async(child: ChildProc) -> set[str]:
+    """The async tasks whose frames the child had not read whole (in its task pipe still, or
+    not written there yet): its loop, blocked by another task, never started them, and its
+    death is none of theirs. What it read: the bytes handed it, less those in the pipe
+    (FIONREAD on our end, which Linux answers after the reader is gone) and in the outbox."""
+    if not child.aio or child.tasks_out.fd < 0:
+        return set()
+    try:
+        held = fcntl.ioctl(child.tasks_out.fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return set()
+    read = child.bytes_handed - struct.unpack("i", held)[0] - child.tasks_out.size
+    return {task_id for task_id, r in child.aio.items() if r.frame_end > read}
 
 
 def open_pipes(count: int) -> list[int]:
