@@ -230,6 +230,11 @@ def add_global_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    command.add_argument(
+        "--endpoint", action="append", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    command.add_argument("--key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    command.add_argument("--server-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +391,7 @@ def show_result(
             file=sys.stderr,
         )
         return EXIT_FAILED
-    if info.get("state") == "FAILURE":
+    if info.get("state") in ("FAILURE", "REVOKED"):  # as --wait says of them
         code = EXIT_FAILED
     if as_json:
         print(json.dumps(info))
@@ -520,6 +525,7 @@ def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
     if not endpoints or (tcp and not (args.key and args.server_key) and args.config):
         config = load_config(args)
     hosts: dict[str, str] = {}
+    own: list[str] = []
     if config is not None and not endpoints:
         own = [b for b in config.control.bind if b.startswith("ipc://")] or config.control.bind[:1]
         hosts = {**config.control.hosts, **{e: config.node for e in own}}
@@ -541,7 +547,9 @@ def open_control(args: argparse.Namespace, timeout: float | None = None) -> Any:
             raise UsageError(str(exc)) from None
         server_keys = {e: server_public for e in endpoints if e.startswith("tcp://")}
     try:
-        return ControlClient(endpoints, timeout or args.timeout, client_keys, server_keys, hosts)
+        return ControlClient(
+            endpoints, timeout or args.timeout, client_keys, server_keys, hosts, own
+        )
     except ControlConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -586,6 +594,7 @@ def broker_command(
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
+        add_iso_times({str(i): s for i, s in enumerate(reply.get("schedules", []))})
         print(json.dumps(reply))
     elif cmd == "schedule_list":
         console.print(schedules_table(reply))

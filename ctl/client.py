@@ -67,8 +67,12 @@ class ControlClient:
         client_keys: tuple[bytes, bytes] | None = None,
         server_keys: dict[str, bytes] | None = None,
         hosts: dict[str, str] | None = None,
+        own: Collection[str] = (),
     ) -> None:
         self._timeout = timeout
+        # This host's endpoints: asked whatever --dest names, as its node may be another
+        # than its config says (`fleetd start --node`); its arbiter picks what dest names.
+        self._own = set(own)
         self._client_keys = client_keys
         self._server_keys = server_keys or {}
         self._hosts = hosts or {}
@@ -166,7 +170,9 @@ class ControlClient:
         One whose name is known and is none of theirs is not asked: down, it would make a
         command aimed at live hosts wait out the timeout and fail."""
         host = self._hosts.get(endpoint)
-        return not dest or host is None or any(d.rpartition("@")[2] == host for d in dest)
+        if not dest or host is None or endpoint in self._own:
+            return True
+        return any(d.rpartition("@")[2] == host for d in dest)
 
     def subscribe_events(
         self, endpoints: list[str] | None = None

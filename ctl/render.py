@@ -16,7 +16,8 @@ from worker.logs import one_line
 if TYPE_CHECKING:
     from rich.table import Table
 
-EPOCH_FIELDS = ("next_due",)  # reply fields in epoch seconds: a table shows them as times
+# Reply fields in epoch seconds: a table shows them as times, --json adds an ISO twin.
+EPOCH_FIELDS = ("next_due", "next_run", "last_run")
 TASK_FIELDS = ("id", "name", "state", "result", "exc_type", "exc_message", "deliveries", "node")
 
 

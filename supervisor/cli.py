@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             control = cfg.control
             check_bind(control.bind, control.curve_secret_key, control.authorized_keys)
         except ControlConfigError as exc:  # what `fleetd start` would refuse (exit 2) too
-            print(f"fleetd: {exc}", file=sys.stderr)
+            print(f"fleetd: {args.config}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         dashboard = configmod.dashboard_problem(cfg.dashboard.bind, cfg.dashboard.token_file)
         if dashboard:  # what `fleetctl dashboard` would refuse at its start
@@ -244,6 +244,9 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     from .pidfile import PidfileError
 
     problem = answer()
+    if getattr(problem, "url", False):  # as `fleetd check` says it
+        print(f"fleetd: {args.config}: fleet.broker: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if problem:
         print(f"fleetd: {problem}", file=sys.stderr)
         return EXIT_FAILED
@@ -252,9 +255,12 @@ def start(cfg: configmod.Config, args: argparse.Namespace) -> int:
     arbiter = Arbiter(cfg, args.log_level, args.log_format, args.pidfile)
     try:
         code = arbiter.run()
-    except (AlreadyRunning, PidfileError, ControlConfigError) as exc:
+    except ControlConfigError as exc:  # as `fleetd check` says it
+        print(f"fleetd: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (AlreadyRunning, PidfileError) as exc:
         print(f"fleetd: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, ControlConfigError) else EXIT_FAILED
+        return EXIT_FAILED
     if arbiter.failure:  # a worker could not boot: the fleet was ended (EXIT_BOOT_ERROR)
         print(f"fleetd: {arbiter.failure}", file=sys.stderr)
     return code

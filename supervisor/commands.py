@@ -189,11 +189,13 @@ def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 
 @register("status", "Hosts, nodes and their states.", scope="host")
 def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
-    chosen, _ = arbiter.addressed(dest)
     from .report import host_status  # the arbiter's side: fleetctl imports this table too
 
+    # Every supervised node, those shut down on purpose too (STOPPED): their state is the
+    # answer here, where the other commands leave them out.
+    whole = dest is None or arbiter.config.node in dest
     full = host_status(arbiter)
-    return {w["node"]: w for w in full["workers"] if any(c.node == w["node"] for c in chosen)}
+    return {w["node"]: w for w in full["workers"] if whole or w["node"] in (dest or ())}
 
 
 @register(

@@ -12,7 +12,8 @@ endpoint has an events endpoint beside it, on a PUB socket under the same rules:
 ControlServer with tcp endpoints per zmq.Context.
 
 Nothing a peer sends can make this module raise: a bad request is answered with an
-error reply and logged, and a frame over 1 MiB makes libzmq drop the connection.
+error reply and logged (one over 1 MiB too), and a frame over MAX_FRAME_READ makes libzmq
+drop the connection unread.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 VERSION = 1
 DEFAULT_TIMEOUT = 1.0  # seconds a host waits for its nodes' replies unless a request says
 MAX_MESSAGE_SIZE = 1024 * 1024
+# Frames libzmq takes in at all: one up to this size is read and refused with an error reply
+# (over MAX_MESSAGE_SIZE); a larger one drops the peer's connection unread.
+MAX_FRAME_READ = 4 * MAX_MESSAGE_SIZE
 HANDSHAKE_MS = 3000  # a tcp client's CURVE handshake, at most
 EVENTS_SOCKET_NAME = "events.sock"
 ZAP_DOMAIN = "fleetd"
@@ -253,7 +257,7 @@ class ControlServer:
     def _new_socket(self, kind: int) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.linger = 0
-        sock.maxmsgsize = MAX_MESSAGE_SIZE
+        sock.maxmsgsize = MAX_FRAME_READ
         (self._routers if kind == zmq.ROUTER else self._publishers).append(sock)
         return sock
 
@@ -381,19 +385,19 @@ def _curve_server_secret(tcp: list[str], curve_secret_key: str, authorized_keys:
     try:
         _, secret = load_keypair(curve_secret_key)
     except KeyFileError as exc:
-        raise ControlConfigError(f"[control] curve_secret_key: {exc}") from None
+        raise ControlConfigError(f"control.curve_secret_key: {exc}") from None
     if not os.path.isdir(authorized_keys):
-        raise ControlConfigError(f"[control] authorized_keys: {authorized_keys} is not a folder")
+        raise ControlConfigError(f"control.authorized_keys: {authorized_keys} is not a folder")
     for name in sorted(os.listdir(authorized_keys)):  # libzmq's reader would block on a FIFO
         path = os.path.join(authorized_keys, name)
         if name.endswith(".key") and not os.path.isfile(path):
-            raise ControlConfigError(f"[control] authorized_keys: {path} is not a regular file")
+            raise ControlConfigError(f"control.authorized_keys: {path} is not a regular file")
     try:
         import zmq.auth
 
         allowed = zmq.auth.load_certificates(authorized_keys)
     except (OSError, ValueError) as exc:
-        raise ControlConfigError(f"[control] authorized_keys: {exc}") from None
+        raise ControlConfigError(f"control.authorized_keys: {exc}") from None
     if not allowed:
         log.warning("no *.key file in %s: no client can connect over tcp", authorized_keys)
     return secret

@@ -18,6 +18,9 @@ from worker.resp import pack
 FAST_TIMEOUT = 1.0  # seconds the socket probe waits for the connection and each reply
 
 
+URL_WRONG = 2  # the client probe's exit code for a URL it cannot take
+
+
 def broker_problem(url: str) -> str | None:
     """Why the broker cannot be reached, if it cannot."""
     return start_probe(url)()
@@ -90,20 +93,39 @@ def start_client_probe(url: str) -> tuple[int, int]:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; its message is the parent's to show
         os.close(read_fd)
+        code = 0
         try:
+            if url.startswith(("redis://", "rediss://", "unix://")):
+                from worker.brokers import url_problem
+                from worker.brokers.redis import url_options_problem
+
+                wrong = url_problem(url) or url_options_problem(url)
+                if wrong:  # the URL itself, as `fleetd check` says it
+                    code = URL_WRONG
+                    raise ValueError(wrong)
             from worker.client import Client
 
             Client(url, fail_fast=True).ping()
         except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the answer
             os.write(write_fd, str(exc).encode() or type(exc).__name__.encode())
-        os._exit(0)
+        os._exit(code)
     os.close(write_fd)
     return pid, read_fd
+
+
+class Problem(str):
+    """Why the broker cannot be reached; `url`: its URL is what is wrong (a usage error)."""
+
+    url = False
 
 
 def client_answer(pid: int, read_fd: int) -> str | None:
     """What the client probe `pid` found wrong, if anything: it waits for the child."""
     with os.fdopen(read_fd, "rb") as answer:
-        problem = answer.read().decode(errors="replace")
-    os.waitpid(pid, 0)
-    return problem or None
+        text = answer.read().decode(errors="replace")
+    status = os.waitpid(pid, 0)[1]
+    if not text:
+        return None
+    problem = Problem(text)
+    problem.url = os.WIFEXITED(status) and os.WEXITSTATUS(status) == URL_WRONG
+    return problem

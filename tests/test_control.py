@@ -667,9 +667,29 @@ def test_shutdown_of_one_node_leaves_the_others_and_of_the_host_is_a_warm_stop(
     wait_for(
         lambda: set(ctl_json(fleet, "ping")[1]["replies"]) == {"b@h1"}, 10, message="a to stop"
     )
+    # Left out of the other commands, a node shut down on purpose is in status, STOPPED.
+    code, data = ctl_json(fleet, "status")
+    assert code == 0 and data["replies"]["a@h1"]["state"] == "STOPPED", data
+    code, data = ctl_json(fleet, "status", "--dest", "a@h1")
+    assert code == 0 and data["replies"]["a@h1"]["state"] == "STOPPED", data
     code, data = ctl_json(fleet, "shutdown")
     assert code == 0 and set(data["replies"]) == {"b@h1"}
     assert fleet.wait_exit(20) == 0
+
+
+def test_dest_reaches_a_host_started_under_another_node_name(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`fleetd start --node real`: fleetctl -c took the host for the config's `node` and
+    sent it nothing that --dest named with its real name."""
+    fleet = make_fleet(workers=TWO_NODES).start("--node", "real")
+    code, data = ctl_json(fleet, "ping", "--dest", "real")
+    assert code == 0 and set(data["replies"]) == {"a@real", "b@real"}, data
+    code, data = ctl_json(fleet, "ping", "--dest", "b@real")
+    assert code == 0 and set(data["replies"]) == {"b@real"}, data
+    # Global options after the command, as before it: --endpoint (and --key, --server-key).
+    out = fleetctl("ping", "--json", "--endpoint", endpoint(fleet))
+    assert out.returncode == 0 and set(json.loads(out.stdout)["replies"]) == {"a@real", "b@real"}
 
 
 def test_reload_starts_fresh_workers_and_refuses_a_broken_config(
@@ -1018,7 +1038,7 @@ def test_curve_keys_that_cannot_be_read_are_refused_by_check_as_by_start(
         out = fleetd(command, "-c", str(fleet.config))
         assert out.returncode == 2, (command, out.stdout, out.stderr)
         lines.append(out.stderr.splitlines()[-1])
-    assert lines[0] == lines[1] and lines[0].startswith("fleetd: [control] "), lines
+    assert lines[0] == lines[1] and lines[0].startswith(f"fleetd: {fleet.config}: control."), lines
 
 
 def test_a_control_port_in_use_ends_the_start_and_the_workers_it_spawned(

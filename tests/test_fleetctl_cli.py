@@ -410,3 +410,24 @@ def test_dead_retry_names_each_id_on_one_line(capsys: pytest.CaptureFixture[str]
     out, err = capsys.readouterr()
     assert out == "t1\\nforged: back: back on its queue, PENDING\n"
     assert err == "fleetctl: t2\\x1b[2J: not a dead letter\n"
+
+
+def test_fleetctl_result_of_a_revoked_task_fails_with_or_without_wait(tmp_path: Path) -> None:
+    """`result ID --wait S` exited 1 for a REVOKED task, and `result ID` 0."""
+    config = tmp_path / "fleet.toml"
+    config.write_text('[fleet]\nbroker = "sqlite:///queue.db"\n[[worker]]\nname = "w"\n')
+    client = Client.from_config(str(config))
+    try:
+        handle = client.submit("tasks.add", 1, 2)
+        client.revoke([handle.id])  # queued: it ends REVOKED at once
+    finally:
+        client.close()
+    for wait in ([], ["--wait", "1"]):
+        done = subprocess.run(
+            [FLEETCTL, "-c", str(config), "--json", "result", handle.id, *wait],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 1, (wait, done.stdout, done.stderr)
+        assert json.loads(done.stdout)["state"] == "REVOKED"
