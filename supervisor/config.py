@@ -248,9 +248,15 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
             raise ConfigError(path, key, f"{exc}, got {value!r}") from None
     elif kind == "size":
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except ValueError:
             raise bad('a size like "512MB" or "0"') from None
+        text = str(value).strip()
+        if not any(c.isalpha() for c in text) and float(text) != 0:
+            # A bare number would be bytes (Celery's --max-memory-per-child is KiB): every
+            # task would recycle its child. "512B" says bytes on purpose.
+            raise bad('a size with its unit, like "512MB" (a bare number would be bytes), or "0"')
+        return size
     elif kind == "durability":
         if value not in ("default", "fsync"):
             raise bad('"default" or "fsync"')

@@ -25,6 +25,8 @@ def check(folder: Path, tasks: str, more: str = "X = 1\n") -> subprocess.Complet
         ("import os\n\nraise RuntimeError('no database')\n", 3, "RuntimeError: no database"),
         ("def broken(:\n    pass\n", 1, "SyntaxError"),
         ("X = 1\nimport no_such_module_here\n", 2, "ModuleNotFoundError"),
+        # Raised in fleetd's own code (a @task option it refuses): the task module's line.
+        ("from fleetd import task\n\n@task(rate_limit='5/x')\ndef f():\n    pass\n", 3, "rate"),
     ],
 )
 def test_a_module_that_fails_at_import_is_named_with_file_and_line(

@@ -91,6 +91,11 @@ BAD = [
         "defaults.max_memory_per_child",
         "size",
     ),
+    (  # bytes, where Celery's --max-memory-per-child counts KiB: every task would recycle
+        GOOD.replace("time_limit = 60", "time_limit = 60\nmax_memory_per_child = 512"),
+        "defaults.max_memory_per_child",
+        "with its unit",
+    ),
     (GOOD + '\n[rate_limits]\n"tasks.x" = "fast"\n', "rate_limits.tasks.x", "not N"),
     (GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "amqp://x"'), "fleet.broker", "sqlite"),
     # What redis-py took silently (database 0 for "notadb") or failed on at the first call.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from typing import Any
@@ -47,13 +48,25 @@ def prepend_paths(pythonpath: list[str]) -> None:
             sys.path.insert(0, path)
 
 
+# fleetd's own packages: an import that fails in them (a @task option refused) is named by
+# the line of the task module that called them.
+FLEETD_CODE = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package, "")
+    for package in ("worker", "supervisor", "ctl", "fleetd")
+)
+
+
 def import_failure(module: str, exc: BaseException) -> dict[str, Any]:
-    """Where an import failed: the innermost frame of the fleet's own code, or the file
-    that did not compile."""
+    """Where an import failed: the innermost frame of the fleet's own code (not fleetd's),
+    or the file that did not compile."""
     if isinstance(exc, SyntaxError):
         return {"module": module, "file": exc.filename, "line": exc.lineno, "error": _one(exc)}
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "importlib" not in f.filename and f.filename != __file__]
+    ours = [
+        f
+        for f in frames
+        if "importlib" not in f.filename and not os.path.abspath(f.filename).startswith(FLEETD_CODE)
+    ]
     where = ours[-1] if ours else (frames[-1] if frames else None)
     return {
         "module": module,
