@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("-c", "--config", required=True, help="the fleet's TOML config")
     start.add_argument("--node", help="this host's name (default: [fleet] node, or the host name)")
     start.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
-    start.add_argument("--log-level", default="info", choices=LEVELS)
+    start.add_argument("--log-level", default="info", choices=LEVELS, type=str.lower)
     start.add_argument("--log-format", default="text", choices=FORMATS)
     check = sub.add_parser("check", help="validate a config and exit (2 if it is bad)")
     check.add_argument("-c", "--config", required=True)

@@ -225,3 +225,30 @@ def test_both_commands_print_their_version() -> None:
         out = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0
         assert out.stdout.split()[0] == Path(command).name and out.stdout.split()[1][0].isdigit()
+
+
+def test_the_info_of_a_task_the_broker_never_saw_has_every_key_of_a_known_ones(
+    tmp_path: Path,
+) -> None:
+    """It had id, state and result alone: a caller reading info()["deliveries"] of a task
+    not yet stored (or whose record expired) got a KeyError."""
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    try:
+        known = client.submit("tasks.add", 1, 2).info()
+        unknown = client.handle("no-such-task").info()
+    finally:
+        client.close()
+    assert set(unknown) == set(known), set(known) ^ set(unknown)
+    assert (unknown["id"], unknown["state"], unknown["deliveries"]) == (
+        "no-such-task",
+        "PENDING",
+        0,
+    )
+
+
+def test_log_levels_are_taken_in_any_case() -> None:
+    """`fleetd start --log-level INFO` was refused: logging's own names are upper case."""
+    from supervisor.cli import build_parser
+
+    args = build_parser().parse_args(["start", "-c", "fleet.toml", "--log-level", "WARNING"])
+    assert args.log_level == "warning"

@@ -17,6 +17,7 @@ from .brokers.base import (
     FINAL_STATES,
     PENDING,
     REVOKED,
+    TEXT_FIELDS,
     Broker,
     BrokerUnavailable,
     DeadLetter,
@@ -184,8 +185,11 @@ class Handle:
 
 
 def unknown_task(task_id: str) -> dict[str, Any]:
-    """The info of a task the broker holds no record of (not yet, or no longer)."""
-    return {"id": task_id, "state": PENDING, "result": None}
+    """The info of a task the broker holds no record of (not yet, or no longer): every key
+    of a known task's (Broker.get_result), PENDING."""
+    info: dict[str, Any] = dict.fromkeys(TEXT_FIELDS)
+    info.update(id=task_id, state=PENDING, result=None, deliveries=0, runtime=None)
+    return info
 
 
 class Client:
