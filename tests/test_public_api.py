@@ -39,6 +39,8 @@ def test_from_fleetd_import_the_public_api() -> None:
         (lambda c: c.submit("tasks.add", countdown=""), "countdown must be a number of seconds"),
         (lambda c: c.submit("tasks.add", countdown=[]), "countdown must be a number of seconds"),
         (lambda c: c.handle(None), "a task id must be a non-empty string, not None"),  # type: ignore[arg-type]
+        # Taken for the task's own queue, as no name; as @task(queue="") is refused:
+        (lambda c: c.submit("tasks.add", queue=""), "a queue must be a non-empty string"),
     ],
     ids=[
         "name-int",
@@ -51,6 +53,7 @@ def test_from_fleetd_import_the_public_api() -> None:
         "countdown-empty-str",
         "countdown-empty-list",
         "handle-none",
+        "queue-empty",
     ],
 )
 def test_a_submit_that_makes_no_sense_fails_at_once_and_sends_nothing(
@@ -94,7 +97,7 @@ def test_a_submit_of_text_that_is_no_utf8_fails_at_once_and_sends_nothing(
     [
         (lambda c: c.submit("tasks.add", float("nan"), 1), ValueError, "must be JSON"),
         (lambda c: c.submit("tasks.add", kwargs={"a": float("inf")}), ValueError, "must be JSON"),
-        (lambda c: c.submit("tasks.add", 1, 2, queue=5), TypeError, "queue must be a string"),
+        (lambda c: c.submit("tasks.add", 1, 2, queue=5), TypeError, "queue must be a non-empty"),
         (lambda c: c.submit("tasks.add", queue="q\udcff"), ValueError, "queue must be UTF-8"),
         (
             lambda c: c.submit_many([("tasks.add", (1, 2), {}), ("tasks.add",)]),

@@ -115,6 +115,7 @@ def config_with(*schedules: dict[str, Any]) -> Any:
         ({"every": 5, "misfire": "later"}, "schedule[0].misfire", "run_once"),
         ({"every": 5, "args": {"a": 1}}, "schedule[0].args", "a list"),
         ({"every": 5, "color": "red"}, "schedule[0].color", "unknown key"),
+        ({"every": 5, "queue": ""}, "schedule[0].queue", "a queue name"),  # was: the task's
     ],
 )
 def test_check_refuses_a_bad_schedule_naming_its_key(

@@ -94,8 +94,8 @@ def check_queue(queue: Any) -> None:
     (the SQLite broker stored 5 as a number no worker's "5" matched), or no UTF-8."""
     if queue is None:
         return
-    if not isinstance(queue, str):
-        raise TypeError(f"a queue must be a string, not {queue!r:.80}")
+    if not isinstance(queue, str) or not queue:  # "": the task's own queue, or a typo?
+        raise TypeError(f"a queue must be a non-empty string, not {queue!r:.80}")
     if surrogate := lone_surrogate(queue):
         raise ValueError(f"a queue must be UTF-8 text: {queue!r:.80} holds {surrogate}")
 

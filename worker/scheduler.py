@@ -127,7 +127,7 @@ def parse_schedule(data: Any) -> Schedule:
         timezone=check_timezone(data.get("timezone", "UTC")),
         args=checked(data, "args", list, [], "a list"),
         kwargs=checked(data, "kwargs", dict, {}, "a table"),
-        queue=checked(data, "queue", str, None, "a queue name"),
+        queue=queue_name(data),
         misfire=data.get("misfire", "skip"),
     )
     if schedule.misfire not in MISFIRE_POLICIES:
@@ -151,6 +151,14 @@ def json_problem(value: Any) -> str | None:
     except (TypeError, ValueError) as exc:
         return str(exc)
     return None
+
+
+def queue_name(data: dict[str, Any]) -> str | None:
+    """The schedule's `queue`: a queue's name, or none (the task's own); "" is no name."""
+    queue = checked(data, "queue", str, None, "a queue name")
+    if queue == "":
+        raise ScheduleError("queue", "must be a queue name, got ''")
+    return queue
 
 
 def checked(data: dict[str, Any], key: str, kind: type, default: Any, expected: str) -> Any:
