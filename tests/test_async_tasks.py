@@ -682,3 +682,30 @@ def test_async_tasks_a_dying_child_never_read_take_no_strike(
     states = {i["id"]: (i["state"], i.get("exc_type")) for i in infos}
     assert states[poison.id] == ("FAILURE", "WorkerLost")
     assert [states[h.id][0] for h in innocents] == ["SUCCESS"] * 3, states
+
+
+def test_async_tasks_a_killed_worker_had_handed_unread_take_no_strike(
+    make_fleet, tmp_path, broker_url
+) -> None:
+    """Their STARTED mark was written at the hand-over: a worker SIGKILLed while its child's
+    loop was blocked charged them its death, and with max_deliveries = 1 they ended
+    WorkerLost without ever running. Now marked once the child has read them."""
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        fleet={"broker": broker_url},
+        defaults={"concurrency": 1, "prefetch": 4, "max_deliveries": 1},
+    ).start()
+    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # an event-loop child
+    blocker = fleet.client.submit("tasks.ablock_for", 3)
+    wait_for(lambda: blocker.state == "STARTED", 10, message="the blocker to start")
+    innocents = [fleet.client.submit("tasks.asleep", 0.01) for _ in range(3)]
+    wait_for(
+        lambda: inspect(fleet, "stats")["w@h1"]["active"] == 4, 10, message="all handed over"
+    )
+    time.sleep(0.3)  # a STARTED mark would be written by now
+    assert [h.state for h in innocents] == ["PENDING"] * 3
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    infos = fleet.wait_all_final([h.id for h in innocents], 30)
+    assert [i["state"] for i in infos] == ["SUCCESS"] * 3, infos

@@ -49,6 +49,9 @@ class AsyncPool:
 
     def async_done(self: Worker, child: ChildProc, running: Running, reply: dict[str, Any]) -> None:
         """An async task's reply, in whatever order they end: the others run on."""
+        if running in child.unmarked:  # it ran before mark_read saw its frame read
+            child.unmarked.remove(running)
+            self.mark_started(running)
         child.timed.discard(running.delivery.id)
         child.tasks_done += 1
         if reply.get("exit"):

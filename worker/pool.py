@@ -85,6 +85,7 @@ class ChildProc:
     tasks_done: int = 0
     frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
     bytes_handed: int = 0  # bytes of the task frames handed to it (written, or in tasks_out)
+    unmarked: deque[Running] = field(default_factory=deque)  # async, not yet read: mark_read
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
     # Forked ahead for a child handed its last task (max_tasks_per_child): it gets no task
@@ -627,7 +628,8 @@ class Pool:
         running = Running(delivery, number=child.frames_sent)
         if is_async:
             child.aio[delivery.id] = running
-            self.begin(running, now)
+            self.begin(running, now, mark=False)  # STARTED once the child read it: mark_read
+            child.unmarked.append(running)
             if running.soft_deadline or running.hard_deadline:
                 child.timed.add(delivery.id)
         else:
@@ -643,18 +645,37 @@ class Pool:
         if self.on_last_task(child):
             self.fork_spare()
 
-    def begin(self: Worker, running: Running, now: float) -> None:
+    def begin(self: Worker, running: Running, now: float, mark: bool = True) -> None:
         """The task is now its child's current one: it is STARTED (one waiting in the pipe is
-        not), and its time limits count from here."""
+        not), and its time limits count from here. `mark`: say so to the broker now (an
+        async task: once its child has read it, mark_read)."""
         soft, hard = self.time_limits.get(
             running.delivery.name, (self.spec.soft_time_limit, self.spec.time_limit)
         )
         running.started = now
         running.soft_deadline = now + soft if soft else None
         running.hard_deadline = now + hard if hard else None
+        if mark:
+            self.mark_started(running)
+
+    def mark_started(self: Worker, running: Running) -> None:
+        """The broker's STARTED mark and the event: a death from now on may be the task's."""
         if running.delivery.id not in self.revoked:  # the child skips it: REVOKED, not run
             self.started_ids.append(running.delivery.id)
             self.emit("task-started", running.delivery)
+
+    def mark_read(self: Worker) -> None:
+        """STARTED for the async tasks whose frames their child has read: one handed to a
+        child whose loop another task blocks waits unread, and is no task a death of the
+        worker (or the child) may be charged to."""
+        for child in self.children.values():
+            if not child.unmarked:
+                continue
+            read = bytes_read(child)
+            while child.unmarked and (read is None or child.unmarked[0].frame_end <= read):
+                running = child.unmarked.popleft()
+                if not running.settled and running.delivery.id in child.aio:
+                    self.mark_started(running)
 
     # --- autoscale: worker/autoscale.py decides, the lines above fork and let go -----------
     def pool_bounds(self: Worker) -> tuple[int, int]:
@@ -746,18 +767,26 @@ def signal_group(pid: int, signum: int) -> None:
             send(pid, signum)
 
 
-def unread_async(child: ChildProc) -> set[str]:
-    """The async tasks whose frames the child had not read whole (in its task pipe still, or
-    not written there yet): its loop, blocked by another task, never started them, and its
-    death is none of theirs. What it read: the bytes handed it, less those in the pipe
-    (FIONREAD on our end, which Linux answers after the reader is gone) and in the outbox."""
-    if not child.aio or child.tasks_out.fd < 0:
-        return set()
+def bytes_read(child: ChildProc) -> int | None:
+    """How many bytes of the task frames handed to the child it has read: those handed, less
+    those in its pipe (FIONREAD on our end, which Linux answers after the reader is gone)
+    and in the outbox; None if that cannot be told (its pipe closed)."""
+    if child.tasks_out.fd < 0:
+        return None
     try:
         held = fcntl.ioctl(child.tasks_out.fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError:
+        return None
+    return child.bytes_handed - struct.unpack("i", held)[0] - child.tasks_out.size
+
+
+def unread_async(child: ChildProc) -> set[str]:
+    """The async tasks whose frames the child had not read whole (in its task pipe still, or
+    not written there yet): its loop, blocked by another task, never started them, and its
+    death is none of theirs."""
+    read = bytes_read(child) if child.aio else None
+    if read is None:
         return set()
-    read = child.bytes_handed - struct.unpack("i", held)[0] - child.tasks_out.size
     return {task_id for task_id, r in child.aio.items() if r.frame_end > read}
 
 

@@ -41,7 +41,7 @@ from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
-from .link import DRY_RECHECK, BrokerLink
+from .link import DRY_RECHECK, STARTED_FLUSH_DELAY, BrokerLink
 from .pool import POLL_IN, ChildProc, Pool, ask_to_finish
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
@@ -236,6 +236,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.autoscale(now)  # after dispatch: a child that just finished has its next task
         else:
             self.continue_shutdown(now)
+        self.mark_read()
         if self.flush_due(now):
             self.flush()
         self.send_events()
@@ -270,6 +271,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         for child in self.children.values():
             if child.timed:
                 deadlines += self.async_deadlines(child)
+            if child.unmarked:  # look again soon whether it has read them (mark_read)
+                deadlines.append(now + STARTED_FLUSH_DELAY)
             if child.running:
                 if child.running.soft_deadline and not child.running.soft_sent:
                     deadlines.append(child.running.soft_deadline)
