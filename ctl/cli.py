@@ -230,8 +230,12 @@ def add_global_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
-    command.add_argument(
-        "--endpoint", action="append", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    command.add_argument(  # its own dest: argparse would put it in place of those before
+        "--endpoint",
+        action="append",
+        dest="endpoint_after",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     command.add_argument("--key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     command.add_argument("--server-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fill_standard_fds()
     args = build_parser().parse_args(argv)
+    args.endpoint = [*args.endpoint, *getattr(args, "endpoint_after", [])]
     console = cast("Console", Output(width=None if sys.stdout.isatty() else PIPE_WIDTH))
     try:
         return int(args.handler(args, console))

@@ -162,8 +162,9 @@ class ControlClient:
         queued while the host is down and deliver it once it is back, where the caller was
         told it failed (a long-lived client's: the dashboard's `pool grow`, long after its
         502). What a hung host read already, it may still carry out."""
+        fresh = self._connect(zmq.DEALER, endpoint, endpoint)  # first: it may fail (EMFILE)
         self._dealers.pop(endpoint).close(linger=0)
-        self._dealers[endpoint] = self._connect(zmq.DEALER, endpoint, endpoint)
+        self._dealers[endpoint] = fresh
 
     def _may_hold(self, endpoint: str, dest: list[str] | None) -> bool:
         """Whether the host at `endpoint` may hold a node or host of `dest` (all: everyone).

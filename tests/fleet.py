@@ -187,6 +187,18 @@ def journal(self, path, seconds=0.0, pad=""):
         os.close(fd)
     return os.getpid()
 
+@task(bind=True)
+def journal_reply(self, path, seconds, size):
+    """As journal, answering `size` characters: a reply larger than a pipe holds."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        time.sleep(seconds)
+        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+    return "x" * size
+
 @task
 def stop_self():
     """SIGSTOP its own child: it runs on only when something sends it SIGCONT."""

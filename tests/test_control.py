@@ -690,6 +690,12 @@ def test_dest_reaches_a_host_started_under_another_node_name(
     # Global options after the command, as before it: --endpoint (and --key, --server-key).
     out = fleetctl("ping", "--json", "--endpoint", endpoint(fleet))
     assert out.returncode == 0 and set(json.loads(out.stdout)["replies"]) == {"a@real", "b@real"}
+    nowhere = f"ipc://{fleet.folder}/nowhere.sock"  # before the command, and kept
+    out = fleetctl(
+        "--endpoint", nowhere, "--timeout", "0.5", "ping", "--json", "--endpoint", endpoint(fleet)
+    )
+    data = json.loads(out.stdout)
+    assert out.returncode == 1 and data["missing"] == [nowhere] and len(data["replies"]) == 2
 
 
 def test_reload_starts_fresh_workers_and_refuses_a_broken_config(

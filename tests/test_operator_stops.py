@@ -75,15 +75,17 @@ def test_a_long_task_cold_stopped_four_times_with_quit_then_let_run_succeeds(
     assert fleet.wait_exit(20) == 0
 
 
+@pytest.mark.parametrize("pad", [0, 200_000], ids=["small-reply", "reply-over-a-pipe"])
 def test_a_cold_stop_takes_in_the_outcome_a_child_wrote_before_it_and_runs_it_no_more(
-    make_fleet: Callable[..., Fleet], broker_url: str, tmp_path: Path
+    make_fleet: Callable[..., Fleet], broker_url: str, tmp_path: Path, pad: int
 ) -> None:
     """The task ended and its child wrote the outcome, which the worker had not read yet (it
     was stopped, or busy) when a QUIT came: the cold stop gave the task back, and it ran a
-    second time (as it did when shutdown_timeout ran out)."""
+    second time (as it did when shutdown_timeout ran out). A reply larger than the pipe is
+    read to its end as the child writes the rest."""
     fleet = make_fleet(fleet={"broker": broker_url}, defaults={"concurrency": 1}).start()
     journal = tmp_path / "journal"
-    handle = fleet.client.submit("tasks.journal", str(journal), 0.5)
+    handle = fleet.client.submit("tasks.journal_reply", str(journal), 0.5, pad)
     wait_for(lambda: "S " in "".join(lines(journal)), 10, message="the task to start")
     [worker] = fleet.worker_pids()
     os.kill(worker, signal.SIGSTOP)  # it cannot read its child's pipe now
@@ -93,7 +95,7 @@ def test_a_cold_stop_takes_in_the_outcome_a_child_wrote_before_it_and_runs_it_no
         os.kill(worker, signal.SIGQUIT)
     finally:
         os.kill(worker, signal.SIGCONT)
-    assert handle.get(timeout=20) > 0
+    assert handle.get(timeout=20) == "x" * pad
     wait_for(lambda: fleet.worker_pids() and fleet.worker_pids() != [worker], 20)
     assert fleet.client.submit("tasks.add", 1, 1).get(timeout=10) == 2  # the new one runs
     assert [line.split()[0] for line in lines(journal)] == ["S", "E"]  # once

@@ -62,6 +62,14 @@ class EventLoopChild:
         # end: tasks that end at once (their sleeps were started at once) cost one write
         # here and one turn of the worker's loop, not one each.
         self.replies: list[bytes] = []
+        self._sync_loop: asyncio.AbstractEventLoop | None = None
+
+    def sync_loop(self) -> asyncio.AbstractEventLoop:
+        """The current loop while a sync task runs: one of its own, made when first needed
+        and kept for the next (a closed one, which the task closed, is made again)."""
+        if self._sync_loop is None or self._sync_loop.is_closed():
+            self._sync_loop = asyncio.new_event_loop()
+        return self._sync_loop
 
     def run(self, frames: list[Any]) -> None:
         """Run the loop for the rest of the child's life, starting with `frames`."""
@@ -134,9 +142,11 @@ class EventLoopChild:
                 continue
             if not self.child.is_async(frame):
                 self.child.busy = True
-                # It runs alone, as in a sync child: with no loop running, so that its own
-                # asyncio.run() or run_until_complete() works here as it does there.
+                # It runs alone, as in a sync child: with no loop running, and a loop of its
+                # own as the current one (get_event_loop().run_until_complete(), as legacy
+                # code does), so that its asyncio.run() works here as it does there.
                 asyncio.events._set_running_loop(None)
+                asyncio.set_event_loop(self.sync_loop())
                 try:
                     reply = self.child.answer(frame)
                     self.child.restore(alone=not self.running)

@@ -131,9 +131,16 @@ class AsyncPool:
 
     def enforce_async_limits(self: Worker, child: ChildProc, now: float) -> None:
         """The deadlines of a child's async tasks: a soft limit and a cancel are control
-        lines to it; a cancel it did not act on in time means its loop is blocked."""
+        lines to it; a cancel it did not act on in time means its loop is blocked. A task
+        it has not read yet (its loop blocked by another) has not started: its limits wait,
+        and a cancel's grace counts from when it can be read (the child skips it then)."""
+        unread = {r.delivery.id for r in child.unmarked}
         for task_id in list(child.timed):
             running = child.aio[task_id]
+            if task_id in unread:
+                if running.terminated_at is not None:
+                    running.terminated_at = now
+                continue
             if running.terminated_at is not None:
                 if now - running.terminated_at >= TERMINATE_GRACE:
                     self.kill_blocked(child, running)
@@ -151,7 +158,10 @@ class AsyncPool:
     def async_deadlines(self: Worker, child: ChildProc) -> list[float]:
         """When `enforce_async_limits` has something to do for the child next."""
         deadlines = []
+        unread = {r.delivery.id for r in child.unmarked}  # mark_read looks at those
         for task_id in child.timed:
+            if task_id in unread:
+                continue
             running = child.aio[task_id]
             if running.terminated_at is not None:
                 deadlines.append(running.terminated_at + TERMINATE_GRACE)

@@ -85,6 +85,7 @@ class ChildProc:
     tasks_done: int = 0
     frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
     bytes_handed: int = 0  # bytes of the task frames handed to it (written, or in tasks_out)
+    bytes_dropped: int = 0  # of those, what was left in tasks_out when it became unreachable
     unmarked: deque[Running] = field(default_factory=deque)  # async, not yet read: mark_read
     recycle_after: int = 0  # 0 = never
     retiring: bool = False
@@ -386,6 +387,7 @@ class Pool:
         """The child closed its pipes: it is dying. Nothing more goes to it; what it was
         handed is settled by its EOF (child_gone)."""
         child.retiring = True
+        child.bytes_dropped += child.tasks_out.size  # frames it never read (bytes_read)
         for outbox in (child.tasks_out, child.revokes_out):
             outbox.clear()
             self.unwatch(outbox.fd)
@@ -777,7 +779,8 @@ def bytes_read(child: ChildProc) -> int | None:
         held = fcntl.ioctl(child.tasks_out.fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError:
         return None
-    return child.bytes_handed - struct.unpack("i", held)[0] - child.tasks_out.size
+    in_pipe = struct.unpack("i", held)[0]
+    return child.bytes_handed - in_pipe - child.tasks_out.size - child.bytes_dropped
 
 
 def unread_async(child: ChildProc) -> set[str]:

@@ -55,6 +55,7 @@ log = logging.getLogger("fleetd.worker")
 
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
+KILL_READ_WAIT = 0.5  # seconds a cold stop waits for the rest of a reply a child is writing
 SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
 # What the worker takes in through its loop (DESIGN section 2; the stray ones are logged).
 HANDLED_SIGNALS = (
@@ -511,10 +512,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         operator stopped them: no delivery counts as a death (max_deliveries)."""
         stopped = []
         for child in list(self.children.values()):
-            # What it answered already (replies in its pipe that the loop had not read when
-            # the stop came) is settled, not given back to run again.
-            while child.result_fd in self.children and self.read_child(child):
-                pass
+            self.take_in_replies(child)
             if child.result_fd not in self.children:
                 continue  # it had left, and child_gone settled its tasks
             self.kill_group(child.pid)
@@ -524,6 +522,20 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             child.aio.clear()
         if stopped:
             self.release_now(stopped, died=False)
+
+    def take_in_replies(self, child: ChildProc) -> None:
+        """What a child answered already (replies in its pipe that the loop had not read when
+        a cold stop came) is settled, not given back to run again; a reply larger than the
+        pipe is read to its end as the child writes the rest, KILL_READ_WAIT at most."""
+        give_up = time.monotonic() + KILL_READ_WAIT
+        readable = select.poll()
+        readable.register(child.result_fd, select.POLLIN)
+        while child.result_fd in self.children:
+            if self.read_child(child):
+                continue
+            left = give_up - time.monotonic()
+            if not child.reader.holding or left <= 0 or not readable.poll(left * 1000):
+                return
 
     def continue_shutdown(self, now: float) -> None:
         if self.shutdown_deadline and now >= self.shutdown_deadline:

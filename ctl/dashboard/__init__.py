@@ -114,7 +114,12 @@ def requests_in_time() -> type:
             super().connection_lost(exc)
 
         def request_late(self) -> None:
-            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            # Still arriving (not the answer going out: a live page's stream, whose client
+            # may be MUST_CLOSE already, an HTTP/1.0 proxy's).
+            if (
+                self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+                and not self.transport.is_closing()
+            ):
                 self.transport.close()
 
     return RequestsInTime

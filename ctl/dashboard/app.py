@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -34,7 +35,6 @@ HISTORY_HOURS, HISTORY_MAX_HOURS = 3.0, 24.0
 STREAM_LOOK_EVERY = 0.25  # seconds between two looks for a new snapshot, per live page
 STREAM_KEEPALIVE = 15.0  # seconds of quiet after which a comment keeps proxies from closing
 SCHEDULE_VERBS = ("pause", "resume", "trigger")  # `fleetctl schedule VERB NAME`
-log = logging.getLogger("fleetd.dashboard")
 READ_ONLY = "this dashboard is read-only: give it [dashboard] token_file to allow actions"
 
 
@@ -78,6 +78,11 @@ class Dashboard:
                 HTTPException: lambda _r, exc: error(str(exc.detail), exc.status_code),
                 ActionError: lambda _r, exc: error(str(exc), exc.status),
                 BrokerUnavailable: lambda _r, exc: error(str(exc), 503),
+                # Each its own key: Starlette answers these and is done; a handler of
+                # Exception answers and raises again (uvicorn logs a traceback).
+                sqlite3.Error: broker_error,
+                RedisError: broker_error,
+                ClientDisconnect: lambda _r, _exc: error("the client left before its end", 400),
                 Exception: unexpected,
             },
         )
@@ -222,14 +227,13 @@ class Dashboard:
         return JSONResponse(await run_in_threadpool(action, *args))
 
 
+def broker_error(request: Request, exc: Exception) -> JSONResponse:
+    """The broker's own error (a Redis gone, a queue file that is no database): 503."""
+    return error(f"broker: {type(exc).__name__}: {exc}", 503)
+
+
 def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    """Any other error, as JSON in one line: the broker's own (a Redis gone, a queue file
-    that is no database: 503), or ours (500; its traceback goes to the log)."""
-    if type(exc).__module__.split(".")[0] in ("sqlite3", "redis"):
-        return error(f"broker: {type(exc).__name__}: {exc}", 503)
-    if isinstance(exc, ClientDisconnect):  # gone before its body came: nobody to answer
-        return error("the client left before its request's end", 400)
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    """Any other error, as JSON in one line (500; uvicorn logs its traceback)."""
     return error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
 

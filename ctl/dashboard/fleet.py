@@ -65,8 +65,9 @@ class Fleet:
         with self._nodes_lock:
             if self._nodes_asked >= came:
                 return self._nodes
-            self._nodes_asked = time.monotonic()
-            self._nodes = self._ask_nodes()
+            asked = time.monotonic()
+            self._nodes = self._ask_nodes()  # one that raises serves no one after it
+            self._nodes_asked = asked
             return self._nodes
 
     def _ask_nodes(self) -> dict[str, Any]:
