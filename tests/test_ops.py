@@ -311,6 +311,7 @@ def test_a_metrics_bind_that_cannot_listen_ends_the_start_in_one_line_and_no_lef
         fleet = make_fleet(extra=f'\n[metrics]\nbind = "{bind}"\n')
         out = fleetd("start", "-c", str(fleet.config))
     assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines()[-1].startswith(f"fleetd: [metrics] bind {bind}: cannot listen")
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith(f"fleetd: {fleet.config}: [metrics] bind {bind}: cannot listen"), last
     spawned = json.loads((fleet.folder / "state" / "run.json").read_text())["processes"]
     assert spawned and not any(psutil.pid_exists(r["pid"]) for r in spawned)
