@@ -575,7 +575,7 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
         named = cmd_args["nodes"] if args.command == "start" else dest
         result.missing += [d for d in unanswered(named, result.replies) if d not in result.missing]
     if args.json:
-        add_iso_times(result.replies)
+        add_iso_times(result.replies.values())
         print(result.to_json(**({"revoked_ahead": ahead} if args.command == "revoke" else {})))
     elif args.command == "status":
         console.print(status_table(result))
@@ -599,7 +599,7 @@ def broker_command(
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        add_iso_times({str(i): s for i, s in enumerate(reply.get("schedules", []))})
+        add_iso_times(reply.get("schedules", []))
         print(json.dumps(reply))
     elif cmd == "schedule_list":
         console.print(schedules_table(reply))
@@ -679,7 +679,7 @@ def json_top(client: Any, dest: list[str] | None) -> int:
     while True:
         started = time.monotonic()
         result = fleet_status(client, dest)
-        add_iso_times(result.replies)
+        add_iso_times(result.replies.values())
         print(result.to_json(), flush=True)
         time.sleep(max(0.0, TOP_EVERY - (time.monotonic() - started)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from worker.logs import one_line
@@ -152,10 +153,11 @@ def is_epoch(key: str, value: Any) -> bool:
     return key in EPOCH_FIELDS and isinstance(value, (int, float))
 
 
-def add_iso_times(replies: dict[str, Any]) -> None:
-    """Beside each time in epoch seconds (EPOCH_FIELDS) of the replies, the same as an ISO
-    time: `next_due_iso`. JSON readers keep the number."""
-    for reply in replies.values():
+def add_iso_times(replies: Iterable[Any]) -> None:
+    """Beside each time in epoch seconds (EPOCH_FIELDS) of the replies (dicts; others are
+    left as they are), the same as an ISO time: `next_due_iso`. JSON readers keep the
+    number."""
+    for reply in replies:
         if isinstance(reply, dict):
             for key, value in list(reply.items()):
                 if is_epoch(key, value):

@@ -406,7 +406,9 @@ class Pool:
         Of the tasks it was handed and did not answer, only the first can have started, and
         only if the child did not stop cleanly; the others go back as never started.
         """
-        unread = unread_async(child)  # before its pipe and outbox go
+        # Before its pipe and outbox go: the async tasks left unmarked, it never read.
+        self.mark_child_read(child)
+        unread = {r.delivery.id for r in child.unmarked}
         self.poller.unregister(child.result_fd)
         del self.children[child.result_fd]
         self.child_unreachable(child)
@@ -671,13 +673,16 @@ class Pool:
         child whose loop another task blocks waits unread, and is no task a death of the
         worker (or the child) may be charged to."""
         for child in self.children.values():
-            if not child.unmarked:
-                continue
-            read = bytes_read(child)
-            while child.unmarked and (read is None or child.unmarked[0].frame_end <= read):
-                running = child.unmarked.popleft()
-                if not running.settled and running.delivery.id in child.aio:
-                    self.mark_started(running)
+            self.mark_child_read(child)
+
+    def mark_child_read(self: Worker, child: ChildProc) -> None:
+        if not child.unmarked:
+            return
+        read = bytes_read(child)
+        while child.unmarked and (read is None or child.unmarked[0].frame_end <= read):
+            running = child.unmarked.popleft()
+            if not running.settled and running.delivery.id in child.aio:
+                self.mark_started(running)
 
     # --- autoscale: worker/autoscale.py decides, the lines above fork and let go -----------
     def pool_bounds(self: Worker) -> tuple[int, int]:
@@ -781,16 +786,6 @@ def bytes_read(child: ChildProc) -> int | None:
         return None
     in_pipe = struct.unpack("i", held)[0]
     return child.bytes_handed - in_pipe - child.tasks_out.size - child.bytes_dropped
-
-
-def unread_async(child: ChildProc) -> set[str]:
-    """The async tasks whose frames the child had not read whole (in its task pipe still, or
-    not written there yet): its loop, blocked by another task, never started them, and its
-    death is none of theirs."""
-    read = bytes_read(child) if child.aio else None
-    if read is None:
-        return set()
-    return {task_id for task_id, r in child.aio.items() if r.frame_end > read}
 
 
 def open_pipes(count: int) -> list[int]:
