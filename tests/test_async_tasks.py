@@ -673,18 +673,25 @@ def test_a_revoke_reaches_an_async_task_whose_frame_waits_unread(
     assert "killing it" not in fleet.log()
 
 
-def test_async_tasks_a_dying_child_never_read_take_no_strike(
-    make_fleet, tmp_path, broker_url
-) -> None:
-    """Handed to a child whose loop another task blocked, and that then died: they never
-    started, yet each took a strike, and with max_deliveries = 1 ended WorkerLost."""
+def one_strike_event_loop_child(make_fleet: Any, tmp_path: Path, broker_url: str) -> Fleet:
+    """A fleet of one child, made an event-loop child, where one death dead-letters a task
+    (max_deliveries = 1) and frames wait in its pipe (prefetch 4)."""
     fleet = async_fleet(
         make_fleet,
         tmp_path,
         fleet={"broker": broker_url},
         defaults={"concurrency": 1, "prefetch": 4, "max_deliveries": 1},
     ).start()
-    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # an event-loop child
+    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)
+    return fleet
+
+
+def test_async_tasks_a_dying_child_never_read_take_no_strike(
+    make_fleet, tmp_path, broker_url
+) -> None:
+    """Handed to a child whose loop another task blocked, and that then died: they never
+    started, yet each took a strike, and with max_deliveries = 1 ended WorkerLost."""
+    fleet = one_strike_event_loop_child(make_fleet, tmp_path, broker_url)
     poison = fleet.client.submit("tasks.ablock_for", 1.5, True)
     time.sleep(0.5)  # its loop is blocked
     innocents = [fleet.client.submit("tasks.asleep", 0.01) for _ in range(3)]
@@ -700,13 +707,7 @@ def test_async_tasks_a_killed_worker_had_handed_unread_take_no_strike(
     """Their STARTED mark was written at the hand-over: a worker SIGKILLed while its child's
     loop was blocked charged them its death, and with max_deliveries = 1 they ended
     WorkerLost without ever running. Now marked once the child has read them."""
-    fleet = async_fleet(
-        make_fleet,
-        tmp_path,
-        fleet={"broker": broker_url},
-        defaults={"concurrency": 1, "prefetch": 4, "max_deliveries": 1},
-    ).start()
-    fleet.client.submit("tasks.asleep", 0.01).get(timeout=10)  # an event-loop child
+    fleet = one_strike_event_loop_child(make_fleet, tmp_path, broker_url)
     blocker = fleet.client.submit("tasks.ablock_for", 3)
     wait_for(lambda: blocker.state == "STARTED", 10, message="the blocker to start")
     innocents = [fleet.client.submit("tasks.asleep", 0.01) for _ in range(3)]

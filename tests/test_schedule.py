@@ -198,21 +198,24 @@ def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> Non
     assert one.claim_lead(LEAD_KEY, "a:1:1", 30)[0] == "a:1:1"
 
 
-def write_junk(broker: Broker) -> None:
-    """Other hands' values where the schedule's state and the leader lease are kept."""
+def write_junk(
+    broker: Broker, schedule: str, until: str, fields: dict[str, str], lease: bool = True
+) -> None:
+    """Other hands' values where the schedule's state and the leader lease are kept: on
+    SQLite, `schedule` (an SQL SET list) and a lease `until` (SQL); on Redis, the schedule's
+    `fields` and, with `lease`, a lease that never runs out."""
     if isinstance(broker, SQLiteBroker):
         with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
-            db.execute("UPDATE schedules SET last_tick = 'x', last_at = x'ff' WHERE name = 'tick'")
+            db.execute(f"UPDATE schedules SET {schedule} WHERE name = 'tick'")
             db.execute(
-                "INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', 'never')",
+                f"INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', {until})",
                 (LEAD_KEY,),
             )
     else:
         assert isinstance(broker, RedisBroker)
-        broker.redis.hset(
-            f"{broker.prefix}:schedule:tick", mapping={"last_tick": "x", "last_at": "y"}
-        )
-        broker.redis.set(f"{broker.prefix}:lead:{LEAD_KEY}", "other")  # no expiry
+        broker.redis.hset(f"{broker.prefix}:schedule:tick", mapping=fields)
+        if lease:
+            broker.redis.set(f"{broker.prefix}:lead:{LEAD_KEY}", "other")  # no expiry
 
 
 def test_a_schedules_state_and_lease_that_other_hands_wrote_read_as_none(
@@ -225,7 +228,9 @@ def test_a_schedules_state_and_lease_that_other_hands_wrote_read_as_none(
     assert broker.fire_schedule("tick", 100.0, envelope(100.0))
     assert broker.claim_lead(LEAD_KEY, "a:1:1", 5)[0] == "a:1:1"
     broker.release_lead(LEAD_KEY, "a:1:1")
-    write_junk(broker)
+    write_junk(
+        broker, "last_tick = 'x', last_at = x'ff'", "'never'", {"last_tick": "x", "last_at": "y"}
+    )
 
     state = broker.schedule_states()["tick"]
     assert (state["last_tick"], state["last_at"]) == (None, None)
@@ -242,24 +247,16 @@ def test_an_infinite_tick_or_lease_and_a_paused_flag_that_is_no_flag_read_as_non
     workers tried for it 20 times a second); 'no' in `paused` (SQLite) read as paused."""
     broker = connect()
     assert broker.fire_schedule("tick", 100.0, envelope(100.0))
-    if isinstance(broker, SQLiteBroker):
-        with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
-            db.execute("UPDATE schedules SET last_tick = 9e999, paused = 'no' WHERE name = 'tick'")
-            db.execute(
-                "INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', 9e999)",
-                (LEAD_KEY,),
-            )
-    else:
-        assert isinstance(broker, RedisBroker)
-        key = f"{broker.prefix}:schedule:tick"
-        broker.redis.hset(key, mapping={"last_tick": "1e999", "paused": "no"})
+    # Redis's lease runs out by its expiry (PTTL), which another hand's 1e999 cannot hold off.
+    junk = {"last_tick": "1e999", "paused": "no"}
+    write_junk(broker, "last_tick = 9e999, paused = 'no'", "9e999", junk, lease=False)
     state = broker.schedule_states()["tick"]
     assert (state["last_tick"], state["paused"]) == (None, False)
     assert broker.fire_schedule("tick", 110.0, envelope(110.0))
     assert broker.schedule_states()["tick"]["last_tick"] == 110.0
     assert broker.claim_lead(LEAD_KEY, "a:1:1", 5) == ("a:1:1", pytest.approx(5.0))
     if isinstance(broker, RedisBroker):
-        broker.redis.hset(key, "last_tick", "inf")
+        broker.redis.hset(f"{broker.prefix}:schedule:tick", "last_tick", "inf")
         assert broker.fire_schedule("tick", 120.0, envelope(120.0))
 
 
