@@ -695,12 +695,16 @@ class Arbiter:
             return live
         return [w for w in live if w.node in dest or self.config.node in dest]
 
-    def addressed(self, dest: list[str] | None) -> tuple[list[WorkerProc], bool]:
-        """The supervised workers addressed by `dest`, down ones too, and whether that is
-        the whole host (for the host commands)."""
+    def addressed(
+        self, dest: list[str] | None, stopped: bool = False
+    ) -> tuple[list[WorkerProc], bool]:
+        """The supervised workers addressed by `dest`, down ones too (and, `stopped`, those
+        shut down on purpose), and whether that is the whole host (for the host commands)."""
         whole = dest is None or self.config.node in dest
         chosen = [
-            w for w in self.workers if w.state != STOPPED and (whole or w.node in (dest or ()))
+            w
+            for w in self.workers
+            if (stopped or w.state != STOPPED) and (whole or w.node in (dest or ()))
         ]
         return chosen, whole
 

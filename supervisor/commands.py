@@ -191,11 +191,10 @@ def reload(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
 def status(arbiter: Arbiter, dest: list[str] | None) -> dict[str, Any]:
     from .report import host_status  # the arbiter's side: fleetctl imports this table too
 
-    # Every supervised node, those shut down on purpose too (STOPPED): their state is the
-    # answer here, where the other commands leave them out.
-    whole = dest is None or arbiter.config.node in dest
-    full = host_status(arbiter)
-    return {w["node"]: w for w in full["workers"] if whole or w["node"] in (dest or ())}
+    # Those shut down on purpose too (STOPPED): their state is the answer here, where the
+    # other commands leave them out.
+    chosen = {w.node for w in arbiter.addressed(dest, stopped=True)[0]}
+    return {w["node"]: w for w in host_status(arbiter)["workers"] if w["node"] in chosen}
 
 
 @register(
