@@ -272,7 +272,8 @@ def kill_groups(leaders: list[dict[str, Any]]) -> int:
                 groups[pgid] = born  # else the pid was reused: no longer our group
     killed = 0
     for pid in _group_members(groups, _live_processes() if groups else {}):
-        with contextlib.suppress(ProcessLookupError):
+        # PermissionError: another user's now (run under sudo, or the pid reused meanwhile)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             killed += 1
     return killed
@@ -290,9 +291,14 @@ def end_leftovers(previous: dict[str, Any], grace: float = LEFTOVER_GRACE) -> in
         ", ".join(str(pid) for pid, _ in leftovers),
     )
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid, _ in leftovers:
-            with contextlib.suppress(ProcessLookupError):
+        for pid, born in leftovers[:]:
+            try:
                 os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # another user's now (run under sudo, or the pid reused)
+                log.warning("cannot end process %d left by a previous run: not permitted", pid)
+                leftovers.remove((pid, born))
         deadline = time.monotonic() + wait
         while leftovers and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -143,3 +143,51 @@ def test_the_leftovers_of_a_run_before_the_last_boot_are_none(family):
     assert sorted(pid for pid, _ in orphans.find_leftovers({"processes": [this_boot]})) == sorted(
         kids
     )
+
+
+def as_nobody(call) -> str:
+    """What `call()` returns (as text) in a forked copy of this process that runs as nobody
+    (no exec: the modules are loaded), or "crashed"."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = "crashed"
+        try:
+            os.setuid(65534)
+            outcome = str(call())
+        finally:
+            os.write(write, outcome.encode())
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read) as reply:
+            return reply.read()
+    finally:
+        os.waitpid(pid, 0)
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a process of another user")
+
+
+@ROOT_ONLY
+def test_a_group_of_another_user_is_skipped_not_a_crash(family):
+    """kill_groups on a recorded group whose members are another user's now."""
+    parent, kids = family  # root's; the arbiter below runs as nobody
+    leader = orphans.process_record(parent.pid)
+    assert as_nobody(lambda: orphans.kill_groups([leader])) == "0"
+    assert parent.poll() is None
+
+
+@ROOT_ONLY
+def test_a_leftover_of_another_user_is_skipped_not_a_crash():
+    """A previous run's task that became another user's (a command it ran under sudo): TERM
+    to it is not permitted, which ended `fleetd start` in a traceback."""
+    sleeper = subprocess.Popen(SLEEPER)  # root's; the arbiter below runs as nobody
+    try:
+        record = orphans.process_record(sleeper.pid)
+        ended = as_nobody(lambda: orphans.end_leftovers({"processes": [record]}, grace=0.1))
+        assert ended == "1"  # found, and left alone
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
