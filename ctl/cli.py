@@ -257,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK if args.command in ("top", "events") else EXIT_FAILED
+        return EXIT_OK if args.command in STREAMS else EXIT_FAILED
     except OSError as exc:
-        if exc.filename is None and exc.errno in OUTPUT_ERRORS:  # a full disk, `| head`
+        if exc.filename is None and exc.errno == errno.EPIPE:  # `| head`: the reader left
+            drop_output()  # quietly, as Python's own tools; a stream's end, as Ctrl-C
+            return EXIT_OK if args.command in STREAMS else EXIT_FAILED
+        if exc.filename is None and exc.errno in OUTPUT_ERRORS:  # a full disk
             output_failed(exc)
         else:  # a file or folder of its own that it cannot use
             print(f"fleetctl: {exc}", file=sys.stderr)
@@ -271,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+# The commands that print until stopped: Ctrl-C, or the reader of their pipe gone, is their end.
+STREAMS = ("top", "events")
+
 # How writing fleetctl's output fails: a full disk (or quota, or file size), an I/O error,
-# a reader gone (EPIPE).
+# a reader gone (EPIPE: said only where a submit's task id would be lost with it).
 OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE)
 
 
@@ -280,11 +286,16 @@ def output_failed(exc: OSError, done: str = "") -> None:
     """One line on stderr for output that could not be written, saying what was `done`
     all the same (a submit's task is stored); and stdout onto /dev/null, so that the
     interpreter's exit does not fail on it again with a traceback."""
-    with contextlib.suppress(OSError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    drop_output()
     with contextlib.suppress(OSError):
         what = exc.strerror or str(exc)
         print(f"fleetctl: {done}cannot write the output: {what}", file=sys.stderr)
+
+
+def drop_output() -> None:
+    """stdout onto /dev/null: what is buffered for it is dropped, not written at exit."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def refused_by_broker(exc: BaseException) -> bool:

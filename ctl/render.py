@@ -7,7 +7,9 @@ an ISO time beside each (`next_due_iso`).
 from __future__ import annotations
 
 import datetime
+import errno
 import json
+import os
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,11 @@ class Output:
         if self.console is None:
             from rich.console import Console
 
-            self.console = Console(width=self.width)
+            class OwnConsole(Console):
+                def on_broken_pipe(self) -> None:  # rich's own exits 1: fleetctl's main says
+                    raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+            self.console = OwnConsole(width=self.width)
         return getattr(self.console, name)
 
     # Special methods are looked up on the class, never through __getattr__: a Live view

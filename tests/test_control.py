@@ -776,6 +776,37 @@ def test_top_shows_the_fleet_until_interrupted(make_fleet: Callable[..., Fleet])
     assert all(v["state"] == "RUNNING" and v["children"] for v in views(top.lines)), top.lines
 
 
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [(["top"], 0), (["--json", "top"], 0), (["queues"], 1), (["--json", "queues"], 1)],
+)
+def test_fleetctl_into_a_reader_that_left_ends_quietly(
+    make_fleet: Callable[..., Fleet], argv: list[str], code: int
+) -> None:
+    """`fleetctl top | head`: the reader gone is the end of a stream, as Ctrl-C, where it
+    exited 1 (tables) or said "cannot write the output: Broken pipe" (JSON). Any other
+    command exits 1, quietly, with its output cut short."""
+    fleet = make_fleet().start()
+    proc = subprocess.Popen(
+        [FLEETCTL, "-c", str(fleet.config), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=fleet.folder,
+    )
+    try:
+        assert proc.stdout is not None
+        if "top" in argv:
+            assert proc.stdout.readline()  # a stream: what head reads before it leaves
+        proc.stdout.close()
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert (proc.returncode, stderr) == (code, "")
+
+
 # --- custom commands -------------------------------------------------------------------------
 def test_custom_control_commands_run_in_every_worker(make_fleet: Callable[..., Fleet]) -> None:
     fleet = fleet_with_ctltasks(make_fleet, workers=TWO_NODES).start()
