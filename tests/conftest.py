@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -19,6 +20,12 @@ from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.fleet import Fleet
 
 ILLEGAL = "illegal state transition"  # what the arbiter logs on a bug in its state machine
+
+# Started in the background by a shell (`make test &` in a script, as CI may), the suite
+# inherits SIGINT ignored, and so would each fleetctl it starts, which a test ends with
+# SIGINT as Ctrl-C does: with a handler here, exec gives every child the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
