@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 # The commands that print until stopped: Ctrl-C, or the reader of their pipe gone, is their end.
 STREAMS = ("top", "events")
 
-# How writing fleetctl's output fails: a full disk (or quota, or file size), an I/O error,
-# a reader gone (EPIPE: said only where a submit's task id would be lost with it).
-OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE)
+# How writing fleetctl's output fails, said in one line: a full disk (or quota, or file
+# size), an I/O error. A reader gone (EPIPE) is said only by submit, whose task id it loses.
+OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def output_failed(exc: OSError, done: str = "") -> None:

@@ -182,16 +182,20 @@ class Lines:
         return code
 
 
-@contextlib.contextmanager
-def running_ctl(fleet: Fleet, *args: str) -> Iterator[Lines]:
-    proc = subprocess.Popen(
+def popen_ctl(fleet: Fleet, *args: str, stderr: int = subprocess.STDOUT) -> subprocess.Popen[str]:
+    """fleetctl on the fleet's config, its stdout a pipe (stderr too, unless told)."""
+    return subprocess.Popen(
         [FLEETCTL, "-c", str(fleet.config), *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
         cwd=fleet.folder,
     )
-    lines = Lines(proc)
+
+
+@contextlib.contextmanager
+def running_ctl(fleet: Fleet, *args: str) -> Iterator[Lines]:
+    lines = Lines(popen_ctl(fleet, *args))
     try:
         yield lines
     finally:
@@ -787,13 +791,7 @@ def test_fleetctl_into_a_reader_that_left_ends_quietly(
     exited 1 (tables) or said "cannot write the output: Broken pipe" (JSON). Any other
     command exits 1, quietly, with its output cut short."""
     fleet = make_fleet().start()
-    proc = subprocess.Popen(
-        [FLEETCTL, "-c", str(fleet.config), *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=fleet.folder,
-    )
+    proc = popen_ctl(fleet, *argv, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         if "top" in argv:
