@@ -2,14 +2,19 @@
 under kills and reloads.
 
 It starts a real fleet (on SQLite, or with `--broker redis` on a private redis-server),
-submits N journaled tasks at a steady rate over S seconds and, spread over the same time,
-SIGKILLs random pool children (preferably busy ones) and workers, HUPs the arbiter,
-TERM-restarts it, and sends bursts of USR1 to the workers (signals that land while frames
-are written). Mixed into the load: big tasks (a body of BIG_TASK bytes, past a pipe's
-buffer) and poison records written straight into the broker (the queue file, or Redis's
-records and streams), as a hostile producer would (each must end FAILURE BadMessage,
-costing nothing else). Then it waits for every task and prints what happened: submitted,
-completed, lost, duplicated, poisons dead-lettered, and the kills it made.
+submits N journaled tasks at a steady rate over S seconds and, spread over the same
+time, SIGKILLs random pool children (preferably busy ones) and workers, HUPs the
+arbiter, TERM-restarts it, QUIT-restarts it (a cold shutdown that kills every running
+task), sends bursts of USR1 to the workers (signals that land while frames are written)
+and of TTIN then TTOU to the arbiter (pools that grow and shrink under load), stalls the
+broker (Redis stopped with SIGSTOP, or the queue file's write lock held by another
+process: a hung peer) and, on Redis, kills and restarts the server (its append-only file
+written at every write: nothing it acknowledged is lost, every connection is cut). Mixed
+into the load: big tasks (a body of BIG_TASK bytes, past a pipe's buffer) and poison
+records written straight into the broker (the queue file, or Redis's records and
+streams), as a hostile producer would (each must end FAILURE BadMessage, costing nothing
+else). Then it waits for every task and prints what happened: submitted, completed,
+lost, duplicated, poisons dead-lettered, and the kills it made.
 
 A share of the tasks are `async def` (ASYNC_SHARE): several of them run at once on a
 child's event loop, so a child kill interrupts them all; each is journaled as the others.
@@ -33,6 +38,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import textwrap
@@ -67,6 +73,8 @@ BIG_EVERY = 10  # batches between two big tasks
 BIG_TASK = 1 << 20  # bytes of padding in a big task: past any pipe's buffer
 POISON_EVERY = 7  # batches between two poison records
 USR1_BURST = 20  # USR1 signals per burst, each worker
+RESIZE_BURST = 3  # TTIN signals to the arbiter, then as many TTOU
+STALL_SECONDS = 2.0  # how long the broker is stalled: well within the lease (30 s)
 ESCAPE_SHARE = 0.05  # of the tasks, those that also start a process in a session of its own
 ASYNC_SHARE = 0.3  # of the tasks, those that are `async def`
 ESCAPE_TASKS = '''
@@ -109,6 +117,8 @@ class Chaos:
     killed_pids: set[int] = field(default_factory=set)
     held_by_killed: dict[int, set[str]] = field(default_factory=dict)  # killed pid -> ids held
     poisons: list[str] = field(default_factory=list)  # ids of the records written past the Client
+    redis_server: RedisServer | None = None  # the private server, on Redis
+    queue_file: Path | None = None  # the queue file, on SQLite
 
     # --- the fleet's processes -------------------------------------------------------------
     def workers(self) -> list[int]:
@@ -198,6 +208,72 @@ class Chaos:
             raise AssertionError(f"fleetd exited {code} on TERM")
         self.fleet.start()
         self.kills["restart"] += 1
+        return True
+
+    def quit(self) -> bool:
+        """A cold shutdown (QUIT), then a start. Every running task is killed with its child.
+        The workers and children are stopped first, so that what they hold when QUIT lands
+        is what the broker says they hold now: an ended task whose outcome was not acked yet
+        runs again, as a killed worker's does."""
+        workers = self.workers()
+        if not workers:
+            return False
+        processes = self.fleet.child_pids() + workers
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        self.killed_pids |= set(self.fleet.child_pids())
+        for pid in workers:
+            self.held_by_killed[pid] = held_by(self.fleet.client, pid)
+        self.fleet.signal(signal.SIGQUIT)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.fleet.wait_exit(120)
+        self.fleet.start()
+        self.kills["quit"] += 1
+        return True
+
+    def resize(self) -> bool:
+        """TTIN a few times, then TTOU as many: every pool grows, then shrinks back."""
+        for signum in (signal.SIGTTIN, signal.SIGTTOU):
+            for _ in range(RESIZE_BURST):
+                self.fleet.signal(signum)
+                time.sleep(0.1)
+        self.kills["resize"] += 1
+        return True
+
+    def stall(self) -> bool:
+        """The broker stops answering for STALL_SECONDS: Redis stopped, or the queue file's
+        write lock held by another process."""
+        if self.redis_server is not None:
+            assert self.redis_server.process is not None
+            pid = self.redis_server.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(STALL_SECONDS)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        else:
+            assert self.queue_file is not None
+            db = sqlite3.connect(self.queue_file, timeout=30, isolation_level=None)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                time.sleep(STALL_SECONDS)
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+        self.kills["stall"] += 1
+        return True
+
+    def broker_restart(self) -> bool:
+        """Redis killed (SIGKILL: every connection cut, mid-call) and started again on the
+        same port and data; its append-only file is written at every write."""
+        if self.redis_server is None:
+            return False
+        self.redis_server.kill()
+        self.redis_server.start()
+        self.kills["broker_restart"] += 1
         return True
 
 
@@ -365,16 +441,25 @@ def run(args: argparse.Namespace) -> int:
     redis_server: RedisServer | None = None
     broker = "sqlite:///queue.db"
     if args.broker == "redis":  # a private server, stopped by its pid at the end
-        redis_server = start_redis(folder, appendonly=False)
+        # What it acknowledged must outlive a kill when the run kills it.
+        redis_server = start_redis(folder, appendonly=args.broker_restarts > 0)
         broker = redis_server.url
+    elif args.broker_restarts:
+        raise SystemExit("chaos: --broker-restarts needs --broker redis")
     try:
-        return run_on(args, folder, rng, broker)
+        return run_on(args, folder, rng, broker, redis_server)
     finally:
         if redis_server is not None:
             redis_server.stop()
 
 
-def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: str) -> int:
+def run_on(
+    args: argparse.Namespace,
+    folder: Path,
+    rng: random.Random,
+    broker: str,
+    redis_server: RedisServer | None,
+) -> int:
     fleet = Fleet(
         folder,
         workers=WORKERS,
@@ -383,7 +468,9 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
     )
     (folder / "chaos_tasks.py").write_text(textwrap.dedent(ESCAPE_TASKS))
     journal = folder / "journal.txt"
-    chaos = Chaos(fleet, journal, rng)
+    chaos = Chaos(fleet, journal, rng, redis_server=redis_server)
+    if redis_server is None:
+        chaos.queue_file = folder / "queue.db"
     ids: list[str] = []
     failure: list[BaseException] = []
     counts = {
@@ -392,6 +479,10 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
         "hup": args.hups,
         "restart": args.restarts,
         "usr1": args.usr1_bursts,
+        "quit": args.quits,
+        "resize": args.resizes,
+        "stall": args.stalls,
+        "broker_restart": args.broker_restarts,
     }
     started = time.monotonic()
     try:
@@ -418,6 +509,10 @@ def run_on(args: argparse.Namespace, folder: Path, rng: random.Random, broker: s
             "hup": chaos.hup,
             "restart": chaos.restart,
             "usr1": chaos.usr1,
+            "quit": chaos.quit,
+            "resize": chaos.resize,
+            "stall": chaos.stall,
+            "broker_restart": chaos.broker_restart,
         }
         for at, kind in plan(rng, args.duration, counts):
             delay = started + at - time.monotonic()
@@ -484,6 +579,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hups", type=int, default=3)
     parser.add_argument("--restarts", type=int, default=1, help="TERM-restarts of the arbiter")
     parser.add_argument("--usr1-bursts", type=int, default=6, help="USR1 bursts at the workers")
+    parser.add_argument("--quits", type=int, default=1, help="QUIT-restarts of the arbiter")
+    parser.add_argument("--resizes", type=int, default=3, help="TTIN then TTOU bursts")
+    parser.add_argument(
+        "--stalls", type=int, default=3, help=f"broker stalls of {STALL_SECONDS:g} s"
+    )
+    parser.add_argument(
+        "--broker-restarts",
+        type=int,
+        default=0,
+        help="kills and restarts of Redis (--broker redis)",
+    )
     parser.add_argument(
         "--drain-timeout", type=float, default=120, help="seconds to wait for the last tasks"
     )

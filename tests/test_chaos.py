@@ -13,6 +13,7 @@ from tests import chaos
 def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
     capsys: pytest.CaptureFixture[str], broker: str
 ) -> None:
+    broker_restarts = 1 if broker == "redis" else 0
     code = chaos.main(
         [
             "--broker",
@@ -31,6 +32,14 @@ def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
             "1",
             "--usr1-bursts",
             "3",
+            "--quits",
+            "1",
+            "--resizes",
+            "1",
+            "--stalls",
+            "1",
+            "--broker-restarts",
+            str(broker_restarts),
             "--drain-timeout",
             "30",
             "--json",
@@ -48,6 +57,8 @@ def test_short_chaos_loses_nothing_and_duplicates_only_interrupted_tasks(
         figures["restarts"],
     ) == (8, 2, 2, 1)
     assert figures["usr1s"] == 3
+    assert (figures["quits"], figures["resizes"], figures["stalls"]) == (1, 1, 1)
+    assert figures["broker_restarts"] == broker_restarts
     assert figures["poisons"] > 0 and figures["poisons_dead_lettered"] == figures["poisons"]
     assert figures["left_behind"] == figures["escapees_left"] == 0
     assert figures["escapees"] > 0
