@@ -656,9 +656,19 @@ def test_pool_grow_adds_children_and_shrink_retires_only_idle_ones(
     infos = fleet.wait_all_final([h.id for h in handles], 15)
     assert {i["state"] for i in infos} == {"SUCCESS"}
     wait_for(lambda: len(fleet.child_pids(worker_pid)) == 1, 10, message="the pool to shrink to 1")
-    # SIGTTIN on the arbiter takes the same path as `pool grow`.
+    # SIGTTIN on the arbiter takes the same path as `pool grow`. Each change by hand is
+    # logged, as autoscale's are: a signal has no other answer.
     fleet.signal(signal.SIGTTIN)
     wait_for(lambda: concurrency(fleet) == {"w@h1": 2}, 10, message="SIGTTIN to grow the pool")
+    wait_for(lambda: "resized by hand: pool is 2" in fleet.log(), 10, message="the grow logged")
+    assert "resized by hand: pool is 1" in fleet.log()  # the `pool shrink` above
+    for _ in range(2):
+        fleet.signal(signal.SIGTTOU)
+    wait_for(
+        lambda: "not resized: pool is 1: at the pool's min (1)" in fleet.log(),
+        10,
+        message="the TTOU past the pool's min logged",
+    )
     assert fleet.ctl("pool", "shrink", "0", check=False).returncode == 2
 
 
