@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.fleet import FLEETCTL, Fleet, fleetctl_on, fleetd, free_port
 from tests.redisserver import limited_user, start_redis
@@ -369,9 +370,12 @@ def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
     tmp_path: Path, denied: str, says: str
 ) -> None:
     """A Redis user that may not run a command fleetd needs (a managed Redis's ACL): the
-    broker's refusal, one line and exit 1, not a redis-py traceback."""
+    broker's refusal, one line and exit 1, not a redis-py traceback. (A submit publishes
+    its wake-up only while a worker waits for one: one does here.)"""
     server = start_redis(tmp_path, appendonly=False)
     try:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.zadd("fleetd:idle:default", {"w@h1:1:1": time.time() * 1000})
         out = fleetctl_on(limited_user(server, denied), "submit", "tasks.add", "1", "2")
         assert (out.returncode, out.stdout) == (1, "")
         [line] = out.stderr.splitlines()

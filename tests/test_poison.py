@@ -317,18 +317,19 @@ def test_a_redis_record_of_another_type_costs_its_task_alone_and_is_kept_aside(
 def test_redis_keys_of_another_kind_where_a_fleets_belong_are_moved_aside_and_nothing_stops(
     make_fleet: Callable[..., Fleet], redis_prefix: str, tmp_path: Path
 ) -> None:
-    """Someone else's values where the fleet keeps its queue's stream and ETA set, its entry
-    counter, its set of queues, its dead letters, revokes and routes, a waiting client's
-    wake-up list. Each failed every script or call that touched it: the worker died at every
-    start (FATAL), every submit raised. Now each is moved aside as it was
-    (`{p}:alien:{key}`) and every task runs once; dead letters that are no letters of ours
-    stay where they are when others are retried."""
+    """Someone else's values where the fleet keeps its queue's stream, ETA set and set of
+    waiting workers, its entry counter, its set of queues, its dead letters, revokes and
+    routes, a waiting client's wake-up list. Each failed every script or call that touched
+    it: the worker died at every start (FATAL), every submit raised. Now each is moved aside
+    as it was (`{p}:alien:{key}`) and every task runs once; dead letters that are no letters
+    of ours stay where they are when others are retried."""
     p = redis_prefix
     journal = tmp_path / "journal"
     squatters = {
         "queues": ("hash", {"not": "a set"}),
         "q:default": ("string", "not a stream"),
         "eta:default": ("list", ["not", "a", "zset"]),
+        "idle:default": ("string", "not a zset"),
         "seq": ("string", "not a number"),
         "dead": ("set", {"not a list"}),
         "revoked": ("string", "not a set"),

@@ -392,6 +392,44 @@ def test_a_drain_costs_redis_a_script_per_batch_and_an_idle_fleet_next_to_none(
         server.kill()
 
 
+def test_a_busy_worker_is_not_woken_by_each_submit_and_an_idle_one_is(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A submit publishes a wake-up only while a worker of its queue waits for one (its last
+    reserve came back short): a worker whose reserve came back full reserves again once it
+    has room. Before, every submit woke every worker of the queue (a loop turn each, and
+    a write of Redis's to each), however busy the fleet was."""
+    server = start_redis(tmp_path, appendonly=False)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        # One child, prefetch 1: the worker holds two tasks at most.
+        fleet = make_fleet(
+            fleet={"broker": server.url}, defaults={"concurrency": 1, "prefetch": 1}
+        ).start()
+        gate = tmp_path / "gate"
+        held = fleet.client.submit_many([("tasks.hold", (str(gate),), {})] * 2)
+        wait_for(lambda: held[0].state == "STARTED", 10, message="the first task to start")
+        admin.config_resetstat()
+        later = [fleet.client.submit("tasks.noop") for _ in range(20)]
+        assert publishes(admin) == 0
+        gate.touch()
+        infos = fleet.wait_all_final([h.id for h in held + later], 30)
+        assert {i["state"] for i in infos} == {"SUCCESS"}
+        # Idle again, its last reserve short: the next submit wakes it.
+        wait_for(lambda: admin.exists(f"{fleet.client.broker.prefix}:idle:default"), 10)
+        admin.config_resetstat()
+        assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+        assert publishes(admin) == 1
+    finally:
+        admin.close()
+        server.kill()
+
+
+def publishes(admin: redis.Redis) -> int:
+    """The PUBLISH calls Redis has run since its stats were reset."""
+    return int(admin.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+
 def test_a_redis_that_evicts_keys_is_named_once_by_each_worker_at_its_start(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:

@@ -45,6 +45,7 @@ class BrokerLink:
     retries: list[Retry]
     unreleased: dict[bool, list[str]]
     booted_in_broker: bool
+    etas_read_at: float | None
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -130,7 +131,9 @@ class BrokerLink:
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
             self.flush_at = 0.0  # what happened went along
-            self.queue_dry = len(deliveries) < want
+            was_dry, self.queue_dry = self.queue_dry, len(deliveries) < want
+            if self.queue_dry and not was_dry:  # no scheduled task was announced to a busy
+                self.etas_read_at = None  # worker (a Redis one's): read the ETAs afresh
             self.queue_changed = False  # a wake-up published meanwhile is read next turn
             self.dry_recheck_at = time.monotonic() + DRY_RECHECK
             for delivery in deliveries:
@@ -138,7 +141,8 @@ class BrokerLink:
 
     def known_dry(self: Worker) -> bool:
         """Whether the last reserve came back short and nothing since says there is more: no
-        wake-up (every write that adds a task publishes one), no ETA come due, and less than
+        wake-up (every write that adds a task publishes one to a worker whose reserve came
+        back short, as ours did), no ETA come due, and less than
         DRY_RECHECK seconds gone (a lease that ran out frees a task without one)."""
         eta_due = self.next_eta is not None and self.next_eta <= time.time()
         return (

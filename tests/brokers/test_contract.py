@@ -661,6 +661,8 @@ def test_wakeup_becomes_readable_on_enqueue_from_another_connection(
 ) -> None:
     wake = broker.wakeup(["q1"])
     try:
+        assert broker.reserve(["q1"], 1, "w1", 30) == []  # short: w1 waits to be woken
+        wake.clear()
         wake.arm()
         assert not readable(wake, 0.2)
 
@@ -684,6 +686,8 @@ def test_a_wakeup_for_ready_tasks_alone_does_not_send_the_worker_to_read_etas(
     (on Redis a round trip) per task."""
     wake, producer = broker.wakeup(["q1"]), connect()
     try:
+        assert broker.reserve(["q1"], 1, "w1", 30) == []  # short: w1 waits to be woken
+        wake.clear()
         wake.arm()
         producer.enqueue([envelope("q1"), envelope("q1")])
         assert readable(wake, 5)
@@ -701,6 +705,7 @@ def test_a_wakeup_for_a_task_scheduled_later_says_so(
     wake, producer = broker.wakeup(["q1"]), connect()
     producer.enqueue([envelope("q1")])
     [held] = producer.reserve(["q1"], 1, "w1", 30)
+    assert broker.reserve(["q1"], 1, "w2", 30) == []  # short: w2 waits to be woken
     try:
         wake.clear()
         wake.arm()
@@ -724,6 +729,8 @@ def test_a_wakeup_for_a_task_no_reserve_read_yet_is_news(
     took as many as it asked for (more may wait), nor after one that came back short."""
     wake, producer = broker.wakeup(["q1"]), connect()
     try:
+        assert broker.reserve(["q1"], 1, "w1", 30) == []  # short: w1 waits to be woken
+        wake.clear()
         wake.arm()
         producer.enqueue([envelope("q1") for _ in range(3)])
         assert len(broker.reserve(["q1"], 2, "w1", 30)) == 2

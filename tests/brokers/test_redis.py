@@ -94,6 +94,8 @@ def test_a_wakeup_for_a_task_the_last_short_reserve_took_is_no_news(server: Redi
     broker, producer = RedisBroker(server.url), RedisBroker(server.url)
     wake = broker.wakeup(["q1"])
     try:
+        assert broker.reserve(["q1"], 5, "w1", 30) == []  # short: w1 waits to be woken
+        wake.clear()
         wake.arm()
         producer.enqueue([envelope()])
         assert len(broker.reserve(["q1"], 5, "w1", 30)) == 1  # read every entry there was
@@ -185,6 +187,7 @@ def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:
 
         wait_for(woke_after_arm)  # a wake-up of its own: look for what came meanwhile
         wake.clear()
+        assert broker.reserve(["q1"], 1, "w1", 30) == []  # the reserve it makes: short
         wake.arm()
         assert not readable(wake, 0.2)
         broker.enqueue([envelope()])

@@ -309,8 +309,11 @@ def dead_letter_from(fields: dict[str, Any]) -> DeadLetter:
 class Wakeup(abc.ABC):
     """A file descriptor that becomes readable when new work may be available.
 
-    An idle worker polls it (with its children's pipes) instead of sleeping.
-    Spurious wake-ups are allowed; missed ones are not, once `arm` returned.
+    An idle worker polls it (with its children's pipes) instead of sleeping. Spurious
+    wake-ups are allowed; missed ones are not, once `arm` returned, while some worker of
+    the queue waits: one whose last reserve came back short. A broker may keep quiet while
+    every reserve came back full (Redis does: a worker that got all it asked for reserves
+    again once it has room, and a busy fleet would be woken at every submit otherwise).
     """
 
     @abc.abstractmethod

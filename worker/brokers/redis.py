@@ -5,6 +5,9 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:q:{queue}     stream of ready messages (one field, `id`); group `workers`; the
                       group's pending list is what is held, the consumer name is the owner
     {p}:eta:{queue}   sorted set of scheduled task ids, scored by ETA (epoch seconds)
+    {p}:idle:{queue}  sorted set of the workers (owners) that wait to be woken for the
+                      queue, scored by when (Redis's clock, ms); a write publishes on the
+                      wake channel only while it holds one
     {p}:r:{id}        hash: the task's record (name, queue, body, state, deliveries, where
                       it is, its stream entry and lease while queued or held) and later
                       its result; it expires `result_ttl` seconds after the task ended
@@ -12,7 +15,8 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:dead          list of dead letters (JSON), newest first
     {p}:revoked       set of revoked ids (never expires, like Celery's statedb)
     {p}:routes        hash: task name -> its queue, as the workers published them
-    {p}:wake:{queue}  pub/sub channel that every write touching the queue publishes to
+    {p}:wake:{queue}  pub/sub channel that every write touching the queue publishes to,
+                      while a worker waits ({p}:idle)
     {p}:call:{link}   token and reply of the last write sent over one link (below), kept
                       2 minutes so that a retry of that write can't run it twice
     {p}:w:{id}        flag: a client waits for the task to end (Handle.get)

@@ -66,6 +66,7 @@ for _, q in ipairs(A.queues) do add_queue(q) end
 for _, q in ipairs(queues) do
   expect('q:' .. q, 'stream')
   expect('eta:' .. q, 'zset')
+  expect('idle:' .. q, 'zset')
 end
 mend_counter(queues)
 expect('dead', 'list')

@@ -107,7 +107,15 @@ local function submit(id, q, name, body, eta, token)
   end
 end
 
--- Wake the workers of the queues this call added to (what `woken` says of each).
+-- Wake the workers of the queues this call added to (what `woken` says of each), if one
+-- waits to be: a worker whose last reserve came back short is in the queue's {p}:idle set
+-- (redis_turn.lua's mark_idle) until one comes back full, and a worker that is not reserves
+-- again as soon as it has room, without a wake-up. So a busy fleet is not woken once per
+-- task submitted, every worker of the queue at every submit.
 local function announce()
-  for q, what in pairs(woken) do redis.call('PUBLISH', P .. ':wake:' .. q, what) end
+  for q, what in pairs(woken) do
+    if redis.call('EXISTS', P .. ':idle:' .. q) == 1 then
+      redis.call('PUBLISH', P .. ':wake:' .. q, what)
+    end
+  end
 end

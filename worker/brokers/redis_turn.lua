@@ -213,6 +213,40 @@ local function reserve()
   return reply, read
 end
 
+-- Whether the worker now waits to be woken for its queues (announce, redis_queue.lua): its
+-- reserve came back short, so it counts them dry until a wake-up or DRY_RECHECK, each of
+-- which has it reserve, and mark itself, again. Its {p}:idle:{queue} entry is scored by
+-- Redis's clock (hosts' clocks may differ); one that no reserve renewed for IDLE_STALE_MS
+-- is a worker gone without a word, dropped. A key of another kind there (someone else's
+-- write) is moved aside, as record() moves a record: this runs after the reserve's writes,
+-- which a script that failed here and ran again would not find.
+local IDLE_STALE_MS = 60000
+local function idle_write(key, ...)
+  local done = redis.pcall(...)
+  if type(done) == 'table' and done.err then
+    local kind = redis.call('TYPE', key).ok
+    if kind == 'zset' or kind == 'none' then error(done) end  -- not about the key's kind
+    redis.call('RENAME', key, P .. ':alien:' .. string.sub(key, #P + 2))
+    redis.call(...)
+  end
+end
+local function mark_idle(idle)
+  local now
+  if idle then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  for _, q in ipairs(A.queues) do
+    local key = P .. ':idle:' .. q
+    if idle then
+      idle_write(key, 'ZREMRANGEBYSCORE', key, '-inf', now - IDLE_STALE_MS)
+      idle_write(key, 'ZADD', key, now, A.owner)
+    else
+      idle_write(key, 'ZREM', key, A.owner)
+    end
+  end
+end
+
 local function main()
   for _, id in ipairs(A.started) do mark_started(id) end
   for _, o in ipairs(A.outcomes) do finish(o) end
@@ -220,6 +254,7 @@ local function main()
   drop_spent()
   if A.n > 0 then
     local rows, read = reserve()
+    mark_idle(#rows < A.n)
     -- Read fewer than asked: every queue's entries up to the counter's value were read.
     local counter = read < A.n and (tonumber(redis.call('GET', P .. ':seq')) or 0) or null
     return {rows = rows, seq = counter}
