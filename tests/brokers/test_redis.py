@@ -167,6 +167,51 @@ def test_a_producer_registers_a_queue_now_and_then_and_loses_no_task_when_redis_
         raw.close()
 
 
+def test_a_worker_is_woken_only_while_its_last_reserve_came_back_short(
+    server: RedisServer,
+) -> None:
+    """A short reserve puts its owner in the queue's set of waiting workers and a full one
+    takes it out, so a submit publishes a wake-up only while someone waits; a busy worker's
+    reserves cost that set nothing, and a worker gone for a minute without a reserve is
+    dropped from it by the next that waits."""
+    broker, producer = RedisBroker(server.url), RedisBroker(server.url)
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    idle, p = "fleetd:idle:q1", "fleetd"
+    wake = broker.wakeup(["q1"])
+    try:
+        admin.zadd(idle, {"ghost": (time.time() - 120) * 1000})  # a minute and more ago
+        assert broker.reserve(["q1"], 2, "w1", 30) == []
+        assert admin.zrange(idle, 0, -1) == ["w1"]  # the ghost dropped
+        wake.clear()
+        wake.arm()
+        producer.enqueue([envelope("q1") for _ in range(5)])
+        assert readable(wake, 5)
+
+        assert len(broker.reserve(["q1"], 2, "w1", 30)) == 2  # full: busy
+        assert admin.exists(idle) == 0
+        wake.clear()
+        admin.config_resetstat()
+        wake.arm()
+        producer.enqueue([envelope("q1")])
+        assert not readable(wake, 0.2)  # no one waits: no wake-up
+        assert len(broker.reserve(["q1"], 2, "w1", 30)) == 2  # busy still: nothing to undo
+        stats = admin.info("commandstats")
+        assert "cmdstat_publish" not in stats and "cmdstat_zrem" not in stats
+
+        assert len(broker.reserve(["q1"], 5, "w1", 30)) == 2  # short again: it waits
+        assert admin.zrange(idle, 0, -1) == ["w1"]
+        wake.clear()
+        wake.arm()
+        producer.enqueue([envelope("q1")])
+        assert readable(wake, 5)
+        assert admin.keys(f"{p}:alien:*") == []
+    finally:
+        wake.close()
+        broker.close()
+        producer.close()
+        admin.close()
+
+
 def test_wakeup_resubscribes_after_redis_restarts(server: RedisServer) -> None:
     broker = RedisBroker(server.url)
     wake = broker.wakeup(["q1"])

@@ -469,6 +469,7 @@ class RedisBroker(Broker):
         self._pid = os.getpid()
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
         self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
+        self._waiting: dict[str, bool] = {}  # owner -> its last reserve came back short
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -592,6 +593,8 @@ class RedisBroker(Broker):
             "n": turn.wanted,
             "owner": turn.owner,
             "lease_ms": int(turn.lease * 1000),
+            # Whether the owner's last reserve marked it waiting (None: not known here).
+            "waited": self._waiting.get(turn.owner),
         }
         reply = self._run("turn", args, turn.queues)
         if not reply:  # nothing asked for: {}
@@ -599,7 +602,9 @@ class RedisBroker(Broker):
         if reply["seq"] is not None:
             for wake in self._wakeups:
                 wake.seen = reply["seq"]
-        return [delivery(*row) for row in reply["rows"]]  # no rows: {}
+        rows = reply["rows"] or []  # no rows: {}
+        self._waiting[turn.owner] = len(rows) < turn.wanted  # as redis_turn.lua marks it
+        return [delivery(*row) for row in rows]
 
     def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if ids:

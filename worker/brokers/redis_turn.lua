@@ -213,13 +213,15 @@ local function reserve()
   return reply, read
 end
 
--- Whether the worker now waits to be woken for its queues (announce, redis_queue.lua): its
--- reserve came back short, so it counts them dry until a wake-up or DRY_RECHECK, each of
--- which has it reserve, and mark itself, again. Its {p}:idle:{queue} entry is scored by
--- Redis's clock (hosts' clocks may differ); one that no reserve renewed for IDLE_STALE_MS
--- is a worker gone without a word, dropped. A key of another kind there (someone else's
--- write) is moved aside, as record() moves a record: this runs after the reserve's writes,
--- which a script that failed here and ran again would not find.
+-- Whether the worker now waits to be woken for its queues (announce, redis_queue.lua):
+-- its reserve came back short, so it counts them dry until a wake-up or DRY_RECHECK,
+-- each of which has it reserve, and mark itself, again. Its {p}:idle:{queue} entry is
+-- scored by Redis's clock (hosts' clocks may differ); one that no reserve renewed for
+-- IDLE_STALE_MS is a worker gone without a word, dropped. A worker whose last reserve
+-- was not short (A.waited false: it is in no set) costs its reserves nothing here while
+-- it stays busy. A key of another kind there (someone else's write) is moved aside, as
+-- record() moves a record: this runs after the reserve's writes, which a script that
+-- failed here and ran again would not find.
 local IDLE_STALE_MS = 60000
 local function idle_write(key, ...)
   local done = redis.pcall(...)
@@ -241,7 +243,7 @@ local function mark_idle(idle)
     if idle then
       idle_write(key, 'ZREMRANGEBYSCORE', key, '-inf', now - IDLE_STALE_MS)
       idle_write(key, 'ZADD', key, now, A.owner)
-    else
+    elseif A.waited ~= false then
       idle_write(key, 'ZREM', key, A.owner)
     end
   end
