@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import psutil
-import redis
 
 from bench.redis_server import RedisServer
-from bench.throughput import FLEETD
+from bench.throughput import FLEETD, fleet_cpu
 from fleetd import Client
 
 QUEUE = "default"
@@ -57,17 +56,6 @@ def write_config(folder: Path, broker: str, workers: int) -> Path:
     return config
 
 
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def one_run(workers: int, tasks: int, task_ms: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="fleetd-submit-drain-") as name:
         folder = Path(name)
@@ -77,7 +65,6 @@ def one_run(workers: int, tasks: int, task_ms: float) -> dict[str, float]:
                 [FLEETD, "start", "-c", str(config), "--log-level", "warning"], cwd=folder
             )
             client = Client(server.url)
-            admin = redis.Redis.from_url(server.url)
             try:
                 client.submit("tput_tasks.nap", 0, queue=QUEUE).get(timeout=30)
                 arbiter = psutil.Process(fleet.pid)
@@ -87,13 +74,8 @@ def one_run(workers: int, tasks: int, task_ms: float) -> dict[str, float]:
                         raise SystemExit("bench: the workers did not all start")
                     time.sleep(0.05)
                 time.sleep(0.5)
-                fleet_processes = [arbiter, *arbiter.children(recursive=True)]
-                redis_process = psutil.Process(server.proc.pid)  # type: ignore[union-attr]
-                admin.config_resetstat()
-                redis_before, fleet_before = (
-                    cpu_seconds([redis_process]),
-                    cpu_seconds(fleet_processes),
-                )
+                server.client.config_resetstat()
+                redis_before, fleet_before = server.cpu_seconds(), fleet_cpu(fleet.pid)
                 started = time.monotonic()
                 handles = [
                     client.submit("tput_tasks.nap", task_ms, queue=QUEUE) for _ in range(tasks)
@@ -105,20 +87,19 @@ def one_run(workers: int, tasks: int, task_ms: float) -> dict[str, float]:
                         raise SystemExit("bench: the tasks did not all run within 300 s")
                     time.sleep(0.005)
                 seconds = time.monotonic() - started
-                redis_cpu = cpu_seconds([redis_process]) - redis_before
-                fleet_cpu = cpu_seconds(fleet_processes) - fleet_before
-                stats = admin.info("commandstats").get("cmdstat_publish", {})
+                redis_seconds = server.cpu_seconds() - redis_before
+                fleet_seconds = fleet_cpu(fleet.pid) - fleet_before
+                stats = server.client.info("commandstats").get("cmdstat_publish", {})
                 for handle in handles:  # every one ran (outside the figures)
                     handle.get(timeout=120)
             finally:
                 fleet.terminate()
                 fleet.wait(60)
                 client.close()
-                admin.close()
     return {
         "tasks/s": tasks / seconds,
-        "redis us/task": redis_cpu / tasks * 1e6,
-        "fleet us/task": fleet_cpu / tasks * 1e6,
+        "redis us/task": redis_seconds / tasks * 1e6,
+        "fleet us/task": fleet_seconds / tasks * 1e6,
         "publishes": float(stats.get("calls", 0)),
     }
 

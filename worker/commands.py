@@ -275,7 +275,7 @@ def pool_grow(worker: Worker, n: int) -> dict[str, Any]:
         return {"error": f"the pool can be at most {MAX_POOL}"}
     wanted, bound = moved(worker.target_children, n, *worker.pool_bounds())
     if wanted == worker.target_children:
-        return pool_stays(worker, bound)
+        return pool_is(worker, bound, moved_at_all=False)
     size, limit = pool_room(worker, wanted)
     worker.target_children = max(worker.target_children, size)  # the worker's loop forks them
     worker.grown_by_hand_at = time.monotonic()  # autoscale shrinks it no sooner than it would
@@ -313,25 +313,24 @@ def pool_room(worker: Worker, wanted: int) -> tuple[int, str | None]:
 def pool_shrink(worker: Worker, n: int) -> dict[str, Any]:
     wanted, bound = moved(worker.target_children, -n, *worker.pool_bounds())
     if wanted == worker.target_children:
-        return pool_stays(worker, bound)
+        return pool_is(worker, bound, moved_at_all=False)
     worker.target_children = wanted
     return pool_is(worker, bound)  # the loop retires idle children
 
 
-def pool_is(worker: Worker, bound: str | None) -> dict[str, Any]:
-    """The reply of a pool change: its new size, and the bound that stopped it if one did;
-    logged, as autoscale's changes are (TTIN and TTOU have no other answer)."""
+def pool_is(worker: Worker, bound: str | None, moved_at_all: bool = True) -> dict[str, Any]:
+    """The reply of a pool change by hand: its size now, and the bound that stopped it if
+    one did (an error if it stopped it before it began); logged, as autoscale's changes
+    are (TTIN and TTOU have no other answer)."""
     size = f"pool is {worker.target_children}"
     reply = size if bound is None else f"{size}: {bound}"
-    log.info("resized by hand: %s", reply, extra={"node": worker.node})
-    return {"ok": reply}
-
-
-def pool_stays(worker: Worker, bound: str | None) -> dict[str, Any]:
-    """The reply of a pool change that a bound stopped before it began; logged as well."""
-    reply = f"pool is {worker.target_children}: {bound}"
-    log.info("not resized: %s", reply, extra={"node": worker.node})
-    return {"error": reply}
+    log.info(
+        "%s: %s",
+        "resized by hand" if moved_at_all else "not resized",
+        reply,
+        extra={"node": worker.node},
+    )
+    return {"ok" if moved_at_all else "error": reply}
 
 
 @register(

@@ -219,19 +219,10 @@ end
 -- scored by Redis's clock (hosts' clocks may differ); one that no reserve renewed for
 -- IDLE_STALE_MS is a worker gone without a word, dropped. A worker whose last reserve
 -- was not short (A.waited false: it is in no set) costs its reserves nothing here while
--- it stays busy. A key of another kind there (someone else's write) is moved aside, as
--- record() moves a record: this runs after the reserve's writes, which a script that
--- failed here and ran again would not find.
+-- it stays busy. A key of another kind there (someone else's write) fails these writes,
+-- which are let be (pcall): EXISTS finds it, so every write publishes, as before this
+-- set, until a mend (redis_mend.lua) moves it aside.
 local IDLE_STALE_MS = 60000
-local function idle_write(key, ...)
-  local done = redis.pcall(...)
-  if type(done) == 'table' and done.err then
-    local kind = redis.call('TYPE', key).ok
-    if kind == 'zset' or kind == 'none' then error(done) end  -- not about the key's kind
-    redis.call('RENAME', key, P .. ':alien:' .. string.sub(key, #P + 2))
-    redis.call(...)
-  end
-end
 local function mark_idle(idle)
   local now
   if idle then
@@ -241,10 +232,10 @@ local function mark_idle(idle)
   for _, q in ipairs(A.queues) do
     local key = P .. ':idle:' .. q
     if idle then
-      idle_write(key, 'ZREMRANGEBYSCORE', key, '-inf', now - IDLE_STALE_MS)
-      idle_write(key, 'ZADD', key, now, A.owner)
+      redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now - IDLE_STALE_MS)
+      redis.pcall('ZADD', key, now, A.owner)
     elseif A.waited ~= false then
-      idle_write(key, 'ZREM', key, A.owner)
+      redis.pcall('ZREM', key, A.owner)
     end
   end
 end
