@@ -31,7 +31,7 @@ from worker.brokers.base import (
     Retry,
     Turn,
 )
-from worker.brokers.redis import Link, RedisBroker, wake_frames
+from worker.brokers.redis import WAIT_SCRIPT, Link, RedisBroker, wake_frames
 from worker.client import Client, TaskRevoked
 
 from .conftest import REDIS_URL
@@ -627,6 +627,34 @@ def test_a_wait_for_a_task_ends_when_the_task_does_not_when_the_wait_runs_out(
     # A wait that runs out reads what there is: a task that is not there, none.
     assert redis_broker.wait_for_end("no-such-task", 0.01) is None
     worker.close()
+
+
+def test_a_wait_whose_wake_up_list_turns_foreign_before_its_pop_mends_it(
+    redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait's script moves a foreign key off the wake-up list's name, but the pop is sent
+    after it: someone else's string written there in between made the pop, and with it
+    Handle.get, fail with WRONGTYPE. The key is moved aside as any foreign key of ours and
+    the wait goes on. (The script is made to write that string once, right after its own
+    work, where another connection's write would land.)"""
+    task = envelope()
+    redis_broker.enqueue([task])
+    woken = f"{redis_broker.prefix}:n:{task.id}"
+    once = woken.replace(":n:", ":once:")
+    squat = (
+        f"if redis.call('SET', '{once}', '1', 'NX') then"
+        f" redis.call('SET', ARGV[3], 'not a list') end\nreturn 0"
+    )
+    patched = WAIT_SCRIPT.replace("return 0", squat)
+    assert patched != WAIT_SCRIPT
+    monkeypatch.setattr("worker.brokers.redis.WAIT_SCRIPT", patched)
+
+    ended = redis_broker.wait_for_end(task.id, 0.2)
+
+    assert ended is not None and ended["state"] == PENDING
+    alien = f"{redis_broker.prefix}:alien:n:{task.id}"
+    assert redis_broker.redis.get(alien) == "not a list"
+    redis_broker.redis.delete(once)
 
 
 def test_get_sees_an_end_no_script_announced_and_a_revoke(redis_broker: RedisBroker) -> None:

@@ -690,7 +690,9 @@ class RedisBroker(Broker):
             connection.read_response()
             return self._result_of(task_id, connection.read_response)
 
-        return self._call(send)
+        # The script moves a foreign key off the wake-up list, but one written there before
+        # the pop runs (the pop is sent after the script) fails the pop: mended, waited again.
+        return self._call(send, keys=[(f"n:{task_id}", "list")])
 
     def get_result(self, task_id: str) -> dict[str, Any] | None:
         key = self._key("r", task_id)
