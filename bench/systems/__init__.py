@@ -6,7 +6,7 @@ from bench.systems.arq_sys import ArqSystem
 from bench.systems.base import System
 from bench.systems.celery_sys import CelerySystem
 from bench.systems.dramatiq_sys import DramatiqSystem
-from bench.systems.fleetd_sys import FleetdRedis, FleetdSQLite
+from bench.systems.fleetd_sys import FleetdRedis, FleetdRedisSpread, FleetdSQLite
 from bench.systems.huey_sys import HueySystem
 from bench.systems.rq_sys import RQSystem
 from bench.systems.saq_sys import SAQSystem
@@ -25,8 +25,14 @@ def all_systems() -> list[System]:
     ]
 
 
+def scale_systems() -> list[System]:
+    """The columns of `python -m bench.scale`: the peers that scale with processes, fleetd on
+    each broker, and fleetd on Redis with its children over 4 workers."""
+    return [CelerySystem(), HueySystem(), FleetdSQLite(), FleetdRedis(), FleetdRedisSpread()]
+
+
 def system_named(name: str) -> System:
-    for system in all_systems():
-        if system.name == name:
-            return system
-    raise KeyError(f"no system named {name!r}; known: {[s.name for s in all_systems()]}")
+    known = {system.name: system for system in [*all_systems(), *scale_systems()]}
+    if name not in known:
+        raise KeyError(f"no system named {name!r}; known: {sorted(known)}")
+    return known[name]

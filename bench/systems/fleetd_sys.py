@@ -86,12 +86,17 @@ class FleetdSystem(System):
             ASYNC_TASK,
         )
 
+    workers = 1  # worker processes the children are spread over
+
     def write_config(
         self, site: Site, name: str, processes: int, setting: str, task: str
     ) -> list[str]:
-        """Write a config of one worker with `processes` children, `setting` in its
-        [defaults] and the module of `task` to import; the command that starts it."""
+        """Write a config of `workers` workers on the one queue with `processes` children
+        between them, `setting` in its [defaults] and the module of `task` to import; the
+        command that starts it."""
         config = site.workdir / name
+        workers = min(self.workers, processes)
+        pools = [processes // workers + (i < processes % workers) for i in range(workers)]
         config.write_text(
             "[fleet]\n"
             'node = "bench"\n'
@@ -105,9 +110,10 @@ class FleetdSystem(System):
             f"concurrency = {processes}\n"
             f"prefetch = {PREFETCH}\n"
             f"{setting}\n"
-            "[[worker]]\n"
-            'name = "w"\n'
-            f'queues = ["{QUEUE}"]\n'
+            + "".join(
+                f'[[worker]]\nname = "w{i or ""}"\nqueues = ["{QUEUE}"]\nconcurrency = {pool}\n'
+                for i, pool in enumerate(pools)
+            )
         )
         return [str(self.bin / "fleetd"), "start", "-c", str(config), "--log-level", "warning"]
 
@@ -142,3 +148,14 @@ class FleetdSQLite(FleetdSystem):
 
     def broker_url(self, site: Site, relative: bool) -> str:
         return "sqlite:///queue.db" if relative else f"sqlite:///{site.workdir / 'queue.db'}"
+
+
+class FleetdRedisSpread(FleetdRedis):
+    """fleetd on Redis with its children spread over 4 workers on the one queue: the setting
+    for a many-core host, where one worker's dispatch would cap the pool (`python -m
+    bench.scale`; not a column of `make bench`)."""
+
+    name = "fleetd-redis-4w"
+    label = "fleetd (Redis), 4 workers"
+    settings = "as fleetd (Redis), the children spread over 4 workers on the one queue"
+    workers = 4
