@@ -676,11 +676,12 @@ class RedisBroker(Broker):
 
         def send(link: Link) -> dict[str, Any] | None:
             connection = link.connection
+            # In one write (redis-py sends each item of a list with a sendall of its own).
             connection.send_packed_command(
                 [
-                    pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms, alien)),
-                    pack(("BLPOP", woken, wait)),
-                    pack(("HMGET", record, *RESULT_FIELDS)),
+                    pack(("EVAL", WAIT_SCRIPT, 0, record, flag, woken, flag_ms, alien))
+                    + pack(("BLPOP", woken, wait))
+                    + pack(("HMGET", record, *RESULT_FIELDS))
                 ]
             )
             try:
@@ -691,7 +692,7 @@ class RedisBroker(Broker):
             return self._result_of(task_id, connection.read_response)
 
         # The script moves a foreign key off the wake-up list, but one written there before
-        # the pop runs (the pop is sent after the script) fails the pop: mended, waited again.
+        # the pop runs (another client's, between the two) fails the pop: mended, waited again.
         return self._call(send, keys=[(f"n:{task_id}", "list")])
 
     def get_result(self, task_id: str) -> dict[str, Any] | None:
