@@ -9,8 +9,9 @@ the system, and for fleetd that of its worker processes alone (one worker dispat
 its children, so its CPU per task caps the pool). Those are the figures that predict the table
 on a machine without the cores: `--procs 2` here shows them.
 
-The columns: Celery and Huey (the peers that scale with processes), fleetd on SQLite and on
-Redis, and fleetd on Redis with its children spread over 4 workers (`fleetd-redis-4w`). On a
+The columns: Celery and Huey (the peers that scale with processes), and fleetd on SQLite and
+on Redis, each with one worker and with its children spread over 4 workers on the one queue
+(`fleetd-sqlite-4w`, `fleetd-redis-4w`; fewer workers when the pool is smaller). On a
 many-core machine with no network, `bench/device.sh` runs it from wheels (see its header).
 """
 

@@ -6,7 +6,12 @@ from bench.systems.arq_sys import ArqSystem
 from bench.systems.base import System
 from bench.systems.celery_sys import CelerySystem
 from bench.systems.dramatiq_sys import DramatiqSystem
-from bench.systems.fleetd_sys import FleetdRedis, FleetdRedisSpread, FleetdSQLite
+from bench.systems.fleetd_sys import (
+    FleetdRedis,
+    FleetdRedisSpread,
+    FleetdSQLite,
+    FleetdSQLiteSpread,
+)
 from bench.systems.huey_sys import HueySystem
 from bench.systems.rq_sys import RQSystem
 from bench.systems.saq_sys import SAQSystem
@@ -26,9 +31,16 @@ def all_systems() -> list[System]:
 
 
 def scale_systems() -> list[System]:
-    """The columns of `python -m bench.scale`: the peers that scale with processes, fleetd on
-    each broker, and fleetd on Redis with its children over 4 workers."""
-    return [CelerySystem(), HueySystem(), FleetdSQLite(), FleetdRedis(), FleetdRedisSpread()]
+    """The columns of `python -m bench.scale`: the peers that scale with processes, and fleetd
+    on each broker with one worker and with its children over 4 workers."""
+    return [
+        CelerySystem(),
+        HueySystem(),
+        FleetdSQLite(),
+        FleetdSQLiteSpread(),
+        FleetdRedis(),
+        FleetdRedisSpread(),
+    ]
 
 
 def system_named(name: str) -> System:

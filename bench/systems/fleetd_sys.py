@@ -151,11 +151,20 @@ class FleetdSQLite(FleetdSystem):
 
 
 class FleetdRedisSpread(FleetdRedis):
-    """fleetd on Redis with its children spread over 4 workers on the one queue: the setting
-    for a many-core host, where one worker's dispatch would cap the pool (`python -m
-    bench.scale`; not a column of `make bench`)."""
+    """fleetd on Redis with its children spread over 4 workers on the one queue (fewer when
+    the pool is smaller): the setting for a many-core host, where one worker's dispatch would
+    cap the pool (`python -m bench.scale`; not a column of `make bench`)."""
 
     name = "fleetd-redis-4w"
     label = "fleetd (Redis), 4 workers"
     settings = "as fleetd (Redis), the children spread over 4 workers on the one queue"
+    workers = 4
+
+
+class FleetdSQLiteSpread(FleetdSQLite):
+    """fleetd on SQLite, its children spread as FleetdRedisSpread's."""
+
+    name = "fleetd-sqlite-4w"
+    label = "fleetd (SQLite), 4 workers"
+    settings = "as fleetd (SQLite), the children spread over 4 workers on the one queue"
     workers = 4
