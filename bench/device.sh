@@ -5,7 +5,8 @@
 # then run there, carrying .dev:  bash bench/device.sh [bench.scale's options]
 # (about 4 minutes with the defaults on 16 cores; give the call timeout_s 600). It makes the
 # harness's venv (.dev/venv) and the bench's own venvs from .dev/whl, runs .dev's redis-server
-# with the libraries it came with, and writes scale.md, scale.json and scale.log to $OUT.
+# with the libraries it came with, and writes scale.md, scale.json and scale.log to $OUT
+# ($SCALE_NAME.md and so on if set: a second run in the same call, e.g. with --prefetch 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=${FLEETD_DEV:-$PWD/.dev}
@@ -22,7 +23,8 @@ printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$dev/lib" "$dev/bin/r
   > "$wrapped/redis-server"
 chmod +x "$wrapped/redis-server"
 export PATH=$wrapped:$PATH
-{ echo "cores: $(nproc)"; python3 --version; redis-server --version; } | tee "$out/scale.log"
+name=${SCALE_NAME:-scale}
+{ echo "cores: $(nproc)"; python3 --version; redis-server --version; } | tee "$out/$name.log"
 python3 -m venv "$dev/venv"
 "$dev/venv/bin/pip" install -q psutil redis
-"$dev/venv/bin/python" -m bench.scale "$@" --output "$out/scale.md" 2>&1 | tee -a "$out/scale.log"
+"$dev/venv/bin/python" -m bench.scale "$@" --output "$out/$name.md" 2>&1 | tee -a "$out/$name.log"

@@ -33,6 +33,7 @@ from bench.measure import QUICK, Session, wait_timeout
 from bench.redis_server import RedisServer
 from bench.systems import scale_systems
 from bench.systems.base import System
+from bench.systems.fleetd_sys import PREFETCH, FleetdSystem
 
 HERE = Path(__file__).parent
 POLL = 0.005  # seconds between two looks at the done list while waiting for the first task
@@ -85,6 +86,7 @@ def render(
     table: dict[int, dict[str, list[dict[str, float]]]],
     systems: list[System],
     tasks: int,
+    prefetch: int,
     machine: dict[str, str],
     versions: dict[str, str],
     started: str,
@@ -94,8 +96,8 @@ def render(
         "# fleetd at scale: drain of a pre-filled queue by pool size",
         "",
         f"Written by `python -m bench.scale` on {started}: {tasks:,} no-op tasks (each RPUSHes"
-        " to Redis) enqueued with the workers stopped, then drained; the median of the"
-        " repetitions.",
+        " to Redis) enqueued with the workers stopped, then drained; fleetd's prefetch"
+        f" {prefetch}; the median of the repetitions.",
         "",
         "## Machine",
         "",
@@ -124,14 +126,23 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10000, help="tasks per drain (10000)")
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each run (2)")
     parser.add_argument("--systems", help="default: " + ",".join(s.name for s in scale_systems()))
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=PREFETCH,
+        help=f"fleetd's prefetch ({PREFETCH}, as make bench; the README's advice for short"
+        " tasks is more)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "SCALE.md")
     args = parser.parse_args()
     try:
         pool_sizes = [int(n) for n in args.procs.split(",")]
     except ValueError:
         parser.error(f"--procs: whole numbers separated by commas, not {args.procs!r}")
-    if min(pool_sizes) < 1 or args.tasks < 2 or args.reps < 1:
-        parser.error("--procs must be 1 or more, --tasks 2 or more, --reps 1 or more")
+    if min(pool_sizes) < 1 or args.tasks < 2 or args.reps < 1 or args.prefetch < 0:
+        parser.error(
+            "--procs must be 1 or more, --tasks 2 or more, --reps 1 or more, --prefetch 0 or more"
+        )
     systems = scale_systems()
     if args.systems:
         names = args.systems.split(",")
@@ -139,6 +150,9 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
         systems = [s for s in systems if s.name in names]
+    for system in systems:
+        if isinstance(system, FleetdSystem):
+            system.prefetch = args.prefetch
     if any(not s.is_fleetd for s in systems):
         environment.ensure_peers_venv()
     environment.compile_bytecode()
@@ -171,8 +185,11 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     machine["load average at end (1, 5, 15 min)"] = environment.load_average()
-    args.output.write_text(render(table, systems, args.tasks, machine, versions, started))
-    raw = {"tasks": args.tasks, "machine": machine, "versions": versions, "runs": table}
+    args.output.write_text(
+        render(table, systems, args.tasks, args.prefetch, machine, versions, started)
+    )
+    raw = {"tasks": args.tasks, "prefetch": args.prefetch, "machine": machine}
+    raw |= {"versions": versions, "runs": table}
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
     print(args.output.read_text())
 

@@ -87,6 +87,7 @@ class FleetdSystem(System):
         )
 
     workers = 1  # worker processes the children are spread over
+    prefetch = PREFETCH
 
     def write_config(
         self, site: Site, name: str, processes: int, setting: str, task: str
@@ -108,7 +109,7 @@ class FleetdSystem(System):
             'bind = ["ipc://state/control.sock"]\n'
             "[defaults]\n"
             f"concurrency = {processes}\n"
-            f"prefetch = {PREFETCH}\n"
+            f"prefetch = {self.prefetch}\n"
             f"{setting}\n"
             + "".join(
                 f'[[worker]]\nname = "w{i or ""}"\nqueues = ["{QUEUE}"]\nconcurrency = {pool}\n'
