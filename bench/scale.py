@@ -70,6 +70,10 @@ def one_run(
             stamps = sorted(session.stamps(key, tasks, fleet))
             spent_after, dispatch_after = session.cpu_seconds(fleet)
             counted = tasks - done
+            if counted < 100:  # the CPU figures would be the boot's, not the drain's
+                raise RuntimeError(
+                    f"{done} of {tasks} done at the first look: ask for more --tasks"
+                )
             values = {
                 "drain": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
                 "redis_cpu": (redis.cpu_seconds() - redis_cpu) / counted * 1e6,
