@@ -157,7 +157,7 @@ class FleetdRedisSpread(FleetdRedis):
     cap the pool (`python -m bench.scale`; not a column of `make bench`)."""
 
     name = "fleetd-redis-4w"
-    label = "fleetd (Redis), 4 workers"
+    label = "fleetd (Redis), up to 4 workers"
     settings = "as fleetd (Redis), the children spread over 4 workers on the one queue"
     workers = 4
 
@@ -166,6 +166,6 @@ class FleetdSQLiteSpread(FleetdSQLite):
     """fleetd on SQLite, its children spread as FleetdRedisSpread's."""
 
     name = "fleetd-sqlite-4w"
-    label = "fleetd (SQLite), 4 workers"
+    label = "fleetd (SQLite), up to 4 workers"
     settings = "as fleetd (SQLite), the children spread over 4 workers on the one queue"
     workers = 4
