@@ -936,6 +936,37 @@ def test_max_tasks_per_child_1_runs_each_task_once_in_a_fresh_child_and_reaps_ev
     assert len(fleet.child_pids(worker)) == 2, "the pool is not back at its size"
 
 
+def test_a_child_leaves_by_itself_after_its_last_task_without_waiting_for_the_worker(
+    make_fleet, tmp_path: Path
+) -> None:
+    """A child told its last task at its fork exits with that task's reply: with its worker
+    stopped (it reads nothing, closes no pipe), the child is gone all the same, and once the
+    worker goes on the outcome is there and the spare has taken its place."""
+    fleet = make_fleet(defaults={"concurrency": 1, "max_tasks_per_child": 1}).start()
+    gate = tmp_path / "gate"
+    held = fleet.client.submit("tasks.hold", str(gate))
+    wait_for(lambda: child_states(fleet) == ["busy", "spare"], 10, message="a busy child")
+    [stats] = inspect(fleet, "stats").values()
+    [busy] = [c["pid"] for c in stats["children"] if c["state"] == "busy"]
+    [worker] = fleet.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        gate.touch()
+
+        def exited() -> bool:
+            try:
+                return psutil.Process(busy).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(exited, 10, message="the child to exit while its worker is stopped")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert held.get(timeout=10) == busy
+    wait_for(lambda: busy not in fleet.child_pids(worker), 10, message="the child reaped")
+    assert fleet.client.submit("tasks.pid").get(timeout=10) not in (busy, worker)
+
+
 def test_spares_go_with_a_pool_shrink_and_a_warm_shutdown(make_fleet, tmp_path: Path) -> None:
     """A spare belongs to a child on its last task: a shrink of the pool under them lets the
     extra spare go, and a warm shutdown waits for the tasks, not for the spares."""

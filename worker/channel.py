@@ -48,6 +48,7 @@ class ArbiterChannel:
     arbiter_fd: int | None
     arbiter_out: Outbox | None
     events: list[dict[str, Any]]
+    arbiter_batched: bool
 
     def report(self: Worker, now: float) -> None:
         """Once a second: counters (and queue depths, with metrics on) to the arbiter."""
@@ -62,10 +63,14 @@ class ArbiterChannel:
             self.emit("worker-heartbeat", **self.stats_counts())
         self.send(message, droppable=True)
 
-    def send(self: Worker, message: dict[str, Any], droppable: bool = False) -> None:
+    def send(
+        self: Worker, message: dict[str, Any], droppable: bool = False, batch: bool = False
+    ) -> None:
         """Write a frame to the arbiter without waiting for it: what the socket does not take
         now goes when it has room. While the arbiter reads nothing, a `droppable` message
-        (stats, events) is dropped once ARBITER_BACKLOG_MAX bytes wait."""
+        (stats, events) is dropped once ARBITER_BACKLOG_MAX bytes wait. A `batch` one waits
+        for the end of the loop's turn (announce), to go with the turn's others in one write:
+        each write wakes the arbiter, and on a busy host that wake-up costs us the CPU."""
         out = self.arbiter_out
         if out is None:
             return
@@ -86,12 +91,26 @@ class ArbiterChannel:
             self.counts["events_dropped"] += len(message.get("events", ()))
             return
         try:
-            out.send(frame)
+            if batch:
+                out.add(frame)
+                self.arbiter_batched = True
+            else:
+                out.send(frame)
         except OSError:
             self.lose_arbiter()
             return
         if out:
             self.poller.modify(out.fd, POLL_IN | select.POLLOUT)
+
+    def announce(self: Worker) -> None:
+        """Write what waits for the arbiter: the children forked and reaped in this turn
+        among it. Every child forked so far is then known to the arbiter, which ends its
+        group if we are killed (dispatch calls this before a new child's first task)."""
+        self.arbiter_batched = False
+        if self.arbiter_out:
+            self.flush_arbiter()
+        for child in self.children.values():
+            child.announced = True
 
     def drop(self: Worker, message: dict[str, Any]) -> None:
         if not self.arbiter_stalled:

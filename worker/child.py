@@ -160,7 +160,7 @@ def reap_adopted() -> None:
 
 
 class Child:
-    def __init__(self, task_fd: int, result_fd: int, revoke_fd: int) -> None:
+    def __init__(self, task_fd: int, result_fd: int, revoke_fd: int, last_task: int = 0) -> None:
         self.pid = os.getpid()  # a copy that a task forks is another process: see leave_if_forked
         self.task_fd = task_fd
         self.result_fd = result_fd
@@ -171,6 +171,9 @@ class Child:
         self.in_task = False  # inside the task function: where a soft time limit may raise
         self.stop_when_idle = False
         self.frames_read = 0  # task frames, counted as the worker counts those it writes
+        # The worker hands no frame past this one: we leave with its reply, without waiting
+        # for the worker to close our pipe (a wake-up and a turn of its loop per recycling).
+        self.last_task = last_task
         self.async_names = {name for name, task in REGISTRY.items() if task.is_async}
 
     def on_term(self, signum: int, frame: Any) -> None:
@@ -248,6 +251,8 @@ class Child:
                     self.restore(alone=True)  # before the reply: see restore
                 except BaseException as exc:  # noqa: BLE001 - see raised_after
                     reply = self.raised_after(frame, exc)
+                if self.frames_read == self.last_task:
+                    self.stop_when_idle = True
                 if self.stop_when_idle:
                     reply["exit"] = True  # the worker must not hand us another task
                 write_all(self.result_fd, encode_reply(reply))
@@ -435,8 +440,11 @@ def restore_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(soft), hard), hard))
 
 
-def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) -> None:
-    """Entry point in a freshly forked child; never returns."""
+def child_main(
+    task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int, last_task: int = 0
+) -> None:
+    """Entry point in a freshly forked child; never returns. `last_task`: the number of the
+    task frame after which it leaves (max_tasks_per_child, with the worker's jitter; 0: none)."""
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -446,7 +454,7 @@ def child_main(task_fd: int, result_fd: int, revoke_fd: int, worker_pid: int) ->
     if os.getppid() != worker_pid:  # the worker died before the death signal was set
         os._exit(1)
     restore_open_files_limit()
-    child = Child(task_fd, result_fd, revoke_fd)
+    child = Child(task_fd, result_fd, revoke_fd, last_task)
     try:
         child.run()
     except BaseException:  # noqa: BLE001

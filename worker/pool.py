@@ -93,6 +93,7 @@ class ChildProc:
     # until a child retires, then takes over at once instead of the pool waiting for a fork.
     spare: bool = False
     said_bye: bool = False  # it wrote BYE: it stops cleanly, between tasks
+    announced: bool = False  # its pid was written to the arbiter (see dispatch)
     born: float = field(default_factory=time.time)
     partial_since: float | None = None  # monotonic time from which part of a reply waits
 
@@ -184,13 +185,15 @@ class Pool:
     def spares(self: Worker) -> list[ChildProc]:
         return [c for c in self.children.values() if c.spare and not c.retiring]
 
-    def fork_spare(self: Worker) -> None:
-        """Fork a spare for a child just handed its last task, so that its retirement
-        costs no fork (max_tasks_per_child = 1 would otherwise wait for one per task)."""
-        if len(self.spares()) < self.spares_wanted():
+    def fork_spares(self: Worker) -> None:
+        """Fork a spare for each child handed its last task, so that its retirement costs
+        no fork (max_tasks_per_child = 1 would otherwise wait for one per task). Called once
+        the tasks are written: the child runs its task while we fork."""
+        while len(self.spares()) < self.spares_wanted():
             spare = self.try_spawn()
-            if spare is not None:
-                spare.spare = True
+            if spare is None:
+                return
+            spare.spare = True
 
     def spawn_child(self: Worker) -> ChildProc:
         """Fork a pool child; OSError, with nothing left open, if a pipe or the fork fails."""
@@ -202,6 +205,10 @@ class Pool:
             keep_closed.append(self.arbiter_fd)
         for other in self.children.values():
             keep_closed += [other.tasks_out.fd, other.result_fd, other.revokes_out.fd]
+        recycle_after = 0
+        if self.spec.max_tasks_per_child:
+            jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
+            recycle_after = self.spec.max_tasks_per_child + jitter
         gc.freeze()  # a child's collector then leaves the inherited objects (and their pages) alone
         try:
             pid = os.fork()
@@ -219,7 +226,7 @@ class Pool:
                     os.close(fd)
             os.set_blocking(revoke_r, False)
             try:  # whatever happens in there, never back into the worker's loop
-                child_main(task_r, result_w, revoke_r, self.pid)
+                child_main(task_r, result_w, revoke_r, self.pid, recycle_after)
             finally:
                 os._exit(1)
         gc.unfreeze()  # ours to collect again: frozen for good, dead cycles would pile up
@@ -228,14 +235,13 @@ class Pool:
         os.close(revoke_r)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        # Before any task reaches the child: if we are killed, the arbiter ends its group.
-        self.send({"type": "child", "pid": pid})
+        # Before any task reaches the child (dispatch flushes it first), so that if we are
+        # killed the arbiter ends its group; with this turn's other words to it, in one write.
+        self.send({"type": "child", "pid": pid}, batch=True)
         for fd in (task_w, result_r, revoke_w):
             os.set_blocking(fd, False)
         child = ChildProc(pid, Outbox(task_w), result_r, Outbox(revoke_w))
-        if self.spec.max_tasks_per_child:
-            jitter = random.randint(0, max(0, self.spec.max_tasks_per_child // 10))
-            child.recycle_after = self.spec.max_tasks_per_child + jitter
+        child.recycle_after = recycle_after
         self.children[result_r] = child
         self.poller.register(result_r, POLL_IN)
         return child
@@ -303,23 +309,25 @@ class Pool:
             return
         running = child.tasks.popleft()
         child.tasks_done += 1
-        # The next one in its pipe starts now, unless the child leaves (it took a TERM): it
-        # never runs it, and a started mark, event and time limit would all be false.
-        if child.tasks and not reply.get("exit"):
+        # The child leaves after this outcome: it took a TERM, or this was the last task it
+        # may run (max_tasks_per_child: Child.last_task), and it is replaced. The next one
+        # in its pipe then never runs: a started mark, event and time limit would be false.
+        leaving = bool(reply.get("exit"))
+        if child.tasks and not leaving:
             self.begin(child.tasks[0], time.monotonic())
-        if reply.get("exit"):
-            child.retiring = True  # it got a TERM: it leaves after this outcome and is replaced
-        elif self.shutdown == "warm" and child.tasks:
+        if self.shutdown == "warm" and child.tasks and not leaving:
             # Our TERM went to a handler of that task's own (the child has its own back
             # now): send it again, or the child would run every task in its pipe.
             ask_to_finish(child.pid)
         if running.settled:
             if running.terminated_at is not None:
                 self.retire_child(child)
-            return
-        self.settle(running.delivery, reply)
-        if self.should_recycle(child):
-            self.retire_child(child)
+        else:
+            self.settle(running.delivery, reply)
+            if self.should_recycle(child):
+                self.retire_child(child)
+        if leaving:
+            child.retiring = True
 
     def should_recycle(self: Worker, child: ChildProc) -> bool:
         if child.retiring or self.shutdown is not None:
@@ -417,19 +425,26 @@ class Pool:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.kill_group(child.pid)  # whatever its task started dies with it
-        if status is None:
-            try:
-                status = os.waitpid(child.pid, 0)[1]
-            except ChildProcessError:
-                status = -1
-        # What its tasks started in other groups and sessions came to us when it died.
-        end_adopted({c.pid for c in self.children.values()})
-        # Its group and what it left us are ended: the arbiter's run record may drop it (else
-        # the record holds every child of the last seconds, rewritten at each fork).
-        self.send({"type": "child-gone", "pid": child.pid})
-        clean = child.said_bye and os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN_STOP
-        self.async_child_gone(child, clean, unread)
         unanswered = [r for r in child.tasks if not r.settled]
+        if status is None:
+            # Its pipe closed as it exits. Its status only matters to tasks it leaves
+            # unanswered (did it stop cleanly?): then wait for it; else reap it when its
+            # SIGCHLD comes, and go on (a recycled child would stall the pool each time).
+            if unanswered or any(not r.settled for r in child.aio.values()):
+                status = wait_for(child.pid, 0)
+            else:
+                status = wait_for(child.pid, os.WNOHANG)
+            if status is None:
+                self.exiting.add(child.pid)
+        if status is not None:
+            self.child_reaped(child.pid)
+        clean = (
+            status is not None
+            and child.said_bye
+            and os.WIFEXITED(status)
+            and os.WEXITSTATUS(status) == CLEAN_STOP
+        )
+        self.async_child_gone(child, clean, unread)
         if unanswered and not clean and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
             self.task_lost(lost)
@@ -442,6 +457,15 @@ class Pool:
         if unanswered:
             self.release_now([r.delivery.id for r in unanswered], died=False)
         child.tasks.clear()
+
+    def child_reaped(self: Worker, pid: int) -> None:
+        """A child whose pipe closed is reaped: end what it left us, and tell the arbiter."""
+        self.exiting.discard(pid)
+        # What its tasks started in other groups and sessions came to us when it died.
+        end_adopted({c.pid for c in self.children.values()} | self.exiting)
+        # Its group and what it left us are ended: the arbiter's run record may drop it (else
+        # the record holds every child of the last seconds, rewritten at each fork).
+        self.send({"type": "child-gone", "pid": pid}, batch=True)
 
     def kill_group(self: Worker, pid: int) -> None:
         """SIGKILL a child and its process group (signal_group); what its task started in
@@ -458,7 +482,9 @@ class Pool:
                 return
             if pid == 0:
                 return
-            if pid in known:
+            if pid in self.exiting:
+                self.child_reaped(pid)
+            elif pid in known:
                 for child in list(self.children.values()):
                     if child.pid == pid:
                         self.drain_child(child, status)
@@ -599,8 +625,11 @@ class Pool:
             self.reserved.extendleft(reversed(skipped))
             self.rate_limited = len(skipped)
         for child in self.unsent.values():
+            if not child.announced:
+                self.announce()  # the arbiter knows its pid before it runs a task
             self.write_child(child, child.tasks_out)
         self.unsent.clear()
+        self.fork_spares()
 
     def hand_over(
         self: Worker,
@@ -646,8 +675,6 @@ class Pool:
         running.frame_end = child.bytes_handed
         child.tasks_out.add(frame)  # see dispatch
         self.unsent[child.pid] = child
-        if self.on_last_task(child):
-            self.fork_spare()
 
     def begin(self: Worker, running: Running, now: float, mark: bool = True) -> None:
         """The task is now its child's current one: it is STARTED (one waiting in the pipe is
@@ -763,6 +790,15 @@ def rss(pid: int) -> int | None:
             return int(statm.read().split()[1]) * PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def wait_for(pid: int, options: int) -> int | None:
+    """A child's exit status (-1 if it is not ours to wait for); None if it has not exited."""
+    try:
+        reaped, status = os.waitpid(pid, options)
+    except ChildProcessError:
+        return -1
+    return status if reaped else None
 
 
 def signal_group(pid: int, signum: int) -> None:

@@ -85,7 +85,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.arbiter_out: Outbox | None = None if arbiter_fd is None else Outbox(arbiter_fd)
         self.arbiter_reader: FrameReader = FrameReader()
         self.arbiter_stalled: bool = False  # it read nothing for a while: events are dropped
+        self.arbiter_batched: bool = False  # frames wait for the end of the turn: announce
         self.children: dict[int, ChildProc] = {}  # by result_fd
+        self.exiting: set[int] = set()  # children gone from `children`, not yet reaped
         self.writing: dict[int, ChildProc] = {}  # children's pipes polled for room, by fd
         self.unsent: dict[int, ChildProc] = {}  # children handed tasks in this dispatch pass
         self.reserved: deque[Delivery] = deque()
@@ -241,6 +243,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if self.flush_due(now):
             self.flush()
         self.send_events()
+        if self.arbiter_batched:
+            self.announce()
         if self.shutdown is None and self.broker_available():
             with self.broker_call("tidy up and run the schedules"):
                 if self.held():  # a fleet that is never idle must still drop old results
@@ -258,7 +262,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.report(now)
 
     def finished(self) -> bool:
-        return self.shutdown is not None and not self.children
+        return self.shutdown is not None and not self.children and not self.exiting
 
     def poll_timeout(self) -> float:
         if self.shutdown is None and self.has_work_to_dispatch():
