@@ -61,7 +61,9 @@ EXIT_OK, EXIT_BROKEN = 0, 1
 WORKERS = [
     {"name": "alpha", "queues": ["default"], "concurrency": 2},
     {"name": "beta", "queues": ["default"], "concurrency": 2},
-    {"name": "gamma", "queues": ["default"], "concurrency": 1},
+    # Recycles its child every few tasks: spares, children that leave by themselves, and
+    # reaps, all under the same kills and signals.
+    {"name": "gamma", "queues": ["default"], "concurrency": 1, "max_tasks_per_child": 3},
 ]
 DEFAULTS = {
     "prefetch": 2,
