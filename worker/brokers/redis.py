@@ -180,6 +180,8 @@ def url_options_problem(url: str) -> str | None:
         )
     except ValueError as exc:
         return str(exc)
+    if not query:  # no option names to check: spare the signatures (ms at every start)
+        return None
     kind = options.pop("connection_class", redis.connection.Connection)
     known = {
         name
