@@ -160,6 +160,15 @@ DEPTHS_SCRIPT = LuaScript(lua("depths"))
 MEND_SCRIPT = LuaScript(lua("mend"))
 ENQUEUE_SCRIPT = LuaScript(lua("queue") + lua("enqueue"))
 
+# What redis-py names itself with at each connection (CLIENT SETINFO), its version given: by
+# default redis-py 8 looks it up with importlib.metadata (a scan of sys.path: ms and MiB, in
+# every process that connects). Older ones take no DriverInfo and look it up at import.
+CONNECTION_OPTIONS: dict[str, Any] = (
+    {"driver_info": redis.DriverInfo(lib_version=redis.__version__)}
+    if hasattr(redis, "DriverInfo")
+    else {}
+)
+
 # Script arguments as compact JSON; everything passed is made of str, int, float, bool, None.
 encode_args = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
@@ -466,6 +475,7 @@ class RedisBroker(Broker):
             retry=CallRetry(CALL_BACKOFF, FAIL_FAST_RETRIES if fail_fast else CALL_RETRIES),
             socket_timeout=(call_wait or FAIL_FAST_WAIT) if fail_fast else SOCKET_TIMEOUT,
             socket_connect_timeout=connect_timeout,
+            **CONNECTION_OPTIONS,
         )
         self._idle: list[Link] = []
         self._pid = os.getpid()
