@@ -206,6 +206,13 @@ def stop_self():
     return "resumed"
 
 @task
+def stop_process(pid):
+    """SIGSTOP another process (a test's own redis-server): our worker's next broker call,
+    the one that acks us, goes to a server that hangs."""
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+@task
 def quit_worker(via):
     """SIGQUIT to the worker that runs us, from this process or from a shell of ours in a
     session of its own (which lives on a while after it sent it)."""

@@ -186,6 +186,33 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         server.kill()
 
 
+def test_a_turn_cut_off_by_a_hung_redis_that_ran_once_it_woke_hands_its_tasks_over(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A task hangs Redis as it ends: its worker's next turn (its ack, and a reserve) reaches
+    the server, and no reply comes before the call gives up. Redis runs that turn once it
+    wakes. What the turn reserved is the worker's to run at once, not 30 s later when the
+    lease runs out, and each task runs once."""
+    server = start_redis(tmp_path, appendonly=False)
+    assert server.process is not None
+    try:
+        fleet = make_fleet(
+            fleet={"broker": server.url}, defaults={"worker_timeout": 4, "concurrency": 1}
+        ).start()
+        journal = tmp_path / "journal"
+        stop = fleet.client.submit("tasks.stop_process", server.process.pid)
+        handles = fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 6)
+        wait_for(lambda: "broker unreachable" in fleet.log(), 10, message="a call to give up")
+        os.kill(server.process.pid, signal.SIGCONT)
+        assert stop.get(timeout=10) == server.process.pid
+        infos = fleet.wait_all_final([h.id for h in handles], timeout=15)  # the lease: 30 s
+        assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 6}
+        assert executions(journal) == {h.id: 1 for h in handles}
+        assert "a turn cut off by the broker's absence ran once it answered" in fleet.log()
+    finally:
+        server.kill()
+
+
 def test_a_hung_redis_is_no_hung_worker_under_a_short_worker_timeout(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:

@@ -478,6 +478,10 @@ class RedisBroker(Broker):
             **CONNECTION_OPTIONS,
         )
         self._idle: list[Link] = []
+        # A reserving turn cut off by a lost connection or a timeout, its link held aside
+        # with its token, and what it turned out to have reserved (see _reclaim).
+        self._cut_off: Link | None = None
+        self._reclaimed: list[Delivery] = []
         self._pid = os.getpid()
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
         self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
@@ -485,7 +489,7 @@ class RedisBroker(Broker):
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
-            self._pid, self._idle = os.getpid(), []
+            self._pid, self._idle, self._cut_off = os.getpid(), [], None
         try:
             return self._idle.pop()
         except IndexError:
@@ -526,27 +530,34 @@ class RedisBroker(Broker):
         request: Callable[[Link], Any],
         queues: Sequence[str] = (),
         keys: Sequence[tuple[str, str]] = (),
+        hold: bool = False,
     ) -> Any:
         """`request(link)` on an idle link (_send), mended (_mended, for `queues` and
         `keys`) when it fails on a key of ours that holds another kind of value."""
-        return self._mended(lambda: self._send(request), queues, keys)
+        return self._mended(lambda: self._send(request, hold), queues, keys)
 
-    def _send(self, request: Callable[[Link], Any]) -> Any:
+    def _send(self, request: Callable[[Link], Any], hold: bool = False) -> Any:
         """`request(link)` on an idle link, sent again (same link, same token) after a lost
         connection or a timeout (CallRetry). A call that ends in an exception leaves its
         link disconnected: one raised between its request and its reply (by a signal
-        handler of the caller's, say) would leave that reply for the link's next call."""
+        handler of the caller's, say) would leave that reply for the link's next call.
+        `hold`: a call that the broker's absence cut off keeps its link and token aside
+        for _reclaim (one at a time)."""
         link = self._take_link()
         link.calls += 1
+        idle = True
         try:
             return link.connection.retry.call_with_retry(
                 lambda: request(link), lambda _error: link.connection.disconnect()
             )
-        except BaseException:
+        except BaseException as exc:
             link.connection.disconnect()
+            if hold and self._cut_off is None and isinstance(exc, self.unavailable):
+                self._cut_off, idle = link, False
             raise
         finally:
-            self._idle.append(link)
+            if idle:
+                self._idle.append(link)
 
     def _run(
         self,
@@ -554,9 +565,10 @@ class RedisBroker(Broker):
         args: Any,
         queues: Sequence[str] = (),
         keys: Sequence[tuple[str, str]] = (),
+        hold: bool = False,
     ) -> Any:
         """Run a write script once, even if it has to be sent again (see _mended for
-        `queues` and `keys`)."""
+        `queues` and `keys`, _send for `hold`)."""
         now, encoded = _exact(time.time()), encode_args(args)
         return json.loads(
             self._call(
@@ -565,6 +577,7 @@ class RedisBroker(Broker):
                 ),
                 queues,
                 keys,
+                hold,
             )
         )
 
@@ -608,15 +621,71 @@ class RedisBroker(Broker):
             # Whether the owner's last reserve marked it waiting (None: not known here).
             "waited": self._waiting.get(turn.owner),
         }
-        reply = self._run("turn", args, turn.queues)
+        if turn.wanted and self._cut_off is not None:
+            self._reclaim(args)
+        reply = self._run("turn", args, turn.queues, hold=turn.wanted > 0)
+        reclaimed, self._reclaimed = self._reclaimed, []
         if not reply:  # nothing asked for: {}
-            return []
+            return reclaimed
         if reply["seq"] is not None:
             for wake in self._wakeups:
                 wake.seen = reply["seq"]
         rows = reply["rows"] or []  # no rows: {}
         self._waiting[turn.owner] = len(rows) < turn.wanted  # as redis_turn.lua marks it
-        return [delivery(*row) for row in rows]
+        return reclaimed + [delivery(*row) for row in rows]
+
+    def _reclaim(self, args: dict[str, Any]) -> None:
+        """What a reserving turn cut off by a lost connection or a timeout reserved, if Redis
+        ran it after all: a server that hung runs what waited in its sockets once it wakes,
+        and those tasks, held for us, would otherwise wait for their lease to run out. The
+        turn's link sends an empty turn under the same token: it returns the turn's reply if
+        the turn ran; else it takes the token, and the turn, should it still come, does not
+        run (redis_epilogue.lua). Kept for the next reserving turn to hand over (tasks still
+        held for us only: a lease may have run out meanwhile). Sent again while the broker is
+        unreachable (the token's reply is kept 2 minutes); on any other error, left to the
+        leases."""
+        link = self._cut_off
+        assert link is not None
+        empty = {**args, "started": [], "outcomes": [], "retries": [], "n": 0, "waited": None}
+        now, encoded = _exact(time.time()), encode_args(empty)
+        rows: list[list[Any]] = []
+        holders: list[list[Any]] = []
+        try:
+            reply = json.loads(
+                link.connection.retry.call_with_retry(
+                    lambda: link.evaluate(
+                        WRITE_SCRIPTS["turn"], self.prefix, link.name, link.calls, now, encoded
+                    ),
+                    lambda _error: link.connection.disconnect(),
+                )
+            )
+            rows = (reply.get("rows") or []) if reply else []
+            if rows:
+                pipe = self.redis.pipeline(transaction=False)
+                for row in rows:
+                    pipe.hmget(self._key("r", row[0]), "status", "owner")
+                holders = pipe.execute()
+        except self.unavailable:
+            link.connection.disconnect()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a best effort: the leases are the rest
+            log.warning("could not look for what a turn cut off reserved: %r", exc)
+            rows, holders = [], []
+        self._cut_off = None
+        self._idle.append(link)
+        taken = [
+            delivery(*row)
+            for row, (status, owner) in zip(rows, holders, strict=False)
+            if status == "held" and owner == args["owner"]
+        ]
+        if rows:
+            log.info(
+                "a turn cut off by the broker's absence ran once it answered: %d of the %d"
+                " tasks it reserved are still ours",
+                len(taken),
+                len(rows),
+            )
+        self._reclaimed += taken
 
     def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if ids:
@@ -795,9 +864,9 @@ class RedisBroker(Broker):
         ]
 
     def close(self) -> None:
-        for link in self._idle:
+        for link in [*self._idle, *([self._cut_off] if self._cut_off else [])]:
             link.connection.disconnect()
-        self._idle = []
+        self._idle, self._cut_off = [], None
         self.redis.close()
 
     # --- schedules ---------------------------------------------------------------
