@@ -214,6 +214,23 @@ def test_poison_records_are_dead_lettered_and_the_queue_goes_on(
     assert fleet.worker_pids() == [worker], "the worker died"
 
 
+def test_a_backlog_of_tasks_no_worker_knows_is_dead_lettered_at_full_speed(
+    make_fleet: Callable[..., Fleet], broker_url: str
+) -> None:
+    """A deploy that renamed a task leaves a backlog under the old name. Each reserve of it
+    is dead-lettered at once and takes none of the pool's room: the next reserve must not
+    wait for a wake-up or the next second (with 2 children that drained 4 a second, and the
+    task queued behind 400 of them waited 100 s)."""
+    fleet = fleet_on(make_fleet, broker_url)
+    fleet.client.submit_many([("tasks.renamed_away", (), {})] * 400)
+    behind = fleet.client.submit("tasks.add", 2, 3)
+    fleet.start()
+    assert behind.get(timeout=20) == 5
+    letters = fleet.client.broker.dead_letters(1000)
+    assert len(letters) == 400
+    assert {d.reason for d in letters} == {"NotRegistered"}
+
+
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own on the shared Redis."""

@@ -46,6 +46,7 @@ class BrokerLink:
     unreleased: dict[bool, list[str]]
     booted_in_broker: bool
     etas_read_at: float | None
+    reserve_again: bool
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -95,6 +96,7 @@ class BrokerLink:
         child is about to run out of tasks with none reserved to give it. A reserve that
         brought the first async tasks in a while widens the capacity: the rest of them are
         reserved at once, not after the tasks in flight end."""
+        self.reserve_again = False
         capacity = self.capacity()
         self.reserve_up_to(capacity)
         if (wider := self.capacity()) > capacity:
@@ -138,6 +140,11 @@ class BrokerLink:
             self.dry_recheck_at = time.monotonic() + DRY_RECHECK
             for delivery in deliveries:
                 self.accept(delivery)
+            # Tasks settled as they came in (dead-lettered, revoked) took none of the room
+            # they were reserved for: with more waiting, reserve again at once, not at the
+            # next wake-up or second (a backlog under a renamed task's old name, say).
+            if not self.queue_dry and self.held() < capacity:
+                self.reserve_again = True
 
     def known_dry(self: Worker) -> bool:
         """Whether the last reserve came back short and nothing since says there is more: no

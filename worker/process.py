@@ -126,6 +126,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_renew: float = 0.0
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
+        self.reserve_again: bool = False  # it got all it asked for and settled it at once
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
@@ -265,7 +266,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         return self.shutdown is not None and not self.children and not self.exiting
 
     def poll_timeout(self) -> float:
-        if self.shutdown is None and self.has_work_to_dispatch():
+        if self.shutdown is None and (self.reserve_again or self.has_work_to_dispatch()):
             return 0.0
         now = time.monotonic()
         deadlines = [self.next_renew, self.next_report]
