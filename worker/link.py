@@ -47,6 +47,7 @@ class BrokerLink:
     booted_in_broker: bool
     etas_read_at: float | None
     reserve_again: bool
+    revokes_unread: bool
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -129,6 +130,9 @@ class BrokerLink:
         if not self.broker_available() or self.known_dry() or not self.boot_in_broker():
             return
         with self.broker_call("reserve"):
+            if self.revokes_unread:  # the renew that reads them failed: read them first
+                self.revoked |= self.broker.revoked()
+                self.revokes_unread = False
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
@@ -285,6 +289,9 @@ class BrokerLink:
         except Exception as exc:
             if not self.broker.unavailable_now(exc):
                 raise
+            # Revokes made meanwhile, or since the last renew, are read before the next
+            # reserve: the first one once the broker answers may come before any renew.
+            self.revokes_unread = True
             level = logging.DEBUG if self.broker_backoff else logging.WARNING
             self.broker_backoff = min(
                 BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)

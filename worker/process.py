@@ -127,6 +127,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
+        self.revokes_unread: bool = False  # a broker call failed: read them before reserving
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
