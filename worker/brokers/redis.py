@@ -415,6 +415,12 @@ class Link:
         self.name = uuid.uuid4().hex
         self.calls = 0  # the current call's token: calls on one link never overlap
 
+    def attempt(self, request: Callable[[Link], Any]) -> Any:
+        """`request(self)`, sent again (same token) after a lost connection or a timeout."""
+        return self.connection.retry.call_with_retry(
+            lambda: request(self), lambda _error: self.connection.disconnect()
+        )
+
     def execute(self, *args: Any) -> Any:
         self.send(*args)
         return self.connection.read_response()
@@ -547,9 +553,7 @@ class RedisBroker(Broker):
         link.calls += 1
         idle = True
         try:
-            return link.connection.retry.call_with_retry(
-                lambda: request(link), lambda _error: link.connection.disconnect()
-            )
+            return link.attempt(request)
         except BaseException as exc:
             link.connection.disconnect()
             if hold and self._cut_off is None and isinstance(exc, self.unavailable):
@@ -569,16 +573,13 @@ class RedisBroker(Broker):
     ) -> Any:
         """Run a write script once, even if it has to be sent again (see _mended for
         `queues` and `keys`, _send for `hold`)."""
+        return json.loads(self._call(self._write(script, args), queues, keys, hold))
+
+    def _write(self, script: str, args: Any) -> Callable[[Link], Any]:
+        """A write script's request: sent over a link, under that link's current token."""
         now, encoded = _exact(time.time()), encode_args(args)
-        return json.loads(
-            self._call(
-                lambda link: link.evaluate(
-                    WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
-                ),
-                queues,
-                keys,
-                hold,
-            )
+        return lambda link: link.evaluate(
+            WRITE_SCRIPTS[script], self.prefix, link.name, link.calls, now, encoded
         )
 
     def _key(self, *parts: str) -> str:
@@ -647,18 +648,10 @@ class RedisBroker(Broker):
         link = self._cut_off
         assert link is not None
         empty = {**args, "started": [], "outcomes": [], "retries": [], "n": 0, "waited": None}
-        now, encoded = _exact(time.time()), encode_args(empty)
         rows: list[list[Any]] = []
         holders: list[list[Any]] = []
         try:
-            reply = json.loads(
-                link.connection.retry.call_with_retry(
-                    lambda: link.evaluate(
-                        WRITE_SCRIPTS["turn"], self.prefix, link.name, link.calls, now, encoded
-                    ),
-                    lambda _error: link.connection.disconnect(),
-                )
-            )
+            reply = json.loads(link.attempt(self._write("turn", empty)))
             rows = (reply.get("rows") or []) if reply else []
             if rows:
                 pipe = self.redis.pipeline(transaction=False)
@@ -864,7 +857,7 @@ class RedisBroker(Broker):
         ]
 
     def close(self) -> None:
-        for link in [*self._idle, *([self._cut_off] if self._cut_off else [])]:
+        for link in self._idle + ([self._cut_off] if self._cut_off else []):
             link.connection.disconnect()
         self._idle, self._cut_off = [], None
         self.redis.close()
