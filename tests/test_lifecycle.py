@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.fleet import TASKS, Fleet, executions, holds, wait_for
-from worker import TaskFailed, task
+from worker import TaskFailed, TaskRevoked, task
 from worker.brokers.base import Envelope
 
 
@@ -244,6 +244,44 @@ def test_revoked_before_start_is_skipped_and_never_runs(
         lambda: reserved.state == "REVOKED" and queued.state == "REVOKED", 10, message="REVOKED"
     )
     assert holds(lambda: len(lines(marker)) == 1), "a revoked task started"
+
+
+# Client.revoke writes the broker only: the workers read its revoked set now and then
+# (every lease/3 seconds), not at every turn. A task submitted after its revoke, or one held
+# in a child's pipe when the revoke is read, still must never start.
+def test_a_task_revoked_ahead_by_the_client_never_runs_when_submitted(
+    make_fleet, broker_url: str, tmp_path: Path
+) -> None:
+    fleet = make_fleet(fleet={"broker": broker_url}).start()
+    journal = tmp_path / "journal"
+    fleet.client.revoke(["ahead"])  # the workers read the revoked set at their boot: before
+
+    handle = fleet.client.submit("tasks.journal", str(journal), task_id="ahead")
+
+    with pytest.raises(TaskRevoked):
+        handle.get(timeout=10)
+    assert fleet.client.submit("tasks.journal", str(journal)).get(timeout=10)
+    assert "ahead" not in executions(journal)
+
+
+def test_a_task_waiting_in_a_child_pipe_is_not_started_after_a_client_revoke(
+    make_fleet, broker_url: str, tmp_path: Path
+) -> None:
+    # lease 1.5: the worker reads the revoked set every half second
+    fleet = make_fleet(
+        fleet={"broker": broker_url, "lease": 1.5}, defaults={"concurrency": 1, "prefetch": 2}
+    ).start()
+    journal = tmp_path / "journal"
+    blocker = fleet.client.submit("tasks.journal", str(journal), 3.0)
+    wait_for(lambda: executions(journal), 10, message="the blocker to start")
+    waiting = fleet.client.submit("tasks.journal", str(journal))
+    wait_for(lambda: any(inspect(fleet, "reserved").values()), 5, message="it to be reserved")
+
+    fleet.client.revoke([waiting.id])
+
+    assert blocker.get(timeout=10)
+    wait_for(lambda: waiting.state == "REVOKED", 10, message="REVOKED")
+    assert holds(lambda: set(executions(journal)) == {blocker.id}), "a revoked task started"
 
 
 def test_revoke_with_terminate_signals_the_child_and_is_not_redelivered(

@@ -345,7 +345,10 @@ class Client:
         return self._reach(lambda broker: broker.get_result(task_id))
 
     def revoke(self, ids: list[str]) -> None:
-        """Mark tasks revoked in the broker: queued ones end REVOKED, none of them starts."""
+        """Mark tasks revoked in the broker: queued and scheduled ones end REVOKED now, and so
+        does one submitted later under a revoked id. A worker holding one (reserved, or in a
+        child's pipe) reads the revoke within `lease`/3 seconds and skips it; one already
+        running runs on (`fleetctl revoke --terminate` stops it)."""
         self._reach(lambda broker: broker.revoke(ids))
 
     def depths(self) -> list[QueueDepth]:

@@ -131,7 +131,7 @@ class BrokerLink:
             return
         with self.broker_call("reserve"):
             if self.revokes_unread:  # the renew that reads them failed: read them first
-                self.revoked |= self.broker.revoked()
+                self.read_revokes()
                 self.revokes_unread = False
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
@@ -251,8 +251,17 @@ class BrokerLink:
             self.broker.extend(held, self.owner, self.spec.lease)
             if self.shutdown is None:
                 self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
-                self.revoked |= self.broker.revoked()
+                self.read_revokes()
         self.recover_dead_owners()
+
+    def read_revokes(self: Worker) -> None:
+        """Read the broker's revoked set: revokes written there (`Client.revoke`) rather than
+        broadcast (`fleetctl revoke`) reach the tasks held here, and one waiting in a child's
+        pipe is not started."""
+        fresh = self.broker.revoked() - self.revoked
+        if fresh:
+            self.revoked |= fresh
+            self.revoke_waiting(fresh)
 
     def recover_dead_owners(self: Worker) -> None:
         """Give back the tasks of the consumers the arbiter saw die (later, if the broker is

@@ -630,6 +630,38 @@ def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
     assert connect().revoked() == {held.id, queued.id, scheduled.id, "never-seen"}
 
 
+def test_a_task_submitted_after_its_revoke_ends_revoked_and_is_never_handed_out(
+    broker: Broker,
+) -> None:
+    # A worker reads the revoked set now and then: one that has not read this revoke yet
+    # must not be handed the task (Client.revoke writes the broker only).
+    ahead, later, other = envelope(), envelope(eta=time.time() + 60), envelope()
+    broker.revoke([ahead.id, later.id])
+
+    broker.enqueue([ahead, later, other])
+
+    assert [(broker.get_result(t.id) or {}).get("state") for t in (ahead, later, other)] == [
+        REVOKED,
+        REVOKED,
+        PENDING,
+    ]
+    assert [d.id for d in broker.reserve(["q1"], 10, "w1", 30)] == [other.id]
+    assert broker.next_due(["q1"]) is None
+    assert broker.depths() == [QueueDepth("q1", reserved=1)]
+
+
+def test_a_dead_letter_retried_after_its_revoke_ends_revoked(broker: Broker) -> None:
+    task = envelope("q2")
+    dead_lettered(broker, task)
+    broker.revoke([task.id])
+
+    assert broker.retry_dead([task.id]) == [task.id]  # off the list: it went back, and ended
+
+    assert (broker.get_result(task.id) or {}).get("state") == REVOKED
+    assert broker.dead_letters() == []
+    assert broker.reserve(["q2"], 1, "w2", 30) == []
+
+
 def test_routes_published_by_workers_are_read_back_and_replaced(
     broker: Broker, connect: BrokerFactory
 ) -> None:

@@ -591,7 +591,7 @@ class RedisBroker(Broker):
             return
         now, queues = time.monotonic(), {e.queue for e in envelopes}
         known = all(now - self._registered.get(q, -KNOWN_FRESH) < KNOWN_FRESH for q in queues)
-        argv = [self.prefix, "known" if known else "", "", _exact(time.time())]
+        argv = [self.prefix, "known" if known else "", "", _exact(time.time()), self.result_ttl]
         for e in envelopes:
             argv += (e.id, e.queue, e.name, e.body, "" if e.eta is None else _exact(e.eta))
 
@@ -819,7 +819,8 @@ class RedisBroker(Broker):
     def retry_dead(self, ids: Sequence[str]) -> list[str]:
         if not ids:
             return []
-        return list(self._run("retry_dead", list(dict.fromkeys(ids))))  # none: {}
+        ids = list(dict.fromkeys(ids))
+        return list(self._run("retry_dead", {"ids": ids, "ttl": self.result_ttl}))  # none: {}
 
     def purge_dead(self) -> int:
         return int(self._run("purge_dead", {}))

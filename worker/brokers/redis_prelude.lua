@@ -22,24 +22,6 @@ local function put(fields, unset, field, value)
   end
 end
 
--- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
--- is kept `ttl` seconds for its result to be read. A client waiting for it (its flag
--- `{p}:w:{id}`, see redis.py's WAIT_SCRIPT) is woken through the list `{p}:n:{id}`.
-local function close_record(id, ttl, fields, unset)
-  local key = task_key(id)
-  redis.call('HSET', key, 'status', 'done', 'finished', NOW, unpack(fields))
-  redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
-  redis.call('EXPIRE', key, ttl)
-  if redis.call('DEL', P .. ':w:' .. id) == 1 then
-    local woken = P .. ':n:' .. id
-    if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
-      redis.call('RENAME', woken, P .. ':alien:n:' .. id)
-      redis.call('LPUSH', woken, '1')
-    end
-    redis.call('EXPIRE', woken, 60)
-  end
-end
-
 -- Stream entries of tasks taken out, per queue: drop_spent acks and deletes them, a
 -- thousand per command. The epilogue calls it; a script that reads its streams after
 -- taking tasks out calls it first.

@@ -85,12 +85,32 @@ local function schedule(id, q, eta, fields)
   woken[q] = 'eta'
 end
 
+-- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
+-- is kept `ttl` seconds for its result to be read. A client waiting for it (its flag
+-- `{p}:w:{id}`, see redis.py's WAIT_SCRIPT) is woken through the list `{p}:n:{id}`.
+local function close_record(id, ttl, fields, unset)
+  local key = task_key(id)
+  redis.call('HSET', key, 'status', 'done', 'finished', NOW, unpack(fields))
+  redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
+  redis.call('EXPIRE', key, ttl)
+  if redis.call('DEL', P .. ':w:' .. id) == 1 then
+    local woken = P .. ':n:' .. id
+    if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
+      redis.call('RENAME', woken, P .. ':alien:n:' .. id)
+      redis.call('LPUSH', woken, '1')
+    end
+    redis.call('EXPIRE', woken, 60)
+  end
+end
+
 -- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
 -- waiting or held is left as it is; an ended one starts over as a new task. With a call
 -- `token` (enqueue's), the record keeps it, and a record that holds it already was written
 -- by this very call (a retry after a lost reply): left as it is, so that a retried submit
--- neither runs twice nor starts over a task that ran meanwhile.
-local function submit(id, q, name, body, eta, token)
+-- neither runs twice nor starts over a task that ran meanwhile. An id revoked ahead ends
+-- REVOKED at once, its record kept `ttl` seconds: it never enters a queue, so no worker
+-- runs it, not even one that has not read the revoke yet.
+local function submit(id, q, name, body, eta, token, ttl)
   local was = record(id, 'status', 'call')
   if (token and was[2] == token) or (was[1] and was[1] ~= 'done') then return end
   if was[1] then redis.call('DEL', task_key(id)) end
@@ -100,7 +120,10 @@ local function submit(id, q, name, body, eta, token)
     fields[#fields + 1] = 'call'
     fields[#fields + 1] = token
   end
-  if eta ~= '' and tonumber(eta) > tonumber(NOW) then
+  if redis.call('SISMEMBER', P .. ':revoked', id) == 1 then
+    redis.call('HSET', task_key(id), unpack(fields))
+    close_record(id, ttl, {'state', 'REVOKED'}, {})
+  elseif eta ~= '' and tonumber(eta) > tonumber(NOW) then
     schedule(id, q, eta, fields)
   else
     append(id, q, fields)

@@ -1,4 +1,4 @@
--- A: ids. The dead letters of these ids go back to their queue as new tasks (the newest
+-- A: ids, ttl. The dead letters of these ids go back to their queue as new tasks (the newest
 -- letter of an id, if it has several) and off the list, which is written anew in one pass
 -- (LREM per letter would read the whole list each time). Returns the ids that were there.
 -- The letters are submitted before the list loses them: a script that fails halfway (a key
@@ -6,7 +6,7 @@
 -- submit run again leaves a task that is queued as it is.
 local function main()
   local wanted, found = {}, {}
-  for _, id in ipairs(A) do wanted[id] = true end
+  for _, id in ipairs(A.ids) do wanted[id] = true end
   local key, kept, letters = P .. ':dead', {}, {}
   for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
     local ok, d = pcall(cjson.decode, text)
@@ -27,7 +27,7 @@ local function main()
   local reply = {}
   for i = #letters, 1, -1 do  -- oldest first: they go back in the order they died
     local d = letters[i]
-    submit(d.id, d.queue, d.name, d.body, '')
+    submit(d.id, d.queue, d.name, d.body, '', nil, A.ttl)
     reply[#reply + 1] = d.id
   end
   redis.call('DEL', key)

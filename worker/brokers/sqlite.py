@@ -103,6 +103,13 @@ ENQUEUE = (
     " exc_type = NULL, exc_message = NULL, traceback = NULL, node = NULL, runtime = NULL,"
     f" finished = NULL WHERE tasks.status = {DONE}"
 )
+# A queued task of a revoked id ends REVOKED (finished, id): the revoke's own, and the
+# submit's of an id revoked ahead, so that no worker runs it, not even one that has not read
+# the revoke yet.
+REVOKE_QUEUED = (
+    f"UPDATE tasks SET status = {DONE}, state = '{REVOKED}', finished = ?"
+    f" WHERE id = ? AND status = {QUEUED} AND id IN (SELECT id FROM revoked)"
+)
 # Text columns as str whatever bytes a producer stored (see the base module): sqlite3's own
 # decoding raises OperationalError, which would read as "the broker is unavailable".
 TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
@@ -290,6 +297,8 @@ class SQLiteBroker(Broker):
         rows = [(e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes]
         with self._write() as db:
             db.executemany(ENQUEUE, rows)
+            if db.execute("SELECT 1 FROM revoked LIMIT 1").fetchone():
+                db.executemany(REVOKE_QUEUED, [(now, e.id) for e in envelopes])
         self.poker.poke(scheduled=any(row[5] > now for row in rows))
 
     # --- consuming -------------------------------------------------------------
@@ -548,6 +557,7 @@ class SQLiteBroker(Broker):
                 ).fetchone()
                 if letter is not None:
                     db.execute(ENQUEUE, (task_id, *letter, PENDING, 0.0, now))
+                    db.execute(REVOKE_QUEUED, (now, task_id))
                     retried.append(task_id)
         if retried:
             self.poker.poke()
@@ -563,11 +573,7 @@ class SQLiteBroker(Broker):
             db.executemany(
                 "INSERT OR IGNORE INTO revoked (id, at) VALUES (?, ?)", [(i, now) for i in ids]
             )
-            db.executemany(
-                f"UPDATE tasks SET status = {DONE}, state = '{REVOKED}', finished = ?"
-                f" WHERE id = ? AND status = {QUEUED}",
-                [(now, i) for i in ids],
-            )
+            db.executemany(REVOKE_QUEUED, [(now, i) for i in ids])
 
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM revoked WHERE typeof(id) = 'text'")}
