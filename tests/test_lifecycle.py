@@ -8,10 +8,12 @@ interrupted mid-run, and no process left behind.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 
 import psutil
 import pytest
+import redis
 
+from tests.brokers.conftest import REDIS_URL
 from tests.fleet import TASKS, Fleet, executions, holds, wait_for
 from worker import TaskFailed, TaskRevoked, task
 from worker.brokers.base import Envelope
@@ -264,12 +268,26 @@ def test_a_task_revoked_ahead_by_the_client_never_runs_when_submitted(
     assert "ahead" not in executions(journal)
 
 
-def test_a_task_waiting_in_a_child_pipe_is_not_started_after_a_client_revoke(
-    make_fleet, broker_url: str, tmp_path: Path
+def revoke_quietly(fleet: Fleet, broker_url: str, task_id: str) -> None:
+    """Add the id to the broker's revoked set as an older client would: no wake-up."""
+    if broker_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(fleet.folder / "queue.db")) as db, db:
+            db.execute("INSERT INTO revoked (id, at) VALUES (?, ?)", (task_id, time.time()))
+    else:
+        prefix = broker_url.rsplit("=", 1)[1]
+        with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as direct:
+            direct.sadd(f"{prefix}:revoked", task_id)
+
+
+@pytest.mark.parametrize("how", ["client", "quietly"])
+def test_a_task_waiting_in_a_child_pipe_is_not_started_after_a_revoke_in_the_broker(
+    make_fleet, broker_url: str, tmp_path: Path, how: str
 ) -> None:
-    # lease 1.5: the worker reads the revoked set every half second
+    # The revoke's wake-up has the worker read the revoked set at once; one written without
+    # (an older client's) is read at the next lease renewal: every half second at lease 1.5.
+    lease = 30 if how == "client" else 1.5
     fleet = make_fleet(
-        fleet={"broker": broker_url, "lease": 1.5}, defaults={"concurrency": 1, "prefetch": 2}
+        fleet={"broker": broker_url, "lease": lease}, defaults={"concurrency": 1, "prefetch": 2}
     ).start()
     journal = tmp_path / "journal"
     blocker = fleet.client.submit("tasks.journal", str(journal), 3.0)
@@ -277,7 +295,10 @@ def test_a_task_waiting_in_a_child_pipe_is_not_started_after_a_client_revoke(
     waiting = fleet.client.submit("tasks.journal", str(journal))
     wait_for(lambda: any(inspect(fleet, "reserved").values()), 5, message="it to be reserved")
 
-    fleet.client.revoke([waiting.id])
+    if how == "client":
+        fleet.client.revoke([waiting.id])
+    else:
+        revoke_quietly(fleet, broker_url, waiting.id)
 
     assert blocker.get(timeout=10)
     wait_for(lambda: waiting.state == "REVOKED", 10, message="REVOKED")

@@ -347,8 +347,8 @@ class Client:
     def revoke(self, ids: list[str]) -> None:
         """Mark tasks revoked in the broker: queued and scheduled ones end REVOKED now, and so
         does one submitted later under a revoked id. A worker holding one (reserved, or in a
-        child's pipe) reads the revoke within `lease`/3 seconds and skips it; one already
-        running runs on (`fleetctl revoke --terminate` stops it)."""
+        child's pipe) is woken to read the revoke, and skips it; one already running runs on
+        (`fleetctl revoke --terminate` stops it)."""
         self._reach(lambda broker: broker.revoke(ids))
 
     def depths(self) -> list[QueueDepth]:

@@ -127,7 +127,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
-        self.revokes_unread: bool = False  # a broker call failed: read them before reserving
+        self.revokes_unread: bool = False  # a broker call failed, or a wake-up said so
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
@@ -222,6 +222,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                     self.etas_read_at = None
                 if self.wakeup.news():  # not for tasks our last reserve took
                     self.queue_changed = True
+                if self.wakeup.revoked():
+                    self.revokes_unread = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -234,6 +236,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.handle_signals()
         now = time.monotonic()
         self.enforce_time_limits(now)
+        if self.revokes_unread and self.broker_available():
+            with self.broker_call("read the revoked set"):
+                self.read_revokes()
+                self.revokes_unread = False
         if self.shutdown is None:
             self.manage_children()
             self.reserve_more()

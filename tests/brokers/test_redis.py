@@ -702,28 +702,34 @@ def message(channel: bytes, payload: bytes) -> bytes:
 def test_wake_frames_split_complete_frames_and_say_whether_one_may_announce_an_eta() -> None:
     ready, eta = message(b"p:wake:q", b"n7"), message(b"p:wake:\r\n$1\r\n1", b"eta")
     pong = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
-    assert wake_frames(ready * 3, -1) == (b"", False, True)
+    assert wake_frames(ready * 3, -1) == (b"", False, True, False)
     # a channel name holding a frame's bytes
-    assert wake_frames(ready + eta, 9) == (b"", True, True)
-    assert wake_frames(pong, 9) == (b"", True, True)
+    assert wake_frames(ready + eta, 9) == (b"", True, True, False)
+    assert wake_frames(pong, 9) == (b"", True, True, True)  # a resubscribe: anything
     for cut in range(1, len(eta)):  # a frame cut anywhere waits for its rest
-        rest, scheduled, news = wake_frames(ready + eta[:cut], 9)
-        assert (rest, scheduled, news) == (eta[:cut], False, False)
-        assert wake_frames(rest + eta[cut:], 9) == (b"", True, True)
+        rest, scheduled, news, revoked = wake_frames(ready + eta[:cut], 9)
+        assert (rest, scheduled, news, revoked) == (eta[:cut], False, False, False)
+        assert wake_frames(rest + eta[cut:], 9) == (b"", True, True, False)
     for bad in (b"+OK\r\n", b"*1\r\n-ERR no\r\n", b"*x\r\n"):
         with pytest.raises(ValueError):
             wake_frames(bad, -1)
 
 
+def test_a_revoke_wakeup_announces_no_task_and_is_told_apart() -> None:
+    revoke, ready = message(b"p:wake:q", b"revoke"), message(b"p:wake:q", b"n8")
+    assert wake_frames(revoke, 7) == (b"", False, False, True)
+    assert wake_frames(revoke + ready, 7) == (b"", False, True, True)
+
+
 def test_a_wakeup_for_entries_a_short_reserve_read_is_no_news() -> None:
     """The newest entry a wake-up announces against the entry counter as the last reserve
     that read every entry found it: up to it, that reserve (or another consumer) took them."""
-    assert wake_frames(message(b"p:wake:q", b"n7"), 7) == (b"", False, False)
-    assert wake_frames(message(b"p:wake:q", b"n8"), 7) == (b"", False, True)
+    assert wake_frames(message(b"p:wake:q", b"n7"), 7) == (b"", False, False, False)
+    assert wake_frames(message(b"p:wake:q", b"n8"), 7) == (b"", False, True, False)
     assert wake_frames(message(b"p:wake:q", b"n7") * 2 + message(b"p:wake:q", b"n8"), 7)[2]
-    assert wake_frames(message(b"p:wake:q", b"1"), 7) == (b"", False, True)  # an older fleetd
+    assert wake_frames(message(b"p:wake:q", b"1"), 7) == (b"", False, True, False)  # older
     for odd in (b"n", b"n-1", b"nx", b"", b"2"):  # not ours: may be anything
-        assert wake_frames(message(b"p:wake:q", odd), 7) == (b"", True, True)
+        assert wake_frames(message(b"p:wake:q", odd), 7) == (b"", True, True, False)
 
 
 def test_get_on_a_redis_out_of_memory_waits_out_its_timeout_and_raises_nothing_else(

@@ -167,6 +167,21 @@ def test_a_consumer_that_comes_right_after_a_poke_is_woken_by_the_next(tmp_path:
     poker.close()
 
 
+def test_a_poke_says_what_it_announces_a_ready_task_an_eta_or_a_revoke(
+    tmp_path: Path,
+) -> None:
+    poker, consumer = Poker(str(tmp_path / "wake")), FifoWakeup(str(tmp_path / "wake"))
+    seen = []
+    for pokes in ([{}], [{"scheduled": True}], [{"revoked": True}], [{}, {"revoked": True}]):
+        for poke in pokes:
+            poker.poke(**poke)
+        seen.append((consumer.clear(), consumer.revoked()))
+    assert seen == [(False, False), (True, False), (False, True), (False, True)]
+    assert (consumer.clear(), consumer.revoked()) == (False, False)  # nothing since
+    consumer.close()
+    poker.close()
+
+
 def test_a_dead_consumers_pipe_is_dropped_and_removed(tmp_path: Path) -> None:
     poker = Poker(str(tmp_path / "wake"))
     live, dead = FifoWakeup(str(tmp_path / "wake")), FifoWakeup(str(tmp_path / "wake"))

@@ -335,6 +335,13 @@ class Wakeup(abc.ABC):
         cannot tell says True."""
         return True
 
+    def revoked(self) -> bool:
+        """Whether the wake-ups that the last `clear` consumed may announce ids revoked in
+        the broker (`Client.revoke`), so that the worker reads the revoked set again at
+        once rather than at its next lease renewal. A broker that cannot tell says False:
+        the renewal reads it anyway."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

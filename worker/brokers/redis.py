@@ -16,7 +16,8 @@ Keys, under a prefix (`fleetd` unless given):
     {p}:revoked       set of revoked ids (never expires, like Celery's statedb)
     {p}:routes        hash: task name -> its queue, as the workers published them
     {p}:wake:{queue}  pub/sub channel that every write touching the queue publishes to,
-                      while a worker waits ({p}:idle)
+                      while a worker waits ({p}:idle); a revoke of a task held from the
+                      queue, always
     {p}:call:{link}   token and reply of the last write sent over one link (below), kept
                       2 minutes so that a retry of that write can't run it twice
     {p}:w:{id}        flag: a client waits for the task to end (Handle.get)
@@ -113,6 +114,7 @@ WAKE_RECONNECT_INTERVAL = 1.0  # seconds between attempts to resubscribe a broke
 # added only tasks ready now, the newest as entry 0-N; "eta" if it scheduled one for later.
 WAKE_READY = b"n"
 WAKE_READY_BEFORE = b"1"  # what an older fleetd publishes for ready tasks
+WAKE_REVOKE = b"revoke"  # what a revoke publishes on the queues of the held tasks it names
 WAKE_READ_SIZE = 65536
 # Seconds a producer trusts that a queue it registered (its name in {p}:queues, its stream
 # and group) is still there: its submits skip that in between. Past it the next submit
@@ -261,6 +263,7 @@ class PubSubWakeup(Wakeup):
         self._channels = channels
         self.seen = -1
         self._news = True  # what the last clear() found
+        self._revoked = False
         self._idle_r, self._idle_w = os.pipe()
         self._fd = os.dup(self._idle_r)
         self._broken = False
@@ -306,8 +309,11 @@ class PubSubWakeup(Wakeup):
     def news(self) -> bool:
         return self._news
 
+    def revoked(self) -> bool:
+        return self._revoked
+
     def clear(self) -> bool:
-        self._news = True
+        self._news = self._revoked = True
         if self._broken:
             return True
         if not self._raw:
@@ -315,14 +321,16 @@ class PubSubWakeup(Wakeup):
         try:  # one read: if more waits, the descriptor stays readable
             data = os.read(self._fd, WAKE_READ_SIZE)
         except BlockingIOError:
-            self._news = False
+            self._news = self._revoked = False
             return False
         except OSError:
             data = b""
         try:
             if not data:  # the server closed the connection
                 raise ValueError("end of stream")
-            self._tail, scheduled, self._news = wake_frames(self._tail + data, self.seen)
+            self._tail, scheduled, self._news, self._revoked = wake_frames(
+                self._tail + data, self.seen
+            )
         except ValueError:  # gone, or out of step with the protocol: subscribe anew
             self._break()
             return True
@@ -337,7 +345,7 @@ class PubSubWakeup(Wakeup):
         except CONNECTION_ERRORS:
             self._break()
             return True
-        scheduled, self._news = wake_news(frames, self.seen)
+        scheduled, self._news, self._revoked = wake_news(frames, self.seen)
         return scheduled
 
     def close(self) -> None:
@@ -347,10 +355,11 @@ class PubSubWakeup(Wakeup):
                 os.close(fd)
 
 
-def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool]:
+def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool, bool]:
     """What follows the complete frames of a subscribed connection's `buffer` (the start of
     an incomplete one); whether any of them may announce a scheduled task; whether any may
-    announce a task that a reserve which read up to entry `seen` did not see (wake_news).
+    announce a task that a reserve which read up to entry `seen` did not see; whether any
+    may announce a revoke (wake_news).
     ValueError for what is not the protocol."""
     frames, at = [], 0
     while at < len(buffer):
@@ -362,23 +371,26 @@ def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool]:
     return (buffer[at:], *wake_news(frames, seen))
 
 
-def wake_news(frames: list[list[bytes]], seen: int) -> tuple[bool, bool]:
+def wake_news(frames: list[list[bytes]], seen: int) -> tuple[bool, bool, bool]:
     """What a subscribed connection's frames say: (any may announce a scheduled task, any
-    may announce one not seen). ["message", channel, b"n<N>"]: ready tasks up to entry N,
-    news past `seen`; b"1" (an older fleetd's): ready ones, news; anything else (b"eta",
-    the PING reply after a resubscribe) may be both."""
-    news = False
+    may announce one not seen, any may announce a revoke). ["message", channel, b"n<N>"]:
+    ready tasks up to entry N, news past `seen`; b"1" (an older fleetd's): ready ones,
+    news; b"revoke": ids revoked, maybe held here; b"eta" or a payload not ours: the first
+    two; the PING reply after a resubscribe (which may have missed anything): all three."""
+    scheduled = news = revoked = False
     for frame in frames:
         if len(frame) != 3 or frame[0] != b"message":
-            return True, True
+            return True, True, True
         payload = frame[2]
         if payload[:1] == WAKE_READY and payload[1:].isdigit():
             news = news or int(payload[1:]) > seen
         elif payload == WAKE_READY_BEFORE:
             news = True
+        elif payload == WAKE_REVOKE:
+            revoked = True
         else:
-            return True, True
-    return False, news
+            scheduled = news = True
+    return scheduled, news, revoked
 
 
 class CallRetry(ConnectionRetry):

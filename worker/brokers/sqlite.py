@@ -574,6 +574,7 @@ class SQLiteBroker(Broker):
                 "INSERT OR IGNORE INTO revoked (id, at) VALUES (?, ?)", [(i, now) for i in ids]
             )
             db.executemany(REVOKE_QUEUED, [(now, i) for i in ids])
+        self.poker.poke(revoked=True)  # a worker holding one skips it
 
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM revoked WHERE typeof(id) = 'text'")}

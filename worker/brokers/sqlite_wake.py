@@ -15,6 +15,7 @@ from .base import Wakeup
 
 READY_POKE = b"!"  # a write added only tasks ready now; SCHEDULED_POKE: one for later
 SCHEDULED_POKE = b"e"
+REVOKE_POKE = b"r"  # ids were revoked: the consumers read the revoked set again
 CHECK_EVERY = 1.0  # seconds between two looks at whether our pipe is still in the folder
 
 log = logging.getLogger("fleetd.broker")
@@ -39,6 +40,7 @@ class FifoWakeup(Wakeup):
             os.set_blocking(self._read_fd, False)
             self.fail(exc)
         self._check_at = time.monotonic() + CHECK_EVERY
+        self._revoked = False  # what the last clear() found
 
     def fail(self, exc: OSError) -> None:
         if not self.failing:
@@ -107,7 +109,12 @@ class FifoWakeup(Wakeup):
         with contextlib.suppress(BlockingIOError):
             while data := os.read(self._read_fd, 4096):
                 pokes += data
-        return pokes.strip(READY_POKE) != b""  # any other byte: a task was scheduled
+        self._revoked = REVOKE_POKE in pokes
+        # Any other byte: a task was scheduled.
+        return pokes.replace(REVOKE_POKE, b"").strip(READY_POKE) != b""
+
+    def revoked(self) -> bool:
+        return self._revoked
 
     def close(self) -> None:
         for fd in (self._read_fd, self._keep_fd):
@@ -133,11 +140,12 @@ class Poker:
         self.pipes: dict[str, int] = {}  # path -> our write end
         self._lock = threading.Lock()
 
-    def poke(self, scheduled: bool = False) -> None:
+    def poke(self, scheduled: bool = False, revoked: bool = False) -> None:
         """Never raises: it runs after a commit, whose caller must learn that it committed
         (a submit that raised would be sent again). A consumer it cannot reach looks at
-        its queues within DRY_RECHECK anyway."""
-        byte = SCHEDULED_POKE if scheduled else READY_POKE
+        its queues within DRY_RECHECK anyway, and reads the revoked set at its next lease
+        renewal."""
+        byte = REVOKE_POKE if revoked else SCHEDULED_POKE if scheduled else READY_POKE
         with self._lock:
             try:
                 mtime = os.stat(self.folder).st_mtime_ns
