@@ -33,6 +33,9 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
 OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
 DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
+# Seconds between two reads of the revoked set that revoke wake-ups ask for: a flood of
+# revokes costs a read per gap, not one per revoke (each reads the whole set).
+REVOKES_READ_GAP = 0.1
 ASYNC_SLOTS_FOR = 1.0  # seconds a worker reserves for async slots after it last got an async task
 
 
@@ -48,6 +51,8 @@ class BrokerLink:
     etas_read_at: float | None
     reserve_again: bool
     revokes_unread: bool
+    revokes_announced: bool
+    revokes_read_at: float
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -132,7 +137,6 @@ class BrokerLink:
         with self.broker_call("reserve"):
             if self.revokes_unread:  # the renew that reads them failed: read them first
                 self.read_revokes()
-                self.revokes_unread = False
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
@@ -259,6 +263,8 @@ class BrokerLink:
         broadcast (`fleetctl revoke`) reach the tasks held here, and one waiting in a child's
         pipe is not started."""
         fresh = self.broker.revoked() - self.revoked
+        self.revokes_unread = self.revokes_announced = False
+        self.revokes_read_at = time.monotonic()
         if fresh:
             self.revoked |= fresh
             self.revoke_waiting(fresh)

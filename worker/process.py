@@ -41,7 +41,7 @@ from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
-from .link import DRY_RECHECK, STARTED_FLUSH_DELAY, BrokerLink
+from .link import DRY_RECHECK, REVOKES_READ_GAP, STARTED_FLUSH_DELAY, BrokerLink
 from .pool import POLL_IN, ChildProc, Pool, ask_to_finish
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
@@ -127,7 +127,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
-        self.revokes_unread: bool = False  # a broker call failed, or a wake-up said so
+        self.revokes_unread: bool = False  # a broker call failed: read them before reserving
+        self.revokes_announced: bool = False  # a wake-up said ids were revoked
+        self.revokes_read_at: float = 0.0
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
@@ -223,7 +225,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 if self.wakeup.news():  # not for tasks our last reserve took
                     self.queue_changed = True
                 if self.wakeup.revoked():
-                    self.revokes_unread = True
+                    self.revokes_announced = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -236,10 +238,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             self.handle_signals()
         now = time.monotonic()
         self.enforce_time_limits(now)
-        if self.revokes_unread and self.broker_available():
+        if self.revokes_due(now):
             with self.broker_call("read the revoked set"):
                 self.read_revokes()
-                self.revokes_unread = False
         if self.shutdown is None:
             self.manage_children()
             self.reserve_more()
@@ -297,6 +298,8 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
+        if self.revokes_announced and self.broker_available():
+            deadlines.append(self.revokes_read_at + REVOKES_READ_GAP)
         if self.shutdown is None and self.queue_dry and self.broker_available():
             if self.etas_stale(now):
                 with self.broker_call("read ETAs"):
@@ -305,6 +308,14 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             if self.next_eta is not None:
                 deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
+
+    def revokes_due(self, now: float) -> bool:
+        """Whether a wake-up announced revokes that are to be read now (REVOKES_READ_GAP)."""
+        return (
+            self.revokes_announced
+            and self.broker_available()
+            and now >= self.revokes_read_at + REVOKES_READ_GAP
+        )
 
     def etas_stale(self, now: float) -> bool:
         """Whether the next ETA read is out of date: a wake-up announced a scheduled task, it
