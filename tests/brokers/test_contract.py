@@ -650,6 +650,30 @@ def test_a_task_submitted_after_its_revoke_ends_revoked_and_is_never_handed_out(
     assert broker.depths() == [QueueDepth("q1", reserved=1)]
 
 
+def test_a_held_task_revoked_ends_revoked_when_given_back_retried_or_recovered(
+    broker: Broker,
+) -> None:
+    # Its worker may not have read the revoke: whichever way it leaves the worker, it must
+    # not go back to the queue for another worker to run.
+    released, retried, recovered, expired = (envelope() for _ in range(4))
+    broker.enqueue([released, retried, recovered])
+    broker.reserve(["q1"], 3, "w1", 30)
+    broker.enqueue([expired])
+    broker.reserve(["q1"], 1, "w2", 0.05)
+    ids = [t.id for t in (released, retried, recovered, expired)]
+    broker.revoke(ids)
+
+    broker.release([released.id], died=False)
+    broker.turn(Turn(retries=[Retry(retried.id, retried.body, time.time())]))
+    assert broker.recover("w1") == 0  # none of them went back
+    time.sleep(0.1)  # the 50 ms lease runs out
+    assert broker.recover_expired(["q1"]) == 0
+
+    assert [(broker.get_result(i) or {}).get("state") for i in ids] == [REVOKED] * 4
+    assert broker.reserve(["q1"], 10, "w3", 30) == []
+    assert broker.depths() in ([], [QueueDepth("q1")])
+
+
 def test_a_dead_letter_retried_after_its_revoke_ends_revoked(broker: Broker) -> None:
     task = envelope("q2")
     dead_lettered(broker, task)

@@ -694,21 +694,30 @@ class RedisBroker(Broker):
 
     def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if ids:
-            self._run("release", {"ids": ids, "died": died, "owner": owner or ""})
+            self._run(
+                "release",
+                {"ids": ids, "died": died, "owner": owner or "", "ttl": self.result_ttl},
+            )
 
     def extend(self, ids: list[str], owner: str, lease: float) -> None:
         if ids:
             self._run("extend", {"ids": ids, "owner": owner, "lease_ms": int(lease * 1000)})
 
     def recover(self, owner: str) -> int:
-        return int(self._run("recover", {"owner": owner}))
+        return int(self._run("recover", {"owner": owner, "ttl": self.result_ttl}))
 
     def recover_expired(self, queues: list[str], host: str = "", me: str = "") -> int:
         if not queues:
             return 0
         queues = list(dict.fromkeys(queues))
         keep = [c for c in self._running_here(queues, host) if c != me] if host else []
-        return int(self._run("recover_expired", {"queues": queues, "keep": keep}, queues))
+        return int(
+            self._run(
+                "recover_expired",
+                {"queues": queues, "keep": keep, "ttl": self.result_ttl},
+                queues,
+            )
+        )
 
     def _running_here(self, queues: list[str], host: str) -> list[str]:
         """The consumers of these queues that are workers of `host` whose process runs."""

@@ -47,16 +47,26 @@ local function take_out(id, t)
   end
 end
 
--- Give a held task back to its queue; its delivery count stays as it is.
+-- Whether the id is in the revoked set: a task of it never enters a queue again.
+local function is_revoked(id) return redis.call('SISMEMBER', P .. ':revoked', id) == 1 end
+
+-- Give a held task back to its queue; its delivery count stays as it is. One revoked
+-- meanwhile ends REVOKED instead (kept A.ttl seconds), whether or not its worker had read
+-- the revoke. Returns whether it went back.
 local function requeue(id, t)
   take_out(id, t)
+  if is_revoked(id) then
+    close_record(id, A.ttl, {'state', 'REVOKED'}, {})
+    return false
+  end
   append(id, t.queue, t.state == 'STARTED' and {'state', 'PENDING'} or {})
   redis.call('HDEL', task_key(id), 'owner', 'lease_ms')
+  return true
 end
 
 -- Give back the pending entries of one queue that `consumer` (or anyone, if false) holds
 -- and that `expired(entry idle ms, task id, consumer)` says to give back (a consumer that is
--- gone, a lease that ran out); returns how many. A task that had not started there gets its
+-- gone, a lease that ran out); returns how many went back. A task that had not started there gets its
 -- delivery back: max_deliveries counts the deaths a task may cause, and it caused none.
 local function give_back(q, consumer, expired)
   local key, count, start = stream_key(q), 0, '-'
@@ -76,8 +86,7 @@ local function give_back(q, consumer, expired)
       if not (t and t.status == 'held' and t.entry == entry) then
         redis.call('XACK', key, GROUP, entry)
         redis.call('XDEL', key, entry)
-      elseif expired(idle, id, p[2]) then
-        requeue(id, t)
+      elseif expired(idle, id, p[2]) and requeue(id, t) then
         if t.state ~= 'STARTED' then
           local deliveries = stored_count(redis.call('HGET', task_key(id), 'deliveries'))
           redis.call('HSET', task_key(id), 'deliveries', math.max(deliveries - 1, 0))

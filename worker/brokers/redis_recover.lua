@@ -1,4 +1,4 @@
--- A: owner.
+-- A: owner, ttl.
 local function main()
   local count = 0
   for _, q in ipairs(redis.call('SMEMBERS', P .. ':queues')) do

@@ -1,4 +1,4 @@
--- A: queues, keep. An entry has expired once it has been idle (not delivered or claimed
+-- A: queues, keep, ttl. An entry has expired once it has been idle (not delivered or claimed
 -- again) for longer than the lease its task was reserved or extended with, unless its
 -- consumer is one of `keep` (a worker of the caller's host whose process runs: redis.py).
 -- Consumers left holding nothing are removed (one that is alive is re-created by its next

@@ -1,9 +1,9 @@
--- A: ids, died, owner ('': whoever holds them).
+-- A: ids, died, owner ('': whoever holds them), ttl.
 local function main()
   for _, id in ipairs(A.ids) do
     local t = load(id)
-    if t and t.status == 'held' and (A.owner == '' or t.owner == A.owner) then
-      requeue(id, t)
+    if t and t.status == 'held' and (A.owner == '' or t.owner == A.owner)
+        and requeue(id, t) then
       if not A.died then
         local deliveries = stored_count(redis.call('HGET', task_key(id), 'deliveries'))
         redis.call('HSET', task_key(id), 'deliveries', math.max(deliveries - 1, 0))

@@ -47,7 +47,10 @@ end
 
 local function retry(r)
   local t = load(r[1])
-  if t then
+  if t and is_revoked(r[1]) then  -- revoked while it ran: it ends here
+    take_out(r[1], t)
+    close_record(r[1], A.ttl, {'state', 'REVOKED'}, {})
+  elseif t then
     take_out(r[1], t)
     local fields, unset = {'body', r[2], 'state', 'RETRY', 'deliveries', 0}, {}
     put(fields, unset, 'exc_type', r[4])

@@ -124,6 +124,14 @@ DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
 IS_NUMBER = "(typeof({0}) IN ('integer', 'real') AND abs({0}) < 9e999)"  # finite: 9e999 is inf
 
 
+def close_revoked(db: sqlite3.Connection, ids: Sequence[str], now: float) -> int:
+    """End REVOKED those of `ids`, just queued (submitted, retried, given back), that are
+    revoked; returns how many. One look at an empty revoked table, the common case."""
+    if not ids or db.execute("SELECT 1 FROM revoked LIMIT 1").fetchone() is None:
+        return 0
+    return sum(db.execute(REVOKE_QUEUED, (now, task_id)).rowcount for task_id in ids)
+
+
 def reserve_sql(marks: str, picked: str) -> str:
     """Hand out the queued rows of the queues `marks` stands for that `picked` selects."""
     return (
@@ -297,8 +305,7 @@ class SQLiteBroker(Broker):
         rows = [(e.id, e.queue, e.name, e.body, PENDING, e.eta or 0.0, now) for e in envelopes]
         with self._write() as db:
             db.executemany(ENQUEUE, rows)
-            if db.execute("SELECT 1 FROM revoked LIMIT 1").fetchone():
-                db.executemany(REVOKE_QUEUED, [(now, e.id) for e in envelopes])
+            close_revoked(db, [e.id for e in envelopes], now)
         self.poker.poke(scheduled=any(row[5] > now for row in rows))
 
     # --- consuming -------------------------------------------------------------
@@ -420,6 +427,7 @@ class SQLiteBroker(Broker):
                 " deliveries = 0 WHERE id = ?",
                 [(r.body, r.eta, r.exc_type, r.exc_message, r.id) for r in retries],
             )
+            close_revoked(db, [r.id for r in retries], now)
 
     def release(self, ids: list[str], died: bool, owner: str | None = None) -> None:
         if not ids:
@@ -433,6 +441,7 @@ class SQLiteBroker(Broker):
                 f" WHERE id = ? AND status = {HELD} AND owner = coalesce(?, owner)",
                 [(i, owner) for i in ids],
             )
+            close_revoked(db, ids, time.time())
         self.poker.poke()
 
     def extend(self, ids: list[str], owner: str, lease: float) -> None:
@@ -450,14 +459,15 @@ class SQLiteBroker(Broker):
         ran out: one that had not started there is given back its delivery, as a death it
         cannot have caused (max_deliveries counts those); a started one keeps it."""
         with self._write() as db:
-            count = db.execute(
+            ids = db.execute(
                 f"UPDATE tasks SET status = {QUEUED}, owner = NULL, lease_until = NULL,"
                 f" deliveries = CASE WHEN state = '{STARTED}' THEN deliveries"
                 f" ELSE max(deliveries - 1, 0) END,"
                 f" state = CASE WHEN state = '{STARTED}' THEN '{PENDING}' ELSE state END"
-                f" WHERE status = {HELD} AND {where}",
+                f" WHERE status = {HELD} AND {where} RETURNING id",
                 params,
-            ).rowcount
+            ).fetchall()
+            count = len(ids) - close_revoked(db, [row[0] for row in ids], time.time())
         if count:
             self.poker.poke()
         return count
@@ -557,7 +567,7 @@ class SQLiteBroker(Broker):
                 ).fetchone()
                 if letter is not None:
                     db.execute(ENQUEUE, (task_id, *letter, PENDING, 0.0, now))
-                    db.execute(REVOKE_QUEUED, (now, task_id))
+                    close_revoked(db, [task_id], now)
                     retried.append(task_id)
         if retried:
             self.poker.poke()
