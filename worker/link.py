@@ -33,9 +33,12 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
 OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
 DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
-# Seconds between two reads of the revoked set that revoke wake-ups ask for: a flood of
-# revokes costs a read per gap, not one per revoke (each reads the whole set).
+# Seconds between two reads of the revoked set that revoke wake-ups ask for, at least, and
+# at least REVOKES_READ_SPACING times what the last read took: each reads the whole set
+# (100,000 ids: 0.2 s), so a flood of revokes takes a tenth of the worker's time at most,
+# not all of it.
 REVOKES_READ_GAP = 0.1
+REVOKES_READ_SPACING = 9.0
 ASYNC_SLOTS_FOR = 1.0  # seconds a worker reserves for async slots after it last got an async task
 
 
@@ -52,7 +55,7 @@ class BrokerLink:
     reserve_again: bool
     revokes_unread: bool
     revokes_announced: bool
-    revokes_read_at: float
+    revokes_read_from: float
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -262,9 +265,11 @@ class BrokerLink:
         """Read the broker's revoked set: revokes written there (`Client.revoke`) rather than
         broadcast (`fleetctl revoke`) reach the tasks held here, and one waiting in a child's
         pipe is not started."""
+        started = time.monotonic()
         fresh = self.broker.revoked() - self.revoked
         self.revokes_unread = self.revokes_announced = False
-        self.revokes_read_at = time.monotonic()
+        took = time.monotonic() - started
+        self.revokes_read_from = started + took + max(REVOKES_READ_GAP, REVOKES_READ_SPACING * took)
         if fresh:
             self.revoked |= fresh
             self.revoke_waiting(fresh)

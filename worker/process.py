@@ -41,7 +41,7 @@ from .commands import pool_grow, pool_room, pool_shrink
 from .control import worker_command_names
 from .imports import TaskImportError, import_modules
 from .limits import RuntimeLimits
-from .link import DRY_RECHECK, REVOKES_READ_GAP, STARTED_FLUSH_DELAY, BrokerLink
+from .link import DRY_RECHECK, STARTED_FLUSH_DELAY, BrokerLink
 from .pool import POLL_IN, ChildProc, Pool, ask_to_finish
 from .protocol import FrameReader, Outbox
 from .ratelimit import RateLimits
@@ -129,7 +129,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
         self.revokes_unread: bool = False  # a broker call failed: read them before reserving
         self.revokes_announced: bool = False  # a wake-up said ids were revoked
-        self.revokes_read_at: float = 0.0
+        self.revokes_read_from: float = 0.0  # when a wake-up may have them read again
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
@@ -299,7 +299,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
         if self.revokes_announced and self.broker_available():
-            deadlines.append(self.revokes_read_at + REVOKES_READ_GAP)
+            deadlines.append(self.revokes_read_from)
         if self.shutdown is None and self.queue_dry and self.broker_available():
             if self.etas_stale(now):
                 with self.broker_call("read ETAs"):
@@ -310,12 +310,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def revokes_due(self, now: float) -> bool:
-        """Whether a wake-up announced revokes that are to be read now (REVOKES_READ_GAP)."""
-        return (
-            self.revokes_announced
-            and self.broker_available()
-            and now >= self.revokes_read_at + REVOKES_READ_GAP
-        )
+        """Whether a wake-up announced revokes that are to be read now (link.py's
+        REVOKES_READ_GAP)."""
+        return self.revokes_announced and self.broker_available() and now >= self.revokes_read_from
 
     def etas_stale(self, now: float) -> bool:
         """Whether the next ETA read is out of date: a wake-up announced a scheduled task, it
