@@ -54,7 +54,6 @@ class BrokerLink:
     etas_read_at: float | None
     reserve_again: bool
     revokes_unread: bool
-    revokes_announced: bool
     revokes_read_from: float
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
@@ -138,8 +137,6 @@ class BrokerLink:
         if not self.broker_available() or self.known_dry() or not self.boot_in_broker():
             return
         with self.broker_call("reserve"):
-            if self.revokes_unread:  # the renew that reads them failed: read them first
-                self.read_revokes()
             # What the last turns did goes in the same transaction.
             deliveries = self.broker.turn(self.written_turn(want))
             self.started_ids, self.outcomes, self.retries = [], [], []
@@ -267,12 +264,17 @@ class BrokerLink:
         pipe is not started."""
         started = time.monotonic()
         fresh = self.broker.revoked() - self.revoked
-        self.revokes_unread = self.revokes_announced = False
+        self.revokes_unread = False
         took = time.monotonic() - started
         self.revokes_read_from = started + took + max(REVOKES_READ_GAP, REVOKES_READ_SPACING * took)
         if fresh:
             self.revoked |= fresh
             self.revoke_waiting(fresh)
+
+    def revokes_due(self: Worker, now: float) -> bool:
+        """Whether ids revoked meanwhile are to be read now: a wake-up announced them, or a
+        broker call failed, and REVOKES_READ_GAP has passed (not after a failure)."""
+        return self.revokes_unread and self.broker_available() and now >= self.revokes_read_from
 
     def recover_dead_owners(self: Worker) -> None:
         """Give back the tasks of the consumers the arbiter saw die (later, if the broker is
@@ -310,8 +312,9 @@ class BrokerLink:
             if not self.broker.unavailable_now(exc):
                 raise
             # Revokes made meanwhile, or since the last renew, are read before the next
-            # reserve: the first one once the broker answers may come before any renew.
-            self.revokes_unread = True
+            # reserve (the step that makes it reads them first, whatever the gap): the
+            # first one once the broker answers may come before any renew.
+            self.revokes_unread, self.revokes_read_from = True, 0.0
             level = logging.DEBUG if self.broker_backoff else logging.WARNING
             self.broker_backoff = min(
                 BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)

@@ -127,9 +127,10 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
-        self.revokes_unread: bool = False  # a broker call failed: read them before reserving
-        self.revokes_announced: bool = False  # a wake-up said ids were revoked
-        self.revokes_read_from: float = 0.0  # when a wake-up may have them read again
+        # The revoked set may hold ids not read yet (a wake-up said so, or a broker call
+        # failed): read when due, before the step reserves (revokes_due).
+        self.revokes_unread: bool = False
+        self.revokes_read_from: float = 0.0  # not before, after a wake-up: REVOKES_READ_GAP
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
         # was scheduled (every write that schedules one publishes so), it comes due, or it
         # is DRY_RECHECK old.
@@ -225,7 +226,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
                 if self.wakeup.news():  # not for tasks our last reserve took
                     self.queue_changed = True
                 if self.wakeup.revoked():
-                    self.revokes_announced = True
+                    self.revokes_unread = True
             elif fd == self.arbiter_fd:
                 self.talk_to_arbiter(events)
             elif fd == self.output_fd:
@@ -298,7 +299,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             deadlines.append(self.rate_wait_until)
         if self.shutdown_deadline:
             deadlines.append(self.shutdown_deadline)
-        if self.revokes_announced and self.broker_available():
+        if self.revokes_unread and self.broker_available():
             deadlines.append(self.revokes_read_from)
         if self.shutdown is None and self.queue_dry and self.broker_available():
             if self.etas_stale(now):
@@ -308,11 +309,6 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             if self.next_eta is not None:
                 deadlines.append(now + max(0.0, self.next_eta - time.time()))
         return max(0.0, min(min(deadlines) - now, 1.0))
-
-    def revokes_due(self, now: float) -> bool:
-        """Whether a wake-up announced revokes that are to be read now (link.py's
-        REVOKES_READ_GAP)."""
-        return self.revokes_announced and self.broker_available() and now >= self.revokes_read_from
 
     def etas_stale(self, now: float) -> bool:
         """Whether the next ETA read is out of date: a wake-up announced a scheduled task, it

@@ -47,16 +47,13 @@ local function take_out(id, t)
   end
 end
 
--- Whether the id is in the revoked set: a task of it never enters a queue again.
-local function is_revoked(id) return redis.call('SISMEMBER', P .. ':revoked', id) == 1 end
-
 -- Give a held task back to its queue; its delivery count stays as it is. One revoked
 -- meanwhile ends REVOKED instead (kept A.ttl seconds), whether or not its worker had read
 -- the revoke. Returns whether it went back.
 local function requeue(id, t)
   take_out(id, t)
   if is_revoked(id) then
-    close_record(id, A.ttl, {'state', 'REVOKED'}, {})
+    close_revoked(id, A.ttl)
     return false
   end
   append(id, t.queue, t.state == 'STARTED' and {'state', 'PENDING'} or {})
@@ -66,8 +63,9 @@ end
 
 -- Give back the pending entries of one queue that `consumer` (or anyone, if false) holds
 -- and that `expired(entry idle ms, task id, consumer)` says to give back (a consumer that is
--- gone, a lease that ran out); returns how many went back. A task that had not started there gets its
--- delivery back: max_deliveries counts the deaths a task may cause, and it caused none.
+-- gone, a lease that ran out); returns how many went back (not those revoked: requeue).
+-- A task that had not started there gets its delivery back: max_deliveries counts the
+-- deaths a task may cause, and it caused none.
 local function give_back(q, consumer, expired)
   local key, count, start = stream_key(q), 0, '-'
   while true do

@@ -103,6 +103,12 @@ local function close_record(id, ttl, fields, unset)
   end
 end
 
+-- Whether the id is in the revoked set: a task of it never enters a queue (again).
+local function is_revoked(id) return redis.call('SISMEMBER', P .. ':revoked', id) == 1 end
+
+-- End a task's record REVOKED, kept `ttl` seconds.
+local function close_revoked(id, ttl) close_record(id, ttl, {'state', 'REVOKED'}, {}) end
+
 -- Store a new task, due at `eta` (epoch seconds as text; '' or past: now). An id still
 -- waiting or held is left as it is; an ended one starts over as a new task. With a call
 -- `token` (enqueue's), the record keeps it, and a record that holds it already was written
@@ -120,9 +126,9 @@ local function submit(id, q, name, body, eta, token, ttl)
     fields[#fields + 1] = 'call'
     fields[#fields + 1] = token
   end
-  if redis.call('SISMEMBER', P .. ':revoked', id) == 1 then
+  if is_revoked(id) then
     redis.call('HSET', task_key(id), unpack(fields))
-    close_record(id, ttl, {'state', 'REVOKED'}, {})
+    close_revoked(id, ttl)
   elseif eta ~= '' and tonumber(eta) > tonumber(NOW) then
     schedule(id, q, eta, fields)
   else

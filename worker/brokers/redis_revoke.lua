@@ -7,7 +7,7 @@ local function main()
     local t = load(id)
     if t and (t.status == 'queued' or t.status == 'scheduled') then
       take_out(id, t)
-      close_record(id, A.ttl, {'state', 'REVOKED'}, {})
+      close_revoked(id, A.ttl)
     elseif t and t.status == 'held' and t.queue then
       held[t.queue] = true
     end

@@ -47,11 +47,11 @@ end
 
 local function retry(r)
   local t = load(r[1])
-  if t and is_revoked(r[1]) then  -- revoked while it ran: it ends here
-    take_out(r[1], t)
-    close_record(r[1], A.ttl, {'state', 'REVOKED'}, {})
-  elseif t then
-    take_out(r[1], t)
+  if not t then return end
+  take_out(r[1], t)
+  if is_revoked(r[1]) then  -- revoked while it ran: it ends here
+    close_revoked(r[1], A.ttl)
+  else
     local fields, unset = {'body', r[2], 'state', 'RETRY', 'deliveries', 0}, {}
     put(fields, unset, 'exc_type', r[4])
     put(fields, unset, 'exc_message', r[5])

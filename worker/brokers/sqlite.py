@@ -567,8 +567,8 @@ class SQLiteBroker(Broker):
                 ).fetchone()
                 if letter is not None:
                     db.execute(ENQUEUE, (task_id, *letter, PENDING, 0.0, now))
-                    close_revoked(db, [task_id], now)
                     retried.append(task_id)
+            close_revoked(db, retried, now)
         if retried:
             self.poker.poke()
         return retried
