@@ -647,6 +647,45 @@ def test_a_wait_for_a_task_ends_when_the_task_does_not_when_the_wait_runs_out(
     worker.close()
 
 
+def test_a_turn_that_ends_many_tasks_wakes_the_waiters_of_those_waited_for_alone(
+    redis_broker: RedisBroker,
+) -> None:
+    """The ends of a call are announced at its end, after one EXISTS over all their flags:
+    each waiter is woken by its own task's end, and no wake-up list is made for a task that
+    no one waits for."""
+    tasks = [envelope() for _ in range(5)]
+    redis_broker.enqueue(tasks)
+    worker = RedisBroker(redis_broker.url, prefix=redis_broker.prefix)
+    held = worker.reserve(["q1"], 5, "w1", 30)
+    assert ids(held) == [t.id for t in tasks]
+    waited = [tasks[1].id, tasks[4].id]
+    seen: dict[str, dict[str, Any] | None] = {}
+    waiters = [
+        threading.Thread(
+            target=lambda task_id=task_id: seen.update(
+                {task_id: redis_broker.wait_for_end(task_id, 60)}
+            ),
+            daemon=True,
+        )
+        for task_id in waited
+    ]
+    for waiter in waiters:
+        waiter.start()
+    p = redis_broker.prefix
+    wait_for(lambda: redis_broker.redis.exists(*(f"{p}:w:{i}" for i in waited)) == 2)
+
+    worker.turn(Turn(outcomes=[Outcome(d.id, SUCCESS, result=n) for n, d in enumerate(held)]))
+
+    for waiter in waiters:
+        waiter.join(10)
+        assert not waiter.is_alive(), "a task's end did not wake its waiter"
+    assert {i: r and r["result"] for i, r in seen.items()} == {tasks[1].id: 1, tasks[4].id: 4}
+    assert redis_broker.redis.exists(*(f"{p}:w:{t.id}" for t in tasks)) == 0
+    unwaited = [t.id for t in tasks if t.id not in waited]
+    assert redis_broker.redis.exists(*(f"{p}:n:{i}" for i in unwaited)) == 0
+    worker.close()
+
+
 def test_a_wait_whose_wake_up_list_turns_foreign_before_its_pop_mends_it(
     redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

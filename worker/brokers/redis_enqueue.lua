@@ -10,5 +10,6 @@ end
 for i = 6, #ARGV, 5 do
   submit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[3], ARGV[5])
 end
+wake_waiters()
 announce()
 return 0

@@ -85,22 +85,43 @@ local function schedule(id, q, eta, fields)
   woken[q] = 'eta'
 end
 
+-- Ids of the records this call closed: their waiters are woken at its end (wake_waiters).
+local closed = {}
+
 -- Mark a task's record ended, writing `fields` and deleting `unset` and where it was; it
--- is kept `ttl` seconds for its result to be read. A client waiting for it (its flag
--- `{p}:w:{id}`, see redis.py's WAIT_SCRIPT) is woken through the list `{p}:n:{id}`.
+-- is kept `ttl` seconds for its result to be read. A client waiting for it is woken when
+-- the call ends (wake_waiters).
 local function close_record(id, ttl, fields, unset)
   local key = task_key(id)
   redis.call('HSET', key, 'status', 'done', 'finished', NOW, unpack(fields))
   redis.call('HDEL', key, 'owner', 'entry', 'lease_ms', 'eta', 'body', unpack(unset))
   redis.call('EXPIRE', key, ttl)
-  if redis.call('DEL', P .. ':w:' .. id) == 1 then
-    local woken = P .. ':n:' .. id
-    if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
-      redis.call('RENAME', woken, P .. ':alien:n:' .. id)
-      redis.call('LPUSH', woken, '1')
+  closed[#closed + 1] = id
+end
+
+-- Wake the clients waiting for the records this call closed: each raised its flag
+-- `{p}:w:{id}` (see redis.py's WAIT_SCRIPT) and blocks on the list `{p}:n:{id}`. Most tasks
+-- have no one waiting: one EXISTS looks at a thousand flags, and only where it finds some
+-- is each taken down (DEL) and its list pushed.
+local function wake_waiters()
+  for i = 1, #closed, 1000 do
+    local flags = {}
+    for j = i, math.min(i + 999, #closed) do flags[#flags + 1] = P .. ':w:' .. closed[j] end
+    if redis.call('EXISTS', unpack(flags)) > 0 then
+      for j, flag in ipairs(flags) do
+        if redis.call('DEL', flag) == 1 then
+          local id = closed[i + j - 1]
+          local woken = P .. ':n:' .. id
+          if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
+            redis.call('RENAME', woken, P .. ':alien:n:' .. id)
+            redis.call('LPUSH', woken, '1')
+          end
+          redis.call('EXPIRE', woken, 60)
+        end
+      end
     end
-    redis.call('EXPIRE', woken, 60)
   end
+  closed = {}
 end
 
 -- Whether the id is in the revoked set: a task of it never enters a queue (again).
