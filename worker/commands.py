@@ -89,9 +89,13 @@ def registered(worker: Worker) -> list[str]:
     return sorted(REGISTRY)
 
 
-@register("revoked", "Revoked task ids the node knows.", lines={"inspect revoked": {}})
+@register(
+    "revoked",
+    "Revoked task ids: the broker's set, and those revoked by broadcast to the node.",
+    lines={"inspect revoked": {}},
+)
 def revoked(worker: Worker) -> list[str]:
-    return sorted(worker.revoked)
+    return sorted(worker.revoked | worker.broker.revoked())
 
 
 @register(

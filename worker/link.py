@@ -33,12 +33,9 @@ STARTED_FLUSH_DELAY = 0.02  # seconds a STARTED mark may wait for the next turn
 OUTCOME_FLUSH_DELAY = 0.005  # seconds an outcome may wait for it while other tasks run
 DRY_RECHECK = 1.0  # seconds after a short reserve before reserving again unwoken
 RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of the prefetch
-# Seconds between two reads of the revoked set that revoke wake-ups ask for, at least, and
-# at least REVOKES_READ_SPACING times what the last read took: each reads the whole set
-# (100,000 ids: 0.2 s), so a flood of revokes takes a tenth of the worker's time at most,
-# not all of it.
+# Seconds between two reads of revokes that revoke wake-ups ask for, at least: a flood of
+# revokes costs a worker ten small reads a second at most.
 REVOKES_READ_GAP = 0.1
-REVOKES_READ_SPACING = 9.0
 ASYNC_SLOTS_FOR = 1.0  # seconds a worker reserves for async slots after it last got an async task
 
 
@@ -111,17 +108,15 @@ class BrokerLink:
             self.reserve_up_to(wider)
 
     def boot_in_broker(self: Worker) -> bool:
-        """The boot's broker work, done once: its risks logged, the revoked set read, the
-        expired leases of this host's dead workers given back, the task routes published.
-        Whether it is done: a broker unreachable at the boot has it done once it answers,
-        before any reserve (else a task revoked ahead would run, and one a deploy moved to
-        another queue would wait where no worker reads it)."""
+        """The boot's broker work, done once: its risks logged, the expired leases of this
+        host's dead workers given back, the task routes published. Whether it is done: a
+        broker unreachable at the boot has it done once it answers, before any reserve (else
+        a task a deploy moved to another queue would wait where no worker reads it)."""
         if self.booted_in_broker:
             return True
         with self.broker_call("boot"):
             for risk in self.broker.risks():
                 log.warning("%s", risk, extra={"node": self.node})
-            self.revoked |= self.broker.revoked()
             self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
             # Where each task goes, for clients that submit by name without its code.
             self.broker.set_routes({name: task.queue for name, task in REGISTRY.items()})
@@ -248,25 +243,30 @@ class BrokerLink:
     def renew(self: Worker, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
-        held = [d.id for d in self.reserved] + [
-            r.delivery.id for c in self.children.values() for r in (*c.tasks, *c.aio.values())
-        ]
         with self.broker_call("renew leases"):
-            self.broker.extend(held, self.owner, self.spec.lease)
+            self.broker.extend(self.held_ids(), self.owner, self.spec.lease)
             if self.shutdown is None:
                 self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
                 self.read_revokes()
         self.recover_dead_owners()
 
+    def held_ids(self: Worker) -> list[str]:
+        """The ids of the tasks held here: reserved, waiting in a child's pipe, running."""
+        return [d.id for d in self.reserved] + [
+            r.delivery.id for c in self.children.values() for r in (*c.tasks, *c.aio.values())
+        ]
+
     def read_revokes(self: Worker) -> None:
-        """Read the broker's revoked set: revokes written there (`Client.revoke`) rather than
-        broadcast (`fleetctl revoke`) reach the tasks held here, and one waiting in a child's
-        pipe is not started."""
-        started = time.monotonic()
-        fresh = self.broker.revoked() - self.revoked
+        """Ask the broker which of the tasks held here were revoked there (`Client.revoke`
+        writes the broker alone; `fleetctl revoke` tells the workers too): one reserved or
+        waiting in a child's pipe is then not started. Only the held ids are asked about,
+        so a read costs the same however many ids were ever revoked. Tasks not held here
+        need no read: the broker ends a queued task REVOKED at its revoke, and one submitted
+        or given back after it at once."""
+        held = self.held_ids()
+        fresh = (self.broker.revoked_among(held) if held else set()) - self.revoked
         self.revokes_unread = False
-        took = time.monotonic() - started
-        self.revokes_read_from = started + took + max(REVOKES_READ_GAP, REVOKES_READ_SPACING * took)
+        self.revokes_read_from = time.monotonic() + REVOKES_READ_GAP
         if fresh:
             self.revoked |= fresh
             self.revoke_waiting(fresh)

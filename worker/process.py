@@ -127,8 +127,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
-        # The revoked set may hold ids not read yet (a wake-up said so, or a broker call
-        # failed): read when due, before the step reserves (revokes_due).
+        # Tasks held here may have been revoked in the broker since we last asked (a wake-up
+        # said so, or a broker call failed): asked when due, before the step reserves
+        # (revokes_due, read_revokes).
         self.revokes_unread: bool = False
         self.revokes_read_from: float = 0.0  # not before, after a wake-up: REVOKES_READ_GAP
         # The next ETA of our queues as last read (None: none), until a wake-up says a task
@@ -240,7 +241,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         now = time.monotonic()
         self.enforce_time_limits(now)
         if self.revokes_due(now):
-            with self.broker_call("read the revoked set"):
+            with self.broker_call("ask which held tasks were revoked"):
                 self.read_revokes()
         if self.shutdown is None:
             self.manage_children()

@@ -628,6 +628,15 @@ def test_revoke_ends_queued_and_scheduled_tasks_and_is_remembered(
     assert broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=1)]
     broker.close()
     assert connect().revoked() == {held.id, queued.id, scheduled.id, "never-seen"}
+    other = connect()
+    asked = [queued.id, "other", held.id, "never-seen"]
+    assert other.revoked_among(asked) == {held.id, queued.id, "never-seen"}
+    assert other.revoked_among([]) == set()
+    # More ids than one query takes (SQLite's IN_BATCH), the revoked ones anywhere among them.
+    many = [f"id-{n}" for n in range(1200)]
+    other.revoke([many[0], many[700], many[-1]])
+    assert other.revoked_among(many) == {many[0], many[700], many[-1]}
+    other.close()
 
 
 def test_a_task_submitted_after_its_revoke_ends_revoked_and_is_never_handed_out(

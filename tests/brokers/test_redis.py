@@ -493,24 +493,6 @@ def direct(redis_broker: RedisBroker) -> Iterator[redis.Redis]:
         client.close()
 
 
-def test_the_revoked_set_is_read_again_only_when_its_size_changed(
-    redis_broker: RedisBroker, direct: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    key = f"{redis_broker.prefix}:revoked"
-    reads: list[str] = []
-    smembers = redis_broker.redis.smembers
-    monkeypatch.setattr(redis_broker.redis, "smembers", lambda k: reads.append(k) or smembers(k))
-    assert redis_broker.revoked() == set() and reads == []
-    redis_broker.revoke(["a", "b"])
-    assert redis_broker.revoked() == {"a", "b"}
-    direct.sadd(key, "c")  # another client's revoke: the size says so
-    assert redis_broker.revoked() == {"a", "b", "c"}
-    assert redis_broker.revoked() == {"a", "b", "c"}  # unchanged: not read again
-    assert len(reads) == 2
-    direct.delete(key)  # Redis lost its data: what the set holds now, nothing
-    assert redis_broker.revoked() == set()
-
-
 def test_entries_another_producer_added_are_dead_lettered_and_ours_still_go_in(
     redis_broker: RedisBroker, direct: redis.Redis
 ) -> None:

@@ -337,9 +337,9 @@ class Wakeup(abc.ABC):
 
     def revoked(self) -> bool:
         """Whether the wake-ups that the last `clear` consumed may announce ids revoked in
-        the broker (`Client.revoke`), so that the worker reads the revoked set again at
-        once rather than at its next lease renewal. A broker that cannot tell says False:
-        the renewal reads it anyway."""
+        the broker (`Client.revoke`), so that the worker asks at once which of its tasks
+        were revoked rather than at its next lease renewal. A broker that cannot tell says
+        False: the renewal asks anyway."""
         return False
 
     @abc.abstractmethod
@@ -462,7 +462,13 @@ class Broker(abc.ABC):
         """Remember these ids as revoked (persistently); queued ones end REVOKED at once."""
 
     @abc.abstractmethod
-    def revoked(self) -> set[str]: ...
+    def revoked(self) -> set[str]:
+        """Every id revoked (`inspect revoked`): the whole set, read whole."""
+
+    @abc.abstractmethod
+    def revoked_among(self, ids: list[str]) -> set[str]:
+        """Which of these ids are revoked: what a worker asks of the tasks it holds, at a
+        cost that grows with them, not with the revoked set."""
 
     @abc.abstractmethod
     def set_routes(self, routes: dict[str, str]) -> None:

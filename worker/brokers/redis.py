@@ -503,7 +503,6 @@ class RedisBroker(Broker):
         self._pid = os.getpid()
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
         self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
-        self._revoked_read: set[str] = set()  # the revoked set as last read (revoked())
         self._waiting: dict[str, bool] = {}  # owner -> its last reserve came back short
 
     def _take_link(self) -> Link:
@@ -852,14 +851,19 @@ class RedisBroker(Broker):
             self._run("revoke", {"ids": ids, "ttl": self.result_ttl})
 
     def revoked(self) -> set[str]:
-        # The set only grows (nothing of ours removes an id), and every worker reads it at
-        # each lease renewal: while its size is what it was, the members read then stand,
-        # and one SCARD replaces reading them all (MBs on a fleet with many revokes).
+        members = self._mended(lambda: self.redis.smembers(self._key("revoked")))
+        return {str(task_id) for task_id in members}
+
+    def revoked_among(self, ids: list[str]) -> set[str]:
         key = self._key("revoked")
-        if self._mended(lambda: self.redis.scard(key)) != len(self._revoked_read):
-            members = self._mended(lambda: self.redis.smembers(key))
-            self._revoked_read = {str(task_id) for task_id in members}
-        return set(self._revoked_read)
+
+        def ask() -> list[Any]:  # one round trip; SMISMEMBER would need Redis 6.2
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.sismember(key, task_id)
+            return pipe.execute()
+
+        return {task_id for task_id, member in zip(ids, self._mended(ask), strict=True) if member}
 
     def set_routes(self, routes: dict[str, str]) -> None:
         if routes:  # HSET is idempotent: a retried call does no harm

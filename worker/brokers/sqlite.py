@@ -56,6 +56,7 @@ LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for t
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
 EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
+IN_BATCH = 500  # ids in one `IN (...)` (SQLite's older builds take 999 parameters at most)
 FILE_CHECK_EVERY = 1.0  # seconds between two looks at whether the queue file was replaced
 
 log = logging.getLogger("fleetd.broker")
@@ -588,6 +589,15 @@ class SQLiteBroker(Broker):
 
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM revoked WHERE typeof(id) = 'text'")}
+
+    def revoked_among(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), IN_BATCH):
+            batch = ids[start : start + IN_BATCH]
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT id FROM revoked WHERE id IN ({marks}) AND typeof(id) = 'text'"
+            found.update(r[0] for r in self.db.execute(query, batch))
+        return found
 
     def set_routes(self, routes: dict[str, str]) -> None:
         if self.routes() == routes:
