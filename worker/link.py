@@ -243,11 +243,12 @@ class BrokerLink:
     def renew(self: Worker, now: float) -> None:
         """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
+        held = self.held_ids()
         with self.broker_call("renew leases"):
-            self.broker.extend(self.held_ids(), self.owner, self.spec.lease)
+            self.broker.extend(held, self.owner, self.spec.lease)
             if self.shutdown is None:
                 self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
-                self.read_revokes()
+                self.read_revokes(held)
         self.recover_dead_owners()
 
     def held_ids(self: Worker) -> list[str]:
@@ -256,15 +257,14 @@ class BrokerLink:
             r.delivery.id for c in self.children.values() for r in (*c.tasks, *c.aio.values())
         ]
 
-    def read_revokes(self: Worker) -> None:
-        """Ask the broker which of the tasks held here were revoked there (`Client.revoke`
+    def read_revokes(self: Worker, held: list[str]) -> None:
+        """Ask the broker which of the tasks `held` here were revoked there (`Client.revoke`
         writes the broker alone; `fleetctl revoke` tells the workers too): one reserved or
         waiting in a child's pipe is then not started. Only the held ids are asked about,
         so a read costs the same however many ids were ever revoked. Tasks not held here
         need no read: the broker ends a queued task REVOKED at its revoke, and one submitted
         or given back after it at once."""
-        held = self.held_ids()
-        fresh = (self.broker.revoked_among(held) if held else set()) - self.revoked
+        fresh = self.broker.revoked_among(held) - self.revoked
         self.revokes_unread = False
         self.revokes_read_from = time.monotonic() + REVOKES_READ_GAP
         if fresh:

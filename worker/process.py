@@ -242,7 +242,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.enforce_time_limits(now)
         if self.revokes_due(now):
             with self.broker_call("ask which held tasks were revoked"):
-                self.read_revokes()
+                self.read_revokes(self.held_ids())
         if self.shutdown is None:
             self.manage_children()
             self.reserve_more()

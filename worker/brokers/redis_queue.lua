@@ -99,25 +99,27 @@ local function close_record(id, ttl, fields, unset)
   closed[#closed + 1] = id
 end
 
+-- Wake a client waiting for the task's end (it took its flag down): through the list
+-- `{p}:n:{id}` its wait blocks on.
+local function wake(id)
+  local woken = P .. ':n:' .. id
+  if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
+    redis.call('RENAME', woken, P .. ':alien:n:' .. id)
+    redis.call('LPUSH', woken, '1')
+  end
+  redis.call('EXPIRE', woken, 60)
+end
+
 -- Wake the clients waiting for the records this call closed: each raised its flag
--- `{p}:w:{id}` (see redis.py's WAIT_SCRIPT) and blocks on the list `{p}:n:{id}`. Most tasks
--- have no one waiting: one EXISTS looks at a thousand flags, and only where it finds some
--- is each taken down (DEL) and its list pushed.
+-- `{p}:w:{id}` (see redis.py's WAIT_SCRIPT). Most tasks have no one waiting: one EXISTS
+-- looks at a thousand flags, and only where it finds some is each taken down (DEL).
 local function wake_waiters()
   for i = 1, #closed, 1000 do
-    local flags = {}
-    for j = i, math.min(i + 999, #closed) do flags[#flags + 1] = P .. ':w:' .. closed[j] end
+    local ids, flags = {unpack(closed, i, math.min(i + 999, #closed))}, {}
+    for j, id in ipairs(ids) do flags[j] = P .. ':w:' .. id end
     if redis.call('EXISTS', unpack(flags)) > 0 then
-      for j, flag in ipairs(flags) do
-        if redis.call('DEL', flag) == 1 then
-          local id = closed[i + j - 1]
-          local woken = P .. ':n:' .. id
-          if type(redis.pcall('LPUSH', woken, '1')) == 'table' then  -- another kind: kept aside
-            redis.call('RENAME', woken, P .. ':alien:n:' .. id)
-            redis.call('LPUSH', woken, '1')
-          end
-          redis.call('EXPIRE', woken, 60)
-        end
+      for j, id in ipairs(ids) do
+        if redis.call('DEL', flags[j]) == 1 then wake(id) end
       end
     end
   end
