@@ -1,11 +1,15 @@
 """Redis's wire protocol (RESP), the little of it fleetd writes and reads itself: commands
-(the broker's links, the start-up probe, which must not import redis-py) and the arrays a
-subscribed connection receives. Light on purpose: the arbiter imports it."""
+(the broker's links, the start-up probe, which must not import redis-py), the replies a
+link reads (RESP2: redis-py's reader costs a caller more than a small reply's own parse)
+and the arrays a subscribed connection receives. Light on purpose: the arbiter imports it."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
+
+READ_SIZE = 65536  # bytes asked of the socket at a time, unless a bulk string needs more
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -48,3 +52,74 @@ def resp_array(buffer: bytes, at: int) -> tuple[int, list[bytes]] | None:
         else:
             raise ValueError(f"not a bulk string or integer: {buffer[at : at + 20]!r}")
     return at, items
+
+
+class ErrorReply(str):
+    """The text of an error reply (`-NOSCRIPT No matching script...`): the reader returns
+    it, and the caller raises it as its own exception."""
+
+
+class _Short(Exception):
+    """The buffer ends inside the reply; `need`: the buffer's length that would hold at
+    least the rest of the part being read (0: unknown, a line's end)."""
+
+    def __init__(self, need: int = 0) -> None:
+        self.need = need
+
+
+def _text(raw: bytes | bytearray) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as redis-py's decoder, set as the links set it
+
+
+def parse_reply(buffer: bytes | bytearray, at: int) -> tuple[Any, int]:
+    """The RESP2 reply at `at` and where it ends: text for a bulk or simple string (UTF-8,
+    with surrogateescape), int, None for a nil, a list for an array, ErrorReply for an
+    error. _Short if the buffer ends first; ValueError for what is not RESP2."""
+    line = buffer.find(b"\r\n", at)
+    if line < 0:
+        raise _Short()
+    kind = buffer[at : at + 1]
+    if kind == b"$":
+        size = int(buffer[at + 1 : line])
+        if size < 0:
+            return None, line + 2
+        end = line + 2 + size
+        if len(buffer) < end + 2:
+            raise _Short(end + 2)
+        if buffer[end : end + 2] != b"\r\n":
+            raise ValueError(f"a bulk string of {size} bytes does not end there")
+        return _text(buffer[line + 2 : end]), end + 2
+    if kind == b":":
+        return int(buffer[at + 1 : line]), line + 2
+    if kind == b"+":
+        return _text(buffer[at + 1 : line]), line + 2
+    if kind == b"-":
+        return ErrorReply(_text(buffer[at + 1 : line])), line + 2
+    if kind == b"*":
+        count = int(buffer[at + 1 : line])
+        if count < 0:
+            return None, line + 2
+        items, at = [], line + 2
+        for _ in range(count):
+            item, at = parse_reply(buffer, at)
+            items.append(item)
+        return items, at
+    raise ValueError(f"not a RESP2 reply: {bytes(buffer[at : at + 20])!r}")
+
+
+def read_reply(sock: socket.socket, unread: bytearray) -> Any:
+    """The next reply on `sock` (parse_reply's values), read after the bytes of `unread`,
+    which keeps what was read past it: replies to commands sent at once may come in one
+    read. EOFError if the socket closes first; the socket's own errors (OSError, its
+    timeout) as they are; ValueError for what is not RESP2."""
+    while True:
+        try:
+            reply, end = parse_reply(unread, 0)
+        except _Short as short:
+            data = sock.recv(max(READ_SIZE, short.need - len(unread)))
+            if not data:
+                raise EOFError("the server closed the connection") from None
+            unread += data
+            continue
+        del unread[:end]
+        return reply

@@ -330,17 +330,16 @@ def lose_next_reply(broker: RedisBroker, meanwhile: Callable[[], None] = lambda:
     """The broker's next call runs in Redis but its reply is lost with the connection (after
     `meanwhile` ran), so that redis-py's retry sends the call again."""
     [link] = broker._idle
-    connection = link.connection
-    read = connection.read_response
+    read = link.read
 
-    def read_then_drop(*args: Any, **kwargs: Any) -> Any:
-        read(*args, **kwargs)  # raises for a script Redis does not have yet: not this reply
-        del connection.read_response  # the next read is a normal one again
+    def read_then_drop() -> Any:
+        read()  # raises for a script Redis does not have yet: not this reply
+        del link.read  # the next read is a normal one again
         meanwhile()
-        connection.disconnect()
+        link.connection.disconnect()
         raise redis.ConnectionError("connection lost before the reply was read (test)")
 
-    connection.read_response = read_then_drop  # type: ignore[method-assign]
+    link.read = read_then_drop  # type: ignore[method-assign]
 
 
 def test_a_reserve_whose_reply_was_lost_hands_out_the_same_tasks_once(
@@ -410,6 +409,32 @@ def test_a_worker_turn_is_one_call_to_redis(
     states = [(redis_broker.get_result(t.id) or {}).get("state") for t in (done, retried, running)]
     assert states == [SUCCESS, RETRY, STARTED]
     assert redis_broker.depths() == [QueueDepth("q1", ready=0, scheduled=1, reserved=3)]
+
+
+def test_a_links_replies_are_what_redis_py_would_return_or_raise(
+    redis_broker: RedisBroker,
+) -> None:
+    """A link reads its replies itself (resp.read_reply): an error reply is raised as
+    redis-py's class for it, the link goes on after one, and a reply far larger than a
+    read (a big result) comes back whole."""
+    link = redis_broker._take_link()
+    text, big = redis_broker._key("test", "text"), "\u00e9t\udcff" * 1_000_000
+    try:
+        with pytest.raises(redis.exceptions.NoScriptError):
+            link.execute("EVALSHA", "0" * 40, 0)
+        link.execute("SET", text, "x")
+        with pytest.raises(redis.ResponseError, match="^WRONGTYPE"):
+            link.execute("HGET", text, "field")
+
+        assert link.execute("PING") == "PONG"
+        assert link.execute("HMGET", redis_broker._key("test", "none"), "a", "b") == [None, None]
+        assert link.execute("SET", text, big) == "OK"
+        assert link.execute("GET", text) == big
+        assert link.execute("INCR", redis_broker._key("test", "n")) == 1
+        assert link.unread == b""
+    finally:
+        link.execute("DEL", text, redis_broker._key("test", "n"))
+        redis_broker._idle.append(link)
 
 
 def test_scripts_are_sent_again_when_redis_has_forgotten_them(server: RedisServer) -> None:

@@ -49,6 +49,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import ssl
 import time
 import urllib.parse
@@ -57,11 +58,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis._parsers.base import BaseParser
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
-from ..resp import pack, resp_array
+from ..resp import ErrorReply, pack, read_reply, resp_array
 from . import url_problem
 from .base import (
     FAIL_FAST_WAIT,
@@ -426,6 +428,10 @@ class Link:
         self.connection = connection
         self.name = uuid.uuid4().hex
         self.calls = 0  # the current call's token: calls on one link never overlap
+        # Bytes read past the last reply (read), and the socket they came from: a
+        # connection made again (after a disconnect) has nothing of the old one's to read.
+        self.unread = bytearray()
+        self.read_from: socket.socket | None = None
 
     def attempt(self, request: Callable[[Link], Any]) -> Any:
         """`request(self)`, sent again (same token) after a lost connection or a timeout."""
@@ -435,7 +441,33 @@ class Link:
 
     def execute(self, *args: Any) -> Any:
         self.send(*args)
-        return self.connection.read_response()
+        return self.read()
+
+    def read(self) -> Any:
+        """The next reply, read off the connection's socket here (resp.read_reply: redis-py's
+        reader costs a caller more per call than the parse itself), and raised as redis-py
+        raises it: an error reply as its class (NoScriptError, ...), a timeout or a lost
+        connection, which disconnects the link, as redis.TimeoutError or ConnectionError."""
+        connection = self.connection
+        sock = connection._sock  # redis-py keeps no public handle on the socket
+        if sock is None:
+            raise redis.ConnectionError("the link is not connected")
+        if sock is not self.read_from:
+            self.unread, self.read_from = bytearray(), sock
+        try:
+            reply = read_reply(sock, self.unread)
+        except TimeoutError as exc:  # the socket's own (socket.timeout)
+            connection.disconnect()
+            raise redis.TimeoutError(f"Timeout reading from Redis: {exc}") from exc
+        except (OSError, EOFError, ValueError) as exc:
+            connection.disconnect()
+            raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
+        except BaseException:  # a signal handler's exception mid-read: the reply is not ours
+            connection.disconnect()
+            raise
+        if isinstance(reply, ErrorReply):
+            raise BaseParser.parse_error(reply)
+        return reply
 
     def send(self, *args: Any) -> None:
         self.connection.send_packed_command([pack(args)])
@@ -780,11 +812,11 @@ class RedisBroker(Broker):
                 ]
             )
             try:
-                connection.read_response()
+                link.read()
             except redis.ResponseError:  # no flag (Redis out of memory): the pop times out
                 pass
-            connection.read_response()
-            return self._result_of(task_id, connection.read_response)
+            link.read()
+            return self._result_of(task_id, link.read)
 
         # The script moves a foreign key off the wake-up list, but one written there before
         # the pop runs (another client's, between the two) fails the pop: mended, waited again.
