@@ -255,3 +255,17 @@ def test_log_levels_are_taken_in_any_case() -> None:
 
     args = build_parser().parse_args(["start", "-c", "fleet.toml", "--log-level", "WARNING"])
     assert args.log_level == "warning"
+
+
+def test_a_task_id_the_client_makes_is_a_random_uuid_as_str_writes_it() -> None:
+    import uuid
+
+    from worker.client import new_task_id
+
+    ids = [new_task_id() for _ in range(10_000)]
+
+    assert len(set(ids)) == len(ids)
+    for task_id in ids:
+        parsed = uuid.UUID(task_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == task_id

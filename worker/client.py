@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -70,6 +70,16 @@ def encode_body(
     return _encode(
         {"id": task_id, "name": name, "args": list(args), "kwargs": kwargs, "retries": retries}
     )
+
+
+def new_task_id() -> str:
+    """A random (version 4) UUID as text, as `str(uuid.uuid4())` writes it, made in a
+    third of its time: one per task submitted, a batch's largest cost after its JSON."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
@@ -287,7 +297,7 @@ class Client:
                 raise TypeError(
                     f"each call must be a (name, args, kwargs) triple, not {call!r:.80}"
                 ) from None
-            task_id = ids[index] if ids else str(uuid.uuid4())
+            task_id = ids[index] if ids else new_task_id()
             check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
             try:
