@@ -9,7 +9,8 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-READ_SIZE = 65536  # bytes asked of the socket at a time, unless a bulk string needs more
+# Bytes asked of the socket at a time; a large bulk string's rest up to READ_LIMIT at once.
+READ_SIZE, READ_LIMIT = 65536, 1 << 20
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -116,7 +117,7 @@ def read_reply(sock: socket.socket, unread: bytearray) -> Any:
         try:
             reply, end = parse_reply(unread, 0)
         except _Short as short:
-            data = sock.recv(max(READ_SIZE, short.need - len(unread)))
+            data = sock.recv(max(READ_SIZE, min(short.need - len(unread), READ_LIMIT)))
             if not data:
                 raise EOFError("the server closed the connection") from None
             unread += data
