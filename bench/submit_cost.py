@@ -28,20 +28,11 @@ BATCH = 100
 
 def measure(client: Client, server: RedisServer | None, n: int, batched: bool) -> list[float]:
     """[tasks/s, caller CPU us per task, server CPU us per task (0 without a server)]."""
-    submit: Callable[[], object]
-    if batched:
-        calls = [(TASK, (), {})] * BATCH
-        rounds = max(n // BATCH, 1)
-
-        def submit() -> object:
-            return client.submit_many(calls)
-
-    else:
-        rounds = n
-
-        def submit() -> object:
-            return client.submit(TASK)
-
+    calls = [(TASK, (), {})] * BATCH
+    submit: Callable[[], object] = (
+        (lambda: client.submit_many(calls)) if batched else (lambda: client.submit(TASK))
+    )
+    rounds = max(n // BATCH, 1) if batched else n
     server_before = server.cpu_seconds() if server else 0.0
     cpu_before, started = time.process_time(), time.perf_counter()
     for _ in range(rounds):

@@ -26,41 +26,12 @@ def pack(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def resp_array(buffer: bytes, at: int) -> tuple[int, list[bytes]] | None:
-    """The RESP array of bulk strings and integers at `at` (what a subscribed connection
-    gets): where it ends and its items, or None if the buffer ends first."""
-    line = buffer.find(b"\r\n", at)
-    if line < 0:
-        return None
-    if buffer[at : at + 1] != b"*":
-        raise ValueError(f"not an array: {buffer[at : at + 20]!r}")
-    count, at = int(buffer[at + 1 : line]), line + 2
-    items = []
-    for _ in range(count):
-        line = buffer.find(b"\r\n", at)
-        if line < 0:
-            return None
-        kind, header = buffer[at : at + 1], buffer[at + 1 : line]
-        if kind == b":":
-            items.append(header)
-            at = line + 2
-        elif kind == b"$":
-            start = line + 2
-            at = start + int(header) + 2
-            if at > len(buffer):
-                return None
-            items.append(buffer[start : at - 2])
-        else:
-            raise ValueError(f"not a bulk string or integer: {buffer[at : at + 20]!r}")
-    return at, items
-
-
 class ErrorReply(str):
     """The text of an error reply (`-NOSCRIPT No matching script...`): the reader returns
     it, and the caller raises it as its own exception."""
 
 
-class _Short(Exception):
+class Incomplete(Exception):
     """The buffer ends inside the reply; `need`: the buffer's length that would hold at
     least the rest of the part being read (0: unknown, a line's end)."""
 
@@ -68,17 +39,19 @@ class _Short(Exception):
         self.need = need
 
 
-def _text(raw: bytes | bytearray) -> str:
-    return raw.decode("utf-8", "surrogateescape")  # as redis-py's decoder, set as the links set it
+def _string(raw: bytes | bytearray, text: bool) -> str | bytes:
+    # Text as redis-py's decoder gives it, set as the links set it.
+    return raw.decode("utf-8", "surrogateescape") if text else bytes(raw)
 
 
-def parse_reply(buffer: bytes | bytearray, at: int) -> tuple[Any, int]:
-    """The RESP2 reply at `at` and where it ends: text for a bulk or simple string (UTF-8,
-    with surrogateescape), int, None for a nil, a list for an array, ErrorReply for an
-    error. _Short if the buffer ends first; ValueError for what is not RESP2."""
+def parse_reply(buffer: bytes | bytearray, at: int, text: bool = True) -> tuple[Any, int]:
+    """The RESP2 reply at `at` and where it ends: a bulk or simple string (text, UTF-8 with
+    surrogateescape; bytes if not `text`), int, None for a nil, a list for an array,
+    ErrorReply for an error. Incomplete if the buffer ends first; ValueError for what is
+    not RESP2."""
     line = buffer.find(b"\r\n", at)
     if line < 0:
-        raise _Short()
+        raise Incomplete()
     kind = buffer[at : at + 1]
     if kind == b"$":
         size = int(buffer[at + 1 : line])
@@ -86,23 +59,23 @@ def parse_reply(buffer: bytes | bytearray, at: int) -> tuple[Any, int]:
             return None, line + 2
         end = line + 2 + size
         if len(buffer) < end + 2:
-            raise _Short(end + 2)
+            raise Incomplete(end + 2)
         if buffer[end : end + 2] != b"\r\n":
             raise ValueError(f"a bulk string of {size} bytes does not end there")
-        return _text(buffer[line + 2 : end]), end + 2
+        return _string(buffer[line + 2 : end], text), end + 2
     if kind == b":":
         return int(buffer[at + 1 : line]), line + 2
     if kind == b"+":
-        return _text(buffer[at + 1 : line]), line + 2
+        return _string(buffer[at + 1 : line], text), line + 2
     if kind == b"-":
-        return ErrorReply(_text(buffer[at + 1 : line])), line + 2
+        return ErrorReply(_string(buffer[at + 1 : line], True)), line + 2
     if kind == b"*":
         count = int(buffer[at + 1 : line])
         if count < 0:
             return None, line + 2
         items, at = [], line + 2
         for _ in range(count):
-            item, at = parse_reply(buffer, at)
+            item, at = parse_reply(buffer, at, text)
             items.append(item)
         return items, at
     raise ValueError(f"not a RESP2 reply: {bytes(buffer[at : at + 20])!r}")
@@ -116,7 +89,7 @@ def read_reply(sock: socket.socket, unread: bytearray) -> Any:
     while True:
         try:
             reply, end = parse_reply(unread, 0)
-        except _Short as short:
+        except Incomplete as short:
             data = sock.recv(max(READ_SIZE, min(short.need - len(unread), READ_LIMIT)))
             if not data:
                 raise EOFError("the server closed the connection") from None
@@ -124,3 +97,16 @@ def read_reply(sock: socket.socket, unread: bytearray) -> Any:
             continue
         del unread[:end]
         return reply
+
+
+def resp_array(buffer: bytes, at: int) -> tuple[int, list[bytes | int]] | None:
+    """The RESP array of bulk strings and integers at `at` (what a subscribed connection
+    gets), its strings as bytes: where it ends and its items, or None if the buffer ends
+    first. ValueError for any other reply."""
+    try:
+        items, end = parse_reply(buffer, at, text=False)
+    except Incomplete:
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, (bytes, int)) for i in items):
+        raise ValueError(f"not an array of bulk strings and integers: {buffer[at : at + 20]!r}")
+    return end, items

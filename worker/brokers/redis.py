@@ -373,7 +373,7 @@ def wake_frames(buffer: bytes, seen: int) -> tuple[bytes, bool, bool, bool]:
     return (buffer[at:], *wake_news(frames, seen))
 
 
-def wake_news(frames: list[list[bytes]], seen: int) -> tuple[bool, bool, bool]:
+def wake_news(frames: Sequence[Sequence[bytes | int]], seen: int) -> tuple[bool, bool, bool]:
     """What a subscribed connection's frames say: (any may announce a scheduled task, any
     may announce one not seen, any may announce a revoke). ["message", channel, b"n<N>"]:
     ready tasks up to entry N, news past `seen`; b"1" (an older fleetd's): ready ones,
@@ -381,7 +381,7 @@ def wake_news(frames: list[list[bytes]], seen: int) -> tuple[bool, bool, bool]:
     two; the PING reply after a resubscribe (which may have missed anything): all three."""
     scheduled = news = revoked = False
     for frame in frames:
-        if len(frame) != 3 or frame[0] != b"message":
+        if len(frame) != 3 or frame[0] != b"message" or not isinstance(frame[2], bytes):
             return True, True, True
         payload = frame[2]
         if payload[:1] == WAKE_READY and payload[1:].isdigit():
