@@ -87,6 +87,23 @@ def test_nothing_is_lost_when_redis_restarts_and_the_broker_reconnects(server: R
         broker.close()
 
 
+def test_a_wakeup_that_redis_py_reads_takes_a_payload_of_no_utf8_as_news(
+    redis_broker: RedisBroker,
+) -> None:
+    """Over TLS, redis-py reads the subscribed connection (its decoder keeps bytes that
+    are no UTF-8 as lone surrogates): somebody's PUBLISH of such bytes on a wake channel
+    is a wake-up not ours, news, and never an exception out of the worker's loop."""
+    wake = redis_broker.wakeup(["q1"])
+    try:
+        wake._raw = False  # as on a TLS connection, whose socket redis-py reads
+        redis_broker.redis.publish(redis_broker._key("wake", "q1"), b"\xff\xfe")
+        assert readable(wake, 5)
+
+        assert wake.clear() is True and wake.news()
+    finally:
+        wake.close()
+
+
 def test_a_wakeup_for_a_task_the_last_short_reserve_took_is_no_news(server: RedisServer) -> None:
     """A worker reserves a task, then reads the wake-up its submit published: no reserve
     for it (in a fleet that keeps up, a quarter of all reserves came back empty so). A task

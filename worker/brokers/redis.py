@@ -343,7 +343,7 @@ class PubSubWakeup(Wakeup):
         try:
             while self._conn.can_read(timeout=0):
                 message = self._conn.read_response()  # text: the pool decodes replies
-                frames.append([str(item).encode() for item in message])
+                frames.append([str(item).encode("utf-8", "surrogateescape") for item in message])
         except CONNECTION_ERRORS:
             self._break()
             return True
