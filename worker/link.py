@@ -320,6 +320,7 @@ class BrokerLink:
                 BROKER_BACKOFF_MAX, max(BROKER_BACKOFF_MIN, 2 * self.broker_backoff)
             )
             self.broker_retry_at = self.next_renew = time.monotonic() + self.broker_backoff
+            self.broker_failing = doing
             log.log(
                 level,
                 "broker unreachable (%s: %s) to %s; trying again in %.1fs",
@@ -330,6 +331,16 @@ class BrokerLink:
                 extra={"node": self.node},
             )
             return
-        if self.broker_backoff:
+        if self.broker_backoff and self.broker_back(doing):
             self.broker_backoff = 0.0
             log.info("broker reachable again", extra={"node": self.node})
+
+    def broker_back(self: Worker, doing: str) -> bool:
+        """Whether a call that went through says the broker is reachable again: one of the
+        kind that failed last, or any once that kind has not been tried for a while (the
+        worker no longer needed it). Not any call: a full disk under the queue file refuses
+        every write, while reads and writes of nothing (a renew with no task held) go on;
+        the backoff started over at each of those, and the worker tried again, and logged
+        two lines, every 0.2 s for as long as the disk stayed full."""
+        unneeded = time.monotonic() >= self.broker_retry_at + BROKER_BACKOFF_MAX
+        return doing == self.broker_failing or unneeded

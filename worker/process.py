@@ -147,6 +147,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             0.0  # > 0 while the broker is unreachable: seconds between tries
         )
         self.broker_retry_at: float = 0.0  # monotonic: no broker call before this
+        self.broker_failing = ""  # what the last broker call that failed was doing
         self.booted_in_broker = False  # see BrokerLink.boot_in_broker
         self.dead_owners: list[str] = []  # dead consumers whose tasks are still to be given back
         self.spawn_backoff: float = 0.0  # > 0 while forks fail: seconds between tries
