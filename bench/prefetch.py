@@ -3,11 +3,11 @@
 
 For each prefetch (alternated, `--repeat` times): a fleet with `concurrency = 2` drains a
 queue pre-filled with N no-op tasks (Redis: a private server). Printed per prefetch, as
-medians: tasks/s from the first task done to the last, the worker process's CPU per task
-(1 / that is the most one worker can hand out, however many cores its children have), its
-children's CPU per task, and on Redis the server's CPU per task. The client polls the first
-and the last task's state only (every 2 ms), so that its own waits cost the drain nothing;
-`bench.throughput` waits on every task.
+medians [min–max]: tasks/s from the first task done to the last, the worker process's CPU
+per task (1 / that is the most one worker can hand out, however many cores its children
+have), its children's CPU per task, and on Redis the server's CPU per task. The client
+polls the first and the last task's state only (every 2 ms), so that its own waits cost
+the drain nothing; `bench.throughput` waits on every task.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ def drain_once(
         client.close()
 
 
+def spread(values: list[float]) -> str:
+    """The median, and [min–max] over more than one run: one slow run in three shows."""
+    median = f"{statistics.median(values):,.0f}"
+    return median if len(values) == 1 else f"{median} [{min(values):,.0f}–{max(values):,.0f}]"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", choices=("sqlite", "redis"), default="redis")
@@ -108,9 +114,7 @@ def main() -> int:
                     )
     print(f"{args.broker}, {args.tasks} no-op tasks, concurrency 2, median of {args.repeat}:")
     for prefetch, results in runs.items():
-        figures = ", ".join(
-            f"{name} {statistics.median(r[name] for r in results):,.0f}" for name in results[0]
-        )
+        figures = ", ".join(f"{name} {spread([r[name] for r in results])}" for name in results[0])
         print(f"  prefetch {prefetch:3}: {figures}")
     return 0
 
