@@ -139,8 +139,8 @@ def reserve_sql(marks: str, picked: str) -> str:
     OR FAIL: an UPDATE of many rows that a NOT NULL column could ABORT opens a statement
     journal (a savepoint) in our write transaction; one that would FAIL keeps the rows it
     wrote, so needs none. Nothing here can be NULL, and an error ends the whole turn's
-    transaction anyway. With the journal, a reserve cost the worker 20 to 90 us by the heap's
-    state; without it, 19."""
+    transaction anyway. With the journal, a reserve cost the worker 20 us in some runs and 90
+    in others; without it, 19 in every one."""
     return (
         f"UPDATE OR FAIL tasks SET status = {HELD}, owner = ?, lease_until = ?,"
         " deliveries = deliveries + 1"
