@@ -84,9 +84,8 @@ def drain_once(
 
 
 def spread(values: list[float]) -> str:
-    """The median, and [min–max] over more than one run: one slow run in three shows."""
-    median = f"{statistics.median(values):,.0f}"
-    return median if len(values) == 1 else f"{median} [{min(values):,.0f}–{max(values):,.0f}]"
+    """The median and [min–max]: one slow run in three shows."""
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f}–{max(values):,.0f}]"
 
 
 def main() -> int:
