@@ -342,5 +342,7 @@ class BrokerLink:
         every write, while reads and writes of nothing (a renew with no task held) go on;
         the backoff started over at each of those, and the worker tried again, and logged
         two lines, every 0.2 s for as long as the disk stayed full."""
-        unneeded = time.monotonic() >= self.broker_retry_at + BROKER_BACKOFF_MAX
-        return doing == self.broker_failing or unneeded
+        return (
+            doing == self.broker_failing
+            or time.monotonic() >= self.broker_retry_at + BROKER_BACKOFF_MAX
+        )
