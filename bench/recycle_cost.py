@@ -1,5 +1,5 @@
 """Where a recycled child's time goes: `python -m bench.recycle_cost [--broker sqlite|redis]
-[--tasks N]`.
+[--tasks N] [--body noop|stamp]`.
 
 fleetd with `concurrency = 2`, `prefetch = 1`, `max_tasks_per_child = 1` drains N pre-filled
 no-op tasks, so every task costs a fork, a child's start and exit, and a reap. Printed per
@@ -8,6 +8,10 @@ the page faults they took: mostly copy-on-write copies of the worker's pages), a
 floor, the same for a process that imports fleetd's worker modules and only forks children
 that exit at once. 2 cores divided by the total CPU per task is the most tasks per second
 recycling can reach on such a machine, whatever fleetd does around the fork.
+
+`--body stamp` runs `make bench`'s own task body instead (bench/tasks/body.py: a fresh
+child's first Redis connection, then an RPUSH), in the fleet and in the floor's children
+alike: the floor is then what any system pays per recycled child for that body.
 """
 
 from __future__ import annotations
@@ -30,15 +34,22 @@ from fleetd import Client
 FORKS = 500  # of the floor's bare forks
 
 
-def fleet_figures(config: Path, tasks: int) -> dict[str, float]:
+STAMP = "bench.tasks.fleetd_tasks.stamp"  # make bench's task: its body's RPUSH to BENCH_REDIS_URL
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fleet_figures(config: Path, tasks: int, body: str) -> dict[str, float]:
     client = Client.from_config(str(config))
-    first = client.submit("tput_tasks.noop")
-    fleet = subprocess.Popen([FLEETD, "start", "-c", str(config), "--log-level", "warning"])
+    call = ("tput_tasks.noop", (), {}) if body == "noop" else (STAMP, ("recycle",), {})
+    first = client.submit(call[0], *call[1])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # for the stamp task's module
+    command = [FLEETD, "start", "-c", str(config), "--log-level", "warning"]
+    fleet = subprocess.Popen(command, env=env)
     try:
         first.get(timeout=30)
         [worker] = psutil.Process(fleet.pid).children()
         before = stat_fields(fleet.pid), stat_fields(worker.pid)
-        handles = client.submit_many([("tput_tasks.noop", (), {})] * tasks)
+        handles = client.submit_many([call] * tasks)
         started = time.perf_counter()
         for handle in handles:
             handle.get(timeout=120)
@@ -64,12 +75,14 @@ def fleet_figures(config: Path, tasks: int) -> dict[str, float]:
     }
 
 
-def floor_figures() -> dict[str, float]:
-    """A fork of a process holding the worker's modules, whose child exits at once."""
+def floor_figures(body: str) -> dict[str, float]:
+    """A fork of a process holding the worker's modules, whose child runs `body` (noop:
+    nothing) and exits."""
     import gc
 
     import worker.brokers.sqlite  # noqa: F401 - the worker's modules, as a worker holds them
     import worker.process  # noqa: F401
+    from bench.tasks import body as bodies
 
     children, own = resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF
     before = resource.getrusage(children), resource.getrusage(own)
@@ -77,6 +90,8 @@ def floor_figures() -> dict[str, float]:
         gc.freeze()
         pid = os.fork()
         if pid == 0:
+            if body == "stamp":
+                bodies.stamp("recycle-floor")
             os._exit(0)
         gc.unfreeze()
         os.waitpid(pid, 0)
@@ -95,24 +110,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--body", choices=("noop", "stamp"), default="noop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetd-recycle-") as tmp:
         folder = Path(tmp)
-        if args.broker == "redis":
-            with RedisServer(folder / "redis") as redis:
-                figures = fleet_figures(write_config(folder, redis.url, 1, 1), args.tasks)
-        else:
-            figures = fleet_figures(write_config(folder, "sqlite:///queue.db", 1, 1), args.tasks)
+        with RedisServer(folder / "redis") as redis:  # the broker, or the stamp body's store
+            os.environ["BENCH_REDIS_URL"] = redis.url
+            url = redis.url if args.broker == "redis" else "sqlite:///queue.db"
+            config = write_config(folder, url, 1, 1)
+            if args.body == "stamp":  # its task module too
+                imports = 'imports = ["tput_tasks"]'
+                text = config.read_text().replace(
+                    imports, imports[:-1] + ', "bench.tasks.fleetd_tasks"]'
+                )
+                config.write_text(text)
+            figures = fleet_figures(config, args.tasks, args.body)
+            floor = floor_figures(args.body)
     total = sum(v for k, v in figures.items() if k.endswith("(ms)"))
-    print(f"fleetd on {args.broker}, max_tasks_per_child = 1, {args.tasks} no-op tasks, per task:")
+    what = "no-op" if args.body == "noop" else "stamp (make bench's)"
+    print(f"fleetd on {args.broker}, max_tasks_per_child = 1, {args.tasks} {what} tasks, per task:")
     for name, value in figures.items():
         print(f"  {name:32} {value:8.2f}")
     print(f"  {'total CPU (ms)':32} {total:8.2f}")
     print(f"  {'ceiling on 2 cores (tasks/s)':32} {2000 / total:8.0f}")
-    floor = floor_figures()
-    print(f"a bare fork and exit of a process holding the worker's modules, {FORKS} times, each:")
+    print(
+        f"a bare fork of a process holding the worker's modules, its child running the {what}"
+        f" task body and exiting, {FORKS} times, each:"
+    )
     for name, value in floor.items():
         print(f"  {name:32} {value:8.2f}")
+    total = sum(v for k, v in floor.items() if k.endswith("(ms)"))
+    print(f"  {'total CPU (ms)':32} {total:8.2f}")
+    print(f"  {'ceiling on 2 cores (tasks/s)':32} {2000 / total:8.0f}")
     return 0
 
 
