@@ -90,22 +90,34 @@ def append(path, line):
     finally:
         os.close(fd)
 
+def line(kind, task_id):
+    """A journal line: the execution's process and its parent, the worker it ran under."""
+    return f"{kind} {task_id} {os.getpid()} {os.getppid()}\\n"
+
+@task(bind=True)
+def journal(self, path, seconds=0.0, pad=""):
+    """As tasks.journal, with the worker's pid on each line. (`pad` makes a big task of it.)"""
+    append(path, line("S", self.request.id))
+    time.sleep(seconds)
+    append(path, line("E", self.request.id))
+    return os.getpid()
+
 @task(bind=True)
 def escape(self, path, seconds, pidfile):
-    """As tasks.journal, and a sleeper that leaves the task's process group and session."""
-    append(path, f"S {self.request.id} {os.getpid()}\\n")
+    """As journal, and a sleeper that leaves the task's process group and session."""
+    append(path, line("S", self.request.id))
     sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
     append(pidfile, f"{sleeper.pid}\\n")
     time.sleep(seconds)
-    append(path, f"E {self.request.id} {os.getpid()}\\n")
+    append(path, line("E", self.request.id))
     return os.getpid()
 
 @task(bind=True)
 async def ajournal(self, path, seconds):
-    """As tasks.journal, on the child's event loop."""
-    append(path, f"S {self.request.id} {os.getpid()}\\n")
+    """As journal, on the child's event loop."""
+    append(path, line("S", self.request.id))
     await asyncio.sleep(seconds)
-    append(path, f"E {self.request.id} {os.getpid()}\\n")
+    append(path, line("E", self.request.id))
     return os.getpid()
 '''
 
@@ -128,10 +140,15 @@ class Chaos:
 
     def executions(self) -> Iterator[tuple[str, str, int]]:
         """The journal's lines as (S or E, task id, pid); the last may be half written."""
+        for kind, task_id, pid, _ in self.executions_under():
+            yield kind, task_id, pid
+
+    def executions_under(self) -> Iterator[tuple[str, str, int, int]]:
+        """As executions, with the pid of each one's parent: the worker it ran under."""
         for line in self.journal.read_text().splitlines() if self.journal.exists() else []:
             words = line.split()
-            if len(words) == 3 and words[2].isdigit():
-                yield words[0], words[1], int(words[2])
+            if len(words) == 4 and words[2].isdigit() and words[3].isdigit():
+                yield words[0], words[1], int(words[2]), int(words[3])
 
     def busy_children(self, children: list[int]) -> list[int]:
         """Children with a started, unfinished execution in the journal."""
@@ -311,7 +328,7 @@ def submit_steadily(
             size = n - len(ids) if b == batches - 1 else BATCH
             calls = [journaled(journal, rng) for _ in range(size)]
             if b % BIG_EVERY == BIG_EVERY - 1:
-                calls[-1] = ("tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
+                calls[-1] = ("chaos_tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
             ids.extend(h.id for h in client.submit_many(calls))
             if b % POISON_EVERY == POISON_EVERY - 1:
                 kind = kinds[len(poisons) % len(kinds)].removeprefix("x-")
@@ -335,7 +352,7 @@ def journaled(journal: Path, rng: random.Random) -> tuple[str, tuple[Any, ...], 
         return "chaos_tasks.escape", (str(journal), seconds, str(escapees_file(journal))), {}
     if draw < ESCAPE_SHARE + ASYNC_SHARE:
         return "chaos_tasks.ajournal", (str(journal), seconds), {}
-    return "tasks.journal", (str(journal), seconds), {}
+    return "chaos_tasks.journal", (str(journal), seconds), {}
 
 
 def escapees_file(journal: Path) -> Path:
@@ -360,19 +377,25 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> tuple[dict[str, Any], s
     starts: collections.Counter[str] = collections.Counter()
     unfinished: set[tuple[str, int]] = set()
     started_by: dict[str, set[int]] = collections.defaultdict(set)
-    for kind, task_id, pid in chaos.executions():
+    started_under: dict[str, set[int]] = collections.defaultdict(set)  # their workers' pids
+    for kind, task_id, pid, worker in chaos.executions_under():
         if kind == "S":
             starts[task_id] += 1
             unfinished.add((task_id, pid))
             started_by[task_id].add(pid)
+            started_under[task_id].add(worker)
         else:
             unfinished.discard((task_id, pid))
     # executions a kill interrupted: started in a killed process and never ended there, or
     # ended there but not yet acknowledged when that process (a worker, or a child whose
-    # outcome its worker may not have read) was killed
+    # outcome its worker may not have read) was killed. Under a killed worker that counts a
+    # child that had already retired (max_tasks_per_child) when the worker was killed: its
+    # outcomes, read, were not acknowledged yet, and it is in no list of the kill's children.
     interrupted = {task_id for task_id, pid in unfinished if pid in chaos.killed_pids}
-    for held in chaos.held_by_killed.values():
-        interrupted |= {t for t in held if started_by[t] & chaos.killed_pids}
+    for victim, held in chaos.held_by_killed.items():
+        interrupted |= {
+            t for t in held if started_by[t] & chaos.killed_pids or victim in started_under[t]
+        }
     duplicated = {t for t, n in starts.items() if n > 1}
     ended = fleet.infos(chaos.poisons)
     figures: dict[str, Any] = {
