@@ -114,35 +114,33 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetd-recycle-") as tmp:
         folder = Path(tmp)
-        with RedisServer(folder / "redis") as redis:  # the broker, or the stamp body's store
+        with RedisServer(folder / "redis") as redis:  # the broker, the stamp body's store, or idle
             os.environ["BENCH_REDIS_URL"] = redis.url
             url = redis.url if args.broker == "redis" else "sqlite:///queue.db"
-            config = write_config(folder, url, 1, 1)
-            if args.body == "stamp":  # its task module too
-                imports = 'imports = ["tput_tasks"]'
-                text = config.read_text().replace(
-                    imports, imports[:-1] + ', "bench.tasks.fleetd_tasks"]'
-                )
-                config.write_text(text)
+            imports = ("bench.tasks.fleetd_tasks",) if args.body == "stamp" else ()
+            config = write_config(folder, url, 1, 1, imports)
             figures = fleet_figures(config, args.tasks, args.body)
             floor = floor_figures(args.body)
-    total = sum(v for k, v in figures.items() if k.endswith("(ms)"))
     what = "no-op" if args.body == "noop" else "stamp (make bench's)"
-    print(f"fleetd on {args.broker}, max_tasks_per_child = 1, {args.tasks} {what} tasks, per task:")
-    for name, value in figures.items():
-        print(f"  {name:32} {value:8.2f}")
-    print(f"  {'total CPU (ms)':32} {total:8.2f}")
-    print(f"  {'ceiling on 2 cores (tasks/s)':32} {2000 / total:8.0f}")
-    print(
-        f"a bare fork of a process holding the worker's modules, its child running the {what}"
-        f" task body and exiting, {FORKS} times, each:"
+    show(
+        f"fleetd on {args.broker}, max_tasks_per_child = 1, {args.tasks} {what} tasks, per task:",
+        figures,
     )
-    for name, value in floor.items():
-        print(f"  {name:32} {value:8.2f}")
-    total = sum(v for k, v in floor.items() if k.endswith("(ms)"))
-    print(f"  {'total CPU (ms)':32} {total:8.2f}")
-    print(f"  {'ceiling on 2 cores (tasks/s)':32} {2000 / total:8.0f}")
+    show(
+        f"a bare fork of a process holding the worker's modules, its child running the {what}"
+        f" task body and exiting, {FORKS} times, each:",
+        floor,
+    )
     return 0
+
+
+def show(title: str, figures: dict[str, float]) -> None:
+    """The figures under `title`, then their total CPU and the most tasks/s 2 cores allow."""
+    total = sum(v for k, v in figures.items() if k.endswith("(ms)"))
+    print(title)
+    for name, value in [*figures.items(), ("total CPU (ms)", total)]:
+        print(f"  {name:32} {value:8.2f}")
+    print(f"  {'ceiling on 2 cores (tasks/s)':32} {2000 / total:8.0f}")
 
 
 if __name__ == "__main__":

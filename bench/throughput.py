@@ -26,11 +26,20 @@ FLEETD = str(Path(sys.executable).parent / "fleetd")
 TASKS = "from fleetd import task\n\n\n@task\ndef noop():\n    return None\n"
 
 
-def write_config(folder: Path, broker: str, prefetch: int, max_tasks_per_child: int) -> Path:
+def write_config(
+    folder: Path,
+    broker: str,
+    prefetch: int,
+    max_tasks_per_child: int,
+    imports: tuple[str, ...] = (),
+) -> Path:
+    """A fleet of one worker, `concurrency = 2`, on `broker`; its tasks: `noop` in
+    tput_tasks, written beside it, and the modules `imports` names."""
     (folder / "tput_tasks.py").write_text(TASKS)
+    modules = ", ".join(f'"{module}"' for module in ("tput_tasks", *imports))
     config = folder / "fleet.toml"
     config.write_text(
-        f'[fleet]\nnode = "tput"\nbroker = "{broker}"\nimports = ["tput_tasks"]\n'
+        f'[fleet]\nnode = "tput"\nbroker = "{broker}"\nimports = [{modules}]\n'
         f"[defaults]\nconcurrency = 2\nprefetch = {prefetch}\n"
         f"max_tasks_per_child = {max_tasks_per_child}\n"
         '[[worker]]\nname = "w"\n'

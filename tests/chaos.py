@@ -91,20 +91,12 @@ def append(path, line):
         os.close(fd)
 
 def line(kind, task_id):
-    """A journal line: the execution's process and its parent, the worker it ran under."""
+    """A journal line as tasks.journal writes it: the process, and its parent (the worker)."""
     return f"{kind} {task_id} {os.getpid()} {os.getppid()}\\n"
 
 @task(bind=True)
-def journal(self, path, seconds=0.0, pad=""):
-    """As tasks.journal, with the worker's pid on each line. (`pad` makes a big task of it.)"""
-    append(path, line("S", self.request.id))
-    time.sleep(seconds)
-    append(path, line("E", self.request.id))
-    return os.getpid()
-
-@task(bind=True)
 def escape(self, path, seconds, pidfile):
-    """As journal, and a sleeper that leaves the task's process group and session."""
+    """As tasks.journal, and a sleeper that leaves the task's process group and session."""
     append(path, line("S", self.request.id))
     sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
     append(pidfile, f"{sleeper.pid}\\n")
@@ -114,7 +106,7 @@ def escape(self, path, seconds, pidfile):
 
 @task(bind=True)
 async def ajournal(self, path, seconds):
-    """As journal, on the child's event loop."""
+    """As tasks.journal, on the child's event loop."""
     append(path, line("S", self.request.id))
     await asyncio.sleep(seconds)
     append(path, line("E", self.request.id))
@@ -138,13 +130,9 @@ class Chaos:
     def workers(self) -> list[int]:
         return self.fleet.worker_pids()
 
-    def executions(self) -> Iterator[tuple[str, str, int]]:
-        """The journal's lines as (S or E, task id, pid); the last may be half written."""
-        for kind, task_id, pid, _ in self.executions_under():
-            yield kind, task_id, pid
-
-    def executions_under(self) -> Iterator[tuple[str, str, int, int]]:
-        """As executions, with the pid of each one's parent: the worker it ran under."""
+    def executions(self) -> Iterator[tuple[str, str, int, int]]:
+        """The journal's lines as (S or E, task id, pid, its parent's pid: the worker it ran
+        under); the last may be half written."""
         for line in self.journal.read_text().splitlines() if self.journal.exists() else []:
             words = line.split()
             if len(words) == 4 and words[2].isdigit() and words[3].isdigit():
@@ -153,14 +141,16 @@ class Chaos:
     def busy_children(self, children: list[int]) -> list[int]:
         """Children with a started, unfinished execution in the journal."""
         running: dict[int, int] = collections.Counter()
-        for kind, _, pid in self.executions():
+        for kind, _, pid, _ in self.executions():
             running[pid] += 1 if kind == "S" else -1
         return [c for c in children if running.get(c, 0) > 0]
 
     def ended_in(self, pid: int) -> set[str]:
         """The ids of the executions the journal says ended in process `pid`."""
         return {
-            task_id for kind, task_id, ran_in in self.executions() if (kind, ran_in) == ("E", pid)
+            task_id
+            for kind, task_id, ran_in, _ in self.executions()
+            if (kind, ran_in) == ("E", pid)
         }
 
     # --- the events --------------------------------------------------------------------------
@@ -328,7 +318,7 @@ def submit_steadily(
             size = n - len(ids) if b == batches - 1 else BATCH
             calls = [journaled(journal, rng) for _ in range(size)]
             if b % BIG_EVERY == BIG_EVERY - 1:
-                calls[-1] = ("chaos_tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
+                calls[-1] = ("tasks.journal", (str(journal), 0.0, "x" * BIG_TASK), {})
             ids.extend(h.id for h in client.submit_many(calls))
             if b % POISON_EVERY == POISON_EVERY - 1:
                 kind = kinds[len(poisons) % len(kinds)].removeprefix("x-")
@@ -352,7 +342,7 @@ def journaled(journal: Path, rng: random.Random) -> tuple[str, tuple[Any, ...], 
         return "chaos_tasks.escape", (str(journal), seconds, str(escapees_file(journal))), {}
     if draw < ESCAPE_SHARE + ASYNC_SHARE:
         return "chaos_tasks.ajournal", (str(journal), seconds), {}
-    return "chaos_tasks.journal", (str(journal), seconds), {}
+    return "tasks.journal", (str(journal), seconds), {}
 
 
 def escapees_file(journal: Path) -> Path:
@@ -378,7 +368,7 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> tuple[dict[str, Any], s
     unfinished: set[tuple[str, int]] = set()
     started_by: dict[str, set[int]] = collections.defaultdict(set)
     started_under: dict[str, set[int]] = collections.defaultdict(set)  # their workers' pids
-    for kind, task_id, pid, worker in chaos.executions_under():
+    for kind, task_id, pid, worker in chaos.executions():
         if kind == "S":
             starts[task_id] += 1
             unfinished.add((task_id, pid))
@@ -417,7 +407,7 @@ def tally(fleet: Fleet, chaos: Chaos, ids: list[str]) -> tuple[dict[str, Any], s
 def explain(fleet: Fleet, chaos: Chaos, unexplained: set[str]) -> None:
     """Print what the journal and the fleet's log say of each duplicate no kill explains."""
     runs: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
-    for kind, task_id, pid in chaos.executions():
+    for kind, task_id, pid, _ in chaos.executions():
         if task_id in unexplained:
             runs[task_id].append((kind, pid))
     log = fleet.log().splitlines()

@@ -175,14 +175,15 @@ def hog(mb):
 
 @task(bind=True)
 def journal(self, path, seconds=0.0, pad=""):
-    """Writes "S id pid" when it starts and "E id pid" when it ends: a log of every execution.
-    (`pad` makes a big task of it.)"""
+    """Writes "S id pid ppid" when it starts and "E id pid ppid" when it ends: a log of every
+    execution, the process it ran in and that one's parent, its worker. (`pad` makes a big
+    task of it.)"""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        os.write(fd, f"S {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
         if seconds:
             time.sleep(seconds)
-        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+        os.write(fd, f"E {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
     finally:
         os.close(fd)
     return os.getpid()
@@ -192,9 +193,9 @@ def journal_reply(self, path, seconds, size):
     """As journal, answering `size` characters: a reply larger than a pipe holds."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"S {self.request.id} {os.getpid()}\\n".encode())
+        os.write(fd, f"S {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
         time.sleep(seconds)
-        os.write(fd, f"E {self.request.id} {os.getpid()}\\n".encode())
+        os.write(fd, f"E {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
     finally:
         os.close(fd)
     return "x" * size

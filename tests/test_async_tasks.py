@@ -521,7 +521,7 @@ def test_a_queue_mixing_sync_and_async_tasks_never_runs_both_on_one_child(
     running: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     most_async = 0
     for line in lines(journal):  # appended in the order it happened
-        kind, task_id, pid = line.split()
+        kind, task_id, pid = line.split()[:3]  # tasks.journal's lines also name the worker
         what = "sync" if task_id in sync_ids else "async"
         running[pid][what] += 1 if kind == "S" else -1
         assert not (running[pid]["sync"] and running[pid]["async"]), f"both on child {pid}"
