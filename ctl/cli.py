@@ -44,7 +44,7 @@ from ctl.render import (
     status_table,
     task_table,
 )
-from worker.arguments import finite, non_negative, positive
+from worker.arguments import Parser, finite, non_negative, positive
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
 from worker.logs import fill_standard_fds, one_line
 from worker.version import VersionAction
@@ -59,11 +59,6 @@ PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for gre
 
 class UsageError(Exception):
     """Bad arguments or config: exit 2 with one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def word_type(arg: Arg) -> Callable[[str], Any]:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from worker.arguments import non_negative
+from worker.arguments import Parser, non_negative
 from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, fill_standard_fds, setup_logging, shield_standard_streams
 from worker.version import VersionAction
@@ -21,11 +21,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMPORT_TIMEOUT = 60.0  # seconds `fleetd check` gives the task modules to import
 
 log = logging.getLogger("fleetd.cli")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,10 @@ bits do not stop anything).
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 
+from ctl.cli import build_parser as fleetctl_parser
+from supervisor.cli import build_parser as fleetd_parser
 from tests.fleet import FLEETCTL, Fleet, fleetctl_on, fleetd, free_port
 from tests.redisserver import limited_user, start_redis
 from worker import BrokerUnavailable, Client
@@ -398,3 +402,32 @@ def test_fleetctl_arguments_that_ended_in_a_traceback_are_one_line_and_exit_2(
     out = make_fleet().ctl(*argv, check=False)
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr.startswith(f"fleetctl: {error}") and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("build", [fleetd_parser, fleetctl_parser])
+def test_help_is_sized_to_the_terminal_as_argparse_sizes_it(
+    build: Callable[[], argparse.ArgumentParser], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both commands size their help from $COLUMNS (else the terminal) without shutil.
+    helps = []
+    for columns in (50, 120):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        parser = build()
+        ours = parser.format_help()
+        parser.formatter_class = argparse.HelpFormatter
+        assert ours == parser.format_help()
+        # argparse wraps all but a list of choices, which it keeps on one line.
+        assert max(len(line) for line in ours.splitlines() if "{" not in line) <= columns
+        helps.append(ours)
+    assert helps[0] != helps[1]
+
+
+def test_the_arbiters_command_line_brings_no_shutil_into_its_process() -> None:
+    # shutil, and with it zlib, bz2 and lzma, would stay in the arbiter's memory for good.
+    code = (
+        "import sys; from supervisor.cli import build_parser;"
+        " build_parser().parse_args(['start', '-c', 'fleet.toml']);"
+        " print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "[]\n", "")
