@@ -52,7 +52,10 @@ from .sqlite_wake import FifoWakeup, Poker
 QUEUED, HELD, DONE = 0, 1, 2
 SAFETY_CHECKPOINT_PAGES = 2000  # ~8 MB of WAL
 LOCK_TIMEOUT = 30.0  # seconds a write waits for the lock before it fails
-LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.0002, 0.0005  # seconds between tries for the lock
+# Seconds between tries for the write lock, doubling. A worker's turn holds it some tens of
+# us: a producer that met one (4% of its submits while a fleet drained) waited 0.2 ms at
+# first, 9% of its run; 0.05 (~0.1 with the timer's slack) made the run 3% faster.
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.00005, 0.0005
 IDLE_CHECKPOINT_AFTER = 2.0  # seconds
 EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_ttl
 EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
