@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import psutil
-import redis
 
 from bench.redis_server import RedisServer
+from bench.systems.base import REPO
 from bench.systems.fleetd_sys import PREFETCH
+from bench.systems.fleetd_sys import TASK as STAMP
 from bench.throughput import FLEETD, write_config
 from fleetd import Client
 
-STAMP = "bench.tasks.fleetd_tasks.stamp"  # make bench's task
-REPO = Path(__file__).resolve().parent.parent
 KEY = "e2e"
 
 
@@ -41,12 +40,7 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def redis_cpu(server: redis.Redis) -> float:
-    info = server.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def one_run(folder: Path, broker: str, store: redis.Redis, tasks: int) -> dict[str, float]:
+def one_run(folder: Path, broker: str, server: RedisServer, tasks: int) -> dict[str, float]:
     config = write_config(folder, broker, PREFETCH, 0, ("bench.tasks.fleetd_tasks",))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [FLEETD, "start", "-c", str(config), "--log-level", "warning"]
@@ -58,31 +52,29 @@ def one_run(folder: Path, broker: str, store: redis.Redis, tasks: int) -> dict[s
         [worker] = arbiter.children()
         parties = {"arbiter": [arbiter], "worker": [worker], "children": worker.children()}
         before = {name: sum(map(cpu_seconds, procs)) for name, procs in parties.items()}
-        server_before, own_before = redis_cpu(store), time.process_time()
+        server_before, own_before = server.cpu_seconds(), time.process_time()
         started = time.time()
         for _ in range(tasks):
             client.submit(STAMP, KEY)
         producer = time.process_time() - own_before
-        deadline = time.monotonic() + 120
+        store, deadline = server.client, time.monotonic() + 120
         while store.llen(KEY) < tasks:
             if time.monotonic() > deadline or fleet.poll() is not None:
                 raise RuntimeError(f"{store.llen(KEY)} of {tasks} tasks ran")
             time.sleep(0.01)
         last = max(float(stamp) for stamp in store.lrange(KEY, 0, -1))
+        per_task = 1e6 / tasks  # seconds -> us per task
         figures = {
             "tasks/s": tasks / (last - started),
-            "producer (us)": producer,
-            "redis-server (us)": redis_cpu(store) - server_before,
+            "producer (us)": producer * per_task,
+            "redis-server (us)": (server.cpu_seconds() - server_before) * per_task,
         }
         for name, procs in parties.items():  # the children that left count in the worker's
-            figures[f"{name} (us)"] = sum(map(cpu_seconds, procs)) - before[name]
+            figures[f"{name} (us)"] = (sum(map(cpu_seconds, procs)) - before[name]) * per_task
     finally:
         fleet.terminate()
         fleet.wait(60)
         client.close()
-    for name in figures:
-        if name.endswith("(us)"):
-            figures[name] *= 1e6 / tasks
     return figures
 
 
@@ -100,7 +92,7 @@ def main() -> int:
                 folder = Path(tmp) / f"run{index}"
                 folder.mkdir()
                 broker = server.url if args.broker == "redis" else "sqlite:///queue.db"
-                runs.append(one_run(folder, broker, server.client, args.tasks))
+                runs.append(one_run(folder, broker, server, args.tasks))
                 server.client.flushall()
     print(
         f"fleetd on {args.broker}, enqueue while draining as make bench runs it,"

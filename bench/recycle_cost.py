@@ -28,14 +28,12 @@ from pathlib import Path
 import psutil
 
 from bench.redis_server import RedisServer
+from bench.systems.base import REPO
+from bench.systems.fleetd_sys import TASK as STAMP  # make bench's: an RPUSH to BENCH_REDIS_URL
 from bench.throughput import FLEETD, stat_fields, write_config
 from fleetd import Client
 
 FORKS = 500  # of the floor's bare forks
-
-
-STAMP = "bench.tasks.fleetd_tasks.stamp"  # make bench's task: its body's RPUSH to BENCH_REDIS_URL
-REPO = Path(__file__).resolve().parent.parent
 
 
 def fleet_figures(config: Path, tasks: int, body: str) -> dict[str, float]:
