@@ -31,10 +31,16 @@ class HelpFormatter(argparse.HelpFormatter):
     every argument a parser is given: shutil brings the compressors (zlib, bz2, lzma) with
     it: ~2 ms on the arbiter's way to its first spawn, ~0.25 MiB of its memory for good."""
 
-    def __init__(self, prog: str, *args: Any, **kwargs: Any) -> None:
-        if len(args) < 3 and "width" not in kwargs:
-            kwargs["width"] = terminal_columns() - 2  # argparse's own margin
-        super().__init__(prog, *args, **kwargs)
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = terminal_columns() - 2  # argparse's own margin
+        super().__init__(prog, indent_increment, max_help_position, width)
 
 
 class Parser(argparse.ArgumentParser):
