@@ -82,6 +82,7 @@ ASYNC_SHARE = 0.3  # of the tasks, those that are `async def`
 ESCAPE_TASKS = '''
 import asyncio, os, subprocess, time
 from worker import task
+from tasks import journal_line as line  # tests/fleet.py's task module, imported beside this
 
 def append(path, line):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -89,10 +90,6 @@ def append(path, line):
         os.write(fd, line.encode())
     finally:
         os.close(fd)
-
-def line(kind, task_id):
-    """A journal line as tasks.journal writes it: the process, and its parent (the worker)."""
-    return f"{kind} {task_id} {os.getpid()} {os.getppid()}\\n"
 
 @task(bind=True)
 def escape(self, path, seconds, pidfile):

@@ -173,31 +173,33 @@ def hog(mb):
     HOARD.append(b"x" * (mb << 20))
     return os.getpid()
 
-@task(bind=True)
-def journal(self, path, seconds=0.0, pad=""):
-    """Writes "S id pid ppid" when it starts and "E id pid ppid" when it ends: a log of every
-    execution, the process it ran in and that one's parent, its worker. (`pad` makes a big
-    task of it.)"""
+def journal_line(kind, task_id):
+    """A journal line: S (started) or E (ended), the task, the process it ran in and that
+    one's parent, its worker."""
+    return f"{kind} {task_id} {os.getpid()} {os.getppid()}\\n"
+
+def journaled(path, task_id, seconds):
+    """Journal an execution's start and end, `seconds` apart."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"S {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
+        os.write(fd, journal_line("S", task_id).encode())
         if seconds:
             time.sleep(seconds)
-        os.write(fd, f"E {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
+        os.write(fd, journal_line("E", task_id).encode())
     finally:
         os.close(fd)
+
+@task(bind=True)
+def journal(self, path, seconds=0.0, pad=""):
+    """Writes a journal line when it starts and one when it ends: a log of every execution.
+    (`pad` makes a big task of it.)"""
+    journaled(path, self.request.id, seconds)
     return os.getpid()
 
 @task(bind=True)
 def journal_reply(self, path, seconds, size):
     """As journal, answering `size` characters: a reply larger than a pipe holds."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"S {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
-        time.sleep(seconds)
-        os.write(fd, f"E {self.request.id} {os.getpid()} {os.getppid()}\\n".encode())
-    finally:
-        os.close(fd)
+    journaled(path, self.request.id, seconds)
     return "x" * size
 
 @task
