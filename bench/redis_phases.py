@@ -19,13 +19,22 @@ turn:
 Above them: the whole turn as INFO commandstats times a run of the plain script, and the
 time of the Redis commands it ran; what is left is Lua's own. The TIME calls add some
 0.2 us to each phase.
+
+`--instructions` runs the server under valgrind's callgrind instead and prints the machine
+instructions it executed per turn (the plain script, from the command's arrival to its
+reply): a count that does not move with a shared machine's load, for comparing two versions
+of the script where times differ by less than their noise. Open the profile it names with
+callgrind_annotate to see which functions they went to.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -84,11 +93,11 @@ def turns(client: redis.Redis, script: str, per_turn: int, count: int) -> list[d
             "node": "bench@host",
             "outcomes": [outcome_args(o) for o in outcomes],
             "retries": [],
-            "ttl": 3600,
+            "ttl": "3600",
             "queues": [QUEUE],
             "n": per_turn,
             "owner": "bench-w1",
-            "lease_ms": 60000,
+            "lease_ms": "60000",
         }
         reply = client.evalsha(sha, 0, PREFIX, link, call, repr(time.time()), encode_args(args))
         kept = client.get(f"{PREFIX}:call:{link}")
@@ -112,19 +121,65 @@ def command_usec(client: redis.Redis) -> dict[str, float]:
     return {name[len("cmdstat_") :]: v["usec"] for name, v in stats.items() if name not in skip}
 
 
+def fill(url: str, tasks: int) -> None:
+    broker = RedisBroker(url, prefix=PREFIX)
+    for start in range(0, tasks, 1000):
+        ids = [uuid.uuid4().hex for _ in range(min(1000, tasks - start))]
+        broker.enqueue([Envelope(i, QUEUE, "tasks.add", BODY) for i in ids])
+    broker.close()
+
+
+def control(args: list[str]) -> None:
+    subprocess.run(["callgrind_control", *args], capture_output=True, check=True)
+
+
+def instructions(count: int) -> None:
+    """--instructions: the turns of each size under callgrind, its counters zeroed before
+    them and dumped after (callgrind_control), the dump's instruction total per turn."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("bench: --instructions needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="fleetd-phases-") as folder:
+        out = Path(folder) / "callgrind.out"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        with RedisServer(Path(folder) / "redis", wrapper) as server:
+            assert server.proc is not None
+            fill(server.url, 2 * (count + 5) * 5 + 100)
+            client = redis.Redis.from_url(server.url)
+            script = PRELUDE + lua("turn") + EPILOGUE
+            pid = str(server.proc.pid)
+            for per_turn in (1, 4):
+                turns(client, script, per_turn, 5)  # the script loaded and run once
+                dump = f"{per_turn}-a-turn"
+                control(["--zero", pid])
+                turns(client, script, per_turn, count)
+                control([f"--dump={dump}", pid])
+                [profile] = [p for p in out.parent.glob("callgrind.out.*") if dump in p.read_text()]
+                summary = re.search(r"^summary: (\d+)$", profile.read_text(), re.M)
+                assert summary, profile
+                total = int(summary[1])
+                kept = Path(tempfile.gettempdir()) / f"fleetd-turn-{per_turn}.callgrind"
+                shutil.move(profile, kept)
+                print(
+                    f"turn reserving {per_turn} and acking {per_turn}: {total / count:,.0f}"
+                    f" instructions a turn, {total / count / per_turn:,.0f} a task"
+                    f" (profile: {kept})"
+                )
+            client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_phases", description=__doc__)
     parser.add_argument("--turns", type=int, default=2000, help="turns of each size")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions under callgrind"
+    )
     args = parser.parse_args()
+    if args.instructions:
+        return instructions(min(args.turns, 400))
     with tempfile.TemporaryDirectory(prefix="fleetd-phases-") as folder:
         with RedisServer(Path(folder)) as server:
-            broker = RedisBroker(server.url, prefix=PREFIX)
+            fill(server.url, 2 * args.turns * 5 + 100)
             client = redis.Redis.from_url(server.url)
-            tasks = 2 * args.turns * 5 + 100
-            for start in range(0, tasks, 1000):
-                count = min(1000, tasks - start)
-                ids = [uuid.uuid4().hex for _ in range(count)]
-                broker.enqueue([Envelope(i, QUEUE, "tasks.add", BODY) for i in ids])
             script = PRELUDE + lua("turn") + EPILOGUE
             for per_turn in (1, 4):
                 client.config_resetstat()
@@ -141,7 +196,6 @@ def main() -> None:
                 for name in PHASES:
                     usec = statistics.median(t[name] for t in phases)
                     print(f"  {name:<12}{usec:>7.1f} us")
-            broker.close()
             client.close()
 
 

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -20,10 +21,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """`with RedisServer(folder) as server:` runs redis-server until the block ends."""
+    """`with RedisServer(folder) as server:` runs redis-server until the block ends; under
+    `wrapper` (a command line such as valgrind's) if one is given."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, wrapper: Sequence[str] = ()) -> None:
         self.folder = folder
+        self.wrapper = list(wrapper)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -35,6 +38,7 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 binary,
                 "--port",
                 str(self.port),
@@ -54,7 +58,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         self.client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (60 if self.wrapper else 10)
         while True:
             try:
                 self.client.ping()

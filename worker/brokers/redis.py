@@ -658,11 +658,11 @@ class RedisBroker(Broker):
             "retries": [
                 [r.id, r.body, _exact(r.eta), r.exc_type, r.exc_message] for r in turn.retries
             ],
-            "ttl": self.result_ttl,
+            "ttl": str(self.result_ttl),  # numbers as text: Lua writes them unformatted
             "queues": list(dict.fromkeys(turn.queues)),
             "n": turn.wanted,
             "owner": turn.owner,
-            "lease_ms": int(turn.lease * 1000),
+            "lease_ms": str(int(turn.lease * 1000)),
             # Whether the owner's last reserve marked it waiting (None: not known here).
             "waited": self._waiting.get(turn.owner),
         }

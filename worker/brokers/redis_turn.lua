@@ -71,7 +71,10 @@ end
 local function seq(entry) return tonumber(string.match(entry, '^0%-(%d+)$')) or math.huge end
 
 -- Whether s is UTF-8 (a byte at a time past the ASCII check: for ids and names, short).
+-- The bytes of a short one are looked at all at once (string.byte puts them on the stack).
 local function is_utf8(s)
+  local n = #s
+  if n == 0 or (n <= 64 and math.max(string.byte(s, 1, n)) < 128) then return true end
   if not string.find(s, '[\128-\255]') then return true end
   local i = 1
   while i <= #s do
@@ -181,7 +184,8 @@ local function reserve()
       end
     end
   end
-  local delivered, read = {}, 0
+  -- One queue's entries come in their order; those of several are put in order of age.
+  local delivered, read, several = {}, 0, #A.queues > 1
   for q, count in pairs(counts_to_read()) do
     local entries = read_new(q, count)
     read = read + #entries
@@ -202,7 +206,7 @@ local function reserve()
         -- Its queue and entry too: taking the task out later acks the entry it really has.
         redis.call('HSET', task_key(id), 'status', 'held', 'owner', A.owner, 'lease_ms',
           A.lease_ms, 'deliveries', deliveries, 'queue', q, 'entry', entry)
-        delivered[#delivered + 1] = {seq = seq(entry),
+        delivered[#delivered + 1] = {seq = several and seq(entry),
           reply = {id, q, v[3] or '', v[4] or '', deliveries, v[6] or '0'}}
       else  -- a stale entry: its task is queued again, held or ended
         redis.call('XACK', stream_key(q), GROUP, entry)
@@ -210,7 +214,7 @@ local function reserve()
       end
     end
   end
-  table.sort(delivered, function(a, b) return a.seq < b.seq end)
+  if several then table.sort(delivered, function(a, b) return a.seq < b.seq end) end
   local reply = {}
   for i, d in ipairs(delivered) do reply[i] = d.reply end
   return reply, read
