@@ -556,6 +556,33 @@ def test_entries_another_producer_added_are_dead_lettered_and_ours_still_go_in(
     assert redis_broker.depths() == [QueueDepth("q1", ready=0, scheduled=0, reserved=2)]
 
 
+def test_ids_and_names_are_checked_for_utf8_short_and_long(
+    redis_broker: RedisBroker, direct: redis.Redis
+) -> None:
+    """The turn looks at a short id or name (up to 64 bytes) all at once and a longer one
+    with a pattern: either way UTF-8 text is handed out, and anything else is dead-lettered
+    as BadMessage, whatever its length."""
+    good = [
+        RawTask("t-\u00e9t\u00e9-court".encode(), b"{}", name="t\u00e2che".encode()),
+        RawTask(("t-" + "\u00e9" * 40).encode(), b"{}", name=("n" + "\u4e2d" * 30).encode()),
+        RawTask(b"t-" + b"a" * 100, b"{}"),
+    ]
+    bad = [
+        RawTask(b"b-id-\xc3", b"{}"),  # a sequence cut short
+        RawTask(b"b-" + b"a" * 70 + b"\xff", b"{}"),
+        RawTask(b"b-name-short", b"{}", name=b"tasks.\xe2\x82"),
+        RawTask(b"b-name-long", b"{}", name=b"tasks." + b"x" * 70 + b"\xed\xa0\x80"),  # a surrogate
+    ]
+    for t in [*good, *bad]:
+        write_redis(direct, redis_broker.prefix, [RawTask(t.id, t.body, t.name, b"q1")])
+
+    got = redis_broker.reserve(["q1"], 20, "w1", 30)
+    assert [(d.id.encode(), d.name.encode()) for d in got] == [(t.id, t.name) for t in good]
+    letters = {d.id.encode("utf-8", "surrogateescape"): d for d in redis_broker.dead_letters()}
+    assert set(letters) == {t.id for t in bad}
+    assert {d.reason for d in letters.values()} == {"BadMessage"}
+
+
 def test_a_stream_made_without_our_group_is_read_all_the_same(
     redis_broker: RedisBroker, direct: redis.Redis
 ) -> None:
