@@ -12,6 +12,14 @@ local function load(id)
   return {status = v[1], queue = v[2], entry = v[3], owner = v[4], state = v[5]}
 end
 
+-- As load, but only where the task waits or is held (all take_out needs): a turn reads it
+-- for every task it ends, and two fields fewer are two lookups and copies fewer each time.
+local function locate(id)
+  local v = record(id, 'status', 'queue', 'entry')
+  if not v[1] then return nil end
+  return {status = v[1], queue = v[2], entry = v[3]}
+end
+
 -- Add a field and its value to the flat list `fields`, or its name to `unset` if null.
 local function put(fields, unset, field, value)
   if value == null then
