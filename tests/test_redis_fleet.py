@@ -200,8 +200,11 @@ def test_a_turn_cut_off_by_a_hung_redis_that_ran_once_it_woke_hands_its_tasks_ov
             fleet={"broker": server.url}, defaults={"worker_timeout": 4, "concurrency": 1}
         ).start()
         journal = tmp_path / "journal"
-        stop = fleet.client.submit("tasks.stop_process", server.process.pid)
-        handles = fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 6)
+        # One submit: a second one could reach Redis after the task had stopped it.
+        stop, *handles = fleet.client.submit_many(
+            [("tasks.stop_process", (server.process.pid,), {})]
+            + [("tasks.journal", (str(journal),), {})] * 6
+        )
         wait_for(lambda: "broker unreachable" in fleet.log(), 10, message="a call to give up")
         os.kill(server.process.pid, signal.SIGCONT)
         assert stop.get(timeout=10) == server.process.pid
