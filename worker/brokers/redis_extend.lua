@@ -1,7 +1,7 @@
 -- A: ids, owner, lease_ms. XCLAIM by the holder itself resets the entry's idle time.
 local function main()
   for _, id in ipairs(A.ids) do
-    local t = load(id)
+    local t = load(id, 'owner')
     if t and t.status == 'held' and t.owner == A.owner then
       redis.call('XCLAIM', stream_key(t.queue), GROUP, A.owner, 0, t.entry, 'JUSTID')
       redis.call('HSET', task_key(id), 'lease_ms', A.lease_ms)

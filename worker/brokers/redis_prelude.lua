@@ -6,18 +6,15 @@ local CONNECTION, TOKEN = ARGV[2], ARGV[3]
 local A = cjson.decode(ARGV[5])
 local null = cjson.null
 
-local function load(id)
-  local v = record(id, 'status', 'queue', 'entry', 'owner', 'state')
+-- A task's record, or nil if it has none: where it waits or is held (status, queue, entry:
+-- all take_out needs) and the other fields named (owner, state). A turn reads the first
+-- three alone for every task it ends: each field more is a lookup and a copy more.
+local function load(id, ...)
+  local v = record(id, 'status', 'queue', 'entry', ...)
   if not v[1] then return nil end
-  return {status = v[1], queue = v[2], entry = v[3], owner = v[4], state = v[5]}
-end
-
--- As load, but only where the task waits or is held (all take_out needs): a turn reads it
--- for every task it ends, and two fields fewer are two lookups and copies fewer each time.
-local function locate(id)
-  local v = record(id, 'status', 'queue', 'entry')
-  if not v[1] then return nil end
-  return {status = v[1], queue = v[2], entry = v[3]}
+  local t = {status = v[1], queue = v[2], entry = v[3]}
+  for i = 1, select('#', ...) do t[select(i, ...)] = v[i + 3] end
+  return t
 end
 
 -- Add a field and its value to the flat list `fields`, or its name to `unset` if null.
@@ -57,7 +54,7 @@ end
 
 -- Give a held task back to its queue; its delivery count stays as it is. One revoked
 -- meanwhile ends REVOKED instead (kept A.ttl seconds), whether or not its worker had read
--- the revoke. Returns whether it went back.
+-- the revoke. Returns whether it went back. `t`: its record as load reads it, with its state.
 local function requeue(id, t)
   take_out(id, t)
   if is_revoked(id) then
@@ -88,7 +85,7 @@ local function give_back(q, consumer, expired)
       local entry, idle = p[1], p[3]
       local found = redis.call('XRANGE', key, entry, entry)[1]
       local id = found and found[2][2]
-      local t = id and load(id)
+      local t = id and load(id, 'state')  -- requeue reads the state
       if not (t and t.status == 'held' and t.entry == entry) then
         redis.call('XACK', key, GROUP, entry)
         redis.call('XDEL', key, entry)

@@ -1,7 +1,7 @@
 -- A: ids, died, owner ('': whoever holds them), ttl.
 local function main()
   for _, id in ipairs(A.ids) do
-    local t = load(id)
+    local t = load(id, 'owner', 'state')  -- requeue reads the state
     if t and t.status == 'held' and (A.owner == '' or t.owner == A.owner)
         and requeue(id, t) then
       if not A.died then

@@ -29,7 +29,7 @@ end
 
 local function finish(o)
   local id = o[1]
-  local t = locate(id)
+  local t = load(id)
   local fields, unset = {}, {}
   if t then
     take_out(id, t)
@@ -46,7 +46,7 @@ local function finish(o)
 end
 
 local function retry(r)
-  local t = locate(r[1])
+  local t = load(r[1])
   if not t then return end
   take_out(r[1], t)
   if is_revoked(r[1]) then  -- revoked while it ran: it ends here
