@@ -44,7 +44,7 @@ from ctl.render import (
     status_table,
     task_table,
 )
-from worker.arguments import Parser, finite, non_negative, positive
+from worker.arguments import EXIT_USAGE, Parser, finite, non_negative, positive
 from worker.control import COMMANDS, OPTIONAL, REQUIRED, Arg, CommandError
 from worker.logs import fill_standard_fds, one_line
 from worker.version import VersionAction
@@ -52,7 +52,7 @@ from worker.version import VersionAction
 if TYPE_CHECKING:  # made on first use (see Output): `--json` output never loads rich
     from rich.console import Console
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1  # and EXIT_USAGE (2), from worker.arguments
 TOP_EVERY = 1.0  # seconds between refreshes of `top`
 PIPE_WIDTH = 200  # columns of tables into a pipe or a file: long lines, for grep, not wrapped
 

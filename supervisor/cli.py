@@ -10,14 +10,14 @@ import os
 import signal
 import sys
 
-from worker.arguments import Parser, non_negative
+from worker.arguments import EXIT_USAGE, Parser, non_negative
 from worker.imports import SAFE_PATH, describe_failure
 from worker.logs import FORMATS, LEVELS, fill_standard_fds, setup_logging, shield_standard_streams
 from worker.version import VersionAction
 
 from . import config as configmod
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1  # and EXIT_USAGE (2), from worker.arguments
 IMPORT_TIMEOUT = 60.0  # seconds `fleetd check` gives the task modules to import
 
 log = logging.getLogger("fleetd.cli")
