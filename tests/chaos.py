@@ -111,6 +111,23 @@ async def ajournal(self, path, seconds):
 '''
 
 
+def stopped(pid: int) -> bool:
+    """SIGSTOP to `pid`; False if it had ended since it was listed (a child recycled after its
+    last task, or retired by a shrink; a worker a reload replaced): the event picks again."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill(pid: int) -> None:
+    """SIGKILL to a process we stopped. Stopped, it cannot exit by itself, but its parent may
+    have killed and reaped it meanwhile (a worker ends a child that overran its hard limit)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class Chaos:
     fleet: Fleet
@@ -162,10 +179,11 @@ class Chaos:
         victim = self.rng.choice(busy or children)
         # Stopped, it reports nothing more: a task it ended whose outcome its worker has not
         # acknowledged yet may have ended after its last report, and runs again.
-        os.kill(victim, signal.SIGSTOP)
+        if not stopped(victim):
+            return False
         self.killed_pids.add(victim)
         self.held_by_killed[victim] = self.ended_in(victim) & held_by(self.fleet.client)
-        os.kill(victim, signal.SIGKILL)
+        kill(victim)
         self.kills["child"] += 1
         return True
 
@@ -175,10 +193,11 @@ class Chaos:
             return False
         victim = self.rng.choice(workers)
         # stopped, it neither reserves nor acks: what it holds now is what it holds when it dies
-        os.kill(victim, signal.SIGSTOP)
+        if not stopped(victim):
+            return False
         self.killed_pids |= set(self.fleet.child_pids(victim))
         self.held_by_killed[victim] = held_by(self.fleet.client, victim)
-        os.kill(victim, signal.SIGKILL)
+        kill(victim)
         self.kills["worker"] += 1
         return True
 
