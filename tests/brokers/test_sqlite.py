@@ -19,7 +19,7 @@ import pytest
 from tests.fleet import Fleet, fleetctl_on, wait_for
 from worker.brokers import open_broker
 from worker.brokers.base import SUCCESS, BrokerUnavailable, Outcome, QueueDepth, Turn
-from worker.brokers.sqlite import EXPIRE_BATCH, FifoWakeup, Poker, SQLiteBroker
+from worker.brokers.sqlite import EXPIRE_BATCH, PAGE_CACHE_KIB, FifoWakeup, Poker, SQLiteBroker
 
 from .test_contract import envelope
 
@@ -233,6 +233,22 @@ def test_a_file_where_the_wake_folder_goes_never_fails_a_write_that_committed(
         assert broker.get_result(task.id)["state"] == SUCCESS
     finally:
         broker.close()
+
+
+def test_the_page_cache_is_kept_small_on_the_first_file_and_on_one_that_replaced_it(
+    sqlite_broker: SQLiteBroker, tmp_path: Path
+) -> None:
+    """SQLite's default cache (2 MiB) stays in an idle worker as memory of its own."""
+
+    def cache_kib() -> int:
+        return -int(sqlite_broker.db.execute("PRAGMA cache_size").fetchone()[0])
+
+    assert cache_kib() == PAGE_CACHE_KIB < 2000
+    first = sqlite_broker.db
+    os.replace(tmp_path / "queue.db", tmp_path / "moved.db")  # the file moved away: reopened
+    sqlite_broker.follow_file(always=True)
+    assert sqlite_broker.db is not first
+    assert cache_kib() == PAGE_CACHE_KIB
 
 
 def test_a_queue_file_that_is_no_database_is_named_and_left_as_it_is(tmp_path: Path) -> None:

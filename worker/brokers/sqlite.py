@@ -61,6 +61,10 @@ EXPIRE_EVERY = 60.0  # seconds between two looks for results older than result_t
 EXPIRE_BATCH = 500  # rows deleted per transaction, so writers never wait long for the lock
 IN_BATCH = 500  # ids in one `IN (...)` (SQLite's older builds take 999 parameters at most)
 FILE_CHECK_EVERY = 1.0  # seconds between two looks at whether the queue file was replaced
+# A connection's page cache (SQLite's default: 2 MiB), which an idle worker keeps as its own
+# memory. A turn touches a few dozen pages, and in WAL mode another connection's commit (a
+# submit) empties the cache anyway: only a worker draining alone reads it again.
+PAGE_CACHE_KIB = 256
 
 log = logging.getLogger("fleetd.broker")
 
@@ -240,6 +244,7 @@ class SQLiteBroker(Broker):
         db.text_factory = TEXT_FACTORY
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             sync = "FULL" if self.durability == "fsync" else "NORMAL"
             db.execute(f"PRAGMA synchronous={sync}")
             # Checkpoints sync the database file: left to commits, they land on whichever
