@@ -111,21 +111,15 @@ async def ajournal(self, path, seconds):
 '''
 
 
-def stopped(pid: int) -> bool:
-    """SIGSTOP to `pid`; False if it had ended since it was listed (a child recycled after its
-    last task, or retired by a shrink; a worker a reload replaced): the event picks again."""
+def send(pid: int, signum: int) -> bool:
+    """`signum` to `pid`; False if that process had ended since it was listed (a child
+    recycled after its last task or retired by a shrink, a worker a reload replaced, a
+    stopped one that its parent killed and reaped meanwhile)."""
     try:
-        os.kill(pid, signal.SIGSTOP)
+        os.kill(pid, signum)
     except ProcessLookupError:
         return False
     return True
-
-
-def kill(pid: int) -> None:
-    """SIGKILL to a process we stopped. Stopped, it cannot exit by itself, but its parent may
-    have killed and reaped it meanwhile (a worker ends a child that overran its hard limit)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -179,11 +173,11 @@ class Chaos:
         victim = self.rng.choice(busy or children)
         # Stopped, it reports nothing more: a task it ended whose outcome its worker has not
         # acknowledged yet may have ended after its last report, and runs again.
-        if not stopped(victim):
+        if not send(victim, signal.SIGSTOP):  # it ended meanwhile: the event picks again
             return False
         self.killed_pids.add(victim)
         self.held_by_killed[victim] = self.ended_in(victim) & held_by(self.fleet.client)
-        kill(victim)
+        send(victim, signal.SIGKILL)
         self.kills["child"] += 1
         return True
 
@@ -193,11 +187,11 @@ class Chaos:
             return False
         victim = self.rng.choice(workers)
         # stopped, it neither reserves nor acks: what it holds now is what it holds when it dies
-        if not stopped(victim):
+        if not send(victim, signal.SIGSTOP):  # it ended meanwhile: the event picks again
             return False
         self.killed_pids |= set(self.fleet.child_pids(victim))
         self.held_by_killed[victim] = held_by(self.fleet.client, victim)
-        kill(victim)
+        send(victim, signal.SIGKILL)
         self.kills["worker"] += 1
         return True
 
@@ -220,8 +214,7 @@ class Chaos:
             return False
         for _ in range(USR1_BURST):
             for pid in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGUSR1)
+                send(pid, signal.SIGUSR1)
             time.sleep(0.005)
         self.kills["usr1"] += 1
         return True
@@ -245,15 +238,13 @@ class Chaos:
             return False
         processes = self.fleet.child_pids() + workers
         for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+            send(pid, signal.SIGSTOP)
         self.killed_pids |= set(self.fleet.child_pids())
         for pid in workers:
             self.held_by_killed[pid] = held_by(self.fleet.client, pid)
         self.fleet.signal(signal.SIGQUIT)
         for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            send(pid, signal.SIGCONT)
         self.fleet.wait_exit(120)
         self.fleet.start()
         self.kills["quit"] += 1
