@@ -28,16 +28,10 @@ from bench.redis_server import RedisServer
 from bench.systems.base import REPO
 from bench.systems.fleetd_sys import PREFETCH
 from bench.systems.fleetd_sys import TASK as STAMP
-from bench.throughput import FLEETD, write_config
+from bench.throughput import FLEETD, process_cpu, write_config
 from fleetd import Client
 
 KEY = "e2e"
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    """A process's CPU and that of its children it reaped (a pool child that left)."""
-    times = process.cpu_times()
-    return times.user + times.system + times.children_user + times.children_system
 
 
 def one_run(folder: Path, broker: str, server: RedisServer, tasks: int) -> dict[str, float]:
@@ -50,8 +44,9 @@ def one_run(folder: Path, broker: str, server: RedisServer, tasks: int) -> dict[
         client.submit(STAMP, "warm-up").get(timeout=30)
         arbiter = psutil.Process(fleet.pid)
         [worker] = arbiter.children()
-        parties = {"arbiter": [arbiter], "worker": [worker], "children": worker.children()}
-        before = {name: sum(map(cpu_seconds, procs)) for name, procs in parties.items()}
+        children = [child.pid for child in worker.children()]
+        parties = {"arbiter": [fleet.pid], "worker": [worker.pid], "children": children}
+        before = {name: sum(map(process_cpu, pids)) for name, pids in parties.items()}
         server_before, own_before = server.cpu_seconds(), time.process_time()
         started = time.time()
         for _ in range(tasks):
@@ -69,8 +64,8 @@ def one_run(folder: Path, broker: str, server: RedisServer, tasks: int) -> dict[
             "producer (us)": producer * per_task,
             "redis-server (us)": (server.cpu_seconds() - server_before) * per_task,
         }
-        for name, procs in parties.items():  # the children that left count in the worker's
-            figures[f"{name} (us)"] = (sum(map(cpu_seconds, procs)) - before[name]) * per_task
+        for name, pids in parties.items():  # the children that left count in the worker's
+            figures[f"{name} (us)"] = (sum(map(process_cpu, pids)) - before[name]) * per_task
     finally:
         fleet.terminate()
         fleet.wait(60)

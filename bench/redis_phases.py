@@ -44,7 +44,15 @@ import redis
 
 from bench.redis_server import RedisServer
 from worker.brokers.base import SUCCESS, Envelope, Outcome
-from worker.brokers.redis import EPILOGUE, PRELUDE, RedisBroker, encode_args, lua, outcome_args
+from worker.brokers.redis import (
+    EPILOGUE,
+    PRELUDE,
+    WRITE_SCRIPTS,
+    RedisBroker,
+    encode_args,
+    lua,
+    outcome_args,
+)
 
 QUEUE = "bench"
 PREFIX = f"bench-phases-{uuid.uuid4().hex[:12]}"
@@ -145,7 +153,7 @@ def instructions(count: int) -> None:
             assert server.proc is not None
             fill(server.url, 2 * (count + 5) * 5 + 100)
             client = redis.Redis.from_url(server.url)
-            script = PRELUDE + lua("turn") + EPILOGUE
+            script = WRITE_SCRIPTS["turn"].source
             pid = str(server.proc.pid)
             for per_turn in (1, 4):
                 turns(client, script, per_turn, 5)  # the script loaded and run once
@@ -180,7 +188,7 @@ def main() -> None:
         with RedisServer(Path(folder)) as server:
             fill(server.url, 2 * args.turns * 5 + 100)
             client = redis.Redis.from_url(server.url)
-            script = PRELUDE + lua("turn") + EPILOGUE
+            script = WRITE_SCRIPTS["turn"].source
             for per_turn in (1, 4):
                 client.config_resetstat()
                 turns(client, script, per_turn, args.turns)

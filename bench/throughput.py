@@ -59,22 +59,27 @@ def stat_fields(pid: int) -> list[int]:
         return [int(field) for field in stat.read().rsplit(")", 1)[1].split()[1:15]]
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds of process `pid`: its own and its reaped children's (utime, stime, cutime,
+    cstime), so a child that exits during a run still counts. OSError if it is gone."""
+    return sum(stat_fields(pid)[10:14]) / os.sysconf("SC_CLK_TCK")
+
+
 def fleet_cpu(pid: int) -> float:
-    """CPU seconds of the fleet under `pid`: each process's own and its reaped children's
-    (utime, stime, cutime, cstime), so a child that exits during a run still counts."""
-    ticks = 0
+    """CPU seconds of the fleet under `pid`: process_cpu of each of its processes."""
+    seconds = 0.0
     pids, seen = [pid], set()
     while pids:
         current = pids.pop()
         seen.add(current)
         try:
-            fields = stat_fields(current)
+            cpu = process_cpu(current)
             with open(f"/proc/{current}/task/{current}/children") as children:
                 pids += [int(p) for p in children.read().split() if int(p) not in seen]
         except OSError:  # it exited meanwhile: its parent's cutime holds it
             continue
-        ticks += sum(fields[10:14])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        seconds += cpu
+    return seconds
 
 
 def measure(config: Path, tasks: int) -> dict[str, float]:
