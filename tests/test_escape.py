@@ -804,6 +804,49 @@ def test_a_task_that_writes_part_of_a_reply_into_its_childs_pipe_loses_that_chil
     assert fleet.worker_pids() == [worker] and "left part of a reply" in fleet.log()
 
 
+def test_a_child_stopped_in_the_middle_of_its_reply_finishes_it_once_continued(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A child stopped (SIGSTOP, a debugger) while it wrote a reply larger than its pipe
+    was taken for one whose task had written into the pipe: killed once part of the reply
+    had waited PARTIAL_REPLY_LIMIT (here 1 s), its task, which had ended, ran again."""
+    fleet = make_fleet(
+        fleet={"imports": ["tasks", "quick"]}, defaults={"concurrency": 1, "prefetch": 1}
+    )
+    (fleet.folder / "quick.py").write_text(
+        "import worker.pool\nworker.pool.PARTIAL_REPLY_LIMIT = 1.0\n"
+    )
+    fleet.start()
+    [worker], [child] = fleet.worker_pids(), fleet.child_pids()
+    journal = tmp_path / "journal"
+    size = 4 << 20
+    handle = fleet.client.submit("tasks.journal_reply", str(journal), 0.3, size)
+    wait_for(lambda: executions(journal), 10, message="the task to start")
+    os.kill(worker, signal.SIGSTOP)  # the pipe fills: the child waits in the middle of its write
+    try:
+        wait_for(lambda: "E " in journal.read_text(), 10, message="the task to end")
+        wait_for(lambda: "pipe_write" in wchan(child), 10, message="the child to wait in write")
+        os.kill(child, signal.SIGSTOP)
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it reads what the pipe holds: part of the reply
+    try:
+        assert holds(lambda: tree.proc_stat(child) is not None, 3.0)  # three limits
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it was killed: the assertion says so
+            os.kill(child, signal.SIGCONT)
+    assert handle.get(timeout=20) == "x" * size
+    assert executions(journal) == {handle.id: 1}
+    assert handle.info()["deliveries"] == 1
+    assert fleet.child_pids() == [child] and "left part of a reply" not in fleet.log()
+
+
+def wchan(pid: int) -> str:
+    """Where in the kernel `pid` waits (anon_pipe_write, pipe_write: writing to a pipe)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/wchan") as f:
+        return f.read()
+    return ""
+
+
 @pytest.mark.parametrize(
     ("how", "expected"),
     [("chld", 3), ("pipe", "EPIPE"), ("recursion", None)],

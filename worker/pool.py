@@ -33,7 +33,7 @@ from .brokers.base import FAILURE, Delivery, Outcome
 from .child import CLEAN_STOP, child_main
 from .commands import pool_room
 from .protocol import FrameReader, Outbox, ProtocolError, encode_task, id_line
-from .tree import SENDER_CHECKED, end_adopted
+from .tree import SENDER_CHECKED, end_adopted, is_stopped
 
 if TYPE_CHECKING:
     from .process import Worker
@@ -548,23 +548,28 @@ class Pool:
         self.revoke_now(running.delivery, terminated=True)
         signal_group(child.pid, signum)
 
+    def end_partial_reply(self: Worker, child: ChildProc) -> None:
+        """A child writes a reply at once, whole: bytes that a task wrote into the child's
+        pipe began a frame that never ends, and every reply after it would be taken for its
+        rest (the slot wedged, its tasks never settled). The child is killed."""
+        log.error(
+            "child %d left part of a reply for %gs (something wrote into its pipe); killing it",
+            child.pid,
+            PARTIAL_REPLY_LIMIT,
+            extra={"node": self.node},
+        )
+        child.partial_since = None
+        child.retiring = True
+        self.kill_group(child.pid)
+
     def enforce_time_limits(self: Worker, now: float) -> None:
         for child in list(self.children.values()):
             if child.partial_since is not None and now - child.partial_since >= PARTIAL_REPLY_LIMIT:
-                # A child writes a reply at once, whole: bytes that a task wrote into the
-                # child's pipe began a frame that never ends, and every reply after it would
-                # be taken for its rest (the slot wedged, its tasks never settled).
-                log.error(
-                    "child %d left part of a reply for %gs (something wrote into its pipe);"
-                    " killing it",
-                    child.pid,
-                    PARTIAL_REPLY_LIMIT,
-                    extra={"node": self.node},
-                )
-                child.partial_since = None
-                child.retiring = True
-                self.kill_group(child.pid)
-                continue
+                if is_stopped(child.pid):  # SIGSTOP, a debugger: the rest comes once it runs
+                    child.partial_since = now
+                else:
+                    self.end_partial_reply(child)
+                    continue
             if child.timed:
                 self.enforce_async_limits(child, now)
             running = child.running

@@ -279,6 +279,12 @@ def proc_stat(pid: int) -> list[bytes] | None:
     return None if not fields or fields[0] == b"Z" else fields
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (SIGSTOP, SIGTSTP) or held by a tracer (a debugger)."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] in (b"T", b"t")
+
+
 def started_at(fields: list[bytes]) -> float:
     return int(fields[19]) / CLOCK_TICKS + boot_time()
 
