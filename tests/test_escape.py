@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -237,6 +239,22 @@ def leave_ringing_timer(journal, outside=False):
         f.write("ran\\n")
     signal.signal(signal.SIGALRM, ring_outside if outside else ring)
     signal.setitimer(signal.ITIMER_REAL, *((20e-6, 20e-6) if outside else (200e-6, 200e-6)))
+    return os.getpid()
+
+
+@task(bind=True)
+def raise_on_term(self, journal):
+    """Note the run, then spin 50 ms with a TERM handler of the task's own that raises."""
+    with open(journal, "a") as f:
+        f.write(self.request.id + "\\n")
+
+    def raising(signum, frame):
+        raise Rang("the task's own TERM handler")
+
+    signal.signal(signal.SIGTERM, raising)
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:
+        pass
     return os.getpid()
 
 
@@ -703,6 +721,48 @@ def test_a_timer_handler_that_raises_once_its_task_returned_costs_no_second_run(
     info = fleet.wait_all_final([handle.id], 15)[0]
     assert (info["deliveries"], journal.read_text()) == (1, "ran\n")
     assert info["state"] == "SUCCESS" or info["exc_type"] == "Rang", info
+    assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
+
+
+def test_a_storm_of_signals_to_a_task_handler_that_raises_costs_no_second_run(
+    escape_fleet, tmp_path: Path
+) -> None:
+    """TERM after TERM at a child whose task took TERM with a handler that raises: between
+    the task's return and restore, each one raised again in the child's own code, until one
+    got past its recovery; the child died without a reply and its task, which had run, ran
+    again (a quarter of the tasks). From a task's end on, signals wait for restore."""
+    fleet, _ = escape_fleet(defaults={"concurrency": 2})
+    fleet.start()
+    journal = tmp_path / "journal.txt"
+    handles = [fleet.client.submit("escape_tasks.raise_on_term", str(journal)) for _ in range(24)]
+    done = threading.Event()
+
+    def storm() -> None:
+        while not done.is_set():
+            children = fleet.child_pids()
+            until = time.monotonic() + 0.02
+            while time.monotonic() < until:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+
+    stormer = threading.Thread(target=storm)
+    stormer.start()
+    try:
+        infos = fleet.wait_all_final([h.id for h in handles], 60)
+    finally:
+        done.set()
+        stormer.join(10)
+    assert sorted(line for line in journal.read_text().splitlines()) == sorted(
+        h.id for h in handles
+    )
+    assert {info["deliveries"] for info in infos} == {1}
+    assert {
+        info["state"] if info["state"] == "SUCCESS" else info["exc_type"] for info in infos
+    } <= {
+        "SUCCESS",
+        "Rang",
+    }
     assert fleet.client.submit("tasks.add", 1, 2).get(timeout=10) == 3
 
 

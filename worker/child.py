@@ -108,6 +108,16 @@ def flush_output() -> None:
 
 
 RESTORE_TRIES = 10  # raised_after's: a timer is stopped at the first, a handler runs once more
+EVERY_SIGNAL = signal.valid_signals()  # blocked from a task's end until restore unblocks them
+TIMER_SIGNALS = {signal.SIGALRM, signal.SIGPROF, signal.SIGVTALRM}
+
+
+def drop_pending(signals: set[int]) -> None:
+    """Take those of `signals` that wait, blocked, out of the way: each would be delivered
+    when unblocked (a timer's, to its default action: the child's end)."""
+    while waiting := signal.sigpending() & signals:
+        signal.sigtimedwait(waiting, 0)
+
 
 # The limits that a task may lower for itself and that would end or fail the next one, left
 # so (restore_limits): its CPU time or a file's size (SIGXCPU, SIGXFSZ), its memory (a
@@ -286,6 +296,7 @@ class Child:
             signal.alarm(0)
             signal.setitimer(signal.ITIMER_PROF, 0)
             signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+            drop_pending(TIMER_SIGNALS)  # went off while execute blocked them
         set_dispositions(self.handlers)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         if self.output.replaced() or any(map(closed, self.streams)):
@@ -372,6 +383,9 @@ class Child:
             try:
                 result = task(*body.get("args", []), **body.get("kwargs", {}))
             finally:
+                # First: a handler the task left (one that raises, say) goes off no more
+                # until restore has put ours back, however many signals come meanwhile.
+                _signal.pthread_sigmask(signal.SIG_BLOCK, EVERY_SIGNAL)
                 self.in_task = False
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's outcome
             return self.raised(task_id, exc, start)
