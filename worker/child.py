@@ -112,7 +112,7 @@ EVERY_SIGNAL = signal.valid_signals()  # blocked from a task's end until restore
 TIMER_SIGNALS = {signal.SIGALRM, signal.SIGPROF, signal.SIGVTALRM}
 
 
-def drop_pending(signals: set[int]) -> None:
+def drop_pending(signals: set[signal.Signals]) -> None:
     """Take those of `signals` that wait, blocked, out of the way: each would be delivered
     when unblocked (a timer's, to its default action: the child's end)."""
     while waiting := signal.sigpending() & signals:
