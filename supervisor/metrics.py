@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import socket
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ LATE_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0)  # a tick's enqueue
 # NotRegistered): past this many, a name is counted as OTHER_NAMES, so that no stream of
 # made-up names grows the arbiter's memory and the scrape without bound.
 MAX_TASK_NAMES = 1000
+# And a name may be as long as a message (16 MiB): one longer than this is counted as
+# OTHER_NAMES too, whole (a cut name would pass for a real one), and never kept.
+MAX_TASK_NAME_LENGTH = 200
 OTHER_NAMES = "(other)"
 
 
@@ -119,7 +123,7 @@ class Metrics:
         self._histograms: dict[str, dict[LabelValues, _Histogram]] = {f.name: {} for f in families}
         self._lock = threading.Lock()
         self._names: set[str] = set()  # task names with series of their own (MAX_TASK_NAMES)
-        self._names_full = False  # a name past them was counted as OTHER_NAMES (and logged)
+        self._others_said = False  # a name was counted as OTHER_NAMES (and that logged)
 
     def inc(self, name: str, labels: Mapping[str, str], value: float = 1) -> None:
         family = self._family(name, "counter", "gauge")
@@ -165,15 +169,19 @@ class Metrics:
                 self._samples[name][(node,)] = 0.0
 
     def _task_name(self, name: str) -> str:
-        """`name`, or OTHER_NAMES once MAX_TASK_NAMES others have series (said once)."""
-        if name in self._names or len(self._names) < MAX_TASK_NAMES:
+        """`name`, or OTHER_NAMES for one over MAX_TASK_NAME_LENGTH characters or once
+        MAX_TASK_NAMES others have series (said once)."""
+        fits = len(name) <= MAX_TASK_NAME_LENGTH
+        if fits and (name in self._names or len(self._names) < MAX_TASK_NAMES):
             self._names.add(name)
             return name
-        if not self._names_full:
-            self._names_full = True
+        if not self._others_said:
+            self._others_said = True
             log.warning(
-                "metrics: over %d task names; the others are counted as name=%r",
+                "metrics: task names past the first %d, or over %d characters long, are"
+                " counted as name=%r",
                 MAX_TASK_NAMES,
+                MAX_TASK_NAME_LENGTH,
                 OTHER_NAMES,
             )
         return OTHER_NAMES
@@ -369,6 +377,15 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
             finally:
                 cut.cancel()
                 self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # socketserver prints a traceback on stderr, past fleetd's log format. A client
+            # that hung up (or stopped reading) before its answer was written is no error.
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                log.debug("metrics client %s gone before its answer: %r", client_address[0], error)
+            else:
+                log.exception("metrics request from %s failed", client_address[0])
 
         def server_bind(self) -> None:
             # HTTPServer.server_bind resolves the host's FQDN, which can hang on a broken DNS.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+import struct
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +14,13 @@ from collections.abc import Iterator
 import pytest
 
 from supervisor import metrics as metrics_module
-from supervisor.metrics import FAMILIES, MAX_TASK_NAMES, Metrics, MetricsServer
+from supervisor.metrics import (
+    FAMILIES,
+    MAX_TASK_NAME_LENGTH,
+    MAX_TASK_NAMES,
+    Metrics,
+    MetricsServer,
+)
 
 SAMPLE = re.compile(r'[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} (-?[0-9.e+-]+|\+Inf|-Inf|NaN)')
 
@@ -77,6 +86,26 @@ def test_task_names_past_the_cap_are_counted_together() -> None:
     assert totals['fleetd_tasks_total{name="(other)",state="FAILURE"}'] == extra
     assert totals['fleetd_tasks_total{name="made.up0",state="SUCCESS"}'] == 1
     assert got['fleetd_task_runtime_seconds_count{name="(other)"}'] == extra
+
+
+def test_task_names_past_the_length_cap_are_counted_together_and_not_kept() -> None:
+    """A name may be as long as a message (16 MiB), and each was kept as a label: 40 names of
+    1 MiB doubled the arbiter's memory and made a 10 MiB scrape. Past MAX_TASK_NAME_LENGTH
+    characters a name is counted as name="(other)", and takes none of the MAX_TASK_NAMES."""
+    metrics = Metrics()
+    longest = "t" * MAX_TASK_NAME_LENGTH
+    for name in (longest, longest + "x", "n" * 2**20, "m" * 2**20):
+        event = {"type": "task-failed", "name": name, "node": "w@h1", "runtime": 0.01}
+        assert metrics.apply(event)
+    for i in range(MAX_TASK_NAMES - 1):
+        assert metrics.apply({"type": "task-failed", "name": f"made.up{i}", "node": "w@h1"})
+    text = metrics.render()
+    assert len(text) < 200 * MAX_TASK_NAMES
+    got = samples(text)
+    assert got[f'fleetd_tasks_total{{name="{longest}",state="FAILURE"}}'] == 1
+    assert got[f'fleetd_tasks_total{{name="made.up{MAX_TASK_NAMES - 2}",state="FAILURE"}}'] == 1
+    assert got['fleetd_tasks_total{name="(other)",state="FAILURE"}'] == 3
+    assert got['fleetd_task_runtime_seconds_count{name="(other)"}'] == 3
 
 
 def test_histogram_lists_every_bucket_in_order() -> None:
@@ -244,6 +273,46 @@ def test_a_client_that_sends_nothing_is_let_go_and_the_server_answers_on(
         for sock in silent:
             sock.close()
         server.close()
+
+
+def test_a_client_gone_before_its_answer_is_one_debug_line_and_the_server_answers_on(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scraper that hangs up while its answer is written made socketserver print a
+    BrokenPipeError or ConnectionResetError traceback on the arbiter's stderr, past fleetd's
+    one-line log format. The client is gone, nothing failed: one debug line says so."""
+    metrics = Metrics()
+    metrics.set("fleetd_queue_depth", {"queue": "q" * 2**24}, 1)  # more than the buffers hold
+    server = MetricsServer("127.0.0.1:0", metrics)
+    server.start()
+    caplog.set_level(logging.DEBUG, logger="supervisor.metrics")
+    try:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", server.port))
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.settimeout(10)
+            assert client.recv(1) == b"H"  # the server is writing, blocked on full buffers
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # closed with a reset: the server's next write fails
+        stderr = ""
+        deadline = time.monotonic() + 5
+        while not gone(caplog) and "Exception" not in stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stderr += capfd.readouterr().err
+        assert "Traceback" not in stderr + capfd.readouterr().err
+        assert len(gone(caplog)) == 1
+        assert not [r for r in caplog.records if r.exc_info or "\n" in r.getMessage()]
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+            assert len(reply.read()) > 2**24
+    finally:
+        server.close()
+
+
+def gone(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The debug lines that say a metrics client hung up before its answer was written."""
+    return [r for r in caplog.records if "gone before its answer" in r.getMessage()]
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "localhost:http", ""])
