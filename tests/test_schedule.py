@@ -5,6 +5,7 @@ the test's own."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import subprocess
 from datetime import datetime
@@ -31,6 +32,7 @@ from worker.scheduler import (
     schedule_envelope,
     tick_task_id,
 )
+from worker.task import LAST_ETA
 
 BERLIN = ZoneInfo("Europe/Berlin")
 LEASE = 3.0
@@ -260,6 +262,19 @@ def test_an_infinite_tick_or_lease_and_a_paused_flag_that_is_no_flag_read_as_non
         assert broker.fire_schedule("tick", 120.0, envelope(120.0))
 
 
+@pytest.mark.parametrize("junk", ["1e17", "1e300", "-1e17", "-1"])
+def test_a_tick_outside_the_calendar_reads_as_none(connect: BrokerFactory, junk: str) -> None:
+    """A finite tick past the year 9999 (or before 1970) read as a tick: the leading worker
+    died on it at every lead (datetime.fromtimestamp overflowed), or the schedule never fired
+    again (every tick was below it)."""
+    broker = connect()
+    assert broker.fire_schedule("tick", 100.0, envelope(100.0))
+    write_junk(broker, f"last_tick = {junk}", "0", {"last_tick": junk}, lease=False)
+    assert broker.schedule_states()["tick"]["last_tick"] is None
+    assert broker.fire_schedule("tick", 110.0, envelope(110.0))
+    assert broker.schedule_states()["tick"]["last_tick"] == 110.0
+
+
 # --- the duty, on a clock of the test's own -------------------------------------------
 
 
@@ -357,6 +372,52 @@ def test_a_paused_schedule_skips_its_ticks_and_resumes_without_catching_up(
     broker.pause_schedule("tick", False)
     duty.step(start + 4.1)
     assert fired_ticks(connect()) == [tick_task_id("tick", start + 4)]
+
+
+@pytest.mark.parametrize("junk", ["1e17", "1e300"])
+def test_the_duty_runs_on_over_a_tick_outside_the_calendar(
+    connect: BrokerFactory, junk: str
+) -> None:
+    """The leader died on a cron schedule's tick of 1e300 (and its successor, every 30 s,
+    killing the tasks they ran); an `every` schedule never fired again."""
+    cron = Schedule("tick", "tasks.tick", cron="* * * * *", queue="q")
+    every = Schedule("every", "tasks.tick", every=1, queue="q")
+    broker = connect()
+    for name in ("tick", "every"):
+        broker.fire_schedule(name, 100.0, None)
+        if isinstance(broker, SQLiteBroker):
+            with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
+                db.execute("UPDATE schedules SET last_tick = ? WHERE name = ?", (float(junk), name))
+        else:
+            assert isinstance(broker, RedisBroker)
+            broker.redis.hset(f"{broker.prefix}:schedule:{name}", "last_tick", junk)
+    duty = scheduler(broker, "one", [cron, every])
+    start = float(int(datetime.now().timestamp()))
+    duty.step(start + 0.1)  # both start anew from now
+    assert broker.schedule_states()["tick"]["last_tick"] == start + 0.1
+    duty.step(start + 1.1)
+    assert fired_ticks(connect()) == [tick_task_id("every", start + 1)]
+
+
+def test_a_schedule_whose_ticks_cannot_be_computed_is_skipped_not_the_worker(
+    connect: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tick in the last minute of the year 9999 is a tick, but a cron schedule's next one
+    is past the calendar: the schedule is skipped for a while, in one line, and the others
+    run on."""
+    cron = Schedule("tick", "tasks.tick", cron="* * * * *", queue="q")
+    every = Schedule("every", "tasks.tick", every=1, queue="q")
+    broker = connect()
+    broker.fire_schedule("tick", LAST_ETA, None)
+    duty = scheduler(broker, "one", [cron, every])
+    start = float(int(datetime.now().timestamp()))
+    with caplog.at_level(logging.ERROR, logger="fleetd.scheduler"):
+        duty.step(start + 0.1)
+    skipped = [r.getMessage() for r in caplog.records if r.name == "fleetd.scheduler"]
+    assert len(skipped) == 1 and skipped[0].startswith("schedule tick skipped"), skipped
+    assert "\n" not in skipped[0]
+    duty.step(start + 1.1)
+    assert fired_ticks(connect()) == [tick_task_id("every", start + 1)]
 
 
 # --- fleetd check, the command line -------------------------------------------------------

@@ -40,6 +40,7 @@ LEAD_KEY = "scheduler"  # the broker's lease that says which scheduler of the fl
 MISFIRE_GRACE = 1.0
 MAX_FIRES_PER_STEP = 100  # ticks of one schedule enqueued per step: a long stall never holds a turn
 RETRY_AFTER_CONFLICT = 0.1  # seconds before reading the states again after a tick fired elsewhere
+RETRY_AFTER_FAILURE = 60.0  # seconds before a schedule whose ticks failed to compute is tried again
 LEAD_RETRY_SLACK = 0.05  # seconds after the holder's lease runs out before we try to take it
 SCHEDULE_KEYS = ("name", "task", "cron", "every", "timezone", "args", "kwargs", "queue", "misfire")
 
@@ -290,8 +291,26 @@ class Scheduler:
 
     def fire_due(self, now: float) -> None:
         states = self.broker.schedule_states()
-        due_at = [self.fire_schedule(s, states.get(s.name, {}), now) for s in self.schedules]
+        due_at = [self.fire_guarded(s, states.get(s.name, {}), now) for s in self.schedules]
         self.due_at = min(due_at)
+
+    def fire_guarded(self, schedule: Schedule, state: dict[str, Any], now: float) -> float:
+        """`fire_schedule`, but a schedule it fails on (a state that the arithmetic cannot
+        take) is skipped for this round, in one line, not the death of the worker: that
+        killed the tasks it ran, and its successor's, as each took the lead."""
+        try:
+            return self.fire_schedule(schedule, state, now)
+        except Exception as exc:
+            if self.broker.unavailable_now(exc):
+                raise  # the worker's loop waits the broker out
+            log.error(
+                "schedule %s skipped for %.0fs: %s: %s",
+                schedule.name,
+                RETRY_AFTER_FAILURE,
+                type(exc).__name__,
+                exc,
+            )
+            return now + RETRY_AFTER_FAILURE
 
     def fire_schedule(self, schedule: Schedule, state: dict[str, Any], now: float) -> float:
         """Enqueue the schedule's due ticks; returns when its next tick is due."""

@@ -33,6 +33,7 @@ from worker.brokers.base import (
 )
 from worker.brokers.redis import WAIT_SCRIPT, Link, RedisBroker, wake_frames
 from worker.client import Client, TaskRevoked
+from worker.task import LAST_ETA
 
 from .conftest import REDIS_URL
 from .test_contract import envelope, ids, readable, sleep_until, wait_for
@@ -949,6 +950,38 @@ def test_an_eta_entry_naming_a_task_not_scheduled_is_dropped(
     assert direct.zcard(f"{redis_broker.prefix}:eta:q1") == 0
     info = redis_broker.get_result(ended.id)
     assert info is not None and (info["state"], info["result"]) == (SUCCESS, 3)
+
+
+@pytest.mark.parametrize("score", [float("inf"), 1e300, LAST_ETA + 1])
+def test_a_task_whose_eta_is_past_the_calendar_ends_bad_message_and_is_never_next_due(
+    redis_broker: RedisBroker, direct: redis.Redis, score: float
+) -> None:
+    """An ETA score of +inf or past the year 9999 (someone else's ZADD; the client refuses
+    one) was never due: the task neither ran nor failed, and `fleetctl inspect scheduled`
+    failed on its next_due (infinity or 1e300 is no JSON a reply can carry). The expired
+    leases' recovery, which a worker runs at its boot and at each renewal, ends it."""
+    ready, far, stale = envelope(), envelope(eta=time.time() + 60), envelope()
+    redis_broker.enqueue([ready, far, stale])
+    redis_broker.reserve(["q1"], 2, "w1", 30)  # ready and stale, held
+    held = redis_broker.reserve(["q1"], 1, "w1", 30)
+    assert held == []
+    direct.zadd(f"{redis_broker.prefix}:eta:q1", {far.id: score, stale.id: score})
+
+    assert redis_broker.next_due(["q1"]) is None
+    assert redis_broker.reserve(["q1"], 5, "w2", 30) == []
+    assert direct.zcard(f"{redis_broker.prefix}:eta:q1") == 2
+    redis_broker.recover_expired(["q1"])
+    assert direct.zcard(f"{redis_broker.prefix}:eta:q1") == 0
+    [letter] = redis_broker.dead_letters()
+    assert (letter.id, letter.reason) == (far.id, "BadMessage")
+    info = redis_broker.get_result(far.id)
+    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+    stale_info = redis_broker.get_result(stale.id)  # held: a stale member, dropped
+    assert stale_info is not None and stale_info["state"] == PENDING
+
+
+def test_the_recovery_scripts_last_eta_is_the_clients() -> None:
+    assert f"local LAST_ETA = {LAST_ETA:.0f}\n" in redis_broker.lua("recover_expired")
 
 
 def test_a_lease_that_ran_out_is_taken_back_from_a_worker_of_this_host_only_once_it_is_gone(

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fleet import Fleet, fleetctl_on, wait_for
 from worker.brokers import open_broker
-from worker.brokers.base import SUCCESS, BrokerUnavailable, Outcome, QueueDepth, Turn
+from worker.brokers.base import FAILURE, SUCCESS, BrokerUnavailable, Outcome, QueueDepth, Turn
 from worker.brokers.sqlite import EXPIRE_BATCH, PAGE_CACHE_KIB, FifoWakeup, Poker, SQLiteBroker
 
 from .test_contract import envelope
@@ -285,6 +285,30 @@ def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
     assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w1", 30)] == [ready.id]
     [letter] = sqlite_broker.dead_letters()
     assert (letter.id, letter.reason) == ("soon", "BadMessage")
+
+
+@pytest.mark.parametrize("eta", ["9e999", "1e300", "253402300800"])
+def test_a_row_whose_eta_is_past_the_calendar_ends_bad_message_and_is_never_next_due(
+    sqlite_broker: SQLiteBroker, eta: str
+) -> None:
+    """An ETA of infinity or past the year 9999 (the client refuses one) was never due: the
+    task neither ran nor failed, and `fleetctl inspect scheduled` failed on its next_due
+    (infinity or 1e300 is no JSON a reply can carry)."""
+    ready = envelope()
+    sqlite_broker.enqueue([ready])
+    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
+        db.execute(
+            "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
+            f" VALUES ('far', 'q1', 'tasks.add', '{{}}', 0, 'PENDING', {eta}, 0)"
+        )
+
+    assert sqlite_broker.next_due(["q1"]) is None
+    assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w1", 30)] == [ready.id]
+    [letter] = sqlite_broker.dead_letters()
+    assert (letter.id, letter.reason) == ("far", "BadMessage")
+    info = sqlite_broker.get_result("far")
+    assert info is not None and (info["state"], info["exc_type"]) == (FAILURE, "BadMessage")
+    assert sqlite_broker.reserve(["q1"], 5, "w1", 30) == []
 
 
 def test_rows_whose_count_or_creation_time_is_no_number_are_handed_out(

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..task import LAST_ETA
+
 # User-facing task states (DESIGN section 7).
 PENDING = "PENDING"
 STARTED = "STARTED"
@@ -239,6 +241,14 @@ def stored_number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def stored_tick(value: Any) -> float | None:
+    """A stored schedule tick as epoch seconds, None if it cannot be one: no finite number,
+    or outside the calendar (before 1970, past the year 9999), which the schedule arithmetic
+    (datetime, cronsim) cannot take."""
+    number = stored_number(value)
+    return number if number is not None and 0 <= number <= LAST_ETA else None
 
 
 def owner_runs(owner: Any) -> bool:

@@ -64,6 +64,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry as ConnectionRetry
 
 from ..resp import ErrorReply, pack, read_reply, resp_array
+from ..task import LAST_ETA
 from . import url_problem
 from .base import (
     FAIL_FAST_WAIT,
@@ -80,6 +81,7 @@ from .base import (
     number_or_text,
     owner_runs,
     stored_number,
+    stored_tick,
     task_info,
 )
 
@@ -782,7 +784,8 @@ class RedisBroker(Broker):
             pipe = self.redis.pipeline(transaction=False)
             after_now = f"({time.time()!r}"
             for q in queues:
-                pipe.zrangebyscore(self._key("eta", q), after_now, "+inf", 0, 1, withscores=True)
+                # Past the calendar: never due (the next reserve buries it), no time to show.
+                pipe.zrangebyscore(self._key("eta", q), after_now, LAST_ETA, 0, 1, withscores=True)
             return pipe.execute()
 
         etas = [row[0][1] for row in self._mended(read, queues) if row]
@@ -969,7 +972,7 @@ class RedisBroker(Broker):
         states = {}
         for name, (tick, task_id, at, paused) in zip(names, rows, strict=True):
             states[name] = {  # what other hands wrote there reads as none
-                "last_tick": stored_number(tick),
+                "last_tick": stored_tick(tick),
                 "last_id": task_id,
                 "last_at": stored_number(at),
                 "paused": paused == "1",
@@ -1028,13 +1031,15 @@ return 0
 # Broker.fire_schedule. Replies whether it fired. The tick is written last: a call that
 # fails halfway (a key of another kind, mended and sent again) keeps what it did, and a
 # tick written before its task would have been a tick that never ran.
-FIRE_SCHEDULE = """
+FIRE_SCHEDULE = f"""
 local function main()
   local key = P .. ':schedule:' .. A.name
   redis.call('SADD', P .. ':schedules', A.name)
   if A.tick ~= null then
-    local last = tonumber(redis.call('HGET', key, 'last_tick'))  -- not a number: none
-    if last and last < math.huge and last >= tonumber(A.tick) then return false end  -- inf: none
+    -- Not a number, NaN, or outside the calendar (base.stored_tick): none.
+    local last = tonumber(redis.call('HGET', key, 'last_tick'))
+    local known = last and last >= 0 and last <= {LAST_ETA!r}
+    if known and last >= tonumber(A.tick) then return false end
   end
   if A.task ~= null then
     local e = A.task

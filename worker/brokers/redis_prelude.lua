@@ -17,6 +17,15 @@ local function load(id, ...)
   return t
 end
 
+-- The statuses a record of ours can hold: any other is other hands' writing.
+local WRITTEN_STATUS = {queued = true, held = true, done = true, scheduled = true}
+
+-- A dead letter: the task, whole, and why it died.
+local function push_dead(id, q, name, body, reason, message)
+  redis.call('LPUSH', P .. ':dead', cjson.encode({id = id, queue = q, name = name,
+    body = body, reason = reason, at = tonumber(NOW), extra = {message = message}}))
+end
+
 -- Add a field and its value to the flat list `fields`, or its name to `unset` if null.
 local function put(fields, unset, field, value)
   if value == null then

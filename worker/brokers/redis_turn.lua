@@ -17,11 +17,6 @@ local function mark_started(id)
   end
 end
 
-local function push_dead(id, q, name, body, reason, message)
-  redis.call('LPUSH', P .. ':dead', cjson.encode({id = id, queue = q, name = name,
-    body = body, reason = reason, at = tonumber(NOW), extra = {message = message}}))
-end
-
 local function dead_letter(o)
   local v = record(o[1], 'queue', 'name', 'body')
   push_dead(o[1], v[1] or '', v[2] or o[2], v[3] or '', o[6], o[7])
@@ -164,9 +159,6 @@ local function counts_to_read()
   end
   return counts
 end
-
--- The statuses a record of ours can hold: any other is other hands' writing.
-local WRITTEN_STATUS = {queued = true, held = true, done = true, scheduled = true}
 
 local function reserve()
   for _, q in ipairs(A.queues) do

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..files import file_identity
+from ..task import LAST_ETA
 from .base import (
     BAD_MESSAGE,
     FAIL_FAST_WAIT,
@@ -44,6 +45,7 @@ from .base import (
     owner_runs,
     stored_number,
     stored_text,
+    stored_tick,
     task_info,
     utf8_text,
 )
@@ -122,14 +124,17 @@ REVOKE_QUEUED = (
 # decoding raises OperationalError, which would read as "the broker is unavailable".
 TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 DUE = "eta <= ? ORDER BY eta, seq"
-# TEXT and BLOB values sort after every number, from '' on: an ETA that is not a number.
-NOT_A_NUMBER = "eta >= ''"
+# An ETA that is never due: past the year 9999 (the client refuses one), infinity, and TEXT
+# and BLOB values (not a number), which sort after every number.
+NEVER_DUE = f"eta > {LAST_ETA!r}"
 INFO_COLUMNS = (*INFO_FIELDS, "status")
 DEAD_LETTER_COLUMNS = ("id", "queue", "name", "body", "reason", "at", "extra")
 
 
 # A column's value is a number (not NULL, text or a blob that other hands wrote there).
 IS_NUMBER = "(typeof({0}) IN ('integer', 'real') AND abs({0}) < 9e999)"  # finite: 9e999 is inf
+# A column's value is a schedule tick (base.stored_tick): a number within the calendar.
+IS_TICK = f"({IS_NUMBER} AND {{0}} BETWEEN 0 AND {LAST_ETA!r})"
 
 
 def close_revoked(db: sqlite3.Connection, ids: Sequence[str], now: float) -> int:
@@ -162,6 +167,8 @@ def unreadable(row: tuple[Any, ...]) -> str | None:
     eta, _, task_id, queue, name, _, _, _ = row
     if not isinstance(eta, (int, float)):
         return "its ETA is not a number"
+    if not eta <= LAST_ETA:
+        return "its ETA is past the year 9999"
     for column, value in (("id", task_id), ("queue", queue), ("name", name)):
         if not utf8_text(value):
             return f"its {column} is not UTF-8 text"
@@ -342,7 +349,7 @@ class SQLiteBroker(Broker):
         rows = db.execute(reserve_sql(marks, DUE), (*lease, *queues, now, n)).fetchall()
         if len(rows) < n:  # never due, so never handed out: take them while the queue is dry
             rows += db.execute(
-                reserve_sql(marks, NOT_A_NUMBER), (*lease, *queues, n - len(rows))
+                reserve_sql(marks, NEVER_DUE), (*lease, *queues, n - len(rows))
             ).fetchall()
         rows.sort(key=due_order)  # RETURNING comes in no set order: due order, then queue order
         deliveries, bad, recount = [], [], []
@@ -522,8 +529,8 @@ class SQLiteBroker(Broker):
         marks = ",".join("?" * len(queues))
         row = self.db.execute(
             f"SELECT min(eta) FROM tasks WHERE status = {QUEUED}"
-            f" AND queue IN ({marks}) AND eta > ? AND typeof(eta) IN ('integer', 'real')",
-            (*queues, time.time()),
+            f" AND queue IN ({marks}) AND eta > ? AND eta <= ?",
+            (*queues, time.time(), LAST_ETA),
         ).fetchone()
         return row[0] if row and row[0] is not None else None
 
@@ -705,7 +712,7 @@ class SQLiteBroker(Broker):
             if tick is not None:
                 moved = db.execute(
                     "UPDATE schedules SET last_tick = ? WHERE name = ?"
-                    f" AND (NOT {IS_NUMBER.format('last_tick')} OR last_tick < ?)",
+                    f" AND (NOT {IS_TICK.format('last_tick')} OR last_tick < ?)",
                     (tick, name, tick),
                 ).rowcount
                 if not moved:
@@ -726,7 +733,7 @@ class SQLiteBroker(Broker):
         rows = self.db.execute("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
         return {  # what other hands wrote there reads as none
             str(stored_text(name)): {
-                "last_tick": stored_number(tick),
+                "last_tick": stored_tick(tick),
                 "last_id": stored_text(task_id),
                 "last_at": stored_number(at),
                 "paused": p == 1,  # as pause_schedule writes it; other hands' 'no' is not
