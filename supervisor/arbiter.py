@@ -120,6 +120,9 @@ class Arbiter:
         self.lock_fd = orphans.lock_state_dir(self.config.state_dir)
         orphans.become_subreaper()
         previous = self.run_record.read()
+        # Queued from here: a TERM or INT in the leftovers' grace waits for the loop, which
+        # stops the fleet, rather than ending us with the previous run's KILL not yet sent.
+        self.signals = SignalQueue()
         orphans.end_leftovers(previous)
         owners = previous.get("owners")  # a torn or foreign record holds anything
         if isinstance(owners, list):
@@ -136,7 +139,6 @@ class Arbiter:
         except PidfileWriteError:  # a full disk, say: `fleetd stop` needs it, the fleet does not
             self.unwritten_pidfile = orphans.StateFile(self.pidfile)
             self.retry_pidfile()
-        self.signals = SignalQueue()
         # The workers first: they import their task modules on the other cores while the
         # control plane (pyzmq, its sockets and keys) is set up here.
         for spec in self.config.workers:

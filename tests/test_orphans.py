@@ -1,4 +1,5 @@
-"""The /proc readings that recognise processes, against psutil's, on real processes."""
+"""The /proc readings that recognise processes, against psutil's, on real processes, and the
+next start's ending of what a previous run left alive."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from supervisor import orphans
+from tests.fleet import alive, wait_for
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -191,3 +193,32 @@ def test_a_leftover_of_another_user_is_skipped_not_a_crash():
     finally:
         sleeper.kill()
         sleeper.wait(timeout=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_stop_signal_during_the_leftovers_grace_waits_for_their_kill(
+    make_fleet, tmp_path, signum
+):
+    """TERM or INT that reached `fleetd start` while it ended a previous run's processes
+    (TERM, a grace, KILL) ended it by the default action (143, a KeyboardInterrupt
+    traceback) before the KILL: whatever ignored the TERM lived on after it."""
+    fleet = make_fleet(defaults={"concurrency": 1}).start()
+    marker = tmp_path / "started.txt"
+    fleet.client.submit("tasks.take_signals", "ignore", str(tmp_path / "gate"), str(marker))
+    wait_for(marker.exists, 10, message="the task to start")
+    old_run = [psutil.Process(pid) for pid in fleet.worker_pids() + fleet.child_pids()]
+    try:
+        assert len(old_run) == 2  # the worker, and its child that ignores TERM
+        fleet.signal(signal.SIGKILL)
+        fleet.wait_exit(5)
+        fleet.start(wait=False)
+        wait_for(lambda: "left by a previous run" in fleet.log(), 15, message="the cleanup")
+        fleet.signal(signum)
+        assert fleet.wait_exit(30) == 0, fleet.log()
+        wait_for(lambda: not any(alive(p) for p in old_run), 2, message="the old run to be ended")
+        assert "Traceback" not in fleet.log()
+    finally:
+        for proc in old_run:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(old_run, timeout=5)
