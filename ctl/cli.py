@@ -388,7 +388,10 @@ def show_result(
 ) -> int:
     from worker import TaskFailed, TaskRevoked
 
-    handle = client.handle(task_id)
+    try:
+        handle = client.handle(task_id)
+    except TypeError as exc:  # an empty id
+        raise UsageError(str(exc)) from None
     code = EXIT_OK
     if wait is not None:
         try:

@@ -23,6 +23,13 @@ IMPORT_TIMEOUT = 60.0  # seconds `fleetd check` gives the task modules to import
 log = logging.getLogger("fleetd.cli")
 
 
+def file_path(text: str) -> str:
+    """A path given on the command line: "" would be taken as none given (the default)."""
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a file's path, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fleetd", description="Run a fleet of task workers on this host.")
     parser.add_argument("--version", action=VersionAction)
@@ -30,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run the arbiter in the foreground")
     start.add_argument("-c", "--config", required=True, help="the fleet's TOML config")
     start.add_argument("--node", help="this host's name (default: [fleet] node, or the host name)")
-    start.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
+    start.add_argument("--pidfile", type=file_path, help="default: {state_dir}/fleetd.pid")
     start.add_argument("--log-level", default="info", choices=LEVELS, type=str.lower)
     start.add_argument("--log-format", default="text", choices=FORMATS)
     check = sub.add_parser("check", help="validate a config and exit (2 if it is bad)")
@@ -41,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(verb, help=text)
         cmd.add_argument("-c", "--config", required=True)
-        cmd.add_argument("--pidfile", help="default: {state_dir}/fleetd.pid")
+        cmd.add_argument("--pidfile", type=file_path, help="default: {state_dir}/fleetd.pid")
         if verb == "stop":
             cmd.add_argument(
                 "--timeout",

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -130,13 +131,17 @@ class Config:
     schedules: list[Schedule] = field(default_factory=list)
 
 
-HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]+")
+# At most 5 digits of port: int() of thousands of digits raises (Python's limit on them).
+HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 # Integers with bounds: the least and the most.
 BOUNDED = {
     "prefetch": (0, 1_000_000),
     "async_slots": (1, 1_000_000),
     "ttl": (1, 1_000_000_000),  # seconds: some 31 years (Redis refuses an expiry past its clock)
 }
+# Seconds of a lease: Redis takes it in whole milliseconds (PX 0 is an error), and refuses an
+# expiry past its clock, as for "ttl".
+LEASE_BOUNDS = (0.001, 1e9)
 
 # Each key: (type check, default). A default of REQUIRED must be given.
 REQUIRED = object()
@@ -162,7 +167,7 @@ FLEET_KEYS: dict[str, tuple[str, Any]] = {
     "state_dir": ("str", "state"),
     "imports": ("str_list", []),
     "pythonpath": ("str_list", ["."]),
-    "lease": ("pos_num", 30),
+    "lease": ("lease", 30),
     "durability": ("durability", "default"),
     "result_ttl": ("ttl", 86400),
 }
@@ -199,6 +204,7 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
         return ConfigError(path, key, f"must be {expected}, got {value!r}")
 
     is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    refuse_nul(path, key, value)
     if kind == "str":
         if not isinstance(value, str):
             raise bad("a string")
@@ -233,6 +239,10 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "pos_num":  # NaN or infinity: never a duration (0 says "none" where it can)
         if not is_num or not math.isfinite(value) or value <= 0:
             raise bad("a finite number > 0")
+    elif kind == "lease":
+        shortest, longest = LEASE_BOUNDS
+        if not is_num or not shortest <= value <= longest:  # NaN is within no bounds
+            raise bad(f"finite seconds from {shortest:g} to {longest:,.0f}")
     elif kind == "nonneg_num":
         if not is_num or not math.isfinite(value) or value < 0:
             raise bad("a finite number >= 0")
@@ -249,8 +259,8 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
     elif kind == "size":
         try:
             size = parse_size(value)
-        except ValueError:
-            raise bad('a size like "512MB" or "0"') from None
+        except ValueError as exc:  # its text says which: no size, or one too large
+            raise ConfigError(path, key, f'must be a size like "512MB" or "0": {exc}') from None
         text = str(value).strip()
         if not any(c.isalpha() for c in text) and float(text) != 0:
             # A bare number would be bytes (Celery's --max-memory-per-child is KiB): every
@@ -266,6 +276,24 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
         if value and not 0 < int(value.rpartition(":")[2]) < 65536:
             raise bad('"host:port" with a port from 1 to 65535')
     return value
+
+
+def refuse_nul(path: str, key: str, value: Any) -> None:
+    """ConfigError if a NUL character is in `value`: no path, URL or name holds one (open()
+    and the like raise on it)."""
+    if holds_nul(value):
+        raise ConfigError(path, key, f"must not hold a NUL character (\\0), got {value!r}")
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in `value`: a string, or a list or table of them."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, list):
+        return any(holds_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    return False
 
 
 def _section(
@@ -306,6 +334,22 @@ def _resolve_endpoint(folder: str, endpoint: str) -> str:
     return endpoint
 
 
+def ipc_bind_problem(folder: str, endpoint: str) -> str | None:
+    """Why an ipc:// bind, as written, names no socket file fleetd may make, if it does not.
+    Said before `fleetd start` touches anything: binding makes the socket's folder 0700, and
+    "ipc://" (the config's folder) had that folder's parent, /etc for /etc/fleetd, made so."""
+    written = endpoint[len("ipc://") :]
+    if os.path.basename(written) in ("", ".", ".."):
+        return "names no socket file: give one, as ipc://state/control.sock"
+    try:
+        mode = os.lstat(_resolve(folder, written)).st_mode
+    except OSError:
+        return None  # nothing there yet: the bind makes it
+    if not stat.S_ISSOCK(mode):
+        return "names something that is no socket (a folder, a file): give a socket file's path"
+    return None
+
+
 def module_exists(name: str, paths: list[str]) -> bool:
     """Find a module on `paths` + sys.path without importing (and so running) any of it."""
     search: list[str] | None = paths + sys.path
@@ -327,6 +371,9 @@ def parse_schedules(path: str, entries: Any) -> list[Schedule]:
 
     schedules: list[Schedule] = []
     for index, entry in enumerate(entries):
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            if key not in ("args", "kwargs"):  # a task's data may hold one
+                refuse_nul(path, f"schedule[{index}].{key}", value)
         try:
             schedule = parse_schedule(entry)
         except ScheduleError as exc:
@@ -419,6 +466,10 @@ def from_dict(
     bind = control_raw["bind"]
     if bind is None:
         bind = [f"ipc://{os.path.join(state_dir, 'control.sock')}"]
+    for endpoint in bind:
+        problem = ipc_bind_problem(folder, endpoint) if endpoint.startswith("ipc://") else None
+        if problem:
+            raise ConfigError(path, "control.bind", f"endpoint {endpoint!r} {problem}")
     bind = [_resolve_endpoint(folder, b) for b in bind]
     named = control_raw["endpoints"] if isinstance(control_raw["endpoints"], dict) else {}
     endpoints = list(named.values()) if named else list(control_raw["endpoints"])
@@ -446,6 +497,7 @@ def from_dict(
     if not isinstance(rate_limits, dict):
         raise ConfigError(path, "rate_limits", 'must be a table of task name = "N/s|m|h"')
     for task_name, rate in rate_limits.items():
+        refuse_nul(path, "rate_limits", task_name)
         try:
             parse_rate(rate)
         except ValueError as exc:

@@ -78,7 +78,8 @@ def events_endpoint(control_endpoint: str) -> str:
         return "ipc://" + os.path.join(directory, EVENTS_SOCKET_NAME)
     if control_endpoint.startswith("tcp://"):
         address, _, port = control_endpoint[len("tcp://") :].rpartition(":")
-        if address and port.isdigit() and 0 < int(port) < 65535:
+        digits = port.isascii() and port.isdigit() and len(port) <= 5  # int() of 5000 raises
+        if address and digits and 0 < int(port) < 65535:
             return f"tcp://{address}:{int(port) + 1}"
         raise ControlConfigError(
             f"control endpoint {control_endpoint}: give a fixed port below 65535; "

@@ -12,8 +12,10 @@ from tests.fleet import fleetd
 CONFIG = '[fleet]\nimports = ["tasks", "more"]\n\n[[worker]]\nname = "w"\n'
 
 
-def check(folder: Path, tasks: str, more: str = "X = 1\n") -> subprocess.CompletedProcess[str]:
-    (folder / "fleet.toml").write_text(CONFIG)
+def check(
+    folder: Path, tasks: str, more: str = "X = 1\n", config: str = CONFIG
+) -> subprocess.CompletedProcess[str]:
+    (folder / "fleet.toml").write_text(config)
     (folder / "tasks.py").write_text(tasks)
     (folder / "more.py").write_text(more)
     return fleetd("check", "-c", str(folder / "fleet.toml"))
@@ -95,3 +97,13 @@ def test_check_names_a_dashboard_token_file_the_dashboard_would_refuse(
     assert done.returncode == 2
     [message] = done.stderr.strip().splitlines()
     assert "dashboard token_file" in message and problem in message, message
+
+
+def test_check_names_a_tcp_bind_whose_port_has_thousands_of_digits(tmp_path: Path) -> None:
+    """int() of the port (for the events endpoint, the next one) raised past its digit limit."""
+    bind = f"tcp://127.0.0.1:{'9' * 5000}"
+    control = f'[control]\nbind = ["{bind}"]\ncurve_secret_key = "k"\nauthorized_keys = "a"\n'
+    done = check(tmp_path, "X = 1\n", config=CONFIG + control)
+    assert done.returncode == 2
+    [message] = done.stderr.strip().splitlines()
+    assert "give a fixed port below 65535" in message, message

@@ -330,6 +330,19 @@ def test_fleetd_stop_with_a_timeout_that_is_no_duration_exits_2_and_signals_noth
     assert fleet.ctl("ping").returncode == 0
 
 
+def test_fleetd_with_an_empty_pidfile_exits_2_and_signals_nothing(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """`--pidfile ""` was taken as none given: stop stopped the fleet of the default pidfile."""
+    fleet = make_fleet().start()
+    for command in ("stop", "reload", "start"):
+        out = fleetd(command, "-c", str(fleet.config), "--pidfile", "")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "argument --pidfile: " in out.stderr
+    assert fleet.ctl("ping").returncode == 0
+    assert "reload: generation" not in fleet.log()
+
+
 def test_fleetctl_on_a_redis_database_the_server_does_not_have_says_so_in_one_line(
     make_fleet: Callable[..., Fleet],
 ) -> None:
@@ -394,6 +407,8 @@ def test_fleetctl_on_a_redis_whose_acl_denies_a_command_says_so_in_one_line(
         (["submit", ""], "a task name must be a non-empty string, not ''"),
         (["dashboard", "--bind", "127.0.0.1:²"], "--bind '127.0.0.1:²': give HOST:PORT"),
         (["dashboard", "--bind", "[::1:9810"], "--bind '[::1:9810': give HOST:PORT"),
+        (["dashboard", "--bind", f"127.0.0.1:{'9' * 5000}"], "--bind '127.0.0.1:99999"),
+        (["result", ""], "a task id must be a non-empty string, not ''"),
     ],
 )
 def test_fleetctl_arguments_that_ended_in_a_traceback_are_one_line_and_exit_2(

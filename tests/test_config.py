@@ -167,7 +167,45 @@ BAD = [
         "worker[1].queues",
         "non-empty",
     ),
+    # Past what a number holds: OverflowError and int()'s digit limit ended check in a traceback
+    (
+        GOOD.replace("time_limit = 60", f'time_limit = 60\nmax_memory_per_child = "{"9" * 310}G"'),
+        "defaults.max_memory_per_child",
+        "too large",
+    ),
+    (GOOD + f'\n[metrics]\nbind = "127.0.0.1:{"9" * 5000}"\n', "metrics.bind", "host:port"),
+    (GOOD + f'\n[dashboard]\nbind = "127.0.0.1:{"9" * 5000}"\n', "dashboard.bind", "host:port"),
+    # A lease Redis cannot take (PX 0, or past its clock): check passed, and every worker
+    # with a [[schedule]] died at its first claim of the lead, until FATAL.
+    *(
+        (GOOD.replace('node = "h1"', f'node = "h1"\nlease = {lease}'), "fleet.lease", "0.001 to")
+        for lease in ("0.0005", "0", "1e20")
+    ),
+    # "ipc://" named the config's folder: start made its parent (/etc) 0700, then refused it
+    *(
+        (GOOD + f'\n[control]\nbind = ["{bind}"]\n', "control.bind", "names no socket file")
+        for bind in ("ipc://", "ipc:///etc/", "ipc://state/..")
+    ),
 ]
+
+# A NUL in a path, URL or name: open() and the like raised at check or start (or check said ok).
+NUL_KEYS = [
+    (GOOD.replace('node = "h1"', 'node = "h1"\npythonpath = ["\\u0000"]'), "fleet.pythonpath"),
+    (GOOD.replace('node = "h1"', 'node = "h1"\nstate_dir = "st\\u0000ate"'), "fleet.state_dir"),
+    (
+        GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "sqlite:///q\\u0000.db"'),
+        "fleet.broker",
+    ),
+    (GOOD.replace('["tasks"]', '["tasks\\u0000"]'), "fleet.imports"),
+    (GOOD + '\n[control]\nbind = ["ipc://c\\u0000.sock"]\n', "control.bind"),
+    (GOOD + '\n[dashboard]\ntoken_file = "t\\u0000"\n', "dashboard.token_file"),
+    (GOOD.replace('["images"]', '["im\\u0000ages"]'), "worker[1].queues"),
+    (
+        GOOD + '[[schedule]]\nname = "s\\u0000"\ntask = "tasks.add"\nevery = 10\n',
+        "schedule[0].name",
+    ),
+]
+BAD += [(text, key, "NUL character") for text, key in NUL_KEYS]
 
 
 def test_endpoints_given_as_a_table_name_their_hosts(tmp_path: Path) -> None:
@@ -200,6 +238,24 @@ def test_bad_config_exits_2_with_one_line(
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and key in out.stderr and problem in out.stderr
     assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
+
+
+@pytest.mark.parametrize("command", ["check", "start"])
+@pytest.mark.parametrize("bind", ["ipc://", "ipc://folder", "ipc://tasks.py"])
+def test_an_ipc_bind_that_names_no_socket_file_is_refused_before_any_folder_is_touched(
+    tmp_path: Path, command: str, bind: str
+) -> None:
+    """`ipc://` resolved to the config's folder, and start made that folder's parent 0700
+    (/etc for /etc/fleetd/config.toml) before it found no socket there."""
+    folder = tmp_path / "conf"
+    (folder / "folder").mkdir(parents=True)
+    path = write(folder, GOOD + f'\n[control]\nbind = ["{bind}"]\n')
+    tmp_path.chmod(0o755)
+    folder.chmod(0o755)
+    out = fleetd(command, "-c", str(path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "control" in out.stderr and "socket" in out.stderr, out.stderr
+    assert [p.stat().st_mode & 0o777 for p in (tmp_path, folder)] == [0o755, 0o755]
 
 
 UNREADABLE = [

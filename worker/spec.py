@@ -75,4 +75,7 @@ def parse_size(text: str) -> int:
     match = re.match(SIZE_RE, str(text))
     if not match:
         raise ValueError(f"size {text!r} is not like 512MB, 2GB or 0")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(size):  # digits past what a float holds
+        raise ValueError(f"size {text!r} is too large")
+    return int(size)

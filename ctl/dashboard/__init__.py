@@ -24,7 +24,8 @@ class DashboardError(Exception):
 def split_bind(bind: str) -> tuple[str, int]:
     """ "HOST:PORT" (HOST may be [v6]) -> (host, port); DashboardError if it is not that."""
     host, sep, port = bind.rpartition(":")
-    digits = port.isascii() and port.isdigit()  # "²" is a digit to Python, not to int()
+    # "²" is a digit to Python, not to int(); nor are 5000 digits a number to int()
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
     bracketed = host.startswith("[") or host.endswith("]")
     if bracketed and not (host.startswith("[") and host.endswith("]") and len(host) > 2):
         host = ""  # "[::1" or "::1]": half an IPv6 address
