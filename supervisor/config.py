@@ -334,19 +334,21 @@ def _resolve_endpoint(folder: str, endpoint: str) -> str:
     return endpoint
 
 
-def ipc_bind_problem(folder: str, endpoint: str) -> str | None:
-    """Why an ipc:// bind, as written, names no socket file fleetd may make, if it does not.
-    Said before `fleetd start` touches anything: binding makes the socket's folder 0700, and
-    "ipc://" (the config's folder) had that folder's parent, /etc for /etc/fleetd, made so."""
-    written = endpoint[len("ipc://") :]
-    if os.path.basename(written) in ("", ".", ".."):
+def ipc_path_problem(path: str) -> str | None:
+    """Why an ipc:// endpoint's path (relative ones resolved) is no socket file fleetd may
+    bind, if it is not. Asked as the config is read, before `fleetd start` touches anything,
+    and by the control server before it binds: binding makes the socket's folder 0700, and
+    `ipc://` (the config's folder) had that folder's parent, /etc for /etc/fleetd, made so."""
+    if not path or path.startswith("@"):  # an abstract socket: no folder's mode protects it
+        return "names no socket file that a 0700 folder protects: give one's path"
+    if os.path.basename(path) in ("", ".", ".."):
         return "names no socket file: give one, as ipc://state/control.sock"
     try:
-        mode = os.lstat(_resolve(folder, written)).st_mode
+        mode = os.lstat(path).st_mode
     except OSError:
         return None  # nothing there yet: the bind makes it
     if not stat.S_ISSOCK(mode):
-        return "names something that is no socket (a folder, a file): give a socket file's path"
+        return "names no socket file but a folder or a file: give a socket file's path"
     return None
 
 
@@ -466,11 +468,11 @@ def from_dict(
     bind = control_raw["bind"]
     if bind is None:
         bind = [f"ipc://{os.path.join(state_dir, 'control.sock')}"]
-    for endpoint in bind:
-        problem = ipc_bind_problem(folder, endpoint) if endpoint.startswith("ipc://") else None
-        if problem:
-            raise ConfigError(path, "control.bind", f"endpoint {endpoint!r} {problem}")
-    bind = [_resolve_endpoint(folder, b) for b in bind]
+    resolved = [_resolve_endpoint(folder, b) for b in bind]
+    for written, endpoint in zip(bind, resolved, strict=True):
+        if endpoint.startswith("ipc://") and (wrong := ipc_path_problem(endpoint[len("ipc://") :])):
+            raise ConfigError(path, "control.bind", f"endpoint {written!r} {wrong}")
+    bind = resolved
     named = control_raw["endpoints"] if isinstance(control_raw["endpoints"], dict) else {}
     endpoints = list(named.values()) if named else list(control_raw["endpoints"])
     keyed = [("control.bind", b) for b in bind] + [("control.endpoints", e) for e in endpoints]

@@ -34,7 +34,7 @@ import zmq
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
-from .config import ControlConfigError
+from .config import ControlConfigError, ipc_path_problem
 from .keys import KeyFileError, load_keypair
 
 log = logging.getLogger(__name__)
@@ -352,10 +352,9 @@ def _timeout_and_limit(message: dict[str, Any], request_id: str) -> tuple[float,
 
 def _check_ipc_path(endpoint: str) -> None:
     path = endpoint[len("ipc://") :]
-    if not path or path.startswith("@"):
-        raise ControlConfigError(
-            f"control endpoint {endpoint}: give a socket file path, which a 0700 folder protects"
-        )
+    problem = ipc_path_problem(path)
+    if problem:
+        raise ControlConfigError(f"control endpoint {endpoint} {problem}")
     if os.path.basename(path) == EVENTS_SOCKET_NAME:
         raise ControlConfigError(
             f"control endpoint {endpoint}: {EVENTS_SOCKET_NAME} is the events socket's name"

@@ -784,7 +784,7 @@ class RedisBroker(Broker):
             pipe = self.redis.pipeline(transaction=False)
             after_now = f"({time.time()!r}"
             for q in queues:
-                # Past the calendar: never due (the next reserve buries it), no time to show.
+                # Past the calendar: never due (recover_expired buries it), no time to show.
                 pipe.zrangebyscore(self._key("eta", q), after_now, LAST_ETA, 0, 1, withscores=True)
             return pipe.execute()
 
