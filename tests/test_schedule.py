@@ -201,21 +201,26 @@ def test_the_lead_is_one_holder_until_it_runs_out(connect: BrokerFactory) -> Non
 
 
 def write_junk(
-    broker: Broker, schedule: str, until: str, fields: dict[str, str], lease: bool = True
+    broker: Broker,
+    schedule: str,
+    until: str,
+    fields: dict[str, str],
+    lease: bool = True,
+    name: str = "tick",
 ) -> None:
-    """Other hands' values where the schedule's state and the leader lease are kept: on
-    SQLite, `schedule` (an SQL SET list) and a lease `until` (SQL); on Redis, the schedule's
-    `fields` and, with `lease`, a lease that never runs out."""
+    """Other hands' values where the state of schedule `name` and the leader lease are kept:
+    on SQLite, `schedule` (an SQL SET list) and a lease `until` (SQL); on Redis, the
+    schedule's `fields` and, with `lease`, a lease that never runs out."""
     if isinstance(broker, SQLiteBroker):
         with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
-            db.execute(f"UPDATE schedules SET {schedule} WHERE name = 'tick'")
+            db.execute(f"UPDATE schedules SET {schedule} WHERE name = ?", (name,))
             db.execute(
                 f"INSERT OR REPLACE INTO leases (key, holder, until) VALUES (?, 'other', {until})",
                 (LEAD_KEY,),
             )
     else:
         assert isinstance(broker, RedisBroker)
-        broker.redis.hset(f"{broker.prefix}:schedule:tick", mapping=fields)
+        broker.redis.hset(f"{broker.prefix}:schedule:{name}", mapping=fields)
         if lease:
             broker.redis.set(f"{broker.prefix}:lead:{LEAD_KEY}", "other")  # no expiry
 
@@ -385,12 +390,7 @@ def test_the_duty_runs_on_over_a_tick_outside_the_calendar(
     broker = connect()
     for name in ("tick", "every"):
         broker.fire_schedule(name, 100.0, None)
-        if isinstance(broker, SQLiteBroker):
-            with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
-                db.execute("UPDATE schedules SET last_tick = ? WHERE name = ?", (float(junk), name))
-        else:
-            assert isinstance(broker, RedisBroker)
-            broker.redis.hset(f"{broker.prefix}:schedule:{name}", "last_tick", junk)
+        write_junk(broker, f"last_tick = {junk}", "0", {"last_tick": junk}, lease=False, name=name)
     duty = scheduler(broker, "one", [cron, every])
     start = float(int(datetime.now().timestamp()))
     duty.step(start + 0.1)  # both start anew from now

@@ -270,16 +270,22 @@ def test_a_queue_file_that_is_no_database_is_named_and_left_as_it_is(tmp_path: P
     assert path.read_bytes() == text
 
 
+def insert_queued(broker: SQLiteBroker, task_id: str, eta: str) -> None:
+    """A queued row of other hands' writing in q1, its ETA an SQL value."""
+    with contextlib.closing(sqlite3.connect(broker.path)) as db, db:
+        db.execute(
+            "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
+            f" VALUES (?, 'q1', 'tasks.add', '{{}}', 0, 'PENDING', {eta}, 0)",
+            (task_id,),
+        )
+
+
 def test_a_row_whose_eta_is_not_a_number_ends_bad_message_once_the_queue_is_dry(
     sqlite_broker: SQLiteBroker,
 ) -> None:
     ready = envelope()
     sqlite_broker.enqueue([ready, envelope(eta=time.time() + 60)])
-    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
-        db.execute(
-            "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
-            " VALUES ('soon', 'q1', 'tasks.add', '{}', 0, 'PENDING', 'soon', 0)"
-        )
+    insert_queued(sqlite_broker, "soon", eta="'soon'")
 
     assert sqlite_broker.next_due(["q1"]) == pytest.approx(time.time() + 60, abs=5)
     assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w1", 30)] == [ready.id]
@@ -296,11 +302,7 @@ def test_a_row_whose_eta_is_past_the_calendar_ends_bad_message_and_is_never_next
     (infinity or 1e300 is no JSON a reply can carry)."""
     ready = envelope()
     sqlite_broker.enqueue([ready])
-    with contextlib.closing(sqlite3.connect(sqlite_broker.path)) as db, db:
-        db.execute(
-            "INSERT INTO tasks (id, queue, name, body, status, state, eta, created)"
-            f" VALUES ('far', 'q1', 'tasks.add', '{{}}', 0, 'PENDING', {eta}, 0)"
-        )
+    insert_queued(sqlite_broker, "far", eta=eta)
 
     assert sqlite_broker.next_due(["q1"]) is None
     assert [d.id for d in sqlite_broker.reserve(["q1"], 5, "w1", 30)] == [ready.id]
