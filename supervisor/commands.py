@@ -52,7 +52,8 @@ class Router:
         try:
             self.dispatch(request)
         except Exception as exc:
-            log.error(
+            self.arbiter.control.peer_log.log(
+                logging.ERROR,
                 "control request failed id=%s cmd=%s: %s: %s",
                 request.id[:40],
                 request.cmd[:40],
@@ -77,7 +78,9 @@ class Router:
             else:
                 raise CommandError(f"unknown command {request.cmd[:40]!r}")
         except CommandError as exc:
-            log.warning("control request refused id=%s: %s", request.id[:40], exc)
+            self.arbiter.control.peer_log.log(
+                logging.WARNING, "control request refused id=%s: %s", request.id[:40], exc
+            )
             self.arbiter.control.reply_error(request, str(exc))
             return
         if command is not None and command.scope == "broker":

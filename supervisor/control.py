@@ -13,7 +13,8 @@ ControlServer with tcp endpoints per zmq.Context.
 
 Nothing a peer sends can make this module raise: a bad request is answered with an
 error reply and logged (one over 1 MiB too), and a frame over MAX_FRAME_READ makes libzmq
-drop the connection unread.
+drop the connection unread. What a peer can make us log, it can make us log millions of
+times: those lines are throttled (one of a kind per BAD_REQUEST_LOG_INTERVAL, with a count).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 from .config import ControlConfigError, ipc_path_problem
 from .keys import KeyFileError, load_keypair
+from .throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ MAX_MESSAGE_SIZE = 1024 * 1024
 MAX_FRAME_READ = 4 * MAX_MESSAGE_SIZE
 HANDSHAKE_MS = 3000  # a tcp client's CURVE handshake, at most
 EVENTS_SOCKET_NAME = "events.sock"
+# Seconds: of the lines a peer's bad requests cause (a refusal, a reply dropped), the first of
+# a kind is logged, then at most one per interval, the last, with how many came.
+BAD_REQUEST_LOG_INTERVAL = 1.0
 ZAP_DOMAIN = "fleetd"
 
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -109,6 +114,7 @@ class ControlServer:
         self._ipc_binds: list[tuple[zmq.Socket[bytes], str]] = []  # for rebind_removed
         self._rebind_failure = ""
         self._authenticator: ThreadAuthenticator | None = None
+        self.peer_log = LogThrottle(log, BAD_REQUEST_LOG_INTERVAL)
         ipc = [endpoint for endpoint in bind if endpoint.startswith("ipc://")]
         tcp = [endpoint for endpoint in bind if endpoint.startswith("tcp://")]
         server_secret = check_bind(bind, curve_secret_key, authorized_keys)
@@ -146,15 +152,29 @@ class ControlServer:
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.ZMQError:
             return None
+        self.peer_log.flush()  # a flood that ended: its count is said with the next request
         routing_id = frames[0]
         try:
             return _parse_request(sock, routing_id, frames[1:])
         except _Refused as refused:
-            log.warning("control request refused peer=%s reason=%s", routing_id.hex(), refused)
+            self.peer_log.log(
+                logging.WARNING,
+                "control request refused peer=%s reason=%s",
+                routing_id.hex(),
+                refused,
+            )
             self._send_error(sock, routing_id, refused.request_id, str(refused))
         except Exception as exc:  # noqa: BLE001 - whatever a request holds, never the arbiter's end
-            log.exception("control request not understood peer=%s", routing_id.hex())
-            self._send_error(sock, routing_id, None, f"bad request: {type(exc).__name__}: {exc}")
+            # Every mistake of a peer's is a _Refused: this is a bug of ours, traceback and all.
+            self.peer_log.log(
+                logging.ERROR,
+                "control request not understood peer=%s: %s",
+                routing_id.hex(),
+                _brief(exc),
+                exc_info=True,
+            )
+            reason = f"bad request: {type(exc).__name__}: {str(exc)[:200]}"
+            self._send_error(sock, routing_id, None, reason)
         return None
 
     def waiting(self, sock: zmq.Socket[bytes]) -> bool:
@@ -287,7 +307,9 @@ class ControlServer:
         try:
             sock.send_multipart([routing_id, data.encode()], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("control reply dropped peer=%s error=%s", routing_id.hex(), exc)
+            self.peer_log.log(
+                logging.WARNING, "control reply dropped peer=%s error=%s", routing_id.hex(), exc
+            )
 
 
 class _Refused(Exception):

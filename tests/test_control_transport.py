@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -20,7 +21,9 @@ import pytest
 import zmq
 
 from ctl.client import NODE_SHARE, ControlClient, Result
+from supervisor import control as control_module
 from supervisor.control import (
+    BAD_REQUEST_LOG_INTERVAL,
     DEFAULT_TIMEOUT,
     MAX_FRAME_READ,
     MAX_MESSAGE_SIZE,
@@ -30,6 +33,7 @@ from supervisor.control import (
     events_endpoint,
 )
 from supervisor.keys import keygen, load_keypair, load_public
+from supervisor.throttle import LogThrottle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -439,6 +443,128 @@ def test_random_bytes_on_the_wire_leave_the_server_working(
             ControlClient([ipc_endpoint], 5) as ipc,
         ):
             assert tcp.call("ping").replies and ipc.call("ping").replies
+
+
+def flood(peer: zmq.Socket[bytes], frames: list[list[bytes]], count: int) -> list[Any]:
+    """Send `count` requests, the `frames` in turn, 200 at a time (a ROUTER drops the replies
+    that a slow reader lets pile up); the answers."""
+    answers: list[Any] = []
+    for batch in range(0, count, 200):
+        for i in range(batch, min(batch + 200, count)):
+            peer.send_multipart(frames[i % len(frames)])
+        while len(answers) < min(batch + 200, count):
+            assert peer.poll(5000), "the server stopped answering"
+            answers.append(json.loads(peer.recv()))
+    return answers
+
+
+def test_a_flood_of_bad_requests_gets_every_error_reply_and_a_few_log_lines(
+    ipc_server: ControlServer, peer: zmq.Socket[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each bad request was a warning line: a peer could write the arbiter's log as fast as it
+    sent. Every one is still answered; the log has one line of it a second."""
+    caplog.set_level(logging.DEBUG, logger="supervisor.control")
+    bad = [[b"{not json"], [b'{"v": 2, "id": "a", "cmd": "ping"}'], [b"{}", b"{}"]]
+    started = time.monotonic()
+    with serving(ipc_server) as received:
+        answers = flood(peer, bad, 3000)
+    elapsed = time.monotonic() - started
+    assert len(answers) == 3000 and all("error" in answer for answer in answers)
+    assert received == []
+    lines = [r for r in caplog.records if "control request refused" in r.getMessage()]
+    assert 1 <= len(lines) <= elapsed / BAD_REQUEST_LOG_INTERVAL + 2, (len(lines), elapsed)
+
+
+def test_a_bug_in_reading_a_request_is_an_error_reply_and_its_traceback_is_throttled_too(
+    ipc_server: ControlServer,
+    peer: zmq.Socket[bytes],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a peer sends wrong is refused by name; an exception other than that is a bug of
+    ours. Its traceback goes to the log, not one per request."""
+
+    def buggy(*args: object) -> Request:
+        raise KeyError("a\nb")
+
+    monkeypatch.setattr(control_module, "_parse_request", buggy)
+    caplog.set_level(logging.DEBUG, logger="supervisor.control")
+    started = time.monotonic()
+    with serving(ipc_server):
+        answers = flood(peer, [[b'{"v": 1, "id": "a", "cmd": "ping"}']], 1000)
+    elapsed = time.monotonic() - started
+    assert {answer["error"] for answer in answers} == {"bad request: KeyError: 'a\\nb'"}
+    lines = [r for r in caplog.records if "not understood" in r.getMessage()]
+    assert 1 <= len(lines) <= elapsed / BAD_REQUEST_LOG_INTERVAL + 2, (len(lines), elapsed)
+    assert lines[0].levelno == logging.ERROR and lines[0].exc_info is not None
+
+
+class Clock:
+    """A clock that moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttle_on(caplog: pytest.LogCaptureFixture) -> tuple[LogThrottle, Clock]:
+    """A LogThrottle of 1 s on a Clock, logging to "tests.throttle" (captured)."""
+    caplog.set_level(logging.INFO, logger="tests.throttle")
+    clock = Clock()
+    return LogThrottle(logging.getLogger("tests.throttle"), 1.0, clock), clock
+
+
+def throttle_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tests.throttle"]
+
+
+def test_log_throttle_logs_the_first_line_then_the_last_of_each_interval_with_its_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttle, clock = throttle_on(caplog)
+    for peer in range(1000):
+        throttle.log(logging.WARNING, "refused peer=%s", peer)
+    clock.now += 0.5
+    throttle.log(logging.WARNING, "refused peer=%s", "last")
+    assert throttle_lines(caplog) == ["refused peer=0"]
+    clock.now += 0.5
+    throttle.flush()
+    summary = "refused peer=last (the last of 1000 such lines in 1 s; the others were not logged)"
+    assert throttle_lines(caplog) == ["refused peer=0", summary]
+    throttle.log(logging.WARNING, "refused peer=%s", "again")  # the summary's interval
+    clock.now += 1
+    throttle.flush()
+    assert throttle_lines(caplog)[2:] == ["refused peer=again"]  # one alone: as it came
+    clock.now += 1
+    throttle.flush()  # a quiet interval: the next line is a first one again
+    throttle.log(logging.WARNING, "refused peer=%s", "later")
+    assert throttle_lines(caplog)[3:] == ["refused peer=later"]
+
+
+def test_log_throttle_holds_each_kind_of_line_apart_and_keeps_the_first_ones_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttle, clock = throttle_on(caplog)
+    for _ in range(3):
+        try:
+            raise RuntimeError("bug")
+        except RuntimeError:
+            throttle.log(logging.ERROR, "not understood: %s", "bug", exc_info=True)
+        throttle.log(logging.WARNING, "refused: %s", "bad")
+    clock.now += 1
+    throttle.log(logging.WARNING, "dropped: %s", "full")  # says the counts that are due
+    records = [r for r in caplog.records if r.name == "tests.throttle"]
+    assert [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in records] == [
+        ("ERROR", "not understood: bug", True),
+        ("WARNING", "refused: bad", False),
+        ("ERROR", "not understood: bug (the last of 2 such lines in 1 s; the others were"
+         " not logged)", False),
+        ("WARNING", "refused: bad (the last of 2 such lines in 1 s; the others were not"
+         " logged)", False),
+        ("WARNING", "dropped: full", False),
+    ]  # fmt: skip
 
 
 def test_reply_that_json_cannot_hold_becomes_an_error_reply(
