@@ -284,13 +284,18 @@ class Probe:
     reason: str
 
 
-# Seconds a metrics client may take to send its request or read the answer. Each connection
-# holds a thread of the arbiter's: one that sent nothing (a hung scraper, a slowloris) held
-# it for good, and a thousand of them a thousand threads.
+# Seconds a metrics client may wait between two reads or writes of its connection. Each
+# connection holds a thread of the arbiter's: one that sent nothing (a hung scraper, a
+# slowloris) held it for good, and a thousand of them a thousand threads.
 CLIENT_TIMEOUT = 5.0
-# Scrapers at once (one thread and one file descriptor of the arbiter's each): more are
-# closed at once. And seconds a request may take whole, however it trickles in.
+# Scrapers at once (one thread and one file descriptor of the arbiter's each). When all are
+# taken, a newcomer takes the place of the client that has waited longest for its request
+# head; it is refused only when every place serves a request that came whole.
 MAX_CLIENTS = 16
+# Seconds a client may take to send its request head (request line and headers), which a
+# scraper or a load balancer's health check sends at once: a stalled one holds a place no
+# longer. And seconds a request may take whole, however it trickles in or out.
+HEAD_DEADLINE = 2.0
 REQUEST_DEADLINE = 10.0
 
 
@@ -340,43 +345,91 @@ def _cut(request: socket.socket) -> None:
         request.shutdown(socket.SHUT_RDWR)
 
 
+class _Clients:
+    """The connections served, at most MAX_CLIENTS, so that no stalled client (one that sends
+    nothing, or its head a byte at a time) keeps a health check out: each in the order it
+    came, with whether its request head is in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._head_in: dict[socket.socket, bool] = {}
+
+    def admit(self, request: socket.socket) -> bool:
+        """Give `request` a place: when none is free, the place of the one that has waited
+        longest for its head, cut. False when every place serves a request that came whole."""
+        with self._lock:
+            if len(self._head_in) >= MAX_CLIENTS:
+                stalled = next((sock for sock, head in self._head_in.items() if not head), None)
+                if stalled is None:
+                    return False
+                self._drop(stalled)
+            self._head_in[request] = False
+            return True
+
+    def head_in(self, request: socket.socket) -> None:
+        with self._lock:
+            if request in self._head_in:
+                self._head_in[request] = True
+
+    def leave(self, request: socket.socket) -> None:
+        with self._lock:
+            self._head_in.pop(request, None)
+
+    def watch(self, request: socket.socket, done: threading.Event) -> None:
+        """Cut `request` if its head is not in by HEAD_DEADLINE, or it is not `done` by
+        REQUEST_DEADLINE."""
+        if done.wait(HEAD_DEADLINE):
+            return
+        with self._lock:
+            if self._head_in.get(request) is False:
+                self._drop(request)
+                return
+        if not done.wait(REQUEST_DEADLINE - HEAD_DEADLINE):
+            _cut(request)
+
+    def _drop(self, request: socket.socket) -> None:
+        del self._head_in[request]  # its place is free now: its thread ends without one
+        _cut(request)
+
+
 def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHTTPServer:
     """A bound HTTP server answering GET /metrics, /healthz and /readyz."""
     import socketserver
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    # Clients that connect and never send, or send a byte at a time, held a thread and a
+    # descriptor each until the arbiter's ran out (libzmq then aborts the process).
+    clients = _Clients()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        # Clients that connect and never send, or send a byte at a time, held a thread and a
-        # descriptor each until the arbiter's ran out (libzmq then aborts the process).
-        slots = threading.BoundedSemaphore(MAX_CLIENTS)
         request_queue_size = 64  # socketserver's 5 drops connections that come together
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self.slots.acquire(blocking=False):
+            if not clients.admit(request):
                 self.shutdown_request(request)
                 return
             try:
                 super().process_request(request, client_address)
             except BaseException:
-                self.slots.release()
+                clients.leave(request)
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
-            cut = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
-            cut.daemon = True
+            done = threading.Event()
+            watcher = threading.Thread(target=clients.watch, args=(request, done), daemon=True)
             try:
-                cut.start()
+                watcher.start()
             except RuntimeError:  # no thread to be had (a limit of tasks): none, then
                 self.shutdown_request(request)
-                self.slots.release()
+                clients.leave(request)
                 return
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                cut.cancel()
-                self.slots.release()
+                done.set()
+                clients.leave(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             # socketserver prints a traceback on stderr, past fleetd's log format. A client
@@ -396,6 +449,7 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
         timeout = CLIENT_TIMEOUT  # a client that sends (or reads) nothing is let go
 
         def do_GET(self) -> None:
+            clients.head_in(self.request)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self.answer(200, CONTENT_TYPE, served.metrics.render())

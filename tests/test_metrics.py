@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import re
+import select
 import socket
 import struct
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from supervisor import metrics as metrics_module
 from supervisor.metrics import (
     FAMILIES,
+    HEAD_DEADLINE,
+    MAX_CLIENTS,
     MAX_TASK_NAME_LENGTH,
     MAX_TASK_NAMES,
+    REQUEST_DEADLINE,
     Metrics,
     MetricsServer,
 )
+from tests.fleet import Fleet, free_port, wait_for
 
 SAMPLE = re.compile(r'[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} (-?[0-9.e+-]+|\+Inf|-Inf|NaN)')
 
@@ -275,24 +282,36 @@ def test_a_client_that_sends_nothing_is_let_go_and_the_server_answers_on(
         server.close()
 
 
+def big_metrics() -> Metrics:
+    """Metrics whose answer is more than the sockets' buffers hold."""
+    metrics = Metrics()
+    metrics.set("fleetd_queue_depth", {"queue": "q" * 2**24}, 1)
+    return metrics
+
+
+def blocked_reader(port: int, request: bytes) -> socket.socket:
+    """A client that sent `request` and read the first byte of a big answer, and no more:
+    the server is writing the rest, blocked on full buffers."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port))
+    client.sendall(request)
+    client.settimeout(10)
+    assert client.recv(1) == b"H"
+    return client
+
+
 def test_a_client_gone_before_its_answer_is_one_debug_line_and_the_server_answers_on(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A scraper that hangs up while its answer is written made socketserver print a
     BrokenPipeError or ConnectionResetError traceback on the arbiter's stderr, past fleetd's
     one-line log format. The client is gone, nothing failed: one debug line says so."""
-    metrics = Metrics()
-    metrics.set("fleetd_queue_depth", {"queue": "q" * 2**24}, 1)  # more than the buffers hold
-    server = MetricsServer("127.0.0.1:0", metrics)
+    server = MetricsServer("127.0.0.1:0", big_metrics())
     server.start()
     caplog.set_level(logging.DEBUG, logger="supervisor.metrics")
     try:
-        with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.connect(("127.0.0.1", server.port))
-            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            client.settimeout(10)
-            assert client.recv(1) == b"H"  # the server is writing, blocked on full buffers
+        with blocked_reader(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # closed with a reset: the server's next write fails
         stderr = ""
@@ -308,6 +327,113 @@ def test_a_client_gone_before_its_answer_is_one_debug_line_and_the_server_answer
             assert len(reply.read()) > 2**24
     finally:
         server.close()
+
+
+def healthz(port: int) -> tuple[int, float]:
+    """GET /healthz: its status, and the seconds it took."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            status = reply.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    return status, time.monotonic() - started
+
+
+def test_when_silent_clients_hold_every_place_the_one_that_waited_longest_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAX_CLIENTS clients that connect and send nothing held every place, and a health check
+    was closed unanswered until their deadline: the host was pulled from its load balancer.
+    (The deadlines are made long here: only making room can answer in time.)"""
+    monkeypatch.setattr(metrics_module, "HEAD_DEADLINE", 30.0)
+    monkeypatch.setattr(metrics_module, "CLIENT_TIMEOUT", 30.0)
+    server = MetricsServer("127.0.0.1:0", Metrics())
+    server.start()
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CLIENTS)]
+    try:
+        status, seconds = healthz(server.port)
+        assert status == 503 and seconds < 1  # 503: no arbiter has said the host is well
+        silent[0].settimeout(5)
+        assert silent[0].recv(1) == b""  # closed by the server
+        assert select.select(silent[1:], [], [], 0)[0] == []  # the others are served on
+    finally:
+        for sock in silent:
+            sock.close()
+        server.close()
+
+
+def test_a_client_that_sends_its_request_head_a_byte_at_a_time_is_cut_at_the_head_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "HEAD_DEADLINE", 0.5)
+    monkeypatch.setattr(metrics_module, "CLIENT_TIMEOUT", 30.0)  # each byte comes in time
+    server = MetricsServer("127.0.0.1:0", Metrics())
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.settimeout(0.05)
+            started = time.monotonic()
+
+            def cut() -> bool:
+                try:
+                    client.send(b"G")
+                    return client.recv(1) == b""
+                except TimeoutError:
+                    return False
+                except OSError:  # reset
+                    return True
+
+            wait_for(cut, 10, 0, "the server to cut the trickling client")
+            assert 0.5 <= time.monotonic() - started < 5
+        assert healthz(server.port)[0] == 503  # and the server answers on
+    finally:
+        server.close()
+
+
+def test_a_newcomer_is_refused_only_when_every_place_serves_a_request_that_came_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client whose request came whole is being answered: no newcomer cuts it short."""
+    monkeypatch.setattr(metrics_module, "MAX_CLIENTS", 1)
+    monkeypatch.setattr(metrics_module, "CLIENT_TIMEOUT", 30.0)
+    server = MetricsServer("127.0.0.1:0", big_metrics())
+    server.start()
+    try:
+        with blocked_reader(server.port, b"GET /metrics HTTP/1.0\r\n\r\n") as reader:
+            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+                healthz(server.port)
+            answer = b"H"
+            while chunk := reader.recv(2**20):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK") and len(answer) > 2**24
+    finally:
+        server.close()
+
+
+def test_max_clients_silent_or_trickling_connections_keep_no_health_check_of_a_fleet_out(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Against a real fleetd: with every place of its metrics server held by clients that send
+    nothing or half a request, /healthz answers at once, well within HEAD_DEADLINE, every
+    time they take every place again."""
+    port = free_port()
+    make_fleet(extra=f'\n[metrics]\nbind = "127.0.0.1:{port}"\n').start()
+    wait_for(lambda: healthz(port)[0] == 200, 10, message="/healthz 200")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            for i in range(MAX_CLIENTS):
+                client = socket.create_connection(("127.0.0.1", port), timeout=5)
+                held.append(client)
+                if i % 2:
+                    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x")  # never ends
+            status, seconds = healthz(port)
+            assert status == 200 and seconds < HEAD_DEADLINE / 2 < REQUEST_DEADLINE, seconds
+    finally:
+        for client in held:
+            with contextlib.suppress(OSError):
+                client.close()
 
 
 def gone(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
