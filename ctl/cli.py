@@ -380,6 +380,8 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_result(args: argparse.Namespace, console: Console) -> int:
+    if not args.id:
+        raise UsageError("a task id must be a non-empty string, not ''")
     return show_result(make_client(args), args.id, args.wait, args.json, console)
 
 
@@ -388,10 +390,7 @@ def show_result(
 ) -> int:
     from worker import TaskFailed, TaskRevoked
 
-    try:
-        handle = client.handle(task_id)
-    except TypeError as exc:  # an empty id
-        raise UsageError(str(exc)) from None
+    handle = client.handle(task_id)
     code = EXIT_OK
     if wait is not None:
         try:
@@ -401,7 +400,7 @@ def show_result(
     info = client.find(task_id)
     if info is None:
         print(
-            f"fleetctl: no task {task_id}: the broker never saw it (or its record expired)",
+            f"fleetctl: no task {task_id:.80}: the broker never saw it (or its record expired)",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -522,7 +521,7 @@ def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise UsageError(f"{text!r}: give arguments as KEY=VALUE")
+        raise UsageError(f"{text!r:.80}: give arguments as KEY=VALUE")
     return key, parse_value(value)
 
 

@@ -201,7 +201,7 @@ SECTIONS = {
 
 def _check(path: str, key: str, kind: str, value: Any) -> Any:
     def bad(expected: str) -> ConfigError:
-        return ConfigError(path, key, f"must be {expected}, got {value!r}")
+        return ConfigError(path, key, f"must be {expected}, got {value!r:.80}")
 
     is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
     refuse_nul(path, key, value)
@@ -255,7 +255,7 @@ def _check(path: str, key: str, kind: str, value: Any) -> Any:
         try:
             return list(parse_bounds(value)) if value.strip() else []
         except ValueError as exc:
-            raise ConfigError(path, key, f"{exc}, got {value!r}") from None
+            raise ConfigError(path, key, f"{exc}, got {value!r:.80}") from None
     elif kind == "size":
         try:
             size = parse_size(value)
@@ -282,7 +282,7 @@ def refuse_nul(path: str, key: str, value: Any) -> None:
     """ConfigError if a NUL character is in `value`: no path, URL or name holds one (open()
     and the like raise on it)."""
     if holds_nul(value):
-        raise ConfigError(path, key, f"must not hold a NUL character (\\0), got {value!r}")
+        raise ConfigError(path, key, f"must not hold a NUL character (\\0), got {value!r:.80}")
 
 
 def holds_nul(value: Any) -> bool:
@@ -303,7 +303,7 @@ def _section(
         raise ConfigError(path, name, "must be a table")
     for key in data:
         if key not in keys:
-            raise ConfigError(path, f"{name}.{key}", f"unknown key (known: {', '.join(keys)})")
+            raise ConfigError(path, f"{name}.{key:.80}", f"unknown key (known: {', '.join(keys)})")
     out: dict[str, Any] = {}
     for key, (kind, default) in keys.items():
         if key in data:
@@ -382,7 +382,7 @@ def parse_schedules(path: str, entries: Any) -> list[Schedule]:
             raise ConfigError(path, f"schedule[{index}].{exc.key}", str(exc)) from None
         if any(s.name == schedule.name for s in schedules):
             raise ConfigError(
-                path, f"schedule[{index}].name", f"duplicate schedule name {schedule.name!r}"
+                path, f"schedule[{index}].name", f"duplicate schedule name {schedule.name!r:.80}"
             )
         schedules.append(schedule)
     return schedules
@@ -438,21 +438,25 @@ def from_dict(
     folder = os.path.dirname(os.path.abspath(path))
     for key in raw:
         if key not in SECTIONS:
-            raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
+            raise ConfigError(
+                path, f"{key:.80}", f"unknown section (known: {', '.join(sorted(SECTIONS))})"
+            )
     fleet = _section(path, "fleet", raw.get("fleet", {}), FLEET_KEYS, {})
     host = node if node is not None else fleet["node"] or socket.gethostname().split(".")[0]
     if not NAME_RE.match(host):  # --node, or the host's name: as fleet.node is checked
         raise ConfigError(
             path,
             "--node" if node else "fleet.node",
-            f"must be a name of letters, digits, '.', '_' or '-', got {host!r}",
+            f"must be a name of letters, digits, '.', '_' or '-', got {host!r:.80}",
         )
     state_dir = _resolve(folder, fleet["state_dir"])
     pythonpath = [_resolve(folder, p) for p in fleet["pythonpath"]]
     broker = resolve_broker_url(folder, fleet["broker"])
     if not broker.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
         raise ConfigError(
-            path, "fleet.broker", f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r}"
+            path,
+            "fleet.broker",
+            f"must be sqlite:///FILE or redis://HOST:PORT/DB, got {broker!r:.80}",
         )
     problem = url_problem(broker)
     if problem:
@@ -461,7 +465,9 @@ def from_dict(
         for module in fleet["imports"]:
             if not module_exists(module, pythonpath):
                 raise ConfigError(
-                    path, "fleet.imports", f"module {module!r} not found on pythonpath {pythonpath}"
+                    path,
+                    "fleet.imports",
+                    f"module {module!r:.80} not found on pythonpath {pythonpath}",
                 )
 
     control_raw = _section(path, "control", raw.get("control", {}), CONTROL_KEYS, {})
@@ -471,14 +477,14 @@ def from_dict(
     resolved = [_resolve_endpoint(folder, b) for b in bind]
     for written, endpoint in zip(bind, resolved, strict=True):
         if endpoint.startswith("ipc://") and (wrong := ipc_path_problem(endpoint[len("ipc://") :])):
-            raise ConfigError(path, "control.bind", f"endpoint {written!r} {wrong}")
+            raise ConfigError(path, "control.bind", f"endpoint {written!r:.80} {wrong}")
     bind = resolved
     named = control_raw["endpoints"] if isinstance(control_raw["endpoints"], dict) else {}
     endpoints = list(named.values()) if named else list(control_raw["endpoints"])
     keyed = [("control.bind", b) for b in bind] + [("control.endpoints", e) for e in endpoints]
     for key, endpoint in keyed:
         if not endpoint.startswith(("ipc://", "tcp://")):
-            raise ConfigError(path, key, f"endpoint {endpoint!r} must be ipc:// or tcp://")
+            raise ConfigError(path, key, f"endpoint {endpoint!r:.80} must be ipc:// or tcp://")
     key_file = control_raw["curve_secret_key"] and _resolve(folder, control_raw["curve_secret_key"])
     auth_dir = control_raw["authorized_keys"] and _resolve(folder, control_raw["authorized_keys"])
     if any(b.startswith("tcp://") for b in bind) and not (key_file and auth_dir):
@@ -503,7 +509,7 @@ def from_dict(
         try:
             parse_rate(rate)
         except ValueError as exc:
-            raise ConfigError(path, f"rate_limits.{task_name}", str(exc)) from None
+            raise ConfigError(path, f"rate_limits.{task_name:.80}", str(exc)) from None
 
     metrics = _section(path, "metrics", raw.get("metrics", {}), METRICS_KEYS, {})
     dashboard = _section(path, "dashboard", raw.get("dashboard", {}), DASHBOARD_KEYS, {})
@@ -522,7 +528,7 @@ def from_dict(
         where = f"worker[{index}]"
         data = _section(path, where, entry, WORKER_KEYS, defaults)
         if data["name"] in seen:
-            raise ConfigError(path, f"{where}.name", f"duplicate worker name {data['name']!r}")
+            raise ConfigError(path, f"{where}.name", f"duplicate worker name {data['name']!r:.80}")
         seen.add(data["name"])
         if data["queues"] is None:
             data["queues"] = ["default"]  # where @task puts tasks unless told otherwise
@@ -537,7 +543,7 @@ def from_dict(
         elif data["concurrency"] > MAX_POOL:  # as `pool grow` and autoscale's MAX: a typo
             key = f"{where}.concurrency" if "concurrency" in entry else "defaults.concurrency"
             raise ConfigError(
-                path, key, f"must be <= {MAX_POOL} children, got {data['concurrency']}"
+                path, key, f"must be <= {MAX_POOL} children, got {data['concurrency']!r:.80}"
             )
         workers.append(
             WorkerSpec(

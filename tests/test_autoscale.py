@@ -54,6 +54,18 @@ def test_bounds_parse_and_a_bad_one_says_what_is_wrong() -> None:
             parse_bounds(text)
 
 
+@pytest.mark.parametrize("text", ["١,٢", "１,２", "1,²"])
+def test_bounds_are_ascii_digits_only(text: str) -> None:
+    """str.isdigit() took Arabic-Indic and full-width digits, and "²", which int() refuses."""
+    with pytest.raises(ValueError, match="MIN,MAX"):
+        parse_bounds(text)
+
+
+def test_bounds_of_more_digits_than_int_reads_are_out_of_range() -> None:
+    with pytest.raises(ValueError, match="1 <= MIN <= MAX"):
+        parse_bounds("1," + "9" * 5000)
+
+
 def test_pool_moves_stop_at_the_bounds_and_say_so() -> None:
     assert moved(3, 2, 2, 8) == (5, None)
     assert moved(7, 5, 2, 8) == (8, "at the pool's max (8)")

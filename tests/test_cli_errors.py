@@ -446,3 +446,72 @@ def test_the_arbiters_command_line_brings_no_shutil_into_its_process() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout, out.stderr) == (0, "[]\n", "")
+
+
+def test_fleetctl_result_of_an_empty_id_is_refused_before_the_broker_is_opened(
+    tmp_path: Path,
+) -> None:
+    """It opened the broker first: it made the SQLite file, and a broker that could not be
+    opened turned the usage error into "broker unavailable", exit 1."""
+    sqlite = tmp_path / "queue.db"
+    blocked = f"sqlite:///{in_the_way(tmp_path)}/queue.db"
+    for broker in (f"sqlite:///{sqlite}", blocked):
+        out = fleetctl_on(broker, "result", "")
+        assert (out.returncode, out.stdout) == (2, "")
+        assert out.stderr == "fleetctl: a task id must be a non-empty string, not ''\n"
+    assert not sqlite.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "ping", "x" * 5000],
+        ["result", "x" * 5000],
+        ["pool", "grow", "9" * 5000],
+        ["--timeout", "9" * 5000, "ping"],
+    ],
+)
+def test_fleetctl_quotes_an_oversized_argument_short_in_its_error(
+    make_fleet: Callable[..., Fleet], argv: list[str]
+) -> None:
+    """The error line held all 5,000 characters of the argument."""
+    out = make_fleet().ctl(*argv, check=False)
+    assert out.returncode in (1, 2) and out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert line.startswith("fleetctl") and len(line) < 200
+
+
+@pytest.mark.parametrize(
+    ("task", "rate", "error"),
+    [
+        ("\udcff", "1/s", "task must be UTF-8 text, not '\\udcff'"),  # the byte 0xff
+        ("tasks.add", "١/s", "rate '١/s' is not N, N/s, N/m or N/h"),
+        ("tasks.add", "１０/m", "rate '１０/m' is not N, N/s, N/m or N/h"),
+        ("tasks.add", "0." + "0" * 400 + "1/s", "is too small"),
+    ],
+)
+def test_fleetctl_rate_limit_refuses_what_no_node_would_keep_in_one_line(
+    make_fleet: Callable[..., Fleet], task: str, rate: str, error: str
+) -> None:
+    """A name no broker can store was set on every node, as revoke refuses it; digits of
+    other scripts were read as numbers, and a rate too small for a float cleared the limit."""
+    out = make_fleet().ctl("rate-limit", task, rate, check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith("fleetctl: rate_limit: ") and error in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["pool", "grow", "١"], "argument N: not an integer: ١"),
+        (["--timeout", "５", "ping"], "argument --timeout: not a number: ５"),
+    ],
+)
+def test_fleetctl_reads_only_ascii_digits_as_numbers(
+    make_fleet: Callable[..., Fleet], argv: list[str], error: str
+) -> None:
+    """int() and float() read the digits of every script: `pool grow ١` grew the pool by 1."""
+    out = make_fleet().ctl(*argv, check=False)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.rstrip("\n").endswith(error) and out.stderr.count("\n") == 1

@@ -97,6 +97,12 @@ BAD = [
         "with its unit",
     ),
     (GOOD + '\n[rate_limits]\n"tasks.x" = "fast"\n', "rate_limits.tasks.x", "not N"),
+    (GOOD + '\n[rate_limits]\n"tasks.x" = "١/s"\n', "rate_limits.tasks.x", "rate '١/s'"),
+    (
+        GOOD + f'\n[rate_limits]\n"tasks.x" = "0.{"0" * 400}1/s"\n',
+        "rate_limits.tasks.x",
+        "too small",
+    ),
     (GOOD.replace('node = "h1"', 'node = "h1"\nbroker = "amqp://x"'), "fleet.broker", "sqlite"),
     # What redis-py took silently (database 0 for "notadb") or failed on at the first call.
     *(
@@ -175,6 +181,12 @@ BAD = [
     ),
     (GOOD + f'\n[metrics]\nbind = "127.0.0.1:{"9" * 5000}"\n', "metrics.bind", "host:port"),
     (GOOD + f'\n[dashboard]\nbind = "127.0.0.1:{"9" * 5000}"\n', "dashboard.bind", "host:port"),
+    # Digits of other scripts: str.isdigit() took "١,٢" for 1,2
+    (
+        GOOD.replace("concurrency = 3", 'concurrency = 3\nautoscale = "١,٢"'),
+        "defaults.autoscale",
+        "got '١,٢'",
+    ),
     # A lease Redis cannot take (PX 0, or past its clock): check passed, and every worker
     # with a [[schedule]] died at its first claim of the lead, until FATAL.
     *(
@@ -226,6 +238,39 @@ def test_bad_config_names_file_key_and_problem(
     assert problem in err.value.problem
     message = str(err.value)
     assert message.startswith(f"{path}: {key}: ") and "\n" not in message
+
+
+LONG = "x" * 5000
+OVERSIZED = [
+    (GOOD + f'\n[metrics]\nbind = "127.0.0.1:{"9" * 5000}"\n', "metrics.bind"),
+    (GOOD.replace('node = "h1"', f'node = "{LONG}!"'), "fleet.node"),
+    (GOOD.replace('node = "h1"', f'node = "h1"\nbroker = "{LONG}"'), "fleet.broker"),
+    (GOOD.replace('name = "b"', f'name = "{LONG}!"'), "worker[1].name"),
+    (GOOD.replace('name = "b"', f'name = "{LONG}"\n[[worker]]\nname = "{LONG}"'), "worker[2].name"),
+    (
+        GOOD.replace("concurrency = 3", f'concurrency = 3\nautoscale = "1,{"9" * 5000}"'),
+        "defaults.autoscale",
+    ),
+    (GOOD + f'\n[control]\nendpoints = ["{LONG}"]\n', "control.endpoints"),
+    (GOOD.replace("[defaults]", f"[defaults]\n{LONG} = 1"), "defaults.x"),
+    (GOOD + f"\n[{LONG}]\n", "x"),
+    (
+        GOOD.replace("time_limit = 60", f'time_limit = 60\nmax_memory_per_child = "{"9" * 5000}G"'),
+        "defaults.max_memory_per_child",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), OVERSIZED)
+def test_an_oversized_value_is_quoted_short_in_its_error(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """The error quoted all 5,000 characters of the value: a screenful for one line."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert err.value.key.startswith(key)
+    assert len(str(err.value)) < len(f"{path}: ") + 400
 
 
 @pytest.mark.parametrize("command", ["check", "start"])
@@ -311,6 +356,31 @@ def test_parse_rate(text: str, per_second: float) -> None:
 def test_parse_rate_refuses_nonsense(text: str) -> None:
     with pytest.raises(ValueError):
         parse_rate(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("١/s", "not N"),  # Arabic-Indic and full-width digits: float() reads them
+        ("１/s", "not N"),
+        ("0." + "0" * 400 + "1/s", "too small"),  # 0 to a float: the limit was cleared
+        ("1e-400/s", "not N"),
+        ("inf", "not N"),
+        ("nan/s", "not N"),
+        ("9" * 400 + "/s", "too large"),
+    ],
+)
+def test_parse_rate_refuses_what_is_no_rate_or_would_clear_the_limit(
+    text: str, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem) as err:
+        parse_rate(text)
+    assert len(str(err.value)) < 120
+
+
+@pytest.mark.parametrize("text", ["0", "0/s", "0.0", "0.000/m"])
+def test_parse_rate_takes_any_written_zero_as_no_limit(text: str) -> None:
+    assert parse_rate(text) == 0
 
 
 @pytest.mark.parametrize(

@@ -36,3 +36,10 @@ def test_limits_by_name_and_zero_clears() -> None:
 def test_bad_rate_is_refused() -> None:
     with pytest.raises(ValueError):
         RateLimits().set("tasks.a", "lots")
+
+
+def test_a_rate_too_small_for_a_float_is_refused_not_taken_for_0() -> None:
+    limits = RateLimits({"tasks.a": "1/s"})
+    with pytest.raises(ValueError, match="too small"):
+        limits.set("tasks.a", "0." + "0" * 400 + "1/s")
+    assert limits.rates == {"tasks.a": "1/s"}

@@ -56,23 +56,25 @@ class Parser(argparse.ArgumentParser):
 
 def finite(text: str) -> float:
     try:
+        if not text.isascii():  # float() reads the digits of every script ("١")
+            raise ValueError(text)
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text:.80}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text:.80}")
     return value
 
 
 def positive(text: str) -> float:
     value = finite(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text:.80}")
     return value
 
 
 def non_negative(text: str) -> float:
     value = finite(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text:.80}")
     return value

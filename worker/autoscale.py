@@ -43,13 +43,14 @@ def decide(
 
 def parse_bounds(text: str) -> tuple[int, int]:
     """`"2,8"` -> (2, 8); ValueError saying what is wrong unless 1 <= MIN <= MAX <= MAX_POOL."""
-    parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    parts = [p.strip() for p in text.split(",")]
+    # isascii() too: isdigit() takes the digits of other scripts ("١") and "²".
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
         raise ValueError('must be "MIN,MAX", two whole numbers such as "2,8"')
-    low, high = (int(p) for p in parts)
+    low, high = (float(p) for p in parts)  # float(): no digit limit, where int() raises
     if not 1 <= low <= high <= MAX_POOL:
         raise ValueError(f"must have 1 <= MIN <= MAX <= {MAX_POOL}")
-    return low, high
+    return int(low), int(high)
 
 
 def moved(current: int, step: int, low: int, high: int) -> tuple[int, str | None]:

@@ -131,6 +131,8 @@ def limit_source(worker: Worker, name: str, kind: str) -> str:
 def rate_problem(args: dict[str, Any]) -> str | None:
     if not args["task"]:  # kept across restarts, for a name no task has
         return "task must be a task name, not ''"
+    if not utf8_text(args["task"]):  # a byte that was no UTF-8 on a command line
+        return f"task must be UTF-8 text, not {args['task']!r:.80}"
     try:
         parse_rate(str(args["rate"]))
     except ValueError as exc:

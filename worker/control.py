@@ -58,9 +58,11 @@ class Arg:
         if str in self.types or list in self.types:
             return word
         try:
+            if not word.isascii():  # int() and float() read the digits of every script ("١")
+                raise ValueError(word)
             value = float(word) if float in self.types else int(word)
         except ValueError:
-            raise ValueError(f"not {_type_names(self.types)}: {word}") from None
+            raise ValueError(f"not {_type_names(self.types)}: {word:.80}") from None
         problem = self.problem(value)
         if problem:
             raise ValueError(problem)

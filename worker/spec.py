@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Patterns, not compiled ones: `re` compiles each on first use, which fleetctl never makes.
-RATE_RE = r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$"
-SIZE_RE = r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:[iI]?[bB])?\s*$"
+# [0-9], not \d: \d takes the digits of every script ("١/s"), which float() reads as well.
+RATE_RE = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*([smh]))?\s*$"
+SIZE_RE = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)(?:[iI]?[bB])?\s*$"
 SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -58,24 +59,28 @@ class WorkerSpec:
 
 
 def parse_rate(text: str) -> float:
-    """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed."""
+    """`"200/m"` -> tasks per second (3.33...); `"0"` -> 0 (no limit). ValueError if malformed,
+    or above 0 as written but too small for a float (it would clear the limit)."""
     text = str(text)
     shown = text if len(text) <= 40 else f"{text[:40]}..."
     match = re.match(RATE_RE, text)
     if not match:
         raise ValueError(f"rate {shown!r} is not N, N/s, N/m or N/h")
-    number = float(match.group(1))
-    if not math.isfinite(number):  # digits past what a float holds
+    number, unit = match.groups()
+    per_second = float(number) / {"s": 1, "m": 60, "h": 3600}[unit or "s"]
+    if not math.isfinite(per_second):  # digits past what a float holds
         raise ValueError(f"rate {shown!r} is too large")
-    return number / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    if per_second == 0 and number.strip("0."):
+        raise ValueError(f"rate {shown!r} is too small: it reads as 0, which means no limit")
+    return per_second
 
 
 def parse_size(text: str) -> int:
     """`"512MB"` -> bytes; `"0"` -> 0."""
     match = re.match(SIZE_RE, str(text))
     if not match:
-        raise ValueError(f"size {text!r} is not like 512MB, 2GB or 0")
+        raise ValueError(f"size {text!r:.80} is not like 512MB, 2GB or 0")
     size = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
     if not math.isfinite(size):  # digits past what a float holds
-        raise ValueError(f"size {text!r} is too large")
+        raise ValueError(f"size {text!r:.80} is too large")
     return int(size)
