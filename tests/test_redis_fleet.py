@@ -186,6 +186,53 @@ def test_a_hung_redis_holds_a_worker_seconds_at_a_time_and_loses_nothing(
         server.kill()
 
 
+# README: "A worker told to stop during an outage waits up to 10 s for Redis before it exits".
+STOP_BOUND = 10.0
+STOP_MARGIN = 2.0  # the worker's last words to the arbiter, the arbiter's exit, a busy machine
+
+
+def test_a_stop_while_redis_hangs_ends_within_its_bound_after_the_tasks_and_loses_nothing(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """Redis stopped (SIGSTOP) while tasks run, then fleetd told to stop (TERM) as the tasks
+    end: fleetd exits at most STOP_BOUND after they ended. It took some 18 s: each ack the
+    worker sent waited out two 3 s timeouts (the first while the TERM and the tasks' ends
+    waited to be read), and its last try began just before its own 10 s, counted from then,
+    were up. What it could not ack or give back stays leased: once Redis answers, the
+    fleet started again runs every task to its end, none lost."""
+    server = start_redis(tmp_path, appendonly=False)
+    assert server.process is not None
+    try:
+        fleet = make_fleet(fleet={"broker": server.url, "lease": 3}).start()
+        gate, marker, journal = tmp_path / "gate", tmp_path / "holders", tmp_path / "journal"
+        held = fleet.client.submit_many([("tasks.hold", (str(gate), str(marker)), {})] * 2)
+        queued = fleet.client.submit_many([("tasks.journal", (str(journal),), {})] * 10)
+        ids = [h.id for h in held + queued]
+        wait_for(
+            lambda: marker.exists() and len(marker.read_text().splitlines()) == 2,
+            10,
+            message="both holders to start",
+        )
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            fleet.signal(signal.SIGTERM)
+            gate.touch()  # the tasks end now (the holders look every 10 ms)
+            ended = time.monotonic()
+            assert fleet.wait_exit(STOP_BOUND + 20) == 0
+            stopped_in = time.monotonic() - ended
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert stopped_in < STOP_BOUND + STOP_MARGIN, fleet.log()
+        assert "broker unreachable" in fleet.log()
+        fleet.start()  # what was left leased comes back once its lease has run out
+        infos = fleet.wait_all_final(ids, timeout=30)
+        assert collections.Counter(i["state"] for i in infos) == {"SUCCESS": 12}
+        runs = executions(journal)
+        assert set(runs) == {h.id for h in queued} and max(runs.values()) <= 2
+    finally:
+        server.kill()
+
+
 def test_a_turn_cut_off_by_a_hung_redis_that_ran_once_it_woke_hands_its_tasks_over(
     make_fleet: Callable[..., Fleet], tmp_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ class BrokerLink:
     reserve_again: bool
     revokes_unread: bool
     revokes_read_from: float
+    broker_deadline: float | None
 
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
@@ -293,6 +294,13 @@ class BrokerLink:
                     extra={"node": self.node},
                 )
                 self.send({"type": "recovered", "owner": owner})  # the arbiter may forget it
+
+    def give_up_on_broker_at(self: Worker, deadline: float) -> None:
+        """A stopping worker's tasks have ended: from now on no broker call holds it past
+        `deadline`. What it could not ack or give back by then stays leased to it, and its
+        lease gives it back (at-least-once)."""
+        self.broker_deadline = deadline
+        self.broker.give_up_at(deadline)
 
     def broker_available(self: Worker) -> bool:
         """False while backing off from an unreachable broker."""

@@ -56,7 +56,9 @@ log = logging.getLogger("fleetd.worker")
 EXIT_OK = 0
 EXIT_IMPORT_ERROR = 4
 KILL_READ_WAIT = 0.5  # seconds a cold stop waits for the rest of a reply a child is writing
-SHUTDOWN_FLUSH_WAIT = 10.0  # seconds an exiting worker keeps trying to ack what finished
+# Seconds a stopping worker waits for an unreachable broker once its tasks have ended, to
+# ack them and give back what it held (README: "waits up to 10 s for Redis").
+SHUTDOWN_FLUSH_WAIT = 10.0
 # What the worker takes in through its loop (DESIGN section 2; the stray ones are logged).
 HANDLED_SIGNALS = (
     signal.SIGTERM,
@@ -106,6 +108,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.shutdown: str | None = None  # None, "warm" or "cold"
         self.ready = False  # told the arbiter so; before, a failure is a boot error
         self.shutdown_deadline: float | None = None
+        self.broker_deadline: float | None = None  # see BrokerLink.give_up_on_broker_at
+        # When the last poll returned, and the one before it: what a turn takes in happened
+        # after `news_since`, however long a broker call held the loop in between.
+        self.polled_at: float = time.monotonic()
+        self.news_since: float = self.polled_at
         self.events_enabled: bool = os.environ.get("FLEETD_EVENTS") == "1"  # the arbiter remembers
         self.events: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {
@@ -217,7 +224,9 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
     def step(self, timeout: float) -> None:
         """One turn of the loop: wait, take in what happened, act on it, flush."""
         self.wakeup.arm()
-        for fd, events in self.poller.poll(timeout * 1000):
+        ready = self.poller.poll(timeout * 1000)
+        self.news_since, self.polled_at = self.polled_at, time.monotonic()
+        for fd, events in ready:
             if fd == self.signal_fd:
                 self.handle_signals()
             elif fd == self.quit_fd:
@@ -328,14 +337,19 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         )
 
     def close(self) -> None:
-        give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
+        give_up = self.broker_deadline
+        if give_up is None:  # no turn found it idle (continue_shutdown)
+            give_up = time.monotonic() + SHUTDOWN_FLUSH_WAIT
+            self.give_up_on_broker_at(give_up)
         self.flush()
-        while self.unflushed() and time.monotonic() < give_up:
+        while self.unflushed():
+            now = time.monotonic()
+            if max(now, self.broker_retry_at) >= give_up:
+                break  # the next try would come too late
             # Still here, waiting for the broker (a write lock someone holds): the arbiter
             # must not take us for hung and kill us, and what we would ack run again.
-            self.report(time.monotonic())
-            pause = min(self.broker_retry_at, give_up, time.monotonic() + STATS_EVERY)
-            time.sleep(max(0.0, pause - time.monotonic()))
+            self.report(now)
+            time.sleep(max(0.0, min(self.broker_retry_at, now + STATS_EVERY) - now))
             self.flush()
         if self.unflushed():
             log.warning(
@@ -566,6 +580,11 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         for child in self.children.values():
             if not child.handed and not child.retiring:
                 self.let_go(child)
+        if self.broker_deadline is None and not self.busy():
+            # None left: they ended (or the stop came) after `news_since` at the earliest,
+            # and the wait for the broker counts from there, a call that held the loop
+            # meanwhile included (README: "waits up to 10 s for Redis").
+            self.give_up_on_broker_at(self.news_since + SHUTDOWN_FLUSH_WAIT)
 
 
 class UnregisteredSchedule(Exception):

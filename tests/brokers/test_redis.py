@@ -286,6 +286,38 @@ def test_a_call_to_a_hung_redis_gives_up_after_two_timeouts_at_most(
         broker.close()
 
 
+def test_a_call_to_a_hung_redis_gives_up_at_the_callers_deadline_whatever_its_timeouts(
+    server: RedisServer,
+) -> None:
+    """A stopping worker's calls give up at its deadline (give_up_at): not after two 3 s
+    timeouts, nor after a connect and its handshake; and none is sent once it has passed."""
+    assert server.process is not None
+    broker = RedisBroker(server.url, fail_fast=True)
+    try:
+        broker.enqueue([envelope()])  # connected
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            spent = []
+            for connected in (True, False):
+                if not connected:
+                    for link in broker._idle:
+                        link.connection.disconnect()
+                started = time.monotonic()
+                broker.give_up_at(started + 1.0)
+                with pytest.raises(broker.unavailable):
+                    broker.release([str(uuid.uuid4())], died=False, owner="w1")
+                spent.append(time.monotonic() - started)
+            started = time.monotonic()
+            with pytest.raises(broker.unavailable):  # past it: at once
+                broker.extend([str(uuid.uuid4())], "w1", 30)
+            spent.append(time.monotonic() - started)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert all(0.9 < s < 1.8 for s in spent[:2]) and spent[2] < 0.1, spent
+    finally:
+        broker.close()
+
+
 class Interrupted(Exception):
     """What a signal handler of the caller's raises (a request timeout, say)."""
 

@@ -434,12 +434,39 @@ class Link:
         # connection made again (after a disconnect) has nothing of the old one's to read.
         self.unread = bytearray()
         self.read_from: socket.socket | None = None
+        # Its own waits for a reply and for a connect, which a caller's deadline shortens.
+        self.waits = (connection.socket_timeout, connection.socket_connect_timeout)
 
-    def attempt(self, request: Callable[[Link], Any]) -> Any:
-        """`request(self)`, sent again (same token) after a lost connection or a timeout."""
+    def attempt(self, request: Callable[[Link], Any], deadline: float | None = None) -> Any:
+        """`request(self)`, sent again (same token) after a lost connection or a timeout;
+        with a `deadline` (time.monotonic()), no try waits past it, and none starts after it."""
+        if deadline is None:
+            return self.connection.retry.call_with_retry(
+                lambda: request(self), lambda _error: self.connection.disconnect()
+            )
+
+        def before(_error: Exception) -> bool:
+            return time.monotonic() < deadline
+
+        def do() -> Any:
+            self.wait_until(deadline)
+            return request(self)
+
         return self.connection.retry.call_with_retry(
-            lambda: request(self), lambda _error: self.connection.disconnect()
+            do, lambda _error: self.connection.disconnect(), before
         )
+
+    def wait_until(self, deadline: float) -> None:
+        """Cut the link's waits (a reply, a connect) to the time left before `deadline`;
+        redis.TimeoutError once it has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise redis.TimeoutError("the caller's deadline for this call has passed")
+        wait, connect_wait = (left if w is None else min(w, left) for w in self.waits)
+        connection = self.connection
+        connection.socket_timeout, connection.socket_connect_timeout = wait, connect_wait
+        if connection._sock is not None:  # connected: the wait is the socket's
+            connection._sock.settimeout(wait)
 
     def execute(self, *args: Any) -> Any:
         self.send(*args)
@@ -538,6 +565,12 @@ class RedisBroker(Broker):
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
         self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
         self._waiting: dict[str, bool] = {}  # owner -> its last reserve came back short
+        self._give_up_at: float | None = None  # see give_up_at
+
+    def give_up_at(self, deadline: float) -> None:
+        """Every call over a link (acks, releases, lease renewals) from now on: its waits and
+        its retry cut at `deadline`, past which it raises redis.TimeoutError."""
+        self._give_up_at = deadline
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -599,7 +632,7 @@ class RedisBroker(Broker):
         link.calls += 1
         idle = True
         try:
-            return link.attempt(request)
+            return link.attempt(request, self._give_up_at)
         except BaseException as exc:
             link.connection.disconnect()
             if hold and self._cut_off is None and isinstance(exc, self.unavailable):
@@ -697,7 +730,7 @@ class RedisBroker(Broker):
         rows: list[list[Any]] = []
         holders: list[list[Any]] = []
         try:
-            reply = json.loads(link.attempt(self._write("turn", empty)))
+            reply = json.loads(link.attempt(self._write("turn", empty), self._give_up_at))
             rows = (reply.get("rows") or []) if reply else []
             if rows:
                 pipe = self.redis.pipeline(transaction=False)
