@@ -22,7 +22,7 @@ import redis
 
 from ctl.cli import build_parser as fleetctl_parser
 from supervisor.cli import build_parser as fleetd_parser
-from tests.fleet import FLEETCTL, Fleet, fleetctl_on, fleetd, free_port
+from tests.fleet import FLEETCTL, FLEETD, Fleet, fleetctl_on, fleetd, free_port
 from tests.redisserver import limited_user, start_redis
 from worker import BrokerUnavailable, Client
 
@@ -515,3 +515,50 @@ def test_fleetctl_reads_only_ascii_digits_as_numbers(
     out = make_fleet().ctl(*argv, check=False)
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr.rstrip("\n").endswith(error) and out.stderr.count("\n") == 1
+
+
+LONG = "x" * 5000
+
+
+def one_short_line(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The one line a refusal wrote (it exited `code`), checked to be short."""
+    assert (out.returncode, out.stdout) == (code, ""), out.stderr[:300]
+    [line] = out.stderr.splitlines()
+    assert len(line) < 300, line[:300]
+    return line
+
+
+def test_fleetctl_revoke_quotes_an_oversized_signal_short(make_fleet: Callable[..., Fleet]) -> None:
+    """The error line held all 5,000 characters of the signal's name."""
+    out = make_fleet().ctl("revoke", "some-id", "--terminate", "--signal", LONG, check=False)
+    assert one_short_line(out).startswith("fleetctl: revoke: unknown signal 'xxxxxxxxxx")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["fleetctl", LONG], "fleetctl: error: argument command: invalid choice: 'xxxxxxxxxx"),
+        (["fleetctl", "schedule", LONG], "fleetctl schedule: error: argument action: invalid"),
+        (["fleetctl", "ping", LONG], "fleetctl: error: unrecognized arguments: xxxxxxxxxx"),
+        (["fleetctl", "ping", *["x"] * 3000], "fleetctl: error: unrecognized arguments: x x x"),
+        (
+            ["fleetctl", "ping", "a\nb\x1b[2J"],
+            "fleetctl: error: unrecognized arguments: a\\nb\\x1b",
+        ),
+        (["fleetctl", "--json=" + LONG, "ping"], "fleetctl: error: argument --json: ignored"),
+        (["fleetd", LONG], "fleetd: error: argument command: invalid choice: 'xxxxxxxxxx"),
+        (["fleetd", "check", "-c", "fleet.toml", LONG], "fleetd: error: unrecognized arguments"),
+        (
+            ["fleetd", "start", "-c", "fleet.toml", "--log-level", LONG],
+            "fleetd start: error: argument --log-level: invalid choice: 'xxxxxxxxxx",
+        ),
+    ],
+)
+def test_a_usage_error_quotes_what_it_was_given_short_and_in_one_line(
+    argv: list[str], error: str
+) -> None:
+    """argparse repeated the arguments whole: 5,000 characters, 3,000 words, or a newline
+    (two lines) and a terminal's escape sequence in "unrecognized arguments"."""
+    command = FLEETCTL if argv[0] == "fleetctl" else FLEETD
+    out = subprocess.run([command, *argv[1:]], capture_output=True, text=True, timeout=30)
+    assert one_short_line(out).startswith(error)

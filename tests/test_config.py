@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from supervisor.config import ConfigError, load, parse_rate, parse_size
-from tests.fleet import fleetd
+from tests.fleet import FLEETCTL, FLEETD, fleetd
 
 GOOD = """
 [fleet]
@@ -271,6 +272,23 @@ def test_an_oversized_value_is_quoted_short_in_its_error(
         load(str(path))
     assert err.value.key.startswith(key)
     assert len(str(err.value)) < len(f"{path}: ") + 400
+
+
+@pytest.mark.parametrize(
+    "broker", [f"redis://127.0.0.1:6379/{LONG}", f"redis://127.0.0.1:{LONG}/0"]
+)
+@pytest.mark.parametrize("argv", [[FLEETD, "check"], [FLEETD, "start"], [FLEETCTL, "queues"]])
+def test_an_oversized_broker_url_is_quoted_short_by_fleetd_and_fleetctl(
+    tmp_path: Path, broker: str, argv: list[str]
+) -> None:
+    """A Redis URL whose database or port is no number: the line held all of it."""
+    path = write(tmp_path, GOOD.replace('node = "h1"', f'node = "h1"\nbroker = "{broker}"'))
+    out = subprocess.run([*argv, "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (2, "")
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"{Path(argv[0]).name}: ") and ": fleet.broker: " in line
+    assert len(line) < 300, line[:300]
+    assert not os.path.exists(tmp_path / "state" / "fleetd.pid")
 
 
 @pytest.mark.parametrize("command", ["check", "start"])

@@ -234,6 +234,25 @@ def test_a_bind_beyond_loopback_needs_a_token_file(make_fleet) -> None:
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("bind", "error"),
+    [
+        ("x" * 5000, "give HOST:PORT"),
+        ("x" * 5000 + ":9810", "needs [dashboard] token_file"),
+        ("x" * 5000 + ":9810", "cannot listen on 'xxxxxxxxxx"),  # given a token file
+        ("a\nb:9810", "needs [dashboard] token_file"),
+    ],
+)
+def test_a_bind_it_refuses_is_quoted_short_in_one_line(make_fleet, tmp_path, bind, error) -> None:
+    """The error line held all of the --bind given, and its newline: 5,000 characters, or two
+    lines; socket's own error added the address whole once more."""
+    token = with_token(tmp_path / "host") if error.startswith("cannot listen") else ""
+    out = make_fleet(extra=token).ctl("dashboard", "--bind", bind, check=False, timeout=20)
+    assert (out.returncode, out.stdout) == (2, "")
+    [line] = out.stderr.splitlines()
+    assert line.startswith("fleetctl: ") and error in line and len(line) < 300, line[:300]
+
+
 def test_a_port_in_use_is_one_line_and_exit_2(make_fleet, start_dashboard) -> None:
     fleet = make_fleet().start()
     dashboard = start_dashboard(fleet)

@@ -19,7 +19,7 @@ from supervisor.config import ConfigError, from_dict
 from supervisor.metrics import Metrics
 from tests.brokers.conftest import BrokerFactory
 from tests.brokers.conftest import connect as connect  # the fixture: both brokers
-from tests.fleet import fleetd
+from tests.fleet import FLEETCTL, fleetd
 from tests.test_metrics import samples
 from worker.brokers.base import SUCCESS, Broker, Outcome, Turn
 from worker.brokers.redis import RedisBroker
@@ -424,11 +424,16 @@ def test_a_schedule_whose_ticks_cannot_be_computed_is_skipped_not_the_worker(
 TASKS_MODULE = "from worker import task\n\n@task\ndef nightly():\n    return 1\n"
 
 
-def fleetd_check(folder: Path, schedule: str) -> subprocess.CompletedProcess[str]:
+def schedule_config(folder: Path, schedule: str) -> Path:
+    """A config in `folder` of one worker and the `[[schedule]]` table of `schedule`."""
     (folder / "tasks.py").write_text(TASKS_MODULE)
     config = f'[fleet]\nimports = ["tasks"]\n\n[[worker]]\nname = "w"\n\n[[schedule]]\n{schedule}'
     (folder / "fleet.toml").write_text(config)
-    return fleetd("check", "-c", str(folder / "fleet.toml"))
+    return folder / "fleet.toml"
+
+
+def fleetd_check(folder: Path, schedule: str) -> subprocess.CompletedProcess[str]:
+    return fleetd("check", "-c", str(schedule_config(folder, schedule)))
 
 
 @pytest.mark.parametrize(
@@ -450,6 +455,54 @@ def test_fleetd_check_refuses_a_bad_schedule_with_exit_2(
     assert done.returncode == 2, done.stdout
     [message] = done.stderr.strip().splitlines()
     assert message.startswith(f"fleetd: {tmp_path / 'fleet.toml'}: {key}: ")
+
+
+LONG = "x" * 5000
+NIGHTLY = 'name = "n"\ntask = "tasks.nightly"\n'
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key"),
+    [
+        (f'{NIGHTLY}cron = "{LONG}"\n', "cron"),
+        (f'{NIGHTLY}cron = "* * * * {LONG}"\n', "cron"),
+        (f'{NIGHTLY}every = "{LONG}"\n', "every"),
+        (f'{NIGHTLY}every = 5\ntimezone = "{LONG}"\n', "timezone"),
+        (f'{NIGHTLY}every = 5\nmisfire = "{LONG}"\n', "misfire"),
+        (f'{NIGHTLY}every = 5\nqueue = ["{LONG}"]\n', "queue"),
+        (f"{NIGHTLY}every = 5\n{LONG} = 1\n", "xxxxxxxxxx"),
+    ],
+)
+def test_fleetd_check_quotes_an_oversized_schedule_value_short(
+    tmp_path: Path, schedule: str, key: str
+) -> None:
+    """The error line held all 5,000 characters of the value (or of the unknown key)."""
+    done = fleetd_check(tmp_path, schedule)
+    assert (done.returncode, done.stdout) == (2, "")
+    [message] = done.stderr.splitlines()
+    assert message.startswith(f"fleetd: {tmp_path / 'fleet.toml'}: schedule[0].{key}")
+    assert len(message) < 300, message[:300]
+
+
+@pytest.mark.parametrize(("configured", "asked"), [("n", LONG), (LONG, "n")])
+@pytest.mark.parametrize("verb", ["pause", "resume", "trigger"])
+def test_fleetctl_schedule_of_no_such_name_quotes_the_names_short(
+    tmp_path: Path, configured: str, asked: str, verb: str
+) -> None:
+    """`fleetctl schedule pause NAME` repeated a 5,000-character NAME whole, and so the
+    names of the config's schedules it listed."""
+    config = schedule_config(
+        tmp_path, f'name = "{configured}"\ntask = "tasks.nightly"\nevery = 5\n'
+    )
+    done = subprocess.run(
+        [FLEETCTL, "-c", str(config), "schedule", verb, asked],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    [message] = done.stderr.splitlines()
+    assert message.startswith(f"fleetctl: no schedule '{asked[:10]}") and len(message) < 300
 
 
 def test_fleetd_check_takes_a_good_schedule(tmp_path: Path) -> None:

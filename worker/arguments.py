@@ -51,7 +51,15 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # argparse repeats what it was given whole, "unrecognized arguments" unescaped: a
+        # 5,000-character word was a line that long, and one holding a newline two lines.
+        # Words are cut to 80 characters, the line to 290 (fleetctl's list of commands fits).
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        words = (w if len(w) <= 80 else w[:80] + "..." for w in shown.split(" "))
+        line = f"{self.prog}: error: {' '.join(words)}"
+        if len(line) > 290:  # many words
+            line = line[:287] + "..."
+        self.exit(EXIT_USAGE, line + "\n")
 
 
 def finite(text: str) -> float:

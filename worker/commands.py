@@ -218,7 +218,7 @@ def revoke_problem(args: dict[str, Any]) -> str | None:
         if not utf8_text(task_id):
             return f"task ids must be UTF-8 text, not {task_id!r:.80}"
     if signal_number(args["signal"]) is None:
-        return f"unknown signal {args['signal']!r}"
+        return f"unknown signal {args['signal']!r:.80}"
     return None
 
 

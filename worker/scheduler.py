@@ -113,7 +113,7 @@ def parse_schedule(data: Any) -> Schedule:
         raise ScheduleError("-", "must be a table")
     for key in data:
         if key not in SCHEDULE_KEYS:
-            raise ScheduleError(key, f"unknown key (known: {', '.join(SCHEDULE_KEYS)})")
+            raise ScheduleError(f"{key:.80}", f"unknown key (known: {', '.join(SCHEDULE_KEYS)})")
     for key in ("name", "task"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ScheduleError(key, "is required: a non-empty string")
@@ -132,7 +132,9 @@ def parse_schedule(data: Any) -> Schedule:
         misfire=data.get("misfire", "skip"),
     )
     if schedule.misfire not in MISFIRE_POLICIES:
-        raise ScheduleError("misfire", f'must be "skip" or "run_once", got {schedule.misfire!r}')
+        raise ScheduleError(
+            "misfire", f'must be "skip" or "run_once", got {schedule.misfire!r:.80}'
+        )
     for key, value in (("args", schedule.args), ("kwargs", schedule.kwargs)):
         # TOML holds dates, times, NaN and infinity, which a task's JSON cannot: refused
         # here, with the config, not at the spawn (a worker's spec travels as JSON: a date
@@ -165,7 +167,7 @@ def queue_name(data: dict[str, Any]) -> str | None:
 def checked(data: dict[str, Any], key: str, kind: type, default: Any, expected: str) -> Any:
     value = data.get(key, default)
     if value is not default and not isinstance(value, kind):
-        raise ScheduleError(key, f"must be {expected}, got {value!r}")
+        raise ScheduleError(key, f"must be {expected}, got {value!r:.80}")
     return value
 
 
@@ -186,19 +188,19 @@ def zone(name: Any) -> Any:
 
 def check_cron(value: Any) -> str:
     if not isinstance(value, str) or len(value.split()) != 5:
-        raise ScheduleError("cron", f"must be a cron line of five fields, got {value!r}")
+        raise ScheduleError("cron", f"must be a cron line of five fields, got {value!r:.80}")
     from cronsim import CronSimError
 
     try:
         cron_sim()(value, datetime.now(timezone.utc))
     except CronSimError as exc:
-        raise ScheduleError("cron", f"{value!r} is not a valid cron line: {exc}") from None
+        raise ScheduleError("cron", f"{value!r:.80} is not a valid cron line: {exc}") from None
     return value
 
 
 def check_every(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ScheduleError("every", f"must be a whole number of seconds >= 1, got {value!r}")
+        raise ScheduleError("every", f"must be a whole number of seconds >= 1, got {value!r:.80}")
     return value
 
 
@@ -206,7 +208,7 @@ def check_timezone(value: Any) -> str:
     try:
         zone(value)
     except (LookupError, ValueError, TypeError):  # zoneinfo.ZoneInfoNotFoundError is a KeyError
-        raise ScheduleError("timezone", f"unknown time zone {value!r} (an IANA name)") from None
+        raise ScheduleError("timezone", f"unknown time zone {value!r:.80} (an IANA name)") from None
     return str(value)
 
 
@@ -427,7 +429,9 @@ def named(schedules: list[Schedule], name: str) -> Schedule:
         if schedule.name == name:
             return schedule
     known = ", ".join(s.name for s in schedules) or "none"
-    raise CommandError(f"no schedule {name!r} in the config (known: {known})")
+    if len(known) > 200:  # many schedules, or a long name
+        known = known[:197] + "..."
+    raise CommandError(f"no schedule {name!r:.80} in the config (known: {known})")
 
 
 def schedule_command(

@@ -30,7 +30,7 @@ def split_bind(bind: str) -> tuple[str, int]:
     if bracketed and not (host.startswith("[") and host.endswith("]") and len(host) > 2):
         host = ""  # "[::1" or "::1]": half an IPv6 address
     if not sep or not host or not digits or not 0 < int(port) < 65536:
-        raise DashboardError(f"--bind {bind!r}: give HOST:PORT, as 127.0.0.1:9810")
+        raise DashboardError(f"--bind {bind!r:.80}: give HOST:PORT, as 127.0.0.1:9810")
     return host.strip("[]"), int(port)
 
 
@@ -47,7 +47,7 @@ def checked_start(bind: str, token_file: str) -> tuple[str, int, str]:
     host, port = split_bind(bind)
     problem = dashboard_problem(bind, token_file)
     if problem:
-        raise DashboardError(f"--bind {bind}: {problem}")
+        raise DashboardError(f"--bind {bind!r:.80}: {problem}")
     return host, port, read_token(token_file)
 
 
@@ -132,4 +132,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as exc:
-        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        # create_server adds the address whole: "... (while attempting to bind on address ...)"
+        reason = str(exc.strerror).partition(" (while attempting")[0]
+        where = f"{host}:{port}"
+        raise DashboardError(f"cannot listen on {where!r:.80}: {reason}") from None

@@ -18,13 +18,14 @@ def url_problem(url: str) -> str | None:
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises for a port out of range or no number
-    except ValueError as exc:
-        return str(exc)
+    except ValueError as exc:  # its message may quote a part of the URL whole
+        problem = str(exc)
+        return problem if len(problem) <= 120 else problem[:117] + "..."
     if parts.scheme == "unix":
         return None if parts.path else "a unix:// URL needs the socket's path"
     db = parts.path.strip("/")
     if db and not db.isdigit():
-        return f"the database must be a number, got {db!r}"
+        return f"the database must be a number, got {db!r:.80}"
     return None
 
 
