@@ -562,3 +562,18 @@ def test_a_usage_error_quotes_what_it_was_given_short_and_in_one_line(
     command = FLEETCTL if argv[0] == "fleetctl" else FLEETD
     out = subprocess.run([command, *argv[1:]], capture_output=True, text=True, timeout=30)
     assert one_short_line(out).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("broker", "error"),
+    [
+        (f"redis://{'h' * 5000}:6379/0", "is no host name"),  # was a UnicodeError traceback
+        (f"redis://127.0.0.1:6379/0?{'x' * 5000}=1", "unknown URL option"),
+        (f"amqp://{'h' * 5000}", "unknown broker URL"),
+    ],
+)
+def test_fleetctl_on_a_broker_url_it_cannot_use_says_so_short(broker: str, error: str) -> None:
+    out = fleetctl_on(broker, "queues")
+    assert (out.returncode, out.stdout) == (2, "")
+    [line] = out.stderr.splitlines()
+    assert error in line and len(line) < 300, line[:300]

@@ -113,6 +113,9 @@ BAD = [
             ("redis://127.0.0.1:99999/0", "Port out of range"),
             ("redis://[::1/0", "Invalid IPv6 URL"),
             ("unix://", "needs the socket's path"),
+            # A traceback at the first call (UnicodeError: label too long), which check took.
+            (f"redis://{'h' * 64}:6379/0", "is no host name"),
+            ("redis://a..b:6379/0", "is no host name"),
         ]
     ),
     (GOOD + '\n[control]\nbind = ["tcp://127.0.0.1:7950"]\n', "control.bind", "curve_secret_key"),
@@ -275,7 +278,12 @@ def test_an_oversized_value_is_quoted_short_in_its_error(
 
 
 @pytest.mark.parametrize(
-    "broker", [f"redis://127.0.0.1:6379/{LONG}", f"redis://127.0.0.1:{LONG}/0"]
+    "broker",
+    [
+        f"redis://127.0.0.1:6379/{LONG}",
+        f"redis://127.0.0.1:{LONG}/0",
+        f"redis://{LONG}:6379/0",
+    ],
 )
 @pytest.mark.parametrize("argv", [[FLEETD, "check"], [FLEETD, "start"], [FLEETCTL, "queues"]])
 def test_an_oversized_broker_url_is_quoted_short_by_fleetd_and_fleetctl(

@@ -23,6 +23,10 @@ def url_problem(url: str) -> str | None:
         return problem if len(problem) <= 120 else problem[:117] + "..."
     if parts.scheme == "unix":
         return None if parts.path else "a unix:// URL needs the socket's path"
+    try:  # as a connection will: a label over 63 characters, or empty, is no host name
+        (parts.hostname or "").encode("idna")
+    except UnicodeError:
+        return f"the host {parts.hostname!r:.80} is no host name"
     db = parts.path.strip("/")
     if db and not db.isdigit():
         return f"the database must be a number, got {db!r:.80}"
@@ -78,4 +82,6 @@ def open_broker(
             connect_timeout=connect_timeout or CONNECT_TIMEOUT,
             call_wait=call_wait,
         )
-    raise ValueError(f"unknown broker URL {url!r}: use sqlite:///path.db or redis://host:port/db")
+    raise ValueError(
+        f"unknown broker URL {url!r:.80}: use sqlite:///path.db or redis://host:port/db"
+    )

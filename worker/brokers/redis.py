@@ -205,7 +205,7 @@ def url_options_problem(url: str) -> str | None:
         for name in inspect.signature(cls.__init__).parameters
     }
     unknown = sorted(set(query) - known)
-    return f"unknown URL option {unknown[0]!r}" if unknown else None
+    return f"unknown URL option {unknown[0]!r:.80}" if unknown else None
 
 
 def lease_keys(key: str) -> list[tuple[str, str]]:
@@ -540,7 +540,7 @@ class RedisBroker(Broker):
     ) -> None:
         problem = url_problem(url) or url_options_problem(url)
         if problem:
-            raise ValueError(f"broker URL {url!r}: {problem}")
+            raise ValueError(f"broker URL {url!r:.80}: {problem}")
         self.url = url
         address, _, query_text = url.partition("?")
         query = urllib.parse.parse_qs(query_text)
