@@ -83,6 +83,9 @@ class Arbiter:
         self.interrupts = 0
         self.reloading = False
         self.reload_again = False  # a HUP came while a generation booted: one more follows it
+        # Workers the last reload's config dropped (a rename, a replacement): they serve on
+        # until the whole new generation is up (retire_removed), as a replaced one does.
+        self.removed: list[WorkerProc] = []
         self.dead_owners: list[str] = []  # tasks to give back through a live worker
         self.router: Router  # made with the control plane, as the commands it routes
         self.events_on: set[str] = set()  # nodes with events enabled: so are their next processes
@@ -582,7 +585,27 @@ class Arbiter:
             )
             self.stop_worker(old, f"reload: generation {w.generation} is up")
         w.retire_when_ready = []
+        self.retire_removed()
         self.check_ready()
+
+    def retire_removed(self) -> None:
+        """Stop the workers that the last reload dropped from the config, once every worker
+        of the new generation is up: until then they consume their queues, which a renamed
+        or replacing worker has yet to. A new generation that fails leaves them serving (the
+        reload failed); one that comes up later (`fleetctl start`), or the next reload, does."""
+        current = [
+            w
+            for w in self.workers
+            if w.generation == self.generation and w.state not in (STOPPED, STOPPING)
+        ]
+        if self.halting or not self.removed or any(w.state != RUNNING for w in current):
+            return
+        removed, self.removed = self.removed, []
+        for w in removed:
+            if w.state not in (STOPPED, STOPPING):  # else an operator or its end was first
+                self.stop_worker(
+                    w, f"reload: removed from the config, generation {self.generation} is up"
+                )
 
     def check_ready(self) -> None:
         """Tell systemd once every current worker consumes (at start), and once a reload's new
@@ -653,15 +676,25 @@ class Arbiter:
         for w in self.workers:
             if w.state not in (STOPPED, STOPPING):
                 old_by_name.setdefault(w.spec.name, []).append(w)
+        names = {spec.name for spec in new.workers}
+        # Those the new config drops (a previous reload's too, if dropped again) serve on
+        # until the new generation is up: stopped now, a renamed worker's queues would have
+        # no consumer while its successor boots.
+        self.removed = [w for n, ws in old_by_name.items() if n not in names for w in ws]
+        served = {queue for w in self.removed for queue in w.spec.queues}
         for spec in new.workers:
             old = old_by_name.pop(spec.name, [])
+            polite = bool(old) or not served.isdisjoint(spec.queues)
             fresh = self.spawn_worker(
-                spec, self.generation, f"reload to generation {self.generation}", polite=bool(old)
+                spec, self.generation, f"reload to generation {self.generation}", polite=polite
             )
             fresh.retire_when_ready = old
-        for gone in old_by_name.values():
-            for w in gone:
-                self.stop_worker(w, "reload: removed from the config")
+        for w in self.removed:
+            log.info(
+                "reload: %s is not in the config: it stops once generation %d is up",
+                w.node,
+                self.generation,
+            )
         log.info("reload: generation %d starting", self.generation)
         return None
 

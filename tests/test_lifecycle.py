@@ -588,6 +588,103 @@ def test_a_burst_of_hups_boots_one_generation_after_another_on_the_last_config(
     assert_each_ran_once(fleet, ids, journal)
 
 
+def node_states(fleet: Fleet) -> dict[str, str]:
+    """`fleetctl status`: the state of each node the host supervises (a booting one does not
+    answer, which fails the command: its state is in the reply all the same)."""
+    out = fleet.ctl("--json", "--timeout", "2", "status", check=False)
+    return {node: reply["state"] for node, reply in json.loads(out.stdout)["replies"].items()}
+
+
+def rename_worker(fleet: Fleet, old: str, new: str) -> None:
+    text = fleet.config.read_text()
+    assert f'name = "{old}"' in text
+    fleet.config.write_text(text.replace(f'name = "{old}"', f'name = "{new}"'))
+
+
+def test_a_hup_that_renames_a_worker_keeps_the_old_one_consuming_until_the_new_one_is_up(
+    make_fleet, tmp_path: Path
+) -> None:
+    """A worker that the new config drops (renamed here, same queue) was stopped at the HUP,
+    not once its successor was up: its queue had no consumer for as long as the new
+    generation booted (6 s for a slow import). Now it serves on, then stops warm."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
+    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
+    fleet.start()
+    [old_worker] = fleet.worker_pids()
+    gate, release, marker = fleet.folder / "hold-boot", tmp_path / "release", tmp_path / "started"
+    gate.touch()  # generation 1 boots until the gate is gone
+    try:
+        rename_worker(fleet, "w", "renamed")
+        fleet.signal(signal.SIGHUP)
+        wait_for(lambda: set(fleet.worker_pids()) - {old_worker}, 10, message="generation 1")
+        # Taken at once by the old worker, while its successor boots.
+        assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=5)).ppid() == old_worker
+        assert node_states(fleet) == {"w@h1": "RUNNING", "renamed@h1": "STARTING"}
+        held = fleet.client.submit("tasks.hold", str(release), str(marker))
+        [child] = wait_for(lambda: started_pids(marker), 10, message="a task to start")
+        assert psutil.Process(child).ppid() == old_worker
+    finally:
+        gate.unlink(missing_ok=True)
+    wait_for(lambda: "reload complete: generation 1" in fleet.log(), 15, message="the reload")
+    assert "w@h1 is not in the config: it stops once generation 1 is up" in fleet.log()
+    assert "removed from the config, generation 1 is up" in fleet.log()
+    # A warm stop: its running task finishes and is acked, in the old worker.
+    assert alive(old_worker) and held.state == "STARTED"
+    release.touch()
+    assert held.get(timeout=10) == child and held.info()["deliveries"] == 1
+    wait_for(lambda: not alive(old_worker), 10, message="the old worker to exit")
+    wait_for(lambda: node_states(fleet) == {"renamed@h1": "RUNNING"}, 10, message="w to be gone")
+    [new_worker] = fleet.worker_pids()
+    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == new_worker
+
+
+def test_a_second_hup_while_a_renaming_reload_boots_keeps_a_consumer_throughout(
+    make_fleet,
+) -> None:
+    """w -> a (held in its boot), then a HUP to w -> b: generation 0 serves until generation
+    1 is up, generation 1 until generation 2 is; then only b is left."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
+    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
+    fleet.start()
+    [old_worker] = fleet.worker_pids()
+    gate = fleet.folder / "hold-boot"
+    gate.touch()
+    try:
+        rename_worker(fleet, "w", "a")
+        fleet.signal(signal.SIGHUP)
+        wait_for(lambda: set(fleet.worker_pids()) - {old_worker}, 10, message="generation 1")
+        rename_worker(fleet, "a", "b")
+        fleet.signal(signal.SIGHUP)
+        wait_for(lambda: "another reload follows it" in fleet.log(), 5, message="the second HUP")
+        assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=5)).ppid() == old_worker
+    finally:
+        gate.unlink(missing_ok=True)
+    wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="generation 2")
+    wait_for(lambda: len(fleet.worker_pids()) == 1, 15, message="generations 0 and 1 to exit")
+    wait_for(lambda: node_states(fleet) == {"b@h1": "RUNNING"}, 10, message="only b")
+    [new_worker] = fleet.worker_pids()
+    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == new_worker
+
+
+def test_a_renaming_hup_to_code_that_cannot_start_leaves_the_old_worker_serving(
+    make_fleet,
+) -> None:
+    fleet = make_fleet(defaults={"concurrency": 1}).start()
+    [old_worker] = fleet.worker_pids()
+    (fleet.folder / "tasks.py").write_text(TASKS + "\nthis is not python\n")
+    rename_worker(fleet, "w", "renamed")
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "reload to generation 1 failed" in fleet.log(), 20, message="the failure")
+    assert node_states(fleet) == {"w@h1": "RUNNING", "renamed@h1": "FATAL"}
+    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == old_worker
+    (fleet.folder / "tasks.py").write_text(TASKS)
+    fleet.signal(signal.SIGHUP)  # the next reload retires it
+    wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="the fixed reload")
+    wait_for(lambda: not alive(old_worker), 10, message="the old worker to exit")
+    wait_for(lambda: node_states(fleet) == {"renamed@h1": "RUNNING"}, 10, message="w to be gone")
+    assert len(fleet.worker_pids()) == 1
+
+
 def test_arbiter_ttin_and_ttou_grow_and_shrink_every_pool_by_one(make_fleet) -> None:
     fleet = make_fleet(
         workers=[{"name": "a", "queues": ["default"]}, {"name": "b", "queues": ["default"]}]
