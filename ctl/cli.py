@@ -571,7 +571,10 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
     cmd, cmd_args = control_request(args)
     if cmd in COMMANDS and COMMANDS[cmd].scope == "broker":  # a custom one (`call`) is not
         return broker_command(args, cmd, cmd_args, console)
-    dest, limit = getattr(args, "dest", None), getattr(args, "limit", None)
+    # `start` names its nodes as arguments, the other commands with --dest: either way only
+    # their hosts are asked (the hosts' `start` reads its arguments, never dest).
+    dest = cmd_args["nodes"] if args.command == "start" else getattr(args, "dest", None)
+    limit = getattr(args, "limit", None)
     ahead = revoked_ahead(args) if args.command == "revoke" else []
     with open_control(args) as client:
         if args.command == "status":
@@ -579,9 +582,7 @@ def control_command(args: argparse.Namespace, console: Console) -> int:
         else:
             result = client.call(cmd, cmd_args, dest, limit)
     if not (limit and len(result.replies) >= limit):
-        # `start` names its nodes as arguments, the other commands with --dest.
-        named = cmd_args["nodes"] if args.command == "start" else dest
-        result.missing += [d for d in unanswered(named, result.replies) if d not in result.missing]
+        result.missing += unanswered(dest, result.replies, result.missing)
     if args.json:
         add_iso_times(result.replies.values())
         print(result.to_json(**({"revoked_ahead": ahead} if args.command == "revoke" else {})))
@@ -635,9 +636,19 @@ def revoked_ahead(args: argparse.Namespace) -> list[str]:
         client.close()
 
 
-def unanswered(dest: list[str] | None, replies: dict[str, Any]) -> list[str]:
-    """The nodes and hosts of --dest that no reply came from."""
-    return [d for d in dest or () if d not in replies and not any(host_of(n) == d for n in replies)]
+def unanswered(
+    dest: list[str] | None, replies: dict[str, Any], missing: Iterable[str] = ()
+) -> list[str]:
+    """The nodes and hosts of --dest that no reply came from, each once; none of a host
+    already named in `missing` (the silent hosts): that names it."""
+    silent = set(missing)
+    return [
+        d
+        for d in dict.fromkeys(dest or ())
+        if d not in replies
+        and host_of(d) not in silent
+        and not any(host_of(n) == d for n in replies)
+    ]
 
 
 def failed(result: Any) -> bool:

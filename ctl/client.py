@@ -69,6 +69,7 @@ class ControlClient:
         hosts: dict[str, str] | None = None,
         own: Collection[str] = (),
     ) -> None:
+        self._endpoints = list(dict.fromkeys(endpoints))
         self._timeout = timeout
         # This host's endpoints: asked whatever --dest names, as its node may be another
         # than its config says (`fleetd start --node`); its arbiter picks what dest names.
@@ -79,11 +80,23 @@ class ControlClient:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         try:
-            for endpoint in dict.fromkeys(endpoints):
+            for endpoint in self._endpoints:
                 self._dealers[endpoint] = self._connect(zmq.DEALER, endpoint, endpoint)
         except BaseException:
             self.close()
             raise
+
+    def twin(self) -> ControlClient:
+        """A client of its own to the same hosts, with the same keys and timeout: for a call
+        that must not wait behind this one's (a ZeroMQ socket belongs to one thread)."""
+        return ControlClient(
+            self._endpoints,
+            self._timeout,
+            self._client_keys,
+            self._server_keys,
+            self._hosts,
+            self._own,
+        )
 
     def __enter__(self) -> ControlClient:
         return self

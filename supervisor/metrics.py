@@ -1,5 +1,5 @@
 """The arbiter's Prometheus metrics and health: a small registry, worker events into it, and
-GET /metrics, /healthz, /readyz."""
+GET (or HEAD) /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -393,7 +393,7 @@ class _Clients:
 
 
 def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHTTPServer:
-    """A bound HTTP server answering GET /metrics, /healthz and /readyz."""
+    """A bound HTTP server answering GET and HEAD /metrics, /healthz and /readyz."""
     import socketserver
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -460,13 +460,17 @@ def _http_server(address: tuple[str, int], served: MetricsServer) -> ThreadingHT
             else:
                 self.send_error(404, "served here: /metrics, /healthz, /readyz")
 
+        # A load balancer's health check: the same status and headers, no body.
+        do_HEAD = do_GET
+
         def answer(self, status: int, content_type: str, text: str) -> None:
             body = text.encode()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("metrics request from %s: " + format, self.client_address[0], *args)

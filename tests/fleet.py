@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from supervisor.keys import keygen
 from worker import Client
 
 BIN = Path(sys.executable).parent
@@ -556,3 +558,19 @@ def running(fleet: Fleet, *args: str) -> Iterator[Fleet]:
         yield fleet.start(*args)
     finally:
         fleet.stop()
+
+
+@contextlib.contextmanager
+def silent_host(folder: Path) -> Iterator[str]:
+    """The `[control]` lines of a host whose config names one more host, h9: a peer that
+    takes TCP connections and never says a word (a hung host), while the block runs."""
+    _, secret = keygen(folder / "keys")
+    (folder / "authorized").mkdir(exist_ok=True)
+    with socket.socket() as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.listen()
+        yield (
+            '\n[control]\nbind = ["ipc://state/control.sock"]\n'
+            f'endpoints = {{ h9 = "tcp://127.0.0.1:{peer.getsockname()[1]}" }}\n'
+            f'curve_secret_key = "{secret}"\nauthorized_keys = "{folder / "authorized"}"\n'
+        )

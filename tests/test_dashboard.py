@@ -27,6 +27,7 @@ from tests.brokers.conftest import REDIS_URL, delete_prefix, require_redis
 from tests.conftest import fill
 from tests.fleet import FLEETCTL, Fleet, free_port, wait_for
 from tests.redisserver import start_redis
+from tests.test_fleetctl_cli import silent_host
 from worker import Client
 from worker.brokers.sqlite import DONE, SQLiteBroker
 
@@ -665,3 +666,66 @@ def test_a_client_that_never_finishes_its_request_is_cut_off(make_fleet, start_d
     assert dashboard.get("/api/info")[0] == 200
     time.sleep(0.5)
     assert "Traceback" not in dashboard.log.read_text(), dashboard.log.read_text()
+
+
+def test_an_action_that_some_hosts_carried_out_says_so_and_names_the_silent_one(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    """A revoke that the live host carried out answered 502 "no answer from h9" while another
+    host was silent, and the page said it had failed. One that no node carried out is a 502."""
+    with silent_host(tmp_path) as control:
+        fleet = make_fleet(extra=with_token(tmp_path / "host") + control).start()
+        dashboard = start_dashboard(fleet, "--timeout", "1")
+        waiting = fleet.client.submit("tasks.add", 1, 1, countdown=600)
+        status, answer = dashboard.post(f"/api/tasks/{waiting.id}/revoke", token=TOKEN)
+        assert status == 200 and answer["replies"]["w@h1"]["ok"] == "revoked 1", answer
+        assert answer["missing"] == ["h9"] and answer["problem"] == "no answer from h9"
+        wait_for(lambda: waiting.state == "REVOKED", message="the task to end REVOKED")
+        status, answer = dashboard.post("/api/nodes/w@h9/pool", {"action": "grow"}, TOKEN)
+        assert (status, answer) == (502, {"error": "no answer from h9"})
+
+
+def test_an_action_waits_out_a_hung_host_once_not_behind_the_samplers_poll(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    """An action took the control client after the sampler's poll, which waits out the hung
+    host too: two timeouts."""
+    timeout = 2.0
+    with silent_host(tmp_path) as control:
+        fleet = make_fleet(extra=with_token(tmp_path / "host") + control).start()
+        dashboard = start_dashboard(fleet, "--timeout", str(timeout))
+        with urllib.request.urlopen(dashboard.url + "/api/events", timeout=15) as stream:
+            # The first snapshot may be one the stream found; the second is a poll that just
+            # ended, and the sampler's next one (a timeout long) has begun.
+            for _ in range(2):
+                while not stream.readline().startswith(b"data: "):
+                    pass
+            started = time.monotonic()
+            status, answer = dashboard.post(
+                "/api/rate-limit", {"task": "tasks.add", "rate": "5/s"}, TOKEN
+            )
+            took = time.monotonic() - started
+        assert status == 200 and answer["missing"] == ["h9"], answer
+        assert timeout <= took < timeout * 1.5, took
+
+
+def test_a_body_that_breaks_off_is_one_log_line_with_or_without_the_token(
+    make_fleet, start_dashboard, tmp_path
+) -> None:
+    """uvicorn answers 400 to a chunked body that breaks off; the 401 that the action without
+    the token gave after it, for nobody, put a traceback of 58 lines in the log."""
+    fleet = make_fleet(extra=with_token(tmp_path / "host")).start()
+    dashboard = start_dashboard(fleet)
+    for auth in ("", "Authorization: Bearer wrong\r\n", f"Authorization: Bearer {TOKEN}\r\n"):
+        with socket.create_connection(("127.0.0.1", dashboard.port), timeout=10) as sock:
+            sock.sendall(
+                f"POST /api/dead/purge HTTP/1.1\r\nHost: x\r\n{auth}"
+                "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), (auth, answer)
+    assert dashboard.get("/api/info")[0] == 200
+    log = dashboard.log.read_text()
+    assert "Traceback" not in log and log.count("Invalid HTTP request") == 3, log

@@ -1,10 +1,13 @@
-"""fleetctl's command lines and rendering, without a fleet: what each line asks for, and shows."""
+"""fleetctl's command lines and rendering, mostly without a fleet: what each line asks for,
+and shows."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from ctl import cli
 from ctl.client import Result
 from ctl.render import describe, queues_table, reply_table, status_table, task_table
 from supervisor.keys import keygen
-from tests.fleet import FLEETCTL
+from tests.fleet import FLEETCTL, Fleet, silent_host
 from worker.brokers.base import QueueDepth
 from worker.client import Client
 from worker.control import COMMANDS, CommandError
@@ -112,6 +115,8 @@ def test_dest_that_nothing_answered_for_is_named() -> None:
     replies = {"a@h1": {}, "b@h1": {}, "c@h2": {}}
     assert cli.unanswered(["a@h1", "h2", "x@h1", "h3"], replies) == ["x@h1", "h3"]
     assert cli.unanswered(None, replies) == []
+    # A node or host of a silent host that `missing` names already, or one named twice: once.
+    assert cli.unanswered(["c@h3", "h3", "x@h1", "x@h1"], replies, ["h3"]) == ["x@h1"]
 
 
 def test_a_node_error_a_down_node_or_a_silent_host_is_a_failure() -> None:
@@ -434,3 +439,22 @@ def test_fleetctl_result_of_a_revoked_task_fails_with_or_without_wait(tmp_path: 
         )
         assert done.returncode == 1, (wait, done.stdout, done.stderr)
         assert json.loads(done.stdout)["state"] == "REVOKED"
+
+
+def test_start_asks_the_hosts_of_its_nodes_only(
+    make_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """`start w@h1` asked every host (its nodes are arguments, not --dest): a hung h9 made it
+    wait out --timeout and exit 1 although w@h1 had started."""
+    with silent_host(tmp_path) as control:
+        fleet = make_fleet(extra=control).start()
+        for named in ("w@h1", "h1"):
+            began = time.monotonic()
+            out = fleet.ctl("--json", "--timeout", "5", "start", named, check=False)
+            assert time.monotonic() - began < 4, (named, out.stdout)
+            answer = json.loads(out.stdout)
+            assert answer["replies"] == {"w@h1": {"ok": "already RUNNING"}}, answer
+            assert (out.returncode, answer["missing"]) == (0, []), answer
+        # A node of the silent host is named by its host, once (it was h9, then w@h9 too).
+        out = fleet.ctl("--json", "--timeout", "1", "ping", "--dest", "w@h9", check=False)
+        assert (out.returncode, json.loads(out.stdout)["missing"]) == (1, ["h9"]), out.stdout

@@ -26,6 +26,7 @@ from supervisor.metrics import (
     REQUEST_DEADLINE,
     Metrics,
     MetricsServer,
+    Probe,
 )
 from tests.fleet import Fleet, free_port, wait_for
 
@@ -250,6 +251,27 @@ def test_server_answers_404_elsewhere(server: MetricsServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=10)
     assert error.value.code == 404
+
+
+def exchange(port: int, request: bytes) -> tuple[bytes, set[bytes], bytes]:
+    """A raw HTTP exchange: the status line, the headers but Date, and what came after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes after its answer (HTTP/1.0)
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *headers = head.split(b"\r\n")
+    return status, {h for h in headers if not h.startswith(b"Date:")}, body
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz", "/elsewhere"])
+def test_head_answers_as_get_does_without_the_body(server: MetricsServer, path: str) -> None:
+    """Load balancers check health with HEAD: it answered 501."""
+    server.health = Probe(True, "every worker is running")  # readiness: 503, "starting"
+    get = exchange(server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = exchange(server.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert head == (get[0], get[1], b"") and get[2], (get, head)
 
 
 def test_closed_server_refuses_connections() -> None:

@@ -110,6 +110,15 @@ def requests_in_time() -> type:
             self.request_due.cancel()
             self.request_due = self.loop.call_later(REQUEST_WITHIN, self.request_late)
 
+        def send_400_response(self, msg: str) -> None:
+            super().send_400_response(msg)
+            # The request is answered and the connection closing: its handler's own answer
+            # (a 401 given before the body's bad end was read) is for nobody. Uvicorn knew
+            # only once the connection was lost, after it, and logged a traceback.
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self.request_due.cancel()
             super().connection_lost(exc)

@@ -30,14 +30,14 @@ class ActionError(Exception):
 
 
 class Fleet:
-    """One ControlClient and one broker Client, each used by one thread at a time (a ZeroMQ
-    socket belongs to one thread; the requests of the web server come from a pool)."""
+    """One ControlClient for the reads and one broker Client, each used by one thread at a
+    time (a ZeroMQ socket belongs to one thread; the requests of the web server come from a
+    pool); each action has a ControlClient of its own."""
 
     def __init__(self, control: ControlClient, client: Client, schedules: list[Schedule]) -> None:
         self._control = control
         self._client = client
         self._schedules = schedules  # the config's [[schedule]] entries
-        self._control_lock = threading.Lock()
         self._broker_lock = threading.Lock()
         self._nodes_lock = threading.Lock()
         self._nodes: dict[str, Any] = {}
@@ -71,8 +71,7 @@ class Fleet:
             return self._nodes
 
     def _ask_nodes(self) -> dict[str, Any]:
-        with self._control_lock:
-            result = fleet_status(self._control, None)
+        result = fleet_status(self._control, None)  # under _nodes_lock: one call at a time
         nodes = {}
         for node, view in sorted(result.replies.items()):
             if isinstance(view, dict):
@@ -130,23 +129,26 @@ class Fleet:
 
     # --- steering --------------------------------------------------------------------
     def control(self, cmd: str, args: dict[str, Any], dest: list[str] | None) -> dict[str, Any]:
-        """A table command, checked by the table as fleetctl checks it, sent to the fleet;
-        ActionError (502) if a host did not answer or a node failed."""
+        """A table command, checked by the table as fleetctl checks it, sent to the fleet by
+        a client of its own: it waits for a hung host once, never behind the sampler's poll
+        or another action. ActionError (502) if no node carried it out; where some did, their
+        replies, and `problem` names what the others did not do."""
         try:
             request = COMMANDS[cmd].validate(args)
         except CommandError as exc:
             raise ActionError(str(exc)) from None
-        with self._control_lock:
+        with self._control.twin() as control:
             try:
-                result = self._control.call(cmd, request, dest)
+                result = control.call(cmd, request, dest)
             except ValueError as exc:  # over the protocol's 1 MiB
                 raise ActionError(str(exc), 413) from None
         if not result.replies and not result.missing and not result.errors:
             raise ActionError(f"no node {', '.join(dest or [])} answered", 404)
-        reply = reply_json(result)
-        if failed(result):
+        if not failed(result):
+            return reply_json(result)
+        if all(isinstance(r, dict) and "error" in r for r in result.replies.values()):
             raise ActionError(problem_line(result), 502)
-        return reply
+        return {**reply_json(result), "problem": problem_line(result)}
 
     def schedule(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         """`fleetctl schedule VERB` (list, pause, resume, trigger), run as fleetctl runs it:

@@ -110,6 +110,12 @@ async function act(path, body) {
   return null;
 }
 
+// What a control action did; where some hosts did not carry it out (a silent host, a
+// node that refused), what they did not, in red: the others' part is done all the same.
+function flashDone(answer, text) {
+  flash(answer.problem ? `${text}; not done: ${answer.problem}` : text, Boolean(answer.problem));
+}
+
 // --- charts: an SVG line over the last hours, drawn here --------------------------
 function chart(title, samples, key, unit, hours) {
   const width = 560, height = 140, pad = 34;
@@ -163,7 +169,7 @@ function charts() {
 function poolButtons(node) {
   const pool = (action) => async () => {
     const answer = await act(`/api/nodes/${encodeURIComponent(node)}/pool`, { action, n: 1 });
-    if (answer) flash(`${node}: ${answer.replies[node]?.ok || "done"}`);
+    if (answer) flashDone(answer, `${node}: ${answer.replies[node]?.ok || "done"}`);
   };
   return el("span", { class: "buttons" },
     el("button", { onclick: pool("shrink"), title: "retire an idle child", "data-pool": `shrink ${node}` }, "−"),
@@ -260,7 +266,7 @@ function rateLimitForm() {
   const submit = async (event) => {
     event.preventDefault();
     const answer = await act("/api/rate-limit", { task: task.value, rate: rate.value });
-    if (answer) flash(`rate limit of ${task.value}: ${Object.keys(answer.replies).length} nodes`);
+    if (answer) flashDone(answer, `rate limit of ${task.value}: ${Object.keys(answer.replies).length} nodes`);
   };
   return el("form", { class: "card inline", onsubmit: submit },
     el("strong", {}, "Rate limit"), task, rate, el("button", {}, "Set on every node"));
@@ -358,7 +364,7 @@ async function taskView(id) {
     }
     const revoke = (terminate) => async () => {
       const answer = await act(`/api/tasks/${encodeURIComponent(id)}/revoke${terminate ? "?terminate=1" : ""}`);
-      if (answer) { flash(`revoked ${id}`); load(); }
+      if (answer) { flashDone(answer, `revoked ${id}`); load(); }
     };
     const facts = [["state", stateBadge(t.state)], ["task", t.name], ["queue", t.queue], ["node", t.node],
       ["deliveries", t.deliveries], ["runtime", duration(t.runtime)], ["submitted", when(t.created)],
