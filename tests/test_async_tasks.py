@@ -91,6 +91,23 @@ async def ajournal(self, path, seconds):
         os.close(fd)
     return os.getpid()
 
+@task(bind=True)
+async def akill_child(self, path, beside, limit=1.0):
+    """Journal its start as ajournal does, then SIGKILL its own child, as a task that
+    segfaults or runs out of memory does: once `beside` tasks have started on that child,
+    or `limit` seconds on."""
+    pid = str(os.getpid())
+    with open(path, "a") as f:
+        f.write(f"S {self.request.id} {pid}\\n")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            here = [line for line in f if line.startswith("S ") and line.split()[2] == pid]
+        if len(here) > beside:
+            break
+        await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+
 @task
 async def aloop():
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -718,3 +735,86 @@ def test_async_tasks_a_killed_worker_had_handed_unread_take_no_strike(
     os.kill(worker, signal.SIGKILL)
     infos = fleet.wait_all_final([h.id for h in innocents], 30)
     assert [i["state"] for i in infos] == ["SUCCESS"] * 3, infos
+
+
+def alone_on_last_chance(journal: Path, max_deliveries: int) -> None:
+    """From a journal of ajournal and akill_child lines: each task started for the
+    `max_deliveries`-th time with no other task in flight on its child, and none started
+    there until it ended."""
+    in_flight: dict[str, set[str]] = collections.defaultdict(set)
+    starts: collections.Counter[str] = collections.Counter()
+    for line in lines(journal):  # appended in the order it happened
+        kind, task_id, pid = line.split()
+        beside = in_flight[pid]
+        if kind == "E":
+            beside.remove(task_id)
+            continue
+        starts[task_id] += 1
+        assert not (starts[task_id] == max_deliveries and beside), f"{task_id} beside {beside}"
+        last = [t for t in beside if starts[t] == max_deliveries]
+        assert not last, f"{task_id} started beside {last} on its last chance"
+        beside.add(task_id)
+
+
+def test_a_task_that_kills_its_child_dead_letters_none_of_the_tasks_beside_it(
+    make_fleet, tmp_path: Path, broker_url
+) -> None:
+    """Every task in flight on a child that dies takes a strike: none can be told from the
+    one that killed it. So a task that SIGKILLs its child took every task beside it to
+    WorkerLost after max_deliveries (3) deaths. On its last chance a task runs alone: the
+    poison alone ends WorkerLost; the others succeed on their third delivery."""
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        fleet={"broker": broker_url},
+        defaults={"concurrency": 1, "async_concurrency": 10},
+    ).start()
+    journal = tmp_path / "journal"
+    calls = [("tasks.ajournal", (str(journal), 0.5), {}) for _ in range(4)]
+    handles = fleet.client.submit_many([*calls, ("tasks.akill_child", (str(journal), 4), {})])
+    *innocents, poison = [h.id for h in handles]
+    infos = {i["id"]: i for i in final(fleet, [*innocents, poison])}
+    assert [(infos[i]["state"], infos[i]["deliveries"]) for i in innocents] == [
+        ("SUCCESS", 3)
+    ] * 4, "struck twice beside the poison, then run alone"
+    assert (infos[poison]["state"], infos[poison]["exc_type"]) == ("FAILURE", "WorkerLost")
+    assert [d.id for d in fleet.client.dead_letters()] == [poison]
+    alone_on_last_chance(journal, 3)
+
+
+def test_a_task_on_its_last_chance_runs_alone_and_its_child_takes_no_other(
+    make_fleet, tmp_path: Path
+) -> None:
+    """max_deliveries = 2: after one death each task is on its last chance. They run one at
+    a time, and a new task waits for the child rather than join one of them."""
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        defaults={"concurrency": 1, "async_concurrency": 10, "max_deliveries": 2},
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    [victim] = set(start_pids(marker))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(lines(marker)) == 4, 10, message="one task on its last chance")
+    journal = tmp_path / "journal"
+    fresh = fleet.client.submit("tasks.ajournal", str(journal), 0)
+    assert holds(lambda: len(lines(marker)) == 4 and not journal.exists()), "another joined it"
+    gate.touch()
+    infos = final(fleet, [*ids, fresh.id])
+    assert [(i["state"], i["deliveries"]) for i in infos] == [("SUCCESS", 2)] * 3 + [("SUCCESS", 1)]
+    assert len(lines(marker)) == 6 and len(set(start_pids(marker)[3:])) == 1
+
+
+def test_with_max_deliveries_1_async_tasks_still_run_together(make_fleet, tmp_path: Path) -> None:
+    """Where every death dead-letters, every delivery is the last: none runs alone (they
+    would all run one at a time), as before."""
+    fleet = async_fleet(
+        make_fleet,
+        tmp_path,
+        defaults={"concurrency": 1, "async_concurrency": 10, "max_deliveries": 1},
+    ).start()
+    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
+    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    gate.touch()
+    assert [i["state"] for i in final(fleet, ids)] == ["SUCCESS"] * 3

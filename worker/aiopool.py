@@ -16,6 +16,10 @@ by worker/aio.py); a child that does not end a cancelled task within TERMINATE_G
 task blocks its loop) is killed, and its other tasks go back to the queue without a
 delivery strike. A child that dies otherwise
 (KILL, OOM) takes a delivery from every task it had in flight, which all go back at once.
+Which of them killed it cannot be told, so a task on its last chance (a death now makes it
+WorkerLost) runs alone, on a child with no other task, which takes none until it ends: the
+death that dead-letters a task is one that it alone can have caused. Where every death
+dead-letters (max_deliveries = 1, acks_late off), none runs alone.
 """
 
 # The methods below are checked as `Worker`'s (`self: Worker`, the class they are mixed into);
@@ -39,6 +43,10 @@ log = logging.getLogger("fleetd.worker")
 
 TERMINATE_GRACE = 1.0  # seconds a terminated (or cancelled async) task's child gets before SIGKILL
 LOOKAHEAD = 256  # reserved tasks dispatch looks past, for a kind of task a child has room for
+# The kinds of task dispatch finds a child for: a sync one, an async one, and an async one on
+# its last chance, which runs alone.
+SYNC, ASYNC, ALONE = "sync", "async", "alone"
+KINDS = (SYNC, ASYNC, ALONE)
 
 
 class AsyncPool:
@@ -100,16 +108,44 @@ class AsyncPool:
 
     def child_for_async(self: Worker) -> ChildProc | None:
         """The child with the fewest async tasks in flight, if it runs no sync task and has
-        fewer than `async_concurrency`. Never one about to be recycled, nor one draining."""
+        fewer than `async_concurrency`. Never one about to be recycled, one draining, nor one
+        running a task alone."""
         room = self.spec.async_concurrency
         return self.least_loaded(
             lambda c: len(c.aio),
-            lambda c: not c.tasks and not c.draining and len(c.aio) < room,
+            lambda c: (
+                not c.tasks and not c.draining and len(c.aio) < room and not self.runs_alone(c)
+            ),
         )
 
-    def drain_for_sync(self: Worker) -> None:
-        """A sync task waits and every child has async tasks: the one with the fewest takes
-        no more until it is empty, and then runs it (see the module's docstring)."""
+    def child_for_alone(self: Worker) -> ChildProc | None:
+        """A child with no task at all, for an async task on its last chance (one draining
+        for a sync task too: whichever of them comes first takes it)."""
+        return self.least_loaded(lambda c: 0, lambda c: not c.aio and not c.tasks)
+
+    def last_chance(self: Worker, delivery: Delivery) -> bool:
+        """A death now dead-letters the task (settle.py's `tasks_lost`): it runs alone. Not
+        where every death does (max_deliveries = 1, acks_late off): every task would run
+        alone, one at a time, to spare none of them anything; they run together as before."""
+        spec = self.spec
+        return (
+            spec.acks_late
+            and spec.max_deliveries > 1
+            and delivery.deliveries >= spec.max_deliveries
+        )
+
+    def runs_alone(self: Worker, child: ChildProc) -> bool:
+        """The child runs a task on its last chance: handed only to a child with no task,
+        it is the one task in flight there until it ends."""
+        if len(child.aio) != 1:
+            return False
+        [running] = child.aio.values()
+        return self.last_chance(running.delivery)
+
+    def drain_a_child(self: Worker) -> None:
+        """A task that needs a child of its own (a sync task, an async one on its last
+        chance) waits and every child has async tasks: the one with the fewest takes no more
+        until it is empty, and then runs it (see the module's docstring)."""
         live = [c for c in self.children.values() if not c.retiring and not c.spare]
         if not live or any(c.draining or not c.aio for c in live):
             return  # one drains already, or one without async tasks will have room
@@ -192,21 +228,19 @@ class AsyncPool:
         self.rate_wait_until = 0.0
         skipped: list[Delivery] = []  # waiting for a rate-limit token
         passed: list[Delivery] = []  # waiting for a child with room for their kind
-        full: set[bool] = set()  # the kinds (is async) no child has room for
-        while self.reserved and len(full) < 2 and len(passed) < LOOKAHEAD:
+        full: set[str] = set()  # the kinds no child has room for
+        while self.reserved and len(full) < len(KINDS) and len(passed) < LOOKAHEAD:
             delivery = self.reserved.popleft()
-            is_async = delivery.name in self.async_names
-            child = None if is_async in full else self.child_for(is_async)
+            kind = self.kind_of(delivery)
+            child = None if kind in full else self.child_for(kind)
             if child is None:
-                full.add(is_async)
-                other = not is_async
-                if other not in full and self.child_for(other) is None:
-                    full.add(other)  # no room for either kind: looking further is in vain
+                full.add(kind)  # and every kind no child has room for: no use looking further
+                full.update(k for k in KINDS if k not in full and self.child_for(k) is None)
                 passed.append(delivery)
                 continue
-            self.hand_over(child, delivery, now, skipped, is_async)
-        if False in full and any(d.name not in self.async_names for d in passed):
-            self.drain_for_sync()
+            self.hand_over(child, delivery, now, skipped, kind != SYNC)
+        if any(self.kind_of(d) != ASYNC for d in passed):
+            self.drain_a_child()
         else:
             for child in self.children.values():
                 child.draining = False
@@ -214,5 +248,12 @@ class AsyncPool:
         self.rate_limited = len(skipped)
         self.dispatch_stuck = bool(passed)
 
-    def child_for(self: Worker, is_async: bool) -> ChildProc | None:
-        return self.child_for_async() if is_async else self.child_with_room()
+    def kind_of(self: Worker, delivery: Delivery) -> str:
+        if delivery.name not in self.async_names:
+            return SYNC
+        return ALONE if self.last_chance(delivery) else ASYNC
+
+    def child_for(self: Worker, kind: str) -> ChildProc | None:
+        if kind == SYNC:
+            return self.child_with_room()
+        return self.child_for_alone() if kind == ALONE else self.child_for_async()

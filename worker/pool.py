@@ -80,7 +80,7 @@ class ChildProc:
     tasks: deque[Running] = field(default_factory=deque)  # sync, in the order the child runs them
     aio: dict[str, Running] = field(default_factory=dict)  # async, in flight, by id
     timed: set[str] = field(default_factory=set)  # of those, the ones with a deadline to watch
-    draining: bool = False  # takes no async task, so that a sync task waiting gets it
+    draining: bool = False  # takes no async task: a sync or last-chance one waiting gets it
     blocked: bool = False  # killed for a blocked loop: its other tasks were not at fault
     tasks_done: int = 0
     frames_sent: int = 0  # task frames written to it (its own count names one it cannot read)
@@ -663,6 +663,7 @@ class Pool:
         """Hand a task to a child: an async one, or a sync one to an idle child, runs at once;
         else right after the child's current task (without waiting for us)."""
         child.frames_sent += 1
+        child.draining = False  # a child drains for the sync or last-chance task it gets now
         running = Running(delivery, number=child.frames_sent)
         if is_async:
             child.aio[delivery.id] = running
@@ -671,7 +672,6 @@ class Pool:
             if running.soft_deadline or running.hard_deadline:
                 child.timed.add(delivery.id)
         else:
-            child.draining = False
             child.tasks.append(running)
             if len(child.tasks) == 1:
                 self.begin(running, now)
