@@ -1043,3 +1043,32 @@ def test_the_next_start_finds_the_processes_marked_with_the_previous_run() -> No
     finally:
         marked.kill()
         marked.wait(timeout=10)
+
+
+@pytest.mark.parametrize("end", ["time limit", "kill"])
+def test_a_task_handed_to_a_stopped_idle_child_goes_back_unstruck_and_runs_once(
+    make_fleet: Callable[..., Fleet], tmp_path: Path, end: str
+) -> None:
+    """An idle child stopped (SIGSTOP, a debugger) is handed a task it cannot read. Its time
+    limit ended it FAILURE TimeLimitExceeded, and a kill of the child counted a death
+    against it: a task that never ran. Its frame, still in the pipe, says it never began:
+    it goes back without a strike and runs once on the child that replaces this one."""
+    fleet = make_fleet(defaults={"concurrency": 1, "time_limit": 1 if end == "time limit" else 0})
+    fleet.start()
+    [child] = fleet.child_pids()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        journal = tmp_path / "journal"
+        handle = fleet.client.submit("tasks.journal", str(journal))
+        wait_for(lambda: handle.state != "PENDING", 10, message="the task handed to the child")
+        if end == "kill":
+            os.kill(child, signal.SIGKILL)
+        assert handle.get(timeout=20) != child
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+    assert executions(journal) == {handle.id: 1}
+    assert handle.info()["state"] == "SUCCESS" and "died running task" not in fleet.log()
+    assert child not in fleet.child_pids()
+    if end == "time limit":
+        assert f"child {child} did not read task {handle.id} within its time limit" in fleet.log()

@@ -412,11 +412,14 @@ class Pool:
         """The child exited or was killed (its pipe closed, or it was reaped): settle its tasks.
 
         Of the tasks it was handed and did not answer, only the first can have started, and
-        only if the child did not stop cleanly; the others go back as never started.
+        only if the child read its frame and did not stop cleanly; the others go back as never
+        started.
         """
-        # Before its pipe and outbox go: the async tasks left unmarked, it never read.
+        # Before its pipe and outbox go: the async tasks left unmarked, it never read, and
+        # whether it read its first sync task's frame (else it cannot have started it).
         self.mark_child_read(child)
         unread = {r.delivery.id for r in child.unmarked}
+        first_unread = bool(child.tasks) and never_read(child.tasks[0], bytes_read(child))
         self.poller.unregister(child.result_fd)
         del self.children[child.result_fd]
         self.child_unreachable(child)
@@ -445,7 +448,7 @@ class Pool:
             and os.WEXITSTATUS(status) == CLEAN_STOP
         )
         self.async_child_gone(child, clean, unread)
-        if unanswered and not clean and unanswered[0] is child.tasks[0]:
+        if unanswered and not clean and not first_unread and unanswered[0] is child.tasks[0]:
             lost = unanswered.pop(0).delivery
             self.task_lost(lost)
             log.warning(
@@ -587,9 +590,19 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGUSR1)
             if running.hard_deadline and now >= running.hard_deadline:
-                running.settled = True
+                unread = never_read(running, bytes_read(child))
                 child.retiring = True  # dying: no task may be dispatched to it before its EOF
                 self.kill_group(child.pid)
+                if unread:  # stopped or stuck before it: child_gone gives the task back
+                    running.hard_deadline = None  # killed once
+                    log.warning(
+                        "child %d did not read task %s within its time limit: killed",
+                        child.pid,
+                        running.delivery.id,
+                        extra={"node": self.node, "task": running.delivery.id},
+                    )
+                    continue
+                running.settled = True
                 self.time_limit_exceeded(running, "killed")
 
     def time_limit_exceeded(self: Worker, running: Running, done: str) -> None:
@@ -827,6 +840,12 @@ def bytes_read(child: ChildProc) -> int | None:
         return None
     in_pipe = struct.unpack("i", held)[0]
     return child.bytes_handed - in_pipe - child.tasks_out.size - child.bytes_dropped
+
+
+def never_read(running: Running, read: int | None) -> bool:
+    """Whether the child has not read all of `running`'s frame (`read`: bytes_read), so
+    cannot have started it; False where that cannot be told."""
+    return read is not None and read < running.frame_end
 
 
 def open_pipes(count: int) -> list[int]:
