@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,12 @@ import pytest
 from ctl.render import iso_time
 from tests.fleet import FLEETCTL, FLEETD, TASKS, Fleet
 from worker import Client, task
-from worker.task import REGISTRY
+from worker.brokers.base import FAILURE, PENDING, REVOKED, SUCCESS, Outcome, Turn
+from worker.task import REGISTRY, RetryTask
+
+Call = tuple[str, tuple[int, ...], dict[str, object]]
+# The offset furthest west: its 9999-12-31 23:59 is past the calendar's last second in UTC.
+WEST_MOST = datetime.timezone(-datetime.timedelta(hours=23, minutes=59))
 
 
 def test_from_fleetd_import_the_public_api() -> None:
@@ -31,6 +37,21 @@ def test_from_fleetd_import_the_public_api() -> None:
         (lambda c: c.submit(42), "a task name must be a non-empty string, not 42"),
         (lambda c: c.submit(""), "a task name must be a non-empty string, not ''"),
         (lambda c: c.submit("tasks.add", task_id=7), "a task id must be a non-empty string"),
+        # Given but false, these were taken as none given: a fresh id, no kwargs.
+        (lambda c: c.submit("tasks.add", task_id=""), "a task id must be a non-empty string"),
+        (lambda c: c.submit("tasks.add", task_id=0), "a task id must be a non-empty string"),
+        (lambda c: c.submit("tasks.add", kwargs=[]), "kwargs must be a dict, not list"),
+        (lambda c: c.submit("tasks.add", kwargs=0), "kwargs must be a dict, not int"),
+        (lambda c: c.submit("tasks.add", kwargs=""), "kwargs must be a dict, not str"),
+        # A string's letters were taken as the ids:
+        (
+            lambda c: c.submit_many([("tasks.add", (), {})] * 2, ids="ab"),
+            "ids must be a list of task ids, one per call, not 'ab'",
+        ),
+        (
+            lambda c: c.submit_many([("tasks.add", (), {})], ids=[None]),
+            "a task id must be a non-empty string, not None",
+        ),
         (lambda c: c.submit_many([("tasks.add", "12", {})]), "args must be a list or tuple"),
         (lambda c: c.submit_many([("tasks.add", (), [1])]), "kwargs must be a dict, not list"),
         (lambda c: c.submit("tasks.add", kwargs=[1]), "kwargs must be a dict, not list"),  # type: ignore[arg-type]
@@ -46,6 +67,13 @@ def test_from_fleetd_import_the_public_api() -> None:
         "name-int",
         "name-empty",
         "id-int",
+        "id-empty",
+        "id-zero",
+        "kwargs-empty-list",
+        "kwargs-zero",
+        "kwargs-empty-str",
+        "ids-str",
+        "ids-none",
         "args-str",
         "kwargs-list",
         "submit-kwargs-list",
@@ -126,16 +154,23 @@ def test_a_submit_no_worker_could_take_as_sent_fails_at_once_and_sends_nothing(
 
 @pytest.mark.parametrize(
     ("when", "words"),
-    [({"countdown": 1e300}, "countdown reaches past"), ({"eta": 1e17}, "eta reaches past")],
+    [
+        ({"countdown": 1e300}, "countdown reaches past"),
+        ({"eta": 1e17}, "eta reaches past"),
+        ({"eta": datetime.datetime.max}, "eta reaches past"),
+        ({"eta": datetime.datetime(9999, 12, 31, 23, 59, tzinfo=WEST_MOST)}, "eta reaches past"),
+    ],
+    ids=["countdown", "eta-number", "eta-datetime-max", "eta-datetime-aware"],
 )
 def test_a_submit_due_past_the_calendar_fails_at_once_and_sends_nothing(
-    tmp_path: Path, when: dict[str, float], words: str
+    tmp_path: Path, when: dict[str, object], words: str
 ) -> None:
     """Such an ETA was stored, and `fleetctl inspect scheduled` then ended in a traceback:
-    no date shows it."""
+    no date shows it. One given as a datetime was stored too, and its worker then failed
+    the task as a BadMessage."""
     client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
     with pytest.raises(ValueError, match=words):
-        client.submit("tasks.add", 1, 2, **when)
+        client.submit("tasks.add", 1, 2, **when)  # type: ignore[arg-type]
     assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
     client.close()
 
@@ -269,3 +304,171 @@ def test_a_task_id_the_client_makes_is_a_random_uuid_as_str_writes_it() -> None:
         parsed = uuid.UUID(task_id)
         assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
         assert str(parsed) == task_id
+
+
+def local_client(broker_url: str, tmp_path: Path) -> Client:
+    return Client(broker_url.replace("sqlite:///", f"sqlite:///{tmp_path}/"))
+
+
+def test_a_retry_due_past_the_calendar_given_as_a_datetime_fails_in_the_task() -> None:
+    @task(bind=True)
+    def again(self: object) -> None: ...
+
+    with pytest.raises(ValueError, match="eta reaches past the year 9999"):
+        again.retry(eta=datetime.datetime.max)
+    with pytest.raises(RetryTask):  # one that a date holds goes back
+        again.retry(eta=datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc))
+
+
+def test_a_naive_eta_is_local_time() -> None:
+    """As README says: a naive datetime, as `datetime.now()` gives it, is read as local time."""
+    from worker.task import eta_seconds
+
+    naive = datetime.datetime(2100, 1, 2, 3, 4, 5)
+    assert eta_seconds(naive, None) == naive.astimezone().timestamp()
+
+
+def test_apply_async_with_an_empty_queue_fails_as_submit_does(tmp_path: Path) -> None:
+    """`queue=""` sent the task to its own queue; `submit(queue="")` refused it."""
+
+    @task(queue="own")
+    def nothing() -> None: ...
+
+    client = Client(f"sqlite:///{tmp_path / 'queue.db'}")
+    with pytest.raises(TypeError, match="a queue must be a non-empty string, not ''"):
+        nothing.apply_async(queue="", client=client)
+    assert sum(d.ready for d in client.broker.depths()) == 0
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("given", "calls"), [(1, 2), (3, 2), (0, 1)], ids=["short", "long", "none"]
+)
+def test_submit_many_with_ids_that_are_not_one_per_call_fails_and_sends_nothing(
+    broker_url: str, tmp_path: Path, given: int, calls: int
+) -> None:
+    """Too few raised a bare IndexError; too many were dropped without a word."""
+    client = local_client(broker_url, tmp_path)
+    batch: Iterator[Call] = (("tasks.add", (1, 2), {}) for _ in range(calls))  # any iterable
+    with pytest.raises(ValueError, match=f"one task id per call: {given} for {calls} calls"):
+        client.submit_many(batch, ids=[f"id-{i}" for i in range(given)])
+    assert sum(d.ready + d.scheduled for d in client.broker.depths()) == 0
+    client.close()
+
+
+def test_submit_many_with_one_id_per_call_takes_any_iterable_of_calls(
+    broker_url: str, tmp_path: Path
+) -> None:
+    client = local_client(broker_url, tmp_path)
+    batch: Iterator[Call] = (("tasks.add", (i, i), {}) for i in range(2))
+    handles = client.submit_many(batch, ids=("id-0", "id-1"))
+    assert [h.id for h in handles] == ["id-0", "id-1"]
+    assert sum(d.ready for d in client.broker.depths()) == 2
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("ids", "words"),
+    [
+        (None, "give a task id or a list of task ids, not None"),
+        (5, "give a task id or a list of task ids, not 5"),
+        (b"ab", "give a task id or a list of task ids, not b'ab'"),
+        ([None], "a task id must be a non-empty string, not None"),
+        (["ok", ""], "a task id must be a non-empty string, not ''"),
+    ],
+    ids=["none", "int", "bytes", "none-in-list", "empty-in-list"],
+)
+def test_a_revoke_of_what_is_no_task_id_fails_alike_on_both_brokers(
+    broker_url: str, tmp_path: Path, ids: object, words: str
+) -> None:
+    """SQLite stored [None] as a NULL row and took None for nothing; Redis raised its own
+    ResponseError. The client refuses them before either is asked."""
+    client = local_client(broker_url, tmp_path)
+    with pytest.raises(TypeError, match=words):
+        client.revoke(ids)  # type: ignore[arg-type]
+    assert client.broker.revoked() == set()
+    client.close()
+
+
+def test_a_revoke_of_one_string_revokes_that_id(broker_url: str, tmp_path: Path) -> None:
+    """It revoked "a" and "b" on SQLite, and raised a ResponseError on Redis."""
+    client = local_client(broker_url, tmp_path)
+    handle = client.submit("tasks.add", 1, 2, task_id="ab")
+    client.revoke("ab")
+    client.revoke([])  # nothing
+    assert client.broker.revoked() == {"ab"}
+    assert handle.state == REVOKED
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "error", "words"),
+    [
+        (-1, ValueError, r"limit must be >= 0 \(None: no limit\), not -1"),
+        ("5", TypeError, "limit must be a whole number or None, not '5'"),
+        (True, TypeError, "limit must be a whole number or None, not True"),
+        (2.0, TypeError, "limit must be a whole number or None, not 2.0"),
+    ],
+    ids=["negative", "str", "bool", "float"],
+)
+def test_dead_letters_with_a_limit_that_is_no_count_fails_alike_on_both_brokers(
+    broker_url: str, tmp_path: Path, limit: object, error: type[Exception], words: str
+) -> None:
+    """-1 gave every letter on SQLite and none on Redis; "5" failed on Redis only."""
+    client = local_client(broker_url, tmp_path)
+    with pytest.raises(error, match=words):
+        client.dead_letters(limit=limit)  # type: ignore[arg-type]
+    client.close()
+
+
+def test_dead_letters_with_a_limit_of_0_gives_none(broker_url: str, tmp_path: Path) -> None:
+    client = local_client(broker_url, tmp_path)
+    handle = client.submit("tasks.add", 1, 2, queue="q1")
+    [delivery] = client.broker.reserve(["q1"], 1, "w1", 30)
+    outcome = Outcome(delivery.id, FAILURE, exc_type="WorkerLost", dead_letter=True)
+    client.broker.turn(Turn(outcomes=[outcome]))
+    assert [d.id for d in client.dead_letters(limit=None)] == [handle.id]
+    assert client.dead_letters(limit=0) == []
+    client.close()
+
+
+@pytest.mark.parametrize("url", [None, 5, b"sqlite:///q.db"])
+def test_a_client_of_no_url_says_so(url: object) -> None:
+    """`Client(None)` raised an AttributeError (its first call, `None.startswith`)."""
+    with pytest.raises(TypeError, match="a broker URL must be a string, not"):
+        Client(url)  # type: ignore[arg-type]
+
+
+def test_a_submit_under_an_id_not_ended_is_a_no_op_and_an_ended_one_starts_over(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """As README says: queued, scheduled or running, the task stays as it is and the
+    handle is the first's; once it has ended, the id is a new task."""
+    client = local_client(broker_url, tmp_path)
+    broker = client.broker
+
+    def bodies() -> list[str]:
+        held = broker.reserve(["q1"], 10, "w1", 30)
+        return [d.body for d in held]
+
+    queued = client.submit("tasks.add", 1, 1, queue="q1", task_id="queued")
+    assert client.submit("tasks.add", 2, 2, queue="q1", task_id="queued").id == queued.id
+    [first] = bodies()
+    assert '"args":[1,1]' in first
+
+    client.submit("tasks.add", 1, 1, queue="q1", countdown=3600, task_id="scheduled")
+    client.submit("tasks.add", 2, 2, queue="q1", task_id="scheduled")  # no-op: not due now
+    assert bodies() == []
+    assert sum(d.scheduled for d in broker.depths()) == 1
+
+    broker.turn(Turn(node="w1@host", started=["queued"]))  # running
+    client.submit("tasks.add", 3, 3, queue="q1", task_id="queued")
+    assert queued.state == "STARTED" and bodies() == []
+
+    broker.turn(Turn(outcomes=[Outcome("queued", SUCCESS, result=2)]))
+    assert queued.get(timeout=5) == 2
+    again = client.submit("tasks.add", 4, 4, queue="q1", task_id="queued")
+    assert again.state == PENDING
+    [second] = bodies()
+    assert '"args":[4,4]' in second
+    client.close()

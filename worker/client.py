@@ -86,17 +86,56 @@ def check_call(name: Any, args: Any, kwargs: Any, task_id: Any) -> None:
     """TypeError naming what is wrong with a call to submit, before anything is sent: else
     a worker would fail it as a BadMessage (a name that is no text), or run it with other
     arguments than meant (a string's letters as its args)."""
-    for what, value in (("task name", name), ("task id", task_id)):
-        if not isinstance(value, str) or not value:
-            raise TypeError(f"a {what} must be a non-empty string, not {value!r:.80}")
-        if surrogate := lone_surrogate(value):
-            raise ValueError(f"a {what} must be UTF-8 text: {value!r:.80} holds {surrogate}")
+    check_text("task name", name)
+    check_text("task id", task_id)
     check_args(name, args)
     if not isinstance(kwargs, dict):
         raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
     for key in kwargs:  # JSON would make 1 of "1": the task would get another keyword
         if not isinstance(key, str):
             raise TypeError(f"{name}: keyword names must be strings, not {key!r:.80}")
+
+
+def check_text(what: str, value: Any) -> None:
+    """TypeError unless `value` is a non-empty string, ValueError unless it is UTF-8."""
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"a {what} must be a non-empty string, not {value!r:.80}")
+    if surrogate := lone_surrogate(value):
+        raise ValueError(f"a {what} must be UTF-8 text: {value!r:.80} holds {surrogate}")
+
+
+def check_ids(ids: Any, calls: int) -> None:
+    """TypeError or ValueError for `submit_many(ids=...)` that is no sequence of one id per
+    call: a string's letters were taken as ids, a list too short raised an IndexError and
+    one too long was cut short. Each id is checked with its call (check_call)."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise TypeError(f"ids must be a list of task ids, one per call, not {ids!r:.80}")
+    if len(ids) != calls:
+        raise ValueError(f"ids must hold one task id per call: {len(ids)} for {calls} calls")
+
+
+def id_list(ids: Any) -> list[str]:
+    """Task ids as a list: one string is one id; else an iterable of ids, each checked
+    (check_text), so that no broker stores what no task could be (a string's letters,
+    None)."""
+    if isinstance(ids, str):
+        ids = [ids]
+    elif isinstance(ids, (bytes, bytearray)) or not isinstance(ids, Iterable):
+        raise TypeError(f"give a task id or a list of task ids, not {ids!r:.80}")
+    found = list(ids)
+    for task_id in found:
+        check_text("task id", task_id)
+    return found
+
+
+def check_limit(limit: Any) -> None:
+    """TypeError or ValueError unless `limit` is None (no limit) or a whole number >= 0."""
+    if limit is None:
+        return
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise TypeError(f"limit must be a whole number or None, not {limit!r:.80}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (None: no limit), not {limit}")
 
 
 def check_queue(queue: Any) -> None:
@@ -218,6 +257,8 @@ class Client:
         result_ttl: int = 86400,
         fail_fast: bool = False,
     ) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"a broker URL must be a string, not {url!r:.80}")
         self.url = url
         self._durability = durability
         self._result_ttl = result_ttl
@@ -269,12 +310,12 @@ class Client:
         task_id: str | None = None,
     ) -> Handle:
         """Submit one task by name; its queue defaults to the task's own (if imported here)."""
-        return self.submit_many(
-            [(name, args, kwargs or {})],
+        return self.submit_many(  # a kwargs or task_id that is given but false: TypeError
+            [(name, args, {} if kwargs is None else kwargs)],
             queue=queue,
             countdown=countdown,
             eta=eta,
-            ids=[task_id] if task_id else None,
+            ids=None if task_id is None else [task_id],
         )[0]
 
     def submit_many(
@@ -286,9 +327,12 @@ class Client:
         ids: Sequence[str] | None = None,
     ) -> list[Handle]:
         """Submit many `(name, args, kwargs)` calls in one broker transaction (none of
-        them if one is over the size limit: TaskTooLarge)."""
+        them if one is over the size limit: TaskTooLarge); `ids`, if given, one per call."""
         when = eta_seconds(eta, countdown)
         check_queue(queue)
+        if ids is not None:
+            calls = list(calls)  # counted, before anything is sent
+            check_ids(ids, len(calls))
         envelopes = []
         for index, call in enumerate(calls):
             try:
@@ -297,7 +341,7 @@ class Client:
                 raise TypeError(
                     f"each call must be a (name, args, kwargs) triple, not {call!r:.80}"
                 ) from None
-            task_id = ids[index] if ids else new_task_id()
+            task_id = new_task_id() if ids is None else ids[index]
             check_call(name, args, kwargs, task_id)
             target = queue or self.queue_of(name)
             try:
@@ -354,12 +398,17 @@ class Client:
         (or its record expired)."""
         return self._reach(lambda broker: broker.get_result(task_id))
 
-    def revoke(self, ids: list[str]) -> None:
+    def revoke(self, ids: str | Iterable[str]) -> None:
         """Mark tasks revoked in the broker: queued and scheduled ones end REVOKED now, and so
         does one submitted later under a revoked id. A worker holding one (reserved, or in a
         child's pipe) is woken to read the revoke, and skips it; one already running runs on
-        (`fleetctl revoke --terminate` stops it)."""
-        self._reach(lambda broker: broker.revoke(ids))
+        (`fleetctl revoke --terminate` stops it).
+
+        `ids`: a list (any iterable) of task ids, or one id as a string; an id that is no
+        non-empty string raises TypeError before anything is revoked."""
+        wanted = id_list(ids)
+        if wanted:
+            self._reach(lambda broker: broker.revoke(wanted))
 
     def depths(self) -> list[QueueDepth]:
         """Ready, scheduled and reserved tasks per queue."""
@@ -368,7 +417,9 @@ class Client:
     def dead_letters(
         self, limit: int | None = 100, ids: Sequence[str] | None = None
     ) -> list[DeadLetter]:
-        """Dead letters, newest first: the `limit` newest (None: all), of `ids` only if given."""
+        """Dead letters, newest first: the `limit` newest (None: all; 0: none), of `ids` only
+        if given. A limit that is no whole number >= 0 raises TypeError or ValueError."""
+        check_limit(limit)
         return self._reach(lambda broker: broker.dead_letters(limit, ids))
 
     def retry_dead(self, ids: Sequence[str] | None = None) -> dict[str, str | None]:

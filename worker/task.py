@@ -122,7 +122,7 @@ class Task:
             kwargs=kwargs,
             countdown=countdown,
             eta=eta,
-            queue=queue or self.queue,
+            queue=self.queue if queue is None else queue,  # "": TypeError, as submit's
             task_id=task_id,
         )
 
@@ -228,15 +228,20 @@ LAST_ETA = 253402300799.0
 
 
 def eta_seconds(eta: datetime.datetime | float | None, countdown: float | None) -> float | None:
-    """Epoch seconds for an ETA given as a datetime, epoch seconds, or a countdown."""
+    """Epoch seconds for an ETA given as a datetime (a naive one is local time), epoch
+    seconds, or a countdown; ValueError for one past the year 9999."""
     if countdown is not None and seconds(countdown, "countdown"):  # 0: now, unless `eta` says
         return within_calendar(time.time() + seconds(countdown, "countdown"), "countdown")
     if eta is None:
         return None
     if isinstance(eta, datetime.datetime):
-        if eta.tzinfo is None:
-            eta = eta.astimezone()
-        return eta.timestamp()
+        try:  # a naive one is local time, as `datetime.now()` gives it
+            epoch = eta.timestamp()
+        except (OverflowError, ValueError, OSError) as exc:  # its local time, as UTC, is no date
+            if eta.year == datetime.MAXYEAR:  # datetime.max east of UTC
+                raise ValueError("eta reaches past the year 9999") from None
+            raise ValueError(f"eta {eta} is out of range: {exc}") from None
+        return within_calendar(epoch, "eta")
     return within_calendar(seconds(eta, "eta"), "eta")
 
 
