@@ -37,6 +37,9 @@ RATE_LIMITED_MAX = 100  # tasks held waiting for a rate-limit token on top of th
 # revokes costs a worker ten small reads a second at most.
 REVOKES_READ_GAP = 0.1
 ASYNC_SLOTS_FOR = 1.0  # seconds a worker reserves for async slots after it last got an async task
+# Of the lease, how old the last renew that went through may be before the next comes ahead
+# of handing tasks out (renew_first); in the normal flow one comes every third of a lease.
+LEASE_AT_RISK = 2 / 3
 
 
 class BrokerLink:
@@ -47,6 +50,8 @@ class BrokerLink:
     outcomes: list[Outcome]
     retries: list[Retry]
     unreleased: dict[bool, list[str]]
+    lease_lost: set[str]
+    renewed_at: float
     booted_in_broker: bool
     etas_read_at: float | None
     reserve_again: bool
@@ -57,7 +62,10 @@ class BrokerLink:
     def release_now(self: Worker, ids: list[str], died: bool) -> None:
         """Give tasks back at once. While the broker is unreachable they wait here, unrenewed,
         and go with the first flush that gets through, if still ours (else their lease gave
-        them back meanwhile, and someone else may hold them now)."""
+        them back meanwhile, and someone else may hold them now). Those whose lease was lost
+        already (drop_lost) are not ours to give back."""
+        if self.lease_lost:
+            ids = [i for i in ids if not self.forget_lost(i)]
         self.unreleased[died] += ids
         self.flush()
 
@@ -223,9 +231,12 @@ class BrokerLink:
 
     def written_turn(self: Worker, want: int = 0) -> Turn:
         """What the last turns did, for the broker, and `want` more tasks to reserve."""
+        started = self.started_ids
+        if self.lease_lost:  # a child's skip of one is no start, and the task another's
+            started = [i for i in started if i not in self.lease_lost]
         return Turn(
             node=self.node,
-            started=self.started_ids,
+            started=started,
             outcomes=self.outcomes,
             retries=self.retries,
             queues=self.spec.queues,
@@ -242,21 +253,81 @@ class BrokerLink:
         return self.unacked() or any(self.unreleased.values())
 
     def renew(self: Worker, now: float) -> None:
-        """Renew the leases of everything held; take back tasks whose owner's lease ran out."""
+        """Renew the leases of everything held, and let go of what was lost meanwhile; take
+        back tasks whose owner's lease ran out."""
         self.next_renew = now + max(0.5, self.spec.lease / 3)
         held = self.held_ids()
+        # Those ended here whose outcome waits for the next flush are still ours there:
+        # renewed too, else recover_expired would give them back to run again.
+        ended = [o.id for o in self.outcomes] + [r.id for r in self.retries]
         with self.broker_call("renew leases"):
-            self.broker.extend(held, self.owner, self.spec.lease)
+            self.drop_lost(self.broker.extend(held + ended, self.owner, self.spec.lease))
+            self.renewed_at = now
             if self.shutdown is None:
                 self.broker.recover_expired(self.spec.queues, self.keep_host, self.owner)
                 self.read_revokes(held)
         self.recover_dead_owners()
 
+    def renew_first(self: Worker, now: float) -> None:
+        """Renew now, before tasks are handed to children, if the leases may have run out:
+        the last renew that went through is most of a lease old (the worker was stopped, or
+        cut off from the broker). A task another owner took back meanwhile is then dropped
+        here, not started twice. In the normal flow a renew is never that late."""
+        if now >= self.next_renew and now - self.renewed_at >= self.spec.lease * LEASE_AT_RISK:
+            self.renew(now)
+
+    def drop_lost(self: Worker, lost: list[str]) -> None:
+        """Let go of the tasks whose lease ran out while this worker was stopped or cut off
+        from the broker past its lease (`Broker.extend`'s lost ones): another owner may run
+        them now. Those reserved are forgotten, and those waiting in a child's pipe are not
+        started; neither is given back nor ended by us (Settlement.lost_end). Those running
+        run on: a start cannot be undone, and the stall interrupted them as a host's death
+        would, after which a task may run twice; what they end in is written."""
+        if not lost:
+            return
+        gone = set(lost)
+        waiting_for_token = list(self.reserved)[: self.rate_limited]  # at its head: dispatch
+        self.rate_limited -= sum(d.id in gone for d in waiting_for_token)
+        kept = [d for d in self.reserved if d.id not in gone]
+        forgotten = len(self.reserved) - len(kept)
+        self.reserved.clear()
+        self.reserved.extend(kept)
+        # Not those settled already (a time limit, a revoke with terminate): ended here.
+        handed, running = set[str](), set[str]()
+        for child in self.children.values():
+            handed.update(
+                r.delivery.id for r in (*child.tasks, *child.aio.values()) if not r.settled
+            )
+            running.update(r.delivery.id for r in child.in_flight)
+        handed &= gone
+        if not (forgotten or handed):
+            return
+        self.lease_lost |= handed
+        self.revoke_waiting(handed)
+        log.warning(
+            "lost the lease of tasks held here (the worker was stopped, or cut off from the"
+            " broker, past its lease): %d running run on, and may run elsewhere too; %d not"
+            " started are left to their new owner",
+            len(handed & running),
+            forgotten + len(handed - running),
+            extra={"node": self.node},
+        )
+
+    def forget_lost(self: Worker, task_id: str) -> bool:
+        """Whether the task, which ends here now, had its lease lost here (drop_lost); it
+        is forgotten."""
+        if task_id not in self.lease_lost:
+            return False
+        self.lease_lost.discard(task_id)
+        return True
+
     def held_ids(self: Worker) -> list[str]:
-        """The ids of the tasks held here: reserved, waiting in a child's pipe, running."""
-        return [d.id for d in self.reserved] + [
+        """The ids of the tasks held here: reserved, waiting in a child's pipe, running; not
+        those whose lease was lost (drop_lost)."""
+        ids = [d.id for d in self.reserved] + [
             r.delivery.id for c in self.children.values() for r in (*c.tasks, *c.aio.values())
         ]
+        return [i for i in ids if i not in self.lease_lost] if self.lease_lost else ids
 
     def read_revokes(self: Worker, held: list[str]) -> None:
         """Ask the broker which of the tasks `held` here were revoked there (`Client.revoke`

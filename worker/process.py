@@ -97,6 +97,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.retries: list[Retry] = []
         self.started_ids: list[str] = []
         self.unreleased: dict[bool, list[str]] = {False: [], True: []}  # release_now's, by died
+        self.lease_lost: set[str] = set()  # handed to children, then lost: BrokerLink.drop_lost
         self.revoked: set[str] = set()
         self.rate_limits: RateLimits = RateLimits(spec.rate_limits)
         self.time_limits: dict[str, tuple[float, float]] = {}  # name -> (soft, hard)
@@ -131,6 +132,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
         self.owner: str = ""
         self.poller: select.poll = select.poll()
         self.next_renew: float = 0.0
+        self.renewed_at: float = time.monotonic()  # the last renew that went through
         self.next_report: float = 0.0
         self.queue_dry: bool = True  # the last reserve got less than it asked for: look at ETAs
         self.reserve_again: bool = False  # it got all it asked for and settled it at once
@@ -254,6 +256,7 @@ class Worker(Pool, AsyncPool, Settlement, BrokerLink, ArbiterChannel):
             with self.broker_call("ask which held tasks were revoked"):
                 self.read_revokes(self.held_ids())
         if self.shutdown is None:
+            self.renew_first(now)  # after a stall: drop what others took back before dispatch
             self.manage_children()
             self.reserve_more()
             self.dispatch(now)

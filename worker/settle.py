@@ -34,6 +34,8 @@ class Settlement:
     def record(self: Worker, delivery: Delivery, ended: Outcome | Retry, **event: Any) -> None:
         """The one place a task ends: its outcome goes to the next flush, its state is
         counted, and its event emitted (`event`: the event's extra fields)."""
+        if self.lease_lost and self.lost_end(delivery, ended):
+            return
         if isinstance(ended, Retry):
             self.retries.append(ended)
             self.counts["retried"] += 1
@@ -52,6 +54,21 @@ class Settlement:
         if ended.runtime is not None:
             event.setdefault("runtime", ended.runtime)
         self.emit(kind, delivery, **event)
+
+    def lost_end(self: Worker, delivery: Delivery, ended: Outcome | Retry) -> bool:
+        """Whether `ended` ends a task whose lease was lost here (BrokerLink.drop_lost) and
+        is not ours to write, the task being another owner's now: a revoke (its child
+        skipped it: it never ran here), a retry (the owner's run retries it if it must;
+        ours would queue it again while that one runs) or a dead letter (its child died:
+        the owner's run decides). A run that ended here, in success or failure, is written
+        as any finish is: it is true, and spares a run where no one took the task yet."""
+        if not self.forget_lost(delivery.id):
+            return False
+        if isinstance(ended, Retry) or ended.state == REVOKED or ended.dead_letter:
+            if delivery.id in self.started_ids:  # its child skipped it: no start to write
+                self.started_ids.remove(delivery.id)
+            return True
+        return False
 
     def settle(self: Worker, delivery: Delivery, reply: dict[str, Any]) -> None:
         """Take in the outcome a child reported for its task."""

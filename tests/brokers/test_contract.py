@@ -240,12 +240,33 @@ def test_extend_renews_the_lease_for_its_owner_only(broker: Broker) -> None:
     broker.reserve(["q1"], 2, "w1", 1.5)
     time.sleep(0.9)
 
-    broker.extend([kept.id], "w1", 1.5)
-    broker.extend([lost.id], "w2", 1.5)  # not its owner: no effect
+    assert broker.extend([kept.id], "w1", 1.5) == []
+    assert broker.extend([lost.id], "w2", 1.5) == [lost.id]  # not its owner: no effect
     time.sleep(0.9)
 
     assert broker.recover_expired(["q1"]) == 1
     assert ids(broker.reserve(["q1"], 10, "w3", 30)) == [lost.id]
+    assert broker.extend([lost.id, kept.id], "w1", 1.5) == [lost.id]  # w3's now
+
+
+def test_extend_returns_the_ids_its_owner_no_longer_holds_in_the_order_given(
+    broker: Broker,
+) -> None:
+    """A worker stopped past its lease learns at its next renew which tasks it lost: gone
+    back to the queue, taken by another owner, ended, or never known to the broker."""
+    tasks = [envelope() for _ in range(4)]
+    broker.enqueue(tasks)
+    kept, ended, *back = ids(broker.reserve(["q1"], 4, "w1", 30))
+    broker.turn(Turn(outcomes=[Outcome(ended, SUCCESS, result=1)]))
+    broker.release(back, died=False, owner="w1")  # as its lease running out gives them back
+    [taken] = ids(broker.reserve(["q1"], 1, "w2", 30))
+    [queued] = [i for i in back if i != taken]
+    unknown = str(uuid.uuid4())
+
+    lost = broker.extend([queued, kept, unknown, ended, taken], "w1", 30)
+
+    assert lost == [queued, unknown, ended, taken]
+    assert broker.extend([taken], "w2", 30) == []
 
 
 def test_recover_gives_back_only_that_owners_tasks(broker: Broker) -> None:

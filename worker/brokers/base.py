@@ -405,8 +405,11 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    def extend(self, ids: list[str], owner: str, lease: float) -> None:
-        """Renew the lease of tasks this owner still holds."""
+    def extend(self, ids: list[str], owner: str, lease: float) -> list[str]:
+        """Renew the lease of tasks this owner still holds; returns those of `ids` it no
+        longer holds (lost: their lease ran out and they went back to the queue, another
+        owner took them, or they ended), which it must not start (a fence: it may have been
+        stopped past its lease)."""
 
     @abc.abstractmethod
     def recover(self, owner: str) -> int:

@@ -766,9 +766,11 @@ class RedisBroker(Broker):
                 {"ids": ids, "died": died, "owner": owner or "", "ttl": self.result_ttl},
             )
 
-    def extend(self, ids: list[str], owner: str, lease: float) -> None:
-        if ids:
-            self._run("extend", {"ids": ids, "owner": owner, "lease_ms": int(lease * 1000)})
+    def extend(self, ids: list[str], owner: str, lease: float) -> list[str]:
+        if not ids:
+            return []
+        lost = self._run("extend", {"ids": ids, "owner": owner, "lease_ms": int(lease * 1000)})
+        return [str(i) for i in lost]  # none: {} (cjson writes an empty table so)
 
     def recover(self, owner: str) -> int:
         return int(self._run("recover", {"owner": owner, "ttl": self.result_ttl}))

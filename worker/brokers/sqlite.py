@@ -466,15 +466,26 @@ class SQLiteBroker(Broker):
             close_revoked(db, ids, time.time())
         self.poker.poke()
 
-    def extend(self, ids: list[str], owner: str, lease: float) -> None:
+    def extend(self, ids: list[str], owner: str, lease: float) -> list[str]:
         if not ids:
-            return
+            return []
         until = time.time() + lease
         with self._write() as db:
-            db.executemany(
+            renewed = db.executemany(
                 f"UPDATE tasks SET lease_until = ? WHERE id = ? AND owner = ? AND status = {HELD}",
                 [(until, i, owner) for i in ids],
-            )
+            ).rowcount
+            if renewed == len(ids):  # all still ours, as a renew almost always finds them
+                return []
+            held = {
+                row[0]
+                for row in db.execute(
+                    f"SELECT id FROM tasks WHERE owner = ? AND status = {HELD}"
+                    " AND id IN (SELECT value FROM json_each(?))",
+                    (owner, json.dumps(ids)),
+                )
+            }
+        return [i for i in ids if i not in held]
 
     def _requeue_where(self, where: str, params: Sequence[Any]) -> int:
         """Queue again the held tasks `where` says, of an owner that is gone or whose lease
