@@ -10,6 +10,8 @@ import os
 import select
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -430,3 +432,50 @@ def test_a_lease_that_ran_out_is_taken_back_only_from_an_owner_that_is_gone(
     assert [d.id for d in sqlite_broker.reserve(["q1"], 5, alive, 0.05)] == [first.id]
     time.sleep(0.2)
     assert sqlite_broker.recover_expired(["q1"]) == 1
+
+
+SHARED_CLIENT = """
+import os, sys, threading, time
+from worker import Client
+path = sys.argv[1]
+client = Client("sqlite:///" + path)
+client.submit("tasks.add", 1, 1)
+stop = threading.Event()
+def read():
+    handle = client.handle("some-id")
+    while not stop.is_set():
+        handle.info()
+        client.depths()
+        client.dead_letters()
+readers = [threading.Thread(target=read) for _ in range(4)]
+for reader in readers:
+    reader.start()
+for _ in range(int(sys.argv[2])):
+    time.sleep(0.02)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+    client.submit("tasks.add", 1, 1)  # a write looks at the file at once: a reopen
+stop.set()
+for reader in readers:
+    reader.join()
+client.close()
+print("ok")
+"""
+
+
+def test_a_client_shared_by_threads_survives_its_file_replaced_under_their_reads(
+    tmp_path: Path,
+) -> None:
+    """Reads used the connection without the lock that a reopen (the queue file deleted or
+    replaced) takes to close it: a read on the closed connection crashed the process
+    (SIGSEGV in CPython's sqlite3)."""
+    out = subprocess.run(
+        [sys.executable, "-c", SHARED_CLIENT, str(tmp_path / "queue.db"), "100"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr[-2000:]

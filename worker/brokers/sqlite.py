@@ -237,7 +237,10 @@ class SQLiteBroker(Broker):
         self.poker = Poker(self.wake_folder)
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        self._lock = threading.Lock()  # a Client may be shared between threads
+        # A Client may be shared between threads: every use of the connection holds this,
+        # as a close or a reopen (follow_file) under a read crashed the process (RLock: a
+        # read may come inside a write's).
+        self._lock = threading.RLock()
         self.durability = durability
         self._connect()
 
@@ -521,7 +524,7 @@ class SQLiteBroker(Broker):
         if host:
             owners = [
                 row[0]
-                for row in self.db.execute(
+                for row in self._read(
                     f"SELECT DISTINCT owner FROM tasks WHERE status = {HELD} AND {where}", params
                 )
             ]
@@ -538,11 +541,11 @@ class SQLiteBroker(Broker):
 
     def next_due(self, queues: list[str]) -> float | None:
         marks = ",".join("?" * len(queues))
-        row = self.db.execute(
+        row = self._read_one(
             f"SELECT min(eta) FROM tasks WHERE status = {QUEUED}"
             f" AND queue IN ({marks}) AND eta > ? AND eta <= ?",
             (*queues, time.time(), LAST_ETA),
-        ).fetchone()
+        )
         return row[0] if row and row[0] is not None else None
 
     # --- results, dead letters, revokes --------------------------------------
@@ -552,9 +555,7 @@ class SQLiteBroker(Broker):
         where = "id = ?"
         if not utf8_text(task_id):  # an id read back from a row stored with bytes, not UTF-8
             key, where = task_id.encode("utf-8", "surrogateescape"), "id = CAST(? AS TEXT)"
-        row = self.db.execute(
-            f"SELECT {', '.join(INFO_COLUMNS)} FROM tasks WHERE {where}", (key,)
-        ).fetchone()
+        row = self._read_one(f"SELECT {', '.join(INFO_COLUMNS)} FROM tasks WHERE {where}", (key,))
         if row is None:
             return None
         fields = dict(zip(INFO_COLUMNS, row, strict=True))
@@ -564,13 +565,13 @@ class SQLiteBroker(Broker):
         self.follow_file()
         now = time.time()
         depth: dict[str, list[int]] = {}
-        for queue, ready, scheduled in self.db.execute(
+        for queue, ready, scheduled in self._read(
             f"SELECT queue, sum(eta <= ?), sum(eta > ?) FROM tasks WHERE status = {QUEUED}"
             " GROUP BY queue",
             (now, now),
         ):
             depth[str(stored_text(queue))] = [ready, scheduled, 0]
-        for queue, held in self.db.execute(
+        for queue, held in self._read(
             f"SELECT queue, count(*) FROM tasks WHERE status = {HELD} GROUP BY queue"
         ):
             depth.setdefault(str(stored_text(queue)), [0, 0, 0])[2] = held
@@ -587,7 +588,7 @@ class SQLiteBroker(Broker):
             params.append(json.dumps(list(ids)))
         params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
         # Letters of one transaction share `at`: the later row (rowid) is the newer.
-        rows = self.db.execute(query + " ORDER BY at DESC, rowid DESC LIMIT ?", params).fetchall()
+        rows = self._read(query + " ORDER BY at DESC, rowid DESC LIMIT ?", params)
         return [dead_letter_from(dict(zip(DEAD_LETTER_COLUMNS, r, strict=True))) for r in rows]
 
     def retry_dead(self, ids: Sequence[str]) -> list[str]:
@@ -620,7 +621,7 @@ class SQLiteBroker(Broker):
         self.poker.poke(revoked=True)  # a worker holding one skips it
 
     def revoked(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT id FROM revoked WHERE typeof(id) = 'text'")}
+        return {r[0] for r in self._read("SELECT id FROM revoked WHERE typeof(id) = 'text'")}
 
     def revoked_among(self, ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -628,7 +629,7 @@ class SQLiteBroker(Broker):
             batch = ids[start : start + IN_BATCH]
             marks = ",".join("?" * len(batch))
             query = f"SELECT id FROM revoked WHERE id IN ({marks}) AND typeof(id) = 'text'"
-            found.update(r[0] for r in self.db.execute(query, batch))
+            found.update(r[0] for r in self._read(query, batch))
         return found
 
     def set_routes(self, routes: dict[str, str]) -> None:
@@ -640,7 +641,7 @@ class SQLiteBroker(Broker):
             )
 
     def routes(self) -> dict[str, str]:
-        return {str(n): str(q) for n, q in self.db.execute("SELECT name, queue FROM routes")}
+        return {str(n): str(q) for n, q in self._read("SELECT name, queue FROM routes")}
 
     def expire(self) -> int:
         """Delete up to EXPIRE_BATCH records of tasks that ended more than `result_ttl`
@@ -676,8 +677,18 @@ class SQLiteBroker(Broker):
 
     def close(self) -> None:
         self.poker.close()
-        with contextlib.suppress(sqlite3.Error):
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one query, read while no other thread uses the connection."""
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of one query, or None."""
+        rows = self._read(sql, params)
+        return rows[0] if rows else None
 
     # --- schedules ---------------------------------------------------------------
     def _schedule_tables(self) -> None:
@@ -710,9 +721,9 @@ class SQLiteBroker(Broker):
 
     def lead_holder(self, key: str) -> str | None:
         self._schedule_tables()
-        row = self.db.execute(
+        row = self._read_one(
             "SELECT holder FROM leases WHERE key = ? AND until > ?", (key, time.time())
-        ).fetchone()
+        )
         return str(row[0]) if row else None
 
     def fire_schedule(self, name: str, tick: float | None, envelope: Envelope | None) -> bool:
@@ -741,7 +752,7 @@ class SQLiteBroker(Broker):
 
     def schedule_states(self) -> dict[str, dict[str, Any]]:
         self._schedule_tables()
-        rows = self.db.execute("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
+        rows = self._read("SELECT name, last_tick, last_id, last_at, paused FROM schedules")
         return {  # what other hands wrote there reads as none
             str(stored_text(name)): {
                 "last_tick": stored_tick(tick),
