@@ -109,7 +109,9 @@ BAD = [
     *(
         (GOOD.replace('node = "h1"', f'node = "h1"\nbroker = "{url}"'), "fleet.broker", problem)
         for url, problem in [
-            ("redis://127.0.0.1:6379/notadb", "the database must be a number, got 'notadb'"),
+            ("redis://127.0.0.1:6379/notadb", "a number from 0 to 2147483647, got 'notadb'"),
+            ("redis://127.0.0.1:6379/2147483648", "got '2147483648'"),  # Redis's own error
+            ("redis://127.0.0.1:6379/١", "got '١'"),
             ("redis://127.0.0.1:99999/0", "Port out of range"),
             ("redis://[::1/0", "Invalid IPv6 URL"),
             ("unix://", "needs the socket's path"),

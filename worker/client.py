@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .brokers import open_broker
@@ -37,6 +38,9 @@ FAIL_FAST_CONNECT_TIMEOUT = 2.0
 NOT_DEAD = "not a dead letter"
 NOT_A_TASK = "its body is not a JSON task, so it cannot run; it stays a dead letter"
 END_WAIT = 1.0  # seconds Handle.get waits on an announced end before it looks again
+# Seconds past its timeout that Handle.get lets a broker call run, where the broker hangs
+# (Redis stopped, swapping): its own timeouts and retries would hold it some 20 s.
+CALL_GRACE = 1.0
 ROUTES_FRESH = 1.0  # seconds before a name missing from the published routes is looked up again
 
 # Strict JSON: NaN and Infinity are not, and no other client (nor the dashboard) reads them.
@@ -205,10 +209,31 @@ class Handle:
         return str(self.info()["state"])
 
     def get(self, timeout: float | None = None) -> Any:
-        """Wait for the outcome: the result, or TaskFailed / TaskRevoked / TimeoutError."""
+        """Wait for the outcome: the result, or TaskFailed / TaskRevoked / TimeoutError (also
+        where the broker hangs or cannot be reached: within CALL_GRACE of the timeout)."""
         if timeout is not None:
             seconds(timeout, "timeout")  # nan or inf: ValueError; no number: TypeError
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self.client.calls_end_by(None if deadline is None else deadline + CALL_GRACE):
+                info = self._wait(deadline, timeout)
+        except BrokerUnavailable as exc:
+            if deadline is None or self._left(deadline) > 0:
+                raise
+            raise TimeoutError(f"task {self.id} not done after {timeout}s: {exc}") from exc
+        if info["state"] == FAILURE:
+            raise TaskFailed(
+                self.id,
+                info.get("exc_type") or "Error",
+                info.get("exc_message") or "",
+                info.get("traceback"),
+            )
+        if info["state"] == REVOKED:
+            raise TaskRevoked(self.id)
+        return info["result"]
+
+    def _wait(self, deadline: float | None, timeout: float | None) -> dict[str, Any]:
+        """The task's info once it has ended; TimeoutError at `deadline`."""
         pause = 0.0002
         # A broker that announces ends reads the record after its wait, in the same round
         # trip, and wakes at once for a task that has ended: no read of our own before it.
@@ -221,16 +246,7 @@ class Handle:
                 )
             info = self.client.wait_for_end(self.id, left, pause) or self.info()
             pause = min(pause * 1.25, 0.05)
-        if info["state"] == FAILURE:
-            raise TaskFailed(
-                self.id,
-                info.get("exc_type") or "Error",
-                info.get("exc_message") or "",
-                info.get("traceback"),
-            )
-        if info["state"] == REVOKED:
-            raise TaskRevoked(self.id)
-        return info["result"]
+        return info
 
 
 def unknown_task(task_id: str) -> dict[str, Any]:
@@ -288,6 +304,20 @@ class Client:
                         connect_timeout=FAIL_FAST_CONNECT_TIMEOUT if self._fail_fast else None,
                     )
         return self._broker
+
+    @contextlib.contextmanager
+    def calls_end_by(self, deadline: float | None) -> Iterator[None]:
+        """This thread's broker calls, inside the block, give up at `deadline`
+        (time.monotonic(); None: at their own timeouts) as BrokerUnavailable."""
+        if deadline is None:
+            yield
+            return
+        broker = self.broker
+        broker.give_up_at(deadline)
+        try:
+            yield
+        finally:
+            broker.give_up_at(None)
 
     def _reach(self, call: Callable[[Broker], T]) -> T:
         """`call(broker)`, its "cannot reach the broker" errors raised as BrokerUnavailable."""

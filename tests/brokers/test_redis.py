@@ -25,6 +25,7 @@ from worker.brokers.base import (
     RETRY,
     STARTED,
     SUCCESS,
+    BrokerUnavailable,
     Envelope,
     Outcome,
     QueueDepth,
@@ -32,7 +33,7 @@ from worker.brokers.base import (
     Turn,
 )
 from worker.brokers.redis import WAIT_SCRIPT, Link, RedisBroker, wake_frames
-from worker.client import Client, TaskRevoked
+from worker.client import CALL_GRACE, Client, TaskRevoked
 from worker.task import LAST_ETA
 
 from .conftest import REDIS_URL
@@ -284,6 +285,41 @@ def test_a_call_to_a_hung_redis_gives_up_after_two_timeouts_at_most(
         assert 2 <= spent < 4  # two tries, each cut off after 1 s
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("timeout", [0, 1.0])
+def test_a_get_on_a_hung_redis_ends_at_its_timeout(server: RedisServer, timeout: float) -> None:
+    """Handle.get(timeout=T) took some 20 s (two 10 s socket timeouts) while Redis was
+    stopped, then raised BrokerUnavailable: it is a TimeoutError within CALL_GRACE of T,
+    and the link's own timeouts are back for the calls after it."""
+    assert server.process is not None
+    client = Client(server.url)
+    try:
+        handle = client.submit("tasks.add", 1, 1)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="not done after"):
+                handle.get(timeout=timeout)
+            spent = time.monotonic() - started
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert spent < timeout + CALL_GRACE + 0.5, spent
+        assert handle.state == "PENDING"
+        links = client.broker._idle  # type: ignore[attr-defined]
+        assert all(link.connection.socket_timeout == link.waits[0] for link in links)
+    finally:
+        client.close()
+
+
+def test_a_password_the_server_refuses_is_said_at_once_not_retried(server: RedisServer) -> None:
+    """A wrong password is a ConnectionError to redis-py, and was tried again as a lost
+    connection would be: 11 s before the client said so."""
+    url = server.url.replace("redis://", "redis://:not-the-password@")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        Client(url).submit("tasks.add", 1, 1)
+    assert time.monotonic() - started < 2
 
 
 def test_a_call_to_a_hung_redis_gives_up_at_the_callers_deadline_whatever_its_timeouts(

@@ -28,8 +28,9 @@ def url_problem(url: str) -> str | None:
     except UnicodeError:
         return f"the host {parts.hostname!r:.80} is no host name"
     db = parts.path.strip("/")
-    if db and not db.isdigit():
-        return f"the database must be a number, got {db!r:.80}"
+    digits = db.isascii() and db.isdigit() and len(db.lstrip("0")) <= 10  # int() of 5,000: no
+    if db and not (digits and int(db) < 2**31):
+        return f"the database must be a number from 0 to {2**31 - 1}, got {db!r:.80}"
     return None
 
 

@@ -513,10 +513,11 @@ class Broker(abc.ABC):
         their own (Redis keys carry a TTL) keep this no-op."""
         return 0
 
-    def give_up_at(self, deadline: float) -> None:  # noqa: B027 - optional hook
-        """From now on no call waits past `deadline` (time.monotonic()), whatever its own
-        timeouts and retries: it raises one of `unavailable` (a stopping worker's bound). A
-        broker whose calls are bounded already (SQLite's lock wait) keeps this no-op."""
+    def give_up_at(self, deadline: float | None) -> None:  # noqa: B027 - optional hook
+        """From now on no call of this thread waits past `deadline` (time.monotonic()),
+        whatever its own timeouts and retries: it raises one of `unavailable` (a stopping
+        worker's bound, Handle.get's timeout); None: their own timeouts again. A broker
+        whose calls are bounded already (SQLite's lock wait) keeps this no-op."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

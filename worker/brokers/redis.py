@@ -51,6 +51,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 import uuid
@@ -397,6 +398,10 @@ def wake_news(frames: Sequence[Sequence[bytes | int]], seen: int) -> tuple[bool,
     return scheduled, news, revoked
 
 
+# A password or user the server refuses: redis-py raises them as a lost connection.
+WRONG_CREDENTIALS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+
+
 class CallRetry(ConnectionRetry):
     """redis-py's retry, but a call that timed out is sent again once at most. Redis may only
     have been slow (another client's long script, a stalled fsync): a write's second try,
@@ -416,6 +421,8 @@ class CallRetry(ConnectionRetry):
 
         def retryable(error: Exception) -> bool:
             nonlocal timeouts
+            if isinstance(error, WRONG_CREDENTIALS):  # a ConnectionError that no try mends
+                return False
             timeouts += isinstance(error, (redis.TimeoutError, TimeoutError))
             return timeouts <= 1 and (is_retryable is None or is_retryable(error))
 
@@ -452,9 +459,19 @@ class Link:
             self.wait_until(deadline)
             return request(self)
 
-        return self.connection.retry.call_with_retry(
-            do, lambda _error: self.connection.disconnect(), before
-        )
+        try:
+            return self.connection.retry.call_with_retry(
+                do, lambda _error: self.connection.disconnect(), before
+            )
+        finally:
+            self.wait_as_made()
+
+    def wait_as_made(self) -> None:
+        """The link's own waits again, after a call that a deadline cut short."""
+        connection = self.connection
+        connection.socket_timeout, connection.socket_connect_timeout = self.waits
+        if connection._sock is not None:
+            connection._sock.settimeout(self.waits[0])
 
     def wait_until(self, deadline: float) -> None:
         """Cut the link's waits (a reply, a connect) to the time left before `deadline`;
@@ -565,12 +582,17 @@ class RedisBroker(Broker):
         self._wakeups: list[PubSubWakeup] = []  # told what each short reserve saw
         self._registered: dict[str, float] = {}  # queue -> when our enqueue registered it
         self._waiting: dict[str, bool] = {}  # owner -> its last reserve came back short
-        self._give_up_at: float | None = None  # see give_up_at
+        self._deadline = threading.local()  # see give_up_at: one Client, many threads
 
-    def give_up_at(self, deadline: float) -> None:
-        """Every call over a link (acks, releases, lease renewals) from now on: its waits and
-        its retry cut at `deadline`, past which it raises redis.TimeoutError."""
-        self._give_up_at = deadline
+    def give_up_at(self, deadline: float | None) -> None:
+        """Every call of this thread over a link from now on (a worker's acks, releases and
+        renewals; a Handle.get's reads): its waits and its retry cut at `deadline`, past
+        which it raises redis.TimeoutError; None: its own again."""
+        self._deadline.at = deadline
+
+    @property
+    def _give_up_at(self) -> float | None:
+        return getattr(self._deadline, "at", None)
 
     def _take_link(self) -> Link:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
