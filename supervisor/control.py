@@ -35,6 +35,8 @@ import zmq
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
+from worker.logs import shortened
+
 from .config import ControlConfigError, ipc_path_problem
 from .keys import KeyFileError, load_keypair
 from .throttle import LogThrottle
@@ -498,5 +500,4 @@ def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
 
 
 def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return shortened(repr(value), 40)

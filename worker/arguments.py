@@ -54,12 +54,10 @@ class Parser(argparse.ArgumentParser):
         # argparse repeats what it was given whole, "unrecognized arguments" unescaped: a
         # 5,000-character word was a line that long, and one holding a newline two lines.
         # Words are cut to 80 characters, the line to 290 (fleetctl's list of commands fits).
-        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-        words = (w if len(w) <= 80 else w[:80] + "..." for w in shown.split(" "))
-        line = f"{self.prog}: error: {' '.join(words)}"
-        if len(line) > 290:  # many words
-            line = line[:287] + "..."
-        self.exit(EXIT_USAGE, line + "\n")
+        from .logs import one_line, shortened  # here: only an error needs them
+
+        words = (shortened(word, 83) for word in one_line(message).split(" "))
+        self.exit(EXIT_USAGE, shortened(f"{self.prog}: error: {' '.join(words)}", 290) + "\n")
 
 
 def finite(text: str) -> float:

@@ -282,6 +282,12 @@ def one_line(text: str, keep: str = "") -> str:
     )
 
 
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the last three "..." where it was cut: a
+    value quoted in an error line (a 5,000-digit port) keeps the line short."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, node, pid, extras, traceback."""
 

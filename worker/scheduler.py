@@ -26,6 +26,7 @@ from typing import Any
 
 from .brokers.base import Broker, Envelope
 from .control import Arg, CommandError, Effect, register
+from .logs import shortened
 from .spec import WorkerSpec
 from .task import DEFAULT_QUEUE, REGISTRY
 
@@ -428,9 +429,7 @@ def named(schedules: list[Schedule], name: str) -> Schedule:
     for schedule in schedules:
         if schedule.name == name:
             return schedule
-    known = ", ".join(s.name for s in schedules) or "none"
-    if len(known) > 200:  # many schedules, or a long name
-        known = known[:197] + "..."
+    known = shortened(", ".join(s.name for s in schedules) or "none", 200)
     raise CommandError(f"no schedule {name!r:.80} in the config (known: {known})")
 
 

@@ -19,8 +19,9 @@ def url_problem(url: str) -> str | None:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises for a port out of range or no number
     except ValueError as exc:  # its message may quote a part of the URL whole
-        problem = str(exc)
-        return problem if len(problem) <= 120 else problem[:117] + "..."
+        from ..logs import shortened
+
+        return shortened(str(exc), 120)
     if parts.scheme == "unix":
         return None if parts.path else "a unix:// URL needs the socket's path"
     try:  # as a connection will: a label over 63 characters, or empty, is no host name
