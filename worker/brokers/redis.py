@@ -466,20 +466,19 @@ class Link:
         finally:
             self.wait_as_made()
 
-    def wait_as_made(self) -> None:
-        """The link's own waits again, after a call that a deadline cut short."""
-        connection = self.connection
-        connection.socket_timeout, connection.socket_connect_timeout = self.waits
-        if connection._sock is not None:
-            connection._sock.settimeout(self.waits[0])
-
     def wait_until(self, deadline: float) -> None:
         """Cut the link's waits (a reply, a connect) to the time left before `deadline`;
         redis.TimeoutError once it has passed."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise redis.TimeoutError("the caller's deadline for this call has passed")
-        wait, connect_wait = (left if w is None else min(w, left) for w in self.waits)
+        self.set_waits(*(left if w is None else min(w, left) for w in self.waits))
+
+    def wait_as_made(self) -> None:
+        """The link's own waits again, after a call that a deadline cut short."""
+        self.set_waits(*self.waits)
+
+    def set_waits(self, wait: float | None, connect_wait: float | None) -> None:
         connection = self.connection
         connection.socket_timeout, connection.socket_connect_timeout = wait, connect_wait
         if connection._sock is not None:  # connected: the wait is the socket's
