@@ -228,6 +228,16 @@ def ahold_many(fleet: Fleet, tmp_path: Path, n: int) -> tuple[list[str], Path, P
     return [h.id for h in handles], gate, marker
 
 
+def ahold_in_flight(
+    fleet: Fleet, tmp_path: Path, n: int, running: int | None = None
+) -> tuple[list[str], Path, Path]:
+    """`ahold_many`, once `running` of them (all, by default) have started."""
+    ids, gate, marker = ahold_many(fleet, tmp_path, n)
+    expected = n if running is None else running
+    wait_for(lambda: len(lines(marker)) == expected, 10, message=f"{expected} tasks in flight")
+    return ids, gate, marker
+
+
 def done_when_queue_empty(fleet: Fleet, timeout: float) -> float:
     """Poll the broker until nothing is ready, scheduled or reserved; when that was."""
 
@@ -332,8 +342,7 @@ def test_a_task_blocking_the_loop_gets_its_child_killed_and_the_others_redeliver
     fleet = async_fleet(
         make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     blocker_marker = tmp_path / "blocker.txt"
     blocker = fleet.client.submit("tasks.ablock", str(blocker_marker), 30)
     with pytest.raises(TaskFailed) as err:
@@ -360,8 +369,7 @@ def test_a_task_that_stops_its_childs_loop_runs_once_and_the_loop_goes_on(
     fleet = async_fleet(
         make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 2)
-    wait_for(lambda: len(lines(marker)) == 2, 10, message="two tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 2)
     stopper = fleet.client.submit("tasks.astop_loop", str(marker))
     assert stopper.get(timeout=10) == start_pids(marker)[0]
     gate.touch()
@@ -382,8 +390,7 @@ def test_a_task_whose_callback_exits_ends_neither_its_child_nor_the_tasks_beside
     fleet = async_fleet(
         make_fleet, tmp_path, without_uvloop=loop == "asyncio", defaults={"concurrency": 1}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 2)
-    wait_for(lambda: len(lines(marker)) == 2, 10, message="two tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 2)
     leaver = fleet.client.submit("tasks.aexit_later", str(marker), how)
     assert leaver.get(timeout=10) == start_pids(marker)[0]
     gate.touch()
@@ -395,8 +402,7 @@ def test_a_task_whose_callback_exits_ends_neither_its_child_nor_the_tasks_beside
 
 def test_revoke_terminate_cancels_only_that_task(make_fleet, tmp_path: Path) -> None:
     fleet = async_fleet(make_fleet, tmp_path, defaults={"concurrency": 1}).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     out = fleet.ctl("--json", "revoke", ids[0], "--terminate")
     assert ids[0] in json.dumps(json.loads(out.stdout))
     wait_for(lambda: fleet.client.handle(ids[0]).state == "REVOKED", 10, message="REVOKED")
@@ -414,8 +420,7 @@ def test_child_killed_redelivers_every_task_in_flight_at_once(
     fleet = async_fleet(
         make_fleet, tmp_path, fleet={"broker": broker_url}, defaults={"concurrency": 1}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 4)
-    wait_for(lambda: len(lines(marker)) == 4, 10, message="four tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 4)
     [victim] = set(start_pids(marker))
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(lines(marker)) == 8, 5, message="every task redelivered")
@@ -436,8 +441,7 @@ def test_warm_shutdown_lets_every_task_in_flight_finish(
         without_uvloop=loop == "asyncio",
         defaults={"concurrency": 1, "async_concurrency": 3},
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 6)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 6, running=3)
     fleet.signal(signal.SIGTERM)
     time.sleep(0.3)  # the TERM reached the child, which must wait for its tasks
     assert fleet.proc is not None and fleet.proc.poll() is None
@@ -456,8 +460,7 @@ def test_max_tasks_per_child_retires_the_child_once_its_tasks_are_done(
         tmp_path,
         defaults={"concurrency": 1, "async_concurrency": 10, "max_tasks_per_child": 3},
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 6)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 6, running=3)
     time.sleep(0.3)
     assert len(lines(marker)) == 3, "the child took more than its last three tasks"
     gate.touch()
@@ -473,8 +476,7 @@ def test_max_memory_per_child_retires_the_child_once_its_tasks_are_done(
     fleet = async_fleet(
         make_fleet, tmp_path, defaults={"concurrency": 1, "max_memory_per_child": "1KB"}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     [first] = set(start_pids(marker))
     gate.touch()
     infos = final(fleet, ids)
@@ -496,8 +498,7 @@ def test_inspect_active_lists_each_async_task(make_fleet, tmp_path: Path) -> Non
     fleet = async_fleet(
         make_fleet, tmp_path, defaults={"concurrency": 1, "async_concurrency": 7}
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     [active] = inspect(fleet, "active").values()
     assert sorted(a["id"] for a in active) == sorted(ids)
     [stats] = inspect(fleet, "stats").values()
@@ -571,8 +572,7 @@ def test_a_burst_of_async_tasks_starts_at_once_though_a_sync_pool_holds_fewer(
     all 30 run together, none waiting for the first ones to end."""
     defaults = {"concurrency": 1, "prefetch": 1, "async_concurrency": 40}
     fleet = async_fleet(make_fleet, tmp_path, defaults=defaults).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 30)
-    wait_for(lambda: len(lines(marker)) == 30, 10, message="all 30 to start")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 30)
     gate.touch()
     assert collections.Counter(i["state"] for i in final(fleet, ids)) == {"SUCCESS": 30}
 
@@ -792,8 +792,7 @@ def test_a_task_on_its_last_chance_runs_alone_and_its_child_takes_no_other(
         tmp_path,
         defaults={"concurrency": 1, "async_concurrency": 10, "max_deliveries": 2},
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     [victim] = set(start_pids(marker))
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(lines(marker)) == 4, 10, message="one task on its last chance")
@@ -814,7 +813,6 @@ def test_with_max_deliveries_1_async_tasks_still_run_together(make_fleet, tmp_pa
         tmp_path,
         defaults={"concurrency": 1, "async_concurrency": 10, "max_deliveries": 1},
     ).start()
-    ids, gate, marker = ahold_many(fleet, tmp_path, 3)
-    wait_for(lambda: len(lines(marker)) == 3, 10, message="three tasks in flight")
+    ids, gate, marker = ahold_in_flight(fleet, tmp_path, 3)
     gate.touch()
     assert [i["state"] for i in final(fleet, ids)] == ["SUCCESS"] * 3

@@ -121,6 +121,14 @@ def fleetctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
     )
 
 
+def connected_dealer(ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.Socket[bytes]:
+    """A DEALER connected to `address` that drops what it holds when it is closed."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    return sock
+
+
 def endpoint(fleet: Fleet) -> str:
     return f"ipc://{fleet.folder}/state/control.sock"
 
@@ -311,9 +319,7 @@ def test_a_requests_timeout_and_limit_hold_at_the_host(make_fleet: Callable[...,
     pids = node_pids(fleet)
     ctx = zmq.Context()
     try:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.connect(endpoint(fleet))
+        dealer = connected_dealer(ctx, endpoint(fleet))
 
         def ask(**fields: Any) -> tuple[dict[str, Any], float]:
             started = time.monotonic()
@@ -338,9 +344,7 @@ def flood(address: str, request: dict[str, Any], until: str, most: int = 20_000)
     node errors of the replies. (Batches: a ROUTER drops replies a slow reader lets pile up.)"""
     ctx = zmq.Context()
     try:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.connect(address)
+        dealer = connected_dealer(ctx, address)
         errors: list[str] = []
         for batch in range(0, most, 200):
             for i in range(batch, batch + 200):
@@ -1169,9 +1173,7 @@ def test_a_burst_of_malformed_and_random_messages_leaves_the_arbiter_answering_p
     ]
     ctx = zmq.Context()
     try:
-        peer = ctx.socket(zmq.DEALER)
-        peer.linger = 0
-        peer.connect(endpoint(fleet))
+        peer = connected_dealer(ctx, endpoint(fleet))
         sent = 0
         for i in range(600):
             if i % 3:
@@ -1229,9 +1231,7 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines_that_count_them_all(
     sent = 20_000
     ctx = zmq.Context()
     try:
-        peer = ctx.socket(zmq.DEALER)
-        peer.linger = 0
-        peer.connect(endpoint(fleet))
+        peer = connected_dealer(ctx, endpoint(fleet))
         errors = 0
         started = time.monotonic()
         for batch in range(0, sent, 200):  # a ROUTER drops replies a slow reader lets pile up
@@ -1280,9 +1280,7 @@ def test_numbers_no_float_holds_are_refused_in_one_line_and_nothing_is_set(
     ctx = zmq.Context()
     answers = {}
     try:
-        peer = ctx.socket(zmq.DEALER)
-        peer.linger = 0
-        peer.connect(endpoint(fleet))
+        peer = connected_dealer(ctx, endpoint(fleet))
         for name, request in requests.items():
             peer.send(request.encode())
             assert peer.poll(10_000), f"no answer to the {name} request"

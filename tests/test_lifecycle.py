@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -595,10 +596,29 @@ def node_states(fleet: Fleet) -> dict[str, str]:
     return {node: reply["state"] for node, reply in json.loads(out.stdout)["replies"].items()}
 
 
-def rename_worker(fleet: Fleet, old: str, new: str) -> None:
+def held_boot_fleet(make_fleet: Callable[..., Fleet]) -> tuple[Fleet, int, Path]:
+    """A started fleet of one worker, w, whose next generations boot until the gate file
+    (made here) is removed; its worker's pid, and the gate."""
+    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
+    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
+    fleet.start()
+    [worker] = fleet.worker_pids()
+    gate = fleet.folder / "hold-boot"
+    gate.touch()
+    return fleet, worker, gate
+
+
+def worker_of_a_task(fleet: Fleet, timeout: float) -> int:
+    """The pid of the worker whose child runs a task submitted now."""
+    return psutil.Process(fleet.client.submit("tasks.pid").get(timeout=timeout)).ppid()
+
+
+def reload_renaming(fleet: Fleet, old: str, new: str) -> None:
+    """HUP with worker `old` renamed `new` in the config."""
     text = fleet.config.read_text()
     assert f'name = "{old}"' in text
     fleet.config.write_text(text.replace(f'name = "{old}"', f'name = "{new}"'))
+    fleet.signal(signal.SIGHUP)
 
 
 def test_a_hup_that_renames_a_worker_keeps_the_old_one_consuming_until_the_new_one_is_up(
@@ -607,18 +627,13 @@ def test_a_hup_that_renames_a_worker_keeps_the_old_one_consuming_until_the_new_o
     """A worker that the new config drops (renamed here, same queue) was stopped at the HUP,
     not once its successor was up: its queue had no consumer for as long as the new
     generation booted (6 s for a slow import). Now it serves on, then stops warm."""
-    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
-    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
-    fleet.start()
-    [old_worker] = fleet.worker_pids()
-    gate, release, marker = fleet.folder / "hold-boot", tmp_path / "release", tmp_path / "started"
-    gate.touch()  # generation 1 boots until the gate is gone
+    fleet, old_worker, gate = held_boot_fleet(make_fleet)
+    release, marker = tmp_path / "release", tmp_path / "started"
     try:
-        rename_worker(fleet, "w", "renamed")
-        fleet.signal(signal.SIGHUP)
+        reload_renaming(fleet, "w", "renamed")
         wait_for(lambda: set(fleet.worker_pids()) - {old_worker}, 10, message="generation 1")
         # Taken at once by the old worker, while its successor boots.
-        assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=5)).ppid() == old_worker
+        assert worker_of_a_task(fleet, 5) == old_worker
         assert node_states(fleet) == {"w@h1": "RUNNING", "renamed@h1": "STARTING"}
         held = fleet.client.submit("tasks.hold", str(release), str(marker))
         [child] = wait_for(lambda: started_pids(marker), 10, message="a task to start")
@@ -635,7 +650,7 @@ def test_a_hup_that_renames_a_worker_keeps_the_old_one_consuming_until_the_new_o
     wait_for(lambda: not alive(old_worker), 10, message="the old worker to exit")
     wait_for(lambda: node_states(fleet) == {"renamed@h1": "RUNNING"}, 10, message="w to be gone")
     [new_worker] = fleet.worker_pids()
-    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == new_worker
+    assert worker_of_a_task(fleet, 10) == new_worker
 
 
 def test_a_second_hup_while_a_renaming_reload_boots_keeps_a_consumer_throughout(
@@ -643,27 +658,20 @@ def test_a_second_hup_while_a_renaming_reload_boots_keeps_a_consumer_throughout(
 ) -> None:
     """w -> a (held in its boot), then a HUP to w -> b: generation 0 serves until generation
     1 is up, generation 1 until generation 2 is; then only b is left."""
-    fleet = make_fleet(fleet={"imports": ["tasks", "heldboot"]}, defaults={"concurrency": 1})
-    (fleet.folder / "heldboot.py").write_text(HELD_BOOT)
-    fleet.start()
-    [old_worker] = fleet.worker_pids()
-    gate = fleet.folder / "hold-boot"
-    gate.touch()
+    fleet, old_worker, gate = held_boot_fleet(make_fleet)
     try:
-        rename_worker(fleet, "w", "a")
-        fleet.signal(signal.SIGHUP)
+        reload_renaming(fleet, "w", "a")
         wait_for(lambda: set(fleet.worker_pids()) - {old_worker}, 10, message="generation 1")
-        rename_worker(fleet, "a", "b")
-        fleet.signal(signal.SIGHUP)
+        reload_renaming(fleet, "a", "b")
         wait_for(lambda: "another reload follows it" in fleet.log(), 5, message="the second HUP")
-        assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=5)).ppid() == old_worker
+        assert worker_of_a_task(fleet, 5) == old_worker
     finally:
         gate.unlink(missing_ok=True)
     wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="generation 2")
     wait_for(lambda: len(fleet.worker_pids()) == 1, 15, message="generations 0 and 1 to exit")
     wait_for(lambda: node_states(fleet) == {"b@h1": "RUNNING"}, 10, message="only b")
     [new_worker] = fleet.worker_pids()
-    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == new_worker
+    assert worker_of_a_task(fleet, 10) == new_worker
 
 
 def test_a_renaming_hup_to_code_that_cannot_start_leaves_the_old_worker_serving(
@@ -672,11 +680,10 @@ def test_a_renaming_hup_to_code_that_cannot_start_leaves_the_old_worker_serving(
     fleet = make_fleet(defaults={"concurrency": 1}).start()
     [old_worker] = fleet.worker_pids()
     (fleet.folder / "tasks.py").write_text(TASKS + "\nthis is not python\n")
-    rename_worker(fleet, "w", "renamed")
-    fleet.signal(signal.SIGHUP)
+    reload_renaming(fleet, "w", "renamed")
     wait_for(lambda: "reload to generation 1 failed" in fleet.log(), 20, message="the failure")
     assert node_states(fleet) == {"w@h1": "RUNNING", "renamed@h1": "FATAL"}
-    assert psutil.Process(fleet.client.submit("tasks.pid").get(timeout=10)).ppid() == old_worker
+    assert worker_of_a_task(fleet, 10) == old_worker
     (fleet.folder / "tasks.py").write_text(TASKS)
     fleet.signal(signal.SIGHUP)  # the next reload retires it
     wait_for(lambda: "reload complete: generation 2" in fleet.log(), 15, message="the fixed reload")
